@@ -1,0 +1,96 @@
+"""The `m3` command. Every subcommand takes -c/--config FILE and any number of --set key=value.
+
+    m3 validate -c configs/demo.yaml
+    m3 ingest   -c configs/demo.yaml --set corpus.records_per_shard=500
+    m3 sql      -c configs/demo.yaml "SELECT reason, count(*) FROM rejects GROUP BY 1"
+    m3 run      -c configs/demo.yaml          # every stage that exists, in order
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import yaml
+
+from jobs.config import ConfigError, load_config
+from pipelines.readers import InputError
+from pipelines.tokenizer import TokenizerError
+from storage.bank import BankError
+from storage.sql import SQLError
+
+# Errors that mean "the input or the config is wrong": one clear line, no traceback.
+USER_ERRORS = (ConfigError, InputError, BankError, TokenizerError, SQLError)
+
+
+def _stages():
+    from jobs.ingest import run_ingest
+
+    return [("ingest", run_ingest)]
+
+
+def cmd_validate(cfg, args) -> int:
+    # Input paths are part of validity: a missing file should fail here, not an hour in.
+    from pipelines.readers import check_parquet_columns, expand_paths
+
+    files = expand_paths(cfg.corpus.paths, cfg.corpus.format)
+    check_parquet_columns(files, cfg.corpus.text_key)
+    print(yaml.safe_dump(cfg.as_dict(), sort_keys=False).rstrip())
+    print(f"# OK: {cfg.source} is valid; {len(files)} input file(s)")
+    return 0
+
+
+def cmd_ingest(cfg, args) -> int:
+    from jobs.ingest import run_ingest
+
+    run_ingest(cfg)
+    return 0
+
+
+def cmd_sql(cfg, args) -> int:
+    from storage.bank import Bank
+    from storage.sql import query, render
+
+    columns, rows = query(Bank(cfg.bank.uri), args.query)
+    print(render(columns, rows, args.format))
+    return 0
+
+
+def cmd_run(cfg, args) -> int:
+    for name, run in _stages():
+        print(f"== m3 run: {name}", flush=True)
+        run(cfg)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", help="pipeline YAML (default: built-in defaults)")
+    common.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set bank.uri=/tmp/bank (repeatable)")
+    parser = argparse.ArgumentParser(prog="m3", description="Memory3 data pipelines")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("validate", parents=[common], help="check a config and its inputs, print it resolved")
+    sub.add_parser("ingest", parents=[common], help="raw corpus -> documents, rejects, refs, train_sequences")
+    sql = sub.add_parser("sql", parents=[common], help="run read-only SQL (DuckDB) over the bank's tables")
+    sql.add_argument("query")
+    sql.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    sub.add_parser("run", parents=[common], help="run every stage in order")
+    return parser
+
+
+COMMANDS = {"validate": cmd_validate, "ingest": cmd_ingest, "sql": cmd_sql, "run": cmd_run}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        return COMMANDS[args.command](cfg, args)
+    except USER_ERRORS as e:
+        print(f"m3 {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""The pipeline's configuration: one YAML file, these sections, these keys.
+
+    cfg = load_config("configs/demo.yaml", ["bank.uri=/tmp/bank", "ray.num_cpus=4"])
+
+Each stage's knobs live in a frozen dataclass next to the code they steer when that code is a
+pure step (quality filters, MinHash); the rest are declared here. `jobs.config_loader` does the
+checking, so a wrong key, type or range fails before any work starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from jobs.config_loader import ConfigError, _Where, apply_overrides, build, read_yaml, to_dict
+from pipelines.filters import QualityConfig
+from pipelines.minhash import MinHashConfig
+
+__all__ = ["Config", "ConfigError", "load_config", "config_hash"]
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    # Connect to an existing cluster ("auto", "ray://host:10001", ...) instead of starting one.
+    address: str | None = None
+    # CPUs the embedded cluster may use; null = all of this machine's.
+    num_cpus: int | None = field(default=None, metadata={"ge": 1})
+    # The embedded cluster's dashboard (needed by `ray job submit`); off keeps the demo quiet.
+    include_dashboard: bool = False
+    object_store_mb: int | None = field(default=None, metadata={"ge": 64})
+
+
+@dataclass(frozen=True)
+class BankConfig:
+    # Directory (or object-store URI) that holds every table of this bank.
+    uri: str = "./bank/default"
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    # Files, directories or glob patterns; directories are read recursively.
+    paths: tuple[str, ...] = ()
+    format: str = field(default="auto", metadata={"choices": ("auto", "jsonl", "parquet", "text")})
+    text_key: str = "text"
+    # A stable identifier of the record in its source; the line/row number when absent.
+    id_key: str | None = "id"
+    # Records per unit of parallel, resumable work.
+    records_per_shard: int = field(default=2000, metadata={"ge": 1})
+    # A record larger than this is rejected unread ("record_too_large"), so one huge line
+    # cannot exhaust a worker's memory.
+    max_record_bytes: int = field(default=64 * 2**20, metadata={"ge": 1024})
+
+    def __post_init__(self):
+        if not self.paths:
+            raise ValueError("paths: give at least one file, directory or glob")
+
+
+@dataclass(frozen=True)
+class DedupConfig:
+    exact: bool = True
+    near: bool = True
+    minhash: MinHashConfig = field(default_factory=MinHashConfig)
+    # Hash partitions of the dedup keys; each is grouped by its own Ray task.
+    partitions: int = field(default=8, metadata={"ge": 1, "le": 4096})
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    # A local tokenizer.json to use as is; null = train a byte-level BPE on the clean corpus.
+    path: str | None = None
+    vocab_size: int = field(default=8192, metadata={"ge": 260, "le": 1_000_000})
+    min_frequency: int = field(default=2, metadata={"ge": 1})
+
+
+@dataclass(frozen=True)
+class ChunkingConfig:
+    # The paper: references of at most 128 tokens, training sequences of 2048.
+    ref_max_tokens: int = field(default=128, metadata={"ge": 8, "le": 4096})
+    # Cut at a sentence end only if the reference is at least this long already.
+    ref_min_tokens: int = field(default=32, metadata={"ge": 1})
+    seq_len: int = field(default=2048, metadata={"ge": 16})
+
+    def __post_init__(self):
+        if self.ref_min_tokens > self.ref_max_tokens:
+            raise ValueError(f"ref_min_tokens ({self.ref_min_tokens}) must be <= ref_max_tokens ({self.ref_max_tokens})")
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "m3"
+    ray: RayConfig = field(default_factory=RayConfig)
+    bank: BankConfig = field(default_factory=BankConfig)
+    corpus: CorpusConfig = field(default_factory=lambda: CorpusConfig(paths=("data/foldoc/foldoc.jsonl.gz",)))
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    chunking: ChunkingConfig = field(default_factory=ChunkingConfig)
+    # Where the config came from; relative corpus paths resolve against the working directory.
+    source: str = field(default="<defaults>", compare=False)
+
+    def as_dict(self) -> dict:
+        d = to_dict(self)
+        d.pop("source")
+        return d
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    data = read_yaml(path) if path is not None else {}
+    data = apply_overrides(data, list(overrides))
+    data["source"] = str(path) if path is not None else "<defaults>"
+    return build(Config, data, "", _Where(str(path) if path else "<defaults>"))
+
+
+def config_hash(section: object) -> str:
+    """A short, stable hash of a config section (or several), for keys and lineage."""
+    blob = json.dumps(to_dict(section), sort_keys=True, separators=(",", ":"))
+    return hashlib.blake2b(blob.encode(), digest_size=8).hexdigest()

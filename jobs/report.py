@@ -1,0 +1,84 @@
+"""The short report each run ends with, computed from what was committed (not from what the
+workers said they did), so it is right after a resume too."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+
+import pyarrow.compute as pc
+
+from pipelines.assemble import reason_counts
+
+
+class Report:
+    def __init__(self, job: str):
+        self.job = job
+        self.started = time.time()
+        self.values: dict = {}
+        self.stages: dict[str, float] = {}
+        self.notes: list[str] = []
+
+    def set(self, **values) -> None:
+        self.values.update(values)
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+        print(f"[{self.job}] {text}", flush=True)
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        t0 = time.time()
+        print(f"[{self.job}] {name} ...", flush=True)
+        yield
+        self.stages[name] = round(time.time() - t0, 3)
+
+    def finish(self, bank, cfg) -> dict:
+        docs = bank.dataset("documents")
+        rejects = bank.dataset("rejects").to_table(columns=["reason", "stage"])
+        refs = bank.dataset("refs").to_table(columns=["n_tokens"])
+        seqs = bank.dataset("train_sequences")
+        seconds = round(time.time() - self.started, 3)
+        doc_bytes = pc.sum(docs.to_table(columns=["n_chars"])["n_chars"]).as_py() or 0
+        by_reason = reason_counts(rejects.to_batches())
+        summary = {
+            **self.values,
+            "documents": docs.count_rows(),
+            "rejected": rejects.num_rows,
+            "duplicates": sum(v for k, v in by_reason.items() if k.startswith("duplicate_")),
+            "rejects_by_reason": by_reason,
+            "references": refs.num_rows,
+            "reference_tokens": pc.sum(refs["n_tokens"]).as_py() or 0,
+            "train_sequences": seqs.count_rows(),
+            "kept_chars": doc_bytes,
+            "seconds": seconds,
+            "stage_seconds": self.stages,
+            "mb_per_s": round(self.values.get("input_bytes", 0) / 2**20 / max(seconds, 1e-9), 3),
+            "docs_per_s": round(self.values.get("records_read", 0) / max(seconds, 1e-9), 1),
+        }
+        summary["accounted"] = summary["records_read"] == summary["documents"] + summary["rejected"]
+        out = Path(cfg.bank.uri) / "_reports" / f"{self.job}-{self.values.get('ingest_key', 'run')}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(summary, indent=2))
+        print(render(summary))
+        return summary
+
+
+def render(s: dict) -> str:
+    lines = [
+        "ingest report",
+        f"  records read      {s['records_read']:>10,}   ({s['files']} file(s), {s['shards']} shard(s))",
+        f"  documents kept    {s['documents']:>10,}",
+        f"  rejected          {s['rejected']:>10,}   (of which duplicates {s['duplicates']:,})",
+    ]
+    lines += [f"    {reason:<22}{n:>8,}" for reason, n in s["rejects_by_reason"].items()]
+    lines += [
+        f"  accounting        {'OK' if s['accounted'] else 'MISMATCH'}: read = kept + rejected",
+        f"  references        {s['references']:>10,}   ({s['reference_tokens']:,} tokens)",
+        f"  train sequences   {s['train_sequences']:>10,}",
+        f"  time              {s['seconds']:>10.1f} s  ({s['mb_per_s']:.2f} MB/s, {s['docs_per_s']:,.0f} records/s)",
+        "  stages            " + ", ".join(f"{k} {v:.1f}s" for k, v in s["stage_seconds"].items()),
+    ]
+    return "\n".join(lines)

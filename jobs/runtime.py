@@ -1,0 +1,41 @@
+"""Starting (or joining) Ray the same way from every entry point."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from jobs.config import RayConfig
+
+
+def init_ray(cfg: RayConfig):
+    """Join `cfg.address` if set; otherwise start an embedded cluster bound to loopback only."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    # A driver that only submits work needs no log spam from every worker's import of torch.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    if cfg.address:
+        ray.init(address=cfg.address, logging_level=logging.WARNING)
+        return ray
+    ray.init(
+        num_cpus=cfg.num_cpus,
+        include_dashboard=cfg.include_dashboard,
+        dashboard_host="127.0.0.1",
+        _node_ip_address="127.0.0.1",
+        object_store_memory=cfg.object_store_mb * 2**20 if cfg.object_store_mb else None,
+        logging_level=logging.WARNING,
+        configure_logging=True,
+    )
+    return ray
+
+
+def quiet_ray_data() -> None:
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = os.environ.get("M3_PROGRESS", "1") == "1"
+    ctx.print_on_execution_start = False
+    # Without a terminal Ray Data logs a progress table every few seconds at INFO.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)

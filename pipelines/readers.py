@@ -1,0 +1,293 @@
+"""Read a raw corpus (JSONL, Parquet, plain-text folders; gzip or zstd) as records.
+
+Reading never raises on bad data: a record that cannot be a document (malformed JSON, invalid
+UTF-8, no text, binary junk, too large) comes back with a `reason` so the pipeline can keep it
+as a reject. Only problems with the *configuration* (a missing path, a Parquet file without the
+text column) raise, and they do so while planning, before any Ray work starts.
+
+Work is cut into shards: a range of records of one file (or a run of small text files). A shard
+is the unit of parallelism and of resumption, so it must be cheap to re-read on its own.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+import pyarrow.parquet as pq
+
+# A rank orders every record of the corpus: (file index << 40) | record index in the file.
+# It is the tie-breaker that makes dedup deterministic whatever the number of workers.
+RANK_BITS = 40
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
+RAW_PREFIX_CHARS = 200
+
+
+class InputError(ValueError):
+    """The configured input cannot be read at all (as opposed to one bad record)."""
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    path: str
+    format: str  # jsonl | parquet | text
+    index: int
+
+
+@dataclass(frozen=True)
+class Shard:
+    shard_id: str
+    # (file index, first record, end record) ranges; several only for runs of small text files.
+    ranges: tuple[tuple[int, int, int], ...]
+
+
+@dataclass
+class Record:
+    rank: int
+    source: str
+    source_id: str
+    text: str | None = None
+    meta: str | None = None  # JSON of the record's other fields
+    reason: str | None = None  # why it cannot be a document; None for a good record
+    raw_prefix: str = ""
+
+    @property
+    def doc_id(self) -> str:
+        return doc_id(self.source, self.source_id)
+
+
+def doc_id(source: str, source_id: str) -> str:
+    # The file's name, not its directory: moving the corpus must not change document ids.
+    key = f"{Path(source).name}\x1f{source_id}".encode()
+    return hashlib.blake2b(key, digest_size=8).hexdigest()
+
+
+def _strip_compression(name: str) -> str:
+    for ext in (".gz", ".zst", ".zstd"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def detect_format(path: str, configured: str) -> str | None:
+    if configured != "auto":
+        return configured
+    name = _strip_compression(path.lower())
+    if name.endswith((".jsonl", ".json", ".ndjson")):
+        return "jsonl"
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.endswith(TEXT_SUFFIXES):
+        return "text"
+    return None
+
+
+def expand_paths(patterns: tuple[str, ...] | list[str], fmt: str = "auto") -> list[SourceFile]:
+    """Resolve files, directories and globs into an ordered list of input files."""
+    found: list[str] = []
+    for pattern in patterns:
+        if any(ch in pattern for ch in "*?["):
+            matches = sorted(glob.glob(pattern, recursive=True))
+            if not matches:
+                raise InputError(f"corpus.paths: the pattern {pattern!r} matches no file")
+            found.extend(m for m in matches if os.path.isfile(m))
+        elif os.path.isdir(pattern):
+            found.extend(sorted(str(p) for p in Path(pattern).rglob("*") if p.is_file()))
+        elif os.path.isfile(pattern):
+            found.append(pattern)
+        else:
+            raise InputError(f"corpus.paths: {pattern!r} does not exist (working directory {os.getcwd()})")
+    files, seen = [], set()
+    for path in found:
+        if path in seen:
+            continue
+        seen.add(path)
+        kind = detect_format(path, fmt)
+        if kind is None:
+            continue  # a folder may hold READMEs, licenses, indexes: only known formats are corpus
+        files.append(SourceFile(path=path, format=kind, index=len(files)))
+    if not files:
+        raise InputError(f"corpus.paths: no readable corpus files in {list(patterns)}")
+    return files
+
+
+def open_binary(path: str) -> BinaryIO:
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.endswith((".zst", ".zstd")):
+        import zstandard
+
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")))
+    return open(path, "rb")
+
+
+def _lines(f: BinaryIO, limit: int) -> Iterator[bytes | None]:
+    """Yield the lines of a stream without their newline; None for a line longer than `limit`
+    (which is skipped without ever being held in memory whole)."""
+    while True:
+        line = f.readline(limit + 1)
+        if not line:
+            return
+        if len(line) > limit and not line.endswith(b"\n"):
+            while True:  # drain the rest of the oversized line
+                rest = f.readline(1 << 20)
+                if not rest or rest.endswith(b"\n"):
+                    break
+            yield None
+            continue
+        yield line[:-1] if line.endswith(b"\n") else line
+
+
+def count_records(src: SourceFile, limit: int) -> tuple[int, str]:
+    """Records in one file and the hash of its bytes (the file's part of the corpus version)."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(src.path, "rb") as raw:
+        for block in iter(lambda: raw.read(1 << 20), b""):
+            h.update(block)
+    if src.format == "text":
+        return 1, h.hexdigest()
+    if src.format == "parquet":
+        try:
+            return pq.ParquetFile(src.path).metadata.num_rows, h.hexdigest()
+        except Exception as e:  # noqa: BLE001 - any failure to parse the footer
+            raise InputError(f"{src.path}: not a readable Parquet file: {e}") from None
+    with open_binary(src.path) as f:
+        n = sum(1 for _ in _lines(f, limit))
+    return n, h.hexdigest()
+
+
+def plan_shards(files: list[SourceFile], counts: list[int], records_per_shard: int) -> list[Shard]:
+    shards: list[Shard] = []
+    pending: list[tuple[int, int, int]] = []  # small text files batched together
+    for src, n in zip(files, counts):
+        if src.format == "text":
+            pending.append((src.index, 0, 1))
+            if len(pending) >= records_per_shard:
+                shards.append(Shard(f"s{len(shards):06d}", tuple(pending)))
+                pending = []
+            continue
+        for start in range(0, n, records_per_shard):
+            shards.append(Shard(f"s{len(shards):06d}", ((src.index, start, min(n, start + records_per_shard)),)))
+    if pending:
+        shards.append(Shard(f"s{len(shards):06d}", tuple(pending)))
+    return shards
+
+
+def check_parquet_columns(files: list[SourceFile], text_key: str) -> None:
+    for src in files:
+        if src.format == "parquet":
+            names = pq.ParquetFile(src.path).schema_arrow.names
+            if text_key not in names:
+                raise InputError(f"{src.path}: no column {text_key!r} (corpus.text_key); columns are {names}")
+
+
+def _prefix(raw: bytes | str) -> str:
+    if isinstance(raw, bytes):
+        raw = raw[: RAW_PREFIX_CHARS * 4].decode("utf-8", errors="replace")
+    return raw[:RAW_PREFIX_CHARS]
+
+
+def _from_object(obj: object, rank: int, source: str, line_no: int, text_key: str, id_key: str | None,
+                 raw: bytes | str) -> Record:
+    rec = Record(rank=rank, source=source, source_id=str(line_no), raw_prefix=_prefix(raw))
+    if not isinstance(obj, dict):
+        rec.reason = "not_an_object"
+        return rec
+    if id_key and obj.get(id_key) is not None:
+        rec.source_id = str(obj[id_key])
+    text = obj.get(text_key)
+    if text is None:
+        rec.reason = "missing_text"
+    elif not isinstance(text, str):
+        rec.reason = "text_not_string"
+    else:
+        rec.text = text
+        extra = {k: v for k, v in obj.items() if k not in (text_key, id_key)}
+        rec.meta = json.dumps(extra, ensure_ascii=False, default=str) if extra else None
+    return rec
+
+
+def _read_jsonl(src: SourceFile, start: int, end: int, text_key: str, id_key: str | None,
+                limit: int) -> Iterator[Record]:
+    base = src.index << RANK_BITS
+    with open_binary(src.path) as f:
+        for i, line in enumerate(_lines(f, limit)):
+            if i < start:
+                continue
+            if i >= end:
+                return
+            rank = base + i
+            if line is None:
+                yield Record(rank, src.path, str(i), reason="record_too_large")
+                continue
+            if not line.strip():
+                yield Record(rank, src.path, str(i), reason="blank_line")
+                continue
+            try:
+                decoded = line.decode("utf-8")
+            except UnicodeDecodeError:
+                yield Record(rank, src.path, str(i), reason="invalid_utf8", raw_prefix=_prefix(line))
+                continue
+            try:
+                obj = json.loads(decoded)
+            except ValueError:
+                yield Record(rank, src.path, str(i), reason="malformed_json", raw_prefix=_prefix(decoded))
+                continue
+            yield _from_object(obj, rank, src.path, i, text_key, id_key, decoded)
+
+
+def _read_parquet(src: SourceFile, start: int, end: int, text_key: str, id_key: str | None) -> Iterator[Record]:
+    base = src.index << RANK_BITS
+    pf = pq.ParquetFile(src.path)
+    row = 0
+    for batch in pf.iter_batches(batch_size=1024):
+        if row + batch.num_rows <= start:
+            row += batch.num_rows
+            continue
+        for obj in batch.to_pylist():
+            if start <= row < end:
+                yield _from_object(obj, base + row, src.path, row, text_key, id_key, str(obj.get(text_key, ""))[:RAW_PREFIX_CHARS])
+            row += 1
+            if row >= end:
+                return
+
+
+def _read_text_file(src: SourceFile, limit: int) -> Record:
+    rank = src.index << RANK_BITS
+    rec = Record(rank=rank, source=src.path, source_id=src.path)
+    if os.path.getsize(src.path) > limit:
+        rec.reason = "record_too_large"
+        return rec
+    with open_binary(src.path) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        rec.reason = "record_too_large"
+        return rec
+    rec.raw_prefix = _prefix(data)
+    if b"\x00" in data[:8192]:
+        rec.reason = "binary_file"
+        return rec
+    try:
+        rec.text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        rec.reason = "invalid_utf8"
+    return rec
+
+
+def read_shard(shard: Shard, files: list[SourceFile], text_key: str = "text", id_key: str | None = "id",
+               max_record_bytes: int = 64 * 2**20) -> Iterator[Record]:
+    for file_index, start, end in shard.ranges:
+        src = files[file_index]
+        if src.format == "jsonl":
+            yield from _read_jsonl(src, start, end, text_key, id_key, max_record_bytes)
+        elif src.format == "parquet":
+            yield from _read_parquet(src, start, end, text_key, id_key)
+        else:
+            yield _read_text_file(src, max_record_bytes)

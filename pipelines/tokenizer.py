@@ -1,0 +1,61 @@
+"""The byte-level BPE tokenizer: trained on the clean corpus, or loaded from a local file.
+
+Its special tokens have fixed ids that the model relies on (model.ModelConfig: pad 0, bos 1,
+eos 2, ref_bos 3). `<ref>` stands for the paper's "<s>Reference:" prefix: one dedicated token
+is cheaper than four and cannot collide with text that happens to read "Reference:".
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<ref>")
+PAD_ID, BOS_ID, EOS_ID, REF_BOS_ID = range(4)
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def check_special_tokens(tok: Tokenizer, where: str) -> Tokenizer:
+    for expected, token in enumerate(SPECIAL_TOKENS):
+        got = tok.token_to_id(token)
+        if got != expected:
+            raise TokenizerError(f"{where}: special token {token!r} must have id {expected}, has {got}; "
+                                 f"the model reserves ids 0-3 for {', '.join(SPECIAL_TOKENS)}")
+    return tok
+
+
+def load(path: str) -> Tokenizer:
+    try:
+        tok = Tokenizer.from_file(path)
+    except Exception as e:  # noqa: BLE001 - the library raises a bare Exception on bad files
+        raise TokenizerError(f"{path}: not a readable tokenizer.json: {e}") from None
+    return check_special_tokens(tok, path)
+
+
+def from_json(text: str) -> Tokenizer:
+    return Tokenizer.from_str(text)
+
+
+def tokenizer_hash(tok: Tokenizer) -> str:
+    """Hash of the serialized tokenizer: same vocabulary and merges, same hash."""
+    return hashlib.blake2b(tok.to_str().encode(), digest_size=8).hexdigest()

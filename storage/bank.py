@@ -1,0 +1,82 @@
+"""The bank: one directory of LanceDB tables, each write one commit with its lineage attached.
+
+Lineage (the config, the corpus version, the tokenizer hash, ...) rides in the Arrow schema
+metadata under the key `m3`, so it travels with every version of the table and `m3 sql` users,
+readers in other stages and a later rebuild can all ask "what produced this?".
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Iterable
+
+import lancedb
+import pyarrow as pa
+
+from storage.schemas import SCHEMA_VERSION
+
+META_KEY = b"m3"
+
+
+class BankError(RuntimeError):
+    pass
+
+
+class Bank:
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.db = lancedb.connect(uri)
+
+    def tables(self) -> list[str]:
+        return sorted(self.db.list_tables().tables)
+
+    def has(self, name: str) -> bool:
+        return name in self.tables()
+
+    def table(self, name: str):
+        if not self.has(name):
+            raise BankError(f"bank {self.uri} has no table {name!r} (tables: {', '.join(self.tables()) or 'none'})")
+        tbl = self.db.open_table(name)
+        meta = _decode(tbl.schema.metadata)
+        version = meta.get("schema_version")
+        if version is not None and version != SCHEMA_VERSION:
+            raise BankError(
+                f"table {name!r} in {self.uri} was written with schema version {version}; this code reads "
+                f"version {SCHEMA_VERSION}: rebuild the bank or use a matching release")
+        return tbl
+
+    def metadata(self, name: str) -> dict:
+        """The lineage of the latest version of a table ({} if it has none)."""
+        return _decode(self.table(name).schema.metadata)
+
+    def dataset(self, name: str):
+        """The table as a Lance dataset: what DuckDB and Arrow scanners read with pushdown."""
+        import lance
+
+        return lance.dataset(str(Path(self.uri) / f"{name}.lance"))
+
+    def write(self, name: str, schema: pa.Schema, batches: Iterable[pa.RecordBatch], lineage: dict) -> int:
+        """Replace the table's contents with `batches` as one new version; return that version.
+
+        Streaming: the batches are consumed one at a time, never materialized together.
+        """
+        meta = {"schema_version": SCHEMA_VERSION, "table": name, "written_at": time.time(), **lineage}
+        schema = schema.with_metadata({META_KEY: json.dumps(meta, sort_keys=True, default=str).encode()})
+
+        def cast():
+            for batch in batches:
+                # staged parquet may differ in string widths or metadata; the table's schema wins
+                yield batch if batch.schema == schema else batch.cast(schema)
+
+        reader = pa.RecordBatchReader.from_batches(schema, cast())
+        mode = "overwrite" if self.has(name) else "create"
+        tbl = self.db.create_table(name, data=reader, schema=schema, mode=mode)
+        return tbl.version
+
+
+def _decode(metadata: dict | None) -> dict:
+    if not metadata or META_KEY not in metadata:
+        return {}
+    return json.loads(metadata[META_KEY])

@@ -1,0 +1,56 @@
+"""Arrow schemas of the bank's tables: the contract every writer and reader shares.
+
+Tools and people query these columns by name (`m3 sql`), so renaming one is a schema change:
+bump SCHEMA_VERSION, and readers refuse tables written under another version instead of
+misreading them.
+"""
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+DOCUMENTS = pa.schema([
+    pa.field("doc_id", pa.string(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),      # the file it came from
+    pa.field("source_id", pa.string(), nullable=False),   # its id there (or line/row number)
+    pa.field("text", pa.large_string(), nullable=False),  # normalized text
+    pa.field("content_hash", pa.string(), nullable=False),
+    pa.field("n_chars", pa.int64(), nullable=False),
+    pa.field("rank", pa.int64(), nullable=False),         # corpus order: (file << 40) | record
+    pa.field("meta", pa.string()),                        # the record's other fields, JSON
+])
+
+REJECTS = pa.schema([
+    pa.field("doc_id", pa.string(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("source_id", pa.string(), nullable=False),
+    pa.field("reason", pa.string(), nullable=False),
+    pa.field("stage", pa.string(), nullable=False),       # read | quality | dedup
+    pa.field("duplicate_of", pa.string()),                # doc_id of the kept twin, for duplicates
+    pa.field("raw_prefix", pa.string(), nullable=False),  # the first characters, to eyeball
+    pa.field("rank", pa.int64(), nullable=False),
+])
+
+REFS = pa.schema([
+    pa.field("ref_id", pa.string(), nullable=False),      # "<doc_id>-<ordinal>"
+    pa.field("doc_id", pa.string(), nullable=False),
+    pa.field("ordinal", pa.int32(), nullable=False),      # position of the reference in its document
+    pa.field("start_token", pa.int32(), nullable=False),  # offset of its first token in the document
+    pa.field("n_tokens", pa.int32(), nullable=False),
+    pa.field("text", pa.string(), nullable=False),
+    pa.field("token_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("content_hash", pa.string(), nullable=False),  # of token_ids: what encoding depends on
+])
+
+TRAIN_SEQUENCES = pa.schema([
+    pa.field("seq_id", pa.string(), nullable=False),
+    pa.field("token_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("doc_ids", pa.list_(pa.string()), nullable=False),
+])
+
+TABLES = {
+    "documents": DOCUMENTS,
+    "rejects": REJECTS,
+    "refs": REFS,
+    "train_sequences": TRAIN_SEQUENCES,
+}

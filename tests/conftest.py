@@ -1,0 +1,41 @@
+"""Shared fixtures: small real data (FOLDOC entries) and one Ray instance for the whole run."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FOLDOC = ROOT / "data" / "foldoc" / "foldoc.jsonl.gz"
+
+os.environ.setdefault("M3_PROGRESS", "0")
+
+
+def foldoc_records(n: int, min_words: int = 0) -> list[dict]:
+    """The first n FOLDOC entries with at least min_words words (real text, GFDL)."""
+    out = []
+    with gzip.open(FOLDOC, "rt", encoding="utf-8") as f:
+        for line in f:
+            rec = json.loads(line)
+            if len(rec["text"].split()) >= min_words:
+                out.append(rec)
+                if len(out) == n:
+                    break
+    return out
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded Ray for every test that needs it: starting Ray costs seconds."""
+    import ray
+
+    from jobs.config import RayConfig
+    from jobs.runtime import init_ray
+
+    init_ray(RayConfig(num_cpus=2))
+    yield ray
+    ray.shutdown()

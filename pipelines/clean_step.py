@@ -53,7 +53,9 @@ def clean_shard(shard: Shard, files: list[SourceFile], corpus, quality, dedup, o
     for rec in read_shard(shard, files, corpus.text_key, corpus.id_key, corpus.max_record_bytes):
         records += 1
         stage, reason, text = "read", rec.reason, None
-        if reason is None:
+        if reason is None and len(rec.text) > quality.max_chars:
+            stage, reason = "quality", "too_long"  # decided before normalizing megabytes
+        elif reason is None:
             text = normalize_text(rec.text)
             stage, reason = "quality", quality_reason(text, quality)
         if reason is not None:

@@ -36,6 +36,9 @@ def corpus(tmp_path_factory):
     near = dict(long[1], id="copy-near", text=" ".join(words))
     lines = [json.dumps(r).encode() for r in recs[:130]] + BAD_LINES + [json.dumps(exact).encode()]
     lines += [json.dumps(r).encode() for r in recs[130:]] + [json.dumps(near).encode()]
+    # one 20 MB document: rejected by a filter's reason, never a crash or an out-of-memory
+    body = " ".join(r["text"] for r in recs)
+    lines.append(json.dumps({"id": "huge", "text": (body * (20_000_000 // len(body) + 1))[:20_000_000]}).encode())
     with gzip.open(root / "part-0.jsonl.gz", "wb") as f:
         f.write(b"\n".join(lines) + b"\n")
     return {"dir": root, "records": len(lines), "exact": (long[0]["id"], "copy-exact"),
@@ -78,6 +81,7 @@ def test_nothing_is_lost(corpus, reference_run):
     reasons = {r["reason"] for r in snap["rejects"]}
     assert BAD_REASONS <= reasons
     assert "too_few_words" in reasons  # FOLDOC's one-line entries
+    assert next(r for r in snap["rejects"] if r["source_id"] == "huge")["reason"] == "too_long"
     ids = [r["doc_id"] for r in snap["documents"]] + [r["doc_id"] for r in snap["rejects"]]
     assert len(ids) == len(set(ids))
 
@@ -134,6 +138,14 @@ def test_dedup_does_not_depend_on_sharding_or_partitions(corpus, reference_run, 
     assert [r["doc_id"] for r in other["documents"]] == [r["doc_id"] for r in snap["documents"]]
     strip = lambda rows: [(r["doc_id"], r["reason"], r["duplicate_of"]) for r in rows]  # noqa: E731
     assert strip(other["rejects"]) == strip(snap["rejects"])
+
+
+def test_local_tokenizer_file_is_used_as_is(corpus, reference_run, tmp_path):
+    bank_dir, _, snap = reference_run
+    tok_path = bank_dir / Bank(str(bank_dir)).metadata("refs")["tokenizer_path"]
+    run_ingest(make_config(corpus, tmp_path / "b", f"tokenizer.path={tok_path}", "tokenizer.vocab_size=9999"))
+    assert Bank(str(tmp_path / "b")).metadata("refs")["tokenizer_hash"] == tok_path.stem
+    assert snapshot(tmp_path / "b")["refs"] == snap["refs"]
 
 
 def run_cli(corpus, bank, env_extra):

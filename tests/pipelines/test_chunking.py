@@ -113,7 +113,7 @@ def test_sentence_boundaries_char_tokens_match_rule(text):
 
 
 def test_with_a_real_byte_level_bpe_tokenizer():
-    tokenizers = pytest.importorskip("tokenizers")
+    import tokenizers  # a core dependency: its absence is a failure, not a skip
     text = FIXTURE.read_text(encoding="utf-8")
     tok = tokenizers.Tokenizer(tokenizers.models.BPE())
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -14,7 +14,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jobs.config_loader import ConfigError, _Where, apply_overrides, build, read_yaml, to_dict
+from jobs.config_loader import ConfigError, _Lined, _Where, apply_overrides, build, read_yaml, to_dict
+from model.config import PRESETS, ModelConfig
 from pipelines.filters import QualityConfig
 from pipelines.minhash import MinHashConfig
 
@@ -97,8 +98,16 @@ class Config:
     dedup: DedupConfig = field(default_factory=DedupConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     chunking: ChunkingConfig = field(default_factory=ChunkingConfig)
+    # The YAML's `model:` names a preset (tiny, small, paper-2.4b) and overrides any of its
+    # fields; what is stored here and in lineage is the resolved, fully explicit ModelConfig.
+    model: ModelConfig = field(default_factory=lambda: ModelConfig.from_preset("small"))
     # Where the config came from; relative corpus paths resolve against the working directory.
     source: str = field(default="<defaults>", compare=False)
+
+    def __post_init__(self):
+        if self.tokenizer.path is None and self.model.vocab_size < self.tokenizer.vocab_size:
+            raise ValueError(f"model.vocab_size ({self.model.vocab_size}) is smaller than "
+                             f"tokenizer.vocab_size ({self.tokenizer.vocab_size}): the model could not embed every token")
 
     def as_dict(self) -> dict:
         d = to_dict(self)
@@ -106,11 +115,28 @@ class Config:
         return d
 
 
+def _resolve_model_preset(data: dict, where: _Where) -> None:
+    raw = data.get("model")
+    if raw is None:
+        raw = _Lined()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"model ({where.at(data, 'model')}): expected a mapping, got {raw!r}")
+    preset = raw.get("preset", "small")
+    if preset not in PRESETS:
+        raise ConfigError(f"model.preset ({where.at(raw, 'preset')}): expected one of "
+                          f"{', '.join(repr(p) for p in PRESETS)}, got {preset!r}")
+    merged = _Lined({**PRESETS[preset], **{k: v for k, v in raw.items() if k != "preset"}})
+    merged.lines = getattr(raw, "lines", {})
+    data["model"] = merged
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     data = read_yaml(path) if path is not None else {}
     data = apply_overrides(data, list(overrides))
+    where = _Where(str(path) if path else "<defaults>")
+    _resolve_model_preset(data, where)
     data["source"] = str(path) if path is not None else "<defaults>"
-    return build(Config, data, "", _Where(str(path) if path else "<defaults>"))
+    return build(Config, data, "", where)
 
 
 def config_hash(section: object) -> str:

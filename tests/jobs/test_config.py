@@ -107,3 +107,21 @@ def test_cli_validate_reports_errors_without_traceback(tmp_path, capsys):
     assert main(["validate", "-c", DEMO, "--set", "corpus.paths=[missing.jsonl]"]) == 2
     err = capsys.readouterr().err
     assert "'missing.jsonl' does not exist" in err and "Traceback" not in err
+
+
+def test_model_section_is_a_preset_plus_overrides(tmp_path):
+    cfg = load_config(DEMO, ["model.preset=paper-2.4b", "model.n_layers=46"])
+    assert cfg.model.n_layers == 46 and cfg.model.n_mem_layers == 22 and cfg.model.head_dim == 80
+    assert load_config(DEMO).model.d_model == 256  # the demo's "small"
+    with pytest.raises(ConfigError, match="model.preset.*'tiny', 'small', 'paper-2.4b'.*'huge'"):
+        load_config(DEMO, ["model.preset=huge"])
+    with pytest.raises(ConfigError, match=r"unknown key 'model.n_layer' \(--set\).*did you mean 'model.n_layers'"):
+        load_config(DEMO, ["model.n_layer=3"])
+    path = write(tmp_path, "model:\n  preset: tiny\n  d_model: 33\n")
+    with pytest.raises(ConfigError, match=rf"model.d_model \({path}:3\).*n_heads\*head_dim"):
+        load_config(path)
+
+
+def test_model_vocab_must_cover_the_tokenizer():
+    with pytest.raises(ConfigError, match="model.vocab_size \\(4096\\) is smaller than tokenizer.vocab_size"):
+        load_config(DEMO, ["model.vocab_size=4096"])

@@ -1,0 +1,128 @@
+"""Model configuration: one frozen dataclass of plain typed fields, plus named presets.
+
+Plain fields (int, float, bool, str) only, so a YAML loader can validate a config by
+introspecting `dataclasses.fields(ModelConfig)` and the checkpoint can store it as JSON.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+SCORE_COMBINES = ("sum", "mean", "max")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # transformer shape
+    vocab_size: int = 8192
+    n_layers: int = 6
+    n_heads: int = 8  # query heads
+    n_kv_heads: int = 2  # key/value heads (GQA): n_heads // n_kv_heads query heads share one
+    head_dim: int = 32
+    d_model: int = 256  # must equal n_heads * head_dim
+    mlp_hidden: int = 768  # SwiGLU inner width
+    max_seq_len: int = 1024  # longest context (not counting the memory positions before it)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+    # explicit memory
+    n_mem_layers: int = 3  # memory layers are layers 0 .. n_mem_layers-1
+    mem_top_k: int = 8  # tokens kept per memory layer and KV head
+    mem_chunk_size: int = 64  # context tokens that share one set of retrieved memories
+    mems_per_chunk: int = 5  # memories retrieved per chunk
+    ref_max_tokens: int = 128  # reference length, not counting the prepended ref_bos
+    score_combine: str = "sum"  # how the query heads of one KV head combine token scores
+
+    # special token ids (the tokenizer reserves exactly these)
+    pad_id: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+    ref_bos_id: int = 3  # one token standing for "<s>Reference:"
+
+    def __post_init__(self):
+        _check_types(self)
+        need = self._need
+        for name in ("vocab_size", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_model",
+                     "mlp_hidden", "max_seq_len", "mem_top_k", "mem_chunk_size",
+                     "mems_per_chunk", "ref_max_tokens", "rope_theta", "norm_eps", "init_std"):
+            need(getattr(self, name) > 0, name, "must be positive")
+        need(self.head_dim % 2 == 0, "head_dim", "must be even (RoPE rotates pairs)")
+        need(self.n_heads % self.n_kv_heads == 0, "n_kv_heads", f"must divide n_heads={self.n_heads}")
+        need(self.d_model == self.n_heads * self.head_dim, "d_model",
+             f"must equal n_heads*head_dim = {self.n_heads}*{self.head_dim}")
+        need(1 <= self.n_mem_layers <= self.n_layers, "n_mem_layers",
+             f"must be in [1, n_layers={self.n_layers}]")
+        need(self.score_combine in SCORE_COMBINES, "score_combine", f"must be one of {SCORE_COMBINES}")
+        for name in ("pad_id", "bos_id", "eos_id", "ref_bos_id"):
+            need(0 <= getattr(self, name) < self.vocab_size, name,
+                 f"must be a token id in [0, vocab_size={self.vocab_size})")
+        ids = [self.pad_id, self.bos_id, self.eos_id, self.ref_bos_id]
+        need(len(set(ids)) == 4, "ref_bos_id", f"special token ids must be distinct, got {ids}")
+
+    def _need(self, ok: bool, field: str, message: str) -> None:
+        if not ok:
+            raise ValueError(f"ModelConfig.{field}={getattr(self, field)!r} {message}")
+
+    @property
+    def kv_group(self) -> int:
+        """Query heads per KV head."""
+        return self.n_heads // self.n_kv_heads
+
+    @property
+    def ctx_pos_offset(self) -> int:
+        """RoPE position of the first context token when memories are attended.
+
+        ref_bos (the attention sink) sits at 0 and every memory keeps its position in
+        [1, ref_max_tokens] from its own reference ("parallel positions"), so the context
+        starts right after that interval, as if each reference directly preceded it.
+        """
+        return self.ref_max_tokens + 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        for name in d:
+            if name not in known:
+                raise ValueError(f"ModelConfig: unknown field {name!r}")
+        return cls(**d)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ValueError(f"ModelConfig: unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+
+def _check_types(cfg: ModelConfig) -> None:
+    """Reject wrong types by name; accept an int for a float field (YAML writes 10000 for 1e4)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.type is float and isinstance(value, int) and not isinstance(value, bool):
+            object.__setattr__(cfg, f.name, float(value))
+            continue
+        # bool is a subclass of int: an int field must not silently take True
+        ok = isinstance(value, f.type) and not (f.type is int and isinstance(value, bool))
+        if not ok:
+            raise ValueError(f"ModelConfig.{f.name} must be {f.type.__name__}, "
+                             f"got {type(value).__name__} {value!r}")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # unit tests: milliseconds per forward
+    "tiny": dict(vocab_size=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_model=32,
+                 mlp_hidden=64, n_mem_layers=1, max_seq_len=256, mem_top_k=4,
+                 mem_chunk_size=16, mems_per_chunk=2, ref_max_tokens=32),
+    # the CPU demo: ~4.5M non-embedding parameters, learns a ~5 MB corpus with an 8k vocab in minutes
+    "small": dict(vocab_size=8192, n_layers=6, n_heads=8, n_kv_heads=2, head_dim=32, d_model=256,
+                  mlp_hidden=768, n_mem_layers=3, max_seq_len=1024),
+    # the paper's Memory3-2B (DESIGN.md): 44 x (40q / 8kv x 80), gated MLP 3200, memory layers 0-21.
+    # rope_theta, norm and tying are not stated by the paper (UNCONFIRMED): LLaMA-2 defaults.
+    "paper-2.4b": dict(vocab_size=60416, n_layers=44, n_heads=40, n_kv_heads=8, head_dim=80,
+                       d_model=3200, mlp_hidden=3200, n_mem_layers=22, max_seq_len=2048,
+                       tie_embeddings=False),
+}

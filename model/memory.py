@@ -1,0 +1,196 @@
+"""Explicit memories: writing them (encode + sparsify a reference) and laying them out for reading.
+
+Writing [paper §3.1-3.3]: a reference (<= ref_max_tokens tokens) is encoded alone, behind
+ref_bos ("<s>Reference:"), through the memory layers only. In every memory layer and KV head
+each token j is scored by w_j = sum_i exp(q_i . k_j / sqrt(D)) over the reference's tokens i,
+with no causal mask and no positions (q, k before RoPE), ref_bos and padding excluded on both
+sides; the top-k tokens are kept, their keys after RoPE at their reference positions.
+"""
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .rope import apply_rope, rope_tables
+
+
+class EncodedReferences(NamedTuple):
+    """The memories of B references, k tokens per memory layer and KV head.
+
+    kv: (B, n_mem_layers, 2, n_kv_heads, k, head_dim), K (after RoPE) then V; zeros in empty slots.
+    positions: (B, n_mem_layers, n_kv_heads, k) int64, ascending: the token's RoPE position in
+        its reference (ref_bos = 0, so ref_tokens[:, p - 1] is the token); -1 in empty slots.
+    mask: (B, k) bool, whether a slot holds a token: a reference with n < k real tokens fills
+        the first n slots of every layer and head, the rest are empty.
+    """
+
+    kv: Tensor
+    positions: Tensor
+    mask: Tensor
+
+
+def token_log_scores(q: Tensor, k: Tensor, scored: Tensor, combine: str) -> Tensor:
+    """log w_j for every KV head: (B, Hkv, S) float32, -inf where token j is not scored.
+
+    q (B, Hq, S, D) and k (B, Hkv, S, D) are taken before RoPE; scored (B, S) marks the tokens
+    that take part (neither ref_bos nor padding). The query heads sharing a KV head combine by
+    `combine`: "sum" (sum of their w_j), "mean" (same ranking as sum) or "max" (best head).
+    Everything stays in log space (log-sum-exp), so long or peaked references cannot overflow.
+    """
+    B, Hq, S, D = q.shape
+    Hkv = k.shape[1]
+    group = Hq // Hkv
+    logits = torch.einsum("bhgid,bhjd->bhgij", q.float().view(B, Hkv, group, S, D), k.float())
+    logits = logits / math.sqrt(D)
+    logits = logits.masked_fill(~scored[:, None, None, :, None], float("-inf"))  # rows i
+    per_head = logits.logsumexp(dim=3)  # (B, Hkv, group, S): log sum_i exp(...)
+    if combine == "max":
+        log_w = per_head.amax(dim=2)
+    else:
+        log_w = per_head.logsumexp(dim=2)
+        if combine == "mean":
+            log_w = log_w - math.log(group)
+    return log_w.masked_fill(~scored[:, None, :], float("-inf"))
+
+
+def top_tokens(log_w: Tensor, k: int) -> Tensor:
+    """Positions of the k best tokens per head, (..., k) int64, sorted ascending; -1 pads slots
+    beyond the scored tokens, which sort last.
+
+    Ties are common, not rare: in layer 0 the score of a token depends only on its id, so a
+    repeated word ties with itself. A stable sort breaks them towards the earlier position,
+    which torch.topk does not promise. Sorting the kept positions makes a memory canonical (the
+    order inside a memory does not matter to attention), so equal selections give equal tensors.
+    """
+    S = log_w.shape[-1]
+    ranked = log_w.sort(dim=-1, descending=True, stable=True)
+    best, score = ranked.indices[..., :k], ranked.values[..., :k]
+    order_key = torch.where(score > float("-inf"), best, best + S)  # empty slots after real ones
+    pos = order_key.sort(dim=-1).values
+    pos = torch.where(pos < S, pos, -1)
+    if pos.shape[-1] < k:  # reference tensor narrower than k
+        pos = torch.cat([pos, pos.new_full((*pos.shape[:-1], k - pos.shape[-1]), -1)], dim=-1)
+    return pos
+
+
+def gather_tokens(kv: Tensor, pos: Tensor) -> Tensor:
+    """kv (B, 2, Hkv, S, D) at positions pos (B, Hkv, k) -> (B, 2, Hkv, k, D), zeros where pos = -1."""
+    B, two, H, S, D = kv.shape
+    index = pos.clamp(min=0)[:, None, :, :, None].expand(B, two, H, pos.shape[-1], D)
+    picked = kv.gather(3, index)
+    return torch.where((pos >= 0)[:, None, :, :, None], picked, torch.zeros((), dtype=kv.dtype,
+                                                                             device=kv.device))
+
+
+def encode_references(model, ref_tokens: Tensor, top_k: int | None = None) -> EncodedReferences:
+    """Write the explicit memories of a batch of references.
+
+    ref_tokens: (B, T) int64, T <= ref_max_tokens, raw reference token ids padded with pad_id
+        (right padding expected; a pad anywhere is ignored). ref_bos is prepended here, so the
+        caller must not add it: the reference's token t sits at RoPE position t + 1.
+    top_k: tokens kept per memory layer and KV head (default config.mem_top_k); a value
+        >= T keeps every real token (dense memories, e.g. for training or tests).
+
+    Runs layers 0 .. n_mem_layers-1 only, and in the last one only the projections: nothing
+    after the last memory layer is computed. Gradients flow into the kept keys and values (not
+    into the choice of tokens), so call under torch.no_grad() when building a bank.
+    """
+    cfg = model.config
+    if ref_tokens.dim() != 2 or ref_tokens.dtype != torch.long:
+        raise ValueError(f"ref_tokens must be int64 (B, T), got {ref_tokens.dtype} "
+                         f"{tuple(ref_tokens.shape)}")
+    B, T = ref_tokens.shape
+    if T > cfg.ref_max_tokens:
+        raise ValueError(f"references of {T} tokens exceed ref_max_tokens={cfg.ref_max_tokens}")
+    k = cfg.mem_top_k if top_k is None else top_k
+    if k < 1:
+        raise ValueError(f"top_k must be >= 1, got {k}")
+    if (ref_tokens == cfg.ref_bos_id).any():
+        raise ValueError("ref_tokens contain ref_bos_id: pass raw references, it is prepended here")
+
+    tokens = torch.cat([ref_tokens.new_full((B, 1), cfg.ref_bos_id), ref_tokens], dim=1)
+    real = tokens != cfg.pad_id  # ref_bos included: it is the attention sink
+    scored = real.clone()
+    scored[:, 0] = False  # ref_bos is never scored nor kept
+    S = T + 1
+    causal = torch.ones(S, S, dtype=torch.bool, device=tokens.device).tril()
+    attn_mask = (causal[None] & real[:, None, :])[:, None]  # (B, 1, S, S): no query reads a pad
+    cos, sin = rope_tables(torch.arange(S, device=tokens.device), cfg.head_dim, cfg.rope_theta)
+
+    x = model.tok_emb(tokens)
+    kv_layers, pos_layers = [], []
+    for layer in range(cfg.n_mem_layers):
+        block = model.blocks[layer]
+        # the block's forward, walked by hand: the score needs q and k before RoPE
+        q, key, v = block.attn.qkv(block.attn_norm(x))
+        pos = top_tokens(token_log_scores(q, key, scored, cfg.score_combine), k)
+        key = apply_rope(key, cos, sin)
+        kv_layers.append(gather_tokens(torch.stack([key, v], dim=1), pos))
+        pos_layers.append(pos)
+        if layer == cfg.n_mem_layers - 1:
+            break  # no compute after the last memory layer
+        x = x + block.attn.attend(apply_rope(q, cos, sin), key, v, attn_mask)
+        x = x + block.mlp(block.mlp_norm(x))
+
+    n_real = scored.sum(dim=1, keepdim=True)
+    mask = torch.arange(k, device=tokens.device)[None, :] < n_real  # same for every layer and head
+    return EncodedReferences(torch.stack(kv_layers, dim=1), torch.stack(pos_layers, dim=1), mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading: layout of the memories attended by a forward pass
+
+
+def check_memories(cfg, memories: Tensor, mem_mask: Tensor | None, batch: int, n_chunks: int):
+    """Validate (B, n_chunks, M, n_mem_layers, 2, n_kv_heads, k, head_dim) memories and their
+    (B, n_chunks, M, k) mask, filling an all-valid mask when none is given."""
+    want = f"(B={batch}, n_chunks={n_chunks}, M, {cfg.n_mem_layers}, 2, {cfg.n_kv_heads}, k, {cfg.head_dim})"
+    if memories.dim() != 8:
+        raise ValueError(f"memories must have shape {want}, got {tuple(memories.shape)}")
+    B, C, M, L, two, H, k, D = memories.shape
+    if (B, C, L, two, H, D) != (batch, n_chunks, cfg.n_mem_layers, 2, cfg.n_kv_heads, cfg.head_dim):
+        raise ValueError(f"memories must have shape {want}, got {tuple(memories.shape)}")
+    if mem_mask is None:
+        return memories, torch.ones(B, C, M, k, dtype=torch.bool, device=memories.device)
+    if mem_mask.dtype != torch.bool or tuple(mem_mask.shape) != (B, C, M, k):
+        raise ValueError(f"mem_mask must be bool {(B, C, M, k)}, got {mem_mask.dtype} "
+                         f"{tuple(mem_mask.shape)}")
+    return memories, mem_mask
+
+
+def memory_pool(memories: Tensor, mem_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Flatten every chunk's memories into one key/value pool per memory layer.
+
+    memories (B, C, M, L, 2, H, k, D) -> kv (L, 2, B, H, C*M*k, D), with the chunk that owns
+    each pool entry (C*M*k,) and whether it holds a token (B, C*M*k).
+    """
+    B, C, M, L, two, H, k, D = memories.shape
+    kv = memories.permute(3, 4, 0, 5, 1, 2, 6, 7).reshape(L, two, B, H, C * M * k, D)
+    key_chunk = torch.arange(C, device=memories.device).repeat_interleave(M * k)
+    return kv, key_chunk, mem_mask.reshape(B, C * M * k)
+
+
+def memory_visibility(q_chunk: Tensor, key_chunk: Tensor, key_valid: Tensor) -> Tensor:
+    """(B, Tq, P) bool: a query sees a pool entry iff it belongs to the query's own chunk and
+    holds a token. q_chunk (Tq,) is -1 for the sink, which sees no memory."""
+    return (q_chunk[:, None] == key_chunk[None, :])[None] & key_valid[:, None, :]
+
+
+def chunk_windows(kv: Tensor, mask: Tensor, window: int) -> tuple[Tensor, Tensor]:
+    """Continual-training layout [paper §3.6]: each chunk retrieves one reference and attends to
+    the references of itself and the previous window-1 chunks.
+
+    kv (B, C, n_mem_layers, 2, H, k, D) and mask (B, C, k), one reference per chunk ->
+    (B, C, window, n_mem_layers, 2, H, k, D) and (B, C, window, k), oldest first; windows that
+    reach before chunk 0 get empty slots. Indexing only, so gradients flow back to kv.
+    """
+    C = kv.shape[1]
+    source = (torch.arange(C, device=kv.device)[:, None]
+              - torch.arange(window - 1, -1, -1, device=kv.device)[None, :])  # (C, window)
+    exists = source >= 0
+    source = source.clamp(min=0)
+    empty_kv = ~exists.view(1, C, window, *([1] * (kv.dim() - 2)))
+    windows = kv[:, source].masked_fill(empty_kv, 0)  # zeros, like encode's empty slots
+    return windows, mask[:, source] & exists[None, :, :, None]

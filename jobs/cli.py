@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import yaml
@@ -24,9 +25,10 @@ USER_ERRORS = (ConfigError, InputError, BankError, TokenizerError, SQLError)
 
 
 def _stages():
+    from jobs.encode import run_encode
     from jobs.ingest import run_ingest
 
-    return [("ingest", run_ingest)]
+    return [("ingest", run_ingest), ("encode", run_encode)]
 
 
 def cmd_validate(cfg, args) -> int:
@@ -44,6 +46,22 @@ def cmd_ingest(cfg, args) -> int:
     from jobs.ingest import run_ingest
 
     run_ingest(cfg)
+    return 0
+
+
+def cmd_encode(cfg, args) -> int:
+    from jobs.encode import run_encode
+
+    run_encode(cfg)
+    return 0
+
+
+def cmd_bank(cfg, args) -> int:
+    from jobs.bank_stats import bank_stats, render
+    from storage.bank import Bank
+
+    stats = bank_stats(Bank(cfg.bank.uri))
+    print(json.dumps(stats, indent=2) if args.format == "json" else render(stats))
     return 0
 
 
@@ -72,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("validate", parents=[common], help="check a config and its inputs, print it resolved")
     sub.add_parser("ingest", parents=[common], help="raw corpus -> documents, rejects, refs, train_sequences")
+    sub.add_parser("encode", parents=[common], help="refs -> sparse memories (the memories table)")
+    bank = sub.add_parser("bank", parents=[common], help="bank inspection: `m3 bank stats`")
+    bank.add_argument("action", choices=("stats",))
+    bank.add_argument("--format", choices=("table", "json"), default="table")
     sql = sub.add_parser("sql", parents=[common], help="run read-only SQL (DuckDB) over the bank's tables")
     sql.add_argument("query")
     sql.add_argument("--format", choices=("table", "csv", "json"), default="table")
@@ -79,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"validate": cmd_validate, "ingest": cmd_ingest, "sql": cmd_sql, "run": cmd_run}
+COMMANDS = {"validate": cmd_validate, "ingest": cmd_ingest, "encode": cmd_encode, "bank": cmd_bank, "sql": cmd_sql, "run": cmd_run}
 
 
 def main(argv: list[str] | None = None) -> int:

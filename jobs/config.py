@@ -89,6 +89,23 @@ class ChunkingConfig:
 
 
 @dataclass(frozen=True)
+class EncodeConfig:
+    # A saved model directory (safetensors + config.json). null = the model of the `model:`
+    # section, freshly initialized with `seed` and saved into the bank once (the demo's start).
+    checkpoint: str | None = None
+    seed: int = 0
+    codec: str = field(default="int8", metadata={"choices": ("raw-bf16", "raw-fp16", "raw-fp32", "int8", "vq")})
+    # FAISS factory string for codec "vq"; null = the paper's structure scaled to head_dim.
+    vq_spec: str | None = None
+    # References sampled uniformly (seeded) to train the vector quantizer.
+    vq_train_refs: int = field(default=512, metadata={"ge": 1})
+    batch_size: int = field(default=32, metadata={"ge": 1})
+    actors: int = field(default=1, metadata={"ge": 1})
+    threads_per_actor: int = field(default=1, metadata={"ge": 1})
+    refs_per_shard: int = field(default=1024, metadata={"ge": 1})
+
+
+@dataclass(frozen=True)
 class Config:
     name: str = "m3"
     ray: RayConfig = field(default_factory=RayConfig)
@@ -101,6 +118,7 @@ class Config:
     # The YAML's `model:` names a preset (tiny, small, paper-2.4b) and overrides any of its
     # fields; what is stored here and in lineage is the resolved, fully explicit ModelConfig.
     model: ModelConfig = field(default_factory=lambda: ModelConfig.from_preset("small"))
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
     # Where the config came from; relative corpus paths resolve against the working directory.
     source: str = field(default="<defaults>", compare=False)
 
@@ -108,6 +126,9 @@ class Config:
         if self.tokenizer.path is None and self.model.vocab_size < self.tokenizer.vocab_size:
             raise ValueError(f"model.vocab_size ({self.model.vocab_size}) is smaller than "
                              f"tokenizer.vocab_size ({self.tokenizer.vocab_size}): the model could not embed every token")
+        if self.model.ref_max_tokens < self.chunking.ref_max_tokens:
+            raise ValueError(f"model.ref_max_tokens ({self.model.ref_max_tokens}) is smaller than "
+                             f"chunking.ref_max_tokens ({self.chunking.ref_max_tokens}): references could not be encoded")
 
     def as_dict(self) -> dict:
         d = to_dict(self)

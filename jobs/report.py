@@ -24,6 +24,9 @@ class Report:
     def set(self, **values) -> None:
         self.values.update(values)
 
+    def elapsed(self) -> float:
+        return round(time.time() - self.started, 3)
+
     def note(self, text: str) -> None:
         self.notes.append(text)
         print(f"[{self.job}] {text}", flush=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 from jobs.config import RayConfig
 
@@ -14,6 +15,8 @@ def init_ray(cfg: RayConfig):
 
     if ray.is_initialized():
         return ray
+    # Ray starts its processes with fork+exec; the exec makes lance's fork warning moot.
+    warnings.filterwarnings("ignore", message=".*(lance is not fork-safe|lancedb fork support).*")
     # A driver that only submits work needs no log spam from every worker's import of torch.
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     if cfg.address:

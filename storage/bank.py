@@ -76,6 +76,18 @@ class Bank:
         return tbl.version
 
 
+    def tag(self, name: str, tag: str, version: int) -> None:
+        """Name a version; an existing tag of that name moves to it."""
+        tags = self.db.open_table(name).tags
+        if tag in tags.list():
+            tags.update(tag, version)
+        else:
+            tags.create(tag, version)
+
+    def tags(self, name: str) -> dict[str, int]:
+        return {t: info["version"] for t, info in self.db.open_table(name).tags.list().items()}
+
+
 def _decode(metadata: dict | None) -> dict:
     if not metadata or META_KEY not in metadata:
         return {}

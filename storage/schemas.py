@@ -48,9 +48,21 @@ TRAIN_SEQUENCES = pa.schema([
     pa.field("doc_ids", pa.list_(pa.string()), nullable=False),
 ])
 
+MEMORIES = pa.schema([
+    pa.field("ref_id", pa.string(), nullable=False),
+    pa.field("content_hash", pa.string(), nullable=False),  # of the reference's token ids
+    pa.field("model_hash", pa.string(), nullable=False),    # the model that wrote it
+    pa.field("codec", pa.string(), nullable=False),         # how `payload` is coded
+    pa.field("shape", pa.list_(pa.int32()), nullable=False),  # (mem layers, 2, kv heads, k, head dim)
+    pa.field("n_tokens", pa.int16(), nullable=False),       # kept tokens (< k for short references)
+    pa.field("positions", pa.list_(pa.int16()), nullable=False),  # (mem layers, kv heads, k), -1 empty
+    pa.field("payload", pa.binary(), nullable=False),
+])
+
 TABLES = {
     "documents": DOCUMENTS,
     "rejects": REJECTS,
     "refs": REFS,
     "train_sequences": TRAIN_SEQUENCES,
+    "memories": MEMORIES,
 }

@@ -1,0 +1,137 @@
+"""`m3 encode`: every reference of the bank -> its explicit memory, in the `memories` table.
+
+    python -m jobs.encode -c configs/demo.yaml
+
+A pool of Ray Data actors (one model each) encodes shards of the `refs` table; each shard lands
+in a staging file, and the table gets one new version, tagged, when all are done. The key
+covers the model hash, the refs version and the codec (with its quantizer): the same key is a
+finished build ("nothing to do"); an unfinished one resumes from its staged shards.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from jobs.config import Config, config_hash
+from jobs.faults import maybe_crash
+from jobs.report import Report
+from jobs.runtime import init_ray, quiet_ray_data
+from model import Memory3, save_model
+from model.checkpoint import saved_hash
+from model.codecs import VQCodec, make_codec
+from pipelines.encode_step import EncodeShards, encode_tokens, staged_path
+from storage.bank import Bank, BankError
+from storage.schemas import MEMORIES
+from storage.staging import iter_batches
+
+
+def model_dir(cfg: Config, bank: Bank) -> Path:
+    """The checkpoint to encode with; the demo's untrained start is created once, reproducibly."""
+    if cfg.encode.checkpoint:
+        path = Path(cfg.encode.checkpoint)
+        if not (path / "model.safetensors").exists():
+            raise BankError(f"encode.checkpoint: {path} holds no model.safetensors")
+        return path
+    path = Path(bank.uri) / "models" / f"init-{config_hash(cfg.model)}-seed{cfg.encode.seed}"
+    if not (path / "model.safetensors").exists():
+        torch.manual_seed(cfg.encode.seed)
+        save_model(Memory3(cfg.model), path)
+    return path
+
+
+def quantizer(cfg: Config, bank: Bank, mdir: Path, refs_uri: str, n_refs: int) -> dict:
+    """Codec arguments; for "vq", train the quantizer on a uniform sample of memories first."""
+    if cfg.encode.codec != "vq":
+        return {}
+    from model import load_model
+
+    model = load_model(mdir)
+    rng = np.random.default_rng(cfg.encode.seed)
+    rows = np.sort(rng.choice(n_refs, size=min(n_refs, cfg.encode.vq_train_refs), replace=False))
+    import lance
+
+    tokens = lance.dataset(refs_uri).take(rows, columns=["token_ids"]).column("token_ids").to_pylist()
+    raw = make_codec("raw-fp32")
+    vectors = []
+    for lo in range(0, len(tokens), 64):
+        payloads, _, _ = encode_tokens(model, raw, tokens[lo:lo + 64])
+        shape = (model.config.n_mem_layers, 2, model.config.n_kv_heads, model.config.mem_top_k, model.config.head_dim)
+        mems = raw.decode_batch(payloads, shape).numpy()
+        vectors.append(mems.reshape(-1, model.config.head_dim))
+    vq = VQCodec.train(np.concatenate(vectors), spec=cfg.encode.vq_spec, seed=cfg.encode.seed)
+    path = Path(bank.uri) / "quantizers" / f"{vq.quantizer_hash}.faiss"
+    if not path.exists():
+        vq.save(path)
+    return {"quantizer": str(path), "quantizer_hash": vq.quantizer_hash}
+
+
+def run_encode(cfg: Config) -> dict:
+    report = Report("encode")
+    bank = Bank(cfg.bank.uri)
+    if not bank.has("refs"):
+        raise BankError(f"bank {cfg.bank.uri} has no refs table: run `m3 ingest` first")
+    refs_meta = bank.metadata("refs")
+    refs_uri = bank.dataset("refs").uri
+    n_refs = bank.dataset("refs").count_rows()
+    mdir = model_dir(cfg, bank)
+    mhash = saved_hash(mdir)
+    codec_kw = quantizer(cfg, bank, mdir, refs_uri, n_refs)
+    key = config_hash({"model_hash": mhash, "refs": refs_meta.get("ingest_key"), "refs_version": bank.table("refs").version,
+                       "codec": cfg.encode.codec, "quantizer": codec_kw.get("quantizer_hash"),
+                       "batch_size": cfg.encode.batch_size, "refs_per_shard": cfg.encode.refs_per_shard})
+    if bank.has("memories") and bank.metadata("memories").get("encode_key") == key:
+        print(f"encode: memories in {cfg.bank.uri} are up to date for model {mhash[:12]} and codec "
+              f"{cfg.encode.codec} (encode key {key}); nothing to do")
+        return {"status": "up_to_date", "encode_key": key}
+
+    stage_dir = Path(cfg.bank.uri) / "_staging" / f"encode-{key}"
+    per = cfg.encode.refs_per_shard
+    shards = [(i, lo, min(n_refs, lo + per)) for i, lo in enumerate(range(0, n_refs, per))]
+    todo = [s for s in shards if not staged_path(stage_dir, s[0]).exists()]
+    report.set(references=n_refs, shards=len(shards), encode_key=key)
+    init_ray(cfg.ray)
+    quiet_ray_data()
+    with report.stage("encode"):
+        report.note(f"encode: model {mhash[:12]}, codec {cfg.encode.codec}, {len(shards) - len(todo)} of "
+                    f"{len(shards)} shard(s) already done")
+        if todo:
+            import ray
+
+            ds = ray.data.from_items([{"shard": i, "start": a, "end": b} for i, a, b in todo],
+                                     override_num_blocks=len(todo))
+            ds = ds.map_batches(
+                EncodeShards, batch_size=1, num_cpus=cfg.encode.threads_per_actor,
+                compute=ray.data.ActorPoolStrategy(size=cfg.encode.actors),
+                fn_constructor_kwargs=dict(model_dir=str(mdir), codec=cfg.encode.codec, codec_kw=codec_kw,
+                                           refs_uri=refs_uri, stage_dir=str(stage_dir),
+                                           batch_size=cfg.encode.batch_size, threads=cfg.encode.threads_per_actor))
+            for n, _ in enumerate(ds.iter_rows(), 1):
+                maybe_crash("encode", n)
+
+    with report.stage("commit"):
+        m = cfg.model
+        lineage = {"stage": "encode", "encode_key": key, "model_hash": mhash, "model_dir": str(mdir),
+                   "tokenizer_hash": refs_meta.get("tokenizer_hash"), "corpus_version": refs_meta.get("corpus_version"),
+                   "ingest_key": refs_meta.get("ingest_key"), "codec": cfg.encode.codec,
+                   "quantizer_hash": codec_kw.get("quantizer_hash"), "quantizer_path": codec_kw.get("quantizer"),
+                   "sparsity": {"top_k": m.mem_top_k, "score_combine": m.score_combine, "n_mem_layers": m.n_mem_layers},
+                   "config": cfg.as_dict()}
+        version = bank.write("memories", MEMORIES, iter_batches([staged_path(stage_dir, s[0]) for s in shards]), lineage)
+        bank.tag("memories", f"encode-{key}", version)
+    shutil.rmtree(stage_dir, ignore_errors=True)
+    summary = {**report.values, "version": version, "model_hash": mhash, "seconds": report.elapsed(),
+               "refs_per_s": round(n_refs / max(report.stages.get("encode", 0), 1e-9), 1)}
+    print(f"encode: {n_refs:,} memories ({cfg.encode.codec}) written as memories version {version} "
+          f"in {summary['seconds']:.1f} s ({summary['refs_per_s']:,.0f} refs/s)")
+    return summary
+
+
+if __name__ == "__main__":
+    from jobs.cli import main
+
+    sys.exit(main(["encode", *sys.argv[1:]]))

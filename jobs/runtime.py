@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 from jobs.config import RayConfig
@@ -11,6 +12,16 @@ from jobs.config import RayConfig
 
 def init_ray(cfg: RayConfig):
     """Join `cfg.address` if set; otherwise start an embedded cluster bound to loopback only."""
+    if not cfg.address:
+        # Ray resolves even an explicit 127.0.0.1 to the machine's routable address and binds
+        # its servers there, unless single-machine mode is on: Ray's own switch for it is this
+        # variable (named for the platforms where it is the default). Read when Ray is imported
+        # and by the processes it starts, so it is set before either.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        if "ray" in sys.modules:  # imported before us: its constant was read already
+            from ray._private import ray_constants
+
+            ray_constants.ENABLE_RAY_CLUSTER = False
     import ray
 
     if ray.is_initialized():

@@ -46,6 +46,10 @@ class EncodeShards:
     def __init__(self, model_dir: str, codec: str, codec_kw: dict, refs_uri: str, stage_dir: str,
                  batch_size: int, threads: int):
         torch.set_num_threads(threads)
+        import faiss
+
+        # faiss (the vq codec) brings its own OpenMP pool; left at every core it fights torch's.
+        faiss.omp_set_num_threads(threads)
         self.model = load_model(model_dir)
         self.model_hash = saved_hash(model_dir)
         self.codec = make_codec(codec, **codec_kw)

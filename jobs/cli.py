@@ -18,17 +18,19 @@ from jobs.config import ConfigError, load_config
 from pipelines.readers import InputError
 from pipelines.tokenizer import TokenizerError
 from storage.bank import BankError
+from model.embedder import EmbedderError
 from storage.sql import SQLError
 
 # Errors that mean "the input or the config is wrong": one clear line, no traceback.
-USER_ERRORS = (ConfigError, InputError, BankError, TokenizerError, SQLError)
+USER_ERRORS = (ConfigError, InputError, BankError, TokenizerError, SQLError, EmbedderError)
 
 
 def _stages():
+    from jobs.embed import run_embed
     from jobs.encode import run_encode
     from jobs.ingest import run_ingest
 
-    return [("ingest", run_ingest), ("encode", run_encode)]
+    return [("ingest", run_ingest), ("encode", run_encode), ("embed", run_embed)]
 
 
 def cmd_validate(cfg, args) -> int:
@@ -53,6 +55,22 @@ def cmd_encode(cfg, args) -> int:
     from jobs.encode import run_encode
 
     run_encode(cfg)
+    return 0
+
+
+def cmd_embed(cfg, args) -> int:
+    from jobs.embed import run_embed
+
+    run_embed(cfg)
+    return 0
+
+
+def cmd_search(cfg, args) -> int:
+    from jobs.embed import search_text
+
+    for hit in search_text(cfg, args.text, k=args.k, exact=args.exact):
+        text = hit["text"].replace("\n", " ")
+        print(f"{hit['rank']}. [{hit['score']:.3f}] {hit['ref_id']}  {text[:160]}{'...' if len(text) > 160 else ''}")
     return 0
 
 
@@ -91,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("validate", parents=[common], help="check a config and its inputs, print it resolved")
     sub.add_parser("ingest", parents=[common], help="raw corpus -> documents, rejects, refs, train_sequences")
     sub.add_parser("encode", parents=[common], help="refs -> sparse memories (the memories table)")
+    sub.add_parser("embed", parents=[common], help="refs -> retrieval vectors (the embeddings table) + ANN index")
+    search = sub.add_parser("search", parents=[common], help="the references closest to a text")
+    search.add_argument("text")
+    search.add_argument("-k", type=int, default=5)
+    search.add_argument("--exact", action="store_true", help="exact scan instead of the ANN index")
     bank = sub.add_parser("bank", parents=[common], help="bank inspection: `m3 bank stats`")
     bank.add_argument("action", choices=("stats",))
     bank.add_argument("--format", choices=("table", "json"), default="table")
@@ -101,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"validate": cmd_validate, "ingest": cmd_ingest, "encode": cmd_encode, "bank": cmd_bank, "sql": cmd_sql, "run": cmd_run}
+COMMANDS = {"validate": cmd_validate, "ingest": cmd_ingest, "encode": cmd_encode, "embed": cmd_embed, "search": cmd_search, "bank": cmd_bank, "sql": cmd_sql, "run": cmd_run}
 
 
 def main(argv: list[str] | None = None) -> int:

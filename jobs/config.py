@@ -106,6 +106,20 @@ class EncodeConfig:
 
 
 @dataclass(frozen=True)
+class RetrievalConfig:
+    # "minilm" = all-MiniLM-L6-v2 shipped inside a PyPI package (offline); or a local
+    # sentence-transformers directory (the paper used BGE-M3: point this at a copy of it).
+    embedder: str = "minilm"
+    batch_size: int = field(default=64, metadata={"ge": 1})
+    actors: int = field(default=1, metadata={"ge": 1})
+    threads_per_actor: int = field(default=2, metadata={"ge": 1})
+    refs_per_shard: int = field(default=1024, metadata={"ge": 1})
+    # Below this many vectors an exact scan is as fast as an index (storage/vectors.py).
+    index_threshold: int = field(default=10_000, metadata={"ge": 1})
+    index_type: str = field(default="IVF_HNSW_SQ", metadata={"choices": ("IVF_HNSW_SQ", "IVF_PQ")})
+
+
+@dataclass(frozen=True)
 class Config:
     name: str = "m3"
     ray: RayConfig = field(default_factory=RayConfig)
@@ -119,6 +133,7 @@ class Config:
     # fields; what is stored here and in lineage is the resolved, fully explicit ModelConfig.
     model: ModelConfig = field(default_factory=lambda: ModelConfig.from_preset("small"))
     encode: EncodeConfig = field(default_factory=EncodeConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     # Where the config came from; relative corpus paths resolve against the working directory.
     source: str = field(default="<defaults>", compare=False)
 

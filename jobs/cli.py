@@ -18,11 +18,12 @@ from jobs.config import ConfigError, load_config
 from pipelines.readers import InputError
 from pipelines.tokenizer import TokenizerError
 from storage.bank import BankError
+from jobs.train import TrainError
 from model.embedder import EmbedderError
 from storage.sql import SQLError
 
 # Errors that mean "the input or the config is wrong": one clear line, no traceback.
-USER_ERRORS = (ConfigError, InputError, BankError, TokenizerError, SQLError, EmbedderError)
+USER_ERRORS = (ConfigError, InputError, BankError, TokenizerError, SQLError, EmbedderError, TrainError)
 
 
 def _stages():
@@ -74,6 +75,13 @@ def cmd_search(cfg, args) -> int:
     return 0
 
 
+def cmd_train(cfg, args) -> int:
+    from jobs.train import run_train
+
+    run_train(cfg, args.stage)
+    return 0
+
+
 def cmd_bank(cfg, args) -> int:
     from jobs.bank_stats import bank_stats, render
     from storage.bank import Bank
@@ -114,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("text")
     search.add_argument("-k", type=int, default=5)
     search.add_argument("--exact", action="store_true", help="exact scan instead of the ANN index")
+    train = sub.add_parser("train", parents=[common], help="pretraining on DeepSpeed via Ray Train")
+    train.add_argument("--stage", required=True, help="warmup (no memory) or continual (with memory)")
     bank = sub.add_parser("bank", parents=[common], help="bank inspection: `m3 bank stats`")
     bank.add_argument("action", choices=("stats",))
     bank.add_argument("--format", choices=("table", "json"), default="table")
@@ -124,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"validate": cmd_validate, "ingest": cmd_ingest, "encode": cmd_encode, "embed": cmd_embed, "search": cmd_search, "bank": cmd_bank, "sql": cmd_sql, "run": cmd_run}
+COMMANDS = {"validate": cmd_validate, "ingest": cmd_ingest, "encode": cmd_encode, "embed": cmd_embed, "search": cmd_search, "train": cmd_train, "bank": cmd_bank, "sql": cmd_sql, "run": cmd_run}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,390 @@
+"""`m3 train --stage warmup|continual`: two-stage pretraining on DeepSpeed, run by Ray Train.
+
+    python -m jobs.train -c configs/demo.yaml --stage warmup
+    deepspeed --num_gpus 2 -m jobs.train -c F --stage warmup       # or torchrun: same loop
+
+warmup is plain language modeling; continual starts from the warmup model and gives every
+64-token chunk the memories of its own neighbor and the previous window-1 chunks' neighbors,
+encoded in the same step with the current weights (model/train_step.py). Each worker reads its
+own shard (pipelines/train_data.py). Everything lives in <bank>/training/<stage>/:
+checkpoints/ (DeepSpeed's format, resumed from automatically), model/ (the latest exported
+safetensors, model_hash and the training options in export.json), log.jsonl (one line a step).
+A rerun after a kill continues from the last checkpoint and, with the same seed, repeats the
+loss trajectory of an uninterrupted run: the data order is a function of the step, and the
+model, optimizer and schedule states come back from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from jobs.config import ConfigError
+from jobs.faults import maybe_crash
+from jobs.train_config import TrainConfig
+from storage.bank import BankError
+
+STAGES = ("warmup", "continual")
+KEEP_CHECKPOINTS = 2
+
+
+class TrainError(RuntimeError):
+    pass
+
+
+def stage_dir(cfg, stage: str) -> Path:
+    return Path(cfg.bank.uri).resolve() / "training" / stage
+
+
+def warmup_model_dir(cfg, tc: TrainConfig) -> Path:
+    return Path(tc.warmup_checkpoint) if tc.warmup_checkpoint else stage_dir(cfg, "warmup") / "model"
+
+
+def check_stage(cfg, tc: TrainConfig, stage: str) -> None:
+    """Fail before any work: unknown stage, missing inputs, sequences too long for the model."""
+    if stage not in STAGES:
+        raise ConfigError(f"--stage: expected one of {', '.join(STAGES)}, got {stage!r}")
+    from storage.bank import Bank
+
+    bank = Bank(cfg.bank.uri)
+    if not bank.has("train_sequences"):
+        raise BankError(f"bank {cfg.bank.uri} has no train_sequences table: run `m3 ingest` first")
+    if stage == "continual":
+        src = warmup_model_dir(cfg, tc)
+        if not (src / "model.safetensors").exists():
+            raise BankError(f"continual training starts from the warmup model, but {src} holds no "
+                            f"model.safetensors: run `m3 train --stage warmup` first")
+        if not bank.has("neighbors"):
+            raise BankError(f"bank {cfg.bank.uri} has no neighbors table: run `m3 pair` first")
+    if tc.max_tokens is not None and tc.max_tokens > cfg.model.max_seq_len:
+        raise ConfigError(f"train.max_tokens={tc.max_tokens} exceeds model.max_seq_len="
+                          f"{cfg.model.max_seq_len}")
+
+
+def run_train(cfg, stage: str, train: TrainConfig | None = None, launcher: str = "ray") -> dict:
+    """Train one stage to its step count (resuming if checkpoints exist); return a summary."""
+    tc = train if train is not None else getattr(cfg, "train", None) or TrainConfig()
+    check_stage(cfg, tc, stage)
+    args = {"cfg": cfg, "train": tc, "stage": stage, "crash_at": os.environ.get("M3_CRASH_AT")}
+    t0 = time.perf_counter()
+    if launcher == "ray":
+        _fit_with_ray(cfg, tc, stage, args)
+    else:  # one process of a launcher (deepspeed / torchrun): the rank comes from the env
+        train_loop(args)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return {"stage": stage, "rank": int(os.environ["RANK"])}
+    summary = _summary(cfg, stage, time.perf_counter() - t0)
+    plot_losses(cfg)
+    if stage == "continual":
+        summary["evidence"] = memory_evidence(cfg, tc)
+        (stage_dir(cfg, stage) / "evidence.json").write_text(json.dumps(summary["evidence"], indent=2))
+    return summary
+
+
+def _fit_with_ray(cfg, tc, stage, args) -> None:
+    from jobs.runtime import init_ray
+
+    init_ray(cfg.ray)
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop, train_loop_config={**args, "launcher": "ray"},
+        scaling_config=ScalingConfig(num_workers=tc.workers, use_gpu=_use_gpu(),
+                                     resources_per_worker={"CPU": tc.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if _use_gpu() else "gloo"),
+        run_config=RunConfig(name=f"m3-{stage}", storage_path=str(stage_dir(cfg, stage) / "ray"),
+                             failure_config=FailureConfig(max_failures=0)))
+    try:
+        trainer.fit()
+    except Exception as e:  # Ray wraps the worker's error; keep its message, drop Ray's frames
+        raise TrainError(f"{stage} training failed: {type(e).__name__}: {str(e)[-2000:]}") from None
+
+
+def _use_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _rank_world(args) -> tuple[int, int]:
+    if args.get("launcher") == "ray":
+        import ray.train
+
+        ctx = ray.train.get_context()
+        return ctx.get_world_rank(), ctx.get_world_size()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _no_shm_comm_op() -> None:
+    """DeepSpeed's TorchBackend JIT-compiles a shared-memory all-reduce op (tens of seconds on
+    this machine, once per cache) that only its inference all-reduce uses; training reduces
+    through torch.distributed, so skip building it."""
+    import importlib
+
+    # by module path: the attribute deepspeed.comm.torch is the torch package itself
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+def ds_config(tc: TrainConfig, world: int) -> dict:
+    return {"train_micro_batch_size_per_gpu": tc.micro_batch,
+            "gradient_accumulation_steps": tc.grad_accum,
+            "train_batch_size": tc.micro_batch * tc.grad_accum * world,
+            "gradient_clipping": tc.grad_clip,
+            "zero_optimization": {"stage": tc.zero_stage},
+            "zero_allow_untested_optimizer": True,  # torch's AdamW: no CPU-Adam JIT build
+            "bf16": {"enabled": tc.dtype == "bfloat16"},
+            "steps_per_print": 10**9}
+
+
+def build_optimizer(model, tc: TrainConfig, stage: str):
+    import torch
+
+    from model.schedule import WSDConfig, lr_lambda
+
+    decay = [p for p in model.parameters() if p.dim() >= 2]  # no weight decay on norm gains
+    flat = [p for p in model.parameters() if p.dim() < 2]
+    peak = tc.stage_lr(stage)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
+                             {"params": flat, "weight_decay": 0.0}], lr=peak, betas=(0.9, 0.95))
+    steps = tc.stage_steps(stage)
+    wsd = WSDConfig(peak_lr=peak, warmup_steps=min(tc.lr_warmup_steps, steps - round(tc.decay_fraction * steps)),
+                    total_steps=steps, decay_fraction=tc.decay_fraction, min_lr_ratio=tc.min_lr_ratio)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(wsd))
+
+
+def train_loop(args: dict) -> None:
+    """One rank's training: the same function under Ray Train, `deepspeed` and torchrun."""
+    import torch
+
+    cfg, tc, stage = args["cfg"], args["train"], args["stage"]
+    if args.get("crash_at"):
+        os.environ["M3_CRASH_AT"] = args["crash_at"]
+    torch.set_num_threads(tc.threads_per_worker)
+    rank, world = _rank_world(args)
+    import deepspeed
+
+    _no_shm_comm_op()
+    deepspeed.init_distributed(dist_backend="nccl" if _use_gpu() else "gloo")
+    from model import Memory3, load_model
+    from model.train_step import continual_memories, lm_loss
+    from pipelines.train_data import ShardReader
+
+    torch.manual_seed(tc.seed)
+    model = load_model(warmup_model_dir(cfg, tc)).train() if stage == "continual" else Memory3(cfg.model)
+    opt, sched = build_optimizer(model, tc, stage)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                           config=ds_config(tc, world))
+    sdir = stage_dir(cfg, stage)
+    ckdir = sdir / "checkpoints"
+    start = 0
+    if (ckdir / "latest").exists():
+        _, client = engine.load_checkpoint(str(ckdir))
+        start = client["step"]
+    mcfg = engine.module.config
+    reader = ShardReader(cfg.bank.uri, rank=rank, world=world, seed=tc.seed, micro_batch=tc.micro_batch,
+                         heldout_fraction=tc.heldout_fraction, neighbors=stage == "continual",
+                         chunk_size=mcfg.mem_chunk_size, max_tokens=tc.max_tokens or mcfg.max_seq_len,
+                         pad_id=mcfg.pad_id)
+    batches = reader.iterate(start * tc.grad_accum * tc.micro_batch)
+    log = _open_log(sdir / "log.jsonl", start) if rank == 0 else None
+    total = tc.stage_steps(stage)
+    if rank == 0:
+        print(f"train {stage}: steps {start}->{total}, {world} worker(s), ZeRO {tc.zero_stage}, "
+              f"{tc.dtype}, {reader.batches_per_epoch * tc.micro_batch} sequences per shard", flush=True)
+    dev = engine.device
+    for step in range(start, total):
+        t0 = time.perf_counter()
+        lr = engine.optimizer.param_groups[0]["lr"]
+        stats = torch.zeros(4, dtype=torch.float64)  # loss sum, target tokens, hits, chunks
+        for _ in range(tc.grad_accum):
+            b = next(batches)
+            tokens = b["tokens"].to(dev)
+            mem = mask = None
+            if stage == "continual":
+                mem, mask = continual_memories(engine, b["ref_tokens"].to(dev), b["ref_valid"].to(dev),
+                                               window=tc.window, sparsify=tc.sparsify_refs,
+                                               grad_through_refs=tc.grad_through_refs)
+                stats[2] += b["ref_valid"].sum()
+                stats[3] += b["ref_valid"].numel()
+            loss = lm_loss(engine, tokens, mem, mask)
+            engine.backward(loss)
+            engine.step()
+            stats[0] += loss.item()
+            stats[1] += (tokens[:, 1:] != mcfg.pad_id).sum().item()
+        torch.distributed.all_reduce(stats)  # for the log only; the update already happened
+        if rank == 0:
+            dt = time.perf_counter() - t0
+            row = {"step": step + 1, "loss": stats[0].item() / (tc.grad_accum * world), "lr": lr,
+                   "tokens_per_s": stats[1].item() / dt, "memory_hits": int(stats[2]),
+                   "chunks": int(stats[3]), "seconds": dt}
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            if (step + 1) % tc.log_every == 0 or step + 1 == total:
+                print(f"train {stage} [{step + 1}/{total}] loss {row['loss']:.4f} lr {lr:.2e} "
+                      f"{row['tokens_per_s']:,.0f} tok/s" + (f" hits {row['memory_hits']}/{row['chunks']}"
+                                                             if stage == "continual" else ""), flush=True)
+        if (step + 1) % tc.checkpoint_every == 0 or step + 1 == total:
+            save_checkpoint(engine, cfg, tc, stage, step + 1, rank)
+        maybe_crash("train", step + 1)
+    if log:
+        log.close()
+
+
+def _open_log(path: Path, start: int):
+    """Keep the lines up to the resumed step: the ones after it are redone (and would repeat)."""
+    kept = []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start]
+    f = path.open("w")
+    f.writelines(line + "\n" for line in kept)
+    return f
+
+
+def save_checkpoint(engine, cfg, tc: TrainConfig, stage: str, step: int, rank: int) -> None:
+    """DeepSpeed checkpoint (all ranks), then rank 0 exports safetensors and prunes old tags.
+    DeepSpeed moves `latest` only after a complete save, so a kill mid-save resumes earlier."""
+    import torch.distributed as dist
+
+    from model import save_model
+    from model.checkpoint import saved_hash
+
+    sdir = stage_dir(cfg, stage)
+    options = {"stage": stage, "step": step, "sparsify_refs": tc.sparsify_refs,
+               "grad_through_refs": tc.grad_through_refs, "window": tc.window, "seed": tc.seed,
+               "train": dataclasses.asdict(tc)}
+    engine.save_checkpoint(str(sdir / "checkpoints"), tag=f"step{step:07d}",
+                           client_state={"step": step, "options": options})
+    dist.barrier()
+    if rank != 0:
+        return
+    tmp = sdir / "model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(engine.module, tmp)
+    (tmp / "export.json").write_text(json.dumps({**options, "model_hash": saved_hash(tmp)}, indent=2))
+    shutil.rmtree(sdir / "model", ignore_errors=True)
+    tmp.rename(sdir / "model")
+    tags = sorted(p for p in (sdir / "checkpoints").iterdir() if p.is_dir() and p.name.startswith("step"))
+    for old in tags[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_log(cfg, stage: str) -> list[dict]:
+    path = stage_dir(cfg, stage) / "log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+
+
+def _summary(cfg, stage: str, seconds: float) -> dict:
+    rows = read_log(cfg, stage)
+    export = stage_dir(cfg, stage) / "model" / "export.json"
+    info = json.loads(export.read_text()) if export.exists() else {}
+    out = {"stage": stage, "steps": len(rows), "seconds": round(seconds, 1),
+           "final_loss": rows[-1]["loss"] if rows else None, "model_hash": info.get("model_hash"),
+           "model_dir": str(stage_dir(cfg, stage) / "model")}
+    print(f"train {stage}: {out['steps']} steps, final loss {out['final_loss']}, model "
+          f"{(out['model_hash'] or '?')[:12]} in {out['model_dir']}", flush=True)
+    return out
+
+
+def plot_losses(cfg) -> Path | None:
+    """PNG of both stages' loss curves (continual drawn after warmup), if matplotlib exists."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    offset = 0
+    for stage in STAGES:
+        rows = read_log(cfg, stage)
+        if rows:
+            ax.plot([offset + r["step"] for r in rows], [r["loss"] for r in rows], label=stage)
+            offset += rows[-1]["step"]
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.legend()
+    path = Path(cfg.bank.uri) / "training" / "loss.png"
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def evaluate(cfg, checkpoint: str | Path, split: str = "heldout", train: TrainConfig | None = None,
+             with_memory: bool = True) -> dict:
+    """Mean loss per target token over (up to eval_sequences of) a split, without memory and,
+    if the bank has neighbors and with_memory, with the memories of each chunk's neighbors
+    (encoded by this checkpoint, sparsified as its training was)."""
+    import torch
+
+    from model import load_model
+    from model.train_step import continual_memories, lm_loss
+    from pipelines.train_data import ShardReader
+    from storage.bank import Bank
+
+    tc = train if train is not None else getattr(cfg, "train", None) or TrainConfig()
+    model = load_model(checkpoint)
+    export = Path(checkpoint) / "export.json"
+    sparsify = json.loads(export.read_text()).get("sparsify_refs", tc.sparsify_refs) if export.exists() else tc.sparsify_refs
+    with_memory = with_memory and Bank(cfg.bank.uri).has("neighbors")
+    reader = ShardReader(cfg.bank.uri, micro_batch=1, split=split, heldout_fraction=tc.heldout_fraction,
+                         neighbors=with_memory, chunk_size=model.config.mem_chunk_size,
+                         max_tokens=tc.max_tokens or model.config.max_seq_len, shuffle=False)
+    sums = {"loss": 0.0, "loss_memory": 0.0}
+    n_tok = n_seq = 0
+    with torch.no_grad():
+        for b in reader.epoch_batches():
+            w = (b["tokens"][:, 1:] != model.config.pad_id).sum().item()
+            sums["loss"] += lm_loss(model, b["tokens"]).item() * w
+            if with_memory:
+                mem, mask = continual_memories(model, b["ref_tokens"], b["ref_valid"], window=tc.window,
+                                               sparsify=sparsify, grad_through_refs=False)
+                sums["loss_memory"] += lm_loss(model, b["tokens"], mem, mask).item() * w
+            n_tok, n_seq = n_tok + w, n_seq + 1
+            if n_seq >= tc.eval_sequences:
+                break
+    out = {"split": split, "sequences": n_seq, "tokens": n_tok, "loss": sums["loss"] / max(n_tok, 1)}
+    if with_memory:
+        out["loss_memory"] = sums["loss_memory"] / max(n_tok, 1)
+    return out
+
+
+def memory_evidence(cfg, tc: TrainConfig) -> dict:
+    """Held-out loss of the warmup model, and of the continual model with and without memory."""
+    warm = evaluate(cfg, warmup_model_dir(cfg, tc), train=tc, with_memory=False)
+    cont = evaluate(cfg, stage_dir(cfg, "continual") / "model", train=tc)
+    out = {"split": "heldout", "sequences": cont["sequences"], "tokens": cont["tokens"],
+           "warmup_loss": warm["loss"], "continual_loss_no_memory": cont["loss"],
+           "continual_loss_memory": cont.get("loss_memory")}
+    print("evidence (held-out): " + ", ".join(f"{k} {v:.4f}" for k, v in out.items()
+                                              if isinstance(v, float)), flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point for launchers: python -m jobs.train -c FILE --stage S [--set k=v ...]."""
+    import argparse
+
+    from jobs.config import load_config
+
+    p = argparse.ArgumentParser(prog="jobs.train")
+    p.add_argument("-c", "--config")
+    p.add_argument("--stage", required=True)
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--local_rank", type=int, default=None)  # passed by the deepspeed launcher
+    a = p.parse_args(argv)
+    cfg = load_config(a.config, a.overrides)
+    launched = "RANK" in os.environ  # set by deepspeed and torchrun; Ray Train workers set their own
+    run_train(cfg, a.stage, launcher="env" if launched else "ray")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""The `train:` section of the pipeline YAML (both stages of pretraining, jobs/train.py).
+
+Plain typed fields with range metadata, like jobs/config.py, so the YAML loader checks them;
+__post_init__ repeats the checks that matter for a hand-built TrainConfig (tests, benches).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # Ray Train workers (= DeepSpeed ranks); each reads its own shard of train_sequences.
+    workers: int = field(default=2, metadata={"ge": 1})
+    # CPUs Ray reserves per worker (fractional lets 2 workers share a 2-core machine with the
+    # driver); torch intra-op threads per worker.
+    cpus_per_worker: float = field(default=1.0, metadata={"gt": 0})
+    threads_per_worker: int = field(default=1, metadata={"ge": 1})
+    # ZeRO 1 (optimizer states sharded) or 2 (+ gradients). 3 would shard the parameters, which
+    # the real-time reference encoder reads by hand: not supported.
+    zero_stage: int = field(default=1, metadata={"ge": 1, "le": 2})
+    micro_batch: int = field(default=2, metadata={"ge": 1})   # sequences per worker per micro-step
+    grad_accum: int = field(default=1, metadata={"ge": 1})
+    # Optimizer steps of each stage.
+    warmup_stage_steps: int = field(default=200, metadata={"ge": 1})
+    continual_stage_steps: int = field(default=100, metadata={"ge": 1})
+    # Peak learning rate of the WSD schedule; the paper continues at a smaller rate.
+    lr: float = field(default=2e-3, metadata={"gt": 0})
+    lr_continual: float | None = field(default=None, metadata={"gt": 0})  # null = lr
+    lr_warmup_steps: int = field(default=20, metadata={"ge": 0})          # linear ramp of the WSD
+    decay_fraction: float = field(default=0.1, metadata={"ge": 0, "le": 1})  # last 10 % (paper)
+    min_lr_ratio: float = field(default=0.1, metadata={"gt": 0, "le": 1})
+    weight_decay: float = field(default=0.1, metadata={"ge": 0})
+    grad_clip: float = field(default=1.0, metadata={"gt": 0})
+    # fp16 is not supported on CPU by DeepSpeed; bf16 on GPU (and optionally CPU).
+    dtype: str = field(default="float32", metadata={"choices": DTYPES})
+    # Train on the first max_tokens of each sequence (null = all); must fit model.max_seq_len.
+    max_tokens: int | None = field(default=None, metadata={"ge": 2})
+    checkpoint_every: int = field(default=50, metadata={"ge": 1})
+    seed: int = 0
+    # Continual stage: top-k sparsify the real-time memories (as at inference) or keep every
+    # reference token; let gradients flow through the reference encoding or not. Both are
+    # open questions in the paper and are recorded with every checkpoint.
+    sparsify_refs: bool = False
+    grad_through_refs: bool = True
+    window: int = field(default=5, metadata={"ge": 1})  # own reference + previous 4 chunks'
+    log_every: int = field(default=10, metadata={"ge": 1})  # progress line every N steps
+    # Sequences whose seq_id hashes below this fraction are held out: never trained on.
+    heldout_fraction: float = field(default=0.05, metadata={"ge": 0, "lt": 1})
+    eval_sequences: int = field(default=64, metadata={"ge": 1})
+    # The warmup model the continual stage starts from; null = <bank>/training/warmup/model.
+    warmup_checkpoint: str | None = None
+
+    def __post_init__(self):
+        if self.zero_stage not in (1, 2):
+            raise ValueError(f"zero_stage: expected 1 or 2, got {self.zero_stage!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: expected one of {DTYPES}, got {self.dtype!r}")
+        for name in ("workers", "micro_batch", "grad_accum", "warmup_stage_steps",
+                     "continual_stage_steps", "checkpoint_every", "window", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected a value >= 1, got {getattr(self, name)!r}")
+
+    def stage_steps(self, stage: str) -> int:
+        return self.warmup_stage_steps if stage == "warmup" else self.continual_stage_steps
+
+    def stage_lr(self, stage: str) -> float:
+        return self.lr_continual if stage == "continual" and self.lr_continual else self.lr

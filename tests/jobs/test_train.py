@@ -1,0 +1,114 @@
+"""Two-stage training end to end: real DeepSpeed (gloo, CPU) under real Ray Train, tiny model.
+
+The `neighbors` table comes from tests/jobs/standin_neighbors.py, a STAND-IN for the pairing job.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from jobs.config import ConfigError, load_config
+from jobs.config_loader import _Where, build
+from jobs.ingest import run_ingest
+from jobs.train import TrainError, evaluate, read_log, run_train, stage_dir
+from jobs.train_config import TrainConfig
+from model import load_model, model_hash
+from storage.bank import BankError
+from tests.conftest import foldoc_records
+from tests.jobs.standin_neighbors import write_standin_neighbors
+
+pytestmark = pytest.mark.slow
+
+TINY = ["model.preset=tiny", "model.vocab_size=600", "model.ref_max_tokens=128",
+        "model.max_seq_len=512", "model.mem_chunk_size=64"]
+FAST = dict(workers=2, cpus_per_worker=0.5, micro_batch=2, checkpoint_every=2, lr_warmup_steps=1,
+            log_every=2, eval_sequences=4, max_tokens=192)
+
+
+def config(corpus: Path, bank: Path):
+    return load_config("configs/demo.yaml", [
+        f"corpus.paths=[{corpus}]", f"bank.uri={bank}", "corpus.records_per_shard=100",
+        "tokenizer.vocab_size=600", "chunking.seq_len=256", "ray.num_cpus=2", *TINY])
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, ray_local):
+    """An ingested tiny bank with stand-in neighbors; tests copy it."""
+    root = tmp_path_factory.mktemp("train")
+    corpus = root / "c.jsonl.gz"
+    with gzip.open(corpus, "wt") as f:
+        for r in foldoc_records(120, min_words=60):
+            f.write(json.dumps(r) + "\n")
+    bank = root / "bank"
+    run_ingest(config(corpus, bank))
+    write_standin_neighbors(str(bank), chunk_size=64)
+    return corpus, bank
+
+
+def copy_bank(base, tmp_path, name="bank"):
+    dst = tmp_path / name
+    shutil.copytree(base[1], dst)
+    return config(base[0], dst)
+
+
+def test_two_workers_warmup_then_continual(base, tmp_path):
+    cfg = copy_bank(base, tmp_path)
+    tc = TrainConfig(**FAST, warmup_stage_steps=4, continual_stage_steps=4, zero_stage=1)
+    warm = run_train(cfg, "warmup", tc)
+    rows = read_log(cfg, "warmup")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and warm["steps"] == 4
+    assert all(r["memory_hits"] == 0 and r["tokens_per_s"] > 0 for r in rows)
+    model_dir = stage_dir(cfg, "warmup") / "model"
+    assert model_hash(load_model(model_dir)) == json.loads((model_dir / "export.json").read_text())["model_hash"]
+
+    cont = run_train(cfg, "continual", tc)
+    rows = read_log(cfg, "continual")
+    assert len(rows) == 4 and all(r["memory_hits"] > 0 for r in rows)
+    assert all(r["chunks"] == 2 * 2 * 3 for r in rows)  # 2 workers x 2 sequences x 192/64 chunks
+    export = json.loads((stage_dir(cfg, "continual") / "model" / "export.json").read_text())
+    assert export["sparsify_refs"] is False and export["grad_through_refs"] is True
+    ev = cont["evidence"]
+    assert set(ev) >= {"warmup_loss", "continual_loss_no_memory", "continual_loss_memory"}
+    # the continual stage started from the warmup weights, not from a fresh init
+    assert evaluate(cfg, model_dir, train=tc, with_memory=False)["loss"] == pytest.approx(ev["warmup_loss"])
+
+
+def test_resume_after_kill_reproduces_the_loss_trajectory(base, tmp_path, monkeypatch):
+    tc = TrainConfig(**FAST, warmup_stage_steps=6, zero_stage=2)
+    straight = copy_bank(base, tmp_path, "straight")
+    run_train(straight, "warmup", tc)
+    want = [r["loss"] for r in read_log(straight, "warmup")]
+
+    crashed = copy_bank(base, tmp_path, "crashed")
+    monkeypatch.setenv("M3_CRASH_AT", "train:3")  # dies after step 3; last checkpoint is step 2
+    with pytest.raises(TrainError):
+        run_train(crashed, "warmup", tc)
+    assert [r["step"] for r in read_log(crashed, "warmup")] == [1, 2, 3]
+    monkeypatch.delenv("M3_CRASH_AT")
+    run_train(crashed, "warmup", tc)
+    got = [r["loss"] for r in read_log(crashed, "warmup")]
+    assert len(got) == len(want) == 6
+    assert got == pytest.approx(want, abs=1e-6, rel=0)
+    a, b = (load_model(stage_dir(c, "warmup") / "model") for c in (straight, crashed))
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert (x - y).abs().max().item() < 1e-6, name
+
+
+def test_config_errors(base, tmp_path):
+    cfg = config(base[0], base[1])
+    with pytest.raises(ConfigError, match="--stage"):
+        run_train(cfg, "finetune", TrainConfig())
+    with pytest.raises(BankError, match="warmup"):
+        run_train(cfg, "continual",
+                  TrainConfig(warmup_checkpoint=str(tmp_path / "no-warmup")))
+    with pytest.raises(ConfigError, match="zero_stage"):
+        build(TrainConfig, {"zero_stage": 3}, "train", _Where("test.yaml"))
+    with pytest.raises(ValueError, match="zero_stage"):
+        TrainConfig(zero_stage=0)
+    with pytest.raises(ConfigError, match="max_tokens"):
+        run_train(cfg, "warmup", TrainConfig(max_tokens=4096))

@@ -69,7 +69,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--clock", choices=CLOCKS, default="process")
-    p.add_argument("--out", default=str(ROOT / "bench" / "RESULTS-train.md"))
+    p.add_argument("--out", default=None, help="also write the markdown to this file")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     clock = CLOCKS[a.clock]
@@ -127,10 +127,9 @@ def main() -> None:
     cmd = "python bench/train.py " + " ".join(sys.argv[1:])
     text = "\n".join(lines) + f"\n\nCommand: `{cmd}` ({time.strftime('%Y-%m-%d')})\n"
     print(text)
-    out = Path(a.out)
-    head = "# Training-step benchmark (`bench/train.py`, issue 5)\n\n" if not out.exists() else ""
-    with out.open("a") as f:
-        f.write(head + text + "\n")
+    if a.out:
+        with Path(a.out).open("a") as f:
+            f.write(text + "\n")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ a size threshold, and recall of that index against exact search.
 Vectors are L2-normalized by the embedder, so cosine similarity = dot product and LanceDB's cosine
 distance is `1 - similarity`; every score returned here is the similarity (higher = closer).
 
-Why a threshold (numbers: bench/RESULTS-retrieval.md, 2 contended cores, 384-d MiniLM vectors):
+Why a threshold (numbers: BENCHMARKS.md, Retrieval, 2 contended cores, 384-d MiniLM vectors):
 LanceDB's exact flat scan costs ~1.5 us per row per single query (4 ms at 2k rows, 16 ms at 11.4k,
 83 ms at 45k) while an index answers in ~3-9 ms at every size measured. Below a few thousand rows
 the two are equal and an index would only add a build (6-20 s at 11k rows), a second copy of the

@@ -19,7 +19,6 @@ import hashlib
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
 from jobs.config import Config, config_hash

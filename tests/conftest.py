@@ -28,6 +28,14 @@ def foldoc_records(n: int, min_words: int = 0) -> list[dict]:
     return out
 
 
+def write_foldoc_corpus(path: Path, n: int, min_words: int = 0) -> Path:
+    """A gzipped JSONL corpus of the first n FOLDOC entries with at least min_words words."""
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for rec in foldoc_records(n, min_words):
+            f.write(json.dumps(rec) + "\n")
+    return path
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One embedded Ray for every test that needs it: starting Ray costs seconds."""

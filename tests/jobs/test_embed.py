@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
-import json
 
 import pytest
 
@@ -13,7 +11,7 @@ from jobs.embed import run_embed, search_text
 from jobs.ingest import run_ingest
 from storage.bank import Bank, BankError
 from storage.vectors import has_index
-from tests.conftest import foldoc_records
+from tests.conftest import write_foldoc_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -21,10 +19,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory, ray_local):
     root = tmp_path_factory.mktemp("embed")
-    corpus = root / "c.jsonl.gz"
-    with gzip.open(corpus, "wt") as f:
-        for r in foldoc_records(40, min_words=60):
-            f.write(json.dumps(r) + "\n")
+    corpus = write_foldoc_corpus(root / "c.jsonl.gz", 40, min_words=60)
     overrides = [f"corpus.paths=[{corpus}]", f"bank.uri={root / 'bank'}", "tokenizer.vocab_size=600",
                  "chunking.seq_len=256", "ray.num_cpus=2", "retrieval.refs_per_shard=40",
                  "retrieval.index_threshold=50", "retrieval.threads_per_actor=1"]

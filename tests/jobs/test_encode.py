@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
 import shutil
 import subprocess
@@ -22,7 +20,7 @@ from model.codecs import make_codec
 from storage.bank import Bank, BankError
 from storage.memory_store import MemoryStore
 from storage.schemas import MEMORIES
-from tests.conftest import ROOT, foldoc_records
+from tests.conftest import ROOT, write_foldoc_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -38,10 +36,7 @@ def settings(corpus: Path, bank: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def ingested(tmp_path_factory, ray_local):
     root = tmp_path_factory.mktemp("enc")
-    corpus = root / "c.jsonl.gz"
-    with gzip.open(corpus, "wt") as f:
-        for r in foldoc_records(120, min_words=60):
-            f.write(json.dumps(r) + "\n")
+    corpus = write_foldoc_corpus(root / "c.jsonl.gz", 120, min_words=60)
     bank = root / "ingested"
     run_ingest(load_config("configs/demo.yaml", settings(corpus, bank)))
     return corpus, bank

@@ -5,7 +5,6 @@ The `neighbors` table comes from tests/jobs/standin_neighbors.py, a STAND-IN for
 
 from __future__ import annotations
 
-import gzip
 import json
 import shutil
 from pathlib import Path
@@ -19,7 +18,7 @@ from jobs.train import TrainError, evaluate, read_log, run_train, stage_dir
 from jobs.train_config import TrainConfig
 from model import load_model, model_hash
 from storage.bank import BankError
-from tests.conftest import foldoc_records
+from tests.conftest import write_foldoc_corpus
 from tests.jobs.standin_neighbors import write_standin_neighbors
 
 pytestmark = pytest.mark.slow
@@ -40,10 +39,7 @@ def config(corpus: Path, bank: Path):
 def base(tmp_path_factory, ray_local):
     """An ingested tiny bank with stand-in neighbors; tests copy it."""
     root = tmp_path_factory.mktemp("train")
-    corpus = root / "c.jsonl.gz"
-    with gzip.open(corpus, "wt") as f:
-        for r in foldoc_records(120, min_words=60):
-            f.write(json.dumps(r) + "\n")
+    corpus = write_foldoc_corpus(root / "c.jsonl.gz", 120, min_words=60)
     bank = root / "bank"
     run_ingest(config(corpus, bank))
     write_standin_neighbors(str(bank), chunk_size=64)

@@ -1,7 +1,6 @@
 """Readers turn every kind of bad record into a reason, and config problems into clear errors."""
 
 import gzip
-import io
 import json
 
 import pyarrow as pa

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from jobs.config import Config, config_hash
+from jobs.encode import PASSIVE_OMP
 from jobs.faults import maybe_crash
 from jobs.report import Report
 from jobs.runtime import init_ray, quiet_ray_data
@@ -52,7 +53,7 @@ def run_embed(cfg: Config) -> dict:
 
             ds = ray.data.from_items([{"shard": i, "start": a, "end": b} for i, a, b in todo],
                                      override_num_blocks=len(todo))
-            ds = ds.map_batches(EmbedShards, batch_size=1, num_cpus=r.threads_per_actor,
+            ds = ds.map_batches(EmbedShards, batch_size=1, num_cpus=r.threads_per_actor, runtime_env=PASSIVE_OMP,
                                 compute=ray.data.ActorPoolStrategy(size=r.actors),
                                 fn_constructor_kwargs=dict(spec=r.embedder, refs_uri=refs_uri,
                                                            stage_dir=str(stage_dir), batch_size=r.batch_size,

@@ -27,7 +27,12 @@ from model.codecs import VQCodec, make_codec
 from pipelines.encode_step import EncodeShards, encode_tokens, staged_path
 from storage.bank import Bank, BankError
 from storage.schemas import MEMORIES
-from storage.staging import iter_batches
+from storage.staging import iter_batches, write_text_atomic
+
+
+# OpenMP threads that spin while waiting collapse a 2-thread actor on a shared 2-core machine
+# (measured 3.1x slower); torch reads this when it is imported, so it goes in the actor's env.
+PASSIVE_OMP = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}
 
 
 def model_dir(cfg: Config, bank: Bank) -> Path:
@@ -45,9 +50,17 @@ def model_dir(cfg: Config, bank: Bank) -> Path:
 
 
 def quantizer(cfg: Config, bank: Bank, mdir: Path, refs_uri: str, n_refs: int) -> dict:
-    """Codec arguments; for "vq", train the quantizer on a uniform sample of memories first."""
+    """Codec arguments; for "vq", train the quantizer on a uniform sample of memories first,
+    once: a rerun or a resume finds it by what it was trained from."""
     if cfg.encode.codec != "vq":
         return {}
+    qdir = Path(bank.uri) / "quantizers"
+    trained_from = config_hash({"model_hash": saved_hash(mdir), "refs_version": bank.table("refs").version,
+                                "spec": cfg.encode.vq_spec, "seed": cfg.encode.seed, "n": cfg.encode.vq_train_refs})
+    known = qdir / f"trained-from-{trained_from}.txt"
+    if known.exists() and (qdir / f"{known.read_text().strip()}.faiss").exists():
+        qhash = known.read_text().strip()
+        return {"quantizer": str(qdir / f"{qhash}.faiss"), "quantizer_hash": qhash}
     from model import load_model
 
     model = load_model(mdir)
@@ -64,9 +77,10 @@ def quantizer(cfg: Config, bank: Bank, mdir: Path, refs_uri: str, n_refs: int) -
         mems = raw.decode_batch(payloads, shape).numpy()
         vectors.append(mems.reshape(-1, model.config.head_dim))
     vq = VQCodec.train(np.concatenate(vectors), spec=cfg.encode.vq_spec, seed=cfg.encode.seed)
-    path = Path(bank.uri) / "quantizers" / f"{vq.quantizer_hash}.faiss"
+    path = qdir / f"{vq.quantizer_hash}.faiss"
     if not path.exists():
         vq.save(path)
+    write_text_atomic(known, vq.quantizer_hash)
     return {"quantizer": str(path), "quantizer_hash": vq.quantizer_hash}
 
 
@@ -105,7 +119,7 @@ def run_encode(cfg: Config) -> dict:
             ds = ray.data.from_items([{"shard": i, "start": a, "end": b} for i, a, b in todo],
                                      override_num_blocks=len(todo))
             ds = ds.map_batches(
-                EncodeShards, batch_size=1, num_cpus=cfg.encode.threads_per_actor,
+                EncodeShards, batch_size=1, num_cpus=cfg.encode.threads_per_actor, runtime_env=PASSIVE_OMP,
                 compute=ray.data.ActorPoolStrategy(size=cfg.encode.actors),
                 fn_constructor_kwargs=dict(model_dir=str(mdir), codec=cfg.encode.codec, codec_kw=codec_kw,
                                            refs_uri=refs_uri, stage_dir=str(stage_dir),

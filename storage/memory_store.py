@@ -93,7 +93,8 @@ class MemoryStore:
         k = self.shape[3]
         kept = torch.as_tensor(table.column("n_tokens").to_numpy().astype(np.int64))
         masks = torch.arange(k)[None, :] < kept[:, None]
-        return {ref: (mems[i], masks[i]) for i, ref in enumerate(table.column("ref_id").to_pylist())}
+        # clones: a view would keep its whole decoded batch alive and break the cache's bound
+        return {ref: (mems[i].clone(), masks[i].clone()) for i, ref in enumerate(table.column("ref_id").to_pylist())}
 
 
 def _meta(ds) -> dict:

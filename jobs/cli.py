@@ -45,27 +45,6 @@ def cmd_validate(cfg, args) -> int:
     return 0
 
 
-def cmd_ingest(cfg, args) -> int:
-    from jobs.ingest import run_ingest
-
-    run_ingest(cfg)
-    return 0
-
-
-def cmd_encode(cfg, args) -> int:
-    from jobs.encode import run_encode
-
-    run_encode(cfg)
-    return 0
-
-
-def cmd_embed(cfg, args) -> int:
-    from jobs.embed import run_embed
-
-    run_embed(cfg)
-    return 0
-
-
 def cmd_search(cfg, args) -> int:
     from jobs.embed import search_text
 
@@ -97,6 +76,12 @@ def cmd_sql(cfg, args) -> int:
 
     columns, rows = query(Bank(cfg.bank.uri), args.query)
     print(render(columns, rows, args.format))
+    return 0
+
+
+def cmd_stage(cfg, args) -> int:
+    """One stage by its name (ingest, encode, embed)."""
+    dict(_stages())[args.command](cfg)
     return 0
 
 
@@ -134,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"validate": cmd_validate, "ingest": cmd_ingest, "encode": cmd_encode, "embed": cmd_embed, "search": cmd_search, "train": cmd_train, "bank": cmd_bank, "sql": cmd_sql, "run": cmd_run}
+COMMANDS = {"validate": cmd_validate, "ingest": cmd_stage, "encode": cmd_stage, "embed": cmd_stage,
+            "search": cmd_search, "train": cmd_train, "bank": cmd_bank, "sql": cmd_sql, "run": cmd_run}
 
 
 def main(argv: list[str] | None = None) -> int:

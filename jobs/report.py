@@ -77,7 +77,7 @@ def render(s: dict) -> str:
         f"  documents kept    {s['documents']:>10,}",
         f"  rejected          {s['rejected']:>10,}   (of which duplicates {s['duplicates']:,})",
     ]
-    lines += [f"    {reason:<22}{n:>8,}" for reason, n in s["rejects_by_reason"].items()]
+    lines += [f"    {reason:<28}{n:>8,}" for reason, n in s["rejects_by_reason"].items()]
     lines += [
         f"  accounting        {'OK' if s['accounted'] else 'MISMATCH'}: read = kept + rejected",
         f"  references        {s['references']:>10,}   ({s['reference_tokens']:,} tokens)",

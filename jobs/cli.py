@@ -80,8 +80,10 @@ def cmd_sql(cfg, args) -> int:
 
 
 def cmd_stage(cfg, args) -> int:
-    """One stage by its name (ingest, encode, embed)."""
-    dict(_stages())[args.command](cfg)
+    """One stage by its name (ingest, encode, embed, pair)."""
+    from jobs.pair import run_pair
+
+    dict(_stages(), pair=run_pair)[args.command](cfg)
     return 0
 
 
@@ -103,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("ingest", parents=[common], help="raw corpus -> documents, rejects, refs, train_sequences")
     sub.add_parser("encode", parents=[common], help="refs -> sparse memories (the memories table)")
     sub.add_parser("embed", parents=[common], help="refs -> retrieval vectors (the embeddings table) + ANN index")
+    sub.add_parser("pair", parents=[common], help="64-token training chunks -> their best reference (neighbors)")
     search = sub.add_parser("search", parents=[common], help="the references closest to a text")
     search.add_argument("text")
     search.add_argument("-k", type=int, default=5)
@@ -119,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"validate": cmd_validate, "ingest": cmd_stage, "encode": cmd_stage, "embed": cmd_stage,
+COMMANDS = {"validate": cmd_validate, "ingest": cmd_stage, "encode": cmd_stage, "embed": cmd_stage, "pair": cmd_stage,
             "search": cmd_search, "train": cmd_train, "bank": cmd_bank, "sql": cmd_sql, "run": cmd_run}
 
 

@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jobs.pair_config import PairConfig
 from jobs.train_config import TrainConfig
 from jobs.config_loader import ConfigError, _Lined, _Where, apply_overrides, build, read_yaml, to_dict
 from model.config import PRESETS, ModelConfig
@@ -135,6 +136,7 @@ class Config:
     model: ModelConfig = field(default_factory=lambda: ModelConfig.from_preset("small"))
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    pair: PairConfig = field(default_factory=PairConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     # Where the config came from; relative corpus paths resolve against the working directory.
     source: str = field(default="<defaults>", compare=False)

@@ -1,0 +1,42 @@
+"""The `pair:` section of the pipeline YAML (the pairing job, jobs/pair.py).
+
+Plain typed fields with range metadata, like jobs/config.py, so the YAML loader checks them;
+__post_init__ repeats the checks that matter for a hand-built PairConfig (tests, benches).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class PairConfig:
+    # Candidate references retrieved per chunk before the overlap filter: several, because the
+    # best hits of a chunk are usually its own text (a reference the sequence contains).
+    k: int = field(default=8, metadata={"ge": 1})
+    # Eq. 6 overlap with the whole sequence above which a candidate is leakage, not memory (paper: 90 %).
+    max_overlap: float = field(default=0.9, metadata={"ge": 0, "le": 1})
+    # Tokens per chunk; must equal the model's mem_chunk_size (the trainer's reader checks).
+    chunk_size: int = field(default=64, metadata={"ge": 1})
+    embed_batch_size: int = field(default=64, metadata={"ge": 1})   # embedder forward batch
+    query_batch_size: int = field(default=256, metadata={"ge": 1})  # vectors per LanceDB search call
+    # exact=True bypasses the ANN index (ground truth, slower past the index threshold).
+    exact: bool = False
+    actors: int = field(default=1, metadata={"ge": 1})
+    threads_per_actor: int = field(default=1, metadata={"ge": 1})
+    # The unit of resumption: a killed job redoes at most one shard per actor.
+    seqs_per_shard: int = field(default=64, metadata={"ge": 1})
+
+    def __post_init__(self):
+        for name in ("k", "chunk_size", "embed_batch_size", "query_batch_size", "actors",
+                     "threads_per_actor", "seqs_per_shard"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected a value >= 1, got {getattr(self, name)!r}")
+        if not 0 <= self.max_overlap <= 1:
+            raise ValueError(f"max_overlap: expected a value in [0, 1], got {self.max_overlap!r}")
+
+    def output_knobs(self) -> dict:
+        """The fields that decide the table's contents (and shard layout): the job key covers
+        these; actors and threads only change how fast it gets there."""
+        return {"k": self.k, "max_overlap": self.max_overlap, "chunk_size": self.chunk_size,
+                "exact": self.exact, "seqs_per_shard": self.seqs_per_shard}

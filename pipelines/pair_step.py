@@ -1,0 +1,137 @@
+"""The pairing stage, one shard of training sequences at a time: train_sequences rows ->
+`neighbors` rows (seq_id, chunk, ref_id, score, overlap).
+
+For every chunk_size-token chunk of a sequence: decode its text with the bank's tokenizer, embed
+it with the bank's embedder, retrieve the top-k references from `embeddings`, drop those whose
+eq. 6 overlap with the WHOLE sequence exceeds max_overlap (the chunk's own text, and any other
+reference the sequence contains, would teach the model to copy, not to recall), keep the best
+one left. Everything is batched: one embedder call per shard, one search per query batch, one
+refs scan per shard, and one `overlap_many` call per sequence over all its chunks' candidates.
+
+`pair_shard` is a plain function (tests call it without Ray); `PairShards` is the Ray Data actor
+that loads the tokenizer, embedder and tables once and stages each shard atomically.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipelines.overlap import overlap_many
+from pipelines.train_data import NEIGHBORS
+
+# Staged rows carry one extra column: candidates of the chunk the overlap filter dropped, so the
+# job's report is computed from staged files and is right after a resume too.
+STAGED = NEIGHBORS.append(pa.field("dropped", pa.int32(), nullable=False))
+_ID_BATCH = 2048  # ref_ids per refs filter: keeps the IN list of one scan bounded
+
+
+def split_chunks(tokens, chunk_size: int) -> list[list[int]]:
+    """The chunk_size-token chunks of a sequence (the last one may be shorter)."""
+    tokens = list(tokens)
+    return [tokens[i:i + chunk_size] for i in range(0, len(tokens), chunk_size)]
+
+
+def ref_tokens(refs_ds, ref_ids) -> dict[str, list[int]]:
+    """token_ids of the given references, by ref_id, in a few filtered scans of `refs`."""
+    ids = sorted(set(ref_ids))
+    out: dict[str, list[int]] = {}
+    for lo in range(0, len(ids), _ID_BATCH):
+        t = refs_ds.to_table(columns=["ref_id", "token_ids"],
+                             filter=pc.field("ref_id").isin(ids[lo:lo + _ID_BATCH]))
+        out.update(zip(t.column("ref_id").to_pylist(), t.column("token_ids").to_pylist()))
+    return out
+
+
+def pair_shard(seq_ids: list[str], seqs: list[list[int]], *, tokenizer, embedder, table, refs_ds,
+               cfg, params=None) -> pa.Table:
+    """STAGED rows for these sequences, one per (seq, chunk), in input order.
+
+    tokenizer: a `tokenizers.Tokenizer`; embedder: model.embedder.Embedder; table: the LanceDB
+    `embeddings` table; refs_ds: the `refs` Lance dataset; cfg: a PairConfig; params: search
+    knobs (storage.vectors.search_params(table), looked up once by the caller)."""
+    from storage.vectors import search
+
+    chunks, owner = [], []  # owner[i] = (sequence index, chunk number) of chunks[i]
+    for s, toks in enumerate(seqs):
+        for c, piece in enumerate(split_chunks(toks, cfg.chunk_size)):
+            chunks.append(piece)
+            owner.append((s, c))
+    if not chunks:
+        return STAGED.empty_table()
+    # special tokens (<s>, </s>) carry no meaning for the embedder
+    texts = tokenizer.decode_batch(chunks, skip_special_tokens=True)
+    vectors = embedder.embed(texts, batch_size=cfg.embed_batch_size)
+    hits: list[list[tuple[str, float]]] = []
+    for lo in range(0, len(vectors), cfg.query_batch_size):
+        hits += search(table, vectors[lo:lo + cfg.query_batch_size], k=cfg.k, exact=cfg.exact, params=params)
+    tokens = ref_tokens(refs_ds, (rid for h in hits for rid, _ in h))
+    missing = {rid for h in hits for rid, _ in h} - set(tokens)
+    if missing:
+        raise LookupError(f"embeddings name {len(missing)} reference(s) absent from refs, e.g. "
+                          f"{sorted(missing)[0]!r}: the tables are from different builds")
+
+    # overlap of every candidate of a sequence with it, in one call per sequence
+    cands: list[set[str]] = [set() for _ in seqs]
+    for (s, _), h in zip(owner, hits):
+        cands[s].update(rid for rid, _ in h)
+    per_seq: list[dict[str, float]] = []
+    for toks, ids in zip(seqs, cands):
+        ids = sorted(ids)
+        per_seq.append(dict(zip(ids, overlap_many(toks, [tokens[r] for r in ids]).tolist())) if ids else {})
+
+    rows = {name: [] for name in STAGED.names}
+    for i, (s, c) in enumerate(owner):
+        ov = per_seq[s]
+        kept = [(rid, score) for rid, score in hits[i] if ov[rid] <= cfg.max_overlap]  # hits are best first
+        best = kept[0] if kept else (None, None)
+        rows["seq_id"].append(seq_ids[s])
+        rows["chunk"].append(c)
+        rows["ref_id"].append(best[0])
+        rows["score"].append(best[1])
+        rows["overlap"].append(ov[best[0]] if best[0] is not None else None)
+        rows["dropped"].append(len(hits[i]) - len(kept))
+    return pa.table(rows, schema=STAGED)
+
+
+class PairShards:
+    """Ray Data actor of the pair job: reads a row range of `train_sequences`, pairs it, stages it.
+
+    A shard's file is written whole or not at all (write_atomic), so a killed job resumes from
+    the shards that exist."""
+
+    def __init__(self, bank_uri: str, embedder_spec: str, tokenizer_path: str, stage_dir: str,
+                 cfg: dict, threads: int):
+        import torch
+
+        from jobs.pair_config import PairConfig
+        from model.embedder import load_embedder
+        from pipelines.tokenizer import load
+        from storage.bank import Bank
+        from storage.vectors import search_params
+
+        torch.set_num_threads(threads)
+        bank = Bank(bank_uri)
+        self.cfg = PairConfig(**cfg)
+        self.embedder = load_embedder(embedder_spec)
+        self.tokenizer = load(tokenizer_path)
+        self.table = bank.table("embeddings")
+        self.params = search_params(self.table)  # ~0.4 ms of index metadata: once per actor
+        self.refs, self.seqs = bank.dataset("refs"), bank.dataset("train_sequences")
+        self.stage_dir = stage_dir
+
+    def __call__(self, batch: dict) -> dict:
+        from storage.staging import write_atomic
+
+        for shard, start, end in zip(batch["shard"], batch["start"], batch["end"]):
+            t = self.seqs.to_table(columns=["seq_id", "token_ids"], offset=int(start), limit=int(end) - int(start))
+            out = pair_shard(t.column("seq_id").to_pylist(), t.column("token_ids").to_pylist(),
+                             tokenizer=self.tokenizer, embedder=self.embedder, table=self.table,
+                             refs_ds=self.refs, cfg=self.cfg, params=self.params)
+            write_atomic(staged_path(self.stage_dir, int(shard)), out)
+        return {"shard": np.asarray(batch["shard"])}
+
+
+def staged_path(stage_dir, shard: int) -> str:
+    return f"{stage_dir}/p{shard:06d}.parquet"

@@ -1,0 +1,155 @@
+"""The pair job end to end on a small ingested + embedded FOLDOC bank: one row per chunk, the
+eq. 6 overlap filter (no reference the sequence contains is ever its neighbor), a no-op rerun,
+and the trainer's reader accepting the table."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from jobs.config import load_config
+from jobs.embed import run_embed
+from jobs.ingest import run_ingest
+from jobs.pair import run_pair
+from jobs.pair_config import PairConfig
+from pipelines.overlap import overlap
+from pipelines.train_data import NEIGHBORS, ShardReader
+from storage.bank import Bank, BankError
+from tests.conftest import write_foldoc_corpus
+
+pytestmark = pytest.mark.slow
+
+PAIR = PairConfig(k=8, max_overlap=0.9, chunk_size=64, seqs_per_shard=8, threads_per_actor=1)
+
+
+def with_pair(cfg, pair: PairConfig):
+    """cfg with a `pair:` section, whether or not Config has the field yet."""
+    try:
+        return dataclasses.replace(cfg, pair=pair)
+    except TypeError:  # not wired into Config yet: run_pair reads it with getattr
+        cfg = dataclasses.replace(cfg)
+        object.__setattr__(cfg, "pair", pair)
+        return cfg
+
+
+@pytest.fixture(scope="module")
+def paired(tmp_path_factory, ray_local):
+    root = tmp_path_factory.mktemp("pair")
+    corpus = write_foldoc_corpus(root / "c.jsonl.gz", 40, min_words=60)
+    overrides = [f"corpus.paths=[{corpus}]", f"bank.uri={root / 'bank'}", "tokenizer.vocab_size=600",
+                 "chunking.seq_len=256", "ray.num_cpus=2", "retrieval.refs_per_shard=40",
+                 "retrieval.index_threshold=50", "retrieval.threads_per_actor=1"]
+    cfg = with_pair(load_config("configs/demo.yaml", overrides), PAIR)
+    run_ingest(cfg)
+    run_embed(cfg)
+    return cfg, run_pair(cfg)
+
+
+def _tables(cfg):
+    bank = Bank(cfg.bank.uri)
+    seqs = {r["seq_id"]: r for r in bank.dataset("train_sequences").to_table().to_pylist()}
+    refs = {r["ref_id"]: r for r in bank.dataset("refs").to_table(columns=["ref_id", "doc_id", "token_ids"]).to_pylist()}
+    rows = bank.dataset("neighbors").to_table().to_pylist()
+    return bank, seqs, refs, rows
+
+
+def _contains(seq: list[int], ref: list[int]) -> bool:
+    """ref's tokens appear contiguously in seq (a verbatim copy of part of the sequence)."""
+    s, r = np.asarray(seq, np.int32).tobytes(), np.asarray(ref, np.int32).tobytes()
+    at = s.find(r)
+    while at != -1 and at % 4:
+        at = s.find(r, at + 1)
+    return at != -1
+
+
+def test_one_row_per_chunk_and_counts(paired):
+    cfg, summary = paired
+    bank, seqs, _, rows = _tables(cfg)
+    assert bank.dataset("neighbors").schema.remove_metadata() == NEIGHBORS
+    expected = sorted((sid, c) for sid, s in seqs.items() for c in range(-(-len(s["token_ids"]) // 64)))
+    got = sorted((r["seq_id"], r["chunk"]) for r in rows)
+    assert got == expected and len(set(got)) == len(got)
+    hits = [r for r in rows if r["ref_id"] is not None]
+    assert summary["chunks"] == len(rows) and summary["with_neighbor"] == len(hits) > 0
+    assert all(r["score"] is None and r["overlap"] is None for r in rows if r["ref_id"] is None)
+    assert bank.tags("neighbors") == {f"pair-{summary['pair_key']}": summary["version"]}
+
+
+def test_kept_neighbors_pass_the_overlap_filter_exactly(paired):
+    cfg, _ = paired
+    _, seqs, refs, rows = _tables(cfg)
+    for r in rows:
+        if r["ref_id"] is None:
+            continue
+        assert r["overlap"] <= PAIR.max_overlap and -1 <= r["score"] <= 1
+        recomputed = overlap(seqs[r["seq_id"]]["token_ids"], refs[r["ref_id"]]["token_ids"])
+        assert np.float32(recomputed) == np.float32(r["overlap"])
+
+
+def test_a_reference_copied_from_the_sequence_is_never_its_neighbor(paired):
+    cfg, summary = paired
+    _, seqs, refs, rows = _tables(cfg)
+    by_doc: dict[str, list[dict]] = {}
+    for ref in refs.values():
+        by_doc.setdefault(ref["doc_id"], []).append(ref)
+    # every reference of the sequence's own documents that the sequence holds verbatim
+    own = {sid: {ref["ref_id"] for d in s["doc_ids"] for ref in by_doc.get(d, [])
+                 if _contains(s["token_ids"], ref["token_ids"])} for sid, s in seqs.items()}
+    assert sum(map(len, own.values())) > 0  # the fixture has such references to filter
+    assert not [r for r in rows if r["ref_id"] in own[r["seq_id"]]]
+    # they are what retrieval finds first for a chunk (its own text): the filter had work to do
+    assert summary["dropped"] > 0
+
+
+def test_rerun_is_a_noop(paired, capsys):
+    cfg, summary = paired
+    version = Bank(cfg.bank.uri).table("neighbors").version
+    assert run_pair(cfg) == {"status": "up_to_date", "pair_key": summary["pair_key"]}
+    assert "nothing to do" in capsys.readouterr().out
+    assert Bank(cfg.bank.uri).table("neighbors").version == version
+
+
+def test_the_trainer_reads_the_neighbors(paired):
+    cfg, _ = paired
+    meta = Bank(cfg.bank.uri).metadata("neighbors")
+    seq_meta = Bank(cfg.bank.uri).metadata("train_sequences")
+    assert meta["chunk_size"] == 64 and meta["embed_key"] == Bank(cfg.bank.uri).metadata("embeddings")["embed_key"]
+    assert (meta["ingest_key"], meta["tokenizer_hash"]) == (seq_meta["ingest_key"], seq_meta["tokenizer_hash"])
+    reader = ShardReader(cfg.bank.uri, neighbors=True, chunk_size=64, heldout_fraction=0.0, micro_batch=2)
+    batch = next(reader.epoch_batches())
+    assert batch["ref_tokens"].shape[:2] == batch["ref_valid"].shape == (2, 4) and batch["ref_valid"].any()
+    with pytest.raises(BankError, match="pairs 64-token chunks"):
+        ShardReader(cfg.bank.uri, neighbors=True, chunk_size=32, heldout_fraction=0.0)
+
+
+def test_pair_needs_its_inputs(tmp_path):
+    cfg = load_config("configs/demo.yaml", [f"bank.uri={tmp_path}"])
+    with pytest.raises(BankError, match="no train_sequences table: run `m3 ingest` first"):
+        run_pair(cfg)
+
+
+
+def test_resume_keeps_staged_shards_and_matches_an_uninterrupted_run(paired, capsys):
+    """Runs last: it commits a new neighbors version (same rows, under another key)."""
+    from jobs.pair import _inputs, pair_key, staging_dir
+    from pipelines.pair_step import PairShards
+
+    cfg, _ = paired
+    before = sorted((r["seq_id"], r["chunk"], r["ref_id"], r["score"]) for r in _tables(cfg)[3])
+    # another shard layout (a new key, so a fresh staging dir) whose shard 0 is staged by hand,
+    # as a run killed after one shard would have left it
+    pair2 = dataclasses.replace(PAIR, seqs_per_shard=5)
+    bank = Bank(cfg.bank.uri)
+    stage = staging_dir(cfg.bank.uri, pair_key(bank, _inputs(bank), pair2))
+    tok = f"{cfg.bank.uri}/{bank.metadata('refs')['tokenizer_path']}"
+    PairShards(cfg.bank.uri, "minilm", tok, str(stage), vars(pair2), 1)({"shard": [0], "start": [0], "end": [5]})
+    summary = run_pair(with_pair(cfg, pair2))
+    n_shards = -(-len(_tables(cfg)[1]) // 5)
+    assert f"1 of {n_shards} shard(s) done" in capsys.readouterr().out
+    assert summary["chunks"] == len(before) and not stage.exists()
+    # the same rows as the first, uninterrupted run with another layout
+    after = sorted((r["seq_id"], r["chunk"], r["ref_id"], r["score"]) for r in _tables(cfg)[3])
+    assert [a[:3] for a in after] == [b[:3] for b in before]
+    assert np.allclose([a[3] or 0 for a in after], [b[3] or 0 for b in before], atol=1e-5)

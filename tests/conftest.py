@@ -47,3 +47,19 @@ def ray_local():
     init_ray(RayConfig(num_cpus=2))
     yield ray
     ray.shutdown()
+
+
+def small_embedded_bank(root: Path, *extra: str):
+    """40 long FOLDOC entries ingested (256-token sequences) and embedded with an ANN index
+    (threshold lowered so the index path is the one tested). Returns (config, overrides, embed summary)."""
+    from jobs.config import load_config
+    from jobs.embed import run_embed
+    from jobs.ingest import run_ingest
+
+    corpus = write_foldoc_corpus(root / "c.jsonl.gz", 40, min_words=60)
+    overrides = [f"corpus.paths=[{corpus}]", f"bank.uri={root / 'bank'}", "tokenizer.vocab_size=600",
+                 "chunking.seq_len=256", "ray.num_cpus=2", "retrieval.refs_per_shard=40",
+                 "retrieval.index_threshold=50", "retrieval.threads_per_actor=1", *extra]
+    cfg = load_config("configs/demo.yaml", overrides)
+    run_ingest(cfg)
+    return cfg, overrides, run_embed(cfg)

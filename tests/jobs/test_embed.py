@@ -8,24 +8,17 @@ import pytest
 from jobs.cli import main
 from jobs.config import load_config
 from jobs.embed import run_embed, search_text
-from jobs.ingest import run_ingest
 from storage.bank import Bank, BankError
 from storage.vectors import has_index
-from tests.conftest import write_foldoc_corpus
+from tests.conftest import small_embedded_bank
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory, ray_local):
-    root = tmp_path_factory.mktemp("embed")
-    corpus = write_foldoc_corpus(root / "c.jsonl.gz", 40, min_words=60)
-    overrides = [f"corpus.paths=[{corpus}]", f"bank.uri={root / 'bank'}", "tokenizer.vocab_size=600",
-                 "chunking.seq_len=256", "ray.num_cpus=2", "retrieval.refs_per_shard=40",
-                 "retrieval.index_threshold=50", "retrieval.threads_per_actor=1"]
-    cfg = load_config("configs/demo.yaml", overrides)
-    run_ingest(cfg)
-    return cfg, run_embed(cfg), overrides
+    cfg, overrides, summary = small_embedded_bank(tmp_path_factory.mktemp("embed"))
+    return cfg, summary, overrides
 
 
 def test_every_reference_gets_a_unit_vector_and_an_index(embedded):

@@ -10,14 +10,12 @@ import numpy as np
 import pytest
 
 from jobs.config import load_config
-from jobs.embed import run_embed
-from jobs.ingest import run_ingest
 from jobs.pair import run_pair
 from jobs.pair_config import PairConfig
 from pipelines.overlap import overlap
 from pipelines.train_data import NEIGHBORS, ShardReader
 from storage.bank import Bank, BankError
-from tests.conftest import write_foldoc_corpus
+from tests.conftest import small_embedded_bank
 
 pytestmark = pytest.mark.slow
 
@@ -25,25 +23,13 @@ PAIR = PairConfig(k=8, max_overlap=0.9, chunk_size=64, seqs_per_shard=8, threads
 
 
 def with_pair(cfg, pair: PairConfig):
-    """cfg with a `pair:` section, whether or not Config has the field yet."""
-    try:
-        return dataclasses.replace(cfg, pair=pair)
-    except TypeError:  # not wired into Config yet: run_pair reads it with getattr
-        cfg = dataclasses.replace(cfg)
-        object.__setattr__(cfg, "pair", pair)
-        return cfg
+    return dataclasses.replace(cfg, pair=pair)
 
 
 @pytest.fixture(scope="module")
 def paired(tmp_path_factory, ray_local):
-    root = tmp_path_factory.mktemp("pair")
-    corpus = write_foldoc_corpus(root / "c.jsonl.gz", 40, min_words=60)
-    overrides = [f"corpus.paths=[{corpus}]", f"bank.uri={root / 'bank'}", "tokenizer.vocab_size=600",
-                 "chunking.seq_len=256", "ray.num_cpus=2", "retrieval.refs_per_shard=40",
-                 "retrieval.index_threshold=50", "retrieval.threads_per_actor=1"]
-    cfg = with_pair(load_config("configs/demo.yaml", overrides), PAIR)
-    run_ingest(cfg)
-    run_embed(cfg)
+    cfg, _, _ = small_embedded_bank(tmp_path_factory.mktemp("pair"))
+    cfg = with_pair(cfg, PAIR)
     return cfg, run_pair(cfg)
 
 

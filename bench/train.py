@@ -30,8 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from model import Memory3, ModelConfig  # noqa: E402
 from model.train_step import continual_memories, lm_loss  # noqa: E402
-from pipelines.train_data import ShardReader  # noqa: E402
-from storage.bank import Bank  # noqa: E402
 
 CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 
@@ -62,7 +60,14 @@ def step_flops(cfg: ModelConfig, B: int, S: int, refs: int = 0, T_ref: int = 0, 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--bank", required=True)
+    p.add_argument("--bank", help="a bank with train_sequences and refs (real data)")
+    p.add_argument("--synthetic", action="store_true",
+                   help="random tokens instead of a bank: for a GPU machine, where Lance is not installed")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--layers", type=int, default=None,
+                   help="a slice of the preset: this many blocks, the first half memory layers")
+    p.add_argument("--matmul-n", type=int, default=1024)
     p.add_argument("--preset", default="small")
     p.add_argument("--seq", type=int, default=512, help="context tokens per sequence")
     p.add_argument("--batch", type=int, default=2)
@@ -72,23 +77,39 @@ def main() -> None:
     p.add_argument("--out", default=None, help="also write the markdown to this file")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    if a.device == "cuda":
+        a.clock = "wall"  # process time does not see the GPU; every timed call synchronizes
     clock = CLOCKS[a.clock]
-    bank = Bank(a.bank)
-    cfg = ModelConfig.from_preset(a.preset, vocab_size=8192)
-    if not bank.has("neighbors"):
-        sys.path.insert(0, str(ROOT))
-        from tests.jobs.standin_neighbors import write_standin_neighbors
-
-        write_standin_neighbors(a.bank, cfg.mem_chunk_size)
+    dev, dtype = torch.device(a.device), getattr(torch, a.dtype)
+    sizes = {"vocab_size": 8192} if a.preset != "paper-2.4b" else {}
+    if a.layers:
+        sizes.update(n_layers=a.layers, n_mem_layers=max(1, a.layers // 2))
+    cfg = ModelConfig.from_preset(a.preset, **sizes)
     torch.manual_seed(0)
-    model = Memory3(cfg).train()
+    if a.synthetic:
+        C = -(-a.seq // cfg.mem_chunk_size)
+        tokens = torch.randint(4, cfg.vocab_size, (a.batch, a.seq))
+        refs = torch.randint(4, cfg.vocab_size, (a.batch, C, cfg.ref_max_tokens))
+        valid = torch.ones(a.batch, C, dtype=torch.bool)
+    else:
+        from pipelines.train_data import ShardReader
+        from storage.bank import Bank
+
+        if not a.bank:
+            p.error("--bank is required unless --synthetic")
+        if not Bank(a.bank).has("neighbors"):
+            from tests.jobs.standin_neighbors import write_standin_neighbors
+
+            write_standin_neighbors(a.bank, cfg.mem_chunk_size)
+        batch = ShardReader(a.bank, micro_batch=a.batch, neighbors=True, chunk_size=cfg.mem_chunk_size,
+                            max_tokens=a.seq, pad_id=cfg.pad_id).batch(0)
+        tokens, refs, valid = batch["tokens"], batch["ref_tokens"], batch["ref_valid"]
+    tokens, refs, valid = tokens.to(dev), refs.to(dev), valid.to(dev)
+    model = Memory3(cfg).to(device=dev, dtype=dtype).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
-    batch = ShardReader(a.bank, micro_batch=a.batch, neighbors=True, chunk_size=cfg.mem_chunk_size,
-                        max_tokens=a.seq, pad_id=cfg.pad_id).batch(0)
-    tokens, refs, valid = batch["tokens"], batch["ref_tokens"], batch["ref_valid"]
     B, C, T_ref = refs.shape
-    n = 1024
-    x, y = torch.randn(n, n), torch.randn(n, n)
+    n = a.matmul_n
+    x, y = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
 
     def step(memory: bool, sparsify: bool):
         mem = mask = None
@@ -103,10 +124,13 @@ def main() -> None:
     fns = {"matmul": lambda: x @ y, "warmup": lambda: step(False, False),
            "continual dense": lambda: step(True, False), "continual sparse": lambda: step(True, True)}
     times = {k: [] for k in fns}
+    sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
     for r in range(a.repeats + 1):
         for k, fn in fns.items():
+            sync()
             t = clock()
             fn()
+            sync()
             if r:  # the first round warms up
                 times[k].append(clock() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -115,9 +139,11 @@ def main() -> None:
     flops = {"warmup": step_flops(cfg, B, a.seq),
              "continual dense": step_flops(cfg, B, a.seq, B * C, T_ref, 5 * T_ref),
              "continual sparse": step_flops(cfg, B, a.seq, B * C, T_ref, 5 * cfg.mem_top_k)}
-    lines = [f"## `{a.preset}` preset, float32, {B} x {a.seq} tokens, {a.threads} thread(s), {a.clock} clock",
+    where = torch.cuda.get_device_name() if a.device == "cuda" else f"CPU, {a.threads} thread(s)"
+    shape = f"{cfg.n_layers} layers ({cfg.n_mem_layers} memory)"
+    lines = [f"## `{a.preset}` preset, {shape}, {a.dtype}, {B} x {a.seq} tokens, {where}, {a.clock} clock",
              "", f"{hits}/{B * C} chunks with a neighbor; references padded to {T_ref} tokens; "
-             f"matmul {n}x{n}: {peak / 1e9:.1f} GFLOP/s", "",
+             f"matmul {n}x{n} {a.dtype}: {peak / 1e9:.1f} GFLOP/s", "",
              "| step | median s | tokens/s | x warmup time | useful GFLOP | GFLOP/s | of matmul |",
              "|---|---|---|---|---|---|---|"]
     for k in ("warmup", "continual dense", "continual sparse"):

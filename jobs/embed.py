@@ -15,13 +15,11 @@ import sys
 from pathlib import Path
 
 from jobs.config import Config, config_hash
-from jobs.encode import PASSIVE_OMP
-from jobs.faults import maybe_crash
 from jobs.report import Report
-from jobs.runtime import init_ray, quiet_ray_data
+from jobs.runtime import init_ray, quiet_ray_data, row_shards, run_actor_shards
 from model.embedder import load_embedder
 from pipelines.embed_step import EMBEDDINGS_SCHEMA, EmbedShards
-from storage.bank import Bank, BankError
+from storage.bank import Bank
 from storage.staging import iter_batches
 from storage.vectors import build_index
 
@@ -29,8 +27,7 @@ from storage.vectors import build_index
 def run_embed(cfg: Config) -> dict:
     report = Report("embed")
     bank = Bank(cfg.bank.uri)
-    if not bank.has("refs"):
-        raise BankError(f"bank {cfg.bank.uri} has no refs table: run `m3 ingest` first")
+    bank.require("refs")
     r = cfg.retrieval
     embedder = load_embedder(r.embedder)  # fails here, before Ray, if the model is missing
     refs_meta = bank.metadata("refs")
@@ -42,24 +39,14 @@ def run_embed(cfg: Config) -> dict:
         print(f"embed: embeddings in {cfg.bank.uri} are up to date for {embedder.id} (embed key {key}); nothing to do")
         return {"status": "up_to_date", "embed_key": key}
     stage_dir = Path(cfg.bank.uri) / "_staging" / f"embed-{key}"
-    shards = [(i, lo, min(n_refs, lo + r.refs_per_shard)) for i, lo in enumerate(range(0, n_refs, r.refs_per_shard))]
+    shards = row_shards(n_refs, r.refs_per_shard)
     todo = [s for s in shards if not (stage_dir / f"e{s[0]:06d}.parquet").exists()]
     init_ray(cfg.ray)
     quiet_ray_data()
     with report.stage("embed"):
         report.note(f"embed: {embedder.id}, {n_refs:,} references, {len(shards) - len(todo)} of {len(shards)} shard(s) done")
-        if todo:
-            import ray
-
-            ds = ray.data.from_items([{"shard": i, "start": a, "end": b} for i, a, b in todo],
-                                     override_num_blocks=len(todo))
-            ds = ds.map_batches(EmbedShards, batch_size=1, num_cpus=r.threads_per_actor, runtime_env=PASSIVE_OMP,
-                                compute=ray.data.ActorPoolStrategy(size=r.actors),
-                                fn_constructor_kwargs=dict(spec=r.embedder, refs_uri=refs_uri,
-                                                           stage_dir=str(stage_dir), batch_size=r.batch_size,
-                                                           threads=r.threads_per_actor))
-            for n, _ in enumerate(ds.iter_rows(), 1):
-                maybe_crash("embed", n)
+        run_actor_shards("embed", todo, EmbedShards, actors=r.actors, threads=r.threads_per_actor,
+                         spec=r.embedder, refs_uri=refs_uri, stage_dir=str(stage_dir), batch_size=r.batch_size)
     with report.stage("commit"):
         lineage = {"stage": "embed", "embed_key": key, "embedder": embedder.lineage(),
                    "tokenizer_hash": refs_meta.get("tokenizer_hash"), "ingest_key": refs_meta.get("ingest_key"),
@@ -79,8 +66,7 @@ def run_embed(cfg: Config) -> dict:
 def search_text(cfg: Config, text: str, k: int = 5, exact: bool = False) -> list[dict]:
     """The top-k references for a query text, with their text."""
     bank = Bank(cfg.bank.uri)
-    if not bank.has("embeddings"):
-        raise BankError(f"bank {cfg.bank.uri} has no embeddings table: run `m3 embed` first")
+    bank.require("embeddings")
     embedder = load_embedder(cfg.retrieval.embedder)
     embedder.check_lineage(bank.metadata("embeddings")["embedder"])
     from storage.vectors import search

@@ -18,9 +18,8 @@ import numpy as np
 import torch
 
 from jobs.config import Config, config_hash
-from jobs.faults import maybe_crash
 from jobs.report import Report
-from jobs.runtime import init_ray, quiet_ray_data
+from jobs.runtime import init_ray, quiet_ray_data, row_shards, run_actor_shards
 from model import Memory3, save_model
 from model.checkpoint import saved_hash
 from model.codecs import VQCodec, make_codec
@@ -28,11 +27,6 @@ from pipelines.encode_step import EncodeShards, encode_tokens, staged_path
 from storage.bank import Bank, BankError
 from storage.schemas import MEMORIES
 from storage.staging import iter_batches, write_text_atomic
-
-
-# OpenMP threads that spin while waiting collapse a 2-thread actor on a shared 2-core machine
-# (measured 3.1x slower); torch reads this when it is imported, so it goes in the actor's env.
-PASSIVE_OMP = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}
 
 
 def model_dir(cfg: Config, bank: Bank) -> Path:
@@ -70,12 +64,13 @@ def quantizer(cfg: Config, bank: Bank, mdir: Path, refs_uri: str, n_refs: int) -
 
     tokens = lance.dataset(refs_uri).take(rows, columns=["token_ids"]).column("token_ids").to_pylist()
     raw = make_codec("raw-fp32")
+    m = model.config
+    shape = (m.n_mem_layers, 2, m.n_kv_heads, m.mem_top_k, m.head_dim)
     vectors = []
     for lo in range(0, len(tokens), 64):
         payloads, _, _ = encode_tokens(model, raw, tokens[lo:lo + 64])
-        shape = (model.config.n_mem_layers, 2, model.config.n_kv_heads, model.config.mem_top_k, model.config.head_dim)
         mems = raw.decode_batch(payloads, shape).numpy()
-        vectors.append(mems.reshape(-1, model.config.head_dim))
+        vectors.append(mems.reshape(-1, m.head_dim))
     vq = VQCodec.train(np.concatenate(vectors), spec=cfg.encode.vq_spec, seed=cfg.encode.seed)
     path = qdir / f"{vq.quantizer_hash}.faiss"
     if not path.exists():
@@ -87,8 +82,7 @@ def quantizer(cfg: Config, bank: Bank, mdir: Path, refs_uri: str, n_refs: int) -
 def run_encode(cfg: Config) -> dict:
     report = Report("encode")
     bank = Bank(cfg.bank.uri)
-    if not bank.has("refs"):
-        raise BankError(f"bank {cfg.bank.uri} has no refs table: run `m3 ingest` first")
+    bank.require("refs")
     refs_meta = bank.metadata("refs")
     refs_uri = bank.dataset("refs").uri
     n_refs = bank.dataset("refs").count_rows()
@@ -104,8 +98,7 @@ def run_encode(cfg: Config) -> dict:
         return {"status": "up_to_date", "encode_key": key}
 
     stage_dir = Path(cfg.bank.uri) / "_staging" / f"encode-{key}"
-    per = cfg.encode.refs_per_shard
-    shards = [(i, lo, min(n_refs, lo + per)) for i, lo in enumerate(range(0, n_refs, per))]
+    shards = row_shards(n_refs, cfg.encode.refs_per_shard)
     todo = [s for s in shards if not staged_path(stage_dir, s[0]).exists()]
     report.set(references=n_refs, shards=len(shards), encode_key=key)
     init_ray(cfg.ray)
@@ -113,19 +106,10 @@ def run_encode(cfg: Config) -> dict:
     with report.stage("encode"):
         report.note(f"encode: model {mhash[:12]}, codec {cfg.encode.codec}, {len(shards) - len(todo)} of "
                     f"{len(shards)} shard(s) already done")
-        if todo:
-            import ray
-
-            ds = ray.data.from_items([{"shard": i, "start": a, "end": b} for i, a, b in todo],
-                                     override_num_blocks=len(todo))
-            ds = ds.map_batches(
-                EncodeShards, batch_size=1, num_cpus=cfg.encode.threads_per_actor, runtime_env=PASSIVE_OMP,
-                compute=ray.data.ActorPoolStrategy(size=cfg.encode.actors),
-                fn_constructor_kwargs=dict(model_dir=str(mdir), codec=cfg.encode.codec, codec_kw=codec_kw,
-                                           refs_uri=refs_uri, stage_dir=str(stage_dir),
-                                           batch_size=cfg.encode.batch_size, threads=cfg.encode.threads_per_actor))
-            for n, _ in enumerate(ds.iter_rows(), 1):
-                maybe_crash("encode", n)
+        e = cfg.encode
+        run_actor_shards("encode", todo, EncodeShards, actors=e.actors, threads=e.threads_per_actor,
+                         model_dir=str(mdir), codec=e.codec, codec_kw=codec_kw, refs_uri=refs_uri,
+                         stage_dir=str(stage_dir), batch_size=e.batch_size)
 
     with report.stage("commit"):
         m = cfg.model

@@ -21,11 +21,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from jobs.config import Config, config_hash
-from jobs.encode import PASSIVE_OMP
-from jobs.faults import maybe_crash
 from jobs.pair_config import PairConfig
 from jobs.report import Report
-from jobs.runtime import init_ray, quiet_ray_data
+from jobs.runtime import init_ray, quiet_ray_data, row_shards, run_actor_shards
 from model.embedder import load_embedder
 from pipelines.pair_step import PairShards, staged_path
 from pipelines.train_data import NEIGHBORS
@@ -33,24 +31,17 @@ from storage.bank import Bank, BankError
 from storage.staging import iter_batches
 
 INPUTS = ("train_sequences", "refs", "embeddings")
-_NEEDS = {"train_sequences": "m3 ingest", "refs": "m3 ingest", "embeddings": "m3 embed"}
-
-
-def pair_config(cfg: Config) -> PairConfig:
-    return cfg.pair
 
 
 def _inputs(bank: Bank) -> dict[str, dict]:
     """The input tables' lineage, refusing a bank that lacks one or mixes builds."""
-    for name in INPUTS:
-        if not bank.has(name):
-            raise BankError(f"bank {bank.uri} has no {name} table: run `{_NEEDS[name]}` first")
+    bank.require(*INPUTS)
     meta = {name: bank.metadata(name) for name in INPUTS}
     ingest = meta["train_sequences"].get("ingest_key")
     for name in ("refs", "embeddings"):
         if meta[name].get("ingest_key") != ingest:
             raise BankError(f"{name} was built from ingest {meta[name].get('ingest_key')}, train_sequences "
-                            f"from ingest {ingest}: rerun `{_NEEDS[name]}`")
+                            f"from ingest {ingest}: rerun `{Bank.MADE_BY[name]}`")
     if "embed_key" not in meta["embeddings"] or "embedder" not in meta["embeddings"]:
         raise BankError("the embeddings table records no embed_key/embedder in its lineage: rerun `m3 embed`")
     return meta
@@ -71,7 +62,7 @@ def staging_dir(bank_uri: str, key: str) -> Path:
 
 def run_pair(cfg: Config) -> dict:
     report = Report("pair")
-    pc = pair_config(cfg)
+    pc = cfg.pair
     bank = Bank(cfg.bank.uri)
     meta = _inputs(bank)
     seq_meta, emb_meta = meta["train_sequences"], meta["embeddings"]
@@ -90,8 +81,7 @@ def run_pair(cfg: Config) -> dict:
         print(f"pair: neighbors in {cfg.bank.uri} are up to date (pair key {key}); nothing to do")
         return {"status": "up_to_date", "pair_key": key}
     stage_dir = staging_dir(cfg.bank.uri, key)
-    per = pc.seqs_per_shard
-    shards = [(i, lo, min(n_seqs, lo + per)) for i, lo in enumerate(range(0, n_seqs, per))]
+    shards = row_shards(n_seqs, pc.seqs_per_shard)
     todo = [s for s in shards if not Path(staged_path(stage_dir, s[0])).exists()]
     with report.stage("pair"):
         report.note(f"pair: {n_seqs:,} sequences, {pc.chunk_size}-token chunks, top {pc.k} by {embedder.id}, "
@@ -99,17 +89,9 @@ def run_pair(cfg: Config) -> dict:
         if todo:
             init_ray(cfg.ray)
             quiet_ray_data()
-            import ray
-
-            ds = ray.data.from_items([{"shard": i, "start": a, "end": b} for i, a, b in todo],
-                                     override_num_blocks=len(todo))
-            ds = ds.map_batches(PairShards, batch_size=1, num_cpus=pc.threads_per_actor, runtime_env=PASSIVE_OMP,
-                                compute=ray.data.ActorPoolStrategy(size=pc.actors),
-                                fn_constructor_kwargs=dict(bank_uri=cfg.bank.uri, embedder_spec=spec,
-                                                           tokenizer_path=tok_path, stage_dir=str(stage_dir),
-                                                           cfg=vars(pc), threads=pc.threads_per_actor))
-            for n, _ in enumerate(ds.iter_rows(), 1):
-                maybe_crash("pair", n)
+            run_actor_shards("pair", todo, PairShards, actors=pc.actors, threads=pc.threads_per_actor,
+                             bank_uri=cfg.bank.uri, embedder_spec=spec, tokenizer_path=tok_path,
+                             stage_dir=str(stage_dir), cfg=vars(pc))
     files = [Path(staged_path(stage_dir, i)) for i, _, _ in shards]
     counts = _counts(files)
     with report.stage("commit"):

@@ -53,3 +53,33 @@ def quiet_ray_data() -> None:
     ctx.print_on_execution_start = False
     # Without a terminal Ray Data logs a progress table every few seconds at INFO.
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+# OpenMP threads that spin while waiting collapse a 2-thread actor on a shared 2-core machine
+# (measured 3.1x slower); torch reads this when it is imported, so it goes in the actor's env.
+PASSIVE_OMP = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}
+
+
+def row_shards(n_rows: int, per: int) -> list[tuple[int, int, int]]:
+    """(shard, first row, end row) ranges of a table: the unit of staging and of resumption."""
+    return [(i, lo, min(n_rows, lo + per)) for i, lo in enumerate(range(0, n_rows, per))]
+
+
+def run_actor_shards(stage: str, shards: list[tuple[int, int, int]], actor_cls, *, actors: int, threads: int,
+                     **actor_kwargs) -> None:
+    """Hand row-range shards to a pool of Ray Data actors (`actor_cls(threads=threads,
+    **actor_kwargs)`, loaded once per actor, each given `threads` CPUs); each actor writes its
+    shard's staging file itself. Used by encode, embed and pair."""
+    from jobs.faults import maybe_crash
+
+    if not shards:
+        return
+    import ray
+
+    ds = ray.data.from_items([{"shard": i, "start": a, "end": b} for i, a, b in shards],
+                             override_num_blocks=len(shards))
+    ds = ds.map_batches(actor_cls, batch_size=1, num_cpus=threads, runtime_env=PASSIVE_OMP,
+                        compute=ray.data.ActorPoolStrategy(size=actors),
+                        fn_constructor_kwargs=dict(actor_kwargs, threads=threads))
+    for n, _ in enumerate(ds.iter_rows(), 1):
+        maybe_crash(stage, n)

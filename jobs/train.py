@@ -52,15 +52,13 @@ def check_stage(cfg, tc: TrainConfig, stage: str) -> None:
     from storage.bank import Bank
 
     bank = Bank(cfg.bank.uri)
-    if not bank.has("train_sequences"):
-        raise BankError(f"bank {cfg.bank.uri} has no train_sequences table: run `m3 ingest` first")
+    bank.require("train_sequences")
     if stage == "continual":
         src = warmup_model_dir(cfg, tc)
         if not (src / "model.safetensors").exists():
             raise BankError(f"continual training starts from the warmup model, but {src} holds no "
                             f"model.safetensors: run `m3 train --stage warmup` first")
-        if not bank.has("neighbors"):
-            raise BankError(f"bank {cfg.bank.uri} has no neighbors table: run `m3 pair` first")
+        bank.require("neighbors")
     if tc.max_tokens is not None and tc.max_tokens > cfg.model.max_seq_len:
         raise ConfigError(f"train.max_tokens={tc.max_tokens} exceeds model.max_seq_len="
                           f"{cfg.model.max_seq_len}")

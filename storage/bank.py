@@ -35,6 +35,16 @@ class Bank:
     def has(self, name: str) -> bool:
         return name in self.tables()
 
+    # which command makes each table, for the message when a stage finds one missing
+    MADE_BY = {"documents": "m3 ingest", "rejects": "m3 ingest", "refs": "m3 ingest", "train_sequences": "m3 ingest",
+               "memories": "m3 encode", "embeddings": "m3 embed", "neighbors": "m3 pair"}
+
+    def require(self, *names: str) -> None:
+        """Fail, naming the command to run, if a table a stage reads is not there yet."""
+        for name in names:
+            if not self.has(name):
+                raise BankError(f"bank {self.uri} has no {name} table: run `{self.MADE_BY[name]}` first")
+
     def table(self, name: str):
         if not self.has(name):
             raise BankError(f"bank {self.uri} has no table {name!r} (tables: {', '.join(self.tables()) or 'none'})")

@@ -31,8 +31,8 @@ def run_embed(cfg: Config) -> dict:
     r = cfg.retrieval
     embedder = load_embedder(r.embedder)  # fails here, before Ray, if the model is missing
     refs_meta = bank.metadata("refs")
-    refs_uri = bank.dataset("refs").uri
-    n_refs = bank.dataset("refs").count_rows()
+    refs_ds = bank.dataset("refs")
+    refs_uri, n_refs = refs_ds.uri, refs_ds.count_rows()
     key = config_hash({"embedder": embedder.id, "refs": refs_meta.get("ingest_key"),
                        "refs_version": bank.table("refs").version, "per": r.refs_per_shard})
     if bank.has("embeddings") and bank.metadata("embeddings").get("embed_key") == key:

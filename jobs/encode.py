@@ -84,8 +84,8 @@ def run_encode(cfg: Config) -> dict:
     bank = Bank(cfg.bank.uri)
     bank.require("refs")
     refs_meta = bank.metadata("refs")
-    refs_uri = bank.dataset("refs").uri
-    n_refs = bank.dataset("refs").count_rows()
+    refs_ds = bank.dataset("refs")
+    refs_uri, n_refs = refs_ds.uri, refs_ds.count_rows()
     mdir = model_dir(cfg, bank)
     mhash = saved_hash(mdir)
     codec_kw = quantizer(cfg, bank, mdir, refs_uri, n_refs)

@@ -152,7 +152,7 @@ def run_ingest(cfg: Config) -> dict:
         todo = [s for s in shard_ids if not seqs_path(stage_dir, s).exists()]
         _parallel("chunk", todo, lambda s: chunk_shard(s, stage_dir, tok_json, dedup[0], cfg.chunking), report)
     lineage = {"stage": "ingest", "ingest_key": key, "corpus_version": corpus_version,
-               "tokenizer_hash": tokenizer_hash(from_json(tok_json)),
+               "tokenizer_hash": bank_tok.stem,  # tokenizers/<hash>.json
                "tokenizer_path": str(bank_tok.relative_to(cfg.bank.uri)), "config": cfg.as_dict()}
     commit(bank, stage_dir, shard_ids, dedup, lineage, report)
     summary = report.finish(bank, cfg)

@@ -14,8 +14,7 @@ FLOP rate (useful FLOPs counted analytically, 3x forward for forward + backward)
 
 The step is the same code jobs/train.py runs (model.train_step) with torch's AdamW, without
 DeepSpeed or Ray: one process has nothing to shard, and their overhead is not the step's cost.
-The bank needs train_sequences and refs; a missing neighbors table is filled by the test
-STAND-IN for the pairing job (tests/jobs/standin_neighbors.py), not by `m3 pair`.
+The bank needs train_sequences, refs and neighbors (`m3 ingest`, `m3 embed`, `m3 pair`).
 """
 
 import argparse
@@ -97,10 +96,7 @@ def main() -> None:
 
         if not a.bank:
             p.error("--bank is required unless --synthetic")
-        if not Bank(a.bank).has("neighbors"):
-            from tests.jobs.standin_neighbors import write_standin_neighbors
-
-            write_standin_neighbors(a.bank, cfg.mem_chunk_size)
+        Bank(a.bank).require("train_sequences", "refs", "neighbors")
         batch = ShardReader(a.bank, micro_batch=a.batch, neighbors=True, chunk_size=cfg.mem_chunk_size,
                             max_tokens=a.seq, pad_id=cfg.pad_id).batch(0)
         tokens, refs, valid = batch["tokens"], batch["ref_tokens"], batch["ref_valid"]

@@ -88,9 +88,9 @@ def cmd_stage(cfg, args) -> int:
 
 
 def cmd_run(cfg, args) -> int:
-    for name, run in _stages():
-        print(f"== m3 run: {name}", flush=True)
-        run(cfg)
+    from jobs.run import run_all
+
+    run_all(cfg, start=args.start, only=args.only)
     return 0
 
 
@@ -118,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     sql = sub.add_parser("sql", parents=[common], help="run read-only SQL (DuckDB) over the bank's tables")
     sql.add_argument("query")
     sql.add_argument("--format", choices=("table", "csv", "json"), default="table")
-    sub.add_parser("run", parents=[common], help="run every stage in order")
+    run = sub.add_parser("run", parents=[common], help="every stage in order, then the run report")
+    run.add_argument("--from", dest="start", metavar="STAGE", help="start at this stage (the earlier ones are done)")
+    run.add_argument("--only", metavar="STAGES", help="comma-separated stages to run, in pipeline order")
     return parser
 
 

@@ -30,8 +30,10 @@ class RayConfig:
     address: str | None = None
     # CPUs the embedded cluster may use; null = all of this machine's.
     num_cpus: int | None = field(default=None, metadata={"ge": 1})
-    # The embedded cluster's dashboard (needed by `ray job submit`); off keeps the demo quiet.
-    include_dashboard: bool = False
+    # The embedded cluster's dashboard (on loopback). Ray's State API lives in it, and Ray
+    # Train's placement-group cleaner reads that API: without it the cleaner takes a healthy
+    # run's controller for dead and tears the run down (seen after ~90 s of training).
+    include_dashboard: bool = True
     object_store_mb: int | None = field(default=None, metadata={"ge": 64})
 
 
@@ -92,8 +94,9 @@ class ChunkingConfig:
 
 @dataclass(frozen=True)
 class EncodeConfig:
-    # A saved model directory (safetensors + config.json). null = the model of the `model:`
-    # section, freshly initialized with `seed` and saved into the bank once (the demo's start).
+    # A saved model directory (safetensors + config.json). null = the bank's newest trained
+    # model (training/continual, else training/warmup), else the model of the `model:` section
+    # freshly initialized with `seed` and saved into the bank once (the demo's start).
     checkpoint: str | None = None
     seed: int = 0
     codec: str = field(default="int8", metadata={"choices": ("raw-bf16", "raw-fp16", "raw-fp32", "int8", "vq")})
@@ -148,6 +151,10 @@ class Config:
         if self.model.ref_max_tokens < self.chunking.ref_max_tokens:
             raise ValueError(f"model.ref_max_tokens ({self.model.ref_max_tokens}) is smaller than "
                              f"chunking.ref_max_tokens ({self.chunking.ref_max_tokens}): references could not be encoded")
+        paired, trained = self.pair.max_tokens, self.train.max_tokens
+        if paired is not None and (trained is None or trained > paired):
+            raise ValueError(f"train.max_tokens ({trained}) reads past pair.max_tokens ({paired}): the "
+                             f"continual stage would find no neighbors for the chunks beyond")
 
     def as_dict(self) -> dict:
         d = to_dict(self)

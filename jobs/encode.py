@@ -30,12 +30,18 @@ from storage.staging import iter_batches, write_text_atomic
 
 
 def model_dir(cfg: Config, bank: Bank) -> Path:
-    """The checkpoint to encode with; the demo's untrained start is created once, reproducibly."""
+    """The checkpoint to encode with: encode.checkpoint if set, else the bank's newest trained
+    model (continual, else warmup: after training the bank must be re-encoded by the weights
+    that will read it), else an untrained start, created once, reproducibly."""
     if cfg.encode.checkpoint:
         path = Path(cfg.encode.checkpoint)
         if not (path / "model.safetensors").exists():
             raise BankError(f"encode.checkpoint: {path} holds no model.safetensors")
         return path
+    for stage in ("continual", "warmup"):
+        trained = Path(bank.uri) / "training" / stage / "model"
+        if (trained / "model.safetensors").exists():
+            return trained
     path = Path(bank.uri) / "models" / f"init-{config_hash(cfg.model)}-seed{cfg.encode.seed}"
     if not (path / "model.safetensors").exists():
         torch.manual_seed(cfg.encode.seed)
@@ -79,6 +85,28 @@ def quantizer(cfg: Config, bank: Bank, mdir: Path, refs_uri: str, n_refs: int) -
     return {"quantizer": str(path), "quantizer_hash": vq.quantizer_hash}
 
 
+def encode_key(cfg: Config, bank: Bank, mhash: str, codec_kw: dict) -> str:
+    """What a memories table is a function of: same key, same table (the rebuild shares it, so
+    `m3 encode` after a rebuild finds nothing to do)."""
+    return config_hash({"model_hash": mhash, "refs": bank.metadata("refs").get("ingest_key"),
+                        "refs_version": bank.table("refs").version, "codec": cfg.encode.codec,
+                        "quantizer": codec_kw.get("quantizer_hash"), "batch_size": cfg.encode.batch_size,
+                        "refs_per_shard": cfg.encode.refs_per_shard})
+
+
+def memories_lineage(cfg: Config, key: str, mhash: str, mdir: Path, refs_meta: dict, codec_kw: dict) -> dict:
+    return {"stage": "encode", "encode_key": key, "model_hash": mhash, "model_dir": str(mdir),
+            "tokenizer_hash": refs_meta.get("tokenizer_hash"), "corpus_version": refs_meta.get("corpus_version"),
+            "ingest_key": refs_meta.get("ingest_key"), "codec": cfg.encode.codec,
+            "quantizer_hash": codec_kw.get("quantizer_hash"), "quantizer_path": codec_kw.get("quantizer"),
+            "sparsity": sparsity(cfg), "config": cfg.as_dict()}
+
+
+def sparsity(cfg: Config) -> dict:
+    m = cfg.model
+    return {"top_k": m.mem_top_k, "score_combine": m.score_combine, "n_mem_layers": m.n_mem_layers}
+
+
 def run_encode(cfg: Config) -> dict:
     report = Report("encode")
     bank = Bank(cfg.bank.uri)
@@ -89,9 +117,7 @@ def run_encode(cfg: Config) -> dict:
     mdir = model_dir(cfg, bank)
     mhash = saved_hash(mdir)
     codec_kw = quantizer(cfg, bank, mdir, refs_uri, n_refs)
-    key = config_hash({"model_hash": mhash, "refs": refs_meta.get("ingest_key"), "refs_version": bank.table("refs").version,
-                       "codec": cfg.encode.codec, "quantizer": codec_kw.get("quantizer_hash"),
-                       "batch_size": cfg.encode.batch_size, "refs_per_shard": cfg.encode.refs_per_shard})
+    key = encode_key(cfg, bank, mhash, codec_kw)
     if bank.has("memories") and bank.metadata("memories").get("encode_key") == key:
         print(f"encode: memories in {cfg.bank.uri} are up to date for model {mhash[:12]} and codec "
               f"{cfg.encode.codec} (encode key {key}); nothing to do")
@@ -112,13 +138,7 @@ def run_encode(cfg: Config) -> dict:
                          stage_dir=str(stage_dir), batch_size=e.batch_size)
 
     with report.stage("commit"):
-        m = cfg.model
-        lineage = {"stage": "encode", "encode_key": key, "model_hash": mhash, "model_dir": str(mdir),
-                   "tokenizer_hash": refs_meta.get("tokenizer_hash"), "corpus_version": refs_meta.get("corpus_version"),
-                   "ingest_key": refs_meta.get("ingest_key"), "codec": cfg.encode.codec,
-                   "quantizer_hash": codec_kw.get("quantizer_hash"), "quantizer_path": codec_kw.get("quantizer"),
-                   "sparsity": {"top_k": m.mem_top_k, "score_combine": m.score_combine, "n_mem_layers": m.n_mem_layers},
-                   "config": cfg.as_dict()}
+        lineage = memories_lineage(cfg, key, mhash, mdir, refs_meta, codec_kw)
         version = bank.write("memories", MEMORIES, iter_batches([staged_path(stage_dir, s[0]) for s in shards]), lineage)
         bank.tag("memories", f"encode-{key}", version)
     shutil.rmtree(stage_dir, ignore_errors=True)

@@ -97,6 +97,7 @@ def run_pair(cfg: Config) -> dict:
     with report.stage("commit"):
         lineage = {"stage": "pair", "pair_key": key, "ingest_key": seq_meta.get("ingest_key"),
                    "tokenizer_hash": seq_meta.get("tokenizer_hash"), "chunk_size": pc.chunk_size,
+                   "max_tokens": pc.max_tokens,
                    "embed_key": emb_meta["embed_key"], "embedder": emb_meta["embedder"].get("embedder"),
                    "pair": vars(pc), "counts": counts, "config": cfg.as_dict()}
         version = bank.write("neighbors", NEIGHBORS, iter_batches(files, columns=NEIGHBORS.names), lineage)

@@ -26,6 +26,9 @@ class PairConfig:
     threads_per_actor: int = field(default=1, metadata={"ge": 1})
     # The unit of resumption: a killed job redoes at most one shard per actor.
     seqs_per_shard: int = field(default=64, metadata={"ge": 1})
+    # Pair only the first max_tokens of each sequence (null = all): the tokens training reads
+    # (train.max_tokens); chunks past them would cost embedding time and never be used.
+    max_tokens: int | None = field(default=None, metadata={"ge": 1})
 
     def __post_init__(self):
         for name in ("k", "chunk_size", "embed_batch_size", "query_batch_size", "actors",
@@ -39,4 +42,4 @@ class PairConfig:
         """The fields that decide the table's contents (and shard layout): the job key covers
         these; actors and threads only change how fast it gets there."""
         return {"k": self.k, "max_overlap": self.max_overlap, "chunk_size": self.chunk_size,
-                "exact": self.exact, "seqs_per_shard": self.seqs_per_shard}
+                "exact": self.exact, "seqs_per_shard": self.seqs_per_shard, "max_tokens": self.max_tokens}

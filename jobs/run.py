@@ -1,8 +1,117 @@
-"""`python -m jobs.run` is `m3 run`."""
+"""`m3 run`: the whole pipeline in order, then one report of the run.
 
-import sys
+    m3 run -c configs/demo.yaml                      # every stage
+    m3 run -c configs/demo.yaml --from pair          # from a stage on (the earlier ones are done)
+    m3 run -c configs/demo.yaml --only warmup,embed
 
-from jobs.cli import main
+ingest -> warmup -> embed -> pair -> continual -> encode -> evaluate. Every stage is resumable
+and keyed by its inputs, so rerunning a finished run redoes nothing and a killed one continues
+where it stopped. There is no encode between warmup and pair: the continual stage encodes its
+references in real time with its current weights, so a bank encoded by the warmup model would
+never be read; the one encode that matters comes after continual training, with the weights that
+will read it (jobs/encode.py picks the newest trained model).
 
-if __name__ == "__main__":
+The report (<bank>/_reports/run.md, and run.json) gathers what each stage committed: the ingest
+counts, the training curves and the held-out losses with and without memory.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from jobs.config import Config, ConfigError
+
+
+def _ingest(cfg):
+    from jobs.ingest import run_ingest
+
+    return run_ingest(cfg)
+
+
+def _train(stage: str) -> Callable:
+    def run(cfg):
+        from jobs.train import run_train
+
+        return run_train(cfg, stage)
+    return run
+
+
+def _embed(cfg):
+    from jobs.embed import run_embed
+
+    return run_embed(cfg)
+
+
+def _pair(cfg):
+    from jobs.pair import run_pair
+
+    return run_pair(cfg)
+
+
+def _encode(cfg):
+    from jobs.encode import run_encode
+
+    return run_encode(cfg)
+
+
+STAGES: list[tuple[str, Callable]] = [
+    ("ingest", _ingest), ("warmup", _train("warmup")), ("embed", _embed), ("pair", _pair),
+    ("continual", _train("continual")), ("encode", _encode),
+]
+
+
+def register(name: str, fn: Callable, after: str | None = None) -> None:
+    """Add a stage (e.g. evaluation) after another one, or at the end."""
+    names = [n for n, _ in STAGES]
+    if name in names:
+        return
+    STAGES.insert(names.index(after) + 1 if after else len(STAGES), (name, fn))
+
+
+def select(start: str | None = None, only: str | None = None) -> list[tuple[str, Callable]]:
+    names = [n for n, _ in STAGES]
+    if only:
+        wanted = [s.strip() for s in only.split(",") if s.strip()]
+        bad = [s for s in wanted if s not in names]
+        if bad:
+            raise ConfigError(f"--only: unknown stage(s) {', '.join(bad)}; stages are {', '.join(names)}")
+        return [(n, f) for n, f in STAGES if n in wanted]
+    if start:
+        if start not in names:
+            raise ConfigError(f"--from: unknown stage {start!r}; stages are {', '.join(names)}")
+        return STAGES[names.index(start):]
+    return list(STAGES)
+
+
+def run_all(cfg: Config, start: str | None = None, only: str | None = None) -> dict:
+    stages = select(start, only)
+    results: dict[str, dict] = {}
+    seconds: dict[str, float] = {}
+    t_run = time.perf_counter()
+    for name, fn in stages:
+        print(f"== m3 run: {name}", flush=True)
+        t0 = time.perf_counter()
+        results[name] = fn(cfg) or {}
+        seconds[name] = round(time.perf_counter() - t0, 1)
+    total = round(time.perf_counter() - t_run, 1)
+    from jobs.run_report import write_run_report
+
+    path = write_run_report(cfg, results, seconds, total)
+    print(f"== m3 run: done in {total:.0f} s; report {path}", flush=True)
+    return {"stages": results, "seconds": seconds, "total_seconds": total, "report": str(path)}
+
+
+def load_results(cfg: Config) -> dict:
+    path = Path(cfg.bank.uri) / "_reports" / "run.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+if __name__ == "__main__":  # `python -m jobs.run` is `m3 run`
+    import sys
+
+    from jobs.cli import main
+
     sys.exit(main(["run", *sys.argv[1:]]))

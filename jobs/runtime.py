@@ -33,16 +33,41 @@ def init_ray(cfg: RayConfig):
     if cfg.address:
         ray.init(address=cfg.address, logging_level=logging.WARNING)
         return ray
+    # Ray's State API client finds "the" cluster by scanning the machine and gives up when it
+    # finds two (another user's, a test's). Ray Train's placement-group cleaner uses it from
+    # inside our cluster; pointing our processes at our own dashboard keeps it from tearing a
+    # healthy run down. The driver's environment is left alone: it may talk to other clusters.
+    port = free_port() if cfg.include_dashboard else None
+    env = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"} if port else {}
     ray.init(
         num_cpus=cfg.num_cpus,
         include_dashboard=cfg.include_dashboard,
         dashboard_host="127.0.0.1",
+        dashboard_port=port or 8265,
         _node_ip_address="127.0.0.1",
         object_store_memory=cfg.object_store_mb * 2**20 if cfg.object_store_mb else None,
         logging_level=logging.WARNING,
         configure_logging=True,
+        runtime_env={"env_vars": env} if env else None,
     )
     return ray
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dashboard_url() -> str | None:
+    """This driver's cluster's dashboard (State and Jobs API), if it runs one and we started it."""
+    import ray
+
+    node = ray._private.worker.global_worker.node if ray.is_initialized() else None
+    url = node.address_info.get("webui_url") if node is not None else None
+    return f"http://{url}" if url else None
 
 
 def quiet_ray_data() -> None:

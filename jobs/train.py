@@ -59,9 +59,26 @@ def check_stage(cfg, tc: TrainConfig, stage: str) -> None:
             raise BankError(f"continual training starts from the warmup model, but {src} holds no "
                             f"model.safetensors: run `m3 train --stage warmup` first")
         bank.require("neighbors")
+        _check_resume_start(cfg, tc, src)
     if tc.max_tokens is not None and tc.max_tokens > cfg.model.max_seq_len:
         raise ConfigError(f"train.max_tokens={tc.max_tokens} exceeds model.max_seq_len="
                           f"{cfg.model.max_seq_len}")
+
+
+def _check_resume_start(cfg, tc: TrainConfig, warmup_dir: Path) -> None:
+    """Continual checkpoints only resume on top of the warmup model they started from: a
+    retrained warmup under an old continual run would mix two lineages in one model."""
+    from model.checkpoint import saved_hash
+
+    export = stage_dir(cfg, "continual") / "model" / "export.json"
+    if not export.exists():
+        return
+    started = json.loads(export.read_text()).get("init_model_hash")
+    now = saved_hash(warmup_dir)
+    if started is not None and started != now:
+        raise TrainError(f"the continual checkpoints in {export.parent.parent} started from warmup model "
+                         f"{started[:12]}, but the warmup model is now {now[:12]}: remove that directory "
+                         f"to train the continual stage again")
 
 
 def run_train(cfg, stage: str, train: TrainConfig | None = None, launcher: str = "ray") -> dict:
@@ -91,6 +108,15 @@ def _fit_with_ray(cfg, tc, stage, args) -> None:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    import ray
+
+    if not cfg.ray.address and not cfg.ray.include_dashboard:
+        raise ConfigError("ray.include_dashboard: training needs the Ray dashboard (Ray Train reads its "
+                          "State API to tell a live run from a dead one); expected true, got false")
+    problem = _wait_for_state_api(ray)
+    if problem:
+        raise TrainError(f"Ray's State API (the dashboard's) did not answer within 2 minutes ({problem}); "
+                         f"Ray Train cannot run safely without it")
     trainer = TorchTrainer(
         train_loop, train_loop_config={**args, "launcher": "ray"},
         scaling_config=ScalingConfig(num_workers=tc.workers, use_gpu=_use_gpu(),
@@ -98,10 +124,81 @@ def _fit_with_ray(cfg, tc, stage, args) -> None:
         torch_config=TorchConfig(backend="nccl" if _use_gpu() else "gloo"),
         run_config=RunConfig(name=f"m3-{stage}", storage_path=str(stage_dir(cfg, stage) / "ray"),
                              failure_config=FailureConfig(max_failures=0)))
+    progress = LogFollower(stage_dir(cfg, stage) / "log.jsonl", stage, tc)
+    progress.start()
     try:
         trainer.fit()
     except Exception as e:  # Ray wraps the worker's error; keep its message, drop Ray's frames
         raise TrainError(f"{stage} training failed: {type(e).__name__}: {str(e)[-2000:]}") from None
+    finally:
+        progress.stop()
+
+
+def _wait_for_state_api(ray, seconds: float = 120) -> str | None:
+    """None once this Ray session's State API answers; else the last error. The dashboard that
+    serves it starts after ray.init returns, slowly on a loaded machine."""
+    from jobs.runtime import dashboard_url
+
+    url = dashboard_url()
+    if url is None:
+        return None  # a cluster we joined: its operators run its dashboard
+    from ray.util.state import list_nodes
+
+    deadline, problem = time.monotonic() + seconds, None
+    while time.monotonic() < deadline:
+        try:
+            list_nodes(address=url, limit=1, timeout=10)
+            return None
+        except Exception as e:  # connection refused while it starts, timeouts under load
+            problem = f"{type(e).__name__}: {str(e)[:200]}"
+            time.sleep(2)
+    return problem
+
+
+class LogFollower:
+    """Prints rank 0's log lines from the driver: a worker's own prints reach the driver through
+    Ray's log forwarding, which repeats some of them, and not at all under `ray job submit`
+    until the job flushes."""
+
+    def __init__(self, path: Path, stage: str, tc: TrainConfig):
+        import threading
+
+        self.path, self.stage, self.tc = path, stage, tc
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.seen = max((r["step"] for r in self._rows()), default=0)  # a resumed run's past
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join(timeout=5)
+        self._poll()
+
+    def _run(self) -> None:
+        while not self.done.wait(1.0):
+            self._poll()
+
+    def _rows(self) -> list[dict]:
+        try:
+            return [json.loads(line) for line in self.path.read_text().splitlines() if line.endswith("}")]
+        except (OSError, ValueError):
+            return []  # not there yet, or a line being written: next poll
+
+    def _poll(self) -> None:
+        total = self.tc.stage_steps(self.stage)
+        for row in self._rows():
+            step = row["step"]
+            if step > self.seen and (step % self.tc.log_every == 0 or step == total):
+                print(progress_line(self.stage, row, total), flush=True)
+                self.seen = step
+
+
+def progress_line(stage: str, row: dict, total: int) -> str:
+    hits = f" memory hits {row['memory_hits']}/{row['chunks']}" if stage == "continual" else ""
+    return (f"train {stage} [{row['step']}/{total}] loss {row['loss']:.4f} lr {row['lr']:.2e} "
+            f"{row['tokens_per_s']:,.0f} tok/s{hits}")
 
 
 def _use_gpu() -> bool:
@@ -153,7 +250,11 @@ def build_optimizer(model, tc: TrainConfig, stage: str):
     steps = tc.stage_steps(stage)
     wsd = WSDConfig(peak_lr=peak, warmup_steps=min(tc.lr_warmup_steps, steps - round(tc.decay_fraction * steps)),
                     total_steps=steps, decay_fraction=tc.decay_fraction, min_lr_ratio=tc.min_lr_ratio)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(wsd))
+    # LambdaLR asks for the rate of update s (0-based) with s updates done, which the WSD ramp
+    # puts at 0 for the first update; shift by one so update s + 1 trains at the ramp's value
+    # at s + 1 and the last update lands on the floor.
+    f = lr_lambda(wsd)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: f(s + 1))
 
 
 def train_loop(args: dict) -> None:
@@ -223,10 +324,8 @@ def train_loop(args: dict) -> None:
                    "chunks": int(stats[3]), "seconds": dt}
             log.write(json.dumps(row) + "\n")
             log.flush()
-            if (step + 1) % tc.log_every == 0 or step + 1 == total:
-                print(f"train {stage} [{step + 1}/{total}] loss {row['loss']:.4f} lr {lr:.2e} "
-                      f"{row['tokens_per_s']:,.0f} tok/s" + (f" hits {row['memory_hits']}/{row['chunks']}"
-                                                             if stage == "continual" else ""), flush=True)
+            if args.get("launcher") != "ray" and ((step + 1) % tc.log_every == 0 or step + 1 == total):
+                print(progress_line(stage, row, total), flush=True)  # under Ray the driver prints
         if (step + 1) % tc.checkpoint_every == 0 or step + 1 == total:
             save_checkpoint(engine, cfg, tc, stage, step + 1, rank)
         maybe_crash("train", step + 1)
@@ -254,7 +353,7 @@ def save_checkpoint(engine, cfg, tc: TrainConfig, stage: str, step: int, rank: i
     from model.checkpoint import saved_hash
 
     sdir = stage_dir(cfg, stage)
-    options = {"stage": stage, "step": step, "sparsify_refs": tc.sparsify_refs,
+    options = {"stage": stage, "step": step, "init_model_hash": _init_hash(cfg, tc, stage), "sparsify_refs": tc.sparsify_refs,
                "grad_through_refs": tc.grad_through_refs, "window": tc.window, "seed": tc.seed,
                "train": dataclasses.asdict(tc)}
     engine.save_checkpoint(str(sdir / "checkpoints"), tag=f"step{step:07d}",
@@ -271,6 +370,13 @@ def save_checkpoint(engine, cfg, tc: TrainConfig, stage: str, step: int, rank: i
     tags = sorted(p for p in (sdir / "checkpoints").iterdir() if p.is_dir() and p.name.startswith("step"))
     for old in tags[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _init_hash(cfg, tc: TrainConfig, stage: str) -> str | None:
+    """The model a stage started from (None for warmup: a seeded random init)."""
+    from model.checkpoint import saved_hash
+
+    return saved_hash(warmup_model_dir(cfg, tc)) if stage == "continual" else None
 
 
 def read_log(cfg, stage: str) -> list[dict]:
@@ -335,23 +441,42 @@ def evaluate(cfg, checkpoint: str | Path, split: str = "heldout", train: TrainCo
     reader = ShardReader(cfg.bank.uri, micro_batch=1, split=split, heldout_fraction=tc.heldout_fraction,
                          neighbors=with_memory, chunk_size=model.config.mem_chunk_size,
                          max_tokens=tc.max_tokens or model.config.max_seq_len, shuffle=False)
-    sums = {"loss": 0.0, "loss_memory": 0.0}
-    n_tok = n_seq = 0
+    from itertools import islice
+
+    batches = list(islice(reader.epoch_batches(), tc.eval_sequences))  # micro_batch 1: a sequence each
+    per_seq = []  # (seq_id, target tokens, loss, with its memories, with another sequence's)
     with torch.no_grad():
-        for b in reader.epoch_batches():
+        for i, b in enumerate(batches):
             w = (b["tokens"][:, 1:] != model.config.pad_id).sum().item()
-            sums["loss"] += lm_loss(model, b["tokens"]).item() * w
+            row = [b["seq_ids"][0], w, lm_loss(model, b["tokens"]).item(), None, None]
             if with_memory:
-                mem, mask = continual_memories(model, b["ref_tokens"], b["ref_valid"], window=tc.window,
-                                               sparsify=sparsify, grad_through_refs=False)
-                sums["loss_memory"] += lm_loss(model, b["tokens"], mem, mask).item() * w
-            n_tok, n_seq = n_tok + w, n_seq + 1
-            if n_seq >= tc.eval_sequences:
-                break
-    out = {"split": split, "sequences": n_seq, "tokens": n_tok, "loss": sums["loss"] / max(n_tok, 1)}
+                # the control: the neighbors of a sequence half the split away, so a gain that
+                # comes from attending to any extra tokens shows up on both sides
+                other = batches[(i + len(batches) // 2) % len(batches)]
+                for col, src in ((3, b), (4, other)):
+                    mem, mask = continual_memories(model, src["ref_tokens"], src["ref_valid"], window=tc.window,
+                                                   sparsify=sparsify, grad_through_refs=False)
+                    row[col] = lm_loss(model, b["tokens"], mem, mask).item()
+            per_seq.append(tuple(row))
+    n_tok = sum(r[1] for r in per_seq)
+    mean = lambda col: sum(r[col] * r[1] for r in per_seq) / max(n_tok, 1)  # noqa: E731
+    out = {"split": split, "sequences": len(per_seq), "tokens": n_tok, "loss": mean(2), "per_sequence": per_seq}
     if with_memory:
-        out["loss_memory"] = sums["loss_memory"] / max(n_tok, 1)
+        out["loss_memory"], out["loss_other_memory"] = mean(3), mean(4)
     return out
+
+
+def paired_gain(per_seq: list[tuple], col: int = 3) -> dict:
+    """Loss without minus with memory (column col of evaluate's per_sequence), per sequence:
+    its mean, standard error and how many sequences it helped. The same sequences on both
+    sides, so the spread between sequences cancels."""
+    import statistics
+
+    d = [r[2] - r[col] for r in per_seq if r[col] is not None]
+    if len(d) < 2:
+        return {}
+    return {"mean_gain": statistics.fmean(d), "stderr": statistics.stdev(d) / len(d) ** 0.5,
+            "helped": sum(x > 0 for x in d), "of": len(d)}
 
 
 def memory_evidence(cfg, tc: TrainConfig) -> dict:
@@ -360,9 +485,13 @@ def memory_evidence(cfg, tc: TrainConfig) -> dict:
     cont = evaluate(cfg, stage_dir(cfg, "continual") / "model", train=tc)
     out = {"split": "heldout", "sequences": cont["sequences"], "tokens": cont["tokens"],
            "warmup_loss": warm["loss"], "continual_loss_no_memory": cont["loss"],
-           "continual_loss_memory": cont.get("loss_memory")}
-    print("evidence (held-out): " + ", ".join(f"{k} {v:.4f}" for k, v in out.items()
-                                              if isinstance(v, float)), flush=True)
+           "continual_loss_memory": cont.get("loss_memory"),
+           "continual_loss_other_memory": cont.get("loss_other_memory"),
+           "paired": paired_gain(cont["per_sequence"]), "paired_other": paired_gain(cont["per_sequence"], col=4)}
+    p = out["paired"]
+    print("evidence (held-out): " + ", ".join(f"{k} {v:.4f}" for k, v in out.items() if isinstance(v, float))
+          + (f"; memory lowers the loss by {p['mean_gain']:.4f} +- {p['stderr']:.4f} nats/token per sequence, "
+             f"{p['helped']} of {p['of']} sequences" if p else ""), flush=True)
     return out
 
 

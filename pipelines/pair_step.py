@@ -126,7 +126,8 @@ class PairShards:
 
         for shard, start, end in zip(batch["shard"], batch["start"], batch["end"]):
             t = self.seqs.to_table(columns=["seq_id", "token_ids"], offset=int(start), limit=int(end) - int(start))
-            out = pair_shard(t.column("seq_id").to_pylist(), t.column("token_ids").to_pylist(),
+            seqs = [toks[:self.cfg.max_tokens] for toks in t.column("token_ids").to_pylist()]
+            out = pair_shard(t.column("seq_id").to_pylist(), seqs,
                              tokenizer=self.tokenizer, embedder=self.embedder, table=self.table,
                              refs_ds=self.refs, cfg=self.cfg, params=self.params)
             write_atomic(staged_path(self.stage_dir, int(shard)), out)

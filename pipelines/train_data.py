@@ -93,6 +93,11 @@ class ShardReader:
         if meta.get("chunk_size") not in (None, self.chunk_size):
             raise BankError(f"neighbors table pairs {meta['chunk_size']}-token chunks; the model's "
                             f"mem_chunk_size is {self.chunk_size}")
+        paired = meta.get("max_tokens")
+        if paired is not None and (self.max_tokens is None or self.max_tokens > paired):
+            raise BankError(f"neighbors table pairs the first {paired} tokens of each sequence; training "
+                            f"reads {self.max_tokens or 'all'}: set pair.max_tokens to train.max_tokens "
+                            f"and rerun `m3 pair`")
         mine = self.seqs.take(self.rows, columns=["seq_id"]).column("seq_id")
         table = self.bank.dataset("neighbors").to_table(columns=["seq_id", "chunk", "ref_id"])
         table = table.filter(pc.is_in(table["seq_id"], value_set=mine))

@@ -139,3 +139,48 @@ def test_resume_keeps_staged_shards_and_matches_an_uninterrupted_run(paired, cap
     after = sorted((r["seq_id"], r["chunk"], r["ref_id"], r["score"]) for r in _tables(cfg)[3])
     assert [a[:3] for a in after] == [b[:3] for b in before]
     assert np.allclose([a[3] or 0 for a in after], [b[3] or 0 for b in before], atol=1e-5)
+
+
+def test_killed_pair_resumes_and_max_tokens_pairs_only_what_training_reads(paired, tmp_path):
+    """A real kill (the job's process exits after its first shard) on a copy of the bank, with
+    pair.max_tokens=128: the rerun keeps the staged shard, and the table holds exactly the
+    first two 64-token chunks of every sequence, paired as the full run paired them."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    cfg, _ = paired
+    full = {(r["seq_id"], r["chunk"]): r["ref_id"] for r in _tables(cfg)[3]}
+    bank = tmp_path / "bank"
+    shutil.copytree(cfg.bank.uri, bank)
+    overrides = [f"bank.uri={bank}", "pair.max_tokens=128", "train.max_tokens=128", "pair.seqs_per_shard=8", "ray.num_cpus=2",
+                 "pair.threads_per_actor=1"]
+    args = [sys.executable, "-m", "jobs.pair", "-c", "configs/demo.yaml"]
+    for s in overrides:
+        args += ["--set", s]
+    env = dict(os.environ, M3_PROGRESS="0", M3_CRASH_AT="pair:1")
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 75, proc.stderr[-3000:]
+    n_seqs = len(_tables(cfg)[1])
+    staged = list(bank.glob("_staging/pair-*/*.parquet"))
+    assert 1 <= len(staged) < -(-n_seqs // 8)  # killed part-way: some shards staged, not all
+    cfg2 = dataclasses.replace(cfg, bank=dataclasses.replace(cfg.bank, uri=str(bank)),
+                               pair=dataclasses.replace(PAIR, max_tokens=128),
+                               train=dataclasses.replace(cfg.train, max_tokens=128))
+    run_pair(cfg2)
+    rows = Bank(str(bank)).dataset("neighbors").to_table().to_pylist()
+    assert sorted({r["chunk"] for r in rows}) == [0, 1] and len(rows) == 2 * n_seqs
+    # the leakage filter judges the 128 tokens training reads: a reference of the sequence's
+    # later text may be a neighbor now (it was not in the full run: the model never sees that text)
+    seqs, refs = _tables(cfg)[1], _tables(cfg)[2]
+    kept = [r for r in rows if r["ref_id"] is not None]
+    assert kept and all(overlap(seqs[r["seq_id"]]["token_ids"][:128], refs[r["ref_id"]]["token_ids"])
+                        <= PAIR.max_overlap for r in kept)
+    assert sum(full[(r["seq_id"], r["chunk"])] == r["ref_id"] for r in rows) > len(rows) // 2
+    assert Bank(str(bank)).metadata("neighbors")["max_tokens"] == 128
+    with pytest.raises(BankError, match="pairs the first 128 tokens"):
+        ShardReader(str(bank), neighbors=True, chunk_size=64, heldout_fraction=0.0, max_tokens=192)
+    ShardReader(str(bank), neighbors=True, chunk_size=64, heldout_fraction=0.0, max_tokens=128)

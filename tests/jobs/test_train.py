@@ -1,6 +1,6 @@
 """Two-stage training end to end: real DeepSpeed (gloo, CPU) under real Ray Train, tiny model.
 
-The `neighbors` table comes from tests/jobs/standin_neighbors.py, a STAND-IN for the pairing job.
+The bank is a small real one: FOLDOC ingested, embedded and paired by the jobs themselves.
 """
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ import pytest
 
 from jobs.config import ConfigError, load_config
 from jobs.config_loader import _Where, build
+from jobs.embed import run_embed
 from jobs.ingest import run_ingest
+from jobs.pair import run_pair
 from jobs.train import TrainError, evaluate, read_log, run_train, stage_dir
 from jobs.train_config import TrainConfig
 from model import load_model, model_hash
 from storage.bank import BankError
 from tests.conftest import write_foldoc_corpus
-from tests.jobs.standin_neighbors import write_standin_neighbors
 
 pytestmark = pytest.mark.slow
 
@@ -29,20 +30,24 @@ FAST = dict(workers=2, cpus_per_worker=0.5, micro_batch=2, checkpoint_every=2, l
             log_every=2, eval_sequences=4, max_tokens=192)
 
 
-def config(corpus: Path, bank: Path):
+def config(corpus: Path, bank: Path, *extra: str):
+    """configs/demo.yaml made tiny: the small real corpus, the tiny model, one thread per actor."""
     return load_config("configs/demo.yaml", [
         f"corpus.paths=[{corpus}]", f"bank.uri={bank}", "corpus.records_per_shard=100",
-        "tokenizer.vocab_size=600", "chunking.seq_len=256", "ray.num_cpus=2", *TINY])
+        "tokenizer.vocab_size=600", "chunking.seq_len=256", "ray.num_cpus=2", "retrieval.refs_per_shard=200",
+        "retrieval.threads_per_actor=1", "pair.seqs_per_shard=32", *TINY, *extra])
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, ray_local):
-    """An ingested tiny bank with stand-in neighbors; tests copy it."""
+    """An ingested, embedded and paired tiny bank; tests copy it."""
     root = tmp_path_factory.mktemp("train")
     corpus = write_foldoc_corpus(root / "c.jsonl.gz", 120, min_words=60)
     bank = root / "bank"
-    run_ingest(config(corpus, bank))
-    write_standin_neighbors(str(bank), chunk_size=64)
+    cfg = config(corpus, bank)
+    run_ingest(cfg)
+    run_embed(cfg)
+    run_pair(cfg)
     return corpus, bank
 
 

@@ -1,0 +1,92 @@
+"""The report `m3 run` ends with: <bank>/_reports/run.md (for people) and run.json (for tools).
+
+Built from what the stages returned and committed (training logs, evidence files), so a rerun
+that finds every stage done still writes the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 100 else f"{v:,.1f}"
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def _stage_line(name: str, r: dict) -> str:
+    """One short phrase of what a stage produced."""
+    if r.get("status") == "up_to_date":
+        return "up to date (nothing to do)"
+    if name == "ingest":
+        return (f"{r.get('documents', 0):,} documents kept, {r.get('rejected', 0):,} rejected; "
+                f"{r.get('references', 0):,} references, {r.get('train_sequences', 0):,} sequences")
+    if name in ("warmup", "continual"):
+        return f"{r.get('steps')} steps, final training loss {_fmt(r.get('final_loss'))}, model {str(r.get('model_hash'))[:12]}"
+    if name == "pair":
+        return (f"{r.get('chunks', 0):,} chunks, {r.get('with_neighbor', 0):,} with a neighbor, "
+                f"{r.get('dropped', 0):,} candidates dropped by the overlap filter")
+    if name == "encode":
+        return f"{r.get('references', 0):,} memories by model {str(r.get('model_hash'))[:12]} ({r.get('refs_per_s')} refs/s)"
+    if name == "embed":
+        return f"{r.get('references', r.get('vectors', 0)):,} vectors"
+    return ", ".join(f"{k} {_fmt(v)}" for k, v in r.items() if isinstance(v, (int, float)))[:200]
+
+
+def evidence_lines(ev: dict) -> list[str]:
+    rows = [("warmup model (no memory)", ev.get("warmup_loss")),
+            ("continual model, without memory", ev.get("continual_loss_no_memory")),
+            ("continual model, with memory", ev.get("continual_loss_memory")),
+            ("continual model, with another sequence's memories (control)", ev.get("continual_loss_other_memory"))]
+    out = [f"Held-out loss per token ({ev.get('sequences')} sequences, {ev.get('tokens'):,} tokens, "
+           "same split for every row):", "", "| model | loss | perplexity |", "|---|---|---|"]
+    import math
+
+    out += [f"| {name} | {v:.4f} | {math.exp(v):,.1f} |" for name, v in rows if v is not None]
+    if ev.get("continual_loss_memory") is not None:
+        gain = ev["continual_loss_no_memory"] - ev["continual_loss_memory"]
+        verdict = (f"Memory lowers the continual model's held-out loss by {gain:.4f} nats/token "
+                   f"({gain / ev['continual_loss_no_memory']:.1%})." if gain > 0 else
+                   f"Memory does not lower the held-out loss here ({-gain:.4f} nats/token higher with it).")
+        out += ["", verdict]
+        p = ev.get("paired") or {}
+        if p:
+            out += ["", f"Per sequence (paired, same weights): {p['mean_gain']:+.4f} ± {p['stderr']:.4f} "
+                        f"(standard error) nats/token; memory helped {p['helped']} of {p['of']} sequences."]
+        c = ev.get("paired_other") or {}
+        if c:
+            out += [f"The control (each sequence given the memories of another one): {c['mean_gain']:+.4f} ± "
+                    f"{c['stderr']:.4f}, helped {c['helped']} of {c['of']}; what memory adds beyond "
+                    f"attending to any extra tokens is the difference, {p['mean_gain'] - c['mean_gain']:+.4f}."]
+    return out
+
+
+def write_run_report(cfg, results: dict, seconds: dict, total: float) -> Path:
+    out_dir = Path(cfg.bank.uri) / "_reports"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = [f"# m3 run: {cfg.name}", "", f"Config `{cfg.source}`, bank `{cfg.bank.uri}`, "
+             f"{time.strftime('%Y-%m-%d %H:%M:%S')}; {total:.0f} s in all.", "",
+             "| stage | seconds | result |", "|---|---|---|"]
+    lines += [f"| {name} | {seconds[name]:.1f} | {_stage_line(name, r)} |" for name, r in results.items()]
+    ev = (results.get("continual") or {}).get("evidence") or _read(Path(cfg.bank.uri) / "training" / "continual" / "evidence.json")
+    if ev:
+        lines += ["", "## Does memory help?", ""] + evidence_lines(ev)
+    png = Path(cfg.bank.uri) / "training" / "loss.png"
+    if png.exists():
+        lines += ["", "## Training loss", "", f"![loss curves of both stages]({png.resolve()})"]
+    for name, r in results.items():  # stages that bring their own markdown (evaluation)
+        if isinstance(r, dict) and r.get("markdown"):
+            lines += ["", r["markdown"]]
+    md = out_dir / "run.md"
+    md.write_text("\n".join(lines) + "\n")
+    (out_dir / "run.json").write_text(json.dumps({"stages": results, "seconds": seconds, "total_seconds": total},
+                                                 indent=2, default=str))
+    print("\n".join(lines), flush=True)
+    return md
+
+
+def _read(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None

@@ -1,0 +1,58 @@
+"""`m3 run`: stage selection, and the whole pipeline end to end on a tiny model and real FOLDOC
+(ingest -> warmup -> embed -> pair -> continual -> encode), ending in the run report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jobs.config import ConfigError
+from jobs.run import run_all, select
+from jobs.train import stage_dir
+from model.checkpoint import saved_hash
+from storage.bank import Bank, BankError
+from storage.memory_store import MemoryStore
+from tests.conftest import write_foldoc_corpus
+from tests.jobs.test_train import config
+
+
+def test_stage_selection():
+    names = [n for n, _ in select()]
+    assert names[:6] == ["ingest", "warmup", "embed", "pair", "continual", "encode"]
+    assert [n for n, _ in select(start="pair")][:3] == ["pair", "continual", "encode"]
+    assert [n for n, _ in select(only="encode,warmup")] == ["warmup", "encode"]  # pipeline order
+    with pytest.raises(ConfigError, match="unknown stage.*stages are ingest, warmup"):
+        select(only="warmup,finetune")
+    with pytest.raises(ConfigError, match="--from"):
+        select(start="nope")
+
+
+@pytest.mark.slow
+def test_whole_pipeline_then_a_rerun_does_nothing(tmp_path, ray_local, capsys):
+    corpus = write_foldoc_corpus(tmp_path / "c.jsonl.gz", 120, min_words=60)
+    cfg = config(corpus, tmp_path / "bank", "train.warmup_stage_steps=4", "train.continual_stage_steps=4",
+                 "train.checkpoint_every=4", "train.lr_warmup_steps=1", "train.cpus_per_worker=0.5",
+                 "train.max_tokens=192", "train.eval_sequences=4", "pair.max_tokens=192")
+    out = run_all(cfg, only="ingest,warmup,embed,pair,continual,encode")
+    report = (tmp_path / "bank" / "_reports" / "run.md").read_text()
+    for stage in ("ingest", "warmup", "embed", "pair", "continual", "encode"):
+        assert f"| {stage} |" in report
+    assert "## Does memory help?" in report and "continual model, with memory" in report
+    ev = out["stages"]["continual"]["evidence"]
+    assert ev["continual_loss_memory"] is not None and ev["tokens"] > 0
+
+    # the bank ends encoded by the continual model, and refuses the warmup model
+    bank = Bank(cfg.bank.uri)
+    continual = saved_hash(stage_dir(cfg, "continual") / "model")
+    assert bank.metadata("memories")["model_hash"] == continual
+    assert len(MemoryStore(bank, continual)) == bank.dataset("refs").count_rows()
+    with pytest.raises(BankError, match="re-encode"):
+        MemoryStore(bank, saved_hash(stage_dir(cfg, "warmup") / "model"))
+    saved = json.loads((tmp_path / "bank" / "_reports" / "run.json").read_text())
+    assert saved["stages"]["pair"]["with_neighbor"] > 0
+
+    capsys.readouterr()
+    again = run_all(cfg, only="ingest,embed,pair,encode")
+    assert all(r.get("status") == "up_to_date" for r in again["stages"].values()), again["stages"]
+

@@ -15,6 +15,7 @@ import sys
 import yaml
 
 from jobs.config import ConfigError, load_config
+from jobs.ops_cli import COMMANDS as OPS_COMMANDS, USER_ERRORS as OPS_ERRORS, add_parsers as add_ops
 from pipelines.readers import InputError
 from pipelines.tokenizer import TokenizerError
 from storage.bank import BankError
@@ -23,7 +24,7 @@ from model.embedder import EmbedderError
 from storage.sql import SQLError
 
 # Errors that mean "the input or the config is wrong": one clear line, no traceback.
-USER_ERRORS = (ConfigError, InputError, BankError, TokenizerError, SQLError, EmbedderError, TrainError)
+USER_ERRORS = (ConfigError, InputError, BankError, TokenizerError, SQLError, EmbedderError, TrainError, *OPS_ERRORS)
 
 
 def _stages():
@@ -74,7 +75,8 @@ def cmd_sql(cfg, args) -> int:
     from storage.bank import Bank
     from storage.sql import query, render
 
-    columns, rows = query(Bank(cfg.bank.uri), args.query)
+    # live=True: the last published build, never a rebuild in progress (storage/live.py)
+    columns, rows = query(Bank(cfg.bank.uri, live=True), args.query)
     print(render(columns, rows, args.format))
     return 0
 
@@ -121,11 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", parents=[common], help="every stage in order, then the run report")
     run.add_argument("--from", dest="start", metavar="STAGE", help="start at this stage (the earlier ones are done)")
     run.add_argument("--only", metavar="STAGES", help="comma-separated stages to run, in pipeline order")
+    add_ops(sub, common)  # rebuild, submit, jobs, logs, stop, schedule
     return parser
 
 
 COMMANDS = {"validate": cmd_validate, "ingest": cmd_stage, "encode": cmd_stage, "embed": cmd_stage, "pair": cmd_stage,
-            "search": cmd_search, "train": cmd_train, "bank": cmd_bank, "sql": cmd_sql, "run": cmd_run}
+            "search": cmd_search, "train": cmd_train, "bank": cmd_bank, "sql": cmd_sql, "run": cmd_run,
+            **OPS_COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from jobs.pair_config import PairConfig
+from jobs.rebuild_config import RebuildConfig, ScheduleConfig
 from jobs.train_config import TrainConfig
 from jobs.config_loader import ConfigError, _Lined, _Where, apply_overrides, build, read_yaml, to_dict
 from model.config import PRESETS, ModelConfig
@@ -39,8 +40,14 @@ class RayConfig:
 
 @dataclass(frozen=True)
 class BankConfig:
-    # Directory (or object-store URI) that holds every table of this bank.
+    # Directory (or object-store URI) that holds every table of this bank. A local path is
+    # made absolute against the working directory where the config is loaded: Ray workers
+    # (Ray Train's above all) run in directories of their own.
     uri: str = "./bank/default"
+
+    def __post_init__(self):
+        if "://" not in self.uri:
+            object.__setattr__(self, "uri", str(Path(self.uri).absolute()))
 
 
 @dataclass(frozen=True)
@@ -141,6 +148,8 @@ class Config:
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     pair: PairConfig = field(default_factory=PairConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    rebuild: RebuildConfig = field(default_factory=RebuildConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     # Where the config came from; relative corpus paths resolve against the working directory.
     source: str = field(default="<defaults>", compare=False)
 

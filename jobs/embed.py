@@ -24,6 +24,18 @@ from storage.staging import iter_batches
 from storage.vectors import build_index
 
 
+def embed_key(cfg: Config, bank: Bank, embedder) -> str:
+    """What an embeddings table is a function of (shared with the incremental rebuild)."""
+    return config_hash({"embedder": embedder.id, "refs": bank.metadata("refs").get("ingest_key"),
+                        "refs_version": bank.table("refs").version, "per": cfg.retrieval.refs_per_shard})
+
+
+def embeddings_lineage(cfg: Config, key: str, embedder, refs_meta: dict) -> dict:
+    return {"stage": "embed", "embed_key": key, "embedder": embedder.lineage(),
+            "tokenizer_hash": refs_meta.get("tokenizer_hash"), "ingest_key": refs_meta.get("ingest_key"),
+            "config": cfg.as_dict()}
+
+
 def run_embed(cfg: Config) -> dict:
     report = Report("embed")
     bank = Bank(cfg.bank.uri)
@@ -33,8 +45,7 @@ def run_embed(cfg: Config) -> dict:
     refs_meta = bank.metadata("refs")
     refs_ds = bank.dataset("refs")
     refs_uri, n_refs = refs_ds.uri, refs_ds.count_rows()
-    key = config_hash({"embedder": embedder.id, "refs": refs_meta.get("ingest_key"),
-                       "refs_version": bank.table("refs").version, "per": r.refs_per_shard})
+    key = embed_key(cfg, bank, embedder)
     if bank.has("embeddings") and bank.metadata("embeddings").get("embed_key") == key:
         print(f"embed: embeddings in {cfg.bank.uri} are up to date for {embedder.id} (embed key {key}); nothing to do")
         return {"status": "up_to_date", "embed_key": key}
@@ -48,9 +59,7 @@ def run_embed(cfg: Config) -> dict:
         run_actor_shards("embed", todo, EmbedShards, actors=r.actors, threads=r.threads_per_actor,
                          spec=r.embedder, refs_uri=refs_uri, stage_dir=str(stage_dir), batch_size=r.batch_size)
     with report.stage("commit"):
-        lineage = {"stage": "embed", "embed_key": key, "embedder": embedder.lineage(),
-                   "tokenizer_hash": refs_meta.get("tokenizer_hash"), "ingest_key": refs_meta.get("ingest_key"),
-                   "config": cfg.as_dict()}
+        lineage = embeddings_lineage(cfg, key, embedder, refs_meta)
         files = [stage_dir / f"e{i:06d}.parquet" for i, _, _ in shards]
         version = bank.write("embeddings", EMBEDDINGS_SCHEMA(embedder.dim), iter_batches(files), lineage)
         index = build_index(bank.table("embeddings"), n_refs, threshold=r.index_threshold, index_type=r.index_type)

@@ -1,5 +1,9 @@
 """The bank: one directory of LanceDB tables, each write one commit with its lineage attached.
 
+Readers that must never see a half-built bank open it with `Bank(uri, live=True)`: every table
+then resolves to the version the bank's `live` manifest names (storage/live.py) where there is
+one, and to the latest version otherwise. The stages themselves read and write the latest.
+
 Lineage (the config, the corpus version, the tokenizer hash, ...) rides in the Arrow schema
 metadata under the key `m3`, so it travels with every version of the table and `m3 sql` users,
 readers in other stages and a later rebuild can all ask "what produced this?".
@@ -25,9 +29,14 @@ class BankError(RuntimeError):
 
 
 class Bank:
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, live: bool = False):
+        from storage.live import live_versions
+
         self.uri = uri
         self.db = lancedb.connect(uri)
+        # read once: a reader keeps one consistent build for its whole life, even if a
+        # rebuild publishes a new one meanwhile
+        self.pins: dict[str, int] = live_versions(uri) if live else {}
 
     def tables(self) -> list[str]:
         return sorted(self.db.list_tables().tables)
@@ -49,6 +58,8 @@ class Bank:
         if not self.has(name):
             raise BankError(f"bank {self.uri} has no table {name!r} (tables: {', '.join(self.tables()) or 'none'})")
         tbl = self.db.open_table(name)
+        if name in self.pins:
+            tbl.checkout(self.pins[name])
         meta = _decode(tbl.schema.metadata)
         version = meta.get("schema_version")
         if version is not None and version != SCHEMA_VERSION:
@@ -65,7 +76,7 @@ class Bank:
         """The table as a Lance dataset: what DuckDB and Arrow scanners read with pushdown."""
         import lance
 
-        return lance.dataset(str(Path(self.uri) / f"{name}.lance"))
+        return lance.dataset(str(Path(self.uri) / f"{name}.lance"), version=self.pins.get(name))
 
     def write(self, name: str, schema: pa.Schema, batches: Iterable[pa.RecordBatch], lineage: dict) -> int:
         """Replace the table's contents with `batches` as one new version; return that version.

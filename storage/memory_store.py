@@ -7,7 +7,9 @@ memory is only readable by the weights that wrote it.
 
 Lookups resolve ref_id -> row once (a dict built from the ref_id column) and then read only the
 rows asked for with Lance's `take`, from the pinned table version, so a rebuild committing
-meanwhile cannot change what this store returns.
+meanwhile cannot change what this store returns. With no version given, the store pins the
+bank's `live` version (storage/live.py) when the bank has one, else the latest: a reader never
+sees a rebuild that has not finished.
 """
 
 from __future__ import annotations
@@ -26,7 +28,11 @@ from storage.bank import Bank, BankError
 
 class MemoryStore:
     def __init__(self, bank: Bank, model_hash: str, cache_size: int = 4096, version: int | str | None = None):
+        from storage.live import live_versions
+
         meta = bank.metadata("memories")
+        if version is None:
+            version = bank.pins.get("memories", live_versions(bank.uri).get("memories"))
         if version is not None:
             ds = lance.dataset(str(Path(bank.uri) / "memories.lance"), version=version)
             meta = _meta(ds)

@@ -1,5 +1,7 @@
 """Config errors name the key, the place and what was expected, before any work starts."""
 
+from pathlib import Path
+
 import pytest
 
 from jobs.cli import main
@@ -16,7 +18,8 @@ def write(tmp_path, text):
 
 def test_demo_config_loads_with_the_documented_keys():
     cfg = load_config(DEMO)
-    assert cfg.bank.uri == "./bank/demo"
+    assert cfg.bank.uri == str(Path("bank/demo").absolute())  # absolute: Ray workers run elsewhere
+    assert load_config(DEMO, ["bank.uri=s3://b/bank"]).bank.uri == "s3://b/bank"
     assert cfg.corpus.paths == ("data/foldoc/foldoc.jsonl.gz",)
     assert cfg.dedup.minhash.bands == 14 and cfg.dedup.minhash.rows == 8
     assert cfg.chunking.ref_max_tokens == 128

@@ -1,0 +1,65 @@
+"""The bank's `live` pointer: which version of each table readers should use.
+
+A rebuild writes new versions of several tables (refs, memories, embeddings, ...). Each write is
+atomic per table, but a reader that opened refs after the rebuild wrote it and memories before
+would see references without memories. So readers do not follow "latest": they follow `live`,
+one small JSON manifest `<bank>/_live.json` naming a version per table, replaced atomically
+(write to a temporary name, rename) once every table of the build is written. That rename is
+the commit point of a rebuild; a build killed before it is invisible to readers.
+
+Each table also gets a Lance tag `live` on the same version, moved after the manifest, so
+`m3 bank stats`, LanceDB and Lance tools show it; the manifest is the source of truth (tags are
+per table, so moving several is not atomic). The manifest keeps a short history of published
+builds: retention (storage/retention.py) keeps the versions they name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+
+MANIFEST = "_live.json"
+TAG = "live"
+HISTORY = 32  # published builds remembered; retention keeps the newest `keep_builds` of them
+
+
+def _path(bank_uri: str) -> Path:
+    return Path(bank_uri) / MANIFEST
+
+
+def read_manifest(bank_uri: str) -> dict | None:
+    """The manifest ({"versions": {table: version}, "history": [...], ...}) or None before the
+    first published build."""
+    path = _path(bank_uri)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+
+
+def live_versions(bank_uri: str) -> dict[str, int]:
+    manifest = read_manifest(bank_uri)
+    return dict(manifest["versions"]) if manifest else {}
+
+
+def publish(bank, versions: dict[str, int], info: dict | None = None) -> dict:
+    """Make `versions` the live build: atomically replace the manifest, then move the tags.
+
+    Idempotent: publishing the live build again only re-moves tags a crash left behind."""
+    old = read_manifest(bank.uri) or {"history": []}
+    history = [h for h in old.get("history", []) if h["versions"] != versions]
+    entry = {"versions": dict(versions), "published_at": time.time(), **(info or {})}
+    if old.get("versions") == versions:
+        entry = old  # same build: keep its original record, do not grow the history
+    manifest = {**entry, "history": (history + [{k: entry[k] for k in ("versions", "published_at")}])[-HISTORY:]}
+    path = _path(bank.uri)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+    for name, version in versions.items():
+        if bank.tags(name).get(TAG) != version:
+            bank.tag(name, TAG, version)
+    return manifest

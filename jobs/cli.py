@@ -15,6 +15,7 @@ import sys
 import yaml
 
 from jobs.config import ConfigError, load_config
+from jobs.generate import add_parser as add_generate
 from jobs.ops_cli import COMMANDS as OPS_COMMANDS, USER_ERRORS as OPS_ERRORS, add_parsers as add_ops
 from pipelines.readers import InputError
 from pipelines.tokenizer import TokenizerError
@@ -96,6 +97,18 @@ def cmd_run(cfg, args) -> int:
     return 0
 
 
+def cmd_generate(cfg, args) -> int:
+    from jobs.generate import cmd_generate as generate
+
+    return generate(cfg, args)
+
+
+def cmd_eval(cfg, args) -> int:
+    from jobs.evaluate import cmd_eval as evaluate
+
+    return evaluate(cfg, args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-c", "--config", help="pipeline YAML (default: built-in defaults)")
@@ -124,12 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--from", dest="start", metavar="STAGE", help="start at this stage (the earlier ones are done)")
     run.add_argument("--only", metavar="STAGES", help="comma-separated stages to run, in pipeline order")
     add_ops(sub, common)  # rebuild, submit, jobs, logs, stop, schedule
+    add_generate(sub, common)
+    sub.add_parser("eval", parents=[common], help="held-out loss with memory, without, with RAG; knowledge probe")
     return parser
 
 
 COMMANDS = {"validate": cmd_validate, "ingest": cmd_stage, "encode": cmd_stage, "embed": cmd_stage, "pair": cmd_stage,
             "search": cmd_search, "train": cmd_train, "bank": cmd_bank, "sql": cmd_sql, "run": cmd_run,
-            **OPS_COMMANDS}
+            "generate": cmd_generate, "eval": cmd_eval, **OPS_COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jobs.infer_config import InferConfig
 from jobs.pair_config import PairConfig
 from jobs.rebuild_config import RebuildConfig, ScheduleConfig
 from jobs.train_config import TrainConfig
@@ -150,6 +151,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     rebuild: RebuildConfig = field(default_factory=RebuildConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
     # Where the config came from; relative corpus paths resolve against the working directory.
     source: str = field(default="<defaults>", compare=False)
 

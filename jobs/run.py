@@ -4,7 +4,7 @@
     m3 run -c configs/demo.yaml --from pair          # from a stage on (the earlier ones are done)
     m3 run -c configs/demo.yaml --only warmup,embed
 
-ingest -> warmup -> embed -> pair -> continual -> encode -> evaluate. Every stage is resumable
+ingest -> warmup -> embed -> pair -> continual -> encode -> publish -> evaluate. Every stage is resumable
 and keyed by its inputs, so rerunning a finished run redoes nothing and a killed one continues
 where it stopped. There is no encode between warmup and pair: the continual stage encodes its
 references in real time with its current weights, so a bank encoded by the warmup model would
@@ -12,7 +12,8 @@ never be read; the one encode that matters comes after continual training, with 
 will read it (jobs/encode.py picks the newest trained model).
 
 The report (<bank>/_reports/run.md, and run.json) gathers what each stage committed: the ingest
-counts, the training curves and the held-out losses with and without memory.
+counts, the training curves, the held-out losses with and without memory, the evaluation in
+the three inference modes and a sample generation with the memories it read.
 """
 
 from __future__ import annotations
@@ -57,18 +58,58 @@ def _encode(cfg):
     return run_encode(cfg)
 
 
+def _publish(cfg):
+    """Publish the build the stages just wrote as the bank's `live` one, as `m3 rebuild` does:
+    inference and `m3 sql` read `live`, and the stages write the latest versions. Refused when
+    the tables come from different ingests (a partial run), under the rebuild's lock."""
+    from jobs.ingest import TABLES
+    from jobs.lock import BankLock
+    from storage.bank import Bank, BankError
+    from storage.live import publish
+
+    bank = Bank(cfg.bank.uri)
+    names = [*TABLES, "memories", "embeddings"]
+    bank.require(*names)
+    keys = {n: bank.metadata(n).get("ingest_key") for n in ("refs", "memories", "embeddings")}
+    if len(set(keys.values())) != 1:
+        raise BankError(f"not publishing a mixed build: the tables come from different ingests {keys}; "
+                        f"run the stages that are behind (m3 run --from embed)")
+    with BankLock(cfg.bank.uri, "rebuild", cfg.rebuild.lock_stale_s):
+        versions = {n: bank.table(n).version for n in names}
+        publish(bank, versions, {"by": "m3 run", "ingest_key": keys["refs"],
+                                 "encode_key": bank.metadata("memories").get("encode_key")})
+    print(f"publish: build {versions} is live", flush=True)
+    return {"versions": versions}
+
+
+# the run report's sample: a FOLDOC-style opening, so the memories it reads can be judged
+SAMPLE_PROMPT = "A compiler is a program that translates"
+
+
+def _evaluate(cfg):
+    """Held-out loss in the three modes and the knowledge probe (jobs/evaluate.py), then one
+    sample generation that shows which memories each chunk read; one model load for both."""
+    from jobs.evaluate import render, run_eval
+    from jobs.generate import show_reads, sample_generation
+    from jobs.inference import Inference
+
+    inf = Inference(cfg)
+    results = run_eval(cfg, inference=inf)
+    sample = sample_generation(cfg, SAMPLE_PROMPT, max_new_tokens=128, inference=inf)
+    shown = show_reads(sample)
+    print(f"sample generation (memory mode, greedy): {SAMPLE_PROMPT!r} ->\n{sample['text']}\n{shown}", flush=True)
+    md = ["## Evaluation (`m3 eval`)", "", "```", render(results), "```"]
+    if results.get("plot"):
+        md += ["", f"![evaluation]({Path(results['plot']).resolve()})"]
+    md += ["", "## Sample generation", "", f"Prompt: `{SAMPLE_PROMPT}` (memory mode, greedy)", "", "```",
+           sample["text"], "```", "", "Memories read:", "", "```", shown, "```"]
+    return {**results, "sample": sample, "markdown": "\n".join(md)}
+
+
 STAGES: list[tuple[str, Callable]] = [
     ("ingest", _ingest), ("warmup", _train("warmup")), ("embed", _embed), ("pair", _pair),
-    ("continual", _train("continual")), ("encode", _encode),
+    ("continual", _train("continual")), ("encode", _encode), ("publish", _publish), ("evaluate", _evaluate),
 ]
-
-
-def register(name: str, fn: Callable, after: str | None = None) -> None:
-    """Add a stage (e.g. evaluation) after another one, or at the end."""
-    names = [n for n, _ in STAGES]
-    if name in names:
-        return
-    STAGES.insert(names.index(after) + 1 if after else len(STAGES), (name, fn))
 
 
 def select(start: str | None = None, only: str | None = None) -> list[tuple[str, Callable]]:

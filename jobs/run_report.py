@@ -33,6 +33,10 @@ def _stage_line(name: str, r: dict) -> str:
         return f"{r.get('references', 0):,} memories by model {str(r.get('model_hash'))[:12]} ({r.get('refs_per_s')} refs/s)"
     if name == "embed":
         return f"{r.get('references', r.get('vectors', 0)):,} vectors"
+    if name == "publish":
+        return "live build: " + ", ".join(f"{t} v{v}" for t, v in r.get("versions", {}).items())
+    if name == "evaluate" and r.get("modes"):
+        return "held-out loss " + ", ".join(f"{m} {v['loss']:.4f}" for m, v in r["modes"].items())
     return ", ".join(f"{k} {_fmt(v)}" for k, v in r.items() if isinstance(v, (int, float)))[:200]
 
 

@@ -65,6 +65,15 @@ def check_stage(cfg, tc: TrainConfig, stage: str) -> None:
                           f"{cfg.model.max_seq_len}")
 
 
+def absolute_paths(cfg, tc: TrainConfig):
+    """The same config with the local paths training reads made absolute: Ray Train runs each
+    worker in a directory of its own, where a relative path names nothing (bank.uri is
+    absolute already, jobs/config.py)."""
+    if tc.warmup_checkpoint and "://" not in tc.warmup_checkpoint:
+        tc = dataclasses.replace(tc, warmup_checkpoint=str(Path(tc.warmup_checkpoint).resolve()))
+    return cfg, tc
+
+
 def _check_resume_start(cfg, tc: TrainConfig, warmup_dir: Path) -> None:
     """Continual checkpoints only resume on top of the warmup model they started from: a
     retrained warmup under an old continual run would mix two lineages in one model."""
@@ -85,6 +94,7 @@ def run_train(cfg, stage: str, train: TrainConfig | None = None, launcher: str =
     """Train one stage to its step count (resuming if checkpoints exist); return a summary."""
     tc = train if train is not None else getattr(cfg, "train", None) or TrainConfig()
     check_stage(cfg, tc, stage)
+    cfg, tc = absolute_paths(cfg, tc)
     args = {"cfg": cfg, "train": tc, "stage": stage, "crash_at": os.environ.get("M3_CRASH_AT")}
     t0 = time.perf_counter()
     if launcher == "ray":

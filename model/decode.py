@@ -1,9 +1,15 @@
 """Incremental decoding: a preallocated KV cache whose memory block can be swapped, and generate().
 
 The context keys and values of every layer are cached once and never recomputed. The memory
-block (what the memory layers read besides the context) lives beside them and can be replaced
-at any time: tokens computed before a swap keep what they saw, exactly as in a full forward
-where each chunk attends to its own memories. Use under torch.no_grad().
+block (what the memory layers read besides the context) can be replaced at any time: tokens
+computed before a swap keep what they saw, exactly as in a full forward where each chunk
+attends to its own memories. Use under torch.no_grad().
+
+Layout: each layer's buffer is [memory block | sink | context]. A swapped-in block of up to
+mems_per_chunk * mem_top_k entries is written into the front region, so a decode step's memory
+layers attend to one contiguous slice instead of concatenating the block with the whole cache
+at every step (a copy of the cache per memory layer per token). A larger block falls back to
+the concatenation.
 """
 
 from typing import Callable
@@ -26,15 +32,21 @@ class KVCache:
         p = next(model.parameters())
         device, dtype = device or p.device, dtype or p.dtype
         self.with_memory = with_memory
+        self.n_mem_layers = cfg.n_mem_layers
+        # the front region that holds the memory block in place (see the module docstring)
+        self.mem_slots = cfg.mems_per_chunk * cfg.mem_top_k if with_memory else 0
         slots = max_len + int(with_memory)
-        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, slots, cfg.head_dim)
+        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, self.mem_slots + slots, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0  # slots filled, the sink included
-        # current memory block: (n_mem_layers, 2, B, n_kv_heads, P, head_dim); starts empty
-        self.mem_kv = torch.zeros(cfg.n_mem_layers, 2, batch_size, cfg.n_kv_heads, 0,
-                                  cfg.head_dim, device=device, dtype=dtype)
-        self.mem_valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
+        # the current memory block: in place (front region, all slots invalid until a swap), or
+        # mem_kv (n_mem_layers, 2, B, n_kv_heads, P, head_dim) for a block too large for it
+        self.inline = True
+        self.mem_kv = None
+        self.mem_valid = torch.zeros(batch_size, self.mem_slots, dtype=torch.bool, device=device)
+        # set by the model for one forward: memory layers read the front region with the context
+        self.reading_inline = False
 
     @property
     def ctx_len(self) -> int:
@@ -42,13 +54,16 @@ class KVCache:
         return max(self.length - int(self.with_memory), 0)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store the new tokens' K/V (B, Hkv, n, D) of one layer; return all cached so far."""
-        end = self.length + k.shape[2]
+        """Store the new tokens' K/V (B, Hkv, n, D) of one layer; return all cached so far
+        (preceded by the memory block when a memory layer reads it in place)."""
+        start, end = self.mem_slots + self.length, self.mem_slots + self.length + k.shape[2]
         if end > self.k.shape[3]:
-            raise ValueError(f"KV cache full: {end} slots needed, {self.k.shape[3]} allocated")
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+            raise ValueError(f"KV cache full: {end - self.mem_slots} slots needed, "
+                             f"{self.k.shape[3] - self.mem_slots} allocated")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        first = 0 if self.reading_inline and layer < self.n_mem_layers else self.mem_slots
+        return self.k[layer, :, :, first:end], self.v[layer, :, :, first:end]
 
     def advance(self, n: int) -> None:
         """Called by the model once every layer has stored its n new slots."""
@@ -62,15 +77,23 @@ class KVCache:
         if not self.with_memory:
             raise ValueError("swap_memories on a cache created with with_memory=False")
         B, M, L, two, H, k, D = memories.shape
-        if (B, L, two, H, D) != (self.mem_kv.shape[2], self.mem_kv.shape[0], 2,
-                                 self.mem_kv.shape[3], self.mem_kv.shape[5]):
+        if (B, L, two, H, D) != (self.k.shape[1], self.n_mem_layers, 2, self.k.shape[2], self.k.shape[4]):
             raise ValueError(f"memories of shape {tuple(memories.shape)} do not fit this cache")
         if mem_mask is None:
             mem_mask = torch.ones(B, M, k, dtype=torch.bool, device=memories.device)
         if tuple(mem_mask.shape) != (B, M, k) or mem_mask.dtype != torch.bool:
             raise ValueError(f"mem_mask must be bool {(B, M, k)}, got {tuple(mem_mask.shape)}")
-        kv, _, valid = memory_pool(memories[:, None].to(self.mem_kv.dtype), mem_mask[:, None])
-        self.mem_kv, self.mem_valid = kv, valid
+        kv, _, valid = memory_pool(memories[:, None].to(self.k.dtype), mem_mask[:, None])
+        P = kv.shape[-2]
+        self.inline = P <= self.mem_slots
+        if self.inline:
+            self.k[:L, :, :, :P] = kv[:, 0]
+            self.v[:L, :, :, :P] = kv[:, 1]
+            self.mem_valid = torch.zeros_like(self.mem_valid)
+            self.mem_valid[:, :P] = valid
+            self.mem_kv = None
+        else:
+            self.mem_kv, self.mem_valid = kv, valid
 
 
 def _mask_or_all(memories: Tensor, mask: Tensor | None) -> Tensor:

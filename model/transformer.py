@@ -78,6 +78,15 @@ class Attention(nn.Module):
         """
         if isinstance(mask, BlockMask):
             y = flex_attend(q, k, v, mask)
+        elif q.shape[2] == 1 and mask is not None and self.n_heads > self.n_kv_heads:
+            # one query per head (decoding): the query heads of a KV head become that head's
+            # query rows, so K/V are read once instead of copied group times by repeat_kv.
+            # The mask never varies over heads or query rows here, so it broadcasts the same.
+            B, Hq, _, D = q.shape
+            if mask.dim() == 4:
+                mask = mask[:, :1]
+            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_heads, Hq // self.n_kv_heads, D),
+                                               k, v, attn_mask=mask).reshape(B, Hq, 1, D)
         else:
             group = self.n_heads // self.n_kv_heads
             y = F.scaled_dot_product_attention(q, repeat_kv(k, group), repeat_kv(v, group),
@@ -216,18 +225,22 @@ class Memory3(nn.Module):
         ctx_mask = None if first_slot == 0 else slots[:, None] >= torch.arange(
             first_slot + n_new, device=tokens.device)[None, :]
         mem_kv, mem_layer_mask = None, None
+        inline = with_memory and memories is None and cache.inline  # the cache's block, in place
         if with_memory:
             mem_kv, mem_layer_mask = self._memory_inputs(memories, mem_mask, cache, slots,
                                                          first_slot + n_new, ctx_start, B, T,
                                                          x.dtype)
+        if cache is not None:
+            cache.reading_inline = inline
 
         for i, block in enumerate(self.blocks):
-            if mem_kv is not None and i < cfg.n_mem_layers:
-                x = block(x, cos, sin, mem_layer_mask, mem_kv[i], cache)
+            if with_memory and i < cfg.n_mem_layers:
+                x = block(x, cos, sin, mem_layer_mask, None if inline else mem_kv[i], cache)
             else:
                 x = block(x, cos, sin, ctx_mask, None, cache)
 
         if cache is not None:
+            cache.reading_inline = False
             cache.advance(n_new)
             if memories is not None:  # decoding continues with the last chunk's memories
                 cache.swap_memories(memories[:, -1], None if mem_mask is None else mem_mask[:, -1])
@@ -244,12 +257,12 @@ class Memory3(nn.Module):
             memories, mem_mask = check_memories(cfg, memories, mem_mask, B, n_chunks)
             kv, key_chunk, key_valid = memory_pool(memories.to(dtype), mem_mask)
             q_chunk = ctx_index.div(cs, rounding_mode="floor") - ctx_start // cs
-        else:  # the cache's current block serves every new token
+        else:  # the cache's current block serves every new token (in place: kv is None)
             kv, key_valid = cache.mem_kv, cache.mem_valid
-            key_chunk = torch.zeros(kv.shape[-2], dtype=torch.long, device=slots.device)
+            key_chunk = torch.zeros(key_valid.shape[-1], dtype=torch.long, device=slots.device)
             q_chunk = torch.zeros_like(ctx_index)
         q_chunk = q_chunk.masked_fill(ctx_index < 0, -1)  # the sink sees no memory
-        if self.use_flex and len(slots) > 1 and kv.shape[-2] > 0:
+        if self.use_flex and len(slots) > 1 and kv is not None and kv.shape[-2] > 0:
             return kv, memory_block_mask(q_chunk, key_chunk, key_valid, slots, n_keys)
         causal = slots[:, None] >= torch.arange(n_keys, device=slots.device)[None, :]
         visible = memory_visibility(q_chunk, key_chunk, key_valid)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -19,7 +20,7 @@ from tests.jobs.test_train import config
 
 def test_stage_selection():
     names = [n for n, _ in select()]
-    assert names[:6] == ["ingest", "warmup", "embed", "pair", "continual", "encode"]
+    assert names == ["ingest", "warmup", "embed", "pair", "continual", "encode", "publish", "evaluate"]
     assert [n for n, _ in select(start="pair")][:3] == ["pair", "continual", "encode"]
     assert [n for n, _ in select(only="encode,warmup")] == ["warmup", "encode"]  # pipeline order
     with pytest.raises(ConfigError, match="unknown stage.*stages are ingest, warmup"):
@@ -29,16 +30,23 @@ def test_stage_selection():
 
 
 @pytest.mark.slow
-def test_whole_pipeline_then_a_rerun_does_nothing(tmp_path, ray_local, capsys):
+def test_whole_pipeline_then_a_rerun_does_nothing(tmp_path, ray_local, capsys, monkeypatch):
     corpus = write_foldoc_corpus(tmp_path / "c.jsonl.gz", 120, min_words=60)
-    cfg = config(corpus, tmp_path / "bank", "train.warmup_stage_steps=4", "train.continual_stage_steps=4",
+    monkeypatch.chdir(tmp_path)  # a relative bank path, as in the demo: Ray Train workers run elsewhere
+    cfg = config(corpus, Path("bank"), "train.warmup_stage_steps=4", "train.continual_stage_steps=4",
                  "train.checkpoint_every=4", "train.lr_warmup_steps=1", "train.cpus_per_worker=0.5",
-                 "train.max_tokens=192", "train.eval_sequences=4", "pair.max_tokens=192")
-    out = run_all(cfg, only="ingest,warmup,embed,pair,continual,encode")
+                 "train.max_tokens=192", "train.eval_sequences=4", "pair.max_tokens=192",
+                 "model.max_seq_len=1024", "infer.eval.sequences=4", "infer.eval.probe_refs=4")
+    out = run_all(cfg)
     report = (tmp_path / "bank" / "_reports" / "run.md").read_text()
-    for stage in ("ingest", "warmup", "embed", "pair", "continual", "encode"):
+    for stage in ("ingest", "warmup", "embed", "pair", "continual", "encode", "evaluate"):
         assert f"| {stage} |" in report
     assert "## Does memory help?" in report and "continual model, with memory" in report
+    assert "## Evaluation" in report and "## Sample generation" in report
+    ev_modes = out["stages"]["evaluate"]["modes"]
+    assert set(ev_modes) == {"none", "memory", "rag"} and all(m["tokens"] > 0 for m in ev_modes.values())
+    sample = out["stages"]["evaluate"]["sample"]
+    assert sample["model_hash"] == saved_hash(stage_dir(cfg, "continual") / "model") and sample["chunks"]
     ev = out["stages"]["continual"]["evidence"]
     assert ev["continual_loss_memory"] is not None and ev["tokens"] > 0
 

@@ -20,7 +20,7 @@ from jobs.train import TrainError, evaluate, read_log, run_train, stage_dir
 from jobs.train_config import TrainConfig
 from model import load_model, model_hash
 from storage.bank import BankError
-from tests.conftest import write_foldoc_corpus
+from tests.conftest import ROOT, write_foldoc_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,7 @@ FAST = dict(workers=2, cpus_per_worker=0.5, micro_batch=2, checkpoint_every=2, l
 
 def config(corpus: Path, bank: Path, *extra: str):
     """configs/demo.yaml made tiny: the small real corpus, the tiny model, one thread per actor."""
-    return load_config("configs/demo.yaml", [
+    return load_config(ROOT / "configs" / "demo.yaml", [
         f"corpus.paths=[{corpus}]", f"bank.uri={bank}", "corpus.records_per_shard=100",
         "tokenizer.vocab_size=600", "chunking.seq_len=256", "ray.num_cpus=2", "retrieval.refs_per_shard=200",
         "retrieval.threads_per_actor=1", "pair.seqs_per_shard=32", *TINY, *extra])

@@ -1,0 +1,195 @@
+"""One model, three ways to give it knowledge, same weights: explicit memory, none, RAG.
+
+`Inference(cfg)` loads the checkpoint (infer.checkpoint, else the continual-stage model, else
+the model the memories were encoded with), the bank's tokenizer and, when a mode needs them,
+the embedder and the memory store. The memory store refuses a bank written by another model,
+naming both hashes, so memory mode can never read memories another model wrote.
+
+Prompt conventions (what the model saw in training): a prompt starts a new document, so it is
+encoded behind eos_id (packed training sequences separate documents with EOS, no BOS). RAG
+prepends each retrieved reference followed by eos_id, as separate documents.
+
+Batches: rows of a batch share one KV cache length and chunk grid, so memory/none batches group
+prompts of equal token length (a prompt then generates the same tokens alone or batched). RAG
+contexts differ in length by construction; they are left-padded with eos_id (empty documents)
+to the batch's longest, which can change a row's tokens against a solo run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from jobs.config_loader import ConfigError
+from jobs.infer_config import MODES, InferConfig
+from model import load_model
+from model.checkpoint import saved_hash
+from model.generation import ChunkRead, generate_with_memory
+from model.sampling import row_generators
+from pipelines.tokenizer import load as load_tokenizer
+from storage.bank import Bank, BankError
+
+
+def resolve_checkpoint(cfg, bank: Bank, checkpoint: str | None = None) -> Path:
+    chosen = checkpoint or cfg.infer.checkpoint
+    if chosen:
+        path = Path(chosen)
+        if not (path / "model.safetensors").exists():
+            raise BankError(f"infer.checkpoint: {path} holds no model.safetensors")
+        return path
+    continual = Path(bank.uri) / "training" / "continual" / "model"
+    if (continual / "model.safetensors").exists():
+        return continual
+    if not bank.has("memories"):
+        raise BankError(f"no model to infer with: infer.checkpoint is null, {continual} does not exist "
+                        f"and the bank has no memories table to take the encoding model from (m3 encode)")
+    recorded = bank.metadata("memories").get("model_dir")
+    if not recorded:
+        raise BankError("the memories table records no model_dir in its lineage: set infer.checkpoint")
+    # lineage paths are as the encode job saw them (maybe relative to its working directory)
+    for path in (Path(recorded), Path(bank.uri) / "models" / Path(recorded).name):
+        if (path / "model.safetensors").exists():
+            return path
+    raise BankError(f"the memories were encoded with {recorded}, which holds no model.safetensors: "
+                    f"set infer.checkpoint")
+
+
+@dataclass
+class Output:
+    prompt_tokens: list[int]
+    tokens: list[int]               # the continuation, cut before the first EOS
+    text: str
+    mode: str
+    reads: list[ChunkRead] = field(default_factory=list)   # memory: what each chunk read
+    rag_refs: list[str] = field(default_factory=list)      # rag: the prepended references
+
+
+class Inference:
+    def __init__(self, cfg, checkpoint: str | None = None, device: str | None = None,
+                 dtype: torch.dtype | None = None, infer: InferConfig | None = None):
+        self.cfg, self.ic = cfg, infer or cfg.infer
+        self.bank = Bank(cfg.bank.uri, live=True)  # the published build, never one being written
+        self.bank.require("refs")
+        self.checkpoint = resolve_checkpoint(cfg, self.bank, checkpoint)
+        self.model_hash = saved_hash(self.checkpoint)  # what the memories must have been written by
+        self.device = device or self.ic.device
+        if dtype is None and self.ic.dtype != "float32":
+            dtype = getattr(torch, self.ic.dtype)
+        self.model = load_model(self.checkpoint, device=self.device, dtype=dtype)
+        tok_rel = self.bank.metadata("refs").get("tokenizer_path")
+        if not tok_rel:
+            raise BankError("the refs table records no tokenizer_path in its lineage: rerun `m3 ingest`")
+        self.tokenizer = load_tokenizer(str(Path(cfg.bank.uri) / tok_rel))
+        self._retriever = self._store = None
+
+    # -- components, built on first use so `none` needs neither embedder nor memories
+    def store(self):
+        if self._store is None:
+            from storage.memory_store import MemoryStore
+
+            self.bank.require("memories")
+            self._store = MemoryStore(self.bank, self.model_hash, cache_size=self.ic.cache_size)
+        return self._store
+
+    def retriever(self):
+        if self._retriever is None:
+            from jobs.retriever import BankRetriever
+            from model.embedder import load_embedder
+
+            self.bank.require("embeddings")
+            meta = self.bank.metadata("embeddings")
+            spec = (meta.get("config") or {}).get("retrieval", {}).get("embedder") or self.cfg.retrieval.embedder
+            # the query embedder runs beside the model (a GPU embeds a chunk's queries in ms)
+            self._retriever = BankRetriever(self.bank, load_embedder(spec, device=self.device), self.tokenizer,
+                                            per_query=self.model.config.mems_per_chunk,
+                                            max_overlap=self.ic.max_overlap, candidates=self.ic.candidates,
+                                            exact=self.ic.exact)
+        return self._retriever
+
+    def memory_retriever(self):
+        r = self.retriever()
+        r.store = self.store()  # checks the lineage: refuses another model's memories
+        return r
+
+    # -- generation
+    def encode(self, text: str) -> list[int]:
+        return [self.model.config.eos_id] + self.tokenizer.encode(text).ids
+
+    def generate(self, prompts: list[str], mode: str | None = None, **kw) -> list[Output]:
+        return self.generate_tokens([self.encode(p) for p in prompts], mode, **kw)
+
+    def generate_tokens(self, prompts: list[list[int]], mode: str | None = None, *,
+                        max_new_tokens: int | None = None, temperature: float | None = None,
+                        top_p: float | None = None, seeds: list[int] | None = None,
+                        batch_size: int | None = None, stop_at_eos: bool = True,
+                        prefetch: bool | None = None) -> list[Output]:
+        """Generate for every prompt; seeds default to infer.seed + the prompt's index, so a
+        prompt samples the same tokens whatever batch it lands in."""
+        ic = self.ic
+        mode = mode or ic.mode
+        if mode not in MODES:
+            raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
+        n_new = max_new_tokens or ic.max_new_tokens
+        opts = dict(temperature=ic.temperature if temperature is None else temperature,
+                    top_p=ic.top_p if top_p is None else top_p,
+                    eos_id=self.model.config.eos_id if stop_at_eos else None,
+                    prefetch=ic.prefetch if prefetch is None else prefetch)
+        seeds = seeds if seeds is not None else [ic.seed + i for i in range(len(prompts))]
+        size = batch_size or ic.batch_size
+        contexts, rag_ids = list(prompts), [[] for _ in prompts]
+        if mode == "rag":
+            contexts, rag_ids = self.rag_contexts(prompts)
+        order = sorted(range(len(prompts)), key=lambda i: (len(contexts[i]), i))
+        groups, cur = [], []
+        for i in order:  # equal lengths together (memory/none); rag pads instead
+            if cur and (len(cur) == size or (mode != "rag" and len(contexts[i]) != len(contexts[cur[0]]))):
+                groups.append(cur)
+                cur = []
+            cur.append(i)
+        if cur:
+            groups.append(cur)
+        results: dict[int, Output] = {}
+        retrieve = self.memory_retriever() if mode == "memory" else None
+        for g in groups:
+            batch = self._batch([contexts[i] for i in g], n_new)
+            gens = row_generators([seeds[i] for i in g], device=self.device)
+            out = generate_with_memory(self.model, batch, n_new, retrieve, generators=gens, **opts)
+            T0 = batch.shape[1]
+            for row, i in enumerate(g):
+                cont = out.tokens[row, T0:].tolist()
+                if stop_at_eos and self.model.config.eos_id in cont:
+                    cont = cont[:cont.index(self.model.config.eos_id)]
+                results[i] = Output(list(prompts[i]), cont, self.tokenizer.decode(cont), mode,
+                                    out.reads[row] if out.reads else [], rag_ids[i])
+        return [results[i] for i in range(len(prompts))]
+
+    def _batch(self, rows: list[list[int]], n_new: int) -> torch.Tensor:
+        width = max(len(r) for r in rows)
+        limit = self.model.config.max_seq_len
+        if width + n_new > limit:
+            raise ConfigError(f"infer.max_new_tokens: a context of {width} tokens + {n_new} new ones "
+                              f"exceeds the model's max_seq_len={limit}: shorten the prompt or max_new_tokens")
+        eos = self.model.config.eos_id
+        return torch.tensor([[eos] * (width - len(r)) + list(r) for r in rows], dtype=torch.long,
+                            device=self.device)
+
+    def rag_contexts(self, prompts: list[list[int]]) -> tuple[list[list[int]], list[list[str]]]:
+        """Each prompt behind the text of the references retrieved once with its last chunk."""
+        r = self.retriever()
+        cs = self.model.config.mem_chunk_size
+        ids = r.search_ids([p[-cs:] for p in prompts], prompts)
+        tokens = r.ref_tokens({x for row in ids for x in row})
+        eos = self.model.config.eos_id
+        ctx = [[t for x in row for t in tokens[x] + [eos]] + list(p) for row, p in zip(ids, prompts)]
+        return ctx, ids
+
+    def ref_texts(self, ref_ids) -> dict[str, str]:
+        import pyarrow.compute as pc
+
+        ids = sorted(set(ref_ids))
+        if not ids:
+            return {}
+        t = self.bank.dataset("refs").to_table(columns=["ref_id", "text"], filter=pc.field("ref_id").isin(ids))
+        return dict(zip(t.column("ref_id").to_pylist(), t.column("text").to_pylist()))

@@ -1,0 +1,116 @@
+"""Retrieval at inference: token queries -> the bank's memories, batched, leakage-filtered.
+
+One call serves every query of a swap point (all rows of a batch, or all prompt chunks of all
+rows): one embedder call, one vector search, one read of the candidates' tokens (only when the
+overlap filter is on), one MemoryStore.fetch through its RAM cache. Never a call per row.
+
+The overlap filter [paper §4.4]: a candidate whose eq. 6 overlap with the text it serves exceeds
+max_overlap is dropped, and the best mems_per_chunk survivors are kept; a query left with fewer
+gets empty slots (mask False), which attention ignores.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections import Counter
+from typing import Sequence
+
+import pyarrow.compute as pc
+import torch
+
+from model.generation import Retrieved
+from pipelines.overlap import overlap_many
+from storage.bank import Bank, BankError
+from storage.memory_store import MemoryStore
+from storage.vectors import search, search_params
+
+
+class BankRetriever:
+    def __init__(self, bank: Bank, embedder, tokenizer, *, per_query: int, store: MemoryStore | None = None,
+                 max_overlap: float | None = 2 / 3, candidates: int = 10, exact: bool = False):
+        bank.require("embeddings", "refs")
+        embedder.check_lineage(bank.metadata("embeddings")["embedder"])
+        self.bank, self.embedder, self.tokenizer, self.store = bank, embedder, tokenizer, store
+        self.per_query, self.max_overlap, self.exact = per_query, max_overlap, exact
+        self.candidates = max(candidates, per_query)
+        self.table = bank.table("embeddings")
+        self.params = None if exact else search_params(self.table)  # looked up once, not per call
+        self.refs = bank.dataset("refs")
+        self.counts: Counter = Counter()  # calls of each step, for tests and the benchmark
+        self.seconds: Counter = Counter()  # wall time of each step, for the benchmark
+
+    def with_filter(self, max_overlap: float | None) -> "BankRetriever":
+        """The same retriever (same tables, store, cache, counters) with another threshold."""
+        other = copy.copy(self)
+        other.max_overlap = max_overlap
+        return other
+
+    def search_ids(self, queries: Sequence[Sequence[int]], contexts: Sequence[Sequence[int]] | None = None
+                   ) -> list[list[str]]:
+        """The per_query best reference ids for each token query, after the overlap filter."""
+        if not queries:
+            return []
+        t0 = time.perf_counter()
+        texts = [self.tokenizer.decode([int(t) for t in q]) for q in queries]
+        self.counts["embed"] += 1
+        vectors = self.embedder.embed(texts)
+        t1 = time.perf_counter()
+        self.counts["search"] += 1
+        hits = search(self.table, vectors, k=self.candidates, exact=self.exact, params=self.params)
+        t2 = time.perf_counter()
+        self.seconds["embed"] += t1 - t0
+        self.seconds["search"] += t2 - t1
+        ids = [[rid for rid, _ in h] for h in hits]
+        if self.max_overlap is None:
+            return [row[:self.per_query] for row in ids]
+        tokens = self.ref_tokens({r for row in ids for r in row})
+        against = contexts if contexts is not None else queries
+        out = []
+        for row, text in zip(ids, against):
+            text = [int(t) for t in text]
+            over = overlap_many(text, [tokens[r] for r in row]) if row else []
+            out.append([r for r, o in zip(row, over) if o <= self.max_overlap][:self.per_query])
+        self.seconds["filter"] += time.perf_counter() - t2
+        return out
+
+    def ref_tokens(self, ref_ids) -> dict[str, list[int]]:
+        """Token ids of the given references, in one filtered scan of `refs`."""
+        ref_ids = sorted(set(ref_ids))
+        if not ref_ids:
+            return {}
+        self.counts["refs"] += 1
+        t = self.refs.to_table(columns=["ref_id", "token_ids"], filter=pc.field("ref_id").isin(ref_ids))
+        got = dict(zip(t.column("ref_id").to_pylist(), t.column("token_ids").to_pylist()))
+        if len(got) != len(ref_ids):
+            missing = sorted(set(ref_ids) - set(got))[0]
+            raise BankError(f"the embeddings name reference {missing!r}, absent from refs: the tables "
+                            f"are from different builds (rerun `m3 embed`)")
+        return got
+
+    def memories(self, id_lists: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, per_query, ...) memories and (N, per_query, k) masks, in one fetch; empty slots
+        where a query has fewer references."""
+        if self.store is None:
+            raise BankError("this retriever was built without a MemoryStore (modes none/rag)")
+        flat = [r for row in id_lists for r in row]
+        self.counts["fetch"] += 1
+        t0 = time.perf_counter()
+        mems, masks = self.store.fetch(flat)
+        self.seconds["fetch"] += time.perf_counter() - t0
+        shape = self.store.shape  # (L, 2, H, k, D)
+        N, M = len(id_lists), self.per_query
+        out = torch.zeros(N, M, *shape)
+        valid = torch.zeros(N, M, shape[3], dtype=torch.bool)
+        i = 0
+        for n, row in enumerate(id_lists):
+            out[n, :len(row)] = mems[i:i + len(row)]
+            valid[n, :len(row)] = masks[i:i + len(row)]
+            i += len(row)
+        return out, valid
+
+    def __call__(self, queries: list[torch.Tensor], contexts: list[torch.Tensor]) -> Retrieved:
+        """The model.generation.BatchRetriever interface."""
+        ids = self.search_ids([q.tolist() for q in queries], [c.tolist() for c in contexts])
+        mems, mask = self.memories(ids)
+        return Retrieved(mems, mask, ids)

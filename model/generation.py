@@ -1,0 +1,159 @@
+"""Generation with explicit memory on the paper's schedule, recording what every chunk read.
+
+Schedule [paper §3.1, PAPER.md §3.1], with cs = mem_chunk_size:
+- prompt chunk c (context tokens [c*cs, (c+1)*cs)) retrieves with its own tokens as the query
+  and attends only to its own memories; all prompt chunks are retrieved in ONE retriever call
+  (every row, every chunk) and prefilled in one forward (no Python loop over chunks);
+- the first cs generated tokens inherit the last prompt chunk's memories;
+- generated chunk j >= 1 retrieves with generated chunk j-1 as the query, and the memory block
+  of the KV cache is swapped without recomputing the context: one retriever call per swap
+  point for the whole batch.
+
+The retriever is a callable from the caller (jobs/retriever.py reads the bank); model/ knows
+nothing about Lance or embedders. With prefetch, the retrieval for the next chunk starts in a
+background thread as soon as its query is complete (after the chunk's last token is sampled)
+and runs while that token is decoded; the swap waits for it. The result is identical either
+way: the query is the same, only the waiting moves.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .decode import KVCache
+from .sampling import sample
+
+
+class Retrieved(NamedTuple):
+    """What a retriever returns for N queries: memories (N, M, n_mem_layers, 2, n_kv_heads, k,
+    head_dim), their slot mask (N, M, k) bool (False for empty slots and missing memories), and
+    the reference ids of each query's memories (for --show-memories and the tests)."""
+
+    memories: Tensor
+    mask: Tensor
+    ref_ids: list[list[str]]
+
+
+# retrieve(queries: N 1-D int64 token tensors, contexts: the N texts to filter leakage
+# against) -> Retrieved, row i answering query i. One call = one embed + search + fetch.
+BatchRetriever = Callable[[list[Tensor], list[Tensor]], Retrieved]
+
+
+@dataclass
+class ChunkRead:
+    """One chunk of one row: context tokens [start, end) attended to the memories retrieved
+    with context tokens [query_start, query_end) as the query."""
+
+    start: int
+    end: int
+    query_start: int
+    query_end: int
+    ref_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Generated:
+    tokens: Tensor                  # (B, T0 + n) prompt and continuation
+    reads: list[list[ChunkRead]]    # per row, chunk by chunk; [] without retrieval
+
+
+def _prompt_queries(prompt: Tensor, cs: int) -> list[tuple[int, int]]:
+    T0 = prompt.shape[1]
+    return [(c, min(c + cs, T0)) for c in range(0, T0, cs)]
+
+
+@torch.no_grad()
+def generate_with_memory(model, prompt: Tensor, max_new_tokens: int,
+                         retrieve: BatchRetriever | None = None, *, temperature: float = 0.0,
+                         top_p: float = 1.0, generators: list[torch.Generator] | None = None,
+                         eos_id: int | None = None, prefetch: bool = False) -> Generated:
+    """Continue prompt (B, T0) by up to max_new_tokens (all rows stop early once every row has
+    produced eos_id). Without retrieve: plain KV-cache decoding (the no-memory baseline)."""
+    cfg = model.config
+    cs = cfg.mem_chunk_size
+    B, T0 = prompt.shape
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    cache = KVCache(model, B, T0 + max_new_tokens, with_memory=retrieve is not None)
+    reads: list[list[ChunkRead]] = [[] for _ in range(B)]
+    memories = mem_mask = None
+    if retrieve is not None:
+        spans = _prompt_queries(prompt, cs)
+        queries = [prompt[b, s:e] for b in range(B) for s, e in spans]
+        got = _on(retrieve(queries, [prompt[b] for b in range(B) for _ in spans]), prompt.device)
+        C = len(spans)
+        memories = got.memories.reshape(B, C, *got.memories.shape[1:])
+        mem_mask = got.mask.reshape(B, C, *got.mask.shape[1:])
+        for b in range(B):
+            for c, (s, e) in enumerate(spans):
+                reads[b].append(ChunkRead(s, e, s, e, list(got.ref_ids[b * C + c])))
+            last = reads[b][-1]  # the first generated chunk inherits the last prompt chunk's
+            reads[b].append(ChunkRead(T0, T0 + cs, last.query_start, last.query_end, list(last.ref_ids)))
+    logits = model(prompt, memories, mem_mask, cache=cache)
+    out = [prompt]
+    done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
+    pool = ThreadPoolExecutor(1) if prefetch and retrieve is not None else None
+    pending = None
+    try:
+        for step in range(max_new_tokens):
+            token = sample(logits[:, -1], temperature, top_p, generators)
+            out.append(token)
+            if eos_id is not None:
+                done |= token[:, 0] == eos_id
+            if step == max_new_tokens - 1 or bool(done.all()):
+                break
+            # token `step` is fed next; a swap is due before feeding a token that opens a chunk
+            if retrieve is not None and step > 0 and step % cs == 0:
+                got = pending.result() if pending is not None else _swap_retrieval(retrieve, out, T0, step, cs)
+                got = _on(got, prompt.device)
+                pending = None
+                cache.swap_memories(got.memories, got.mask)
+                for b in range(B):
+                    reads[b].append(ChunkRead(T0 + step, T0 + step + cs, T0 + step - cs, T0 + step,
+                                              list(got.ref_ids[b])))
+            nxt = step + 1
+            if pool is not None and nxt % cs == 0 and nxt < max_new_tokens - 1:
+                # the query of the swap at `nxt` is complete now: fetch it while this token decodes
+                pending = pool.submit(_swap_retrieval, retrieve, list(out), T0, nxt, cs)
+            logits = model(token, cache=cache)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
+    tokens = torch.cat(out, dim=1)
+    n = tokens.shape[1]
+    for row in reads:  # clip the last chunk to what was generated
+        while row and row[-1].start >= n:
+            row.pop()
+        if row:
+            row[-1].end = min(row[-1].end, n)
+    return Generated(tokens, reads)
+
+
+def _on(got: Retrieved, device) -> Retrieved:
+    """Memories come from host RAM (the store's cache); the model may live on a GPU."""
+    if got.memories.device == torch.device(device):
+        return got
+    return Retrieved(got.memories.to(device, non_blocking=True), got.mask.to(device, non_blocking=True),
+                     got.ref_ids)
+
+
+def _swap_retrieval(retrieve: BatchRetriever, out: list[Tensor], T0: int, step: int, cs: int) -> Retrieved:
+    """Retrieval for the chunk opened by generated token `step`: the cs generated tokens before
+    it are the query; the whole context so far is what leakage is measured against."""
+    gen = torch.cat(out[1:step + 1], dim=1)  # generated tokens 0 .. step-1
+    query = gen[:, step - cs:step]
+    context = torch.cat([out[0], gen], dim=1)
+    return retrieve(list(query), list(context))
+
+
+def visible_refs(reads: list[ChunkRead], position: int) -> list[str]:
+    """The references context token `position` attended to (its chunk's memories)."""
+    for r in reads:
+        if r.start <= position < r.end:
+            return r.ref_ids
+    raise IndexError(f"position {position} is outside the generated context")

@@ -28,14 +28,6 @@ from storage.sql import SQLError
 USER_ERRORS = (ConfigError, InputError, BankError, TokenizerError, SQLError, EmbedderError, TrainError, *OPS_ERRORS)
 
 
-def _stages():
-    from jobs.embed import run_embed
-    from jobs.encode import run_encode
-    from jobs.ingest import run_ingest
-
-    return [("ingest", run_ingest), ("encode", run_encode), ("embed", run_embed)]
-
-
 def cmd_validate(cfg, args) -> int:
     # Input paths are part of validity: a missing file should fail here, not an hour in.
     from pipelines.readers import check_parquet_columns, expand_paths
@@ -83,10 +75,10 @@ def cmd_sql(cfg, args) -> int:
 
 
 def cmd_stage(cfg, args) -> int:
-    """One stage by its name (ingest, encode, embed, pair)."""
-    from jobs.pair import run_pair
+    """One stage by its name (ingest, encode, embed, pair): the same functions `m3 run` calls."""
+    from jobs.run import STAGES
 
-    dict(_stages(), pair=run_pair)[args.command](cfg)
+    dict(STAGES)[args.command](cfg)
     return 0
 
 

@@ -18,7 +18,6 @@ the three inference modes and a sample generation with the memories it read.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -143,11 +142,6 @@ def run_all(cfg: Config, start: str | None = None, only: str | None = None) -> d
     path = write_run_report(cfg, results, seconds, total)
     print(f"== m3 run: done in {total:.0f} s; report {path}", flush=True)
     return {"stages": results, "seconds": seconds, "total_seconds": total, "report": str(path)}
-
-
-def load_results(cfg: Config) -> dict:
-    path = Path(cfg.bank.uri) / "_reports" / "run.json"
-    return json.loads(path.read_text()) if path.exists() else {}
 
 
 if __name__ == "__main__":  # `python -m jobs.run` is `m3 run`

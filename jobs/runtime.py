@@ -80,6 +80,27 @@ def quiet_ray_data() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
+def wait_for_state_api(seconds: float = 120) -> str | None:
+    """None once this Ray session's State API answers; else the last error. The dashboard that
+    serves it starts after ray.init returns, slowly on a loaded machine."""
+    import time
+
+    url = dashboard_url()
+    if url is None:
+        return None  # a cluster we joined: its operators run its dashboard
+    from ray.util.state import list_nodes
+
+    deadline, problem = time.monotonic() + seconds, None
+    while time.monotonic() < deadline:
+        try:
+            list_nodes(address=url, limit=1, timeout=10)
+            return None
+        except Exception as e:  # connection refused while it starts, timeouts under load
+            problem = f"{type(e).__name__}: {str(e)[:200]}"
+            time.sleep(2)
+    return problem
+
+
 # OpenMP threads that spin while waiting collapse a 2-thread actor on a shared 2-core machine
 # (measured 3.1x slower); torch reads this when it is imported, so it goes in the actor's env.
 PASSIVE_OMP = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}

@@ -27,6 +27,7 @@ from pathlib import Path
 from jobs.config import ConfigError
 from jobs.faults import maybe_crash
 from jobs.train_config import TrainConfig
+from jobs.train_log import LogFollower, open_log, plot_losses, progress_line, read_rows
 from storage.bank import BankError
 
 STAGES = ("warmup", "continual")
@@ -104,26 +105,26 @@ def run_train(cfg, stage: str, train: TrainConfig | None = None, launcher: str =
         if int(os.environ.get("RANK", "0")) != 0:
             return {"stage": stage, "rank": int(os.environ["RANK"])}
     summary = _summary(cfg, stage, time.perf_counter() - t0)
-    plot_losses(cfg)
+    plot_losses({s: read_log(cfg, s) for s in STAGES}, Path(cfg.bank.uri) / "training" / "loss.png")
     if stage == "continual":
+        from jobs.train_eval import memory_evidence
+
         summary["evidence"] = memory_evidence(cfg, tc)
         (stage_dir(cfg, stage) / "evidence.json").write_text(json.dumps(summary["evidence"], indent=2))
     return summary
 
 
 def _fit_with_ray(cfg, tc, stage, args) -> None:
-    from jobs.runtime import init_ray
+    from jobs.runtime import init_ray, wait_for_state_api
 
     init_ray(cfg.ray)
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    import ray
-
     if not cfg.ray.address and not cfg.ray.include_dashboard:
         raise ConfigError("ray.include_dashboard: training needs the Ray dashboard (Ray Train reads its "
                           "State API to tell a live run from a dead one); expected true, got false")
-    problem = _wait_for_state_api(ray)
+    problem = wait_for_state_api()
     if problem:
         raise TrainError(f"Ray's State API (the dashboard's) did not answer within 2 minutes ({problem}); "
                          f"Ray Train cannot run safely without it")
@@ -142,73 +143,6 @@ def _fit_with_ray(cfg, tc, stage, args) -> None:
         raise TrainError(f"{stage} training failed: {type(e).__name__}: {str(e)[-2000:]}") from None
     finally:
         progress.stop()
-
-
-def _wait_for_state_api(ray, seconds: float = 120) -> str | None:
-    """None once this Ray session's State API answers; else the last error. The dashboard that
-    serves it starts after ray.init returns, slowly on a loaded machine."""
-    from jobs.runtime import dashboard_url
-
-    url = dashboard_url()
-    if url is None:
-        return None  # a cluster we joined: its operators run its dashboard
-    from ray.util.state import list_nodes
-
-    deadline, problem = time.monotonic() + seconds, None
-    while time.monotonic() < deadline:
-        try:
-            list_nodes(address=url, limit=1, timeout=10)
-            return None
-        except Exception as e:  # connection refused while it starts, timeouts under load
-            problem = f"{type(e).__name__}: {str(e)[:200]}"
-            time.sleep(2)
-    return problem
-
-
-class LogFollower:
-    """Prints rank 0's log lines from the driver: a worker's own prints reach the driver through
-    Ray's log forwarding, which repeats some of them, and not at all under `ray job submit`
-    until the job flushes."""
-
-    def __init__(self, path: Path, stage: str, tc: TrainConfig):
-        import threading
-
-        self.path, self.stage, self.tc = path, stage, tc
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.seen = max((r["step"] for r in self._rows()), default=0)  # a resumed run's past
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.done.set()
-        self.thread.join(timeout=5)
-        self._poll()
-
-    def _run(self) -> None:
-        while not self.done.wait(1.0):
-            self._poll()
-
-    def _rows(self) -> list[dict]:
-        try:
-            return [json.loads(line) for line in self.path.read_text().splitlines() if line.endswith("}")]
-        except (OSError, ValueError):
-            return []  # not there yet, or a line being written: next poll
-
-    def _poll(self) -> None:
-        total = self.tc.stage_steps(self.stage)
-        for row in self._rows():
-            step = row["step"]
-            if step > self.seen and (step % self.tc.log_every == 0 or step == total):
-                print(progress_line(self.stage, row, total), flush=True)
-                self.seen = step
-
-
-def progress_line(stage: str, row: dict, total: int) -> str:
-    hits = f" memory hits {row['memory_hits']}/{row['chunks']}" if stage == "continual" else ""
-    return (f"train {stage} [{row['step']}/{total}] loss {row['loss']:.4f} lr {row['lr']:.2e} "
-            f"{row['tokens_per_s']:,.0f} tok/s{hits}")
 
 
 def _use_gpu() -> bool:
@@ -301,7 +235,7 @@ def train_loop(args: dict) -> None:
                          chunk_size=mcfg.mem_chunk_size, max_tokens=tc.max_tokens or mcfg.max_seq_len,
                          pad_id=mcfg.pad_id)
     batches = reader.iterate(start * tc.grad_accum * tc.micro_batch)
-    log = _open_log(sdir / "log.jsonl", start) if rank == 0 else None
+    log = open_log(sdir / "log.jsonl", start) if rank == 0 else None
     total = tc.stage_steps(stage)
     if rank == 0:
         print(f"train {stage}: steps {start}->{total}, {world} worker(s), ZeRO {tc.zero_stage}, "
@@ -343,17 +277,6 @@ def train_loop(args: dict) -> None:
         log.close()
 
 
-def _open_log(path: Path, start: int):
-    """Keep the lines up to the resumed step: the ones after it are redone (and would repeat)."""
-    kept = []
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start]
-    f = path.open("w")
-    f.writelines(line + "\n" for line in kept)
-    return f
-
-
 def save_checkpoint(engine, cfg, tc: TrainConfig, stage: str, step: int, rank: int) -> None:
     """DeepSpeed checkpoint (all ranks), then rank 0 exports safetensors and prunes old tags.
     DeepSpeed moves `latest` only after a complete save, so a kill mid-save resumes earlier."""
@@ -390,8 +313,7 @@ def _init_hash(cfg, tc: TrainConfig, stage: str) -> str | None:
 
 
 def read_log(cfg, stage: str) -> list[dict]:
-    path = stage_dir(cfg, stage) / "log.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+    return read_rows(stage_dir(cfg, stage) / "log.jsonl")
 
 
 def _summary(cfg, stage: str, seconds: float) -> dict:
@@ -403,105 +325,6 @@ def _summary(cfg, stage: str, seconds: float) -> dict:
            "model_dir": str(stage_dir(cfg, stage) / "model")}
     print(f"train {stage}: {out['steps']} steps, final loss {out['final_loss']}, model "
           f"{(out['model_hash'] or '?')[:12]} in {out['model_dir']}", flush=True)
-    return out
-
-
-def plot_losses(cfg) -> Path | None:
-    """PNG of both stages' loss curves (continual drawn after warmup), if matplotlib exists."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    offset = 0
-    for stage in STAGES:
-        rows = read_log(cfg, stage)
-        if rows:
-            ax.plot([offset + r["step"] for r in rows], [r["loss"] for r in rows], label=stage)
-            offset += rows[-1]["step"]
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.legend()
-    path = Path(cfg.bank.uri) / "training" / "loss.png"
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-def evaluate(cfg, checkpoint: str | Path, split: str = "heldout", train: TrainConfig | None = None,
-             with_memory: bool = True) -> dict:
-    """Mean loss per target token over (up to eval_sequences of) a split, without memory and,
-    if the bank has neighbors and with_memory, with the memories of each chunk's neighbors
-    (encoded by this checkpoint, sparsified as its training was)."""
-    import torch
-
-    from model import load_model
-    from model.train_step import continual_memories, lm_loss
-    from pipelines.train_data import ShardReader
-    from storage.bank import Bank
-
-    tc = train if train is not None else getattr(cfg, "train", None) or TrainConfig()
-    model = load_model(checkpoint)
-    export = Path(checkpoint) / "export.json"
-    sparsify = json.loads(export.read_text()).get("sparsify_refs", tc.sparsify_refs) if export.exists() else tc.sparsify_refs
-    with_memory = with_memory and Bank(cfg.bank.uri).has("neighbors")
-    reader = ShardReader(cfg.bank.uri, micro_batch=1, split=split, heldout_fraction=tc.heldout_fraction,
-                         neighbors=with_memory, chunk_size=model.config.mem_chunk_size,
-                         max_tokens=tc.max_tokens or model.config.max_seq_len, shuffle=False)
-    from itertools import islice
-
-    batches = list(islice(reader.epoch_batches(), tc.eval_sequences))  # micro_batch 1: a sequence each
-    per_seq = []  # (seq_id, target tokens, loss, with its memories, with another sequence's)
-    with torch.no_grad():
-        for i, b in enumerate(batches):
-            w = (b["tokens"][:, 1:] != model.config.pad_id).sum().item()
-            row = [b["seq_ids"][0], w, lm_loss(model, b["tokens"]).item(), None, None]
-            if with_memory:
-                # the control: the neighbors of a sequence half the split away, so a gain that
-                # comes from attending to any extra tokens shows up on both sides
-                other = batches[(i + len(batches) // 2) % len(batches)]
-                for col, src in ((3, b), (4, other)):
-                    mem, mask = continual_memories(model, src["ref_tokens"], src["ref_valid"], window=tc.window,
-                                                   sparsify=sparsify, grad_through_refs=False)
-                    row[col] = lm_loss(model, b["tokens"], mem, mask).item()
-            per_seq.append(tuple(row))
-    n_tok = sum(r[1] for r in per_seq)
-    mean = lambda col: sum(r[col] * r[1] for r in per_seq) / max(n_tok, 1)  # noqa: E731
-    out = {"split": split, "sequences": len(per_seq), "tokens": n_tok, "loss": mean(2), "per_sequence": per_seq}
-    if with_memory:
-        out["loss_memory"], out["loss_other_memory"] = mean(3), mean(4)
-    return out
-
-
-def paired_gain(per_seq: list[tuple], col: int = 3) -> dict:
-    """Loss without minus with memory (column col of evaluate's per_sequence), per sequence:
-    its mean, standard error and how many sequences it helped. The same sequences on both
-    sides, so the spread between sequences cancels."""
-    import statistics
-
-    d = [r[2] - r[col] for r in per_seq if r[col] is not None]
-    if len(d) < 2:
-        return {}
-    return {"mean_gain": statistics.fmean(d), "stderr": statistics.stdev(d) / len(d) ** 0.5,
-            "helped": sum(x > 0 for x in d), "of": len(d)}
-
-
-def memory_evidence(cfg, tc: TrainConfig) -> dict:
-    """Held-out loss of the warmup model, and of the continual model with and without memory."""
-    warm = evaluate(cfg, warmup_model_dir(cfg, tc), train=tc, with_memory=False)
-    cont = evaluate(cfg, stage_dir(cfg, "continual") / "model", train=tc)
-    out = {"split": "heldout", "sequences": cont["sequences"], "tokens": cont["tokens"],
-           "warmup_loss": warm["loss"], "continual_loss_no_memory": cont["loss"],
-           "continual_loss_memory": cont.get("loss_memory"),
-           "continual_loss_other_memory": cont.get("loss_other_memory"),
-           "paired": paired_gain(cont["per_sequence"]), "paired_other": paired_gain(cont["per_sequence"], col=4)}
-    p = out["paired"]
-    print("evidence (held-out): " + ", ".join(f"{k} {v:.4f}" for k, v in out.items() if isinstance(v, float))
-          + (f"; memory lowers the loss by {p['mean_gain']:.4f} +- {p['stderr']:.4f} nats/token per sequence, "
-             f"{p['helped']} of {p['of']} sequences" if p else ""), flush=True)
     return out
 
 

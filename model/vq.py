@@ -217,4 +217,34 @@ class VQCodec(Codec):
         return index.sa_encode(v).reshape(len(x), -1)
 
     def _decode(self, buf: np.ndarray, shape: tuple[int, ...]) -> Tensor:
-        return torch.from_numpy(self.index.sa_decode(buf.reshape(-1, self.code_size)))
+        """Codes -> vectors, each computed the same way whatever else is in the batch.
+
+        faiss's own sa_decode undoes the OPQ rotation with one BLAS matrix product over the
+        batch, whose rounding depends on the batch size and on the CPU's kernels (a vector came
+        back different alone and in a batch on AMD EPYC). The stages before the rotation are
+        table lookups and additions (exact per vector); the rotation is undone here with a
+        fixed summation order per output element, in float32 like faiss."""
+        codes = buf.reshape(-1, self.code_size)
+        index = faiss.downcast_index(self.index)
+        if not isinstance(index, faiss.IndexPreTransform):
+            return torch.from_numpy(index.sa_decode(codes))
+        x = faiss.downcast_index(index.index).sa_decode(codes)
+        for i in reversed(range(index.chain.size())):
+            t = faiss.downcast_VectorTransform(index.chain.at(i))
+            if not isinstance(t, faiss.LinearTransform) or not t.is_orthonormal:
+                raise CodecError(f"vq: cannot decode through a {type(t).__name__} transform")
+            x = _transpose_apply(x, faiss.vector_to_array(t.A).reshape(t.d_out, t.d_in),
+                                 faiss.vector_to_array(t.b) if t.have_bias else None)
+        return torch.from_numpy(x)
+
+
+def _transpose_apply(y: np.ndarray, A: np.ndarray, b: np.ndarray | None) -> np.ndarray:
+    """x = (y - b) @ A (faiss's LinearTransform.transform_transpose: the inverse of an
+    orthonormal y = x A^T + b), summed over j = 0, 1, ... in that order for every element:
+    elementwise IEEE float32 steps, so one vector's result never depends on the others."""
+    if b is not None:
+        y = y - b
+    x = np.zeros((len(y), A.shape[1]), np.float32)
+    for j in range(A.shape[0]):
+        x += y[:, j:j + 1] * A[j]
+    return x

@@ -100,6 +100,14 @@ class Codec:
         out = self._decode(buf.reshape(len(payloads), expected), shape)
         return out.reshape(len(payloads), *shape).to(dtype)
 
+    def round_trip(self, mems: Tensor, quantizer_hash: str | None = None) -> Tensor:
+        """mems (B, n_mem_layers, 2, n_kv_heads, k, head_dim) as a reader gets them back after
+        this codec stored them: encode then decode, float32 on the CPU. Training reads memories
+        through it so that the model learns to read what the bank serves (model/train_step.py)."""
+        x = _as_batch(mems)
+        own = getattr(self, "quantizer_hash", None)  # a vq codec decodes with its own quantizer
+        return self.decode_batch(self.encode_batch(x), x.shape[1:], torch.float32, quantizer_hash or own)
+
     def _check_quantizer(self, quantizer_hash: str | None) -> None:
         # a hash handed to a codec without a quantizer means the caller mixed up rows and codecs
         if quantizer_hash is not None:

@@ -71,15 +71,16 @@ def _prompt_queries(prompt: Tensor, cs: int) -> list[tuple[int, int]]:
 def generate_with_memory(model, prompt: Tensor, max_new_tokens: int,
                          retrieve: BatchRetriever | None = None, *, temperature: float = 0.0,
                          top_p: float = 1.0, generators: list[torch.Generator] | None = None,
-                         eos_id: int | None = None, prefetch: bool = False) -> Generated:
+                         eos_id: int | None = None, prefetch: bool = False, sink: bool = False) -> Generated:
     """Continue prompt (B, T0) by up to max_new_tokens (all rows stop early once every row has
-    produced eos_id). Without retrieve: plain KV-cache decoding (the no-memory baseline)."""
+    produced eos_id). Without retrieve: decoding with no memories, behind the ref_bos sink when
+    `sink` (a model trained to read memories is in distribution only so), else plain."""
     cfg = model.config
     cs = cfg.mem_chunk_size
     B, T0 = prompt.shape
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    cache = KVCache(model, B, T0 + max_new_tokens, with_memory=retrieve is not None)
+    cache = KVCache(model, B, T0 + max_new_tokens, with_memory=retrieve is not None or sink)
     reads: list[list[ChunkRead]] = [[] for _ in range(B)]
     memories = mem_mask = None
     if retrieve is not None:

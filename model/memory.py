@@ -194,3 +194,30 @@ def chunk_windows(kv: Tensor, mask: Tensor, window: int) -> tuple[Tensor, Tensor
     empty_kv = ~exists.view(1, C, window, *([1] * (kv.dim() - 2)))
     windows = kv[:, source].masked_fill(empty_kv, 0)  # zeros, like encode's empty slots
     return windows, mask[:, source] & exists[None, :, :, None]
+
+
+def no_memories(cfg, batch: int, n_chunks: int, device=None, dtype=torch.float32) -> tuple[Tensor, Tensor]:
+    """Zero memories for every chunk: (B, n_chunks, 0, n_mem_layers, 2, n_kv_heads, 0, head_dim)
+    and an empty (B, n_chunks, 0, 0) mask.
+
+    `model(tokens, *no_memories(...))` is the no-memory baseline a model trained with memory is
+    in distribution for: the ref_bos sink is kept and the context sits at the positions it
+    always had (from ctx_pos_offset on). `model(tokens)` instead drops the sink and shifts the
+    context to position 0, which only a model trained without memory (warmup) has seen.
+    """
+    shape = (batch, n_chunks, 0, cfg.n_mem_layers, 2, cfg.n_kv_heads, 0, cfg.head_dim)
+    return (torch.zeros(shape, device=device, dtype=dtype),
+            torch.zeros(batch, n_chunks, 0, 0, dtype=torch.bool, device=device))
+
+
+def served_memories(kv: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The serving schedule [paper §3.1] laid out for a full forward: chunk c reads the memories
+    retrieved with chunk c-1's text as the query, chunk 0 reads none (it is the prompt, or in
+    training the chunk no earlier text retrieved for).
+
+    kv (B, C, M, n_mem_layers, 2, H, k, D) and mask (B, C, M, k), row c = what chunk c's text
+    retrieved -> the same shapes, shifted one chunk later. Indexing only: gradients flow to kv.
+    """
+    shifted = torch.cat([torch.zeros_like(kv[:, :1]), kv[:, :-1]], dim=1)
+    shifted_mask = torch.cat([torch.zeros_like(mask[:, :1]), mask[:, :-1]], dim=1)
+    return shifted, shifted_mask

@@ -191,3 +191,21 @@ def test_continual_training_step_backpropagates_through_reference_encoding():
     assert not torch.allclose(model.blocks[0].attn.wqkv.weight.grad,
                               context_only.blocks[0].attn.wqkv.weight.grad)
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_zero_memories_keep_the_sink_and_positions_of_a_memory_forward():
+    """The no-memory baseline of a model trained with memory: zero memories, sink kept. It equals
+    a forward whose memory slots are all masked, and differs from the plain forward (which drops
+    the sink and shifts the context to position 0): the baseline must not be the latter."""
+    from model.memory import no_memories
+
+    model = make_model()
+    cfg = model.config
+    gen = torch.Generator().manual_seed(3)
+    tokens = random_tokens(gen, cfg, 2, 2 * cfg.mem_chunk_size + 5)
+    C = 3
+    zero = model(tokens, *no_memories(cfg, 2, C))
+    mem, _ = random_memories(gen, cfg, 2, C, 2, cfg.mem_top_k)
+    masked = model(tokens, mem, torch.zeros(2, C, 2, cfg.mem_top_k, dtype=torch.bool))
+    torch.testing.assert_close(zero, masked)
+    assert (zero - model(tokens)).abs().max() > 1e-3

@@ -109,6 +109,13 @@ def continual_memories(model, ref_tokens: Tensor, ref_valid: Tensor, window: int
     top_k = cfg.mem_top_k if sparsify else T
     ctx = contextlib.nullcontext() if grad_through_refs else torch.no_grad()
     if unique is not None and len(unique):
+        # encode only the references some slot still reads (the paper's schedule reads rank 0,
+        # the serving one never reads the last chunk's retrieval)
+        used = torch.unique(slot[slot >= 0])
+        remap = torch.full((len(unique),), -1, dtype=torch.long, device=slot.device)
+        remap[used] = torch.arange(len(used), device=slot.device)
+        unique, slot = unique[used], torch.where(slot >= 0, remap[slot.clamp(min=0)], -1)
+    if unique is not None and len(unique):
         with ctx:
             enc = encode_references(_module(model), unique, top_k=top_k)
         held = slot >= 0

@@ -11,7 +11,9 @@ and values of the memories retrieved for its own chunk, placed before the contex
 keys carry the RoPE positions they had inside their reference (1..ref_max_tokens, "parallel
 positions"); the context starts at position ref_max_tokens + 1. All chunks are handled by one
 attention call per layer with a block mask, never a Python loop over chunks: SDPA with a dense
-mask by default, FlexAttention with model.use_flex (skips the empty blocks; model/flex.py).
+mask when decoding from a cache, chunk by chunk in a whole forward (each chunk's queries meet
+only their own memories; model/chunk_attention.py), FlexAttention with model.use_flex (skips
+the empty blocks; model/flex.py).
 """
 
 import math
@@ -21,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .chunk_attention import ChunkLocalMask, chunk_local_attend
 from .config import ModelConfig
 from .flex import BlockMask, flex_attend, memory_block_mask
 from .memory import check_memories, encode_references, memory_pool, memory_visibility
@@ -78,6 +81,8 @@ class Attention(nn.Module):
         """
         if isinstance(mask, BlockMask):
             y = flex_attend(q, k, v, mask)
+        elif isinstance(mask, ChunkLocalMask):
+            y = chunk_local_attend(q, k, v, mask)
         elif q.shape[2] == 1 and mask is not None and self.n_heads > self.n_kv_heads:
             # one query per head (decoding): the query heads of a KV head become that head's
             # query rows, so K/V are read once instead of copied group times by repeat_kv.
@@ -137,6 +142,9 @@ class Memory3(nn.Module):
         # less work for long contexts (model/flex.py). Not part of the config: no effect on
         # the weights, the memories or the model hash.
         self.use_flex = False
+        # a whole forward's memory layers chunk by chunk (model/chunk_attention.py); False: one
+        # SDPA call with a dense mask over the whole pool (same result; tests compare them)
+        self.chunk_local = True
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
@@ -264,6 +272,11 @@ class Memory3(nn.Module):
         q_chunk = q_chunk.masked_fill(ctx_index < 0, -1)  # the sink sees no memory
         if self.use_flex and len(slots) > 1 and kv is not None and kv.shape[-2] > 0:
             return kv, memory_block_mask(q_chunk, key_chunk, key_valid, slots, n_keys)
+        if memories is not None and cache is None and self.chunk_local:  # whole forward: [sink, context]
+            if kv.shape[-2] == 0:  # zero memories: the plain causal kernel over [sink, context]
+                return kv, None
+            C = memories.shape[1]
+            return kv, ChunkLocalMask(cs, kv.shape[-2] // C, key_valid.view(B, C, -1))
         causal = slots[:, None] >= torch.arange(n_keys, device=slots.device)[None, :]
         visible = memory_visibility(q_chunk, key_chunk, key_valid)
         allowed = torch.cat([visible, causal.expand(B, -1, -1)], dim=-1)[:, None]  # (B, 1, Tq, P+S)

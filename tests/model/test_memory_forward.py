@@ -209,3 +209,26 @@ def test_zero_memories_keep_the_sink_and_positions_of_a_memory_forward():
     masked = model(tokens, mem, torch.zeros(2, C, 2, cfg.mem_top_k, dtype=torch.bool))
     torch.testing.assert_close(zero, masked)
     assert (zero - model(tokens)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("T, M, k", [(3 * 16, 2, 4), (2 * 16 + 5, 3, 7), (9, 1, 4)])
+def test_chunk_local_attention_equals_the_dense_mask(T, M, k):
+    """Each chunk's queries against their own memories (the default) give the dense mask's
+    result, forward and gradients; short last chunks and empty slots included."""
+    model = make_model().train()
+    cfg = model.config
+    gen = torch.Generator().manual_seed(T + M + k)
+    tokens = random_tokens(gen, cfg, 2, T)
+    C = -(-T // cfg.mem_chunk_size)
+    mem, mask = random_memories(gen, cfg, 2, C, M, k)
+    mem.requires_grad_(True)
+    out = {}
+    for local in (True, False):
+        model.chunk_local = local
+        model.zero_grad()
+        mem.grad = None
+        logits = model(tokens, mem, mask)
+        (logits.float() ** 2).mean().backward()
+        out[local] = (logits.detach(), mem.grad.clone(), model.blocks[0].attn.wqkv.weight.grad.clone())
+    for a, b in zip(out[True], out[False]):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)

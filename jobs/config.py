@@ -139,6 +139,10 @@ class Config:
     bank: BankConfig = field(default_factory=BankConfig)
     corpus: CorpusConfig = field(default_factory=lambda: CorpusConfig(paths=("data/foldoc/foldoc.jsonl.gz",)))
     quality: QualityConfig = field(default_factory=QualityConfig)
+    # The bank's own filter: a document that passes it but not `quality` becomes references
+    # (the knowledge base keeps short dictionary entries, which are facts) without entering the
+    # training sequences. null = the bank keeps what training keeps.
+    bank_quality: QualityConfig | None = None
     dedup: DedupConfig = field(default_factory=DedupConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     chunking: ChunkingConfig = field(default_factory=ChunkingConfig)
@@ -166,6 +170,13 @@ class Config:
         if paired is not None and (trained is None or trained > paired):
             raise ValueError(f"train.max_tokens ({trained}) reads past pair.max_tokens ({paired}): the "
                              f"continual stage would find no neighbors for the chunks beyond")
+
+        t = self.train
+        if ((t.warmup_with_memory or t.continual_with_memory) and t.memory_schedule == "serving"
+                and self.pair.per_chunk < self.model.mems_per_chunk):
+            raise ValueError(f"pair.per_chunk ({self.pair.per_chunk}) is smaller than model.mems_per_chunk "
+                             f"({self.model.mems_per_chunk}): train.memory_schedule 'serving' reads as many "
+                             f"references per chunk as inference does")
 
     def as_dict(self) -> dict:
         d = to_dict(self)

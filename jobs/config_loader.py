@@ -158,6 +158,14 @@ def _check_range(value: Any, meta: dict, key: str, where: str) -> None:
         raise ConfigError(f"{key} ({where}): expected one of {options}, got {value!r}")
 
 
+def _optional_dataclass(tp: Any) -> type | None:
+    """X for a field typed `X | None` where X is a dataclass (an optional section), else None."""
+    if typing.get_origin(tp) not in (typing.Union, types.UnionType):
+        return None
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if len(args) == 1 and dataclasses.is_dataclass(args[0]) else None
+
+
 def build(cls: type, data: Any, prefix: str, where: _Where, parent: Any = None, name: str = "") -> Any:
     """Build dataclass `cls` from a raw mapping, validating every key on the way down."""
     if data is None:
@@ -180,8 +188,12 @@ def build(cls: type, data: Any, prefix: str, where: _Where, parent: Any = None, 
             continue
         dotted = f"{prefix}.{fname}" if prefix else fname
         tp = hints[fname]
-        if dataclasses.is_dataclass(tp):
-            kwargs[fname] = build(tp, data[fname], dotted, where, data, fname)
+        inner = _optional_dataclass(tp)
+        if inner is not None and data[fname] is None:  # `section: null`
+            kwargs[fname] = None
+            continue
+        if dataclasses.is_dataclass(tp) or inner is not None:
+            kwargs[fname] = build(inner or tp, data[fname], dotted, where, data, fname)
             continue
         loc = where.at(data, fname)
         value = _convert(data[fname], tp, dotted, loc)

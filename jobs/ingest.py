@@ -62,7 +62,7 @@ def plan(cfg: Config):
     counts = [n for n, _ in counted]
     corpus_version = hashlib.blake2b(
         json.dumps([[Path(f.path).name, h] for f, (_, h) in zip(files, counted)]).encode(), digest_size=8).hexdigest()
-    key = config_hash({"corpus": cfg.corpus, "quality": cfg.quality, "dedup": cfg.dedup,
+    key = config_hash({"corpus": cfg.corpus, "quality": cfg.quality, "bank_quality": cfg.bank_quality, "dedup": cfg.dedup,
                        "tokenizer": cfg.tokenizer, "chunking": cfg.chunking,
                        "corpus_version": corpus_version, "schema": SCHEMA_VERSION})
     shards = readers.plan_shards(files, counts, cfg.corpus.records_per_shard)
@@ -81,7 +81,7 @@ def clean_and_dedup(cfg: Config, files, shards, stage_dir: Path, report: Report)
 
         def clean(shard):
             maybe_kill_worker(f"clean-{shard.shard_id}")
-            return clean_shard(shard, files, cfg.corpus, cfg.quality, cfg.dedup, stage_dir)
+            return clean_shard(shard, files, cfg.corpus, cfg.quality, cfg.dedup, stage_dir, cfg.bank_quality)
 
         _parallel("clean", todo, clean, report)
 

@@ -18,6 +18,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import pyarrow.compute as pa_compute
 import pyarrow.parquet as pq
 
 from jobs.config import Config, config_hash
@@ -97,7 +98,8 @@ def run_pair(cfg: Config) -> dict:
     with report.stage("commit"):
         lineage = {"stage": "pair", "pair_key": key, "ingest_key": seq_meta.get("ingest_key"),
                    "tokenizer_hash": seq_meta.get("tokenizer_hash"), "chunk_size": pc.chunk_size,
-                   "max_tokens": pc.max_tokens,
+                   "max_tokens": pc.max_tokens, "per_chunk": pc.per_chunk,
+                   "exclude_own_docs": pc.exclude_own_docs, "leakage": "whole-sequence",
                    "embed_key": emb_meta["embed_key"], "embedder": emb_meta["embedder"].get("embedder"),
                    "pair": vars(pc), "counts": counts, "config": cfg.as_dict()}
         version = bank.write("neighbors", NEIGHBORS, iter_batches(files, columns=NEIGHBORS.names), lineage)
@@ -112,13 +114,15 @@ def run_pair(cfg: Config) -> dict:
 
 def _counts(files: list[Path]) -> dict:
     """From the staged files (not from the actors' say-so), so a resumed run reports it all."""
-    chunks = with_neighbor = dropped = 0
+    chunks = with_neighbor = pairs = dropped = 0
     for f in files:
-        t = pq.read_table(f, columns=["ref_id", "dropped"])
-        chunks += t.num_rows
-        with_neighbor += t.num_rows - t.column("ref_id").null_count
-        dropped += int(sum(t.column("dropped").to_pylist()))
-    return {"chunks": chunks, "with_neighbor": with_neighbor, "dropped": dropped}
+        t = pq.read_table(f, columns=["rank", "ref_id", "dropped"])
+        first = t.filter(pa_compute.equal(t["rank"], 0))  # one row per chunk
+        chunks += first.num_rows
+        with_neighbor += first.num_rows - first.column("ref_id").null_count
+        pairs += t.num_rows - t.column("ref_id").null_count
+        dropped += int(sum(first.column("dropped").to_pylist()))
+    return {"chunks": chunks, "with_neighbor": with_neighbor, "pairs": pairs, "dropped": dropped}
 
 
 if __name__ == "__main__":

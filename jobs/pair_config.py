@@ -16,6 +16,13 @@ class PairConfig:
     k: int = field(default=8, metadata={"ge": 1})
     # Eq. 6 overlap with the whole sequence above which a candidate is leakage, not memory (paper: 90 %).
     max_overlap: float = field(default=0.9, metadata={"ge": 0, "le": 1})
+    # References kept per chunk, best first: 1 for the paper's schedule (each chunk reads its own
+    # best and the previous chunks'), model.mems_per_chunk for the serving schedule (a chunk reads
+    # the references the chunk before it retrieved, as `m3 generate` does).
+    per_chunk: int = field(default=5, metadata={"ge": 1})
+    # Also drop references of the sequence's own documents (what `m3 eval` does to held-out text),
+    # not only those the sequence contains (eq. 6 above max_overlap).
+    exclude_own_docs: bool = False
     # Tokens per chunk; must equal the model's mem_chunk_size (the trainer's reader checks).
     chunk_size: int = field(default=64, metadata={"ge": 1})
     embed_batch_size: int = field(default=64, metadata={"ge": 1})   # embedder forward batch
@@ -31,10 +38,12 @@ class PairConfig:
     max_tokens: int | None = field(default=None, metadata={"ge": 1})
 
     def __post_init__(self):
-        for name in ("k", "chunk_size", "embed_batch_size", "query_batch_size", "actors",
+        for name in ("k", "per_chunk", "chunk_size", "embed_batch_size", "query_batch_size", "actors",
                      "threads_per_actor", "seqs_per_shard"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a value >= 1, got {getattr(self, name)!r}")
+        if self.per_chunk > self.k:
+            raise ValueError(f"per_chunk: expected at most k={self.k} (the candidates retrieved), got {self.per_chunk!r}")
         if not 0 <= self.max_overlap <= 1:
             raise ValueError(f"max_overlap: expected a value in [0, 1], got {self.max_overlap!r}")
 
@@ -42,4 +51,5 @@ class PairConfig:
         """The fields that decide the table's contents (and shard layout): the job key covers
         these; actors and threads only change how fast it gets there."""
         return {"k": self.k, "max_overlap": self.max_overlap, "chunk_size": self.chunk_size,
+                "per_chunk": self.per_chunk, "exclude_own_docs": self.exclude_own_docs,
                 "exact": self.exact, "seqs_per_shard": self.seqs_per_shard, "max_tokens": self.max_tokens}

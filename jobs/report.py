@@ -44,7 +44,9 @@ class Report:
         refs = bank.dataset("refs").to_table(columns=["n_tokens"])
         seqs = bank.dataset("train_sequences")
         seconds = round(time.time() - self.started, 3)
-        doc_bytes = pc.sum(docs.to_table(columns=["n_chars"])["n_chars"]).as_py() or 0
+        flags = docs.to_table(columns=["n_chars", "in_training", "in_bank"])
+        doc_bytes = pc.sum(flags["n_chars"]).as_py() or 0
+        bank_chars = pc.sum(flags.filter(flags["in_bank"])["n_chars"]).as_py() or 0
         by_reason = reason_counts(rejects.to_batches())
         summary = {
             **self.values,
@@ -56,6 +58,10 @@ class Report:
             "reference_tokens": pc.sum(refs["n_tokens"]).as_py() or 0,
             "train_sequences": seqs.count_rows(),
             "kept_chars": doc_bytes,
+            # the knowledge base's share of the corpus: documents (and characters) that became references
+            "bank_documents": pc.sum(flags["in_bank"]).as_py() or 0,
+            "bank_only_documents": flags.num_rows - (pc.sum(flags["in_training"]).as_py() or 0),
+            "bank_chars": bank_chars,
             "seconds": seconds,
             "stage_seconds": self.stages,
             # rates over the stages' work: Ray's start-up is a cost per cluster, not per corpus
@@ -80,6 +86,8 @@ def render(s: dict) -> str:
     lines += [f"    {reason:<28}{n:>8,}" for reason, n in s["rejects_by_reason"].items()]
     lines += [
         f"  accounting        {'OK' if s['accounted'] else 'MISMATCH'}: read = kept + rejected",
+        f"  in the bank       {s['bank_documents']:>10,}   documents ({s['bank_documents'] / max(s['records_read'], 1):.1%} "
+        f"of the records read; {s['bank_only_documents']:,} only in the bank, not in training)",
         f"  references        {s['references']:>10,}   ({s['reference_tokens']:,} tokens)",
         f"  train sequences   {s['train_sequences']:>10,}",
         f"  time              {s['seconds']:>10.1f} s  (stages: {s['mb_per_s']:.2f} MB/s of input files, "

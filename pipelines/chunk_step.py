@@ -45,16 +45,16 @@ def chunk_shard(shard_id: str, out_dir: str | Path, tokenizer_json: str, dup_ran
         seqs["token_ids"].append(seq["token_ids"])
         seqs["doc_ids"].append(seq["doc_ids"])
 
-    columns = ["rank", "doc_id", "text"]
+    columns = ["rank", "doc_id", "text", "in_training", "in_bank"]
     for batch in iter_batches([out_dir / "docs" / f"{shard_id}.parquet"], columns=columns, batch_size=256):
         keep = ~is_dup(batch.column("rank").to_numpy(), dup_ranks)
-        doc_ids = [d for d, k in zip(batch.column("doc_id").to_pylist(), keep) if k]
-        texts = [t for t, k in zip(batch.column("text").to_pylist(), keep) if k]
-        for doc_id, text, enc in zip(doc_ids, texts, tok.encode_batch(texts, add_special_tokens=False)):
+        rows = [r for r, k in zip(zip(*(batch.column(c).to_pylist() for c in columns[1:])), keep) if k]
+        texts = [r[1] for r in rows]
+        for (doc_id, text, in_training, in_bank), enc in zip(rows, tok.encode_batch(texts, add_special_tokens=False)):
             ids, offsets = enc.ids, enc.offsets
             doc_tokens += len(ids)
             spans = reference_spans(len(ids), sentence_boundaries(text, offsets),
-                                    chunking.ref_max_tokens, chunking.ref_min_tokens)
+                                    chunking.ref_max_tokens, chunking.ref_min_tokens) if in_bank else []
             for ordinal, (start, end) in enumerate(spans):
                 piece = ids[start:end]
                 for name, value in (("ref_id", f"{doc_id}-{ordinal:04d}"), ("doc_id", doc_id),
@@ -62,8 +62,9 @@ def chunk_shard(shard_id: str, out_dir: str | Path, tokenizer_json: str, dup_ran
                                     ("text", text[offsets[start][0]:offsets[end - 1][1]]),
                                     ("token_ids", piece), ("content_hash", token_hash(piece))):
                     refs[name].append(value)
-            for seq in packer.add(doc_id, ids):
-                emit(seq)
+            if in_training:  # a bank-only document is knowledge, not training text
+                for seq in packer.add(doc_id, ids):
+                    emit(seq)
     write_atomic(out_dir / "refs" / f"{shard_id}.parquet", pa.table(refs, schema=REFS))
     write_atomic(seqs_path(out_dir, shard_id), pa.table(seqs, schema=TRAIN_SEQUENCES))
     return {"shard": shard_id, "refs": len(refs["ref_id"]), "seqs": len(seqs["seq_id"]),

@@ -36,6 +36,9 @@ STAGED_DOCS = pa.schema([
     pa.field("content_hash", pa.string()),
     pa.field("n_chars", pa.int64()),
     pa.field("meta", pa.string()),
+    pa.field("in_training", pa.bool_()),
+    pa.field("in_bank", pa.bool_()),
+    pa.field("training_reason", pa.string()),
 ])
 KEYS = pa.schema([pa.field("key", pa.int64()), pa.field("rank", pa.int64()), pa.field("kind", pa.int8())])
 
@@ -44,8 +47,13 @@ def docs_path(out_dir: Path, shard_id: str) -> Path:
     return Path(out_dir) / "docs" / f"{shard_id}.parquet"
 
 
-def clean_shard(shard: Shard, files: list[SourceFile], corpus, quality, dedup, out_dir: str | Path) -> dict:
-    """Process one shard; returns its counts. Idempotent: rerunning rewrites identical files."""
+def clean_shard(shard: Shard, files: list[SourceFile], corpus, quality, dedup, out_dir: str | Path,
+                bank_quality=None) -> dict:
+    """Process one shard; returns its counts. Idempotent: rerunning rewrites identical files.
+
+    A document is kept when it passes the training filter (`quality`) or the bank's
+    (`bank_quality`, None = the same); `in_training` and `in_bank` say which. A record that
+    passes neither is a reject, with the training filter's reason."""
     out_dir = Path(out_dir)
     docs: dict[str, list] = {name: [] for name in STAGED_DOCS.names}
     rejects: dict[str, list] = {name: [] for name in REJECTS.names}
@@ -58,6 +66,11 @@ def clean_shard(shard: Shard, files: list[SourceFile], corpus, quality, dedup, o
         elif reason is None:
             text = normalize_text(rec.text)
             stage, reason = "quality", quality_reason(text, quality)
+        training_reason, in_bank = reason, reason is None
+        if stage == "quality" and bank_quality is not None and text is not None:
+            in_bank = quality_reason(text, bank_quality) is None
+            if in_bank:
+                reason = None  # the bank keeps it; training does not
         if reason is not None:
             for name, value in (("doc_id", rec.doc_id), ("source", rec.source), ("source_id", rec.source_id),
                                 ("reason", reason), ("stage", stage), ("duplicate_of", None),
@@ -66,14 +79,16 @@ def clean_shard(shard: Shard, files: list[SourceFile], corpus, quality, dedup, o
             continue
         for name, value in (("rank", rec.rank), ("doc_id", rec.doc_id), ("source", rec.source),
                             ("source_id", rec.source_id), ("text", text), ("content_hash", content_hash(text)),
-                            ("n_chars", len(text)), ("meta", rec.meta)):
+                            ("n_chars", len(text)), ("meta", rec.meta), ("in_training", training_reason is None),
+                            ("in_bank", in_bank), ("training_reason", training_reason)):
             docs[name].append(value)
 
     _write_keys(docs["text"], np.asarray(docs["rank"], dtype=np.int64), dedup, out_dir, shard.shard_id)
     write_atomic(out_dir / "rejects" / f"{shard.shard_id}.parquet", pa.table(rejects, schema=REJECTS))
     write_atomic(docs_path(out_dir, shard.shard_id), pa.table(docs, schema=STAGED_DOCS))
     return {"shard": shard.shard_id, "records": records, "kept": len(docs["rank"]),
-            "rejected": len(rejects["rank"]), "bytes": sum(docs["n_chars"])}
+            "rejected": len(rejects["rank"]), "bytes": sum(docs["n_chars"]),
+            "bank_only": sum(not t for t in docs["in_training"]), "training_only": sum(not b for b in docs["in_bank"])}
 
 
 def _write_keys(texts: list[str], ranks: np.ndarray, dedup, out_dir: Path, shard_id: str) -> None:

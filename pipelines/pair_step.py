@@ -3,9 +3,10 @@
 
 For every chunk_size-token chunk of a sequence: decode its text with the bank's tokenizer, embed
 it with the bank's embedder, retrieve the top-k references from `embeddings`, drop those whose
-eq. 6 overlap with the WHOLE sequence exceeds max_overlap (the chunk's own text, and any other
-reference the sequence contains, would teach the model to copy, not to recall), keep the best
-one left. Everything is batched: one embedder call per shard, one search per query batch, one
+eq. 6 overlap with the WHOLE stored sequence exceeds max_overlap (the chunk's own text, and any
+other reference the sequence contains, would teach the model to copy, not to recall) and, with
+exclude_own_docs, those of the sequence's own documents; keep the best per_chunk left (rank 0
+is what the paper's schedule reads, ranks 0..M-1 what the serving schedule reads). Everything is batched: one embedder call per shard, one search per query batch, one
 refs scan per shard, and one `overlap_many` call per sequence over all its chunks' candidates.
 
 `pair_shard` is a plain function (tests call it without Ray); `PairShards` is the Ray Data actor
@@ -33,29 +34,41 @@ def split_chunks(tokens, chunk_size: int) -> list[list[int]]:
     return [tokens[i:i + chunk_size] for i in range(0, len(tokens), chunk_size)]
 
 
-def ref_tokens(refs_ds, ref_ids) -> dict[str, list[int]]:
-    """token_ids of the given references, by ref_id, in a few filtered scans of `refs`."""
+def ref_tokens(refs_ds, ref_ids, with_docs: bool = False):
+    """token_ids of the given references, by ref_id, in a few filtered scans of `refs`; with
+    with_docs also each reference's doc_id (a second dict)."""
     ids = sorted(set(ref_ids))
     out: dict[str, list[int]] = {}
+    docs: dict[str, str] = {}
+    columns = ["ref_id", "token_ids"] + (["doc_id"] if with_docs else [])
     for lo in range(0, len(ids), _ID_BATCH):
-        t = refs_ds.to_table(columns=["ref_id", "token_ids"],
-                             filter=pc.field("ref_id").isin(ids[lo:lo + _ID_BATCH]))
-        out.update(zip(t.column("ref_id").to_pylist(), t.column("token_ids").to_pylist()))
-    return out
+        t = refs_ds.to_table(columns=columns, filter=pc.field("ref_id").isin(ids[lo:lo + _ID_BATCH]))
+        rid = t.column("ref_id").to_pylist()
+        out.update(zip(rid, t.column("token_ids").to_pylist()))
+        if with_docs:
+            docs.update(zip(rid, t.column("doc_id").to_pylist()))
+    return (out, docs) if with_docs else out
 
 
 def pair_shard(seq_ids: list[str], seqs: list[list[int]], *, tokenizer, embedder, table, refs_ds,
-               cfg, params=None) -> pa.Table:
-    """STAGED rows for these sequences, one per (seq, chunk), in input order.
+               cfg, params=None, doc_ids: list[list[str]] | None = None) -> pa.Table:
+    """STAGED rows for these sequences: per (seq, chunk) its best cfg.per_chunk references
+    (rank 0, 1, ...), or one row with a null ref_id when none passed; in input order.
 
-    tokenizer: a `tokenizers.Tokenizer`; embedder: model.embedder.Embedder; table: the LanceDB
-    `embeddings` table; refs_ds: the `refs` Lance dataset; cfg: a PairConfig; params: search
-    knobs (storage.vectors.search_params(table), looked up once by the caller)."""
+    seqs: the WHOLE stored sequences. Only the chunks of the first cfg.max_tokens are paired
+    (what training reads), but leakage is measured against the whole sequence: a reference
+    that straddles the edge of the trained window holds text of the sequence all the same.
+    doc_ids: each sequence's documents; with cfg.exclude_own_docs their references are dropped
+    too (what `m3 eval` does). tokenizer: a `tokenizers.Tokenizer`; embedder:
+    model.embedder.Embedder; table: the LanceDB `embeddings` table; refs_ds: the `refs` Lance
+    dataset; cfg: a PairConfig; params: search knobs (storage.vectors.search_params(table),
+    looked up once by the caller)."""
     from storage.vectors import search
 
     chunks, owner = [], []  # owner[i] = (sequence index, chunk number) of chunks[i]
     for s, toks in enumerate(seqs):
-        for c, piece in enumerate(split_chunks(toks, cfg.chunk_size)):
+        window = toks if cfg.max_tokens is None else toks[:cfg.max_tokens]
+        for c, piece in enumerate(split_chunks(window, cfg.chunk_size)):
             chunks.append(piece)
             owner.append((s, c))
     if not chunks:
@@ -66,7 +79,7 @@ def pair_shard(seq_ids: list[str], seqs: list[list[int]], *, tokenizer, embedder
     hits: list[list[tuple[str, float]]] = []
     for lo in range(0, len(vectors), cfg.query_batch_size):
         hits += search(table, vectors[lo:lo + cfg.query_batch_size], k=cfg.k, exact=cfg.exact, params=params)
-    tokens = ref_tokens(refs_ds, (rid for h in hits for rid, _ in h))
+    tokens, ref_doc = ref_tokens(refs_ds, (rid for h in hits for rid, _ in h), with_docs=True)
     missing = {rid for h in hits for rid, _ in h} - set(tokens)
     if missing:
         raise LookupError(f"embeddings name {len(missing)} reference(s) absent from refs, e.g. "
@@ -80,18 +93,18 @@ def pair_shard(seq_ids: list[str], seqs: list[list[int]], *, tokenizer, embedder
     for toks, ids in zip(seqs, cands):
         ids = sorted(ids)
         per_seq.append(dict(zip(ids, overlap_many(toks, [tokens[r] for r in ids]).tolist())) if ids else {})
+    own = [set(d) for d in doc_ids] if (cfg.exclude_own_docs and doc_ids is not None) else [set() for _ in seqs]
 
     rows = {name: [] for name in STAGED.names}
     for i, (s, c) in enumerate(owner):
         ov = per_seq[s]
-        kept = [(rid, score) for rid, score in hits[i] if ov[rid] <= cfg.max_overlap]  # hits are best first
-        best = kept[0] if kept else (None, None)
-        rows["seq_id"].append(seq_ids[s])
-        rows["chunk"].append(c)
-        rows["ref_id"].append(best[0])
-        rows["score"].append(best[1])
-        rows["overlap"].append(ov[best[0]] if best[0] is not None else None)
-        rows["dropped"].append(len(hits[i]) - len(kept))
+        kept = [(rid, score) for rid, score in hits[i]  # hits are best first
+                if ov[rid] <= cfg.max_overlap and ref_doc[rid] not in own[s]]
+        for rank, (rid, score) in enumerate(kept[:cfg.per_chunk] or [(None, None)]):
+            for name, value in (("seq_id", seq_ids[s]), ("chunk", c), ("rank", rank), ("ref_id", rid),
+                                ("score", score), ("overlap", ov[rid] if rid is not None else None),
+                                ("dropped", len(hits[i]) - len(kept) if rank == 0 else 0)):
+                rows[name].append(value)
     return pa.table(rows, schema=STAGED)
 
 
@@ -125,11 +138,12 @@ class PairShards:
         from storage.staging import write_atomic
 
         for shard, start, end in zip(batch["shard"], batch["start"], batch["end"]):
-            t = self.seqs.to_table(columns=["seq_id", "token_ids"], offset=int(start), limit=int(end) - int(start))
-            seqs = [toks[:self.cfg.max_tokens] for toks in t.column("token_ids").to_pylist()]
-            out = pair_shard(t.column("seq_id").to_pylist(), seqs,
+            t = self.seqs.to_table(columns=["seq_id", "token_ids", "doc_ids"], offset=int(start),
+                                   limit=int(end) - int(start))
+            out = pair_shard(t.column("seq_id").to_pylist(), t.column("token_ids").to_pylist(),
                              tokenizer=self.tokenizer, embedder=self.embedder, table=self.table,
-                             refs_ds=self.refs, cfg=self.cfg, params=self.params)
+                             refs_ds=self.refs, cfg=self.cfg, params=self.params,
+                             doc_ids=t.column("doc_ids").to_pylist())
             write_atomic(staged_path(self.stage_dir, int(shard)), out)
         return {"shard": np.asarray(batch["shard"])}
 

@@ -24,10 +24,12 @@ from storage.bank import Bank, BankError
 
 __all__ = ["heldout_mask", "split_rows", "shard_rows", "ShardReader", "NEIGHBORS"]
 
-# The pairing job's output (written by `m3 pair`); ref_id is null when no reference passed.
+# The pairing job's output (written by `m3 pair`): a chunk's best references, rank 0 first;
+# one row with a null ref_id when none passed.
 NEIGHBORS = pa.schema([
     pa.field("seq_id", pa.string(), nullable=False),
     pa.field("chunk", pa.int32(), nullable=False),
+    pa.field("rank", pa.int32(), nullable=False),
     pa.field("ref_id", pa.string()),
     pa.field("score", pa.float32()),
     pa.field("overlap", pa.float32()),
@@ -63,17 +65,20 @@ def shard_rows(rows: np.ndarray, rank: int, world: int) -> np.ndarray:
 
 class ShardReader:
     """Micro-batches of one rank: dict(tokens (B, S) int64, and with neighbors ref_tokens
-    (B, n_chunks, T_ref) int64, ref_valid (B, n_chunks) bool), plus seq_ids."""
+    (B, n_chunks, M, T_ref) int64, ref_valid (B, n_chunks, M) bool: the best refs_per_chunk
+    references of every chunk, best first; the same as ref_unique (U, T_ref), each reference of
+    the batch once, and ref_slot (B, n_chunks, M), which one a slot holds or -1), plus seq_ids."""
 
     def __init__(self, bank_uri: str, *, rank: int = 0, world: int = 1, seed: int = 0,
                  micro_batch: int = 1, split: str = "train", heldout_fraction: float = 0.05,
                  neighbors: bool = False, chunk_size: int = 64, max_tokens: int | None = None,
-                 pad_id: int = 0, shuffle: bool = True):
+                 pad_id: int = 0, shuffle: bool = True, refs_per_chunk: int = 1):
         self.bank = Bank(bank_uri)
         self.seqs = self.bank.dataset("train_sequences")
         self.rows = shard_rows(split_rows(self.bank, split, heldout_fraction), rank, world)
         self.rank, self.seed, self.micro_batch, self.shuffle = rank, seed, micro_batch, shuffle
         self.chunk_size, self.max_tokens, self.pad_id = chunk_size, max_tokens, pad_id
+        self.refs_per_chunk = refs_per_chunk
         self.batches_per_epoch = len(self.rows) // micro_batch
         if self.batches_per_epoch == 0:
             raise BankError(f"rank {rank} has {len(self.rows)} sequence(s), fewer than "
@@ -81,7 +86,7 @@ class ShardReader:
         self.refs = self.bank.dataset("refs") if neighbors else None
         self.neighbors = self._load_neighbors() if neighbors else None
 
-    def _load_neighbors(self) -> dict[str, dict[int, str]]:
+    def _load_neighbors(self) -> dict[str, dict[int, list[str]]]:
         if not self.bank.has("neighbors"):
             raise BankError(f"bank {self.bank.uri} has no neighbors table: run `m3 pair` first")
         meta, seq_meta = self.bank.metadata("neighbors"), self.bank.metadata("train_sequences")
@@ -98,13 +103,20 @@ class ShardReader:
             raise BankError(f"neighbors table pairs the first {paired} tokens of each sequence; training "
                             f"reads {self.max_tokens or 'all'}: set pair.max_tokens to train.max_tokens "
                             f"and rerun `m3 pair`")
+        if meta.get("leakage") != "whole-sequence":
+            raise BankError("the neighbors table measured leakage against a truncated window (a reference "
+                            "straddling its edge could hold the trained text): rerun `m3 pair`")
+        if (meta.get("per_chunk") or 1) < self.refs_per_chunk:
+            raise BankError(f"neighbors table keeps {meta.get('per_chunk') or 1} reference(s) per chunk; "
+                            f"training reads {self.refs_per_chunk}: set pair.per_chunk and rerun `m3 pair`")
         mine = self.seqs.take(self.rows, columns=["seq_id"]).column("seq_id")
-        table = self.bank.dataset("neighbors").to_table(columns=["seq_id", "chunk", "ref_id"])
+        table = self.bank.dataset("neighbors").to_table(columns=["seq_id", "chunk", "rank", "ref_id"])
         table = table.filter(pc.is_in(table["seq_id"], value_set=mine))
-        table = table.filter(pc.is_valid(table["ref_id"]))
-        out: dict[str, dict[int, str]] = {}
+        table = table.filter(pc.and_(pc.is_valid(table["ref_id"]), pc.less(table["rank"], self.refs_per_chunk)))
+        table = table.sort_by([("seq_id", "ascending"), ("chunk", "ascending"), ("rank", "ascending")])
+        out: dict[str, dict[int, list[str]]] = {}
         for s, c, r in zip(*(table[n].to_pylist() for n in ("seq_id", "chunk", "ref_id"))):
-            out.setdefault(s, {})[c] = r
+            out.setdefault(s, {}).setdefault(c, []).append(r)
         return out
 
     def order(self, epoch: int) -> np.ndarray:
@@ -154,7 +166,7 @@ class ShardReader:
         import torch
 
         C = (S + self.chunk_size - 1) // self.chunk_size
-        wanted = sorted({r for s in seq_ids for c, r in self.neighbors.get(s, {}).items() if c < C})
+        wanted = sorted({r for s in seq_ids for c, rs in self.neighbors.get(s, {}).items() if c < C for r in rs})
         ref_tokens: dict[str, list[int]] = {}
         if wanted:
             t = self.refs.to_table(columns=["ref_id", "token_ids"],
@@ -165,12 +177,18 @@ class ShardReader:
             raise BankError(f"neighbors name {len(missing)} reference(s) absent from refs, e.g. "
                             f"{sorted(missing)[0]!r}: the tables are from different builds")
         T = max([len(v) for v in ref_tokens.values()] + [1])
-        refs = torch.full((len(seq_ids), C, T), self.pad_id, dtype=torch.long)
-        valid = torch.zeros(len(seq_ids), C, dtype=torch.bool)
+        M = self.refs_per_chunk
+        refs = torch.full((len(seq_ids), C, M, T), self.pad_id, dtype=torch.long)
+        slot = torch.full((len(seq_ids), C, M), -1, dtype=torch.long)
+        unique = torch.full((len(wanted), T), self.pad_id, dtype=torch.long)
+        index = {r: i for i, r in enumerate(wanted)}
+        for r, i in index.items():
+            unique[i, :len(ref_tokens[r])] = torch.tensor(ref_tokens[r], dtype=torch.long)
         for b, s in enumerate(seq_ids):
-            for c, r in self.neighbors.get(s, {}).items():
-                if c < C:
-                    ids = ref_tokens[r]
-                    refs[b, c, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-                    valid[b, c] = True
-        return {"ref_tokens": refs, "ref_valid": valid}
+            for c, rs in self.neighbors.get(s, {}).items():
+                if c >= C:
+                    continue
+                for m, r in enumerate(rs):
+                    refs[b, c, m] = unique[index[r]]
+                    slot[b, c, m] = index[r]
+        return {"ref_tokens": refs, "ref_valid": slot >= 0, "ref_unique": unique, "ref_slot": slot}

@@ -7,7 +7,7 @@ misreading them.
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 DOCUMENTS = pa.schema([
     pa.field("doc_id", pa.string(), nullable=False),
@@ -18,6 +18,9 @@ DOCUMENTS = pa.schema([
     pa.field("n_chars", pa.int64(), nullable=False),
     pa.field("rank", pa.int64(), nullable=False),         # corpus order: (file << 40) | record
     pa.field("meta", pa.string()),                        # the record's other fields, JSON
+    pa.field("in_training", pa.bool_(), nullable=False),  # passed `quality`: in train_sequences
+    pa.field("in_bank", pa.bool_(), nullable=False),      # passed `bank_quality`: in refs
+    pa.field("training_reason", pa.string()),             # why training left it out, if it did
 ])
 
 REJECTS = pa.schema([

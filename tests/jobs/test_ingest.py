@@ -108,14 +108,40 @@ def test_references_cover_each_document_exactly(reference_run):
     for r in snap["refs"]:
         assert 1 <= r["n_tokens"] == len(r["token_ids"]) <= 128
         refs_by_doc.setdefault(r["doc_id"], []).append(r)
-    assert set(refs_by_doc) == {d["doc_id"] for d in snap["documents"]}  # no ref from a rejected doc
-    for doc in snap["documents"]:
+    in_bank = [d for d in snap["documents"] if d["in_bank"]]
+    assert set(refs_by_doc) == {d["doc_id"] for d in in_bank}  # no ref from a rejected doc
+    for doc in in_bank:
         parts = sorted(refs_by_doc[doc["doc_id"]], key=lambda r: r["ordinal"])
         ids = [t for p in parts for t in p["token_ids"]]
         assert ids == tok.encode(doc["text"], add_special_tokens=False).ids
         assert [p["start_token"] for p in parts] == [sum(q["n_tokens"] for q in parts[:i]) for i in range(len(parts))]
     for s in snap["train_sequences"]:
         assert len(s["token_ids"]) == 256 and s["doc_ids"]
+
+
+def test_the_bank_keeps_short_entries_that_training_text_does_not(reference_run):
+    """The demo's bank_quality keeps short dictionary entries (facts) as references; training
+    sequences are made only of documents that pass the training filter."""
+    _, summary, snap = reference_run
+    docs = snap["documents"]
+    bank_only = [d for d in docs if d["in_bank"] and not d["in_training"]]
+    assert bank_only and all(d["training_reason"] is not None for d in bank_only)
+    assert "too_few_words" in {d["training_reason"] for d in bank_only}
+    assert all(d["training_reason"] is None for d in docs if d["in_training"])
+    assert summary["bank_only_documents"] == len(bank_only)
+    assert summary["bank_documents"] == sum(d["in_bank"] for d in docs)
+    trained = {d["doc_id"] for d in docs if d["in_training"]}
+    in_seqs = {doc for s in snap["train_sequences"] for doc in s["doc_ids"]}
+    assert in_seqs and in_seqs <= trained and not in_seqs & {d["doc_id"] for d in bank_only}
+    # a record that neither filter keeps is a reject, with the training filter's reason
+    assert "too_few_words" in {r["reason"] for r in snap["rejects"]}
+
+
+def test_without_a_bank_filter_the_bank_keeps_what_training_keeps(corpus, reference_run, tmp_path):
+    run_ingest(make_config(corpus, tmp_path / "b", "bank_quality=null"))
+    docs = Bank(str(tmp_path / "b")).dataset("documents").to_table(columns=["in_training", "in_bank"]).to_pylist()
+    assert docs and all(d["in_training"] and d["in_bank"] for d in docs)
+    assert len(docs) < len(reference_run[2]["documents"])
 
 
 def test_lineage_and_noop_rerun(corpus, reference_run, capsys):

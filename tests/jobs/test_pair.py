@@ -1,6 +1,7 @@
-"""The pair job end to end on a small ingested + embedded FOLDOC bank: one row per chunk, the
-eq. 6 overlap filter (no reference the sequence contains is ever its neighbor), a no-op rerun,
-and the trainer's reader accepting the table."""
+"""The pair job end to end on a small ingested + embedded FOLDOC bank: a chunk's best references
+(rank 0 first), the eq. 6 overlap filter measured against the whole stored sequence (no
+reference the sequence contains is ever its neighbor, even one beyond the trained window),
+own-document exclusion, a no-op rerun, and the trainer's reader accepting the table."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from tests.conftest import small_embedded_bank
 
 pytestmark = pytest.mark.slow
 
-PAIR = PairConfig(k=8, max_overlap=0.9, chunk_size=64, seqs_per_shard=8, threads_per_actor=1)
+PAIR = PairConfig(k=8, max_overlap=0.9, chunk_size=64, seqs_per_shard=8, threads_per_actor=1, per_chunk=5)
 
 
 def with_pair(cfg, pair: PairConfig):
@@ -50,15 +51,25 @@ def _contains(seq: list[int], ref: list[int]) -> bool:
     return at != -1
 
 
-def test_one_row_per_chunk_and_counts(paired):
+def test_every_chunk_has_its_best_references_ranked_and_counted(paired):
     cfg, summary = paired
     bank, seqs, _, rows = _tables(cfg)
     assert bank.dataset("neighbors").schema.remove_metadata() == NEIGHBORS
     expected = sorted((sid, c) for sid, s in seqs.items() for c in range(-(-len(s["token_ids"]) // 64)))
-    got = sorted((r["seq_id"], r["chunk"]) for r in rows)
-    assert got == expected and len(set(got)) == len(got)
+    by_chunk: dict[tuple, list[dict]] = {}
+    for r in rows:
+        by_chunk.setdefault((r["seq_id"], r["chunk"]), []).append(r)
+    assert sorted(by_chunk) == expected
+    for got in by_chunk.values():
+        got.sort(key=lambda r: r["rank"])
+        assert [r["rank"] for r in got] == list(range(len(got))) and 1 <= len(got) <= PAIR.per_chunk
+        assert len({r["ref_id"] for r in got}) == len(got)
+        assert [r["score"] for r in got] == sorted((r["score"] for r in got), reverse=True) or got[0]["ref_id"] is None
+    assert sum(len(g) == PAIR.per_chunk for g in by_chunk.values()) > len(by_chunk) // 2  # most chunks full
+    first = [g[0] for g in by_chunk.values()]
     hits = [r for r in rows if r["ref_id"] is not None]
-    assert summary["chunks"] == len(rows) and summary["with_neighbor"] == len(hits) > 0
+    assert summary["chunks"] == len(by_chunk) and summary["pairs"] == len(hits) > 0
+    assert summary["with_neighbor"] == sum(r["ref_id"] is not None for r in first) > 0
     assert all(r["score"] is None and r["overlap"] is None for r in rows if r["ref_id"] is None)
     assert bank.tags("neighbors") == {f"pair-{summary['pair_key']}": summary["version"]}
 
@@ -89,6 +100,31 @@ def test_a_reference_copied_from_the_sequence_is_never_its_neighbor(paired):
     assert summary["dropped"] > 0
 
 
+def test_own_documents_excluded_when_asked(paired):
+    """pair.exclude_own_docs (what `m3 eval` does to held-out text): no neighbor comes from the
+    sequence's own documents, not even one straddling the sequence's end, which eq. 6 against
+    the sequence alone lets through (it holds only part of the sequence's text)."""
+    from pipelines.pair_step import pair_shard
+    from model.embedder import load_embedder
+    from pipelines.tokenizer import load
+    from storage.vectors import search_params
+
+    cfg, _ = paired
+    bank, seqs, refs, rows = _tables(cfg)
+    straddling = [r for r in rows if r["ref_id"] is not None and refs[r["ref_id"]]["doc_id"] in seqs[r["seq_id"]]["doc_ids"]]
+    assert straddling  # the paper's rule alone keeps some: the fixture shows the case
+    table = bank.table("embeddings")
+    ids = sorted(seqs)
+    args = dict(tokenizer=load(f"{cfg.bank.uri}/{bank.metadata('refs')['tokenizer_path']}"),
+                embedder=load_embedder("minilm"), table=table, refs_ds=bank.dataset("refs"),
+                params=search_params(table), doc_ids=[seqs[i]["doc_ids"] for i in ids])
+    out = pair_shard(ids, [seqs[i]["token_ids"] for i in ids], cfg=dataclasses.replace(PAIR, exclude_own_docs=True),
+                     **args).to_pylist()
+    assert {(r["seq_id"], r["chunk"]) for r in out} == {(r["seq_id"], r["chunk"]) for r in rows}
+    kept = [r for r in out if r["ref_id"] is not None]
+    assert kept and not [r for r in kept if refs[r["ref_id"]]["doc_id"] in seqs[r["seq_id"]]["doc_ids"]]
+
+
 def test_rerun_is_a_noop(paired, capsys):
     cfg, summary = paired
     version = Bank(cfg.bank.uri).table("neighbors").version
@@ -103,9 +139,22 @@ def test_the_trainer_reads_the_neighbors(paired):
     seq_meta = Bank(cfg.bank.uri).metadata("train_sequences")
     assert meta["chunk_size"] == 64 and meta["embed_key"] == Bank(cfg.bank.uri).metadata("embeddings")["embed_key"]
     assert (meta["ingest_key"], meta["tokenizer_hash"]) == (seq_meta["ingest_key"], seq_meta["tokenizer_hash"])
-    reader = ShardReader(cfg.bank.uri, neighbors=True, chunk_size=64, heldout_fraction=0.0, micro_batch=2)
+    reader = ShardReader(cfg.bank.uri, neighbors=True, chunk_size=64, heldout_fraction=0.0, micro_batch=2,
+                         refs_per_chunk=5)
     batch = next(reader.epoch_batches())
-    assert batch["ref_tokens"].shape[:2] == batch["ref_valid"].shape == (2, 4) and batch["ref_valid"].any()
+    assert batch["ref_tokens"].shape[:3] == batch["ref_valid"].shape == (2, 4, 5) and batch["ref_valid"].all(-1).any()
+    rows = {(r["seq_id"], r["chunk"], r["rank"]): r["ref_id"] for r in _tables(cfg)[3]}
+    refs = _tables(cfg)[2]
+    for b, sid in enumerate(batch["seq_ids"]):  # slot (c, m) holds the chunk's rank-m reference
+        for c in range(4):
+            for m in range(5):
+                rid = rows.get((sid, c, m))
+                assert bool(batch["ref_valid"][b, c, m]) == (rid is not None)
+                if rid is not None:
+                    n = len(refs[rid]["token_ids"])
+                    assert batch["ref_tokens"][b, c, m, :n].tolist() == refs[rid]["token_ids"]
+    with pytest.raises(BankError, match="keeps 5 reference"):
+        ShardReader(cfg.bank.uri, neighbors=True, chunk_size=64, heldout_fraction=0.0, refs_per_chunk=6)
     with pytest.raises(BankError, match="pairs 64-token chunks"):
         ShardReader(cfg.bank.uri, neighbors=True, chunk_size=32, heldout_fraction=0.0)
 
@@ -123,7 +172,7 @@ def test_resume_keeps_staged_shards_and_matches_an_uninterrupted_run(paired, cap
     from pipelines.pair_step import PairShards
 
     cfg, _ = paired
-    before = sorted((r["seq_id"], r["chunk"], r["ref_id"], r["score"]) for r in _tables(cfg)[3])
+    before = sorted((r["seq_id"], r["chunk"], r["rank"], r["ref_id"], r["score"]) for r in _tables(cfg)[3])
     # another shard layout (a new key, so a fresh staging dir) whose shard 0 is staged by hand,
     # as a run killed after one shard would have left it
     pair2 = dataclasses.replace(PAIR, seqs_per_shard=5)
@@ -134,11 +183,11 @@ def test_resume_keeps_staged_shards_and_matches_an_uninterrupted_run(paired, cap
     summary = run_pair(with_pair(cfg, pair2))
     n_shards = -(-len(_tables(cfg)[1]) // 5)
     assert f"1 of {n_shards} shard(s) done" in capsys.readouterr().out
-    assert summary["chunks"] == len(before) and not stage.exists()
+    assert summary["chunks"] == len({b[:2] for b in before}) and not stage.exists()
     # the same rows as the first, uninterrupted run with another layout
-    after = sorted((r["seq_id"], r["chunk"], r["ref_id"], r["score"]) for r in _tables(cfg)[3])
-    assert [a[:3] for a in after] == [b[:3] for b in before]
-    assert np.allclose([a[3] or 0 for a in after], [b[3] or 0 for b in before], atol=1e-5)
+    after = sorted((r["seq_id"], r["chunk"], r["rank"], r["ref_id"], r["score"]) for r in _tables(cfg)[3])
+    assert [a[:4] for a in after] == [b[:4] for b in before]
+    assert np.allclose([a[4] or 0 for a in after], [b[4] or 0 for b in before], atol=1e-5)
 
 
 def test_killed_pair_resumes_and_max_tokens_pairs_only_what_training_reads(paired, tmp_path):
@@ -153,7 +202,7 @@ def test_killed_pair_resumes_and_max_tokens_pairs_only_what_training_reads(paire
     from tests.conftest import ROOT
 
     cfg, _ = paired
-    full = {(r["seq_id"], r["chunk"]): r["ref_id"] for r in _tables(cfg)[3]}
+    full = {(r["seq_id"], r["chunk"], r["rank"]): r["ref_id"] for r in _tables(cfg)[3]}
     bank = tmp_path / "bank"
     shutil.copytree(cfg.bank.uri, bank)
     overrides = [f"bank.uri={bank}", "pair.max_tokens=128", "train.max_tokens=128", "pair.seqs_per_shard=8", "ray.num_cpus=2",
@@ -172,14 +221,16 @@ def test_killed_pair_resumes_and_max_tokens_pairs_only_what_training_reads(paire
                                train=dataclasses.replace(cfg.train, max_tokens=128))
     run_pair(cfg2)
     rows = Bank(str(bank)).dataset("neighbors").to_table().to_pylist()
-    assert sorted({r["chunk"] for r in rows}) == [0, 1] and len(rows) == 2 * n_seqs
-    # the leakage filter judges the 128 tokens training reads: a reference of the sequence's
-    # later text may be a neighbor now (it was not in the full run: the model never sees that text)
+    assert sorted({r["chunk"] for r in rows}) == [0, 1]
+    # leakage is measured against the WHOLE stored sequence, not the 128 tokens training reads: a
+    # reference of the sequence's later text (straddling the window's edge, or beyond it) holds
+    # text of the sequence all the same. So chunks 0 and 1 get exactly what the full run gave them.
+    assert {(r["seq_id"], r["chunk"], r["rank"]): r["ref_id"] for r in rows} == \
+        {k: v for k, v in full.items() if k[1] < 2}
     seqs, refs = _tables(cfg)[1], _tables(cfg)[2]
     kept = [r for r in rows if r["ref_id"] is not None]
-    assert kept and all(overlap(seqs[r["seq_id"]]["token_ids"][:128], refs[r["ref_id"]]["token_ids"])
+    assert kept and all(overlap(seqs[r["seq_id"]]["token_ids"], refs[r["ref_id"]]["token_ids"])
                         <= PAIR.max_overlap for r in kept)
-    assert sum(full[(r["seq_id"], r["chunk"])] == r["ref_id"] for r in rows) > len(rows) // 2
     assert Bank(str(bank)).metadata("neighbors")["max_tokens"] == 128
     with pytest.raises(BankError, match="pairs the first 128 tokens"):
         ShardReader(str(bank), neighbors=True, chunk_size=64, heldout_fraction=0.0, max_tokens=192)

@@ -21,7 +21,7 @@ from jobs.config import Config, config_hash
 from jobs.report import Report
 from jobs.runtime import init_ray, quiet_ray_data, row_shards, run_actor_shards
 from model import Memory3, save_model
-from model.checkpoint import saved_hash
+from model.checkpoint import memory_reading, saved_hash
 from model.codecs import VQCodec, make_codec
 from pipelines.encode_step import EncodeShards, encode_tokens, staged_path
 from storage.bank import Bank, BankError
@@ -99,12 +99,13 @@ def memories_lineage(cfg: Config, key: str, mhash: str, mdir: Path, refs_meta: d
             "tokenizer_hash": refs_meta.get("tokenizer_hash"), "corpus_version": refs_meta.get("corpus_version"),
             "ingest_key": refs_meta.get("ingest_key"), "codec": cfg.encode.codec,
             "quantizer_hash": codec_kw.get("quantizer_hash"), "quantizer_path": codec_kw.get("quantizer"),
-            "sparsity": sparsity(cfg), "config": cfg.as_dict()}
+            "sparsity": sparsity(cfg), "trained_to_read": memory_reading(mdir), "config": cfg.as_dict()}
 
 
 def sparsity(cfg: Config) -> dict:
     m = cfg.model
-    return {"top_k": m.mem_top_k, "score_combine": m.score_combine, "n_mem_layers": m.n_mem_layers}
+    return {"top_k": m.mem_top_k, "score_combine": m.score_combine, "n_mem_layers": m.n_mem_layers,
+            "ref_max_tokens": m.ref_max_tokens}
 
 
 def run_encode(cfg: Config) -> dict:

@@ -20,8 +20,8 @@ class EvalConfig:
     # that RAG's 5 references (5 x 128 tokens) still fit the model's max_seq_len before them.
     tokens: int = field(default=256, metadata={"ge": 2})
     batch_size: int = field(default=4, metadata={"ge": 1})
-    # References of documents that only held-out sequences contain (never trained on) whose
-    # loss the knowledge probe measures with and without memory.
+    # References of documents no training sequence contains (held-out-only or bank-only
+    # documents) whose loss the knowledge probe measures with and without memory.
     probe_refs: int = field(default=32, metadata={"ge": 0})
 
     def __post_init__(self):
@@ -57,6 +57,9 @@ class InferConfig:
     # memories keep the hash of the checkpoint as saved, so a bf16 copy reads its fp32 bank.
     device: str = "cpu"          # "cpu", "cuda", "cuda:1", ...
     dtype: str = field(default="float32", metadata={"choices": ("float32", "bfloat16")})
+    # A bank whose sparsity (tokens kept per head) or codec differs from what the model was
+    # trained to read is refused; true serves it anyway, with a warning (trade-off studies).
+    allow_memory_mismatch: bool = False
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):

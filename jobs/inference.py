@@ -25,7 +25,7 @@ import torch
 from jobs.config_loader import ConfigError
 from jobs.infer_config import MODES, InferConfig
 from model import load_model
-from model.checkpoint import saved_hash
+from model.checkpoint import memory_reading, saved_hash
 from model.generation import ChunkRead, generate_with_memory
 from model.sampling import row_generators
 from pipelines.tokenizer import load as load_tokenizer
@@ -56,6 +56,52 @@ def resolve_checkpoint(cfg, bank: Bank, checkpoint: str | None = None) -> Path:
                     f"set infer.checkpoint")
 
 
+def bank_tokenizer(cfg, bank: Bank):
+    """The tokenizer the bank's references were cut with (its lineage names the file)."""
+    tok_rel = bank.metadata("refs").get("tokenizer_path")
+    if not tok_rel:
+        raise BankError("the refs table records no tokenizer_path in its lineage: rerun `m3 ingest`")
+    return load_tokenizer(str(Path(cfg.bank.uri) / tok_rel))
+
+
+def bank_retriever(cfg, bank: Bank, tokenizer, per_query: int, device: str = "cpu", infer=None):
+    """A BankRetriever with the embedder that wrote the bank's vectors (not whatever the config
+    names today: queries from another model's space would retrieve confident nonsense)."""
+    from jobs.retriever import BankRetriever
+    from model.embedder import load_embedder
+
+    ic = infer or cfg.infer
+    bank.require("embeddings")
+    meta = bank.metadata("embeddings")
+    spec = (meta.get("config") or {}).get("retrieval", {}).get("embedder") or cfg.retrieval.embedder
+    # the query embedder runs beside the model (a GPU embeds a chunk's queries in ms)
+    return BankRetriever(bank, load_embedder(spec, device=device), tokenizer, per_query=per_query,
+                         max_overlap=ic.max_overlap, candidates=ic.candidates, exact=ic.exact)
+
+
+def check_trained_reading(trained: dict, memories_meta: dict, allow: bool) -> list[str]:
+    """Refuse (or, when allowed, warn about) a bank whose memories differ from what the model
+    was trained to read: another sparsity or another codec. Returns the differences."""
+    if not trained.get("reads_memory"):
+        return []
+    sparsity = memories_meta.get("sparsity") or {}
+    served_k = sparsity.get("top_k")
+    if served_k is not None and sparsity.get("ref_max_tokens"):
+        served_k = min(served_k, sparsity["ref_max_tokens"])  # more than a reference holds = all of it
+    diffs = []
+    if trained.get("top_k") != served_k:
+        diffs.append(f"it was trained to read {trained.get('top_k')} tokens per head, the bank keeps {served_k}")
+    if trained.get("codec") is not None and trained["codec"] != memories_meta.get("codec"):
+        diffs.append(f"it was trained through codec {trained['codec']}, the bank is {memories_meta.get('codec')}")
+    if diffs and not allow:
+        raise BankError("the bank's memories are not what this model was trained to read: " + "; ".join(diffs)
+                        + " (re-encode with the matching encode.codec / model.mem_top_k, or set "
+                          "infer.allow_memory_mismatch: true to serve it anyway)")
+    for d in diffs:
+        print(f"WARNING: serving memories the model was not trained to read: {d}", flush=True)
+    return diffs
+
+
 @dataclass
 class Output:
     prompt_tokens: list[int]
@@ -74,14 +120,12 @@ class Inference:
         self.bank.require("refs")
         self.checkpoint = resolve_checkpoint(cfg, self.bank, checkpoint)
         self.model_hash = saved_hash(self.checkpoint)  # what the memories must have been written by
+        self.memory_reading = memory_reading(self.checkpoint)
         self.device = device or self.ic.device
         if dtype is None and self.ic.dtype != "float32":
             dtype = getattr(torch, self.ic.dtype)
         self.model = load_model(self.checkpoint, device=self.device, dtype=dtype)
-        tok_rel = self.bank.metadata("refs").get("tokenizer_path")
-        if not tok_rel:
-            raise BankError("the refs table records no tokenizer_path in its lineage: rerun `m3 ingest`")
-        self.tokenizer = load_tokenizer(str(Path(cfg.bank.uri) / tok_rel))
+        self.tokenizer = bank_tokenizer(cfg, self.bank)
         self._retriever = self._store = None
 
     # -- components, built on first use so `none` needs neither embedder nor memories
@@ -90,22 +134,15 @@ class Inference:
             from storage.memory_store import MemoryStore
 
             self.bank.require("memories")
-            self._store = MemoryStore(self.bank, self.model_hash, cache_size=self.ic.cache_size)
+            store = MemoryStore(self.bank, self.model_hash, cache_size=self.ic.cache_size)
+            check_trained_reading(self.memory_reading, store.meta, self.ic.allow_memory_mismatch)
+            self._store = store
         return self._store
 
     def retriever(self):
         if self._retriever is None:
-            from jobs.retriever import BankRetriever
-            from model.embedder import load_embedder
-
-            self.bank.require("embeddings")
-            meta = self.bank.metadata("embeddings")
-            spec = (meta.get("config") or {}).get("retrieval", {}).get("embedder") or self.cfg.retrieval.embedder
-            # the query embedder runs beside the model (a GPU embeds a chunk's queries in ms)
-            self._retriever = BankRetriever(self.bank, load_embedder(spec, device=self.device), self.tokenizer,
-                                            per_query=self.model.config.mems_per_chunk,
-                                            max_overlap=self.ic.max_overlap, candidates=self.ic.candidates,
-                                            exact=self.ic.exact)
+            self._retriever = bank_retriever(self.cfg, self.bank, self.tokenizer, self.model.config.mems_per_chunk,
+                                             device=self.device, infer=self.ic)
         return self._retriever
 
     def memory_retriever(self):
@@ -155,7 +192,8 @@ class Inference:
         for g in groups:
             batch = self._batch([contexts[i] for i in g], n_new)
             gens = row_generators([seeds[i] for i in g], device=self.device)
-            out = generate_with_memory(self.model, batch, n_new, retrieve, generators=gens, **opts)
+            out = generate_with_memory(self.model, batch, n_new, retrieve, generators=gens,
+                                       sink=bool(self.memory_reading.get("reads_memory")), **opts)
             T0 = batch.shape[1]
             for row, i in enumerate(g):
                 cont = out.tokens[row, T0:].tolist()

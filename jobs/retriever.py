@@ -6,7 +6,12 @@ overlap filter is on), one MemoryStore.fetch through its RAM cache. Never a call
 
 The overlap filter [paper §4.4]: a candidate whose eq. 6 overlap with the text it serves exceeds
 max_overlap is dropped, and the best mems_per_chunk survivors are kept; a query left with fewer
-gets empty slots (mask False), which attention ignores.
+gets empty slots (mask False), which attention ignores. Evaluation also drops the references of
+the scored text's own documents (`exclude_docs`): the bank holds held-out text verbatim.
+
+Where the memories come from is the store: the bank's `MemoryStore` (what serving reads), or an
+`EncodingStore` that encodes the retrieved references with a model on the fly, at any sparsity
+and through any codec (the training-time evidence, and the dense control of `m3 eval`).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class BankRetriever:
         self.table = bank.table("embeddings")
         self.params = None if exact else search_params(self.table)  # looked up once, not per call
         self.refs = bank.dataset("refs")
+        self.ref_docs: dict[str, str] = {}  # ref_id -> doc_id, of every reference looked up
         self.counts: Counter = Counter()  # calls of each step, for tests and the benchmark
         self.seconds: Counter = Counter()  # wall time of each step, for the benchmark
 
@@ -46,9 +52,16 @@ class BankRetriever:
         other.max_overlap = max_overlap
         return other
 
-    def search_ids(self, queries: Sequence[Sequence[int]], contexts: Sequence[Sequence[int]] | None = None
-                   ) -> list[list[str]]:
-        """The per_query best reference ids for each token query, after the overlap filter."""
+    def with_store(self, store) -> "BankRetriever":
+        """The same retriever reading memories from another store (an EncodingStore)."""
+        other = copy.copy(self)
+        other.store = store
+        return other
+
+    def search_ids(self, queries: Sequence[Sequence[int]], contexts: Sequence[Sequence[int]] | None = None,
+                   exclude_docs: Sequence[set[str]] | None = None) -> list[list[str]]:
+        """The per_query best reference ids for each token query, after the overlap filter
+        (against contexts[i], else the query) and without references of exclude_docs[i]."""
         if not queries:
             return []
         t0 = time.perf_counter()
@@ -62,6 +75,9 @@ class BankRetriever:
         self.seconds["embed"] += t1 - t0
         self.seconds["search"] += t2 - t1
         ids = [[rid for rid, _ in h] for h in hits]
+        if exclude_docs is not None:
+            self.ref_tokens({r for row in ids for r in row})  # learns their documents
+            ids = [[r for r in row if self.ref_docs[r] not in docs] for row, docs in zip(ids, exclude_docs)]
         if self.max_overlap is None:
             return [row[:self.per_query] for row in ids]
         tokens = self.ref_tokens({r for row in ids for r in row})
@@ -80,8 +96,9 @@ class BankRetriever:
         if not ref_ids:
             return {}
         self.counts["refs"] += 1
-        t = self.refs.to_table(columns=["ref_id", "token_ids"], filter=pc.field("ref_id").isin(ref_ids))
+        t = self.refs.to_table(columns=["ref_id", "doc_id", "token_ids"], filter=pc.field("ref_id").isin(ref_ids))
         got = dict(zip(t.column("ref_id").to_pylist(), t.column("token_ids").to_pylist()))
+        self.ref_docs.update(zip(t.column("ref_id").to_pylist(), t.column("doc_id").to_pylist()))
         if len(got) != len(ref_ids):
             missing = sorted(set(ref_ids) - set(got))[0]
             raise BankError(f"the embeddings name reference {missing!r}, absent from refs: the tables "
@@ -114,3 +131,61 @@ class BankRetriever:
         ids = self.search_ids([q.tolist() for q in queries], [c.tolist() for c in contexts])
         mems, mask = self.memories(ids)
         return Retrieved(mems, mask, ids)
+
+
+class EncodingStore:
+    """A MemoryStore look-alike that encodes references with `model` when they are fetched:
+    top_k tokens per memory layer and KV head (None = every token: dense), then through `codec`
+    (None = raw float32). With the model's mem_top_k and the bank's codec this returns what
+    `m3 encode` would store, before the bank is encoded (training's evidence); with top_k None
+    and no codec it is the dense control the served bank is measured against."""
+
+    def __init__(self, model, token_source, top_k: int | None = None, codec=None, batch_size: int = 64):
+        cfg = model.config
+        self.model, self.tokens_of, self.codec, self.batch_size = model, token_source, codec, batch_size
+        self.top_k = top_k or cfg.ref_max_tokens
+        self.shape = (cfg.n_mem_layers, 2, cfg.n_kv_heads, self.top_k, cfg.head_dim)
+        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.hits = self.misses = 0
+
+    @torch.no_grad()
+    def fetch(self, ref_ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        from model.train_step import through_codec
+
+        missing = [r for r in dict.fromkeys(ref_ids) if r not in self.cache]
+        self.hits += len(ref_ids) - len(missing)
+        self.misses += len(missing)
+        tokens = self.tokens_of(missing) if missing else {}
+        device = next(self.model.parameters()).device
+        for lo in range(0, len(missing), self.batch_size):
+            batch = missing[lo:lo + self.batch_size]
+            rows = [tokens[r] for r in batch]
+            width = max(len(t) for t in rows)
+            ids = torch.tensor([t + [self.model.config.pad_id] * (width - len(t)) for t in rows], device=device)
+            enc = self.model.encode_references(ids, top_k=self.top_k)
+            kv, mask = through_codec(enc.kv.float().cpu(), self.codec), enc.mask.cpu()
+            for i, r in enumerate(batch):
+                self.cache[r] = (kv[i], mask[i])
+        if not ref_ids:
+            return torch.zeros((0, *self.shape)), torch.zeros((0, self.top_k), dtype=torch.bool)
+        return (torch.stack([self.cache[r][0] for r in ref_ids]),
+                torch.stack([self.cache[r][1] for r in ref_ids]))
+
+
+class CodedStore:
+    """Another store's memories as `codec` returns them after storing them (encode, decode): the
+    same references at several codecs without encoding them again (bench/memory_gain.py)."""
+
+    def __init__(self, base, codec):
+        self.base, self.codec, self.shape = base, codec, base.shape
+        self.cache: dict[str, torch.Tensor] = {}
+        self.hits = self.misses = 0
+
+    def fetch(self, ref_ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        mems, mask = self.base.fetch(ref_ids)
+        missing = [i for i, r in enumerate(ref_ids) if r not in self.cache]
+        if missing:
+            coded = self.codec.round_trip(mems[missing])
+            for j, i in enumerate(missing):
+                self.cache[ref_ids[i]] = coded[j]
+        return (torch.stack([self.cache[r] for r in ref_ids]) if len(ref_ids) else mems), mask

@@ -81,28 +81,54 @@ def _publish(cfg):
     return {"versions": versions}
 
 
-# the run report's sample: a FOLDOC-style opening, so the memories it reads can be judged
+# the run report's sample when the bank has no probe term: a FOLDOC-style opening
 SAMPLE_PROMPT = "A compiler is a program that translates"
 
 
+def probe_term(results: dict) -> str | None:
+    """The knowledge-probe term whose definition memory helped most (its entry is in the bank,
+    in no training sequence): the prompt of the report's side-by-side generation."""
+    probe = results.get("probe") or {}
+    modes = probe.get("modes") or {}
+    none, mem = modes.get("none"), modes.get("memory, bank holds the entry")
+    if not probe.get("prompts") or not none or not mem:
+        return None
+    gains = [(a - b if a is not None and b is not None else -1e9, i)
+             for i, (a, b) in enumerate(zip(none["per_item"], mem["per_item"]))]
+    return probe["prompts"][max(gains)[1]]
+
+
 def _evaluate(cfg):
-    """Held-out loss in the three modes and the knowledge probe (jobs/evaluate.py), then one
-    sample generation that shows which memories each chunk read; one model load for both."""
+    """Held-out loss in every mode and the knowledge probe (jobs/evaluate.py), then one prompt
+    generated with memory and without, side by side, showing which memories each chunk read;
+    one model load for all."""
     from jobs.evaluate import render, run_eval
     from jobs.generate import show_reads, sample_generation
     from jobs.inference import Inference
 
     inf = Inference(cfg)
     results = run_eval(cfg, inference=inf)
-    sample = sample_generation(cfg, SAMPLE_PROMPT, max_new_tokens=128, inference=inf)
+    prompt = probe_term(results) or SAMPLE_PROMPT
+    sample = sample_generation(cfg, prompt, max_new_tokens=64, inference=inf)
+    plain = sample_generation(cfg, prompt, max_new_tokens=64, mode="none", inference=inf)
     shown = show_reads(sample)
-    print(f"sample generation (memory mode, greedy): {SAMPLE_PROMPT!r} ->\n{sample['text']}\n{shown}", flush=True)
-    md = ["## Evaluation (`m3 eval`)", "", "```", render(results), "```"]
+    print(f"sample generation (greedy) of {prompt!r}\n-- with memory:\n{sample['text']}\n{shown}\n"
+          f"-- without memory:\n{plain['text']}", flush=True)
+    md = ["## Does memory help? The served bank (`m3 eval`)", "", "```", render(results), "```"]
     if results.get("plot"):
         md += ["", f"![evaluation]({Path(results['plot']).resolve()})"]
-    md += ["", "## Sample generation", "", f"Prompt: `{SAMPLE_PROMPT}` (memory mode, greedy)", "", "```",
-           sample["text"], "```", "", "Memories read:", "", "```", shown, "```"]
-    return {**results, "sample": sample, "markdown": "\n".join(md)}
+    md += ["", "## Sample generation, with and without memory", "",
+           f"Prompt: `{prompt!r}` (greedy, same weights). "
+           + ("A term of the knowledge probe: its entry is in the bank and in no training sequence."
+              if prompt != SAMPLE_PROMPT else ""), "",
+           "| with memory | without memory |", "|---|---|",
+           f"| {_cell(sample['text'])} | {_cell(plain['text'])} |", "",
+           "Memories read (with memory):", "", "```", shown, "```"]
+    return {**results, "sample": sample, "sample_none": plain, "markdown": "\n".join(md)}
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ⏎ ").strip() or "(empty)"
 
 
 STAGES: list[tuple[str, Callable]] = [

@@ -42,11 +42,12 @@ def _stage_line(name: str, r: dict) -> str:
 
 def evidence_lines(ev: dict) -> list[str]:
     rows = [("warmup model (no memory)", ev.get("warmup_loss")),
-            ("continual model, without memory", ev.get("continual_loss_no_memory")),
+            ("continual model, without memory (sink kept, zero memories)", ev.get("continual_loss_no_memory")),
             ("continual model, with memory", ev.get("continual_loss_memory")),
             ("continual model, with another sequence's memories (control)", ev.get("continual_loss_other_memory"))]
-    out = [f"Held-out loss per token ({ev.get('sequences')} sequences, {ev.get('tokens'):,} tokens, "
-           "same split for every row):", "", "| model | loss | perplexity |", "|---|---|---|"]
+    out = [f"Held-out loss per token at the end of training ({ev.get('sequences')} sequences, "
+           f"{ev.get('tokens'):,} scored tokens, same split for every row; memories retrieved on the serving "
+           "schedule, encoded on the fly as the bank will store them):", "", "| model | loss | perplexity |", "|---|---|---|"]
     import math
 
     out += [f"| {name} | {v:.4f} | {math.exp(v):,.1f} |" for name, v in rows if v is not None]
@@ -58,13 +59,13 @@ def evidence_lines(ev: dict) -> list[str]:
         out += ["", verdict]
         p = ev.get("paired") or {}
         if p:
-            out += ["", f"Per sequence (paired, same weights): {p['mean_gain']:+.4f} ± {p['stderr']:.4f} "
+            out += ["", f"Per sequence (paired, same weights): {p['gain']:+.4f} ± {p['stderr']:.4f} "
                         f"(standard error) nats/token; memory helped {p['helped']} of {p['of']} sequences."]
         c = ev.get("paired_other") or {}
-        if c:
-            out += [f"The control (each sequence given the memories of another one): {c['mean_gain']:+.4f} ± "
+        if c and p:
+            out += [f"The control (each sequence given the memories of another one): {c['gain']:+.4f} ± "
                     f"{c['stderr']:.4f}, helped {c['helped']} of {c['of']}; what memory adds beyond "
-                    f"attending to any extra tokens is the difference, {p['mean_gain'] - c['mean_gain']:+.4f}."]
+                    f"attending to any extra tokens is the difference, {p['gain'] - c['gain']:+.4f}."]
     return out
 
 
@@ -77,7 +78,7 @@ def write_run_report(cfg, results: dict, seconds: dict, total: float) -> Path:
     lines += [f"| {name} | {seconds[name]:.1f} | {_stage_line(name, r)} |" for name, r in results.items()]
     ev = (results.get("continual") or {}).get("evidence") or _read(Path(cfg.bank.uri) / "training" / "continual" / "evidence.json")
     if ev:
-        lines += ["", "## Does memory help?", ""] + evidence_lines(ev)
+        lines += ["", "## Held-out evidence at the end of training", ""] + evidence_lines(ev)
     png = Path(cfg.bank.uri) / "training" / "loss.png"
     if png.exists():
         lines += ["", "## Training loss", "", f"![loss curves of both stages]({png.resolve()})"]

@@ -16,6 +16,7 @@ model, optimizer and schedule states come back from the checkpoint.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -39,7 +40,9 @@ class TrainError(RuntimeError):
 
 
 def stage_dir(cfg, stage: str) -> Path:
-    return Path(cfg.bank.uri).resolve() / "training" / stage
+    run_dir = getattr(getattr(cfg, "train", None), "run_dir", None)
+    root = Path(run_dir) if run_dir else Path(cfg.bank.uri) / "training"
+    return root.resolve() / stage
 
 
 def warmup_model_dir(cfg, tc: TrainConfig) -> Path:
@@ -59,8 +62,14 @@ def check_stage(cfg, tc: TrainConfig, stage: str) -> None:
         if not (src / "model.safetensors").exists():
             raise BankError(f"continual training starts from the warmup model, but {src} holds no "
                             f"model.safetensors: run `m3 train --stage warmup` first")
-        bank.require("neighbors")
         _check_resume_start(cfg, tc, src)
+    if tc.with_memory(stage):
+        bank.require("neighbors")
+        memory_codec(cfg, tc)  # refuses a codec training cannot pass memories through
+        if tc.memory_schedule == "serving" and cfg.pair.per_chunk < cfg.model.mems_per_chunk:
+            raise ConfigError(f"pair.per_chunk={cfg.pair.per_chunk}: train.memory_schedule 'serving' reads "
+                              f"model.mems_per_chunk={cfg.model.mems_per_chunk} references per chunk, as "
+                              f"inference does; set pair.per_chunk to {cfg.model.mems_per_chunk}")
     if tc.max_tokens is not None and tc.max_tokens > cfg.model.max_seq_len:
         raise ConfigError(f"train.max_tokens={tc.max_tokens} exceeds model.max_seq_len="
                           f"{cfg.model.max_seq_len}")
@@ -69,10 +78,45 @@ def check_stage(cfg, tc: TrainConfig, stage: str) -> None:
 def absolute_paths(cfg, tc: TrainConfig):
     """The same config with the local paths training reads made absolute: Ray Train runs each
     worker in a directory of its own, where a relative path names nothing (bank.uri is
-    absolute already, jobs/config.py)."""
-    if tc.warmup_checkpoint and "://" not in tc.warmup_checkpoint:
-        tc = dataclasses.replace(tc, warmup_checkpoint=str(Path(tc.warmup_checkpoint).resolve()))
+    absolute already, jobs/config.py). cfg.train is tc afterwards."""
+    for name in ("warmup_checkpoint", "run_dir"):
+        value = getattr(tc, name)
+        if value and "://" not in value:
+            tc = dataclasses.replace(tc, **{name: str(Path(value).resolve())})
+    # a copy that carries tc as its train section; not dataclasses.replace, which would re-run
+    # the loader's cross-section checks against a TrainConfig built in code (tests, benches)
+    cfg = copy.copy(cfg)
+    object.__setattr__(cfg, "train", tc)
     return cfg, tc
+
+
+def memory_codec(cfg, tc: TrainConfig):
+    """The codec the real-time memories pass through (train.through_codec), or None."""
+    if not tc.through_codec:
+        return None
+    from model.codecs import make_codec
+
+    if cfg.encode.codec == "vq":
+        raise ConfigError("train.through_codec: encode.codec 'vq' trains its quantizer on the finished "
+                          "model's memories, so training cannot pass memories through it; expected "
+                          "through_codec false, or a raw or int8 codec")
+    return make_codec(cfg.encode.codec)
+
+
+def memory_reading(cfg, tc: TrainConfig, stage: str) -> dict:
+    """What a checkpoint of this stage was trained to read (export.json, and the bank's readers
+    compare it with the memories they serve)."""
+    if not tc.with_memory(stage):
+        return {"reads_memory": False}
+    m = cfg.model
+    return {"reads_memory": True, "schedule": tc.memory_schedule,  # top_k: tokens per head (all: ref_max_tokens)
+            "top_k": min(m.mem_top_k, m.ref_max_tokens) if tc.sparsify_refs else m.ref_max_tokens,
+            "codec": cfg.encode.codec if tc.through_codec else None,
+            "refs_per_chunk": refs_per_chunk(cfg, tc, stage)}
+
+
+def refs_per_chunk(cfg, tc: TrainConfig, stage: str) -> int:
+    return cfg.model.mems_per_chunk if tc.with_memory(stage) and tc.memory_schedule == "serving" else 1
 
 
 def _check_resume_start(cfg, tc: TrainConfig, warmup_dir: Path) -> None:
@@ -94,8 +138,8 @@ def _check_resume_start(cfg, tc: TrainConfig, warmup_dir: Path) -> None:
 def run_train(cfg, stage: str, train: TrainConfig | None = None, launcher: str = "ray") -> dict:
     """Train one stage to its step count (resuming if checkpoints exist); return a summary."""
     tc = train if train is not None else getattr(cfg, "train", None) or TrainConfig()
-    check_stage(cfg, tc, stage)
     cfg, tc = absolute_paths(cfg, tc)
+    check_stage(cfg, tc, stage)
     args = {"cfg": cfg, "train": tc, "stage": stage, "crash_at": os.environ.get("M3_CRASH_AT")}
     t0 = time.perf_counter()
     if launcher == "ray":
@@ -105,8 +149,8 @@ def run_train(cfg, stage: str, train: TrainConfig | None = None, launcher: str =
         if int(os.environ.get("RANK", "0")) != 0:
             return {"stage": stage, "rank": int(os.environ["RANK"])}
     summary = _summary(cfg, stage, time.perf_counter() - t0)
-    plot_losses({s: read_log(cfg, s) for s in STAGES}, Path(cfg.bank.uri) / "training" / "loss.png")
-    if stage == "continual":
+    plot_losses({s: read_log(cfg, s) for s in STAGES}, stage_dir(cfg, stage).parent / "loss.png")
+    if stage == "continual" and tc.continual_with_memory and tc.evidence:
         from jobs.train_eval import memory_evidence
 
         summary["evidence"] = memory_evidence(cfg, tc)
@@ -220,6 +264,8 @@ def train_loop(args: dict) -> None:
 
     torch.manual_seed(tc.seed)
     model = load_model(warmup_model_dir(cfg, tc)).train() if stage == "continual" else Memory3(cfg.model)
+    with_memory = tc.with_memory(stage)
+    codec = memory_codec(cfg, tc) if with_memory else None
     opt, sched = build_optimizer(model, tc, stage)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                            config=ds_config(tc, world))
@@ -231,9 +277,9 @@ def train_loop(args: dict) -> None:
         start = client["step"]
     mcfg = engine.module.config
     reader = ShardReader(cfg.bank.uri, rank=rank, world=world, seed=tc.seed, micro_batch=tc.micro_batch,
-                         heldout_fraction=tc.heldout_fraction, neighbors=stage == "continual",
+                         heldout_fraction=tc.heldout_fraction, neighbors=with_memory,
                          chunk_size=mcfg.mem_chunk_size, max_tokens=tc.max_tokens or mcfg.max_seq_len,
-                         pad_id=mcfg.pad_id)
+                         pad_id=mcfg.pad_id, refs_per_chunk=refs_per_chunk(cfg, tc, stage))
     batches = reader.iterate(start * tc.grad_accum * tc.micro_batch)
     log = open_log(sdir / "log.jsonl", start) if rank == 0 else None
     total = tc.stage_steps(stage)
@@ -249,12 +295,14 @@ def train_loop(args: dict) -> None:
             b = next(batches)
             tokens = b["tokens"].to(dev)
             mem = mask = None
-            if stage == "continual":
+            if with_memory:
                 mem, mask = continual_memories(engine, b["ref_tokens"].to(dev), b["ref_valid"].to(dev),
                                                window=tc.window, sparsify=tc.sparsify_refs,
-                                               grad_through_refs=tc.grad_through_refs)
-                stats[2] += b["ref_valid"].sum()
-                stats[3] += b["ref_valid"].numel()
+                                               grad_through_refs=tc.grad_through_refs,
+                                               schedule=tc.memory_schedule, codec=codec,
+                                               unique=b["ref_unique"].to(dev), slot=b["ref_slot"].to(dev))
+                stats[2] += b["ref_valid"][:, :, 0].sum()  # chunks with a reference
+                stats[3] += b["ref_valid"][:, :, 0].numel()
             loss = lm_loss(engine, tokens, mem, mask)
             engine.backward(loss)
             engine.step()
@@ -288,7 +336,7 @@ def save_checkpoint(engine, cfg, tc: TrainConfig, stage: str, step: int, rank: i
     sdir = stage_dir(cfg, stage)
     options = {"stage": stage, "step": step, "init_model_hash": _init_hash(cfg, tc, stage), "sparsify_refs": tc.sparsify_refs,
                "grad_through_refs": tc.grad_through_refs, "window": tc.window, "seed": tc.seed,
-               "train": dataclasses.asdict(tc)}
+               "memory": memory_reading(cfg, tc, stage), "train": dataclasses.asdict(tc)}
     engine.save_checkpoint(str(sdir / "checkpoints"), tag=f"step{step:07d}",
                            client_state={"step": step, "options": options})
     dist.barrier()

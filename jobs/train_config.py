@@ -41,16 +41,35 @@ class TrainConfig:
     max_tokens: int | None = field(default=None, metadata={"ge": 2})
     checkpoint_every: int = field(default=50, metadata={"ge": 1})
     seed: int = 0
-    # Continual stage: top-k sparsify the real-time memories (as at inference) or keep every
-    # reference token; let gradients flow through the reference encoding or not. Both are
-    # open questions in the paper and are recorded with every checkpoint.
-    sparsify_refs: bool = False
+    # What the memory stages read, recorded with every checkpoint (the paper leaves it open):
+    # "serving": chunk c reads the mems_per_chunk references chunk c-1 retrieved, as `m3 generate`
+    # and `m3 eval` do (needs pair.per_chunk = model.mems_per_chunk); "paper": each chunk reads the
+    # best reference of its own chunk and of the previous window-1 chunks (a look-ahead: its own
+    # text chose one of them).
+    memory_schedule: str = field(default="serving", metadata={"choices": ("serving", "paper")})
+    # Keep the model's mem_top_k tokens per layer and KV head, as the bank stores them, or every token.
+    sparsify_refs: bool = True
+    # Pass the real-time memories through the bank's codec (encode.codec; straight-through), so
+    # the model learns to read what a fetch returns. Not for "vq" (its quantizer is trained on the
+    # finished model's memories).
+    through_codec: bool = True
+    # Let gradients flow through the reference encoding (else it runs under no_grad).
     grad_through_refs: bool = True
-    window: int = field(default=5, metadata={"ge": 1})  # own reference + previous 4 chunks'
+    window: int = field(default=5, metadata={"ge": 1})  # "paper": own reference + previous 4 chunks'
+    # Which stages read memories: the paper's recipe is warmup without, continual with.
+    # warmup_with_memory = memory from scratch; continual_with_memory false = the control that
+    # trains the continual stage on the same tokens without memory (the paper's Fig. 11).
+    warmup_with_memory: bool = False
+    continual_with_memory: bool = True
+    # Where the stages live: null = <bank>/training; another directory keeps a second recipe's
+    # runs apart from the bank's own (bench/memory_gain.py trains several).
+    run_dir: str | None = None
     log_every: int = field(default=10, metadata={"ge": 1})  # progress line every N steps
     # Sequences whose seq_id hashes below this fraction are held out: never trained on.
     heldout_fraction: float = field(default=0.05, metadata={"ge": 0, "lt": 1})
     eval_sequences: int = field(default=64, metadata={"ge": 1})
+    # Held-out evidence (jobs/train_eval.py) at the end of a continual stage that reads memories.
+    evidence: bool = True
     # The warmup model the continual stage starts from; null = <bank>/training/warmup/model.
     warmup_checkpoint: str | None = None
 
@@ -63,6 +82,9 @@ class TrainConfig:
                      "continual_stage_steps", "checkpoint_every", "window", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a value >= 1, got {getattr(self, name)!r}")
+
+    def with_memory(self, stage: str) -> bool:
+        return self.warmup_with_memory if stage == "warmup" else self.continual_with_memory
 
     def stage_steps(self, stage: str) -> int:
         return self.warmup_stage_steps if stage == "warmup" else self.continual_stage_steps

@@ -68,3 +68,16 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu",
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()
+
+
+def memory_reading(path: str | Path) -> dict:
+    """What a saved model was trained to read, from the export.json the trainer writes beside it
+    ({"reads_memory": bool, "schedule", "top_k", "codec", ...}); {} when there is none (a model
+    saved outside training). Older exports lack it: their continual stage read memories."""
+    import json
+
+    export = Path(path) / "export.json"
+    if not export.exists():
+        return {}
+    info = json.loads(export.read_text())
+    return info.get("memory") or ({"reads_memory": True} if info.get("stage") == "continual" else {})

@@ -74,7 +74,8 @@ def test_every_reference_gets_one_memory_with_lineage(encoded):
     meta = b.metadata("memories")
     assert meta["model_hash"] == summary["model_hash"] == rows[0]["model_hash"]
     assert meta["tokenizer_hash"] == b.metadata("refs")["tokenizer_hash"]
-    assert meta["sparsity"] == {"top_k": m.mem_top_k, "score_combine": m.score_combine, "n_mem_layers": m.n_mem_layers}
+    assert meta["sparsity"] == {"top_k": m.mem_top_k, "score_combine": m.score_combine,
+                                "n_mem_layers": m.n_mem_layers, "ref_max_tokens": m.ref_max_tokens}
     assert b.tags("memories") == {f"encode-{meta['encode_key']}": summary["version"]}
 
 

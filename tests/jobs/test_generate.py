@@ -1,21 +1,18 @@
 """Generation and evaluation against a real bank (FOLDOC refs, real LanceDB, real MiniLM
 retrieval, memories encoded by a random-weight tiny model): batched equals single-prompt,
 one embed/search/fetch per swap point, the overlap filter, the RAM cache, lineage refusal,
-the CLI (--show-memories, JSONL), and `m3 eval`'s table."""
+the CLI (--show-memories, JSONL). `m3 eval` is tested in test_evaluate.py."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from jobs.cli import main
 from jobs.encode import run_encode
-from jobs.evaluate import run_eval
 from jobs.generate import sample_generation
 from jobs.inference import Inference
 from model import Memory3, save_model
@@ -141,24 +138,6 @@ def test_cli_show_memories_jsonl_and_the_three_modes(bank, tmp_path, capsys):
     bad.write_text('{"text": 3}\n')
     assert main(["generate", "-c", "configs/demo.yaml", *sets, "--prompts", str(bad)]) == 2
     assert "bad.jsonl:1" in capsys.readouterr().err
-
-
-def test_eval_scores_the_same_tokens_in_every_mode(bank, inf, capsys):
-    cfg, _ = bank
-    r = run_eval(cfg, inference=inf)
-    modes = r["modes"]
-    assert set(modes) == {"none", "memory", "rag"}
-    assert r["sequences"] >= 1 and len({m["tokens"] for m in modes.values()}) == 1
-    assert modes["none"]["tokens"] == r["sequences"] * (96 - cfg.model.mem_chunk_size)
-    assert all(math.isfinite(m["loss"]) and m["ppl"] > 1 for m in modes.values())
-    assert modes["memory"]["loss"] != modes["none"]["loss"]  # memories reach the logits
-    probe = r["probe"]
-    if probe["references"]:
-        assert set(probe["modes"]) == {"none", "memory, bank holds the span", "memory, overlap-filtered"}
-    table = capsys.readouterr().out
-    assert "evaluation:" in table and "knowledge probe" in table
-    saved = json.loads((Path(cfg.bank.uri) / "eval" / "eval.json").read_text())
-    assert saved["modes"] == modes
 
 
 def test_sample_generation_reports_text_and_the_references_each_chunk_read(bank, inf):

@@ -36,17 +36,22 @@ def test_whole_pipeline_then_a_rerun_does_nothing(tmp_path, ray_local, capsys, m
     cfg = config(corpus, Path("bank"), "train.warmup_stage_steps=4", "train.continual_stage_steps=4",
                  "train.checkpoint_every=4", "train.lr_warmup_steps=1", "train.cpus_per_worker=0.5",
                  "train.max_tokens=192", "train.eval_sequences=4", "pair.max_tokens=192",
-                 "model.max_seq_len=1024", "infer.eval.sequences=4", "infer.eval.probe_refs=4")
+                 "model.max_seq_len=1024", "infer.eval.sequences=4", "infer.eval.probe_refs=4", "train.evidence=true")
     out = run_all(cfg)
     report = (tmp_path / "bank" / "_reports" / "run.md").read_text()
     for stage in ("ingest", "warmup", "embed", "pair", "continual", "encode", "evaluate"):
         assert f"| {stage} |" in report
-    assert "## Does memory help?" in report and "continual model, with memory" in report
-    assert "## Evaluation" in report and "## Sample generation" in report
-    ev_modes = out["stages"]["evaluate"]["modes"]
-    assert set(ev_modes) == {"none", "memory", "rag"} and all(m["tokens"] > 0 for m in ev_modes.values())
-    sample = out["stages"]["evaluate"]["sample"]
+    assert "## Held-out evidence at the end of training" in report and "continual model, with memory" in report
+    assert "## Does memory help? The served bank" in report and "## Sample generation, with and without memory" in report
+    assert "| with memory | without memory |" in report
+    ev = out["stages"]["evaluate"]
+    assert {"none", "memory", "rag", "memory, dense raw (same references)"} <= set(ev["modes"])
+    assert all(m["tokens"] > 0 for m in ev["modes"].values()) and ev["sink"] is True
+    sample, plain = ev["sample"], ev["sample_none"]
     assert sample["model_hash"] == saved_hash(stage_dir(cfg, "continual") / "model") and sample["chunks"]
+    assert sample["prompt"] == plain["prompt"] and plain["mode"] == "none" and not plain["chunks"]
+    if ev["probe"].get("prompts"):  # the side-by-side prompt is a probe term: its entry only the bank holds
+        assert sample["prompt"] in ev["probe"]["prompts"]
     ev = out["stages"]["continual"]["evidence"]
     assert ev["continual_loss_memory"] is not None and ev["tokens"] > 0
 

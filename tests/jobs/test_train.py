@@ -17,7 +17,7 @@ from jobs.embed import run_embed
 from jobs.ingest import run_ingest
 from jobs.pair import run_pair
 from jobs.train import TrainError, read_log, run_train, stage_dir
-from jobs.train_eval import evaluate
+from jobs.train_eval import evaluate_checkpoint
 from jobs.train_config import TrainConfig
 from model import load_model, model_hash
 from storage.bank import BankError
@@ -73,11 +73,40 @@ def test_two_workers_warmup_then_continual(base, tmp_path):
     assert len(rows) == 4 and all(r["memory_hits"] > 0 for r in rows)
     assert all(r["chunks"] == 2 * 2 * 3 for r in rows)  # 2 workers x 2 sequences x 192/64 chunks
     export = json.loads((stage_dir(cfg, "continual") / "model" / "export.json").read_text())
-    assert export["sparsify_refs"] is False and export["grad_through_refs"] is True
+    # what the model was trained to read, which the bank's readers hold the served memories to
+    assert export["memory"] == {"reads_memory": True, "schedule": "serving", "top_k": cfg.model.mem_top_k,
+                                "codec": "int8", "refs_per_chunk": cfg.model.mems_per_chunk}
+    assert json.loads((model_dir / "export.json").read_text())["memory"] == {"reads_memory": False}
     ev = cont["evidence"]
     assert set(ev) >= {"warmup_loss", "continual_loss_no_memory", "continual_loss_memory"}
+    assert ev["paired"]["of"] == ev["sequences"] and ev["paired_other"]["of"] == ev["sequences"]
     # the continual stage started from the warmup weights, not from a fresh init
-    assert evaluate(cfg, model_dir, train=tc, with_memory=False)["loss"] == pytest.approx(ev["warmup_loss"])
+    warm_ev = evaluate_checkpoint(cfg, model_dir, tc, with_memory=False)
+    assert warm_ev["sink"] is False and warm_ev["modes"]["none"]["loss"] == pytest.approx(ev["warmup_loss"])
+
+
+def test_memory_from_scratch_and_the_control_recipe(base, tmp_path):
+    """The paper's Fig. 11 recipes: a warmup stage that reads memories (memory from scratch, the
+    paper's schedule) and a continual stage trained on the same tokens without them (the control),
+    each in a run directory of its own."""
+    import dataclasses
+
+    cfg = copy_bank(base, tmp_path)
+    tc = TrainConfig(**FAST, warmup_stage_steps=2, continual_stage_steps=2, memory_schedule="paper",
+                     sparsify_refs=False, through_codec=False, warmup_with_memory=True,
+                     continual_with_memory=False, run_dir=str(tmp_path / "runs" / "mm"))
+    run_train(cfg, "warmup", tc)
+    cfg = dataclasses.replace(cfg, train=tc)
+    assert [r["memory_hits"] > 0 for r in read_log(cfg, "warmup")] == [True, True]
+    warm = stage_dir(cfg, "warmup") / "model"
+    assert warm.parent.parent == tmp_path / "runs" / "mm"
+    assert json.loads((warm / "export.json").read_text())["memory"] == {
+        "reads_memory": True, "schedule": "paper", "top_k": 128, "codec": None, "refs_per_chunk": 1}
+    out = run_train(cfg, "continual", tc)
+    assert "evidence" not in out  # a continual stage without memory has no memory to give evidence for
+    assert all(r["memory_hits"] == 0 for r in read_log(cfg, "continual"))
+    assert json.loads((stage_dir(cfg, "continual") / "model" / "export.json").read_text())["memory"] == {
+        "reads_memory": False}
 
 
 def test_resume_after_kill_reproduces_the_loss_trajectory(base, tmp_path, monkeypatch):

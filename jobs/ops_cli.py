@@ -35,7 +35,7 @@ def cmd_submit(cfg, args) -> int:
     import shlex
 
     extra = shlex.split(args.stage_args)
-    sid, what = submit(cfg, args.stage, extra, args.address)
+    sid, what = submit(cfg, args.stage, extra, args.address, deadline_s=args.timeout)
     if what == "succeeded":
         print(f"m3 submit: {args.stage} with these inputs and this config already succeeded as job {sid}; nothing to do")
         return 0
@@ -44,7 +44,7 @@ def cmd_submit(cfg, args) -> int:
     else:
         print(f"m3 submit: submitted {args.stage} as job {sid} (follow it: m3 logs {sid} --follow)")
     if args.wait:
-        status = wait(args.address, sid, follow=True)
+        status = wait(args.address, sid, follow=True, deadline_s=args.timeout)
         print(f"m3 submit: job {sid} {status}")
         return 0 if status == "SUCCEEDED" else 1
     return 0
@@ -54,7 +54,7 @@ def cmd_jobs(cfg, args) -> int:
     from jobs.submit import list_jobs
     from storage.sql import render
 
-    rows = list_jobs(args.address)
+    rows = list_jobs(args.address, args.timeout)
     columns = ["submission_id", "status", "stage", "start", "end", "message"]
     print(render(columns, [tuple(r[c] for c in columns) for r in rows], args.format))
     return 0
@@ -63,14 +63,14 @@ def cmd_jobs(cfg, args) -> int:
 def cmd_logs(cfg, args) -> int:
     from jobs.submit import logs
 
-    logs(args.address, args.id, args.follow)
+    logs(args.address, args.id, args.follow, args.timeout)
     return 0
 
 
 def cmd_stop(cfg, args) -> int:
     from jobs.submit import stop
 
-    stopped = stop(args.address, args.id)
+    stopped = stop(args.address, args.id, args.timeout)
     print(f"m3 stop: {'stop requested for' if stopped else 'nothing to stop:'} job {args.id}")
     return 0
 
@@ -85,6 +85,9 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     address = argparse.ArgumentParser(add_help=False)
     address.add_argument("--address", default=None,
                          help="Ray Jobs API (dashboard) address, default $RAY_API_SERVER_ADDRESS or http://127.0.0.1:8265")
+    address.add_argument("--timeout", type=float, default=None, metavar="S",
+                         help="how long to retry what the cluster reports as transient (no job agent yet, "
+                              "5xx, dropped connection); default $M3_SUBMIT_TIMEOUT_S or 60")
     sub.add_parser("rebuild", parents=[common],
                    help="incremental rebuild of the bank, published as `live` when it fully succeeds")
     submit = sub.add_parser("submit", parents=[common, address], help="run a stage as a Ray job (Jobs API)")

@@ -14,6 +14,11 @@ inputs (corpus files; input tables): submitting again what already succeeded is 
 says so, what is running is not started twice, and a failed or stopped job is resubmitted under
 the next free id (`...-r1`, `-r2`).
 
+Every call to the Jobs API rides out a cluster that is still starting or briefly overloaded: what
+the API reports as transient (no job agent yet, a 5xx, a refused or reset connection) is retried
+with backoff up to a deadline (`--timeout`, default $M3_SUBMIT_TIMEOUT_S or 60 s), then fails
+with one line that says what to do. A missing job is not transient: it is "no job".
+
 Ray 2.60 turns token auth on by default: a head started on a machine with a token (~/.ray/
 auth_token, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH) only answers clients that send it, and the
 client sends it only in token mode. We switch it on whenever a token is there, as `ray start`
@@ -22,6 +27,7 @@ does, so no manual step is needed; a cluster without auth ignores the header.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
@@ -48,18 +54,86 @@ class SubmitError(RuntimeError):
     pass
 
 
-def client(address: str | None):
-    """A Jobs API client, with the auth token sent when this machine has one."""
+# What the Jobs API (or the way to it) says when trying again later can succeed: the head's job
+# agent has not registered yet, the dashboard is restarting or overloaded, a connection dropped.
+_TRANSIENT = ("no available agent", "please try again later", "status code 500", "status code 502",
+              "status code 503", "status code 504", "connection aborted", "connection refused",
+              "connection reset", "remote end closed", "remotedisconnected", "failed to connect",
+              "max retries exceeded", "read timed out", "temporarily unavailable")
+
+
+def timeout_s() -> float:
+    return float(os.environ.get("M3_SUBMIT_TIMEOUT_S", "60"))
+
+
+def transient(e: BaseException) -> bool:
+    import requests
+
+    if isinstance(e, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError)):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and any(t in text for t in _TRANSIENT)
+
+
+def retrying(what: str, fn, deadline_s: float | None = None, address: str = "", hint: str | None = None):
+    """fn() until it succeeds or fails for a reason that is not transient; transient failures
+    are retried with backoff (0.5 s doubling to 5 s) until the deadline, then one SubmitError
+    that ends with `hint` (what to do)."""
+    limit = timeout_s() if deadline_s is None else deadline_s
+    deadline = time.monotonic() + limit
+    delay = 0.5
+    while True:
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - classified right below
+            if not transient(e):
+                raise
+            if time.monotonic() + delay > deadline:
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                raise SubmitError(f"{what} at {address}: still failing after {limit:.0f} s ({first}); "
+                                  f"{hint or 'check that the cluster is up (`ray status`)'}, or allow longer "
+                                  f"with --timeout") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def client(address: str | None, deadline_s: float | None = None):
+    """A Jobs API client, with the auth token sent when this machine has one; a cluster still
+    starting is waited for (see `retrying`)."""
     from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
     from ray.job_submission import JobSubmissionClient
 
-    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or DEFAULT_ADDRESS
+    # m3 switches token mode on deliberately (see above): Ray's notice that it did is noise here
+    notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = notice.level
+    notice.setLevel(logging.ERROR)
     try:
-        return JobSubmissionClient(address)
-    except (ConnectionError, RuntimeError) as e:
-        raise SubmitError(f"no Ray Jobs API at {address} ({str(e).splitlines()[0]}): start a cluster "
-                          f"(`ray start --head` or `ray up ray_cluster.yaml`) or pass --address") from None
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    finally:
+        notice.setLevel(level)
+    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or DEFAULT_ADDRESS
+    todo = "start a cluster (`ray start --head` or `ray up ray_cluster.yaml`) or pass --address"
+    try:
+        return retrying("no Ray Jobs API", lambda: JobSubmissionClient(address), deadline_s, address, todo)
+    except SubmitError:
+        raise
+    except RuntimeError as e:
+        raise SubmitError(f"no Ray Jobs API at {address} ({str(e).splitlines()[0]}): {todo}") from None
+
+
+class Jobs:
+    """The Jobs API calls m3 makes, each retried while the cluster answers "try again"."""
+
+    def __init__(self, address: str | None, deadline_s: float | None = None):
+        self.c = client(address, deadline_s)
+        self.address, self.deadline_s = self.c.get_address(), deadline_s
+
+    def __getattr__(self, name):
+        method = getattr(self.c, name)
+
+        def call(*args, **kwargs):
+            return retrying(name, lambda: method(*args, **kwargs), self.deadline_s, self.address)
+        return call
 
 
 def _portable(path: str | None) -> str | None:
@@ -113,12 +187,13 @@ def submission_id(cfg: Config, stage: str, args: list[str]) -> str:
                                          "inputs": _inputs(cfg, stage)})
 
 
-def submit(cfg: Config, stage: str, args: list[str], address: str | None = None, env: dict | None = None) -> tuple[str, str]:
+def submit(cfg: Config, stage: str, args: list[str], address: str | None = None, env: dict | None = None,
+           deadline_s: float | None = None) -> tuple[str, str]:
     """Submit (or find) the job; returns (submission id, what happened: submitted | succeeded |
     running)."""
     if stage not in STAGES:
         raise SubmitError(f"unknown stage {stage!r}: expected one of {', '.join(STAGES)}")
-    c = client(address)
+    c = Jobs(address, deadline_s)
     base = submission_id(cfg, stage, args)
     mine = [j for j in c.list_jobs() if (j.submission_id or "").startswith(base)]
     for j in mine:
@@ -131,8 +206,13 @@ def submit(cfg: Config, stage: str, args: list[str], address: str | None = None,
     runtime_env = {"working_dir": str(ROOT), "excludes": [".git", ".venv", "bank", "runs"],
                    "env_vars": {CONFIG_ENV: yaml.safe_dump(portable_config(cfg, job=True), sort_keys=False),
                                 "M3_PROGRESS": "0", **(env or {})}}
-    c.submit_job(entrypoint=" ".join(["python", "-m", "jobs.submit", stage, *args]), submission_id=sid,
-                 runtime_env=runtime_env, metadata={"m3_stage": stage, "m3_config": str(cfg.source)})
+    try:
+        c.submit_job(entrypoint=" ".join(["python", "-m", "jobs.submit", stage, *args]), submission_id=sid,
+                     runtime_env=runtime_env, metadata={"m3_stage": stage, "m3_config": str(cfg.source)})
+    except RuntimeError as e:
+        # a retried submission whose first attempt went through before its answer was lost
+        if "already exists" not in str(e):
+            raise SubmitError(f"submitting {stage} failed: {str(e).splitlines()[0][:300]}") from None
     return sid, "submitted"
 
 
@@ -140,9 +220,10 @@ def _status(job) -> str:
     return getattr(job.status, "value", str(job.status))
 
 
-def wait(address: str | None, sid: str, follow: bool = True, poll_s: float = 1.0) -> str:
+def wait(address: str | None, sid: str, follow: bool = True, poll_s: float = 1.0,
+         deadline_s: float | None = None) -> str:
     """Stream the job's logs (or just poll) until it ends; returns its final status."""
-    c = client(address)
+    c = Jobs(address, deadline_s)
     if follow:
         import asyncio
 
@@ -150,15 +231,21 @@ def wait(address: str | None, sid: str, follow: bool = True, poll_s: float = 1.0
             async for lines in c.tail_job_logs(sid):
                 print(lines, end="", flush=True)
 
-        asyncio.run(tail())
+        try:
+            asyncio.run(tail())
+        except Exception as e:  # noqa: BLE001 - the stream broke: the status below still tells the end
+            if not transient(e):
+                raise
+            print(f"\nm3: the log stream of {sid} broke ({str(e).splitlines()[0][:120]}); waiting for the job "
+                  f"to end (m3 logs {sid} shows the rest)", flush=True)
     while (status := _status(c.get_job_info(sid))) not in DONE:
         time.sleep(poll_s)
     return status
 
 
-def list_jobs(address: str | None) -> list[dict]:
+def list_jobs(address: str | None, deadline_s: float | None = None) -> list[dict]:
     rows = []
-    for j in sorted(client(address).list_jobs(), key=lambda j: j.start_time or 0):
+    for j in sorted(Jobs(address, deadline_s).list_jobs(), key=lambda j: j.start_time or 0):
         rows.append({"submission_id": j.submission_id, "status": _status(j),
                      "stage": (j.metadata or {}).get("m3_stage", "-"),
                      "start": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime((j.start_time or 0) / 1000)),
@@ -167,20 +254,27 @@ def list_jobs(address: str | None) -> list[dict]:
     return rows
 
 
-def logs(address: str | None, sid: str, follow: bool) -> None:
-    c = client(address)
+def _job_info(c: Jobs, sid: str):
     try:
-        c.get_job_info(sid)
-    except RuntimeError:
-        raise SubmitError(f"no job {sid!r} at this cluster (see `m3 jobs`)") from None
+        return c.get_job_info(sid)
+    except RuntimeError as e:
+        if "404" in str(e) or "does not exist" in str(e):
+            raise SubmitError(f"no job {sid!r} at this cluster (see `m3 jobs`)") from None
+        raise SubmitError(f"cannot read job {sid!r}: {str(e).splitlines()[0][:300]}") from None
+
+
+def logs(address: str | None, sid: str, follow: bool, deadline_s: float | None = None) -> None:
+    c = Jobs(address, deadline_s)
+    _job_info(c, sid)
     if follow:
-        wait(address, sid, follow=True)
+        wait(address, sid, follow=True, deadline_s=deadline_s)
     else:
         print(c.get_job_logs(sid), end="")
 
 
-def stop(address: str | None, sid: str) -> bool:
-    c = client(address)
+def stop(address: str | None, sid: str, deadline_s: float | None = None) -> bool:
+    c = Jobs(address, deadline_s)
+    _job_info(c, sid)
     try:
         return c.stop_job(sid)
     except RuntimeError as e:

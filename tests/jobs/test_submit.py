@@ -41,17 +41,9 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-@pytest.fixture(scope="module")
-def head(tmp_path_factory):
-    tmp = Path(tempfile.mkdtemp(prefix="m3ray-", dir="/tmp"))  # short: Ray's socket paths have a length limit
-    token = tmp_path_factory.mktemp("auth") / "auth_token"
-    token.write_text(uuid.uuid4().hex)
-    # no drain on SIGTERM: it exists for Serve replicas, and would add 30 s to the teardown
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_TOKEN_PATH": str(token),
-           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-           "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "M3_PROGRESS": "0"}
-    env.pop("RAY_AUTH_MODE", None)
-    env.pop("RAY_ADDRESS", None)
+def start_head(env: dict, tmp: Path) -> tuple[subprocess.Popen, str]:
+    """`ray start --head --block` on loopback, in a process group of its own, on ports free a
+    moment ago; returns at once (the cluster is still starting)."""
     gcs, dash, client, nm, om, agent, agent_grpc, metrics, rt_env = free_ports(9)
     lo = free_ports(1)[0]
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
@@ -63,31 +55,75 @@ def head(tmp_path_factory):
            "--num-cpus=2", "--disable-usage-stats"]
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True,
                             stdout=open(tmp / "head.log", "w"), stderr=subprocess.STDOUT)
-    address = f"http://127.0.0.1:{dash}"
+    return proc, f"http://127.0.0.1:{dash}"
+
+
+def stop_head(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)  # --block: ray start stops the node it started
     try:
-        for _ in range(240):  # the Jobs API answers once the dashboard is up
-            if proc.poll() is not None:
-                raise RuntimeError(f"ray start exited: {(tmp / 'head.log').read_text()[-3000:]}")
-            try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=2)
-                break
-            except urllib.error.HTTPError:  # answering (401 without the token): up
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            raise RuntimeError(f"the dashboard at {address} did not come up")
-        yield {"address": address, "env": env}
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # anything of ours left: our own process group only
+    except ProcessLookupError:
+        pass
+
+
+def wait_until_jobs_run(proc: subprocess.Popen, address: str, env: dict, tmp: Path, deadline_s: float = 300) -> None:
+    """Ready means the part the tests use answers: a job submitted through the Jobs API runs to
+    its end (the dashboard alone answers before the head's job agent can take a job). Deadlines
+    are sized for a loaded 2-core machine; a head that dies (a port taken meanwhile by another
+    cluster) fails at once."""
+    code = ("import os, sys; sys.path.insert(0, os.getcwd()); from jobs.submit import Jobs; "
+            f"j = Jobs({address!r}, {deadline_s}); sid = j.submit_job(entrypoint='python -c pass'); import time\n"
+            f"while j.get_job_status(sid).value not in ('SUCCEEDED', 'FAILED', 'STOPPED'): time.sleep(0.5)\n"
+            f"assert j.get_job_status(sid).value == 'SUCCEEDED'")
+    probe = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + deadline_s
+    while probe.poll() is None:
+        if proc.poll() is not None:
+            probe.kill()
+            raise RuntimeError(f"ray start exited: {(tmp / 'head.log').read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            probe.kill()
+            raise RuntimeError(f"no job ran at {address} within {deadline_s} s")
+        time.sleep(0.5)
+    if probe.returncode != 0:
+        raise RuntimeError(f"the probe job failed at {address}: {probe.stdout.read()[-3000:]}")
+
+
+def head_env(token: Path) -> dict:
+    # no drain on SIGTERM: it exists for Serve replicas, and would add 30 s to the teardown
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_TOKEN_PATH": str(token),
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+           "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "M3_PROGRESS": "0", "M3_SUBMIT_TIMEOUT_S": "240"}
+    env.pop("RAY_AUTH_MODE", None)
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    token = tmp_path_factory.mktemp("auth") / "auth_token"
+    token.write_text(uuid.uuid4().hex)
+    env = head_env(token)
+    for attempt in range(3):  # a port chosen free can be taken by another cluster before ray binds it
+        tmp = Path(tempfile.mkdtemp(prefix="m3ray-", dir="/tmp"))  # short: Ray's socket paths have a length limit
+        proc, address = start_head(env, tmp)
+        try:
+            wait_until_jobs_run(proc, address, env, tmp)
+            break
+        except RuntimeError:
+            stop_head(proc)
+            shutil.rmtree(tmp, ignore_errors=True)
+            if attempt == 2:
+                raise
+    try:
+        yield {"address": address, "env": env, "token": token}
     finally:
-        proc.send_signal(signal.SIGTERM)  # --block: ray start stops the node it started
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # anything of ours left: our own process group only
-        except ProcessLookupError:
-            pass
+        stop_head(proc)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -147,12 +183,60 @@ def test_stop_and_resubmit_after_a_stopped_job(head, tmp_path_factory):
 
 
 def test_unknown_job_and_unreachable_cluster_are_one_line_errors(head):
-    out = m3(head, "logs", "m3-no-such-job", ok=False)
-    assert out.returncode == 2 and "no job 'm3-no-such-job'" in out.stderr
+    for cmd in ("logs", "stop"):
+        out = m3(head, cmd, "m3-no-such-job", ok=False)
+        assert out.returncode == 2 and "no job 'm3-no-such-job'" in out.stderr and "Traceback" not in out.stderr
     port = free_ports(1)[0]
-    out = subprocess.run([sys.executable, "-m", "jobs.cli", "jobs", "--address", f"http://127.0.0.1:{port}"],
-                         cwd=ROOT, env=head["env"], capture_output=True, text=True, timeout=120)
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "jobs.cli", "jobs", "--address", f"http://127.0.0.1:{port}",
+                          "--timeout", "3"], cwd=ROOT, env=head["env"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "no Ray Jobs API at" in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "--timeout" in out.stderr
+    assert time.monotonic() - t0 > 3  # it retried a refused connection until its deadline
+
+
+def test_submit_to_a_head_started_a_moment_ago(head, tmp_path_factory):
+    """No waiting for the cluster: `m3 submit --wait` rides out the refused connections, the
+    dashboard coming up and "No available agent to submit job", and the job runs."""
+    tmp = Path(tempfile.mkdtemp(prefix="m3ray-", dir="/tmp"))
+    proc, address = start_head(head["env"], tmp)
+    try:
+        work = tmp_path_factory.mktemp("early")
+        out = subprocess.run([sys.executable, "-m", "jobs.cli", "submit", "ingest", *config_args(work, 12),
+                              "--address", address, "--wait"], cwd=ROOT, env=head["env"], capture_output=True,
+                             text=True, timeout=600)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        assert "SUCCEEDED" in out.stdout and "Traceback" not in out.stderr
+        assert (work / "bank12" / "refs.lance").exists()
+    finally:
+        stop_head(proc)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_transient_errors_are_retried_and_others_are_not():
+    """The classification the retry relies on, on the messages Ray's client raises."""
+    import requests
+
+    from jobs.submit import SubmitError, retrying, transient
+
+    assert transient(RuntimeError("Request failed with status code 500: No available agent to submit job, "
+                                  "please try again later."))
+    assert transient(requests.exceptions.ConnectionError("('Connection aborted.', RemoteDisconnected(...))"))
+    assert transient(ConnectionError("Failed to connect to Ray at address: http://127.0.0.1:1."))
+    assert not transient(RuntimeError("Request failed with status code 404: Job m3-x does not exist."))
+    assert not transient(RuntimeError("Request failed with status code 401: unauthorized"))
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise RuntimeError("Request failed with status code 503: try again")
+        return "ok"
+    assert retrying("x", flaky, deadline_s=30) == "ok" and len(calls) == 3
+    with pytest.raises(SubmitError, match="still failing after 1 s"):
+        retrying("x", lambda: (_ for _ in ()).throw(RuntimeError("status code 502")), deadline_s=1)
+    with pytest.raises(RuntimeError, match="404"):
+        retrying("x", lambda: (_ for _ in ()).throw(RuntimeError("status code 404")), deadline_s=30)
 
 
 def test_schedule_runs_rebuilds_as_ray_jobs(head, tmp_path_factory):

@@ -1,12 +1,13 @@
-"""Rebuild data/foldoc/foldoc.jsonl.gz from Debian's dict-foldoc package.
+"""Rebuild a dictionary corpus (data/foldoc, data/jargon) from Debian's dictd packages.
 
-    apt-get download dict-foldoc && dpkg-deb -x dict-foldoc_*.deb x
-    python scripts/foldoc_to_jsonl.py x/usr/share/dictd/foldoc.dict.dz data/foldoc/foldoc.jsonl.gz
+    apt-get download dict-foldoc dict-jargon && for f in dict-*.deb; do dpkg-deb -x $f x; done
+    python scripts/dictd_to_jsonl.py x/usr/share/dictd/foldoc.dict.dz data/foldoc/foldoc.jsonl.gz foldoc
+    python scripts/dictd_to_jsonl.py x/usr/share/dictd/jargon.dict.dz data/jargon/jargon.jsonl.gz jargon
 
 A dictd database is gzip-compatible; an entry starts with one or more unindented headword lines and its
 definition is the indented lines that follow. The first few entries are the database's own
 header (00-database-*) and are skipped. The output keeps the text as FOLDOC wrote it: cleaning
-is the pipeline's job, not this script's.
+is the pipeline's job, not this script's. Record ids are `<prefix>:<entry number>`.
 """
 
 import gzip
@@ -29,7 +30,7 @@ def entries(lines):
         yield heads, body
 
 
-def main(src: str, dst: str) -> None:
+def main(src: str, dst: str, prefix: str = "foldoc") -> None:
     with gzip.open(src, "rt", encoding="utf-8", errors="replace") as f:
         lines = f.read().split("\n")
     n = 0
@@ -38,11 +39,11 @@ def main(src: str, dst: str) -> None:
             if heads[0].startswith("00-database"):
                 continue
             text = "\n".join(line.strip() for line in body).strip()
-            record = {"id": f"foldoc:{n}", "title": heads[0], "text": f"{heads[0]}\n\n{text}"}
+            record = {"id": f"{prefix}:{n}", "title": heads[0], "text": f"{heads[0]}\n\n{text}"}
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
             n += 1
     print(f"{n} entries -> {dst}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:4])

@@ -14,18 +14,10 @@ import sys
 
 import yaml
 
-from jobs.config import ConfigError, load_config
+from jobs.config import load_config
 from jobs.generate import add_parser as add_generate
-from jobs.ops_cli import COMMANDS as OPS_COMMANDS, USER_ERRORS as OPS_ERRORS, add_parsers as add_ops
-from pipelines.readers import InputError
-from pipelines.tokenizer import TokenizerError
-from storage.bank import BankError
-from jobs.train import TrainError
-from model.embedder import EmbedderError
-from storage.sql import SQLError
-
-# Errors that mean "the input or the config is wrong": one clear line, no traceback.
-USER_ERRORS = (ConfigError, InputError, BankError, TokenizerError, SQLError, EmbedderError, TrainError, *OPS_ERRORS)
+from jobs.ops_cli import COMMANDS as OPS_COMMANDS, add_parsers as add_ops
+from model.errors import M3Error
 
 
 def cmd_validate(cfg, args) -> int:
@@ -144,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         return COMMANDS[args.command](cfg, args)
-    except USER_ERRORS as e:
+    except M3Error as e:  # the input, config, bank or cluster is wrong: one line; anything else is a bug
         print(f"m3 {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -21,8 +21,10 @@ from typing import Any
 
 import yaml
 
+from model.errors import M3Error
 
-class ConfigError(ValueError):
+
+class ConfigError(M3Error, ValueError):
     """A config problem, phrased for the person who wrote the file."""
 
 

@@ -1,6 +1,6 @@
 """`m3 embed`: a retrieval vector for every reference (the `embeddings` table) and its ANN index.
 
-    python -m jobs.embed -c configs/demo.yaml
+    python -m jobs embed -c configs/demo.yaml
 
 Same shape as the encode job: Ray Data actors (one embedder each) embed row ranges of `refs`
 into staging files; one commit makes the new table version, tagged; past a size threshold an
@@ -11,8 +11,6 @@ fingerprint: the same key is nothing to do, an unfinished one resumes.
 from __future__ import annotations
 
 import shutil
-import sys
-from pathlib import Path
 
 from jobs.config import Config, config_hash
 from jobs.report import Report
@@ -22,6 +20,7 @@ from pipelines.embed_step import EMBEDDINGS_SCHEMA, EmbedShards
 from storage.bank import Bank
 from storage.staging import iter_batches
 from storage.vectors import build_index
+from storage.layout import BankLayout
 
 
 def embed_key(cfg: Config, bank: Bank, embedder) -> str:
@@ -49,7 +48,7 @@ def run_embed(cfg: Config) -> dict:
     if bank.has("embeddings") and bank.metadata("embeddings").get("embed_key") == key:
         print(f"embed: embeddings in {cfg.bank.uri} are up to date for {embedder.id} (embed key {key}); nothing to do")
         return {"status": "up_to_date", "embed_key": key}
-    stage_dir = Path(cfg.bank.uri) / "_staging" / f"embed-{key}"
+    stage_dir = BankLayout(cfg.bank.uri).staging(f"embed-{key}")
     shards = row_shards(n_refs, r.refs_per_shard)
     todo = [s for s in shards if not (stage_dir / f"e{s[0]:06d}.parquet").exists()]
     init_ray(cfg.ray)
@@ -86,9 +85,3 @@ def search_text(cfg: Config, text: str, k: int = 5, exact: bool = False) -> list
     rows = bank.dataset("refs").to_table(columns=["ref_id", "doc_id", "text"], filter=f"ref_id IN ({quoted})").to_pylist()
     by_id = {row["ref_id"]: row for row in rows}
     return [{"rank": i + 1, "score": round(score, 4), **by_id[rid]} for i, (rid, score) in enumerate(hits)]
-
-
-if __name__ == "__main__":
-    from jobs.cli import main
-
-    sys.exit(main(["embed", *sys.argv[1:]]))

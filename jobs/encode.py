@@ -1,6 +1,6 @@
 """`m3 encode`: every reference of the bank -> its explicit memory, in the `memories` table.
 
-    python -m jobs.encode -c configs/demo.yaml
+    python -m jobs encode -c configs/demo.yaml
 
 A pool of Ray Data actors (one model each) encodes shards of the `refs` table; each shard lands
 in a staging file, and the table gets one new version, tagged, when all are done. The key
@@ -11,7 +11,6 @@ finished build ("nothing to do"); an unfinished one resumes from its staged shar
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ from pipelines.encode_step import EncodeShards, encode_tokens, staged_path
 from storage.bank import Bank, BankError
 from storage.schemas import MEMORIES
 from storage.staging import iter_batches, write_text_atomic
+from storage.layout import BankLayout
 
 
 def model_dir(cfg: Config, bank: Bank) -> Path:
@@ -39,10 +39,10 @@ def model_dir(cfg: Config, bank: Bank) -> Path:
             raise BankError(f"encode.checkpoint: {path} holds no model.safetensors")
         return path
     for stage in ("continual", "warmup"):
-        trained = Path(bank.uri) / "training" / stage / "model"
+        trained = BankLayout(bank.uri).trained_model(stage)
         if (trained / "model.safetensors").exists():
             return trained
-    path = Path(bank.uri) / "models" / f"init-{config_hash(cfg.model)}-seed{cfg.encode.seed}"
+    path = BankLayout(bank.uri).models() / f"init-{config_hash(cfg.model)}-seed{cfg.encode.seed}"
     if not (path / "model.safetensors").exists():
         torch.manual_seed(cfg.encode.seed)
         save_model(Memory3(cfg.model), path)
@@ -54,7 +54,7 @@ def quantizer(cfg: Config, bank: Bank, mdir: Path, refs_uri: str, n_refs: int) -
     once: a rerun or a resume finds it by what it was trained from."""
     if cfg.encode.codec != "vq":
         return {}
-    qdir = Path(bank.uri) / "quantizers"
+    qdir = BankLayout(bank.uri).quantizers()
     trained_from = config_hash({"model_hash": saved_hash(mdir), "refs_version": bank.table("refs").version,
                                 "spec": cfg.encode.vq_spec, "seed": cfg.encode.seed, "n": cfg.encode.vq_train_refs})
     known = qdir / f"trained-from-{trained_from}.txt"
@@ -124,7 +124,7 @@ def run_encode(cfg: Config) -> dict:
               f"{cfg.encode.codec} (encode key {key}); nothing to do")
         return {"status": "up_to_date", "encode_key": key}
 
-    stage_dir = Path(cfg.bank.uri) / "_staging" / f"encode-{key}"
+    stage_dir = BankLayout(cfg.bank.uri).staging(f"encode-{key}")
     shards = row_shards(n_refs, cfg.encode.refs_per_shard)
     todo = [s for s in shards if not staged_path(stage_dir, s[0]).exists()]
     report.set(references=n_refs, shards=len(shards), encode_key=key)
@@ -148,9 +148,3 @@ def run_encode(cfg: Config) -> dict:
     print(f"encode: {n_refs:,} memories ({cfg.encode.codec}) written as memories version {version} "
           f"in {summary['seconds']:.1f} s ({summary['refs_per_s']:,.0f} refs/s)")
     return summary
-
-
-if __name__ == "__main__":
-    from jobs.cli import main
-
-    sys.exit(main(["encode", *sys.argv[1:]]))

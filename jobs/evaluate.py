@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from storage.bank import BankError
+from storage.layout import BankLayout
 
 
 @dataclass
@@ -299,7 +300,7 @@ def run_eval(cfg, inference=None) -> dict:
     store = retriever.store
     results["memory_cache"] = {"hits": store.hits, "misses": store.misses}
     results["seconds"] = round(time.time() - t0, 1)
-    out = Path(cfg.bank.uri) / "eval"
+    out = BankLayout(cfg.bank.uri).eval()
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(results, indent=2))
     plot = plot_eval(results, out / "eval.png")

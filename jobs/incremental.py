@@ -31,6 +31,7 @@ from model.checkpoint import saved_hash
 from pipelines.delta import Delta, keep_filter, plan_delta
 from storage.bank import Bank
 from storage.staging import iter_batches
+from storage.layout import BankLayout
 
 
 def _delta_refs(refs: lance.LanceDataset, rows, columns: list[str], path: Path) -> str:
@@ -117,7 +118,7 @@ def update_memories(cfg: Config, bank: Bank, note) -> dict:
     delta = plan_delta(refs.to_table(columns=["ref_id", "content_hash"]), old_cols, producer_ok)
     full = old is not None and delta.unchanged == 0 and delta.changed > 0
     note(f"memories: model {mhash[:12]}; {delta.counts()}" + (" (full re-encode)" if full else ""))
-    stage = Path(bank.uri) / "_staging" / f"rebuild-memories-{key}-from{old.version if old else 0}"
+    stage = BankLayout(bank.uri).staging(f"rebuild-memories-{key}-from{old.version if old else 0}")
     delta_uri = _delta_refs(refs, delta.compute_rows, ["ref_id", "content_hash", "token_ids"], stage / "delta.lance")
     from pipelines.encode_step import EncodeShards, staged_path
 
@@ -157,7 +158,7 @@ def update_embeddings(cfg: Config, bank: Bank, note) -> dict:
     producer_ok = None if old is None else pc_equal(old_cols.column("embedder"), embedder.id)
     delta = plan_delta(refs.to_table(columns=["ref_id", "content_hash"]), old_cols, producer_ok)
     note(f"embeddings: {embedder.id}; {delta.counts()}")
-    stage = Path(bank.uri) / "_staging" / f"rebuild-embeddings-{key}-from{old.version if old else 0}"
+    stage = BankLayout(bank.uri).staging(f"rebuild-embeddings-{key}-from{old.version if old else 0}")
     delta_uri = _delta_refs(refs, delta.compute_rows, INPUT_COLUMNS, stage / "delta.lance")
     shards = row_shards(len(delta.compute_rows), r.refs_per_shard)
     files = [stage / f"e{i:06d}.parquet" for i, _, _ in shards]

@@ -30,6 +30,7 @@ from model.generation import ChunkRead, generate_with_memory
 from model.sampling import row_generators
 from pipelines.tokenizer import load as load_tokenizer
 from storage.bank import Bank, BankError
+from storage.layout import BankLayout
 
 
 def resolve_checkpoint(cfg, bank: Bank, checkpoint: str | None = None) -> Path:
@@ -39,7 +40,7 @@ def resolve_checkpoint(cfg, bank: Bank, checkpoint: str | None = None) -> Path:
         if not (path / "model.safetensors").exists():
             raise BankError(f"infer.checkpoint: {path} holds no model.safetensors")
         return path
-    continual = Path(bank.uri) / "training" / "continual" / "model"
+    continual = BankLayout(bank.uri).trained_model("continual")
     if (continual / "model.safetensors").exists():
         return continual
     if not bank.has("memories"):
@@ -49,7 +50,7 @@ def resolve_checkpoint(cfg, bank: Bank, checkpoint: str | None = None) -> Path:
     if not recorded:
         raise BankError("the memories table records no model_dir in its lineage: set infer.checkpoint")
     # lineage paths are as the encode job saw them (maybe relative to its working directory)
-    for path in (Path(recorded), Path(bank.uri) / "models" / Path(recorded).name):
+    for path in (Path(recorded), BankLayout(bank.uri).models() / Path(recorded).name):
         if (path / "model.safetensors").exists():
             return path
     raise BankError(f"the memories were encoded with {recorded}, which holds no model.safetensors: "
@@ -61,7 +62,7 @@ def bank_tokenizer(cfg, bank: Bank):
     tok_rel = bank.metadata("refs").get("tokenizer_path")
     if not tok_rel:
         raise BankError("the refs table records no tokenizer_path in its lineage: rerun `m3 ingest`")
-    return load_tokenizer(str(Path(cfg.bank.uri) / tok_rel))
+    return load_tokenizer(str(BankLayout(cfg.bank.uri).local(tok_rel)))
 
 
 def bank_retriever(cfg, bank: Bank, tokenizer, per_query: int, device: str = "cpu", infer=None):

@@ -1,6 +1,6 @@
 """`m3 ingest`: raw corpus -> documents, rejects, refs, train_sequences (LanceDB tables).
 
-    python -m jobs.ingest -c configs/demo.yaml [--set key=value ...]
+    python -m jobs ingest -c configs/demo.yaml [--set key=value ...]
 
 Stages, each resumable (per-shard or per-partition files under <bank>/_staging/ingest-<key>/):
   1. clean    (Ray Data, per shard)     read, normalize, quality filters, dedup keys
@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import sys
 from pathlib import Path
 
 from jobs.config import Config, config_hash
@@ -34,6 +33,7 @@ from pipelines.tokenizer import check_special_tokens, from_json, tokenizer_hash,
 from storage.bank import Bank
 from storage.schemas import DOCUMENTS, REFS, SCHEMA_VERSION, TRAIN_SEQUENCES
 from storage.staging import iter_batches, write_text_atomic
+from storage.layout import BankLayout
 
 TABLES = ("documents", "rejects", "refs", "train_sequences")
 
@@ -105,7 +105,7 @@ def tokenizer_for(cfg: Config, stage_dir: Path, shard_ids: list[str], dup_ranks,
             write_text_atomic(tok_file, tok.to_str())
         tok_json = tok_file.read_text(encoding="utf-8")
         # Later stages find the tokenizer by its hash, next to the tables it produced.
-        bank_tok = Path(cfg.bank.uri) / "tokenizers" / f"{tokenizer_hash(from_json(tok_json))}.json"
+        bank_tok = BankLayout(cfg.bank.uri).tokenizers() / f"{tokenizer_hash(from_json(tok_json))}.json"
         if not bank_tok.exists():
             write_text_atomic(bank_tok, tok_json)
         return tok_json, bank_tok
@@ -139,7 +139,7 @@ def run_ingest(cfg: Config) -> dict:
         print(f"ingest: tables in {cfg.bank.uri} are up to date for this corpus and config "
               f"(ingest key {key}); nothing to do")
         return {"status": "up_to_date", "ingest_key": key}
-    stage_dir = Path(cfg.bank.uri) / "_staging" / f"ingest-{key}"
+    stage_dir = BankLayout(cfg.bank.uri).staging(f"ingest-{key}")
     shard_ids = [s.shard_id for s in shards]
     report.set(records_read=sum(counts), files=len(files), shards=len(shards), ingest_key=key,
                input_bytes=sum(Path(f.path).stat().st_size for f in files))
@@ -158,13 +158,3 @@ def run_ingest(cfg: Config) -> dict:
     summary = report.finish(bank, cfg)
     shutil.rmtree(stage_dir, ignore_errors=True)
     return summary
-
-
-def main(argv: list[str] | None = None) -> int:
-    from jobs.cli import main as cli_main
-
-    return cli_main(["ingest", *(argv if argv is not None else sys.argv[1:])])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

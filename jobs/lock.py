@@ -22,8 +22,11 @@ import socket
 import time
 from pathlib import Path
 
+from model.errors import M3Error
+from storage.layout import BankLayout
 
-class LockError(RuntimeError):
+
+class LockError(M3Error, RuntimeError):
     pass
 
 
@@ -49,7 +52,7 @@ def _process_start(pid: int) -> float | None:
 
 class BankLock:
     def __init__(self, bank_uri: str, what: str = "rebuild", stale_after_s: float = 24 * 3600):
-        self.path = Path(bank_uri) / f"_{what}.lock"
+        self.path = BankLayout(bank_uri).lock(what)
         self.what, self.stale_after_s = what, stale_after_s
         self.held = False
 

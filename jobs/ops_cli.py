@@ -10,12 +10,6 @@ import argparse
 import json
 import os
 
-from jobs.cron import CronError
-from jobs.lock import LockError
-from jobs.submit import SubmitError
-
-USER_ERRORS = (LockError, SubmitError, CronError)
-
 
 def cmd_rebuild(cfg, args) -> int:
     from jobs.rebuild import run_rebuild

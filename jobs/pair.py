@@ -1,7 +1,7 @@
 """`m3 pair`: the neighbor reference of every 64-token chunk of every training sequence (the
 `neighbors` table the continual training stage reads).
 
-    python -m jobs.pair -c configs/demo.yaml
+    python -m jobs pair -c configs/demo.yaml
 
 Same shape as the embed job: Ray Data actors (one embedder each) pair row ranges of
 `train_sequences` into staging files (pipelines/pair_step.py); one commit makes the new table
@@ -15,7 +15,6 @@ sequence with anything (pipelines/train_data.py).
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import pyarrow.compute as pa_compute
@@ -30,6 +29,7 @@ from pipelines.pair_step import PairShards, staged_path
 from pipelines.train_data import NEIGHBORS
 from storage.bank import Bank, BankError
 from storage.staging import iter_batches
+from storage.layout import BankLayout
 
 INPUTS = ("train_sequences", "refs", "embeddings")
 
@@ -58,7 +58,7 @@ def pair_key(bank: Bank, meta: dict[str, dict], pc: PairConfig) -> str:
 
 
 def staging_dir(bank_uri: str, key: str) -> Path:
-    return Path(bank_uri) / "_staging" / f"pair-{key}"
+    return BankLayout(bank_uri).staging(f"pair-{key}")
 
 
 def run_pair(cfg: Config) -> dict:
@@ -75,7 +75,7 @@ def run_pair(cfg: Config) -> dict:
     tok_rel = meta["refs"].get("tokenizer_path")
     if not tok_rel:
         raise BankError("the refs table records no tokenizer_path in its lineage: rerun `m3 ingest`")
-    tok_path = str(Path(cfg.bank.uri) / tok_rel)
+    tok_path = str(BankLayout(cfg.bank.uri).local(tok_rel))
     n_seqs = bank.dataset("train_sequences").count_rows()
     key = pair_key(bank, meta, pc)
     if bank.has("neighbors") and bank.metadata("neighbors").get("pair_key") == key:
@@ -92,7 +92,7 @@ def run_pair(cfg: Config) -> dict:
             quiet_ray_data()
             run_actor_shards("pair", todo, PairShards, actors=pc.actors, threads=pc.threads_per_actor,
                              bank_uri=cfg.bank.uri, embedder_spec=spec, tokenizer_path=tok_path,
-                             stage_dir=str(stage_dir), cfg=vars(pc))
+                             stage_dir=str(stage_dir), cfg=pc)
     files = [Path(staged_path(stage_dir, i)) for i, _, _ in shards]
     counts = _counts(files)
     with report.stage("commit"):
@@ -123,9 +123,3 @@ def _counts(files: list[Path]) -> dict:
         pairs += t.num_rows - t.column("ref_id").null_count
         dropped += int(sum(first.column("dropped").to_pylist()))
     return {"chunks": chunks, "with_neighbor": with_neighbor, "pairs": pairs, "dropped": dropped}
-
-
-if __name__ == "__main__":
-    from jobs.cli import main
-
-    sys.exit(main(["pair", *sys.argv[1:]]))

@@ -1,6 +1,6 @@
 """`m3 rebuild`: bring the whole bank up to date with the corpus and the model, then publish it.
 
-    python -m jobs.rebuild -c configs/demo.yaml
+    python -m jobs rebuild -c configs/demo.yaml
 
 1. lock      one rebuild per bank (jobs/lock.py): a second one fails at once, naming the first;
 2. ingest    the corpus -> documents, rejects, refs, train_sequences (nothing to do when neither
@@ -22,9 +22,7 @@ says so and no version is written.
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
-from pathlib import Path
 
 from jobs.config import Config
 from jobs.faults import maybe_crash
@@ -33,6 +31,7 @@ from jobs.lock import BankLock
 from storage.bank import Bank
 from storage.live import TAG, live_versions, publish
 from storage.retention import apply_retention, compact
+from storage.layout import BankLayout
 
 
 
@@ -48,9 +47,9 @@ def pin_tokenizer(cfg: Config) -> Config:
     if not bank.has("refs") or up_to_date(Bank(cfg.bank.uri), plan(cfg)[3]):
         return cfg
     rel = bank.metadata("refs").get("tokenizer_path")
-    if not rel or not (Path(cfg.bank.uri) / rel).exists():
+    if not rel or not BankLayout(cfg.bank.uri).local(rel).exists():
         return cfg
-    return dataclasses.replace(cfg, tokenizer=dataclasses.replace(cfg.tokenizer, path=str(Path(cfg.bank.uri) / rel)))
+    return dataclasses.replace(cfg, tokenizer=dataclasses.replace(cfg.tokenizer, path=str(BankLayout(cfg.bank.uri).local(rel))))
 
 
 def run_rebuild(cfg: Config) -> dict:
@@ -102,9 +101,3 @@ def run_rebuild(cfg: Config) -> dict:
     else:
         print(f"rebuild: the live build of {cfg.bank.uri} is up to date; nothing to do")
     return summary
-
-
-if __name__ == "__main__":
-    from jobs.cli import main
-
-    sys.exit(main(["rebuild", *sys.argv[1:]]))

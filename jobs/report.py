@@ -6,11 +6,11 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from pathlib import Path
 
 import pyarrow.compute as pc
 
 from pipelines.assemble import reason_counts
+from storage.layout import BankLayout
 
 
 class Report:
@@ -69,7 +69,7 @@ class Report:
             "docs_per_s": round(self.values.get("records_read", 0) / max(sum(self.stages.values()), 1e-9), 1),
         }
         summary["accounted"] = summary["records_read"] == summary["documents"] + summary["rejected"]
-        out = Path(cfg.bank.uri) / "_reports" / f"{self.job}-{self.values.get('ingest_key', 'run')}.json"
+        out = BankLayout(cfg.bank.uri).reports() / f"{self.job}-{self.values.get('ingest_key', 'run')}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(summary, indent=2))
         print(render(summary))

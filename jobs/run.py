@@ -168,11 +168,3 @@ def run_all(cfg: Config, start: str | None = None, only: str | None = None) -> d
     path = write_run_report(cfg, results, seconds, total)
     print(f"== m3 run: done in {total:.0f} s; report {path}", flush=True)
     return {"stages": results, "seconds": seconds, "total_seconds": total, "report": str(path)}
-
-
-if __name__ == "__main__":  # `python -m jobs.run` is `m3 run`
-    import sys
-
-    from jobs.cli import main
-
-    sys.exit(main(["run", *sys.argv[1:]]))

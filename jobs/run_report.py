@@ -10,6 +10,8 @@ import json
 import time
 from pathlib import Path
 
+from storage.layout import BankLayout
+
 
 def _fmt(v) -> str:
     if isinstance(v, float):
@@ -70,16 +72,16 @@ def evidence_lines(ev: dict) -> list[str]:
 
 
 def write_run_report(cfg, results: dict, seconds: dict, total: float) -> Path:
-    out_dir = Path(cfg.bank.uri) / "_reports"
+    out_dir = BankLayout(cfg.bank.uri).reports()
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = [f"# m3 run: {cfg.name}", "", f"Config `{cfg.source}`, bank `{cfg.bank.uri}`, "
              f"{time.strftime('%Y-%m-%d %H:%M:%S')}; {total:.0f} s in all.", "",
              "| stage | seconds | result |", "|---|---|---|"]
     lines += [f"| {name} | {seconds[name]:.1f} | {_stage_line(name, r)} |" for name, r in results.items()]
-    ev = (results.get("continual") or {}).get("evidence") or _read(Path(cfg.bank.uri) / "training" / "continual" / "evidence.json")
+    ev = (results.get("continual") or {}).get("evidence") or _read(BankLayout(cfg.bank.uri).training("continual") / "evidence.json")
     if ev:
         lines += ["", "## Held-out evidence at the end of training", ""] + evidence_lines(ev)
-    png = Path(cfg.bank.uri) / "training" / "loss.png"
+    png = BankLayout(cfg.bank.uri).training() / "loss.png"
     if png.exists():
         lines += ["", "## Training loss", "", f"![loss curves of both stages]({png.resolve()})"]
     for name, r in results.items():  # stages that bring their own markdown (evaluation)

@@ -37,6 +37,7 @@ from pathlib import Path
 from jobs.config import Config
 from jobs.cron import Cron
 from storage.runs import RunLog
+from storage.layout import BankLayout
 
 SUMMARY_ENV = "M3_RUN_SUMMARY"
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +49,7 @@ def _runs_dir(cfg: Config) -> Path:
     a remote cluster then cannot hand its counts back; the run is still recorded)."""
     if "://" in cfg.bank.uri:
         return Path(tempfile.gettempdir()) / "m3-runs"
-    return Path(cfg.bank.uri).resolve() / "_runs"
+    return BankLayout(str(Path(cfg.bank.uri).resolve())).runs()
 
 
 class Scheduler:

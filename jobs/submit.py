@@ -3,7 +3,7 @@
     m3 submit ingest -c configs/demo.yaml --address http://127.0.0.1:8265 [--wait]
     m3 jobs | m3 logs ID [--follow] | m3 stop ID
 
-The job runs `python -m jobs.submit STAGE` on the cluster with this project as its working
+The job runs `python -m jobs.job_entry STAGE` on the cluster with this project as its working
 directory (uploaded by Ray, .gitignore'd paths left out) and the resolved config in an
 environment variable: what runs is what `m3 validate` printed here, whatever files the cluster
 has. Relative bank and input paths are made absolute (or left relative to the project, which is
@@ -29,14 +29,14 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
 from jobs.config import Config, config_hash
+from model.errors import M3Error
+from storage.layout import BankLayout
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -50,7 +50,7 @@ READS_CORPUS = ("ingest", "rebuild", "run")
 DONE = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
-class SubmitError(RuntimeError):
+class SubmitError(M3Error, RuntimeError):
     pass
 
 
@@ -177,7 +177,7 @@ def _inputs(cfg: Config, stage: str) -> dict:
         import lance
 
         for name in INPUT_TABLES[stage]:
-            path = Path(cfg.bank.uri) / f"{name}.lance"
+            path = Path(BankLayout(cfg.bank.uri).table(name))
             out[name] = lance.dataset(str(path)).version if path.exists() else None
     return out
 
@@ -207,7 +207,7 @@ def submit(cfg: Config, stage: str, args: list[str], address: str | None = None,
                    "env_vars": {CONFIG_ENV: yaml.safe_dump(portable_config(cfg, job=True), sort_keys=False),
                                 "M3_PROGRESS": "0", **(env or {})}}
     try:
-        c.submit_job(entrypoint=" ".join(["python", "-m", "jobs.submit", stage, *args]), submission_id=sid,
+        c.submit_job(entrypoint=" ".join(["python", "-m", "jobs.job_entry", stage, *args]), submission_id=sid,
                      runtime_env=runtime_env, metadata={"m3_stage": stage, "m3_config": str(cfg.source)})
     except RuntimeError as e:
         # a retried submission whose first attempt went through before its answer was lost
@@ -279,25 +279,3 @@ def stop(address: str | None, sid: str, deadline_s: float | None = None) -> bool
         return c.stop_job(sid)
     except RuntimeError as e:
         raise SubmitError(f"cannot stop {sid!r}: {str(e).splitlines()[0]}") from None
-
-
-def main(argv: list[str]) -> int:
-    """The job's entrypoint on the cluster: the stage, with the config the submitter resolved."""
-    from jobs.cli import main as cli_main
-
-    text = os.environ.get(CONFIG_ENV)
-    if not text:
-        print(f"jobs.submit: {CONFIG_ENV} is not set: this module is the entrypoint of `m3 submit` jobs",
-              file=sys.stderr)
-        return 2
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        f.write(text)
-    try:
-        return cli_main([argv[0], "-c", f.name, *argv[1:]])
-    finally:
-        os.unlink(f.name)
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
-

@@ -28,25 +28,17 @@ from pathlib import Path
 from jobs.config import ConfigError
 from jobs.faults import maybe_crash
 from jobs.train_config import TrainConfig
+from jobs.train_layout import memory_codec, stage_dir, warmup_model_dir
 from jobs.train_log import LogFollower, open_log, plot_losses, progress_line, read_rows
+from model.errors import M3Error
 from storage.bank import BankError
 
 STAGES = ("warmup", "continual")
 KEEP_CHECKPOINTS = 2
 
 
-class TrainError(RuntimeError):
+class TrainError(M3Error, RuntimeError):
     pass
-
-
-def stage_dir(cfg, stage: str) -> Path:
-    run_dir = getattr(getattr(cfg, "train", None), "run_dir", None)
-    root = Path(run_dir) if run_dir else Path(cfg.bank.uri) / "training"
-    return root.resolve() / stage
-
-
-def warmup_model_dir(cfg, tc: TrainConfig) -> Path:
-    return Path(tc.warmup_checkpoint) if tc.warmup_checkpoint else stage_dir(cfg, "warmup") / "model"
 
 
 def check_stage(cfg, tc: TrainConfig, stage: str) -> None:
@@ -89,18 +81,6 @@ def absolute_paths(cfg, tc: TrainConfig):
     object.__setattr__(cfg, "train", tc)
     return cfg, tc
 
-
-def memory_codec(cfg, tc: TrainConfig):
-    """The codec the real-time memories pass through (train.through_codec), or None."""
-    if not tc.through_codec:
-        return None
-    from model.codecs import make_codec
-
-    if cfg.encode.codec == "vq":
-        raise ConfigError("train.through_codec: encode.codec 'vq' trains its quantizer on the finished "
-                          "model's memories, so training cannot pass memories through it; expected "
-                          "through_codec false, or a raw or int8 codec")
-    return make_codec(cfg.encode.codec)
 
 
 def memory_reading(cfg, tc: TrainConfig, stage: str) -> dict:

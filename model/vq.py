@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.codecs import Codec, CodecError, _check_shape
+from model.codec_base import Codec, CodecError, _check_shape
 
 def faiss_spec(spec: str) -> str:
     """The paper writes `OPQ20x80-Residual2x14-PQ8x10`; faiss.index_factory spells the same

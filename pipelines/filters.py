@@ -30,6 +30,8 @@ from functools import lru_cache
 from itertools import compress, repeat
 from operator import add, itemgetter, mul
 
+from model.errors import M3Error
+
 __all__ = ["QualityConfig", "QualityConfigError", "REASONS", "GOPHER_STOP_WORDS", "quality_reason"]
 
 GOPHER_STOP_WORDS = ("the", "be", "to", "of", "and", "that", "have", "with")
@@ -40,7 +42,7 @@ _TOP_NS = (2, 3, 4)
 _DUP_NS = (5, 6, 7, 8, 9, 10)
 
 
-class QualityConfigError(ValueError):
+class QualityConfigError(M3Error, ValueError):
     """An out-of-range threshold; `field` names it so a config loader can point at the key."""
 
     def __init__(self, field: str, expected: str, got: object):

@@ -115,10 +115,9 @@ class PairShards:
     the shards that exist."""
 
     def __init__(self, bank_uri: str, embedder_spec: str, tokenizer_path: str, stage_dir: str,
-                 cfg: dict, threads: int):
+                 cfg, threads: int):
         import torch
 
-        from jobs.pair_config import PairConfig
         from model.embedder import load_embedder
         from pipelines.tokenizer import load
         from storage.bank import Bank
@@ -126,7 +125,7 @@ class PairShards:
 
         torch.set_num_threads(threads)
         bank = Bank(bank_uri)
-        self.cfg = PairConfig(**cfg)
+        self.cfg = cfg  # the `pair:` section (jobs.pair_config.PairConfig), pickled by Ray
         self.embedder = load_embedder(embedder_spec)
         self.tokenizer = load(tokenizer_path)
         self.table = bank.table("embeddings")

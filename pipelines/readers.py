@@ -23,6 +23,8 @@ from typing import BinaryIO, Iterator
 
 import pyarrow.parquet as pq
 
+from model.errors import M3Error
+
 # A rank orders every record of the corpus: (file index << 40) | record index in the file.
 # It is the tie-breaker that makes dedup deterministic whatever the number of workers.
 RANK_BITS = 40
@@ -30,7 +32,7 @@ TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 RAW_PREFIX_CHARS = 200
 
 
-class InputError(ValueError):
+class InputError(M3Error, ValueError):
     """The configured input cannot be read at all (as opposed to one bad record)."""
 
 

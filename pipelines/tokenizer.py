@@ -12,11 +12,13 @@ from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from model.errors import M3Error
+
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<ref>")
 PAD_ID, BOS_ID, EOS_ID, REF_BOS_ID = range(4)
 
 
-class TokenizerError(ValueError):
+class TokenizerError(M3Error, ValueError):
     pass
 
 

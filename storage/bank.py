@@ -13,18 +13,19 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Iterable
 
 import lancedb
 import pyarrow as pa
 
+from model.errors import M3Error
 from storage.schemas import SCHEMA_VERSION
+from storage.layout import BankLayout
 
 META_KEY = b"m3"
 
 
-class BankError(RuntimeError):
+class BankError(M3Error, RuntimeError):
     pass
 
 
@@ -76,7 +77,7 @@ class Bank:
         """The table as a Lance dataset: what DuckDB and Arrow scanners read with pushdown."""
         import lance
 
-        return lance.dataset(str(Path(self.uri) / f"{name}.lance"), version=self.pins.get(name))
+        return lance.dataset(BankLayout(self.uri).table(name), version=self.pins.get(name))
 
     def write(self, name: str, schema: pa.Schema, batches: Iterable[pa.RecordBatch], lineage: dict) -> int:
         """Replace the table's contents with `batches` as one new version; return that version.

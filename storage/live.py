@@ -21,13 +21,15 @@ import time
 import uuid
 from pathlib import Path
 
+from storage.layout import BankLayout
+
 MANIFEST = "_live.json"
 TAG = "live"
 HISTORY = 32  # published builds remembered; retention keeps the newest `keep_builds` of them
 
 
 def _path(bank_uri: str) -> Path:
-    return Path(bank_uri) / MANIFEST
+    return BankLayout(bank_uri).manifest()
 
 
 def read_manifest(bank_uri: str) -> dict | None:

@@ -24,6 +24,7 @@ import torch
 
 from model.codecs import CodecError, make_codec
 from storage.bank import Bank, BankError
+from storage.layout import BankLayout
 
 
 class MemoryStore:
@@ -34,7 +35,7 @@ class MemoryStore:
         if version is None:
             version = bank.pins.get("memories", live_versions(bank.uri).get("memories"))
         if version is not None:
-            ds = lance.dataset(str(Path(bank.uri) / "memories.lance"), version=version)
+            ds = lance.dataset(BankLayout(bank.uri).table("memories"), version=version)
             meta = _meta(ds)
         else:
             ds = bank.dataset("memories")

@@ -18,6 +18,7 @@ from pathlib import Path
 import lance
 
 from storage.live import TAG
+from storage.layout import BankLayout
 
 
 def compact(uri: str, min_fragments: int = 2) -> int | None:
@@ -40,7 +41,7 @@ def apply_retention(bank_uri: str, manifest: dict, keep_builds: int) -> dict[str
         if not kept:
             continue
         keep_from = min(kept)
-        ds = lance.dataset(str(Path(bank_uri) / f"{table}.lance"))
+        ds = lance.dataset(BankLayout(bank_uri).table(table))
         dropped_tags = []
         for tag, info in ds.tags.list().items():
             if tag != TAG and info["version"] < keep_from:
@@ -59,4 +60,4 @@ def apply_retention(bank_uri: str, manifest: dict, keep_builds: int) -> dict[str
 
 def table_files(bank_uri: str, table: str) -> int:
     """Files on disk under a table's directory (what retention keeps in check)."""
-    return sum(1 for p in (Path(bank_uri) / f"{table}.lance").rglob("*") if p.is_file())
+    return sum(1 for p in Path(BankLayout(bank_uri).table(table)).rglob("*") if p.is_file())

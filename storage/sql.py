@@ -14,13 +14,14 @@ import json
 
 import duckdb
 
+from model.errors import M3Error
 from storage.bank import Bank
 
 # Wide binary/list columns that would flood a terminal: shown as their size instead.
 _SUMMARIZE = {"token_ids", "payload", "vector"}
 
 
-class SQLError(ValueError):
+class SQLError(M3Error, ValueError):
     pass
 
 

@@ -32,12 +32,14 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyarrow as pa
 
+from model.errors import M3Error
+
 VECTOR_COLUMN = "vector"
 ID_COLUMN = "ref_id"
 DEFAULT_INDEX_THRESHOLD = 10_000
 
 
-class VectorIndexError(RuntimeError):
+class VectorIndexError(M3Error, RuntimeError):
     pass
 
 

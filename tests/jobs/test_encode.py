@@ -110,7 +110,7 @@ def test_other_model_is_refused_naming_both_hashes(encoded):
 
 def test_killed_encode_resumes_to_identical_bytes(ingested, encoded, tmp_path):
     bank = fresh_bank(ingested, tmp_path)
-    args = [sys.executable, "-m", "jobs.encode", "-c", "configs/demo.yaml"]
+    args = [sys.executable, "-m", "jobs", "encode", "-c", "configs/demo.yaml"]
     for s in settings(ingested[0], bank, "encode.codec=raw-fp32"):
         args += ["--set", s]
     env = dict(os.environ, M3_PROGRESS="0", M3_CRASH_AT="encode:1")

@@ -176,7 +176,7 @@ def test_local_tokenizer_file_is_used_as_is(corpus, reference_run, tmp_path):
 
 def run_cli(corpus, bank, env_extra):
     env = dict(os.environ, M3_PROGRESS="0", **env_extra)
-    args = [sys.executable, "-m", "jobs.ingest", "-c", "configs/demo.yaml",
+    args = [sys.executable, "-m", "jobs", "ingest", "-c", "configs/demo.yaml",
             "--set", f"corpus.paths=[{corpus['dir']}/part-0.jsonl.gz]", "--set", f"bank.uri={bank}",
             "--set", "corpus.records_per_shard=60", "--set", "tokenizer.vocab_size=600",
             "--set", "chunking.seq_len=256", "--set", "ray.num_cpus=2"]

@@ -207,7 +207,7 @@ def test_killed_pair_resumes_and_max_tokens_pairs_only_what_training_reads(paire
     shutil.copytree(cfg.bank.uri, bank)
     overrides = [f"bank.uri={bank}", "pair.max_tokens=128", "train.max_tokens=128", "pair.seqs_per_shard=8", "ray.num_cpus=2",
                  "pair.threads_per_actor=1"]
-    args = [sys.executable, "-m", "jobs.pair", "-c", "configs/demo.yaml"]
+    args = [sys.executable, "-m", "jobs", "pair", "-c", "configs/demo.yaml"]
     for s in overrides:
         args += ["--set", s]
     env = dict(os.environ, M3_PROGRESS="0", M3_CRASH_AT="pair:1")

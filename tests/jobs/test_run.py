@@ -10,7 +10,7 @@ import pytest
 
 from jobs.config import ConfigError
 from jobs.run import run_all, select
-from jobs.train import stage_dir
+from jobs.train_layout import stage_dir
 from model.checkpoint import saved_hash
 from storage.bank import Bank, BankError
 from storage.memory_store import MemoryStore

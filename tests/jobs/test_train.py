@@ -16,7 +16,8 @@ from jobs.config_loader import _Where, build
 from jobs.embed import run_embed
 from jobs.ingest import run_ingest
 from jobs.pair import run_pair
-from jobs.train import TrainError, read_log, run_train, stage_dir
+from jobs.train import TrainError, read_log, run_train
+from jobs.train_layout import stage_dir
 from jobs.train_eval import evaluate_checkpoint
 from jobs.train_config import TrainConfig
 from model import load_model, model_hash

@@ -179,7 +179,7 @@ def test_resume_keeps_staged_shards_and_matches_an_uninterrupted_run(paired, cap
     bank = Bank(cfg.bank.uri)
     stage = staging_dir(cfg.bank.uri, pair_key(bank, _inputs(bank), pair2))
     tok = f"{cfg.bank.uri}/{bank.metadata('refs')['tokenizer_path']}"
-    PairShards(cfg.bank.uri, "minilm", tok, str(stage), vars(pair2), 1)({"shard": [0], "start": [0], "end": [5]})
+    PairShards(cfg.bank.uri, "minilm", tok, str(stage), pair2, 1)({"shard": [0], "start": [0], "end": [5]})
     summary = run_pair(with_pair(cfg, pair2))
     n_shards = -(-len(_tables(cfg)[1]) // 5)
     assert f"1 of {n_shards} shard(s) done" in capsys.readouterr().out

@@ -86,7 +86,7 @@ def tradeoff(cfg, recipe: str = "control-memory", top_ks=(8, 16, 32, 64, 128), c
     """Gain over none of one trained model served at several sparsities and codecs."""
     import numpy as np
 
-    from jobs.evaluate import evaluate_items, heldout_items, reads_memory
+    from jobs.evaluate import evaluate_items, heldout_items, reads_memory, strict
     from jobs.inference import bank_retriever, bank_tokenizer
     from jobs.retriever import CodedStore, EncodingStore
     from model import load_model
@@ -100,21 +100,21 @@ def tradeoff(cfg, recipe: str = "control-memory", top_ks=(8, 16, 32, 64, 128), c
     items = heldout_items(bank, rc.train.heldout_fraction, rc.train.eval_sequences,
                           rc.train.max_tokens or mc.max_seq_len, mc.mem_chunk_size)
     retriever = bank_retriever(cfg, bank, bank_tokenizer(cfg, bank), mc.mems_per_chunk)
-    strict = {"max_overlap": cfg.infer.max_overlap, "exclude_own": True}
+    held = strict(cfg.infer.max_overlap)
     rng = np.random.default_rng(cfg.encode.seed)
     all_ids = bank.dataset("refs").to_table(columns=["ref_id"]).column("ref_id").to_pylist()
     sample = [all_ids[i] for i in sorted(rng.choice(len(all_ids), min(len(all_ids), cfg.encode.vq_train_refs), replace=False))]
     rows = []
     for k in top_ks:
         raw = EncodingStore(model, retriever.ref_tokens, top_k=k)
-        modes = {"none": ("none", None, strict)}
+        modes = {"none": ("none", None, held)}
         for name in codecs:
             if name == "vq":  # trained on a uniform sample of this model's memories, as `m3 encode` does
                 mems, _ = raw.fetch(sample)
                 codec = VQCodec.train(mems, seed=cfg.encode.seed)
             else:
                 codec = make_codec(name)
-            modes[name] = ("memory", CodedStore(raw, codec), strict)
+            modes[name] = ("memory", CodedStore(raw, codec), held)
         res = evaluate_items(model, items, sink=reads_memory(ckpt), modes=modes, retriever=retriever,
                              batch_size=cfg.infer.eval.batch_size)
         shape = (mc.n_mem_layers, 2, mc.n_kv_heads, min(k, mc.ref_max_tokens), mc.head_dim)

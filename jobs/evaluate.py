@@ -84,7 +84,7 @@ def retrieval_ids(retriever, items: Items, cs: int, exclude_own: bool) -> list[l
         for c in range(C):
             queries.append(toks[:min(items.prompt(i, cs), cs)] if c == 0 else toks[(c - 1) * cs:c * cs])
             contexts.append(ctx)
-            docs.append(own if exclude_own else set())
+            docs.append(own)
     flat = retriever.search_ids(queries, contexts, docs if exclude_own else None)
     out, i = [], 0
     for C in shape:
@@ -200,6 +200,21 @@ def _fit(rows: list, n: int) -> list:
     return rows[:n] + [[] for _ in range(n - len(rows))]
 
 
+def strict(max_overlap: float | None) -> dict:
+    """The held-out filters: eq. 6 against the whole sequence and the sequence's own documents."""
+    return {"max_overlap": max_overlap, "exclude_own": True}
+
+
+def probe_modes(max_overlap: float | None, with_memory: bool = True) -> dict:
+    """The knowledge probe's modes (see the module docstring): none, the bank holding the entry,
+    and the 2/3 filter (only other documents may help)."""
+    modes = {"none": ("none", None, strict(max_overlap))}
+    if with_memory:
+        modes["memory, bank holds the entry"] = ("memory", None, {"max_overlap": None, "exclude_own": False})
+        modes["memory, 2/3 filter"] = ("memory", None, {"max_overlap": max_overlap, "exclude_own": False})
+    return modes
+
+
 def heldout_items(bank, fraction: float, limit: int, n_tokens: int, cs: int) -> Items:
     """The first `limit` held-out sequences (never trained on), cut to n_tokens; leakage is
     measured against the whole stored sequence."""
@@ -271,11 +286,11 @@ def run_eval(cfg, inference=None) -> dict:
     items = heldout_items(bank, cfg.train.heldout_fraction, ec.sequences, n_tokens, cs)
     retriever = inf.memory_retriever()  # refuses memories written by another model
     sink = reads_memory(inf.checkpoint)
-    strict = {"max_overlap": retriever.max_overlap, "exclude_own": True}
+    held = strict(retriever.max_overlap)
     dense = EncodingStore(model, retriever.ref_tokens)
-    modes = {"none": ("none", None, strict), "memory": ("memory", None, strict),
-             "memory, another sequence's (control)": ("other", None, strict),
-             "memory, dense raw (same references)": ("memory", dense, strict), "rag": ("rag", None, strict)}
+    modes = {"none": ("none", None, held), "memory": ("memory", None, held),
+             "memory, another sequence's (control)": ("other", None, held),
+             "memory, dense raw (same references)": ("memory", dense, held), "rag": ("rag", None, held)}
     results = {"checkpoint": str(inf.checkpoint), "model_hash": inf.model_hash, "split": "heldout",
                "heldout_fraction": cfg.train.heldout_fraction, "sequences": len(items),
                "tokens_per_sequence": n_tokens, "max_overlap": retriever.max_overlap, "sink": sink,
@@ -286,10 +301,7 @@ def run_eval(cfg, inference=None) -> dict:
                                        batch_size=ec.batch_size)}
     probe, n_docs = probe_items(bank, inf.tokenizer, cfg.train.heldout_fraction, ec.probe_refs, model.config.eos_id)
     if len(probe):
-        pmodes = {"none": ("none", None, strict),
-                  "memory, bank holds the entry": ("memory", None, {"max_overlap": None, "exclude_own": False}),
-                  "memory, 2/3 filter": ("memory", None, {"max_overlap": retriever.max_overlap,
-                                                         "exclude_own": False})}
+        pmodes = probe_modes(retriever.max_overlap)
         results["probe"] = {"references": len(probe), "documents": n_docs,
                             "prompts": [inf.tokenizer.decode(t[1:p]) for t, p in zip(probe.tokens, probe.prompts)],
                             "modes": evaluate_items(model, probe, sink=sink, modes=pmodes, retriever=retriever,

@@ -17,7 +17,7 @@ def evaluate_checkpoint(cfg, checkpoint: str | Path, tc: TrainConfig, with_memor
     """Mean loss of a checkpoint over (up to eval_sequences of) the held-out split, in modes none
     and, if with_memory and it reads memories, memory and the control; with probe also the
     knowledge probe of `m3 eval` (infer.eval.probe_refs references)."""
-    from jobs.evaluate import evaluate_items, heldout_items, probe_items, reads_memory
+    from jobs.evaluate import evaluate_items, heldout_items, probe_items, probe_modes, reads_memory, strict
     from jobs.inference import bank_retriever, bank_tokenizer
     from model.checkpoint import memory_reading
     from jobs.retriever import EncodingStore
@@ -30,29 +30,24 @@ def evaluate_checkpoint(cfg, checkpoint: str | Path, tc: TrainConfig, with_memor
     items = heldout_items(bank, tc.heldout_fraction, tc.eval_sequences, tc.max_tokens or mc.max_seq_len,
                           mc.mem_chunk_size)
     sink = reads_memory(checkpoint)
-    strict = {"max_overlap": cfg.infer.max_overlap, "exclude_own": True}
-    modes = {"none": ("none", None, strict)}
+    held = strict(cfg.infer.max_overlap)
+    modes = {"none": ("none", None, held)}
     retriever = None
     if with_memory and sink:
         reading = memory_reading(checkpoint)
-        store = EncodingStore(model, None, top_k=reading.get("top_k"),
-                              codec=memory_codec(cfg, tc) if reading.get("codec") else None)
         retriever = bank_retriever(cfg, bank, bank_tokenizer(cfg, bank), mc.mems_per_chunk)
-        store.tokens_of = retriever.ref_tokens
+        store = EncodingStore(model, retriever.ref_tokens, top_k=reading.get("top_k"),
+                              codec=memory_codec(cfg, tc) if reading.get("codec") else None)
         retriever = retriever.with_store(store)
-        modes.update({"memory": ("memory", None, strict),
-                      "memory, another sequence's (control)": ("other", None, strict)})
+        modes.update({"memory": ("memory", None, held),
+                      "memory, another sequence's (control)": ("other", None, held)})
     out = evaluate_items(model, items, sink=sink, modes=modes, retriever=retriever,
                          batch_size=cfg.infer.eval.batch_size)
     result = {"sequences": len(items), "tokens": out["none"]["tokens"], "sink": sink, "modes": out}
     if probe:
         pitems, n_docs = probe_items(bank, bank_tokenizer(cfg, bank), tc.heldout_fraction, cfg.infer.eval.probe_refs,
                                      mc.eos_id)
-        pmodes = {"none": ("none", None, strict)}
-        if retriever is not None:
-            pmodes.update({"memory, bank holds the entry": ("memory", None, {"max_overlap": None, "exclude_own": False}),
-                           "memory, 2/3 filter": ("memory", None, {"max_overlap": cfg.infer.max_overlap,
-                                                                  "exclude_own": False})})
+        pmodes = probe_modes(cfg.infer.max_overlap, with_memory=retriever is not None)
         if len(pitems):
             result["probe"] = {"references": len(pitems), "documents": n_docs,
                                "modes": evaluate_items(model, pitems, sink=sink, modes=pmodes, retriever=retriever,

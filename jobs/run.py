@@ -119,7 +119,8 @@ def _evaluate(cfg):
         md += ["", f"![evaluation]({Path(results['plot']).resolve()})"]
     md += ["", "## Sample generation, with and without memory", "",
            f"Prompt: `{prompt!r}` (greedy, same weights). "
-           + ("A term of the knowledge probe: its entry is in the bank and in no training sequence."
+           + ("The knowledge-probe term whose definition memory helped most (chosen, not typical): its "
+              "entry is in the bank and in no training sequence."
               if prompt != SAMPLE_PROMPT else ""), "",
            "| with memory | without memory |", "|---|---|",
            f"| {_cell(sample['text'])} | {_cell(plain['text'])} |", "",

@@ -3,8 +3,10 @@
     cfg = load_config("configs/demo.yaml", ["bank.uri=/tmp/bank", "ray.num_cpus=4"])
 
 Each stage's knobs live in a frozen dataclass next to the code they steer when that code is a
-pure step (quality filters, MinHash); the rest are declared here. `jobs.config_loader` does the
-checking, so a wrong key, type or range fails before any work starts.
+pure step (quality filters, MinHash); the rest are declared here. `jobs.config_loader` checks
+keys and types; every section's __post_init__ checks its values (the range metadata of its fields
+through `model.checked.check_fields`, then its rules across fields), so a config built in code is
+checked like a loaded one, and a wrong key, type or range fails before any work starts.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from jobs.pair_config import PairConfig
 from jobs.rebuild_config import RebuildConfig, ScheduleConfig
 from jobs.train_config import TrainConfig
 from jobs.config_loader import ConfigError, _Lined, _Where, apply_overrides, build, read_yaml, to_dict
+from model.checked import check_fields
 from model.config import PRESETS, ModelConfig
 from pipelines.filters import QualityConfig
 from pipelines.minhash import MinHashConfig
@@ -38,6 +41,9 @@ class RayConfig:
     include_dashboard: bool = True
     object_store_mb: int | None = field(default=None, metadata={"ge": 64})
 
+    def __post_init__(self):
+        check_fields(self)
+
 
 @dataclass(frozen=True)
 class BankConfig:
@@ -47,6 +53,7 @@ class BankConfig:
     uri: str = "./bank/default"
 
     def __post_init__(self):
+        check_fields(self)
         if "://" not in self.uri:
             object.__setattr__(self, "uri", str(Path(self.uri).absolute()))
 
@@ -66,6 +73,7 @@ class CorpusConfig:
     max_record_bytes: int = field(default=64 * 2**20, metadata={"ge": 1024})
 
     def __post_init__(self):
+        check_fields(self)
         if not self.paths:
             raise ValueError("paths: give at least one file, directory or glob")
 
@@ -78,6 +86,9 @@ class DedupConfig:
     # Hash partitions of the dedup keys; each is grouped by its own Ray task.
     partitions: int = field(default=8, metadata={"ge": 1, "le": 4096})
 
+    def __post_init__(self):
+        check_fields(self)
+
 
 @dataclass(frozen=True)
 class TokenizerConfig:
@@ -85,6 +96,9 @@ class TokenizerConfig:
     path: str | None = None
     vocab_size: int = field(default=8192, metadata={"ge": 260, "le": 1_000_000})
     min_frequency: int = field(default=2, metadata={"ge": 1})
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -96,6 +110,7 @@ class ChunkingConfig:
     seq_len: int = field(default=2048, metadata={"ge": 16})
 
     def __post_init__(self):
+        check_fields(self)
         if self.ref_min_tokens > self.ref_max_tokens:
             raise ValueError(f"ref_min_tokens ({self.ref_min_tokens}) must be <= ref_max_tokens ({self.ref_max_tokens})")
 
@@ -117,6 +132,9 @@ class EncodeConfig:
     threads_per_actor: int = field(default=1, metadata={"ge": 1})
     refs_per_shard: int = field(default=1024, metadata={"ge": 1})
 
+    def __post_init__(self):
+        check_fields(self)
+
 
 @dataclass(frozen=True)
 class RetrievalConfig:
@@ -130,6 +148,9 @@ class RetrievalConfig:
     # Below this many vectors an exact scan is as fast as an index (storage/vectors.py).
     index_threshold: int = field(default=10_000, metadata={"ge": 1})
     index_type: str = field(default="IVF_HNSW_SQ", metadata={"choices": ("IVF_HNSW_SQ", "IVF_PQ")})
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -160,6 +181,7 @@ class Config:
     source: str = field(default="<defaults>", compare=False)
 
     def __post_init__(self):
+        check_fields(self)
         if self.tokenizer.path is None and self.model.vocab_size < self.tokenizer.vocab_size:
             raise ValueError(f"model.vocab_size ({self.model.vocab_size}) is smaller than "
                              f"tokenizer.vocab_size ({self.tokenizer.vocab_size}): the model could not embed every token")

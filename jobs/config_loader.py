@@ -4,9 +4,10 @@ Every error names the dotted key, where it came from (file:line, or the --set ov
 what was expected; a misspelled key gets the nearest valid name suggested. Nothing here knows
 the pipeline's schema: `jobs.config` declares it, this module enforces it.
 
-Range checks live in field metadata (`ge`, `gt`, `le`, `lt`, `choices`) so they are declared
-next to the field; cross-field rules live in the dataclass's __post_init__, whose ValueError is
-reported at the field it names.
+This module converts types; values are checked by the dataclass itself, so a config built in
+code gets the same checks: range metadata on the fields (`ge`, `gt`, `le`, `lt`, `choices`,
+enforced by `model.checked.check_fields`) and cross-field rules, both in __post_init__, whose
+ValueError is reported at the field it names.
 """
 
 from __future__ import annotations
@@ -147,19 +148,6 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
     raise ConfigError(f"{key} ({where}): expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
-def _check_range(value: Any, meta: dict, key: str, where: str) -> None:
-    if value is None:
-        return
-    rules = [("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
-             ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")]
-    for name, ok, sym in rules:
-        if name in meta and not ok(value, meta[name]):
-            raise ConfigError(f"{key} ({where}): expected a value {sym} {meta[name]}, got {value!r}")
-    if "choices" in meta and value not in meta["choices"]:
-        options = ", ".join(repr(c) for c in meta["choices"])
-        raise ConfigError(f"{key} ({where}): expected one of {options}, got {value!r}")
-
-
 def _optional_dataclass(tp: Any) -> type | None:
     """X for a field typed `X | None` where X is a dataclass (an optional section), else None."""
     if typing.get_origin(tp) not in (typing.Union, types.UnionType):
@@ -185,7 +173,7 @@ def build(cls: type, data: Any, prefix: str, where: _Where, parent: Any = None, 
             valid = ", ".join(sorted(fields))
             raise ConfigError(f"unknown key '{dotted}' ({where.at(data, key)}){hint} (valid keys here: {valid})")
     kwargs = {}
-    for fname, f in fields.items():
+    for fname in fields:
         if fname not in data:
             continue
         dotted = f"{prefix}.{fname}" if prefix else fname
@@ -198,19 +186,20 @@ def build(cls: type, data: Any, prefix: str, where: _Where, parent: Any = None, 
             kwargs[fname] = build(inner or tp, data[fname], dotted, where, data, fname)
             continue
         loc = where.at(data, fname)
-        value = _convert(data[fname], tp, dotted, loc)
-        _check_range(value, f.metadata, dotted, loc)
-        kwargs[fname] = value
+        kwargs[fname] = _convert(data[fname], tp, dotted, loc)
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:
-        # __post_init__ names the offending field in its message: report it at that key.
-        # The field named first in the message is the one it is about.
+        # __post_init__ (model.checked's range check, then the cross-field rules) names the
+        # offending field in its message: report it at that key. The field named first in the
+        # message is the one it is about; a leading "field:" (or "section.field:") is dropped,
+        # since the report starts with the dotted key.
         hits = [(m.start(), n) for n in fields if (m := re.search(rf"\b{re.escape(n)}\b", str(e)))]
         field = min(hits)[1] if hits else None
         dotted = f"{prefix}.{field}" if prefix and field else (field or prefix or "config")
         loc = where.at(data, field) if field else where.path
-        message = re.sub(rf"^{re.escape(dotted)}:\s*", "", str(e))
+        named = rf"(?:[\w.]*\.)?{re.escape(field)}" if field else re.escape(dotted)
+        message = re.sub(rf"^(?:{re.escape(dotted)}|{named}):\s*", "", str(e))
         raise ConfigError(f"{dotted} ({loc}): {message}") from None
 
 

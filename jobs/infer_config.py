@@ -1,13 +1,16 @@
 """The `infer:` section of the pipeline YAML: generation (`m3 generate`) and evaluation
 (`m3 eval`, its `infer.eval:` subsection).
 
-Plain typed fields with range metadata, like jobs/config.py, so the YAML loader checks them;
-__post_init__ repeats the checks that matter for a hand-built InferConfig (tests, benches).
+Plain typed fields with range metadata, like jobs/config.py; __post_init__ checks them
+(model.checked), so an InferConfig built in code (tests, benches) and one loaded from YAML are
+checked alike.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from model.checked import check_fields
 
 MODES = ("memory", "none", "rag")
 
@@ -25,9 +28,7 @@ class EvalConfig:
     probe_refs: int = field(default=32, metadata={"ge": 0})
 
     def __post_init__(self):
-        for name in ("sequences", "tokens", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected a value >= 1, got {getattr(self, name)!r}")
+        check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -63,9 +64,4 @@ class InferConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {self.mode!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p: expected a value in (0, 1], got {self.top_p!r}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature: expected a value >= 0, got {self.temperature!r}")
+        check_fields(self)

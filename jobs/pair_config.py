@@ -1,12 +1,15 @@
 """The `pair:` section of the pipeline YAML (the pairing job, jobs/pair.py).
 
-Plain typed fields with range metadata, like jobs/config.py, so the YAML loader checks them;
-__post_init__ repeats the checks that matter for a hand-built PairConfig (tests, benches).
+Plain typed fields with range metadata, like jobs/config.py; __post_init__ checks them
+(model.checked) and the one rule across fields, so a PairConfig built in code (tests, benches)
+and one loaded from YAML are checked alike.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from model.checked import check_fields
 
 
 @dataclass(frozen=True)
@@ -38,14 +41,9 @@ class PairConfig:
     max_tokens: int | None = field(default=None, metadata={"ge": 1})
 
     def __post_init__(self):
-        for name in ("k", "per_chunk", "chunk_size", "embed_batch_size", "query_batch_size", "actors",
-                     "threads_per_actor", "seqs_per_shard"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected a value >= 1, got {getattr(self, name)!r}")
+        check_fields(self)
         if self.per_chunk > self.k:
             raise ValueError(f"per_chunk: expected at most k={self.k} (the candidates retrieved), got {self.per_chunk!r}")
-        if not 0 <= self.max_overlap <= 1:
-            raise ValueError(f"max_overlap: expected a value in [0, 1], got {self.max_overlap!r}")
 
     def output_knobs(self) -> dict:
         """The fields that decide the table's contents (and shard layout): the job key covers

@@ -1,7 +1,8 @@
 """The `rebuild:` and `schedule:` sections of the pipeline YAML (jobs/rebuild.py, jobs/schedule.py).
 
-Typed fields with range metadata, checked by the YAML loader like every other section; the cron
-expression is parsed here, so a bad one fails at load time naming `schedule.cron`.
+Typed fields with range metadata, checked in __post_init__ (model.checked) like every other
+section, whether loaded from YAML or built in code; the cron expression is parsed there too, so a
+bad one fails at load time naming `schedule.cron`.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from jobs.cron import Cron, CronError
+from model.checked import check_fields
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,9 @@ class RebuildConfig:
     # checked by pid): set it above the longest rebuild.
     lock_stale_s: float = field(default=24 * 3600.0, metadata={"gt": 0})
 
+    def __post_init__(self):
+        check_fields(self)
+
 
 @dataclass(frozen=True)
 class ScheduleConfig:
@@ -41,6 +46,7 @@ class ScheduleConfig:
     backoff_max_s: float = field(default=3600.0, metadata={"ge": 0})
 
     def __post_init__(self):
+        check_fields(self)
         try:
             Cron.parse(self.cron)
         except CronError as e:

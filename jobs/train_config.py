@@ -1,12 +1,15 @@
 """The `train:` section of the pipeline YAML (both stages of pretraining, jobs/train.py).
 
-Plain typed fields with range metadata, like jobs/config.py, so the YAML loader checks them;
-__post_init__ repeats the checks that matter for a hand-built TrainConfig (tests, benches).
+Plain typed fields with range metadata, like jobs/config.py; __post_init__ checks them
+(model.checked), so a TrainConfig built in code (tests, benches) and one loaded from YAML are
+checked alike.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from model.checked import check_fields
 
 DTYPES = ("float32", "bfloat16")
 
@@ -74,14 +77,7 @@ class TrainConfig:
     warmup_checkpoint: str | None = None
 
     def __post_init__(self):
-        if self.zero_stage not in (1, 2):
-            raise ValueError(f"zero_stage: expected 1 or 2, got {self.zero_stage!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype: expected one of {DTYPES}, got {self.dtype!r}")
-        for name in ("workers", "micro_batch", "grad_accum", "warmup_stage_steps",
-                     "continual_stage_steps", "checkpoint_every", "window", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected a value >= 1, got {getattr(self, name)!r}")
+        check_fields(self)
 
     def with_memory(self, stage: str) -> bool:
         return self.warmup_with_memory if stage == "warmup" else self.continual_with_memory

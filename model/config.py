@@ -2,11 +2,15 @@
 
 Plain fields (int, float, bool, str) only, so a YAML loader can validate a config by
 introspecting `dataclasses.fields(ModelConfig)` and the checkpoint can store it as JSON.
+Ranges are field metadata, checked by `model.checked.check_fields` like every config section's;
+__post_init__ then checks the rules that tie fields together.
 """
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+from .checked import check_fields
 
 SCORE_COMBINES = ("sum", "mean", "max")
 
@@ -14,56 +18,59 @@ SCORE_COMBINES = ("sum", "mean", "max")
 @dataclass(frozen=True)
 class ModelConfig:
     # transformer shape
-    vocab_size: int = 8192
-    n_layers: int = 6
-    n_heads: int = 8  # query heads
-    n_kv_heads: int = 2  # key/value heads (GQA): n_heads // n_kv_heads query heads share one
-    head_dim: int = 32
-    d_model: int = 256  # must equal n_heads * head_dim
-    mlp_hidden: int = 768  # SwiGLU inner width
-    max_seq_len: int = 1024  # longest context (not counting the memory positions before it)
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+    vocab_size: int = field(default=8192, metadata={"ge": 1})
+    n_layers: int = field(default=6, metadata={"ge": 1})
+    n_heads: int = field(default=8, metadata={"ge": 1})  # query heads
+    # key/value heads (GQA): n_heads // n_kv_heads query heads share one
+    n_kv_heads: int = field(default=2, metadata={"ge": 1})
+    head_dim: int = field(default=32, metadata={"ge": 1})
+    d_model: int = field(default=256, metadata={"ge": 1})  # must equal n_heads * head_dim
+    mlp_hidden: int = field(default=768, metadata={"ge": 1})  # SwiGLU inner width
+    # longest context (not counting the memory positions before it)
+    max_seq_len: int = field(default=1024, metadata={"ge": 1})
+    rope_theta: float = field(default=10000.0, metadata={"gt": 0})
+    norm_eps: float = field(default=1e-5, metadata={"gt": 0})
     tie_embeddings: bool = True
-    init_std: float = 0.02
+    init_std: float = field(default=0.02, metadata={"gt": 0})
 
     # explicit memory
-    n_mem_layers: int = 3  # memory layers are layers 0 .. n_mem_layers-1
-    mem_top_k: int = 8  # tokens kept per memory layer and KV head
-    mem_chunk_size: int = 64  # context tokens that share one set of retrieved memories
-    mems_per_chunk: int = 5  # memories retrieved per chunk
-    ref_max_tokens: int = 128  # reference length, not counting the prepended ref_bos
-    score_combine: str = "sum"  # how the query heads of one KV head combine token scores
+    # memory layers are layers 0 .. n_mem_layers-1
+    n_mem_layers: int = field(default=3, metadata={"ge": 1})
+    # tokens kept per memory layer and KV head
+    mem_top_k: int = field(default=8, metadata={"ge": 1})
+    # context tokens that share one set of retrieved memories
+    mem_chunk_size: int = field(default=64, metadata={"ge": 1})
+    mems_per_chunk: int = field(default=5, metadata={"ge": 1})  # memories retrieved per chunk
+    # reference length, not counting the prepended ref_bos
+    ref_max_tokens: int = field(default=128, metadata={"ge": 1})
+    # how the query heads of one KV head combine token scores
+    score_combine: str = field(default="sum", metadata={"choices": SCORE_COMBINES})
 
     # special token ids (the tokenizer reserves exactly these)
-    pad_id: int = 0
-    bos_id: int = 1
-    eos_id: int = 2
-    ref_bos_id: int = 3  # one token standing for "<s>Reference:"
+    pad_id: int = field(default=0, metadata={"ge": 0})
+    bos_id: int = field(default=1, metadata={"ge": 0})
+    eos_id: int = field(default=2, metadata={"ge": 0})
+    # one token standing for "<s>Reference:"
+    ref_bos_id: int = field(default=3, metadata={"ge": 0})
 
     def __post_init__(self):
-        _check_types(self)
+        _check_types(self)  # the types first: a range test of a string would say less
+        check_fields(self)
         need = self._need
-        for name in ("vocab_size", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_model",
-                     "mlp_hidden", "max_seq_len", "mem_top_k", "mem_chunk_size",
-                     "mems_per_chunk", "ref_max_tokens", "rope_theta", "norm_eps", "init_std"):
-            need(getattr(self, name) > 0, name, "must be positive")
         need(self.head_dim % 2 == 0, "head_dim", "must be even (RoPE rotates pairs)")
         need(self.n_heads % self.n_kv_heads == 0, "n_kv_heads", f"must divide n_heads={self.n_heads}")
         need(self.d_model == self.n_heads * self.head_dim, "d_model",
              f"must equal n_heads*head_dim = {self.n_heads}*{self.head_dim}")
-        need(1 <= self.n_mem_layers <= self.n_layers, "n_mem_layers",
-             f"must be in [1, n_layers={self.n_layers}]")
-        need(self.score_combine in SCORE_COMBINES, "score_combine", f"must be one of {SCORE_COMBINES}")
+        need(self.n_mem_layers <= self.n_layers, "n_mem_layers", f"must be at most n_layers={self.n_layers}")
         for name in ("pad_id", "bos_id", "eos_id", "ref_bos_id"):
-            need(0 <= getattr(self, name) < self.vocab_size, name,
-                 f"must be a token id in [0, vocab_size={self.vocab_size})")
+            need(getattr(self, name) < self.vocab_size, name,
+                 f"must be a token id below vocab_size={self.vocab_size}")
         ids = [self.pad_id, self.bos_id, self.eos_id, self.ref_bos_id]
         need(len(set(ids)) == 4, "ref_bos_id", f"special token ids must be distinct, got {ids}")
 
-    def _need(self, ok: bool, field: str, message: str) -> None:
+    def _need(self, ok: bool, name: str, message: str) -> None:
         if not ok:
-            raise ValueError(f"ModelConfig.{field}={getattr(self, field)!r} {message}")
+            raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} {message}")
 
     @property
     def kv_group(self) -> int:

@@ -25,11 +25,12 @@ import dataclasses
 import math
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import compress, repeat
 from operator import add, itemgetter, mul
 
+from model.checked import check_fields
 from model.errors import M3Error
 
 __all__ = ["QualityConfig", "QualityConfigError", "REASONS", "GOPHER_STOP_WORDS", "quality_reason"]
@@ -53,58 +54,56 @@ class QualityConfigError(M3Error, ValueError):
 @dataclass(frozen=True)
 class QualityConfig:
     """Every threshold of `quality_reason`; defaults are Gopher's unless noted.
-    A `max_*_frac` of 1.0 or a `min_*` of 0 disables that check."""
+    A `max_*_frac` of 1.0 or a `min_*` of 0 disables that check. Every threshold is >= 0 and
+    every fraction in [0, 1] (field metadata, checked by `model.checked.check_fields`)."""
 
-    max_chars: int = 1_000_000  # checked before any splitting: a 20 MB document costs O(1)
-    min_words: int = 50
-    max_words: int = 100_000
-    min_mean_word_length: float = 3.0
-    max_mean_word_length: float = 10.0
-    max_non_alpha_char_frac: float = 0.7  # of non-whitespace characters (Memory3 / issue rule)
-    max_symbol_word_ratio: float = 0.1  # "#" per word, and "..." or "…" per word, separately
-    max_bullet_lines_frac: float = 0.9
-    max_ellipsis_lines_frac: float = 0.3
-    min_alpha_words_frac: float = 0.8
-    min_stop_words: int = 2  # distinct GOPHER_STOP_WORDS present; 0 disables (non-English corpora)
+    # checked before any splitting: a 20 MB document costs O(1)
+    max_chars: int = field(default=1_000_000, metadata={"ge": 1})
+    min_words: int = field(default=50, metadata={"ge": 0})
+    max_words: int = field(default=100_000, metadata={"ge": 0})
+    min_mean_word_length: float = field(default=3.0, metadata={"ge": 0})
+    max_mean_word_length: float = field(default=10.0, metadata={"ge": 0})
+    # of non-whitespace characters (Memory3 / issue rule)
+    max_non_alpha_char_frac: float = field(default=0.7, metadata={"ge": 0, "le": 1})
+    # "#" per word, and "..." or "…" per word, separately
+    max_symbol_word_ratio: float = field(default=0.1, metadata={"ge": 0})
+    max_bullet_lines_frac: float = field(default=0.9, metadata={"ge": 0, "le": 1})
+    max_ellipsis_lines_frac: float = field(default=0.3, metadata={"ge": 0, "le": 1})
+    min_alpha_words_frac: float = field(default=0.8, metadata={"ge": 0, "le": 1})
+    # distinct GOPHER_STOP_WORDS present; 0 disables (non-English corpora)
+    min_stop_words: int = field(default=2, metadata={"ge": 0, "le": len(GOPHER_STOP_WORDS)})
     # Not in Gopher. Unique-token fraction falls with length (Heaps' law): on FOLDOC's clean
     # entries of 50-80 words it reaches 1.0, of 80-200 words at most 0.94. So it only applies
     # from 100 words, and 0.95 rejects word lists / identifier dumps (FOLDOC's TLA list: 0.998)
     # but no prose entry.
-    max_unique_words_frac: float = 0.95
-    unique_words_min_words: int = 100
+    max_unique_words_frac: float = field(default=0.95, metadata={"ge": 0, "le": 1})
+    unique_words_min_words: int = field(default=100, metadata={"ge": 0})
     # Not in Gopher. Shannon entropy (bits) of the token distribution. The lowest among
     # FOLDOC's 4,876 entries of >= 50 words is 4.09 (median 5.6-8.4 by length); below 3 bits
     # the text behaves like fewer than 8 equiprobable words: filler such as "buy now buy now".
-    min_word_entropy: float = 3.0
-    max_dup_line_frac: float = 0.30
-    max_dup_line_char_frac: float = 0.20
-    max_dup_para_frac: float = 0.30
-    max_dup_para_char_frac: float = 0.20
-    max_top_2gram_char_frac: float = 0.20
-    max_top_3gram_char_frac: float = 0.18
-    max_top_4gram_char_frac: float = 0.16
-    max_dup_5gram_char_frac: float = 0.15
-    max_dup_6gram_char_frac: float = 0.14
-    max_dup_7gram_char_frac: float = 0.13
-    max_dup_8gram_char_frac: float = 0.12
-    max_dup_9gram_char_frac: float = 0.11
-    max_dup_10gram_char_frac: float = 0.10
+    min_word_entropy: float = field(default=3.0, metadata={"ge": 0})
+    max_dup_line_frac: float = field(default=0.30, metadata={"ge": 0, "le": 1})
+    max_dup_line_char_frac: float = field(default=0.20, metadata={"ge": 0, "le": 1})
+    max_dup_para_frac: float = field(default=0.30, metadata={"ge": 0, "le": 1})
+    max_dup_para_char_frac: float = field(default=0.20, metadata={"ge": 0, "le": 1})
+    max_top_2gram_char_frac: float = field(default=0.20, metadata={"ge": 0, "le": 1})
+    max_top_3gram_char_frac: float = field(default=0.18, metadata={"ge": 0, "le": 1})
+    max_top_4gram_char_frac: float = field(default=0.16, metadata={"ge": 0, "le": 1})
+    max_dup_5gram_char_frac: float = field(default=0.15, metadata={"ge": 0, "le": 1})
+    max_dup_6gram_char_frac: float = field(default=0.14, metadata={"ge": 0, "le": 1})
+    max_dup_7gram_char_frac: float = field(default=0.13, metadata={"ge": 0, "le": 1})
+    max_dup_8gram_char_frac: float = field(default=0.12, metadata={"ge": 0, "le": 1})
+    max_dup_9gram_char_frac: float = field(default=0.11, metadata={"ge": 0, "le": 1})
+    max_dup_10gram_char_frac: float = field(default=0.10, metadata={"ge": 0, "le": 1})
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
+        for f in dataclasses.fields(self):  # the types first: a range test of a string would say less
             v = getattr(self, f.name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or (f.type == "int" and isinstance(v, float)):
                 raise QualityConfigError(f.name, f"a number of type {f.type}", v)
             if not math.isfinite(v):
                 raise QualityConfigError(f.name, "a finite number", v)
-            if f.name.endswith("_frac") and not 0.0 <= v <= 1.0:
-                raise QualityConfigError(f.name, "a fraction in [0, 1]", v)
-            if v < 0:
-                raise QualityConfigError(f.name, "a value >= 0", v)
-        if self.max_chars < 1:
-            raise QualityConfigError("max_chars", "an integer >= 1", self.max_chars)
-        if self.min_stop_words > len(GOPHER_STOP_WORDS):
-            raise QualityConfigError("min_stop_words", f"<= {len(GOPHER_STOP_WORDS)} (the Gopher list)", self.min_stop_words)
+        check_fields(self, QualityConfigError)
         if self.min_words > self.max_words:
             raise QualityConfigError("min_words", f"<= max_words ({self.max_words})", self.min_words)
         if self.min_mean_word_length > self.max_mean_word_length:

@@ -33,6 +33,8 @@ import dataclasses
 
 import numpy as np
 
+from model.checked import check_fields
+
 __all__ = ["MinHashConfig", "signatures", "band_keys", "mix64"]
 
 _MASK64 = (1 << 64) - 1
@@ -52,20 +54,18 @@ class MinHashConfig:
     """MinHash-LSH parameters: ``bands * rows`` permutations; a pair with Jaccard ``s`` shares
     at least one band with probability ``1 - (1 - s**rows)**bands``."""
 
-    ngram: int = 5
-    bands: int = 14
-    rows: int = 8
-    seed: int = 1
+    ngram: int = dataclasses.field(default=5, metadata={"ge": 1, "le": 64})
+    bands: int = dataclasses.field(default=14, metadata={"ge": 1, "le": 1024})
+    rows: int = dataclasses.field(default=8, metadata={"ge": 1, "le": 1024})
+    seed: int = dataclasses.field(default=1, metadata={"ge": 0, "le": _MASK64})
 
     def __post_init__(self) -> None:
-        for name, low, high in (("ngram", 1, 64), ("bands", 1, 1024), ("rows", 1, 1024),
-                                ("seed", 0, _MASK64)):
-            value = getattr(self, name)
+        for f in dataclasses.fields(self):  # the types first: a range test of a string would say less
+            value = getattr(self, f.name)
             # bool is an int subclass: `bands: true` in YAML is a mistake, not 1
             if not isinstance(value, int) or isinstance(value, bool):
-                raise TypeError(f"MinHashConfig.{name} must be an int, got {value!r}")
-            if not low <= value <= high:
-                raise ValueError(f"MinHashConfig.{name} must be in [{low}, {high}], got {value}")
+                raise TypeError(f"MinHashConfig.{f.name} must be an int, got {value!r}")
+        check_fields(self)
         if self.bands * self.rows > 4096:
             raise ValueError(f"MinHashConfig.bands * MinHashConfig.rows must be <= 4096, "
                              f"got {self.bands} * {self.rows} = {self.bands * self.rows}")

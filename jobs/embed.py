@@ -2,73 +2,62 @@
 
     python -m jobs embed -c configs/demo.yaml
 
-Same shape as the encode job: Ray Data actors (one embedder each) embed row ranges of `refs`
-into staging files; one commit makes the new table version, tagged; past a size threshold an
-ANN index is built on it (cosine). The key covers the refs version and the embedder's
-fingerprint: the same key is nothing to do, an unfinished one resumes.
+A sharded stage (jobs/stage_runner.py): Ray Data actors (one embedder each) embed row ranges of
+`refs` into staging files; one commit makes the new table version, tagged; past a size
+threshold an ANN index is built on it (cosine). The key covers the refs version and the
+embedder's fingerprint: the same key is nothing to do, an unfinished one resumes. Vectors of
+unchanged references made by the same embedder are copied from the previous table (the rebuild
+calls this same function).
 """
 
 from __future__ import annotations
 
-import shutil
+from typing import Callable
 
 from jobs.config import Config, config_hash
-from jobs.report import Report
-from jobs.runtime import init_ray, quiet_ray_data, row_shards, run_actor_shards
+from jobs.stage_runner import Reuse, ShardedStage, run_stage
 from model.embedder import load_embedder
-from pipelines.embed_step import EMBEDDINGS_SCHEMA, EmbedShards
+from pipelines.embed_step import EMBEDDINGS_SCHEMA, INPUT_COLUMNS, EmbedShards, staged_path
 from storage.bank import Bank
-from storage.staging import iter_batches
 from storage.vectors import build_index
-from storage.layout import BankLayout
 
 
 def embed_key(cfg: Config, bank: Bank, embedder) -> str:
-    """What an embeddings table is a function of (shared with the incremental rebuild)."""
+    """What an embeddings table is a function of."""
     return config_hash({"embedder": embedder.id, "refs": bank.metadata("refs").get("ingest_key"),
                         "refs_version": bank.table("refs").version, "per": cfg.retrieval.refs_per_shard})
 
 
-def embeddings_lineage(cfg: Config, key: str, embedder, refs_meta: dict) -> dict:
-    return {"stage": "embed", "embed_key": key, "embedder": embedder.lineage(),
-            "tokenizer_hash": refs_meta.get("tokenizer_hash"), "ingest_key": refs_meta.get("ingest_key"),
-            "config": cfg.as_dict()}
+def embed_stage(cfg: Config, bank: Bank, embedder, label: str = "embed") -> ShardedStage:
+    r = cfg.retrieval
+    refs_meta, refs = bank.metadata("refs"), bank.dataset("refs")
+    key = embed_key(cfg, bank, embedder)
+    return ShardedStage(
+        name="embed", table="embeddings", key_field="embed_key", key=key, schema=EMBEDDINGS_SCHEMA(embedder.dim),
+        input_uri=refs.uri, n_rows=refs.count_rows(), rows_per_shard=r.refs_per_shard, actor=EmbedShards,
+        actor_kw={"spec": r.embedder, "batch_size": r.batch_size}, actors=r.actors, threads=r.threads_per_actor,
+        staged=staged_path, reuse=Reuse("embedder", embedder.id, input_columns=tuple(INPUT_COLUMNS)),
+        lineage=lambda files: {"stage": label, "embed_key": key, "embedder": embedder.lineage(),
+                               "tokenizer_hash": refs_meta.get("tokenizer_hash"),
+                               "ingest_key": refs_meta.get("ingest_key"), "config": cfg.as_dict()})
 
 
-def run_embed(cfg: Config) -> dict:
-    report = Report("embed")
+def run_embed(cfg: Config, label: str = "embed", note: Callable[[str], None] = print) -> dict:
     bank = Bank(cfg.bank.uri)
     bank.require("refs")
     r = cfg.retrieval
     embedder = load_embedder(r.embedder)  # fails here, before Ray, if the model is missing
-    refs_meta = bank.metadata("refs")
-    refs_ds = bank.dataset("refs")
-    refs_uri, n_refs = refs_ds.uri, refs_ds.count_rows()
-    key = embed_key(cfg, bank, embedder)
-    if bank.has("embeddings") and bank.metadata("embeddings").get("embed_key") == key:
-        print(f"embed: embeddings in {cfg.bank.uri} are up to date for {embedder.id} (embed key {key}); nothing to do")
-        return {"status": "up_to_date", "embed_key": key}
-    stage_dir = BankLayout(cfg.bank.uri).staging(f"embed-{key}")
-    shards = row_shards(n_refs, r.refs_per_shard)
-    todo = [s for s in shards if not (stage_dir / f"e{s[0]:06d}.parquet").exists()]
-    init_ray(cfg.ray)
-    quiet_ray_data()
-    with report.stage("embed"):
-        report.note(f"embed: {embedder.id}, {n_refs:,} references, {len(shards) - len(todo)} of {len(shards)} shard(s) done")
-        run_actor_shards("embed", todo, EmbedShards, actors=r.actors, threads=r.threads_per_actor,
-                         spec=r.embedder, refs_uri=refs_uri, stage_dir=str(stage_dir), batch_size=r.batch_size)
-    with report.stage("commit"):
-        lineage = embeddings_lineage(cfg, key, embedder, refs_meta)
-        files = [stage_dir / f"e{i:06d}.parquet" for i, _, _ in shards]
-        version = bank.write("embeddings", EMBEDDINGS_SCHEMA(embedder.dim), iter_batches(files), lineage)
-        index = build_index(bank.table("embeddings"), n_refs, threshold=r.index_threshold, index_type=r.index_type)
-        bank.tag("embeddings", f"embed-{key}", version)
-    shutil.rmtree(stage_dir, ignore_errors=True)
-    seconds = report.stages.get("embed", 0)
-    print(f"embed: {n_refs:,} vectors ({embedder.id}, dim {embedder.dim}) as embeddings version {version} "
-          f"in {report.elapsed():.1f} s ({n_refs / max(seconds, 1e-9):,.1f} refs/s); "
-          f"index: {index.get('index') or index.get('reason')}")
-    return {"version": version, "embed_key": key, "index": index, "references": n_refs}
+    stage = embed_stage(cfg, bank, embedder, label)
+    out = run_stage(stage, bank, cfg.ray, note)
+    if out["status"] == "up_to_date":
+        return out
+    # the index is a commit of its own (the version a publish names is the one after it)
+    index = build_index(bank.table("embeddings"), stage.n_rows, threshold=r.index_threshold, index_type=r.index_type)
+    out.update(index=index, references=stage.n_rows)
+    note(f"embed: {stage.n_rows:,} vectors ({embedder.id}, dim {embedder.dim}), {out['computed']:,} computed, "
+         f"as embeddings version {out['version']} in {out['seconds']:.1f} s "
+         f"({out['computed'] / max(out['compute_seconds'], 1e-9):,.1f} refs/s); index: {index.get('index') or index.get('reason')}")
+    return out
 
 
 def search_text(cfg: Config, text: str, k: int = 5, exact: bool = False) -> list[dict]:

@@ -2,30 +2,31 @@
 
     python -m jobs encode -c configs/demo.yaml
 
-A pool of Ray Data actors (one model each) encodes shards of the `refs` table; each shard lands
-in a staging file, and the table gets one new version, tagged, when all are done. The key
-covers the model hash, the refs version and the codec (with its quantizer): the same key is a
-finished build ("nothing to do"); an unfinished one resumes from its staged shards.
+A sharded stage (jobs/stage_runner.py): a pool of Ray Data actors (one model each) encodes
+shards of the `refs` table; each shard lands in a staging file, and the table gets one new
+version, tagged, when all are done. The key covers the model hash, the refs version and the
+codec (with its quantizer): the same key is a finished build ("nothing to do"); an unfinished
+one resumes from its staged shards. Memories of unchanged references made by the same model
+and codec are copied from the previous table (the rebuild calls this same function).
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from jobs.config import Config, config_hash
-from jobs.report import Report
-from jobs.runtime import init_ray, quiet_ray_data, row_shards, run_actor_shards
+from jobs.stage_runner import Reuse, ShardedStage, run_stage
 from model import Memory3, save_model
 from model.checkpoint import memory_reading, saved_hash
 from model.codecs import VQCodec, make_codec
 from pipelines.encode_step import EncodeShards, encode_tokens, staged_path
 from storage.bank import Bank, BankError
 from storage.schemas import MEMORIES
-from storage.staging import iter_batches, write_text_atomic
+from storage.staging import write_text_atomic
 from storage.layout import BankLayout
 
 
@@ -108,43 +109,44 @@ def sparsity(cfg: Config) -> dict:
             "ref_max_tokens": m.ref_max_tokens}
 
 
-def run_encode(cfg: Config) -> dict:
-    report = Report("encode")
-    bank = Bank(cfg.bank.uri)
-    bank.require("refs")
-    refs_meta = bank.metadata("refs")
-    refs_ds = bank.dataset("refs")
-    refs_uri, n_refs = refs_ds.uri, refs_ds.count_rows()
+def codec_args(cfg: Config, bank: Bank, mdir: Path) -> tuple[dict, bool]:
+    """The codec's arguments, and whether the old memories' table-level settings (codec,
+    sparsity, quantizer) still hold, so that its rows may be reused. A vq table's quantizer is
+    kept while it can be: a fresh one would be trained per refs version and reuse nothing."""
+    old = bank.metadata("memories") if bank.has("memories") else {}
+    same = bool(old) and old.get("sparsity") == sparsity(cfg) and old.get("codec") == cfg.encode.codec
+    if same and cfg.encode.codec == "vq" and old.get("quantizer_path") and Path(old["quantizer_path"]).exists():
+        return {"quantizer": old["quantizer_path"], "quantizer_hash": old["quantizer_hash"]}, True
+    refs = bank.dataset("refs")
+    codec_kw = quantizer(cfg, bank, mdir, refs.uri, refs.count_rows())
+    return codec_kw, same and old.get("quantizer_hash") == codec_kw.get("quantizer_hash")
+
+
+def encode_stage(cfg: Config, bank: Bank, label: str = "encode") -> ShardedStage:
     mdir = model_dir(cfg, bank)
     mhash = saved_hash(mdir)
-    codec_kw = quantizer(cfg, bank, mdir, refs_uri, n_refs)
+    codec_kw, reusable = codec_args(cfg, bank, mdir)
     key = encode_key(cfg, bank, mhash, codec_kw)
-    if bank.has("memories") and bank.metadata("memories").get("encode_key") == key:
-        print(f"encode: memories in {cfg.bank.uri} are up to date for model {mhash[:12]} and codec "
-              f"{cfg.encode.codec} (encode key {key}); nothing to do")
-        return {"status": "up_to_date", "encode_key": key}
+    refs_meta, refs, e = bank.metadata("refs"), bank.dataset("refs"), cfg.encode
+    return ShardedStage(
+        name="encode", table="memories", key_field="encode_key", key=key, schema=MEMORIES, input_uri=refs.uri,
+        n_rows=refs.count_rows(), rows_per_shard=e.refs_per_shard, actor=EncodeShards,
+        actor_kw={"model_dir": str(mdir), "codec": e.codec, "codec_kw": codec_kw, "batch_size": e.batch_size},
+        actors=e.actors, threads=e.threads_per_actor, staged=staged_path,
+        reuse=Reuse("model_hash", mhash, table_ok=reusable),
+        lineage=lambda files: {**memories_lineage(cfg, key, mhash, mdir, refs_meta, codec_kw), "stage": label})
 
-    stage_dir = BankLayout(cfg.bank.uri).staging(f"encode-{key}")
-    shards = row_shards(n_refs, cfg.encode.refs_per_shard)
-    todo = [s for s in shards if not staged_path(stage_dir, s[0]).exists()]
-    report.set(references=n_refs, shards=len(shards), encode_key=key)
-    init_ray(cfg.ray)
-    quiet_ray_data()
-    with report.stage("encode"):
-        report.note(f"encode: model {mhash[:12]}, codec {cfg.encode.codec}, {len(shards) - len(todo)} of "
-                    f"{len(shards)} shard(s) already done")
-        e = cfg.encode
-        run_actor_shards("encode", todo, EncodeShards, actors=e.actors, threads=e.threads_per_actor,
-                         model_dir=str(mdir), codec=e.codec, codec_kw=codec_kw, refs_uri=refs_uri,
-                         stage_dir=str(stage_dir), batch_size=e.batch_size)
 
-    with report.stage("commit"):
-        lineage = memories_lineage(cfg, key, mhash, mdir, refs_meta, codec_kw)
-        version = bank.write("memories", MEMORIES, iter_batches([staged_path(stage_dir, s[0]) for s in shards]), lineage)
-        bank.tag("memories", f"encode-{key}", version)
-    shutil.rmtree(stage_dir, ignore_errors=True)
-    summary = {**report.values, "version": version, "model_hash": mhash, "seconds": report.elapsed(),
-               "refs_per_s": round(n_refs / max(report.stages.get("encode", 0), 1e-9), 1)}
-    print(f"encode: {n_refs:,} memories ({cfg.encode.codec}) written as memories version {version} "
-          f"in {summary['seconds']:.1f} s ({summary['refs_per_s']:,.0f} refs/s)")
-    return summary
+def run_encode(cfg: Config, label: str = "encode", note: Callable[[str], None] = print) -> dict:
+    bank = Bank(cfg.bank.uri)
+    bank.require("refs")
+    stage = encode_stage(cfg, bank, label)
+    model_hash = stage.reuse.producer
+    note(f"encode: model {model_hash[:12]}, codec {cfg.encode.codec}")
+    out = run_stage(stage, bank, cfg.ray, note)
+    out.update(model_hash=model_hash, references=stage.n_rows)
+    if out["status"] == "built":
+        out["refs_per_s"] = round(out["computed"] / max(out["compute_seconds"], 1e-9), 1)
+        note(f"encode: {stage.n_rows:,} memories ({cfg.encode.codec}), {out['computed']:,} computed, as memories "
+             f"version {out['version']} in {out['seconds']:.1f} s ({out['refs_per_s']:,.0f} refs/s)")
+    return out

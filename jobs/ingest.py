@@ -24,6 +24,8 @@ from jobs.config import Config, config_hash
 from jobs.faults import maybe_crash, maybe_kill_worker
 from jobs.report import Report
 from jobs.runtime import init_ray, quiet_ray_data
+from jobs.stage_runner import pending, staging_dir
+from jobs.stage_runner import up_to_date as stage_current
 from pipelines import assemble, readers
 from pipelines.chunk_step import chunk_shard, seqs_path
 from pipelines.clean_step import clean_shard, docs_path
@@ -70,13 +72,13 @@ def plan(cfg: Config):
 
 
 def up_to_date(bank: Bank, key: str) -> bool:
-    return all(bank.has(t) and bank.metadata(t).get("ingest_key") == key for t in TABLES)
+    return stage_current(bank, TABLES, "ingest_key", key)
 
 
 def clean_and_dedup(cfg: Config, files, shards, stage_dir: Path, report: Report):
     """Stages 1-2: the per-document work, then the dedup decisions (sorted ranks, twins, kinds)."""
     with report.stage("clean"):
-        todo = [s for s in shards if not docs_path(stage_dir, s.shard_id).exists()]
+        todo = pending(shards, lambda s: docs_path(stage_dir, s.shard_id))
         report.note(f"clean: {len(shards) - len(todo)} of {len(shards)} shard(s) already done")
 
         def clean(shard):
@@ -86,7 +88,7 @@ def clean_and_dedup(cfg: Config, files, shards, stage_dir: Path, report: Report)
         _parallel("clean", todo, clean, report)
 
     with report.stage("dedup"):
-        parts = [p for p in range(cfg.dedup.partitions) if not partition_output(stage_dir, p).exists()]
+        parts = pending(list(range(cfg.dedup.partitions)), lambda p: partition_output(stage_dir, p))
         _parallel("dedup", parts, lambda p: {"rows": dedup_partition(p, stage_dir)}, report)
         return resolve(stage_dir, cfg.dedup.partitions)
 
@@ -139,7 +141,7 @@ def run_ingest(cfg: Config) -> dict:
         print(f"ingest: tables in {cfg.bank.uri} are up to date for this corpus and config "
               f"(ingest key {key}); nothing to do")
         return {"status": "up_to_date", "ingest_key": key}
-    stage_dir = BankLayout(cfg.bank.uri).staging(f"ingest-{key}")
+    stage_dir = staging_dir(cfg.bank.uri, "ingest", key)
     shard_ids = [s.shard_id for s in shards]
     report.set(records_read=sum(counts), files=len(files), shards=len(shards), ingest_key=key,
                input_bytes=sum(Path(f.path).stat().st_size for f in files))
@@ -149,7 +151,7 @@ def run_ingest(cfg: Config) -> dict:
     dedup = clean_and_dedup(cfg, files, shards, stage_dir, report)
     tok_json, bank_tok = tokenizer_for(cfg, stage_dir, shard_ids, dedup[0], report)
     with report.stage("chunk"):
-        todo = [s for s in shard_ids if not seqs_path(stage_dir, s).exists()]
+        todo = pending(shard_ids, lambda s: seqs_path(stage_dir, s))
         _parallel("chunk", todo, lambda s: chunk_shard(s, stage_dir, tok_json, dedup[0], cfg.chunking), report)
     lineage = {"stage": "ingest", "ingest_key": key, "corpus_version": corpus_version,
                "tokenizer_hash": bank_tok.stem,  # tokenizers/<hash>.json

@@ -3,7 +3,7 @@
 
     python -m jobs pair -c configs/demo.yaml
 
-Same shape as the embed job: Ray Data actors (one embedder each) pair row ranges of
+A sharded stage (jobs/stage_runner.py): Ray Data actors (one embedder each) pair row ranges of
 `train_sequences` into staging files (pipelines/pair_step.py); one commit makes the new table
 version, tagged. The key covers the provenance of every input (the ingest that made the
 sequences and references, the table versions, the embed build, the pairing knobs): the same key
@@ -14,21 +14,19 @@ sequence with anything (pipelines/train_data.py).
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
+from typing import Callable
 
 import pyarrow.compute as pa_compute
 import pyarrow.parquet as pq
 
 from jobs.config import Config, config_hash
 from jobs.pair_config import PairConfig
-from jobs.report import Report
-from jobs.runtime import init_ray, quiet_ray_data, row_shards, run_actor_shards
+from jobs.stage_runner import ShardedStage, run_stage
 from model.embedder import load_embedder
 from pipelines.pair_step import PairShards, staged_path
 from pipelines.train_data import NEIGHBORS
 from storage.bank import Bank, BankError
-from storage.staging import iter_batches
 from storage.layout import BankLayout
 
 INPUTS = ("train_sequences", "refs", "embeddings")
@@ -57,14 +55,9 @@ def pair_key(bank: Bank, meta: dict[str, dict], pc: PairConfig) -> str:
                         "embeddings_version": bank.table("embeddings").version, "pair": pc.output_knobs()})
 
 
-def staging_dir(bank_uri: str, key: str) -> Path:
-    return BankLayout(bank_uri).staging(f"pair-{key}")
-
-
-def run_pair(cfg: Config) -> dict:
-    report = Report("pair")
+def pair_stage(cfg: Config, bank: Bank) -> tuple[ShardedStage, str]:
+    """The pair stage's declaration, and the embedder it queries with."""
     pc = cfg.pair
-    bank = Bank(cfg.bank.uri)
     meta = _inputs(bank)
     seq_meta, emb_meta = meta["train_sequences"], meta["embeddings"]
     # the embedder that wrote the vectors, not whatever the config names today: queries from
@@ -75,41 +68,40 @@ def run_pair(cfg: Config) -> dict:
     tok_rel = meta["refs"].get("tokenizer_path")
     if not tok_rel:
         raise BankError("the refs table records no tokenizer_path in its lineage: rerun `m3 ingest`")
-    tok_path = str(BankLayout(cfg.bank.uri).local(tok_rel))
-    n_seqs = bank.dataset("train_sequences").count_rows()
     key = pair_key(bank, meta, pc)
-    if bank.has("neighbors") and bank.metadata("neighbors").get("pair_key") == key:
-        print(f"pair: neighbors in {cfg.bank.uri} are up to date (pair key {key}); nothing to do")
-        return {"status": "up_to_date", "pair_key": key}
-    stage_dir = staging_dir(cfg.bank.uri, key)
-    shards = row_shards(n_seqs, pc.seqs_per_shard)
-    todo = [s for s in shards if not Path(staged_path(stage_dir, s[0])).exists()]
-    with report.stage("pair"):
-        report.note(f"pair: {n_seqs:,} sequences, {pc.chunk_size}-token chunks, top {pc.k} by {embedder.id}, "
-                    f"max overlap {pc.max_overlap}; {len(shards) - len(todo)} of {len(shards)} shard(s) done")
-        if todo:
-            init_ray(cfg.ray)
-            quiet_ray_data()
-            run_actor_shards("pair", todo, PairShards, actors=pc.actors, threads=pc.threads_per_actor,
-                             bank_uri=cfg.bank.uri, embedder_spec=spec, tokenizer_path=tok_path,
-                             stage_dir=str(stage_dir), cfg=pc)
-    files = [Path(staged_path(stage_dir, i)) for i, _, _ in shards]
-    counts = _counts(files)
-    with report.stage("commit"):
-        lineage = {"stage": "pair", "pair_key": key, "ingest_key": seq_meta.get("ingest_key"),
-                   "tokenizer_hash": seq_meta.get("tokenizer_hash"), "chunk_size": pc.chunk_size,
-                   "max_tokens": pc.max_tokens, "per_chunk": pc.per_chunk,
-                   "exclude_own_docs": pc.exclude_own_docs, "leakage": "whole-sequence",
-                   "embed_key": emb_meta["embed_key"], "embedder": emb_meta["embedder"].get("embedder"),
-                   "pair": vars(pc), "counts": counts, "config": cfg.as_dict()}
-        version = bank.write("neighbors", NEIGHBORS, iter_batches(files, columns=NEIGHBORS.names), lineage)
-        bank.tag("neighbors", f"pair-{key}", version)
-    shutil.rmtree(stage_dir, ignore_errors=True)
-    seconds = report.elapsed()
-    print(f"pair: {counts['chunks']:,} chunks of {n_seqs:,} sequences, {counts['with_neighbor']:,} with a "
-          f"neighbor, {counts['dropped']:,} candidate(s) dropped by the overlap filter; neighbors version "
-          f"{version} in {seconds:.1f} s")
-    return {"version": version, "pair_key": key, "sequences": n_seqs, **counts, "seconds": seconds}
+    seqs = bank.dataset("train_sequences")
+
+    def lineage(files: list[Path]) -> dict:
+        return {"stage": "pair", "pair_key": key, "ingest_key": seq_meta.get("ingest_key"),
+                "tokenizer_hash": seq_meta.get("tokenizer_hash"), "chunk_size": pc.chunk_size,
+                "max_tokens": pc.max_tokens, "per_chunk": pc.per_chunk,
+                "exclude_own_docs": pc.exclude_own_docs, "leakage": "whole-sequence",
+                "embed_key": emb_meta["embed_key"], "embedder": emb_meta["embedder"].get("embedder"),
+                "pair": vars(pc), "counts": _counts(files), "config": cfg.as_dict()}
+
+    stage = ShardedStage(
+        name="pair", table="neighbors", key_field="pair_key", key=key, schema=NEIGHBORS, input_uri=seqs.uri,
+        n_rows=seqs.count_rows(), rows_per_shard=pc.seqs_per_shard, actor=PairShards, input_arg=None,
+        actor_kw={"bank_uri": cfg.bank.uri, "embedder_spec": spec, "cfg": pc,
+                  "tokenizer_path": str(BankLayout(cfg.bank.uri).local(tok_rel))},
+        actors=pc.actors, threads=pc.threads_per_actor, staged=staged_path, lineage=lineage)
+    return stage, embedder.id
+
+
+def run_pair(cfg: Config, note: Callable[[str], None] = print) -> dict:
+    pc = cfg.pair
+    bank = Bank(cfg.bank.uri)
+    stage, embedder = pair_stage(cfg, bank)
+    note(f"pair: {stage.n_rows:,} sequences, {pc.chunk_size}-token chunks, top {pc.k} by {embedder}, "
+         f"max overlap {pc.max_overlap}")
+    out = run_stage(stage, bank, cfg.ray, note)
+    if out["status"] == "up_to_date":
+        return out
+    counts = bank.metadata("neighbors")["counts"]
+    note(f"pair: {counts['chunks']:,} chunks of {stage.n_rows:,} sequences, {counts['with_neighbor']:,} with a "
+         f"neighbor, {counts['dropped']:,} candidate(s) dropped by the overlap filter; neighbors version "
+         f"{out['version']} in {out['seconds']:.1f} s")
+    return {**out, "sequences": stage.n_rows, **counts}
 
 
 def _counts(files: list[Path]) -> dict:

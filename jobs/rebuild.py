@@ -6,9 +6,10 @@
 2. ingest    the corpus -> documents, rejects, refs, train_sequences (nothing to do when neither
              corpus nor config changed); the live build's tokenizer is reused, so an unchanged
              document keeps its token ids and therefore its references' content hashes;
-3. memories  incrementally (jobs/incremental.py): new and changed references encoded, removed
-             ones dropped, unchanged ones copied; a new model re-encodes everything;
-4. embeddings the same, by text (rebuild.embeddings);
+3. memories  the encode stage against the previous table (jobs/stage_runner.py): new and
+             changed references encoded, removed ones dropped, unchanged ones copied; a new
+             model re-encodes everything;
+4. embeddings the embed stage, the same way, by text (rebuild.embeddings);
 5. publish   the `live` manifest names the new version of every table in one atomic rename,
              then each table's `live` tag moves (storage/live.py). Readers that follow `live`
              (m3 sql, MemoryStore, Bank(uri, live=True)) never see a build that did not finish;
@@ -53,7 +54,8 @@ def pin_tokenizer(cfg: Config) -> Config:
 
 
 def run_rebuild(cfg: Config) -> dict:
-    from jobs.incremental import update_embeddings, update_memories
+    from jobs.embed import run_embed
+    from jobs.encode import run_encode
     from jobs.ingest import run_ingest
 
     t0 = time.time()
@@ -75,11 +77,15 @@ def run_rebuild(cfg: Config) -> dict:
         lap("lock")
         ingest = run_ingest(cfg)
         lap("ingest")
-        bank = Bank(cfg.bank.uri)
-        memories = update_memories(cfg, bank, note)
+        # the same stages as `m3 encode` / `m3 embed`: against the previous table they compute
+        # only new and changed references and copy the rest
+        memories = run_encode(cfg, label="rebuild", note=note)
         lap("memories")
-        embeddings = update_embeddings(cfg, bank, note) if cfg.rebuild.embeddings else None
+        embeddings = run_embed(cfg, label="rebuild", note=note) if cfg.rebuild.embeddings else None
+        if embeddings and isinstance(embeddings.get("index"), dict):
+            embeddings["index"] = embeddings["index"].get("index")
         lap("embeddings")
+        bank = Bank(cfg.bank.uri)
         names = [*TABLES, "memories", *(["embeddings"] if embeddings else [])]
         # merges fragments if memories were written in pieces; a no-op for our one-write tables
         if (v := compact(bank.dataset("memories").uri)) is not None:

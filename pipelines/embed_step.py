@@ -128,6 +128,10 @@ class EmbedShards:
             refs = lance.dataset(self.refs_uri).to_table(columns=INPUT_COLUMNS, offset=int(start),
                                                          limit=int(end) - int(start))
             out = self.embed({c: np.asarray(refs.column(c).to_pylist(), dtype=object) for c in INPUT_COLUMNS})
-            write_atomic(f"{self.stage_dir}/e{int(shard):06d}.parquet",
+            write_atomic(staged_path(self.stage_dir, int(shard)),
                          pa.Table.from_batches([to_arrow(out, self.embed.dim)]))
         return {"shard": np.asarray(batch["shard"])}
+
+
+def staged_path(stage_dir, shard: int) -> str:
+    return f"{stage_dir}/e{shard:06d}.parquet"

@@ -128,7 +128,8 @@ def test_own_documents_excluded_when_asked(paired):
 def test_rerun_is_a_noop(paired, capsys):
     cfg, summary = paired
     version = Bank(cfg.bank.uri).table("neighbors").version
-    assert run_pair(cfg) == {"status": "up_to_date", "pair_key": summary["pair_key"]}
+    again = run_pair(cfg)
+    assert (again["status"], again["pair_key"], again["version"]) == ("up_to_date", summary["pair_key"], version)
     assert "nothing to do" in capsys.readouterr().out
     assert Bank(cfg.bank.uri).table("neighbors").version == version
 
@@ -168,7 +169,8 @@ def test_pair_needs_its_inputs(tmp_path):
 
 def test_resume_keeps_staged_shards_and_matches_an_uninterrupted_run(paired, capsys):
     """Runs last: it commits a new neighbors version (same rows, under another key)."""
-    from jobs.pair import _inputs, pair_key, staging_dir
+    from jobs.pair import _inputs, pair_key
+    from jobs.stage_runner import staging_dir
     from pipelines.pair_step import PairShards
 
     cfg, _ = paired
@@ -177,7 +179,7 @@ def test_resume_keeps_staged_shards_and_matches_an_uninterrupted_run(paired, cap
     # as a run killed after one shard would have left it
     pair2 = dataclasses.replace(PAIR, seqs_per_shard=5)
     bank = Bank(cfg.bank.uri)
-    stage = staging_dir(cfg.bank.uri, pair_key(bank, _inputs(bank), pair2))
+    stage = staging_dir(cfg.bank.uri, "pair", pair_key(bank, _inputs(bank), pair2))
     tok = f"{cfg.bank.uri}/{bank.metadata('refs')['tokenizer_path']}"
     PairShards(cfg.bank.uri, "minilm", tok, str(stage), pair2, 1)({"shard": [0], "start": [0], "end": [5]})
     summary = run_pair(with_pair(cfg, pair2))

@@ -216,7 +216,7 @@ def test_rebuild_killed_mid_encode_resumes_without_loss_or_duplication(built, tm
     killed = subprocess.run(args, cwd=ROOT, env={**os.environ, "M3_CRASH_AT": "encode:1", "M3_PROGRESS": "0"},
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == 75, killed.stderr[-2000:]
-    staged = list((b4 / "_staging").glob("rebuild-memories-*/memories/*.parquet"))
+    staged = list((b4 / "_staging").glob("encode-*/memories/*.parquet"))
     assert len(staged) >= 1  # the finished shard is kept for the rerun
     summary = run_rebuild(load_config("configs/demo.yaml", over))
     assert summary["status"] == "published"

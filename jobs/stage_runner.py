@@ -1,0 +1,195 @@
+"""The one skeleton every sharded stage runs through: key -> up to date? -> staging -> shards left
+-> actor pool -> commit -> tag -> clean up.
+
+A stage is a declaration (`ShardedStage`): the key its output is a function of, the table and
+schema it writes, the input rows it shards, the Ray Data actor that turns a row range into a
+staged file, and its lineage. `run_stage` owns everything else, so embed, encode and pair (and
+the rebuild, which calls the same stages) resume, commit and tag the same way.
+
+A full build is an incremental build against an empty table. A stage derived from `refs`
+(embeddings, memories) declares how its old rows are reused (`Reuse`): rows whose reference
+still has the same content hash and whose producer (model; embedder) is the current one are
+copied, the rest computed (pipelines/delta.py). Against no table every row is computed, read
+straight from the input; against an old table the rows to compute are first written as a small
+Lance dataset of their own (the "delta"), which the same actors read by row range.
+
+Resumable: each shard's file appears whole (storage/staging.py) under a staging directory named
+by the key and the old table's version, so a killed run redoes at most the shards in flight.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import lance
+import numpy as np
+import pyarrow as pa
+
+from jobs.config import RayConfig
+from jobs.faults import maybe_crash
+from jobs.runtime import init_ray, quiet_ray_data, row_shards, run_actor_shards
+from pipelines.delta import Delta, keep_filter, plan_delta
+from storage.bank import Bank
+from storage.layout import BankLayout
+from storage.staging import iter_batches
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """How the old rows of a table derived from `refs` are kept (see the module docstring)."""
+    producer_column: str            # "model_hash", "embedder": who made a row
+    producer: str                   # the current producer; rows of another are recomputed
+    table_ok: bool = True           # table-level settings (codec, quantizer, sparsity) unchanged
+    input_columns: tuple[str, ...] = ("ref_id", "content_hash", "token_ids")  # what the actor reads
+
+
+@dataclass
+class ShardedStage:
+    name: str                       # staging prefix, tag prefix, crash point and progress label
+    table: str                      # the table it writes
+    key_field: str                  # the lineage field holding its key ("encode_key")
+    key: str
+    schema: pa.Schema
+    input_uri: str                  # the Lance dataset whose row ranges are the shards
+    n_rows: int
+    rows_per_shard: int
+    actor: type                     # Ray Data callable class: actor(threads=, stage_dir=, **actor_kw)
+    actor_kw: dict
+    actors: int
+    threads: int
+    staged: Callable[[Path, int], Path | str]   # the file shard i is staged in
+    lineage: Callable[[list[Path]], dict]       # given the staged files, in shard order
+    input_arg: str | None = "refs_uri"          # the actor argument naming its input (None: it finds it itself)
+    reuse: Reuse | None = None
+    tag: bool = True
+    extra: dict = field(default_factory=dict)   # filled by run_stage: delta counts
+
+
+def up_to_date(bank: Bank, tables: tuple[str, ...] | list[str], key_field: str, key: str) -> bool:
+    """Every one of `tables` exists and was made with this key: the stage has nothing to do."""
+    return all(bank.has(t) and bank.metadata(t).get(key_field) == key for t in tables)
+
+
+def staging_dir(bank_uri: str, name: str, key: str, old_version: int | None = None) -> Path:
+    """Where a run of a stage stages its shards: by key, and by the table version it updates."""
+    return BankLayout(bank_uri).staging(f"{name}-{key}" + (f"-from{old_version}" if old_version else ""))
+
+
+def pending(shards: list, staged: Callable) -> list:
+    """The shards whose staged file is not there yet (what a resumed run still has to do)."""
+    return [s for s in shards if not Path(staged(s)).exists()]
+
+
+def run_stage(stage: ShardedStage, bank: Bank, ray: RayConfig, note: Callable[[str], None] = print) -> dict:
+    """Bring `stage.table` up to date; returns status, version, counts and seconds."""
+    t0 = time.time()
+    if up_to_date(bank, [stage.table], stage.key_field, stage.key):
+        note(f"{stage.name}: {stage.table} in {bank.uri} is up to date ({stage.key_field} {stage.key}); nothing to do")
+        return {"status": "up_to_date", stage.key_field: stage.key, "version": bank.table(stage.table).version,
+                "added": 0, "changed": 0, "removed": 0, "unchanged": stage.n_rows}
+    old = bank.dataset(stage.table) if stage.reuse is not None and bank.has(stage.table) else None
+    delta = _plan(stage, old)
+    stage_dir = staging_dir(bank.uri, stage.name, stage.key, old.version if old else None)
+    input_uri = stage.input_uri
+    if old is not None and len(delta.compute_rows) < stage.n_rows:
+        input_uri = _delta_input(lance.dataset(stage.input_uri), delta.compute_rows, list(stage.reuse.input_columns),
+                                 stage_dir / "delta.lance")
+    n = len(delta.compute_rows) if delta is not None else stage.n_rows
+    shards = row_shards(n, stage.rows_per_shard)
+    todo = pending(shards, lambda s: stage.staged(stage_dir, s[0]))
+    counts = delta.counts() if delta is not None else {}
+    note(f"{stage.name}: {n:,} of {stage.n_rows:,} row(s) to compute"
+         + (f" ({_describe(counts)})" if old is not None else "")
+         + f"; {len(shards) - len(todo)} of {len(shards)} shard(s) done")
+    kw = dict(stage.actor_kw, stage_dir=str(stage_dir), **({stage.input_arg: input_uri} if stage.input_arg else {}))
+    _run_shards(stage.name, ray, todo, stage.actor, in_process=old is not None and len(todo) == 1,
+                actors=stage.actors, threads=stage.threads, **kw)
+    t_compute = time.time() - t0
+    files = [Path(stage.staged(stage_dir, i)) for i, _, _ in shards]
+    lineage = stage.lineage(files)
+    if delta is not None:
+        lineage["delta"] = counts
+
+    def rows() -> Iterator[pa.RecordBatch]:
+        if old is not None:
+            yield from _copied(old, delta, stage.reuse)
+        yield from iter_batches(files, columns=stage.schema.names)
+
+    version = bank.write(stage.table, stage.schema, rows(), lineage)
+    if stage.tag:
+        bank.tag(stage.table, f"{stage.name}-{stage.key}", version)
+    shutil.rmtree(stage_dir, ignore_errors=True)
+    return {"status": "built", stage.key_field: stage.key, "version": version, "computed": n,
+            **(counts or {"added": n, "changed": 0, "removed": 0, "unchanged": 0}),
+            "compute_seconds": round(t_compute, 3), "seconds": round(time.time() - t0, 3)}
+
+
+def _describe(counts: dict) -> str:
+    return ", ".join(f"{v:,} {k}" for k, v in counts.items())
+
+
+def _plan(stage: ShardedStage, old: lance.LanceDataset | None) -> Delta | None:
+    if stage.reuse is None:
+        return None
+    refs = lance.dataset(stage.input_uri).to_table(columns=["ref_id", "content_hash"])
+    if old is None:
+        return plan_delta(refs, None)
+    r = stage.reuse
+    old_cols = old.to_table(columns=["ref_id", "content_hash", r.producer_column])
+    producer = old_cols.column(r.producer_column).to_numpy(zero_copy_only=False)
+    # a table-level mismatch (another quantizer, another sparsity) reuses no row
+    ok = producer == r.producer if r.table_ok else np.zeros(old_cols.num_rows, bool)
+    return plan_delta(refs, old_cols, pa.array(ok, pa.bool_()))
+
+
+def _delta_input(refs: lance.LanceDataset, rows, columns: list[str], path: Path) -> str:
+    """The references to compute, as their own small Lance dataset (what the actors read by row
+    range). Written under a temporary name and renamed, so it exists whole or not at all."""
+    if len(rows) == 0:
+        return ""  # nothing to compute: no dataset, no shards
+    if path.exists():
+        return str(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    schema = pa.schema([refs.schema.field(c) for c in columns])
+
+    def batches():
+        for lo in range(0, len(rows), 4096):
+            for batch in refs.take(rows[lo:lo + 4096], columns=columns).to_batches():
+                yield pa.RecordBatch.from_arrays(batch.columns, schema=schema)  # drops the table's metadata
+
+    lance.write_dataset(pa.RecordBatchReader.from_batches(schema, batches()), str(tmp))
+    tmp.rename(path)
+    return str(path)
+
+
+def _copied(old: lance.LanceDataset, delta: Delta, reuse: Reuse) -> Iterator[pa.RecordBatch]:
+    """The old rows that are kept, a batch at a time (the bulk of the table is never in memory)."""
+    if delta.unchanged == 0:
+        return
+    for batch in old.to_batches(batch_size=4096):
+        kept = keep_filter(batch, delta.keep_ids, reuse.producer, reuse.producer_column)
+        if kept.num_rows:
+            yield kept
+
+
+def _run_shards(name: str, ray: RayConfig, todo: list, actor_cls, *, in_process: bool, actors: int,
+                threads: int, **kw) -> None:
+    """The shards through a Ray Data actor pool, or, for a one-shard update, through the same
+    class called here: for the few references a small corpus change leaves, starting an actor
+    pool (a process importing torch and loading the model) costs more than the work. Same code,
+    same staged files, same bytes either way."""
+    if not todo:
+        return
+    if in_process:
+        (i, a, b), = todo
+        actor_cls(threads=threads, **kw)({"shard": [i], "start": [a], "end": [b]})
+        maybe_crash(name, 1)
+        return
+    init_ray(ray)
+    quiet_ray_data()
+    run_actor_shards(name, todo, actor_cls, actors=actors, threads=threads, **kw)

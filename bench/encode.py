@@ -192,7 +192,8 @@ def main() -> None:
     import lance
 
     from jobs.config import RayConfig, load_config
-    from jobs.encode import model_dir, quantizer
+    from jobs.encode import quantizer
+    from jobs.models import model_for_encoding
     from jobs.runtime import init_ray, quiet_ray_data
     from model import load_model
     from model.codecs import make_codec
@@ -208,7 +209,7 @@ def main() -> None:
             "encode.seed=0", f"encode.refs_per_shard={args.refs_per_shard}", f"ray.num_cpus={args.cpus}",
             "model.preset=small"]
     cfg = load_config(None, [*base, f"bank.uri={template}"])
-    mdir = model_dir(cfg, Bank(str(template)))  # the untrained demo start, saved once, copied with the bank
+    mdir = model_for_encoding(cfg, Bank(str(template)))  # the untrained demo start, saved once, copied with the bank
     shutil.copytree(mdir, tiny / "models" / mdir.name)
     codec_kw, vq_train = {}, None
     if args.codec == "vq":  # run_encode retrains it in every job; train here once for the baseline

@@ -16,38 +16,17 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
 from jobs.config import Config, config_hash
+from jobs.models import model_for_encoding
 from jobs.stage_runner import Reuse, ShardedStage, run_stage
-from model import Memory3, save_model
 from model.checkpoint import memory_reading, saved_hash
 from model.codecs import VQCodec, make_codec
 from pipelines.encode_step import EncodeShards, encode_tokens, staged_path
-from storage.bank import Bank, BankError
+from storage.bank import Bank
 from storage.schemas import MEMORIES
-from storage.staging import write_text_atomic
-from storage.layout import BankLayout
-
-
-def model_dir(cfg: Config, bank: Bank) -> Path:
-    """The checkpoint to encode with: encode.checkpoint if set, else the bank's newest trained
-    model (continual, else warmup: after training the bank must be re-encoded by the weights
-    that will read it), else an untrained start, created once, reproducibly."""
-    if cfg.encode.checkpoint:
-        path = Path(cfg.encode.checkpoint)
-        if not (path / "model.safetensors").exists():
-            raise BankError(f"encode.checkpoint: {path} holds no model.safetensors")
-        return path
-    for stage in ("continual", "warmup"):
-        trained = BankLayout(bank.uri).trained_model(stage)
-        if (trained / "model.safetensors").exists():
-            return trained
-    path = BankLayout(bank.uri).models() / f"init-{config_hash(cfg.model)}-seed{cfg.encode.seed}"
-    if not (path / "model.safetensors").exists():
-        torch.manual_seed(cfg.encode.seed)
-        save_model(Memory3(cfg.model), path)
-    return path
+from storage.staging import write_bytes_atomic, write_text_atomic
+from storage.layout import BankLayout, upath
 
 
 def quantizer(cfg: Config, bank: Bank, mdir: Path, refs_uri: str, n_refs: int) -> dict:
@@ -81,7 +60,7 @@ def quantizer(cfg: Config, bank: Bank, mdir: Path, refs_uri: str, n_refs: int) -
     vq = VQCodec.train(np.concatenate(vectors), spec=cfg.encode.vq_spec, seed=cfg.encode.seed)
     path = qdir / f"{vq.quantizer_hash}.faiss"
     if not path.exists():
-        vq.save(path)
+        write_bytes_atomic(path, vq.to_bytes())
     write_text_atomic(known, vq.quantizer_hash)
     return {"quantizer": str(path), "quantizer_hash": vq.quantizer_hash}
 
@@ -115,7 +94,7 @@ def codec_args(cfg: Config, bank: Bank, mdir: Path) -> tuple[dict, bool]:
     kept while it can be: a fresh one would be trained per refs version and reuse nothing."""
     old = bank.metadata("memories") if bank.has("memories") else {}
     same = bool(old) and old.get("sparsity") == sparsity(cfg) and old.get("codec") == cfg.encode.codec
-    if same and cfg.encode.codec == "vq" and old.get("quantizer_path") and Path(old["quantizer_path"]).exists():
+    if same and cfg.encode.codec == "vq" and old.get("quantizer_path") and upath(old["quantizer_path"]).exists():
         return {"quantizer": old["quantizer_path"], "quantizer_hash": old["quantizer_hash"]}, True
     refs = bank.dataset("refs")
     codec_kw = quantizer(cfg, bank, mdir, refs.uri, refs.count_rows())
@@ -123,7 +102,7 @@ def codec_args(cfg: Config, bank: Bank, mdir: Path) -> tuple[dict, bool]:
 
 
 def encode_stage(cfg: Config, bank: Bank, label: str = "encode") -> ShardedStage:
-    mdir = model_dir(cfg, bank)
+    mdir = model_for_encoding(cfg, bank)
     mhash = saved_hash(mdir)
     codec_kw, reusable = codec_args(cfg, bank, mdir)
     key = encode_key(cfg, bank, mhash, codec_kw)

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from storage.bank import BankError
 from storage.layout import BankLayout
+from storage.staging import open_atomic, write_text_atomic
 
 
 @dataclass
@@ -313,8 +314,7 @@ def run_eval(cfg, inference=None) -> dict:
     results["memory_cache"] = {"hits": store.hits, "misses": store.misses}
     results["seconds"] = round(time.time() - t0, 1)
     out = BankLayout(cfg.bank.uri).eval()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(results, indent=2))
+    write_text_atomic(out / "eval.json", json.dumps(results, indent=2))
     plot = plot_eval(results, out / "eval.png")
     if plot:
         results["plot"] = str(plot)
@@ -359,7 +359,7 @@ def render(r: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_eval(r: dict, path: Path) -> Path | None:
+def plot_eval(r: dict, path) -> str | None:
     try:
         import matplotlib
 
@@ -378,9 +378,10 @@ def plot_eval(r: dict, path: Path) -> Path | None:
         ax.set_xticks(range(len(names)), [m.replace(", ", "\n") for m in names], fontsize=7)
         ax.set_title(f"{title}: loss without memory {modes['none']['loss']:.3f}")
         ax.set_ylabel("gain over none, nats/token (±3 SE)")
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    with open_atomic(path) as f:  # a local path or a bank URI
+        fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
-    return path
+    return str(path)
 
 
 def cmd_eval(cfg, args) -> int:

@@ -33,8 +33,8 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class InferConfig:
-    # A saved model directory; null = <bank>/training/continual/model if it exists, else the
-    # model the memories table was encoded with (its lineage's model_dir).
+    # A saved model directory; null = the bank's continual model if it exists, else the model
+    # the memories table was encoded with (its lineage's model_dir): jobs/models.py.
     checkpoint: str | None = None
     # memory: retrieve every chunk (paper §3.1); none: no retrieval; rag: the retrieved
     # references' text prepended to the prompt, retrieved once from the prompt's last chunk.

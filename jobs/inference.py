@@ -18,12 +18,12 @@ to the batch's longest, which can change a row's tokens against a solo run.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from jobs.config_loader import ConfigError
 from jobs.infer_config import MODES, InferConfig
+from jobs.models import model_for_serving
 from model import load_model
 from model.checkpoint import memory_reading, saved_hash
 from model.generation import ChunkRead, generate_with_memory
@@ -33,36 +33,12 @@ from storage.bank import Bank, BankError
 from storage.layout import BankLayout
 
 
-def resolve_checkpoint(cfg, bank: Bank, checkpoint: str | None = None) -> Path:
-    chosen = checkpoint or cfg.infer.checkpoint
-    if chosen:
-        path = Path(chosen)
-        if not (path / "model.safetensors").exists():
-            raise BankError(f"infer.checkpoint: {path} holds no model.safetensors")
-        return path
-    continual = BankLayout(bank.uri).trained_model("continual")
-    if (continual / "model.safetensors").exists():
-        return continual
-    if not bank.has("memories"):
-        raise BankError(f"no model to infer with: infer.checkpoint is null, {continual} does not exist "
-                        f"and the bank has no memories table to take the encoding model from (m3 encode)")
-    recorded = bank.metadata("memories").get("model_dir")
-    if not recorded:
-        raise BankError("the memories table records no model_dir in its lineage: set infer.checkpoint")
-    # lineage paths are as the encode job saw them (maybe relative to its working directory)
-    for path in (Path(recorded), BankLayout(bank.uri).models() / Path(recorded).name):
-        if (path / "model.safetensors").exists():
-            return path
-    raise BankError(f"the memories were encoded with {recorded}, which holds no model.safetensors: "
-                    f"set infer.checkpoint")
-
-
 def bank_tokenizer(cfg, bank: Bank):
     """The tokenizer the bank's references were cut with (its lineage names the file)."""
     tok_rel = bank.metadata("refs").get("tokenizer_path")
     if not tok_rel:
         raise BankError("the refs table records no tokenizer_path in its lineage: rerun `m3 ingest`")
-    return load_tokenizer(str(BankLayout(cfg.bank.uri).local(tok_rel)))
+    return load_tokenizer(BankLayout(cfg.bank.uri).path(tok_rel))
 
 
 def bank_retriever(cfg, bank: Bank, tokenizer, per_query: int, device: str = "cpu", infer=None):
@@ -119,7 +95,7 @@ class Inference:
         self.cfg, self.ic = cfg, infer or cfg.infer
         self.bank = Bank(cfg.bank.uri, live=True)  # the published build, never one being written
         self.bank.require("refs")
-        self.checkpoint = resolve_checkpoint(cfg, self.bank, checkpoint)
+        self.checkpoint = model_for_serving(cfg, self.bank, checkpoint)
         self.model_hash = saved_hash(self.checkpoint)  # what the memories must have been written by
         self.memory_reading = memory_reading(self.checkpoint)
         self.device = device or self.ic.device

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
+
+from upath import UPath
 
 from jobs.config import Config, config_hash
 from jobs.faults import maybe_crash, maybe_kill_worker
@@ -34,7 +35,7 @@ from pipelines.tokenizer import load as load_tokenizer
 from pipelines.tokenizer import check_special_tokens, from_json, tokenizer_hash, train_bpe
 from storage.bank import Bank
 from storage.schemas import DOCUMENTS, REFS, SCHEMA_VERSION, TRAIN_SEQUENCES
-from storage.staging import iter_batches, write_text_atomic
+from storage.staging import iter_batches, remove, write_text_atomic
 from storage.layout import BankLayout
 
 TABLES = ("documents", "rejects", "refs", "train_sequences")
@@ -75,7 +76,7 @@ def up_to_date(bank: Bank, key: str) -> bool:
     return stage_current(bank, TABLES, "ingest_key", key)
 
 
-def clean_and_dedup(cfg: Config, files, shards, stage_dir: Path, report: Report):
+def clean_and_dedup(cfg: Config, files, shards, stage_dir: UPath, report: Report):
     """Stages 1-2: the per-document work, then the dedup decisions (sorted ranks, twins, kinds)."""
     with report.stage("clean"):
         todo = pending(shards, lambda s: docs_path(stage_dir, s.shard_id))
@@ -93,7 +94,7 @@ def clean_and_dedup(cfg: Config, files, shards, stage_dir: Path, report: Report)
         return resolve(stage_dir, cfg.dedup.partitions)
 
 
-def tokenizer_for(cfg: Config, stage_dir: Path, shard_ids: list[str], dup_ranks, report: Report) -> tuple[str, Path]:
+def tokenizer_for(cfg: Config, stage_dir: UPath, shard_ids: list[str], dup_ranks, report: Report) -> tuple[str, UPath]:
     """Stage 3: train (or load) the tokenizer once; returns its JSON and its path in the bank."""
     with report.stage("tokenize"):
         tok_file = stage_dir / "tokenizer.json"
@@ -113,7 +114,7 @@ def tokenizer_for(cfg: Config, stage_dir: Path, shard_ids: list[str], dup_ranks,
         return tok_json, bank_tok
 
 
-def commit(bank: Bank, stage_dir: Path, shard_ids: list[str], dedup, lineage: dict,
+def commit(bank: Bank, stage_dir: UPath, shard_ids: list[str], dedup, lineage: dict,
            report: Report) -> None:
     """Stage 5: one new version per table. A table already committed for this key is skipped,
     so a crash between two tables' commits neither loses nor doubles rows."""
@@ -155,8 +156,8 @@ def run_ingest(cfg: Config) -> dict:
         _parallel("chunk", todo, lambda s: chunk_shard(s, stage_dir, tok_json, dedup[0], cfg.chunking), report)
     lineage = {"stage": "ingest", "ingest_key": key, "corpus_version": corpus_version,
                "tokenizer_hash": bank_tok.stem,  # tokenizers/<hash>.json
-               "tokenizer_path": str(bank_tok.relative_to(cfg.bank.uri)), "config": cfg.as_dict()}
+               "tokenizer_path": BankLayout(cfg.bank.uri).relative(bank_tok), "config": cfg.as_dict()}
     commit(bank, stage_dir, shard_ids, dedup, lineage, report)
     summary = report.finish(bank, cfg)
-    shutil.rmtree(stage_dir, ignore_errors=True)
+    remove(stage_dir)
     return summary

@@ -83,7 +83,7 @@ def pair_stage(cfg: Config, bank: Bank) -> tuple[ShardedStage, str]:
         name="pair", table="neighbors", key_field="pair_key", key=key, schema=NEIGHBORS, input_uri=seqs.uri,
         n_rows=seqs.count_rows(), rows_per_shard=pc.seqs_per_shard, actor=PairShards, input_arg=None,
         actor_kw={"bank_uri": cfg.bank.uri, "embedder_spec": spec, "cfg": pc,
-                  "tokenizer_path": str(BankLayout(cfg.bank.uri).local(tok_rel))},
+                  "tokenizer_path": str(BankLayout(cfg.bank.uri).path(tok_rel))},
         actors=pc.actors, threads=pc.threads_per_actor, staged=staged_path, lineage=lineage)
     return stage, embedder.id
 

@@ -48,9 +48,10 @@ def pin_tokenizer(cfg: Config) -> Config:
     if not bank.has("refs") or up_to_date(Bank(cfg.bank.uri), plan(cfg)[3]):
         return cfg
     rel = bank.metadata("refs").get("tokenizer_path")
-    if not rel or not BankLayout(cfg.bank.uri).local(rel).exists():
+    path = BankLayout(cfg.bank.uri).path(rel) if rel else None
+    if path is None or not path.exists():
         return cfg
-    return dataclasses.replace(cfg, tokenizer=dataclasses.replace(cfg.tokenizer, path=str(BankLayout(cfg.bank.uri).local(rel))))
+    return dataclasses.replace(cfg, tokenizer=dataclasses.replace(cfg.tokenizer, path=str(path)))
 
 
 def run_rebuild(cfg: Config) -> dict:

@@ -11,6 +11,7 @@ import pyarrow.compute as pc
 
 from pipelines.assemble import reason_counts
 from storage.layout import BankLayout
+from storage.staging import write_text_atomic
 
 
 class Report:
@@ -70,8 +71,7 @@ class Report:
         }
         summary["accounted"] = summary["records_read"] == summary["documents"] + summary["rejected"]
         out = BankLayout(cfg.bank.uri).reports() / f"{self.job}-{self.values.get('ingest_key', 'run')}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(summary, indent=2))
+        write_text_atomic(out, json.dumps(summary, indent=2))
         print(render(summary))
         return summary
 

@@ -19,7 +19,6 @@ the three inference modes and a sample generation with the memories it read.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Callable
 
 from jobs.config import Config, ConfigError
@@ -116,7 +115,7 @@ def _evaluate(cfg):
           f"-- without memory:\n{plain['text']}", flush=True)
     md = ["## Does memory help? The served bank (`m3 eval`)", "", "```", render(results), "```"]
     if results.get("plot"):
-        md += ["", f"![evaluation]({Path(results['plot']).resolve()})"]
+        md += ["", f"![evaluation]({results['plot']})"]
     md += ["", "## Sample generation, with and without memory", "",
            f"Prompt: `{prompt!r}` (greedy, same weights). "
            + ("The knowledge-probe term whose definition memory helped most (chosen, not typical): its "

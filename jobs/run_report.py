@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
+
+from upath import UPath
 
 from storage.layout import BankLayout
+from storage.staging import write_text_atomic
 
 
 def _fmt(v) -> str:
@@ -71,9 +73,8 @@ def evidence_lines(ev: dict) -> list[str]:
     return out
 
 
-def write_run_report(cfg, results: dict, seconds: dict, total: float) -> Path:
+def write_run_report(cfg, results: dict, seconds: dict, total: float) -> UPath:
     out_dir = BankLayout(cfg.bank.uri).reports()
-    out_dir.mkdir(parents=True, exist_ok=True)
     lines = [f"# m3 run: {cfg.name}", "", f"Config `{cfg.source}`, bank `{cfg.bank.uri}`, "
              f"{time.strftime('%Y-%m-%d %H:%M:%S')}; {total:.0f} s in all.", "",
              "| stage | seconds | result |", "|---|---|---|"]
@@ -83,17 +84,17 @@ def write_run_report(cfg, results: dict, seconds: dict, total: float) -> Path:
         lines += ["", "## Held-out evidence at the end of training", ""] + evidence_lines(ev)
     png = BankLayout(cfg.bank.uri).training() / "loss.png"
     if png.exists():
-        lines += ["", "## Training loss", "", f"![loss curves of both stages]({png.resolve()})"]
+        lines += ["", "## Training loss", "", f"![loss curves of both stages]({png})"]
     for name, r in results.items():  # stages that bring their own markdown (evaluation)
         if isinstance(r, dict) and r.get("markdown"):
             lines += ["", r["markdown"]]
     md = out_dir / "run.md"
-    md.write_text("\n".join(lines) + "\n")
-    (out_dir / "run.json").write_text(json.dumps({"stages": results, "seconds": seconds, "total_seconds": total},
+    write_text_atomic(md, "\n".join(lines) + "\n")
+    write_text_atomic(out_dir / "run.json", json.dumps({"stages": results, "seconds": seconds, "total_seconds": total},
                                                  indent=2, default=str))
     print("\n".join(lines), flush=True)
     return md
 
 
-def _read(path: Path) -> dict | None:
+def _read(path: UPath) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None

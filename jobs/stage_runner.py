@@ -19,23 +19,22 @@ by the key and the old table's version, so a killed run redoes at most the shard
 
 from __future__ import annotations
 
-import shutil
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import lance
 import numpy as np
 import pyarrow as pa
+from upath import UPath
 
 from jobs.config import RayConfig
 from jobs.faults import maybe_crash
 from jobs.runtime import init_ray, quiet_ray_data, row_shards, run_actor_shards
 from pipelines.delta import Delta, keep_filter, plan_delta
 from storage.bank import Bank
-from storage.layout import BankLayout
-from storage.staging import iter_batches
+from storage.layout import BankLayout, upath
+from storage.staging import iter_batches, remove, write_text_atomic
 
 
 @dataclass(frozen=True)
@@ -61,12 +60,11 @@ class ShardedStage:
     actor_kw: dict
     actors: int
     threads: int
-    staged: Callable[[Path, int], Path | str]   # the file shard i is staged in
-    lineage: Callable[[list[Path]], dict]       # given the staged files, in shard order
+    staged: Callable[[UPath, int], UPath | str]   # the file shard i is staged in
+    lineage: Callable[[list[UPath]], dict]      # given the staged files, in shard order
     input_arg: str | None = "refs_uri"          # the actor argument naming its input (None: it finds it itself)
     reuse: Reuse | None = None
     tag: bool = True
-    extra: dict = field(default_factory=dict)   # filled by run_stage: delta counts
 
 
 def up_to_date(bank: Bank, tables: tuple[str, ...] | list[str], key_field: str, key: str) -> bool:
@@ -74,14 +72,14 @@ def up_to_date(bank: Bank, tables: tuple[str, ...] | list[str], key_field: str, 
     return all(bank.has(t) and bank.metadata(t).get(key_field) == key for t in tables)
 
 
-def staging_dir(bank_uri: str, name: str, key: str, old_version: int | None = None) -> Path:
+def staging_dir(bank_uri: str, name: str, key: str, old_version: int | None = None) -> UPath:
     """Where a run of a stage stages its shards: by key, and by the table version it updates."""
     return BankLayout(bank_uri).staging(f"{name}-{key}" + (f"-from{old_version}" if old_version else ""))
 
 
 def pending(shards: list, staged: Callable) -> list:
     """The shards whose staged file is not there yet (what a resumed run still has to do)."""
-    return [s for s in shards if not Path(staged(s)).exists()]
+    return [s for s in shards if not upath(staged(s)).exists()]
 
 
 def run_stage(stage: ShardedStage, bank: Bank, ray: RayConfig, note: Callable[[str], None] = print) -> dict:
@@ -109,7 +107,7 @@ def run_stage(stage: ShardedStage, bank: Bank, ray: RayConfig, note: Callable[[s
     _run_shards(stage.name, ray, todo, stage.actor, in_process=old is not None and len(todo) == 1,
                 actors=stage.actors, threads=stage.threads, **kw)
     t_compute = time.time() - t0
-    files = [Path(stage.staged(stage_dir, i)) for i, _, _ in shards]
+    files = [upath(stage.staged(stage_dir, i)) for i, _, _ in shards]
     lineage = stage.lineage(files)
     if delta is not None:
         lineage["delta"] = counts
@@ -122,7 +120,7 @@ def run_stage(stage: ShardedStage, bank: Bank, ray: RayConfig, note: Callable[[s
     version = bank.write(stage.table, stage.schema, rows(), lineage)
     if stage.tag:
         bank.tag(stage.table, f"{stage.name}-{stage.key}", version)
-    shutil.rmtree(stage_dir, ignore_errors=True)
+    remove(stage_dir)
     return {"status": "built", stage.key_field: stage.key, "version": version, "computed": n,
             **(counts or {"added": n, "changed": 0, "removed": 0, "unchanged": 0}),
             "compute_seconds": round(t_compute, 3), "seconds": round(time.time() - t0, 3)}
@@ -146,15 +144,15 @@ def _plan(stage: ShardedStage, old: lance.LanceDataset | None) -> Delta | None:
     return plan_delta(refs, old_cols, pa.array(ok, pa.bool_()))
 
 
-def _delta_input(refs: lance.LanceDataset, rows, columns: list[str], path: Path) -> str:
+def _delta_input(refs: lance.LanceDataset, rows, columns: list[str], path: UPath) -> str:
     """The references to compute, as their own small Lance dataset (what the actors read by row
-    range). Written under a temporary name and renamed, so it exists whole or not at all."""
+    range). A marker written after it says it is whole (an object store has no directory
+    rename); a dataset without one is a crashed attempt, written again."""
     if len(rows) == 0:
         return ""  # nothing to compute: no dataset, no shards
-    if path.exists():
+    done = path.with_name(path.name + ".done")
+    if done.exists():
         return str(path)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     schema = pa.schema([refs.schema.field(c) for c in columns])
 
     def batches():
@@ -162,8 +160,8 @@ def _delta_input(refs: lance.LanceDataset, rows, columns: list[str], path: Path)
             for batch in refs.take(rows[lo:lo + 4096], columns=columns).to_batches():
                 yield pa.RecordBatch.from_arrays(batch.columns, schema=schema)  # drops the table's metadata
 
-    lance.write_dataset(pa.RecordBatchReader.from_batches(schema, batches()), str(tmp))
-    tmp.rename(path)
+    lance.write_dataset(pa.RecordBatchReader.from_batches(schema, batches()), str(path), mode="overwrite")
+    write_text_atomic(done, str(len(rows)))
     return str(path)
 
 

@@ -153,8 +153,10 @@ class VQCodec(Codec):
 
     @classmethod
     def load(cls, path: str | os.PathLike, expected_hash: str | None = None) -> "VQCodec":
+        from upath import UPath  # a local path or a bank URI
+
         try:
-            data = Path(path).read_bytes()
+            data = UPath(str(path)).read_bytes()
         except FileNotFoundError:
             want = f" (the payloads need quantizer {expected_hash})" if expected_hash else ""
             raise CodecError(f"vq: quantizer file {path} is missing{want}") from None

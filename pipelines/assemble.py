@@ -6,7 +6,7 @@ size is the number of duplicates, not of documents.
 
 from __future__ import annotations
 
-from pathlib import Path
+from upath import UPath
 from typing import Iterator
 
 import numpy as np
@@ -15,11 +15,12 @@ import pyarrow.compute as pc
 
 from pipelines.dedup_step import REASON
 from storage.schemas import DOCUMENTS, REJECTS
+from storage.layout import upath
 from storage.staging import iter_batches
 
 
-def staged(out_dir: Path, kind: str, shard_ids: list[str]) -> list[Path]:
-    return [Path(out_dir) / kind / f"{s}.parquet" for s in shard_ids]
+def staged(out_dir, kind: str, shard_ids: list[str]) -> list[UPath]:
+    return [upath(out_dir) / kind / f"{s}.parquet" for s in shard_ids]
 
 
 def is_dup(ranks: np.ndarray, dup_ranks: np.ndarray) -> np.ndarray:
@@ -30,19 +31,19 @@ def is_dup(ranks: np.ndarray, dup_ranks: np.ndarray) -> np.ndarray:
     return dup_ranks[pos] == ranks
 
 
-def kept_documents(out_dir: Path, shard_ids: list[str], dup_ranks: np.ndarray) -> Iterator[pa.RecordBatch]:
+def kept_documents(out_dir: UPath, shard_ids: list[str], dup_ranks: np.ndarray) -> Iterator[pa.RecordBatch]:
     for batch in iter_batches(staged(out_dir, "docs", shard_ids), columns=DOCUMENTS.names):
         keep = ~is_dup(batch.column("rank").to_numpy(), dup_ranks)
         if keep.any():
             yield batch.filter(pa.array(keep))
 
 
-def kept_texts(out_dir: Path, shard_ids: list[str], dup_ranks: np.ndarray) -> Iterator[str]:
+def kept_texts(out_dir: UPath, shard_ids: list[str], dup_ranks: np.ndarray) -> Iterator[str]:
     for batch in kept_documents(out_dir, shard_ids, dup_ranks):
         yield from batch.column("text").to_pylist()
 
 
-def duplicate_rejects(out_dir: Path, shard_ids: list[str], dup_ranks: np.ndarray, twins: np.ndarray,
+def duplicate_rejects(out_dir: UPath, shard_ids: list[str], dup_ranks: np.ndarray, twins: np.ndarray,
                       kinds: np.ndarray) -> pa.Table:
     """The rejects rows of the duplicates, each naming the doc_id of its kept twin."""
     if len(dup_ranks) == 0:
@@ -69,7 +70,7 @@ def duplicate_rejects(out_dir: Path, shard_ids: list[str], dup_ranks: np.ndarray
     }, schema=REJECTS)
 
 
-def all_rejects(out_dir: Path, shard_ids: list[str], dup_table: pa.Table) -> Iterator[pa.RecordBatch]:
+def all_rejects(out_dir: UPath, shard_ids: list[str], dup_table: pa.Table) -> Iterator[pa.RecordBatch]:
     yield from iter_batches(staged(out_dir, "rejects", shard_ids))
     yield from dup_table.to_batches()
 

@@ -11,7 +11,7 @@ Outputs under `out_dir` (seqs last: its presence means the shard is done):
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
+from upath import UPath
 
 import numpy as np
 import pyarrow as pa
@@ -20,20 +20,21 @@ from pipelines.assemble import is_dup
 from pipelines.chunking import Packer, reference_spans, sentence_boundaries
 from pipelines.tokenizer import EOS_ID, from_json
 from storage.schemas import REFS, TRAIN_SEQUENCES
+from storage.layout import upath
 from storage.staging import iter_batches, write_atomic
 
 
-def seqs_path(out_dir: Path, shard_id: str) -> Path:
-    return Path(out_dir) / "seqs" / f"{shard_id}.parquet"
+def seqs_path(out_dir, shard_id: str) -> UPath:
+    return upath(out_dir) / "seqs" / f"{shard_id}.parquet"
 
 
 def token_hash(ids) -> str:
     return hashlib.blake2b(np.asarray(ids, dtype=np.int32).tobytes(), digest_size=8).hexdigest()
 
 
-def chunk_shard(shard_id: str, out_dir: str | Path, tokenizer_json: str, dup_ranks: np.ndarray,
+def chunk_shard(shard_id: str, out_dir: str | UPath, tokenizer_json: str, dup_ranks: np.ndarray,
                 chunking) -> dict:
-    out_dir = Path(out_dir)
+    out_dir = upath(out_dir)
     tok = from_json(tokenizer_json)
     refs: dict[str, list] = {name: [] for name in REFS.names}
     seqs: dict[str, list] = {name: [] for name in TRAIN_SEQUENCES.names}

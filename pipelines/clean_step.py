@@ -12,7 +12,7 @@ Outputs under `out_dir` (the docs file is written last: its presence means the s
 
 from __future__ import annotations
 
-from pathlib import Path
+from upath import UPath
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +23,7 @@ from pipelines.minhash import band_keys, signatures
 from pipelines.normalize import content_hash, exact_dedup_key, normalize_text
 from pipelines.readers import Shard, SourceFile, read_shard
 from storage.schemas import REJECTS
+from storage.layout import upath
 from storage.staging import write_atomic
 
 KIND_EXACT, KIND_BAND = 0, 1
@@ -43,18 +44,18 @@ STAGED_DOCS = pa.schema([
 KEYS = pa.schema([pa.field("key", pa.int64()), pa.field("rank", pa.int64()), pa.field("kind", pa.int8())])
 
 
-def docs_path(out_dir: Path, shard_id: str) -> Path:
-    return Path(out_dir) / "docs" / f"{shard_id}.parquet"
+def docs_path(out_dir, shard_id: str) -> UPath:
+    return upath(out_dir) / "docs" / f"{shard_id}.parquet"
 
 
-def clean_shard(shard: Shard, files: list[SourceFile], corpus, quality, dedup, out_dir: str | Path,
+def clean_shard(shard: Shard, files: list[SourceFile], corpus, quality, dedup, out_dir: str | UPath,
                 bank_quality=None) -> dict:
     """Process one shard; returns its counts. Idempotent: rerunning rewrites identical files.
 
     A document is kept when it passes the training filter (`quality`) or the bank's
     (`bank_quality`, None = the same); `in_training` and `in_bank` say which. A record that
     passes neither is a reject, with the training filter's reason."""
-    out_dir = Path(out_dir)
+    out_dir = upath(out_dir)
     docs: dict[str, list] = {name: [] for name in STAGED_DOCS.names}
     rejects: dict[str, list] = {name: [] for name in REJECTS.names}
     records = 0
@@ -91,7 +92,7 @@ def clean_shard(shard: Shard, files: list[SourceFile], corpus, quality, dedup, o
             "bank_only": sum(not t for t in docs["in_training"]), "training_only": sum(not b for b in docs["in_bank"])}
 
 
-def _write_keys(texts: list[str], ranks: np.ndarray, dedup, out_dir: Path, shard_id: str) -> None:
+def _write_keys(texts: list[str], ranks: np.ndarray, dedup, out_dir: UPath, shard_id: str) -> None:
     keys, kinds, key_ranks = [], [], []
     if dedup.exact:
         keys.append(np.fromiter((exact_dedup_key(t) for t in texts), dtype=np.int64, count=len(texts)))

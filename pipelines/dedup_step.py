@@ -9,29 +9,29 @@ A document that is both an exact and a near duplicate is reported as exact.
 
 from __future__ import annotations
 
-from pathlib import Path
+from upath import UPath
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipelines.clean_step import KIND_BAND, KIND_EXACT
 from pipelines.dedup import bucket_collisions, exact_duplicates, merge_min, resolve_kept
-from storage.staging import write_atomic
+from storage.layout import upath
+from storage.staging import read_table, write_atomic
 
 DUPS = pa.schema([pa.field("rank", pa.int64()), pa.field("pointer", pa.int64()), pa.field("kind", pa.int8())])
 REASON = {KIND_EXACT: "duplicate_exact", KIND_BAND: "duplicate_near"}
 
 
-def partition_output(out_dir: Path, p: int) -> Path:
-    return Path(out_dir) / "dedup" / f"p={p:04d}.parquet"
+def partition_output(out_dir, p: int) -> UPath:
+    return upath(out_dir) / "dedup" / f"p={p:04d}.parquet"
 
 
-def dedup_partition(p: int, out_dir: str | Path) -> int:
+def dedup_partition(p: int, out_dir: str | UPath) -> int:
     """Group one partition's keys; write (duplicate rank, earlier rank, kind). Returns #rows."""
-    out_dir = Path(out_dir)
+    out_dir = upath(out_dir)
     files = sorted((out_dir / "keys" / f"p={p:04d}").glob("*.parquet"))
-    table = pa.concat_tables([pq.read_table(f) for f in files]) if files else None
+    table = pa.concat_tables([read_table(f) for f in files]) if files else None
     parts = []
     if table is not None and table.num_rows:
         key = table["key"].to_numpy()
@@ -47,9 +47,9 @@ def dedup_partition(p: int, out_dir: str | Path) -> int:
     return result.num_rows
 
 
-def resolve(out_dir: str | Path, partitions: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def resolve(out_dir: str | UPath, partitions: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Merge the partitions: (duplicate ranks sorted, the kept twin of each, kind of each)."""
-    tables = [pq.read_table(partition_output(Path(out_dir), p)) for p in range(partitions)]
+    tables = [read_table(partition_output(out_dir, p)) for p in range(partitions)]
     table = pa.concat_tables(tables) if tables else DUPS.empty_table()
     rank, pointer, kind = (table[c].to_numpy() for c in ("rank", "pointer", "kind"))
     exact = kind == KIND_EXACT

@@ -7,7 +7,7 @@ twice gives the same bytes (what makes a killed-and-resumed build equal an unint
 
 from __future__ import annotations
 
-from pathlib import Path
+from upath import UPath
 
 import numpy as np
 import pyarrow as pa
@@ -16,12 +16,13 @@ import torch
 from model import encode_references, load_model
 from model.checkpoint import saved_hash
 from model.codecs import make_codec
+from storage.layout import upath
 from storage.schemas import MEMORIES
 from storage.staging import write_atomic
 
 
-def staged_path(stage_dir: Path, shard: int) -> Path:
-    return Path(stage_dir) / "memories" / f"m{shard:06d}.parquet"
+def staged_path(stage_dir, shard: int) -> UPath:
+    return upath(stage_dir) / "memories" / f"m{shard:06d}.parquet"
 
 
 def pad_batch(token_lists: list, pad_id: int) -> torch.Tensor:
@@ -53,7 +54,7 @@ class EncodeShards:
         self.model = load_model(model_dir)
         self.model_hash = saved_hash(model_dir)
         self.codec = make_codec(codec, **codec_kw)
-        self.refs_uri, self.stage_dir, self.batch_size = refs_uri, Path(stage_dir), batch_size
+        self.refs_uri, self.stage_dir, self.batch_size = refs_uri, stage_dir, batch_size
 
     def __call__(self, batch: dict) -> dict:
         done = [self.encode_shard(int(i), int(a), int(b)) for i, a, b in zip(batch["shard"], batch["start"], batch["end"])]

@@ -46,9 +46,12 @@ def check_special_tokens(tok: Tokenizer, where: str) -> Tokenizer:
     return tok
 
 
-def load(path: str) -> Tokenizer:
+def load(path) -> Tokenizer:
+    """A tokenizer.json at a local path or a bank URI."""
+    from storage.layout import upath
+
     try:
-        tok = Tokenizer.from_file(path)
+        tok = Tokenizer.from_str(upath(path).read_text(encoding="utf-8"))
     except Exception as e:  # noqa: BLE001 - the library raises a bare Exception on bad files
         raise TokenizerError(f"{path}: not a readable tokenizer.json: {e}") from None
     return check_special_tokens(tok, path)

@@ -12,15 +12,20 @@
     <bank>/quantizers/<hash>.faiss  vector quantizers of the vq codec
     <bank>/eval/                    `m3 eval` results
 
-Table locations are strings joined with "/", right for a local path and for an object-store
-URI alike (`Path("s3://b/bank")` would make it `s3:/b/bank`). Everything else is written with
-local file APIs today, so it is a `Path` and a bank at a URI gets a clear error naming what
-needs a local directory, instead of a mangled path.
+A bank is a local directory or a URI (`s3://bucket/bank`, `file:///shared/bank`). Every part
+comes back as a `UPath` (universal_pathlib, on fsspec's filesystems): for a local bank that is
+a plain `pathlib.Path`; for a URI it joins, tests and reads without mangling the scheme
+(`Path("s3://b/bank")` would make it `s3:/b/bank`). Table locations are plain strings, which
+Lance and pyarrow take for either. What DeepSpeed and torch write (training checkpoints, the
+models the encoder starts from) and the lock (an exclusive create) need a filesystem: asked of
+a bank on an object store, they fail with an error naming the part.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from upath import UPath
 
 from model.errors import M3Error
 
@@ -35,31 +40,43 @@ def is_uri(location: str) -> bool:
     return "://" in str(location)
 
 
+def upath(location: str | Path) -> UPath:
+    """A path object for a local path or a URI alike (a plain Path for a local one)."""
+    return location if isinstance(location, UPath) else UPath(str(location))
+
+
 class BankLayout:
     def __init__(self, uri: str | Path):
         self.uri = str(uri)
+        self.root = upath(self.uri)
+
+    def path(self, *parts: str) -> UPath:
+        return self.root.joinpath(*parts)
 
     def table(self, name: str) -> str:
         return f"{self.uri.rstrip('/')}/{name}.lance"
 
     def local(self, *parts: str) -> Path:
-        """A local path inside the bank; refused for a bank at a URI."""
+        """A path inside the bank that local file APIs write; refused for a bank at an object
+        store (a file:// URI is a local directory)."""
+        if self.uri.startswith("file://"):
+            return Path(self.root.path).joinpath(*parts)
         if is_uri(self.uri):
             raise LayoutError(f"{'/'.join(parts) or 'this'} of the bank at {self.uri} needs a local directory: "
-                            f"keep the bank on a local or shared filesystem path")
+                              f"keep the bank on a local or shared filesystem path")
         return Path(self.uri).joinpath(*parts)
 
-    def manifest(self) -> Path:
-        return self.local(MANIFEST)
+    def manifest(self) -> UPath:
+        return self.path(MANIFEST)
 
-    def staging(self, job: str) -> Path:
-        return self.local("_staging", job)
+    def staging(self, job: str) -> UPath:
+        return self.path("_staging", job)
 
-    def reports(self) -> Path:
-        return self.local("_reports")
+    def reports(self) -> UPath:
+        return self.path("_reports")
 
-    def runs(self) -> Path:
-        return self.local("_runs")
+    def runs(self) -> UPath:
+        return self.path("_runs")
 
     def lock(self, what: str) -> Path:
         return self.local(f"_{what}.lock")
@@ -73,11 +90,18 @@ class BankLayout:
     def models(self) -> Path:
         return self.local("models")
 
-    def tokenizers(self) -> Path:
-        return self.local("tokenizers")
+    def tokenizers(self) -> UPath:
+        return self.path("tokenizers")
 
-    def quantizers(self) -> Path:
-        return self.local("quantizers")
+    def quantizers(self) -> UPath:
+        return self.path("quantizers")
 
-    def eval(self) -> Path:
-        return self.local("eval")
+    def eval(self) -> UPath:
+        return self.path("eval")
+
+    def relative(self, path: UPath | Path) -> str:
+        """`path` relative to the bank (what lineage records, so a moved bank still resolves)."""
+        root, full = str(self.root).rstrip("/") + "/", str(path)
+        if not full.startswith(root):
+            raise LayoutError(f"{full} is not inside the bank at {self.uri}")
+        return full[len(root):]

@@ -16,19 +16,19 @@ builds: retention (storage/retention.py) keeps the versions they name.
 from __future__ import annotations
 
 import json
-import os
 import time
-import uuid
-from pathlib import Path
+
+from upath import UPath
 
 from storage.layout import BankLayout
+from storage.staging import write_text_atomic
 
 MANIFEST = "_live.json"
 TAG = "live"
 HISTORY = 32  # published builds remembered; retention keeps the newest `keep_builds` of them
 
 
-def _path(bank_uri: str) -> Path:
+def _path(bank_uri: str) -> UPath:
     return BankLayout(bank_uri).manifest()
 
 
@@ -57,10 +57,7 @@ def publish(bank, versions: dict[str, int], info: dict | None = None) -> dict:
     if old.get("versions") == versions:
         entry = old  # same build: keep its original record, do not grow the history
     manifest = {**entry, "history": (history + [{k: entry[k] for k in ("versions", "published_at")}])[-HISTORY:]}
-    path = _path(bank.uri)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(_path(bank.uri), json.dumps(manifest, indent=1, sort_keys=True, default=str))
     for name, version in versions.items():
         if bank.tags(name).get(TAG) != version:
             bank.tag(name, TAG, version)

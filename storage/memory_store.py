@@ -15,7 +15,6 @@ sees a rebuild that has not finished.
 from __future__ import annotations
 
 from collections import OrderedDict
-from pathlib import Path
 from typing import Sequence
 
 import lance
@@ -24,7 +23,7 @@ import torch
 
 from model.codecs import CodecError, make_codec
 from storage.bank import Bank, BankError
-from storage.layout import BankLayout
+from storage.layout import BankLayout, upath
 
 
 class MemoryStore:
@@ -46,7 +45,7 @@ class MemoryStore:
         kw = {}
         if meta.get("codec") == "vq":
             path = meta.get("quantizer_path")
-            if not path or not Path(path).exists():
+            if not path or not upath(path).exists():
                 raise BankError(f"memories are vq-coded with quantizer {meta.get('quantizer_hash')}, "
                                 f"but its file {path!r} is missing from the bank")
             kw = {"quantizer": path, "quantizer_hash": meta.get("quantizer_hash")}

@@ -1,8 +1,12 @@
 """Per-shard intermediate files: the unit of resumption of a long job.
 
-A shard's output appears all at once (written to a temporary name, then renamed) so after a
-crash every output file on disk is complete: a rerun skips the shards whose file exists and
-redoes the rest, and nothing is counted twice.
+A shard's output appears all at once, so after a crash every output file there is complete: a
+rerun skips the shards whose file exists and redoes the rest, and nothing is counted twice. On a
+filesystem that is a write to a temporary name and a rename; on an object store a single PUT is
+already all-or-nothing (and a rename would be a copy), so the object is written in place.
+
+Paths are local paths or URIs alike (storage/layout.py: `upath`); pyarrow reads and writes
+either.
 """
 
 from __future__ import annotations
@@ -10,35 +14,75 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from pathlib import Path
+from contextlib import contextmanager
 from typing import Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from storage.layout import upath
 
-def write_atomic(path: str | Path, table: pa.Table) -> None:
-    path = Path(path)
+
+def _is_local(path) -> bool:
+    return getattr(path, "protocol", "") in ("", "file", "local")
+
+
+@contextmanager
+def open_atomic(path) -> Iterator:
+    """A binary file whose content appears at `path` whole when the block ends, or not at all."""
+    path = upath(path)
+    if not _is_local(path):
+        with path.open("wb") as f:  # one (multipart) upload: the object appears on close
+            yield f
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as f:
+            yield f
+        if getattr(path, "protocol", ""):
+            path.fs.mv(tmp.path, path.path)  # a file:// URI: fsspec's local rename
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def write_atomic(path, table: pa.Table) -> None:
+    with open_atomic(path) as f:
+        pq.write_table(table, f)
 
 
-def iter_batches(paths: Iterable[str | Path], columns: list[str] | None = None,
+def write_bytes_atomic(path, data: bytes) -> None:
+    with open_atomic(path) as f:
+        f.write(data)
+
+
+def write_text_atomic(path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def exists(path) -> bool:
+    return upath(path).exists()
+
+
+def iter_batches(paths: Iterable, columns: list[str] | None = None,
                  batch_size: int = 4096) -> Iterator[pa.RecordBatch]:
     """Stream the rows of several staged files, in the order given."""
     for path in paths:
-        yield from pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=columns)
+        with upath(path).open("rb") as f:
+            yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns)
 
 
-def remove(path: str | Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+def read_table(path, columns: list[str] | None = None) -> pa.Table:
+    with upath(path).open("rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
+def remove(path) -> None:
+    path = upath(path)
+    if not getattr(path, "protocol", ""):
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.fs.rm(path.path, recursive=True)

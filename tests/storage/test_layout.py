@@ -23,8 +23,22 @@ def test_a_local_bank_has_every_part_under_it(tmp_path):
     assert all(p.parent == tmp_path for p in parts) and len({p.name for p in parts}) == len(parts)
 
 
-def test_what_needs_a_local_directory_is_refused_for_a_uri_by_name():
-    with pytest.raises(LayoutError, match=r"_staging/ingest-1 of the bank at s3://b/bank needs a local directory"):
-        BankLayout("s3://b/bank").staging("ingest-1")
+def test_every_part_of_a_uri_bank_keeps_its_scheme():
+    lay = BankLayout("s3://b/bank")
+    assert str(lay.staging("ingest-1")) == "s3://b/bank/_staging/ingest-1"
+    assert str(lay.staging("ingest-1") / "docs" / "s0.parquet") == "s3://b/bank/_staging/ingest-1/docs/s0.parquet"
+    assert str(lay.manifest()) == "s3://b/bank/_live.json"
+    assert [str(p) for p in (lay.tokenizers(), lay.quantizers(), lay.reports(), lay.eval())] == [
+        "s3://b/bank/tokenizers", "s3://b/bank/quantizers", "s3://b/bank/_reports", "s3://b/bank/eval"]
+    assert lay.relative(lay.tokenizers() / "abc.json") == "tokenizers/abc.json"
+
+
+def test_what_needs_a_local_directory_is_refused_for_an_object_store_by_name(tmp_path):
+    with pytest.raises(LayoutError, match=r"training/continual of the bank at s3://b/bank needs a local directory"):
+        BankLayout("s3://b/bank").training("continual")
+    with pytest.raises(LayoutError, match=r"_rebuild.lock of the bank at s3://b/bank"):
+        BankLayout("s3://b/bank").lock("rebuild")
     assert issubclass(LayoutError, M3Error)
     assert isinstance(BankLayout(Path("/tmp/x")).local("a"), Path)
+    # a file:// bank is a local directory
+    assert BankLayout(f"file://{tmp_path}").training("warmup") == tmp_path / "training" / "warmup"

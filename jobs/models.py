@@ -1,0 +1,79 @@
+"""Which model? One answer for every command that needs weights.
+
+    1. the one named (encode.checkpoint, infer.checkpoint, --checkpoint), which must hold a model;
+    2. the bank's newest trained model, where the trainer exported it
+       (<bank>/training/<stage>/model, or under train.run_dir): for encoding, continual else
+       warmup (after training, the bank is re-encoded by the weights that will read it); for
+       serving, continual only (a warmup model never learned to read memories);
+    3. else, encoding starts from an untrained model, created once and reproducibly in
+       <bank>/models/, and serving takes the model the memories were encoded with (their
+       lineage): a bank is read by the weights that wrote it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from jobs.train_layout import stage_dir
+from storage.bank import Bank, BankError
+from storage.layout import BankLayout
+
+WEIGHTS = "model.safetensors"
+
+
+def _named(path: str, key: str) -> Path:
+    p = Path(path)
+    if not (p / WEIGHTS).exists():
+        raise BankError(f"{key}: {p} holds no {WEIGHTS}")
+    return p
+
+
+def newest_trained(cfg, stages: tuple[str, ...] = ("continual", "warmup")) -> Path | None:
+    for stage in stages:
+        path = stage_dir(cfg, stage) / "model"
+        if (path / WEIGHTS).exists():
+            return path
+    return None
+
+
+def model_for_encoding(cfg, bank: Bank) -> Path:
+    if cfg.encode.checkpoint:
+        return _named(cfg.encode.checkpoint, "encode.checkpoint")
+    trained = newest_trained(cfg)
+    if trained is not None:
+        return trained
+    path = BankLayout(bank.uri).models() / f"init-{_init_name(cfg)}"
+    if not (path / WEIGHTS).exists():
+        import torch
+
+        from model import Memory3, save_model
+
+        torch.manual_seed(cfg.encode.seed)
+        save_model(Memory3(cfg.model), path)
+    return path
+
+
+def _init_name(cfg) -> str:
+    from jobs.config import config_hash
+
+    return f"{config_hash(cfg.model)}-seed{cfg.encode.seed}"
+
+
+def model_for_serving(cfg, bank: Bank, checkpoint: str | None = None) -> Path:
+    if checkpoint or cfg.infer.checkpoint:
+        return _named(checkpoint or cfg.infer.checkpoint, "infer.checkpoint")
+    trained = newest_trained(cfg, ("continual",))
+    if trained is not None:
+        return trained
+    continual = stage_dir(cfg, "continual") / "model"
+    if not bank.has("memories"):
+        raise BankError(f"no model to infer with: infer.checkpoint is null, {continual} does not exist "
+                        f"and the bank has no memories table to take the encoding model from (m3 encode)")
+    recorded = bank.metadata("memories").get("model_dir")
+    if not recorded:
+        raise BankError("the memories table records no model_dir in its lineage: set infer.checkpoint")
+    # lineage paths are as the encode job saw them (maybe relative to its working directory)
+    for path in (Path(recorded), BankLayout(bank.uri).models() / Path(recorded).name):
+        if (path / WEIGHTS).exists():
+            return path
+    raise BankError(f"the memories were encoded with {recorded}, which holds no {WEIGHTS}: set infer.checkpoint")

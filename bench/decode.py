@@ -95,7 +95,7 @@ def timed_once(fn, device: str, before=None) -> tuple[float, float]:
 
 def bank_rows(args) -> tuple[dict, dict]:
     from jobs.config import load_config
-    from jobs.inference import Inference
+    from jobs.inference.engine import Inference
     from pipelines.train_data import split_rows
     from storage.memory_store import MemoryStore
 

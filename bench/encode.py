@@ -4,7 +4,7 @@
     .venv/bin/python bench/encode.py [--bank /tmp/fetch-bank] [--codec int8] [--refs 1024]
                                      [--repeats 2] [--omp-wait-policy PASSIVE]
 
-The job: `jobs.encode.run_encode` on a fresh copy of the ingested bank per measured run (the job
+The job: `jobs.stages.encode.run_encode` on a fresh copy of the ingested bank per measured run (the job
 skips work it has already done), embedded Ray with --cpus CPUs, demo model `small` (its
 reproducible untrained start, created once in the template bank so no run pays for it), the
 codec of --codec, batch size 32. Two layouts of the same 2 CPUs: 1 actor x 2 threads and
@@ -157,7 +157,7 @@ def model_only(model, codec, shards: list[list], batch: int, threads: int) -> di
 
 def job(cfg_over: list[str], template: Path, work: Path, name: str) -> dict:
     from jobs.config import load_config
-    from jobs.encode import run_encode
+    from jobs.stages.encode import run_encode
 
     bank = work / name
     shutil.rmtree(bank, ignore_errors=True)
@@ -192,7 +192,7 @@ def main() -> None:
     import lance
 
     from jobs.config import RayConfig, load_config
-    from jobs.encode import quantizer
+    from jobs.stages.encode import quantizer
     from jobs.models import model_for_encoding
     from jobs.runtime import init_ray, quiet_ray_data
     from model import load_model

@@ -64,7 +64,7 @@ def encoded_bank(src: Path, work: Path, codec: str, n: int, reencode: bool) -> t
     from encode import subset_bank  # bench/encode.py
 
     from jobs.config import load_config
-    from jobs.encode import run_encode
+    from jobs.stages.encode import run_encode
     from storage.bank import Bank
 
     bank = work / f"bank-{codec}-{n}"
@@ -204,7 +204,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from encode import ensure_bank  # bench/encode.py
-    from jobs.bank_stats import dense_bytes
+    from jobs.ops.bank_stats import dense_bytes
     from jobs.config import RayConfig
     from jobs.runtime import init_ray, quiet_ray_data
     from storage.bank import Bank

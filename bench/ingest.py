@@ -74,8 +74,8 @@ class PeakRSS:
 
 def run_ours(path: Path, bank: Path, cpus: int) -> dict:
     from jobs.config import load_config
-    from jobs.ingest import clean_and_dedup, plan
-    from jobs.report import Report
+    from jobs.stages.ingest import clean_and_dedup, plan
+    from jobs.stages.report import Report
 
     cfg = load_config(ROOT / "configs" / "demo.yaml",
                       [f"corpus.paths=[{path}]", f"bank.uri={bank}", f"ray.num_cpus={cpus}"])

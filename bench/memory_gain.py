@@ -1,5 +1,5 @@
 """Does explicit memory help, and under which recipe? The paper's Fig. 11 and the served-bank
-trade-off, measured on one bank with the honest evaluation of `m3 eval` (jobs/evaluate.py).
+trade-off, measured on one bank with the honest evaluation of `m3 eval` (jobs/inference/evaluate.py).
 
     .venv/bin/python bench/memory_gain.py -c configs/science.yaml            # ~60 min on 2 cores
     .venv/bin/python bench/memory_gain.py -c configs/science.yaml --set train.workers=1 ...
@@ -58,7 +58,7 @@ def recipe_config(cfg, recipe: str):
 
 
 def train_all(cfg) -> dict:
-    from jobs.train import run_train
+    from jobs.training.trainer import run_train
 
     seconds = {}
     for recipe in RECIPES:
@@ -71,7 +71,7 @@ def train_all(cfg) -> dict:
 
 
 def evaluate_all(cfg) -> dict:
-    from jobs.train_eval import evaluate_checkpoint
+    from jobs.training.evidence import evaluate_checkpoint
 
     out = {}
     for recipe in ("control warmup", "control-control", "control-memory", "memory-memory"):
@@ -86,9 +86,9 @@ def tradeoff(cfg, recipe: str = "control-memory", top_ks=(8, 16, 32, 64, 128), c
     """Gain over none of one trained model served at several sparsities and codecs."""
     import numpy as np
 
-    from jobs.evaluate import evaluate_items, heldout_items, reads_memory, strict
-    from jobs.inference import bank_retriever, bank_tokenizer
-    from jobs.retriever import CodedStore, EncodingStore
+    from jobs.inference.evaluate import evaluate_items, heldout_items, reads_memory, strict
+    from jobs.inference.engine import bank_retriever, bank_tokenizer
+    from jobs.inference.retriever import CodedStore, EncodingStore
     from model import load_model
     from model.codecs import VQCodec, make_codec
     from storage.bank import Bank
@@ -134,7 +134,7 @@ def plot(cfg, results: dict, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    from jobs.train_log import read_rows
+    from jobs.training.log import read_rows
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.4))
     w = cfg.train.warmup_stage_steps
@@ -180,7 +180,7 @@ def plot(cfg, results: dict, path: Path) -> Path | None:
 def findings(results: dict) -> list[dict]:
     """The paper's two findings as paired differences between models on the same held-out
     sequences: each model with memory where it reads memory, the control-control model plain."""
-    from jobs.evaluate import paired_items
+    from jobs.inference.evaluate import paired_items
 
     ev = results["evaluation"]
 
@@ -225,9 +225,9 @@ def markdown(results: dict) -> str:
 
 def main(argv=None) -> int:
     from jobs.config import load_config
-    from jobs.embed import run_embed
-    from jobs.ingest import run_ingest
-    from jobs.pair import run_pair
+    from jobs.stages.embed import run_embed
+    from jobs.stages.ingest import run_ingest
+    from jobs.stages.pair import run_pair
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("-c", "--config", default="configs/science.yaml")

@@ -57,7 +57,7 @@ def main() -> int:
     a = ap.parse_args()
 
     from jobs.config import load_config
-    from jobs.rebuild import run_rebuild
+    from jobs.ops.rebuild import run_rebuild
     from jobs.runtime import init_ray
 
     work = Path(a.dir or tempfile.mkdtemp(prefix="m3-bench-rebuild-"))

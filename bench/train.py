@@ -12,7 +12,7 @@ Measures, interleaved (matmul, warmup, continual-dense, continual-sparse, ... ; 
 and prints tokens/s, the continual/warmup time ratio (paper: a bit over 2x) and the achieved
 FLOP rate (useful FLOPs counted analytically, 3x forward for forward + backward) against the matmul.
 
-The step is the same code jobs/train.py runs (model.train_step) with torch's AdamW, without
+The step is the same code jobs/training/trainer.py runs (model.train_step) with torch's AdamW, without
 DeepSpeed or Ray: one process has nothing to shard, and their overhead is not the step's cost.
 The bank needs train_sequences, refs and neighbors (`m3 ingest`, `m3 embed`, `m3 pair`).
 """

@@ -1,8 +1,8 @@
-"""Which model? One answer for every command that needs weights.
+"""Where models live, and which one a command uses: one answer for every command that needs weights.
 
     1. the one named (encode.checkpoint, infer.checkpoint, --checkpoint), which must hold a model;
-    2. the bank's newest trained model, where the trainer exported it
-       (<bank>/training/<stage>/model, or under train.run_dir): for encoding, continual else
+    2. the bank's newest trained model, where the trainer exported it (`stage_dir`:
+       <bank>/training/<stage>/model, or under train.run_dir): for encoding, continual else
        warmup (after training, the bank is re-encoded by the weights that will read it); for
        serving, continual only (a warmup model never learned to read memories);
     3. else, encoding starts from an untrained model, created once and reproducibly in
@@ -14,11 +14,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jobs.train_layout import stage_dir
 from storage.bank import Bank, BankError
 from storage.layout import BankLayout
 
 WEIGHTS = "model.safetensors"
+
+
+def stage_dir(cfg, stage: str) -> Path:
+    """Where a training stage keeps its checkpoints, log and exported model."""
+    run_dir = getattr(getattr(cfg, "train", None), "run_dir", None)
+    root = Path(run_dir) if run_dir else BankLayout(cfg.bank.uri).training()
+    return root.resolve() / stage
+
+
+def warmup_model_dir(cfg, tc) -> Path:
+    """The model the continual stage starts from."""
+    return Path(tc.warmup_checkpoint) if tc.warmup_checkpoint else stage_dir(cfg, "warmup") / "model"
 
 
 def _named(path: str, key: str) -> Path:

@@ -8,7 +8,7 @@ A config field declares its range next to itself:
 with the keys `ge`, `gt`, `le`, `lt` (bounds) and `choices` (allowed values); a field whose
 value is None (an optional field left unset) passes. Each config's __post_init__ calls
 `check_fields(self)` first and then checks only what metadata cannot say (rules across fields),
-so a config built in code and one loaded from YAML (jobs/config_loader.py builds every section
+so a config built in code and one loaded from YAML (jobs/config/loader.py builds every section
 through its constructor) are checked by the same code. Type conversion is the loader's job:
 this module checks values, not types.
 

@@ -9,7 +9,7 @@ Schedule [paper §3.1, PAPER.md §3.1], with cs = mem_chunk_size:
   of the KV cache is swapped without recomputing the context: one retriever call per swap
   point for the whole batch.
 
-The retriever is a callable from the caller (jobs/retriever.py reads the bank); model/ knows
+The retriever is a callable from the caller (jobs/inference/retriever.py reads the bank); model/ knows
 nothing about Lance or embedders. With prefetch, the retrieval for the next chunk starts in a
 background thread as soon as its query is complete (after the chunk's last token is sampled)
 and runs while that token is decoded; the swap waits for it. The result is identical either

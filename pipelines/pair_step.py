@@ -125,7 +125,7 @@ class PairShards:
 
         torch.set_num_threads(threads)
         bank = Bank(bank_uri)
-        self.cfg = cfg  # the `pair:` section (jobs.pair_config.PairConfig), pickled by Ray
+        self.cfg = cfg  # the `pair:` section (jobs.config.pair.PairConfig), pickled by Ray
         self.embedder = load_embedder(embedder_spec)
         self.tokenizer = load(tokenizer_path)
         self.table = bank.table("embeddings")

@@ -5,7 +5,7 @@
     <bank>/_staging/<job>/          a running job's resumable shard files
     <bank>/_reports/                stage and run reports
     <bank>/_runs/                   summaries of scheduled runs
-    <bank>/_<what>.lock             a job's lock (jobs/lock.py)
+    <bank>/_<what>.lock             a job's lock (jobs/ops/lock.py)
     <bank>/training/<stage>/        checkpoints, log and exported model of a training stage
     <bank>/models/                  initial models the encoder used (no trained one yet)
     <bank>/tokenizers/<hash>.json   the pinned tokenizer

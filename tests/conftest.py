@@ -53,8 +53,8 @@ def small_embedded_bank(root: Path, *extra: str):
     """40 long FOLDOC entries ingested (256-token sequences) and embedded with an ANN index
     (threshold lowered so the index path is the one tested). Returns (config, overrides, embed summary)."""
     from jobs.config import load_config
-    from jobs.embed import run_embed
-    from jobs.ingest import run_ingest
+    from jobs.stages.embed import run_embed
+    from jobs.stages.ingest import run_ingest
 
     corpus = write_foldoc_corpus(root / "c.jsonl.gz", 40, min_words=60)
     overrides = [f"corpus.paths=[{corpus}]", f"bank.uri={root / 'bank'}", "tokenizer.vocab_size=600",

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 import pytest
 
 from jobs.config import Config, ConfigError, CorpusConfig, DedupConfig, RayConfig, load_config
-from jobs.infer_config import EvalConfig
-from jobs.pair_config import PairConfig
-from jobs.train_config import TrainConfig
+from jobs.config.infer import EvalConfig
+from jobs.config.pair import PairConfig
+from jobs.config.train import TrainConfig
 from model.checked import FieldError, check_fields
 from model.config import ModelConfig
 from model.errors import M3Error

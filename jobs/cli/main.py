@@ -1,0 +1,145 @@
+"""The `m3` command. Every subcommand takes -c/--config FILE and any number of --set key=value.
+
+    m3 validate -c configs/demo.yaml
+    m3 ingest   -c configs/demo.yaml --set corpus.records_per_shard=500
+    m3 sql      -c configs/demo.yaml "SELECT reason, count(*) FROM rejects GROUP BY 1"
+    m3 run      -c configs/demo.yaml          # every stage that exists, in order
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import yaml
+
+from jobs.config import load_config
+from jobs.inference.generate import add_parser as add_generate
+from jobs.cli.ops import COMMANDS as OPS_COMMANDS, add_parsers as add_ops
+from model.errors import M3Error
+
+
+def cmd_validate(cfg, args) -> int:
+    # Input paths are part of validity: a missing file should fail here, not an hour in.
+    from pipelines.readers import check_parquet_columns, expand_paths
+
+    files = expand_paths(cfg.corpus.paths, cfg.corpus.format)
+    check_parquet_columns(files, cfg.corpus.text_key)
+    print(yaml.safe_dump(cfg.as_dict(), sort_keys=False).rstrip())
+    print(f"# OK: {cfg.source} is valid; {len(files)} input file(s)")
+    return 0
+
+
+def cmd_search(cfg, args) -> int:
+    from jobs.stages.embed import search_text
+
+    for hit in search_text(cfg, args.text, k=args.k, exact=args.exact):
+        text = hit["text"].replace("\n", " ")
+        print(f"{hit['rank']}. [{hit['score']:.3f}] {hit['ref_id']}  {text[:160]}{'...' if len(text) > 160 else ''}")
+    return 0
+
+
+def cmd_train(cfg, args) -> int:
+    from jobs.training.trainer import run_train
+
+    run_train(cfg, args.stage)
+    return 0
+
+
+def cmd_bank(cfg, args) -> int:
+    from jobs.ops.bank_stats import bank_stats, render
+    from storage.bank import Bank
+
+    stats = bank_stats(Bank(cfg.bank.uri))
+    print(json.dumps(stats, indent=2) if args.format == "json" else render(stats))
+    return 0
+
+
+def cmd_sql(cfg, args) -> int:
+    from storage.bank import Bank
+    from storage.sql import query, render
+
+    # live=True: the last published build, never a rebuild in progress (storage/live.py)
+    columns, rows = query(Bank(cfg.bank.uri, live=True), args.query)
+    print(render(columns, rows, args.format))
+    return 0
+
+
+def cmd_stage(cfg, args) -> int:
+    """One stage by its name (ingest, encode, embed, pair): the same functions `m3 run` calls."""
+    from jobs.ops.run import STAGES
+
+    dict(STAGES)[args.command](cfg)
+    return 0
+
+
+def cmd_run(cfg, args) -> int:
+    from jobs.ops.run import run_all
+
+    run_all(cfg, start=args.start, only=args.only)
+    return 0
+
+
+def cmd_generate(cfg, args) -> int:
+    from jobs.inference.generate import cmd_generate as generate
+
+    return generate(cfg, args)
+
+
+def cmd_eval(cfg, args) -> int:
+    from jobs.inference.evaluate import cmd_eval as evaluate
+
+    return evaluate(cfg, args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", help="pipeline YAML (default: built-in defaults)")
+    common.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set bank.uri=/tmp/bank (repeatable)")
+    parser = argparse.ArgumentParser(prog="m3", description="Memory3 data pipelines")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("validate", parents=[common], help="check a config and its inputs, print it resolved")
+    sub.add_parser("ingest", parents=[common], help="raw corpus -> documents, rejects, refs, train_sequences")
+    sub.add_parser("encode", parents=[common], help="refs -> sparse memories (the memories table)")
+    sub.add_parser("embed", parents=[common], help="refs -> retrieval vectors (the embeddings table) + ANN index")
+    sub.add_parser("pair", parents=[common], help="64-token training chunks -> their best reference (neighbors)")
+    search = sub.add_parser("search", parents=[common], help="the references closest to a text")
+    search.add_argument("text")
+    search.add_argument("-k", type=int, default=5)
+    search.add_argument("--exact", action="store_true", help="exact scan instead of the ANN index")
+    train = sub.add_parser("train", parents=[common], help="pretraining on DeepSpeed via Ray Train")
+    train.add_argument("--stage", required=True, help="warmup (no memory) or continual (with memory)")
+    bank = sub.add_parser("bank", parents=[common], help="bank inspection: `m3 bank stats`")
+    bank.add_argument("action", choices=("stats",))
+    bank.add_argument("--format", choices=("table", "json"), default="table")
+    sql = sub.add_parser("sql", parents=[common], help="run read-only SQL (DuckDB) over the bank's tables")
+    sql.add_argument("query")
+    sql.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    run = sub.add_parser("run", parents=[common], help="every stage in order, then the run report")
+    run.add_argument("--from", dest="start", metavar="STAGE", help="start at this stage (the earlier ones are done)")
+    run.add_argument("--only", metavar="STAGES", help="comma-separated stages to run, in pipeline order")
+    add_ops(sub, common)  # rebuild, submit, jobs, logs, stop, schedule
+    add_generate(sub, common)
+    sub.add_parser("eval", parents=[common], help="held-out loss with memory, without, with RAG; knowledge probe")
+    return parser
+
+
+COMMANDS = {"validate": cmd_validate, "ingest": cmd_stage, "encode": cmd_stage, "embed": cmd_stage, "pair": cmd_stage,
+            "search": cmd_search, "train": cmd_train, "bank": cmd_bank, "sql": cmd_sql, "run": cmd_run,
+            "generate": cmd_generate, "eval": cmd_eval, **OPS_COMMANDS}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        return COMMANDS[args.command](cfg, args)
+    except M3Error as e:  # the input, config, bank or cluster is wrong: one line; anything else is a bug
+        print(f"m3 {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""The pipeline's configuration: one YAML file, these sections, these keys.
+
+    cfg = load_config("configs/demo.yaml", ["bank.uri=/tmp/bank", "ray.num_cpus=4"])
+
+Each stage's knobs live in a frozen dataclass next to the code they steer when that code is a
+pure step (quality filters, MinHash); the rest are declared here. `jobs.config.loader` checks
+keys and types; every section's __post_init__ checks its values (the range metadata of its fields
+through `model.checked.check_fields`, then its rules across fields), so a config built in code is
+checked like a loaded one, and a wrong key, type or range fails before any work starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from jobs.config.infer import InferConfig
+from jobs.config.pair import PairConfig
+from jobs.config.rebuild import RebuildConfig, ScheduleConfig
+from jobs.config.train import TrainConfig
+from jobs.config.loader import ConfigError, _Lined, _Where, apply_overrides, build, read_yaml, to_dict
+from model.checked import check_fields
+from model.config import PRESETS, ModelConfig
+from pipelines.filters import QualityConfig
+from pipelines.minhash import MinHashConfig
+
+__all__ = ["Config", "ConfigError", "load_config", "config_hash"]
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    # Connect to an existing cluster ("auto", "ray://host:10001", ...) instead of starting one.
+    address: str | None = None
+    # CPUs the embedded cluster may use; null = all of this machine's.
+    num_cpus: int | None = field(default=None, metadata={"ge": 1})
+    # The embedded cluster's dashboard (on loopback). Ray's State API lives in it, and Ray
+    # Train's placement-group cleaner reads that API: without it the cleaner takes a healthy
+    # run's controller for dead and tears the run down (seen after ~90 s of training).
+    include_dashboard: bool = True
+    object_store_mb: int | None = field(default=None, metadata={"ge": 64})
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+@dataclass(frozen=True)
+class BankConfig:
+    # Directory (or object-store URI) that holds every table of this bank. A local path is
+    # made absolute against the working directory where the config is loaded: Ray workers
+    # (Ray Train's above all) run in directories of their own.
+    uri: str = "./bank/default"
+
+    def __post_init__(self):
+        check_fields(self)
+        if "://" not in self.uri:
+            object.__setattr__(self, "uri", str(Path(self.uri).absolute()))
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    # Files, directories or glob patterns; directories are read recursively.
+    paths: tuple[str, ...] = ()
+    format: str = field(default="auto", metadata={"choices": ("auto", "jsonl", "parquet", "text")})
+    text_key: str = "text"
+    # A stable identifier of the record in its source; the line/row number when absent.
+    id_key: str | None = "id"
+    # Records per unit of parallel, resumable work.
+    records_per_shard: int = field(default=2000, metadata={"ge": 1})
+    # A record larger than this is rejected unread ("record_too_large"), so one huge line
+    # cannot exhaust a worker's memory.
+    max_record_bytes: int = field(default=64 * 2**20, metadata={"ge": 1024})
+
+    def __post_init__(self):
+        check_fields(self)
+        if not self.paths:
+            raise ValueError("paths: give at least one file, directory or glob")
+
+
+@dataclass(frozen=True)
+class DedupConfig:
+    exact: bool = True
+    near: bool = True
+    minhash: MinHashConfig = field(default_factory=MinHashConfig)
+    # Hash partitions of the dedup keys; each is grouped by its own Ray task.
+    partitions: int = field(default=8, metadata={"ge": 1, "le": 4096})
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    # A local tokenizer.json to use as is; null = train a byte-level BPE on the clean corpus.
+    path: str | None = None
+    vocab_size: int = field(default=8192, metadata={"ge": 260, "le": 1_000_000})
+    min_frequency: int = field(default=2, metadata={"ge": 1})
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+@dataclass(frozen=True)
+class ChunkingConfig:
+    # The paper: references of at most 128 tokens, training sequences of 2048.
+    ref_max_tokens: int = field(default=128, metadata={"ge": 8, "le": 4096})
+    # Cut at a sentence end only if the reference is at least this long already.
+    ref_min_tokens: int = field(default=32, metadata={"ge": 1})
+    seq_len: int = field(default=2048, metadata={"ge": 16})
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.ref_min_tokens > self.ref_max_tokens:
+            raise ValueError(f"ref_min_tokens ({self.ref_min_tokens}) must be <= ref_max_tokens ({self.ref_max_tokens})")
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    # A saved model directory (safetensors + config.json). null = the bank's newest trained
+    # model (training/continual, else training/warmup), else the model of the `model:` section
+    # freshly initialized with `seed` and saved into the bank once (the demo's start).
+    checkpoint: str | None = None
+    seed: int = 0
+    codec: str = field(default="int8", metadata={"choices": ("raw-bf16", "raw-fp16", "raw-fp32", "int8", "vq")})
+    # FAISS factory string for codec "vq"; null = the paper's structure scaled to head_dim.
+    vq_spec: str | None = None
+    # References sampled uniformly (seeded) to train the vector quantizer.
+    vq_train_refs: int = field(default=512, metadata={"ge": 1})
+    batch_size: int = field(default=32, metadata={"ge": 1})
+    actors: int = field(default=1, metadata={"ge": 1})
+    threads_per_actor: int = field(default=1, metadata={"ge": 1})
+    refs_per_shard: int = field(default=1024, metadata={"ge": 1})
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    # "minilm" = all-MiniLM-L6-v2 shipped inside a PyPI package (offline); or a local
+    # sentence-transformers directory (the paper used BGE-M3: point this at a copy of it).
+    embedder: str = "minilm"
+    batch_size: int = field(default=64, metadata={"ge": 1})
+    actors: int = field(default=1, metadata={"ge": 1})
+    threads_per_actor: int = field(default=2, metadata={"ge": 1})
+    refs_per_shard: int = field(default=1024, metadata={"ge": 1})
+    # Below this many vectors an exact scan is as fast as an index (storage/vectors.py).
+    index_threshold: int = field(default=10_000, metadata={"ge": 1})
+    index_type: str = field(default="IVF_HNSW_SQ", metadata={"choices": ("IVF_HNSW_SQ", "IVF_PQ")})
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "m3"
+    ray: RayConfig = field(default_factory=RayConfig)
+    bank: BankConfig = field(default_factory=BankConfig)
+    corpus: CorpusConfig = field(default_factory=lambda: CorpusConfig(paths=("data/foldoc/foldoc.jsonl.gz",)))
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    # The bank's own filter: a document that passes it but not `quality` becomes references
+    # (the knowledge base keeps short dictionary entries, which are facts) without entering the
+    # training sequences. null = the bank keeps what training keeps.
+    bank_quality: QualityConfig | None = None
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    chunking: ChunkingConfig = field(default_factory=ChunkingConfig)
+    # The YAML's `model:` names a preset (tiny, small, paper-2.4b) and overrides any of its
+    # fields; what is stored here and in lineage is the resolved, fully explicit ModelConfig.
+    model: ModelConfig = field(default_factory=lambda: ModelConfig.from_preset("small"))
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    pair: PairConfig = field(default_factory=PairConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    rebuild: RebuildConfig = field(default_factory=RebuildConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    # Where the config came from; relative corpus paths resolve against the working directory.
+    source: str = field(default="<defaults>", compare=False)
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.tokenizer.path is None and self.model.vocab_size < self.tokenizer.vocab_size:
+            raise ValueError(f"model.vocab_size ({self.model.vocab_size}) is smaller than "
+                             f"tokenizer.vocab_size ({self.tokenizer.vocab_size}): the model could not embed every token")
+        if self.model.ref_max_tokens < self.chunking.ref_max_tokens:
+            raise ValueError(f"model.ref_max_tokens ({self.model.ref_max_tokens}) is smaller than "
+                             f"chunking.ref_max_tokens ({self.chunking.ref_max_tokens}): references could not be encoded")
+        paired, trained = self.pair.max_tokens, self.train.max_tokens
+        if paired is not None and (trained is None or trained > paired):
+            raise ValueError(f"train.max_tokens ({trained}) reads past pair.max_tokens ({paired}): the "
+                             f"continual stage would find no neighbors for the chunks beyond")
+
+        t = self.train
+        if ((t.warmup_with_memory or t.continual_with_memory) and t.memory_schedule == "serving"
+                and self.pair.per_chunk < self.model.mems_per_chunk):
+            raise ValueError(f"pair.per_chunk ({self.pair.per_chunk}) is smaller than model.mems_per_chunk "
+                             f"({self.model.mems_per_chunk}): train.memory_schedule 'serving' reads as many "
+                             f"references per chunk as inference does")
+
+    def as_dict(self) -> dict:
+        d = to_dict(self)
+        d.pop("source")
+        return d
+
+
+def _resolve_model_preset(data: dict, where: _Where) -> None:
+    raw = data.get("model")
+    if raw is None:
+        raw = _Lined()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"model ({where.at(data, 'model')}): expected a mapping, got {raw!r}")
+    preset = raw.get("preset", "small")
+    if preset not in PRESETS:
+        raise ConfigError(f"model.preset ({where.at(raw, 'preset')}): expected one of "
+                          f"{', '.join(repr(p) for p in PRESETS)}, got {preset!r}")
+    merged = _Lined({**PRESETS[preset], **{k: v for k, v in raw.items() if k != "preset"}})
+    merged.lines = getattr(raw, "lines", {})
+    data["model"] = merged
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    data = read_yaml(path) if path is not None else {}
+    data = apply_overrides(data, list(overrides))
+    where = _Where(str(path) if path else "<defaults>")
+    _resolve_model_preset(data, where)
+    data["source"] = str(path) if path is not None else "<defaults>"
+    return build(Config, data, "", where)
+
+
+def config_hash(section: object) -> str:
+    """A short, stable hash of a config section (or several), for keys and lineage."""
+    blob = json.dumps(to_dict(section), sort_keys=True, separators=(",", ":"))
+    return hashlib.blake2b(blob.encode(), digest_size=8).hexdigest()

@@ -1,0 +1,210 @@
+"""One model, three ways to give it knowledge, same weights: explicit memory, none, RAG.
+
+`Inference(cfg)` loads the checkpoint (infer.checkpoint, else the continual-stage model, else
+the model the memories were encoded with), the bank's tokenizer and, when a mode needs them,
+the embedder and the memory store. The memory store refuses a bank written by another model,
+naming both hashes, so memory mode can never read memories another model wrote.
+
+Prompt conventions (what the model saw in training): a prompt starts a new document, so it is
+encoded behind eos_id (packed training sequences separate documents with EOS, no BOS). RAG
+prepends each retrieved reference followed by eos_id, as separate documents.
+
+Batches: rows of a batch share one KV cache length and chunk grid, so memory/none batches group
+prompts of equal token length (a prompt then generates the same tokens alone or batched). RAG
+contexts differ in length by construction; they are left-padded with eos_id (empty documents)
+to the batch's longest, which can change a row's tokens against a solo run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from jobs.config.loader import ConfigError
+from jobs.config.infer import MODES, InferConfig
+from jobs.models import model_for_serving
+from model import load_model
+from model.checkpoint import memory_reading, saved_hash
+from model.generation import ChunkRead, generate_with_memory
+from model.sampling import row_generators
+from pipelines.tokenizer import load as load_tokenizer
+from storage.bank import Bank, BankError
+from storage.layout import BankLayout
+
+
+def bank_tokenizer(cfg, bank: Bank):
+    """The tokenizer the bank's references were cut with (its lineage names the file)."""
+    tok_rel = bank.metadata("refs").get("tokenizer_path")
+    if not tok_rel:
+        raise BankError("the refs table records no tokenizer_path in its lineage: rerun `m3 ingest`")
+    return load_tokenizer(BankLayout(cfg.bank.uri).path(tok_rel))
+
+
+def bank_retriever(cfg, bank: Bank, tokenizer, per_query: int, device: str = "cpu", infer=None):
+    """A BankRetriever with the embedder that wrote the bank's vectors (not whatever the config
+    names today: queries from another model's space would retrieve confident nonsense)."""
+    from jobs.inference.retriever import BankRetriever
+    from model.embedder import load_embedder
+
+    ic = infer or cfg.infer
+    bank.require("embeddings")
+    meta = bank.metadata("embeddings")
+    spec = (meta.get("config") or {}).get("retrieval", {}).get("embedder") or cfg.retrieval.embedder
+    # the query embedder runs beside the model (a GPU embeds a chunk's queries in ms)
+    return BankRetriever(bank, load_embedder(spec, device=device), tokenizer, per_query=per_query,
+                         max_overlap=ic.max_overlap, candidates=ic.candidates, exact=ic.exact)
+
+
+def check_trained_reading(trained: dict, memories_meta: dict, allow: bool) -> list[str]:
+    """Refuse (or, when allowed, warn about) a bank whose memories differ from what the model
+    was trained to read: another sparsity or another codec. Returns the differences."""
+    if not trained.get("reads_memory"):
+        return []
+    sparsity = memories_meta.get("sparsity") or {}
+    served_k = sparsity.get("top_k")
+    if served_k is not None and sparsity.get("ref_max_tokens"):
+        served_k = min(served_k, sparsity["ref_max_tokens"])  # more than a reference holds = all of it
+    diffs = []
+    if trained.get("top_k") != served_k:
+        diffs.append(f"it was trained to read {trained.get('top_k')} tokens per head, the bank keeps {served_k}")
+    if trained.get("codec") is not None and trained["codec"] != memories_meta.get("codec"):
+        diffs.append(f"it was trained through codec {trained['codec']}, the bank is {memories_meta.get('codec')}")
+    if diffs and not allow:
+        raise BankError("the bank's memories are not what this model was trained to read: " + "; ".join(diffs)
+                        + " (re-encode with the matching encode.codec / model.mem_top_k, or set "
+                          "infer.allow_memory_mismatch: true to serve it anyway)")
+    for d in diffs:
+        print(f"WARNING: serving memories the model was not trained to read: {d}", flush=True)
+    return diffs
+
+
+@dataclass
+class Output:
+    prompt_tokens: list[int]
+    tokens: list[int]               # the continuation, cut before the first EOS
+    text: str
+    mode: str
+    reads: list[ChunkRead] = field(default_factory=list)   # memory: what each chunk read
+    rag_refs: list[str] = field(default_factory=list)      # rag: the prepended references
+
+
+class Inference:
+    def __init__(self, cfg, checkpoint: str | None = None, device: str | None = None,
+                 dtype: torch.dtype | None = None, infer: InferConfig | None = None):
+        self.cfg, self.ic = cfg, infer or cfg.infer
+        self.bank = Bank(cfg.bank.uri, live=True)  # the published build, never one being written
+        self.bank.require("refs")
+        self.checkpoint = model_for_serving(cfg, self.bank, checkpoint)
+        self.model_hash = saved_hash(self.checkpoint)  # what the memories must have been written by
+        self.memory_reading = memory_reading(self.checkpoint)
+        self.device = device or self.ic.device
+        if dtype is None and self.ic.dtype != "float32":
+            dtype = getattr(torch, self.ic.dtype)
+        self.model = load_model(self.checkpoint, device=self.device, dtype=dtype)
+        self.tokenizer = bank_tokenizer(cfg, self.bank)
+        self._retriever = self._store = None
+
+    # -- components, built on first use so `none` needs neither embedder nor memories
+    def store(self):
+        if self._store is None:
+            from storage.memory_store import MemoryStore
+
+            self.bank.require("memories")
+            store = MemoryStore(self.bank, self.model_hash, cache_size=self.ic.cache_size)
+            check_trained_reading(self.memory_reading, store.meta, self.ic.allow_memory_mismatch)
+            self._store = store
+        return self._store
+
+    def retriever(self):
+        if self._retriever is None:
+            self._retriever = bank_retriever(self.cfg, self.bank, self.tokenizer, self.model.config.mems_per_chunk,
+                                             device=self.device, infer=self.ic)
+        return self._retriever
+
+    def memory_retriever(self):
+        r = self.retriever()
+        r.store = self.store()  # checks the lineage: refuses another model's memories
+        return r
+
+    # -- generation
+    def encode(self, text: str) -> list[int]:
+        return [self.model.config.eos_id] + self.tokenizer.encode(text).ids
+
+    def generate(self, prompts: list[str], mode: str | None = None, **kw) -> list[Output]:
+        return self.generate_tokens([self.encode(p) for p in prompts], mode, **kw)
+
+    def generate_tokens(self, prompts: list[list[int]], mode: str | None = None, *,
+                        max_new_tokens: int | None = None, temperature: float | None = None,
+                        top_p: float | None = None, seeds: list[int] | None = None,
+                        batch_size: int | None = None, stop_at_eos: bool = True,
+                        prefetch: bool | None = None) -> list[Output]:
+        """Generate for every prompt; seeds default to infer.seed + the prompt's index, so a
+        prompt samples the same tokens whatever batch it lands in."""
+        ic = self.ic
+        mode = mode or ic.mode
+        if mode not in MODES:
+            raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
+        n_new = max_new_tokens or ic.max_new_tokens
+        opts = dict(temperature=ic.temperature if temperature is None else temperature,
+                    top_p=ic.top_p if top_p is None else top_p,
+                    eos_id=self.model.config.eos_id if stop_at_eos else None,
+                    prefetch=ic.prefetch if prefetch is None else prefetch)
+        seeds = seeds if seeds is not None else [ic.seed + i for i in range(len(prompts))]
+        size = batch_size or ic.batch_size
+        contexts, rag_ids = list(prompts), [[] for _ in prompts]
+        if mode == "rag":
+            contexts, rag_ids = self.rag_contexts(prompts)
+        order = sorted(range(len(prompts)), key=lambda i: (len(contexts[i]), i))
+        groups, cur = [], []
+        for i in order:  # equal lengths together (memory/none); rag pads instead
+            if cur and (len(cur) == size or (mode != "rag" and len(contexts[i]) != len(contexts[cur[0]]))):
+                groups.append(cur)
+                cur = []
+            cur.append(i)
+        if cur:
+            groups.append(cur)
+        results: dict[int, Output] = {}
+        retrieve = self.memory_retriever() if mode == "memory" else None
+        for g in groups:
+            batch = self._batch([contexts[i] for i in g], n_new)
+            gens = row_generators([seeds[i] for i in g], device=self.device)
+            out = generate_with_memory(self.model, batch, n_new, retrieve, generators=gens,
+                                       sink=bool(self.memory_reading.get("reads_memory")), **opts)
+            T0 = batch.shape[1]
+            for row, i in enumerate(g):
+                cont = out.tokens[row, T0:].tolist()
+                if stop_at_eos and self.model.config.eos_id in cont:
+                    cont = cont[:cont.index(self.model.config.eos_id)]
+                results[i] = Output(list(prompts[i]), cont, self.tokenizer.decode(cont), mode,
+                                    out.reads[row] if out.reads else [], rag_ids[i])
+        return [results[i] for i in range(len(prompts))]
+
+    def _batch(self, rows: list[list[int]], n_new: int) -> torch.Tensor:
+        width = max(len(r) for r in rows)
+        limit = self.model.config.max_seq_len
+        if width + n_new > limit:
+            raise ConfigError(f"infer.max_new_tokens: a context of {width} tokens + {n_new} new ones "
+                              f"exceeds the model's max_seq_len={limit}: shorten the prompt or max_new_tokens")
+        eos = self.model.config.eos_id
+        return torch.tensor([[eos] * (width - len(r)) + list(r) for r in rows], dtype=torch.long,
+                            device=self.device)
+
+    def rag_contexts(self, prompts: list[list[int]]) -> tuple[list[list[int]], list[list[str]]]:
+        """Each prompt behind the text of the references retrieved once with its last chunk."""
+        r = self.retriever()
+        cs = self.model.config.mem_chunk_size
+        ids = r.search_ids([p[-cs:] for p in prompts], prompts)
+        tokens = r.ref_tokens({x for row in ids for x in row})
+        eos = self.model.config.eos_id
+        ctx = [[t for x in row for t in tokens[x] + [eos]] + list(p) for row, p in zip(ids, prompts)]
+        return ctx, ids
+
+    def ref_texts(self, ref_ids) -> dict[str, str]:
+        import pyarrow.compute as pc
+
+        ids = sorted(set(ref_ids))
+        if not ids:
+            return {}
+        t = self.bank.dataset("refs").to_table(columns=["ref_id", "text"], filter=pc.field("ref_id").isin(ids))
+        return dict(zip(t.column("ref_id").to_pylist(), t.column("text").to_pylist()))

@@ -1,0 +1,110 @@
+"""`m3 rebuild`: bring the whole bank up to date with the corpus and the model, then publish it.
+
+    python -m jobs rebuild -c configs/demo.yaml
+
+1. lock      one rebuild per bank (jobs/ops/lock.py): a second one fails at once, naming the first;
+2. ingest    the corpus -> documents, rejects, refs, train_sequences (nothing to do when neither
+             corpus nor config changed); the live build's tokenizer is reused, so an unchanged
+             document keeps its token ids and therefore its references' content hashes;
+3. memories  the encode stage against the previous table (jobs/stages/runner.py): new and
+             changed references encoded, removed ones dropped, unchanged ones copied; a new
+             model re-encodes everything;
+4. embeddings the embed stage, the same way, by text (rebuild.embeddings);
+5. publish   the `live` manifest names the new version of every table in one atomic rename,
+             then each table's `live` tag moves (storage/live.py). Readers that follow `live`
+             (m3 sql, MemoryStore, Bank(uri, live=True)) never see a build that did not finish;
+6. retain    versions older than the newest `rebuild.keep_builds` published builds are deleted.
+
+A rebuild killed anywhere before 5 leaves the live build untouched; run it again and it resumes
+(each stage keeps its finished shards or its committed table). Nothing changed -> every step
+says so and no version is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from jobs.config import Config
+from jobs.faults import maybe_crash
+from jobs.stages.ingest import TABLES  # the tables ingest writes
+from jobs.ops.lock import BankLock
+from storage.bank import Bank
+from storage.live import TAG, live_versions, publish
+from storage.retention import apply_retention, compact
+from storage.layout import BankLayout
+
+
+
+def pin_tokenizer(cfg: Config) -> Config:
+    """The config to ingest with: unchanged if it is up to date as it stands (so a rebuild of an
+    unchanged corpus is a no-op whatever built the bank), else with tokenizer.path set to the
+    live build's tokenizer, so the BPE is not retrained on the changed corpus."""
+    from jobs.stages.ingest import plan, up_to_date
+
+    if not cfg.rebuild.pin_tokenizer or cfg.tokenizer.path:
+        return cfg
+    bank = Bank(cfg.bank.uri, live=True)
+    if not bank.has("refs") or up_to_date(Bank(cfg.bank.uri), plan(cfg)[3]):
+        return cfg
+    rel = bank.metadata("refs").get("tokenizer_path")
+    path = BankLayout(cfg.bank.uri).path(rel) if rel else None
+    if path is None or not path.exists():
+        return cfg
+    return dataclasses.replace(cfg, tokenizer=dataclasses.replace(cfg.tokenizer, path=str(path)))
+
+
+def run_rebuild(cfg: Config) -> dict:
+    from jobs.stages.embed import run_embed
+    from jobs.stages.encode import run_encode
+    from jobs.stages.ingest import run_ingest
+
+    t0 = time.time()
+    notes = []
+    timings: dict[str, float] = {}
+
+    def lap(name: str) -> None:  # seconds spent in each step, for the report and bench/rebuild.py
+        timings[name] = round(time.time() - t0 - sum(timings.values()), 3)
+
+    def note(text: str) -> None:
+        notes.append(text)
+        print(f"[rebuild] {text}", flush=True)
+
+    with BankLock(cfg.bank.uri, "rebuild", cfg.rebuild.lock_stale_s):
+        before = live_versions(cfg.bank.uri)
+        cfg = pin_tokenizer(cfg)
+        if cfg.tokenizer.path:
+            note(f"tokenizer: {cfg.tokenizer.path}")
+        lap("lock")
+        ingest = run_ingest(cfg)
+        lap("ingest")
+        # the same stages as `m3 encode` / `m3 embed`: against the previous table they compute
+        # only new and changed references and copy the rest
+        memories = run_encode(cfg, label="rebuild", note=note)
+        lap("memories")
+        embeddings = run_embed(cfg, label="rebuild", note=note) if cfg.rebuild.embeddings else None
+        if embeddings and isinstance(embeddings.get("index"), dict):
+            embeddings["index"] = embeddings["index"].get("index")
+        lap("embeddings")
+        bank = Bank(cfg.bank.uri)
+        names = [*TABLES, "memories", *(["embeddings"] if embeddings else [])]
+        # merges fragments if memories were written in pieces; a no-op for our one-write tables
+        if (v := compact(bank.dataset("memories").uri)) is not None:
+            memories["version"] = v
+        versions = {name: bank.table(name).version for name in names}
+        maybe_crash("publish", 1)  # the kill-before-publish test: readers must still see the old build
+        changed = versions != before
+        manifest = publish(bank, versions, {"ingest_key": bank.metadata("refs").get("ingest_key"),
+                                            "encode_key": bank.metadata("memories").get("encode_key")})
+        retention = apply_retention(cfg.bank.uri, manifest, cfg.rebuild.keep_builds)
+        lap("publish")
+    counts = {k: memories[k] for k in ("added", "changed", "removed")}
+    summary = {"status": "published" if changed else "up_to_date", **counts, "versions": versions, "tag": TAG,
+               "ingest": ingest.get("status", "built"), "memories": memories, "embeddings": embeddings,
+               "retention": retention, "timings": timings, "seconds": round(time.time() - t0, 3)}
+    if changed:
+        print(f"rebuild: published build {versions} as `{TAG}` in {summary['seconds']:.1f} s "
+              f"(references added {counts['added']}, changed {counts['changed']}, removed {counts['removed']})")
+    else:
+        print(f"rebuild: the live build of {cfg.bank.uri} is up to date; nothing to do")
+    return summary

@@ -1,0 +1,76 @@
+"""`m3 embed`: a retrieval vector for every reference (the `embeddings` table) and its ANN index.
+
+    python -m jobs embed -c configs/demo.yaml
+
+A sharded stage (jobs/stages/runner.py): Ray Data actors (one embedder each) embed row ranges of
+`refs` into staging files; one commit makes the new table version, tagged; past a size
+threshold an ANN index is built on it (cosine). The key covers the refs version and the
+embedder's fingerprint: the same key is nothing to do, an unfinished one resumes. Vectors of
+unchanged references made by the same embedder are copied from the previous table (the rebuild
+calls this same function).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from jobs.config import Config, config_hash
+from jobs.stages.runner import Reuse, ShardedStage, run_stage
+from model.embedder import load_embedder
+from pipelines.embed_step import EMBEDDINGS_SCHEMA, INPUT_COLUMNS, EmbedShards, staged_path
+from storage.bank import Bank
+from storage.vectors import build_index
+
+
+def embed_key(cfg: Config, bank: Bank, embedder) -> str:
+    """What an embeddings table is a function of."""
+    return config_hash({"embedder": embedder.id, "refs": bank.metadata("refs").get("ingest_key"),
+                        "refs_version": bank.table("refs").version, "per": cfg.retrieval.refs_per_shard})
+
+
+def embed_stage(cfg: Config, bank: Bank, embedder, label: str = "embed") -> ShardedStage:
+    r = cfg.retrieval
+    refs_meta, refs = bank.metadata("refs"), bank.dataset("refs")
+    key = embed_key(cfg, bank, embedder)
+    return ShardedStage(
+        name="embed", table="embeddings", key_field="embed_key", key=key, schema=EMBEDDINGS_SCHEMA(embedder.dim),
+        input_uri=refs.uri, n_rows=refs.count_rows(), rows_per_shard=r.refs_per_shard, actor=EmbedShards,
+        actor_kw={"spec": r.embedder, "batch_size": r.batch_size}, actors=r.actors, threads=r.threads_per_actor,
+        staged=staged_path, reuse=Reuse("embedder", embedder.id, input_columns=tuple(INPUT_COLUMNS)),
+        lineage=lambda files: {"stage": label, "embed_key": key, "embedder": embedder.lineage(),
+                               "tokenizer_hash": refs_meta.get("tokenizer_hash"),
+                               "ingest_key": refs_meta.get("ingest_key"), "config": cfg.as_dict()})
+
+
+def run_embed(cfg: Config, label: str = "embed", note: Callable[[str], None] = print) -> dict:
+    bank = Bank(cfg.bank.uri)
+    bank.require("refs")
+    r = cfg.retrieval
+    embedder = load_embedder(r.embedder)  # fails here, before Ray, if the model is missing
+    stage = embed_stage(cfg, bank, embedder, label)
+    out = run_stage(stage, bank, cfg.ray, note)
+    if out["status"] == "up_to_date":
+        return out
+    # the index is a commit of its own (the version a publish names is the one after it)
+    index = build_index(bank.table("embeddings"), stage.n_rows, threshold=r.index_threshold, index_type=r.index_type)
+    out.update(index=index, references=stage.n_rows)
+    note(f"embed: {stage.n_rows:,} vectors ({embedder.id}, dim {embedder.dim}), {out['computed']:,} computed, "
+         f"as embeddings version {out['version']} in {out['seconds']:.1f} s "
+         f"({out['computed'] / max(out['compute_seconds'], 1e-9):,.1f} refs/s); index: {index.get('index') or index.get('reason')}")
+    return out
+
+
+def search_text(cfg: Config, text: str, k: int = 5, exact: bool = False) -> list[dict]:
+    """The top-k references for a query text, with their text."""
+    bank = Bank(cfg.bank.uri)
+    bank.require("embeddings")
+    embedder = load_embedder(cfg.retrieval.embedder)
+    embedder.check_lineage(bank.metadata("embeddings")["embedder"])
+    from storage.vectors import search
+
+    hits = search(bank.table("embeddings"), embedder.embed([text]), k=k, exact=exact)[0]
+    ids = [h[0] for h in hits]
+    quoted = ", ".join("'" + i.replace("'", "''") + "'" for i in ids) or "''"
+    rows = bank.dataset("refs").to_table(columns=["ref_id", "doc_id", "text"], filter=f"ref_id IN ({quoted})").to_pylist()
+    by_id = {row["ref_id"]: row for row in rows}
+    return [{"rank": i + 1, "score": round(score, 4), **by_id[rid]} for i, (rid, score) in enumerate(hits)]

@@ -1,0 +1,163 @@
+"""`m3 ingest`: raw corpus -> documents, rejects, refs, train_sequences (LanceDB tables).
+
+    python -m jobs ingest -c configs/demo.yaml [--set key=value ...]
+
+Stages, each resumable (per-shard or per-partition files under <bank>/_staging/ingest-<key>/):
+  1. clean    (Ray Data, per shard)     read, normalize, quality filters, dedup keys
+  2. dedup    (Ray Data, per partition) group equal keys -> duplicates; one vectorized merge
+  3. tokenize (driver, Rust threads)    train the BPE on the kept documents, or load one
+  4. chunk    (Ray Data, per shard)     references and packed training sequences
+  5. commit   (driver, streaming)       one new version of each table, lineage in its metadata
+
+The key covers the config and the bytes of every input file: the same key means the same
+result, so a finished key is skipped ("nothing to do") and an unfinished one resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from upath import UPath
+
+from jobs.config import Config, config_hash
+from jobs.faults import maybe_crash, maybe_kill_worker
+from jobs.stages.report import Report
+from jobs.runtime import init_ray, quiet_ray_data
+from jobs.stages.runner import pending, staging_dir
+from jobs.stages.runner import up_to_date as stage_current
+from pipelines import assemble, readers
+from pipelines.chunk_step import chunk_shard, seqs_path
+from pipelines.clean_step import clean_shard, docs_path
+from pipelines.dedup_step import dedup_partition, partition_output, resolve
+from pipelines.tokenizer import load as load_tokenizer
+from pipelines.tokenizer import check_special_tokens, from_json, tokenizer_hash, train_bpe
+from storage.bank import Bank
+from storage.schemas import DOCUMENTS, REFS, SCHEMA_VERSION, TRAIN_SEQUENCES
+from storage.staging import iter_batches, remove, write_text_atomic
+from storage.layout import BankLayout
+
+TABLES = ("documents", "rejects", "refs", "train_sequences")
+
+
+def _parallel(stage: str, items: list, fn, report: Report) -> list[dict]:
+    """Run fn over items as a Ray Data map, one task per item, yielding results as they finish."""
+    if not items:
+        return []
+    import ray
+
+    ds = ray.data.from_items([{"i": i} for i in range(len(items))], override_num_blocks=len(items))
+    ds = ds.map(lambda row: fn(items[row["i"]]), num_cpus=1)
+    results = []
+    for row in ds.iter_rows():
+        results.append(row)
+        maybe_crash(stage, len(results))
+    report.note(f"{stage}: {len(results)} task(s)")
+    return results
+
+
+def plan(cfg: Config):
+    """Everything decided before Ray starts: input files, their versions, shards and the key."""
+    files = readers.expand_paths(cfg.corpus.paths, cfg.corpus.format)
+    readers.check_parquet_columns(files, cfg.corpus.text_key)
+    counted = [readers.count_records(f, cfg.corpus.max_record_bytes) for f in files]
+    counts = [n for n, _ in counted]
+    corpus_version = hashlib.blake2b(
+        json.dumps([[Path(f.path).name, h] for f, (_, h) in zip(files, counted)]).encode(), digest_size=8).hexdigest()
+    key = config_hash({"corpus": cfg.corpus, "quality": cfg.quality, "bank_quality": cfg.bank_quality, "dedup": cfg.dedup,
+                       "tokenizer": cfg.tokenizer, "chunking": cfg.chunking,
+                       "corpus_version": corpus_version, "schema": SCHEMA_VERSION})
+    shards = readers.plan_shards(files, counts, cfg.corpus.records_per_shard)
+    return files, counts, corpus_version, key, shards
+
+
+def up_to_date(bank: Bank, key: str) -> bool:
+    return stage_current(bank, TABLES, "ingest_key", key)
+
+
+def clean_and_dedup(cfg: Config, files, shards, stage_dir: UPath, report: Report):
+    """Stages 1-2: the per-document work, then the dedup decisions (sorted ranks, twins, kinds)."""
+    with report.stage("clean"):
+        todo = pending(shards, lambda s: docs_path(stage_dir, s.shard_id))
+        report.note(f"clean: {len(shards) - len(todo)} of {len(shards)} shard(s) already done")
+
+        def clean(shard):
+            maybe_kill_worker(f"clean-{shard.shard_id}")
+            return clean_shard(shard, files, cfg.corpus, cfg.quality, cfg.dedup, stage_dir, cfg.bank_quality)
+
+        _parallel("clean", todo, clean, report)
+
+    with report.stage("dedup"):
+        parts = pending(list(range(cfg.dedup.partitions)), lambda p: partition_output(stage_dir, p))
+        _parallel("dedup", parts, lambda p: {"rows": dedup_partition(p, stage_dir)}, report)
+        return resolve(stage_dir, cfg.dedup.partitions)
+
+
+def tokenizer_for(cfg: Config, stage_dir: UPath, shard_ids: list[str], dup_ranks, report: Report) -> tuple[str, UPath]:
+    """Stage 3: train (or load) the tokenizer once; returns its JSON and its path in the bank."""
+    with report.stage("tokenize"):
+        tok_file = stage_dir / "tokenizer.json"
+        if not tok_file.exists():
+            if cfg.tokenizer.path:
+                tok = load_tokenizer(cfg.tokenizer.path)
+            else:
+                texts = assemble.kept_texts(stage_dir, shard_ids, dup_ranks)
+                tok = check_special_tokens(
+                    train_bpe(texts, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency), "trained tokenizer")
+            write_text_atomic(tok_file, tok.to_str())
+        tok_json = tok_file.read_text(encoding="utf-8")
+        # Later stages find the tokenizer by its hash, next to the tables it produced.
+        bank_tok = BankLayout(cfg.bank.uri).tokenizers() / f"{tokenizer_hash(from_json(tok_json))}.json"
+        if not bank_tok.exists():
+            write_text_atomic(bank_tok, tok_json)
+        return tok_json, bank_tok
+
+
+def commit(bank: Bank, stage_dir: UPath, shard_ids: list[str], dedup, lineage: dict,
+           report: Report) -> None:
+    """Stage 5: one new version per table. A table already committed for this key is skipped,
+    so a crash between two tables' commits neither loses nor doubles rows."""
+    dup_ranks, twins, kinds = dedup
+    with report.stage("commit"):
+        dup_table = assemble.duplicate_rejects(stage_dir, shard_ids, dup_ranks, twins, kinds)
+        streams = {
+            "documents": (DOCUMENTS, lambda: assemble.kept_documents(stage_dir, shard_ids, dup_ranks)),
+            "rejects": (dup_table.schema, lambda: assemble.all_rejects(stage_dir, shard_ids, dup_table)),
+            "refs": (REFS, lambda: iter_batches(assemble.staged(stage_dir, "refs", shard_ids))),
+            "train_sequences": (TRAIN_SEQUENCES, lambda: iter_batches(assemble.staged(stage_dir, "seqs", shard_ids))),
+        }
+        for name, (schema, batches) in streams.items():
+            if bank.has(name) and bank.metadata(name).get("ingest_key") == lineage["ingest_key"]:
+                continue
+            bank.write(name, schema, batches(), lineage)
+            maybe_crash("commit", 1)
+
+
+def run_ingest(cfg: Config) -> dict:
+    report = Report("ingest")
+    files, counts, corpus_version, key, shards = plan(cfg)
+    bank = Bank(cfg.bank.uri)
+    if up_to_date(bank, key):
+        print(f"ingest: tables in {cfg.bank.uri} are up to date for this corpus and config "
+              f"(ingest key {key}); nothing to do")
+        return {"status": "up_to_date", "ingest_key": key}
+    stage_dir = staging_dir(cfg.bank.uri, "ingest", key)
+    shard_ids = [s.shard_id for s in shards]
+    report.set(records_read=sum(counts), files=len(files), shards=len(shards), ingest_key=key,
+               input_bytes=sum(Path(f.path).stat().st_size for f in files))
+    init_ray(cfg.ray)
+    quiet_ray_data()
+
+    dedup = clean_and_dedup(cfg, files, shards, stage_dir, report)
+    tok_json, bank_tok = tokenizer_for(cfg, stage_dir, shard_ids, dedup[0], report)
+    with report.stage("chunk"):
+        todo = pending(shard_ids, lambda s: seqs_path(stage_dir, s))
+        _parallel("chunk", todo, lambda s: chunk_shard(s, stage_dir, tok_json, dedup[0], cfg.chunking), report)
+    lineage = {"stage": "ingest", "ingest_key": key, "corpus_version": corpus_version,
+               "tokenizer_hash": bank_tok.stem,  # tokenizers/<hash>.json
+               "tokenizer_path": BankLayout(cfg.bank.uri).relative(bank_tok), "config": cfg.as_dict()}
+    commit(bank, stage_dir, shard_ids, dedup, lineage, report)
+    summary = report.finish(bank, cfg)
+    remove(stage_dir)
+    return summary

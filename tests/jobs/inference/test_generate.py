@@ -1,0 +1,154 @@
+"""Generation and evaluation against a real bank (FOLDOC refs, real LanceDB, real MiniLM
+retrieval, memories encoded by a random-weight tiny model): batched equals single-prompt,
+one embed/search/fetch per swap point, the overlap filter, the RAM cache, lineage refusal,
+the CLI (--show-memories, JSONL). `m3 eval` is tested in test_evaluate.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from jobs.cli.main import main
+from jobs.stages.encode import run_encode
+from jobs.inference.generate import sample_generation
+from jobs.inference.engine import Inference
+from model import Memory3, save_model
+from pipelines.overlap import overlap
+from storage.bank import Bank, BankError
+from tests.conftest import small_embedded_bank
+
+pytestmark = pytest.mark.slow
+
+# tiny model: 16-token chunks, 2 memories per chunk, so a short generation crosses many swaps
+TINY = ["model.preset=tiny", "model.vocab_size=600", "model.ref_max_tokens=128", "model.max_seq_len=512",
+        "encode.codec=raw-fp32", "train.heldout_fraction=0.3", "infer.eval.sequences=4",
+        "infer.eval.tokens=96", "infer.eval.probe_refs=4", "infer.eval.batch_size=2"]
+
+
+@pytest.fixture(scope="module")
+def bank(tmp_path_factory, ray_local):
+    cfg, overrides, _ = small_embedded_bank(tmp_path_factory.mktemp("gen"), *TINY)
+    run_encode(cfg)
+    return cfg, overrides
+
+
+@pytest.fixture(scope="module")
+def inf(bank):
+    return Inference(bank[0])
+
+
+def ref_rows(cfg, n=None):
+    rows = Bank(cfg.bank.uri).dataset("refs").to_table(columns=["ref_id", "token_ids", "text"]).to_pylist()
+    return rows[:n] if n else rows
+
+
+def test_batched_equals_single_prompt_and_one_retrieval_per_swap_point(bank, inf):
+    cfg, _ = bank
+    cs = inf.model.config.mem_chunk_size
+    prompts = [r["token_ids"][:cs + 5] for r in ref_rows(cfg) if len(r["token_ids"]) > cs + 5][:4]
+    n_new = 3 * cs  # swaps at cs and 2*cs
+    r = inf.memory_retriever()
+    before = dict(r.counts)
+    batched = inf.generate_tokens(prompts, "memory", max_new_tokens=n_new, seeds=[1, 2, 3, 4],
+                                  batch_size=4, stop_at_eos=False)
+    spent = {k: r.counts[k] - before.get(k, 0) for k in ("embed", "search", "fetch")}
+    assert spent == {"embed": 3, "search": 3, "fetch": 3}  # prompt chunks, then 2 swaps, all rows at once
+    singles = [inf.generate_tokens([p], "memory", max_new_tokens=n_new, seeds=[s], batch_size=1,
+                                   stop_at_eos=False)[0] for p, s in zip(prompts, [1, 2, 3, 4])]
+    for one, many in zip(singles, batched):
+        assert one.tokens == many.tokens and len(one.tokens) == n_new
+        assert [vars(c) for c in one.reads] == [vars(c) for c in many.reads]
+    reads = batched[0].reads
+    assert [(c.start, c.end) for c in reads] == [(0, cs), (cs, cs + 5), (cs + 5, 2 * cs + 5),
+                                                 (2 * cs + 5, 3 * cs + 5), (3 * cs + 5, 4 * cs + 5)]
+    known = {row["ref_id"] for row in ref_rows(cfg)}
+    assert all(len(c.ref_ids) <= inf.model.config.mems_per_chunk and set(c.ref_ids) <= known for c in reads)
+
+
+def test_overlap_filter_drops_a_reference_the_context_contains(bank, inf):
+    cfg, _ = bank
+    r = inf.retriever()
+    rows = [x for x in ref_rows(cfg) if len(x["token_ids"]) >= 40][:6]
+    queries = [x["token_ids"] for x in rows]
+    unfiltered = r.with_filter(None).search_ids(queries, queries)
+    filtered = r.search_ids(queries, queries)
+    refs = r.ref_tokens({i for row in unfiltered + filtered for i in row})
+    for row, hits, kept in zip(rows, unfiltered, filtered):
+        assert row["ref_id"] in hits  # its own text retrieves it...
+        assert row["ref_id"] not in kept  # ...and the filter (overlap 1.0 > 2/3) drops it
+        assert all(overlap(row["token_ids"], refs[i]) <= 2 / 3 for i in kept)
+        assert len(kept) == inf.model.config.mems_per_chunk  # filled from the further candidates
+
+
+def test_ram_cache_serves_repeated_references(bank):
+    cfg, _ = bank
+    inf = Inference(cfg)  # a fresh store: an empty cache
+    prompt = ref_rows(cfg, 1)[0]["token_ids"][:20]
+    first = inf.generate_tokens([prompt], "memory", max_new_tokens=8)[0]
+    store = inf.store()
+    read = {i for c in first.reads for i in c.ref_ids}
+    assert store.misses == len(read) and store.hits == sum(len(c.ref_ids) for c in first.reads[:2]) - len(read)
+    hits, misses = store.hits, store.misses
+    again = inf.generate_tokens([prompt], "memory", max_new_tokens=8)[0]
+    assert again.tokens == first.tokens
+    assert store.misses == misses and store.hits == hits + sum(len(c.ref_ids) for c in first.reads[:2])
+
+
+def test_a_model_other_than_the_bank_s_is_refused_naming_both_hashes(bank, tmp_path, capsys):
+    cfg, overrides = bank
+    torch.manual_seed(123)
+    other = save_model(Memory3(cfg.model), tmp_path / "other")
+    cfg2 = dataclasses.replace(cfg, infer=dataclasses.replace(cfg.infer, checkpoint=str(other)))
+    inf = Inference(cfg2)
+    written = Bank(cfg.bank.uri).metadata("memories")["model_hash"]
+    with pytest.raises(BankError, match=f"written by model {written}, not by this model {inf.model_hash}"):
+        inf.generate(["a compiler"], "memory", max_new_tokens=4)
+    assert inf.generate(["a compiler"], "none", max_new_tokens=4)[0].mode == "none"  # no memories read
+    args = ["generate", "-c", "configs/demo.yaml", *sum((["--set", o] for o in overrides), []),
+            "--set", f"infer.checkpoint={other}", "a compiler"]
+    assert main(args) == 2
+    assert written in capsys.readouterr().err
+
+
+def test_cli_show_memories_jsonl_and_the_three_modes(bank, tmp_path, capsys):
+    cfg, overrides = bank
+    sets = sum((["--set", o] for o in overrides), [])
+    assert main(["generate", "-c", "configs/demo.yaml", *sets, "A compiler is", "--max-new-tokens", "20",
+                 "--show-memories"]) == 0
+    out = capsys.readouterr().out
+    ids = {r["ref_id"] for r in ref_rows(cfg)}
+    shown = [line.split()[0] for line in out.splitlines() if line.startswith("    ")]
+    assert "read the memories retrieved by tokens [0," in out and shown and set(shown) <= ids
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('"A compiler is"\n{"prompt": "The kernel"}\n\n{"prompt": "Unix"}\n')
+    for mode in ("memory", "none", "rag"):
+        dst = tmp_path / f"{mode}.jsonl"
+        assert main(["generate", "-c", "configs/demo.yaml", *sets, "--prompts", str(prompts), "--mode", mode,
+                     "--max-new-tokens", "12", "--output", str(dst)]) == 0
+        rows = [json.loads(line) for line in dst.read_text().splitlines()]
+        assert [r["prompt"] for r in rows] == ["A compiler is", "The kernel", "Unix"]
+        assert all(r["mode"] == mode and r["new_tokens"] <= 12 for r in rows)
+        assert all(bool(r["chunks"]) == (mode == "memory") for r in rows)
+        if mode == "rag":
+            assert all(len(r["rag_refs"]) == cfg.model.mems_per_chunk and r["rag_refs"][0]["text"] for r in rows)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": 3}\n')
+    assert main(["generate", "-c", "configs/demo.yaml", *sets, "--prompts", str(bad)]) == 2
+    assert "bad.jsonl:1" in capsys.readouterr().err
+
+
+def test_sample_generation_reports_text_and_the_references_each_chunk_read(bank, inf):
+    cfg, _ = bank
+    s = sample_generation(cfg, "A compiler is a program", max_new_tokens=40, inference=inf)
+    assert s["model_hash"] == inf.model_hash and s["mode"] == "memory" and isinstance(s["text"], str)
+    cs = inf.model.config.mem_chunk_size
+    spans = [tuple(c["tokens"]) for c in s["chunks"]]
+    assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))  # contiguous cover
+    assert all(c["refs"] and all(r["text"] for r in c["refs"]) for c in s["chunks"])
+    # the prompt (< cs tokens) is one chunk; the first generated chunk inherits its memories; every
+    # later one queried with the cs tokens before it
+    gen = [c for c in s["chunks"] if c["tokens"][0] > s["chunks"][0]["tokens"][1]]
+    assert len(gen) == 2 and all(c["query_tokens"] == [c["tokens"][0] - cs, c["tokens"][0]] for c in gen)

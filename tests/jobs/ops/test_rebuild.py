@@ -1,0 +1,229 @@
+"""`m3 rebuild`: incremental by content hash, published as `live` only when whole, retained."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import lance
+import pytest
+
+from jobs.config import load_config
+from jobs.stages.encode import run_encode
+from jobs.ops.rebuild import run_rebuild
+from storage.bank import Bank
+from storage.live import live_versions
+from storage.memory_store import MemoryStore
+from storage.retention import table_files
+from storage.sql import query
+from tests.conftest import ROOT, foldoc_records
+
+pytestmark = pytest.mark.slow
+
+TINY = ["model.preset=tiny", "model.vocab_size=600", "model.ref_max_tokens=128", "model.max_seq_len=512"]
+RECORDS = foldoc_records(36, min_words=40)
+
+
+def write_corpus(path: Path, records: list[dict]) -> Path:
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec) + "\n")
+    return path
+
+
+def edited(records: list[dict], generation: int) -> list[dict]:
+    """The base corpus with one entry changed, one removed and one added per generation."""
+    out = [dict(r) for r in records[:30]]
+    out[generation]["text"] += f" This entry was revised in generation {generation} of the corpus."
+    del out[10 + generation]
+    return out + [records[30 + generation]]
+
+
+def settings(corpus: Path, bank: Path, *extra: str) -> list[str]:
+    return [f"corpus.paths=[{corpus}]", f"bank.uri={bank}", "corpus.records_per_shard=100",
+            "tokenizer.vocab_size=600", "chunking.seq_len=256", "ray.num_cpus=2", *TINY,
+            "encode.refs_per_shard=64", "encode.batch_size=16", "encode.codec=raw-fp32",
+            "retrieval.refs_per_shard=64", "retrieval.threads_per_actor=1", *extra]
+
+
+def memories_by_ref(bank: Path, version: int | None = None) -> dict[str, bytes]:
+    ds = lance.dataset(str(bank / "memories.lance"), version=version)
+    t = ds.to_table(columns=["ref_id", "payload"])
+    return dict(zip(t.column("ref_id").to_pylist(), t.column("payload").to_pylist()))
+
+
+def live_consistent(bank: Path) -> tuple[int, dict]:
+    """What a reader sees through `live`: refs, memories and embeddings of one build."""
+    b = Bank(str(bank), live=True)
+    refs = b.dataset("refs").to_table(columns=["ref_id", "content_hash"])
+    mem = b.dataset("memories").to_table(columns=["ref_id", "content_hash"])
+    emb = b.dataset("embeddings").to_table(columns=["ref_id", "content_hash"])
+    pairs = lambda t: set(zip(t.column("ref_id").to_pylist(), t.column("content_hash").to_pylist()))  # noqa: E731
+    assert pairs(refs) == pairs(mem) == pairs(emb), "live refs, memories and embeddings disagree"
+    n_sql = query(b, "SELECT count(*) FROM refs JOIN memories USING (ref_id, content_hash)")[1][0][0]
+    assert n_sql == refs.num_rows
+    store = MemoryStore(b, b.metadata("memories")["model_hash"])
+    assert len(store) == refs.num_rows
+    store.fetch(refs.column("ref_id").to_pylist()[:3])
+    return refs.num_rows, b.pins
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, ray_local):
+    """A bank after a first (full) rebuild and a second, incremental one."""
+    root = tmp_path_factory.mktemp("rebuild")
+    corpus, bank = root / "c.jsonl.gz", root / "bank"
+    write_corpus(corpus, edited(RECORDS, 0))
+    overrides = settings(corpus, bank)
+    first = run_rebuild(load_config("configs/demo.yaml", overrides))
+    v1 = live_versions(str(bank))
+    old = memories_by_ref(bank)
+    write_corpus(corpus, edited(RECORDS, 1))
+    second = run_rebuild(load_config("configs/demo.yaml", overrides))
+    return root, corpus, bank, overrides, first, second, v1, old
+
+
+def test_first_rebuild_builds_everything_and_publishes_live(built):
+    root, corpus, bank, overrides, first, second, v1, old = built
+    assert first["status"] == "published" and first["changed"] == first["removed"] == 0 and first["added"] > 0
+    assert set(v1) == {"documents", "rejects", "refs", "train_sequences", "memories", "embeddings"}
+    assert Bank(str(bank)).tags("memories")["live"] == live_versions(str(bank))["memories"]
+    live_consistent(bank)
+
+
+def test_second_rebuild_encodes_only_new_and_changed_references(built):
+    root, corpus, bank, overrides, first, second, v1, old = built
+    mem = second["memories"]
+    assert second["status"] == "published"
+    assert mem["added"] > 0 and mem["changed"] > 0 and mem["removed"] > 0, mem
+    # only the edited entries moved: the rest were copied
+    assert mem["added"] + mem["changed"] < mem["unchanged"] / 5, mem
+    assert second["embeddings"]["added"] == mem["added"] and second["embeddings"]["removed"] == mem["removed"]
+    new = memories_by_ref(bank)
+    kept = set(new) & set(old)
+    # a copied row is byte for byte the old one
+    assert sum(new[r] == old[r] for r in kept) >= mem["unchanged"]
+    live_consistent(bank)
+
+
+def test_incremental_bank_equals_a_full_encode(built, tmp_path):
+    root, corpus, bank, overrides, *_ = built
+    full = tmp_path / "full"
+    shutil.copytree(bank, full)
+    shutil.rmtree(full / "memories.lance")
+    run_encode(load_config("configs/demo.yaml", settings(corpus, full)))
+    assert memories_by_ref(full) == memories_by_ref(bank)
+
+
+def test_nothing_changed_is_no_work(built, capsys):
+    root, corpus, bank, overrides, *_ = built
+    before = live_versions(str(bank))
+    summary = run_rebuild(load_config("configs/demo.yaml", overrides))
+    assert summary["status"] == "up_to_date" and live_versions(str(bank)) == before
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_new_model_reencodes_everything(built, tmp_path):
+    root, corpus, bank, overrides, *_ = built
+    copy = tmp_path / "bank"
+    shutil.copytree(bank, copy)
+    summary = run_rebuild(load_config("configs/demo.yaml", settings(corpus, copy, "encode.seed=1",
+                                                                    "rebuild.embeddings=false")))
+    mem = summary["memories"]
+    assert mem["unchanged"] == 0 and mem["changed"] == Bank(str(copy)).dataset("refs").count_rows()
+
+
+def test_reader_never_sees_a_killed_rebuild(built, tmp_path):
+    """A reader loops over the live build while a rebuild is killed before publishing and run
+    again: every read is of one whole build, first the old one, then the new one."""
+    root, corpus, bank, overrides, *_ = built
+    b2 = tmp_path / "bank"
+    shutil.copytree(bank, b2)
+    corpus2 = write_corpus(tmp_path / "c.jsonl.gz", edited(RECORDS, 2))
+    over = settings(corpus2, b2)
+    seen, errors, stop = [], [], threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            try:
+                seen.append(live_consistent(b2)[1]["memories"])
+            except Exception as e:  # noqa: BLE001 - recorded, asserted below
+                errors.append(repr(e))
+                return
+
+    old_live = live_versions(str(b2))
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        env = {**os.environ, "M3_CRASH_AT": "publish:1", "M3_PROGRESS": "0"}
+        args = [sys.executable, "-m", "jobs", "rebuild", "-c", "configs/demo.yaml"]
+        for o in over:
+            args += ["--set", o]
+        killed = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert killed.returncode == 75, killed.stderr[-2000:]
+        assert live_versions(str(b2)) == old_live  # the half-finished build is not live
+        assert Bank(str(b2)).table("memories").version > old_live["memories"]  # but it was written
+        summary = run_rebuild(load_config("configs/demo.yaml", over))
+        n_published = len(seen)  # reads finished before the new build was live (or during)
+        while len(seen) < n_published + 2 and not errors:
+            stop.wait(0.05)  # the first may have started before publishing; the second did not
+    finally:
+        stop.set()
+        t.join()
+    assert not errors, errors
+    assert summary["memories"]["status"] == "up_to_date"  # resumed: the killed run's memories were kept
+    assert summary["status"] == "published"
+    assert set(seen) == {old_live["memories"], live_versions(str(b2))["memories"]}
+
+
+def test_retention_keeps_the_bank_from_growing(built, tmp_path):
+    root, corpus, bank, overrides, *_ = built
+    b3 = tmp_path / "bank"
+    shutil.copytree(bank, b3)
+    c3 = tmp_path / "c.jsonl.gz"
+    files = []
+    for gen in range(2, 5):
+        write_corpus(c3, edited(RECORDS, gen))
+        run_rebuild(load_config("configs/demo.yaml", settings(c3, b3, "rebuild.keep_builds=2",
+                                                              "rebuild.embeddings=false")))
+        files.append({t: table_files(str(b3), t) for t in ("refs", "memories", "documents")})
+    for table in ("refs", "memories", "documents"):
+        versions = [v["version"] for v in lance.dataset(str(b3 / f"{table}.lance")).versions()]
+        assert len(versions) == 2, (table, versions)  # the two newest builds, nothing older
+    assert files[-1] == files[-2], files  # steady state: a rebuild adds as many files as it removes
+    live_consistent_no_embeddings = Bank(str(b3), live=True)
+    assert live_consistent_no_embeddings.dataset("memories").count_rows() == \
+        live_consistent_no_embeddings.dataset("refs").count_rows()
+
+
+def test_rebuild_killed_mid_encode_resumes_without_loss_or_duplication(built, tmp_path):
+    """A new model re-encodes every reference in 2 shards through the actor pool; the rebuild
+    is killed after the first shard and run again: one memory per reference, equal to a clean
+    full encode with that model."""
+    root, corpus, bank, overrides, *_ = built
+    b4 = tmp_path / "bank"
+    shutil.copytree(bank, b4)
+    over = settings(corpus, b4, "encode.seed=2", "rebuild.embeddings=false")
+    args = [sys.executable, "-m", "jobs", "rebuild", "-c", "configs/demo.yaml"]
+    for o in over:
+        args += ["--set", o]
+    killed = subprocess.run(args, cwd=ROOT, env={**os.environ, "M3_CRASH_AT": "encode:1", "M3_PROGRESS": "0"},
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == 75, killed.stderr[-2000:]
+    staged = list((b4 / "_staging").glob("encode-*/memories/*.parquet"))
+    assert len(staged) >= 1  # the finished shard is kept for the rerun
+    summary = run_rebuild(load_config("configs/demo.yaml", over))
+    assert summary["status"] == "published"
+    ids = lance.dataset(str(b4 / "memories.lance")).to_table(columns=["ref_id"]).column("ref_id").to_pylist()
+    assert len(ids) == len(set(ids)) == Bank(str(b4)).dataset("refs").count_rows()
+    full = tmp_path / "full"
+    shutil.copytree(b4, full)
+    shutil.rmtree(full / "memories.lance")
+    run_encode(load_config("configs/demo.yaml", settings(corpus, full, "encode.seed=2")))
+    assert memories_by_ref(full) == memories_by_ref(b4)

@@ -1,0 +1,146 @@
+"""Two-stage training end to end: real DeepSpeed (gloo, CPU) under real Ray Train, tiny model.
+
+The bank is a small real one: FOLDOC ingested, embedded and paired by the jobs themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from jobs.config import ConfigError, load_config
+from jobs.config.loader import _Where, build
+from jobs.stages.embed import run_embed
+from jobs.stages.ingest import run_ingest
+from jobs.stages.pair import run_pair
+from jobs.training.trainer import TrainError, read_log, run_train
+from jobs.models import stage_dir
+from jobs.training.evidence import evaluate_checkpoint
+from jobs.config.train import TrainConfig
+from model import load_model, model_hash
+from storage.bank import BankError
+from tests.conftest import ROOT, write_foldoc_corpus
+
+pytestmark = pytest.mark.slow
+
+TINY = ["model.preset=tiny", "model.vocab_size=600", "model.ref_max_tokens=128",
+        "model.max_seq_len=512", "model.mem_chunk_size=64"]
+FAST = dict(workers=2, cpus_per_worker=0.5, micro_batch=2, checkpoint_every=2, lr_warmup_steps=1,
+            log_every=2, eval_sequences=4, max_tokens=192)
+
+
+def config(corpus: Path, bank: Path, *extra: str):
+    """configs/demo.yaml made tiny: the small real corpus, the tiny model, one thread per actor."""
+    return load_config(ROOT / "configs" / "demo.yaml", [
+        f"corpus.paths=[{corpus}]", f"bank.uri={bank}", "corpus.records_per_shard=100",
+        "tokenizer.vocab_size=600", "chunking.seq_len=256", "ray.num_cpus=2", "retrieval.refs_per_shard=200",
+        "retrieval.threads_per_actor=1", "pair.seqs_per_shard=32", *TINY, *extra])
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, ray_local):
+    """An ingested, embedded and paired tiny bank; tests copy it."""
+    root = tmp_path_factory.mktemp("train")
+    corpus = write_foldoc_corpus(root / "c.jsonl.gz", 120, min_words=60)
+    bank = root / "bank"
+    cfg = config(corpus, bank)
+    run_ingest(cfg)
+    run_embed(cfg)
+    run_pair(cfg)
+    return corpus, bank
+
+
+def copy_bank(base, tmp_path, name="bank"):
+    dst = tmp_path / name
+    shutil.copytree(base[1], dst)
+    return config(base[0], dst)
+
+
+def test_two_workers_warmup_then_continual(base, tmp_path):
+    cfg = copy_bank(base, tmp_path)
+    tc = TrainConfig(**FAST, warmup_stage_steps=4, continual_stage_steps=4, zero_stage=1)
+    warm = run_train(cfg, "warmup", tc)
+    rows = read_log(cfg, "warmup")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and warm["steps"] == 4
+    assert all(r["memory_hits"] == 0 and r["tokens_per_s"] > 0 for r in rows)
+    model_dir = stage_dir(cfg, "warmup") / "model"
+    assert model_hash(load_model(model_dir)) == json.loads((model_dir / "export.json").read_text())["model_hash"]
+
+    cont = run_train(cfg, "continual", tc)
+    rows = read_log(cfg, "continual")
+    assert len(rows) == 4 and all(r["memory_hits"] > 0 for r in rows)
+    assert all(r["chunks"] == 2 * 2 * 3 for r in rows)  # 2 workers x 2 sequences x 192/64 chunks
+    export = json.loads((stage_dir(cfg, "continual") / "model" / "export.json").read_text())
+    # what the model was trained to read, which the bank's readers hold the served memories to
+    assert export["memory"] == {"reads_memory": True, "schedule": "serving", "top_k": cfg.model.mem_top_k,
+                                "codec": "int8", "refs_per_chunk": cfg.model.mems_per_chunk}
+    assert json.loads((model_dir / "export.json").read_text())["memory"] == {"reads_memory": False}
+    ev = cont["evidence"]
+    assert set(ev) >= {"warmup_loss", "continual_loss_no_memory", "continual_loss_memory"}
+    assert ev["paired"]["of"] == ev["sequences"] and ev["paired_other"]["of"] == ev["sequences"]
+    # the continual stage started from the warmup weights, not from a fresh init
+    warm_ev = evaluate_checkpoint(cfg, model_dir, tc, with_memory=False)
+    assert warm_ev["sink"] is False and warm_ev["modes"]["none"]["loss"] == pytest.approx(ev["warmup_loss"])
+
+
+def test_memory_from_scratch_and_the_control_recipe(base, tmp_path):
+    """The paper's Fig. 11 recipes: a warmup stage that reads memories (memory from scratch, the
+    paper's schedule) and a continual stage trained on the same tokens without them (the control),
+    each in a run directory of its own."""
+    import dataclasses
+
+    cfg = copy_bank(base, tmp_path)
+    tc = TrainConfig(**FAST, warmup_stage_steps=2, continual_stage_steps=2, memory_schedule="paper",
+                     sparsify_refs=False, through_codec=False, warmup_with_memory=True,
+                     continual_with_memory=False, run_dir=str(tmp_path / "runs" / "mm"))
+    run_train(cfg, "warmup", tc)
+    cfg = dataclasses.replace(cfg, train=tc)
+    assert [r["memory_hits"] > 0 for r in read_log(cfg, "warmup")] == [True, True]
+    warm = stage_dir(cfg, "warmup") / "model"
+    assert warm.parent.parent == tmp_path / "runs" / "mm"
+    assert json.loads((warm / "export.json").read_text())["memory"] == {
+        "reads_memory": True, "schedule": "paper", "top_k": 128, "codec": None, "refs_per_chunk": 1}
+    out = run_train(cfg, "continual", tc)
+    assert "evidence" not in out  # a continual stage without memory has no memory to give evidence for
+    assert all(r["memory_hits"] == 0 for r in read_log(cfg, "continual"))
+    assert json.loads((stage_dir(cfg, "continual") / "model" / "export.json").read_text())["memory"] == {
+        "reads_memory": False}
+
+
+def test_resume_after_kill_reproduces_the_loss_trajectory(base, tmp_path, monkeypatch):
+    tc = TrainConfig(**FAST, warmup_stage_steps=6, zero_stage=2)
+    straight = copy_bank(base, tmp_path, "straight")
+    run_train(straight, "warmup", tc)
+    want = [r["loss"] for r in read_log(straight, "warmup")]
+
+    crashed = copy_bank(base, tmp_path, "crashed")
+    monkeypatch.setenv("M3_CRASH_AT", "train:3")  # dies after step 3; last checkpoint is step 2
+    with pytest.raises(TrainError):
+        run_train(crashed, "warmup", tc)
+    assert [r["step"] for r in read_log(crashed, "warmup")] == [1, 2, 3]
+    monkeypatch.delenv("M3_CRASH_AT")
+    run_train(crashed, "warmup", tc)
+    got = [r["loss"] for r in read_log(crashed, "warmup")]
+    assert len(got) == len(want) == 6
+    assert got == pytest.approx(want, abs=1e-6, rel=0)
+    a, b = (load_model(stage_dir(c, "warmup") / "model") for c in (straight, crashed))
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert (x - y).abs().max().item() < 1e-6, name
+
+
+def test_config_errors(base, tmp_path):
+    cfg = config(base[0], base[1])
+    with pytest.raises(ConfigError, match="--stage"):
+        run_train(cfg, "finetune", TrainConfig())
+    with pytest.raises(BankError, match="warmup"):
+        run_train(cfg, "continual",
+                  TrainConfig(warmup_checkpoint=str(tmp_path / "no-warmup")))
+    with pytest.raises(ConfigError, match="zero_stage"):
+        build(TrainConfig, {"zero_stage": 3}, "train", _Where("test.yaml"))
+    with pytest.raises(ValueError, match="zero_stage"):
+        TrainConfig(zero_stage=0)
+    with pytest.raises(ConfigError, match="max_tokens"):
+        run_train(cfg, "warmup", TrainConfig(max_tokens=4096))

@@ -11,6 +11,10 @@ Each table also gets a Lance tag `live` on the same version, moved after the man
 `m3 bank stats`, LanceDB and Lance tools show it; the manifest is the source of truth (tags are
 per table, so moving several is not atomic). The manifest keeps a short history of published
 builds: retention (storage/retention.py) keeps the versions they name.
+
+Each published build gets a number at publish time (1, 2, ...; never reused, so `m3 sql --build 7`
+and `m3 bank diff 6 7` mean the same build next month). Manifests written before numbers existed
+are numbered by position in their history, and those numbers are written down at the next publish.
 """
 
 from __future__ import annotations
@@ -47,16 +51,32 @@ def live_versions(bank_uri: str) -> dict[str, int]:
     return dict(manifest["versions"]) if manifest else {}
 
 
+# what a history entry remembers of a build: its versions, when, and the lineage keys `m3 bank diff`
+# and the `builds` view show
+RECORD = ("build", "versions", "published_at", "ingest_key", "encode_key", "compacted_from")
+
+
+def numbered(history: list[dict]) -> list[dict]:
+    """The history with every entry's build number (entries written before numbers existed get
+    their 1-based position)."""
+    return [{**h, "build": h.get("build", i + 1)} for i, h in enumerate(history)]
+
+
 def publish(bank, versions: dict[str, int], info: dict | None = None) -> dict:
     """Make `versions` the live build: atomically replace the manifest, then move the tags.
 
     Idempotent: publishing the live build again only re-moves tags a crash left behind."""
     old = read_manifest(bank.uri) or {"history": []}
-    history = [h for h in old.get("history", []) if h["versions"] != versions]
-    entry = {"versions": dict(versions), "published_at": time.time(), **(info or {})}
-    if old.get("versions") == versions:
-        entry = old  # same build: keep its original record, do not grow the history
-    manifest = {**entry, "history": (history + [{k: entry[k] for k in ("versions", "published_at")}])[-HISTORY:]}
+    numbers = numbered(old.get("history", []))
+    history = [h for h in numbers if h["versions"] != versions]
+    entry = {"versions": dict(versions), "published_at": time.time(), **(info or {}),
+             "build": max([h["build"] for h in numbers], default=0) + 1}
+    if old.get("versions") == versions:  # same build: keep its original record, do not grow the history
+        same = [h["build"] for h in numbers if h["versions"] == versions]
+        entry = {**old, "build": old.get("build", same[-1] if same else entry["build"])}
+    entry.pop("history", None)
+    record = {k: entry[k] for k in RECORD if k in entry}
+    manifest = {**entry, "history": (history + [record])[-HISTORY:]}
     write_text_atomic(_path(bank.uri), json.dumps(manifest, indent=1, sort_keys=True, default=str))
     for name, version in versions.items():
         if bank.tags(name).get(TAG) != version:

@@ -1,10 +1,18 @@
 """Keeping a rebuilt bank from growing without bound.
 
 Every rebuild writes new versions, and Lance keeps every old version's files until told
-otherwise (that is what makes time travel and pinned readers work). After a build is published,
-`apply_retention` keeps the versions named by the newest `keep_builds` published builds (a
-reader opened on a recent build keeps working) and everything after the oldest of them, and
-deletes the rest: their tags (except `live`) and then their files (Lance cleanup_old_versions).
+otherwise (that is what makes time travel and pinned readers work). `apply_retention` is the one
+place versions are deleted, by `m3 rebuild` after each publish and by `m3 bank compact`. Per table
+it keeps
+- the versions named by the newest `keep_builds` published builds (a reader opened on a recent
+  build keeps working: Bank(uri, live=True) pins the versions it read from the manifest);
+- every version at or after the live one (a rebuild or stage in progress writes newer versions);
+- the `live` tag's version, and, with keep_tags (`m3 bank compact`), every tagged version: a tag
+  is how a user keeps a build forever;
+and deletes the rest with their files (Lance cleanup_old_versions). Without keep_tags (the
+rebuild), tags on deleted versions go first: the stage runner tags each write, and a tag pins its
+version's files forever. A reader pinned to a deleted version (an older build than the kept ones)
+fails on its next read with Lance's "version not found"/missing-file error; it must reopen.
 
 `compact` merges small fragments into large ones (Lance compact_files). Our writes replace a
 whole table in one streaming write, so fragments rarely pile up; compaction matters for tables
@@ -17,7 +25,7 @@ from pathlib import Path
 
 import lance
 
-from storage.live import TAG
+from storage.live import TAG, numbered, publish, read_manifest
 from storage.layout import BankLayout
 
 
@@ -31,23 +39,33 @@ def compact(uri: str, min_fragments: int = 2) -> int | None:
     return lance.dataset(uri).version
 
 
-def apply_retention(bank_uri: str, manifest: dict, keep_builds: int) -> dict[str, dict]:
-    """Delete the versions (and their files) older than the `keep_builds` newest published
-    builds. Returns per table what was removed."""
-    history = manifest.get("history", [])[-keep_builds:] or [{"versions": manifest["versions"]}]
+def kept_builds(manifest: dict, keep_builds: int) -> list[dict]:
+    """The history entries whose versions retention keeps (the newest `keep_builds`)."""
+    return manifest.get("history", [])[-keep_builds:] or [{"versions": manifest["versions"]}]
+
+
+def kept_versions(ds, table: str, manifest: dict, keep_builds: int, keep_tags: bool) -> set[int]:
+    """The versions of `table` (open as Lance dataset `ds`) that retention keeps."""
+    live = manifest["versions"][table]
+    keep = {h["versions"][table] for h in kept_builds(manifest, keep_builds) if table in h["versions"]}
+    tags = {t: info["version"] for t, info in ds.tags.list().items()}
+    keep |= {v for t, v in tags.items() if keep_tags or t == TAG}
+    return keep | {v["version"] for v in ds.versions() if v["version"] >= live}
+
+
+def apply_retention(bank_uri: str, manifest: dict, keep_builds: int, keep_tags: bool = False) -> dict[str, dict]:
+    """Delete every version (and its files) that no kept build, tag or newer-than-live write
+    holds (see the module docstring). Returns per table what was removed."""
     out = {}
     for table in manifest["versions"]:
-        kept = [h["versions"][table] for h in history if table in h["versions"]]
-        if not kept:
-            continue
-        keep_from = min(kept)
         ds = lance.dataset(BankLayout(bank_uri).table(table))
+        keep = kept_versions(ds, table, manifest, keep_builds, keep_tags)
         dropped_tags = []
         for tag, info in ds.tags.list().items():
-            if tag != TAG and info["version"] < keep_from:
-                ds.tags.delete(tag)  # a tag pins its version's files forever
+            if tag != TAG and info["version"] not in keep:
+                ds.tags.delete(tag)  # only without keep_tags: kept_versions holds every tag's version then
                 dropped_tags.append(tag)
-        old = [v["version"] for v in ds.versions() if v["version"] < keep_from]
+        old = [v["version"] for v in ds.versions() if v["version"] not in keep]
         if not old:
             continue
         # delete_unverified stays off: files no version references may belong to a write in
@@ -56,6 +74,41 @@ def apply_retention(bank_uri: str, manifest: dict, keep_builds: int) -> dict[str
         stats = ds.cleanup_old_versions(versions=old, error_if_tagged_old_versions=False)
         out[table] = {"versions_removed": len(old), "bytes_removed": stats.bytes_removed, "tags_removed": dropped_tags}
     return out
+
+
+def compact_bank(bank_uri: str, keep_builds: int, min_fragments: int = 2) -> dict:
+    """`m3 bank compact` (the caller holds the rebuild lock): merge the fragments of each live
+    table that is not behind a newer write, publish the compacted versions (same rows) as a new
+    build, then apply retention keeping tags.
+
+    Readers: one opened on the live build before this (Bank(uri, live=True) pins its versions)
+    keeps reading it: that build stays a kept one (retention here keeps one build more when a
+    compacted build was published, so even keep_builds=1 keeps it until the next rebuild). A
+    reader pinned to a build older than the kept ones fails on its next read, as after a rebuild.
+    """
+    from storage.bank import Bank, BankError
+
+    manifest = read_manifest(bank_uri)
+    if not manifest:
+        raise BankError(f"bank {bank_uri} has no published build: nothing to compact (run `m3 rebuild`)")
+    layout, live = BankLayout(bank_uri), manifest["versions"]
+    compacted, skipped = {}, []
+    for table, version in live.items():
+        if lance.dataset(layout.table(table)).latest_version != version:
+            skipped.append(table)  # a newer, unpublished write: compacting it would publish it
+            continue
+        if (new := compact(layout.table(table), min_fragments)) is not None:
+            compacted[table] = {"from": version, "to": new}
+    keep = keep_builds
+    if compacted:
+        build = numbered(manifest["history"])[-1]["build"] if manifest.get("history") else None
+        info = {k: manifest[k] for k in ("ingest_key", "encode_key") if k in manifest}
+        versions = {**live, **{t: c["to"] for t, c in compacted.items()}}
+        manifest = publish(Bank(bank_uri), versions, {**info, "compacted_from": manifest.get("build", build)})
+        keep += 1
+    retention = apply_retention(bank_uri, manifest, keep, keep_tags=True)
+    return {"compacted": compacted, "skipped_newer_write": skipped, "build": manifest.get("build"),
+            "retention": retention}
 
 
 def table_files(bank_uri: str, table: str) -> int:

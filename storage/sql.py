@@ -4,6 +4,11 @@ DuckDB's own `lance` extension cannot be installed here (no download), so each t
 to DuckDB as a Lance dataset object: DuckDB scans it through Arrow with projection and filter
 pushdown, so `SELECT doc_id FROM documents WHERE ...` reads one column, not the whole table.
 Registered objects cannot be written through SQL, which makes the views read only.
+
+Which version of each table a view reads is the Bank's business (`bank.pins`): the live build by
+default, or a build, tag or version (storage/builds.py, `m3 sql --build/--tag/--version`). A
+`builds` view lists the published builds (storage/builds.builds_table); it lists every table's
+files, so it is built only when the query names it.
 """
 
 from __future__ import annotations
@@ -25,15 +30,19 @@ class SQLError(M3Error, ValueError):
     pass
 
 
-def connect(bank: Bank) -> duckdb.DuckDBPyConnection:
+def connect(bank: Bank, builds: bool = True) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect(":memory:")
     for name in bank.tables():
         con.register(name, bank.dataset(name))
+    if builds and "builds" not in bank.tables():
+        from storage.builds import builds_table
+
+        con.register("builds", builds_table(bank.uri))
     return con
 
 
 def query(bank: Bank, sql: str) -> tuple[list[str], list[tuple]]:
-    con = connect(bank)
+    con = connect(bank, builds="builds" in sql.lower())
     try:
         cur = con.execute(sql)
     except duckdb.Error as e:

@@ -48,11 +48,24 @@ def cmd_train(cfg, args) -> int:
 
 
 def cmd_bank(cfg, args) -> int:
-    from jobs.ops.bank_stats import bank_stats, render
-    from storage.bank import Bank
+    if args.action == "diff":
+        from storage.diff import diff_builds, render
 
-    stats = bank_stats(Bank(cfg.bank.uri))
-    print(json.dumps(stats, indent=2) if args.format == "json" else render(stats))
+        if len(args.builds) != 2:
+            raise M3Error("usage: m3 bank diff A B (build numbers, `live`, or offsets like -1)")
+        out = diff_builds(cfg.bank.uri, *args.builds)
+    elif args.builds:
+        raise M3Error(f"`m3 bank {args.action}` takes no arguments (got {' '.join(args.builds)})")
+    elif args.action == "compact":
+        from jobs.ops.compact import render, run_compact
+
+        out = run_compact(cfg)
+    else:
+        from jobs.ops.bank_stats import bank_stats, render
+        from storage.bank import Bank
+
+        out = bank_stats(Bank(cfg.bank.uri), cfg.rebuild.keep_builds)
+    print(json.dumps(out, indent=2) if args.format == "json" else render(out))
     return 0
 
 
@@ -60,8 +73,12 @@ def cmd_sql(cfg, args) -> int:
     from storage.bank import Bank
     from storage.sql import query, render
 
-    # live=True: the last published build, never a rebuild in progress (storage/live.py)
-    columns, rows = query(Bank(cfg.bank.uri, live=True), args.query)
+    from storage.builds import pinned_bank
+
+    # default: the last published build, never a rebuild in progress (storage/live.py)
+    pinned = args.build is not None or args.tag is not None or args.versions
+    bank = pinned_bank(cfg.bank.uri, args.build, args.tag, args.versions) if pinned else Bank(cfg.bank.uri, live=True)
+    columns, rows = query(bank, args.query)
     print(render(columns, rows, args.format))
     return 0
 
@@ -111,12 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--exact", action="store_true", help="exact scan instead of the ANN index")
     train = sub.add_parser("train", parents=[common], help="pretraining on DeepSpeed via Ray Train")
     train.add_argument("--stage", required=True, help="warmup (no memory) or continual (with memory)")
-    bank = sub.add_parser("bank", parents=[common], help="bank inspection: `m3 bank stats`")
-    bank.add_argument("action", choices=("stats",))
+    bank = sub.add_parser("bank", parents=[common], help="`m3 bank stats`, `m3 bank diff A B`, `m3 bank compact`")
+    bank.add_argument("action", choices=("stats", "diff", "compact"))
+    bank.add_argument("builds", nargs="*", metavar="BUILD", help="diff: two builds (numbers, `live`, -1 = before live)")
     bank.add_argument("--format", choices=("table", "json"), default="table")
     sql = sub.add_parser("sql", parents=[common], help="run read-only SQL (DuckDB) over the bank's tables")
     sql.add_argument("query")
     sql.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    sql.add_argument("--build", help="read a published build: its number, `live`, or -1 = the one before live")
+    sql.add_argument("--tag", help="read each table at this Lance tag (tables without it: the live build)")
+    sql.add_argument("--version", dest="versions", action="append", default=[], metavar="TABLE=V",
+                     help="read TABLE at version V (repeatable; applied after --build/--tag)")
     run = sub.add_parser("run", parents=[common], help="every stage in order, then the run report")
     run.add_argument("--from", dest="start", metavar="STAGE", help="start at this stage (the earlier ones are done)")
     run.add_argument("--only", metavar="STAGES", help="comma-separated stages to run, in pipeline order")

@@ -27,6 +27,9 @@ class RebuildConfig:
     # A lock taken on another host is considered stale after this long (same-host locks are
     # checked by pid): set it above the longest rebuild.
     lock_stale_s: float = field(default=24 * 3600.0, metadata={"gt": 0})
+    # After each rebuild also run `m3 bank compact` (merge fragments, publish the compacted
+    # build, delete versions no kept build or tag holds) while still holding the lock.
+    compact_after: bool = False
 
     def __post_init__(self):
         check_fields(self)

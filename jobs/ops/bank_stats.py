@@ -1,10 +1,20 @@
-"""`m3 bank stats`: rows, versions and tags of every table, and what a memory costs to store."""
+"""`m3 bank stats`: rows, versions and tags of every table, bytes on disk, and what a memory costs.
+
+Bytes answer "why is the bank directory 40 GB?": per table, `live` = the files the kept builds
+(the newest rebuild.keep_builds published ones) reference, `dead` = every other file in the
+table's directory: versions retention or `m3 bank compact` will delete, plus what they keep on
+purpose (tags, a write newer than the live build) and small manifest/transaction files. A table no
+build names (neighbors, runs) counts its latest version as live. live + dead = the directory.
+"""
 
 from __future__ import annotations
 
 import math
 
 from storage.bank import Bank
+from storage.footprint import TableFiles
+from storage.live import read_manifest
+from storage.retention import kept_builds
 from storage.sql import query
 
 
@@ -14,13 +24,19 @@ def dense_bytes(model) -> int:
     return model["n_layers"] * model["n_heads"] * model["ref_max_tokens"] * model["head_dim"] * 2 * 2
 
 
-def bank_stats(bank: Bank) -> dict:
+def bank_stats(bank: Bank, keep_builds: int = 3) -> dict:
     tables = {}
+    manifest = read_manifest(bank.uri)
+    builds = kept_builds(manifest, keep_builds) if manifest else []
     for name in bank.tables():
         tbl = bank.table(name)
+        kept = {h["versions"][name] for h in builds if name in h["versions"]} or {tbl.version}
+        live, dead = TableFiles(bank.uri, name).live_dead(kept)
         tables[name] = {"rows": tbl.count_rows(), "version": tbl.version, "versions": len(tbl.list_versions()),
-                        "tags": bank.tags(name)}
-    out = {"uri": bank.uri, "tables": tables}
+                        "tags": bank.tags(name), "live_bytes": live, "dead_bytes": dead}
+    out = {"uri": bank.uri, "tables": tables, "kept_builds": [h.get("build") for h in builds],
+           "live_bytes": sum(t["live_bytes"] for t in tables.values()),
+           "dead_bytes": sum(t["dead_bytes"] for t in tables.values())}
     if "memories" in tables:
         meta = bank.metadata("memories")
         _, rows = query(bank, "SELECT codec, count(*), avg(octet_length(payload)), any_value(shape) "
@@ -37,11 +53,24 @@ def bank_stats(bank: Bank) -> dict:
     return out
 
 
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1000
+    return ""
+
+
 def render(stats: dict) -> str:
-    lines = [f"bank {stats['uri']}", "", f"{'table':<16}{'rows':>10}{'version':>9}{'versions':>10}  tags"]
+    lines = [f"bank {stats['uri']}", "",
+             f"{'table':<16}{'rows':>10}{'version':>9}{'versions':>10}{'live':>10}{'dead':>10}  tags"]
+    mb = lambda n: f"{human_bytes(n):>10}"  # noqa: E731
     for name, t in stats["tables"].items():
         tags = ", ".join(f"{k}->v{v}" for k, v in t["tags"].items()) or "-"
-        lines.append(f"{name:<16}{t['rows']:>10,}{t['version']:>9}{t['versions']:>10}  {tags}")
+        lines.append(f"{name:<16}{t['rows']:>10,}{t['version']:>9}{t['versions']:>10}"
+                     f"{mb(t['live_bytes'])}{mb(t['dead_bytes'])}  {tags}")
+    kept = ", ".join(str(b) for b in stats["kept_builds"]) or "none published: latest versions"
+    lines.append(f"{'total':<45}{mb(stats['live_bytes'])}{mb(stats['dead_bytes'])}  live = kept builds ({kept})")
     mem = stats.get("memories")
     if mem:
         lines += ["", f"memories of model {mem['model_hash'][:16]}... (quantizer {mem['quantizer_hash'] or '-'})",

@@ -13,7 +13,8 @@
 5. publish   the `live` manifest names the new version of every table in one atomic rename,
              then each table's `live` tag moves (storage/live.py). Readers that follow `live`
              (m3 sql, MemoryStore, Bank(uri, live=True)) never see a build that did not finish;
-6. retain    versions older than the newest `rebuild.keep_builds` published builds are deleted.
+6. retain    versions older than the newest `rebuild.keep_builds` published builds are deleted;
+7. compact   with rebuild.compact_after, `m3 bank compact` under the same lock (jobs/ops/compact.py).
 
 A rebuild killed anywhere before 5 leaves the live build untouched; run it again and it resumes
 (each stage keeps its finished shards or its committed table). Nothing changed -> every step
@@ -28,6 +29,7 @@ import time
 from jobs.config import Config
 from jobs.faults import maybe_crash
 from jobs.stages.ingest import TABLES  # the tables ingest writes
+from jobs.ops.compact import compact_locked
 from jobs.ops.lock import BankLock
 from storage.bank import Bank
 from storage.live import TAG, live_versions, publish
@@ -98,10 +100,14 @@ def run_rebuild(cfg: Config) -> dict:
                                             "encode_key": bank.metadata("memories").get("encode_key")})
         retention = apply_retention(cfg.bank.uri, manifest, cfg.rebuild.keep_builds)
         lap("publish")
+        compaction = compact_locked(cfg) if cfg.rebuild.compact_after else None
+        if compaction:
+            versions = live_versions(cfg.bank.uri)
+            lap("compact")
     counts = {k: memories[k] for k in ("added", "changed", "removed")}
     summary = {"status": "published" if changed else "up_to_date", **counts, "versions": versions, "tag": TAG,
                "ingest": ingest.get("status", "built"), "memories": memories, "embeddings": embeddings,
-               "retention": retention, "timings": timings, "seconds": round(time.time() - t0, 3)}
+               "retention": retention, "compaction": compaction, "timings": timings, "seconds": round(time.time() - t0, 3)}
     if changed:
         print(f"rebuild: published build {versions} as `{TAG}` in {summary['seconds']:.1f} s "
               f"(references added {counts['added']}, changed {counts['changed']}, removed {counts['removed']})")

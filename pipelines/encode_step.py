@@ -3,6 +3,8 @@
 An actor loads the model and the codec once and then encodes shard after shard. References are
 sorted by length inside a shard so a batch pads little; the order is fixed, so a shard encoded
 twice gives the same bytes (what makes a killed-and-resumed build equal an uninterrupted one).
+The encoding itself (model/ref_batches.py) is batch-invariant, so a cold reference encoded at
+serving (storage/memory_store.py) stores the same bytes as this stage would.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from model import encode_references, load_model
+from model import load_model
 from model.checkpoint import saved_hash
 from model.codecs import make_codec
+from model.ref_batches import encode_tokens, pad_batch  # noqa: F401 (shared with the serving write-back)
 from storage.layout import upath
 from storage.schemas import MEMORIES
 from storage.staging import write_atomic
@@ -23,22 +26,6 @@ from storage.staging import write_atomic
 
 def staged_path(stage_dir, shard: int) -> UPath:
     return upath(stage_dir) / "memories" / f"m{shard:06d}.parquet"
-
-
-def pad_batch(token_lists: list, pad_id: int) -> torch.Tensor:
-    width = max(1, max(len(t) for t in token_lists))
-    out = torch.full((len(token_lists), width), pad_id, dtype=torch.long)
-    for i, ids in enumerate(token_lists):
-        out[i, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
-    return out
-
-
-@torch.no_grad()
-def encode_tokens(model, codec, token_lists: list) -> tuple[list[bytes], np.ndarray, np.ndarray]:
-    """(payloads, positions (B, L, H, k) int16, kept tokens per reference (B,) int16)."""
-    enc = encode_references(model, pad_batch(token_lists, model.config.pad_id))
-    payloads = codec.encode_batch(enc.kv)
-    return payloads, enc.positions.to(torch.int16).numpy(), enc.mask.sum(dim=1).to(torch.int16).numpy()
 
 
 class EncodeShards:

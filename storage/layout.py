@@ -6,6 +6,7 @@
     <bank>/_reports/                stage and run reports
     <bank>/_runs/                   summaries of scheduled runs
     <bank>/_<what>.lock             a job's lock (jobs/ops/lock.py)
+    <bank>/_warm/<key>/*.parquet    memories of cold references written back at serving (storage/warm.py)
     <bank>/training/<stage>/        checkpoints, log and exported model of a training stage
     <bank>/models/                  initial models the encoder used (no trained one yet)
     <bank>/tokenizers/<hash>.json   the pinned tokenizer
@@ -77,6 +78,9 @@ class BankLayout:
 
     def runs(self) -> UPath:
         return self.path("_runs")
+
+    def warm(self, key: str) -> UPath:
+        return self.path("_warm", key)
 
     def lock(self, what: str) -> Path:
         return self.local(f"_{what}.lock")

@@ -131,6 +131,11 @@ class EncodeConfig:
     actors: int = field(default=1, metadata={"ge": 1})
     threads_per_actor: int = field(default=1, metadata={"ge": 1})
     refs_per_shard: int = field(default=1024, metadata={"ge": 1})
+    # Cold start (paper §3.1): encode no reference; `memories` keeps only the rows it can reuse
+    # (unchanged references of the same model and codec, rows written back at serving) and
+    # every other reference is encoded by the serving MemoryStore the first time it is
+    # retrieved, then written back (storage/warm.py).
+    cold: bool = field(default=False, metadata={"choices": (False, True)})
 
     def __post_init__(self):
         check_fields(self)

@@ -5,6 +5,11 @@ Bytes answer "why is the bank directory 40 GB?": per table, `live` = the files t
 table's directory: versions retention or `m3 bank compact` will delete, plus what they keep on
 purpose (tags, a write newer than the live build) and small manifest/transaction files. A table no
 build names (neighbors, runs) counts its latest version as live. live + dead = the directory.
+
+Warm and cold (paper §3.1, cold start): of the references of the live build (latest without
+one), how many have a memory stored in `memories` or written back at serving by its model,
+codec and sparsity (storage/warm.py), and how many are cold (none yet: encoded on first
+retrieval).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from storage.footprint import TableFiles
 from storage.live import read_manifest
 from storage.retention import kept_builds
 from storage.sql import query
+from storage.warm import key_of, read_warm
 
 
 def dense_bytes(model) -> int:
@@ -46,11 +52,34 @@ def bank_stats(bank: Bank, keep_builds: int = 3) -> dict:
         out["memories"] = {
             "model_hash": meta.get("model_hash"), "codec": meta.get("codec"),
             "quantizer_hash": meta.get("quantizer_hash"), "dense_bytes_per_ref": dense,
+            **warm_cold(bank, meta),
             "by_codec": [{"codec": c, "rows": n, "bytes_per_ref": round(b, 1),
                           "sparse_bf16_bytes": math.prod(shape) * 2,
                           "ratio_vs_dense": round(dense / b, 1)} for c, n, b, shape in rows],
         }
     return out
+
+
+def warm_cold(bank: Bank, meta: dict) -> dict:
+    import lance
+    import pyarrow.compute as pc
+
+    from storage.layout import BankLayout
+    from storage.live import live_versions
+
+    live = live_versions(bank.uri)
+    keys = {}
+    for name in ("refs", "memories"):
+        t = lance.dataset(BankLayout(bank.uri).table(name), version=live.get(name)).to_table(
+            columns=["ref_id", "content_hash"] + (["model_hash"] if name == "memories" else []))
+        if name == "memories":
+            t = t.filter(pc.equal(t.column("model_hash"), meta.get("model_hash")))
+        keys[name] = set(zip(t.column("ref_id").to_pylist(), t.column("content_hash").to_pylist()))
+    w = read_warm(bank.uri, key_of(meta), meta.get("model_hash"), columns=["ref_id", "content_hash"])
+    warm = set(zip(w.column("ref_id").to_pylist(), w.column("content_hash").to_pylist()))
+    stored, written = keys["refs"] & keys["memories"], (keys["refs"] & warm) - keys["memories"]
+    return {"refs": len(keys["refs"]), "warm_stored": len(stored), "warm_written_back": len(written),
+            "warm": len(stored) + len(written), "cold": len(keys["refs"]) - len(stored) - len(written)}
 
 
 def human_bytes(n: int) -> str:
@@ -74,7 +103,10 @@ def render(stats: dict) -> str:
     mem = stats.get("memories")
     if mem:
         lines += ["", f"memories of model {mem['model_hash'][:16]}... (quantizer {mem['quantizer_hash'] or '-'})",
-                  f"  dense bf16 KV of one reference (all layers and query heads): {mem['dense_bytes_per_ref']:,} B"]
+                  f"  dense bf16 KV of one reference (all layers and query heads): {mem['dense_bytes_per_ref']:,} B",
+                  f"  warm {mem['warm']:,} of {mem['refs']:,} refs ({mem['warm_stored']:,} in memories, "
+                  f"{mem['warm_written_back']:,} written back at serving), cold {mem['cold']:,} (no memory yet: "
+                  f"encoded on first retrieval)"]
         for c in mem["by_codec"]:
             lines.append(f"  {c['codec']:<9} {c['rows']:>9,} refs  {c['bytes_per_ref']:>10,.1f} B/ref  "
                          f"(sparse bf16 {c['sparse_bf16_bytes']:,} B)  {c['ratio_vs_dense']:,.0f}x smaller than dense")

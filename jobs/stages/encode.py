@@ -7,7 +7,17 @@ shards of the `refs` table; each shard lands in a staging file, and the table ge
 version, tagged, when all are done. The key covers the model hash, the refs version and the
 codec (with its quantizer): the same key is a finished build ("nothing to do"); an unfinished
 one resumes from its staged shards. Memories of unchanged references made by the same model
-and codec are copied from the previous table (the rebuild calls this same function).
+and codec are copied from the previous table (the rebuild calls this same function), and so are
+the memories servers encoded for cold references and wrote back (storage/warm.py).
+
+Cold start (paper §3.1; `encode.cold: true`): the stage encodes nothing. It writes a `memories`
+table with the full lineage (model hash, codec, quantizer, sparsity: what a reader binds to)
+holding only the rows it can reuse: the previous table's, for unchanged references of the same
+model and codec, and the written-back ones. Every other reference is cold, including those added
+since: the serving `MemoryStore` encodes one the first time it is retrieved and writes it back.
+`cold` is part of the key, so turning it off encodes the references still cold (and only those).
+A written-back row reaches `memories` at the next build whose key changes (a new refs version,
+another model, `cold` turned off); until then readers find it where it was written back.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ from pipelines.encode_step import EncodeShards, encode_tokens, staged_path
 from storage.bank import Bank
 from storage.schemas import MEMORIES
 from storage.staging import write_bytes_atomic, write_text_atomic
+from storage.warm import read_warm, warm_key
 from storage.layout import BankLayout, upath
 
 
@@ -71,7 +82,7 @@ def encode_key(cfg: Config, bank: Bank, mhash: str, codec_kw: dict) -> str:
     return config_hash({"model_hash": mhash, "refs": bank.metadata("refs").get("ingest_key"),
                         "refs_version": bank.table("refs").version, "codec": cfg.encode.codec,
                         "quantizer": codec_kw.get("quantizer_hash"), "batch_size": cfg.encode.batch_size,
-                        "refs_per_shard": cfg.encode.refs_per_shard})
+                        "refs_per_shard": cfg.encode.refs_per_shard, **({"cold": True} if cfg.encode.cold else {})})
 
 
 def memories_lineage(cfg: Config, key: str, mhash: str, mdir: Path, refs_meta: dict, codec_kw: dict) -> dict:
@@ -79,7 +90,8 @@ def memories_lineage(cfg: Config, key: str, mhash: str, mdir: Path, refs_meta: d
             "tokenizer_hash": refs_meta.get("tokenizer_hash"), "corpus_version": refs_meta.get("corpus_version"),
             "ingest_key": refs_meta.get("ingest_key"), "codec": cfg.encode.codec,
             "quantizer_hash": codec_kw.get("quantizer_hash"), "quantizer_path": codec_kw.get("quantizer"),
-            "sparsity": sparsity(cfg), "trained_to_read": memory_reading(mdir), "config": cfg.as_dict()}
+            "sparsity": sparsity(cfg), "trained_to_read": memory_reading(mdir), "config": cfg.as_dict(),
+            "cold": cfg.encode.cold, "warm_key": warm_key(mhash, cfg.encode.codec, codec_kw.get("quantizer_hash"), sparsity(cfg))}
 
 
 def sparsity(cfg: Config) -> dict:
@@ -112,7 +124,8 @@ def encode_stage(cfg: Config, bank: Bank, label: str = "encode") -> ShardedStage
         n_rows=refs.count_rows(), rows_per_shard=e.refs_per_shard, actor=EncodeShards,
         actor_kw={"model_dir": str(mdir), "codec": e.codec, "codec_kw": codec_kw, "batch_size": e.batch_size},
         actors=e.actors, threads=e.threads_per_actor, staged=staged_path,
-        reuse=Reuse("model_hash", mhash, table_ok=reusable),
+        reuse=Reuse("model_hash", mhash, table_ok=reusable), compute=not e.cold,
+        extra=lambda: read_warm(bank.uri, warm_key(mhash, e.codec, codec_kw.get("quantizer_hash"), sparsity(cfg)), mhash),
         lineage=lambda files: {**memories_lineage(cfg, key, mhash, mdir, refs_meta, codec_kw), "stage": label})
 
 
@@ -126,6 +139,7 @@ def run_encode(cfg: Config, label: str = "encode", note: Callable[[str], None] =
     out.update(model_hash=model_hash, references=stage.n_rows)
     if out["status"] == "built":
         out["refs_per_s"] = round(out["computed"] / max(out["compute_seconds"], 1e-9), 1)
-        note(f"encode: {stage.n_rows:,} memories ({cfg.encode.codec}), {out['computed']:,} computed, as memories "
-             f"version {out['version']} in {out['seconds']:.1f} s ({out['refs_per_s']:,.0f} refs/s)")
+        note(f"encode: {stage.n_rows - out.get('cold', 0):,} memories ({cfg.encode.codec}), {out['computed']:,} computed, as memories "
+             f"version {out['version']} in {out['seconds']:.1f} s ({out['refs_per_s']:,.0f} refs/s)"
+             + (f"; {out['cold']:,} reference(s) left cold (encode.cold)" if out.get("cold") else ""))
     return out

@@ -13,6 +13,11 @@ copied, the rest computed (pipelines/delta.py). Against no table every row is co
 straight from the input; against an old table the rows to compute are first written as a small
 Lance dataset of their own (the "delta"), which the same actors read by row range.
 
+Rows made outside the stage may be reused the same way (`ShardedStage.extra`: the memories a
+server encoded for cold references and wrote back, storage/warm.py), and a stage may compute
+nothing at all (`compute=False`: `encode.cold`), leaving the references it did not reuse without
+a row.
+
 Resumable: each shard's file appears whole (storage/staging.py) under a staging directory named
 by the key and the old table's version, so a killed run redoes at most the shards in flight.
 """
@@ -65,6 +70,9 @@ class ShardedStage:
     input_arg: str | None = "refs_uri"          # the actor argument naming its input (None: it finds it itself)
     reuse: Reuse | None = None
     tag: bool = True
+    # rows made elsewhere, reused like old rows (same ref_id, content hash and producer), read once
+    extra: Callable[[], pa.Table | None] | None = None
+    compute: bool = True            # False: rows not reused are not computed (left cold)
 
 
 def up_to_date(bank: Bank, tables: tuple[str, ...] | list[str], key_field: str, key: str) -> bool:
@@ -90,10 +98,16 @@ def run_stage(stage: ShardedStage, bank: Bank, ray: RayConfig, note: Callable[[s
         return {"status": "up_to_date", stage.key_field: stage.key, "version": bank.table(stage.table).version,
                 "added": 0, "changed": 0, "removed": 0, "unchanged": stage.n_rows}
     old = bank.dataset(stage.table) if stage.reuse is not None and bank.has(stage.table) else None
-    delta = _plan(stage, old)
+    extra = stage.extra() if stage.extra is not None else None
+    extra = extra if extra is not None and extra.num_rows else None
+    delta = _plan(stage, old, extra)
+    cold = 0
+    if delta is not None and not stage.compute:
+        cold, delta = len(delta.compute_rows), _without_compute(delta)
     stage_dir = staging_dir(bank.uri, stage.name, stage.key, old.version if old else None)
     input_uri = stage.input_uri
-    if old is not None and len(delta.compute_rows) < stage.n_rows:
+    prior = old is not None or extra is not None
+    if prior and len(delta.compute_rows) < stage.n_rows:
         input_uri = _delta_input(lance.dataset(stage.input_uri), delta.compute_rows, list(stage.reuse.input_columns),
                                  stage_dir / "delta.lance")
     n = len(delta.compute_rows) if delta is not None else stage.n_rows
@@ -101,27 +115,29 @@ def run_stage(stage: ShardedStage, bank: Bank, ray: RayConfig, note: Callable[[s
     todo = pending(shards, lambda s: stage.staged(stage_dir, s[0]))
     counts = delta.counts() if delta is not None else {}
     note(f"{stage.name}: {n:,} of {stage.n_rows:,} row(s) to compute"
-         + (f" ({_describe(counts)})" if old is not None else "")
+         + (f" ({_describe(counts)})" if prior else "") + (f", {cold:,} left cold" if cold else "")
          + f"; {len(shards) - len(todo)} of {len(shards)} shard(s) done")
     kw = dict(stage.actor_kw, stage_dir=str(stage_dir), **({stage.input_arg: input_uri} if stage.input_arg else {}))
-    _run_shards(stage.name, ray, todo, stage.actor, in_process=old is not None and len(todo) == 1,
+    _run_shards(stage.name, ray, todo, stage.actor, in_process=prior and len(todo) == 1,
                 actors=stage.actors, threads=stage.threads, **kw)
     t_compute = time.time() - t0
     files = [upath(stage.staged(stage_dir, i)) for i, _, _ in shards]
     lineage = stage.lineage(files)
     if delta is not None:
         lineage["delta"] = counts
+    if not stage.compute:
+        lineage["cold_rows"] = cold
 
     def rows() -> Iterator[pa.RecordBatch]:
-        if old is not None:
-            yield from _copied(old, delta, stage.reuse)
+        if prior:
+            yield from _copied(old, extra, delta, stage.reuse, stage.schema, stage.input_uri)
         yield from iter_batches(files, columns=stage.schema.names)
 
     version = bank.write(stage.table, stage.schema, rows(), lineage)
     if stage.tag:
         bank.tag(stage.table, f"{stage.name}-{stage.key}", version)
     remove(stage_dir)
-    return {"status": "built", stage.key_field: stage.key, "version": version, "computed": n,
+    return {"status": "built", stage.key_field: stage.key, "version": version, "computed": n, "cold": cold,
             **(counts or {"added": n, "changed": 0, "removed": 0, "unchanged": 0}),
             "compute_seconds": round(t_compute, 3), "seconds": round(time.time() - t0, 3)}
 
@@ -130,17 +146,20 @@ def _describe(counts: dict) -> str:
     return ", ".join(f"{v:,} {k}" for k, v in counts.items())
 
 
-def _plan(stage: ShardedStage, old: lance.LanceDataset | None) -> Delta | None:
+def _plan(stage: ShardedStage, old: lance.LanceDataset | None, extra: pa.Table | None = None) -> Delta | None:
     if stage.reuse is None:
         return None
     refs = lance.dataset(stage.input_uri).to_table(columns=["ref_id", "content_hash"])
-    if old is None:
+    if old is None and extra is None:
         return plan_delta(refs, None)
     r = stage.reuse
-    old_cols = old.to_table(columns=["ref_id", "content_hash", r.producer_column])
+    cols = ["ref_id", "content_hash", r.producer_column]
+    parts = ([old.to_table(columns=cols)] if old is not None else []) + ([extra.select(cols)] if extra is not None else [])
+    old_cols = pa.concat_tables([p.cast(parts[0].schema) for p in parts])
     producer = old_cols.column(r.producer_column).to_numpy(zero_copy_only=False)
-    # a table-level mismatch (another quantizer, another sparsity) reuses no row
-    ok = producer == r.producer if r.table_ok else np.zeros(old_cols.num_rows, bool)
+    ok = producer == r.producer
+    if not r.table_ok:  # a table-level mismatch (another quantizer, another sparsity) reuses no old row
+        ok[:old.count_rows() if old is not None else 0] = False  # (extra rows are made for this table)
     return plan_delta(refs, old_cols, pa.array(ok, pa.bool_()))
 
 
@@ -165,14 +184,51 @@ def _delta_input(refs: lance.LanceDataset, rows, columns: list[str], path: UPath
     return str(path)
 
 
-def _copied(old: lance.LanceDataset, delta: Delta, reuse: Reuse) -> Iterator[pa.RecordBatch]:
-    """The old rows that are kept, a batch at a time (the bulk of the table is never in memory)."""
+def _without_compute(delta: Delta) -> Delta:
+    """The same plan with nothing computed: the rows it would compute stay without a row."""
+    return Delta(np.array([], dtype=np.int64), delta.keep_ids, delta.added, delta.changed, delta.removed)
+
+
+def _copied(old: lance.LanceDataset | None, extra: pa.Table | None, delta: Delta, reuse: Reuse,
+            schema: pa.Schema, refs_uri: str) -> Iterator[pa.RecordBatch]:
+    """The old rows that are kept, a batch at a time (the bulk of the table is never in memory),
+    then the kept rows made elsewhere (`extra`) for references the old table did not give; one
+    row per reference."""
     if delta.unchanged == 0:
         return
-    for batch in old.to_batches(batch_size=4096):
-        kept = keep_filter(batch, delta.keep_ids, reuse.producer, reuse.producer_column)
-        if kept.num_rows:
-            yield kept
+    keep = delta.keep_ids
+    if extra is None:
+        for batch in old.to_batches(batch_size=4096):
+            kept = keep_filter(batch, keep, reuse.producer, reuse.producer_column)
+            if kept.num_rows:
+                yield kept
+        return
+    import pyarrow.compute as pc
+
+    # two sources may both hold a row of a reference, one of them stale: rows are kept by ref_id
+    # and content hash (the references' current ones), the first source first
+    refs = lance.dataset(refs_uri).to_table(columns=["ref_id", "content_hash"])
+    refs = refs.filter(pc.is_in(refs.column("ref_id"), value_set=keep))
+    want = _keys(refs)
+    seen: set[str] = set()
+    sources = ([old.to_batches(batch_size=4096)] if old is not None and reuse.table_ok else []) \
+        + [extra.to_batches(max_chunksize=4096)]
+    for batches in sources:
+        for batch in batches:
+            batch = batch.select(schema.names)
+            mask = pc.and_(pc.is_in(_keys(batch), value_set=want),
+                           pc.equal(batch.column(reuse.producer_column), reuse.producer))
+            kept = batch.filter(mask)
+            ids = kept.column("ref_id").to_pylist()
+            fresh = [i for i, r in enumerate(ids) if r not in seen and not seen.add(r)]
+            if fresh:
+                yield kept.take(pa.array(fresh, pa.int64()))
+
+
+def _keys(t) -> pa.Array:
+    import pyarrow.compute as pc
+
+    return pc.binary_join_element_wise(t.column("ref_id"), t.column("content_hash"), "\x1f")
 
 
 def _run_shards(name: str, ray: RayConfig, todo: list, actor_cls, *, in_process: bool, actors: int,

@@ -117,15 +117,20 @@ def run_actor_shards(stage: str, shards: list[tuple[int, int, int]], actor_cls, 
     **actor_kwargs)`, loaded once per actor, each given `threads` CPUs); each actor writes its
     shard's staging file itself. Used by encode, embed and pair."""
     from jobs.faults import maybe_crash
+    from jobs.progress import Progress
 
     if not shards:
         return
     import ray
+
+    rows = {i: b - a for i, a, b in shards}
+    progress = Progress(stage, len(shards), sum(rows.values()))
 
     ds = ray.data.from_items([{"shard": i, "start": a, "end": b} for i, a, b in shards],
                              override_num_blocks=len(shards))
     ds = ds.map_batches(actor_cls, batch_size=1, num_cpus=threads, runtime_env=PASSIVE_OMP,
                         compute=ray.data.ActorPoolStrategy(size=actors),
                         fn_constructor_kwargs=dict(actor_kwargs, threads=threads))
-    for n, _ in enumerate(ds.iter_rows(), 1):
+    for n, row in enumerate(ds.iter_rows(), 1):
+        progress.step(rows=rows.get(int(row["shard"]), 0))
         maybe_crash(stage, n)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from model.embedder import DEFAULT_SPEC, load_embedder
+from pipelines.embedder import DEFAULT_SPEC, load_embedder
 
 # refs columns the stage reads; content_hash is passed through so a rebuild can skip references
 # whose text has not changed since their vector was computed

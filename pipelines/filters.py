@@ -51,6 +51,9 @@ class QualityConfigError(M3Error, ValueError):
         self.field, self.expected, self.got = field, expected, got
 
 
+FRACTION = {"ge": 0, "le": 1}  # field metadata of a fraction: checked by model/checked.py
+
+
 @dataclass(frozen=True)
 class QualityConfig:
     """Every threshold of `quality_reason`; defaults are Gopher's unless noted.
@@ -64,37 +67,37 @@ class QualityConfig:
     min_mean_word_length: float = field(default=3.0, metadata={"ge": 0})
     max_mean_word_length: float = field(default=10.0, metadata={"ge": 0})
     # of non-whitespace characters (Memory3 / issue rule)
-    max_non_alpha_char_frac: float = field(default=0.7, metadata={"ge": 0, "le": 1})
+    max_non_alpha_char_frac: float = field(default=0.7, metadata=FRACTION)
     # "#" per word, and "..." or "…" per word, separately
     max_symbol_word_ratio: float = field(default=0.1, metadata={"ge": 0})
-    max_bullet_lines_frac: float = field(default=0.9, metadata={"ge": 0, "le": 1})
-    max_ellipsis_lines_frac: float = field(default=0.3, metadata={"ge": 0, "le": 1})
-    min_alpha_words_frac: float = field(default=0.8, metadata={"ge": 0, "le": 1})
+    max_bullet_lines_frac: float = field(default=0.9, metadata=FRACTION)
+    max_ellipsis_lines_frac: float = field(default=0.3, metadata=FRACTION)
+    min_alpha_words_frac: float = field(default=0.8, metadata=FRACTION)
     # distinct GOPHER_STOP_WORDS present; 0 disables (non-English corpora)
     min_stop_words: int = field(default=2, metadata={"ge": 0, "le": len(GOPHER_STOP_WORDS)})
     # Not in Gopher. Unique-token fraction falls with length (Heaps' law): on FOLDOC's clean
     # entries of 50-80 words it reaches 1.0, of 80-200 words at most 0.94. So it only applies
     # from 100 words, and 0.95 rejects word lists / identifier dumps (FOLDOC's TLA list: 0.998)
     # but no prose entry.
-    max_unique_words_frac: float = field(default=0.95, metadata={"ge": 0, "le": 1})
+    max_unique_words_frac: float = field(default=0.95, metadata=FRACTION)
     unique_words_min_words: int = field(default=100, metadata={"ge": 0})
     # Not in Gopher. Shannon entropy (bits) of the token distribution. The lowest among
     # FOLDOC's 4,876 entries of >= 50 words is 4.09 (median 5.6-8.4 by length); below 3 bits
     # the text behaves like fewer than 8 equiprobable words: filler such as "buy now buy now".
     min_word_entropy: float = field(default=3.0, metadata={"ge": 0})
-    max_dup_line_frac: float = field(default=0.30, metadata={"ge": 0, "le": 1})
-    max_dup_line_char_frac: float = field(default=0.20, metadata={"ge": 0, "le": 1})
-    max_dup_para_frac: float = field(default=0.30, metadata={"ge": 0, "le": 1})
-    max_dup_para_char_frac: float = field(default=0.20, metadata={"ge": 0, "le": 1})
-    max_top_2gram_char_frac: float = field(default=0.20, metadata={"ge": 0, "le": 1})
-    max_top_3gram_char_frac: float = field(default=0.18, metadata={"ge": 0, "le": 1})
-    max_top_4gram_char_frac: float = field(default=0.16, metadata={"ge": 0, "le": 1})
-    max_dup_5gram_char_frac: float = field(default=0.15, metadata={"ge": 0, "le": 1})
-    max_dup_6gram_char_frac: float = field(default=0.14, metadata={"ge": 0, "le": 1})
-    max_dup_7gram_char_frac: float = field(default=0.13, metadata={"ge": 0, "le": 1})
-    max_dup_8gram_char_frac: float = field(default=0.12, metadata={"ge": 0, "le": 1})
-    max_dup_9gram_char_frac: float = field(default=0.11, metadata={"ge": 0, "le": 1})
-    max_dup_10gram_char_frac: float = field(default=0.10, metadata={"ge": 0, "le": 1})
+    max_dup_line_frac: float = field(default=0.30, metadata=FRACTION)
+    max_dup_line_char_frac: float = field(default=0.20, metadata=FRACTION)
+    max_dup_para_frac: float = field(default=0.30, metadata=FRACTION)
+    max_dup_para_char_frac: float = field(default=0.20, metadata=FRACTION)
+    max_top_2gram_char_frac: float = field(default=0.20, metadata=FRACTION)
+    max_top_3gram_char_frac: float = field(default=0.18, metadata=FRACTION)
+    max_top_4gram_char_frac: float = field(default=0.16, metadata=FRACTION)
+    max_dup_5gram_char_frac: float = field(default=0.15, metadata=FRACTION)
+    max_dup_6gram_char_frac: float = field(default=0.14, metadata=FRACTION)
+    max_dup_7gram_char_frac: float = field(default=0.13, metadata=FRACTION)
+    max_dup_8gram_char_frac: float = field(default=0.12, metadata=FRACTION)
+    max_dup_9gram_char_frac: float = field(default=0.11, metadata=FRACTION)
+    max_dup_10gram_char_frac: float = field(default=0.10, metadata=FRACTION)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # the types first: a range test of a string would say less

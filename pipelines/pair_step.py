@@ -17,37 +17,20 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipelines.overlap import overlap_many
 from pipelines.train_data import NEIGHBORS
+from storage.bank import tokens_of
 
 # Staged rows carry one extra column: candidates of the chunk the overlap filter dropped, so the
 # job's report is computed from staged files and is right after a resume too.
 STAGED = NEIGHBORS.append(pa.field("dropped", pa.int32(), nullable=False))
-_ID_BATCH = 2048  # ref_ids per refs filter: keeps the IN list of one scan bounded
 
 
 def split_chunks(tokens, chunk_size: int) -> list[list[int]]:
     """The chunk_size-token chunks of a sequence (the last one may be shorter)."""
     tokens = list(tokens)
     return [tokens[i:i + chunk_size] for i in range(0, len(tokens), chunk_size)]
-
-
-def ref_tokens(refs_ds, ref_ids, with_docs: bool = False):
-    """token_ids of the given references, by ref_id, in a few filtered scans of `refs`; with
-    with_docs also each reference's doc_id (a second dict)."""
-    ids = sorted(set(ref_ids))
-    out: dict[str, list[int]] = {}
-    docs: dict[str, str] = {}
-    columns = ["ref_id", "token_ids"] + (["doc_id"] if with_docs else [])
-    for lo in range(0, len(ids), _ID_BATCH):
-        t = refs_ds.to_table(columns=columns, filter=pc.field("ref_id").isin(ids[lo:lo + _ID_BATCH]))
-        rid = t.column("ref_id").to_pylist()
-        out.update(zip(rid, t.column("token_ids").to_pylist()))
-        if with_docs:
-            docs.update(zip(rid, t.column("doc_id").to_pylist()))
-    return (out, docs) if with_docs else out
 
 
 def pair_shard(seq_ids: list[str], seqs: list[list[int]], *, tokenizer, embedder, table, refs_ds,
@@ -60,7 +43,7 @@ def pair_shard(seq_ids: list[str], seqs: list[list[int]], *, tokenizer, embedder
     that straddles the edge of the trained window holds text of the sequence all the same.
     doc_ids: each sequence's documents; with cfg.exclude_own_docs their references are dropped
     too (what `m3 eval` does). tokenizer: a `tokenizers.Tokenizer`; embedder:
-    model.embedder.Embedder; table: the LanceDB `embeddings` table; refs_ds: the `refs` Lance
+    pipelines.embedder.Embedder; table: the LanceDB `embeddings` table; refs_ds: the `refs` Lance
     dataset; cfg: a PairConfig; params: search knobs (storage.vectors.search_params(table),
     looked up once by the caller)."""
     from storage.vectors import search
@@ -79,7 +62,7 @@ def pair_shard(seq_ids: list[str], seqs: list[list[int]], *, tokenizer, embedder
     hits: list[list[tuple[str, float]]] = []
     for lo in range(0, len(vectors), cfg.query_batch_size):
         hits += search(table, vectors[lo:lo + cfg.query_batch_size], k=cfg.k, exact=cfg.exact, params=params)
-    tokens, ref_doc = ref_tokens(refs_ds, (rid for h in hits for rid, _ in h), with_docs=True)
+    tokens, ref_doc = tokens_of(refs_ds, (rid for h in hits for rid, _ in h), with_docs=True)
     missing = {rid for h in hits for rid, _ in h} - set(tokens)
     if missing:
         raise LookupError(f"embeddings name {len(missing)} reference(s) absent from refs, e.g. "
@@ -118,7 +101,7 @@ class PairShards:
                  cfg, threads: int):
         import torch
 
-        from model.embedder import load_embedder
+        from pipelines.embedder import load_embedder
         from pipelines.tokenizer import load
         from storage.bank import Bank
         from storage.vectors import search_params

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from storage.bank import Bank, BankError
+from storage.bank import Bank, BankError, tokens_of
 
 __all__ = ["heldout_mask", "split_rows", "shard_rows", "ShardReader", "NEIGHBORS"]
 
@@ -167,11 +167,7 @@ class ShardReader:
 
         C = (S + self.chunk_size - 1) // self.chunk_size
         wanted = sorted({r for s in seq_ids for c, rs in self.neighbors.get(s, {}).items() if c < C for r in rs})
-        ref_tokens: dict[str, list[int]] = {}
-        if wanted:
-            t = self.refs.to_table(columns=["ref_id", "token_ids"],
-                                   filter=pc.field("ref_id").isin(wanted))
-            ref_tokens = dict(zip(t.column("ref_id").to_pylist(), t.column("token_ids").to_pylist()))
+        ref_tokens: dict[str, list[int]] = tokens_of(self.refs, wanted)
         missing = set(wanted) - set(ref_tokens)
         if missing:
             raise BankError(f"neighbors name {len(missing)} reference(s) absent from refs, e.g. "

@@ -17,6 +17,7 @@ from typing import Iterable
 
 import lancedb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from model.errors import M3Error
 from storage.schemas import SCHEMA_VERSION
@@ -114,3 +115,23 @@ def _decode(metadata: dict | None) -> dict:
     if not metadata or META_KEY not in metadata:
         return {}
     return json.loads(metadata[META_KEY])
+
+
+_ID_BATCH = 2048  # ref_ids per refs filter: keeps the IN list of one scan bounded
+
+
+def tokens_of(refs_ds, ref_ids, with_docs: bool = False):
+    """token_ids of the given references of a `refs` dataset, by ref_id, in a few filtered scans;
+    with_docs also each reference's doc_id (a second dict). Shared by pairing, training's reader
+    and the retriever."""
+    ids = sorted(set(ref_ids))
+    out: dict[str, list[int]] = {}
+    docs: dict[str, str] = {}
+    columns = ["ref_id", "token_ids"] + (["doc_id"] if with_docs else [])
+    for lo in range(0, len(ids), _ID_BATCH):
+        t = refs_ds.to_table(columns=columns, filter=pc.field("ref_id").isin(ids[lo:lo + _ID_BATCH]))
+        rid = t.column("ref_id").to_pylist()
+        out.update(zip(rid, t.column("token_ids").to_pylist()))
+        if with_docs:
+            docs.update(zip(rid, t.column("doc_id").to_pylist()))
+    return (out, docs) if with_docs else out

@@ -45,7 +45,7 @@ def bank_retriever(cfg, bank: Bank, tokenizer, per_query: int, device: str = "cp
     """A BankRetriever with the embedder that wrote the bank's vectors (not whatever the config
     names today: queries from another model's space would retrieve confident nonsense)."""
     from jobs.inference.retriever import BankRetriever
-    from model.embedder import load_embedder
+    from pipelines.embedder import load_embedder
 
     ic = infer or cfg.infer
     bank.require("embeddings")

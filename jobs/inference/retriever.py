@@ -21,12 +21,11 @@ import time
 from collections import Counter
 from typing import Sequence
 
-import pyarrow.compute as pc
 import torch
 
 from model.generation import Retrieved
 from pipelines.overlap import overlap_many
-from storage.bank import Bank, BankError
+from storage.bank import Bank, BankError, tokens_of
 from storage.memory_store import MemoryStore
 from storage.vectors import search, search_params
 
@@ -96,9 +95,8 @@ class BankRetriever:
         if not ref_ids:
             return {}
         self.counts["refs"] += 1
-        t = self.refs.to_table(columns=["ref_id", "doc_id", "token_ids"], filter=pc.field("ref_id").isin(ref_ids))
-        got = dict(zip(t.column("ref_id").to_pylist(), t.column("token_ids").to_pylist()))
-        self.ref_docs.update(zip(t.column("ref_id").to_pylist(), t.column("doc_id").to_pylist()))
+        got, docs = tokens_of(self.refs, ref_ids, with_docs=True)
+        self.ref_docs.update(docs)
         if len(got) != len(ref_ids):
             missing = sorted(set(ref_ids) - set(got))[0]
             raise BankError(f"the embeddings name reference {missing!r}, absent from refs: the tables "

@@ -16,7 +16,7 @@ from typing import Callable
 
 from jobs.config import Config, config_hash
 from jobs.stages.runner import Reuse, ShardedStage, run_stage
-from model.embedder import load_embedder
+from pipelines.embedder import load_embedder
 from pipelines.embed_step import EMBEDDINGS_SCHEMA, INPUT_COLUMNS, EmbedShards, staged_path
 from storage.bank import Bank
 from storage.vectors import build_index

@@ -23,6 +23,7 @@ from upath import UPath
 
 from jobs.config import Config, config_hash
 from jobs.faults import maybe_crash, maybe_kill_worker
+from jobs.progress import Progress
 from jobs.stages.report import Report
 from jobs.runtime import init_ray, quiet_ray_data
 from jobs.stages.runner import pending, staging_dir
@@ -50,10 +51,11 @@ def _parallel(stage: str, items: list, fn, report: Report) -> list[dict]:
     ds = ray.data.from_items([{"i": i} for i in range(len(items))], override_num_blocks=len(items))
     ds = ds.map(lambda row: fn(items[row["i"]]), num_cpus=1)
     results = []
+    progress = Progress(stage, len(items), unit="task(s)", out=report.note)
     for row in ds.iter_rows():
         results.append(row)
+        progress.step()
         maybe_crash(stage, len(results))
-    report.note(f"{stage}: {len(results)} task(s)")
     return results
 
 

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from jobs.config import Config, config_hash
 from jobs.config.pair import PairConfig
 from jobs.stages.runner import ShardedStage, run_stage
-from model.embedder import load_embedder
+from pipelines.embedder import load_embedder
 from pipelines.pair_step import PairShards, staged_path
 from pipelines.train_data import NEIGHBORS
 from storage.bank import Bank, BankError

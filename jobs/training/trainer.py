@@ -84,7 +84,7 @@ def absolute_paths(cfg, tc: TrainConfig):
 
 
 
-def memory_reading(cfg, tc: TrainConfig, stage: str) -> dict:
+def trained_to_read(cfg, tc: TrainConfig, stage: str) -> dict:
     """What a checkpoint of this stage was trained to read (export.json, and the bank's readers
     compare it with the memories they serve)."""
     if not tc.with_memory(stage):
@@ -317,7 +317,7 @@ def save_checkpoint(engine, cfg, tc: TrainConfig, stage: str, step: int, rank: i
     sdir = stage_dir(cfg, stage)
     options = {"stage": stage, "step": step, "init_model_hash": _init_hash(cfg, tc, stage), "sparsify_refs": tc.sparsify_refs,
                "grad_through_refs": tc.grad_through_refs, "window": tc.window, "seed": tc.seed,
-               "memory": memory_reading(cfg, tc, stage), "train": dataclasses.asdict(tc)}
+               "memory": trained_to_read(cfg, tc, stage), "train": dataclasses.asdict(tc)}
     engine.save_checkpoint(str(sdir / "checkpoints"), tag=f"step{step:07d}",
                            client_state={"step": step, "options": options})
     dist.barrier()

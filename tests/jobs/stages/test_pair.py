@@ -105,7 +105,7 @@ def test_own_documents_excluded_when_asked(paired):
     sequence's own documents, not even one straddling the sequence's end, which eq. 6 against
     the sequence alone lets through (it holds only part of the sequence's text)."""
     from pipelines.pair_step import pair_shard
-    from model.embedder import load_embedder
+    from pipelines.embedder import load_embedder
     from pipelines.tokenizer import load
     from storage.vectors import search_params
 

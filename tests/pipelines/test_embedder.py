@@ -9,7 +9,7 @@ import socket
 import numpy as np
 import pytest
 
-from model.embedder import (EmbedderError, Embedder, bundled_minilm_dir, fingerprint_dir, load_embedder,
+from pipelines.embedder import (EmbedderError, Embedder, bundled_minilm_dir, fingerprint_dir, load_embedder,
                             resolve_spec)
 from tests.conftest import foldoc_records
 

@@ -18,7 +18,7 @@ import torch
 from model import load_model
 from model.checkpoint import saved_hash
 from model.codecs import make_codec
-from model.ref_batches import encode_tokens, pad_batch  # noqa: F401 (shared with the serving write-back)
+from model.ref_batches import encode_tokens
 from storage.layout import upath
 from storage.schemas import MEMORIES
 from storage.staging import write_atomic

@@ -63,3 +63,29 @@ def small_embedded_bank(root: Path, *extra: str):
     cfg = load_config("configs/demo.yaml", overrides)
     run_ingest(cfg)
     return cfg, overrides, run_embed(cfg)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A real S3-compatible server for the object-store bank tests: moto's, in-process on
+    loopback (MinIO would need a binary this machine cannot download; a real S3 cannot be reached
+    from here). Endpoint and credentials go in the standard AWS environment variables, which
+    Lance, LanceDB and s3fs all read, so the code under test is the one a real bucket gets.
+    Yields (bucket URI, the environment a subprocess needs)."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint, "AWS_ENDPOINT": endpoint,
+           "AWS_ALLOW_HTTP": "true"}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        import boto3
+
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="m3-test")
+        yield "s3://m3-test", env
+    server.stop()

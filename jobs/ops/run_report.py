@@ -11,7 +11,8 @@ import time
 
 from upath import UPath
 
-from storage.layout import BankLayout
+from jobs.models import stage_dir
+from storage.layout import BankLayout, LayoutError
 from storage.staging import write_text_atomic
 
 
@@ -79,11 +80,13 @@ def write_run_report(cfg, results: dict, seconds: dict, total: float) -> UPath:
              f"{time.strftime('%Y-%m-%d %H:%M:%S')}; {total:.0f} s in all.", "",
              "| stage | seconds | result |", "|---|---|---|"]
     lines += [f"| {name} | {seconds[name]:.1f} | {_stage_line(name, r)} |" for name, r in results.items()]
-    ev = (results.get("continual") or {}).get("evidence") or _read(BankLayout(cfg.bank.uri).training("continual") / "evidence.json")
+    training = _training_root(cfg)
+    ev = (results.get("continual") or {}).get("evidence") or (_read(training / "continual" / "evidence.json")
+                                                              if training else None)
     if ev:
         lines += ["", "## Held-out evidence at the end of training", ""] + evidence_lines(ev)
-    png = BankLayout(cfg.bank.uri).training() / "loss.png"
-    if png.exists():
+    png = training / "loss.png" if training else None
+    if png is not None and png.exists():
         lines += ["", "## Training loss", "", f"![loss curves of both stages]({png})"]
     for name, r in results.items():  # stages that bring their own markdown (evaluation)
         if isinstance(r, dict) and r.get("markdown"):
@@ -94,6 +97,15 @@ def write_run_report(cfg, results: dict, seconds: dict, total: float) -> UPath:
                                                  indent=2, default=str))
     print("\n".join(lines), flush=True)
     return md
+
+
+def _training_root(cfg):
+    """Where the training stages write (jobs/models.py), or None for a bank on an object store
+    without train.run_dir: no training ran there."""
+    try:
+        return stage_dir(cfg, "continual").parent
+    except LayoutError:
+        return None
 
 
 def _read(path: UPath) -> dict | None:

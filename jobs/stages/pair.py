@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Callable
 
 import pyarrow.compute as pa_compute
-import pyarrow.parquet as pq
 
 from jobs.config import Config, config_hash
 from jobs.config.pair import PairConfig
@@ -27,6 +26,7 @@ from pipelines.embedder import load_embedder
 from pipelines.pair_step import PairShards, staged_path
 from pipelines.train_data import NEIGHBORS
 from storage.bank import Bank, BankError
+from storage.staging import read_table
 from storage.layout import BankLayout
 
 INPUTS = ("train_sequences", "refs", "embeddings")
@@ -108,7 +108,7 @@ def _counts(files: list[Path]) -> dict:
     """From the staged files (not from the actors' say-so), so a resumed run reports it all."""
     chunks = with_neighbor = pairs = dropped = 0
     for f in files:
-        t = pq.read_table(f, columns=["rank", "ref_id", "dropped"])
+        t = read_table(f, columns=["rank", "ref_id", "dropped"])
         first = t.filter(pa_compute.equal(t["rank"], 0))  # one row per chunk
         chunks += first.num_rows
         with_neighbor += first.num_rows - first.column("ref_id").null_count

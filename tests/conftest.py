@@ -65,13 +65,14 @@ def small_embedded_bank(root: Path, *extra: str):
     return cfg, overrides, run_embed(cfg)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def s3():
     """A real S3-compatible server for the object-store bank tests: moto's, in-process on
     loopback (MinIO would need a binary this machine cannot download; a real S3 cannot be reached
     from here). Endpoint and credentials go in the standard AWS environment variables, which
-    Lance, LanceDB and s3fs all read, so the code under test is the one a real bucket gets.
-    Yields (bucket URI, the environment a subprocess needs)."""
+    Lance, LanceDB and s3fs all read, so the code under test is the one a real bucket gets. One
+    server for the session: s3fs and Lance keep their clients (and the endpoint they read) per
+    process. Yields (bucket URI, the environment a subprocess needs)."""
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
@@ -85,7 +86,9 @@ def s3():
         for k, v in env.items():
             mp.setenv(k, v)
         import boto3
+        import s3fs
 
+        s3fs.S3FileSystem.clear_instance_cache()  # one made before would keep another endpoint
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="m3-test")
         yield "s3://m3-test", env
     server.stop()

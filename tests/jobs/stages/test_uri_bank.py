@@ -55,7 +55,7 @@ def banks(tmp_path_factory, ray_local, s3):
     for run in (run_ingest, run_embed, run_encode, run_pair):
         run(cfg)
     args = [sys.executable, "-m", "jobs", "run", "-c", "configs/demo.yaml", "--only", "ingest,embed,encode,pair"]
-    for s in settings(corpus, uri, model):
+    for s in settings(corpus, uri, model) + ["ray.include_dashboard=false"]:  # no training: no State API needed
         args += ["--set", s]
     proc = subprocess.run(args, cwd=ROOT, env=dict(os.environ, M3_PROGRESS="0", **s3[1]), capture_output=True,
                           text=True, timeout=600)

@@ -35,7 +35,8 @@ class Delta:
         return {"added": self.added, "changed": self.changed, "removed": self.removed, "unchanged": self.unchanged}
 
 
-def _key(ids: pa.Array, hashes: pa.Array) -> pa.Array:
+def ref_key(ids: pa.Array, hashes: pa.Array) -> pa.Array:
+    """ref_id and content hash as one value: a row is reusable when both match."""
     return pc.binary_join_element_wise(ids, hashes, "\x1f")
 
 
@@ -45,9 +46,9 @@ def plan_delta(refs: pa.Table, old: pa.Table | None, producer_ok: pa.Array | Non
     if old is None or old.num_rows == 0:
         return Delta(np.arange(refs.num_rows), pa.array([], pa.string()), refs.num_rows, 0, 0)
     ref_ids = refs.column("ref_id").combine_chunks()
-    ref_keys = _key(ref_ids, refs.column("content_hash").combine_chunks())
+    ref_keys = ref_key(ref_ids, refs.column("content_hash").combine_chunks())
     old_ids = old.column("ref_id").combine_chunks()
-    old_keys = _key(old_ids, old.column("content_hash").combine_chunks())
+    old_keys = ref_key(old_ids, old.column("content_hash").combine_chunks())
     if producer_ok is not None:
         old_keys = pc.filter(old_keys, producer_ok)
     reusable = pc.is_in(ref_keys, value_set=old_keys)       # same id, same content, same producer

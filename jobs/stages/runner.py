@@ -36,7 +36,7 @@ from upath import UPath
 from jobs.config import RayConfig
 from jobs.faults import maybe_crash
 from jobs.runtime import init_ray, quiet_ray_data, row_shards, run_actor_shards
-from pipelines.delta import Delta, keep_filter, plan_delta
+from pipelines.delta import Delta, keep_filter, plan_delta, ref_key
 from storage.bank import Bank
 from storage.layout import BankLayout, upath
 from storage.staging import iter_batches, remove, write_text_atomic
@@ -209,26 +209,20 @@ def _copied(old: lance.LanceDataset | None, extra: pa.Table | None, delta: Delta
     # and content hash (the references' current ones), the first source first
     refs = lance.dataset(refs_uri).to_table(columns=["ref_id", "content_hash"])
     refs = refs.filter(pc.is_in(refs.column("ref_id"), value_set=keep))
-    want = _keys(refs)
+    want = ref_key(refs.column("ref_id"), refs.column("content_hash"))
     seen: set[str] = set()
     sources = ([old.to_batches(batch_size=4096)] if old is not None and reuse.table_ok else []) \
         + [extra.to_batches(max_chunksize=4096)]
     for batches in sources:
         for batch in batches:
             batch = batch.select(schema.names)
-            mask = pc.and_(pc.is_in(_keys(batch), value_set=want),
+            mask = pc.and_(pc.is_in(ref_key(batch.column("ref_id"), batch.column("content_hash")), value_set=want),
                            pc.equal(batch.column(reuse.producer_column), reuse.producer))
             kept = batch.filter(mask)
             ids = kept.column("ref_id").to_pylist()
             fresh = [i for i, r in enumerate(ids) if r not in seen and not seen.add(r)]
             if fresh:
                 yield kept.take(pa.array(fresh, pa.int64()))
-
-
-def _keys(t) -> pa.Array:
-    import pyarrow.compute as pc
-
-    return pc.binary_join_element_wise(t.column("ref_id"), t.column("content_hash"), "\x1f")
 
 
 def _run_shards(name: str, ray: RayConfig, todo: list, actor_cls, *, in_process: bool, actors: int,

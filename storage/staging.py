@@ -63,10 +63,6 @@ def write_text_atomic(path, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
-def exists(path) -> bool:
-    return upath(path).exists()
-
-
 def iter_batches(paths: Iterable, columns: list[str] | None = None,
                  batch_size: int = 4096) -> Iterator[pa.RecordBatch]:
     """Stream the rows of several staged files, in the order given."""

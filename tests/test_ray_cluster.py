@@ -29,9 +29,21 @@ def test_ray_accepts_the_cluster_config(name):
 def test_nodes_install_the_project_as_the_readme_does(name):
     cfg = load(name)
     assert any("bash scripts/env.sh" in c for c in cfg["setup_commands"])
-    assert cfg["file_mounts"] == {"~/m3": "."}
+    assert cfg["file_mounts"]["~/m3"] == "."
     for cmds in (cfg["head_start_ray_commands"], cfg["worker_start_ray_commands"]):
         assert any("m3/.venv/bin" in c and "ray start" in c for c in cmds)  # Ray from the project's venv
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_node_joins_with_one_token(name):
+    """As tests/cluster starts its nodes and the README's "On a cluster" says: one token, on every
+    node, every node in token mode (a node that joins without it is refused)."""
+    cfg = load(name)
+    assert cfg["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    for cmds in (cfg["head_start_ray_commands"], cfg["worker_start_ray_commands"]):
+        start = [c for c in cmds if "ray start" in c]
+        assert start and all("RAY_AUTH_MODE=token" in c for c in start)
+    assert not any("--generate" in c for c in cfg["head_start_ray_commands"])  # not a second token
 
 
 def test_aws_config_has_cpu_and_gpu_workers():

@@ -31,6 +31,13 @@ class EncodedReferences(NamedTuple):
     mask: Tensor
 
 
+# References per block of the selection score: one block's logits (block x Hq x S x S float32,
+# 4 MB for the demo model's 8 heads at S = 129) stay in cache between the product and the
+# log-sum-exp's passes over them; the whole batch's at once (34 MB for 64 references) did not,
+# and the score took a third of an encode pass (BENCHMARKS.md, issue 13).
+SCORE_BLOCK = 4
+
+
 def token_log_scores(q: Tensor, k: Tensor, scored: Tensor, combine: str) -> Tensor:
     """log w_j for every KV head: (B, Hkv, S) float32, -inf where token j is not scored.
 
@@ -38,21 +45,34 @@ def token_log_scores(q: Tensor, k: Tensor, scored: Tensor, combine: str) -> Tens
     that take part (neither ref_bos nor padding). The query heads sharing a KV head combine by
     `combine`: "sum" (sum of their w_j), "mean" (same ranking as sum) or "max" (best head).
     Everything stays in log space (log-sum-exp), so long or peaked references cannot overflow.
+
+    Per KV head the logits are laid out key-major, (S_j, group * S_i): token j's row holds every
+    query token i of every query head of that KV head, so one log-sum-exp over the contiguous
+    last dim sums over heads and tokens at once ("sum"), or over each head's S_i ("max"). The
+    1/sqrt(D) scale and the mask of unscored rows i (an additive -inf bias) ride in the same
+    baddbmm; no square is scaled or masked apart, and the batch goes by SCORE_BLOCK references.
     """
     B, Hq, S, D = q.shape
     Hkv = k.shape[1]
     group = Hq // Hkv
-    logits = torch.einsum("bhgid,bhjd->bhgij", q.float().view(B, Hkv, group, S, D), k.float())
-    logits = logits / math.sqrt(D)
-    logits = logits.masked_fill(~scored[:, None, None, :, None], float("-inf"))  # rows i
-    per_head = logits.logsumexp(dim=3)  # (B, Hkv, group, S): log sum_i exp(...)
-    if combine == "max":
-        log_w = per_head.amax(dim=2)
-    else:
-        log_w = per_head.logsumexp(dim=2)
-        if combine == "mean":
-            log_w = log_w - math.log(group)
-    return log_w.masked_fill(~scored[:, None, :], float("-inf"))
+    bias = torch.zeros(B, 1, 1, S, dtype=torch.float32, device=q.device)
+    bias.masked_fill_(~scored[:, None, None, :], float("-inf"))  # rows i that do not take part
+    log_w = torch.empty(B, Hkv, S, dtype=torch.float32, device=q.device)
+    for lo in range(0, B, SCORE_BLOCK):
+        hi = min(lo + SCORE_BLOCK, B)
+        b = hi - lo
+        queries = q[lo:hi].float().reshape(b * Hkv, group * S, D).transpose(1, 2)
+        logits = torch.baddbmm(bias[lo:hi].expand(b, Hkv, group, S).reshape(b * Hkv, 1, group * S),
+                               k[lo:hi].float().reshape(b * Hkv, S, D), queries,
+                               alpha=1 / math.sqrt(D))  # (b * Hkv, S_j, group * S_i)
+        if combine == "max":
+            block = logits.view(b, Hkv, S, group, S).logsumexp(dim=-1).amax(dim=-1)
+        else:
+            block = logits.view(b, Hkv, S, group * S).logsumexp(dim=-1)
+        log_w[lo:hi] = block
+    if combine == "mean":
+        log_w -= math.log(group)
+    return log_w.masked_fill_(~scored[:, None, :], float("-inf"))
 
 
 def top_tokens(log_w: Tensor, k: int) -> Tensor:

@@ -7,6 +7,8 @@
     <bank>/_runs/                   summaries of scheduled runs
     <bank>/_<what>.lock             a job's lock (jobs/ops/lock.py)
     <bank>/_warm/<key>/*.parquet    memories of cold references written back at serving (storage/warm.py)
+    <bank>/_slabs/<table>/v<N>.*    flat payload copy of a memories version, local banks only (storage/slab.py)
+    <bank>/_memo/                   ingest's per-record memo of the last build (pipelines/memo.py)
     <bank>/training/<stage>/        checkpoints, log and exported model of a training stage
     <bank>/models/                  initial models the encoder used (no trained one yet)
     <bank>/tokenizers/<hash>.json   the pinned tokenizer
@@ -81,6 +83,13 @@ class BankLayout:
 
     def warm(self, key: str) -> UPath:
         return self.path("_warm", key)
+
+    def memo(self) -> UPath:
+        return self.path("_memo")
+
+    def slabs(self, table: str) -> Path:
+        """Payload slabs of a table's versions: memory-mapped, so a local directory only."""
+        return self.local("_slabs", table)
 
     def lock(self, what: str) -> Path:
         return self.local(f"_{what}.lock")

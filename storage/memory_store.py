@@ -1,15 +1,28 @@
 """Reading memories for the model: fetch(ref_ids) -> decoded tensors, through a RAM cache.
 
 The paper keeps a fixed-size RAM cache of recently used memories because adjacent chunks often
-retrieve the same references; this is that cache (LRU, bounded by entries). A store is bound to
-one model: opening the memories of another model's bank fails, naming both hashes, because a
+retrieve the same references; this is that cache (LRU). Its bound is exact and in bytes: one
+preallocated tensor of `capacity` memories plus their kept-token counts, never more, whatever
+the requests (`cache_bytes`; `cache_size` entries is the same bound in entries). A store is bound
+to one model: opening the memories of another model's bank fails, naming both hashes, because a
 memory is only readable by the weights that wrote it.
 
-Lookups resolve ref_id -> row once (a dict built from the ref_id column) and then read only the
-rows asked for with Lance's `take`, from the pinned table version, so a rebuild committing
-meanwhile cannot change what this store returns. With no version given, the store pins the
-bank's `live` version (storage/live.py) when the bank has one, else the latest: a reader never
-sees a rebuild that has not finished.
+Lookups resolve ref_id -> row once (a dict built from the ref_id column, with each row's kept
+token count, so masks come from RAM) and then read only the rows asked for, from the pinned
+table version, so a rebuild committing meanwhile cannot change what this store returns: from
+the version's payload slab (storage/slab.py: one flat file of fixed-size payloads, memory-mapped;
+one copy per row) when the bank has one that matches the version, else with Lance's `take`. A
+slab that does not match its table (another version, rows changed, a truncated file) is never
+served: the store logs why and reads Lance (`slab_refused` keeps the reason; `slab="require"`
+raises it instead). Falling back rather than refusing to serve: the slab is a derived copy that
+the table can always replace, and the usual cause of a mismatch is a version written since the
+slab (a compaction in `m3 rebuild`), not damage to the table. With no version given, the store
+pins the bank's `live` version (storage/live.py) when the bank has one, else the latest: a reader
+never sees a rebuild that has not finished.
+
+Memories come back in the codec's own dtype: raw-bf16 as bfloat16 (the bits of the payload,
+reinterpreted, no float32 round trip), raw-fp16 as float16, raw-fp32, int8 and vq as float32 (what
+their decoders compute). The model casts memories to its own dtype (model/transformer.py).
 
 Cold references (paper §3.1, "cold start"): a bank may hold references without memories
 (`encode.cold: true` writes none for references never encoded; references added since the last
@@ -22,11 +35,14 @@ a write-back never races a rebuild). Later fetches, by this store or one opened 
 them from there; the next `m3 encode`/`m3 rebuild` copies them into `memories`. A reference is
 looked up in `memories`, then in the written-back rows of this model, codec and sparsity whose
 content hash is still the reference's, and only then encoded. `encoded`, `stored_reads` and
-`warm_reads` count what each fetch did (besides the RAM cache's hits and misses).
+`warm_reads` count what each fetch did (besides the RAM cache's hits and misses), `slab_reads`
+how many of the stored reads came from the slab.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from collections import OrderedDict
 from typing import Sequence
 
@@ -34,22 +50,29 @@ import lance
 import numpy as np
 import torch
 
-from model.codecs import CodecError, make_codec
+from model.codecs import RawCodec, make_codec
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from storage.bank import Bank, BankError
 from storage.layout import BankLayout, upath
 from storage.schemas import MEMORIES
+from storage.slab import SlabError, _fixed_rows, open_slab, row_digest
 from storage.staging import read_table
 from storage.warm import key_of, warm_files, write_warm
+
+log = logging.getLogger(__name__)
+
+_KEPT = torch.int16  # kept-token counts (n_tokens <= k <= ref_max_tokens) in the cache
 
 
 class MemoryStore:
     def __init__(self, bank: Bank, model_hash: str, cache_size: int = 4096, version: int | str | None = None,
-                 *, model=None, write_back: bool = True):
+                 *, model=None, write_back: bool = True, cache_bytes: int | None = None, slab: str = "auto"):
         from storage.live import live_versions
 
+        if slab not in ("auto", "off", "require"):
+            raise ValueError(f"slab must be 'auto', 'off' or 'require', got {slab!r}")
         meta = bank.metadata("memories")
         live = live_versions(bank.uri)
         self.refs_version = bank.pins.get("refs", live.get("refs"))
@@ -63,7 +86,7 @@ class MemoryStore:
         if meta.get("model_hash") != model_hash:
             raise BankError(f"the memories in {bank.uri} were written by model {meta.get('model_hash')}, "
                             f"not by this model {model_hash}: re-encode the bank with this model (m3 encode)")
-        self.ds, self.meta, self.cache_size = ds, meta, cache_size
+        self.ds, self.meta = ds, meta
         kw = {}
         if meta.get("codec") == "vq":
             path = meta.get("quantizer_path")
@@ -72,11 +95,29 @@ class MemoryStore:
                                 f"but its file {path!r} is missing from the bank")
             kw = {"quantizer": path, "quantizer_hash": meta.get("quantizer_hash")}
         self.codec = make_codec(meta["codec"], **kw)
-        ids = ds.to_table(columns=["ref_id"]).column("ref_id").to_pylist()
+        # the codec's own dtype: raw payloads are reinterpreted, never widened (module docstring)
+        self.dtype = self.codec.dtype if isinstance(self.codec, RawCodec) else torch.float32
+        index = ds.to_table(columns=["ref_id", "content_hash", "n_tokens"])
+        ids = index.column("ref_id").to_pylist()
         self.row_of = {r: i for i, r in enumerate(ids)}
+        self.kept_of_row = torch.from_numpy(index.column("n_tokens").to_numpy().astype(np.int16))
         first = ds.take([0], columns=["shape"]).column("shape")[0].as_py() if ids else None
         self.shape = tuple(first) if first else _lineage_shape(meta)
-        self.cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.slab, self.slab_refused = None, None
+        if slab != "off" and ids and self.shape is not None:
+            digest = row_digest(ids, index.column("content_hash").to_pylist()).hexdigest()
+            try:
+                self.slab = open_slab(bank.uri, ds, meta, self.codec.nbytes(self.shape), digest)
+            except SlabError as e:
+                if slab == "require":
+                    raise
+                self.slab_refused = str(e)
+                log.info("memories of %s version %s read through Lance: %s", bank.uri, ds.version, e)
+        # the cache: ref_id -> slot in one preallocated tensor, LRU order = the dict's order
+        self._cache_size, self._cache_bytes = cache_size, cache_bytes
+        self.cache: OrderedDict[str, int] = OrderedDict()
+        self._cache_mem = self._cache_kept = None
+        self._free: list[int] = []
         self.hits = self.misses = 0
         # cold references: written-back rows of this model, codec and sparsity (storage/warm.py)
         self.bank_uri, self.model_hash, self.model, self.write_back = bank.uri, model_hash, model, write_back
@@ -84,7 +125,7 @@ class MemoryStore:
         self.warm_at: dict[str, tuple[str, object, int]] = {}  # ref_id -> (content_hash, file, row)
         for f in warm_files(bank.uri, self.warm_key):
             self._index_warm(f, read_table(f, columns=["ref_id", "content_hash", "model_hash"]))
-        self.encoded = self.stored_reads = self.warm_reads = self.written_back = 0
+        self.encoded = self.stored_reads = self.warm_reads = self.written_back = self.slab_reads = 0
 
     def _index_warm(self, path, t: pa.Table) -> None:
         for i, (r, h, m) in enumerate(zip(*(t.column(c).to_pylist() for c in ("ref_id", "content_hash", "model_hash")))):
@@ -94,48 +135,143 @@ class MemoryStore:
     def __len__(self) -> int:
         return len(self.row_of)
 
+    # -- the cache ------------------------------------------------------------------------------
+
+    def entry_bytes(self) -> int:
+        """Bytes one cached memory takes: its decoded tensor and its kept-token count."""
+        return math.prod(self.shape) * self.dtype.itemsize + _KEPT.itemsize
+
+    @property
+    def capacity(self) -> int:
+        """Memories the cache holds at most: cache_bytes // entry_bytes (or cache_size)."""
+        if self.shape is None:
+            return 0
+        if self._cache_bytes is not None:
+            return int(self._cache_bytes) // self.entry_bytes()
+        return int(self._cache_size)
+
+    def cache_nbytes(self) -> int:
+        """Bytes of the tensors the cache holds (allocated once, at its first insert)."""
+        return sum(t.untyped_storage().nbytes() for t in (self._cache_mem, self._cache_kept) if t is not None)
+
+    def _insert(self, ids: list[str], mems: torch.Tensor, kept: torch.Tensor) -> None:
+        cap = self.capacity
+        if cap == 0 or not ids:
+            return
+        if self._cache_mem is None:
+            self._cache_mem = torch.empty((cap, *self.shape), dtype=self.dtype)
+            self._cache_kept = torch.empty(cap, dtype=_KEPT)
+            self._free = list(range(cap - 1, -1, -1))
+        lo = max(0, len(ids) - cap)  # a request larger than the cache keeps its last `cap`
+        while len(self._free) < len(ids) - lo:
+            self._free.append(self.cache.popitem(last=False)[1])
+        slots = [self._free.pop() for _ in range(len(ids) - lo)]
+        for r, s in zip(ids[lo:], slots):
+            self.cache[r] = s
+        at = torch.tensor(slots, dtype=torch.long)
+        self._cache_mem.index_copy_(0, at, mems[lo:])
+        self._cache_kept.index_copy_(0, at, kept[lo:].to(_KEPT))
+
+    # -- fetch ----------------------------------------------------------------------------------
+
     def fetch(self, ref_ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Memories (n, n_mem_layers, 2, n_kv_heads, k, head_dim) float32 and their slot mask
-        (n, k), in the order asked; repeated ids are read once."""
-        missing = [r for r in dict.fromkeys(ref_ids) if r not in self.cache]
-        self.hits += len(ref_ids) - len(missing)
+        """Memories (n, n_mem_layers, 2, n_kv_heads, k, head_dim) in the codec's dtype and their
+        slot mask (n, k), in the order asked; repeated ids are read once."""
+        n = len(ref_ids)
+        uniq = list(dict.fromkeys(ref_ids))
+        cache = self.cache
+        missing = [r for r in uniq if r not in cache]
+        self.hits += n - len(missing)
         self.misses += len(missing)
-        loaded = self._load(missing) if missing else {}
-        out = []
-        for r in ref_ids:
-            if r in self.cache:
-                self.cache.move_to_end(r)
-            out.append(loaded[r] if r in loaded else self.cache[r])
-        # insert after assembling: a request larger than the cache must still be answered whole
-        for r, item in loaded.items():
-            self.cache[r] = item
-        while len(self.cache) > self.cache_size:
-            self.cache.popitem(last=False)
-        if not out:
+        for r in uniq:
+            if r in cache:
+                cache.move_to_end(r)
+        if missing:
+            mems, kept = self._load(missing)
+        if n == 0 or self.shape is None:
             k = self.shape[3] if self.shape else 0
-            return torch.zeros((0, *(self.shape or (0, 2, 0, 0, 0)))), torch.zeros((0, k), dtype=torch.bool)
-        return torch.stack([m for m, _ in out]), torch.stack([k for _, k in out])
+            return torch.zeros((0, *(self.shape or (0, 2, 0, 0, 0))), dtype=self.dtype), torch.zeros((0, k), dtype=torch.bool)
+        if len(missing) == n:  # all distinct misses (the usual batch): the decoded batch is the answer
+            out, out_kept = mems, kept
+        else:
+            out = torch.empty((n, *self.shape), dtype=self.dtype)
+            out_kept = torch.empty(n, dtype=_KEPT)
+            new = {r: j for j, r in enumerate(missing)}
+            hit_i, hit_s, new_i, new_j = [], [], [], []
+            for i, r in enumerate(ref_ids):
+                if r in new:
+                    new_i.append(i)
+                    new_j.append(new[r])
+                else:
+                    hit_i.append(i)
+                    hit_s.append(cache[r])
+            if hit_i:
+                hi, hs = torch.tensor(hit_i), torch.tensor(hit_s)
+                out.index_copy_(0, hi, self._cache_mem.index_select(0, hs))
+                out_kept.index_copy_(0, hi, self._cache_kept.index_select(0, hs))
+            if new_i:
+                ni, nj = torch.tensor(new_i), torch.tensor(new_j)
+                out.index_copy_(0, ni, mems.index_select(0, nj))
+                out_kept.index_copy_(0, ni, kept.index_select(0, nj).to(_KEPT))
+        masks = torch.arange(self.shape[3])[None, :] < out_kept[:, None]
+        # insert after answering: a request larger than the cache must still be answered whole
+        if missing:
+            self._insert(missing, mems, kept)
+        return out, masks
 
-    def _load(self, ref_ids: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        stored = [r for r in ref_ids if r in self.row_of]
-        out = self._load_stored(stored) if stored else {}
+    def _load(self, ref_ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(memories, kept counts) of `ref_ids`, in that order."""
+        row_of = self.row_of
+        stored = [r for r in ref_ids if r in row_of]
         self.stored_reads += len(stored)
-        rest = [r for r in ref_ids if r not in self.row_of]
-        if rest:
-            tokens, hashes = self._refs(rest)
-            warm = [r for r in rest if r in self.warm_at and self.warm_at[r][0] == hashes[r]]
-            cold = [r for r in rest if r not in set(warm)]
-            if warm:
-                out.update(self._load_warm(warm))
-                self.warm_reads += len(warm)
-            if cold:
-                out.update(self._encode(cold, tokens, hashes))
-        return out
+        if len(stored) == len(ref_ids):
+            return self._read_rows(np.fromiter((row_of[r] for r in ref_ids), np.int64, len(ref_ids)), ref_ids)
+        parts = []  # (ids, mems, kept)
+        if stored:
+            parts.append((stored, *self._read_rows(np.fromiter((row_of[r] for r in stored), np.int64, len(stored)), stored)))
+        rest = [r for r in ref_ids if r not in row_of]
+        tokens, hashes = self._refs(rest)
+        warm = [r for r in rest if r in self.warm_at and self.warm_at[r][0] == hashes[r]]
+        cold = [r for r in rest if r not in set(warm)]
+        if warm:
+            parts.append(self._load_warm(warm))
+            self.warm_reads += len(warm)
+        if cold:
+            parts.append(self._encode(cold, tokens, hashes))
+        pos = {r: i for i, r in enumerate(ref_ids)}
+        mems = torch.empty((len(ref_ids), *self.shape), dtype=self.dtype)
+        kept = torch.empty(len(ref_ids), dtype=_KEPT)
+        for ids, m, k in parts:
+            at = torch.tensor([pos[r] for r in ids], dtype=torch.long)
+            mems.index_copy_(0, at, m)
+            kept.index_copy_(0, at, k.to(_KEPT))
+        return mems, kept
 
-    def _load_stored(self, ref_ids: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        rows = np.array([self.row_of[r] for r in ref_ids], dtype=np.int64)
-        order = np.argsort(rows)  # take() reads sequentially when rows are sorted
-        return self._decoded(self.ds.take(rows[order], columns=["ref_id", "payload", "n_tokens"]))
+    def _read_rows(self, rows: np.ndarray, ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stored rows of the pinned version: from the slab when there is one, else Lance."""
+        kept = self.kept_of_row.index_select(0, torch.from_numpy(rows))
+        if self.slab is not None:
+            self.slab_reads += len(rows)
+            return self._decode(self.slab.read(rows), ids), kept
+        order = np.argsort(rows, kind="stable")  # take() reads sequentially when rows are sorted
+        payload = self.ds.take(rows[order], columns=["payload"]).column("payload")
+        buf = np.empty((len(rows), self.codec.nbytes(self.shape)), np.uint8)
+        buf[order] = self._rows_of(payload, [ids[i] for i in order])
+        return self._decode(buf, ids), kept
+
+    def _rows_of(self, payload, ids: list[str]) -> np.ndarray:
+        try:
+            return _fixed_rows(payload, self.codec.nbytes(self.shape), ids)
+        except SlabError as e:
+            raise BankError(str(e)) from None
+
+    def _decode(self, buf: np.ndarray, ids: list[str]) -> torch.Tensor:
+        """(n, payload bytes) uint8 -> (n, *shape) memories in self.dtype. `buf` must be this
+        call's own array: a raw codec's result is a view of it."""
+        # the codec's batch decode of an array (Codec.decode_batch takes one bytes object per
+        # payload and joins them: a copy this path exists to avoid); the quantizer was checked
+        # when the codec was built from the lineage
+        return self.codec._decode(buf, self.shape).reshape(len(buf), *self.shape).to(self.dtype)
 
     def _refs(self, ref_ids: list[str]) -> tuple[dict[str, list[int]], dict[str, str]]:
         """Token ids and content hashes of references without a stored memory, from the refs of
@@ -148,15 +284,18 @@ class MemoryStore:
             raise BankError(f"no memory for reference {missing[0]!r} in this bank, and no such reference")
         return (dict(zip(ids, t.column("token_ids").to_pylist())), dict(zip(ids, t.column("content_hash").to_pylist())))
 
-    def _load_warm(self, ref_ids: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def _load_warm(self, ref_ids: list[str]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         by_file: dict[object, list[int]] = {}
         for r in ref_ids:
             by_file.setdefault(self.warm_at[r][1], []).append(self.warm_at[r][2])
-        out = {}
+        ids, mems, kept = [], [], []
         for path, rows in by_file.items():
             t = read_table(path, columns=["ref_id", "payload", "n_tokens"]).take(pa.array(sorted(rows), pa.int64()))
-            out.update(self._decoded(t))
-        return out
+            got, m, k = self._decoded(t)
+            ids += got
+            mems.append(m)
+            kept.append(k)
+        return ids, torch.cat(mems), torch.cat(kept)
 
     def _encoder(self):
         if self.model is None:
@@ -170,7 +309,7 @@ class MemoryStore:
             self.model = load_model(mdir)
         return self.model
 
-    def _encode(self, ref_ids: list[str], tokens: dict, hashes: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def _encode(self, ref_ids: list[str], tokens: dict, hashes: dict) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         """Encode cold references as `m3 encode` would (sorted by length, the encode stage's batch
         size), then write their rows back in one file."""
         from model.ref_batches import encode_tokens
@@ -205,19 +344,11 @@ class MemoryStore:
             self.written_back += n
         return self._decoded(rows)
 
-    def _decoded(self, table: pa.Table) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        payloads = table.column("payload").to_pylist()
-        try:
-            mems = self.codec.decode_batch(payloads, self.shape)
-        except CodecError as e:
-            bad = next((table.column("ref_id")[i].as_py() for i, p in enumerate(payloads)
-                        if len(p) != self.codec.nbytes(self.shape)), "?")
-            raise BankError(f"corrupt memory payload for reference {bad!r}: {e}") from None
-        k = self.shape[3]
-        kept = torch.as_tensor(table.column("n_tokens").to_numpy().astype(np.int64))
-        masks = torch.arange(k)[None, :] < kept[:, None]
-        # clones: a view would keep its whole decoded batch alive and break the cache's bound
-        return {ref: (mems[i].clone(), masks[i].clone()) for i, ref in enumerate(table.column("ref_id").to_pylist())}
+    def _decoded(self, table: pa.Table) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        ids = table.column("ref_id").to_pylist()
+        buf = np.array(self._rows_of(table.column("payload"), ids))  # own copy: a raw decode views it
+        kept = torch.from_numpy(table.column("n_tokens").to_numpy().astype(np.int16))
+        return ids, self._decode(buf, ids), kept
 
 
 def _lineage_shape(meta: dict) -> tuple | None:

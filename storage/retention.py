@@ -26,6 +26,7 @@ from pathlib import Path
 import lance
 
 from storage.live import TAG, numbered, publish, read_manifest
+from storage.slab import SlabError, ensure_slab, prune as prune_slabs
 from storage.layout import BankLayout
 
 
@@ -73,6 +74,12 @@ def apply_retention(bank_uri: str, manifest: dict, keep_builds: int, keep_tags: 
         # they are 7 days old, which is when a crashed write's leftovers go
         stats = ds.cleanup_old_versions(versions=old, error_if_tagged_old_versions=False)
         out[table] = {"versions_removed": len(old), "bytes_removed": stats.bytes_removed, "tags_removed": dropped_tags}
+    if "memories" in manifest["versions"]:
+        # a dropped version's payload slab goes with it (storage/slab.py)
+        ds = lance.dataset(BankLayout(bank_uri).table("memories"))
+        gone = prune_slabs(bank_uri, [v["version"] for v in ds.versions()])
+        if gone:
+            out.setdefault("memories", {"versions_removed": 0, "bytes_removed": 0, "tags_removed": []})["slabs_removed"] = gone
     return out
 
 
@@ -106,6 +113,11 @@ def compact_bank(bank_uri: str, keep_builds: int, min_fragments: int = 2) -> dic
         versions = {**live, **{t: c["to"] for t, c in compacted.items()}}
         manifest = publish(Bank(bank_uri), versions, {**info, "compacted_from": manifest.get("build", build)})
         keep += 1
+    if "memories" in compacted:  # the compacted version is the live one now: give it its slab
+        try:
+            ensure_slab(bank_uri, compacted["memories"]["to"])
+        except SlabError:
+            pass  # payloads of mixed sizes (not a bank the encode stage wrote): readers use Lance
     retention = apply_retention(bank_uri, manifest, keep, keep_tags=True)
     return {"compacted": compacted, "skipped_newer_write": skipped, "build": manifest.get("build"),
             "retention": retention}

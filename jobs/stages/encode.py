@@ -35,6 +35,7 @@ from model.codecs import VQCodec, make_codec
 from pipelines.encode_step import EncodeShards, encode_tokens, staged_path
 from storage.bank import Bank
 from storage.schemas import MEMORIES
+from storage.slab import SlabError, ensure_slab
 from storage.staging import write_bytes_atomic, write_text_atomic
 from storage.warm import read_warm, warm_key
 from storage.layout import BankLayout, upath
@@ -129,6 +130,20 @@ def encode_stage(cfg: Config, bank: Bank, label: str = "encode") -> ShardedStage
         lineage=lambda files: {**memories_lineage(cfg, key, mhash, mdir, refs_meta, codec_kw), "stage": label})
 
 
+def memories_slab(bank_uri: str, version: int, note: Callable[[str], None]) -> str:
+    """The payload slab of the committed version (storage/slab.py), written once: what the
+    MemoryStore reads a batch of memories from. Serving falls back to Lance without one, so a
+    table that cannot be slabbed is a note, not a failed build."""
+    try:
+        header = ensure_slab(bank_uri, version)
+    except SlabError as e:
+        note(f"encode: no payload slab for memories version {version} ({e}); readers use Lance")
+        return "refused"
+    if header is None:
+        return "none"  # a bank on an object store, or an empty table: readers use Lance
+    return "written"
+
+
 def run_encode(cfg: Config, label: str = "encode", note: Callable[[str], None] = print) -> dict:
     bank = Bank(cfg.bank.uri)
     bank.require("refs")
@@ -137,6 +152,7 @@ def run_encode(cfg: Config, label: str = "encode", note: Callable[[str], None] =
     note(f"encode: model {model_hash[:12]}, codec {cfg.encode.codec}")
     out = run_stage(stage, bank, cfg.ray, note)
     out.update(model_hash=model_hash, references=stage.n_rows)
+    out["slab"] = memories_slab(bank.uri, out["version"], note)
     if out["status"] == "built":
         out["refs_per_s"] = round(out["computed"] / max(out["compute_seconds"], 1e-9), 1)
         note(f"encode: {stage.n_rows - out.get('cold', 0):,} memories ({cfg.encode.codec}), {out['computed']:,} computed, as memories "

@@ -1,0 +1,284 @@
+"""A payload slab per memories table version: the fixed-size payloads in one flat file.
+
+A memory's payload has a fixed size per table (the codec's bytes for the table's memory shape),
+so a version's payloads can sit end to end in one file, and a batch of memories is read with
+one copy per row out of the page cache instead of a Lance `take` (~0.5 ms a call, BENCHMARKS.md
+"Encode job and memory fetch"). The slab is a derived copy of the table, never the truth: it is
+written after the encode stage commits (jobs/stages/encode.py) and after `m3 bank compact`
+publishes a compacted version, and a reader uses it only after checking it against the table.
+
+    <bank>/_slabs/memories/v<version>.payload   rows x payload_bytes, slot i = row i of the version
+    <bank>/_slabs/memories/v<version>.json      the header (below), written last: no header, no slab
+
+The index from ref_id to slot is the table's own row order at that version (slot i holds the
+payload of row i, the row `take([i])` reads): the reader builds its ref_id -> row dict from the
+table's ref_id column anyway, and a separate copy of it would have to be checked against that
+column all the same. The header names what the slab mirrors: table, Lance version, row count,
+codec (and quantizer), model hash, memory shape, payload bytes, and a digest over the
+(ref_id, content_hash) of every row in order; `check` compares all of them with the table and
+the file's size with rows x payload_bytes, and raises SlabError naming the first difference.
+`payload_digest` (blake2b of the payload file) is checked only by `verify_payloads` (it reads the
+whole file). Versions are immutable, so a slab named by a version stays right for as long as the
+version exists; the digest catches a table deleted and re-created, whose versions count from 1
+again. Retention (storage/retention.py) deletes the slabs of versions it drops.
+
+Only a bank on a filesystem gets slabs (a memory map needs a local file): on an object store
+`write_slab` returns None and readers use Lance's `take`, as before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from model.errors import M3Error
+from storage.layout import BankLayout, LayoutError
+
+FORMAT = 1
+TABLE = "memories"
+_SCAN_ROWS = 4096  # rows per scanned batch while writing: bounded memory whatever the table
+
+
+class SlabError(M3Error, ValueError):
+    """A slab that does not match its table, or a table whose payloads cannot be slabbed."""
+
+
+def slab_dir(bank_uri: str) -> Path | None:
+    """Where this bank keeps its slabs; None for a bank on an object store (no slabs there)."""
+    try:
+        return BankLayout(bank_uri).slabs(TABLE)
+    except LayoutError:
+        return None
+
+
+def paths(bank_uri: str, version: int) -> tuple[Path, Path] | None:
+    d = slab_dir(bank_uri)
+    return None if d is None else (d / f"v{int(version)}.payload", d / f"v{int(version)}.json")
+
+
+def row_digest(ref_ids, content_hashes, h=None):
+    """blake2b over (ref_id, content_hash) of rows in order; feed batches into one `h`."""
+    h = h or hashlib.blake2b(digest_size=16)
+    for r, c in zip(ref_ids, content_hashes):
+        h.update(f"{r}\x1f{c}\x1e".encode())
+    return h
+
+
+def _fixed_rows(payload: pa.Array, nbytes: int, ref_ids) -> np.ndarray:
+    """A binary column of fixed-size payloads -> (n, nbytes) uint8, a view of its Arrow buffer
+    (no per-row Python object). A row of another size is a SlabError naming it."""
+    arr = payload.combine_chunks() if isinstance(payload, pa.ChunkedArray) else payload
+    if len(arr) == 0:
+        return np.zeros((0, nbytes), np.uint8)
+    if arr.null_count:
+        raise SlabError(f"corrupt memory payload for reference {ref_ids[int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])]!r}: null")
+    off_type = np.int64 if pa.types.is_large_binary(arr.type) else np.int32
+    off = np.frombuffer(arr.buffers()[1], off_type, count=len(arr) + 1, offset=off_type().itemsize * arr.offset)
+    bad = np.flatnonzero(np.diff(off) != nbytes)
+    if len(bad):
+        i = int(bad[0])
+        raise SlabError(f"corrupt memory payload for reference {ref_ids[i]!r}: {int(off[i + 1] - off[i])} bytes, "
+                        f"expected {nbytes} (the codec's size for the table's memory shape)")
+    data = np.frombuffer(arr.buffers()[2], np.uint8)
+    return data[off[0]:off[-1]].reshape(len(arr), nbytes)
+
+
+def write_slab(bank_uri: str, ds, codec, shape, meta: dict) -> dict | None:
+    """Write the slab of the memories dataset `ds` (open at the version to mirror); return its
+    header, or None for a bank on an object store. Rewrites nothing already there and valid."""
+    where = paths(bank_uri, ds.version)
+    if where is None:
+        return None
+    payload_path, header_path = where
+    try:
+        return check(bank_uri, ds, meta, codec.nbytes(shape), _rows_digest(ds))
+    except SlabError:
+        pass  # absent or stale: write it
+    nbytes = codec.nbytes(shape)
+    payload_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = payload_path.with_name(f".{payload_path.name}.{uuid.uuid4().hex}.tmp")
+    digest, pdigest, rows = hashlib.blake2b(digest_size=16), hashlib.blake2b(digest_size=16), 0
+    try:
+        with open(tmp, "wb") as f:
+            for batch in ds.to_batches(columns=["ref_id", "content_hash", "payload"], batch_size=_SCAN_ROWS):
+                ids = batch.column("ref_id").to_pylist()
+                row_digest(ids, batch.column("content_hash").to_pylist(), digest)
+                block = _fixed_rows(batch.column("payload"), nbytes, ids)
+                f.write(memoryview(block).cast("B"))
+                pdigest.update(memoryview(block).cast("B"))
+                rows += len(ids)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, payload_path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    header = {"format": FORMAT, "table": TABLE, "version": int(ds.version), "rows": rows,
+              "codec": meta.get("codec"), "quantizer_hash": meta.get("quantizer_hash"),
+              "model_hash": meta.get("model_hash"), "shape": [int(s) for s in shape], "payload_bytes": nbytes,
+              "digest": digest.hexdigest(), "payload_digest": pdigest.hexdigest(), "written_at": time.time()}
+    tmp = header_path.with_name(f".{header_path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(header, indent=1, sort_keys=True))
+    os.replace(tmp, header_path)  # the commit point: a slab without its header does not exist
+    return header
+
+
+def ensure_slab(bank_uri: str, version: int) -> dict | None:
+    """The slab of memories version `version`, written if missing or stale; its header, or None
+    where there is none to write (a bank on an object store, a table without rows). A table
+    whose payloads are not all of the codec's size raises SlabError naming the first bad row."""
+    import lance
+
+    from model.codecs import make_codec
+    from storage.bank import _decode
+
+    if slab_dir(bank_uri) is None:
+        return None
+    ds = lance.dataset(BankLayout(bank_uri).table(TABLE), version=version)
+    if ds.count_rows() == 0:
+        return None
+    meta = _decode(ds.schema.metadata)
+    kw = {}
+    if meta.get("codec") == "vq":
+        kw = {"quantizer": meta.get("quantizer_path"), "quantizer_hash": meta.get("quantizer_hash")}
+    codec = make_codec(meta["codec"], **kw)
+    shape = ds.take([0], columns=["shape"]).column("shape")[0].as_py()
+    return write_slab(bank_uri, ds, codec, shape, meta)
+
+
+def _rows_digest(ds) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for batch in ds.to_batches(columns=["ref_id", "content_hash"], batch_size=_SCAN_ROWS * 4):
+        row_digest(batch.column("ref_id").to_pylist(), batch.column("content_hash").to_pylist(), h)
+    return h.hexdigest()
+
+
+def read_header(bank_uri: str, version: int) -> dict | None:
+    where = paths(bank_uri, version)
+    if where is None or not where[1].exists():
+        return None
+    return json.loads(where[1].read_text())
+
+
+def check(bank_uri: str, ds, meta: dict, payload_bytes: int, digest: str) -> dict:
+    """The slab header of `ds`'s version if the slab mirrors it exactly, else SlabError saying
+    what differs. `digest` is row_digest of the table's rows (the caller has read those columns)."""
+    where = paths(bank_uri, ds.version)
+    if where is None:
+        raise SlabError(f"the bank at {bank_uri} is on an object store: it has no slabs")
+    header = read_header(bank_uri, ds.version)
+    if header is None:
+        raise SlabError(f"no slab for memories version {ds.version} in {bank_uri}")
+    name = f"slab {where[1]}"
+    want = {"format": FORMAT, "table": TABLE, "version": int(ds.version), "rows": ds.count_rows(),
+            "codec": meta.get("codec"), "quantizer_hash": meta.get("quantizer_hash"),
+            "model_hash": meta.get("model_hash"), "payload_bytes": payload_bytes, "digest": digest}
+    for key, value in want.items():
+        if header.get(key) != value:
+            what = "digest over (ref_id, content_hash)" if key == "digest" else key
+            raise SlabError(f"{name} does not match memories version {ds.version}: its {what} is "
+                            f"{header.get(key)!r}, the table's is {value!r}")
+    size = where[0].stat().st_size if where[0].exists() else None
+    if size != header["rows"] * payload_bytes:
+        raise SlabError(f"{name}: payload file {where[0]} is {size if size is not None else 'missing'}"
+                        f"{' bytes' if size is not None else ''}, expected {header['rows']} rows x "
+                        f"{payload_bytes} B = {header['rows'] * payload_bytes} bytes (truncated or replaced)")
+    return header
+
+
+def verify_payloads(bank_uri: str, version: int) -> None:
+    """Read the whole payload file and check it against the header's payload_digest."""
+    header = read_header(bank_uri, version)
+    if header is None:
+        raise SlabError(f"no slab for memories version {version} in {bank_uri}")
+    h = hashlib.blake2b(digest_size=16)
+    with open(paths(bank_uri, version)[0], "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    if h.hexdigest() != header["payload_digest"]:
+        raise SlabError(f"slab of memories version {version}: payload bytes differ from what was written "
+                        f"(digest {h.hexdigest()}, header {header['payload_digest']})")
+
+
+class SlabReader:
+    """Rows of a checked slab, read from a read-only memory map of the payload file.
+
+    `read(rows)` copies the rows asked for, in the order asked, into a new array: the only copy
+    between the page cache and the decoded memory (a raw codec decodes by reinterpreting it).
+    MADV_RANDOM: a batch of random rows reads only its own pages on a page-cache miss, no
+    readahead around each. `read_pread` is the same with one os.preadv per run of adjacent rows
+    (for comparison in bench/fetch.py)."""
+
+    def __init__(self, path: Path, rows: int, payload_bytes: int):
+        self.path, self.rows, self.payload_bytes = path, rows, payload_bytes
+        self._fd = os.open(path, os.O_RDONLY)
+        if rows and payload_bytes:
+            self._map = mmap.mmap(self._fd, rows * payload_bytes, prot=mmap.PROT_READ)
+            self._map.madvise(mmap.MADV_RANDOM)
+            self._rows = np.frombuffer(self._map, np.uint8).reshape(rows, payload_bytes)
+        else:
+            self._map, self._rows = None, np.zeros((rows, payload_bytes), np.uint8)
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        return self._rows.take(rows, axis=0)  # a fresh, writable (n, payload_bytes) array
+
+    def read_pread(self, rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), self.payload_bytes), np.uint8)
+        order = np.argsort(rows, kind="stable")
+        srt = rows[order]
+        tmp = np.empty_like(out)
+        lo, P = 0, self.payload_bytes
+        while lo < len(srt):  # coalesce runs of adjacent slots into one read
+            hi = lo + 1
+            while hi < len(srt) and srt[hi] == srt[hi - 1] + 1:
+                hi += 1
+            os.preadv(self._fd, [memoryview(tmp[lo:hi]).cast("B")], int(srt[lo]) * P)
+            lo = hi
+        out[order] = tmp
+        return out
+
+    def close(self) -> None:
+        self._rows = None
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 (interpreter shutdown)
+            pass
+
+
+def open_slab(bank_uri: str, ds, meta: dict, payload_bytes: int, digest: str) -> SlabReader:
+    """A reader of the slab of `ds`'s version, checked against the table (SlabError otherwise)."""
+    header = check(bank_uri, ds, meta, payload_bytes, digest)
+    return SlabReader(paths(bank_uri, ds.version)[0], header["rows"], payload_bytes)
+
+
+def prune(bank_uri: str, versions_on_disk) -> list[int]:
+    """Delete the slabs of memories versions that no longer exist; return their versions."""
+    d = slab_dir(bank_uri)
+    if d is None or not d.exists():
+        return []
+    keep, gone = {int(v) for v in versions_on_disk}, []
+    for p in sorted(d.iterdir()):
+        stem = p.name.split(".")[0]
+        if p.name.startswith(".") or not stem.startswith("v") or not stem[1:].isdigit():
+            continue
+        v = int(stem[1:])
+        if v not in keep:
+            p.unlink(missing_ok=True)
+            gone.append(v)
+    return sorted(set(gone))

@@ -1,0 +1,216 @@
+"""Payload slabs (storage/slab.py) and the MemoryStore that reads them: the slab's payloads are
+Lance's for every codec, a slab that does not mirror its table is never served, retention and
+compaction keep slabs to the versions that exist, and the RAM cache's bound in bytes holds.
+
+The banks are small real Lance tables of real codec payloads (random memories through each
+codec; vq with a quantizer trained here), written the way the encode stage writes `memories`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from model.codecs import VQCodec, make_codec
+from storage.bank import Bank
+from storage.layout import BankLayout
+from storage.live import publish
+from storage.memory_store import MemoryStore
+from storage.retention import apply_retention, compact_bank
+from storage.schemas import MEMORIES
+from storage.slab import SlabError, ensure_slab, paths, read_header, verify_payloads
+
+SHAPE = (2, 2, 2, 4, 8)  # (mem layers, 2, kv heads, k, head_dim)
+MODEL = "m" * 16
+CODECS = ("raw-bf16", "raw-fp16", "raw-fp32", "int8", "vq")
+
+
+@pytest.fixture(scope="module")
+def vq_file(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    vq = VQCodec.train(rng.standard_normal((2000, SHAPE[-1])).astype(np.float32), seed=0, niter=5)
+    path = tmp_path_factory.mktemp("quantizer") / f"{vq.quantizer_hash}.faiss"
+    vq.save(path)
+    return str(path), vq.quantizer_hash
+
+
+def codec_for(name, vq_file):
+    return make_codec("vq", quantizer=vq_file[0], quantizer_hash=vq_file[1]) if name == "vq" else make_codec(name)
+
+
+def rows(codec, n: int, seed: int = 0, prefix: str = "d") -> pa.Table:
+    mems = torch.from_numpy(np.random.default_rng(seed).standard_normal((n, *SHAPE)).astype(np.float32))
+    ids = [f"{prefix}{i:04d}-0" for i in range(n)]
+    return pa.table({"ref_id": ids, "content_hash": [f"h{seed}-{i}" for i in range(n)], "model_hash": [MODEL] * n,
+                     "codec": [codec.name] * n, "shape": [list(SHAPE)] * n,
+                     "n_tokens": [(i % SHAPE[3]) + 1 for i in range(n)], "positions": [[0] * 16] * n,
+                     "payload": codec.encode_batch(mems)}, schema=MEMORIES)
+
+
+def write(bank: Bank, table: pa.Table, codec, vq_file) -> int:
+    lineage = {"model_hash": MODEL, "codec": codec.name, "sparsity": {"top_k": SHAPE[3]},
+               "quantizer_hash": vq_file[1] if codec.name == "vq" else None,
+               "quantizer_path": vq_file[0] if codec.name == "vq" else None}
+    return bank.write("memories", MEMORIES, table.to_batches(max_chunksize=7), lineage)
+
+
+@pytest.mark.parametrize("name", CODECS)
+def test_slab_payloads_equal_lance_and_fetch_equals_the_lance_path(tmp_path, vq_file, name):
+    bank, codec = Bank(str(tmp_path)), codec_for(name, vq_file)
+    table = rows(codec, 40)
+    version = write(bank, table, codec, vq_file)
+    header = ensure_slab(bank.uri, version)
+    assert header["rows"] == 40 and header["payload_bytes"] == codec.nbytes(SHAPE) and header["version"] == version
+    verify_payloads(bank.uri, version)
+    payload_file = paths(bank.uri, version)[0]
+    flat = np.fromfile(payload_file, np.uint8).reshape(40, -1)
+    lance_payloads = bank.dataset("memories").to_table(columns=["payload"]).column("payload").to_pylist()
+    assert [r.tobytes() for r in flat] == lance_payloads
+
+    slab = MemoryStore(bank, MODEL, slab="require")
+    plain = MemoryStore(bank, MODEL, slab="off")
+    assert slab.slab is not None and plain.slab is None
+    ids = table.column("ref_id").to_pylist()
+    order = [ids[i] for i in np.random.default_rng(1).permutation(40)]
+    asked = order[:25] + order[:3]  # repeats inside one request
+    (m1, k1), (m2, k2) = slab.fetch(asked), plain.fetch(asked)
+    assert torch.equal(m1, m2) and torch.equal(k1, k2) and slab.slab_reads == 25 and plain.slab_reads == 0
+    again = order[20:40]  # hits and misses mixed
+    (m1, k1), (m2, k2) = slab.fetch(again), plain.fetch(again)
+    assert torch.equal(m1, m2) and torch.equal(k1, k2) and (slab.hits, slab.misses) == (plain.hits, plain.misses)
+    # what the codec decodes from Lance's own payload, in the codec's dtype (raw bf16 stays bf16)
+    want = codec.decode_batch([lance_payloads[ids.index(r)] for r in again], SHAPE, dtype=m1.dtype)
+    assert torch.equal(m1, want)
+    assert m1.dtype == {"raw-bf16": torch.bfloat16, "raw-fp16": torch.float16}.get(name, torch.float32)
+    assert k1.tolist() == [[j < ids.index(r) % SHAPE[3] + 1 for j in range(SHAPE[3])] for r in again]
+
+
+@pytest.fixture
+def slabbed(tmp_path, vq_file):
+    """A bank with memories version 1 and its slab, and version 2 (same rows but one content
+    hash changed) without one."""
+    bank, codec = Bank(str(tmp_path)), make_codec("int8")
+    table = rows(codec, 30)
+    v1 = write(bank, table, codec, vq_file)
+    ensure_slab(bank.uri, v1)
+    hashes = table.column("content_hash").to_pylist()
+    hashes[7] = "changed"
+    v2 = write(bank, table.set_column(1, "content_hash", pa.array(hashes)), codec, vq_file)
+    return bank, v1, v2
+
+
+def copy_slab(bank_uri, src: int, dst: int, **header_changes) -> None:
+    (p1, h1), (p2, h2) = paths(bank_uri, src), paths(bank_uri, dst)
+    shutil.copyfile(p1, p2)
+    header = {**json.loads(h1.read_text()), **header_changes}
+    h2.write_text(json.dumps(header))
+
+
+def refused(bank, version, match):
+    """The slab of `version` is refused: require raises, auto serves Lance and says why."""
+    with pytest.raises(SlabError, match=match):
+        MemoryStore(bank, MODEL, version=version, slab="require")
+    store = MemoryStore(bank, MODEL, version=version)
+    assert store.slab is None and store.slab_refused
+    ids = list(store.row_of)[:10]
+    m, k = store.fetch(ids)
+    want = MemoryStore(bank, MODEL, version=version, slab="off").fetch(ids)
+    assert torch.equal(m, want[0]) and torch.equal(k, want[1]) and store.slab_reads == 0
+    return store.slab_refused
+
+
+def test_a_slab_of_another_version_is_refused(slabbed):
+    bank, v1, v2 = slabbed
+    copy_slab(bank.uri, v1, v2)  # v1's slab under v2's name, header unchanged
+    assert "its version is 1, the table's is 2" in refused(bank, v2, "version")
+
+
+def test_a_slab_whose_rows_changed_is_refused(slabbed):
+    bank, v1, v2 = slabbed
+    copy_slab(bank.uri, v1, v2, version=v2)  # v1's payloads, claiming to be v2's: one row's hash differs
+    assert "digest over (ref_id, content_hash)" in refused(bank, v2, "digest")
+
+
+def test_a_slab_with_another_row_count_is_refused(slabbed):
+    bank, v1, _ = slabbed
+    _, header_path = paths(bank.uri, v1)
+    header_path.write_text(json.dumps({**json.loads(header_path.read_text()), "rows": 29}))
+    assert "its rows is 29, the table's is 30" in refused(bank, v1, "rows")
+
+
+def test_a_truncated_slab_is_refused(slabbed):
+    bank, v1, _ = slabbed
+    payload_path, _ = paths(bank.uri, v1)
+    data = payload_path.read_bytes()
+    payload_path.write_bytes(data[:-100])
+    assert "truncated" in refused(bank, v1, "truncated")
+    payload_path.write_bytes(data[:-100] + b"x" * 100)  # right size, other bytes: only the full check sees it
+    with pytest.raises(SlabError, match="payload bytes differ"):
+        verify_payloads(bank.uri, v1)
+
+
+def test_a_table_of_mixed_payload_sizes_gets_no_slab(tmp_path, vq_file):
+    bank, codec = Bank(str(tmp_path)), make_codec("raw-fp32")
+    table = rows(codec, 5)
+    payloads = table.column("payload").to_pylist()
+    payloads[2] = payloads[2][:-4]
+    v = write(bank, table.set_column(7, "payload", pa.array(payloads, pa.binary())), codec, vq_file)
+    with pytest.raises(SlabError, match="reference 'd0002-0': 1020 bytes, expected 1024"):
+        ensure_slab(bank.uri, v)
+    assert read_header(bank.uri, v) is None
+
+
+def test_retention_drops_the_slabs_of_dropped_versions_and_compaction_writes_one(tmp_path, vq_file):
+    bank, codec = Bank(str(tmp_path)), make_codec("raw-bf16")
+    versions = []
+    for seed in range(3):
+        versions.append(write(bank, rows(codec, 12, seed), codec, vq_file))
+        ensure_slab(bank.uri, versions[-1])
+        manifest = publish(bank, {"memories": versions[-1]})
+    out = apply_retention(bank.uri, manifest, keep_builds=1)
+    assert out["memories"]["slabs_removed"] == versions[:2]
+    assert [read_header(bank.uri, v) is not None for v in versions] == [False, False, True]
+    assert sorted(p.name for p in BankLayout(bank.uri).slabs("memories").iterdir()) == [
+        f"v{versions[2]}.json", f"v{versions[2]}.payload"]
+
+    tbl = bank.db.open_table("memories")
+    tbl.add(rows(codec, 5, seed=9, prefix="e"))  # a second fragment
+    publish(bank, {"memories": tbl.version})
+    summary = compact_bank(bank.uri, keep_builds=1)
+    new = summary["compacted"]["memories"]["to"]
+    store = MemoryStore(Bank(bank.uri, live=True), MODEL, slab="require")
+    assert store.ds.version == new and len(store) == 17
+    assert torch.equal(store.fetch(list(store.row_of))[0],
+                       MemoryStore(Bank(bank.uri, live=True), MODEL, slab="off").fetch(list(store.row_of))[0])
+
+
+def test_the_cache_bound_in_bytes_holds(tmp_path, vq_file):
+    bank, codec = Bank(str(tmp_path)), make_codec("raw-fp32")
+    write(bank, rows(codec, 20), codec, vq_file)
+    probe = MemoryStore(bank, MODEL)
+    entry = probe.entry_bytes()
+    assert entry == 2 * 2 * 2 * 4 * 8 * 4 + 2  # the float32 memory and its int16 kept count
+    store = MemoryStore(bank, MODEL, cache_bytes=3 * entry + entry // 2)
+    ids = list(store.row_of)
+    lance = MemoryStore(bank, MODEL, cache_size=0, slab="off")
+    for ask in (ids[:10], ids[:2], ids[5:9] + ids[:2], [ids[0]] * 4, ids[10:20]):
+        m, k = store.fetch(ask)
+        want = lance.fetch(ask)
+        assert torch.equal(m, want[0]) and torch.equal(k, want[1])
+        assert len(store.cache) <= 3 and store.cache_nbytes() <= 3 * entry + entry // 2
+    assert store.capacity == 3 and store.cache_nbytes() == 3 * entry
+    assert list(store.cache) == ids[17:20]  # the last request's last three
+    store.fetch([ids[17], ids[0]])  # 17 refreshed, 0 loaded: 18 is the oldest, and goes
+    assert list(store.cache) == [ids[19], ids[17], ids[0]]
+    hits = store.hits
+    m, _ = store.fetch([ids[0], ids[19]])
+    assert store.hits == hits + 2
+    m.zero_()  # an answer is the caller's: the cache does not share it
+    assert torch.equal(store.fetch([ids[0]])[0], lance.fetch([ids[0]])[0])
+    tiny = MemoryStore(bank, MODEL, cache_bytes=entry - 1)  # room for none: every fetch still answered
+    assert tiny.capacity == 0 and torch.equal(tiny.fetch(ids[:4])[0], lance.fetch(ids[:4])[0])
+    assert tiny.cache_nbytes() == 0 and len(tiny.cache) == 0

@@ -13,6 +13,11 @@ way we guessed. Its import is heavy (~5 s), so it is imported only inside `load_
 
 Nothing downloads at run time: the loader forces the Hugging Face offline switches and passes
 `local_files_only`, and it only ever opens a local directory.
+
+`static-minilm` is a static embedding distilled from that MiniLM at first use
+(pipelines/static_embedder.py): a table lookup per word piece instead of a transformer, chosen as
+the default by measurement (BENCHMARKS.md, "Choosing the retriever"); a local model2vec
+directory is a spec too.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from model.errors import M3Error
+from pipelines.static_embedder import STATIC_SPEC
 
 DEFAULT_SPEC = "minilm"
 MINILM_NAME = "all-MiniLM-L6-v2"
@@ -56,6 +62,8 @@ class Embedder:
     path: str                # the local directory it was loaded from
     max_seq_length: int      # word pieces past this are truncated by the model
     _model: object = field(repr=False, default=None)
+    kind: str = "sentence-transformers"  # or "static": a model2vec StaticModel (a lookup table)
+    info: dict = field(default_factory=dict)  # what else the lineage records (a static model's recipe)
 
     @property
     def id(self) -> str:
@@ -65,14 +73,19 @@ class Embedder:
 
     def lineage(self) -> dict:
         """Everything a bank's lineage needs to say which embedder produced its vectors."""
+        out = {"embedder": self.id, "embedder_name": self.name, "embedder_fingerprint": self.fingerprint,
+               "embedder_dim": self.dim, "embedder_max_seq_length": self.max_seq_length,
+               "embedder_path": self.path, "embedder_kind": self.kind, "normalized": True,
+               "similarity": "cosine", **self.info}
+        if self.kind == "static":
+            import model2vec
+
+            return {**out, "model2vec": model2vec.__version__}
         import sentence_transformers
         import torch
         import transformers
 
-        return {"embedder": self.id, "embedder_name": self.name, "embedder_fingerprint": self.fingerprint,
-                "embedder_dim": self.dim, "embedder_max_seq_length": self.max_seq_length,
-                "embedder_path": self.path, "normalized": True, "similarity": "cosine",
-                "sentence_transformers": sentence_transformers.__version__,
+        return {**out, "sentence_transformers": sentence_transformers.__version__,
                 "transformers": transformers.__version__, "torch": torch.__version__}
 
     def check_lineage(self, lineage: dict) -> None:
@@ -93,8 +106,14 @@ class Embedder:
         bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
         if bad:
             raise EmbedderError(f"embed() takes strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
-        vecs = self._model.encode(texts, batch_size=batch_size, convert_to_numpy=True,
-                                  normalize_embeddings=False, show_progress_bar=False)
+        if self.kind == "static":
+            # no multiprocessing: it would fork per call inside Ray actors and the decode loop,
+            # and a lookup table gains nothing from it at these sizes
+            vecs = self._model.encode(texts, batch_size=max(batch_size, 1024), show_progress_bar=False,
+                                      use_multiprocessing=False)
+        else:
+            vecs = self._model.encode(texts, batch_size=batch_size, convert_to_numpy=True,
+                                      normalize_embeddings=False, show_progress_bar=False)
         vecs = np.asarray(vecs, dtype=np.float32)
         # Normalize here rather than trusting the model's own Normalize module: not every local
         # model has one, and cosine = dot product is what the index and the tests rely on.
@@ -153,7 +172,21 @@ def fingerprint_dir(path: str | Path) -> str:
 
 
 def load_embedder(spec: str | None = DEFAULT_SPEC, device: str = "cpu") -> Embedder:
-    """Load an embedder fully offline. spec: "minilm" (default) or a local model directory."""
+    """Load an embedder fully offline. spec: "minilm" (default), "static-minilm" (distilled from
+    it at first use), or a local sentence-transformers or model2vec directory."""
+    from pipelines import static_embedder as st
+
+    if (spec or "").strip().lower() == STATIC_SPEC:
+        source = bundled_minilm_dir()
+        source_fp = fingerprint_dir(source)
+        path = st.ensure_static(source, source_fp)
+        return _static(spec, st.STATIC_NAME, path, st.static_fingerprint(source_fp),
+                       {"static_source": MINILM_NAME, "static_source_fingerprint": source_fp,
+                        "static_recipe": dict(st.RECIPE), "static_files": fingerprint_dir(path)})
+    if spec and st.is_static_dir(Path(spec).expanduser()):
+        path = Path(spec).expanduser().resolve()
+        fp = fingerprint_dir(path)  # a directory from elsewhere: its bytes are all we know of it
+        return _static(spec, path.name, path, fp, {"static_files": fp})
     name, path = resolve_spec(spec)
     # Set before the import below: huggingface_hub reads these once, when it is first imported.
     # local_files_only covers the case where something imported it earlier in this process.
@@ -172,3 +205,15 @@ def load_embedder(spec: str | None = DEFAULT_SPEC, device: str = "cpu") -> Embed
         raise EmbedderError(f"embedder {spec!r}: {str(path)!r} does not declare an embedding dimension")
     return Embedder(name=name, dim=int(dim), fingerprint=fingerprint_dir(path), path=str(path),
                     max_seq_length=int(model.max_seq_length or 0), _model=model)
+
+
+def _static(spec: str, name: str, path: Path, fingerprint: str, info: dict) -> Embedder:
+    from pipelines.static_embedder import load_static
+
+    try:
+        model = load_static(path)
+    except Exception as e:  # a corrupt cache file or a foreign directory: name the path
+        raise EmbedderError(f"embedder {spec!r}: cannot load a model2vec model from {str(path)!r}: "
+                            f"{type(e).__name__}: {e} (delete the directory to rebuild a cached one)") from e
+    return Embedder(name=name, dim=int(model.dim), fingerprint=fingerprint, path=str(path),
+                    max_seq_length=int(model.max_length or 0), _model=model, kind="static", info=info)

@@ -16,6 +16,7 @@ from upath import UPath
 import numpy as np
 import pyarrow as pa
 
+from pipelines import memo
 from pipelines.assemble import is_dup
 from pipelines.chunking import Packer, reference_spans, sentence_boundaries
 from pipelines.tokenizer import EOS_ID, from_json
@@ -32,14 +33,41 @@ def token_hash(ids) -> str:
     return hashlib.blake2b(np.asarray(ids, dtype=np.int32).tobytes(), digest_size=8).hexdigest()
 
 
+# The chunk memo: what the tokenizer and the reference cutter make of one normalized text.
+CHUNK_MEMO = pa.schema([
+    memo.KEY,
+    pa.field("token_ids", pa.list_(pa.int32())),
+    # reference spans in tokens and characters; None when the document was not in the bank
+    pa.field("spans", pa.list_(pa.list_(pa.int32(), 4))),
+])
+
+
+def _cut(tok, texts: list[str], in_bank: list[bool], chunking) -> list[dict]:
+    """Token ids and reference spans (start, end, first char, end char) of each text."""
+    out = []
+    for text, bank, enc in zip(texts, in_bank, tok.encode_batch(texts, add_special_tokens=False)):
+        ids, offsets = enc.ids, enc.offsets
+        spans = None
+        if bank:
+            spans = [[start, end, offsets[start][0], offsets[end - 1][1]] for start, end in reference_spans(
+                len(ids), sentence_boundaries(text, offsets), chunking.ref_max_tokens, chunking.ref_min_tokens)]
+        out.append({"token_ids": ids, "spans": spans})
+    return out
+
+
 def chunk_shard(shard_id: str, out_dir: str | UPath, tokenizer_json: str, dup_ranks: np.ndarray,
-                chunking) -> dict:
+                chunking, memo_src: str | None = None, memo_dst: str | None = None) -> dict:
+    """With `memo_src` (pipelines/memo.py), a document whose normalized text is in the memo takes
+    its token ids and reference spans from there; `memo_dst` receives this shard's entries. The
+    caller keys both by the tokenizer's hash and the chunking config. Ids of rows (ref_id,
+    seq_id) and the packing are made here either way: they are not functions of one text."""
     out_dir = upath(out_dir)
     tok = from_json(tokenizer_json)
     refs: dict[str, list] = {name: [] for name in REFS.names}
     seqs: dict[str, list] = {name: [] for name in TRAIN_SEQUENCES.names}
     packer = Packer(seq_len=chunking.seq_len, eos_id=EOS_ID)
-    doc_tokens = 0
+    doc_tokens, hits = 0, 0
+    entries: dict[bytes, dict] = {}
 
     def emit(seq: dict) -> None:
         seqs["seq_id"].append(f"{shard_id}-{len(seqs['seq_id']):06d}")
@@ -50,23 +78,32 @@ def chunk_shard(shard_id: str, out_dir: str | UPath, tokenizer_json: str, dup_ra
     for batch in iter_batches([out_dir / "docs" / f"{shard_id}.parquet"], columns=columns, batch_size=256):
         keep = ~is_dup(batch.column("rank").to_numpy(), dup_ranks)
         rows = [r for r, k in zip(zip(*(batch.column(c).to_pylist() for c in columns[1:])), keep) if k]
-        texts = [r[1] for r in rows]
-        for (doc_id, text, in_training, in_bank), enc in zip(rows, tok.encode_batch(texts, add_special_tokens=False)):
-            ids, offsets = enc.ids, enc.offsets
+        keys = [memo.text_key(text) for _, text, _, _ in rows]
+        known = memo.lookup(memo_src, keys, CHUNK_MEMO.names[1:])
+        # a memo entry made for a training-only document has no spans: cut it again for the bank
+        todo = [i for i, (k, r) in enumerate(zip(keys, rows)) if k not in entries and
+                (k not in known or (r[3] and known[k]["spans"] is None))]
+        hits += len(rows) - len(todo)
+        entries.update(known)
+        for i, cut in zip(todo, _cut(tok, [rows[i][1] for i in todo], [rows[i][3] for i in todo], chunking)):
+            entries[keys[i]] = cut
+        for (doc_id, text, in_training, in_bank), key in zip(rows, keys):
+            ids, spans = entries[key]["token_ids"], entries[key]["spans"]
             doc_tokens += len(ids)
-            spans = reference_spans(len(ids), sentence_boundaries(text, offsets),
-                                    chunking.ref_max_tokens, chunking.ref_min_tokens) if in_bank else []
-            for ordinal, (start, end) in enumerate(spans):
+            for ordinal, (start, end, first, last) in enumerate(spans if in_bank else []):
                 piece = ids[start:end]
                 for name, value in (("ref_id", f"{doc_id}-{ordinal:04d}"), ("doc_id", doc_id),
                                     ("ordinal", ordinal), ("start_token", start), ("n_tokens", end - start),
-                                    ("text", text[offsets[start][0]:offsets[end - 1][1]]),
+                                    ("text", text[first:last]),
                                     ("token_ids", piece), ("content_hash", token_hash(piece))):
                     refs[name].append(value)
             if in_training:  # a bank-only document is knowledge, not training text
                 for seq in packer.add(doc_id, ids):
                     emit(seq)
+    if memo_dst is not None:
+        memo.write(memo_dst, shard_id, CHUNK_MEMO, {"key": list(entries), **{
+            c: [e[c] for e in entries.values()] for c in CHUNK_MEMO.names[1:]}})
     write_atomic(out_dir / "refs" / f"{shard_id}.parquet", pa.table(refs, schema=REFS))
     write_atomic(seqs_path(out_dir, shard_id), pa.table(seqs, schema=TRAIN_SEQUENCES))
     return {"shard": shard_id, "refs": len(refs["ref_id"]), "seqs": len(seqs["seq_id"]),
-            "tokens": doc_tokens, "leftover_tokens": packer.leftover}
+            "tokens": doc_tokens, "leftover_tokens": packer.leftover, "memo_hits": hits}

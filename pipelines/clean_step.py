@@ -17,6 +17,7 @@ from upath import UPath
 import numpy as np
 import pyarrow as pa
 
+from pipelines import memo
 from pipelines.dedup import partition_of
 from pipelines.filters import quality_reason
 from pipelines.minhash import band_keys, signatures
@@ -48,30 +49,58 @@ def docs_path(out_dir, shard_id: str) -> UPath:
     return upath(out_dir) / "docs" / f"{shard_id}.parquet"
 
 
+# The clean memo: what normalize, the quality filters and the dedup keys make of one raw text.
+CLEAN_MEMO = pa.schema([
+    memo.KEY,
+    pa.field("text", pa.large_string()),           # normalized
+    pa.field("content_hash", pa.string()),
+    pa.field("training_reason", pa.string()),      # the training filter's reason, None = passes
+    pa.field("in_bank", pa.bool_()),
+    pa.field("exact_key", pa.int64()),             # None unless kept and dedup.exact
+    pa.field("bands", pa.list_(pa.int64())),       # None unless kept and dedup.near
+])
+_MEMO_VALUES = CLEAN_MEMO.names[1:]
+
+
 def clean_shard(shard: Shard, files: list[SourceFile], corpus, quality, dedup, out_dir: str | UPath,
-                bank_quality=None) -> dict:
+                bank_quality=None, memo_src: str | None = None, memo_dst: str | None = None) -> dict:
     """Process one shard; returns its counts. Idempotent: rerunning rewrites identical files.
 
     A document is kept when it passes the training filter (`quality`) or the bank's
     (`bank_quality`, None = the same); `in_training` and `in_bank` say which. A record that
-    passes neither is a reject, with the training filter's reason."""
+    passes neither is a reject, with the training filter's reason.
+
+    With `memo_src` (pipelines/memo.py) a record whose raw text is in the memo takes its
+    normalized text, decisions and dedup keys from there; `memo_dst` receives this shard's
+    entries. The caller keys both by every setting the values depend on."""
     out_dir = upath(out_dir)
+    records = list(read_shard(shard, files, corpus.text_key, corpus.id_key, corpus.max_record_bytes))
+    # Only records that reach normalization are memoized: the rest are decided by cheap tests.
+    keyed = {i: memo.text_key(rec.text) for i, rec in enumerate(records)
+             if rec.reason is None and len(rec.text) <= quality.max_chars}
+    known = memo.lookup(memo_src, list(keyed.values()), _MEMO_VALUES)
+    made = {k: v for k, v in known.items()}
+    fresh = [i for i, k in keyed.items() if k not in made]
+    for i in fresh:
+        key = keyed[i]
+        if key in made:  # the same text twice in one shard
+            continue
+        text = normalize_text(records[i].text)
+        training_reason = quality_reason(text, quality)
+        in_bank = (training_reason if bank_quality is None else quality_reason(text, bank_quality)) is None
+        made[key] = {"text": text, "content_hash": content_hash(text), "training_reason": training_reason,
+                     "in_bank": in_bank, "exact_key": None, "bands": None}
+    _dedup_keys([made[k] for k in dict.fromkeys(keyed[i] for i in fresh)], dedup)
+
     docs: dict[str, list] = {name: [] for name in STAGED_DOCS.names}
     rejects: dict[str, list] = {name: [] for name in REJECTS.names}
-    records = 0
-    for rec in read_shard(shard, files, corpus.text_key, corpus.id_key, corpus.max_record_bytes):
-        records += 1
-        stage, reason, text = "read", rec.reason, None
-        if reason is None and len(rec.text) > quality.max_chars:
-            stage, reason = "quality", "too_long"  # decided before normalizing megabytes
-        elif reason is None:
-            text = normalize_text(rec.text)
-            stage, reason = "quality", quality_reason(text, quality)
-        training_reason, in_bank = reason, reason is None
-        if stage == "quality" and bank_quality is not None and text is not None:
-            in_bank = quality_reason(text, bank_quality) is None
-            if in_bank:
-                reason = None  # the bank keeps it; training does not
+    kept = []
+    for i, rec in enumerate(records):
+        entry = made.get(keyed.get(i))
+        if entry is None:  # a read failure or too long: decided before normalizing megabytes
+            stage, reason = ("read", rec.reason) if rec.reason is not None else ("quality", "too_long")
+        else:
+            stage, reason = "quality", None if entry["in_bank"] else entry["training_reason"]
         if reason is not None:
             for name, value in (("doc_id", rec.doc_id), ("source", rec.source), ("source_id", rec.source_id),
                                 ("reason", reason), ("stage", stage), ("duplicate_of", None),
@@ -79,27 +108,46 @@ def clean_shard(shard: Shard, files: list[SourceFile], corpus, quality, dedup, o
                 rejects[name].append(value)
             continue
         for name, value in (("rank", rec.rank), ("doc_id", rec.doc_id), ("source", rec.source),
-                            ("source_id", rec.source_id), ("text", text), ("content_hash", content_hash(text)),
-                            ("n_chars", len(text)), ("meta", rec.meta), ("in_training", training_reason is None),
-                            ("in_bank", in_bank), ("training_reason", training_reason)):
+                            ("source_id", rec.source_id), ("text", entry["text"]),
+                            ("content_hash", entry["content_hash"]), ("n_chars", len(entry["text"])),
+                            ("meta", rec.meta), ("in_training", entry["training_reason"] is None),
+                            ("in_bank", entry["in_bank"]), ("training_reason", entry["training_reason"])):
             docs[name].append(value)
+        kept.append(entry)
 
-    _write_keys(docs["text"], np.asarray(docs["rank"], dtype=np.int64), dedup, out_dir, shard.shard_id)
+    _write_keys(kept, np.asarray(docs["rank"], dtype=np.int64), dedup, out_dir, shard.shard_id)
+    if memo_dst is not None:
+        entries = dict.fromkeys(keyed.values())
+        memo.write(memo_dst, shard.shard_id, CLEAN_MEMO,
+                   {"key": list(entries), **{c: [made[k][c] for k in entries] for c in _MEMO_VALUES}})
     write_atomic(out_dir / "rejects" / f"{shard.shard_id}.parquet", pa.table(rejects, schema=REJECTS))
     write_atomic(docs_path(out_dir, shard.shard_id), pa.table(docs, schema=STAGED_DOCS))
-    return {"shard": shard.shard_id, "records": records, "kept": len(docs["rank"]),
-            "rejected": len(rejects["rank"]), "bytes": sum(docs["n_chars"]),
+    return {"shard": shard.shard_id, "records": len(records), "kept": len(docs["rank"]),
+            "rejected": len(rejects["rank"]), "bytes": sum(docs["n_chars"]), "memo_hits": len(known),
             "bank_only": sum(not t for t in docs["in_training"]), "training_only": sum(not b for b in docs["in_bank"])}
 
 
-def _write_keys(texts: list[str], ranks: np.ndarray, dedup, out_dir: UPath, shard_id: str) -> None:
-    keys, kinds, key_ranks = [], [], []
+def _dedup_keys(entries: list[dict], dedup) -> None:
+    """Fill the dedup keys of freshly cleaned entries that are kept (a reject needs none)."""
+    kept = [e for e in entries if e["in_bank"] or e["training_reason"] is None]
+    texts = [e["text"] for e in kept]
     if dedup.exact:
-        keys.append(np.fromiter((exact_dedup_key(t) for t in texts), dtype=np.int64, count=len(texts)))
-        kinds.append(np.full(len(texts), KIND_EXACT, dtype=np.int8))
-        key_ranks.append(ranks)
+        for e in kept:
+            e["exact_key"] = exact_dedup_key(e["text"])
     if dedup.near and texts:
         bands = band_keys(signatures(texts, dedup.minhash), dedup.minhash)  # (n, bands)
+        for e, row in zip(kept, bands.tolist()):
+            e["bands"] = row
+
+
+def _write_keys(kept: list[dict], ranks: np.ndarray, dedup, out_dir: UPath, shard_id: str) -> None:
+    keys, kinds, key_ranks = [], [], []
+    if dedup.exact:
+        keys.append(np.fromiter((e["exact_key"] for e in kept), dtype=np.int64, count=len(kept)))
+        kinds.append(np.full(len(kept), KIND_EXACT, dtype=np.int8))
+        key_ranks.append(ranks)
+    if dedup.near and kept:
+        bands = np.asarray([e["bands"] for e in kept], dtype=np.int64)  # (n, bands)
         keys.append(bands.reshape(-1))
         kinds.append(np.full(bands.size, KIND_BAND, dtype=np.int8))
         key_ranks.append(np.repeat(ranks, bands.shape[1]))

@@ -11,6 +11,11 @@ Stages, each resumable (per-shard or per-partition files under <bank>/_staging/i
 
 The key covers the config and the bytes of every input file: the same key means the same
 result, so a finished key is skipped ("nothing to do") and an unfinished one resumes.
+
+Incremental: clean and chunk keep a per-record memo in the bank (pipelines/memo.py, keyed by
+the record's text and by every setting that work depends on), so a rebuild after a small edit
+re-reads the whole corpus but normalizes, filters, MinHashes, tokenizes and cuts only the
+records whose text changed. Dedup decisions, packing and row ids are made anew every build.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from jobs.stages.report import Report
 from jobs.runtime import init_ray, quiet_ray_data
 from jobs.stages.runner import pending, staging_dir
 from jobs.stages.runner import up_to_date as stage_current
-from pipelines import assemble, readers
+from pipelines import assemble, memo, readers
 from pipelines.chunk_step import chunk_shard, seqs_path
 from pipelines.clean_step import clean_shard, docs_path
 from pipelines.dedup_step import dedup_partition, partition_output, resolve
@@ -78,17 +83,41 @@ def up_to_date(bank: Bank, key: str) -> bool:
     return stage_current(bank, TABLES, "ingest_key", key)
 
 
-def clean_and_dedup(cfg: Config, files, shards, stage_dir: UPath, report: Report):
+def memo_keys(cfg: Config, tokenizer_hash: str | None = None) -> dict[str, str]:
+    """What the memoized work of each step depends on besides the record's text: the memo of a
+    build with other values is never read. The clean step's does not include dedup.partitions
+    (where a key is grouped, not what it is); the chunk step's is the tokenizer's hash, not
+    its path, so a pinned tokenizer reuses the memo of the build that trained it."""
+    dedup = {"exact": cfg.dedup.exact, "near": cfg.dedup.near, "minhash": cfg.dedup.minhash}
+    keys = {"clean": config_hash({"quality": cfg.quality, "bank_quality": cfg.bank_quality, "dedup": dedup,
+                                  "code": memo.CODE, "schema": SCHEMA_VERSION})}
+    if tokenizer_hash is not None:
+        keys["chunk"] = config_hash({"tokenizer": tokenizer_hash, "chunking": cfg.chunking,
+                                     "code": memo.CODE, "schema": SCHEMA_VERSION})
+    return keys
+
+
+def _memo_hits(stage: str, results: list[dict], report: Report) -> None:
+    hits = sum(r.get("memo_hits", 0) for r in results)
+    report.set(**{f"memo_{stage}_hits": hits})
+    if results:
+        report.note(f"{stage}: {hits:,} record(s) taken from the memo")
+
+
+def clean_and_dedup(cfg: Config, files, shards, stage_dir: UPath, report: Report, key: str):
     """Stages 1-2: the per-document work, then the dedup decisions (sorted ranks, twins, kinds)."""
     with report.stage("clean"):
         todo = pending(shards, lambda s: docs_path(stage_dir, s.shard_id))
         report.note(f"clean: {len(shards) - len(todo)} of {len(shards)} shard(s) already done")
+        src = memo.source(cfg.bank.uri, "clean", memo_keys(cfg)["clean"])
+        dst = memo.target(cfg.bank.uri, key, "clean")
 
         def clean(shard):
             maybe_kill_worker(f"clean-{shard.shard_id}")
-            return clean_shard(shard, files, cfg.corpus, cfg.quality, cfg.dedup, stage_dir, cfg.bank_quality)
+            return clean_shard(shard, files, cfg.corpus, cfg.quality, cfg.dedup, stage_dir, cfg.bank_quality,
+                               memo_src=src, memo_dst=dst)
 
-        _parallel("clean", todo, clean, report)
+        _memo_hits("clean", _parallel("clean", todo, clean, report), report)
 
     with report.stage("dedup"):
         parts = pending(list(range(cfg.dedup.partitions)), lambda p: partition_output(stage_dir, p))
@@ -151,15 +180,19 @@ def run_ingest(cfg: Config) -> dict:
     init_ray(cfg.ray)
     quiet_ray_data()
 
-    dedup = clean_and_dedup(cfg, files, shards, stage_dir, report)
+    dedup = clean_and_dedup(cfg, files, shards, stage_dir, report, key)
     tok_json, bank_tok = tokenizer_for(cfg, stage_dir, shard_ids, dedup[0], report)
+    keys = memo_keys(cfg, bank_tok.stem)
     with report.stage("chunk"):
         todo = pending(shard_ids, lambda s: seqs_path(stage_dir, s))
-        _parallel("chunk", todo, lambda s: chunk_shard(s, stage_dir, tok_json, dedup[0], cfg.chunking), report)
+        src, dst = memo.source(cfg.bank.uri, "chunk", keys["chunk"]), memo.target(cfg.bank.uri, key, "chunk")
+        _memo_hits("chunk", _parallel("chunk", todo, lambda s: chunk_shard(
+            s, stage_dir, tok_json, dedup[0], cfg.chunking, memo_src=src, memo_dst=dst), report), report)
     lineage = {"stage": "ingest", "ingest_key": key, "corpus_version": corpus_version,
                "tokenizer_hash": bank_tok.stem,  # tokenizers/<hash>.json
                "tokenizer_path": BankLayout(cfg.bank.uri).relative(bank_tok), "config": cfg.as_dict()}
     commit(bank, stage_dir, shard_ids, dedup, lineage, report)
+    memo.publish(cfg.bank.uri, key, keys, shard_ids)  # after the commit: a crash before keeps the old memo
     summary = report.finish(bank, cfg)
     remove(stage_dir)
     return summary

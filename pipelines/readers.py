@@ -41,6 +41,9 @@ class SourceFile:
     path: str
     format: str  # jsonl | parquet | text
     index: int
+    # Its path below what corpus.paths named (the folder, or a glob's fixed folders): a text
+    # file's id, so that moving the corpus keeps its doc_id (its full path would not)
+    name: str = ""
 
 
 @dataclass(frozen=True)
@@ -93,28 +96,32 @@ def detect_format(path: str, configured: str) -> str | None:
 
 def expand_paths(patterns: tuple[str, ...] | list[str], fmt: str = "auto") -> list[SourceFile]:
     """Resolve files, directories and globs into an ordered list of input files."""
-    found: list[str] = []
+    found: list[tuple[str, str]] = []  # (path, the folder its name is relative to)
     for pattern in patterns:
         if any(ch in pattern for ch in "*?["):
             matches = sorted(glob.glob(pattern, recursive=True))
             if not matches:
                 raise InputError(f"corpus.paths: the pattern {pattern!r} matches no file")
-            found.extend(m for m in matches if os.path.isfile(m))
+            parts = Path(pattern).parts
+            fixed = next(i for i, part in enumerate(parts) if any(ch in part for ch in "*?["))
+            base = str(Path(*parts[:fixed])) if fixed else "."
+            found.extend((m, base) for m in matches if os.path.isfile(m))
         elif os.path.isdir(pattern):
-            found.extend(sorted(str(p) for p in Path(pattern).rglob("*") if p.is_file()))
+            found.extend((p, pattern) for p in sorted(str(p) for p in Path(pattern).rglob("*") if p.is_file()))
         elif os.path.isfile(pattern):
-            found.append(pattern)
+            found.append((pattern, os.path.dirname(pattern) or "."))
         else:
             raise InputError(f"corpus.paths: {pattern!r} does not exist (working directory {os.getcwd()})")
     files, seen = [], set()
-    for path in found:
+    for path, base in found:
         if path in seen:
             continue
         seen.add(path)
         kind = detect_format(path, fmt)
         if kind is None:
             continue  # a folder may hold READMEs, licenses, indexes: only known formats are corpus
-        files.append(SourceFile(path=path, format=kind, index=len(files)))
+        files.append(SourceFile(path=path, format=kind, index=len(files),
+                                name=Path(os.path.relpath(path, base)).as_posix()))
     if not files:
         raise InputError(f"corpus.paths: no readable corpus files in {list(patterns)}")
     return files
@@ -263,7 +270,7 @@ def _read_parquet(src: SourceFile, start: int, end: int, text_key: str, id_key: 
 
 def _read_text_file(src: SourceFile, limit: int) -> Record:
     rank = src.index << RANK_BITS
-    rec = Record(rank=rank, source=src.path, source_id=src.path)
+    rec = Record(rank=rank, source=src.path, source_id=src.name or Path(src.path).name)
     if os.path.getsize(src.path) > limit:
         rec.reason = "record_too_large"
         return rec

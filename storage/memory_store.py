@@ -63,7 +63,14 @@ from storage.warm import key_of, warm_files, write_warm
 
 log = logging.getLogger(__name__)
 
-_KEPT = torch.int16  # kept-token counts (n_tokens <= k <= ref_max_tokens) in the cache
+_KEPT = np.dtype(np.int16)  # kept-token counts (n_tokens <= k <= ref_max_tokens)
+
+
+def _byte_rows(mems: torch.Tensor) -> np.ndarray:
+    """(n, ...) contiguous memories -> a (n, bytes per memory) uint8 view of the same memory.
+    Copies of whole memories go through these views: numpy copies a row with one memcpy,
+    where torch's index kernels on a 6-d bf16 tensor ran 5-20x slower (bench/fetch.py)."""
+    return mems.contiguous().reshape(len(mems), -1).view(torch.uint8).numpy()
 
 
 class MemoryStore:
@@ -100,7 +107,7 @@ class MemoryStore:
         index = ds.to_table(columns=["ref_id", "content_hash", "n_tokens"])
         ids = index.column("ref_id").to_pylist()
         self.row_of = {r: i for i, r in enumerate(ids)}
-        self.kept_of_row = torch.from_numpy(index.column("n_tokens").to_numpy().astype(np.int16))
+        self.kept_of_row = index.column("n_tokens").to_numpy().astype(_KEPT)
         first = ds.take([0], columns=["shape"]).column("shape")[0].as_py() if ids else None
         self.shape = tuple(first) if first else _lineage_shape(meta)
         self.slab, self.slab_refused = None, None
@@ -116,7 +123,7 @@ class MemoryStore:
         # the cache: ref_id -> slot in one preallocated tensor, LRU order = the dict's order
         self._cache_size, self._cache_bytes = cache_size, cache_bytes
         self.cache: OrderedDict[str, int] = OrderedDict()
-        self._cache_mem = self._cache_kept = None
+        self._cache_rows = self._cache_kept = None  # (capacity, bytes per memory) uint8, (capacity,) int16
         self._free: list[int] = []
         self.hits = self.misses = 0
         # cold references: written-back rows of this model, codec and sparsity (storage/warm.py)
@@ -152,15 +159,15 @@ class MemoryStore:
 
     def cache_nbytes(self) -> int:
         """Bytes of the tensors the cache holds (allocated once, at its first insert)."""
-        return sum(t.untyped_storage().nbytes() for t in (self._cache_mem, self._cache_kept) if t is not None)
+        return sum(a.nbytes for a in (self._cache_rows, self._cache_kept) if a is not None)
 
-    def _insert(self, ids: list[str], mems: torch.Tensor, kept: torch.Tensor) -> None:
+    def _insert(self, ids: list[str], mems: torch.Tensor, kept: np.ndarray) -> None:
         cap = self.capacity
         if cap == 0 or not ids:
             return
-        if self._cache_mem is None:
-            self._cache_mem = torch.empty((cap, *self.shape), dtype=self.dtype)
-            self._cache_kept = torch.empty(cap, dtype=_KEPT)
+        if self._cache_rows is None:
+            self._cache_rows = np.empty((cap, math.prod(self.shape) * self.dtype.itemsize), np.uint8)
+            self._cache_kept = np.empty(cap, _KEPT)
             self._free = list(range(cap - 1, -1, -1))
         lo = max(0, len(ids) - cap)  # a request larger than the cache keeps its last `cap`
         while len(self._free) < len(ids) - lo:
@@ -168,9 +175,8 @@ class MemoryStore:
         slots = [self._free.pop() for _ in range(len(ids) - lo)]
         for r, s in zip(ids[lo:], slots):
             self.cache[r] = s
-        at = torch.tensor(slots, dtype=torch.long)
-        self._cache_mem.index_copy_(0, at, mems[lo:])
-        self._cache_kept.index_copy_(0, at, kept[lo:].to(_KEPT))
+        self._cache_rows[slots] = _byte_rows(mems)[lo:]
+        self._cache_kept[slots] = kept[lo:]
 
     # -- fetch ----------------------------------------------------------------------------------
 
@@ -194,8 +200,9 @@ class MemoryStore:
         if len(missing) == n:  # all distinct misses (the usual batch): the decoded batch is the answer
             out, out_kept = mems, kept
         else:
-            out = torch.empty((n, *self.shape), dtype=self.dtype)
-            out_kept = torch.empty(n, dtype=_KEPT)
+            rows = np.empty((n, self._cache_rows.shape[1] if self._cache_rows is not None
+                              else math.prod(self.shape) * self.dtype.itemsize), np.uint8)
+            out_kept = np.empty(n, _KEPT)
             new = {r: j for j, r in enumerate(missing)}
             hit_i, hit_s, new_i, new_j = [], [], [], []
             for i, r in enumerate(ref_ids):
@@ -206,20 +213,19 @@ class MemoryStore:
                     hit_i.append(i)
                     hit_s.append(cache[r])
             if hit_i:
-                hi, hs = torch.tensor(hit_i), torch.tensor(hit_s)
-                out.index_copy_(0, hi, self._cache_mem.index_select(0, hs))
-                out_kept.index_copy_(0, hi, self._cache_kept.index_select(0, hs))
+                rows[hit_i] = self._cache_rows[hit_s]
+                out_kept[hit_i] = self._cache_kept[hit_s]
             if new_i:
-                ni, nj = torch.tensor(new_i), torch.tensor(new_j)
-                out.index_copy_(0, ni, mems.index_select(0, nj))
-                out_kept.index_copy_(0, ni, kept.index_select(0, nj).to(_KEPT))
-        masks = torch.arange(self.shape[3])[None, :] < out_kept[:, None]
+                rows[new_i] = _byte_rows(mems)[new_j]
+                out_kept[new_i] = kept[new_j]
+            out = torch.from_numpy(rows).view(self.dtype).reshape(n, *self.shape)
+        masks = torch.arange(self.shape[3])[None, :] < torch.from_numpy(out_kept)[:, None]
         # insert after answering: a request larger than the cache must still be answered whole
         if missing:
             self._insert(missing, mems, kept)
         return out, masks
 
-    def _load(self, ref_ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _load(self, ref_ids: list[str]) -> tuple[torch.Tensor, np.ndarray]:
         """(memories, kept counts) of `ref_ids`, in that order."""
         row_of = self.row_of
         stored = [r for r in ref_ids if r in row_of]
@@ -239,17 +245,17 @@ class MemoryStore:
         if cold:
             parts.append(self._encode(cold, tokens, hashes))
         pos = {r: i for i, r in enumerate(ref_ids)}
-        mems = torch.empty((len(ref_ids), *self.shape), dtype=self.dtype)
-        kept = torch.empty(len(ref_ids), dtype=_KEPT)
+        rows = np.empty((len(ref_ids), math.prod(self.shape) * self.dtype.itemsize), np.uint8)
+        kept = np.empty(len(ref_ids), _KEPT)
         for ids, m, k in parts:
-            at = torch.tensor([pos[r] for r in ids], dtype=torch.long)
-            mems.index_copy_(0, at, m)
-            kept.index_copy_(0, at, k.to(_KEPT))
-        return mems, kept
+            at = [pos[r] for r in ids]
+            rows[at] = _byte_rows(m)
+            kept[at] = k
+        return torch.from_numpy(rows).view(self.dtype).reshape(len(ref_ids), *self.shape), kept
 
-    def _read_rows(self, rows: np.ndarray, ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _read_rows(self, rows: np.ndarray, ids: list[str]) -> tuple[torch.Tensor, np.ndarray]:
         """Stored rows of the pinned version: from the slab when there is one, else Lance."""
-        kept = self.kept_of_row.index_select(0, torch.from_numpy(rows))
+        kept = self.kept_of_row[rows]
         if self.slab is not None:
             self.slab_reads += len(rows)
             return self._decode(self.slab.read(rows), ids), kept
@@ -284,7 +290,7 @@ class MemoryStore:
             raise BankError(f"no memory for reference {missing[0]!r} in this bank, and no such reference")
         return (dict(zip(ids, t.column("token_ids").to_pylist())), dict(zip(ids, t.column("content_hash").to_pylist())))
 
-    def _load_warm(self, ref_ids: list[str]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    def _load_warm(self, ref_ids: list[str]) -> tuple[list[str], torch.Tensor, np.ndarray]:
         by_file: dict[object, list[int]] = {}
         for r in ref_ids:
             by_file.setdefault(self.warm_at[r][1], []).append(self.warm_at[r][2])
@@ -295,7 +301,7 @@ class MemoryStore:
             ids += got
             mems.append(m)
             kept.append(k)
-        return ids, torch.cat(mems), torch.cat(kept)
+        return ids, torch.cat(mems), np.concatenate(kept)
 
     def _encoder(self):
         if self.model is None:
@@ -309,7 +315,7 @@ class MemoryStore:
             self.model = load_model(mdir)
         return self.model
 
-    def _encode(self, ref_ids: list[str], tokens: dict, hashes: dict) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    def _encode(self, ref_ids: list[str], tokens: dict, hashes: dict) -> tuple[list[str], torch.Tensor, np.ndarray]:
         """Encode cold references as `m3 encode` would (sorted by length, the encode stage's batch
         size), then write their rows back in one file."""
         from model.ref_batches import encode_tokens
@@ -344,10 +350,10 @@ class MemoryStore:
             self.written_back += n
         return self._decoded(rows)
 
-    def _decoded(self, table: pa.Table) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    def _decoded(self, table: pa.Table) -> tuple[list[str], torch.Tensor, np.ndarray]:
         ids = table.column("ref_id").to_pylist()
         buf = np.array(self._rows_of(table.column("payload"), ids))  # own copy: a raw decode views it
-        kept = torch.from_numpy(table.column("n_tokens").to_numpy().astype(np.int16))
+        kept = table.column("n_tokens").to_numpy().astype(_KEPT)
         return ids, self._decode(buf, ids), kept
 
 

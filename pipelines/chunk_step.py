@@ -66,8 +66,7 @@ def chunk_shard(shard_id: str, out_dir: str | UPath, tokenizer_json: str, dup_ra
     refs: dict[str, list] = {name: [] for name in REFS.names}
     seqs: dict[str, list] = {name: [] for name in TRAIN_SEQUENCES.names}
     packer = Packer(seq_len=chunking.seq_len, eos_id=EOS_ID)
-    doc_tokens, hits = 0, 0
-    entries: dict[bytes, dict] = {}
+    doc_tokens = 0
 
     def emit(seq: dict) -> None:
         seqs["seq_id"].append(f"{shard_id}-{len(seqs['seq_id']):06d}")
@@ -75,31 +74,33 @@ def chunk_shard(shard_id: str, out_dir: str | UPath, tokenizer_json: str, dup_ra
         seqs["doc_ids"].append(seq["doc_ids"])
 
     columns = ["rank", "doc_id", "text", "in_training", "in_bank"]
-    for batch in iter_batches([out_dir / "docs" / f"{shard_id}.parquet"], columns=columns, batch_size=256):
+    rows = []
+    for batch in iter_batches([out_dir / "docs" / f"{shard_id}.parquet"], columns=columns):
         keep = ~is_dup(batch.column("rank").to_numpy(), dup_ranks)
-        rows = [r for r, k in zip(zip(*(batch.column(c).to_pylist() for c in columns[1:])), keep) if k]
-        keys = [memo.text_key(text) for _, text, _, _ in rows]
-        known = memo.lookup(memo_src, keys, CHUNK_MEMO.names[1:])
-        # a memo entry made for a training-only document has no spans: cut it again for the bank
-        todo = [i for i, (k, r) in enumerate(zip(keys, rows)) if k not in entries and
-                (k not in known or (r[3] and known[k]["spans"] is None))]
-        hits += len(rows) - len(todo)
-        entries.update(known)
-        for i, cut in zip(todo, _cut(tok, [rows[i][1] for i in todo], [rows[i][3] for i in todo], chunking)):
+        rows += [r for r, k in zip(zip(*(batch.column(c).to_pylist() for c in columns[1:])), keep) if k]
+    keys = [memo.text_key(text) for _, text, _, _ in rows]
+    entries = memo.lookup(memo_src, keys, CHUNK_MEMO.names[1:])  # one lookup per shard
+    # a memo entry made for a training-only document has no spans: cut it again for the bank
+    todo = list({k: i for i, (k, r) in reversed(list(enumerate(zip(keys, rows))))
+                 if k not in entries or (r[3] and entries[k]["spans"] is None)}.values())
+    for start in range(0, len(todo), 256):  # encode_batch in slices: bounded memory, Rust threads busy
+        part = todo[start:start + 256]
+        for i, cut in zip(part, _cut(tok, [rows[i][1] for i in part], [rows[i][3] for i in part], chunking)):
             entries[keys[i]] = cut
-        for (doc_id, text, in_training, in_bank), key in zip(rows, keys):
-            ids, spans = entries[key]["token_ids"], entries[key]["spans"]
-            doc_tokens += len(ids)
-            for ordinal, (start, end, first, last) in enumerate(spans if in_bank else []):
-                piece = ids[start:end]
-                for name, value in (("ref_id", f"{doc_id}-{ordinal:04d}"), ("doc_id", doc_id),
-                                    ("ordinal", ordinal), ("start_token", start), ("n_tokens", end - start),
-                                    ("text", text[first:last]),
-                                    ("token_ids", piece), ("content_hash", token_hash(piece))):
-                    refs[name].append(value)
-            if in_training:  # a bank-only document is knowledge, not training text
-                for seq in packer.add(doc_id, ids):
-                    emit(seq)
+    hits = len(rows) - len(todo)
+    for (doc_id, text, in_training, in_bank), key in zip(rows, keys):
+        ids, spans = entries[key]["token_ids"], entries[key]["spans"]
+        doc_tokens += len(ids)
+        for ordinal, (start, end, first, last) in enumerate(spans if in_bank else []):
+            piece = ids[start:end]
+            for name, value in (("ref_id", f"{doc_id}-{ordinal:04d}"), ("doc_id", doc_id),
+                                ("ordinal", ordinal), ("start_token", start), ("n_tokens", end - start),
+                                ("text", text[first:last]),
+                                ("token_ids", piece), ("content_hash", token_hash(piece))):
+                refs[name].append(value)
+        if in_training:  # a bank-only document is knowledge, not training text
+            for seq in packer.add(doc_id, ids):
+                emit(seq)
     if memo_dst is not None:
         memo.write(memo_dst, shard_id, CHUNK_MEMO, {"key": list(entries), **{
             c: [e[c] for e in entries.values()] for c in CHUNK_MEMO.names[1:]}})

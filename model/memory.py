@@ -11,6 +11,7 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .rope import apply_rope, rope_tables
@@ -135,10 +136,41 @@ def encode_references(model, ref_tokens: Tensor, top_k: int | None = None) -> En
     scored = real.clone()
     scored[:, 0] = False  # ref_bos is never scored nor kept
     S = T + 1
-    causal = torch.ones(S, S, dtype=torch.bool, device=tokens.device).tril()
-    attn_mask = (causal[None] & real[:, None, :])[:, None]  # (B, 1, S, S): no query reads a pad
     cos, sin = rope_tables(torch.arange(S, device=tokens.device), cfg.head_dim, cfg.rope_theta)
+    # Pads only at the end (what every caller passes): a real token's causal window holds no pad,
+    # so the fused causal kernel gives the real tokens exactly what the masked one does (pad rows
+    # differ, and nothing reads them). A pad between real tokens needs the explicit mask.
+    interior_pad = bool((real[:, 1:] & ~real[:, :-1]).any())
+    per_block = max(1, ENCODE_ROWS // S) if tokens.device.type == "cpu" else B
+    parts = [_encode_block(model, tokens[lo:lo + per_block], real[lo:lo + per_block],
+                           scored[lo:lo + per_block], k, cos, sin, interior_pad)
+             for lo in range(0, B, per_block)]
+    kv, pos = (parts[0][0], parts[0][1]) if len(parts) == 1 else (
+        torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+    n_real = scored.sum(dim=1, keepdim=True)
+    mask = torch.arange(k, device=tokens.device)[None, :] < n_real  # same for every layer and head
+    return EncodedReferences(kv, pos, mask)
 
+
+# Token rows (references x (T + 1)) per pass through the memory layers on CPU: a block's
+# activations (2048 x mlp_hidden float32 = 6 MB for the demo model) stay near the cache between
+# the matmuls and the elementwise ops around them (norms, RoPE, SiLU, residual adds), which the
+# whole batch's did not: 64 x 129 rows at once encoded 18 % fewer references per second than
+# 16 at a time (BENCHMARKS.md, issue 13). Only the work's order changes, not a reference's
+# values: a reference never meets its batch neighbours. A GPU takes the batch whole.
+ENCODE_ROWS = 2048
+
+
+def _encode_block(model, tokens: Tensor, real: Tensor, scored: Tensor, k: int, cos: Tensor,
+                  sin: Tensor, interior_pad: bool) -> tuple[Tensor, Tensor]:
+    """encode_references for the references of one block: (kv, positions) of every memory layer."""
+    cfg = model.config
+    S = tokens.shape[1]
+    group = cfg.n_heads // cfg.n_kv_heads
+    attn_mask = None
+    if interior_pad:
+        causal = torch.ones(S, S, dtype=torch.bool, device=tokens.device).tril()
+        attn_mask = (causal[None] & real[:, None, :])[:, None]  # (B, 1, S, S): no query reads a pad
     x = model.tok_emb(tokens)
     kv_layers, pos_layers = [], []
     for layer in range(cfg.n_mem_layers):
@@ -151,12 +183,15 @@ def encode_references(model, ref_tokens: Tensor, top_k: int | None = None) -> En
         pos_layers.append(pos)
         if layer == cfg.n_mem_layers - 1:
             break  # no compute after the last memory layer
-        x = x + block.attn.attend(apply_rope(q, cos, sin), key, v, attn_mask)
+        if attn_mask is None:
+            # K/V read in place by their query heads (enable_gqa), not copied group times
+            y = F.scaled_dot_product_attention(apply_rope(q, cos, sin), key, v, is_causal=True,
+                                               enable_gqa=group > 1)
+            x = x + block.attn.wo(y.transpose(1, 2).reshape(*x.shape[:2], -1))
+        else:
+            x = x + block.attn.attend(apply_rope(q, cos, sin), key, v, attn_mask)
         x = x + block.mlp(block.mlp_norm(x))
-
-    n_real = scored.sum(dim=1, keepdim=True)
-    mask = torch.arange(k, device=tokens.device)[None, :] < n_real  # same for every layer and head
-    return EncodedReferences(torch.stack(kv_layers, dim=1), torch.stack(pos_layers, dim=1), mask)
+    return torch.stack(kv_layers, dim=1), torch.stack(pos_layers, dim=1)
 
 
 # ---------------------------------------------------------------------------------------------

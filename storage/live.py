@@ -4,8 +4,12 @@ A rebuild writes new versions of several tables (refs, memories, embeddings, ...
 atomic per table, but a reader that opened refs after the rebuild wrote it and memories before
 would see references without memories. So readers do not follow "latest": they follow `live`,
 one small JSON manifest `<bank>/_live.json` naming a version per table, replaced atomically
-(write to a temporary name, rename) once every table of the build is written. That rename is
-the commit point of a rebuild; a build killed before it is invisible to readers.
+once every table of the build is written (a rename on a filesystem, one PUT on an object store).
+That write is the commit point of a rebuild; a build killed before it is invisible to readers.
+It is a compare-and-swap (storage/conditional.py: `If-Match` on S3, a compare under an flock
+locally): it happens only if the manifest is still the one the publisher read, so two publishers
+(a rebuild whose lock was taken over as stale, a compaction) cannot overwrite each other's
+build; the loser gets a PublishConflict and nothing of its build becomes live.
 
 Each table also gets a Lance tag `live` on the same version, moved after the manifest, so
 `m3 bank stats`, LanceDB and Lance tools show it; the manifest is the source of truth (tags are
@@ -24,8 +28,9 @@ import time
 
 from upath import UPath
 
+from model.errors import M3Error
+from storage.conditional import PreconditionFailed, read_versioned, write_if
 from storage.layout import BankLayout
-from storage.staging import write_text_atomic
 
 MANIFEST = "_live.json"
 TAG = "live"
@@ -46,6 +51,17 @@ def read_manifest(bank_uri: str) -> dict | None:
         return None
 
 
+class PublishConflict(M3Error, RuntimeError):
+    """The live manifest changed between the publisher's read and its write."""
+
+
+def manifest_state(bank_uri: str) -> tuple[dict | None, str | None]:
+    """The manifest and its version token (what `publish(expect=...)` compares), (None, None)
+    before the first published build."""
+    got = read_versioned(_path(bank_uri))
+    return (None, None) if got is None else (json.loads(got[0]), got[1])
+
+
 def live_versions(bank_uri: str) -> dict[str, int]:
     manifest = read_manifest(bank_uri)
     return dict(manifest["versions"]) if manifest else {}
@@ -62,11 +78,27 @@ def numbered(history: list[dict]) -> list[dict]:
     return [{**h, "build": h.get("build", i + 1)} for i, h in enumerate(history)]
 
 
-def publish(bank, versions: dict[str, int], info: dict | None = None) -> dict:
-    """Make `versions` the live build: atomically replace the manifest, then move the tags.
+_AS_READ = object()
+
+
+def _conflict(bank_uri: str, since: str) -> PublishConflict:
+    now = read_manifest(bank_uri) or {}
+    return PublishConflict(f"the live build of {bank_uri} changed {since} (it is now build {now.get('build')}, "
+                           f"published at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now.get('published_at', 0)))}"
+                           f"{' by ' + now['by'] if now.get('by') else ''}): not publishing over it; run again to "
+                           f"build on top of it")
+
+
+def publish(bank, versions: dict[str, int], info: dict | None = None, expect=_AS_READ) -> dict:
+    """Make `versions` the live build: replace the manifest if it is still the one read (by
+    this call, or, with `expect`, the version token of `manifest_state` the caller read before
+    building), then move the tags. Raises PublishConflict if another publisher came between.
 
     Idempotent: publishing the live build again only re-moves tags a crash left behind."""
-    old = read_manifest(bank.uri) or {"history": []}
+    old, token = manifest_state(bank.uri)
+    if expect is not _AS_READ and token != expect:
+        raise _conflict(bank.uri, "since this build started")
+    old = old or {"history": []}
     numbers = numbered(old.get("history", []))
     history = [h for h in numbers if h["versions"] != versions]
     entry = {"versions": dict(versions), "published_at": time.time(), **(info or {}),
@@ -77,7 +109,10 @@ def publish(bank, versions: dict[str, int], info: dict | None = None) -> dict:
     entry.pop("history", None)
     record = {k: entry[k] for k in RECORD if k in entry}
     manifest = {**entry, "history": (history + [record])[-HISTORY:]}
-    write_text_atomic(_path(bank.uri), json.dumps(manifest, indent=1, sort_keys=True, default=str))
+    try:
+        write_if(_path(bank.uri), json.dumps(manifest, indent=1, sort_keys=True, default=str).encode("utf-8"), token)
+    except PreconditionFailed:
+        raise _conflict(bank.uri, "while this build was being published") from None
     for name, version in versions.items():
         if bank.tags(name).get(TAG) != version:
             bank.tag(name, TAG, version)

@@ -3,9 +3,16 @@
     with BankLock(bank_uri, "rebuild"):
         ...
 
-Taking it is one `open(O_CREAT | O_EXCL)`, atomic on a local or NFS (v3+) file system, so two
-rebuilds started together cannot both win; the loser fails at once with a `LockError` naming the
-holder (pid, host, start time), instead of queueing behind an hour-long build.
+Taking it is an exclusive create, so two rebuilds started together cannot both win; the loser
+fails at once with a `LockError` naming the holder (pid, host, start time), instead of queueing
+behind an hour-long build. How it is created depends on where the bank is:
+- a local or shared file system (a path, file://): one `open(O_CREAT | O_EXCL)`, atomic on a
+  local or NFS (v3+) file system;
+- an object store (s3://): one conditional PUT, `If-None-Match: *` (storage/conditional.py),
+  which the store refuses with 412 if the object exists (S3 since August 2024; the tests run
+  against moto's server, which honours it). Released, or removed as stale, by a conditional
+  DELETE (`If-Match: <ETag>`): only the object that was read goes, never a lock someone else
+  took meanwhile. A store that ignores conditional requests cannot give this guarantee.
 
 A holder killed with -9 leaves the file behind. It is stale, and taken over, when it was written
 on this host by a process that no longer exists (or whose pid now belongs to a process started
@@ -23,7 +30,8 @@ import time
 from pathlib import Path
 
 from model.errors import M3Error
-from storage.layout import BankLayout
+from storage.conditional import PreconditionFailed, read_versioned, remove_if, write_if
+from storage.layout import BankLayout, LayoutError
 
 
 class LockError(M3Error, RuntimeError):
@@ -52,21 +60,44 @@ def _process_start(pid: int) -> float | None:
 
 class BankLock:
     def __init__(self, bank_uri: str, what: str = "rebuild", stale_after_s: float = 24 * 3600):
-        self.path = BankLayout(bank_uri).lock(what)
+        layout = BankLayout(bank_uri)
+        try:
+            self.path = layout.lock(what)
+            self.object_store = False
+        except LayoutError:  # an object store: no O_EXCL there, a conditional PUT instead
+            self.path = layout.path(f"_{what}.lock")
+            self.object_store = True
         self.what, self.stale_after_s = what, stale_after_s
         self.held = False
+        self._etag: str | None = None  # the version of our lock object (object store)
+
+    def _me(self) -> dict:
+        return {"pid": os.getpid(), "host": socket.gethostname(), "started_at": time.time()}
 
     def holder(self) -> dict | None:
+        return self._read()[0]
+
+    def _read(self) -> tuple[dict | None, str | None]:
+        """(holder info, version token) of the lock as it is now; (None, None) if free."""
+        if self.object_store:
+            got = read_versioned(self.path)
+            if got is None:
+                return None, None
+            try:
+                return json.loads(got[0]), got[1]
+            except ValueError:  # a PUT is whole: not written by a BankLock; judged by its age
+                when = self.path.fs.info(self.path.path)["LastModified"].timestamp()
+                return {"unreadable": True, "started_at": when}, got[1]
         try:
-            return json.loads(self.path.read_text(encoding="utf-8"))
+            return json.loads(self.path.read_text(encoding="utf-8")), None
         except FileNotFoundError:
-            return None
+            return None, None
         except (ValueError, OSError):
             # empty or half-written: a holder between create and write, or killed right there
             try:
-                return {"unreadable": True, "started_at": self.path.stat().st_mtime}
+                return {"unreadable": True, "started_at": self.path.stat().st_mtime}, None
             except FileNotFoundError:
-                return None
+                return None, None
 
     def stale(self, info: dict) -> str | None:
         """Why the lock described by `info` is stale, or None if its holder may still run."""
@@ -84,28 +115,44 @@ class BankLock:
             return f"taken more than {self.stale_after_s:.0f} s ago on another host"
         return None
 
-    def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):  # a stale lock removed by us, then possibly retaken by another process
+    def _create(self) -> bool:
+        """Take the lock if it is free: True if taken, False if it exists."""
+        data = json.dumps(self._me())
+        if self.object_store:
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                info = self.holder()
-                if info is None:
-                    continue
-                reason = self.stale(info)
-                if reason is None:
-                    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info.get("started_at", 0))))
-                    raise LockError(f"another {self.what} of this bank is running (pid {info.get('pid')} on "
-                                    f"{info.get('host')}, started {started}; lock file {self.path}): "
-                                    f"not starting a second one") from None
-                print(f"{self.what}: removing stale lock {self.path} ({reason})", flush=True)
-                self._remove_if_same(info)
+                self._etag = write_if(self.path, data.encode("utf-8"), None)
+            except PreconditionFailed:
+                return False
+            return True
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(data)
+        return True
+
+    def acquire(self) -> None:
+        if not self.object_store:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):  # a stale lock removed by us, then possibly retaken by another process
+            if self._create():
+                self.held = True
+                return
+            info, token = self._read()
+            if info is None:
                 continue
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started_at": time.time()}, f)
-            self.held = True
-            return
+            reason = self.stale(info)
+            if reason is None:
+                started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info.get("started_at", 0))))
+                raise LockError(f"another {self.what} of this bank is running (pid {info.get('pid')} on "
+                                f"{info.get('host')}, started {started}; lock file {self.path}): "
+                                f"not starting a second one") from None
+            print(f"{self.what}: removing stale lock {self.path} ({reason})", flush=True)
+            if self.object_store:
+                remove_if(self.path, token)  # only the object we judged stale, not a newer one
+            else:
+                self._remove_if_same(info)
         raise LockError(f"could not take the {self.what} lock {self.path}: it keeps being retaken")
 
     def _remove_if_same(self, info: dict) -> None:
@@ -125,9 +172,16 @@ class BankLock:
         tomb.unlink(missing_ok=True)
 
     def release(self) -> None:
-        if self.held:
+        if not self.held:
+            return
+        self.held = False
+        if not self.object_store:
             self.path.unlink(missing_ok=True)
-            self.held = False
+        elif not remove_if(self.path, self._etag):
+            # judged stale (stale_after_s too short for this run) and taken by another process:
+            # its lock stays; say so, since two of them ran at once
+            print(f"{self.what}: the lock {self.path} was taken over by another process while this one "
+                  f"held it (rebuild.lock_stale_s shorter than this run?); left to its new holder", flush=True)
 
     def __enter__(self) -> "BankLock":
         self.acquire()

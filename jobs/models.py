@@ -15,16 +15,27 @@ from __future__ import annotations
 from pathlib import Path
 
 from storage.bank import Bank, BankError
-from storage.layout import BankLayout
+from storage.layout import BankLayout, LayoutError, is_uri
 
 WEIGHTS = "model.safetensors"
 
 
 def stage_dir(cfg, stage: str) -> Path:
-    """Where a training stage keeps its checkpoints, log and exported model."""
+    """Where a training stage keeps its checkpoints, log and exported model: a local (or shared)
+    directory, since DeepSpeed and torch write them with file APIs. A bank on an object store
+    has none: its training lives under train.run_dir, and asking without one says so."""
     run_dir = getattr(getattr(cfg, "train", None), "run_dir", None)
-    root = Path(run_dir) if run_dir else BankLayout(cfg.bank.uri).training()
-    return root.resolve() / stage
+    if run_dir and is_uri(run_dir) and not run_dir.startswith("file://"):
+        raise LayoutError(f"train.run_dir={run_dir}: training checkpoints are written by DeepSpeed and torch "
+                          f"with local file APIs; give a local or shared directory")
+    if run_dir:
+        return Path(run_dir.removeprefix("file://")).resolve() / stage
+    try:
+        return BankLayout(cfg.bank.uri).training().resolve() / stage
+    except LayoutError:
+        raise LayoutError(f"train.run_dir: the bank at {cfg.bank.uri} is on an object store, and training "
+                          f"writes its checkpoints, log and exported model with local file APIs (DeepSpeed, "
+                          f"torch); set train.run_dir to a local or shared directory for them") from None
 
 
 def warmup_model_dir(cfg, tc) -> Path:
@@ -41,7 +52,10 @@ def _named(path: str, key: str) -> Path:
 
 def newest_trained(cfg, stages: tuple[str, ...] = ("continual", "warmup")) -> Path | None:
     for stage in stages:
-        path = stage_dir(cfg, stage) / "model"
+        try:
+            path = stage_dir(cfg, stage) / "model"
+        except LayoutError:  # a bank on an object store without train.run_dir: nothing trained
+            return None
         if (path / WEIGHTS).exists():
             return path
     return None
@@ -53,7 +67,12 @@ def model_for_encoding(cfg, bank: Bank) -> Path:
     trained = newest_trained(cfg)
     if trained is not None:
         return trained
-    path = BankLayout(bank.uri).models() / f"init-{_init_name(cfg)}"
+    try:
+        path = BankLayout(bank.uri).models() / f"init-{_init_name(cfg)}"
+    except LayoutError:
+        raise LayoutError(f"encode.checkpoint: the bank at {bank.uri} is on an object store, which keeps no "
+                          f"models (torch loads them from files); nothing is trained yet, so set "
+                          f"encode.checkpoint to a local model directory (or train with train.run_dir set)") from None
     if not (path / WEIGHTS).exists():
         import torch
 

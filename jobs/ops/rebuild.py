@@ -10,11 +10,18 @@
              changed references encoded, removed ones dropped, unchanged ones copied; a new
              model re-encodes everything;
 4. embeddings the embed stage, the same way, by text (rebuild.embeddings);
-5. publish   the `live` manifest names the new version of every table in one atomic rename,
-             then each table's `live` tag moves (storage/live.py). Readers that follow `live`
-             (m3 sql, MemoryStore, Bank(uri, live=True)) never see a build that did not finish;
+5. publish   the `live` manifest names the new version of every table in one atomic write (a
+             rename, or one PUT on an object store), then each table's `live` tag moves
+             (storage/live.py). Readers that follow `live` (m3 sql, MemoryStore,
+             Bank(uri, live=True)) never see a build that did not finish. The write happens
+             only if the manifest is still the one read at step 1 (If-Match on S3): of two
+             rebuilds that both think they hold the lock (one taken over as stale), the second
+             to publish fails with PublishConflict instead of replacing the first one's build;
 6. retain    versions older than the newest `rebuild.keep_builds` published builds are deleted;
 7. compact   with rebuild.compact_after, `m3 bank compact` under the same lock (jobs/ops/compact.py).
+
+The same on a bank at an s3:// URI: the lock is a conditional PUT there (jobs/ops/lock.py), the
+stages and the manifest write through the bucket (tests/jobs/ops/test_rebuild_s3.py).
 
 A rebuild killed anywhere before 5 leaves the live build untouched; run it again and it resumes
 (each stage keeps its finished shards or its committed table). Nothing changed -> every step
@@ -32,10 +39,9 @@ from jobs.stages.ingest import TABLES  # the tables ingest writes
 from jobs.ops.compact import compact_locked
 from jobs.ops.lock import BankLock
 from storage.bank import Bank
-from storage.live import TAG, live_versions, publish
+from storage.live import TAG, live_versions, manifest_state, publish
 from storage.retention import apply_retention, compact
 from storage.layout import BankLayout
-
 
 
 def pin_tokenizer(cfg: Config) -> Config:
@@ -73,7 +79,8 @@ def run_rebuild(cfg: Config) -> dict:
         print(f"[rebuild] {text}", flush=True)
 
     with BankLock(cfg.bank.uri, "rebuild", cfg.rebuild.lock_stale_s):
-        before = live_versions(cfg.bank.uri)
+        before, token = manifest_state(cfg.bank.uri)  # what this build is built on, and publishes over
+        before = dict(before["versions"]) if before else {}
         cfg = pin_tokenizer(cfg)
         if cfg.tokenizer.path:
             note(f"tokenizer: {cfg.tokenizer.path}")
@@ -97,7 +104,8 @@ def run_rebuild(cfg: Config) -> dict:
         maybe_crash("publish", 1)  # the kill-before-publish test: readers must still see the old build
         changed = versions != before
         manifest = publish(bank, versions, {"ingest_key": bank.metadata("refs").get("ingest_key"),
-                                            "encode_key": bank.metadata("memories").get("encode_key")})
+                                            "encode_key": bank.metadata("memories").get("encode_key")},
+                           expect=token)
         retention = apply_retention(cfg.bank.uri, manifest, cfg.rebuild.keep_builds)
         lap("publish")
         compaction = compact_locked(cfg) if cfg.rebuild.compact_after else None

@@ -19,7 +19,8 @@ run in progress is stopped (the rebuild is crash-safe: the live build is untouch
 run resumes its work) and recorded as "interrupted"; then the scheduler exits 0.
 
 A run leaves its summary (counts, versions) in <bank>/_runs/<run id>.json, on the bank's storage
-so that a Ray job on another node can hand it back.
+(a shared mount, or the bucket of an s3:// bank) so that a Ray job on another node can hand it
+back. On an s3:// bank the lock that keeps runs apart is a conditional PUT (jobs/ops/lock.py).
 """
 
 from __future__ import annotations
@@ -37,19 +38,24 @@ from pathlib import Path
 from jobs.config import Config
 from jobs.config.cron import Cron
 from storage.runs import RunLog
-from storage.layout import BankLayout
+from storage.layout import BankLayout, is_uri
 
 SUMMARY_ENV = "M3_RUN_SUMMARY"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _runs_dir(cfg: Config) -> Path:
-    """Where runs leave their summaries: beside the bank when it is a local path (a Ray job on
-    another node sees it when the bank is on a shared mount), else a local directory (a job on
-    a remote cluster then cannot hand its counts back; the run is still recorded)."""
-    if "://" in cfg.bank.uri:
-        return Path(tempfile.gettempdir()) / "m3-runs"
-    return BankLayout(str(Path(cfg.bank.uri).resolve())).runs()
+def _runs_dir(cfg: Config):
+    """Where runs leave their summaries: beside the bank, `<bank>/_runs/`, on the bank's own
+    storage (a shared mount, or the bucket of an s3:// bank), so that a Ray job on another node
+    can hand its counts back (`m3 rebuild` writes it through storage/staging.py)."""
+    uri = cfg.bank.uri if is_uri(cfg.bank.uri) else str(Path(cfg.bank.uri).resolve())
+    return BankLayout(uri).runs()
+
+
+def _config_dir(cfg: Config, runs_dir) -> Path:
+    """Where the resolved config for child rebuilds goes: a local file they can read (beside
+    the runs of a local bank, as before; a temporary directory for a bank at a URI)."""
+    return runs_dir if not is_uri(cfg.bank.uri) else Path(tempfile.gettempdir()) / "m3-schedule"
 
 
 class Scheduler:
@@ -66,7 +72,9 @@ class Scheduler:
 
         from jobs.ops.submit import portable_config
 
-        self.config_file = self.runs_dir / f"schedule-config-{os.getpid()}.yaml"
+        config_dir = _config_dir(cfg, self.runs_dir)
+        config_dir.mkdir(parents=True, exist_ok=True)
+        self.config_file = config_dir / f"schedule-config-{os.getpid()}.yaml"
         self.config_file.write_text(yaml.safe_dump(portable_config(cfg), sort_keys=False), encoding="utf-8")
 
     def on_signal(self, signum, frame) -> None:
@@ -78,7 +86,7 @@ class Scheduler:
 
     def attempt(self, run_id: str) -> tuple[str, dict, str | None, str | None]:
         """One rebuild: (status, summary, error, job id)."""
-        summary_path = self.runs_dir / f"{run_id}.json"
+        summary_path = self.runs_dir / f"{run_id}.json"  # a Path, or a UPath on the bucket
         if self.address:
             return self._as_ray_job(run_id, summary_path)
         env = {**os.environ, SUMMARY_ENV: str(summary_path), "M3_PROGRESS": "0"}
@@ -88,7 +96,7 @@ class Scheduler:
         code, self.child = self.child.returncode, None
         return self._outcome(code == 0, summary_path, err, None)
 
-    def _as_ray_job(self, run_id: str, summary_path: Path):
+    def _as_ray_job(self, run_id: str, summary_path):
         from jobs.ops.submit import submit, wait
 
         sid, what = submit(self.cfg, "rebuild", [], self.address, env={SUMMARY_ENV: str(summary_path)})
@@ -97,7 +105,7 @@ class Scheduler:
         status = wait(self.address, sid, follow=False)
         return self._outcome(status == "SUCCEEDED", summary_path, f"Ray job {sid} {status}", sid)
 
-    def _outcome(self, ok: bool, summary_path: Path, err: str | None, job_id: str | None):
+    def _outcome(self, ok: bool, summary_path, err: str | None, job_id: str | None):
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
         if ok:
             return summary.get("status", "published"), summary, None, job_id

@@ -27,7 +27,7 @@ from pathlib import Path
 from upath import UPath
 
 from jobs.config import Config, config_hash
-from jobs.faults import maybe_crash, maybe_kill_worker
+from jobs.faults import maybe_crash, maybe_kill_worker, maybe_pause
 from jobs.progress import Progress
 from jobs.stages.report import Report
 from jobs.runtime import init_ray, quiet_ray_data
@@ -54,7 +54,11 @@ def _parallel(stage: str, items: list, fn, report: Report) -> list[dict]:
     import ray
 
     ds = ray.data.from_items([{"i": i} for i in range(len(items))], override_num_blocks=len(items))
-    ds = ds.map(lambda row: fn(items[row["i"]]), num_cpus=1)
+    def task(row):
+        maybe_pause(stage, row["i"])  # the node-death tests (jobs/faults.py)
+        return fn(items[row["i"]])
+
+    ds = ds.map(task, num_cpus=1)
     results = []
     progress = Progress(stage, len(items), unit="task(s)", out=report.note)
     for row in ds.iter_rows():

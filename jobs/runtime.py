@@ -126,6 +126,8 @@ def run_actor_shards(stage: str, shards: list[tuple[int, int, int]], actor_cls, 
     rows = {i: b - a for i, a, b in shards}
     progress = Progress(stage, len(shards), sum(rows.values()))
 
+    if os.environ.get("M3_PAUSE_AT"):  # the node-death tests (jobs/faults.py); never in production
+        actor_cls = _pausing(stage, actor_cls)
     ds = ray.data.from_items([{"shard": i, "start": a, "end": b} for i, a, b in shards],
                              override_num_blocks=len(shards))
     ds = ds.map_batches(actor_cls, batch_size=1, num_cpus=threads, runtime_env=PASSIVE_OMP,
@@ -134,3 +136,17 @@ def run_actor_shards(stage: str, shards: list[tuple[int, int, int]], actor_cls, 
     for n, row in enumerate(ds.iter_rows(), 1):
         progress.step(rows=rows.get(int(row["shard"]), 0))
         maybe_crash(stage, n)
+
+
+def _pausing(stage: str, actor_cls):
+    """actor_cls whose call on the shard numbered M3_PAUSE_AT's count or later may pause inside the
+    actor (on its node) until a test has killed that node."""
+    from jobs.faults import maybe_pause
+
+    class Pausing(actor_cls):
+        def __call__(self, batch):
+            maybe_pause(stage, int(batch["shard"][0]))
+            return super().__call__(batch)
+
+    Pausing.__name__ = Pausing.__qualname__ = actor_cls.__name__
+    return Pausing

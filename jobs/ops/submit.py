@@ -205,7 +205,7 @@ def submit(cfg: Config, stage: str, args: list[str], address: str | None = None,
     sid = base if not mine else f"{base}-r{len(mine)}"
     runtime_env = {"working_dir": str(ROOT), "excludes": [".git", ".venv", "bank", "runs"],
                    "env_vars": {CONFIG_ENV: yaml.safe_dump(portable_config(cfg, job=True), sort_keys=False),
-                                "M3_PROGRESS": "0", **(env or {})}}
+                                "M3_PROGRESS": "0", **_faults(), **(env or {})}}
     try:
         c.submit_job(entrypoint=" ".join(["python", "-m", "jobs.cli.entry", stage, *args]), submission_id=sid,
                      runtime_env=runtime_env, metadata={"m3_stage": stage, "m3_config": str(cfg.source)})
@@ -214,6 +214,14 @@ def submit(cfg: Config, stage: str, args: list[str], address: str | None = None,
         if "already exists" not in str(e):
             raise SubmitError(f"submitting {stage} failed: {str(e).splitlines()[0][:300]}") from None
     return sid, "submitted"
+
+
+def _faults() -> dict:
+    """The fault injection this process was asked for (jobs/faults.py) goes to the job: how the
+    node-death tests reach a stage that runs on the cluster."""
+    from jobs.faults import FAULT_ENV
+
+    return {k: os.environ[k] for k in FAULT_ENV if os.environ.get(k)}
 
 
 def _status(job) -> str:

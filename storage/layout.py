@@ -20,8 +20,8 @@ comes back as a `UPath` (universal_pathlib, on fsspec's filesystems): for a loca
 a plain `pathlib.Path`; for a URI it joins, tests and reads without mangling the scheme
 (`Path("s3://b/bank")` would make it `s3:/b/bank`). Table locations are plain strings, which
 Lance and pyarrow take for either. What DeepSpeed and torch write (training checkpoints, the
-models the encoder starts from) and the lock (an exclusive create) need a filesystem: asked of
-a bank on an object store, they fail with an error naming the part.
+models the encoder starts from) needs a filesystem: asked of a bank on an object store, it fails
+with an error naming the part. A job's lock is a file or an object (`lock`).
 """
 
 from __future__ import annotations
@@ -91,8 +91,13 @@ class BankLayout:
         """Payload slabs of a table's versions: memory-mapped, so a local directory only."""
         return self.local("_slabs", table)
 
-    def lock(self, what: str) -> Path:
-        return self.local(f"_{what}.lock")
+    def on_object_store(self) -> bool:
+        return is_uri(self.uri) and not self.uri.startswith("file://")
+
+    def lock(self, what: str) -> UPath:
+        """A local file for a bank on a filesystem (taken by O_EXCL), an object for one on an
+        object store (taken by a conditional PUT): jobs/ops/lock.py."""
+        return self.path(f"_{what}.lock") if self.on_object_store() else self.local(f"_{what}.lock")
 
     def training(self, stage: str | None = None) -> Path:
         return self.local("training", stage) if stage else self.local("training")

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from model.errors import M3Error
 from storage.conditional import PreconditionFailed, read_versioned, remove_if, write_if
-from storage.layout import BankLayout, LayoutError
+from storage.layout import BankLayout
 
 
 class LockError(M3Error, RuntimeError):
@@ -61,12 +61,8 @@ def _process_start(pid: int) -> float | None:
 class BankLock:
     def __init__(self, bank_uri: str, what: str = "rebuild", stale_after_s: float = 24 * 3600):
         layout = BankLayout(bank_uri)
-        try:
-            self.path = layout.lock(what)
-            self.object_store = False
-        except LayoutError:  # an object store: no O_EXCL there, a conditional PUT instead
-            self.path = layout.path(f"_{what}.lock")
-            self.object_store = True
+        self.path = layout.lock(what)
+        self.object_store = layout.on_object_store()  # no O_EXCL there: a conditional PUT instead
         self.what, self.stale_after_s = what, stale_after_s
         self.held = False
         self._etag: str | None = None  # the version of our lock object (object store)

@@ -31,6 +31,17 @@ fixed cost and the marginal rate.
 Every config key the job reads is set here (jobs.config.load_config(None, overrides)): the
 bench does not read configs/demo.yaml, whose encode section is the demo's to change.
 
+--vs-matmul [--before REV] measures instead (no Ray, no job) the model's encode_references
+against a 2048^3 float32 matmul in this process, interleaved, median of --repeats, on this
+process's CPU clock with --threads threads (issue 3's definition of the ratio: useful FLOPs, as
+bench/model.py counts them, over the matmul's rate): on bench/model.py's input (64 random
+references of 128 tokens, the issue-3 figure) and on the first --refs references of the bank in
+the job's order and batches (useful FLOPs at each reference's own length, padding not counted).
+--before REV also times model/memory.py as it was at git revision REV, in the same process and
+on the same inputs, and checks that both keep the same tokens:
+
+    .venv/bin/python bench/encode.py --vs-matmul --threads 1 --repeats 7 --before d394cbb
+
 Ray's start-up is reported, not timed, and a first job on a tiny bank warms the cluster up
 (as bench/ingest.py does). --omp-wait-policy sets OMP_WAIT_POLICY before torch is imported here
 and before Ray starts (the workers inherit it), so one run measures one policy for both the
@@ -155,6 +166,84 @@ def model_only(model, codec, shards: list[list], batch: int, threads: int) -> di
     return {"wall": time.perf_counter() - w, "cpu": time.process_time() - c, "n": n}
 
 
+def memory_module_at(rev: str):
+    """model/memory.py as it was at git revision rev, imported beside the current one."""
+    import importlib.util
+
+    src = subprocess.run(["git", "show", f"{rev}:model/memory.py"], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout
+    spec = importlib.util.spec_from_loader("model.memory_before", loader=None)
+    mod = importlib.util.module_from_spec(spec)
+    mod.__package__ = "model"  # its relative imports (.rope) resolve to the current package
+    exec(compile(src, f"{rev}:model/memory.py", "exec"), mod.__dict__)
+    return mod
+
+
+def vs_matmul(args, tokens: list, cfg) -> None:
+    """encode_references' useful FLOP rate over a same-process matmul's (see the docstring)."""
+    import torch
+
+    import model.memory as current
+    from bench.model import encode_flops
+    from model import Memory3
+    from model.ref_batches import MIN_WIDTH, pad_batch
+
+    torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    torch.manual_seed(0)
+    model = Memory3(cfg).eval()  # random weights: speed does not depend on them
+    gen = torch.Generator().manual_seed(0)
+    inputs = {"bench/model.py input: 64 random refs x 128 tokens":
+              ([torch.randint(4, cfg.vocab_size, (64, cfg.ref_max_tokens), generator=gen)],
+               64 * encode_flops(cfg, cfg.ref_max_tokens), 64)}
+    width = min(MIN_WIDTH, cfg.ref_max_tokens)
+    batches = [pad_batch(s[lo:lo + args.batch_size], cfg.pad_id, width)
+               for s in shard_order(tokens, args.refs_per_shard) for lo in range(0, len(s), args.batch_size)]
+    inputs[f"the bank's first {len(tokens):,} refs ({sum(map(len, tokens)) / len(tokens):.1f} tokens on "
+           f"average), batches of {args.batch_size}"] = (batches, sum(encode_flops(cfg, len(t)) for t in tokens),
+                                                         len(tokens))
+    versions = {"now": current}
+    if args.before:
+        versions[f"at {args.before}"] = memory_module_at(args.before)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    fns = {("matmul", None): lambda: a @ b}
+    for name, (bs, _, _) in inputs.items():
+        for v, mod in versions.items():
+            fns[(name, v)] = lambda bs=bs, mod=mod: [mod.encode_references(model, t) for t in bs]
+    clock = time.process_time
+    times: dict = {key: [] for key in fns}
+    for fn in fns.values():  # warm-up
+        fn()
+    for _ in range(args.repeats):
+        for key, fn in fns.items():
+            t0 = clock()
+            fn()
+            times[key].append(clock() - t0)
+    med = {key: statistics.median(ts) for key, ts in times.items()}
+    peak = 2 * 2048**3 / med[("matmul", None)]
+    load = os.getloadavg()
+    print(f"\n## encode_references vs a 2048³ float32 matmul, model `small`, {args.threads} thread(s), "
+          f"process CPU clock, median of {args.repeats} interleaved runs\n")
+    print(f"Matmul: {peak / 1e9:,.1f} GFLOP/s. Load average at the end: {load[0]:.1f} / {load[1]:.1f} / "
+          f"{load[2]:.1f} on {os.cpu_count()} cores.\n")
+    print("| input | version | refs/s | useful GFLOP/s | / matmul rate |\n|---|---|---|---|---|")
+    for name, (bs, flops, n) in inputs.items():
+        for v in versions:
+            t = med[(name, v)]
+            print(f"| {name} | {v} | {n / t:,.1f} | {flops / t / 1e9:,.1f} | **{flops / t / peak:.1%}** |")
+    if args.before:
+        old = versions[f"at {args.before}"]
+        same = diff = 0
+        for bs, _, _ in inputs.values():
+            for t in bs:
+                x, y = current.encode_references(model, t), old.encode_references(model, t)
+                same += int((x.positions == y.positions).all(dim=(1, 2, 3)).sum())
+                diff = max(diff, float((x.kv - y.kv).abs().max()))
+        total = sum(n for _, _, n in inputs.values())
+        print(f"\nSame kept tokens now and at {args.before}: {same:,} of {total:,} references; "
+              f"largest difference in a kept key or value: {diff:.2e}.")
+
+
 def job(cfg_over: list[str], template: Path, work: Path, name: str) -> dict:
     from jobs.config import load_config
     from jobs.stages.encode import run_encode
@@ -184,6 +273,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--omp-wait-policy", choices=("ACTIVE", "PASSIVE"), default=None,
                     help="OMP_WAIT_POLICY for this process and the Ray workers (default: unset)")
+    ap.add_argument("--vs-matmul", action="store_true",
+                    help="only the model's encode_references against a same-process matmul (no Ray)")
+    ap.add_argument("--before", default=None, help="with --vs-matmul: also model/memory.py at this git revision")
+    ap.add_argument("--threads", type=int, default=1, help="with --vs-matmul: torch threads")
     args = ap.parse_args()
     if args.omp_wait_policy:
         os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy  # read when libgomp loads: before torch
@@ -201,6 +294,13 @@ def main() -> None:
 
     src = Path(args.bank)
     ensure_bank(src)
+    if args.vs_matmul:
+        from model import ModelConfig
+
+        tokens = lance.dataset(str(src / "refs.lance")).to_table(
+            columns=["token_ids"], limit=args.refs or None).column("token_ids").to_pylist()
+        vs_matmul(args, tokens, ModelConfig.from_preset("small"))
+        return
     work = Path(tempfile.mkdtemp(prefix="m3-bench-encode-"))
     template, tiny = work / "template", work / "tiny"
     n = subset_bank(src, template, args.refs)

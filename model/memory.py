@@ -32,10 +32,11 @@ class EncodedReferences(NamedTuple):
     mask: Tensor
 
 
-# References per block of the selection score: one block's logits (block x Hq x S x S float32,
-# 4 MB for the demo model's 8 heads at S = 129) stay in cache between the product and the
-# log-sum-exp's passes over them; the whole batch's at once (34 MB for 64 references) did not,
-# and the score took a third of an encode pass (BENCHMARKS.md, issue 13).
+# References per block of the selection score on CPU: one block's logits (block x Hq x S x S
+# float32, 2 MB for the demo model's 8 heads at S = 129) stay in cache between the product and
+# the log-sum-exp's passes over them; the whole batch's at once (34 MB for 64 references) did
+# not, and the score took a third of an encode pass (BENCHMARKS.md, issue 13). A GPU takes the
+# batch whole.
 SCORE_BLOCK = 4
 
 
@@ -59,8 +60,9 @@ def token_log_scores(q: Tensor, k: Tensor, scored: Tensor, combine: str) -> Tens
     bias = torch.zeros(B, 1, 1, S, dtype=torch.float32, device=q.device)
     bias.masked_fill_(~scored[:, None, None, :], float("-inf"))  # rows i that do not take part
     log_w = torch.empty(B, Hkv, S, dtype=torch.float32, device=q.device)
-    for lo in range(0, B, SCORE_BLOCK):
-        hi = min(lo + SCORE_BLOCK, B)
+    per_block = SCORE_BLOCK if q.device.type == "cpu" else B
+    for lo in range(0, B, per_block):
+        hi = min(lo + per_block, B)
         b = hi - lo
         queries = q[lo:hi].float().reshape(b * Hkv, group * S, D).transpose(1, 2)
         logits = torch.baddbmm(bias[lo:hi].expand(b, Hkv, group, S).reshape(b * Hkv, 1, group * S),
@@ -156,8 +158,9 @@ def encode_references(model, ref_tokens: Tensor, top_k: int | None = None) -> En
 # activations (2048 x mlp_hidden float32 = 6 MB for the demo model) stay near the cache between
 # the matmuls and the elementwise ops around them (norms, RoPE, SiLU, residual adds), which the
 # whole batch's did not: 64 x 129 rows at once encoded 18 % fewer references per second than
-# 16 at a time (BENCHMARKS.md, issue 13). Only the work's order changes, not a reference's
-# values: a reference never meets its batch neighbours. A GPU takes the batch whole.
+# 16 at a time (BENCHMARKS.md, issue 13). A reference never meets its batch neighbours, so only
+# the matmuls' row counts change, as between any two batch sizes (which may round a value's
+# last bit differently: model/ref_batches.py). A GPU takes the batch whole.
 ENCODE_ROWS = 2048
 
 
@@ -177,7 +180,8 @@ def _encode_block(model, tokens: Tensor, real: Tensor, scored: Tensor, k: int, c
         block = model.blocks[layer]
         # the block's forward, walked by hand: the score needs q and k before RoPE
         q, key, v = block.attn.qkv(block.attn_norm(x))
-        pos = top_tokens(token_log_scores(q, key, scored, cfg.score_combine), k)
+        # the choice of tokens takes no gradient: no graph is kept through the score's squares
+        pos = top_tokens(token_log_scores(q.detach(), key.detach(), scored, cfg.score_combine), k)
         key = apply_rope(key, cos, sin)
         kv_layers.append(gather_tokens(torch.stack([key, v], dim=1), pos))
         pos_layers.append(pos)

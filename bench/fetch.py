@@ -1,31 +1,34 @@
-"""Memories fetched and decoded per second through MemoryStore.fetch, per codec, against a plain
-sequential read of the same table's bytes from disk, measured in the same run.
+"""Memories fetched and decoded per second through MemoryStore.fetch, per codec, from the
+version's payload slab and through Lance's take, against a sequential read of the same payload
+bytes from disk, all measured in the same run.
 
     .venv/bin/m3 ingest -c configs/demo.yaml --set bank.uri=/tmp/fetch-bank   # once, ~30 s
     .venv/bin/python bench/fetch.py [--bank /tmp/fetch-bank] [--refs 3072] [--repeats 3]
 
 Banks: the first --refs references of the ingested bank, encoded once per codec (raw-bf16,
 int8, vq) by the encode job (2 actors × 1 thread, demo model `small`) into separate copies
-under --work; a later run reuses them (--reencode to rebuild). Every encode key is set here
-(load_config(None, overrides)), not read from configs/demo.yaml.
+under --work, which writes each version's payload slab (storage/slab.py); a later run reuses
+them (--reencode to rebuild). Every encode key is set here (load_config(None, overrides)), not
+read from configs/demo.yaml.
 
 For each codec and batch size (5, and 160 = 32 chunks × 5 memories, the paper's per-retrieval
-load), in batches of distinct random ref_ids:
-- cold: one store (ref_id index and dataset open; opening is timed apart), the OS page cache
-  dropped before every batch, untimed (`sync; echo 3 > /proc/sys/vm/drop_caches`, root only;
-  without root there are no cold rows); the median over --cold-batches batches;
-- store miss, warm file cache: a new store, the table's pages already in the page cache; whole
+load), in batches of distinct random ref_ids, two stores: `slab` (MemoryStore, slab="require")
+and `lance` (slab="off": the take() path, what a bank without a slab gets):
+- cold: one store (opened untimed), the OS page cache dropped before every batch, untimed
+  (`sync; echo 3 > /proc/sys/vm/drop_caches`, root only; without root there are no cold rows);
+  the median over --cold-batches batches;
+- store miss, warm file cache: a new store, the files already in the page cache; whole
   passes over every memory, the median of --repeats;
-- store hit: a store holding every memory already (cache_size >= the bank): the LRU lookup and
-  the stacking of the decoded tensors.
-The baseline: the memories table's data files read sequentially with open().read() (8 MiB
-reads), cold (after a drop) and warm, the median of --repeats; MiB/s turned into memories/s at
-the codec's payload bytes per memory. fetch returns float32 tensors; the read returns bytes.
+- store hit: a store holding every memory already (its cache as large as the bank).
+The baseline: the slab's payload file (exactly the payload bytes of every memory, nothing
+else) read sequentially with open().read() in 8 MiB reads, cold (after a drop) and warm, the
+median of --repeats, in memories/s at the codec's payload bytes per memory. fetch returns
+decoded tensors (raw-bf16 as bfloat16, int8 and vq as float32); the read returns bytes.
 
-Also measured: a prototype of a faster MemoryStore (prototype_store_class: same answers,
-checked), the payload read alone through Lance take() against np.memmap of a flat file of the
-same fixed-size payloads (where a miss's time goes), and how much memory the current cache
-really holds. Times are wall clock (other jobs share the 2 cores).
+Also measured: the payload read alone (no decode, no cache) from the slab (memory map, and
+os.preadv per run of adjacent rows), through Lance take(), and through Lance's blob API
+(`read_blobs` of a copy of the payloads in a blob-encoded column). Times are wall clock (other
+jobs share the 2 cores).
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ from __future__ import annotations
 import argparse
 import gc
 import math
-import mmap
 import os
 import shutil
 import statistics
@@ -50,6 +52,7 @@ BATCHES = (5, 160)
 
 
 def drop_caches() -> bool:
+    gc.collect()  # closes the maps of stores gone: the kernel keeps mapped pages through a drop
     try:
         os.sync()
         with open("/proc/sys/vm/drop_caches", "w") as f:
@@ -81,93 +84,6 @@ def encoded_bank(src: Path, work: Path, codec: str, n: int, reencode: bool) -> t
     return bank, time.perf_counter() - t0
 
 
-def prototype_store_class():
-    """The fix proposed for storage/memory_store.py, prototyped here (same answers, checked below).
-
-    - the LRU cache is a preallocated slab (cache_size, *shape) float32 plus ref_id -> slot: a
-      hit costs one index_select for the whole request instead of a Python stack of per-memory
-      views, and the cache holds exactly cache_size memories (today each cached memory is a view
-      that keeps its whole decoded batch alive, see `pinned_bytes`);
-    - n_tokens of every row is read once at open (beside ref_id), so the masks come from RAM and
-      take() reads the payload column only (not ref_id and n_tokens: the rows asked are known);
-    - payloads are decoded from the Arrow buffer of the take, with no per-row bytes objects.
-    """
-    import numpy as np
-    import torch
-
-    from storage.bank import BankError
-    from storage.memory_store import MemoryStore
-
-    class SlabStore(MemoryStore):
-        def __init__(self, bank, model_hash, cache_size=4096, version=None):
-            super().__init__(bank, model_hash, cache_size, version)
-            self.kept = torch.as_tensor(self.ds.to_table(columns=["n_tokens"]).column("n_tokens")
-                                        .to_numpy().astype(np.int64))
-            self.nbytes = self.codec.nbytes(self.shape)
-            self.slab = torch.empty((cache_size, *self.shape))
-            self.slot: dict[str, int] = {}  # insertion order = LRU order (oldest first)
-            self.free = list(range(cache_size - 1, -1, -1))
-            self._k = torch.arange(self.shape[3])
-
-        def fetch(self, ref_ids):
-            idx = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731  (lists index slowly)
-            try:
-                rows = idx([self.row_of[r] for r in ref_ids])
-            except KeyError as e:
-                raise BankError(f"no memory for reference {e.args[0]!r} in this bank") from None
-            masks = self._k[None, :] < self.kept.index_select(0, rows)[:, None]
-            uniq = list(dict.fromkeys(ref_ids))
-            missing = [r for r in uniq if r not in self.slot]
-            self.hits += len(ref_ids) - len(missing)
-            self.misses += len(missing)
-            for r in uniq:  # refresh the hits' LRU position
-                if r in self.slot:
-                    self.slot[r] = self.slot.pop(r)
-            if not missing:
-                return self.slab.index_select(0, idx([self.slot[r] for r in ref_ids])), masks
-            mrows = np.array([self.row_of[r] for r in missing], dtype=np.int64)
-            order = np.argsort(mrows)
-            arr = self.ds.take(mrows[order], columns=["payload"]).column("payload").combine_chunks()
-            off = np.frombuffer(arr.buffers()[1], np.int32, count=len(arr) + 1, offset=4 * arr.offset)
-            if (np.diff(off) != self.nbytes).any():
-                return super().fetch(ref_ids)  # the old path names the corrupt row
-            buf = np.frombuffer(arr.buffers()[2], np.uint8)[off[0]:off[-1]].reshape(len(arr), self.nbytes).copy()
-            mems = self.codec._decode(buf, self.shape).reshape(len(arr), *self.shape).to(torch.float32)
-            at = {missing[j]: i for i, j in enumerate(order)}  # ref -> row of mems
-            if len(missing) == len(ref_ids):  # all misses, no repeats: one gather
-                out = mems.index_select(0, idx([at[r] for r in ref_ids]))
-            else:
-                out = torch.empty((len(ref_ids), *self.shape))
-                hit = [(i, self.slot[r]) for i, r in enumerate(ref_ids) if r in self.slot]
-                new = [(i, at[r]) for i, r in enumerate(ref_ids) if r in at]
-                if hit:
-                    out.index_copy_(0, idx([i for i, _ in hit]), self.slab.index_select(0, idx([s for _, s in hit])))
-                out.index_copy_(0, idx([i for i, _ in new]), mems.index_select(0, idx([j for _, j in new])))
-            # insert after answering (a request larger than the cache is still answered whole), in
-            # row order as MemoryStore does, so both caches hold the same entries
-            keep = [missing[j] for j in order][-self.cache_size:]
-            while len(self.free) < len(keep):
-                self.free.append(self.slot.pop(next(iter(self.slot))))
-            slots = [self.free.pop() for _ in keep]
-            for r, s in zip(keep, slots):
-                self.slot[r] = s
-            self.slab.index_copy_(0, idx(slots), mems.index_select(0, idx([at[r] for r in keep])))
-            return out, masks
-
-    return SlabStore
-
-
-def pinned_bytes(store) -> tuple[int, int]:
-    """(bytes the cached memories are, bytes of the tensors their views keep alive)."""
-    own = sum(m.numel() * m.element_size() for m, _ in store.cache.values())
-    seen = {}
-    for m, k in store.cache.values():
-        for t in (m, k):
-            st = t.untyped_storage()
-            seen[st.data_ptr()] = st.nbytes()
-    return own, sum(seen.values())
-
-
 def seq_read(files: list[Path]) -> int:
     n = 0
     for p in files:
@@ -182,6 +98,19 @@ def timed(fn) -> tuple[float, float]:
     w, c = time.perf_counter(), time.process_time()
     fn()
     return time.perf_counter() - w, time.process_time() - c
+
+
+def blob_copy(path: Path, ds) -> "object":
+    """The payloads in a Lance blob-encoded column (a copy beside the bank), for read_blobs."""
+    import lance
+    import pyarrow as pa
+
+    where = path / "payload-blob.lance"
+    if not where.exists():
+        col = ds.to_table(columns=["payload"]).column("payload").cast(pa.large_binary())
+        field = pa.field("payload", pa.large_binary(), metadata={"lance-encoding:blob": "true"})
+        lance.write_dataset(pa.table({"payload": col}, schema=pa.schema([field])), str(where))
+    return lance.dataset(str(where))
 
 
 def main() -> None:
@@ -209,6 +138,7 @@ def main() -> None:
     from jobs.runtime import init_ray, quiet_ray_data
     from storage.bank import Bank
     from storage.memory_store import MemoryStore
+    from storage.slab import SlabReader, ensure_slab, paths
 
     src, work = Path(args.bank), Path(args.work)
     ensure_bank(src)
@@ -228,54 +158,57 @@ def main() -> None:
 
     can_drop = drop_caches()
     rng = np.random.default_rng(args.seed)
-    rows, proto_rows, read_rows, extra, pins = [], [], [], [], []
+    rows, read_rows, extra, notes = [], [], [], []
     for codec, (path, enc_s) in banks.items():
         bank = Bank(str(path))
         meta = bank.metadata("memories")
+        mh = meta["model_hash"]
+        ensure_slab(bank.uri, bank.dataset("memories").version)  # written by the encode job; a bank of an older run gets one
         t0 = time.perf_counter()
-        store = MemoryStore(bank, meta["model_hash"], cache_size=1)
-        open_s = time.perf_counter() - t0
+        store = MemoryStore(bank, mh, cache_size=1, slab="require")
+        open_slab = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        MemoryStore(bank, mh, cache_size=1, slab="off")
+        open_lance = time.perf_counter() - t0
         ids = list(store.row_of)
         n = len(ids)
         per = store.codec.nbytes(store.shape)
+        slab_file = paths(bank.uri, store.ds.version)[0]
+        store.slab.close()  # no map may outlive its measurement: it would keep pages through a drop
+        assert slab_file.stat().st_size == n * per
         dense = dense_bytes(meta["config"]["model"])
-        files = sorted((path / "memories.lance" / "data").glob("*.lance"))
-        file_bytes = sum(p.stat().st_size for p in files)
-        sparse_bf16 = math.prod(store.shape) * 2
-        extra.append(f"| {codec} | {tuple(store.shape)} | {per:,} | {dense:,} | {dense / per:,.0f}× | "
-                     f"{sparse_bf16 / per:.1f}× | {file_bytes / n:,.0f} | {open_s * 1e3:.0f} | "
+        extra.append(f"| {codec} | {tuple(store.shape)} | {per:,} | {dense / per:,.0f}× | {store.dtype} | "
+                     f"{store.entry_bytes():,} | {open_slab * 1e3:.0f} / {open_lance * 1e3:.0f} | "
                      f"{'reused' if enc_s is None else f'{enc_s:.1f} s'} |")
 
-        # the baseline: the table's data files read sequentially, cold and warm, in memories/s
+        # the baseline: the same payload bytes read sequentially, cold and warm, in memories/s; the
+        # warm read is also repeated beside every timed pass (`seq_warm`), and ratios are per pass
+        def seq_warm() -> float:
+            seq_read([slab_file])
+            return n / timed(lambda: seq_read([slab_file]))[0]
+
         base = {"cold": [], "warm": []}
         for _ in range(args.repeats):
             if can_drop:
                 drop_caches()
-                base["cold"].append(file_bytes / timed(lambda: seq_read(files))[0])
-            base["warm"].append(file_bytes / timed(lambda: seq_read(files))[0])
-        read_rate = {k: statistics.median(v) / per for k, v in base.items() if v}
-        read_mib = {k: statistics.median(v) / 2**20 for k, v in base.items() if v}
+                base["cold"].append(n / timed(lambda: seq_read([slab_file]))[0])
+            base["warm"].append(seq_warm())
+        read_rate = {k: statistics.median(v) for k, v in base.items() if v}
+        read_mib = {k: v * per / 2**20 for k, v in read_rate.items()}
 
-        SlabStore = prototype_store_class()
-        # the prototype answers exactly what MemoryStore answers (mixed hits, misses, repeats)
-        a, p = MemoryStore(bank, meta["model_hash"], cache_size=300), SlabStore(bank, meta["model_hash"], cache_size=300)
-        for _ in range(40):
+        # both paths answer the same (mixed hits, misses, repeats)
+        a = MemoryStore(bank, mh, cache_size=300, slab="require")
+        b_ = MemoryStore(bank, mh, cache_size=300, slab="off")
+        for _ in range(20):
             q = [ids[i] for i in rng.integers(0, min(n, 800), 160)]
-            (ma, ka), (mp, kp) = a.fetch(q), p.fetch(q)
-            assert torch.equal(ma, mp) and torch.equal(ka, kp) and (a.hits, a.misses) == (p.hits, p.misses)
-        own, held = pinned_bytes(a)
-        pins.append(f"{codec}: cache of 300 entries after 40 random requests of 160 (from 800 refs): the cached "
-                    f"memories are {own / 2**20:.1f} MiB, the tensors they keep alive {held / 2**20:.1f} MiB "
-                    f"({held / own:.1f}×)")
-        del a, p
+            (ma, ka), (mb, kb) = a.fetch(q), b_.fetch(q)
+            assert torch.equal(ma, mb) and torch.equal(ka, kb) and (a.hits, a.misses) == (b_.hits, b_.misses)
+        notes.append(f"{codec}: a cache of 300 entries after 20 requests of 160 (from 800 refs) holds "
+                     f"{a.cache_nbytes():,} B = 300 × {a.entry_bytes():,} B ({len(a.cache)} entries)")
+        del a, b_
 
-        # a flat file of the fixed-size payloads: what a sidecar written by the encode job would be
-        flat = path / "payload-flat.npy"
-        if not flat.exists():
-            col = bank.dataset("memories").to_table(columns=["payload"]).column("payload").combine_chunks()
-            off = np.frombuffer(col.buffers()[1], np.int32, count=len(col) + 1, offset=4 * col.offset)
-            np.save(flat, np.frombuffer(col.buffers()[2], np.uint8)[off[0]:off[-1]].reshape(len(col), per))
-
+        ds = bank.dataset("memories")
+        blobs = blob_copy(path, ds)
         for b in BATCHES:
             order = [ids[i] for i in rng.permutation(n)]
             batches = [order[i:i + b] for i in range(0, n - n % b, b)]
@@ -289,86 +222,102 @@ def main() -> None:
                     ts.append(timed(lambda: fetch(ids_))[0])
                 return b / statistics.median(ts)
 
-            def passes(make, warm_cache: bool) -> float:
-                """memories/s of whole passes over every batch (median of --repeats)."""
-                out = []
+            def passes(make, warm_cache: bool) -> tuple[float, float]:
+                """(memories/s, its ratio to the sequential read timed just before) of whole passes
+                over every batch: the medians over --repeats."""
+                out, ratio = [], []
                 for _ in range(args.repeats):
                     s = make()
                     for ids_ in batches:  # pages into the page cache; with warm_cache, the store's too
                         s.fetch(ids_)
                     if not warm_cache:
                         s = make()
+                    ref = seq_warm()
                     out.append(m / timed(lambda: [s.fetch(x) for x in batches])[0])
+                    ratio.append(out[-1] / ref)
                     assert s.misses == m and s.hits == (m if warm_cache else 0), (s.hits, s.misses)
-                return statistics.median(out)
+                    del s
+                return statistics.median(out), statistics.median(ratio)
 
             res = {}
-            for impl, cls in (("current", MemoryStore), ("proposed", SlabStore)):
+            for impl, mode in (("slab", "require"), ("lance", "off")):
                 r = {}
-                if can_drop and impl == "current":
-                    st = cls(bank, meta["model_hash"], cache_size=b)
-                    r["cold"] = cold(st.fetch)
-                r["miss"] = passes(lambda: cls(bank, meta["model_hash"], cache_size=b), False)
-                r["hit"] = passes(lambda: cls(bank, meta["model_hash"], cache_size=n), True)
+                if can_drop:
+                    st = MemoryStore(bank, mh, cache_size=b, slab=mode)
+                    r["cold"] = (cold(st.fetch), None)
+                    del st
+                r["miss"] = passes(lambda: MemoryStore(bank, mh, cache_size=b, slab=mode), False)
+                r["hit"] = passes(lambda: MemoryStore(bank, mh, cache_size=n, slab=mode), True)
                 res[impl] = r
             for mode, label, ref in (("cold", "cold (page cache dropped before each batch)", "cold"),
-                                     ("miss", "store miss, warm file cache", "warm"),
+                                     ("miss", "store miss, warm files", "warm"),
                                      ("hit", "store hit (all in RAM)", "warm")):
-                for impl, table in (("current", rows), ("proposed", proto_rows)):
-                    if mode not in res[impl]:
-                        continue
-                    rate = res[impl][mode]
-                    line = (f"| {codec} | {b} | {label} | {rate:,.0f} | {b / rate * 1e3:.2f} | "
-                            f"{read_mib[ref]:,.0f} ({ref}) | {read_rate[ref]:,.0f} | **{rate / read_rate[ref]:.3f}** |")
-                    if impl == "proposed":
-                        line += f" {rate / res['current'][mode]:.2f}× |"
-                    table.append(line)
+                if mode not in res["slab"]:
+                    continue
+                (s_, sr), (l_, lr) = res["slab"][mode], res["lance"][mode]
+                sr, lr = sr or s_ / read_rate[ref], lr or l_ / read_rate[ref]
+                rows.append(f"| {codec} | {b} | {label} | {s_:,.0f} | {b / s_ * 1e3:.2f} | {l_:,.0f} | "
+                            f"{b / l_ * 1e3:.2f} | {s_ / l_:.1f}× | {read_mib[ref]:,.0f} ({ref}) | "
+                            f"{read_rate[ref]:,.0f} | **{sr:.2f}** | {lr:.3f} |")
 
             # where a miss goes: the payload read alone (no decode, no cache)
-            ds = bank.dataset("memories")
-            mm = np.load(flat, mmap_mode="r")
-            mm._mmap.madvise(mmap.MADV_RANDOM)  # no readahead: a batch reads its rows' pages only
             row_of = store.row_of
-            for name, fn in (("Lance take(payload)", lambda x: ds.take(np.sort([row_of[r] for r in x]), columns=["payload"])),
-                             ("np.memmap of a flat payload file", lambda x: np.ascontiguousarray(mm[np.sort([row_of[r] for r in x])]))):
+            reader = {}  # a new reader per measurement (cold or warm): see store.slab.close() above
+
+            def slab_read(mapped):
+                def make():
+                    reader[mapped] = SlabReader(slab_file, n, per, mapped=mapped)
+                return make, lambda x: reader[mapped].read(np.array([row_of[r] for r in x]))
+
+            mm_make, mm_read = slab_read(True)
+            pr_make, pr_read = slab_read(False)
+            reads = (("slab, memory map", mm_make, mm_read), ("slab, os.preadv per run", pr_make, pr_read),
+                     ("Lance take(payload)", None, lambda x: ds.take(np.sort([row_of[r] for r in x]), columns=["payload"])),
+                     ("Lance read_blobs (blob column)", None,
+                      lambda x: blobs.read_blobs("payload", indices=np.sort([row_of[r] for r in x]).tolist())))
+            for name, make, fn in reads:
+                if make:
+                    make()
                 cold_rate = cold(fn) if can_drop else None
-                warm = []
+                warm, ratio = [], []
                 for _ in range(args.repeats):
+                    if make:
+                        make()
                     for x in batches:
                         fn(x)
+                    ref = seq_warm()
                     warm.append(m / timed(lambda: [fn(x) for x in batches])[0])
+                    ratio.append(warm[-1] / ref)
+                reader.clear()
+                w = statistics.median(warm)
                 read_rows.append(f"| {codec} | {b} | {name} | {f'{cold_rate:,.0f}' if cold_rate else 'n/a'} | "
-                                 f"{statistics.median(warm):,.0f} |")
+                                 f"{f'{b / cold_rate * 1e3:.2f}' if cold_rate else 'n/a'} | {w:,.0f} | "
+                                 f"{statistics.median(ratio):.2f} |")
         print(f"({codec} done)", file=sys.stderr, flush=True)
 
     load = os.getloadavg()
-    print(f"\n## Fetch + decode through MemoryStore.fetch, {args.refs:,} memories per codec, model small, "
-          f"torch threads {args.threads}\n")
+    print(f"\n## MemoryStore.fetch from the payload slab and through Lance, {args.refs:,} memories per codec, "
+          f"model small, torch threads {args.threads}\n")
     print(f"Wall clock. Warm rows: median of {args.repeats} passes, each fetching every memory once in random "
-          f"batches of distinct ids. Cold rows: median over {args.cold_batches} batches, the OS page cache "
-          f"{'dropped before each (untimed)' if can_drop else 'could NOT be dropped (not root): no cold rows'}; "
-          f"the store (ref_id index, open dataset) stays. Sequential read: the table's data files with "
-          f"open().read(), cold = after a drop. Load average at the end {load[0]:.1f} / {load[1]:.1f} / "
+          f"batches of distinct ids, each pass on a new store. Cold rows: median over {args.cold_batches} batches, "
+          f"the OS page cache {'dropped before each (untimed)' if can_drop else 'could NOT be dropped (not root): no cold rows'}; "
+          f"the store (ref_id index, open files) stays. Baseline: the slab's payload file read sequentially with "
+          f"open().read(), cold = after a drop; warm ratios are per pass, against a read timed just before it "
+          f"(the MiB/s column is the median of {args.repeats} reads at the start). Load average at the end {load[0]:.1f} / {load[1]:.1f} / "
           f"{load[2]:.1f} on {os.cpu_count()} cores.\n")
-    head = ("| codec | batch | mode | memories/s | ms per batch | sequential read MiB/s "
-            "| sequential read memories/s (at payload B/memory) | fetch / read |")
-    print(head)
-    print("|---|---|---|---|---|---|---|---|")
+    print("| codec | batch | mode | slab memories/s | slab ms/batch | Lance memories/s | Lance ms/batch | slab / Lance "
+          "| sequential read MiB/s | read memories/s | **slab / read** | Lance / read |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
-    print("\n### Proposed MemoryStore (prototype in this script: slab LRU cache, payload-only take, "
-          "masks from RAM), same passes\n")
-    print(head + " vs current |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    print("\n".join(proto_rows))
-    print("\n### Where a miss goes: reading the payloads of a batch alone (no decode), memories/s\n")
-    print("| codec | batch | read | cold | warm |")
-    print("|---|---|---|---|---|")
+    print("\n### The payload read alone (no decode, no cache), memories/s\n")
+    print("| codec | batch | read | cold memories/s | cold ms/batch | warm memories/s | warm / sequential read |")
+    print("|---|---|---|---|---|---|---|")
     print("\n".join(read_rows))
-    print("\nMemory held by the current cache (each entry is a view of its whole decoded batch):\n")
-    print("\n".join(f"- {p}" for p in pins))
-    print("\n| codec | memory shape | payload B/memory | dense bf16 KV B/ref | vs dense | vs sparse bf16 "
-          "| table file B/row | store open (ms) | encode job |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\nThe cache's bound in bytes:\n")
+    print("\n".join(f"- {p}" for p in notes))
+    print("\n| codec | memory shape | payload B/memory | vs dense bf16 KV | fetch dtype | cache B/entry "
+          "| store open ms (slab / Lance) | encode job |")
+    print("|---|---|---|---|---|---|---|---|")
     print("\n".join(extra))
 
 

@@ -215,12 +215,13 @@ class SlabReader:
     between the page cache and the decoded memory (a raw codec decodes by reinterpreting it).
     MADV_RANDOM: a batch of random rows reads only its own pages on a page-cache miss, no
     readahead around each. `read_pread` is the same with one os.preadv per run of adjacent rows
-    (for comparison in bench/fetch.py)."""
+    (for comparison in bench/fetch.py; mapped=False reads only that way). Pages a live map has
+    touched stay resident while it lives (the kernel does not drop mapped pages)."""
 
-    def __init__(self, path: Path, rows: int, payload_bytes: int):
+    def __init__(self, path: Path, rows: int, payload_bytes: int, mapped: bool = True):
         self.path, self.rows, self.payload_bytes = path, rows, payload_bytes
         self._fd = os.open(path, os.O_RDONLY)
-        if rows and payload_bytes:
+        if mapped and rows and payload_bytes:
             self._map = mmap.mmap(self._fd, rows * payload_bytes, prot=mmap.PROT_READ)
             self._map.madvise(mmap.MADV_RANDOM)
             self._rows = np.frombuffer(self._map, np.uint8).reshape(rows, payload_bytes)
@@ -228,6 +229,8 @@ class SlabReader:
             self._map, self._rows = None, np.zeros((rows, payload_bytes), np.uint8)
 
     def read(self, rows: np.ndarray) -> np.ndarray:
+        if self._map is None and self.rows:
+            return self.read_pread(rows)
         return self._rows.take(rows, axis=0)  # a fresh, writable (n, payload_bytes) array
 
     def read_pread(self, rows: np.ndarray) -> np.ndarray:

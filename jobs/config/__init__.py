@@ -143,9 +143,11 @@ class EncodeConfig:
 
 @dataclass(frozen=True)
 class RetrievalConfig:
-    # "minilm" = all-MiniLM-L6-v2 shipped inside a PyPI package (offline); or a local
-    # sentence-transformers directory (the paper used BGE-M3: point this at a copy of it).
-    embedder: str = "minilm"
+    # "static-minilm" (default) = a static embedding distilled from all-MiniLM-L6-v2 at first use,
+    # chosen by measurement (BENCHMARKS.md, "Choosing the retriever"); "minilm" = all-MiniLM-L6-v2
+    # itself, shipped inside a PyPI package (offline); or a local sentence-transformers or
+    # model2vec directory (the paper used BGE-M3: point this at a copy of it).
+    embedder: str = "static-minilm"
     batch_size: int = field(default=64, metadata={"ge": 1})
     actors: int = field(default=1, metadata={"ge": 1})
     threads_per_actor: int = field(default=2, metadata={"ge": 1})

@@ -171,3 +171,10 @@ def test_corrupt_cache_is_named(tmp_path, monkeypatch):
     (path / "model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(EmbedderError, match="delete the directory"):
         load_embedder(STATIC_SPEC)
+
+
+def test_is_the_default(static):
+    from jobs.config import RetrievalConfig, load_config
+
+    assert load_embedder().id == load_embedder(None).id == static.id
+    assert RetrievalConfig().embedder == STATIC_SPEC == load_config("configs/demo.yaml").retrieval.embedder

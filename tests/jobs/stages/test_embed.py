@@ -8,6 +8,7 @@ import pytest
 from jobs.cli.main import main
 from jobs.config import load_config
 from jobs.stages.embed import run_embed, search_text
+from pipelines.embedder import load_embedder
 from storage.bank import Bank, BankError
 from storage.vectors import has_index
 from tests.conftest import small_embedded_bank
@@ -29,7 +30,7 @@ def test_every_reference_gets_a_unit_vector_and_an_index(embedded):
     assert sorted((r["ref_id"], r["content_hash"]) for r in refs) == sorted((r["ref_id"], r["content_hash"]) for r in rows)
     assert all(abs(sum(v * v for v in r["vector"]) - 1) < 1e-4 for r in rows)
     meta = bank.metadata("embeddings")
-    assert meta["embedder"]["embedder_name"] == "all-MiniLM-L6-v2" and rows[0]["embedder"] == meta["embedder"]["embedder"]
+    assert meta["embedder"]["embedder"] == load_embedder(cfg.retrieval.embedder).id == rows[0]["embedder"]
     assert summary["index"]["index"] == "IVF_HNSW_SQ" and has_index(bank.table("embeddings"))  # past the threshold
     assert bank.tags("embeddings") == {f"embed-{meta['embed_key']}": summary["version"]}
 

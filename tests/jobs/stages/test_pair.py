@@ -116,7 +116,7 @@ def test_own_documents_excluded_when_asked(paired):
     table = bank.table("embeddings")
     ids = sorted(seqs)
     args = dict(tokenizer=load(f"{cfg.bank.uri}/{bank.metadata('refs')['tokenizer_path']}"),
-                embedder=load_embedder("minilm"), table=table, refs_ds=bank.dataset("refs"),
+                embedder=load_embedder(cfg.retrieval.embedder), table=table, refs_ds=bank.dataset("refs"),
                 params=search_params(table), doc_ids=[seqs[i]["doc_ids"] for i in ids])
     out = pair_shard(ids, [seqs[i]["token_ids"] for i in ids], cfg=dataclasses.replace(PAIR, exclude_own_docs=True),
                      **args).to_pylist()
@@ -181,7 +181,7 @@ def test_resume_keeps_staged_shards_and_matches_an_uninterrupted_run(paired, cap
     bank = Bank(cfg.bank.uri)
     stage = staging_dir(cfg.bank.uri, "pair", pair_key(bank, _inputs(bank), pair2))
     tok = f"{cfg.bank.uri}/{bank.metadata('refs')['tokenizer_path']}"
-    PairShards(cfg.bank.uri, "minilm", tok, str(stage), pair2, 1)({"shard": [0], "start": [0], "end": [5]})
+    PairShards(cfg.bank.uri, cfg.retrieval.embedder, tok, str(stage), pair2, 1)({"shard": [0], "start": [0], "end": [5]})
     summary = run_pair(with_pair(cfg, pair2))
     n_shards = -(-len(_tables(cfg)[1]) // 5)
     assert f"1 of {n_shards} shard(s) done" in capsys.readouterr().out

@@ -6,7 +6,8 @@ total time, several repetitions, medians; PAPER.md §6.7).
     python bench/decode.py --synthetic --device cuda --preset paper-2.4b --dtype bfloat16   # GPU
 
 Bank path (default): the demo bank's model (`small`, random weights are fine for speed), its
-real embeddings (MiniLM queries, LanceDB search) and its memories on disk (MemoryStore.fetch).
+real embeddings (queries by `retrieval.embedder`, LanceDB search) and its memories on disk
+(MemoryStore.fetch).
 Prompts: the first 128 tokens of held-out training sequences (real FOLDOC text). Rows:
 - none: KV-cache decoding, no retrieval (the baseline every ratio is against);
 - memory, cold cache: a fresh MemoryStore (empty RAM cache; its ref_id index opened untimed),

@@ -150,8 +150,9 @@ def byte_references(n: int, width: int) -> list[list[int]]:
 @pytest.mark.parametrize("n_heads,n_kv_heads,top_k", [(8, 2, 4), (4, 4, 8), (8, 1, 1)])
 def test_real_text_selection_equals_float64_model(n_heads, n_kv_heads, top_k):
     """encode_references end to end on a padded batch of real text against the loop-based float64
-    model (tests/model/naive.py): same kept tokens, and in layer 0 repeated tokens tie exactly and
-    the earliest occurrences are kept."""
+    model (tests/model/naive.py): the same kept tokens. Repeated tokens tie exactly in layer 0 of
+    the float64 model; in float32 a GEMM may round two equal rows differently by their position,
+    so which occurrence is kept at the boundary is left to the near-tie rule, not asserted."""
     model = make_model(vocab_size=260, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=8,
                        d_model=8 * n_heads, n_layers=2, n_mem_layers=2, ref_max_tokens=48)
     cfg = model.config
@@ -169,11 +170,4 @@ def test_real_text_selection_equals_float64_model(n_heads, n_kv_heads, top_k):
             ref_scores = torch.full((cfg.n_kv_heads, len(r) + 1), float("-inf"), dtype=torch.float64)
             for h in range(cfg.n_kv_heads):
                 ref_scores[h, 1:] = torch.tensor(expected[layer][h]["scores"], dtype=torch.float64).log()
-            pos = enc.positions[b, layer]
-            assert_same_selection(pos, ref_scores, top_k)
-            if layer == 0:
-                for h in range(cfg.n_kv_heads):
-                    kept = [p for p in pos[h].tolist() if p >= 0]
-                    for p in kept:  # every earlier occurrence of a kept token is kept too
-                        tok = r[p - 1]
-                        assert all(q + 1 in kept for q in range(p - 1) if r[q] == tok), (b, h, kept)
+            assert_same_selection(enc.positions[b, layer], ref_scores, top_k)

@@ -79,7 +79,7 @@ def clean_shard(shard: Shard, files: list[SourceFile], corpus, quality, dedup, o
     keyed = {i: memo.text_key(rec.text) for i, rec in enumerate(records)
              if rec.reason is None and len(rec.text) <= quality.max_chars}
     known = memo.lookup(memo_src, list(keyed.values()), _MEMO_VALUES)
-    made = {k: v for k, v in known.items()}
+    made = dict(known)
     fresh = [i for i, k in keyed.items() if k not in made]
     for i in fresh:
         key = keyed[i]

@@ -20,13 +20,14 @@ import copy
 import dataclasses
 import json
 import os
+import re
 import shutil
 import sys
 import time
 from pathlib import Path
 
 from jobs.config import ConfigError
-from jobs.faults import maybe_crash
+from jobs.faults import maybe_crash, maybe_pause
 from jobs.config.train import TrainConfig
 from jobs.models import stage_dir, warmup_model_dir
 from jobs.training.codec import memory_codec
@@ -153,21 +154,61 @@ def _fit_with_ray(cfg, tc, stage, args) -> None:
     if problem:
         raise TrainError(f"Ray's State API (the dashboard's) did not answer within 2 minutes ({problem}); "
                          f"Ray Train cannot run safely without it")
-    trainer = TorchTrainer(
-        train_loop, train_loop_config={**args, "launcher": "ray"},
-        scaling_config=ScalingConfig(num_workers=tc.workers, use_gpu=_use_gpu(),
-                                     resources_per_worker={"CPU": tc.cpus_per_worker}),
-        torch_config=TorchConfig(backend="nccl" if _use_gpu() else "gloo"),
-        run_config=RunConfig(name=f"m3-{stage}", storage_path=str(stage_dir(cfg, stage) / "ray"),
-                             failure_config=FailureConfig(max_failures=0)))
     progress = LogFollower(stage_dir(cfg, stage) / "log.jsonl", stage, tc)
     progress.start()
     try:
-        trainer.fit()
-    except Exception as e:  # Ray wraps the worker's error; keep its message, drop Ray's frames
-        raise TrainError(f"{stage} training failed: {type(e).__name__}: {str(e)[-2000:]}") from None
+        for attempt in range(NODE_LOSS_RETRIES + 1):
+            # max_failures=0: a worker that fails on its own (a bug, bad data) would fail again;
+            # a lost node is retried below, from the last checkpoint, by the loop's own resume
+            trainer = TorchTrainer(
+                train_loop, train_loop_config={**args, "launcher": "ray"},
+                scaling_config=ScalingConfig(num_workers=tc.workers, use_gpu=_use_gpu(),
+                                             resources_per_worker={"CPU": tc.cpus_per_worker}),
+                torch_config=TorchConfig(backend="nccl" if _use_gpu() else "gloo"),
+                run_config=RunConfig(name=f"m3-{stage}", storage_path=str(stage_dir(cfg, stage) / "ray"),
+                                     failure_config=FailureConfig(max_failures=0)))
+            try:
+                trainer.fit()
+                break
+            except Exception as e:  # Ray wraps the worker's error; keep its message, drop Ray's frames
+                if attempt < NODE_LOSS_RETRIES and node_lost(e):
+                    print(f"train {stage}: a node of the cluster died under the run; resuming from the last "
+                          f"checkpoint (retry {attempt + 1} of {NODE_LOSS_RETRIES})", flush=True)
+                    continue
+                raise TrainError(f"{stage} training failed: {type(e).__name__}: {str(e)[-2000:]}") from None
     finally:
         progress.stop()
+
+
+# A node lost under a run (killed, crashed, its machine gone) says nothing about the training:
+# the run resumes from its last checkpoint on the nodes left, this many times.
+NODE_LOSS_RETRIES = 3
+_NODE_DIED = re.compile(r"node (has )?died|NodeDiedError|node [0-9a-f]+ .*(is )?dead", re.I)
+
+
+def node_lost(e: BaseException, wait_s: float = 120) -> bool:
+    """Whether Ray Train failed because a node under it died, not because a worker raised or
+    exited on its own. Ray Train's health check usually sees the dead node's workers first, as
+    unreachable ("actor ... is unavailable"), before the cluster has declared the node dead
+    (missed heartbeats, tens of seconds): then the nodes of those workers are watched until one
+    is declared dead, or `wait_s` passes. A worker that exits or raises is never unavailable."""
+    failures = getattr(e, "worker_failures", None) or {}
+    text = "\n".join(str(x) for x in (e, *failures.values()))
+    if _NODE_DIED.search(text):
+        return True
+    if "is unavailable" not in text:
+        return False
+    nodes = set(re.findall(r"node_id='([0-9a-f]+)'", text))
+    import ray
+
+    deadline = time.monotonic() + wait_s
+    while nodes:
+        if nodes & {n["NodeID"] for n in ray.nodes() if not n["Alive"]}:
+            return True
+        if time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    return False
 
 
 def _use_gpu() -> bool:
@@ -302,6 +343,7 @@ def train_loop(args: dict) -> None:
         if (step + 1) % tc.checkpoint_every == 0 or step + 1 == total:
             save_checkpoint(engine, cfg, tc, stage, step + 1, rank)
         maybe_crash("train", step + 1)
+        maybe_pause("train", step + 1)  # the node-death test kills this worker's node here
     if log:
         log.close()
 

@@ -180,6 +180,9 @@ def load_embedder(spec: str | None = DEFAULT_SPEC, device: str = "cpu") -> Embed
     from pipelines import static_embedder as st
 
     spec = (spec or DEFAULT_SPEC).strip()
+    # Set before anything imports huggingface_hub (sentence-transformers, transformers for a
+    # distillation, model2vec): it reads these once, when it is first imported.
+    os.environ.update(_OFFLINE_ENV)
     if spec.lower() == STATIC_SPEC:
         source = bundled_minilm_dir()
         source_fp = fingerprint_dir(source)
@@ -192,9 +195,7 @@ def load_embedder(spec: str | None = DEFAULT_SPEC, device: str = "cpu") -> Embed
         fp = fingerprint_dir(path)  # a directory from elsewhere: its bytes are all we know of it
         return _static(spec, path.name, path, fp, {"static_files": fp})
     name, path = resolve_spec(spec)
-    # Set before the import below: huggingface_hub reads these once, when it is first imported.
-    # local_files_only covers the case where something imported it earlier in this process.
-    os.environ.update(_OFFLINE_ENV)
+    # local_files_only covers the case where something imported huggingface_hub earlier
     from sentence_transformers import SentenceTransformer
 
     try:

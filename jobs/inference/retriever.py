@@ -115,7 +115,7 @@ class BankRetriever:
         self.seconds["fetch"] += time.perf_counter() - t0
         shape = self.store.shape  # (L, 2, H, k, D)
         N, M = len(id_lists), self.per_query
-        out = torch.zeros(N, M, *shape)
+        out = torch.zeros(N, M, *shape, dtype=mems.dtype)  # bf16 payloads stay bf16 to the model
         valid = torch.zeros(N, M, shape[3], dtype=torch.bool)
         i = 0
         for n, row in enumerate(id_lists):

@@ -37,6 +37,7 @@ from jobs.config import Config
 from jobs.faults import maybe_crash
 from jobs.stages.ingest import TABLES  # the tables ingest writes
 from jobs.ops.compact import compact_locked
+from jobs.stages.encode import memories_slab
 from jobs.ops.lock import BankLock
 from storage.bank import Bank
 from storage.live import TAG, live_versions, manifest_state, publish
@@ -100,6 +101,7 @@ def run_rebuild(cfg: Config) -> dict:
         # merges fragments if memories were written in pieces; a no-op for our one-write tables
         if (v := compact(bank.dataset("memories").uri)) is not None:
             memories["version"] = v
+            memories["slab"] = memories_slab(cfg.bank.uri, v, note)  # the served version's, not the one before
         versions = {name: bank.table(name).version for name in names}
         maybe_crash("publish", 1)  # the kill-before-publish test: readers must still see the old build
         changed = versions != before

@@ -222,3 +222,9 @@ def _static(spec: str, name: str, path: Path, fingerprint: str, info: dict) -> E
                             f"{type(e).__name__}: {e} (delete the directory to rebuild a cached one)") from e
     return Embedder(name=name, dim=int(model.dim), fingerprint=fingerprint, path=str(path),
                     max_seq_length=int(model.max_length or 0), _model=model, kind="static", info=info)
+
+
+if __name__ == "__main__":
+    # scripts/env.sh: the default retriever is built at set-up, once per machine (instant once
+    # built), so a first `m3 embed` or the tests' first retrieval does not pay its distillation
+    print(f"embedder {load_embedder(DEFAULT_SPEC).id}: ready", flush=True)

@@ -163,11 +163,3 @@ def is_static_dir(path: Path) -> bool:
     except (OSError, ValueError):
         return False
 
-
-if __name__ == "__main__":
-    # scripts/env.sh: build the default retriever at set-up, once per machine (instant once built),
-    # so a first `m3 embed` or the tests' first retrieval does not pay the distillation
-    from pipelines.embedder import bundled_minilm_dir, fingerprint_dir
-
-    src = bundled_minilm_dir()
-    print(f"embedder {STATIC_SPEC}: {ensure_static(src, fingerprint_dir(src), note=lambda m: print(m, flush=True))}")

@@ -20,4 +20,4 @@ if [ "$(cat .venv/.m3-stamp 2>/dev/null || true)" != "$stamp" ]; then
 fi
 # The default retriever (static-minilm) is distilled from the MiniLM the install ships, once per
 # machine (about a minute on 2 cores; pipelines/static_embedder.py); once built this takes ~1 s.
-.venv/bin/python -m pipelines.static_embedder
+.venv/bin/python -m pipelines.embedder

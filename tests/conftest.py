@@ -37,8 +37,11 @@ def write_foldoc_corpus(path: Path, n: int, min_words: int = 0) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One embedded Ray for every test that needs it: starting Ray costs seconds."""
+def ray_local(s3):
+    """One embedded Ray for every test that needs it: starting Ray costs seconds. Started after
+    the S3 server, with its endpoint in the environment, so its workers can reach a bank on
+    s3:// too (a worker's environment is the one Ray started with) and the object-store tests run
+    their stages in this process instead of starting an `m3` with a Ray of its own."""
     import ray
 
     from jobs.config import RayConfig

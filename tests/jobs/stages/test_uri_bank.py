@@ -1,14 +1,10 @@
 """A bank on an object store: ingest, embed, encode and pair run on `s3://` (the S3-compatible
 server of the `s3` fixture, tests/conftest.py), through the same layout and filesystem code any
 URI gets (storage/layout.py, storage/staging.py), and write the same tables as the same build at
-a plain path. The s3 build runs as `m3 run --only ...` in a subprocess: its Ray workers must see
-the endpoint in their environment, and the suite's shared Ray started without it."""
+a plain path. Both builds run in this process: the suite's Ray started with the S3 endpoint in its
+workers' environment (tests/conftest.py)."""
 
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -20,7 +16,7 @@ from jobs.stages.pair import run_pair
 from storage.bank import Bank
 from storage.layout import BankLayout
 from storage.sql import query
-from tests.conftest import ROOT, write_foldoc_corpus
+from tests.conftest import write_foldoc_corpus
 
 TABLES = {"documents": "doc_id", "refs": "ref_id", "train_sequences": "seq_id", "embeddings": "ref_id",
           "memories": "ref_id", "neighbors": None}
@@ -54,13 +50,10 @@ def banks(tmp_path_factory, ray_local, s3):
     cfg = load_config("configs/demo.yaml", settings(corpus, plain, model))
     for run in (run_ingest, run_embed, run_encode, run_pair):
         run(cfg)
-    args = [sys.executable, "-m", "jobs", "run", "-c", "configs/demo.yaml", "--only", "ingest,embed,encode,pair"]
-    for s in settings(corpus, uri, model) + ["ray.include_dashboard=false"]:  # no training: no State API needed
-        args += ["--set", s]
-    proc = subprocess.run(args, cwd=ROOT, env=dict(os.environ, M3_PROGRESS="0", **s3[1]), capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return cfg, load_config("configs/demo.yaml", settings(corpus, uri, model)), plain, uri
+    s3_cfg = load_config("configs/demo.yaml", settings(corpus, uri, model))
+    for run in (run_ingest, run_embed, run_encode, run_pair):
+        run(s3_cfg)
+    return cfg, s3_cfg, plain, uri
 
 
 def test_every_stage_writes_the_same_tables_on_s3(banks):

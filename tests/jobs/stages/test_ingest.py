@@ -195,6 +195,7 @@ def test_killed_driver_resumes_without_loss_or_duplication(corpus, reference_run
     assert snapshot(bank) == reference_run[2]
 
 
+@pytest.mark.faults
 def test_killed_worker_is_retried(corpus, reference_run, tmp_path):
     proc = run_cli(corpus, tmp_path / "bank", {"M3_CRASH_WORKER": str(tmp_path / "crashes")})
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -110,6 +110,7 @@ def test_memory_from_scratch_and_the_control_recipe(base, tmp_path):
         "reads_memory": False}
 
 
+@pytest.mark.faults
 def test_resume_after_kill_reproduces_the_loss_trajectory(base, tmp_path, monkeypatch):
     tc = TrainConfig(**FAST, warmup_stage_steps=6, zero_stage=2)
     straight = copy_bank(base, tmp_path, "straight")

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/rebuild.py [--records 0] [--changed 0.01] [--no-embeddings]
 
-The demo config (configs/demo.yaml: model `small`, int8 codec, MiniLM embeddings) on FOLDOC
+The demo config (configs/demo.yaml: model `small`, int8 codec, its retriever's embeddings) on FOLDOC
 (--records N: the first N entries; 0 = all 12,383). In one process, one embedded Ray (started
 before any clock runs):
 
@@ -113,7 +113,7 @@ def main() -> int:
     n_refs = mem["added"] + mem["changed"] + mem["unchanged"]
     print(f"\n## Incremental rebuild vs full rebuild ({len(recs):,} FOLDOC entries, {sum(i % every == 0 for i in range(len(recs)))} "
           f"edited = {a.changed:.0%}; {n_refs:,} references; model small, int8"
-          f"{'' if a.no_embeddings else ', MiniLM embeddings'}; 2 CPUs, embedded Ray)\n")
+          f"{'' if a.no_embeddings else f', {cfg.retrieval.embedder} embeddings'}; 2 CPUs, embedded Ray)\n")
     print(f"references re-encoded: {mem['added'] + mem['changed']:,} (added {mem['added']}, changed {mem['changed']}), "
           f"removed {mem['removed']}, copied {mem['unchanged']:,}")
     print(f"incremental ingest: {hits.get('memo_clean_hits', 0):,} of {hits.get('records_read', 0):,} records "

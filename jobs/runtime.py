@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
+import time
 import warnings
 
 from jobs.config import RayConfig
@@ -150,3 +152,34 @@ def _pausing(stage: str, actor_cls):
 
     Pausing.__name__ = Pausing.__qualname__ = actor_cls.__name__
     return Pausing
+
+
+# A node lost under a run (killed, crashed, its machine gone) says nothing about the training:
+# the run resumes from its last checkpoint on the nodes left, this many times.
+NODE_LOSS_RETRIES = 3
+_NODE_DIED = re.compile(r"node (has )?died|NodeDiedError|node [0-9a-f]+ .*(is )?dead", re.I)
+
+
+def node_lost(e: BaseException, wait_s: float = 120) -> bool:
+    """Whether Ray Train failed because a node under it died, not because a worker raised or
+    exited on its own. Ray Train's health check usually sees the dead node's workers first, as
+    unreachable ("actor ... is unavailable"), before the cluster has declared the node dead
+    (missed heartbeats, tens of seconds): then the nodes of those workers are watched until one
+    is declared dead, or `wait_s` passes. A worker that exits or raises is never unavailable."""
+    failures = getattr(e, "worker_failures", None) or {}
+    text = "\n".join(str(x) for x in (e, *failures.values()))
+    if _NODE_DIED.search(text):
+        return True
+    if "is unavailable" not in text:
+        return False
+    nodes = set(re.findall(r"node_id='([0-9a-f]+)'", text))
+    import ray
+
+    deadline = time.monotonic() + wait_s
+    while nodes:
+        if nodes & {n["NodeID"] for n in ray.nodes() if not n["Alive"]}:
+            return True
+        if time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    return False

@@ -20,7 +20,6 @@ import copy
 import dataclasses
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 
 from jobs.config import ConfigError
 from jobs.faults import maybe_crash, maybe_pause
+from jobs.runtime import NODE_LOSS_RETRIES, node_lost
 from jobs.config.train import TrainConfig
 from jobs.models import stage_dir, warmup_model_dir
 from jobs.training.codec import memory_codec
@@ -178,37 +178,6 @@ def _fit_with_ray(cfg, tc, stage, args) -> None:
                 raise TrainError(f"{stage} training failed: {type(e).__name__}: {str(e)[-2000:]}") from None
     finally:
         progress.stop()
-
-
-# A node lost under a run (killed, crashed, its machine gone) says nothing about the training:
-# the run resumes from its last checkpoint on the nodes left, this many times.
-NODE_LOSS_RETRIES = 3
-_NODE_DIED = re.compile(r"node (has )?died|NodeDiedError|node [0-9a-f]+ .*(is )?dead", re.I)
-
-
-def node_lost(e: BaseException, wait_s: float = 120) -> bool:
-    """Whether Ray Train failed because a node under it died, not because a worker raised or
-    exited on its own. Ray Train's health check usually sees the dead node's workers first, as
-    unreachable ("actor ... is unavailable"), before the cluster has declared the node dead
-    (missed heartbeats, tens of seconds): then the nodes of those workers are watched until one
-    is declared dead, or `wait_s` passes. A worker that exits or raises is never unavailable."""
-    failures = getattr(e, "worker_failures", None) or {}
-    text = "\n".join(str(x) for x in (e, *failures.values()))
-    if _NODE_DIED.search(text):
-        return True
-    if "is unavailable" not in text:
-        return False
-    nodes = set(re.findall(r"node_id='([0-9a-f]+)'", text))
-    import ray
-
-    deadline = time.monotonic() + wait_s
-    while nodes:
-        if nodes & {n["NodeID"] for n in ray.nodes() if not n["Alive"]}:
-            return True
-        if time.monotonic() > deadline:
-            break
-        time.sleep(2)
-    return False
 
 
 def _use_gpu() -> bool:

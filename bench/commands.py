@@ -22,7 +22,6 @@ training included) is measured the same way, its stage-only figure the sum of ru
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import re
 import subprocess
@@ -35,19 +34,12 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDOC = ROOT / "data" / "foldoc" / "foldoc.jsonl.gz"
 M3 = ROOT / ".venv" / "bin" / "m3"
+
+sys.path.insert(0, str(ROOT))
+from bench.rebuild import records, write  # noqa: E402 - the same FOLDOC corpus helpers
 RATE = re.compile(r"in ([\d.]+) s \(([\d,.]+) refs/s\)")
 COMPUTED = re.compile(r"([\d,]+) computed")
-
-
-def corpus(path: Path, n: int) -> Path:
-    with gzip.open(FOLDOC, "rt", encoding="utf-8") as src, gzip.open(path, "wt", encoding="utf-8") as dst:
-        for i, line in enumerate(src):
-            if n and i == n:
-                break
-            dst.write(line)
-    return path
 
 
 def measure(argv: list[str], cwd: Path) -> tuple[float, float, str]:
@@ -107,7 +99,8 @@ def main() -> int:
 
     work = Path(a.dir or tempfile.mkdtemp(prefix="m3-commands-"))
     work.mkdir(parents=True, exist_ok=True)
-    src = corpus(work / "corpus.jsonl.gz", a.records)
+    src = work / "corpus.jsonl.gz"
+    write(src, records(a.records))
     rows = []
     jobs = [(c, work / "bank") for c in a.commands.split(",") if c] + ([("run", work / "run-bank")] if a.run else [])
     for command, bank in jobs:

@@ -19,8 +19,6 @@ per step and the ratio with memo / without.
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import sys
 import tempfile
 import time
@@ -28,20 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.rebuild import records, write  # noqa: E402 - the same FOLDOC corpus helpers
+
 ROOT = Path(__file__).resolve().parents[1]
-FOLDOC = ROOT / "data" / "foldoc" / "foldoc.jsonl.gz"
-
-
-def records(n: int) -> list[dict]:
-    with gzip.open(FOLDOC, "rt", encoding="utf-8") as f:
-        out = [json.loads(line) for line in f]
-    return out[:n] if n else out
-
-
-def write(path: Path, recs: list[dict]) -> None:
-    with gzip.open(path, "wt", encoding="utf-8") as f:
-        for r in recs:
-            f.write(json.dumps(r) + "\n")
 
 
 def main() -> int:

@@ -37,6 +37,14 @@ def write_as(path: str, expect, me: int) -> str:
     return write_if(path, f"writer {me}".encode(), expect)
 
 
+def take_lock(bank: str, me: int) -> str:
+    """One racer taking the bank's lock (jobs/ops/lock.py), held until the race is over."""
+    from jobs.ops.lock import BankLock
+
+    BankLock(bank).acquire()
+    return "held"
+
+
 def race(target: str, args: tuple, n: int = 3) -> list[tuple]:
     """Run `module:function(*args, me)` in n spawned processes released together; returns
     (me, "won" | "lost", result or error) per process. The target lives in a light module: each

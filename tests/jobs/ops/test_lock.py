@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import socket
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import time
 import pytest
 
 from jobs.ops.lock import BankLock, LockError
+from tests.storage.racing import race
 
 
 def test_second_taker_fails_fast_naming_the_holder(tmp_path):
@@ -52,26 +52,7 @@ def test_other_hosts_lock_is_respected_until_old(tmp_path):
         assert lock.held
 
 
-def _race(bank: str, barrier, results, done) -> None:
-    barrier.wait()
-    try:
-        lock = BankLock(bank)
-        lock.acquire()
-        results.put("won")
-        done.wait()  # hold it until every taker has tried
-        lock.release()
-    except LockError:
-        results.put("lost")
-
-
 def test_concurrent_takers_exactly_one_wins(tmp_path):
-    ctx = mp.get_context("spawn")
-    barrier, results, done = ctx.Barrier(4), ctx.Queue(), ctx.Event()
-    procs = [ctx.Process(target=_race, args=(str(tmp_path), barrier, results, done)) for _ in range(4)]
-    for p in procs:
-        p.start()
-    outcomes = sorted(results.get(timeout=120) for _ in procs)
-    done.set()
-    for p in procs:
-        p.join()
-    assert outcomes == ["lost", "lost", "lost", "won"]
+    outcomes = race("tests.storage.racing:take_lock", (str(tmp_path),), n=4)
+    assert sorted(what for _, what, _ in outcomes) == ["lost", "lost", "lost", "won"], outcomes
+    assert all("another rebuild of this bank is running" in r for _, what, r in outcomes if what == "lost"), outcomes

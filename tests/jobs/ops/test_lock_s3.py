@@ -73,12 +73,7 @@ def test_release_leaves_a_lock_that_another_process_took_over(bank, capsys):
     assert "was taken over by another process" in capsys.readouterr().out
 
 
-def take(bank: str, me: int) -> str:
-    BankLock(bank).acquire()  # held until the race is over (tests/storage/racing.py)
-    return "held"
-
-
 def test_concurrent_takers_exactly_one_wins(bank):
-    outcomes = race("tests.jobs.ops.test_lock_s3:take", (bank,), n=3)
+    outcomes = race("tests.storage.racing:take_lock", (bank,), n=3)
     assert [what for _, what, _ in outcomes].count("won") == 1, outcomes
     assert all("another rebuild of this bank is running" in r for _, what, r in outcomes if what == "lost"), outcomes

@@ -118,7 +118,8 @@ def bank_rows(args) -> tuple[dict, dict]:
                                            stop_at_eos=False, **kw)
 
     def fresh_store():
-        retriever.store = inf._store = MemoryStore(inf.bank, inf.model_hash, cache_size=inf.ic.cache_size)
+        retriever.store = inf._store = MemoryStore(inf.bank, inf.model_hash, cache_size=inf.ic.cache_size,
+                                                   cache_bytes=inf.ic.cache_bytes)
 
     replay = Replay(retriever)
     batch = inf._batch(prompts, n_out)

@@ -50,6 +50,9 @@ class InferConfig:
     candidates: int = field(default=10, metadata={"ge": 1})
     # Decoded memories kept in RAM (LRU): adjacent chunks often retrieve the same references.
     cache_size: int = field(default=4096, metadata={"ge": 0})
+    # The same cache bounded in bytes instead (decoded memories plus their kept-token counts:
+    # MemoryStore.entry_bytes each); null = bound by cache_size. 0 = no cache.
+    cache_bytes: int | None = field(default=None, metadata={"ge": 0})
     # Start the next chunk's retrieval in a thread while its last token is decoded.
     prefetch: bool = True
     exact: bool = False          # exact vector scan instead of the ANN index

@@ -111,7 +111,8 @@ class Inference:
             from storage.memory_store import MemoryStore
 
             self.bank.require("memories")
-            store = MemoryStore(self.bank, self.model_hash, cache_size=self.ic.cache_size)
+            store = MemoryStore(self.bank, self.model_hash, cache_size=self.ic.cache_size,
+                                cache_bytes=self.ic.cache_bytes)
             check_trained_reading(self.memory_reading, store.meta, self.ic.allow_memory_mismatch)
             self._store = store
         return self._store

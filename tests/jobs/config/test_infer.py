@@ -23,6 +23,8 @@ def test_defaults_follow_the_paper():
     ("infer.eval.tokens=1", "infer.eval.tokens (--set): expected a value >= 2"),
     ("infer.eval.sequnces=3", "unknown key 'infer.eval.sequnces' (--set); did you mean 'infer.eval.sequences'?"),
     ("infer.prefetch=maybe", "infer.prefetch (--set): expected true/false"),
+    ("infer.cache_bytes=-1", "infer.cache_bytes (--set): expected a value >= 0, got -1"),
+    ("infer.cache_bytes=lots", "infer.cache_bytes (--set): expected an integer or null, got 'lots'"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:
@@ -35,3 +37,10 @@ def test_hand_built_sections_are_checked_too():
         InferConfig(mode="rag2")
     with pytest.raises(ValueError, match="top_p"):
         InferConfig(top_p=2.0)
+
+
+def test_cache_bytes_is_optional_and_read_as_bytes():
+    assert load_config("configs/demo.yaml").infer.cache_bytes is None  # bound by cache_size
+    assert load_config("configs/demo.yaml", ["infer.cache_bytes=1000000"]).infer.cache_bytes == 1_000_000
+    with pytest.raises(ValueError, match="cache_bytes"):
+        InferConfig(cache_bytes=-5)

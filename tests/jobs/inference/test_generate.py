@@ -97,6 +97,18 @@ def test_ram_cache_serves_repeated_references(bank):
     assert store.misses == misses and store.hits == hits + sum(len(c.ref_ids) for c in first.reads[:2])
 
 
+def test_the_store_is_bound_by_infer_cache_bytes(bank):
+    cfg, _ = bank
+    inf = Inference(dataclasses.replace(cfg, infer=dataclasses.replace(cfg.infer, cache_size=7)))
+    assert inf.store().capacity == 7  # cache_bytes null: bound in entries
+    inf = Inference(dataclasses.replace(cfg, infer=dataclasses.replace(cfg.infer, cache_bytes=100_000)))
+    store = inf.store()
+    assert store.capacity == 100_000 // store.entry_bytes() > 0
+    prompt = ref_rows(cfg, 1)[0]["token_ids"][:20]
+    inf.generate_tokens([prompt], "memory", max_new_tokens=8)
+    assert 0 < store.cache_nbytes() <= 100_000
+
+
 def test_a_model_other_than_the_bank_s_is_refused_naming_both_hashes(bank, tmp_path, capsys):
     cfg, overrides = bank
     torch.manual_seed(123)

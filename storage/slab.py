@@ -270,6 +270,18 @@ def open_slab(bank_uri: str, ds, meta: dict, payload_bytes: int, digest: str) ->
     return SlabReader(paths(bank_uri, ds.version)[0], header["rows"], payload_bytes)
 
 
+def footprint(bank_uri: str) -> dict | None:
+    """Bytes of the bank's slab files, which live beside the tables (and so outside every
+    table's own listing): {"dir", "files", "bytes", "versions"}; None for a bank on an object
+    store. Every file in the slab directory counts, leftovers of an interrupted write too."""
+    d = slab_dir(bank_uri)
+    if d is None:
+        return None
+    files = [p for p in d.iterdir() if p.is_file()] if d.exists() else []
+    versions = sorted({int(p.stem[1:]) for p in files if p.suffix == ".json" and p.stem[1:].isdigit()})
+    return {"dir": str(d), "files": len(files), "bytes": sum(p.stat().st_size for p in files), "versions": versions}
+
+
 def prune(bank_uri: str, versions_on_disk) -> list[int]:
     """Delete the slabs of memories versions that no longer exist; return their versions."""
     d = slab_dir(bank_uri)

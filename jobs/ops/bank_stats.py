@@ -5,6 +5,8 @@ Bytes answer "why is the bank directory 40 GB?": per table, `live` = the files t
 table's directory: versions retention or `m3 bank compact` will delete, plus what they keep on
 purpose (tags, a write newer than the live build) and small manifest/transaction files. A table no
 build names (neighbors, runs) counts its latest version as live. live + dead = the directory.
+The payload slabs of `memories` versions (storage/slab.py: derived copies beside the tables)
+are counted on their own line: they are in no table's directory.
 
 Warm and cold (paper §3.1, cold start): of the references of the live build (latest without
 one), how many have a memory stored in `memories` or written back at serving by its model,
@@ -20,6 +22,7 @@ from storage.bank import Bank
 from storage.footprint import TableFiles
 from storage.live import read_manifest
 from storage.retention import kept_builds
+from storage.slab import footprint
 from storage.sql import query
 from storage.warm import key_of, read_warm
 
@@ -42,7 +45,7 @@ def bank_stats(bank: Bank, keep_builds: int = 3) -> dict:
                         "tags": bank.tags(name), "live_bytes": live, "dead_bytes": dead}
     out = {"uri": bank.uri, "tables": tables, "kept_builds": [h.get("build") for h in builds],
            "live_bytes": sum(t["live_bytes"] for t in tables.values()),
-           "dead_bytes": sum(t["dead_bytes"] for t in tables.values())}
+           "dead_bytes": sum(t["dead_bytes"] for t in tables.values()), "slabs": footprint(bank.uri)}
     if "memories" in tables:
         meta = bank.metadata("memories")
         _, rows = query(bank, "SELECT codec, count(*), avg(octet_length(payload)), any_value(shape) "
@@ -100,6 +103,11 @@ def render(stats: dict) -> str:
                      f"{mb(t['live_bytes'])}{mb(t['dead_bytes'])}  {tags}")
     kept = ", ".join(str(b) for b in stats["kept_builds"]) or "none published: latest versions"
     lines.append(f"{'total':<45}{mb(stats['live_bytes'])}{mb(stats['dead_bytes'])}  live = kept builds ({kept})")
+    slabs = stats.get("slabs")
+    if slabs:
+        held = ", ".join(f"v{v}" for v in slabs["versions"]) or "none"
+        lines.append(f"{'slabs':<16}{slabs['files']:>10,} files{'':<13}{mb(slabs['bytes'])}  payload copies of "
+                     f"memories versions {held} ({slabs['dir']})")
     mem = stats.get("memories")
     if mem:
         lines += ["", f"memories of model {mem['model_hash'][:16]}... (quantizer {mem['quantizer_hash'] or '-'})",

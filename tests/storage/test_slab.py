@@ -219,3 +219,32 @@ def test_the_cache_bound_in_bytes_holds(tmp_path, vq_file):
     tiny = MemoryStore(bank, MODEL, cache_bytes=entry - 1)  # room for none: every fetch still answered
     assert tiny.capacity == 0 and torch.equal(tiny.fetch(ids[:4])[0], lance.fetch(ids[:4])[0])
     assert tiny.cache_nbytes() == 0 and len(tiny.cache) == 0
+
+
+def test_bank_stats_counts_the_slab_files_on_their_own_line(tmp_path, vq_file):
+    from jobs.ops.bank_stats import bank_stats, render
+    from storage.schemas import REFS
+    from storage.slab import footprint
+    from tests.storage.banks import refs
+
+    bank, codec = Bank(str(tmp_path)), make_codec("raw-fp32")
+    table = rows(codec, 12)
+    bank.write("refs", REFS, refs(dict(zip(table.column("ref_id").to_pylist(),
+                                           table.column("content_hash").to_pylist()))).to_batches(), {})
+    lineage = {"model_hash": MODEL, "codec": codec.name, "quantizer_hash": None,
+               "config": {"model": {"n_layers": 2, "n_heads": 2, "ref_max_tokens": 4, "head_dim": 8}}}
+    v1 = bank.write("memories", MEMORIES, table.to_batches(), lineage)
+    assert footprint(bank.uri)["bytes"] == 0
+    ensure_slab(bank.uri, v1)
+    v2 = bank.write("memories", MEMORIES, rows(codec, 5, seed=1).to_batches(), lineage)
+    ensure_slab(bank.uri, v2)
+    slab_files = [p for p in (tmp_path / "_slabs").rglob("*") if p.is_file()]
+    stats = bank_stats(Bank(str(tmp_path)))
+    slabs = stats["slabs"]
+    assert slabs["files"] == len(slab_files) == 4 and slabs["versions"] == [v1, v2]
+    assert slabs["bytes"] == sum(p.stat().st_size for p in slab_files) > (12 + 5) * codec.nbytes(SHAPE)
+    # the tables' bytes are their own directories: the slabs are not in them
+    assert stats["live_bytes"] + stats["dead_bytes"] == sum(
+        p.stat().st_size for p in tmp_path.glob("*.lance/**/*") if p.is_file())
+    line = next(ln for ln in render(stats).splitlines() if ln.startswith("slabs"))
+    assert f"versions v{v1}, v{v2}" in line and "4 files" in line and f"{slabs['bytes'] / 1000:,.1f} KB" in line

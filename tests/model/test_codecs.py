@@ -129,6 +129,18 @@ def test_int8_error_is_at_most_half_a_step(shape, data):
     assert (scale <= amax / 127 * (1 + 2 ** -10) + 2 ** -24).all()  # and by one step at most
 
 
+def test_int8_decodes_each_code_times_its_scale_in_float32():
+    """The decode is one multiply over views of the payload; what it computes is the payload's
+    float16 scale times its int8 code, both as float32 (each product exact in float32)."""
+    mems = torch.randn(5, *DEMO_SHAPE, generator=torch.Generator().manual_seed(3)) * 4
+    payloads = Int8Codec().encode_batch(mems)
+    n, d = int(np.prod(DEMO_SHAPE[:-1])), DEMO_SHAPE[-1]
+    want = [np.frombuffer(p[2 * n:], np.int8).astype(np.float32).reshape(n, d)
+            * np.frombuffer(p[:2 * n], np.float16).astype(np.float32)[:, None] for p in payloads]
+    got = Int8Codec().decode_batch(payloads, DEMO_SHAPE)
+    assert got.dtype == torch.float32 and torch.equal(got.reshape(5, n, d), torch.from_numpy(np.stack(want)))
+
+
 def test_int8_zero_and_non_finite():
     codec = Int8Codec()
     zero = torch.zeros(TINY_SHAPE)
@@ -309,3 +321,19 @@ def test_registry_names_and_errors():
         RawCodec().decode(b"", (2, 8))
     with pytest.raises(CodecError, match="encode takes one memory"):
         RawCodec().encode(torch.zeros(1, *TINY_SHAPE))
+
+
+def test_vq_rotation_is_undone_in_a_fixed_order_per_element():
+    """model/vq.py _transpose_apply runs the transposed batch; every element is still
+    ((0 + y0 A0) + y1 A1) + ... in float32 with nothing fused, as the row-by-row loop it replaced."""
+    from model.vq import _transpose_apply
+
+    rng = np.random.default_rng(0)
+    y = rng.standard_normal((300, 16)).astype(np.float32)
+    A = np.linalg.qr(rng.standard_normal((16, 16)))[0].astype(np.float32)
+    b = rng.standard_normal(16).astype(np.float32)
+    want = np.zeros((300, 16), np.float32)
+    for j in range(16):
+        want += (y - b)[:, j:j + 1] * A[j]
+    assert np.array_equal(_transpose_apply(y, A, b), want)
+    assert _transpose_apply(y, A, None).flags.c_contiguous

@@ -143,13 +143,17 @@ def encode_references(model, ref_tokens: Tensor, top_k: int | None = None) -> En
     # so the fused causal kernel gives the real tokens exactly what the masked one does (pad rows
     # differ, and nothing reads them). A pad between real tokens needs the explicit mask.
     interior_pad = bool((real[:, 1:] & ~real[:, :-1]).any())
+    n_real = scored.sum(dim=1, keepdim=True)
+    # k at least every reference's length (the demo keeps 128 of <= 128 tokens): the top k hold
+    # every scored token whatever the scores, in position order (top_tokens), so the score, and
+    # the last memory layer's queries that only it reads, are skipped; the same positions result.
+    keep_all = B == 0 or k >= int(n_real.max())
     per_block = max(1, ENCODE_ROWS // S) if tokens.device.type == "cpu" else B
     parts = [_encode_block(model, tokens[lo:lo + per_block], real[lo:lo + per_block],
-                           scored[lo:lo + per_block], k, cos, sin, interior_pad)
+                           scored[lo:lo + per_block], k, cos, sin, interior_pad, keep_all)
              for lo in range(0, B, per_block)]
     kv, pos = (parts[0][0], parts[0][1]) if len(parts) == 1 else (
         torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
-    n_real = scored.sum(dim=1, keepdim=True)
     mask = torch.arange(k, device=tokens.device)[None, :] < n_real  # same for every layer and head
     return EncodedReferences(kv, pos, mask)
 
@@ -165,11 +169,15 @@ ENCODE_ROWS = 2048
 
 
 def _encode_block(model, tokens: Tensor, real: Tensor, scored: Tensor, k: int, cos: Tensor,
-                  sin: Tensor, interior_pad: bool) -> tuple[Tensor, Tensor]:
+                  sin: Tensor, interior_pad: bool, keep_all: bool) -> tuple[Tensor, Tensor]:
     """encode_references for the references of one block: (kv, positions) of every memory layer."""
     cfg = model.config
     S = tokens.shape[1]
     group = cfg.n_heads // cfg.n_kv_heads
+    every = None
+    if keep_all:  # what top_tokens keeps when all scored tokens fit: each of them, ascending
+        flat = torch.zeros(scored.shape, device=tokens.device).masked_fill_(~scored, float("-inf"))
+        every = top_tokens(flat[:, None, :].expand(-1, cfg.n_kv_heads, -1), k)
     attn_mask = None
     if interior_pad:
         causal = torch.ones(S, S, dtype=torch.bool, device=tokens.device).tril()
@@ -178,14 +186,19 @@ def _encode_block(model, tokens: Tensor, real: Tensor, scored: Tensor, k: int, c
     kv_layers, pos_layers = [], []
     for layer in range(cfg.n_mem_layers):
         block = model.blocks[layer]
+        last = layer == cfg.n_mem_layers - 1
         # the block's forward, walked by hand: the score needs q and k before RoPE
-        q, key, v = block.attn.qkv(block.attn_norm(x))
+        if keep_all and last:
+            q, (key, v) = None, block.attn.kv(block.attn_norm(x))
+        else:
+            q, key, v = block.attn.qkv(block.attn_norm(x))
         # the choice of tokens takes no gradient: no graph is kept through the score's squares
-        pos = top_tokens(token_log_scores(q.detach(), key.detach(), scored, cfg.score_combine), k)
+        pos = every if keep_all else top_tokens(
+            token_log_scores(q.detach(), key.detach(), scored, cfg.score_combine), k)
         key = apply_rope(key, cos, sin)
         kv_layers.append(gather_tokens(torch.stack([key, v], dim=1), pos))
         pos_layers.append(pos)
-        if layer == cfg.n_mem_layers - 1:
+        if last:
             break  # no compute after the last memory layer
         if attn_mask is None:
             # K/V read in place by their query heads (enable_gqa), not copied group times

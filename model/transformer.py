@@ -72,6 +72,15 @@ class Attention(nn.Module):
         heads = lambda t: t.view(B, T, -1, self.head_dim).transpose(1, 2)  # noqa: E731
         return heads(q), heads(k), heads(v)
 
+    def kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """k and v of qkv without q: a memory written from a layer that no query of the
+        reference reads (the last memory layer, when the score is skipped)."""
+        B, T, _ = x.shape
+        k, v = F.linear(x, self.wqkv.weight[self.n_heads * self.head_dim:]).split(
+            [self.n_kv_heads * self.head_dim] * 2, dim=-1)
+        heads = lambda t: t.view(B, T, -1, self.head_dim).transpose(1, 2)  # noqa: E731
+        return heads(k), heads(v)
+
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """Output projection of softmax(q k^T / sqrt(D)) v.
 

@@ -77,3 +77,31 @@ def test_gradients_reach_the_kept_keys_and_values_through_the_blocks():
     assert grad[refs[-1]].abs().sum() > 0
     others = sorted(set(refs[0].tolist()) - set(refs[-1].tolist()))  # tokens of another block only
     assert others and grad[others].abs().sum() == 0
+
+
+def test_keeping_every_token_skips_the_score_and_keeps_what_the_score_would():
+    """top_k at least every reference's length: the score cannot change the choice, so it is
+    skipped; the memories equal those of the scored path (a longer neighbour forces that path)."""
+    model = make_model(n_heads=4, n_kv_heads=2, n_layers=3, n_mem_layers=2)
+    cfg = model.config
+    gen = torch.Generator().manual_seed(14)
+    refs = right_padded(gen, cfg, [20, 6, 9, 10, 0])
+    with torch.no_grad():
+        scored = encode_references(model, refs, top_k=10)  # the 20-token one: top 10 of 20
+        kept_all = encode_references(model, refs[1:], top_k=10)  # same width, every token fits
+    torch.testing.assert_close(kept_all.kv, scored.kv[1:], atol=1e-5, rtol=1e-5)
+    assert torch.equal(kept_all.positions, scored.positions[1:])
+    assert torch.equal(kept_all.mask, scored.mask[1:])
+    assert kept_all.mask.sum(1).tolist() == [6, 9, 10, 0]
+
+
+def test_the_last_memory_layer_computes_no_queries_when_every_token_is_kept():
+    model = make_model(n_heads=4, n_kv_heads=2, n_layers=3, n_mem_layers=2)
+    cfg = model.config
+    gen = torch.Generator().manual_seed(15)
+    refs = right_padded(gen, cfg, [12, 7])
+    with torch.no_grad():
+        before = encode_references(model, refs, top_k=12)
+        model.blocks[1].attn.wqkv.weight[:cfg.n_heads * cfg.head_dim].add_(1.0)  # its queries
+        after = encode_references(model, refs, top_k=12)
+    assert torch.equal(before.kv, after.kv) and torch.equal(before.positions, after.positions)

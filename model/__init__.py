@@ -1,11 +1,33 @@
 """The Memory3 model in pure torch (no Ray, no Lance): transformer with memory layers,
-reference encoder with top-k sparsification, KV-cache decoding, checkpoints and lineage hash."""
+reference encoder with top-k sparsification, KV-cache decoding, checkpoints and lineage hash.
 
-from .checkpoint import load_model, model_hash, save_model
-from .config import PRESETS, ModelConfig
-from .decode import KVCache, generate
-from .memory import EncodedReferences, chunk_windows, encode_references
-from .transformer import Memory3
+The names below are loaded on first use (PEP 562), not when the package is imported: the bottom
+layer's torch-free modules (model.errors, model.checked, model.config) are imported by every
+command and every Ray worker, and importing torch costs them seconds they never use.
+"""
 
-__all__ = ["ModelConfig", "PRESETS", "Memory3", "encode_references", "EncodedReferences",
-           "chunk_windows", "KVCache", "generate", "save_model", "load_model", "model_hash"]
+from __future__ import annotations
+
+import importlib
+
+_WHERE = {
+    "ModelConfig": "config", "PRESETS": "config",
+    "Memory3": "transformer",
+    "encode_references": "memory", "EncodedReferences": "memory", "chunk_windows": "memory",
+    "KVCache": "decode", "generate": "decode",
+    "save_model": "checkpoint", "load_model": "checkpoint", "model_hash": "checkpoint",
+}
+
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'model' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value  # once loaded, an ordinary attribute
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_WHERE))

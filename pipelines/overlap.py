@@ -38,7 +38,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["overlap", "overlap_many", "overlap_count", "overlap_counts", "exceeds"]
+__all__ = ["overlap", "overlap_many", "overlap_rows", "overlap_count", "overlap_counts", "exceeds"]
 
 # Jobs combed together: enough to amortize the per-step numpy call overhead (about 6 calls per
 # anti-diagonal), small enough that one step's slices (|r| x batch int16) stay in L1/L2.
@@ -65,35 +65,39 @@ def _tokens(x: Sequence[int], name: str) -> np.ndarray:
 
 
 class _Prepared:
-    """Many references against one text, as flat arrays (reference k owns [off[k], off[k+1])).
+    """Many references, each against one of several texts, as flat arrays (reference k owns
+    [off[k], off[k+1])).
 
-    t is mapped once to dense ids; reference tokens absent from t become the row sentinel -2
-    (they can never match). For each reference, t is compressed to the positions holding one of
+    The texts are mapped once to dense ids and padded to a common length with an id that no
+    reference token maps to (padding is never matched, so it never enters a compressed text and
+    changes no window); reference tokens absent from every text become the row sentinel -2 (they
+    can never match). For each reference, its text is compressed to the positions holding one of
     its tokens: `text_ids` are those positions' ids, `ends[a]` is the end (exclusive, in
     compressed positions) of the window starting at compressed a, and `first[x]` the first
     window start whose window reaches compressed x."""
 
-    def __init__(self, t: np.ndarray, refs: list[np.ndarray]):
-        n = len(t)
-        vocab, t_ids = np.unique(t, return_inverse=True)
-        self.vocab_size = len(vocab)
+    def __init__(self, texts: "_Texts", refs: list[np.ndarray], text_of: np.ndarray):
+        vocab, grid = texts.vocab, texts.grid
+        n = grid.shape[1]
+        self.vocab_size = len(vocab) + 1  # the padding id too
         self.m = np.array([len(r) for r in refs], np.int64)
         flat = np.concatenate(refs) if refs else np.zeros(0, np.int64)
-        at = np.minimum(np.searchsorted(vocab, flat), len(vocab) - 1)
-        found = vocab[at] == flat
+        at = np.minimum(np.searchsorted(vocab, flat), max(len(vocab) - 1, 0))
+        found = vocab[at] == flat if len(vocab) else np.zeros(len(flat), bool)
         self.ref_ids = np.where(found, at, -2)
         self.ref_off = np.concatenate(([0], np.cumsum(self.m)))
         owner = np.repeat(np.arange(len(refs)), self.m)
-        member = np.zeros((len(refs), len(vocab)), bool)
+        member = np.zeros((len(refs), len(vocab) + 1), bool)  # the padding column stays False
         member[owner[found], at[found]] = True
-        present = member[:, t_ids]
+        rows_text = grid[text_of]
+        present = np.take_along_axis(member, rows_text, axis=1)
         below = np.zeros((len(refs), n + 1), np.int64)  # compressed positions before i
         np.cumsum(present, axis=1, out=below[:, 1:])
         hit = np.flatnonzero(present)  # row-major: grouped by reference, positions sorted
         rows, pos = np.divmod(hit, n)
         self.off = np.concatenate(([0], np.cumsum(below[:, n])))
         width = (2 * self.m + 1)[rows]  # window t[s : s + width] is exactly |i_N - i_1| <= 2|r|
-        self.text_ids = t_ids[pos]
+        self.text_ids = rows_text[rows, pos]
         row_base = rows * (n + 1)
         below = below.ravel()
         self.ends = below[row_base + np.minimum(pos + width, n)]
@@ -182,18 +186,30 @@ def _best(prep: _Prepared, group: list, bottom: np.ndarray, m_pad: int) -> np.nd
     return np.maximum.reduceat(score, soff[:-1])
 
 
-def overlap_counts(t: Sequence[int], refs: Sequence[Sequence[int]], *, batch: int = _BATCH) -> np.ndarray:
-    """max N of eq. 6 for each reference against t (int64 array, one entry per reference)."""
+class _Texts:
+    """Texts as one (texts, longest) grid of dense ids over their joint vocabulary (sorted),
+    padded with len(vocab): an id that no reference token maps to."""
+
+    def __init__(self, texts: list[np.ndarray]):
+        lens = np.array([len(t) for t in texts], np.int64)
+        flat = np.concatenate(texts) if texts else np.zeros(0, np.int64)
+        self.vocab, dense = np.unique(flat, return_inverse=True)
+        self.grid = np.full((len(texts), int(lens.max(initial=0))), len(self.vocab), np.int64)
+        self.grid[np.arange(self.grid.shape[1]) < lens[:, None]] = dense.ravel()
+
+
+def _counts(texts: list[np.ndarray], refs: list[np.ndarray], text_of: np.ndarray, batch: int) -> np.ndarray:
+    """max N of eq. 6 of refs[i] against texts[text_of[i]], all pairs combed together."""
     if batch < 1:
         raise ValueError(f"batch: must be >= 1, got {batch}")
-    tt = _tokens(t, "t")
-    rs = [_tokens(r, f"refs[{i}]") for i, r in enumerate(refs)]
-    out = np.zeros(len(rs), np.int64)
-    if len(tt) == 0:
+    out = np.zeros(len(refs), np.int64)
+    tx = _Texts(texts)
+    n = tx.grid.shape[1]
+    if n == 0 or not refs:
         return out
-    chunk = max(1, min(_CHUNK, _CHUNK_CELLS // len(tt)))
-    for c0 in range(0, len(rs), chunk):
-        prep = _Prepared(tt, rs[c0 : c0 + chunk])
+    chunk = max(1, min(_CHUNK, _CHUNK_CELLS // n))
+    for c0 in range(0, len(refs), chunk):
+        prep = _Prepared(tx, refs[c0 : c0 + chunk], text_of[c0 : c0 + chunk])
         live = int(np.count_nonzero(prep.off[1:] > prep.off[:-1]))
         jobs = prep.jobs(max(1, _TARGET_JOBS // max(live, 1)))
         # Similar shapes together: padding costs as much as real cells.
@@ -213,6 +229,30 @@ def overlap_counts(t: Sequence[int], refs: Sequence[Sequence[int]], *, batch: in
             best = _best(prep, group, _comb(ref_ids, text_ids, dtype, big), m_pad)
             np.maximum.at(out, c0 + np.array([j[0] for j in group]), best)
     return out
+
+
+def overlap_counts(t: Sequence[int], refs: Sequence[Sequence[int]], *, batch: int = _BATCH) -> np.ndarray:
+    """max N of eq. 6 for each reference against t (int64 array, one entry per reference)."""
+    tt = _tokens(t, "t")
+    rs = [_tokens(r, f"refs[{i}]") for i, r in enumerate(refs)]
+    return _counts([tt], rs, np.zeros(len(rs), np.int64), batch)
+
+
+def overlap_rows(texts: Sequence[Sequence[int]], refs: Sequence[Sequence[Sequence[int]]], *,
+                 batch: int = _BATCH) -> list[np.ndarray]:
+    """Eq. 6 overlap of each of refs[i] with texts[i], for every i: the same values as
+    `[overlap_many(t, rs) for t, rs in zip(texts, refs)]`, with every pair of every text combed
+    in one pass (a swap point's whole batch: one call instead of one per row)."""
+    if len(texts) != len(refs):
+        raise ValueError(f"{len(texts)} texts but {len(refs)} reference lists")
+    tt = [_tokens(t, f"texts[{i}]") for i, t in enumerate(texts)]
+    rs = [_tokens(r, f"refs[{i}][{j}]") for i, row in enumerate(refs) for j, r in enumerate(row)]
+    sizes = np.array([len(row) for row in refs], np.int64)
+    text_of = np.repeat(np.arange(len(texts)), sizes)
+    counts = _counts(tt, rs, text_of, batch)
+    m = np.array([len(r) for r in rs], np.float64)
+    ratios = np.divide(counts, m, out=np.zeros(len(rs)), where=m > 0)
+    return np.split(ratios, np.cumsum(sizes)[:-1]) if len(texts) else []
 
 
 def overlap_many(t: Sequence[int], refs: Sequence[Sequence[int]], *, batch: int = _BATCH) -> np.ndarray:

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines.overlap import exceeds, overlap, overlap_count, overlap_counts, overlap_many
+from pipelines.overlap import exceeds, overlap, overlap_count, overlap_counts, overlap_many, overlap_rows
 from pipelines.tokenizer import train_bpe
 from tests.conftest import foldoc_records
 
@@ -89,6 +89,56 @@ def test_many_matches_brute_force(t, refs, batch):
     sizes = [len(r) for r in refs]
     np.testing.assert_array_equal(overlap_many(t, refs, batch=batch),
                                   [n / m if m else 0.0 for n, m in zip(expected, sizes)])
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.lists(st.integers(0, 5), max_size=60), st.lists(short_refs, max_size=5)),
+                max_size=6),
+       st.sampled_from([1, 3, 128]))
+def test_rows_match_brute_force(rows, batch):
+    # Texts of different lengths (empty too) padded into one grid: every pair as if alone.
+    texts, refs = [t for t, _ in rows], [rs for _, rs in rows]
+    got = overlap_rows(texts, refs, batch=batch)
+    assert len(got) == len(rows)
+    for t, rs, g in zip(texts, refs, got):
+        expected = [window_count(t, r) / len(r) if r else 0.0 for r in rs]
+        np.testing.assert_array_equal(g, expected)
+
+
+def test_rows_equal_many_per_row_on_token_ids():
+    # The retriever's shape: many texts with ~10 candidates each, a realistic vocabulary, some
+    # candidates copied out of their text (high overlap) and shared between rows.
+    rng = np.random.default_rng(3)
+    texts = [rng.integers(0, 300, rng.integers(64, 200)).tolist() for _ in range(40)]
+    pool = [rng.integers(0, 300, rng.integers(20, 128)).tolist() for _ in range(30)]
+    refs = []
+    for t in texts:
+        row = [pool[i] for i in rng.choice(len(pool), 8, replace=False)]
+        s = int(rng.integers(0, len(t) - 20))
+        row += [t[s:s + 40], t[s:s + 20][::-1]]
+        refs.append(row)
+    got = overlap_rows(texts, refs)
+    for t, rs, g in zip(texts, refs, got):
+        np.testing.assert_array_equal(g, overlap_many(t, rs))
+    assert max(float(g.max()) for g in got) == 1.0
+
+
+def test_rows_prepared_in_chunks(monkeypatch):
+    import pipelines.overlap as ov
+
+    monkeypatch.setattr(ov, "_CHUNK", 4)  # chunks cut across texts
+    rng = np.random.default_rng(4)
+    texts = [rng.integers(0, 4, rng.integers(0, 50)).tolist() for _ in range(5)]
+    refs = [[rng.integers(0, 4, rng.integers(0, 9)).tolist() for _ in range(3)] for _ in texts]
+    for t, rs, g in zip(texts, refs, overlap_rows(texts, refs)):
+        assert g.tolist() == [window_count(t, r) / len(r) if r else 0.0 for r in rs]
+
+
+def test_rows_edge_cases():
+    assert overlap_rows([], []) == []
+    assert [g.tolist() for g in overlap_rows([[1, 2], []], [[], [[1]]])] == [[], [0.0]]
+    with pytest.raises(ValueError):
+        overlap_rows([[1]], [])
 
 
 def test_many_references_fill_several_groups():

@@ -17,22 +17,35 @@ and through any codec (the training-time evidence, and the dense control of `m3 
 from __future__ import annotations
 
 import copy
+import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from model.generation import Retrieved
-from pipelines.overlap import overlap_many
+from pipelines.overlap import overlap_rows
 from storage.bank import Bank, BankError, tokens_of
 from storage.memory_store import MemoryStore
+from storage.vector_matrix import DEFAULT_MAX_BYTES, VectorMatrix
 from storage.vectors import search, search_params
+
+# References whose tokens (int32) and document stay in RAM: ~0.5 KB each at 128 tokens, so the
+# default is ~32 MB, the demo bank three times over. Serving hits the same popular references
+# again and again; each miss costs a filtered scan of `refs`.
+DEFAULT_TOKEN_CACHE = 65_536
 
 
 class BankRetriever:
     def __init__(self, bank: Bank, embedder, tokenizer, *, per_query: int, store: MemoryStore | None = None,
-                 max_overlap: float | None = 2 / 3, candidates: int = 10, exact: bool = False):
+                 max_overlap: float | None = 2 / 3, candidates: int = 10, exact: bool = False,
+                 ram_search_bytes: int = DEFAULT_MAX_BYTES, token_cache: int = DEFAULT_TOKEN_CACHE):
+        """ram_search_bytes: an embeddings table whose float32 vectors fit in this many bytes is
+        searched exactly in RAM (storage/vector_matrix.py, loaded at the first search), a larger
+        one through LanceDB (its ANN index unless `exact`); 0 = always LanceDB. token_cache:
+        references whose tokens are kept between calls (0 = none)."""
         bank.require("embeddings", "refs")
         embedder.check_lineage(bank.metadata("embeddings")["embedder"])
         self.bank, self.embedder, self.tokenizer, self.store = bank, embedder, tokenizer, store
@@ -42,6 +55,9 @@ class BankRetriever:
         self.params = None if exact else search_params(self.table)  # looked up once, not per call
         self.refs = bank.dataset("refs")
         self.ref_docs: dict[str, str] = {}  # ref_id -> doc_id, of every reference looked up
+        self.ram_search_bytes, self.token_cache = ram_search_bytes, token_cache
+        # shared by the copies of with_filter/with_store; the prefetch thread searches too
+        self._shared = {"matrix": None, "tokens": OrderedDict(), "lock": threading.Lock()}
         self.counts: Counter = Counter()  # calls of each step, for tests and the benchmark
         self.seconds: Counter = Counter()  # wall time of each step, for the benchmark
 
@@ -69,39 +85,78 @@ class BankRetriever:
         vectors = self.embedder.embed(texts)
         t1 = time.perf_counter()
         self.counts["search"] += 1
-        hits = search(self.table, vectors, k=self.candidates, exact=self.exact, params=self.params)
+        matrix = self.matrix()
+        if matrix is not None:
+            hits = matrix.search(vectors, k=self.candidates)
+        else:
+            hits = search(self.table, vectors, k=self.candidates, exact=self.exact, params=self.params)
         t2 = time.perf_counter()
         self.seconds["embed"] += t1 - t0
         self.seconds["search"] += t2 - t1
         ids = [[rid for rid, _ in h] for h in hits]
         if exclude_docs is not None:
-            self.ref_tokens({r for row in ids for r in row})  # learns their documents
+            self._token_arrays({r for row in ids for r in row})  # learns their documents
             ids = [[r for r in row if self.ref_docs[r] not in docs] for row, docs in zip(ids, exclude_docs)]
         if self.max_overlap is None:
             return [row[:self.per_query] for row in ids]
-        tokens = self.ref_tokens({r for row in ids for r in row})
+        tokens = self._token_arrays({r for row in ids for r in row})
         against = contexts if contexts is not None else queries
-        out = []
-        for row, text in zip(ids, against):
-            text = [int(t) for t in text]
-            over = overlap_many(text, [tokens[r] for r in row]) if row else []
-            out.append([r for r, o in zip(row, over) if o <= self.max_overlap][:self.per_query])
+        # every (text, candidate) pair of the swap point in one combing pass
+        over = overlap_rows([np.asarray(t, dtype=np.int64) for t in against],
+                            [[tokens[r] for r in row] for row in ids])
+        out = [[r for r, o in zip(row, ov) if o <= self.max_overlap][:self.per_query]
+               for row, ov in zip(ids, over)]
         self.seconds["filter"] += time.perf_counter() - t2
         return out
 
-    def ref_tokens(self, ref_ids) -> dict[str, list[int]]:
-        """Token ids of the given references, in one filtered scan of `refs`."""
-        ref_ids = sorted(set(ref_ids))
-        if not ref_ids:
-            return {}
+    def matrix(self) -> VectorMatrix | None:
+        """The embeddings in RAM when they fit under ram_search_bytes (loaded once), else None."""
+        shared = self._shared
+        if shared["matrix"] is None:
+            with shared["lock"]:
+                if shared["matrix"] is None:
+                    small = self.ram_search_bytes > 0 and VectorMatrix.nbytes(self.table) <= self.ram_search_bytes
+                    shared["matrix"] = VectorMatrix.load(self.table, self.ram_search_bytes) if small else False
+        return shared["matrix"] or None
+
+    def _token_arrays(self, ref_ids) -> dict[str, np.ndarray]:
+        """Token ids (int32 arrays) of the given references: from the cache, the misses in one
+        filtered scan of `refs`; learns their documents (ref_docs)."""
+        cache = self._shared["tokens"]
+        out, missing = {}, []
+        with self._shared["lock"]:
+            for r in set(ref_ids):
+                if r in cache:
+                    cache.move_to_end(r)
+                    out[r] = cache[r]
+                else:
+                    missing.append(r)
+        if not missing:
+            return out
         self.counts["refs"] += 1
-        got, docs = tokens_of(self.refs, ref_ids, with_docs=True)
-        self.ref_docs.update(docs)
-        if len(got) != len(ref_ids):
-            missing = sorted(set(ref_ids) - set(got))[0]
-            raise BankError(f"the embeddings name reference {missing!r}, absent from refs: the tables "
+        got, docs = tokens_of(self.refs, missing, with_docs=True)
+        if len(got) != len(missing):
+            absent = sorted(set(missing) - set(got))[0]
+            raise BankError(f"the embeddings name reference {absent!r}, absent from refs: the tables "
                             f"are from different builds (rerun `m3 embed`)")
-        return got
+        with self._shared["lock"]:
+            self.ref_docs.update(docs)
+            for r, t in got.items():
+                out[r] = np.asarray(t, dtype=np.int32)
+                if self.token_cache > 0:
+                    cache[r] = out[r]
+            while len(cache) > self.token_cache:
+                cache.popitem(last=False)
+        return out
+
+    def clear_cache(self) -> None:
+        """Forget the cached reference tokens (bench/decode.py's cold rows)."""
+        with self._shared["lock"]:
+            self._shared["tokens"].clear()
+
+    def ref_tokens(self, ref_ids) -> dict[str, list[int]]:
+        """Token ids of the given references (through the cache; misses in one scan)."""
+        return {r: t.tolist() for r, t in self._token_arrays(ref_ids).items()}
 
     def memories(self, id_lists: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, per_query, ...) memories and (N, per_query, k) masks, in one fetch; empty slots
@@ -115,14 +170,15 @@ class BankRetriever:
         self.seconds["fetch"] += time.perf_counter() - t0
         shape = self.store.shape  # (L, 2, H, k, D)
         N, M = len(id_lists), self.per_query
-        out = torch.zeros(N, M, *shape, dtype=mems.dtype)  # bf16 payloads stay bf16 to the model
-        valid = torch.zeros(N, M, shape[3], dtype=torch.bool)
-        i = 0
-        for n, row in enumerate(id_lists):
-            out[n, :len(row)] = mems[i:i + len(row)]
-            valid[n, :len(row)] = masks[i:i + len(row)]
-            i += len(row)
-        return out, valid
+        if len(flat) == N * M:  # every row full (the usual case): the fetched batch, reshaped
+            return mems.reshape(N, M, *shape), masks.reshape(N, M, shape[3])
+        # some rows short: one scatter into empty slots (bf16 payloads stay bf16 to the model)
+        slot = torch.tensor([n * M + j for n, row in enumerate(id_lists) for j in range(len(row))], dtype=torch.long)
+        out = torch.zeros(N * M, *shape, dtype=mems.dtype)
+        valid = torch.zeros(N * M, shape[3], dtype=torch.bool)
+        out[slot] = mems
+        valid[slot] = masks
+        return out.reshape(N, M, *shape), valid.reshape(N, M, shape[3])
 
     def __call__(self, queries: list[torch.Tensor], contexts: list[torch.Tensor]) -> Retrieved:
         """The model.generation.BatchRetriever interface."""

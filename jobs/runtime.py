@@ -12,8 +12,20 @@ import warnings
 from jobs.config import RayConfig
 
 
-def init_ray(cfg: RayConfig):
-    """Join `cfg.address` if set; otherwise start an embedded cluster bound to loopback only."""
+# Whether this process started its embedded cluster without the dashboard (init_ray's dashboard=False).
+_BARE = False
+
+
+def init_ray(cfg: RayConfig, *, dashboard: bool = True):
+    """Join `cfg.address` if set; otherwise start an embedded cluster bound to loopback only.
+
+    dashboard=False: this caller needs no dashboard (ingest's plain tasks read no State API), so
+    an embedded cluster starts without it (`include_dashboard=False`, Ray's documented switch):
+    its server and the nine head processes it forks are most of a second of CPU each start on
+    2 cores (BENCHMARKS.md, "Whole commands against their stages"). A later caller in the same
+    process that wants it (training after ingest in `m3 run`) gets the cluster restarted with
+    it; `cfg.include_dashboard` false still means never."""
+    global _BARE
     if not cfg.address:
         # Ray resolves even an explicit 127.0.0.1 to the machine's routable address and binds
         # its servers there, unless single-machine mode is on: Ray's own switch for it is this
@@ -26,8 +38,11 @@ def init_ray(cfg: RayConfig):
             ray_constants.ENABLE_RAY_CLUSTER = False
     import ray
 
+    want = cfg.include_dashboard and dashboard
     if ray.is_initialized():
-        return ray
+        if not (_BARE and want):
+            return ray
+        ray.shutdown()  # nothing of the caller before is running on it: it finished
     # Ray starts its processes with fork+exec; the exec makes lance's fork warning moot.
     warnings.filterwarnings("ignore", message=".*(lance is not fork-safe|lancedb fork support).*")
     # A driver that only submits work needs no log spam from every worker's import of torch.
@@ -39,11 +54,11 @@ def init_ray(cfg: RayConfig):
     # finds two (another user's, a test's). Ray Train's placement-group cleaner uses it from
     # inside our cluster; pointing our processes at our own dashboard keeps it from tearing a
     # healthy run down. The driver's environment is left alone: it may talk to other clusters.
-    port = free_port() if cfg.include_dashboard else None
+    port = free_port() if want else None
     env = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"} if port else {}
     ray.init(
         num_cpus=cfg.num_cpus,
-        include_dashboard=cfg.include_dashboard,
+        include_dashboard=want,
         dashboard_host="127.0.0.1",
         dashboard_port=port or 8265,
         _node_ip_address="127.0.0.1",
@@ -52,6 +67,7 @@ def init_ray(cfg: RayConfig):
         configure_logging=True,
         runtime_env={"env_vars": env} if env else None,
     )
+    _BARE = cfg.include_dashboard and not want
     return ray
 
 

@@ -30,7 +30,7 @@ from jobs.config import Config, config_hash
 from jobs.faults import maybe_crash, maybe_kill_worker, maybe_pause
 from jobs.progress import Progress
 from jobs.stages.report import Report
-from jobs.runtime import init_ray, quiet_ray_data
+from jobs.runtime import init_ray
 from jobs.stages.runner import pending, staging_dir
 from jobs.stages.runner import up_to_date as stage_current
 from pipelines import assemble, memo, readers
@@ -47,22 +47,28 @@ from storage.layout import BankLayout
 TABLES = ("documents", "rejects", "refs", "train_sequences")
 
 
-def _parallel(stage: str, items: list, fn, report: Report) -> list[dict]:
-    """Run fn over items as a Ray Data map, one task per item, yielding results as they finish."""
+def _parallel(stage: str, items: list, fn, report: Report) -> list:
+    """Run fn over items, one Ray task per item (1 CPU, spread over the nodes as Ray Data
+    spreads), collecting results as they finish. Plain tasks, not a Ray Data map: an item is
+    already a whole shard or partition, and a Ray Data map would add, to a command whose work
+    is seconds, its import, its stats and autoscaling actors (a worker process each) and its
+    executor's start-up per dataset (BENCHMARKS.md, "Whole commands against their stages").
+    A task whose worker or node dies is retried by Ray, as Ray Data's tasks are."""
     if not items:
         return []
     import ray
 
-    ds = ray.data.from_items([{"i": i} for i in range(len(items))], override_num_blocks=len(items))
-    def task(row):
-        maybe_pause(stage, row["i"])  # the node-death tests (jobs/faults.py)
-        return fn(items[row["i"]])
+    @ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
+    def task(i, item):
+        maybe_pause(stage, i)  # the node-death tests (jobs/faults.py)
+        return fn(item)
 
-    ds = ds.map(task, num_cpus=1)
+    waiting = [task.remote(i, item) for i, item in enumerate(items)]
     results = []
     progress = Progress(stage, len(items), unit="task(s)", out=report.note)
-    for row in ds.iter_rows():
-        results.append(row)
+    while waiting:
+        done, waiting = ray.wait(waiting, num_returns=1)
+        results.append(ray.get(done[0]))
         progress.step()
         maybe_crash(stage, len(results))
     return results
@@ -181,8 +187,7 @@ def run_ingest(cfg: Config) -> dict:
     shard_ids = [s.shard_id for s in shards]
     report.set(records_read=sum(counts), files=len(files), shards=len(shards), ingest_key=key,
                input_bytes=sum(Path(f.path).stat().st_size for f in files))
-    init_ray(cfg.ray)
-    quiet_ray_data()
+    init_ray(cfg.ray, dashboard=False)  # plain tasks: no State API read
 
     dedup = clean_and_dedup(cfg, files, shards, stage_dir, report, key)
     tok_json, bank_tok = tokenizer_for(cfg, stage_dir, shard_ids, dedup[0], report)

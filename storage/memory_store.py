@@ -126,6 +126,7 @@ class MemoryStore:
         self._cache_rows = self._cache_kept = None  # (capacity, bytes per memory) uint8, (capacity,) int16
         self._free: list[int] = []
         self.hits = self.misses = 0
+        self._slots = None  # torch.arange(k)[None, :]: a mask is slot < kept (built at the first fetch)
         # cold references: written-back rows of this model, codec and sparsity (storage/warm.py)
         self.bank_uri, self.model_hash, self.model, self.write_back = bank.uri, model_hash, model, write_back
         self.warm_key = key_of(meta)
@@ -170,13 +171,15 @@ class MemoryStore:
             self._cache_kept = np.empty(cap, _KEPT)
             self._free = list(range(cap - 1, -1, -1))
         lo = max(0, len(ids) - cap)  # a request larger than the cache keeps its last `cap`
-        while len(self._free) < len(ids) - lo:
-            self._free.append(self.cache.popitem(last=False)[1])
-        slots = [self._free.pop() for _ in range(len(ids) - lo)]
-        for r, s in zip(ids[lo:], slots):
-            self.cache[r] = s
-        self._cache_rows[slots] = _byte_rows(mems)[lo:]
-        self._cache_kept[slots] = kept[lo:]
+        k, free, cache = len(ids) - lo, self._free, self.cache
+        for _ in range(k - len(free)):  # evict the least recently used
+            free.append(cache.popitem(last=False)[1])
+        slots = free[-k:][::-1]  # as free.pop() k times
+        del free[-k:]
+        cache.update(zip(ids[lo:], slots))
+        at = np.array(slots, np.intp)
+        self._cache_rows[at] = _byte_rows(mems)[lo:]
+        self._cache_kept[at] = kept[lo:]
 
     # -- fetch ----------------------------------------------------------------------------------
 
@@ -184,14 +187,14 @@ class MemoryStore:
         """Memories (n, n_mem_layers, 2, n_kv_heads, k, head_dim) in the codec's dtype and their
         slot mask (n, k), in the order asked; repeated ids are read once."""
         n = len(ref_ids)
-        uniq = list(dict.fromkeys(ref_ids))
-        cache = self.cache
-        missing = [r for r in uniq if r not in cache]
-        self.hits += n - len(missing)
-        self.misses += len(missing)
-        for r in uniq:
+        cache, missing = self.cache, []
+        for r in dict.fromkeys(ref_ids):  # one pass: refresh the hits, collect the misses
             if r in cache:
                 cache.move_to_end(r)
+            else:
+                missing.append(r)
+        self.hits += n - len(missing)
+        self.misses += len(missing)
         if missing:
             mems, kept = self._load(missing)
         if n == 0 or self.shape is None:
@@ -219,7 +222,9 @@ class MemoryStore:
                 rows[new_i] = _byte_rows(mems)[new_j]
                 out_kept[new_i] = kept[new_j]
             out = torch.from_numpy(rows).view(self.dtype).reshape(n, *self.shape)
-        masks = torch.arange(self.shape[3])[None, :] < torch.from_numpy(out_kept)[:, None]
+        if self._slots is None or self._slots.shape[1] != self.shape[3]:
+            self._slots = torch.arange(self.shape[3])[None, :]
+        masks = self._slots < torch.from_numpy(out_kept)[:, None]
         # insert after answering: a request larger than the cache must still be answered whole
         if missing:
             self._insert(missing, mems, kept)
@@ -228,10 +233,12 @@ class MemoryStore:
     def _load(self, ref_ids: list[str]) -> tuple[torch.Tensor, np.ndarray]:
         """(memories, kept counts) of `ref_ids`, in that order."""
         row_of = self.row_of
+        rows = [row_of.get(r, -1) for r in ref_ids]
+        if -1 not in rows:  # all stored (the usual batch)
+            self.stored_reads += len(rows)
+            return self._read_rows(np.array(rows, np.int64), ref_ids)
         stored = [r for r in ref_ids if r in row_of]
         self.stored_reads += len(stored)
-        if len(stored) == len(ref_ids):
-            return self._read_rows(np.fromiter((row_of[r] for r in ref_ids), np.int64, len(ref_ids)), ref_ids)
         parts = []  # (ids, mems, kept)
         if stored:
             parts.append((stored, *self._read_rows(np.fromiter((row_of[r] for r in stored), np.int64, len(stored)), stored)))

@@ -45,6 +45,9 @@ from storage.layout import BankLayout, LayoutError
 FORMAT = 1
 TABLE = "memories"
 _SCAN_ROWS = 4096  # rows per scanned batch while writing: bounded memory whatever the table
+_PROBES = 8  # rows of a batch probed for the page cache before reading it (SlabReader)
+_GAP = 16384  # bytes between two rows below which one WILLNEED covers both
+_CAN_ANNOUNCE = hasattr(os, "posix_fadvise") and hasattr(os, "RWF_NOWAIT")  # Linux
 
 
 class SlabError(M3Error, ValueError):
@@ -214,9 +217,16 @@ class SlabReader:
     `read(rows)` copies the rows asked for, in the order asked, into a new array: the only copy
     between the page cache and the decoded memory (a raw codec decodes by reinterpreting it).
     MADV_RANDOM: a batch of random rows reads only its own pages on a page-cache miss, no
-    readahead around each. `read_pread` is the same with one os.preadv per run of adjacent rows
-    (for comparison in bench/fetch.py; mapped=False reads only that way). Pages a live map has
-    touched stay resident while it lives (the kernel does not drop mapped pages)."""
+    readahead around each. But the copy takes its page faults one after another, one disk read
+    each, so a batch that is not in the page cache is first announced whole: one
+    POSIX_FADV_WILLNEED per run of nearby rows starts all its reads at once, and the copy then
+    waits for reads already under way (cold 160 rows: 23 -> 4-9 ms, BENCHMARKS.md). Whether it
+    is cached is probed, not guessed: a 1-byte preadv with RWF_NOWAIT at up to `_PROBES` of its
+    rows (about 1 us each), so a warm batch pays a few syscalls, not one per row; a batch of at
+    most `_PROBES` runs is announced without probing. `read_pread` is the same with one
+    os.preadv per run of adjacent rows (for comparison in bench/fetch.py; mapped=False reads
+    only that way). Pages a live map has touched stay resident while it lives (the kernel does
+    not drop mapped pages)."""
 
     def __init__(self, path: Path, rows: int, payload_bytes: int, mapped: bool = True):
         self.path, self.rows, self.payload_bytes = path, rows, payload_bytes
@@ -231,7 +241,29 @@ class SlabReader:
     def read(self, rows: np.ndarray) -> np.ndarray:
         if self._map is None and self.rows:
             return self.read_pread(rows)
+        if len(rows) and _CAN_ANNOUNCE:
+            self._announce(rows)
         return self._rows.take(rows, axis=0)  # a fresh, writable (n, payload_bytes) array
+
+    def _announce(self, rows: np.ndarray) -> None:
+        """WILLNEED for every run of the batch's rows (gaps under _GAP bytes read through),
+        unless probing says the batch is in the page cache (class docstring)."""
+        P, srt = self.payload_bytes, np.sort(rows)
+        cut = np.flatnonzero((srt[1:] - srt[:-1] - 1) * P >= _GAP) + 1
+        starts, ends = srt[np.r_[0, cut]], srt[np.r_[cut - 1, len(srt) - 1]] + 1
+        if len(starts) > _PROBES and self._cached(starts[:: -(-len(starts) // _PROBES)]):
+            return
+        for a, b in zip((starts * P).tolist(), ((ends - starts) * P).tolist()):
+            os.posix_fadvise(self._fd, a, b, os.POSIX_FADV_WILLNEED)
+
+    def _cached(self, rows: np.ndarray) -> bool:
+        probe = bytearray(1)
+        for r in rows.tolist():
+            try:
+                os.preadv(self._fd, [probe], r * self.payload_bytes, os.RWF_NOWAIT)
+            except OSError:  # EAGAIN: not in the page cache (or a filesystem that cannot say)
+                return False
+        return True
 
     def read_pread(self, rows: np.ndarray) -> np.ndarray:
         out = np.empty((len(rows), self.payload_bytes), np.uint8)

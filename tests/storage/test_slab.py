@@ -248,3 +248,25 @@ def test_bank_stats_counts_the_slab_files_on_their_own_line(tmp_path, vq_file):
         p.stat().st_size for p in tmp_path.glob("*.lance/**/*") if p.is_file())
     line = next(ln for ln in render(stats).splitlines() if ln.startswith("slabs"))
     assert f"versions v{v1}, v{v2}" in line and "4 files" in line and f"{slabs['bytes'] / 1000:,.1f} KB" in line
+
+
+@pytest.mark.parametrize("name", ["raw-bf16", "vq"])
+def test_a_read_announces_its_rows_and_returns_them_in_the_order_asked(tmp_path, vq_file, name):
+    """SlabReader.read probes the page cache and announces the batch's runs (WILLNEED) before
+    copying: the rows come back the same for batches of every shape (one row, runs, gaps under
+    and over _GAP, repeats, more runs than probes, every row)."""
+    from storage import slab as slab_mod
+
+    bank, codec = Bank(str(tmp_path)), codec_for(name, vq_file)
+    version = write(bank, rows(codec, 60), codec, vq_file)
+    ensure_slab(bank.uri, version)
+    per = codec.nbytes(SHAPE)
+    flat = np.fromfile(paths(bank.uri, version)[0], np.uint8).reshape(60, per)
+    reader = SlabReader(paths(bank.uri, version)[0], 60, per)
+    rng = np.random.default_rng(0)
+    asks = [np.array([7]), np.array([59, 0, 1, 2, 3]), np.array([4, 4, 30, 4]), np.arange(60)[::-1],
+            np.arange(0, 60, 3), *(rng.permutation(60)[:k] for k in (2, slab_mod._PROBES + 1, 40))]
+    for ask in asks:
+        assert np.array_equal(reader.read(ask), flat[ask])
+    assert reader._cached(np.arange(0, 60, 7))  # just read: in the page cache
+    reader.close()

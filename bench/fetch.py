@@ -22,10 +22,14 @@ and `lance` (slab="off": the take() path, what a bank without a slab gets):
 - store hit: a store holding every memory already (its cache as large as the bank).
 The baseline: the slab's payload file (exactly the payload bytes of every memory, nothing
 else) read sequentially with open().read() in 8 MiB reads, cold (after a drop) and warm, the
-median of --repeats, in memories/s at the codec's payload bytes per memory. fetch returns
+median of --repeats, in memories/s at the codec's payload bytes per memory. Warm passes are
+also compared with the same read into one reused buffer (`readinto`: no fresh 8 MiB allocation
+per call, whose page faults come and go with the allocator's state), in wall clock and in CPU
+seconds of this process. fetch returns
 decoded tensors (raw-bf16 as bfloat16, int8 and vq as float32); the read returns bytes.
 
-Also measured: the payload read alone (no decode, no cache) from the slab (memory map, and
+Also measured: the decode kernel alone (160 payloads already in RAM) against memcpy of the same
+bytes, and the payload read alone (no decode, no cache) from the slab (memory map, and
 os.preadv per run of adjacent rows), through Lance take(), and through Lance's blob API
 (`read_blobs` of a copy of the payloads in a blob-encoded column). Times are wall clock (other
 jobs share the 2 cores).
@@ -90,6 +94,21 @@ def seq_read(files: list[Path]) -> int:
         with open(p, "rb", buffering=0) as f:
             while chunk := f.read(8 << 20):
                 n += len(chunk)
+    return n
+
+
+_INTO = bytearray(8 << 20)
+
+
+def seq_readinto(files: list[Path]) -> int:
+    """seq_read into one reused buffer: the page cache's copy alone. read() allocates 8 MiB per
+    call, and whether glibc hands back reused heap or a fresh mmap (2,048 page faults) depends
+    on what the process freed before: the same read measured 2.5 or 7 ms CPU per 10 MB."""
+    n, view = 0, memoryview(_INTO)
+    for p in files:
+        with open(p, "rb", buffering=0) as f:
+            while k := f.readinto(view):
+                n += k
     return n
 
 
@@ -158,7 +177,7 @@ def main() -> None:
 
     can_drop = drop_caches()
     rng = np.random.default_rng(args.seed)
-    rows, read_rows, extra, notes = [], [], [], []
+    rows, read_rows, extra, notes, kernel_rows = [], [], [], [], []
     for codec, (path, enc_s) in banks.items():
         bank = Bank(str(path))
         meta = bank.metadata("memories")
@@ -183,9 +202,14 @@ def main() -> None:
 
         # the baseline: the same payload bytes read sequentially, cold and warm, in memories/s; the
         # warm read is also repeated beside every timed pass (`seq_warm`), and ratios are per pass
-        def seq_warm() -> float:
+        def seq_warm(into: bool = False):
+            """memories/s of a warm sequential read; with into, also (wall, CPU s of this process)
+            of the same read into one reused buffer (seq_readinto)."""
             seq_read([slab_file])
-            return n / timed(lambda: seq_read([slab_file]))[0]
+            w = n / timed(lambda: seq_read([slab_file]))[0]
+            if not into:
+                return w
+            return w, tuple(n / x for x in timed(lambda: seq_readinto([slab_file])))
 
         base = {"cold": [], "warm": []}
         for _ in range(args.repeats):
@@ -224,30 +248,37 @@ def main() -> None:
 
             def passes(make, warm_cache: bool) -> tuple[float, float]:
                 """(memories/s, its ratio to the sequential read timed just before) of whole passes
-                over every batch: the medians over --repeats."""
-                out, ratio = [], []
+                over every batch: the medians over --repeats. The same ratio in CPU seconds of this
+                process (fetch and read are single-threaded: less disturbed by other jobs than
+                wall clock) and in wall clock, both against seq_readinto, are appended to into_ratio."""
+                out, ratio, iratio, cratio = [], [], [], []
                 for _ in range(args.repeats):
                     s = make()
                     for ids_ in batches:  # pages into the page cache; with warm_cache, the store's too
                         s.fetch(ids_)
                     if not warm_cache:
                         s = make()
-                    ref = seq_warm()
-                    out.append(m / timed(lambda: [s.fetch(x) for x in batches])[0])
+                    ref, (iref, cref) = seq_warm(into=True)
+                    w, c = timed(lambda: [s.fetch(x) for x in batches])
+                    out.append(m / w)
                     ratio.append(out[-1] / ref)
+                    iratio.append(out[-1] / iref)
+                    cratio.append(m / c / cref)
                     assert s.misses == m and s.hits == (m if warm_cache else 0), (s.hits, s.misses)
                     del s
+                into_ratio.append((statistics.median(iratio), statistics.median(cratio)))
                 return statistics.median(out), statistics.median(ratio)
 
             res = {}
             for impl, mode in (("slab", "require"), ("lance", "off")):
-                r = {}
+                r, into_ratio = {}, []
                 if can_drop:
                     st = MemoryStore(bank, mh, cache_size=b, slab=mode)
                     r["cold"] = (cold(st.fetch), None)
                     del st
                 r["miss"] = passes(lambda: MemoryStore(bank, mh, cache_size=b, slab=mode), False)
                 r["hit"] = passes(lambda: MemoryStore(bank, mh, cache_size=n, slab=mode), True)
+                r["into"] = dict(zip(("miss", "hit"), into_ratio))
                 res[impl] = r
             for mode, label, ref in (("cold", "cold (page cache dropped before each batch)", "cold"),
                                      ("miss", "store miss, warm files", "warm"),
@@ -256,9 +287,10 @@ def main() -> None:
                     continue
                 (s_, sr), (l_, lr) = res["slab"][mode], res["lance"][mode]
                 sr, lr = sr or s_ / read_rate[ref], lr or l_ / read_rate[ref]
+                si = res["slab"]["into"].get(mode)
                 rows.append(f"| {codec} | {b} | {label} | {s_:,.0f} | {b / s_ * 1e3:.2f} | {l_:,.0f} | "
                             f"{b / l_ * 1e3:.2f} | {s_ / l_:.1f}× | {read_mib[ref]:,.0f} ({ref}) | "
-                            f"{read_rate[ref]:,.0f} | **{sr:.2f}** | {lr:.3f} |")
+                            f"{read_rate[ref]:,.0f} | **{sr:.2f}** | {'n/a | n/a' if si is None else f'{si[0]:.2f} | {si[1]:.2f}'} | {lr:.3f} |")
 
             # where a miss goes: the payload read alone (no decode, no cache)
             row_of = store.row_of
@@ -293,6 +325,22 @@ def main() -> None:
                 read_rows.append(f"| {codec} | {b} | {name} | {f'{cold_rate:,.0f}' if cold_rate else 'n/a'} | "
                                  f"{f'{b / cold_rate * 1e3:.2f}' if cold_rate else 'n/a'} | {w:,.0f} | "
                                  f"{statistics.median(ratio):.2f} |")
+        # the decode kernel alone, on 160 payloads already in RAM, against memcpy of the same bytes
+        rd = SlabReader(slab_file, n, per)
+        buf = rd.read(rng.permutation(n)[:160])
+        rd.close()
+        out_b = 160 * math.prod(store.shape) * store.dtype.itemsize
+
+        def med(fn, reps=51):
+            return statistics.median(timed(fn)[0] for _ in range(reps))
+
+        dst, big, big2 = np.empty_like(buf), np.ones(out_b, np.uint8), np.ones(out_b, np.uint8)
+        t_dec = med(lambda: store._decode(buf, []))
+        t_cp, t_cp_out = med(lambda: np.copyto(dst, buf)), med(lambda: np.copyto(big2, big))
+        mib = lambda nb, t: nb / t / 2**20  # noqa: E731
+        kernel_rows.append(f"| {codec} | {buf.nbytes:,} | {out_b:,} ({store.dtype}) | {t_dec * 1e3:.3f} | "
+                           f"{mib(buf.nbytes, t_dec):,.0f} | {mib(out_b, t_dec):,.0f} | {mib(buf.nbytes, t_cp):,.0f} | "
+                           f"{mib(out_b, t_cp_out):,.0f} | **{t_cp / t_dec:.2f}** | {read_mib['warm']:,.0f} |")
         print(f"({codec} done)", file=sys.stderr, flush=True)
 
     load = os.getloadavg()
@@ -303,16 +351,24 @@ def main() -> None:
           f"the OS page cache {'dropped before each (untimed)' if can_drop else 'could NOT be dropped (not root): no cold rows'}; "
           f"the store (ref_id index, open files) stays. Baseline: the slab's payload file read sequentially with "
           f"open().read(), cold = after a drop; warm ratios are per pass, against a read timed just before it "
-          f"(the MiB/s column is the median of {args.repeats} reads at the start). Load average at the end {load[0]:.1f} / {load[1]:.1f} / "
+          f"(the MiB/s column is the median of {args.repeats} reads at the start); readinto: the same read into one "
+          f"reused buffer, per pass too, wall clock and CPU seconds of this process. Load average at the end {load[0]:.1f} / {load[1]:.1f} / "
           f"{load[2]:.1f} on {os.cpu_count()} cores.\n")
     print("| codec | batch | mode | slab memories/s | slab ms/batch | Lance memories/s | Lance ms/batch | slab / Lance "
-          "| sequential read MiB/s | read memories/s | **slab / read** | Lance / read |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| sequential read MiB/s | read memories/s | **slab / read** | slab / readinto | slab / readinto, CPU s "
+          "| Lance / read |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     print("\n### The payload read alone (no decode, no cache), memories/s\n")
     print("| codec | batch | read | cold memories/s | cold ms/batch | warm memories/s | warm / sequential read |")
     print("|---|---|---|---|---|---|---|")
     print("\n".join(read_rows))
+    print("\n### The decode kernel alone: 160 payloads in RAM -> memories (median of 51 calls), against memcpy\n")
+    print("| codec | payload B | output B | decode ms | decode: payload MiB/s | decode: output MiB/s "
+          "| memcpy of the payload MiB/s | memcpy of the output MiB/s | **decode / memcpy (payload bytes)** "
+          "| sequential read MiB/s (warm) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(kernel_rows))
     print("\nThe cache's bound in bytes:\n")
     print("\n".join(f"- {p}" for p in notes))
     print("\n| codec | memory shape | payload B/memory | vs dense bf16 KV | fetch dtype | cache B/entry "

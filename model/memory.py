@@ -207,8 +207,17 @@ def _encode_block(model, tokens: Tensor, real: Tensor, scored: Tensor, k: int, c
             x = x + block.attn.wo(y.transpose(1, 2).reshape(*x.shape[:2], -1))
         else:
             x = x + block.attn.attend(apply_rope(q, cos, sin), key, v, attn_mask)
-        x = x + block.mlp(block.mlp_norm(x))
+        x = x + _mlp(block.mlp, block.mlp_norm(x))
     return torch.stack(kv_layers, dim=1), torch.stack(pos_layers, dim=1)
+
+
+def _mlp(mlp, h: Tensor) -> Tensor:
+    """mlp(h), the SwiGLU in place when no gradient is taken: the same values with two
+    (rows x mlp_hidden) temporaries fewer, a tenth of an encode pass on CPU."""
+    if torch.is_grad_enabled():
+        return mlp(h)
+    gate = F.silu(mlp.w_gate(h), inplace=True)
+    return mlp.w_down(gate.mul_(mlp.w_up(h)))
 
 
 # ---------------------------------------------------------------------------------------------

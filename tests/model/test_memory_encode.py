@@ -105,3 +105,14 @@ def test_the_last_memory_layer_computes_no_queries_when_every_token_is_kept():
         model.blocks[1].attn.wqkv.weight[:cfg.n_heads * cfg.head_dim].add_(1.0)  # its queries
         after = encode_references(model, refs, top_k=12)
     assert torch.equal(before.kv, after.kv) and torch.equal(before.positions, after.positions)
+
+
+def test_the_in_place_mlp_without_gradients_equals_the_module_with_them():
+    model = make_model(n_heads=4, n_kv_heads=2, n_layers=3, n_mem_layers=3)
+    gen = torch.Generator().manual_seed(16)
+    refs = right_padded(gen, model.config, [15, 4, 9])
+    with torch.no_grad():
+        in_place = encode_references(model, refs, top_k=6)
+    module = encode_references(model, refs, top_k=6)  # gradients on: the SwiGLU module's path
+    torch.testing.assert_close(in_place.kv, module.kv.detach(), atol=1e-6, rtol=1e-6)
+    assert torch.equal(in_place.positions, module.positions)

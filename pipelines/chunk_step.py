@@ -48,7 +48,11 @@ def _cut(tok, texts: list[str], in_bank: list[bool], chunking) -> list[dict]:
     for text, bank, enc in zip(texts, in_bank, tok.encode_batch(texts, add_special_tokens=False)):
         ids, offsets = enc.ids, enc.offsets
         spans = None
-        if bank:
+        if bank and len(ids) <= chunking.ref_max_tokens:
+            # one span, whatever the boundaries (reference_spans' first rule): most entries of
+            # a dictionary, and the per-document numpy calls would cost more than their tokenizing
+            spans = [[0, len(ids), offsets[0][0], offsets[-1][1]]] if ids else []
+        elif bank:
             spans = [[start, end, offsets[start][0], offsets[end - 1][1]] for start, end in reference_spans(
                 len(ids), sentence_boundaries(text, offsets), chunking.ref_max_tokens, chunking.ref_min_tokens)]
         out.append({"token_ids": ids, "spans": spans})

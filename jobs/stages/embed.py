@@ -4,14 +4,20 @@
 
 A sharded stage (jobs/stages/runner.py): Ray Data actors (one embedder each) embed row ranges of
 `refs` into staging files; one commit makes the new table version, tagged; past a size
-threshold an ANN index is built on it (cosine). The key covers the refs version and the
-embedder's fingerprint: the same key is nothing to do, an unfinished one resumes. Vectors of
-unchanged references made by the same embedder are copied from the previous table (the rebuild
-calls this same function).
+threshold an ANN index is built on it (cosine), the same index for the same vectors where
+LanceDB allows (`build_reproducible_index`). The key covers the refs version and the embedder's
+fingerprint: the same key is nothing to do, an unfinished one resumes. Vectors of unchanged
+references made by the same embedder are copied from the previous table (the rebuild calls this
+same function).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Callable
 
 from jobs.config import Config, config_hash
@@ -19,7 +25,7 @@ from jobs.stages.runner import Reuse, ShardedStage, run_stage
 from pipelines.embedder import load_embedder
 from pipelines.embed_step import EMBEDDINGS_SCHEMA, INPUT_COLUMNS, EmbedShards, staged_path
 from storage.bank import Bank
-from storage.vectors import build_index
+from storage.vectors import AnnParams, build_index
 
 
 def embed_key(cfg: Config, bank: Bank, embedder) -> str:
@@ -52,12 +58,57 @@ def run_embed(cfg: Config, label: str = "embed", note: Callable[[str], None] = p
     if out["status"] == "up_to_date":
         return out
     # the index is a commit of its own (the version a publish names is the one after it)
-    index = build_index(bank.table("embeddings"), stage.n_rows, threshold=r.index_threshold, index_type=r.index_type)
+    index = build_reproducible_index(cfg.bank.uri, "embeddings", stage.n_rows, r.index_threshold, r.index_type)
     out.update(index=index, references=stage.n_rows)
     note(f"embed: {stage.n_rows:,} vectors ({embedder.id}, dim {embedder.dim}), {out['computed']:,} computed, "
          f"as embeddings version {out['version']} in {out['seconds']:.1f} s "
          f"({out['computed'] / max(out['compute_seconds'], 1e-9):,.1f} refs/s); index: {index.get('index') or index.get('reason')}")
     return out
+
+
+# Why a child process with one Rayon thread: LanceDB builds the HNSW graph by inserting vectors
+# from parallel threads, so two builds over the same vectors give different graphs and some
+# queries other neighbours (the demo bank, 18,218 static-minilm vectors: 159 of the pair stage's
+# 4,424 queries got another top 8, 10 chunks another neighbour; BENCHMARKS.md, "Does memory
+# help?"). With one thread the graph is a function of the vectors (lance seeds the level draws):
+# 5 of 5 builds answered all 4,424 queries alike. Rayon reads RAYON_NUM_THREADS once, when its
+# pool starts, and this process's pool may have started already (ingest, search): hence a child.
+# Only one-partition IVF_HNSW_SQ indexes (< 1M rows) are made reproducible: k-means (IVF_PQ, or
+# HNSW partitions) draws its initial centroids unseeded, one thread or not (measured: two
+# one-thread IVF_PQ builds answered 1,298 of the 4,424 queries differently).
+_BUILD = """import json, sys
+from storage.bank import Bank
+from storage.vectors import build_index
+a = json.loads(sys.argv[1])
+print(json.dumps(build_index(Bank(a["uri"]).table(a["table"]), a["n_rows"], threshold=a["threshold"],
+                             index_type=a["index_type"])))
+"""
+
+
+def reproducible(n_rows: int, threshold: int, index_type: str) -> bool:
+    """Whether `build_reproducible_index` gives the same index for the same vectors (exact search
+    below the threshold has no index to differ)."""
+    return n_rows < threshold or (index_type == "IVF_HNSW_SQ"
+                                  and AnnParams.for_table(n_rows, 1, index_type).num_partitions == 1)
+
+
+def build_reproducible_index(uri: str, table: str, n_rows: int, threshold: int, index_type: str) -> dict:
+    """`storage.vectors.build_index` on a bank's table, in a one-thread child process where
+    that makes the index a function of the table's vectors; the report says which
+    ("reproducible")."""
+    if n_rows < threshold or not reproducible(n_rows, threshold, index_type):
+        out = build_index(Bank(uri).table(table), n_rows, threshold=threshold, index_type=index_type)
+        return {**out, "reproducible": reproducible(n_rows, threshold, index_type)}
+    root = str(Path(__file__).resolve().parents[2])  # the project, importable in the child as here
+    env = {**os.environ, "RAYON_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    args = json.dumps({"uri": uri, "table": table, "n_rows": int(n_rows), "threshold": int(threshold),
+                       "index_type": index_type})
+    done = subprocess.run([sys.executable, "-c", _BUILD, args], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"building the {index_type} index of {table} failed (exit {done.returncode}): "
+                           f"{done.stderr.strip()[-2000:]}")
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "reproducible": True}
 
 
 def search_text(cfg: Config, text: str, k: int = 5, exact: bool = False) -> list[dict]:

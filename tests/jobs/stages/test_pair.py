@@ -237,3 +237,29 @@ def test_killed_pair_resumes_and_max_tokens_pairs_only_what_training_reads(paire
     with pytest.raises(BankError, match="pairs the first 128 tokens"):
         ShardReader(str(bank), neighbors=True, chunk_size=64, heldout_fraction=0.0, max_tokens=192)
     ShardReader(str(bank), neighbors=True, chunk_size=64, heldout_fraction=0.0, max_tokens=128)
+
+
+def test_a_second_index_build_pairs_alike(paired, tmp_path):
+    """The index is built again on a copy of the bank (a new embeddings version: a new pair key)
+    and the pairs are the same. At this bank's size (tens of references) any HNSW graph is exact;
+    tests/jobs/stages/test_embed.py holds the case where in-process builds did differ."""
+    import shutil
+
+    from jobs.stages.embed import build_reproducible_index
+
+    cfg, summary = paired
+    bank = tmp_path / "bank"
+    shutil.copytree(cfg.bank.uri, bank)
+    n = Bank(str(bank)).table("embeddings").count_rows()
+    assert n >= cfg.retrieval.index_threshold  # the index path
+    assert build_reproducible_index(str(bank), "embeddings", n, cfg.retrieval.index_threshold,
+                                    cfg.retrieval.index_type)["reproducible"]
+    cfg2 = dataclasses.replace(cfg, bank=dataclasses.replace(cfg.bank, uri=str(bank)))
+    again = run_pair(cfg2)
+    assert again["status"] != "up_to_date" and again["pair_key"] != summary["pair_key"]
+    key = ("seq_id", "chunk", "rank")
+    first = sorted(_tables(cfg)[3], key=lambda r: tuple(r[k] for k in key))
+    second = sorted(_tables(cfg2)[3], key=lambda r: tuple(r[k] for k in key))
+    assert [(r["seq_id"], r["chunk"], r["rank"], r["ref_id"]) for r in first] == \
+        [(r["seq_id"], r["chunk"], r["rank"], r["ref_id"]) for r in second]
+    assert np.allclose([r["score"] or 0 for r in first], [r["score"] or 0 for r in second], atol=1e-5)

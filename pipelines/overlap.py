@@ -38,7 +38,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["overlap", "overlap_many", "overlap_rows", "overlap_count", "overlap_counts", "exceeds"]
+__all__ = ["overlap", "overlap_many", "overlap_rows", "overlap_exceeds_rows", "overlap_count", "overlap_counts", "exceeds"]
 
 # Jobs combed together: enough to amortize the per-step numpy call overhead (about 6 calls per
 # anti-diagonal), small enough that one step's slices (|r| x batch int16) stay in L1/L2.
@@ -53,8 +53,12 @@ _TARGET_JOBS = 64
 _BIG16 = 16383
 
 
-def _tokens(x: Sequence[int], name: str) -> np.ndarray:
+def _tokens(x: Sequence[int], name) -> np.ndarray:
+    """x as an int64 array; name (a string, or a callable making one: only on error) for errors."""
+    if isinstance(x, np.ndarray) and x.ndim == 1 and x.dtype.kind in "iu":  # the fast path
+        return x.astype(np.int64, copy=False)
     a = np.asarray(x)
+    name = name() if callable(name) else name
     if a.ndim != 1:
         raise ValueError(f"{name}: expected a 1-D token sequence, got shape {a.shape}")
     if a.size == 0:
@@ -111,8 +115,12 @@ class _Prepared:
 
     def jobs(self, pieces: int) -> list[tuple[int, int, int, int]]:
         """(reference, first start, end start, end column) per job, starts split in `pieces`."""
+        live = np.flatnonzero(self.off[1:] > self.off[:-1])
+        if pieces == 1:  # one job per reference, all its starts (the step below is >= n)
+            return list(zip(live.tolist(), [0] * len(live), (self.off[live + 1] - self.off[live]).tolist(),
+                            self.ends[self.off[live + 1] - 1].tolist()))
         out = []
-        for k in np.flatnonzero(self.off[1:] > self.off[:-1]):
+        for k in live:
             n, base = int(self.off[k + 1] - self.off[k]), int(self.off[k])
             # Segments at least one window long comb each column at most twice (their columns
             # are the starts plus one window); shorter ones would comb it more often than that.
@@ -216,18 +224,22 @@ def _counts(texts: list[np.ndarray], refs: list[np.ndarray], text_of: np.ndarray
         jobs.sort(key=lambda j: (prep.m[j[0]], j[3] - j[1]), reverse=True)
         for g in range(0, len(jobs), batch):
             group = jobs[g : g + batch]
-            m_pad = int(max(prep.m[k] for k, *_ in group))
-            n_pad = max(e - s0 for _, s0, _, e in group)
+            k, s0, _, e = (np.array(x, np.int64) for x in zip(*group))
+            m_k, n_k = prep.m[k], e - s0
+            m_pad, n_pad = int(m_k.max()), int(n_k.max())
             small = m_pad + n_pad <= _BIG16 and prep.vocab_size <= _BIG16
             dtype, big = (np.int16, _BIG16) if small else (np.int32, 1 << 30)
             # Sentinels -2 (rows) and -1 (columns) never match each other or a dense id >= 0.
             ref_ids = np.full((m_pad, len(group)), -2, dtype)
             text_ids = np.full((n_pad, len(group)), -1, dtype)
-            for col, (k, s0, _, e) in enumerate(group):
-                ref_ids[: prep.m[k], col] = prep.ref_ids[prep.ref_off[k] : prep.ref_off[k + 1]]
-                text_ids[: e - s0, col] = prep.text_ids[prep.off[k] + s0 : prep.off[k] + e]
+            row = np.arange(m_pad)[:, None]
+            inside = row < m_k
+            ref_ids[inside] = prep.ref_ids[(prep.ref_off[k] + row)[inside]]
+            col = np.arange(n_pad)[:, None]
+            inside = col < n_k
+            text_ids[inside] = prep.text_ids[(prep.off[k] + s0 + col)[inside]]
             best = _best(prep, group, _comb(ref_ids, text_ids, dtype, big), m_pad)
-            np.maximum.at(out, c0 + np.array([j[0] for j in group]), best)
+            np.maximum.at(out, c0 + k, best)
     return out
 
 
@@ -238,21 +250,88 @@ def overlap_counts(t: Sequence[int], refs: Sequence[Sequence[int]], *, batch: in
     return _counts([tt], rs, np.zeros(len(rs), np.int64), batch)
 
 
+def _flat_rows(texts, refs) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray, np.ndarray]:
+    """(texts, every reference flat, references per text, each reference's text index)."""
+    if len(texts) != len(refs):
+        raise ValueError(f"{len(texts)} texts but {len(refs)} reference lists")
+    tt = [_tokens(t, f"texts[{i}]") for i, t in enumerate(texts)]
+    rs = [_tokens(r, lambda i=i, j=j: f"refs[{i}][{j}]") for i, row in enumerate(refs) for j, r in enumerate(row)]
+    sizes = np.array([len(row) for row in refs], np.int64)
+    return tt, rs, sizes, np.repeat(np.arange(len(texts)), sizes)
+
+
 def overlap_rows(texts: Sequence[Sequence[int]], refs: Sequence[Sequence[Sequence[int]]], *,
                  batch: int = _BATCH) -> list[np.ndarray]:
     """Eq. 6 overlap of each of refs[i] with texts[i], for every i: the same values as
     `[overlap_many(t, rs) for t, rs in zip(texts, refs)]`, with every pair of every text combed
     in one pass (a swap point's whole batch: one call instead of one per row)."""
-    if len(texts) != len(refs):
-        raise ValueError(f"{len(texts)} texts but {len(refs)} reference lists")
-    tt = [_tokens(t, f"texts[{i}]") for i, t in enumerate(texts)]
-    rs = [_tokens(r, f"refs[{i}][{j}]") for i, row in enumerate(refs) for j, r in enumerate(row)]
-    sizes = np.array([len(row) for row in refs], np.int64)
-    text_of = np.repeat(np.arange(len(texts)), sizes)
+    tt, rs, sizes, text_of = _flat_rows(texts, refs)
     counts = _counts(tt, rs, text_of, batch)
     m = np.array([len(r) for r in rs], np.float64)
     ratios = np.divide(counts, m, out=np.zeros(len(rs)), where=m > 0)
     return np.split(ratios, np.cumsum(sizes)[:-1]) if len(texts) else []
+
+
+def _count_bounds(tx: _Texts, refs: list[np.ndarray], text_of: np.ndarray) -> np.ndarray:
+    """An upper bound on max N for each pair (refs[i], texts[text_of[i]]): the most tokens any
+    window of 2|r| + 1 text positions shares with r as multisets, max over windows of
+    sum_v min(#v in the window, #v in r). A common subsequence inside a window matches each
+    token of r at most as often as r holds it.
+
+    Vectorized like `_best`: a text position x holding token v of r counts for exactly the window
+    starts p with x - 2|r| <= p <= x that do not also hold the #v-in-r previous occurrences of v,
+    i.e. p > that occurrence's position: an interval of starts, so all bounds come from one
+    difference array over every pair."""
+    vocab, grid = tx.vocab, tx.grid
+    P, n = len(refs), grid.shape[1]
+    m = np.array([len(r) for r in refs], np.int64)
+    flat = np.concatenate(refs) if refs else np.zeros(0, np.int64)
+    at = np.minimum(np.searchsorted(vocab, flat), max(len(vocab) - 1, 0))
+    found = vocab[at] == flat if len(vocab) else np.zeros(len(flat), bool)
+    owner = np.repeat(np.arange(P), m)
+    in_ref = np.zeros((P, len(vocab) + 1), np.int64)  # the padding column stays 0
+    np.add.at(in_ref, (owner[found], at[found]), 1)
+    rows_text = grid[text_of]
+    need = np.take_along_axis(in_ref, rows_text, axis=1)
+    row, pos = np.divmod(np.flatnonzero(need), n)
+    tok, need = rows_text[row, pos], need[row, pos]
+    order = np.lexsort((pos, tok, row))  # each (pair, token)'s occurrences in text order
+    row, pos, tok, need = row[order], pos[order], tok[order], need[order]
+    idx = np.arange(len(pos))
+    new_group = np.ones(len(pos), bool)
+    new_group[1:] = (row[1:] != row[:-1]) | (tok[1:] != tok[:-1])
+    group_start = np.maximum.accumulate(np.where(new_group, idx, 0))
+    back = idx - need  # the occurrence #v-in-r steps back, if it is in the same group
+    blocked = np.where(back >= group_start, pos[np.maximum(back, 0)] + 1, 0)
+    lo = np.maximum(blocked, pos - 2 * m[row])
+    slots = n + 1
+    diff = (np.bincount(row * slots + lo, minlength=P * slots)
+            - np.bincount(row * slots + pos + 1, minlength=P * slots))
+    return np.cumsum(diff.reshape(P, slots), axis=1).max(axis=1, initial=0)
+
+
+def overlap_exceeds_rows(texts: Sequence[Sequence[int]], refs: Sequence[Sequence[Sequence[int]]],
+                         threshold: float, *, batch: int = _BATCH) -> list[np.ndarray]:
+    """For each i, whether each of refs[i] overlaps texts[i] more than threshold: exactly
+    `overlap_rows(texts, refs)[i] > threshold` (the same float comparison), combing only the
+    pairs whose multiset bound (`_count_bounds`) does not already rule it out. On decode's
+    candidates the bound settles ~94 % of the pairs (a filter needs the verdict, not the value)."""
+    threshold = float(threshold)
+    if threshold != threshold:
+        raise ValueError("threshold: must be a number, got NaN")
+    tt, rs, sizes, text_of = _flat_rows(texts, refs)
+    m = np.array([len(r) for r in rs], np.float64)
+    if threshold < 0.0:  # every overlap is >= 0.0
+        out = np.ones(len(rs), bool)
+    else:  # an empty reference or text (overlap 0.0) stays False
+        out = np.zeros(len(rs), bool)
+        tx = _Texts(tt)
+        if tx.grid.shape[1] and rs:
+            bound = np.divide(_count_bounds(tx, rs, text_of), m, out=np.zeros(len(rs)), where=m > 0)
+            maybe = np.flatnonzero(bound > threshold)
+            if len(maybe):
+                out[maybe] = _counts(tt, [rs[i] for i in maybe], text_of[maybe], batch) / m[maybe] > threshold
+    return np.split(out, np.cumsum(sizes)[:-1]) if len(texts) else []
 
 
 def overlap_many(t: Sequence[int], refs: Sequence[Sequence[int]], *, batch: int = _BATCH) -> np.ndarray:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from model.generation import Retrieved
-from pipelines.overlap import overlap_rows
+from pipelines.overlap import overlap_exceeds_rows
 from storage.bank import Bank, BankError, tokens_of
 from storage.memory_store import MemoryStore
 from storage.vector_matrix import DEFAULT_MAX_BYTES, VectorMatrix
@@ -101,11 +101,11 @@ class BankRetriever:
             return [row[:self.per_query] for row in ids]
         tokens = self._token_arrays({r for row in ids for r in row})
         against = contexts if contexts is not None else queries
-        # every (text, candidate) pair of the swap point in one combing pass
-        over = overlap_rows([np.asarray(t, dtype=np.int64) for t in against],
-                            [[tokens[r] for r in row] for row in ids])
-        out = [[r for r, o in zip(row, ov) if o <= self.max_overlap][:self.per_query]
-               for row, ov in zip(ids, over)]
+        # every (text, candidate) pair of the swap point at once; only the verdict is needed,
+        # so most pairs are settled by a bound without combing (pipelines/overlap.py)
+        drop = overlap_exceeds_rows([np.asarray(t, dtype=np.int64) for t in against],
+                                    [[tokens[r] for r in row] for row in ids], self.max_overlap)
+        out = [[r for r, d in zip(row, dr) if not d][:self.per_query] for row, dr in zip(ids, drop)]
         self.seconds["filter"] += time.perf_counter() - t2
         return out
 

@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines.overlap import exceeds, overlap, overlap_count, overlap_counts, overlap_many, overlap_rows
+from pipelines.overlap import (exceeds, overlap, overlap_count, overlap_counts, overlap_exceeds_rows, overlap_many,
+                               overlap_rows)
 from pipelines.tokenizer import train_bpe
 from tests.conftest import foldoc_records
 
@@ -139,6 +140,67 @@ def test_rows_edge_cases():
     assert [g.tolist() for g in overlap_rows([[1, 2], []], [[], [[1]]])] == [[], [0.0]]
     with pytest.raises(ValueError):
         overlap_rows([[1]], [])
+
+
+def multiset_bound(t: list[int], r: list[int]) -> int:
+    """max over windows of 2|r| + 1 positions of sum_v min(#v in the window, #v in r)."""
+    from collections import Counter
+
+    if not r or not t:
+        return 0
+    need = Counter(r)
+    w = 2 * len(r) + 1
+    return max(sum(min(c, need[v]) for v, c in Counter(t[s:s + w]).items()) for s in range(len(t)))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.lists(st.integers(0, 5), max_size=60), st.lists(short_refs, max_size=5)),
+                max_size=6))
+def test_count_bounds_are_the_multiset_bound(rows):
+    import pipelines.overlap as ov
+
+    texts = [np.array(t, np.int64) for t, _ in rows]
+    refs = [np.array(r, np.int64) for _, rs in rows for r in rs]
+    text_of = np.repeat(np.arange(len(rows)), [len(rs) for _, rs in rows])
+    tx = ov._Texts(texts)
+    if not tx.grid.shape[1] or not refs:
+        return
+    got = ov._count_bounds(tx, refs, text_of)
+    want = [multiset_bound(rows[i][0], r.tolist()) for i, r in zip(text_of, refs)]
+    assert got.tolist() == want
+    assert all(b >= window_count(rows[i][0], r.tolist()) for b, i, r in zip(got, text_of, refs))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.lists(st.integers(0, 5), max_size=60), st.lists(short_refs, max_size=5)),
+                max_size=6),
+       st.sampled_from([-0.5, 0.0, 0.3, 0.5, 2 / 3, 0.9, 1.0]))
+def test_exceeds_rows_equals_overlap_rows_above_threshold(rows, threshold):
+    texts, refs = [t for t, _ in rows], [rs for _, rs in rows]
+    for got, ov in zip(overlap_exceeds_rows(texts, refs, threshold), overlap_rows(texts, refs)):
+        assert got.tolist() == (ov > threshold).tolist()
+
+
+def test_exceeds_rows_on_token_ids_combs_few_pairs(monkeypatch):
+    import pipelines.overlap as ov
+
+    rng = np.random.default_rng(5)
+    texts = [rng.integers(0, 2000, rng.integers(64, 200)).tolist() for _ in range(30)]
+    refs = []
+    for t in texts:
+        row = [rng.integers(0, 2000, rng.integers(20, 128)).tolist() for _ in range(8)]
+        s = int(rng.integers(0, len(t) - 40))
+        row += [t[s:s + 40], t[s:s + 30][::-1] + t[s:s + 10]]
+        refs.append(row)
+    combed = []
+    real = ov._counts
+    monkeypatch.setattr(ov, "_counts", lambda tt, rs, text_of, batch: combed.append(len(rs)) or real(tt, rs, text_of, batch))
+    got = overlap_exceeds_rows(texts, refs, 2 / 3)
+    assert combed == [2 * len(texts)]  # only the two related references of each text are combed
+    for g, t, rs in zip(got, texts, refs):
+        assert g.tolist() == (overlap_many(t, rs) > 2 / 3).tolist()
+    with pytest.raises(ValueError):
+        overlap_exceeds_rows([[1]], [[[1]]], float("nan"))
 
 
 def test_many_references_fill_several_groups():

@@ -17,6 +17,7 @@ to the batch's longest, which can change a row's tokens against a solo run.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -54,6 +55,21 @@ def bank_retriever(cfg, bank: Bank, tokenizer, per_query: int, device: str = "cp
     # the query embedder runs beside the model (a GPU embeds a chunk's queries in ms)
     return BankRetriever(bank, load_embedder(spec, device=device), tokenizer, per_query=per_query,
                          max_overlap=ic.max_overlap, candidates=ic.candidates, exact=ic.exact)
+
+
+def prefetch_pays(device) -> bool:
+    """Whether overlapping the next chunk's retrieval with decoding (a thread) can hide it: only
+    where the thread has a core of its own. On a GPU the decode leaves the CPU free; on CPU the
+    decode's torch threads take every core they are given, and a retrieval thread then only
+    contends with them (measured on 2 idle cores, 2 torch threads: 0.76 of no retrieval with the
+    thread, 0.81 without; BENCHMARKS.md, decode speed). infer.prefetch true means: when it pays."""
+    if torch.device(device).type != "cpu":
+        return True
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return cores > torch.get_num_threads()
 
 
 def check_trained_reading(trained: dict, memories_meta: dict, allow: bool) -> list[str]:
@@ -150,7 +166,7 @@ class Inference:
         opts = dict(temperature=ic.temperature if temperature is None else temperature,
                     top_p=ic.top_p if top_p is None else top_p,
                     eos_id=self.model.config.eos_id if stop_at_eos else None,
-                    prefetch=ic.prefetch if prefetch is None else prefetch)
+                    prefetch=ic.prefetch and prefetch_pays(self.device) if prefetch is None else prefetch)
         seeds = seeds if seeds is not None else [ic.seed + i for i in range(len(prompts))]
         size = batch_size or ic.batch_size
         contexts, rag_ids = list(prompts), [[] for _ in prompts]

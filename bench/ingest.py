@@ -133,13 +133,13 @@ def main() -> None:
         row("DataTrove 0.10: Gopher quality + repetition, then MinHash (4 stages)", dt["seconds"], "1.00")
         row("DataTrove 0.10: MinHash (4 stages) on every document", dt_all["seconds"],
             f"{dt['seconds'] / dt_all['seconds']:.2f}×")
-        row("ours: Ray Data clean (all filters + MinHash keys) + partitioned dedup", ours["seconds"],
+        row("ours: clean as Ray tasks (all filters + MinHash keys) + partitioned dedup", ours["seconds"],
             f"**{dt['seconds'] / ours['seconds']:.2f}×**")
         print(f"\nDataTrove stages (s): {dt['stage_seconds']}; it kept {dt['docs_out']:,} of {dt['docs_in']:,} "
               f"documents (its spaCy word split counts punctuation as words, so most FOLDOC entries fail its "
               f"alpha-word check); ours kept {ours['records'] - ours['rejected']:,}.")
     else:
-        row("ours (Ray Data clean + partitioned dedup)", ours["seconds"], "n/a")
+        row("ours (clean as Ray tasks + partitioned dedup)", ours["seconds"], "n/a")
     print(f"Ray start-up (not timed above): {ray_start:.1f} s; first (cold-worker) run: {warm['seconds']:.2f} s.")
 
     print("\n### Scaling (ours): memory per worker stays flat\n")

@@ -3,11 +3,11 @@
     python -m jobs ingest -c configs/demo.yaml [--set key=value ...]
 
 Stages, each resumable (per-shard or per-partition files under <bank>/_staging/ingest-<key>/):
-  1. clean    (Ray Data, per shard)     read, normalize, quality filters, dedup keys
-  2. dedup    (Ray Data, per partition) group equal keys -> duplicates; one vectorized merge
-  3. tokenize (driver, Rust threads)    train the BPE on the kept documents, or load one
-  4. chunk    (Ray Data, per shard)     references and packed training sequences
-  5. commit   (driver, streaming)       one new version of each table, lineage in its metadata
+  1. clean    (Ray tasks, per shard)      read, normalize, quality filters, dedup keys
+  2. dedup    (Ray tasks, per partition)  group equal keys -> duplicates; one vectorized merge
+  3. tokenize (driver, Rust threads)      train the BPE on the kept documents, or load one
+  4. chunk    (Ray tasks, per shard)      references and packed training sequences
+  5. commit   (driver, streaming)         one new version of each table, lineage in its metadata
 
 The key covers the config and the bytes of every input file: the same key means the same
 result, so a finished key is skipped ("nothing to do") and an unfinished one resumes.

@@ -47,11 +47,13 @@ def run(bank: Path, work: Path, pythonpath: str) -> dict:
     copy = work / "bank"
     shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(bank, copy)
+    # the tree is also the command's working directory: Ray puts the driver's on its workers'
+    # sys.path ahead of PYTHONPATH, so from ROOT every actor would run the current files
     env = {**os.environ, "PYTHONPATH": pythonpath}
     with CPUMeter() as cpu:
         t0 = time.perf_counter()
         out = subprocess.run([str(ROOT / ".venv/bin/m3"), "encode", "-c", str(ROOT / "configs/demo.yaml"),
-                              "--set", f"bank.uri={copy}"], cwd=ROOT, env=env, capture_output=True, text=True)
+                              "--set", f"bank.uri={copy}"], cwd=pythonpath, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - t0
     if out.returncode:
         raise SystemExit(out.stdout[-2000:] + out.stderr[-2000:])

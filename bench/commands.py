@@ -10,7 +10,8 @@ configs/demo.yaml. Measured per command:
 - wall: seconds from spawn to exit;
 - CPU: user + system seconds of the whole process tree (the driver, Ray's GCS, raylet and every
   worker), sampled with psutil every 0.1 s and summed over every process seen (a process's last
-  sample, so a process that lives under 0.1 s or its last 0.1 s can be missed: a lower bound);
+  sample, so a process that lives under 0.1 s or its last 0.1 s can be missed: a lower bound;
+  each process's own seconds: its children_* would count its reaped children twice);
 - stage-only (the baseline): the seconds the command reports for its own work: ingest, the sum
   of its report's stage_seconds (clean, dedup, tokenize, chunk, commit); embed and encode, the
   runner's "in X s" (actor pool start to commit) and the pure compute at its printed rate.
@@ -57,7 +58,8 @@ def measure(argv: list[str], cwd: Path) -> tuple[float, float, str]:
         for p in procs:
             try:
                 t = p.cpu_times()
-                cpu[(p.pid, p.create_time())] = t.user + t.system + t.children_user + t.children_system
+                # its own time only: a parent's children_* repeat the reaped children sampled here
+                cpu[(p.pid, p.create_time())] = t.user + t.system
             except psutil.NoSuchProcess:
                 pass
 

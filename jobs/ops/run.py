@@ -152,11 +152,26 @@ def select(start: str | None = None, only: str | None = None) -> list[tuple[str,
     return list(STAGES)
 
 
+# stages that start Ray with its dashboard (training's State API; the shard runner's actors)
+_DASHBOARD_STAGES = {"warmup", "embed", "pair", "continual", "encode"}
+
+
+def starts_ray_first(names: list[str]) -> bool:
+    """Whether `m3 run` starts Ray (with its dashboard) before its first stage: ingest alone
+    starts it without the dashboard, and a later stage in the same process would then restart
+    the cluster to get it (one more Ray stop and start, seconds on 2 cores)."""
+    return "ingest" in names and bool(set(names) & _DASHBOARD_STAGES)
+
+
 def run_all(cfg: Config, start: str | None = None, only: str | None = None) -> dict:
     stages = select(start, only)
     results: dict[str, dict] = {}
     seconds: dict[str, float] = {}
     t_run = time.perf_counter()
+    if starts_ray_first([n for n, _ in stages]):
+        from jobs.runtime import init_ray
+
+        init_ray(cfg.ray)
     for name, fn in stages:
         print(f"== m3 run: {name}", flush=True)
         t0 = time.perf_counter()

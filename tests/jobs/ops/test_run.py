@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from jobs.config import ConfigError
-from jobs.ops.run import run_all, select
+from jobs.ops.run import run_all, select, starts_ray_first
 from jobs.models import stage_dir
 from model.checkpoint import saved_hash
 from storage.bank import Bank, BankError
@@ -27,6 +27,14 @@ def test_stage_selection():
         select(only="warmup,finetune")
     with pytest.raises(ConfigError, match="--from"):
         select(start="nope")
+
+
+def test_ray_starts_once_with_its_dashboard_when_a_later_stage_needs_it():
+    assert starts_ray_first([n for n, _ in select()])
+    assert starts_ray_first(["ingest", "embed"])
+    assert not starts_ray_first(["ingest"])  # ingest's own bare start is the cheaper one
+    assert not starts_ray_first(["ingest", "publish", "evaluate"])
+    assert not starts_ray_first(["embed", "pair"])  # each stage starts what it needs
 
 
 @pytest.mark.slow

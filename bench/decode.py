@@ -150,7 +150,7 @@ def bank_rows(args) -> tuple[dict, dict]:
 def synthetic_rows(args) -> tuple[dict, dict]:
     from model import Memory3, ModelConfig
 
-    cfg = ModelConfig.from_preset(args.preset)
+    cfg = ModelConfig.from_preset(args.preset, **({"mem_top_k": args.mem_top_k} if args.mem_top_k else {}))
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     with torch.device(args.device):
@@ -160,10 +160,12 @@ def synthetic_rows(args) -> tuple[dict, dict]:
     refs = torch.randint(4, cfg.vocab_size, (args.batch, cfg.mems_per_chunk * cfg.ref_max_tokens), generator=g)
     rag_prompt = torch.cat([refs.to(args.device), prompt], dim=1)
     r = SyntheticRetriever(cfg, args.pool, cfg.mems_per_chunk, dtype)
+    on_gpu = args.device.startswith("cuda")
     n = args.output
     plans = {
         "none": (lambda: generate_with_memory(model, prompt, n), None),
-        "memory (synthetic retrieval)": (lambda: generate_with_memory(model, prompt, n, r, prefetch=True), None),
+        # a retrieval thread pays only where it has a core of its own (jobs/inference/engine.py)
+        "memory (synthetic retrieval)": (lambda: generate_with_memory(model, prompt, n, r, prefetch=on_gpu), None),
         "rag": (lambda: generate_with_memory(model, rag_prompt, n), None),
     }
     plans["none"][0]()  # warm-up (CUDA context, kernels)
@@ -184,6 +186,8 @@ def main(argv=None) -> int:
     p.add_argument("--synthetic", action="store_true")
     p.add_argument("--preset", default="small")
     p.add_argument("--pool", type=int, default=4096, help="--synthetic: memories in the host pool")
+    p.add_argument("--mem-top-k", type=int, default=None,
+                   help="--synthetic: tokens per memory layer and KV head (default: the preset's)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     plans, info = synthetic_rows(args) if args.synthetic else bank_rows(args)

@@ -53,7 +53,8 @@ class InferConfig:
     # The same cache bounded in bytes instead (decoded memories plus their kept-token counts:
     # MemoryStore.entry_bytes each); null = bound by cache_size. 0 = no cache.
     cache_bytes: int | None = field(default=None, metadata={"ge": 0})
-    # Start the next chunk's retrieval in a thread while its last token is decoded.
+    # Start the next chunk's retrieval in a thread while its last token is decoded, where the
+    # thread has a core of its own (a GPU, or more cores than torch threads); false: never.
     prefetch: bool = True
     exact: bool = False          # exact vector scan instead of the ANN index
     batch_size: int = field(default=8, metadata={"ge": 1})   # prompts generated together

@@ -24,6 +24,7 @@ import time
 import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.conftest import ROOT
@@ -114,13 +115,35 @@ class Cluster:
                 for label in WORKERS if label in n["resources"]}
 
     def kill(self, name: str) -> None:
-        """The node's whole process group, SIGKILL: raylet, object store, agents, its workers."""
+        """Every process of the node, SIGKILL: its process group (raylet, object store, agents)
+        and every process descended from it. Ray starts each worker in a process group of its own,
+        so the group alone left them to notice their raylet's death by themselves: on a loaded
+        machine a paused training worker once had not yet when the test let it go on, saved the
+        next checkpoint, and the run resumed from there. A dead machine takes them all at once."""
         proc = self.procs.pop(name)
+        try:
+            tree = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            tree = []
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        for p in tree:
+            try:
+                p.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
         proc.wait(timeout=60)
+        deadline = time.monotonic() + 60
+        for p in tree:  # dead once reaped by whoever inherited it, or a zombie until then
+            while time.monotonic() < deadline:
+                try:
+                    if p.status() == psutil.STATUS_ZOMBIE:
+                        break
+                except psutil.NoSuchProcess:
+                    break
+                time.sleep(0.05)
 
     def stop(self) -> None:
         for name in [n for n in self.procs if n != "head"] + ["head"]:

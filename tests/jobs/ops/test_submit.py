@@ -44,8 +44,7 @@ def free_ports(n: int) -> list[int]:
 def start_head(env: dict, tmp: Path) -> tuple[subprocess.Popen, str]:
     """`ray start --head --block` on loopback, in a process group of its own, on ports free a
     moment ago; returns at once (the cluster is still starting)."""
-    gcs, dash, client, nm, om, agent, agent_grpc, metrics, rt_env = free_ports(9)
-    lo = free_ports(1)[0]
+    gcs, dash, client, nm, om, agent, agent_grpc, metrics, rt_env, lo = free_ports(10)
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
            f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
            f"--ray-client-server-port={client}", f"--node-manager-port={nm}", f"--object-manager-port={om}",
@@ -70,11 +69,12 @@ def stop_head(proc: subprocess.Popen) -> None:
         pass
 
 
-def wait_until_jobs_run(proc: subprocess.Popen, address: str, env: dict, tmp: Path, deadline_s: float = 300) -> None:
+def wait_until_jobs_run(proc: subprocess.Popen, address: str, env: dict, log: Path, deadline_s: float = 300) -> None:
     """Ready means the part the tests use answers: a job submitted through the Jobs API runs to
     its end (the dashboard alone answers before the head's job agent can take a job). Deadlines
     are sized for a loaded 2-core machine; a head that dies (a port taken meanwhile by another
-    cluster) fails at once."""
+    cluster) fails at once, with what its logs say (`log`: the output of `ray start`, in the
+    node's temp dir)."""
     code = ("import os, sys; sys.path.insert(0, os.getcwd()); from jobs.ops.submit import Jobs; "
             f"j = Jobs({address!r}, {deadline_s}); sid = j.submit_job(entrypoint='python -c pass'); import time\n"
             f"while j.get_job_status(sid).value not in ('SUCCEEDED', 'FAILED', 'STOPPED'): time.sleep(0.5)\n"
@@ -85,13 +85,25 @@ def wait_until_jobs_run(proc: subprocess.Popen, address: str, env: dict, tmp: Pa
     while probe.poll() is None:
         if proc.poll() is not None:
             probe.kill()
-            raise RuntimeError(f"ray start exited: {(tmp / 'head.log').read_text()[-3000:]}")
+            raise RuntimeError(f"ray start exited ({proc.returncode}): {node_logs(log)}")
         if time.monotonic() > deadline:
             probe.kill()
-            raise RuntimeError(f"no job ran at {address} within {deadline_s} s")
+            raise RuntimeError(f"no job ran at {address} within {deadline_s} s: {node_logs(log)}")
         time.sleep(0.5)
     if probe.returncode != 0:
         raise RuntimeError(f"the probe job failed at {address}: {probe.stdout.read()[-3000:]}")
+
+
+def node_logs(log: Path, tail: int = 2000) -> str:
+    """The end of `ray start`'s output and of the error logs of the session it started (GCS,
+    raylet, dashboard), so that a node that dies at start says why."""
+    parts = [f"{log.name}: {log.read_text(errors='replace')[-tail:]}" if log.exists() else f"{log}: missing"]
+    logs = log.parent / "session_latest" / "logs"
+    for name in ("gcs_server.err", "gcs_server.out", "raylet.err", "raylet.out", "dashboard.err", "dashboard.log"):
+        f = logs / name
+        if f.exists() and f.stat().st_size:
+            parts.append(f"{name}: {f.read_text(errors='replace')[-tail:]}")
+    return "\n".join(parts)
 
 
 def head_env(token: Path) -> dict:
@@ -113,7 +125,7 @@ def head(tmp_path_factory):
         tmp = Path(tempfile.mkdtemp(prefix="m3ray-", dir="/tmp"))  # short: Ray's socket paths have a length limit
         proc, address = start_head(env, tmp)
         try:
-            wait_until_jobs_run(proc, address, env, tmp)
+            wait_until_jobs_run(proc, address, env, tmp / "head.log")
             break
         except RuntimeError:
             stop_head(proc)

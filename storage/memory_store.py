@@ -44,6 +44,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict
+from itertools import repeat
 from typing import Sequence
 
 import lance
@@ -172,8 +173,9 @@ class MemoryStore:
             self._free = list(range(cap - 1, -1, -1))
         lo = max(0, len(ids) - cap)  # a request larger than the cache keeps its last `cap`
         k, free, cache = len(ids) - lo, self._free, self.cache
-        for _ in range(k - len(free)):  # evict the least recently used
-            free.append(cache.popitem(last=False)[1])
+        if k > len(free):  # evict the least recently used
+            pop = cache.popitem
+            free += [pop(False)[1] for _ in range(k - len(free))]
         slots = free[-k:][::-1]  # as free.pop() k times
         del free[-k:]
         cache.update(zip(ids[lo:], slots))
@@ -188,7 +190,8 @@ class MemoryStore:
         slot mask (n, k), in the order asked; repeated ids are read once."""
         n = len(ref_ids)
         cache, missing = self.cache, []
-        for r in dict.fromkeys(ref_ids):  # one pass: refresh the hits, collect the misses
+        uniq = dict.fromkeys(ref_ids)
+        for r in uniq:  # one pass: refresh the hits, collect the misses
             if r in cache:
                 cache.move_to_end(r)
             else:
@@ -202,6 +205,16 @@ class MemoryStore:
             return torch.zeros((0, *(self.shape or (0, 2, 0, 0, 0))), dtype=self.dtype), torch.zeros((0, k), dtype=torch.bool)
         if len(missing) == n:  # all distinct misses (the usual batch): the decoded batch is the answer
             out, out_kept = mems, kept
+        elif len(uniq) <= self.capacity:
+            # every id asked fits in the cache at once: the misses go in first (the hits, just
+            # refreshed, are not the least recently used), then one gather answers the whole
+            # request, repeated ids included
+            if missing:
+                self._insert(missing, mems, kept)
+                missing = []
+            at = np.fromiter(map(cache.__getitem__, ref_ids), np.intp, n)
+            out = torch.from_numpy(self._cache_rows.take(at, axis=0)).view(self.dtype).reshape(n, *self.shape)
+            out_kept = self._cache_kept[at]
         else:
             rows = np.empty((n, self._cache_rows.shape[1] if self._cache_rows is not None
                               else math.prod(self.shape) * self.dtype.itemsize), np.uint8)
@@ -233,10 +246,10 @@ class MemoryStore:
     def _load(self, ref_ids: list[str]) -> tuple[torch.Tensor, np.ndarray]:
         """(memories, kept counts) of `ref_ids`, in that order."""
         row_of = self.row_of
-        rows = [row_of.get(r, -1) for r in ref_ids]
-        if -1 not in rows:  # all stored (the usual batch)
+        rows = np.fromiter(map(row_of.get, ref_ids, repeat(-1)), np.int64, len(ref_ids))
+        if rows.min() >= 0:  # all stored (the usual batch)
             self.stored_reads += len(rows)
-            return self._read_rows(np.array(rows, np.int64), ref_ids)
+            return self._read_rows(rows, ref_ids)
         stored = [r for r in ref_ids if r in row_of]
         self.stored_reads += len(stored)
         parts = []  # (ids, mems, kept)

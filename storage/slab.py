@@ -223,7 +223,7 @@ class SlabReader:
     waits for reads already under way (cold 160 rows: 23 -> 4-9 ms, BENCHMARKS.md). Whether it
     is cached is probed, not guessed: a 1-byte preadv with RWF_NOWAIT at up to `_PROBES` of its
     rows (about 1 us each), so a warm batch pays a few syscalls, not one per row; a batch of at
-    most `_PROBES` runs is announced without probing. `read_pread` is the same with one
+    most `_PROBES` rows is announced without probing. `read_pread` is the same with one
     os.preadv per run of adjacent rows (for comparison in bench/fetch.py; mapped=False reads
     only that way). Pages a live map has touched stay resident while it lives (the kernel does
     not drop mapped pages)."""
@@ -248,11 +248,12 @@ class SlabReader:
     def _announce(self, rows: np.ndarray) -> None:
         """WILLNEED for every run of the batch's rows (gaps under _GAP bytes read through),
         unless probing says the batch is in the page cache (class docstring)."""
+        # probed before anything is computed: a warm batch (the usual one) costs the probes alone
+        if len(rows) > _PROBES and self._cached(rows[:: -(-len(rows) // _PROBES)]):
+            return
         P, srt = self.payload_bytes, np.sort(rows)
         cut = np.flatnonzero((srt[1:] - srt[:-1] - 1) * P >= _GAP) + 1
         starts, ends = srt[np.r_[0, cut]], srt[np.r_[cut - 1, len(srt) - 1]] + 1
-        if len(starts) > _PROBES and self._cached(starts[:: -(-len(starts) // _PROBES)]):
-            return
         for a, b in zip((starts * P).tolist(), ((ends - starts) * P).tolist()):
             os.posix_fadvise(self._fd, a, b, os.POSIX_FADV_WILLNEED)
 

@@ -7,7 +7,7 @@ eq. 6 overlap with the WHOLE stored sequence exceeds max_overlap (the chunk's ow
 other reference the sequence contains, would teach the model to copy, not to recall) and, with
 exclude_own_docs, those of the sequence's own documents; keep the best per_chunk left (rank 0
 is what the paper's schedule reads, ranks 0..M-1 what the serving schedule reads). Everything is batched: one embedder call per shard, one search per query batch, one
-refs scan per shard, and one `overlap_many` call per sequence over all its chunks' candidates.
+refs scan per shard, and one `overlap_rows` call over every (sequence, candidate) pair of the shard.
 
 `pair_shard` is a plain function (tests call it without Ray); `PairShards` is the Ray Data actor
 that loads the tokenizer, embedder and tables once and stages each shard atomically.
@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from pipelines.overlap import overlap_many
+from pipelines.overlap import overlap_rows
 from pipelines.train_data import NEIGHBORS
 from storage.bank import tokens_of
 
@@ -68,14 +68,13 @@ def pair_shard(seq_ids: list[str], seqs: list[list[int]], *, tokenizer, embedder
         raise LookupError(f"embeddings name {len(missing)} reference(s) absent from refs, e.g. "
                           f"{sorted(missing)[0]!r}: the tables are from different builds")
 
-    # overlap of every candidate of a sequence with it, in one call per sequence
+    # overlap of every candidate of a sequence with it: every pair of the shard in one call
     cands: list[set[str]] = [set() for _ in seqs]
     for (s, _), h in zip(owner, hits):
         cands[s].update(rid for rid, _ in h)
-    per_seq: list[dict[str, float]] = []
-    for toks, ids in zip(seqs, cands):
-        ids = sorted(ids)
-        per_seq.append(dict(zip(ids, overlap_many(toks, [tokens[r] for r in ids]).tolist())) if ids else {})
+    ids_of = [sorted(c) for c in cands]
+    ratios = overlap_rows(seqs, [[tokens[r] for r in ids] for ids in ids_of])
+    per_seq = [dict(zip(ids, ov.tolist())) for ids, ov in zip(ids_of, ratios)]
     own = [set(d) for d in doc_ids] if (cfg.exclude_own_docs and doc_ids is not None) else [set() for _ in seqs]
 
     rows = {name: [] for name in STAGED.names}

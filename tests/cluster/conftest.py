@@ -28,7 +28,7 @@ import psutil
 import pytest
 
 from tests.conftest import ROOT
-from tests.jobs.ops.test_submit import free_ports, head_env, node_logs, wait_until_jobs_run
+from tests.jobs.ops.test_submit import free_ports, head_env, node_logs, wait_until_jobs_run, worker_port_range
 
 VENV_BIN = Path(sys.executable).parent
 WORKERS = ("node_a", "node_b")
@@ -36,11 +36,18 @@ OBJECT_STORE = str(100 * 2**20)  # the tiny banks of these tests need little; 2 
 
 
 def _ports(tmp: Path, nm: int, om: int, agent: int, agent_grpc: int, metrics: int, rt_env: int, lo: int) -> list[str]:
+    """A node's ports (the worker range [lo, lo + 100] clear of them all: worker_port_range)."""
     return [f"--node-manager-port={nm}", f"--object-manager-port={om}", f"--dashboard-agent-listen-port={agent}",
             f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
             f"--runtime-env-agent-port={rt_env}", f"--min-worker-port={lo}", f"--max-worker-port={lo + 100}",
             f"--temp-dir={tmp}", "--node-ip-address=127.0.0.1", "--object-store-memory=" + OBJECT_STORE,
             "--disable-usage-stats", "--block"]
+
+
+def node_ports(extra: int) -> list[int]:
+    """`extra` ports, then _ports' seven: all distinct (one free_ports call), the worker range last."""
+    ports = free_ports(extra + 6)
+    return [*ports, worker_port_range(100, ports)]
 
 
 class Cluster:
@@ -61,10 +68,9 @@ class Cluster:
 
     def start_head(self, attempts: int = 3) -> None:
         """The head, ready once a job submitted to it runs. A port chosen free a moment ago can be
-        taken before Ray binds it (seen once in CI, right after the default suite's Ray sessions):
-        then the head exits and starts again on fresh ports."""
+        taken before Ray binds it: then the head exits and starts again on fresh ports."""
         for attempt in range(attempts):
-            gcs, dash, client, *ports = free_ports(10)  # one call: ten distinct ports
+            gcs, dash, client, *ports = node_ports(3)
             self.gcs, self.address = f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}"
             self._start("head", ["--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
                                  f"--dashboard-port={dash}", "--include-dashboard=true",
@@ -90,7 +96,7 @@ class Cluster:
 
     def _add_worker(self, name: str) -> None:
         proc = self._start(name, [f"--address={self.gcs}", "--num-cpus=1", f"--resources={json.dumps({name: 1})}"],
-                           free_ports(7),
+                           node_ports(0),
                            # a joining node sends the token only in token mode; registration
                            # given more than its 30 s (a loaded 2-core machine)
                            env={"RAY_AUTH_MODE": "token", "RAY_raylet_start_wait_time_s": "120"})

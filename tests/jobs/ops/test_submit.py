@@ -9,6 +9,7 @@ down stops exactly what this test started. Token auth is on, with a token this t
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import signal
@@ -41,10 +42,26 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def worker_port_range(width: int, taken: list[int]) -> int:
+    """The first port of a worker port range [lo, lo + width] that holds none of `taken` and lies
+    below the kernel's ephemeral range (where free_ports' ports, and every other process's, come
+    from). Ray refuses to start a node whose worker range holds one of its other ports ("trying to
+    use a port number ... used by other components"): a range drawn like the other ports held one
+    about once in 30 node starts, and the head of CI's cluster exited at once."""
+    ephemeral_lo = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()
+    while True:
+        lo = rng.randrange(10000, max(10001, ephemeral_lo - width - 1))
+        if not any(lo <= p <= lo + width for p in taken):
+            return lo
+
+
 def start_head(env: dict, tmp: Path) -> tuple[subprocess.Popen, str]:
     """`ray start --head --block` on loopback, in a process group of its own, on ports free a
     moment ago; returns at once (the cluster is still starting)."""
-    gcs, dash, client, nm, om, agent, agent_grpc, metrics, rt_env, lo = free_ports(10)
+    ports = free_ports(9)
+    gcs, dash, client, nm, om, agent, agent_grpc, metrics, rt_env = ports
+    lo = worker_port_range(200, ports)
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
            f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
            f"--ray-client-server-port={client}", f"--node-manager-port={nm}", f"--object-manager-port={om}",

@@ -20,6 +20,13 @@ Floors (unless --no-floors), each in a new process, interleaved with the rest: `
 the import of `m3 ingest`'s code; that import plus starting the embedded Ray the way ingest
 starts it, one task on each CPU, and stopping it: what no ingest of any corpus can go under.
 
+--attached: also `m3 ingest` joined to a Ray cluster that is already running (`--set
+ray.address=...`; one head of CPUS CPUs started here with `ray start --head`, on loopback, before
+the runs, stopped after them), the way a user who runs many commands keeps one: no Ray start or
+stop in the command, and the cluster's idle workers (imports done) are reused from the second run
+on. Its CPU column counts the command's own process tree only (the workers are the cluster's);
+compare walls.
+
 --timeline: instead, one `m3 ingest` (the same command, run through jobs.cli.main in a new
 process) with the wall and driver-CPU seconds at each phase: imports, plan, Ray's start, each
 stage, the commit, Ray's stop at exit.
@@ -29,6 +36,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from contextlib import contextmanager, nullcontext
 import statistics
 import sys
 import tempfile
@@ -38,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.commands import measure  # noqa: E402 - the process-tree wall and CPU sampler
 from bench.ingest import write_corpus  # noqa: E402 - the uncompressed FOLDOC file bench/ingest.py uses
+from jobs.runtime import free_port  # noqa: E402
 
 PY = ROOT / ".venv" / "bin" / "python"
 M3 = ROOT / ".venv" / "bin" / "m3"
@@ -82,7 +96,56 @@ mark("Ray stop (at exit in m3)")
 """
 
 
-def commands(corpus: Path, work: Path, cpus: int, run: int, floors: bool) -> dict[str, list[str]]:
+def driver_env(work: Path) -> dict[str, str]:
+    """What a process needs to join running_ray's head: loopback (single-machine mode) and its token."""
+    return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(work / "auth_token")}
+
+
+@contextmanager
+def running_ray(cpus: int, work: Path):
+    """The address of a Ray head with `cpus` CPUs on loopback, in a process group of its own,
+    ready when this yields; stopped (its group killed) after."""
+    port = free_port()
+    token = work / "auth_token"  # a head finding a token (~/.ray/auth_token) requires one: give ours
+    token.write_text(uuid.uuid4().hex)
+    env = {**os.environ, **driver_env(work)}
+    temp = Path(tempfile.mkdtemp(prefix="m3ray-", dir="/tmp"))  # short: socket paths
+    proc = subprocess.Popen([str(ROOT / ".venv" / "bin" / "ray"), "start", "--head", "--block",
+                             "--node-ip-address=127.0.0.1", f"--port={port}", f"--num-cpus={cpus}",
+                             "--include-dashboard=false", f"--temp-dir={temp}", "--disable-usage-stats"],
+                            env=env, start_new_session=True, stdout=open(work / "ray-head.log", "w"),
+                            stderr=subprocess.STDOUT)
+    address = f"127.0.0.1:{port}"
+    try:
+        probe = f"import ray; ray.init(address={address!r}); ray.shutdown()"
+        for _ in range(120):
+            if proc.poll() is not None:
+                raise RuntimeError(f"ray start exited: {(work / 'ray-head.log').read_text()[-2000:]}")
+            try:
+                if subprocess.run([str(PY), "-c", probe], env=env, capture_output=True, timeout=60).returncode == 0:
+                    break
+            except subprocess.TimeoutExpired:
+                pass
+            time.sleep(1)
+        else:
+            raise RuntimeError(f"no Ray at {address} within 120 s")
+        yield address
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # --block: ray start stops the node it started
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group is left
+        except ProcessLookupError:
+            pass
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def commands(corpus: Path, work: Path, cpus: int, run: int, floors: bool,
+             address: str | None = None) -> dict[str, list[str]]:
     out = {
         "datatrove": [str(PY), str(ROOT / "bench" / "ingest_datatrove.py"), str(corpus), "--workers", str(cpus),
                       "--workdir", str(work / f"dt-{run}")],
@@ -90,11 +153,33 @@ def commands(corpus: Path, work: Path, cpus: int, run: int, floors: bool) -> dic
                       "--set", f"bank.uri={work / f'bank-{run}'}", "--set", f"corpus.paths=[{corpus}]",
                       "--set", f"ray.num_cpus={cpus}"],
     }
+    if address:
+        out["m3 ingest, joined to a running Ray"] = [
+            "env", *(f"{k}={v}" for k, v in driver_env(work).items()), str(M3), "ingest", "-c", str(ROOT / "configs" / "demo.yaml"),
+            "--set", f"bank.uri={work / f'bank-joined-{run}'}", "--set", f"corpus.paths=[{corpus}]",
+            "--set", f"ray.address={address}"]
     if floors:
         out["floor: python -c pass"] = [str(PY), "-c", "pass"]
         out["floor: + ingest's imports"] = [str(PY), "-c", "import jobs.cli.main, jobs.stages.ingest"]
         out["floor: + Ray start, 1 task per CPU, stop"] = [str(PY), "-c", RAY_FLOOR.format(cpus=cpus)]
     return out
+
+
+def run_all(corpus: Path, work: Path, a, address: str | None) -> dict[str, list[tuple[float, float]]]:
+    """Every command --repeats times, the order reversed on odd repeats: name -> [(wall, CPU)]."""
+    runs: dict[str, list[tuple[float, float]]] = {}
+    for r in range(a.repeats):
+        cmds = list(commands(corpus, work, a.cpus, r, not a.no_floors, address).items())
+        if r % 2:
+            cmds.reverse()
+        for name, argv in cmds:
+            wall, cpu, out = measure(argv, ROOT)
+            bank = next((x.split("=", 1)[1] for x in argv if x.startswith("bank.uri=")), None)
+            if bank and not (Path(bank) / "refs.lance").exists():
+                raise RuntimeError(f"{name} wrote no refs table: {out[-3000:]}")
+            runs.setdefault(name, []).append((wall, cpu))
+            print(f"run {r + 1}: {name}: {wall:.2f} s wall, {cpu:.2f} s CPU", flush=True)
+    return runs
 
 
 def main() -> int:
@@ -103,6 +188,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-floors", action="store_true")
     ap.add_argument("--dir", default=None, help="work directory (default: a temporary one)")
+    ap.add_argument("--attached", action="store_true", help="also m3 ingest joined to a running Ray (docstring)")
     ap.add_argument("--timeline", action="store_true", help="one m3 ingest, its phases timed")
     a = ap.parse_args()
 
@@ -117,15 +203,8 @@ def main() -> int:
         print("".join(line + "\n" for line in text.splitlines() if line.startswith("@")), end="")
         print(f"whole process: {wall:.2f} s wall, {cpu:.2f} s CPU (process tree); load average {os.getloadavg()}")
         return 0
-    runs: dict[str, list[tuple[float, float]]] = {}
-    for r in range(a.repeats):
-        cmds = list(commands(corpus, work, a.cpus, r, not a.no_floors).items())
-        if r % 2:
-            cmds.reverse()
-        for name, argv in cmds:
-            wall, cpu, _ = measure(argv, ROOT)
-            runs.setdefault(name, []).append((wall, cpu))
-            print(f"run {r + 1}: {name}: {wall:.2f} s wall, {cpu:.2f} s CPU", flush=True)
+    with running_ray(a.cpus, work) if a.attached else nullcontext() as address:
+        runs = run_all(corpus, work, a, address)
     load = os.getloadavg()
 
     med = {name: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for name, v in runs.items()}

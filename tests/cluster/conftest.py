@@ -66,33 +66,34 @@ class Cluster:
         self.procs[name] = proc
         return proc
 
-    def start_head(self, attempts: int = 3) -> None:
-        """The head, ready once a job submitted to it runs. A port chosen free a moment ago can be
-        taken before Ray binds it: then the head exits and starts again on fresh ports."""
+    def _started(self, name: str, start, attempts: int = 3) -> None:
+        """start() until it returns: a node that fails to come up (RuntimeError) is killed and
+        started again, at most `attempts` times in all."""
         for attempt in range(attempts):
-            gcs, dash, client, *ports = node_ports(3)
-            self.gcs, self.address = f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}"
-            self._start("head", ["--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
-                                 f"--dashboard-port={dash}", "--include-dashboard=true",
-                                 f"--ray-client-server-port={client}", "--num-cpus=0"], ports)
             try:
-                return wait_until_jobs_run(self.procs["head"], self.address, self.env, self.dirs[-1] / "node.log")
+                return start()
             except RuntimeError as e:
-                print(f"head, attempt {attempt + 1} of {attempts}: {e}", file=sys.stderr)
-                self.kill("head")
-                if attempt == attempts - 1:
-                    raise
-
-    def add_worker(self, name: str, attempts: int = 3) -> None:
-        """A worker node with 1 CPU and the resource `name`; returns once the head lists it alive.
-        On a loaded machine a raylet can miss its registration deadline: then it starts again."""
-        for attempt in range(attempts):
-            try:
-                return self._add_worker(name)
-            except RuntimeError:
+                print(f"{name}, attempt {attempt + 1} of {attempts}: {e}", file=sys.stderr)
                 self.kill(name)
                 if attempt == attempts - 1:
                     raise
+
+    def start_head(self) -> None:
+        """The head, ready once a job submitted to it runs. A port chosen free a moment ago can be
+        taken before Ray binds it: then the head exits and starts again on fresh ports."""
+        self._started("head", self._start_head)
+
+    def _start_head(self) -> None:
+        gcs, dash, client, *ports = node_ports(3)
+        self.gcs, self.address = f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}"
+        self._start("head", ["--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                             "--include-dashboard=true", f"--ray-client-server-port={client}", "--num-cpus=0"], ports)
+        wait_until_jobs_run(self.procs["head"], self.address, self.env, self.dirs[-1] / "node.log")
+
+    def add_worker(self, name: str) -> None:
+        """A worker node with 1 CPU and the resource `name`; returns once the head lists it alive.
+        On a loaded machine a raylet can miss its registration deadline: then it starts again."""
+        self._started(name, lambda: self._add_worker(name))
 
     def _add_worker(self, name: str) -> None:
         proc = self._start(name, [f"--address={self.gcs}", "--num-cpus=1", f"--resources={json.dumps({name: 1})}"],

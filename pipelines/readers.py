@@ -2,8 +2,16 @@
 
 Reading never raises on bad data: a record that cannot be a document (malformed JSON, invalid
 UTF-8, no text, binary junk, too large) comes back with a `reason` so the pipeline can keep it
-as a reject. Only problems with the *configuration* (a missing path, a Parquet file without the
+as a reject, and so does a file that holds no record at all (`empty_file`, one reject for the
+file). Only problems with the *configuration* (a missing path, a Parquet file without the
 text column) raise, and they do so while planning, before any Ray work starts.
+
+A compressed file that is truncated or corrupt raises too (`InputError`, naming the file):
+read quietly, it would be a corpus with records missing or garbled. gzip checks its CRC and
+length at the end of each member; zstd's decoder checks each frame's content checksum (when the
+frame has one, as the zstd CLI writes) but ends quietly where the input ends, so a zstd file's
+frame structure is walked to its last byte once the stream is read to the end. Counting a file
+(`count_records`, while planning) reads it to the end, so the error comes before any Ray work.
 
 Work is cut into shards: a range of records of one file (or a run of small text files). A shard
 is the unit of parallelism and of resumption, so it must be cheap to re-read on its own.
@@ -17,6 +25,7 @@ import hashlib
 import io
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -129,12 +138,109 @@ def expand_paths(patterns: tuple[str, ...] | list[str], fmt: str = "auto") -> li
 
 def open_binary(path: str) -> BinaryIO:
     if path.endswith(".gz"):
-        return gzip.open(path, "rb")
+        return io.BufferedReader(_Decompressed(path, "gzip"), buffer_size=1 << 16)
     if path.endswith((".zst", ".zstd")):
-        import zstandard
-
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")))
+        return io.BufferedReader(_Decompressed(path, "zstd"), buffer_size=1 << 16)
     return open(path, "rb")
+
+
+class _Decompressed(io.RawIOBase):
+    """A gzip or zstd file's decompressed bytes, failing with an InputError that names the file
+    when it is truncated or corrupt (the decoders' own errors name nothing, and zstd's readers
+    do not notice a frame that stops short)."""
+
+    def __init__(self, path: str, kind: str):
+        self.path, self.kind = path, kind
+        self._file = open(path, "rb")
+        if kind == "gzip":
+            self._stream = gzip.GzipFile(fileobj=self._file, mode="rb")
+        else:
+            import zstandard
+
+            self._stream = zstandard.ZstdDecompressor().stream_reader(
+                self._file, read_across_frames=True, closefd=False)
+        self._ended = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        try:
+            n = self._stream.readinto(buffer)
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+            raise self._corrupt(str(e)) from None
+        except Exception as e:  # noqa: BLE001 - zstandard.ZstdError, imported lazily
+            if type(e).__name__ != "ZstdError":
+                raise
+            raise self._corrupt(str(e)) from None
+        if n == 0 and len(buffer) and not self._ended:
+            self._ended = True
+            problem = _empty_problem(self.path, self.kind) or (
+                _zstd_structure_problem(self.path) if self.kind == "zstd" else None)
+            if problem:
+                raise self._corrupt(problem)
+        return n
+
+    def _corrupt(self, why: str) -> InputError:
+        return InputError(f"{self.path}: this {self.kind} file is truncated or corrupt ({why}); "
+                          f"copy or download it again")
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                self._stream.close()
+            finally:
+                self._file.close()
+        super().close()
+
+
+def _empty_problem(path: str, kind: str) -> str | None:
+    # gzip and zstd write a header even for empty input (20 and 9+ bytes)
+    return f"0 bytes: even an empty {kind} stream has a header" if os.path.getsize(path) == 0 else None
+
+
+_ZSTD_MAGIC = 0xFD2FB528
+
+
+def _zstd_structure_problem(path: str) -> str | None:
+    """Why the file is not a whole sequence of zstd frames (RFC 8878, 3.1), or None: each
+    frame's header, every block header up to the last block, the blocks' sizes and the content
+    checksum must all lie inside the file. Reads the headers only (a few bytes per 128 KiB
+    block of text); the content itself is the decoder's to check."""
+    size = os.path.getsize(path)
+    pos = 0
+    with open(path, "rb") as f:
+        while pos < size:
+            f.seek(pos)
+            head = f.read(5)
+            if len(head) < 4:
+                return f"{size - pos} stray byte(s) after the last frame, at byte {pos}"
+            magic = int.from_bytes(head[:4], "little")
+            if magic & 0xFFFFFFF0 == 0x184D2A50:  # a skippable frame: magic, 4-byte length, data
+                length = f.read(3)
+                if len(head) + len(length) < 8:
+                    return f"the skippable frame at byte {pos} is cut short"
+                pos += 8 + int.from_bytes((head[4:] + length), "little")
+                continue
+            if magic != _ZSTD_MAGIC or len(head) < 5:
+                return f"no zstd frame at byte {pos}"
+            fhd = head[4]
+            single_segment, checksum = fhd >> 5 & 1, fhd >> 2 & 1
+            pos += 5 + (0 if single_segment else 1) + (0, 1, 2, 4)[fhd & 3] + \
+                ((1 if single_segment else 0), 2, 4, 8)[fhd >> 6]
+            while True:
+                f.seek(pos)
+                block = f.read(3)
+                if len(block) < 3:
+                    return f"the frame stops before its last block (file ends at byte {size})"
+                header = int.from_bytes(block, "little")
+                pos += 3 + (1 if header >> 1 & 3 == 1 else header >> 3)  # an RLE block holds 1 byte
+                if header & 1:
+                    break
+            pos += 4 * checksum
+            if pos > size:
+                return f"the last frame needs {pos} bytes, the file has {size}"
+    return None
 
 
 def _lines(f: BinaryIO, limit: int) -> Iterator[bytes | None]:
@@ -164,12 +270,18 @@ def count_records(src: SourceFile, limit: int) -> tuple[int, str]:
         return 1, h.hexdigest()
     if src.format == "parquet":
         try:
-            return pq.ParquetFile(src.path).metadata.num_rows, h.hexdigest()
+            n = pq.ParquetFile(src.path).metadata.num_rows
         except Exception as e:  # noqa: BLE001 - any failure to parse the footer
             raise InputError(f"{src.path}: not a readable Parquet file: {e}") from None
-    with open_binary(src.path) as f:
-        n = sum(1 for _ in _lines(f, limit))
-    return n, h.hexdigest()
+    else:
+        with open_binary(src.path) as f:
+            n = sum(1 for _ in _lines(f, limit))
+    # a file without records is one: its reject (`empty_file`) says that the file was read
+    return max(n, 1), h.hexdigest()
+
+
+def _empty_file(src: SourceFile) -> Record:
+    return Record(src.index << RANK_BITS, src.path, "0", reason="empty_file")
 
 
 def plan_shards(files: list[SourceFile], counts: list[int], records_per_shard: int) -> list[Shard]:
@@ -227,6 +339,7 @@ def _read_jsonl(src: SourceFile, start: int, end: int, text_key: str, id_key: st
                 limit: int) -> Iterator[Record]:
     base = src.index << RANK_BITS
     with open_binary(src.path) as f:
+        i = -1
         for i, line in enumerate(_lines(f, limit)):
             if i < start:
                 continue
@@ -250,11 +363,17 @@ def _read_jsonl(src: SourceFile, start: int, end: int, text_key: str, id_key: st
                 yield Record(rank, src.path, str(i), reason="malformed_json", raw_prefix=_prefix(decoded))
                 continue
             yield _from_object(obj, rank, src.path, i, text_key, id_key, decoded)
+    if i < 0 and start == 0 < end:
+        yield _empty_file(src)
 
 
 def _read_parquet(src: SourceFile, start: int, end: int, text_key: str, id_key: str | None) -> Iterator[Record]:
     base = src.index << RANK_BITS
     pf = pq.ParquetFile(src.path)
+    if pf.metadata.num_rows == 0:
+        if start == 0 < end:
+            yield _empty_file(src)
+        return
     row = 0
     for batch in pf.iter_batches(batch_size=1024):
         if row + batch.num_rows <= start:

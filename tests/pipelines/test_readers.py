@@ -109,3 +109,120 @@ def test_huge_line_is_skipped_without_reading_it_whole(tmp_path):
     assert counts == [3]
     assert [r.reason for r in out] == [None, "record_too_large", None]
     assert out[2].text.startswith("after")
+
+
+# A compressed file cut short (an interrupted download or copy) or with bytes flipped (a bad
+# disk or transfer) must fail loudly, naming the file: read quietly, it becomes a corpus with
+# records missing, or garbled, and an ingest that reports its accounting as OK.
+
+def _corpus_bytes(n: int = 400) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in foldoc_records(n)).encode()
+
+
+def _compress(raw: bytes, suffix: str) -> bytes:
+    if suffix == ".gz":
+        return gzip.compress(raw)
+    # what the zstd CLI writes (a content checksum), and what python-zstandard writes by default (none)
+    return zstandard.ZstdCompressor(write_checksum=suffix == ".zst").compress(raw)
+
+
+COMPRESSED = [".gz", ".zst", ".zst-nochecksum"]
+
+
+def _write(tmp_path, suffix: str, data: bytes):
+    path = tmp_path / f"c.jsonl{suffix.split('-')[0]}"
+    path.write_bytes(data)
+    return path
+
+
+def _read_every_way(path):
+    """Count the file (the plan) and read it, shard by shard (the workers): both must fail."""
+    files = expand_paths([str(path)])
+    with pytest.raises(InputError) as counted:
+        count_records(files[0], 1 << 20)
+    # the workers read the file again: its last shard reaches the end and must fail there too
+    with pytest.raises(InputError) as read:
+        list(read_shard(plan_shards(files, [10**6], 10**6)[0], files))
+    return str(counted.value), str(read.value)
+
+
+@pytest.mark.parametrize("suffix", COMPRESSED)
+@pytest.mark.parametrize("cut", [0.5, 0.97, "last byte"])
+def test_truncated_compressed_file_is_an_error_naming_it(tmp_path, suffix, cut):
+    whole = _compress(_corpus_bytes(), suffix)
+    keep = len(whole) - 1 if cut == "last byte" else int(len(whole) * cut)
+    path = _write(tmp_path, suffix, whole[:keep])
+    for message in _read_every_way(path):
+        assert message.startswith(f"{path}: ") and "truncated or corrupt" in message
+        assert "\n" not in message
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".zst", ".zst-nochecksum"])
+def test_flipped_bytes_in_a_compressed_file_are_an_error_naming_it(tmp_path, suffix):
+    whole = bytearray(_compress(_corpus_bytes(), suffix))
+    mid = len(whole) // 2
+    whole[mid:mid + 8] = bytes(b ^ 0xFF for b in whole[mid:mid + 8])
+    path = _write(tmp_path, suffix, bytes(whole))
+    for message in _read_every_way(path):
+        assert message.startswith(f"{path}: ") and "truncated or corrupt" in message
+
+
+def test_flipped_checksum_of_a_zstd_frame_is_an_error(tmp_path):
+    whole = bytearray(_compress(_corpus_bytes(50), ".zst"))
+    whole[-2] ^= 0x01  # the content checksum (the last 4 bytes) no longer matches the text
+    path = _write(tmp_path, ".zst", bytes(whole))
+    for message in _read_every_way(path):
+        assert "truncated or corrupt" in message and "checksum" in message
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".zst"])
+def test_zero_byte_compressed_file_is_truncated(tmp_path, suffix):
+    # gzip and zstd write a header even for empty input: a file of 0 bytes is a copy cut short
+    path = _write(tmp_path, suffix, b"")
+    for message in _read_every_way(path):
+        assert message.startswith(f"{path}: ") and "truncated or corrupt" in message and "0 bytes" in message
+
+
+def test_garbage_after_a_zstd_frame_is_an_error(tmp_path):
+    path = _write(tmp_path, ".zst", _compress(_corpus_bytes(50), ".zst") + b"not zstd at all")
+    for message in _read_every_way(path):
+        assert "truncated or corrupt" in message
+
+
+def test_truncated_compressed_text_file_is_an_error(tmp_path):
+    (tmp_path / "t").mkdir()
+    path = tmp_path / "t" / "a.txt.gz"
+    path.write_bytes(gzip.compress(("word " * 20000).encode())[:-100])
+    files = expand_paths([str(path)])
+    with pytest.raises(InputError, match=rf"^{path}: .*truncated or corrupt"):
+        read_all(files)
+
+
+def test_several_zstd_frames_are_read_whole(tmp_path):
+    # pzstd and `cat a.zst b.zst` write several frames; every one of them is corpus
+    recs = foldoc_records(30)
+    frames = [zstandard.ZstdCompressor(write_checksum=True).compress(
+        "".join(json.dumps(r) + "\n" for r in part).encode()) for part in (recs[:10], recs[10:25], recs[25:])]
+    skippable = (0x184D2A50).to_bytes(4, "little") + (3).to_bytes(4, "little") + b"abc"
+    path = _write(tmp_path, ".zst", frames[0] + skippable + frames[1] + frames[2])
+    counts, out = read_all(expand_paths([str(path)]))
+    assert counts == [30] and [r.source_id for r in out] == [r["id"] for r in recs]
+
+
+@pytest.mark.parametrize("suffix,data", [(".jsonl", b""), (".jsonl.gz", gzip.compress(b"")),
+                                         (".jsonl.zst", zstandard.ZstdCompressor().compress(b""))],
+                         ids=["jsonl", "gz", "zst"])
+def test_a_file_without_records_is_a_counted_reject(tmp_path, suffix, data):
+    good = tmp_path / "a.jsonl"
+    good.write_text(json.dumps(foldoc_records(1)[0]) + "\n")
+    empty = tmp_path / f"b{suffix}"
+    empty.write_bytes(data)
+    counts, out = read_all(expand_paths([str(good), str(empty)]))
+    assert counts == [1, 1]  # read = kept + rejected holds: the empty file is one rejected record
+    assert [r.reason for r in out] == [None, "empty_file"] and out[1].source == str(empty)
+
+
+def test_an_empty_parquet_file_is_a_counted_reject(tmp_path):
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "p.parquet")
+    counts, out = read_all(expand_paths([str(tmp_path / "p.parquet")]))
+    assert counts == [1] and [r.reason for r in out] == ["empty_file"]

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from model.errors import M3Error
 from storage.schemas import SCHEMA_VERSION
-from storage.layout import BankLayout
+from storage.layout import BankLayout, check_bank_uri
 
 META_KEY = b"m3"
 
@@ -35,6 +35,7 @@ class Bank:
         from storage.live import live_versions
 
         self.uri = uri
+        check_bank_uri(uri)  # a file or an unknown scheme: one line here, not "File exists" from LanceDB
         self.db = lancedb.connect(uri)
         # read once: a reader keeps one consistent build for its whole life, even if a
         # rebuild publishes a new one meanwhile

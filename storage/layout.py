@@ -15,7 +15,9 @@
     <bank>/quantizers/<hash>.faiss  vector quantizers of the vq codec
     <bank>/eval/                    `m3 eval` results
 
-A bank is a local directory or a URI (`s3://bucket/bank`, `file:///shared/bank`). Every part
+A bank is a local directory or a URI (`s3://bucket/bank`, `file:///shared/bank`), and nothing
+else (`check_bank_uri`: a path that is a file, or a URI of another scheme, is refused when the
+config is loaded and when a Bank is opened). Every part
 comes back as a `UPath` (universal_pathlib, on fsspec's filesystems): for a local bank that is
 a plain `pathlib.Path`; for a URI it joins, tests and reads without mangling the scheme
 (`Path("s3://b/bank")` would make it `s3:/b/bank`). Table locations are plain strings, which
@@ -33,6 +35,9 @@ from upath import UPath
 from model.errors import M3Error
 
 MANIFEST = "_live.json"
+# URI schemes a bank can live at, besides a local path: where the live manifest's and the lock's
+# conditional writes are implemented (storage/conditional.py)
+SCHEMES = ("file", "s3")
 
 
 class LayoutError(M3Error, ValueError):
@@ -41,6 +46,28 @@ class LayoutError(M3Error, ValueError):
 
 def is_uri(location: str) -> bool:
     return "://" in str(location)
+
+
+def check_bank_uri(uri: str) -> None:
+    """LayoutError, naming the problem, for a bank location that cannot be one: a URI of a scheme
+    other than SCHEMES, or a local path that is a file or lies inside one (which would otherwise
+    fail deep inside LanceDB with "File exists")."""
+    uri = str(uri)
+    if is_uri(uri):
+        scheme = uri.split("://", 1)[0]
+        if scheme.lower() not in SCHEMES:
+            raise LayoutError(f"{uri}: a bank cannot live at a {scheme}:// URI; it is a local path, a file:// or "
+                              f"an s3:// URI")
+        if scheme.lower() != "file":
+            return
+        uri = uri[len("file://"):]
+    path = Path(uri).expanduser()
+    for place in (path, *path.parents):
+        if place.exists():
+            if not place.is_dir():
+                inside = "" if place == path else f" (the bank would be inside it, at {path})"
+                raise LayoutError(f"{place} is a file, not a directory{inside}: point the bank at a directory")
+            return
 
 
 def upath(location: str | Path) -> UPath:

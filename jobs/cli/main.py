@@ -9,8 +9,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -26,9 +29,36 @@ def cmd_validate(cfg, args) -> int:
 
     files = expand_paths(cfg.corpus.paths, cfg.corpus.format)
     check_parquet_columns(files, cfg.corpus.text_key)
+    _check_model_inputs(cfg)
     print(yaml.safe_dump(cfg.as_dict(), sort_keys=False).rstrip())
     print(f"# OK: {cfg.source} is valid; {len(files)} input file(s)")
     return 0
+
+
+def _check_model_inputs(cfg) -> None:
+    """The other files a config names, as the stages will open them: a pinned tokenizer
+    (ingest) and a model to encode with (encode). Local paths only: an object store is not
+    asked here."""
+    from jobs.config import ConfigError
+    from jobs.models import WEIGHTS
+    from pipelines.tokenizer import TokenizerError, load
+
+    def local(key: str, path: str | None):
+        if not path or ("://" in path and not path.startswith("file://")):
+            return None
+        p = Path(path.removeprefix("file://"))
+        if not p.exists():
+            raise ConfigError(f"{key}: {path} does not exist (working directory {os.getcwd()})")
+        return p
+
+    if local("tokenizer.path", cfg.tokenizer.path):
+        try:
+            load(cfg.tokenizer.path)
+        except TokenizerError as e:
+            raise ConfigError(f"tokenizer.path: {e}") from None
+    checkpoint = local("encode.checkpoint", cfg.encode.checkpoint)
+    if checkpoint and not (checkpoint / WEIGHTS).is_file():
+        raise ConfigError(f"encode.checkpoint: {cfg.encode.checkpoint} holds no {WEIGHTS}")
 
 
 def cmd_search(cfg, args) -> int:
@@ -162,13 +192,44 @@ COMMANDS = {"validate": cmd_validate, "ingest": cmd_stage, "encode": cmd_stage, 
             "generate": cmd_generate, "eval": cmd_eval, **OPS_COMMANDS}
 
 
+def _raised(e: BaseException) -> BaseException:
+    """The error a Ray task or actor raised, out of the RayTaskError that carries it to the
+    driver (whose text is the task's whole traceback)."""
+    exceptions = sys.modules.get("ray.exceptions")
+    while exceptions is not None and isinstance(e, exceptions.RayTaskError) and isinstance(e.cause, BaseException):
+        e = e.cause
+    return e
+
+
+def _user_error(e: BaseException, cfg) -> str | None:
+    """The one line for an error the person running m3 can fix, None for a bug: an M3Error (the
+    input, config, bank or cluster is wrong) or a full disk. A full disk is errno ENOSPC, or its
+    text where a library passes the error on without the errno (Lance: "... (os error 28)")."""
+    if isinstance(e, M3Error):
+        return str(e)
+    if getattr(e, "errno", None) == errno.ENOSPC or os.strerror(errno.ENOSPC) in str(e):
+        where = getattr(e, "filename", None) or (f"the bank at {cfg.bank.uri}" if cfg is not None else "the disk")
+        return (f"no space left on device writing {where}: the bank's live build is intact (a build is "
+                f"published only once it is whole); free space and rerun")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    cfg = None
     try:
         cfg = load_config(args.config, args.overrides)
         return COMMANDS[args.command](cfg, args)
-    except M3Error as e:  # the input, config, bank or cluster is wrong: one line; anything else is a bug
-        print(f"m3 {args.command}: error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - one line for what the user can fix; anything else is a bug: re-raised
+        raised = _raised(e)
+        message = _user_error(raised, cfg)
+        if message is None:
+            raise
+        if raised is not e:
+            # the stage's other tasks that failed too (the same bad input, often) would each be
+            # logged by Ray with its traceback as their results are dropped: this line says it
+            os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
+        print(f"m3 {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -25,6 +25,7 @@ from model.checked import check_fields
 from model.config import PRESETS, ModelConfig
 from pipelines.filters import QualityConfig
 from pipelines.minhash import MinHashConfig
+from storage.layout import LayoutError, check_bank_uri
 
 __all__ = ["Config", "ConfigError", "load_config", "config_hash"]
 
@@ -56,6 +57,10 @@ class BankConfig:
         check_fields(self)
         if "://" not in self.uri:
             object.__setattr__(self, "uri", str(Path(self.uri).absolute()))
+        try:  # a file where the bank should be, or a scheme no bank lives at: refused now, not in LanceDB
+            check_bank_uri(self.uri)
+        except LayoutError as e:
+            raise ValueError(f"uri: {e}") from None
 
 
 @dataclass(frozen=True)

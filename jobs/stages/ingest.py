@@ -135,6 +135,20 @@ def clean_and_dedup(cfg: Config, files, shards, stage_dir: UPath, report: Report
         return resolve(stage_dir, cfg.dedup.partitions)
 
 
+def refuse_without_documents(cfg: Config, stage_dir: UPath, shard_ids: list[str], records: int) -> None:
+    """A corpus of which not one record became a document (empty files, every record rejected)
+    makes no bank: committed, its empty tables would replace the bank's and every later stage
+    would fail on them. Refused after the clean step, which decides it, with nothing committed
+    and this build's staged files removed; the reasons come from the rejects it staged."""
+    if any(batch.num_rows for batch in iter_batches(assemble.staged(stage_dir, "docs", shard_ids), columns=["rank"])):
+        return
+    reasons = assemble.reason_counts(iter_batches(assemble.staged(stage_dir, "rejects", shard_ids), columns=["reason"]))
+    remove(stage_dir)
+    why = ", ".join(f"{reason} {n:,}" for reason, n in reasons.items())
+    raise readers.InputError(f"the corpus at {', '.join(cfg.corpus.paths)} yielded 0 documents: its {records:,} "
+                             f"record(s) were all rejected ({why}); nothing written")
+
+
 def tokenizer_for(cfg: Config, stage_dir: UPath, shard_ids: list[str], dup_ranks, report: Report) -> tuple[str, UPath]:
     """Stage 3: train (or load) the tokenizer once; returns its JSON and its path in the bank."""
     with report.stage("tokenize"):
@@ -190,6 +204,7 @@ def run_ingest(cfg: Config) -> dict:
     init_ray(cfg.ray, dashboard=False)  # plain tasks: no State API read
 
     dedup = clean_and_dedup(cfg, files, shards, stage_dir, report, key)
+    refuse_without_documents(cfg, stage_dir, shard_ids, sum(counts))
     tok_json, bank_tok = tokenizer_for(cfg, stage_dir, shard_ids, dedup[0], report)
     keys = memo_keys(cfg, bank_tok.stem)
     with report.stage("chunk"):

@@ -37,11 +37,11 @@ from pathlib import Path
 
 from jobs.config import Config
 from jobs.config.cron import Cron
+from jobs.project import ROOT
 from storage.runs import RunLog
 from storage.layout import BankLayout, is_uri
 
 SUMMARY_ENV = "M3_RUN_SUMMARY"
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _runs_dir(cfg: Config):

@@ -3,11 +3,16 @@
     m3 submit ingest -c configs/demo.yaml --address http://127.0.0.1:8265 [--wait]
     m3 jobs | m3 logs ID [--follow] | m3 stop ID
 
-The job runs `python -m jobs.cli.entry STAGE` on the cluster with this project as its working
-directory (uploaded by Ray, .gitignore'd paths left out) and the resolved config in an
-environment variable: what runs is what `m3 validate` printed here, whatever files the cluster
-has. Relative bank and input paths are made absolute (or left relative to the project, which is
-the job's working directory), so they mean the same thing there as here.
+The job runs `python -m jobs.cli.entry STAGE` on the cluster with this project's checkout as its
+working directory (jobs/project.py finds it; uploaded by Ray, .gitignore'd paths, .git, .venv and
+a bank or training directory inside the project left out: `runtime_env`) and the resolved config
+in an environment variable: what runs is what `m3 validate` printed here, whatever files the
+cluster has. Relative bank and input paths are made absolute (or left relative to the project,
+which is the job's working directory), so they mean the same thing there as here. Its `python` is
+this machine's interpreter where the head has it at the same path (README, "On a cluster": the
+project and its .venv at the same path on every machine, and a head started as `.venv/bin/ray
+start` has no .venv on its PATH), else the `python` on the head's PATH (ray_cluster*.yaml put the
+cluster's .venv first): `entrypoint`.
 
 The submission id is a hash of the stage, the resolved config and the versions of the stage's
 inputs (corpus files; input tables): submitting again what already succeeded is a no-op that
@@ -29,16 +34,18 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
+import sys
 import time
 from pathlib import Path
 
 import yaml
 
 from jobs.config import Config, config_hash
+from jobs.project import ROOT, project_root
 from model.errors import M3Error
 from storage.layout import BankLayout
 
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 CONFIG_ENV = "M3_SUBMIT_CONFIG"
 STAGES = ("ingest", "encode", "embed", "pair", "train", "rebuild", "run", "generate", "eval")
@@ -136,28 +143,63 @@ class Jobs:
         return call
 
 
-def _portable(path: str | None) -> str | None:
-    """A local path that means the same on the cluster: inside the project -> relative to it
-    (the job's working directory), elsewhere -> absolute. URIs are left alone."""
+# Never uploaded with the project, whatever .gitignore says (Ray also leaves out what it ignores,
+# unless RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1). Relative to the project root, gitignore syntax;
+# without a trailing slash, so that Ray does not walk the directory's files to leave each out.
+EXCLUDES = ["/.git", "/.venv", "/bank", "/runs", "__pycache__", "*.egg-info", "/.pytest_cache", "/.hypothesis"]
+
+
+def excludes(cfg: Config) -> list[str]:
+    """EXCLUDES, and the config's bank and training directories where they lie inside the project
+    (the job reads and writes them where they are, by their absolute paths)."""
+    out = list(EXCLUDES)
+    for path in (cfg.bank.uri, cfg.train.run_dir):
+        if ROOT is not None and path and "://" not in path:
+            p = Path(path).expanduser().resolve()
+            if p != ROOT and p.is_relative_to(ROOT):
+                out.append("/" + p.relative_to(ROOT).as_posix())
+    return out
+
+
+def _shipped(cfg: Config):
+    """rel -> whether the upload holds that path of the project (excludes and .gitignore), with
+    the patterns read at the first call."""
+    specs = []
+
+    def shipped(rel: Path) -> bool:
+        if not specs:
+            from ray._private.thirdparty.pathspec import PathSpec  # the matcher Ray's upload uses
+
+            gitignore = ROOT / ".gitignore"
+            lines = excludes(cfg) + (gitignore.read_text().splitlines() if gitignore.is_file() else [])
+            specs.append(PathSpec.from_lines("gitwildmatch", lines))
+        return not any(specs[0].match_file(a.as_posix()) for a in (rel, *list(rel.parents)[:-1]))
+    return shipped
+
+
+def _portable(path: str | None, shipped) -> str | None:
+    """A local path that means the same on the cluster: a file the job's working directory holds
+    (the project, as uploaded) -> relative to it, anything else -> absolute. URIs are left alone."""
     if path is None or "://" in path:
         return path
     p = Path(path).expanduser().resolve()
-    try:
+    if ROOT is not None and p.is_relative_to(ROOT) and shipped(p.relative_to(ROOT)):
         return str(p.relative_to(ROOT))
-    except ValueError:
-        return str(p)
+    return str(p)
 
 
 def portable_config(cfg: Config, job: bool = False) -> dict:
     """The resolved config as it should read elsewhere; `job`: for a Ray job's driver, which must
     join the cluster it runs on instead of starting an embedded one."""
     d = cfg.as_dict()
+    shipped = _shipped(cfg) if ROOT is not None else None
     if job and not d["ray"]["address"]:
         d["ray"]["address"] = "auto"
     d["bank"]["uri"] = str(Path(d["bank"]["uri"]).expanduser().resolve()) if "://" not in d["bank"]["uri"] else d["bank"]["uri"]
-    d["corpus"]["paths"] = [_portable(p) if not any(c in p for c in "*?[") else p for p in d["corpus"]["paths"]]
-    d["encode"]["checkpoint"] = _portable(d["encode"]["checkpoint"])
-    d["tokenizer"]["path"] = _portable(d["tokenizer"]["path"])
+    d["corpus"]["paths"] = [_portable(p, shipped) if not any(c in p for c in "*?[") else p
+                            for p in d["corpus"]["paths"]]
+    d["encode"]["checkpoint"] = _portable(d["encode"]["checkpoint"], shipped)
+    d["tokenizer"]["path"] = _portable(d["tokenizer"]["path"], shipped)
     return d
 
 
@@ -203,17 +245,29 @@ def submit(cfg: Config, stage: str, args: list[str], address: str | None = None,
         if _status(j) not in DONE:
             return j.submission_id, "running"
     sid = base if not mine else f"{base}-r{len(mine)}"
-    runtime_env = {"working_dir": str(ROOT), "excludes": [".git", ".venv", "bank", "runs"],
-                   "env_vars": {CONFIG_ENV: yaml.safe_dump(portable_config(cfg, job=True), sort_keys=False),
-                                "M3_PROGRESS": "0", **_faults(), **(env or {})}}
     try:
-        c.submit_job(entrypoint=" ".join(["python", "-m", "jobs.cli.entry", stage, *args]), submission_id=sid,
-                     runtime_env=runtime_env, metadata={"m3_stage": stage, "m3_config": str(cfg.source)})
+        c.submit_job(entrypoint=entrypoint(stage, args), submission_id=sid, runtime_env=runtime_env(cfg, env),
+                     metadata={"m3_stage": stage, "m3_config": str(cfg.source)})
     except RuntimeError as e:
         # a retried submission whose first attempt went through before its answer was lost
         if "already exists" not in str(e):
             raise SubmitError(f"submitting {stage} failed: {str(e).splitlines()[0][:300]}") from None
     return sid, "submitted"
+
+
+def runtime_env(cfg: Config, env: dict | None = None) -> dict:
+    """The job's runtime env: the project's checkout as its working directory, less `excludes`,
+    the resolved config and the environment it asks for."""
+    return {"working_dir": str(project_root("m3 submit")), "excludes": excludes(cfg),
+            "env_vars": {CONFIG_ENV: yaml.safe_dump(portable_config(cfg, job=True), sort_keys=False),
+                         "M3_PROGRESS": "0", **_faults(), **(env or {})}}
+
+
+def entrypoint(stage: str, args: list[str]) -> str:
+    """`python -m jobs.cli.entry STAGE ARGS`, run by the head's shell with the Python that has the
+    project's packages there: this interpreter where the head has its path, else `python`."""
+    command = shlex.join(["-m", "jobs.cli.entry", stage, *args])
+    return f'PY={shlex.quote(sys.executable)}; [ -x "$PY" ] || PY=python; exec "$PY" {command}'
 
 
 def _faults() -> dict:

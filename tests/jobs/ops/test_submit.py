@@ -3,7 +3,10 @@
 The head runs on 127.0.0.1 with its own ports and temp dir (not the session's embedded Ray, not
 anyone else's cluster), under `ray start --block` in a process group of its own, so tearing it
 down stops exactly what this test started. Token auth is on, with a token this test generates
-(RAY_AUTH_TOKEN_PATH), and the m3 commands get no auth setup of their own.
+(RAY_AUTH_TOKEN_PATH), and the m3 commands get no auth setup of their own. The head starts as the
+README says (`.venv/bin/ray start`), without the .venv on PATH: the `python` there is not the
+project's, and the jobs find the project's interpreter and packages on their own
+(jobs/ops/submit.py `entrypoint`, `runtime_env`).
 """
 
 from __future__ import annotations
@@ -123,11 +126,17 @@ def node_logs(log: Path, tail: int = 2000) -> str:
     return "\n".join(parts)
 
 
-def head_env(token: Path) -> dict:
+def head_env(token: Path, venv_on_path: bool = True) -> dict:
+    """`venv_on_path` False: as the README starts a head (`.venv/bin/ray start`), the .venv's bin
+    nowhere on PATH."""
+    path = [p for p in os.environ["PATH"].split(os.pathsep) if Path(p) != VENV_BIN]
     # no drain on SIGTERM: it exists for Serve replicas, and would add 30 s to the teardown
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_TOKEN_PATH": str(token),
            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-           "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "M3_PROGRESS": "0", "M3_SUBMIT_TIMEOUT_S": "240"}
+           "PATH": os.pathsep.join([str(VENV_BIN)] * venv_on_path + path), "M3_PROGRESS": "0",
+           "M3_SUBMIT_TIMEOUT_S": "240"}
+    if not venv_on_path:
+        env.pop("VIRTUAL_ENV", None)
     env.pop("RAY_AUTH_MODE", None)
     env.pop("RAY_ADDRESS", None)
     return env
@@ -137,7 +146,7 @@ def head_env(token: Path) -> dict:
 def head(tmp_path_factory):
     token = tmp_path_factory.mktemp("auth") / "auth_token"
     token.write_text(uuid.uuid4().hex)
-    env = head_env(token)
+    env = head_env(token, venv_on_path=False)
     for attempt in range(3):  # a port chosen free can be taken by another cluster before ray binds it
         tmp = Path(tempfile.mkdtemp(prefix="m3ray-", dir="/tmp"))  # short: Ray's socket paths have a length limit
         proc, address = start_head(env, tmp)

@@ -2,7 +2,8 @@
 
 Every rebuild writes new versions, and Lance keeps every old version's files until told
 otherwise (that is what makes time travel and pinned readers work). `apply_retention` is the one
-place versions are deleted, by `m3 rebuild` after each publish and by `m3 bank compact`. Per table
+place versions are deleted, after each publish of `m3 rebuild` and `m3 run` (jobs/ops/publish.py:
+never when the publish was refused) and by `m3 bank compact`. Per table
 it keeps
 - the versions named by the newest `keep_builds` published builds (a reader opened on a recent
   build keeps working: Bank(uri, live=True) pins the versions it read from the manifest);
@@ -70,8 +71,9 @@ def apply_retention(bank_uri: str, manifest: dict, keep_builds: int, keep_tags: 
         if not old:
             continue
         # delete_unverified stays off: files no version references may belong to a write in
-        # progress (a plain `m3 encode` does not take the rebuild lock); Lance removes them once
-        # they are 7 days old, which is when a crashed write's leftovers go
+        # progress (every command that writes takes the bank's write lock, jobs/ops/lock.py, but
+        # a server writing memories back does not); Lance removes them once they are 7 days
+        # old, which is when a crashed write's leftovers go
         stats = ds.cleanup_old_versions(versions=old, error_if_tagged_old_versions=False)
         out[table] = {"versions_removed": len(old), "bytes_removed": stats.bytes_removed, "tags_removed": dropped_tags}
     if "memories" in manifest["versions"]:

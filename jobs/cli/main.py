@@ -19,7 +19,7 @@ import yaml
 
 from jobs.config import load_config
 from jobs.inference.generate import add_parser as add_generate
-from jobs.cli.ops import COMMANDS as OPS_COMMANDS, add_parsers as add_ops
+from jobs.cli.ops import ALLOW_SHRINK, COMMANDS as OPS_COMMANDS, add_parsers as add_ops
 from model.errors import M3Error
 
 
@@ -133,7 +133,7 @@ def cmd_stage(cfg, args) -> int:
 def cmd_run(cfg, args) -> int:
     from jobs.ops.run import run_all
 
-    run_all(cfg, start=args.start, only=args.only)
+    run_all(cfg, start=args.start, only=args.only, allow_shrink=args.allow_shrink)
     return 0
 
 
@@ -181,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", parents=[common], help="every stage in order, then the run report")
     run.add_argument("--from", dest="start", metavar="STAGE", help="start at this stage (the earlier ones are done)")
     run.add_argument("--only", metavar="STAGES", help="comma-separated stages to run, in pipeline order")
+    run.add_argument("--allow-shrink", action="store_true", help=ALLOW_SHRINK)
     add_ops(sub, common)  # rebuild, submit, jobs, logs, stop, schedule
     add_generate(sub, common)
     sub.add_parser("eval", parents=[common], help="held-out loss with memory, without, with RAG; knowledge probe")

@@ -14,7 +14,7 @@ import os
 def cmd_rebuild(cfg, args) -> int:
     from jobs.ops.rebuild import run_rebuild
 
-    summary = run_rebuild(cfg)
+    summary = run_rebuild(cfg, allow_shrink=args.allow_shrink)
     path = os.environ.get("M3_RUN_SUMMARY")  # set by `m3 schedule`: the run's counts and versions
     if path:
         from storage.staging import write_text_atomic
@@ -75,6 +75,11 @@ def cmd_schedule(cfg, args) -> int:
     return run_schedule(cfg, max_runs=args.max_runs, address=args.address)
 
 
+# `m3 rebuild --allow-shrink` and `m3 run --allow-shrink` (jobs/ops/publish.py)
+ALLOW_SHRINK = ("publish even if the new build has far fewer references than the live one (below "
+                "1 - rebuild.max_shrink of them); a build with 0 references is never published")
+
+
 def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     address = argparse.ArgumentParser(add_help=False)
     address.add_argument("--address", default=None,
@@ -82,8 +87,9 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     address.add_argument("--timeout", type=float, default=None, metavar="S",
                          help="how long to retry what the cluster reports as transient (no job agent yet, "
                               "5xx, dropped connection); default $M3_SUBMIT_TIMEOUT_S or 60")
-    sub.add_parser("rebuild", parents=[common],
-                   help="incremental rebuild of the bank, published as `live` when it fully succeeds")
+    rebuild = sub.add_parser("rebuild", parents=[common],
+                             help="incremental rebuild of the bank, published as `live` when it fully succeeds")
+    rebuild.add_argument("--allow-shrink", action="store_true", help=ALLOW_SHRINK)
     submit = sub.add_parser("submit", parents=[common, address], help="run a stage as a Ray job (Jobs API)")
     submit.add_argument("stage")
     submit.add_argument("--wait", action="store_true", help="stream the job's logs until it ends")

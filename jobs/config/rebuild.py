@@ -27,6 +27,11 @@ class RebuildConfig:
     # A lock taken on another host is considered stale after this long (same-host locks are
     # checked by pid): set it above the longest rebuild.
     lock_stale_s: float = field(default=24 * 3600.0, metadata={"gt": 0})
+    # Refuse to publish a build whose refs table has fewer than (1 - max_shrink) of the live
+    # build's references (0.5: refuse below half), unless told to (`--allow-shrink` on `m3 rebuild`
+    # and `m3 run`): a half-downloaded corpus must not replace the live build, nor let retention
+    # delete the builds before it. 1 refuses nothing; a build with 0 references is never published.
+    max_shrink: float = field(default=0.5, metadata={"ge": 0, "le": 1})
     # After each rebuild also run `m3 bank compact` (merge fragments, publish the compacted
     # build, delete versions no kept build or tag holds) while still holding the lock.
     compact_after: bool = False

@@ -1,30 +1,31 @@
-"""`m3 bank compact`: merge small fragments and delete versions nothing holds, under the rebuild lock.
+"""`m3 bank compact`: merge small fragments and delete versions nothing holds, under the bank's write lock.
 
 The work is storage/retention.compact_bank (the same retention code path `m3 rebuild` uses);
 this adds the lock. Compaction publishes a build and deletes versions, so it must not run beside
-a rebuild (which would publish over it, or lose versions it is writing): it takes the bank's
-`rebuild` lock (jobs/ops/lock.py) and, if a rebuild holds it, refuses at once naming the holder.
-`m3 rebuild` with `rebuild.compact_after: true` calls `compact_locked` while it holds the lock.
+a rebuild or any other writer (which would publish over it, or lose versions it is writing): it
+takes the bank's write lock (jobs/ops/lock.py) and, if another command holds it, refuses at once
+naming the holder. `m3 rebuild` with `rebuild.compact_after: true` calls `compact_locked` while
+it holds the lock.
 """
 
 from __future__ import annotations
 
 from jobs.config import Config
-from jobs.ops.lock import BankLock, LockError
+from jobs.ops.lock import LockError, write_lock
 from storage.retention import compact_bank
 
 
 def compact_locked(cfg: Config) -> dict:
-    """Compact; the caller holds the bank's rebuild lock."""
+    """Compact; the caller holds the bank's write lock."""
     return compact_bank(cfg.bank.uri, cfg.rebuild.keep_builds)
 
 
 def run_compact(cfg: Config) -> dict:
     try:
-        with BankLock(cfg.bank.uri, "rebuild", cfg.rebuild.lock_stale_s):
+        with write_lock(cfg, "compaction"):
             return compact_locked(cfg)
     except LockError as e:
-        raise LockError(f"cannot compact while a rebuild holds the bank: {e}") from None
+        raise LockError(f"cannot compact while another command writes the bank: {e}") from None
 
 
 def render(summary: dict) -> str:

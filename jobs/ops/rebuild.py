@@ -2,7 +2,8 @@
 
     python -m jobs rebuild -c configs/demo.yaml
 
-1. lock      one rebuild per bank (jobs/ops/lock.py): a second one fails at once, naming the first;
+1. lock      the bank's write lock (jobs/ops/lock.py), the one every writer takes: a second
+             rebuild, an `m3 ingest` or any other writer fails at once, naming the holder;
 2. ingest    the corpus -> documents, rejects, refs, train_sequences (nothing to do when neither
              corpus nor config changed); the live build's tokenizer is reused, so an unchanged
              document keeps its token ids and therefore its references' content hashes;
@@ -10,13 +11,19 @@
              changed references encoded, removed ones dropped, unchanged ones copied; a new
              model re-encodes everything;
 4. embeddings the embed stage, the same way, by text (rebuild.embeddings);
-5. publish   the `live` manifest names the new version of every table in one atomic write (a
-             rename, or one PUT on an object store), then each table's `live` tag moves
-             (storage/live.py). Readers that follow `live` (m3 sql, MemoryStore,
-             Bank(uri, live=True)) never see a build that did not finish. The write happens
-             only if the manifest is still the one read at step 1 (If-Match on S3): of two
-             rebuilds that both think they hold the lock (one taken over as stale), the second
-             to publish fails with PublishConflict instead of replacing the first one's build;
+5. publish   through the one publish policy (jobs/ops/publish.py, shared with `m3 run`): the
+             versions steps 2-4 wrote or found up to date, never the latest (a write by anyone
+             else meanwhile is not published; memories or embeddings of another refs version
+             are refused); a build with 0 references, or with fewer than
+             (1 - rebuild.max_shrink) of the live build's, is refused unless --allow-shrink
+             (exit 2: nothing published, no retention). The `live` manifest names the new
+             version of every table in one atomic write (a rename, or one PUT on an object
+             store), then each table's `live` tag moves (storage/live.py). Readers that follow
+             `live` (m3 sql, MemoryStore, Bank(uri, live=True)) never see a build that did not
+             finish. The write happens only if the manifest is still the one read at step 1
+             (If-Match on S3): of two rebuilds that both think they hold the lock (one taken
+             over as stale), the second to publish fails with PublishConflict instead of
+             replacing the first one's build;
 6. retain    versions older than the newest `rebuild.keep_builds` published builds are deleted;
 7. compact   with rebuild.compact_after, `m3 bank compact` under the same lock (jobs/ops/compact.py).
 
@@ -38,10 +45,11 @@ from jobs.faults import maybe_crash
 from jobs.stages.ingest import TABLES  # the tables ingest writes
 from jobs.ops.compact import compact_locked
 from jobs.stages.encode import memories_slab
-from jobs.ops.lock import BankLock
+from jobs.ops.lock import write_lock
+from jobs.ops.publish import publish_build
 from storage.bank import Bank
-from storage.live import TAG, live_versions, manifest_state, publish
-from storage.retention import apply_retention, compact
+from storage.live import TAG, live_versions, manifest_state
+from storage.retention import compact
 from storage.layout import BankLayout
 
 
@@ -63,7 +71,7 @@ def pin_tokenizer(cfg: Config) -> Config:
     return dataclasses.replace(cfg, tokenizer=dataclasses.replace(cfg.tokenizer, path=str(path)))
 
 
-def run_rebuild(cfg: Config) -> dict:
+def run_rebuild(cfg: Config, allow_shrink: bool = False) -> dict:
     from jobs.stages.embed import run_embed
     from jobs.stages.encode import run_encode
     from jobs.stages.ingest import run_ingest
@@ -79,7 +87,7 @@ def run_rebuild(cfg: Config) -> dict:
         notes.append(text)
         print(f"[rebuild] {text}", flush=True)
 
-    with BankLock(cfg.bank.uri, "rebuild", cfg.rebuild.lock_stale_s):
+    with write_lock(cfg, "rebuild"):  # reentrant: the stages below take it too
         before, token = manifest_state(cfg.bank.uri)  # what this build is built on, and publishes over
         before = dict(before["versions"]) if before else {}
         cfg = pin_tokenizer(cfg)
@@ -97,18 +105,21 @@ def run_rebuild(cfg: Config) -> dict:
             embeddings["index"] = embeddings["index"].get("index")
         lap("embeddings")
         bank = Bank(cfg.bank.uri)
-        names = [*TABLES, "memories", *(["embeddings"] if embeddings else [])]
         # merges fragments if memories were written in pieces; a no-op for our one-write tables
         if (v := compact(bank.dataset("memories").uri)) is not None:
             memories["version"] = v
             memories["slab"] = memories_slab(cfg.bank.uri, v, note)  # the served version's, not the one before
-        versions = {name: bank.table(name).version for name in names}
+        # exactly what the stages wrote or found up to date, never the latest (jobs/ops/publish.py)
+        versions = {**{name: ingest["versions"][name] for name in TABLES}, "memories": memories["version"],
+                    **({"embeddings": embeddings["version"]} if embeddings else {})}
         maybe_crash("publish", 1)  # the kill-before-publish test: readers must still see the old build
         changed = versions != before
-        manifest = publish(bank, versions, {"ingest_key": bank.metadata("refs").get("ingest_key"),
-                                            "encode_key": bank.metadata("memories").get("encode_key")},
-                           expect=token)
-        retention = apply_retention(cfg.bank.uri, manifest, cfg.rebuild.keep_builds)
+        published = publish_build(cfg, versions, token, {"ingest_key": ingest.get("ingest_key"),
+                                                         "encode_key": memories.get("encode_key")},
+                                  allow_shrink=allow_shrink, what="rebuild",
+                                  built_from={"memories": memories.get("refs_version"),
+                                              "embeddings": (embeddings or {}).get("refs_version")})
+        retention = published["retention"]
         lap("publish")
         compaction = compact_locked(cfg) if cfg.rebuild.compact_after else None
         if compaction:

@@ -11,6 +11,13 @@ references in real time with its current weights, so a bank encoded by the warmu
 never be read; the one encode that matters comes after continual training, with the weights that
 will read it (jobs/stages/encode.py picks the newest trained model).
 
+The whole run holds the bank's write lock (jobs/ops/lock.py; the stages take it too, reentrant):
+no other writer, `m3 ingest` or a rebuild, runs beside it. `publish` goes through the rebuild's
+publish policy (jobs/ops/publish.py): it publishes the versions this run's stages wrote or found
+up to date (and, for a stage not run, the version there when the run started), compare-and-swap
+against the live manifest read when the run started, refuses a build of 0 references or one
+far smaller than the live build unless --allow-shrink, then applies retention (rebuild.keep_builds).
+
 The report (<bank>/_reports/run.md, and run.json) gathers what each stage committed: the ingest
 counts, the training curves, the held-out losses with and without memory, the evaluation in
 the three inference modes and a sample generation with the memories it read.
@@ -56,28 +63,56 @@ def _encode(cfg):
     return run_encode(cfg)
 
 
-def _publish(cfg):
-    """Publish the build the stages just wrote as the bank's `live` one, as `m3 rebuild` does:
-    inference and `m3 sql` read `live`, and the stages write the latest versions. Refused when
-    the tables come from different ingests (a partial run), under the rebuild's lock."""
+def published_tables() -> list[str]:
     from jobs.stages.ingest import TABLES
-    from jobs.ops.lock import BankLock
-    from storage.bank import Bank, BankError
-    from storage.live import publish
+
+    return [*TABLES, "memories", "embeddings"]
+
+
+def found_versions(cfg) -> dict[str, int]:
+    """The version of each published table when the run starts (under the write lock)."""
+    from storage.bank import Bank
 
     bank = Bank(cfg.bank.uri)
-    names = [*TABLES, "memories", "embeddings"]
-    bank.require(*names)
+    return {n: bank.table(n).version for n in published_tables() if bank.has(n)}
+
+
+def built_versions(results: dict[str, dict]) -> dict[str, int]:
+    """The versions this run's stages wrote or found up to date."""
+    built = dict(results.get("ingest", {}).get("versions") or {})
+    for stage, table in (("encode", "memories"), ("embed", "embeddings")):
+        if results.get(stage, {}).get("version") is not None:
+            built[table] = results[stage]["version"]
+    return built
+
+
+def _publish(cfg, results: dict[str, dict], found: dict[str, int], token, allow_shrink: bool = False) -> dict:
+    """Publish the build this run made as the bank's `live` one, through the rebuild's policy
+    (jobs/ops/publish.py): inference and `m3 sql` read `live`. Refused when the tables come
+    from different ingests (a partial run)."""
+    from jobs.ops.publish import publish_build
+    from storage.bank import Bank, BankError
+
+    names = published_tables()
+    versions = {**found, **built_versions(results)}
+    missing = [n for n in names if n not in versions]
+    if missing:
+        Bank(cfg.bank.uri).require(*missing)  # names the command that makes each
+        raise BankError(f"not publishing: no version of {', '.join(missing)} (written by another process during this run?)")
+    versions = {n: versions[n] for n in names}
+    bank = Bank(cfg.bank.uri)
+    bank.pins = dict(versions)  # the lineage of the versions published, not of the latest
     keys = {n: bank.metadata(n).get("ingest_key") for n in ("refs", "memories", "embeddings")}
     if len(set(keys.values())) != 1:
         raise BankError(f"not publishing a mixed build: the tables come from different ingests {keys}; "
                         f"run the stages that are behind (m3 run --from embed)")
-    with BankLock(cfg.bank.uri, "rebuild", cfg.rebuild.lock_stale_s):
-        versions = {n: bank.table(n).version for n in names}
-        publish(bank, versions, {"by": "m3 run", "ingest_key": keys["refs"],
-                                 "encode_key": bank.metadata("memories").get("encode_key")})
+    out = publish_build(cfg, versions, token, {"by": "m3 run", "ingest_key": keys["refs"],
+                                               "encode_key": bank.metadata("memories").get("encode_key")},
+                        allow_shrink=allow_shrink, what="run",
+                        built_from={"memories": results.get("encode", {}).get("refs_version"),
+                                    "embeddings": results.get("embed", {}).get("refs_version")})
     print(f"publish: build {versions} is live", flush=True)
-    return {"versions": versions}
+    return {"versions": versions, "retention": out["retention"], "references": out["references"]}
 
 
 # the run report's sample when the bank has no probe term: a FOLDOC-style opening
@@ -163,23 +198,32 @@ def starts_ray_first(names: list[str]) -> bool:
     return "ingest" in names and bool(set(names) & _DASHBOARD_STAGES)
 
 
-def run_all(cfg: Config, start: str | None = None, only: str | None = None) -> dict:
+def run_all(cfg: Config, start: str | None = None, only: str | None = None, allow_shrink: bool = False) -> dict:
+    from jobs.ops.lock import write_lock
+    from storage.live import manifest_state
+
     stages = select(start, only)
     results: dict[str, dict] = {}
     seconds: dict[str, float] = {}
     t_run = time.perf_counter()
-    if starts_ray_first([n for n, _ in stages]):
-        from jobs.runtime import init_ray
+    with write_lock(cfg, "m3 run"):  # the whole run: no other writer between two of its stages
+        _, token = manifest_state(cfg.bank.uri)  # what `publish` publishes over (compare-and-swap)
+        found = found_versions(cfg)
+        if starts_ray_first([n for n, _ in stages]):
+            from jobs.runtime import init_ray
 
-        init_ray(cfg.ray)
-    for name, fn in stages:
-        print(f"== m3 run: {name}", flush=True)
-        t0 = time.perf_counter()
-        results[name] = fn(cfg) or {}
-        seconds[name] = round(time.perf_counter() - t0, 1)
-    total = round(time.perf_counter() - t_run, 1)
-    from jobs.ops.run_report import write_run_report
+            init_ray(cfg.ray)
+        for name, fn in stages:
+            print(f"== m3 run: {name}", flush=True)
+            t0 = time.perf_counter()
+            if name == "publish":
+                results[name] = _publish(cfg, results, found, token, allow_shrink)
+            else:
+                results[name] = fn(cfg) or {}
+            seconds[name] = round(time.perf_counter() - t0, 1)
+        total = round(time.perf_counter() - t_run, 1)
+        from jobs.ops.run_report import write_run_report
 
-    path = write_run_report(cfg, results, seconds, total)
+        path = write_run_report(cfg, results, seconds, total)
     print(f"== m3 run: done in {total:.0f} s; report {path}", flush=True)
     return {"stages": results, "seconds": seconds, "total_seconds": total, "report": str(path)}

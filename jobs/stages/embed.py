@@ -26,6 +26,7 @@ from pipelines.embedder import load_embedder
 from pipelines.embed_step import EMBEDDINGS_SCHEMA, INPUT_COLUMNS, EmbedShards, staged_path
 from storage.bank import Bank
 from storage.vectors import AnnParams, build_index
+from storage.lock import writes_bank
 
 
 def embed_key(cfg: Config, bank: Bank, embedder) -> str:
@@ -48,18 +49,24 @@ def embed_stage(cfg: Config, bank: Bank, embedder, label: str = "embed") -> Shar
                                "ingest_key": refs_meta.get("ingest_key"), "config": cfg.as_dict()})
 
 
+@writes_bank("embed")  # the bank's write lock (storage/lock.py), reentrant under m3 run / rebuild
 def run_embed(cfg: Config, label: str = "embed", note: Callable[[str], None] = print) -> dict:
+    """Returns the embeddings `version` written or found up to date (after its index), and the
+    `refs_version` it was built from (a rebuild publishes exactly these)."""
     bank = Bank(cfg.bank.uri)
     bank.require("refs")
     r = cfg.retrieval
     embedder = load_embedder(r.embedder)  # fails here, before Ray, if the model is missing
+    refs_version = bank.table("refs").version
     stage = embed_stage(cfg, bank, embedder, label)
-    out = run_stage(stage, bank, cfg.ray, note)
+    out = {**run_stage(stage, bank, cfg.ray, note), "refs_version": refs_version}
     if out["status"] == "up_to_date":
         return out
     # the index is a commit of its own (the version a publish names is the one after it)
     index = build_reproducible_index(cfg.bank.uri, "embeddings", stage.n_rows, r.index_threshold, r.index_type)
     out.update(index=index, references=stage.n_rows)
+    if index.get("index"):  # the index's commit (ours: we hold the bank's write lock) is the version to publish
+        out["version"] = bank.table("embeddings").version
     note(f"embed: {stage.n_rows:,} vectors ({embedder.id}, dim {embedder.dim}), {out['computed']:,} computed, "
          f"as embeddings version {out['version']} in {out['seconds']:.1f} s "
          f"({out['computed'] / max(out['compute_seconds'], 1e-9):,.1f} refs/s); index: {index.get('index') or index.get('reason')}")

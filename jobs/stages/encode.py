@@ -39,6 +39,7 @@ from storage.slab import SlabError, ensure_slab
 from storage.staging import write_bytes_atomic, write_text_atomic
 from storage.warm import read_warm, warm_key
 from storage.layout import BankLayout, upath
+from storage.lock import writes_bank
 
 
 def quantizer(cfg: Config, bank: Bank, mdir: Path, refs_uri: str, n_refs: int) -> dict:
@@ -144,14 +145,18 @@ def memories_slab(bank_uri: str, version: int, note: Callable[[str], None]) -> s
     return "written"
 
 
+@writes_bank("encode")  # the bank's write lock (storage/lock.py), reentrant under m3 run / rebuild
 def run_encode(cfg: Config, label: str = "encode", note: Callable[[str], None] = print) -> dict:
+    """Returns the memories `version` written or found up to date, and the `refs_version` it
+    was built from (a rebuild publishes exactly these)."""
     bank = Bank(cfg.bank.uri)
     bank.require("refs")
+    refs_version = bank.table("refs").version
     stage = encode_stage(cfg, bank, label)
     model_hash = stage.reuse.producer
     note(f"encode: model {model_hash[:12]}, codec {cfg.encode.codec}")
     out = run_stage(stage, bank, cfg.ray, note)
-    out.update(model_hash=model_hash, references=stage.n_rows)
+    out.update(model_hash=model_hash, references=stage.n_rows, refs_version=refs_version)
     out["slab"] = memories_slab(bank.uri, out["version"], note)
     if out["status"] == "built":
         out["refs_per_s"] = round(out["computed"] / max(out["compute_seconds"], 1e-9), 1)

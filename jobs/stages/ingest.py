@@ -43,6 +43,7 @@ from storage.bank import Bank
 from storage.schemas import DOCUMENTS, REFS, SCHEMA_VERSION, TRAIN_SEQUENCES
 from storage.staging import iter_batches, remove, write_text_atomic
 from storage.layout import BankLayout
+from storage.lock import writes_bank
 
 TABLES = ("documents", "rejects", "refs", "train_sequences")
 
@@ -170,9 +171,10 @@ def tokenizer_for(cfg: Config, stage_dir: UPath, shard_ids: list[str], dup_ranks
 
 
 def commit(bank: Bank, stage_dir: UPath, shard_ids: list[str], dedup, lineage: dict,
-           report: Report) -> None:
+           report: Report) -> dict[str, int]:
     """Stage 5: one new version per table. A table already committed for this key is skipped,
-    so a crash between two tables' commits neither loses nor doubles rows."""
+    so a crash between two tables' commits neither loses nor doubles rows. Returns the version
+    of each table, written or found committed (what a rebuild publishes)."""
     dup_ranks, twins, kinds = dedup
     with report.stage("commit"):
         dup_table = assemble.duplicate_rejects(stage_dir, shard_ids, dup_ranks, twins, kinds)
@@ -182,13 +184,17 @@ def commit(bank: Bank, stage_dir: UPath, shard_ids: list[str], dedup, lineage: d
             "refs": (REFS, lambda: iter_batches(assemble.staged(stage_dir, "refs", shard_ids))),
             "train_sequences": (TRAIN_SEQUENCES, lambda: iter_batches(assemble.staged(stage_dir, "seqs", shard_ids))),
         }
+        versions = {}
         for name, (schema, batches) in streams.items():
             if bank.has(name) and bank.metadata(name).get("ingest_key") == lineage["ingest_key"]:
+                versions[name] = bank.table(name).version
                 continue
-            bank.write(name, schema, batches(), lineage)
+            versions[name] = bank.write(name, schema, batches(), lineage)
             maybe_crash("commit", 1)
+        return versions
 
 
+@writes_bank("ingest")  # the bank's write lock (storage/lock.py), reentrant under m3 run / rebuild
 def run_ingest(cfg: Config) -> dict:
     report = Report("ingest")
     files, counts, corpus_version, key, shards = plan(cfg)
@@ -196,7 +202,7 @@ def run_ingest(cfg: Config) -> dict:
     if up_to_date(bank, key):
         print(f"ingest: tables in {cfg.bank.uri} are up to date for this corpus and config "
               f"(ingest key {key}); nothing to do")
-        return {"status": "up_to_date", "ingest_key": key}
+        return {"status": "up_to_date", "ingest_key": key, "versions": {t: bank.table(t).version for t in TABLES}}
     stage_dir = staging_dir(cfg.bank.uri, "ingest", key)
     shard_ids = [s.shard_id for s in shards]
     report.set(records_read=sum(counts), files=len(files), shards=len(shards), ingest_key=key,
@@ -215,8 +221,8 @@ def run_ingest(cfg: Config) -> dict:
     lineage = {"stage": "ingest", "ingest_key": key, "corpus_version": corpus_version,
                "tokenizer_hash": bank_tok.stem,  # tokenizers/<hash>.json
                "tokenizer_path": BankLayout(cfg.bank.uri).relative(bank_tok), "config": cfg.as_dict()}
-    commit(bank, stage_dir, shard_ids, dedup, lineage, report)
+    versions = commit(bank, stage_dir, shard_ids, dedup, lineage, report)
     memo.publish(cfg.bank.uri, key, keys, shard_ids)  # after the commit: a crash before keeps the old memo
-    summary = report.finish(bank, cfg)
+    summary = {**report.finish(bank, cfg), "versions": versions}  # the versions this ingest wrote or found
     remove(stage_dir)
     return summary

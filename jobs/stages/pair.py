@@ -28,6 +28,7 @@ from pipelines.train_data import NEIGHBORS
 from storage.bank import Bank, BankError
 from storage.staging import read_table
 from storage.layout import BankLayout
+from storage.lock import writes_bank
 
 INPUTS = ("train_sequences", "refs", "embeddings")
 
@@ -88,6 +89,7 @@ def pair_stage(cfg: Config, bank: Bank) -> tuple[ShardedStage, str]:
     return stage, embedder.id
 
 
+@writes_bank("pair")  # the bank's write lock (storage/lock.py), reentrant under m3 run
 def run_pair(cfg: Config, note: Callable[[str], None] = print) -> dict:
     pc = cfg.pair
     bank = Bank(cfg.bank.uri)

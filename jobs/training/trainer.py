@@ -34,6 +34,7 @@ from jobs.training.codec import memory_codec
 from jobs.training.log import LogFollower, open_log, plot_losses, progress_line, read_rows
 from model.errors import M3Error
 from storage.bank import BankError
+from storage.lock import writes_bank
 
 STAGES = ("warmup", "continual")
 KEEP_CHECKPOINTS = 2
@@ -117,6 +118,14 @@ def _check_resume_start(cfg, tc: TrainConfig, warmup_dir: Path) -> None:
                          f"to train the continual stage again")
 
 
+def _lock_as(cfg, stage: str, train: TrainConfig | None = None, launcher: str = "ray") -> str | None:
+    """Training writes checkpoints and models under the bank: it holds the bank's write lock
+    (storage/lock.py) in the driver, the Ray Train workers not; under a deepspeed or torchrun
+    launcher, rank 0 holds it for the job."""
+    return None if launcher != "ray" and int(os.environ.get("RANK", "0")) != 0 else f"{stage} training"
+
+
+@writes_bank(_lock_as)
 def run_train(cfg, stage: str, train: TrainConfig | None = None, launcher: str = "ray") -> dict:
     """Train one stage to its step count (resuming if checkpoints exist); return a summary."""
     tc = train if train is not None else getattr(cfg, "train", None) or TrainConfig()

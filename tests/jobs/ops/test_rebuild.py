@@ -227,3 +227,97 @@ def test_rebuild_killed_mid_encode_resumes_without_loss_or_duplication(built, tm
     shutil.rmtree(full / "memories.lance")
     run_encode(load_config("configs/demo.yaml", settings(corpus, full, "encode.seed=2")))
     assert memories_by_ref(full) == memories_by_ref(b4)
+
+
+# -- what a rebuild publishes (issue 27) ------------------------------------------------------
+
+def foreign_refs(bank: Path, n: int = 3) -> int:
+    """A writer that takes no lock (what `m3 ingest` of another corpus was): a new refs version
+    of n rows, written with lance directly. Returns its version."""
+    uri = str(bank / "refs.lance")
+    return lance.write_dataset(lance.dataset(uri).to_table().slice(0, n), uri, mode="overwrite").version
+
+
+def test_rebuild_publishes_the_versions_it_built_not_a_later_write(built, tmp_path, monkeypatch):
+    """refs written by someone else after the rebuild's stages read theirs: the rebuild publishes
+    its own refs version (before: the latest, beside memories of another refs: 0 references with
+    a memory)."""
+    import jobs.stages.embed
+
+    root, corpus, bank, overrides, *_ = built
+    b = tmp_path / "bank"
+    shutil.copytree(bank, b)
+    c = write_corpus(tmp_path / "c.jsonl.gz", edited(RECORDS, 2))
+    real, foreign = jobs.stages.embed.run_embed, []
+
+    def embed_then_a_foreign_write(cfg, **kw):
+        out = real(cfg, **kw)
+        foreign.append(foreign_refs(b))
+        return out
+
+    monkeypatch.setattr(jobs.stages.embed, "run_embed", embed_then_a_foreign_write)
+    summary = run_rebuild(load_config("configs/demo.yaml", settings(c, b)))
+    live = live_versions(str(b))
+    assert summary["status"] == "published" and live == summary["versions"] and live["refs"] < foreign[0]
+    assert live_consistent(b)[0] > 3
+
+
+def test_rebuild_refuses_when_refs_change_under_its_stages(built, tmp_path, monkeypatch):
+    """refs replaced between the rebuild's ingest and its encode: memories and embeddings of
+    another refs version are not published beside the ingest's tables."""
+    import jobs.stages.encode
+    from model.errors import M3Error
+
+    root, corpus, bank, overrides, *_ = built
+    b = tmp_path / "bank"
+    shutil.copytree(bank, b)
+    c = write_corpus(tmp_path / "c.jsonl.gz", edited(RECORDS, 3))
+    real = jobs.stages.encode.run_encode
+
+    def a_foreign_write_then_encode(cfg, **kw):
+        foreign_refs(b)
+        return real(cfg, **kw)
+
+    monkeypatch.setattr(jobs.stages.encode, "run_encode", a_foreign_write_then_encode)
+    before = live_versions(str(b))
+    with pytest.raises(M3Error, match=r"refs changed during this rebuild: .*memories were built from refs version .*nothing was published"):
+        run_rebuild(load_config("configs/demo.yaml", settings(c, b, "rebuild.embeddings=false")))
+    assert live_versions(str(b)) == before
+
+
+def test_rebuild_of_a_cut_corpus_refuses_to_shrink_the_live_build(built, tmp_path, capsys):
+    """A half-downloaded corpus (10 % of it): the rebuild refuses to publish, exit 2, one line;
+    the live build and every version retention would have deleted stay. --allow-shrink publishes."""
+    from jobs.cli.main import main
+
+    root, corpus, bank, overrides, *_ = built
+    b = tmp_path / "bank"
+    shutil.copytree(bank, b)
+    c = write_corpus(tmp_path / "c.jsonl.gz", edited(RECORDS, 1)[:3])
+    before = live_versions(str(b))
+    n_live = Bank(str(b), live=True).dataset("refs").count_rows()
+    kept = {t: {v["version"] for v in lance.dataset(str(b / f"{t}.lance")).versions()} for t in before}
+    args = ["rebuild", "-c", "configs/demo.yaml"]
+    for o in settings(c, b, "rebuild.keep_builds=1"):
+        args += ["--set", o]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    n_new = Bank(str(b)).dataset("refs").count_rows()
+    assert 0 < n_new < n_live / 5
+    assert err.count("\n") == 1 and err.startswith("m3 rebuild: error: "), err
+    assert f"the live build has {n_live} references, this one would have {n_new}" in err, err
+    assert "nothing was published" in err and "--allow-shrink" in err, err
+    assert live_versions(str(b)) == before
+    for t, versions in kept.items():  # retention did not run
+        assert versions <= {v["version"] for v in lance.dataset(str(b / f"{t}.lance")).versions()}, t
+    assert main(args + ["--allow-shrink"]) == 0
+    assert Bank(str(b), live=True).dataset("refs").count_rows() == n_new
+    assert live_consistent_refs_memories(b)
+
+
+def live_consistent_refs_memories(bank: Path) -> bool:
+    b = Bank(str(bank), live=True)
+    pairs = lambda t: set(zip(t.column("ref_id").to_pylist(), t.column("content_hash").to_pylist()))  # noqa: E731
+    return pairs(b.dataset("refs").to_table(columns=["ref_id", "content_hash"])) == \
+        pairs(b.dataset("memories").to_table(columns=["ref_id", "content_hash"]))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.config import ConfigError
+from jobs.config import ConfigError, load_config
 from jobs.ops.run import run_all, select, starts_ray_first
 from jobs.models import stage_dir
 from model.checkpoint import saved_hash
@@ -77,3 +77,101 @@ def test_whole_pipeline_then_a_rerun_does_nothing(tmp_path, ray_local, capsys, m
     again = run_all(cfg, only="ingest,embed,pair,encode")
     assert all(r.get("status") == "up_to_date" for r in again["stages"].values()), again["stages"]
 
+
+
+# -- `m3 run` publishes through the rebuild's policy (issue 27) -------------------------------
+
+def fake_build(path: Path, n_refs: int, key: str, salt: str = "") -> dict[str, int]:
+    """Every table `m3 run` publishes, of one ingest `key`, with n_refs references (no Ray)."""
+    import pyarrow as pa
+
+    from storage.schemas import MEMORIES, REFS
+    from tests.storage.banks import memories, refs
+
+    bank, lineage = Bank(str(path)), {"ingest_key": key}
+    rows = {f"d{i}-0": f"h{i}{salt}" for i in range(n_refs)}
+    versions = {}
+    for name in ("documents", "rejects", "train_sequences", "embeddings"):
+        t = pa.table({"ref_id": pa.array(sorted(rows), pa.string())})
+        versions[name] = bank.write(name, t.schema, t.to_batches(), lineage)
+    versions["refs"] = bank.write("refs", REFS, refs(rows).to_batches(), lineage)
+    versions["memories"] = bank.write("memories", MEMORIES, memories({r: ("m1", b"p") for r in rows}).to_batches(),
+                                      {**lineage, "encode_key": f"encode-{key}"})
+    return versions
+
+
+def run_args(bank: Path, *extra: str) -> list[str]:
+    return ["run", "--only", "publish", "--set", f"bank.uri={bank}", *extra]
+
+
+def test_run_publishes_the_versions_its_stages_built(tmp_path, monkeypatch):
+    import jobs.ops.run as run_mod
+    from storage.live import live_versions
+
+    bank = tmp_path / "bank"
+
+    def ingest(cfg):  # a stage of this run, then a writer that takes no lock writes refs again
+        built = fake_build(bank, 10, "two")
+        fake_build(bank, 10, "two", salt="foreign")
+        return {"versions": built}
+
+    monkeypatch.setattr(run_mod, "STAGES", [("ingest", ingest) if n == "ingest" else (n, f) for n, f in run_mod.STAGES])
+    out = run_all(load_config(None, [f"bank.uri={bank}"]), only="ingest,publish")
+    built = out["stages"]["ingest"]["versions"]
+    assert live_versions(str(bank)) == built == out["stages"]["publish"]["versions"]
+    assert Bank(str(bank)).table("refs").version > built["refs"]  # the later write is not live
+
+
+def test_run_refuses_to_publish_a_build_far_smaller_than_the_live_one(tmp_path, capsys):
+    from jobs.cli.main import main
+    from storage.live import live_versions
+
+    bank = tmp_path / "bank"
+    fake_build(bank, 20, "one")
+    assert main(run_args(bank)) == 0
+    live = live_versions(str(bank))
+    fake_build(bank, 2, "two")  # a corpus cut to 10 %
+    capsys.readouterr()
+    assert main(run_args(bank)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the live build has 20 references, this one would have 2" in err, err
+    assert "nothing was published" in err and "--allow-shrink" in err and "rebuild.max_shrink" in err, err
+    assert live_versions(str(bank)) == live
+    assert main(run_args(bank, "--allow-shrink")) == 0
+    assert Bank(str(bank), live=True).dataset("refs").count_rows() == 2
+
+
+def test_run_never_publishes_a_build_without_references(tmp_path, capsys):
+    from jobs.cli.main import main
+    from storage.live import read_manifest
+
+    bank = tmp_path / "bank"
+    fake_build(bank, 0, "none")
+    assert main(run_args(bank, "--allow-shrink")) == 2
+    assert "0 references" in capsys.readouterr().err and read_manifest(str(bank)) is None
+
+
+def test_run_publish_applies_retention_and_refuses_a_build_published_meanwhile(tmp_path, monkeypatch):
+    import jobs.ops.run as run_mod
+    import lance
+
+    from storage.live import PublishConflict, live_versions, publish
+
+    bank = tmp_path / "bank"
+    one = fake_build(bank, 5, "one")
+    assert run_all(load_config(None, [f"bank.uri={bank}", "rebuild.keep_builds=1"]), only="publish")
+    two = fake_build(bank, 5, "two", salt="2")
+    run_all(load_config(None, [f"bank.uri={bank}", "rebuild.keep_builds=1"]), only="publish")
+    versions = [v["version"] for v in lance.dataset(str(bank / "refs.lance")).versions()]
+    assert one["refs"] not in versions and two["refs"] in versions  # retention: keep_builds=1
+
+    def ingest(cfg):  # another publisher (a compaction that took no lock) publishes during the run
+        built = fake_build(bank, 5, "three", salt="3")
+        publish(Bank(str(bank)), {**two, "refs": built["refs"]})
+        return {"versions": built}
+
+    monkeypatch.setattr(run_mod, "STAGES", [("ingest", ingest) if n == "ingest" else (n, f) for n, f in run_mod.STAGES])
+    with pytest.raises(PublishConflict):
+        run_all(load_config(None, [f"bank.uri={bank}"]), only="ingest,publish")
+    meanwhile = live_versions(str(bank))
+    assert meanwhile["memories"] == two["memories"]  # the other publisher's build stays

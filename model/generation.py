@@ -14,6 +14,9 @@ nothing about Lance or embedders. With prefetch, the retrieval for the next chun
 background thread as soon as its query is complete (after the chunk's last token is sampled)
 and runs while that token is decoded; the swap waits for it. The result is identical either
 way: the query is the same, only the waiting moves.
+
+`score_continuation` reads a given continuation on the same schedule (teacher forcing): the
+loss of each of its tokens and whether greedy decoding would produce it (`m3 eval`'s QA probes).
 """
 
 from __future__ import annotations
@@ -133,6 +136,50 @@ def generate_with_memory(model, prompt: Tensor, max_new_tokens: int,
         if row:
             row[-1].end = min(row[-1].end, n)
     return Generated(tokens, reads)
+
+
+@torch.no_grad()
+def score_continuation(model, prompt: Tensor, continuation: Tensor, retrieve: BatchRetriever | None = None,
+                       *, sink: bool = False) -> tuple[Tensor, Tensor, list[list[list[str]]]]:
+    """Teacher-forced `continuation` (B, A) after `prompt` (B, T0), read exactly as
+    generate_with_memory reads what it generates: the prompt chunks' own retrievals, the first
+    cs continuation tokens on the last prompt chunk's memories, then a swap every cs tokens
+    queried with the cs continuation tokens before it. Returns each continuation token's loss
+    (B, A) float32, whether it is the greedy choice there (B, A) bool (all True in a row: greedy
+    decoding produces the continuation), and per row the references each continuation chunk
+    read (empty without retrieval)."""
+    cfg = model.config
+    cs = cfg.mem_chunk_size
+    B, T0 = prompt.shape
+    A = continuation.shape[1]
+    cache = KVCache(model, B, T0 + A, with_memory=retrieve is not None or sink)
+    reads: list[list[list[str]]] = [[] for _ in range(B)]
+    memories = mem_mask = None
+    if retrieve is not None:
+        spans = _prompt_queries(prompt, cs)
+        got = _on(retrieve([prompt[b, s:e] for b in range(B) for s, e in spans],
+                           [prompt[b] for b in range(B) for _ in spans]), prompt.device)
+        C = len(spans)
+        memories = got.memories.reshape(B, C, *got.memories.shape[1:])
+        mem_mask = got.mask.reshape(B, C, *got.mask.shape[1:])
+        for b in range(B):
+            reads[b].append(list(got.ref_ids[b * C + C - 1]))
+    logits = [model(prompt, memories, mem_mask, cache=cache)[:, -1:]]
+    fed = [prompt] + [continuation[:, j:j + 1] for j in range(A)]  # _swap_retrieval's layout
+    step = 0
+    while step < A - 1:  # feed continuation tokens 0 .. A-2, one chunk of the schedule at a time
+        if retrieve is not None and step > 0 and step % cs == 0:
+            got = _on(_swap_retrieval(retrieve, fed, T0, step, cs), prompt.device)
+            cache.swap_memories(got.memories, got.mask)
+            for b in range(B):
+                reads[b].append(list(got.ref_ids[b]))
+        end = min(A - 1, (step // cs + 1) * cs)
+        logits.append(model(continuation[:, step:end], cache=cache))
+        step = end
+    logits = torch.cat(logits, dim=1).float()
+    losses = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), continuation.reshape(-1),
+                                               reduction="none").view(B, A)
+    return losses, logits.argmax(dim=-1) == continuation, reads
 
 
 def _on(got: Retrieved, device) -> Retrieved:

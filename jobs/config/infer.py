@@ -26,9 +26,21 @@ class EvalConfig:
     # References of documents no training sequence contains (held-out-only or bank-only
     # documents) whose loss the knowledge probe measures with and without memory.
     probe_refs: int = field(default=32, metadata={"ge": 0})
+    # QA probes a user brings (jobs/inference/qa_probes.py): JSONL files, one item a line,
+    # {"prompt": "Q: When was X born?\nA:", "answer": " 1842", "source_ids": ["e000123"]}
+    # (source_ids optional: the corpus record ids, corpus.id_key, of the documents that hold
+    # the answer). Scored with memory, without, with the control, the source's own memory,
+    # random memories and RAG: answer-token loss and greedy exact match.
+    probes: tuple[str, ...] = ()
 
     def __post_init__(self):
         check_fields(self)
+        if isinstance(self.probes, (str, bytes)) or not isinstance(self.probes, (list, tuple)):
+            raise ValueError(f"probes: expected a list of JSONL file paths, got {self.probes!r}")
+        object.__setattr__(self, "probes", tuple(self.probes))  # a list given in code, hashable
+        for p in self.probes:
+            if not isinstance(p, str) or not p.strip():
+                raise ValueError(f"probes: expected a list of JSONL file paths, got {p!r} among them")
 
 
 @dataclass(frozen=True)

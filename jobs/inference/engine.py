@@ -9,14 +9,20 @@ Prompt conventions (what the model saw in training): a prompt starts a new docum
 encoded behind eos_id (packed training sequences separate documents with EOS, no BOS). RAG
 prepends each retrieved reference followed by eos_id, as separate documents.
 
-Batches: rows of a batch share one KV cache length and chunk grid, so memory/none batches group
-prompts of equal token length (a prompt then generates the same tokens alone or batched). RAG
-contexts differ in length by construction; they are left-padded with eos_id (empty documents)
-to the batch's longest, which can change a row's tokens against a solo run.
+Batches: rows of a batch share one KV cache length and chunk grid, so a batch groups contexts
+of equal token length in every mode (a prompt then generates the same tokens alone or batched).
+The model takes no padding mask, and a left pad would be attended and shift the row's
+positions, so RAG contexts (which differ in length by construction) are never padded either.
+
+Serving refuses a bank whose sparsity or codec differs from what the model was trained to read
+and warns when the model was trained on another memory schedule than serving's (chunk c reads
+what chunk c-1 retrieved): `check_trained_reading`. `Inference.control()` loads the
+equal-compute control `m3 eval` compares the memory model with.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -24,14 +30,17 @@ import torch
 
 from jobs.config.loader import ConfigError
 from jobs.config.infer import MODES, InferConfig
-from jobs.models import model_for_serving
+from jobs.models import WEIGHTS, model_for_serving, stage_dir
 from model import load_model
 from model.checkpoint import memory_reading, saved_hash
 from model.generation import ChunkRead, generate_with_memory
 from model.sampling import row_generators
 from pipelines.tokenizer import load as load_tokenizer
 from storage.bank import Bank, BankError
-from storage.layout import BankLayout
+from storage.layout import BankLayout, LayoutError
+
+# the schedule generation and `m3 eval` serve memories on (model/generation.py)
+SERVED_SCHEDULE = "serving"
 
 
 def bank_tokenizer(cfg, bank: Bank):
@@ -74,7 +83,9 @@ def prefetch_pays(device) -> bool:
 
 def check_trained_reading(trained: dict, memories_meta: dict, allow: bool) -> list[str]:
     """Refuse (or, when allowed, warn about) a bank whose memories differ from what the model
-    was trained to read: another sparsity or another codec. Returns the differences."""
+    was trained to read: another sparsity or another codec; warn (never refuse: the memories
+    are the same) when it was trained on another retrieval schedule than serving's
+    (export.json's memory.schedule, train.memory_schedule). Returns the differences."""
     if not trained.get("reads_memory"):
         return []
     sparsity = memories_meta.get("sparsity") or {}
@@ -92,6 +103,12 @@ def check_trained_reading(trained: dict, memories_meta: dict, allow: bool) -> li
                           "infer.allow_memory_mismatch: true to serve it anyway)")
     for d in diffs:
         print(f"WARNING: serving memories the model was not trained to read: {d}", flush=True)
+    schedule = trained.get("schedule")
+    if schedule is not None and schedule != SERVED_SCHEDULE:
+        d = (f"it was trained on the {schedule!r} memory schedule (train.memory_schedule), and is served on "
+             f"{SERVED_SCHEDULE!r}: chunk c reads what chunk c-1 retrieved")
+        print(f"WARNING: serving memories on another schedule than the model was trained on: {d}", flush=True)
+        diffs.append(d)
     return diffs
 
 
@@ -117,9 +134,44 @@ class Inference:
         self.device = device or self.ic.device
         if dtype is None and self.ic.dtype != "float32":
             dtype = getattr(torch, self.ic.dtype)
+        self.dtype = dtype
         self.model = load_model(self.checkpoint, device=self.device, dtype=dtype)
         self.tokenizer = bank_tokenizer(cfg, self.bank)
-        self._retriever = self._store = None
+        self._retriever = self._store = self._control = None
+
+    def control(self) -> dict:
+        """The equal-compute control: a model trained from the same warmup for the same steps
+        without memory, where its training stage exports it (`stage_dir(cfg, "control")/model`),
+        loaded like the served model, once. {"path", "model", "model_hash", "sink", "warnings"},
+        or {"path", "missing": why} when there is none to compare with."""
+        if self._control is None:
+            self._control = self._load_control()
+        return self._control
+
+    def _load_control(self) -> dict:
+        try:
+            path = stage_dir(self.cfg, "control") / "model"
+        except LayoutError as e:
+            return {"path": None, "missing": str(e)}
+        if not (path / WEIGHTS).exists():
+            return {"path": str(path), "missing": f"no model in {path}: the control training stage exports it there"}
+        model = load_model(path, device=self.device, dtype=self.dtype)
+        mine, theirs = self.model.config, model.config
+        for key in ("vocab_size", "eos_id", "pad_id"):
+            if getattr(mine, key) != getattr(theirs, key):
+                return {"path": str(path), "missing": f"the model in {path} has {key}={getattr(theirs, key)}, "
+                                                      f"the served model {getattr(mine, key)}: not comparable"}
+        reading, warnings = memory_reading(path), []
+        if reading.get("reads_memory"):
+            warnings.append(f"the control in {path} was trained to read memories: it is no control")
+        started = [_export(p).get("init_model_hash") for p in (self.checkpoint, path)]
+        if None not in started and started[0] != started[1]:
+            warnings.append(f"the control started from warmup model {started[1][:12]}, the served model from "
+                            f"{started[0][:12]}: not the same warmup")
+        for w in warnings:
+            print(f"WARNING: {w}", flush=True)
+        return {"path": str(path), "model": model, "model_hash": saved_hash(path),
+                "sink": bool(reading.get("reads_memory")), "warnings": warnings}
 
     # -- components, built on first use so `none` needs neither embedder nor memories
     def store(self):
@@ -174,8 +226,8 @@ class Inference:
             contexts, rag_ids = self.rag_contexts(prompts)
         order = sorted(range(len(prompts)), key=lambda i: (len(contexts[i]), i))
         groups, cur = [], []
-        for i in order:  # equal lengths together (memory/none); rag pads instead
-            if cur and (len(cur) == size or (mode != "rag" and len(contexts[i]) != len(contexts[cur[0]]))):
+        for i in order:  # equal lengths together: a row is never padded (see the module docstring)
+            if cur and (len(cur) == size or len(contexts[i]) != len(contexts[cur[0]])):
                 groups.append(cur)
                 cur = []
             cur.append(i)
@@ -198,14 +250,14 @@ class Inference:
         return [results[i] for i in range(len(prompts))]
 
     def _batch(self, rows: list[list[int]], n_new: int) -> torch.Tensor:
-        width = max(len(r) for r in rows)
+        width = len(rows[0])
+        if any(len(r) != width for r in rows):
+            raise ValueError("a batch holds contexts of one length (the model takes no padding mask)")
         limit = self.model.config.max_seq_len
         if width + n_new > limit:
             raise ConfigError(f"infer.max_new_tokens: a context of {width} tokens + {n_new} new ones "
                               f"exceeds the model's max_seq_len={limit}: shorten the prompt or max_new_tokens")
-        eos = self.model.config.eos_id
-        return torch.tensor([[eos] * (width - len(r)) + list(r) for r in rows], dtype=torch.long,
-                            device=self.device)
+        return torch.tensor([list(r) for r in rows], dtype=torch.long, device=self.device)
 
     def rag_contexts(self, prompts: list[list[int]]) -> tuple[list[list[int]], list[list[str]]]:
         """Each prompt behind the text of the references retrieved once with its last chunk."""
@@ -225,3 +277,12 @@ class Inference:
             return {}
         t = self.bank.dataset("refs").to_table(columns=["ref_id", "text"], filter=pc.field("ref_id").isin(ids))
         return dict(zip(t.column("ref_id").to_pylist(), t.column("text").to_pylist()))
+
+
+def _export(path) -> dict:
+    """A saved model's export.json ({} for a model saved outside training)."""
+    export = os.path.join(path, "export.json")
+    if not os.path.exists(export):
+        return {}
+    with open(export, encoding="utf-8") as f:
+        return json.load(f)

@@ -2,29 +2,39 @@
 
     m3 eval -c configs/demo.yaml
 
-Every mode scores the same tokens with the same weights, and a result counts only beside its
-controls (DESIGN.md, "Evaluating memory honestly"):
+Every mode scores the same tokens, and a result counts only beside its controls (DESIGN.md,
+"Evaluating memory honestly"):
 
-- **none** is the model's own no-memory distribution: a model trained to read memories keeps
-  its ref_bos sink and positions and gets zero memories (`model.memory.no_memories`); a model
-  trained without memory (warmup) runs plain. RAG is scored the same way.
+- **the headline** is the served memory model against the **equal-compute control**: a model
+  trained from the same warmup for the same steps without memory (`stage_dir(cfg, "control")`,
+  jobs/models.py), scored on the same items and paired per item. Without that model the eval
+  says the control is missing and shows the rest.
+- **none** is a diagnostic, not the claim: the same weights in their own no-memory distribution
+  (a model trained to read memories keeps its ref_bos sink and positions and gets zero memories,
+  `model.memory.no_memories`; a model trained without memory runs plain), a state the memory
+  model never trained in. RAG is scored the same way.
 - **memory** follows the serving schedule: the first chunk of an item is the prompt (not
   scored) and reads what its own text retrieved; chunk c >= 1 reads what chunk c-1 retrieved,
   so no scored token chose its own memories. Eq. 6 overlap is measured against the WHOLE
   stored sequence (not the scored window), and references of the sequence's own documents are
-  dropped: the bank holds held-out text verbatim.
-- **other** (the control): each item reads the memories retrieved for another item; what
-  memory adds beyond "more tokens to attend to" is memory minus other.
+  dropped: the bank holds held-out text verbatim. What each chunk read is in eval.json.
+- **other** (another sequence's memories): what memory adds beyond "more tokens to attend to".
 - **dense** reads the same references encoded on the fly with every token and no codec: the
   served bank (sparse, coded) is measured against it.
-- every mode is compared with none per item (paired), with a standard error.
+- **rag**: the references the prompt retrieved, as text before the item; rows of a batch are
+  padded on the right, after their last token, so causal attention never reads a pad and each
+  item scores as it would alone.
+- every mode is compared with none (and with the control) per item, paired, with a standard
+  error; gains and losses are weighted alike, per token (jobs/inference/stats.py).
 
 Knowledge probe: terms whose entry no training sequence contains (held-out-only or bank-only
 documents): the prompt is the headword, the definition is scored, the memories are what the
-headword retrieved. "bank holds the entry" may read the entry itself: the look-up the bank is
-for, and what RAG would do with the same retrieval; "2/3 filter" drops every reference that
-overlaps the scored definition by more than 2/3 (paper §4.4 applies it to the question), so
-only other documents can help: the same term in another dictionary, related entries.
+headword retrieved. Its headline row, "memory", never reads a reference of the entry's own
+document (the entry itself among them) nor one overlapping the scored entry by more than
+infer.max_overlap (a copy elsewhere), so only other documents can help: the same term in
+another dictionary, related entries. "memory, bank holds the entry" may read the entry itself:
+the look-up a bank is for, a diagnostic. QA probes (`infer.eval.probes`, facts a user brings)
+are scored by jobs/inference/qa_probes.py.
 
 Where memories come from is a store: the published bank's (`m3 eval`), or references encoded
 by the model at the sparsity and codec it was trained with (the training stage's evidence,
@@ -34,8 +44,6 @@ before the bank is encoded): one function, `evaluate_items`, scores both.
 from __future__ import annotations
 
 import json
-import math
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,9 +52,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from jobs.inference.eval_report import mode_lines, plot_eval, render  # noqa: F401 (m3 run renders)
+from jobs.inference.stats import CONTROL, paired, paired_items, summary  # noqa: F401 (bench/ pairs models)
 from storage.bank import BankError
 from storage.layout import BankLayout
-from storage.staging import open_atomic, write_text_atomic
+from storage.staging import write_text_atomic
 
 
 @dataclass
@@ -94,6 +104,12 @@ def retrieval_ids(retriever, items: Items, cs: int, exclude_own: bool) -> list[l
     return out
 
 
+def rag_read(ids_i: list, prompt: int, cs: int) -> list:
+    """The references RAG prepends to an item: what its prompt retrieved (the memories chunk 1
+    reads; chunk 0's when the prompt is shorter than a chunk)."""
+    return ids_i[min(1, len(ids_i) - 1) if prompt >= cs else 0]
+
+
 @torch.no_grad()
 def item_losses(model, items: Items, mode: str, *, sink: bool, retriever=None, ids=None,
                 batch_size: int = 4) -> tuple[np.ndarray, np.ndarray]:
@@ -114,13 +130,17 @@ def item_losses(model, items: Items, mode: str, *, sink: bool, retriever=None, i
             rows = group[lo:lo + batch_size]
             tokens = torch.tensor([items.tokens[i] for i in rows], dtype=torch.long, device=device)
             B, S = tokens.shape
-            ctx, mem, mask = tokens, None, None
-            if mode == "rag":  # the prompt's retrieval: what chunk 1 reads (chunk 0 when the prompt is shorter)
-                read = {i: ids[i][min(1, len(ids[i]) - 1) if p >= cs else 0] for i in rows}
+            ctx, mem, mask, starts = tokens, None, None, None
+            if mode == "rag":
+                read = {i: rag_read(ids[i], p, cs) for i in rows}
                 refs = retriever.ref_tokens({r for i in rows for r in read[i]})
                 ctx_rows = [[t for r in read[i] for t in refs[r] + [eos]] + items.tokens[i] for i in rows]
                 width = max(len(r) for r in ctx_rows)
-                ctx = torch.tensor([[eos] * (width - len(r)) + r for r in ctx_rows], dtype=torch.long, device=device)
+                # padded on the right: each row starts at position 0 and its pads come after its
+                # last token, where causal attention never lets a scored token look, so a row
+                # scores exactly as alone (left pads would shift its positions and be attended)
+                ctx = torch.tensor([r + [pad] * (width - len(r)) for r in ctx_rows], dtype=torch.long, device=device)
+                starts = [len(r) - S for r in ctx_rows]
             C = -(-ctx.shape[1] // cs)
             if mode == "memory":
                 mem, mask = retriever.memories([c for i in rows for c in ids[i]])
@@ -128,7 +148,11 @@ def item_losses(model, items: Items, mode: str, *, sink: bool, retriever=None, i
                 mask = mask.reshape(B, C, *mask.shape[1:]).to(device)
             elif sink:
                 mem, mask = no_memories(cfg, B, C, device=device)
-            logits = model(ctx, mem, mask)[:, -S:]  # the item's own positions
+            logits = model(ctx, mem, mask)
+            if starts is None:
+                logits = logits[:, -S:]  # the item's own positions
+            else:
+                logits = torch.stack([logits[b, s:s + S] for b, s in enumerate(starts)])
             pred, target = logits[:, p - 1:-1].float(), tokens[:, p:]
             losses = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1),
                                      ignore_index=pad, reduction="none").view(B, -1)
@@ -137,40 +161,13 @@ def item_losses(model, items: Items, mode: str, *, sink: bool, retriever=None, i
     return total, count
 
 
-def paired(base: tuple, other: tuple) -> dict:
-    """Per item, mean loss without minus with (a positive gain helps): mean, standard error,
-    how many items it helped; relative to the base's loss."""
-    (tb, nb), (to, no) = base, other
-    keep = (nb > 0) & (no > 0)
-    d = tb[keep] / nb[keep] - to[keep] / no[keep]
-    if len(d) < 2:
-        return {}
-    base_loss = float(tb[keep].sum() / nb[keep].sum())
-    mean = statistics.fmean(d.tolist())
-    se = statistics.stdev(d.tolist()) / len(d) ** 0.5
-    return {"gain": round(mean, 5), "stderr": round(se, 5), "z": round(mean / se, 2) if se > 0 else None,
-            "relative": round(mean / base_loss, 5), "helped": int((d > 0).sum()), "of": int(len(d))}
-
-
-def _summary(total: np.ndarray, count: np.ndarray) -> dict:
-    loss = float(total.sum() / max(count.sum(), 1))
-    per_item = [round(float(t / n), 5) if n else None for t, n in zip(total, count)]
-    return {"loss": round(loss, 4), "ppl": round(math.exp(min(loss, 50)), 2), "tokens": int(count.sum()),
-            "per_item": per_item}
-
-
-def paired_items(base: list, other: list) -> dict:
-    """paired() over two per_item lists (mean loss per item), e.g. of two models on the same items."""
-    keep = [i for i, (a, b) in enumerate(zip(base, other)) if a is not None and b is not None]
-    ones = np.ones(len(keep), dtype=np.int64)
-    return paired((np.array([base[i] for i in keep]), ones), (np.array([other[i] for i in keep]), ones))
-
-
 def evaluate_items(model, items: Items, *, sink: bool, modes: dict, retriever=None,
-                   batch_size: int = 4) -> dict:
+                   batch_size: int = 4, control: tuple | None = None) -> dict:
     """Score items in every mode; modes: name -> (kind, store, filters) with kind none | memory |
     other | rag, store a fetch()-able store (memory, other), filters dict(max_overlap=,
-    exclude_own=). Returns per mode its loss and, but for none, the paired gain over none."""
+    exclude_own=). control: (model, sink) of the equal-compute control, scored without memory
+    as the row CONTROL. Returns per mode its loss, what each item's chunks read ("reads") and,
+    paired per item, the gain over none ("vs_none") and over the control ("vs_control")."""
     cs = model.config.mem_chunk_size
     scores, retrievals, out = {}, {}, {}
     for name, (kind, store, filters) in modes.items():
@@ -188,11 +185,20 @@ def evaluate_items(model, items: Items, *, sink: bool, modes: dict, retriever=No
             r = retriever.with_store(store)
         scores[name] = item_losses(model, items, "memory" if kind == "other" else kind, sink=sink,
                                    retriever=r, ids=ids, batch_size=batch_size)
-        out[name] = _summary(*scores[name])
-    if "none" in scores:
-        for name in scores:
-            if name != "none":
-                out[name]["vs_none"] = paired(scores["none"], scores[name])
+        out[name] = summary(*scores[name])
+        if ids is not None:
+            out[name]["reads"] = ([[rag_read(row, items.prompt(i, cs), cs)] for i, row in enumerate(ids)]
+                                  if kind == "rag" else ids)
+    if control is not None:
+        scores[CONTROL] = item_losses(control[0], items, "none", sink=control[1], batch_size=batch_size)
+        first = [n for n in out if n == "none"]
+        out = {**{n: out[n] for n in first}, CONTROL: summary(*scores[CONTROL]),
+               **{n: v for n, v in out.items() if n not in first}}
+    for name in out:
+        if name != "none" and "none" in scores:
+            out[name]["vs_none"] = paired(scores["none"], scores[name])
+        if name != CONTROL and CONTROL in scores:
+            out[name]["vs_control"] = paired(scores[CONTROL], scores[name])
     return out
 
 
@@ -207,12 +213,13 @@ def strict(max_overlap: float | None) -> dict:
 
 
 def probe_modes(max_overlap: float | None, with_memory: bool = True) -> dict:
-    """The knowledge probe's modes (see the module docstring): none, the bank holding the entry,
-    and the 2/3 filter (only other documents may help)."""
+    """The knowledge probe's modes (see the module docstring): none; "memory", the headline,
+    which never reads the scored entry's document nor a reference overlapping the entry by more
+    than max_overlap; and the look-up that may read the entry itself (a diagnostic)."""
     modes = {"none": ("none", None, strict(max_overlap))}
     if with_memory:
+        modes["memory"] = ("memory", None, strict(max_overlap))
         modes["memory, bank holds the entry"] = ("memory", None, {"max_overlap": None, "exclude_own": False})
-        modes["memory, 2/3 filter"] = ("memory", None, {"max_overlap": max_overlap, "exclude_own": False})
     return modes
 
 
@@ -273,12 +280,15 @@ def probe_items(bank, tokenizer, fraction: float, limit: int, eos_id: int, min_s
 
 
 def run_eval(cfg, inference=None) -> dict:
-    """Evaluate the inference checkpoint on the published bank; return (and print) the table."""
+    """Evaluate the inference checkpoint on the published bank against its controls; return (and
+    print) the table."""
     from jobs.inference.engine import Inference
+    from jobs.inference.qa_probes import read_probes, run_qa
     from jobs.inference.retriever import EncodingStore
 
     t0 = time.time()
     ec = cfg.infer.eval
+    qa_sets = [(path, read_probes(path)) for path in ec.probes]  # a malformed file fails first
     inf = inference or Inference(cfg)
     bank, model = inf.bank, inf.model
     cs = model.config.mem_chunk_size
@@ -287,29 +297,37 @@ def run_eval(cfg, inference=None) -> dict:
     items = heldout_items(bank, cfg.train.heldout_fraction, ec.sequences, n_tokens, cs)
     retriever = inf.memory_retriever()  # refuses memories written by another model
     sink = reads_memory(inf.checkpoint)
+    ctl = inf.control()
+    control = (ctl["model"], ctl["sink"]) if ctl.get("model") is not None else None
     held = strict(retriever.max_overlap)
     dense = EncodingStore(model, retriever.ref_tokens)
     modes = {"none": ("none", None, held), "memory": ("memory", None, held),
              "memory, another sequence's (control)": ("other", None, held),
              "memory, dense raw (same references)": ("memory", dense, held), "rag": ("rag", None, held)}
+    scored = evaluate_items(model, items, sink=sink, modes=modes, retriever=retriever,
+                            batch_size=ec.batch_size, control=control)
     results = {"checkpoint": str(inf.checkpoint), "model_hash": inf.model_hash, "split": "heldout",
                "heldout_fraction": cfg.train.heldout_fraction, "sequences": len(items),
                "tokens_per_sequence": n_tokens, "max_overlap": retriever.max_overlap, "sink": sink,
                "served": {"codec": retriever.store.meta.get("codec"),
                           "top_k": (retriever.store.meta.get("sparsity") or {}).get("top_k")},
                "trained_to_read": inf.memory_reading,
-               "modes": evaluate_items(model, items, sink=sink, modes=modes, retriever=retriever,
-                                       batch_size=ec.batch_size)}
+               "control": {k: v for k, v in ctl.items() if k not in ("model", "sink")},
+               "headline": ({"comparison": f"memory vs {CONTROL}", **scored["memory"].get("vs_control", {})}
+                            if control is not None else {"missing": ctl.get("missing")}),
+               "modes": scored}
     probe, n_docs = probe_items(bank, inf.tokenizer, cfg.train.heldout_fraction, ec.probe_refs, model.config.eos_id)
     if len(probe):
         pmodes = probe_modes(retriever.max_overlap)
         results["probe"] = {"references": len(probe), "documents": n_docs,
                             "prompts": [inf.tokenizer.decode(t[1:p]) for t, p in zip(probe.tokens, probe.prompts)],
                             "modes": evaluate_items(model, probe, sink=sink, modes=pmodes, retriever=retriever,
-                                                    batch_size=ec.batch_size)}
+                                                    batch_size=ec.batch_size, control=control)}
     else:
         results["probe"] = {"references": 0, "documents": n_docs,
                             "note": "every document of the bank is in a training sequence"}
+    results["qa"] = [run_qa(inf, path, qa, control=control, batch_size=ec.batch_size, seed=cfg.infer.seed)
+                     for path, qa in qa_sets]
     store = retriever.store
     results["memory_cache"] = {"hits": store.hits, "misses": store.misses}
     results["seconds"] = round(time.time() - t0, 1)
@@ -320,68 +338,6 @@ def run_eval(cfg, inference=None) -> dict:
         results["plot"] = str(plot)
     print(render(results), flush=True)
     return results
-
-
-def mode_lines(modes: dict) -> list[str]:
-    lines = [f"  {'mode':<40}{'loss':>8}{'ppl':>9}   {'gain over none (paired)':<34}"]
-    for m, v in modes.items():
-        p = v.get("vs_none") or {}
-        gain = (f"{p['gain']:+.4f} ± {p['stderr']:.4f} ({p['relative']:+.1%}), {p['helped']}/{p['of']}"
-                if p else "")
-        lines.append(f"  {m:<40}{v['loss']:>8.4f}{v['ppl']:>9.2f}   {gain}")
-    return lines
-
-
-def render(r: dict) -> str:
-    scored = next(iter(r["modes"].values()))["tokens"]
-    lines = [f"evaluation: {r['sequences']} held-out sequences (never trained on), first "
-             f"{r['tokens_per_sequence']} tokens, {scored:,} scored; model {r['model_hash'][:12]} "
-             f"({'sink kept' if r.get('sink') else 'plain'} without memory); own documents dropped, "
-             f"eq. 6 > {r['max_overlap']} against the whole sequence dropped"]
-    lines += mode_lines(r["modes"])
-    served = (r["modes"].get("memory") or {}).get("vs_none") or {}
-    dense = (r["modes"].get("memory, dense raw (same references)") or {}).get("vs_none") or {}
-    if served and dense and dense.get("gain", 0) > 0:
-        lines.append(f"  the served bank ({(r.get('served') or {}).get('top_k')} tokens per head, "
-                     f"{(r.get('served') or {}).get('codec')}) keeps {served['gain'] / dense['gain']:.0%} of the "
-                     f"gain of dense raw memories of the same references")
-    p = r["probe"]
-    if p.get("references"):
-        lines.append(f"knowledge probe: {p['references']} terms whose entry no training sequence contains "
-                     f"(of {p['documents']:,}); prompt = the headword, the definition scored "
-                     f"({next(iter(p['modes'].values()))['tokens']:,} tokens)")
-        lines += mode_lines(p["modes"])
-    else:
-        lines.append(f"knowledge probe: {p.get('note')}")
-    if "memory_cache" in r:
-        c = r["memory_cache"]
-        lines.append(f"  memory cache: {c['hits']} hits, {c['misses']} misses; {r['seconds']} s")
-    return "\n".join(lines)
-
-
-def plot_eval(r: dict, path) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    groups = [("held-out", r["modes"])] + ([("probe", r["probe"]["modes"])] if r["probe"].get("modes") else [])
-    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 3.8), squeeze=False)
-    for ax, (title, modes) in zip(axes[0], groups):
-        names = [m for m in modes if m != "none"]
-        gains = [(modes[m].get("vs_none") or {}).get("gain", 0.0) for m in names]
-        errs = [3 * (modes[m].get("vs_none") or {}).get("stderr", 0.0) for m in names]
-        ax.bar(range(len(names)), gains, yerr=errs, capsize=4)
-        ax.axhline(0, color="black", linewidth=0.8)
-        ax.set_xticks(range(len(names)), [m.replace(", ", "\n") for m in names], fontsize=7)
-        ax.set_title(f"{title}: loss without memory {modes['none']['loss']:.3f}")
-        ax.set_ylabel("gain over none, nats/token (±3 SE)")
-    with open_atomic(path) as f:  # a local path or a bank URI
-        fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return str(path)
 
 
 def cmd_eval(cfg, args) -> int:

@@ -1,54 +1,46 @@
 """The honest evaluation (jobs/inference/evaluate.py) on a real bank: a tiny model that "was trained to
-read memories" (its export says so), memories encoded into LanceDB, real MiniLM retrieval.
+read memories" (its export.json, as the trainer writes it, says so), memories encoded into
+LanceDB, real retrieval (tests/jobs/inference/conftest.py).
 
 Each test is built to fail if its fix were undone: the no-memory baseline keeps the sink, the
-memory mode reads the memories (masking them gives exactly the baseline), no scored token reads
-a reference of its own document or one that overlaps its whole sequence, the served bank is what
-the model's on-the-fly encoding gives, and a bank the model was not trained to read is refused."""
+memory mode reads the memories (masking them gives exactly the baseline), chunk c reads what
+chunk c-1 retrieved, no scored token reads a reference of its own document or one that overlaps
+its whole sequence (checked in what the eval read, not in what it prints), the probe's headline
+never reads the scored entry's document, gains are the differences of the losses shown, RAG
+rows of a batch score as alone, the headline is against the equal-compute control (or says it
+is missing), the served bank is what the model's on-the-fly encoding gives, a bank the model
+was not trained to read is refused, and another training schedule is warned about."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from jobs.stages.encode import run_encode
-from jobs.inference.evaluate import Items, evaluate_items, heldout_items, item_losses, retrieval_ids, run_eval
+from jobs.inference.evaluate import (CONTROL, Items, evaluate_items, heldout_items, item_losses, probe_items,
+                                     probe_modes, retrieval_ids, run_eval)
 from jobs.inference.engine import Inference
 from jobs.inference.retriever import EncodingStore
+from jobs.inference.stats import paired
+from jobs.models import stage_dir
 from model import Memory3, save_model
 from model.codecs import make_codec
 from model.memory import no_memories
 from pipelines.overlap import overlap
 from storage.bank import Bank, BankError
-from tests.conftest import small_embedded_bank
+from tests.jobs.inference.conftest import write_export
 
 pytestmark = pytest.mark.slow
 
-TINY = ["model.preset=tiny", "model.vocab_size=600", "model.ref_max_tokens=128", "model.max_seq_len=512",
-        "encode.codec=raw-fp32", "train.heldout_fraction=0.3", "infer.eval.sequences=6",
-        "infer.eval.tokens=96", "infer.eval.probe_refs=4", "infer.eval.batch_size=2"]
-
-
-def reading(cfg, **kw) -> dict:
-    return {"reads_memory": True, "schedule": "serving", "top_k": cfg.model.mem_top_k, "codec": "raw-fp32", **kw}
-
 
 @pytest.fixture(scope="module")
-def bank(tmp_path_factory, ray_local):
-    root = tmp_path_factory.mktemp("eval")
-    cfg, _, _ = small_embedded_bank(root, *TINY)
-    torch.manual_seed(0)
-    # large random weights: attention far from uniform, so what a memory holds moves the logits
-    ckpt = save_model(Memory3(dataclasses.replace(cfg.model, init_std=0.2)), root / "reader")
-    (ckpt / "export.json").write_text(json.dumps({"stage": "continual", "memory": reading(cfg)}))
-    cfg = dataclasses.replace(cfg, encode=dataclasses.replace(cfg.encode, checkpoint=str(ckpt)),
-                              infer=dataclasses.replace(cfg.infer, checkpoint=str(ckpt)))
-    run_encode(cfg)
-    return cfg
+def bank(reader_bank):
+    return reader_bank[0]
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +132,62 @@ def test_the_served_bank_is_what_on_the_fly_encoding_gives(bank, inf):
     assert dense.fetch(ids[:2])[0].shape[-2] == inf.model.config.ref_max_tokens
 
 
+def test_chunk_c_reads_what_chunk_c_minus_1_retrieved(bank, inf):
+    """retrieval_ids against searches made by hand: chunk 0 reads what the prompt retrieved,
+    chunk c >= 1 what chunk c-1's tokens retrieved (never its own: that is checked to differ)."""
+    r = inf.retriever()
+    cs = inf.model.config.mem_chunk_size
+    probe, _ = probe_items(inf.bank, inf.tokenizer, bank.train.heldout_fraction, 3, inf.model.config.eos_id)
+    own_text_differs = False
+    for items in (items_of(bank, inf), probe):
+        ids = retrieval_ids(r, items, cs, exclude_own=True)
+        for i, (toks, ctx, docs) in enumerate(zip(items.tokens, items.contexts, items.docs)):
+            C = -(-len(toks) // cs)
+            queries = [toks[:min(items.prompt(i, cs), cs)]] + [toks[(c - 1) * cs:c * cs] for c in range(1, C)]
+            assert ids[i] == r.search_ids(queries, [ctx] * C, [docs] * C)
+            own = r.search_ids([toks[c * cs:(c + 1) * cs] for c in range(C)], [ctx] * C, [docs] * C)
+            own_text_differs |= any(a != b for a, b in zip(ids[i][1:], own[1:]))
+    assert own_text_differs
+
+
+def test_rag_rows_of_a_batch_score_as_each_alone(bank, inf):
+    """RAG contexts of different lengths in one batch: each item's loss is the one it gets in a
+    batch of its own (no pad is attended, no position shifted)."""
+    items = items_of(bank, inf)
+    r = inf.memory_retriever()
+    cs = inf.model.config.mem_chunk_size
+    ids = retrieval_ids(r, items, cs, exclude_own=True)
+    refs = r.ref_tokens({x for row in ids for c in row for x in c})
+    widths = {sum(len(refs[x]) + 1 for x in ids[i][1]) + len(items.tokens[i]) for i in range(len(items))}
+    assert len(widths) > 1
+    together = item_losses(inf.model, items, "rag", sink=True, retriever=r, ids=ids, batch_size=len(items))
+    alone = item_losses(inf.model, items, "rag", sink=True, retriever=r, ids=ids, batch_size=1)
+    assert np.array_equal(together[1], alone[1])
+    np.testing.assert_allclose(together[0], alone[0], rtol=1e-5, atol=1e-3)
+
+
+def test_the_probe_headline_never_reads_the_scored_entry_s_document(bank, inf):
+    """The probe's "memory" row: no reference of the scored entry's document (the entry itself
+    among them) nor one overlapping the entry by more than 2/3; the look-up row does read the
+    entry's document, so the filter has work. Its gains are the differences of the losses shown
+    although the definitions differ in length (token-weighted, like the losses)."""
+    probe, _ = probe_items(inf.bank, inf.tokenizer, bank.train.heldout_fraction, 8, inf.model.config.eos_id)
+    assert len(probe) >= 3 and len({len(t) - p for t, p in zip(probe.tokens, probe.prompts)}) > 1
+    r = inf.memory_retriever()
+    out = evaluate_items(inf.model, probe, sink=True, modes=probe_modes(r.max_overlap), retriever=r)
+    assert list(out) == ["none", "memory", "memory, bank holds the entry"]
+    refs = r.ref_tokens({x for m in out.values() for row in m.get("reads", []) for c in row for x in c})
+    read = [(i, x) for i, row in enumerate(out["memory"]["reads"]) for c in row for x in c]
+    assert read
+    for i, x in read:
+        assert r.ref_docs[x] not in probe.docs[i]
+        assert overlap(probe.contexts[i], refs[x]) <= r.max_overlap
+    lookup = out["memory, bank holds the entry"]["reads"]
+    assert any(r.ref_docs[x] in probe.docs[i] for i, row in enumerate(lookup) for c in row for x in c)
+    for name in ("memory", "memory, bank holds the entry"):
+        assert out[name]["vs_none"]["gain"] == pytest.approx(out["none"]["loss"] - out[name]["loss"], abs=2e-4)
+
+
 def test_eval_table_with_baselines_controls_and_paired_errors(bank, inf, capsys):
     res = run_eval(bank, inference=inf)
     modes = res["modes"]
@@ -149,22 +197,93 @@ def test_eval_table_with_baselines_controls_and_paired_errors(bank, inf, capsys)
     for name, m in modes.items():
         if name != "none":
             p = m["vs_none"]
-            assert p["of"] == res["sequences"] and p["gain"] == pytest.approx(
-                modes["none"]["loss"] - m["loss"], abs=0.05)
-    assert set(res["probe"]["modes"]) == {"none", "memory, bank holds the entry", "memory, 2/3 filter"}
+            assert p["of"] == res["sequences"]
+            assert p["gain"] == pytest.approx(modes["none"]["loss"] - m["loss"], abs=2e-4)
+    assert set(res["probe"]["modes"]) == {"none", "memory", "memory, bank holds the entry"}
+    assert "no model in" in res["headline"]["missing"]  # no control trained: said, the rest shown
+    # the held-out filters, by what they removed: the eval's reads hold no reference of the
+    # sequence's own documents nor one overlapping it by > 2/3; unfiltered retrieval has some
+    items = items_of(bank, inf)
+    assert res["sequences"] == len(items)
+    r = inf.retriever()
+    cs = inf.model.config.mem_chunk_size
+    read = modes["memory"]["reads"]
+    refs = r.ref_tokens({x for row in read for c in row for x in c})
+    assert refs
+    for i, row in enumerate(read):
+        assert len(row) == -(-len(items.tokens[i]) // cs)
+        for x in (x for c in row for x in c):
+            assert r.ref_docs[x] not in items.docs[i]
+            assert overlap(items.contexts[i], refs[x]) <= 2 / 3
+    leaky = retrieval_ids(r.with_filter(None), items, cs, exclude_own=False)
+    assert any(r.ref_docs[x] in items.docs[i] for i, row in enumerate(leaky) for c in row for x in c)
+    saved = json.loads((Path(bank.bank.uri) / "eval" / "eval.json").read_text())
+    assert saved["modes"]["memory"]["reads"] == read
     out = capsys.readouterr().out
-    assert "gain over none (paired)" in out and "own documents dropped" in out
+    assert "gain over none (paired)" in out and "the equal-compute control is missing" in out
+    assert "none (same weights: diagnostic)" in out
+
+
+def test_the_headline_is_the_memory_model_against_the_equal_compute_control(bank, tmp_path, capsys):
+    """A control model where the control training stage exports it: scored without memory on
+    the same items, and the memory model's gain over it, paired per sequence, is the headline.
+    A QA probe file (infer.eval.probes) gets its rows, the control's among them."""
+    from tests.jobs.inference.test_qa_probes import bank_probes
+
+    path = stage_dir(bank, "control") / "model"
+    torch.manual_seed(7)
+    save_model(Memory3(dataclasses.replace(bank.model, init_std=0.2)), path)
+    write_export(bank, path, train=dataclasses.replace(bank.train, continual_with_memory=False))
+    try:
+        inf = Inference(bank)
+        qa = tmp_path / "qa.jsonl"
+        qa.write_text("".join(json.dumps({k: it[k] for k in ("prompt", "answer", "source_ids")}) + "\n"
+                              for it in bank_probes(inf, 3)))
+        cfg = dataclasses.replace(bank, infer=dataclasses.replace(
+            bank.infer, eval=dataclasses.replace(bank.infer.eval, probes=(str(qa),))))
+        res = run_eval(cfg, inference=inf)
+        control = inf.control()["model"]
+    finally:
+        shutil.rmtree(path.parent)
+    assert len(res["qa"]) == 1 and res["qa"][0]["items"] == 3 and res["qa"][0]["file"] == str(qa)
+    assert list(res["qa"][0]["modes"])[:3] == ["none", CONTROL, "memory"]
+    modes = res["modes"]
+    assert list(modes)[:2] == ["none", CONTROL] and res["control"]["path"] == str(path)
+    items = items_of(bank, inf)
+    total, count = item_losses(control, items, "none", sink=False)  # plain: it never read memories
+    assert modes[CONTROL]["per_item"] == pytest.approx(list(total / count), abs=1e-5)
+    mem = item_losses(inf.model, items, "memory", sink=True, retriever=inf.memory_retriever(),
+                      ids=modes["memory"]["reads"])
+    want = paired((total, count), mem)
+    h = res["headline"]
+    assert h["comparison"] == f"memory vs {CONTROL}" and h["of"] == len(items)
+    assert h["gain"] == pytest.approx(want["gain"], abs=1e-5) and h["stderr"] == pytest.approx(want["stderr"], abs=1e-5)
+    assert h["gain"] == pytest.approx(modes[CONTROL]["loss"] - modes["memory"]["loss"], abs=2e-4)
+    assert all("vs_control" in m for name, m in modes.items() if name != CONTROL)
+    assert CONTROL in res["probe"]["modes"]
+    out = capsys.readouterr().out
+    assert "headline: the served memory model vs the equal-compute control" in out
+    assert f"QA probe {qa}: 3 items" in out and "memory, the source's own (oracle)" in out
 
 
 def test_a_bank_the_model_was_not_trained_to_read_is_refused(bank, tmp_path, capsys):
     ckpt = tmp_path / "dense-reader"
-    import shutil
-
     shutil.copytree(bank.infer.checkpoint, ckpt)
-    (ckpt / "export.json").write_text(json.dumps({"stage": "continual", "memory": reading(bank, top_k=3)}))
+    write_export(bank, ckpt, top_k=3)
     cfg = dataclasses.replace(bank, infer=dataclasses.replace(bank.infer, checkpoint=str(ckpt)))
     with pytest.raises(BankError, match="trained to read 3 tokens per head, the bank keeps"):
         Inference(cfg).store()
     lenient = dataclasses.replace(cfg, infer=dataclasses.replace(cfg.infer, allow_memory_mismatch=True))
     Inference(lenient).store()
     assert "WARNING: serving memories the model was not trained to read" in capsys.readouterr().out
+
+
+def test_a_model_trained_on_another_schedule_is_served_with_a_warning(bank, tmp_path, capsys):
+    Inference(bank).store()  # the fixture's model was trained on the serving schedule
+    assert "WARNING" not in capsys.readouterr().out
+    ckpt = tmp_path / "paper-reader"
+    shutil.copytree(bank.infer.checkpoint, ckpt)
+    write_export(bank, ckpt, schedule="paper")
+    cfg = dataclasses.replace(bank, infer=dataclasses.replace(bank.infer, checkpoint=str(ckpt)))
+    Inference(cfg).store()  # served all the same: the memories are the ones it reads
+    assert "trained on the 'paper' memory schedule" in capsys.readouterr().out

@@ -1,7 +1,9 @@
-"""Generation and evaluation against a real bank (FOLDOC refs, real LanceDB, real MiniLM
-retrieval, memories encoded by a random-weight tiny model): batched equals single-prompt,
-one embed/search/fetch per swap point, the overlap filter, the RAM cache, lineage refusal,
-the CLI (--show-memories, JSONL). `m3 eval` is tested in test_evaluate.py."""
+"""Generation against a real bank (FOLDOC refs, real LanceDB and retrieval, memories encoded by
+a random-weight tiny model saved with the export.json the trainer writes: it reads memories,
+behind the ref_bos sink): what is read reaches the greedy tokens and is what each chunk
+recorded, the no-memory mode keeps the sink, batched equals single-prompt (RAG too), one
+embed/search/fetch per swap point, the overlap filter, the RAM cache, lineage refusal, the CLI
+(--show-memories, JSONL). `m3 eval` is tested in test_evaluate.py."""
 
 from __future__ import annotations
 
@@ -12,27 +14,20 @@ import pytest
 import torch
 
 from jobs.cli.main import main
-from jobs.stages.encode import run_encode
 from jobs.inference.generate import sample_generation
 from jobs.inference.engine import Inference
 from model import Memory3, save_model
+from model.memory import no_memories
 from pipelines.overlap import overlap
 from storage.bank import Bank, BankError
-from tests.conftest import small_embedded_bank
+from tests.jobs.inference.conftest import TINY  # noqa: F401 (test_retriever's bank settings)
 
 pytestmark = pytest.mark.slow
 
-# tiny model: 16-token chunks, 2 memories per chunk, so a short generation crosses many swaps
-TINY = ["model.preset=tiny", "model.vocab_size=600", "model.ref_max_tokens=128", "model.max_seq_len=512",
-        "encode.codec=raw-fp32", "train.heldout_fraction=0.3", "infer.eval.sequences=4",
-        "infer.eval.tokens=96", "infer.eval.probe_refs=4", "infer.eval.batch_size=2"]
-
 
 @pytest.fixture(scope="module")
-def bank(tmp_path_factory, ray_local):
-    cfg, overrides, _ = small_embedded_bank(tmp_path_factory.mktemp("gen"), *TINY)
-    run_encode(cfg)
-    return cfg, overrides
+def bank(reader_bank):
+    return reader_bank
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +159,71 @@ def test_sample_generation_reports_text_and_the_references_each_chunk_read(bank,
     # later one queried with the cs tokens before it
     gen = [c for c in s["chunks"] if c["tokens"][0] > s["chunks"][0]["tokens"][1]]
     assert len(gen) == 2 and all(c["query_tokens"] == [c["tokens"][0] - cs, c["tokens"][0]] for c in gen)
+
+
+def greedy_by_full_forward(model, prompt: list[int], n: int, memories_of=None) -> list[int]:
+    """Greedy tokens recomputed with a whole forward per step (no KV cache): chunk c of the
+    context reads memories_of(c) (memories, mask), or zero memories behind the sink when
+    memories_of is "sink", or none at all (plain) when None."""
+    cs = model.config.mem_chunk_size
+    ctx = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            C = -(-len(ctx) // cs)
+            if memories_of is None:
+                mem = ()
+            elif memories_of == "sink":
+                mem = no_memories(model.config, 1, C)
+            else:
+                got = [memories_of(c) for c in range(C)]
+                mem = (torch.stack([m for m, _ in got])[None], torch.stack([k for _, k in got])[None])
+            ctx.append(int(model(torch.tensor([ctx]), *mem)[0, -1].argmax()))
+    return ctx[len(prompt):]
+
+
+def test_what_memory_mode_reads_reaches_the_greedy_tokens(bank, inf):
+    """Each chunk's recorded references, read by a whole forward, give exactly the generated
+    tokens; and the memories change them (against none, same weights): ignoring the memories
+    (or reading others than recorded) fails here."""
+    cfg, _ = bank
+    cs = inf.model.config.mem_chunk_size
+    prompts = [r["token_ids"][:cs] for r in ref_rows(cfg) if len(r["token_ids"]) >= cs][:4]
+    n_new = 3 * cs  # the prompt is one chunk: generated chunks sit on the grid of a whole forward
+    r = inf.memory_retriever()
+    with_memory = inf.generate_tokens(prompts, "memory", max_new_tokens=n_new, stop_at_eos=False)
+    without = inf.generate_tokens(prompts, "none", max_new_tokens=n_new, stop_at_eos=False)
+    assert any(a.tokens != b.tokens for a, b in zip(with_memory, without))
+    for prompt, out in zip(prompts, with_memory):
+        by_start = {c.start: c.ref_ids for c in out.reads}
+        assert sorted(by_start) == [0, cs, 2 * cs, 3 * cs]
+        assert by_start[cs] == by_start[0]  # the first generated chunk inherits the prompt's
+
+        def memories_of(c, by_start=by_start):
+            mems, mask = r.memories([by_start[c * cs]])
+            return mems[0], mask[0]
+
+        assert greedy_by_full_forward(inf.model, prompt, n_new, memories_of) == out.tokens
+
+
+def test_none_mode_keeps_the_sink_the_model_was_trained_with(bank, inf):
+    """The model's export.json says it reads memories: without memory it runs behind the
+    ref_bos sink with zero memories (its own distribution), not as a plain LM."""
+    cfg, _ = bank
+    assert inf.memory_reading["reads_memory"] is True
+    prompts = [r["token_ids"][:20] for r in ref_rows(cfg, 4)]
+    outs = inf.generate_tokens(prompts, "none", max_new_tokens=10, stop_at_eos=False)
+    plain = [greedy_by_full_forward(inf.model, p, 10) for p in prompts]
+    for prompt, out in zip(prompts, outs):
+        assert out.tokens == greedy_by_full_forward(inf.model, prompt, 10, "sink")
+    assert any(out.tokens != p for out, p in zip(outs, plain))  # the sink matters to these weights
+
+
+def test_rag_batched_equals_each_prompt_alone(bank, inf):
+    """RAG contexts differ in length; a batch never pads one (the model takes no padding mask)."""
+    cfg, _ = bank
+    prompts = [r["token_ids"][:n] for r, n in zip(ref_rows(cfg, 4), (9, 14, 20, 27))]
+    contexts, _ = inf.rag_contexts(prompts)
+    assert len({len(c) for c in contexts}) > 1
+    batched = inf.generate_tokens(prompts, "rag", max_new_tokens=8, batch_size=4, stop_at_eos=False)
+    for p, b in zip(prompts, batched):
+        assert inf.generate_tokens([p], "rag", max_new_tokens=8, batch_size=1, stop_at_eos=False)[0].tokens == b.tokens

@@ -8,6 +8,10 @@
     3. else, encoding starts from an untrained model, created once and reproducibly in
        <bank>/models/, and serving takes the model the memories were encoded with (their
        lineage): a bank is read by the weights that wrote it.
+
+The equal-compute control (<bank>/training/control/model: the continual stage's steps without
+memory, jobs/training/trainer.py) is never picked by 2.: it is the baseline an evaluation loads
+by name (`control_model_dir`), not weights that encode or read a bank.
 """
 
 from __future__ import annotations
@@ -50,7 +54,18 @@ def _named(path: str, key: str) -> Path:
     return p
 
 
+# The equal-compute control's stage: its model never encodes or serves a bank.
+CONTROL = "control"
+
+
+def control_model_dir(cfg) -> Path:
+    """Where the equal-compute control's exported model lives (it may not exist yet)."""
+    return stage_dir(cfg, CONTROL) / "model"
+
+
 def newest_trained(cfg, stages: tuple[str, ...] = ("continual", "warmup")) -> Path | None:
+    if CONTROL in stages:
+        raise ValueError("the control model never encodes or serves a bank: load control_model_dir(cfg) by name")
     for stage in stages:
         try:
             path = stage_dir(cfg, stage) / "model"

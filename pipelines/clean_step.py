@@ -22,7 +22,7 @@ from pipelines.dedup import partition_of
 from pipelines.filters import quality_reason
 from pipelines.minhash import band_keys, signatures
 from pipelines.normalize import content_hash, exact_dedup_key, normalize_text
-from pipelines.readers import Shard, SourceFile, read_shard
+from pipelines.readers import RANK_BITS, Shard, SourceFile, read_shard
 from storage.schemas import REJECTS
 from storage.layout import upath
 from storage.staging import write_atomic
@@ -55,7 +55,7 @@ CLEAN_MEMO = pa.schema([
     pa.field("text", pa.large_string()),           # normalized
     pa.field("content_hash", pa.string()),
     pa.field("training_reason", pa.string()),      # the training filter's reason, None = passes
-    pa.field("in_bank", pa.bool_()),
+    pa.field("bank_reason", pa.string()),          # the bank filter's reason, None = passes
     pa.field("exact_key", pa.int64()),             # None unless kept and dedup.exact
     pa.field("bands", pa.list_(pa.int64())),       # None unless kept and dedup.near
 ])
@@ -66,13 +66,18 @@ def clean_shard(shard: Shard, files: list[SourceFile], corpus, quality, dedup, o
                 bank_quality=None, memo_src: str | None = None, memo_dst: str | None = None) -> dict:
     """Process one shard; returns its counts. Idempotent: rerunning rewrites identical files.
 
-    A document is kept when it passes the training filter (`quality`) or the bank's
-    (`bank_quality`, None = the same); `in_training` and `in_bank` say which. A record that
-    passes neither is a reject, with the training filter's reason.
+    Each record's file has a role (SourceFile.role, corpus.roles): `in_training` = its role
+    allows training and it passes the training filter (`quality`); `in_bank` = its role allows
+    the bank and it passes the bank's (`bank_quality`, None = the same). A document is kept when
+    either holds. A record that its role's filters all refuse is a reject, with the reason of
+    the filter its role applies: the bank filter's for a bank-only source, else the training
+    filter's.
 
     With `memo_src` (pipelines/memo.py) a record whose raw text is in the memo takes its
-    normalized text, decisions and dedup keys from there; `memo_dst` receives this shard's
-    entries. The caller keys both by every setting the values depend on."""
+    normalized text, both filters' reasons and dedup keys from there; `memo_dst` receives this
+    shard's entries. The caller keys both by every setting the values depend on. The memo holds
+    what the text and the settings decide, not the role: the role is applied to it here, in
+    every build, so a changed role re-decides the record (the ingest key covers corpus.roles)."""
     out_dir = upath(out_dir)
     records = list(read_shard(shard, files, corpus.text_key, corpus.id_key, corpus.max_record_bytes))
     # Only records that reach normalization are memoized: the rest are decided by cheap tests.
@@ -87,9 +92,9 @@ def clean_shard(shard: Shard, files: list[SourceFile], corpus, quality, dedup, o
             continue
         text = normalize_text(records[i].text)
         training_reason = quality_reason(text, quality)
-        in_bank = (training_reason if bank_quality is None else quality_reason(text, bank_quality)) is None
+        bank_reason = training_reason if bank_quality is None else quality_reason(text, bank_quality)
         made[key] = {"text": text, "content_hash": content_hash(text), "training_reason": training_reason,
-                     "in_bank": in_bank, "exact_key": None, "bands": None}
+                     "bank_reason": bank_reason, "exact_key": None, "bands": None}
     _dedup_keys([made[k] for k in dict.fromkeys(keyed[i] for i in fresh)], dedup)
 
     docs: dict[str, list] = {name: [] for name in STAGED_DOCS.names}
@@ -97,10 +102,12 @@ def clean_shard(shard: Shard, files: list[SourceFile], corpus, quality, dedup, o
     kept = []
     for i, rec in enumerate(records):
         entry = made.get(keyed.get(i))
+        role = files[rec.rank >> RANK_BITS].role
         if entry is None:  # a read failure or too long: decided before normalizing megabytes
             stage, reason = ("read", rec.reason) if rec.reason is not None else ("quality", "too_long")
         else:
-            stage, reason = "quality", None if entry["in_bank"] else entry["training_reason"]
+            in_training, in_bank, training_reason, reason = decide(entry, role)
+            stage = "quality"
         if reason is not None:
             for name, value in (("doc_id", rec.doc_id), ("source", rec.source), ("source_id", rec.source_id),
                                 ("reason", reason), ("stage", stage), ("duplicate_of", None),
@@ -110,8 +117,8 @@ def clean_shard(shard: Shard, files: list[SourceFile], corpus, quality, dedup, o
         for name, value in (("rank", rec.rank), ("doc_id", rec.doc_id), ("source", rec.source),
                             ("source_id", rec.source_id), ("text", entry["text"]),
                             ("content_hash", entry["content_hash"]), ("n_chars", len(entry["text"])),
-                            ("meta", rec.meta), ("in_training", entry["training_reason"] is None),
-                            ("in_bank", entry["in_bank"]), ("training_reason", entry["training_reason"])):
+                            ("meta", rec.meta), ("in_training", in_training),
+                            ("in_bank", in_bank), ("training_reason", training_reason)):
             docs[name].append(value)
         kept.append(entry)
 
@@ -127,9 +134,26 @@ def clean_shard(shard: Shard, files: list[SourceFile], corpus, quality, dedup, o
             "bank_only": sum(not t for t in docs["in_training"]), "training_only": sum(not b for b in docs["in_bank"])}
 
 
+# Why training left out a document of a bank-only source (documents.training_reason).
+BANK_ROLE = "bank_only_source"
+
+
+def decide(entry: dict, role: str) -> tuple[bool, bool, str | None, str | None]:
+    """(in_training, in_bank, training_reason, reject reason) of a record whose text's filter
+    reasons are in `entry`, in a file of `role`. training_reason says why training left a kept
+    document out (its filter's reason, or BANK_ROLE); the reject reason is None for a document."""
+    in_training = role != "bank" and entry["training_reason"] is None
+    in_bank = role != "training" and entry["bank_reason"] is None
+    training_reason = None if in_training else (BANK_ROLE if role == "bank" else entry["training_reason"])
+    if in_training or in_bank:
+        return in_training, in_bank, training_reason, None
+    return False, False, None, entry["bank_reason"] if role == "bank" else entry["training_reason"]
+
+
 def _dedup_keys(entries: list[dict], dedup) -> None:
-    """Fill the dedup keys of freshly cleaned entries that are kept (a reject needs none)."""
-    kept = [e for e in entries if e["in_bank"] or e["training_reason"] is None]
+    """Fill the dedup keys of freshly cleaned entries that a filter keeps (a reject needs none;
+    whatever the role of a record, it keeps a subset of these)."""
+    kept = [e for e in entries if e["bank_reason"] is None or e["training_reason"] is None]
     texts = [e["text"] for e in kept]
     if dedup.exact:
         for e in kept:

@@ -5,7 +5,9 @@ gets the same normalized text, quality decision, dedup keys (clean step) and the
 and reference spans (chunk step) as last time: those come from the memo instead of being
 recomputed. Only per-record *functions of the text and the config* are memoized; everything
 positional or global (rank, doc_id, dedup winners, packing, ids of rows) is still derived in
-this build, so a hit can never change a result.
+this build, so a hit can never change a result. So is the role of a record's source
+(corpus.roles): the clean memo keeps both filters' reasons, and the role is applied to them in
+every build (pipelines/clean_step.decide), so changing a role re-decides the record.
 
     <bank>/_memo/current.json                 {"build": ingest key, "clean": cfg key, "chunk": cfg key}
     <bank>/_memo/<build>/<kind>/<shard>.parquet   one entry per record of the shard (hits copied)

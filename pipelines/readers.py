@@ -38,6 +38,8 @@ from model.errors import M3Error
 # It is the tie-breaker that makes dedup deterministic whatever the number of workers.
 RANK_BITS = 40
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
+# What a source file is for (corpus.roles): knowledge only, training text only, or both.
+ROLES = ("bank", "training", "both")
 RAW_PREFIX_CHARS = 200
 
 
@@ -53,6 +55,8 @@ class SourceFile:
     # Its path below what corpus.paths named (the folder, or a glob's fixed folders): a text
     # file's id, so that moving the corpus keeps its doc_id (its full path would not)
     name: str = ""
+    # bank | training | both: the role of the corpus.paths entry that named it (ROLES)
+    role: str = "both"
 
 
 @dataclass(frozen=True)
@@ -103,10 +107,15 @@ def detect_format(path: str, configured: str) -> str | None:
     return None
 
 
-def expand_paths(patterns: tuple[str, ...] | list[str], fmt: str = "auto") -> list[SourceFile]:
-    """Resolve files, directories and globs into an ordered list of input files."""
-    found: list[tuple[str, str]] = []  # (path, the folder its name is relative to)
+def expand_paths(patterns: tuple[str, ...] | list[str], fmt: str = "auto",
+                 roles: dict[str, str] | None = None) -> list[SourceFile]:
+    """Resolve files, directories and globs into an ordered list of input files, each with the
+    role `roles` gives the pattern that named it ("both" when it names none). A file named by
+    two patterns of different roles is refused: which one it has would be an accident of order."""
+    roles = roles or {}
+    found: list[tuple[str, str, str]] = []  # (path, the folder its name is relative to, pattern)
     for pattern in patterns:
+        start = len(found)
         if any(ch in pattern for ch in "*?["):
             matches = sorted(glob.glob(pattern, recursive=True))
             if not matches:
@@ -121,16 +130,22 @@ def expand_paths(patterns: tuple[str, ...] | list[str], fmt: str = "auto") -> li
             found.append((pattern, os.path.dirname(pattern) or "."))
         else:
             raise InputError(f"corpus.paths: {pattern!r} does not exist (working directory {os.getcwd()})")
-    files, seen = [], set()
-    for path, base in found:
+        found[start:] = [(path, base, pattern) for path, base in found[start:]]
+    files, seen = [], {}
+    for path, base, pattern in found:
+        role = roles.get(pattern, "both")
         if path in seen:
+            first = seen[path]
+            if roles.get(first, "both") != role:
+                raise InputError(f"corpus.roles: {path} is named by {first!r} (role {roles.get(first, 'both')}) and "
+                                 f"by {pattern!r} (role {role}); give each file one role")
             continue
-        seen.add(path)
+        seen[path] = pattern
         kind = detect_format(path, fmt)
         if kind is None:
             continue  # a folder may hold READMEs, licenses, indexes: only known formats are corpus
         files.append(SourceFile(path=path, format=kind, index=len(files),
-                                name=Path(os.path.relpath(path, base)).as_posix()))
+                                name=Path(os.path.relpath(path, base)).as_posix(), role=role))
     if not files:
         raise InputError(f"corpus.paths: no readable corpus files in {list(patterns)}")
     return files

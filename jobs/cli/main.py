@@ -27,7 +27,7 @@ def cmd_validate(cfg, args) -> int:
     # Input paths are part of validity: a missing file should fail here, not an hour in.
     from pipelines.readers import check_parquet_columns, expand_paths
 
-    files = expand_paths(cfg.corpus.paths, cfg.corpus.format)
+    files = expand_paths(cfg.corpus.paths, cfg.corpus.format, cfg.corpus.roles)
     check_parquet_columns(files, cfg.corpus.text_key)
     _check_model_inputs(cfg)
     print(yaml.safe_dump(cfg.as_dict(), sort_keys=False).rstrip())
@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("-k", type=int, default=5)
     search.add_argument("--exact", action="store_true", help="exact scan instead of the ANN index")
     train = sub.add_parser("train", parents=[common], help="pretraining on DeepSpeed via Ray Train")
-    train.add_argument("--stage", required=True, help="warmup (no memory) or continual (with memory)")
+    train.add_argument("--stage", required=True, help="warmup (no memory), continual (with memory) or control "
+                       "(continual's steps without memory: the equal-compute control)")
     bank = sub.add_parser("bank", parents=[common], help="`m3 bank stats`, `m3 bank diff A B`, `m3 bank compact`")
     bank.add_argument("action", choices=("stats", "diff", "compact"))
     bank.add_argument("builds", nargs="*", metavar="BUILD", help="diff: two builds (numbers, `live`, -1 = before live)")

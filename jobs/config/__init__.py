@@ -25,6 +25,7 @@ from model.checked import check_fields
 from model.config import PRESETS, ModelConfig
 from pipelines.filters import QualityConfig
 from pipelines.minhash import MinHashConfig
+from pipelines.readers import ROLES
 from storage.layout import LayoutError, check_bank_uri
 
 __all__ = ["Config", "ConfigError", "load_config", "config_hash"]
@@ -76,11 +77,32 @@ class CorpusConfig:
     # A record larger than this is rejected unread ("record_too_large"), so one huge line
     # cannot exhaust a worker's memory.
     max_record_bytes: int = field(default=64 * 2**20, metadata={"ge": 1024})
+    # What each source is for, keyed by an entry of `paths` exactly as written there (a file,
+    # folder or glob; every file it names gets the role), a path not named here is "both":
+    #   bank:     knowledge only: references if it passes `bank_quality`, never training text
+    #             (a user's knowledge base is usually not their pretraining text);
+    #   training: training text only: sequences if it passes `quality`, never references;
+    #   both:     each filter decides (training text if it passes `quality`, references if it
+    #             passes `bank_quality`).
+    # A record its role's filters all refuse is a reject with the reason of the filter its role
+    # applies (the training filter's for "both"). A file named by two entries of different roles
+    # is refused. e.g. roles: {data/kb.jsonl: bank, data/web/*.jsonl.gz: training}
+    roles: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         check_fields(self)
         if not self.paths:
             raise ValueError("paths: give at least one file, directory or glob")
+        for path, role in self.roles.items():
+            if path not in self.paths:
+                raise ValueError(f"roles: {path!r} is not an entry of corpus.paths (a role is keyed by a path "
+                                 f"exactly as written there: {', '.join(repr(p) for p in self.paths)})")
+            if role not in ROLES:
+                raise ValueError(f"roles: the role of {path!r} must be one of {', '.join(ROLES)}, got {role!r}")
+
+    def role_of(self, path: str) -> str:
+        """The role of an entry of `paths`."""
+        return self.roles.get(path, "both")
 
 
 @dataclass(frozen=True)

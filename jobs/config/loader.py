@@ -107,6 +107,9 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin in (list, tuple):
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        k, v = typing.get_args(tp)
+        return f"a mapping of {_type_name(k)} to {_type_name(v)}"
     if tp is type(None):
         return "null"
     if dataclasses.is_dataclass(tp):
@@ -131,6 +134,10 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
         if isinstance(value, (list, tuple)):
             inner = typing.get_args(tp)[0]
             return tuple(_convert(v, inner, f"{key}[{i}]", where) for i, v in enumerate(value))
+    elif origin is dict:
+        if isinstance(value, dict):
+            kt, vt = typing.get_args(tp)
+            return {_convert(k, kt, key, where): _convert(v, vt, f"{key}[{k!r}]", where) for k, v in value.items()}
     elif tp is bool:
         if isinstance(value, bool):
             return value

@@ -64,6 +64,12 @@ class TrainConfig:
     # trains the continual stage on the same tokens without memory (the paper's Fig. 11).
     warmup_with_memory: bool = False
     continual_with_memory: bool = True
+    # The equal-compute control (stage "control", `m3 train --stage control`; `m3 run` trains it
+    # after continual unless false): from the same warmup model, continual_stage_steps steps at
+    # the continual stage's rate and schedule over the same sequences in the same order, without
+    # memory. The headline's baseline: what those steps give without memory (jobs/models.py
+    # never serves or encodes with it).
+    control: bool = True
     # Where the stages live: null = <bank>/training; another directory keeps a second recipe's
     # runs apart from the bank's own (bench/memory_gain.py trains several).
     run_dir: str | None = None
@@ -80,10 +86,12 @@ class TrainConfig:
         check_fields(self)
 
     def with_memory(self, stage: str) -> bool:
+        if stage == "control":  # the control's point: the continual stage's steps without memory
+            return False
         return self.warmup_with_memory if stage == "warmup" else self.continual_with_memory
 
     def stage_steps(self, stage: str) -> int:
         return self.warmup_stage_steps if stage == "warmup" else self.continual_stage_steps
 
     def stage_lr(self, stage: str) -> float:
-        return self.lr_continual if stage == "continual" and self.lr_continual else self.lr
+        return self.lr_continual if stage in ("continual", "control") and self.lr_continual else self.lr

@@ -4,12 +4,14 @@
     m3 run -c configs/demo.yaml --from pair          # from a stage on (the earlier ones are done)
     m3 run -c configs/demo.yaml --only warmup,embed
 
-ingest -> warmup -> embed -> pair -> continual -> encode -> publish -> evaluate. Every stage is resumable
+ingest -> warmup -> embed -> pair -> continual -> control -> encode -> publish -> evaluate. Every stage is resumable
 and keyed by its inputs, so rerunning a finished run redoes nothing and a killed one continues
 where it stopped. There is no encode between warmup and pair: the continual stage encodes its
 references in real time with its current weights, so a bank encoded by the warmup model would
 never be read; the one encode that matters comes after continual training, with the weights that
-will read it (jobs/stages/encode.py picks the newest trained model).
+will read it (jobs/stages/encode.py picks the newest trained model). `control` trains the
+equal-compute control (the continual stage's steps from the same warmup, without memory), the
+baseline of the evaluation's headline; `train.control: false` skips it.
 
 The whole run holds the bank's write lock (jobs/ops/lock.py; the stages take it too, reentrant):
 no other writer, `m3 ingest` or a rebuild, runs beside it. `publish` goes through the rebuild's
@@ -43,6 +45,14 @@ def _train(stage: str) -> Callable:
 
         return run_train(cfg, stage)
     return run
+
+
+def _control(cfg):
+    """The equal-compute control, unless train.control is false."""
+    if not cfg.train.control:
+        print("control: skipped (train.control: false)", flush=True)
+        return {"status": "skipped", "reason": "train.control: false"}
+    return _train("control")(cfg)
 
 
 def _embed(cfg):
@@ -168,7 +178,8 @@ def _cell(text: str) -> str:
 
 STAGES: list[tuple[str, Callable]] = [
     ("ingest", _ingest), ("warmup", _train("warmup")), ("embed", _embed), ("pair", _pair),
-    ("continual", _train("continual")), ("encode", _encode), ("publish", _publish), ("evaluate", _evaluate),
+    ("continual", _train("continual")), ("control", _control), ("encode", _encode), ("publish", _publish),
+    ("evaluate", _evaluate),
 ]
 
 
@@ -188,7 +199,7 @@ def select(start: str | None = None, only: str | None = None) -> list[tuple[str,
 
 
 # stages that start Ray with its dashboard (training's State API; the shard runner's actors)
-_DASHBOARD_STAGES = {"warmup", "embed", "pair", "continual", "encode"}
+_DASHBOARD_STAGES = {"warmup", "embed", "pair", "continual", "control", "encode"}
 
 
 def starts_ray_first(names: list[str]) -> bool:

@@ -26,10 +26,12 @@ def _stage_line(name: str, r: dict) -> str:
     """One short phrase of what a stage produced."""
     if r.get("status") == "up_to_date":
         return "up to date (nothing to do)"
+    if r.get("status") == "skipped":
+        return f"skipped ({r.get('reason')})"
     if name == "ingest":
         return (f"{r.get('documents', 0):,} documents kept, {r.get('rejected', 0):,} rejected; "
                 f"{r.get('references', 0):,} references, {r.get('train_sequences', 0):,} sequences")
-    if name in ("warmup", "continual"):
+    if name in ("warmup", "continual", "control"):
         return f"{r.get('steps')} steps, final training loss {_fmt(r.get('final_loss'))}, model {str(r.get('model_hash'))[:12]}"
     if name == "pair":
         return (f"{r.get('chunks', 0):,} chunks, {r.get('with_neighbor', 0):,} with a neighbor, "
@@ -87,7 +89,9 @@ def write_run_report(cfg, results: dict, seconds: dict, total: float) -> UPath:
         lines += ["", "## Held-out evidence at the end of training", ""] + evidence_lines(ev)
     png = training / "loss.png" if training else None
     if png is not None and png.exists():
-        lines += ["", "## Training loss", "", f"![loss curves of both stages]({png})"]
+        lines += ["", "## Training loss", "", "Warmup, then continual (with memory) and, dashed beside it, the "
+                  "equal-compute control (the same steps from the same warmup model, without memory), when trained.",
+                  "", f"![loss curves of the training stages]({png})"]
     for name, r in results.items():  # stages that bring their own markdown (evaluation)
         if isinstance(r, dict) and r.get("markdown"):
             lines += ["", r["markdown"]]

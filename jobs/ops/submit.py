@@ -196,8 +196,9 @@ def portable_config(cfg: Config, job: bool = False) -> dict:
     if job and not d["ray"]["address"]:
         d["ray"]["address"] = "auto"
     d["bank"]["uri"] = str(Path(d["bank"]["uri"]).expanduser().resolve()) if "://" not in d["bank"]["uri"] else d["bank"]["uri"]
-    d["corpus"]["paths"] = [_portable(p, shipped) if not any(c in p for c in "*?[") else p
-                            for p in d["corpus"]["paths"]]
+    moved = {p: _portable(p, shipped) if not any(c in p for c in "*?[") else p for p in d["corpus"]["paths"]}
+    d["corpus"]["paths"] = [moved[p] for p in d["corpus"]["paths"]]
+    d["corpus"]["roles"] = {moved[p]: role for p, role in d["corpus"]["roles"].items()}  # keyed by the paths
     d["encode"]["checkpoint"] = _portable(d["encode"]["checkpoint"], shipped)
     d["tokenizer"]["path"] = _portable(d["tokenizer"]["path"], shipped)
     return d

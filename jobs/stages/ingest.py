@@ -9,13 +9,15 @@ Stages, each resumable (per-shard or per-partition files under <bank>/_staging/i
   4. chunk    (Ray tasks, per shard)      references and packed training sequences
   5. commit   (driver, streaming)         one new version of each table, lineage in its metadata
 
-The key covers the config and the bytes of every input file: the same key means the same
-result, so a finished key is skipped ("nothing to do") and an unfinished one resumes.
+The key covers the config (the role of each source, corpus.roles, with it) and the bytes of
+every input file: the same key means the same result, so a finished key is skipped ("nothing to
+do") and an unfinished one resumes.
 
 Incremental: clean and chunk keep a per-record memo in the bank (pipelines/memo.py, keyed by
 the record's text and by every setting that work depends on), so a rebuild after a small edit
 re-reads the whole corpus but normalizes, filters, MinHashes, tokenizes and cuts only the
-records whose text changed. Dedup decisions, packing and row ids are made anew every build.
+records whose text changed. Dedup decisions, packing and row ids are made anew every build, and
+so is applying each source's role to the memoized filter decisions: a changed role re-decides.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ def _parallel(stage: str, items: list, fn, report: Report) -> list:
 
 def plan(cfg: Config):
     """Everything decided before Ray starts: input files, their versions, shards and the key."""
-    files = readers.expand_paths(cfg.corpus.paths, cfg.corpus.format)
+    files = readers.expand_paths(cfg.corpus.paths, cfg.corpus.format, cfg.corpus.roles)  # each with its role
     readers.check_parquet_columns(files, cfg.corpus.text_key)
     counted = [readers.count_records(f, cfg.corpus.max_record_bytes) for f in files]
     counts = [n for n, _ in counted]
@@ -207,6 +209,7 @@ def run_ingest(cfg: Config) -> dict:
     shard_ids = [s.shard_id for s in shards]
     report.set(records_read=sum(counts), files=len(files), shards=len(shards), ingest_key=key,
                input_bytes=sum(Path(f.path).stat().st_size for f in files))
+    report.file_roles = [f.role for f in files]  # the report counts per source role (corpus.roles)
     init_ray(cfg.ray, dashboard=False)  # plain tasks: no State API read
 
     dedup = clean_and_dedup(cfg, files, shards, stage_dir, report, key)

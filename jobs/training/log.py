@@ -69,8 +69,26 @@ def progress_line(stage: str, row: dict, total: int) -> str:
             f"{row['tokens_per_s']:,.0f} tok/s{hits}")
 
 
+# A stage drawn beside another instead of after it: the equal-compute control trains the
+# continual stage's steps from the same warmup model, so its curve starts where continual's does.
+BESIDE = {"control": "continual"}
+LABELS = {"control": "control (continual's steps, no memory)"}
+
+
+def curve_starts(logs: dict[str, list[dict]]) -> dict[str, int]:
+    """The step each stage's curve starts after: the stages one after another, in order, and a
+    stage of BESIDE where the stage it is beside starts."""
+    offset, starts = 0, {}
+    for stage, rows in logs.items():
+        if stage not in BESIDE:
+            starts[stage] = offset
+            offset += rows[-1]["step"] if rows else 0
+    return {stage: starts.get(BESIDE.get(stage, stage), offset) for stage in logs}
+
+
 def plot_losses(logs: dict[str, list[dict]], path: Path) -> Path | None:
-    """PNG of the stages' loss curves, each drawn after the one before, if matplotlib exists."""
+    """PNG of the stages' loss curves, each drawn after the one before (the control beside the
+    continual stage, dashed), if matplotlib exists."""
     try:
         import matplotlib
 
@@ -79,11 +97,11 @@ def plot_losses(logs: dict[str, list[dict]], path: Path) -> Path | None:
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
-    offset = 0
+    starts = curve_starts(logs)
     for stage, rows in logs.items():
         if rows:
-            ax.plot([offset + r["step"] for r in rows], [r["loss"] for r in rows], label=stage)
-            offset += rows[-1]["step"]
+            ax.plot([starts[stage] + r["step"] for r in rows], [r["loss"] for r in rows],
+                    label=LABELS.get(stage, stage), linestyle="--" if stage in BESIDE else "-")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.legend()

@@ -1,11 +1,15 @@
-"""`m3 train --stage warmup|continual`: two-stage pretraining on DeepSpeed, run by Ray Train.
+"""`m3 train --stage warmup|continual|control`: two-stage pretraining on DeepSpeed, run by Ray Train.
 
     python -m jobs.training.trainer -c configs/demo.yaml --stage warmup
     deepspeed --num_gpus 2 -m jobs.training.trainer -c F --stage warmup       # or torchrun: same loop
 
 warmup is plain language modeling; continual starts from the warmup model and gives every
 64-token chunk the memories of its own neighbor and the previous window-1 chunks' neighbors,
-encoded in the same step with the current weights (model/train_step.py). Each worker reads its
+encoded in the same step with the current weights (model/train_step.py). control is the
+equal-compute control: the continual stage's steps, rate, schedule and sequences (in the same
+order: the data order is a function of the seed and the step, not of memory) from the same warmup
+model, without memory; its model is the headline's baseline, never served or encoded with
+(jobs/models.py). Each worker reads its
 own shard (pipelines/train_data.py). Everything lives in <bank>/training/<stage>/:
 checkpoints/ (DeepSpeed's format, resumed from automatically), model/ (the latest exported
 safetensors, model_hash and the training options in export.json), log.jsonl (one line a step).
@@ -36,7 +40,7 @@ from model.errors import M3Error
 from storage.bank import BankError
 from storage.lock import writes_bank
 
-STAGES = ("warmup", "continual")
+STAGES = ("warmup", "continual", "control")
 KEEP_CHECKPOINTS = 2
 
 
@@ -52,12 +56,12 @@ def check_stage(cfg, tc: TrainConfig, stage: str) -> None:
 
     bank = Bank(cfg.bank.uri)
     bank.require("train_sequences")
-    if stage == "continual":
+    if stage != "warmup":  # continual and its control start from the warmup model
         src = warmup_model_dir(cfg, tc)
         if not (src / "model.safetensors").exists():
-            raise BankError(f"continual training starts from the warmup model, but {src} holds no "
+            raise BankError(f"{stage} training starts from the warmup model, but {src} holds no "
                             f"model.safetensors: run `m3 train --stage warmup` first")
-        _check_resume_start(cfg, tc, src)
+        _check_resume_start(cfg, tc, src, stage)
     if tc.with_memory(stage):
         bank.require("neighbors")
         memory_codec(cfg, tc)  # refuses a codec training cannot pass memories through
@@ -102,20 +106,20 @@ def refs_per_chunk(cfg, tc: TrainConfig, stage: str) -> int:
     return cfg.model.mems_per_chunk if tc.with_memory(stage) and tc.memory_schedule == "serving" else 1
 
 
-def _check_resume_start(cfg, tc: TrainConfig, warmup_dir: Path) -> None:
-    """Continual checkpoints only resume on top of the warmup model they started from: a
-    retrained warmup under an old continual run would mix two lineages in one model."""
+def _check_resume_start(cfg, tc: TrainConfig, warmup_dir: Path, stage: str = "continual") -> None:
+    """Continual (and control) checkpoints only resume on top of the warmup model they started
+    from: a retrained warmup under an old run would mix two lineages in one model."""
     from model.checkpoint import saved_hash
 
-    export = stage_dir(cfg, "continual") / "model" / "export.json"
+    export = stage_dir(cfg, stage) / "model" / "export.json"
     if not export.exists():
         return
     started = json.loads(export.read_text()).get("init_model_hash")
     now = saved_hash(warmup_dir)
     if started is not None and started != now:
-        raise TrainError(f"the continual checkpoints in {export.parent.parent} started from warmup model "
+        raise TrainError(f"the {stage} checkpoints in {export.parent.parent} started from warmup model "
                          f"{started[:12]}, but the warmup model is now {now[:12]}: remove that directory "
-                         f"to train the continual stage again")
+                         f"to train the {stage} stage again")
 
 
 def _lock_as(cfg, stage: str, train: TrainConfig | None = None, launcher: str = "ray") -> str | None:
@@ -263,7 +267,7 @@ def train_loop(args: dict) -> None:
     from pipelines.train_data import ShardReader
 
     torch.manual_seed(tc.seed)
-    model = load_model(warmup_model_dir(cfg, tc)).train() if stage == "continual" else Memory3(cfg.model)
+    model = load_model(warmup_model_dir(cfg, tc)).train() if stage != "warmup" else Memory3(cfg.model)
     with_memory = tc.with_memory(stage)
     codec = memory_codec(cfg, tc) if with_memory else None
     opt, sched = build_optimizer(model, tc, stage)
@@ -358,7 +362,7 @@ def _init_hash(cfg, tc: TrainConfig, stage: str) -> str | None:
     """The model a stage started from (None for warmup: a seeded random init)."""
     from model.checkpoint import saved_hash
 
-    return saved_hash(warmup_model_dir(cfg, tc)) if stage == "continual" else None
+    return saved_hash(warmup_model_dir(cfg, tc)) if stage != "warmup" else None
 
 
 def read_log(cfg, stage: str) -> list[dict]:

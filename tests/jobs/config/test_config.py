@@ -128,3 +128,29 @@ def test_model_section_is_a_preset_plus_overrides(tmp_path):
 def test_model_vocab_must_cover_the_tokenizer():
     with pytest.raises(ConfigError, match="model.vocab_size \\(4096\\) is smaller than tokenizer.vocab_size"):
         load_config(DEMO, ["model.vocab_size=4096"])
+
+
+def test_corpus_roles_are_keyed_by_an_entry_of_paths(tmp_path):
+    cfg = load_config(write(tmp_path, "corpus:\n  paths: [kb.jsonl, 'web/*.jsonl']\n  roles: {kb.jsonl: bank}\n"))
+    assert cfg.corpus.roles == {"kb.jsonl": "bank"}
+    assert [cfg.corpus.role_of(p) for p in cfg.corpus.paths] == ["bank", "both"]
+    assert load_config(DEMO).corpus.roles == {}  # every source is for both by default
+    path = write(tmp_path, "corpus:\n  paths: [kb.jsonl]\n  roles:\n    other.jsonl: bank\n")
+    with pytest.raises(ConfigError, match=rf"corpus.roles \({path}:3\): 'other.jsonl' is not an entry of corpus.paths"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"corpus.roles .*role of 'kb.jsonl' must be one of bank, training, both, got 'knowledge'"):
+        load_config(write(tmp_path, "corpus:\n  paths: [kb.jsonl]\n  roles: {kb.jsonl: knowledge}\n"))
+    with pytest.raises(ConfigError, match=r"corpus.roles \(--set\): expected a mapping of a string to a string"):
+        load_config(DEMO, ["corpus.roles=[bank]"])
+    with pytest.raises(ConfigError, match=r"corpus.roles\['kb.jsonl'\].*expected a string"):
+        load_config(write(tmp_path, "corpus:\n  paths: [kb.jsonl]\n  roles: {kb.jsonl: 3}\n"))
+    # the role is part of the config every ingest key hashes
+    assert config_hash(load_config(DEMO, ["corpus.roles={data/foldoc/foldoc.jsonl.gz: bank}"]).corpus) != \
+        config_hash(load_config(DEMO).corpus)
+
+
+def test_train_control_is_a_checked_key(tmp_path):
+    assert load_config(DEMO).train.control is True
+    assert load_config(DEMO, ["train.control=false"]).train.control is False
+    with pytest.raises(ConfigError, match=r"train.control \(--set\): expected true/false, got 'no'"):
+        load_config(DEMO, ["train.control='no'"])

@@ -20,8 +20,8 @@ from tests.jobs.training.test_trainer import config
 
 def test_stage_selection():
     names = [n for n, _ in select()]
-    assert names == ["ingest", "warmup", "embed", "pair", "continual", "encode", "publish", "evaluate"]
-    assert [n for n, _ in select(start="pair")][:3] == ["pair", "continual", "encode"]
+    assert names == ["ingest", "warmup", "embed", "pair", "continual", "control", "encode", "publish", "evaluate"]
+    assert [n for n, _ in select(start="pair")][:4] == ["pair", "continual", "control", "encode"]
     assert [n for n, _ in select(only="encode,warmup")] == ["warmup", "encode"]  # pipeline order
     with pytest.raises(ConfigError, match="unknown stage.*stages are ingest, warmup"):
         select(only="warmup,finetune")

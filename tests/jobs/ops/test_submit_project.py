@@ -13,6 +13,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import yaml
+
 from jobs.config import load_config
 from jobs.ops.submit import entrypoint, portable_config, runtime_env
 from jobs.project import PACKAGES, ROOT
@@ -57,6 +59,21 @@ def test_paths_are_relative_only_to_what_the_upload_holds():
     assert d["tokenizer"]["path"] == "data/tok.json"
     assert d["encode"]["checkpoint"] == str(ROOT / "bank" / "demo" / "training" / "continual" / "model")  # not
     assert d["bank"]["uri"] == str(ROOT / "bank" / "demo") and d["ray"]["address"] == "auto"
+
+
+def test_roles_follow_the_paths_they_are_keyed_by(tmp_path):
+    """corpus.roles is keyed by corpus.paths as written: a path made portable takes its role along,
+    and the config the job loads is valid."""
+    outside = tmp_path / "kb.jsonl"
+    outside.write_text('{"text": "x"}\n')
+    shipped = str(ROOT / "data" / "foldoc" / "foldoc.jsonl.gz")
+    d = portable_config(demo(f"corpus.paths=[{shipped}, {outside}]",
+                             f"corpus.roles={{{shipped}: training, {outside}: bank}}"), job=True)
+    assert d["corpus"]["paths"] == ["data/foldoc/foldoc.jsonl.gz", str(outside)]
+    assert d["corpus"]["roles"] == {"data/foldoc/foldoc.jsonl.gz": "training", str(outside): "bank"}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(d))
+    assert load_config(str(path)).corpus.roles == d["corpus"]["roles"]
 
 
 def fake_python(path: Path) -> Path:

@@ -201,3 +201,56 @@ def test_killed_worker_is_retried(corpus, reference_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(list((tmp_path / "crashes").glob("*.crashed"))) >= 1
     assert snapshot(tmp_path / "bank") == reference_run[2]
+
+
+def test_source_roles_bank_only_and_training_only(tmp_path, ray_local):
+    """corpus.roles: a knowledge-base file (bank) and a training-text file (training). References
+    come only from the bank file, training sequences only from the training file, the report counts
+    each role, and changing a role re-decides (a new ingest key)."""
+    from pipelines.filters import quality_reason
+    from pipelines.normalize import normalize_text
+
+    demo = load_config("configs/demo.yaml")
+    recs = foldoc_records(300)
+    passes = {r["id"]: (quality_reason(normalize_text(r["text"]), demo.quality) is None,
+                        quality_reason(normalize_text(r["text"]), demo.bank_quality) is None) for r in recs}
+    long = [r for r in recs if passes[r["id"]] == (True, True)]
+    short = [r for r in recs if passes[r["id"]] == (False, True)]  # the bank's filter keeps them, training's not
+    kb, web = tmp_path / "kb.jsonl", tmp_path / "web.jsonl"
+    kb_rows, web_rows = long[:20] + short[:10], long[20:60] + short[10:15]
+    kb.write_text("".join(json.dumps(r) + "\n" for r in kb_rows))
+    web.write_text("".join(json.dumps(r) + "\n" for r in web_rows))
+    bank_dir = tmp_path / "bank"
+
+    def ingest(roles):
+        cfg = load_config("configs/demo.yaml", [
+            f"corpus.paths=[{kb}, {web}]", "corpus.roles={" + ", ".join(f"{p}: {r}" for p, r in roles.items()) + "}",
+            f"bank.uri={bank_dir}", "tokenizer.vocab_size=600", "chunking.seq_len=256", "ray.num_cpus=2"])
+        return run_ingest(cfg)
+
+    summary = ingest({kb: "bank", web: "training"})
+    bank = Bank(str(bank_dir))
+    docs = bank.dataset("documents").to_table().to_pylist()
+    source = {d["doc_id"]: d["source"] for d in docs}
+    ref_sources = {source[d] for d in bank.dataset("refs").to_table(columns=["doc_id"]).column("doc_id").to_pylist()}
+    seq_sources = {source[d] for ids in bank.dataset("train_sequences").to_table(columns=["doc_ids"]).column(
+        "doc_ids").to_pylist() for d in ids}
+    assert ref_sources == {str(kb)} and seq_sources == {str(web)}
+    assert all(d["in_bank"] and not d["in_training"] for d in docs if d["source"] == str(kb))
+    assert all(d["in_training"] and not d["in_bank"] for d in docs if d["source"] == str(web))
+    rejects = bank.dataset("rejects").to_table().to_pylist()
+    web_docs = sum(d["source"] == str(web) for d in docs)
+    assert {r["source_id"] for r in rejects if r["source"] == str(web)} >= {r["id"] for r in short[10:15]}
+    assert summary["by_role"] == {
+        "bank": {"files": 1, "documents": len(kb_rows), "in_bank": len(kb_rows), "in_training": 0,
+                 "rejected": sum(r["source"] == str(kb) for r in rejects)},
+        "training": {"files": 1, "documents": web_docs, "in_bank": 0, "in_training": web_docs,
+                     "rejected": sum(r["source"] == str(web) for r in rejects)}}
+    assert summary["bank_only_documents"] == len(kb_rows) and summary["accounted"]
+    report = json.loads((bank_dir / "_reports" / f"ingest-{summary['ingest_key']}.json").read_text())
+    assert report["by_role"] == summary["by_role"]
+
+    again = ingest({kb: "bank", web: "both"})  # the web file may now give references too
+    assert again.get("status") != "up_to_date" and again["ingest_key"] != summary["ingest_key"]
+    assert set(again["by_role"]) == {"bank", "both"} and again["by_role"]["both"]["in_bank"] > 0
+    assert again["by_role"]["both"]["documents"] == web_docs + 5  # its short entries join the bank

@@ -145,3 +145,62 @@ def test_config_errors(base, tmp_path):
         TrainConfig(zero_stage=0)
     with pytest.raises(ConfigError, match="max_tokens"):
         run_train(cfg, "warmup", TrainConfig(max_tokens=4096))
+
+
+def test_the_equal_compute_control(base, tmp_path):
+    """`m3 run --only control`: the continual stage's steps, rate and sequences from the same warmup
+    model, without memory, exported where stage_dir says and never picked to encode or serve;
+    `train.control: false` skips it."""
+    import dataclasses
+
+    from jobs.models import control_model_dir, model_for_serving, newest_trained
+    from jobs.ops.run import run_all
+    from jobs.training.log import curve_starts
+    from jobs.training.trainer import STAGES
+    from model.checkpoint import saved_hash
+    from storage.bank import Bank
+
+    tc = TrainConfig(**FAST, warmup_stage_steps=2, continual_stage_steps=3, lr_continual=1e-3, evidence=False)
+    cfg = dataclasses.replace(copy_bank(base, tmp_path), train=tc)
+    run_train(cfg, "warmup")
+    run_train(cfg, "continual")
+    warm, cont = (stage_dir(cfg, s) / "model" for s in ("warmup", "continual"))
+
+    off = run_all(dataclasses.replace(cfg, train=dataclasses.replace(tc, control=False)), only="control")
+    assert off["stages"]["control"]["status"] == "skipped" and not stage_dir(cfg, "control").exists()
+    assert "| control |" in Path(off["report"]).read_text() and "skipped (train.control: false)" in Path(
+        off["report"]).read_text()
+
+    out = run_all(cfg, only="control")["stages"]["control"]
+    model = stage_dir(cfg, "control") / "model"
+    assert model == control_model_dir(cfg) and out["model_dir"] == str(model) and out["steps"] == 3
+    rows, cont_rows = read_log(cfg, "control"), read_log(cfg, "continual")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["memory_hits"] == 0 and r["chunks"] == 0 for r in rows)  # it reads no memory
+    assert all(r["memory_hits"] > 0 for r in cont_rows)
+    assert [r["lr"] for r in rows] == [r["lr"] for r in cont_rows]  # the continual stage's rate and schedule
+    export = json.loads((model / "export.json").read_text())
+    assert export["stage"] == "control" and export["memory"] == {"reads_memory": False} and export["step"] == 3
+    started = json.loads((cont / "export.json").read_text())["init_model_hash"]
+    assert export["init_model_hash"] == started == saved_hash(warm)  # the same warmup model
+    assert export["model_hash"] == model_hash(load_model(model))
+
+    # the same sequences in the same order: a continual stage trained without memory from the same
+    # warmup model is the control, loss for loss
+    plain = dataclasses.replace(tc, continual_with_memory=False, run_dir=str(tmp_path / "runs" / "plain"),
+                                warmup_checkpoint=str(warm))
+    run_train(cfg, "continual", plain)
+    want = [r["loss"] for r in read_log(dataclasses.replace(cfg, train=plain), "continual")]
+    assert [r["loss"] for r in rows] == pytest.approx(want, abs=1e-6, rel=0)
+
+    # its curve is drawn beside the continual stage's, after warmup
+    assert curve_starts({s: read_log(cfg, s) for s in STAGES}) == {"warmup": 0, "continual": 2, "control": 2}
+    assert (stage_dir(cfg, "control").parent / "loss.png").exists()
+
+    # never the model that encodes or serves the bank
+    assert newest_trained(cfg) == cont and model_for_serving(cfg, Bank(cfg.bank.uri)) == cont
+    shutil.rmtree(cont)
+    assert newest_trained(cfg) == warm
+    assert newest_trained(cfg, ("continual",)) is None
+    with pytest.raises(ValueError, match="control"):
+        newest_trained(cfg, ("control", "warmup"))

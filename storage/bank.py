@@ -7,12 +7,20 @@ one, and to the latest version otherwise. The stages themselves read and write t
 Lineage (the config, the corpus version, the tokenizer hash, ...) rides in the Arrow schema
 metadata under the key `m3`, so it travels with every version of the table and `m3 sql` users,
 readers in other stages and a later rebuild can all ask "what produced this?".
+
+A damaged table is one line, not a traceback from inside Lance: `Bank.table` and `Bank.dataset`
+check, once per table version, that every data and deletion file the version's manifest names
+is there with the size it was written at (one stat per file, local banks), and `readable` turns
+an error Lance raises while reading into a BankError naming the table and, when the check finds
+one, the file, with `run m3 bank verify` (jobs/ops/verify.py) to see everything that is wrong.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterable
 
 import lancedb
@@ -40,6 +48,7 @@ class Bank:
         # read once: a reader keeps one consistent build for its whole life, even if a
         # rebuild publishes a new one meanwhile
         self.pins: dict[str, int] = live_versions(uri) if live else {}
+        self._intact: set[tuple[str, int]] = set()  # table versions whose files were checked
 
     def tables(self) -> list[str]:
         return sorted(self.db.list_tables().tables)
@@ -63,6 +72,7 @@ class Bank:
         tbl = self.db.open_table(name)
         if name in self.pins:
             tbl.checkout(self.pins[name])
+        self._check_files(name, tbl.version, tbl.to_lance)
         meta = _decode(tbl.schema.metadata)
         version = meta.get("schema_version")
         if version is not None and version != SCHEMA_VERSION:
@@ -79,7 +89,20 @@ class Bank:
         """The table as a Lance dataset: what DuckDB and Arrow scanners read with pushdown."""
         import lance
 
-        return lance.dataset(BankLayout(self.uri).table(name), version=self.pins.get(name))
+        ds = lance.dataset(BankLayout(self.uri).table(name), version=self.pins.get(name))
+        self._check_files(name, ds.version, lambda: ds)
+        return ds
+
+    def _check_files(self, name: str, version: int, dataset) -> None:
+        """BankError naming the first file of this table version that is missing or not the size
+        written (module docstring); once per version, local banks only."""
+        if (name, version) in self._intact or BankLayout(self.uri).on_object_store():
+            return
+        bad = damaged_files(self.uri, name, dataset())
+        if bad:
+            raise BankError(f"table {name} (version {version}) of bank {self.uri} cannot be read: {bad[0]}"
+                            f"{f' (and {len(bad) - 1} more file(s))' if len(bad) > 1 else ''}; run `m3 bank verify`")
+        self._intact.add((name, version))
 
     def write(self, name: str, schema: pa.Schema, batches: Iterable[pa.RecordBatch], lineage: dict) -> int:
         """Replace the table's contents with `batches` as one new version; return that version.
@@ -110,6 +133,116 @@ class Bank:
 
     def tags(self, name: str) -> dict[str, int]:
         return {t: info["version"] for t, info in self.db.open_table(name).tags.list().items()}
+
+
+def damaged_files(bank_uri: str, name: str, ds) -> list[str]:
+    """One line per file of `ds` (a version of table `name`) that is missing or whose size is not
+    the one its manifest recorded. A local bank stats each file; one on an object store lists the
+    table's directory once (`m3 bank verify`; Bank's own check skips object stores)."""
+    layout = BankLayout(bank_uri)
+    if layout.on_object_store():
+        listing = ds.all_files().read_all()
+        sizes = dict(zip(listing.column("path").to_pylist(), listing.column("size_bytes").to_pylist()))
+        size_of = sizes.get
+    else:
+        root = Path(layout.local()) / f"{name}.lance"
+
+        def size_of(rel: str) -> int | None:
+            try:
+                return (root / rel).stat().st_size
+            except FileNotFoundError:
+                return None
+    out = []
+    for frag in ds.get_fragments():
+        md = frag.metadata
+        files = [(f"data/{f.path}", f.file_size_bytes) for f in md.files]
+        if md.deletion_file is not None:
+            files.append((md.deletion_file.path(md.id), None))
+        for rel, want in files:
+            have = size_of(rel)
+            if have is None:
+                out.append(f"its file {name}.lance/{rel} is missing")
+            elif want and have != want:
+                out.append(f"its file {name}.lance/{rel} is {have:,} bytes, the table's manifest says {want:,} "
+                           f"(truncated or replaced)")
+    return out
+
+
+# what Lance (and pyarrow under it) raise on a file they cannot read: IO errors, corrupt pages
+_LANCE_ERRORS = (OSError, pa.ArrowException, RuntimeError)
+
+
+@contextmanager
+def readable(bank_uri: str, *names: str):
+    """Reads of a bank's tables (`names`, or every table): an error Lance raises becomes one
+    BankError naming the table and file (module docstring); any other error goes on as it is."""
+    try:
+        yield
+    except M3Error:
+        raise
+    except _LANCE_ERRORS as e:
+        err = unreadable(bank_uri, names, e)
+        if err is None:
+            raise
+        raise err from e
+
+
+_LOCATE_BYTES = 1 << 30  # data of the tables named above which an error is not located to a file
+
+
+def unreadable(bank_uri: str, names, error: BaseException) -> BankError | None:
+    """The BankError for `error` raised while reading tables `names` of the bank (all of them
+    when empty), naming the damaged file when it can be found: one missing or of another size
+    (at the live or latest version of those tables), else, for named tables of at most 1 GB, the
+    data file that does not decode (this reads them: the error path only). None when the error
+    is not Lance's (a bug keeps its traceback)."""
+    import lance
+
+    from storage.live import live_versions
+
+    live, layout = live_versions(bank_uri), BankLayout(bank_uri)
+    try:
+        tables = list(names) or sorted(lancedb.connect(bank_uri).list_tables().tables)
+    except Exception:  # noqa: BLE001 (the bank itself cannot be listed: quote the error)
+        tables = list(names)
+    opened = []
+    for name in tables:
+        for version in dict.fromkeys([live.get(name), None]):
+            try:
+                ds = lance.dataset(layout.table(name), version=version)
+                bad = damaged_files(bank_uri, name, ds)
+            except Exception:  # noqa: BLE001 (a manifest that cannot be read: the next table)
+                continue
+            if bad:
+                return BankError(f"table {name} of bank {bank_uri} cannot be read: {bad[0]}; run `m3 bank verify`")
+            opened.append((name, ds))
+    text = str(error)
+    if "lance" not in text.lower() and "corrupt" not in text.lower():
+        return None
+    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    first = first.split(", /")[0][:300]  # Lance appends the Rust source location
+    if names and sum(f.file_size_bytes or 0 for _, ds in opened for fr in ds.get_fragments()
+                     for f in fr.metadata.files) <= _LOCATE_BYTES:
+        for name, ds in opened:
+            if (path := _undecodable(layout.table(name), ds)) is not None:
+                return BankError(f"table {name} of bank {bank_uri} cannot be read: its file {name}.lance/{path} "
+                                 f"does not decode ({first}); run `m3 bank verify`")
+    what = f"table {'/'.join(names)}" if names else "a table"
+    return BankError(f"{what} of bank {bank_uri} cannot be read ({first}): a file is damaged; run `m3 bank verify`")
+
+
+def _undecodable(table_uri: str, ds) -> str | None:
+    """The first data file of `ds` that does not read to its end, relative to the table."""
+    from lance.file import LanceFileReader
+
+    for frag in ds.get_fragments():
+        for f in frag.metadata.files:
+            try:
+                for _ in LanceFileReader(f"{table_uri}/data/{f.path}").read_all(batch_size=8192).to_batches():
+                    pass
+            except Exception:  # noqa: BLE001 (this file is the damaged one)
+                return f"data/{f.path}"
+    return None
 
 
 def _decode(metadata: dict | None) -> dict:

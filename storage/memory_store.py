@@ -14,11 +14,17 @@ the version's payload slab (storage/slab.py: one flat file of fixed-size payload
 one copy per row) when the bank has one that matches the version, else with Lance's `take`. A
 slab that does not match its table (another version, rows changed, a truncated file) is never
 served: the store logs why and reads Lance (`slab_refused` keeps the reason; `slab="require"`
-raises it instead). Falling back rather than refusing to serve: the slab is a derived copy that
-the table can always replace, and the usual cause of a mismatch is a version written since the
-slab (a compaction in `m3 rebuild`), not damage to the table. With no version given, the store
-pins the bank's `live` version (storage/live.py) when the bank has one, else the latest: a reader
-never sees a rebuild that has not finished.
+raises it instead, at open or at a row that fails its checksum). Falling back rather than
+refusing to serve: the slab is a derived copy that the table can always replace, and the usual
+cause of a mismatch is a version written since the slab (a compaction in `m3 rebuild`), not
+damage to the table. Each row read from the slab is checked against its crc32 the first time
+this store reads it (storage/slab.py SlabReader); a row that fails is never served: the store
+logs one line, stops using the slab and reads Lance, whose rows it then checks against the same
+crc32s (they were computed from Lance's payloads), so a memory damaged in both raises one line
+(BankError) instead of serving other bytes; a Lance file that cannot be read is one line too
+(storage/bank.py `readable`). With no version given, the store pins the bank's `live` version
+(storage/live.py) when the bank has one, else the latest: a reader never sees a rebuild that
+has not finished.
 
 Memories come back in the codec's own dtype: raw-bf16 as bfloat16 (the bits of the payload,
 reinterpreted, no float32 round trip), raw-fp16 as float16, raw-fp32, int8 and vq as float32 (what
@@ -55,10 +61,10 @@ from model.codecs import RawCodec, make_codec
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from storage.bank import Bank, BankError
+from storage.bank import Bank, BankError, readable
 from storage.layout import BankLayout, upath
 from storage.schemas import MEMORIES
-from storage.slab import SlabError, _fixed_rows, open_slab, row_digest
+from storage.slab import SlabCorrupt, SlabError, _fixed_rows, open_slab, row_crcs, row_digest
 from storage.staging import read_table
 from storage.warm import key_of, warm_files, write_warm
 
@@ -111,11 +117,12 @@ class MemoryStore:
         self.kept_of_row = index.column("n_tokens").to_numpy().astype(_KEPT)
         first = ds.take([0], columns=["shape"]).column("shape")[0].as_py() if ids else None
         self.shape = tuple(first) if first else _lineage_shape(meta)
-        self.slab, self.slab_refused = None, None
+        self.slab, self.slab_refused, self._crcs, self._slab_mode = None, None, None, slab
         if slab != "off" and ids and self.shape is not None:
             digest = row_digest(ids, index.column("content_hash").to_pylist()).hexdigest()
             try:
                 self.slab = open_slab(bank.uri, ds, meta, self.codec.nbytes(self.shape), digest)
+                self._crcs = self.slab.crcs  # checks Lance's rows too, should the slab fail one
             except SlabError as e:
                 if slab == "require":
                     raise
@@ -277,12 +284,30 @@ class MemoryStore:
         """Stored rows of the pinned version: from the slab when there is one, else Lance."""
         kept = self.kept_of_row[rows]
         if self.slab is not None:
-            self.slab_reads += len(rows)
-            return self._decode(self.slab.read(rows), ids), kept
+            try:
+                buf = self.slab.read(rows)
+            except SlabCorrupt as e:  # never served: Lance's rows instead, for the rest of this store
+                if self._slab_mode == "require":
+                    raise
+                self.slab_refused = str(e)
+                self.slab.close()
+                self.slab = None
+                log.warning("memories of %s version %s: %s; reading Lance from now on (run `m3 bank verify`)",
+                            self.bank_uri, self.ds.version, e)
+            else:
+                self.slab_reads += len(rows)
+                return self._decode(buf, ids), kept
         order = np.argsort(rows, kind="stable")  # take() reads sequentially when rows are sorted
-        payload = self.ds.take(rows[order], columns=["payload"]).column("payload")
+        with readable(self.bank_uri, "memories"):
+            payload = self.ds.take(rows[order], columns=["payload"]).column("payload")
         buf = np.empty((len(rows), self.codec.nbytes(self.shape)), np.uint8)
         buf[order] = self._rows_of(payload, [ids[i] for i in order])
+        if self._crcs is not None and self.slab is None:  # the slab failed a row: check Lance's too
+            bad = np.flatnonzero(row_crcs(buf) != self._crcs[rows])
+            if len(bad):
+                raise BankError(f"memory of reference {ids[bad[0]]!r} (memories version {self.ds.version}, row "
+                                f"{int(rows[bad[0]])}) is damaged in both the payload slab and Lance: it differs "
+                                f"from the checksum written with it; run `m3 bank verify`")
         return self._decode(buf, ids), kept
 
     def _rows_of(self, payload, ids: list[str]) -> np.ndarray:

@@ -8,6 +8,7 @@ written after the encode stage commits (jobs/stages/encode.py) and after `m3 ban
 publishes a compacted version, and a reader uses it only after checking it against the table.
 
     <bank>/_slabs/memories/v<version>.payload   rows x payload_bytes, slot i = row i of the version
+    <bank>/_slabs/memories/v<version>.crc       crc32 of each row's payload (uint32 little-endian)
     <bank>/_slabs/memories/v<version>.json      the header (below), written last: no header, no slab
 
 The index from ref_id to slot is the table's own row order at that version (slot i holds the
@@ -17,8 +18,18 @@ column all the same. The header names what the slab mirrors: table, Lance versio
 codec (and quantizer), model hash, memory shape, payload bytes, and a digest over the
 (ref_id, content_hash) of every row in order; `check` compares all of them with the table and
 the file's size with rows x payload_bytes, and raises SlabError naming the first difference.
-`payload_digest` (blake2b of the payload file) is checked only by `verify_payloads` (it reads the
-whole file). Versions are immutable, so a slab named by a version stays right for as long as the
+
+Integrity on read (format 2): the `.crc` file holds the crc32 of every row's payload, computed
+from Lance's payload bytes as the slab is written; the header keeps a blake2b of it
+(`row_crcs_digest`), checked when a reader loads it at open (4 bytes a row). `SlabReader.read`
+checks the crc32 of each row the first time it returns it and raises SlabCorrupt naming the row
+instead of returning other bytes (the MemoryStore then serves Lance, storage/memory_store.py):
+only the rows read are checked, lazily, never the whole file at open (zlib.crc32: ~3.6 GB/s
+here, BENCHMARKS.md "Integrity on read"). A format-1 slab (no crc file) is refused by `check` like any stale slab, so
+readers use Lance until the next `m3 encode`, `m3 rebuild` or `m3 bank compact` writes it again
+(each ensures the slab of the version it serves). `payload_digest` (blake2b of the payload file)
+and every row's crc32 are checked by `verify_payloads` (it reads the whole file: `m3 bank
+verify`). Versions are immutable, so a slab named by a version stays right for as long as the
 version exists; the digest catches a table deleted and re-created, whose versions count from 1
 again. Retention (storage/retention.py) deletes the slabs of versions it drops.
 
@@ -34,6 +45,7 @@ import mmap
 import os
 import time
 import uuid
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +54,7 @@ import pyarrow as pa
 from model.errors import M3Error
 from storage.layout import BankLayout, LayoutError
 
-FORMAT = 1
+FORMAT = 2  # 2: per-row crc32 (the .crc file); a format-1 slab is written again, never read
 TABLE = "memories"
 _SCAN_ROWS = 4096  # rows per scanned batch while writing: bounded memory whatever the table
 _PROBES = 8  # rows of a batch probed for the page cache before reading it (SlabReader)
@@ -52,6 +64,14 @@ _CAN_ANNOUNCE = hasattr(os, "posix_fadvise") and hasattr(os, "RWF_NOWAIT")  # Li
 
 class SlabError(M3Error, ValueError):
     """A slab that does not match its table, or a table whose payloads cannot be slabbed."""
+
+
+class SlabCorrupt(SlabError):
+    """Payload bytes that differ from the crc32 written with them; `rows`: the slots found bad."""
+
+    def __init__(self, message: str, rows=()):
+        super().__init__(message)
+        self.rows = [int(r) for r in rows]
 
 
 def slab_dir(bank_uri: str) -> Path | None:
@@ -65,6 +85,17 @@ def slab_dir(bank_uri: str) -> Path | None:
 def paths(bank_uri: str, version: int) -> tuple[Path, Path] | None:
     d = slab_dir(bank_uri)
     return None if d is None else (d / f"v{int(version)}.payload", d / f"v{int(version)}.json")
+
+
+def crc_path(bank_uri: str, version: int) -> Path | None:
+    d = slab_dir(bank_uri)
+    return None if d is None else d / f"v{int(version)}.crc"
+
+
+def row_crcs(block: np.ndarray) -> np.ndarray:
+    """crc32 of each row of a (n, payload_bytes) uint8 array, as uint32."""
+    crc = zlib.crc32
+    return np.fromiter((crc(r) for r in block), np.uint32, len(block))
 
 
 def row_digest(ref_ids, content_hashes, h=None):
@@ -109,6 +140,7 @@ def write_slab(bank_uri: str, ds, codec, shape, meta: dict) -> dict | None:
     payload_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = payload_path.with_name(f".{payload_path.name}.{uuid.uuid4().hex}.tmp")
     digest, pdigest, rows = hashlib.blake2b(digest_size=16), hashlib.blake2b(digest_size=16), 0
+    crcs = []
     try:
         with open(tmp, "wb") as f:
             for batch in ds.to_batches(columns=["ref_id", "content_hash", "payload"], batch_size=_SCAN_ROWS):
@@ -117,6 +149,7 @@ def write_slab(bank_uri: str, ds, codec, shape, meta: dict) -> dict | None:
                 block = _fixed_rows(batch.column("payload"), nbytes, ids)
                 f.write(memoryview(block).cast("B"))
                 pdigest.update(memoryview(block).cast("B"))
+                crcs.append(row_crcs(block))
                 rows += len(ids)
             f.flush()
             os.fsync(f.fileno())
@@ -124,14 +157,30 @@ def write_slab(bank_uri: str, ds, codec, shape, meta: dict) -> dict | None:
     finally:
         if tmp.exists():
             tmp.unlink()
+    crc_bytes = (np.concatenate(crcs) if crcs else np.zeros(0, np.uint32)).astype("<u4").tobytes()
+    _write_file(crc_path(bank_uri, ds.version), crc_bytes)
     header = {"format": FORMAT, "table": TABLE, "version": int(ds.version), "rows": rows,
               "codec": meta.get("codec"), "quantizer_hash": meta.get("quantizer_hash"),
               "model_hash": meta.get("model_hash"), "shape": [int(s) for s in shape], "payload_bytes": nbytes,
-              "digest": digest.hexdigest(), "payload_digest": pdigest.hexdigest(), "written_at": time.time()}
+              "digest": digest.hexdigest(), "payload_digest": pdigest.hexdigest(), "row_check": "crc32",
+              "row_crcs_digest": hashlib.blake2b(crc_bytes, digest_size=16).hexdigest(), "written_at": time.time()}
     tmp = header_path.with_name(f".{header_path.name}.{uuid.uuid4().hex}.tmp")
     tmp.write_text(json.dumps(header, indent=1, sort_keys=True))
     os.replace(tmp, header_path)  # the commit point: a slab without its header does not exist
     return header
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def ensure_slab(bank_uri: str, version: int) -> dict | None:
@@ -171,9 +220,11 @@ def read_header(bank_uri: str, version: int) -> dict | None:
     return json.loads(where[1].read_text())
 
 
-def check(bank_uri: str, ds, meta: dict, payload_bytes: int, digest: str) -> dict:
+def check(bank_uri: str, ds, meta: dict, payload_bytes: int, digest: str | None, rows: int | None = None) -> dict:
     """The slab header of `ds`'s version if the slab mirrors it exactly, else SlabError saying
-    what differs. `digest` is row_digest of the table's rows (the caller has read those columns)."""
+    what differs. `digest` is row_digest of the table's rows (the caller has read those columns);
+    None skips it (`m3 bank verify --quick`: the header and the file sizes alone). `rows`: the
+    table's row count, when the caller has it (else count_rows)."""
     where = paths(bank_uri, ds.version)
     if where is None:
         raise SlabError(f"the bank at {bank_uri} is on an object store: it has no slabs")
@@ -181,34 +232,68 @@ def check(bank_uri: str, ds, meta: dict, payload_bytes: int, digest: str) -> dic
     if header is None:
         raise SlabError(f"no slab for memories version {ds.version} in {bank_uri}")
     name = f"slab {where[1]}"
-    want = {"format": FORMAT, "table": TABLE, "version": int(ds.version), "rows": ds.count_rows(),
+    if header.get("format") != FORMAT:
+        raise SlabError(f"{name} is format {header.get('format')}, not {FORMAT} (no per-row checksums): the next "
+                        f"`m3 encode`, `m3 rebuild` or `m3 bank compact` writes it again; until then memories are "
+                        f"read through Lance")
+    want = {"table": TABLE, "version": int(ds.version), "rows": ds.count_rows() if rows is None else rows,
             "codec": meta.get("codec"), "quantizer_hash": meta.get("quantizer_hash"),
-            "model_hash": meta.get("model_hash"), "payload_bytes": payload_bytes, "digest": digest}
+            "model_hash": meta.get("model_hash"), "payload_bytes": payload_bytes,
+            **({"digest": digest} if digest is not None else {})}
     for key, value in want.items():
         if header.get(key) != value:
             what = "digest over (ref_id, content_hash)" if key == "digest" else key
             raise SlabError(f"{name} does not match memories version {ds.version}: its {what} is "
                             f"{header.get(key)!r}, the table's is {value!r}")
-    size = where[0].stat().st_size if where[0].exists() else None
-    if size != header["rows"] * payload_bytes:
-        raise SlabError(f"{name}: payload file {where[0]} is {size if size is not None else 'missing'}"
-                        f"{' bytes' if size is not None else ''}, expected {header['rows']} rows x "
-                        f"{payload_bytes} B = {header['rows'] * payload_bytes} bytes (truncated or replaced)")
+    for path, per, what in ((where[0], payload_bytes, "payload"), (crc_path(bank_uri, ds.version), 4, "checksum")):
+        size = path.stat().st_size if path.exists() else None
+        if size != header["rows"] * per:
+            raise SlabError(f"{name}: {what} file {path} is {size if size is not None else 'missing'}"
+                            f"{' bytes' if size is not None else ''}, expected {header['rows']} rows x "
+                            f"{per} B = {header['rows'] * per} bytes (truncated or replaced)")
     return header
 
 
-def verify_payloads(bank_uri: str, version: int) -> None:
-    """Read the whole payload file and check it against the header's payload_digest."""
+def read_crcs(bank_uri: str, version: int, header: dict) -> np.ndarray:
+    """The per-row crc32s of a checked slab, themselves checked against the header's digest."""
+    path = crc_path(bank_uri, version)
+    data = path.read_bytes()
+    if hashlib.blake2b(data, digest_size=16).hexdigest() != header.get("row_crcs_digest"):
+        raise SlabCorrupt(f"slab of memories version {version}: its checksum file {path} differs from what was "
+                          f"written (digest in the header {header.get('row_crcs_digest')})")
+    return np.frombuffer(data, "<u4").astype(np.uint32)
+
+
+def verify_payloads(bank_uri: str, version: int) -> dict:
+    """Read the whole payload file and check every row against its crc32 (format 2: they cover
+    every byte of a file of the right size), or the file against the header's payload_digest
+    (format 1); the header, or SlabCorrupt naming the bad rows (`.rows`)."""
     header = read_header(bank_uri, version)
     if header is None:
         raise SlabError(f"no slab for memories version {version} in {bank_uri}")
-    h = hashlib.blake2b(digest_size=16)
-    with open(paths(bank_uri, version)[0], "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    if h.hexdigest() != header["payload_digest"]:
-        raise SlabError(f"slab of memories version {version}: payload bytes differ from what was written "
-                        f"(digest {h.hexdigest()}, header {header['payload_digest']})")
+    path, per = paths(bank_uri, version)[0], int(header["payload_bytes"])
+    crcs = read_crcs(bank_uri, version, header) if header.get("format") == FORMAT else None
+    h, bad, at = hashlib.blake2b(digest_size=16), [], 0
+    step = max(1, (8 << 20) // max(per, 1))  # whole rows per read, ~8 MiB
+    with open(path, "rb") as f:
+        while chunk := f.read(step * per):
+            if crcs is None:
+                h.update(chunk)
+            elif per:
+                block = np.frombuffer(chunk, np.uint8)[: len(chunk) // per * per].reshape(-1, per)
+                got = row_crcs(block)
+                bad.extend((np.flatnonzero(got != crcs[at:at + len(got)]) + at).tolist())
+                at += len(got)
+    if crcs is not None and at != len(crcs):
+        raise SlabCorrupt(f"slab of memories version {version}: payload file {path} holds {at} whole rows, "
+                          f"its checksum file {len(crcs)} (truncated or replaced)")
+    if bad:
+        raise SlabCorrupt(f"slab of memories version {version}: {len(bad)} row(s) differ from their checksums "
+                          f"(first: row {bad[0]}) in {path}", bad)
+    if crcs is None and h.hexdigest() != header["payload_digest"]:
+        raise SlabCorrupt(f"slab of memories version {version}: payload bytes differ from what was written "
+                          f"(digest {h.hexdigest()}, header {header['payload_digest']})")
+    return header
 
 
 class SlabReader:
@@ -226,10 +311,19 @@ class SlabReader:
     most `_PROBES` rows is announced without probing. `read_pread` is the same with one
     os.preadv per run of adjacent rows (for comparison in bench/fetch.py; mapped=False reads
     only that way). Pages a live map has touched stay resident while it lives (the kernel does
-    not drop mapped pages)."""
+    not drop mapped pages).
 
-    def __init__(self, path: Path, rows: int, payload_bytes: int, mapped: bool = True):
-        self.path, self.rows, self.payload_bytes = path, rows, payload_bytes
+    With `crcs` (the slab's per-row crc32s), a row is checked against its crc32 the first time
+    this reader returns it: a row that differs raises SlabCorrupt naming it, never its bytes
+    (module docstring). Checked once per reader, lazily, as pages are checked once when they are
+    read in: a serving store pays one crc32 pass over the rows it reads, not one per read (the
+    check costs about what the copy does, BENCHMARKS.md "Integrity on read"). What it does not
+    see: a file changed in place after this reader checked the row (its map shows the new bytes);
+    a new reader, and `m3 bank verify`, check it again."""
+
+    def __init__(self, path: Path, rows: int, payload_bytes: int, mapped: bool = True, crcs: np.ndarray | None = None):
+        self.path, self.rows, self.payload_bytes, self.crcs = path, rows, payload_bytes, crcs
+        self._ok = np.zeros(rows, bool)  # rows whose crc32 this reader has checked
         self._fd = os.open(path, os.O_RDONLY)
         if mapped and rows and payload_bytes:
             self._map = mmap.mmap(self._fd, rows * payload_bytes, prot=mmap.PROT_READ)
@@ -243,7 +337,28 @@ class SlabReader:
             return self.read_pread(rows)
         if len(rows) and _CAN_ANNOUNCE:
             self._announce(rows)
-        return self._rows.take(rows, axis=0)  # a fresh, writable (n, payload_bytes) array
+        return self._checked(rows, self._rows.take(rows, axis=0))  # a fresh, writable (n, payload_bytes) array
+
+    def _checked(self, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """`out` (the rows just copied) once each of its rows not checked yet by this reader
+        matches its crc32; else SlabCorrupt naming the rows that do not."""
+        if self.crcs is None or not len(rows):
+            return out
+        rows = np.asarray(rows)
+        todo = np.flatnonzero(~self._ok[rows])
+        if not len(todo):  # every row already checked by this reader: a store's usual batch
+            return out
+        crc = zlib.crc32
+        got = row_crcs(out) if len(todo) == len(rows) else np.fromiter(
+            (crc(out[i]) for i in todo.tolist()), np.uint32, len(todo))
+        bad = todo[got != self.crcs[rows[todo]]]
+        if len(bad):
+            slots = np.unique(rows[bad])
+            raise SlabCorrupt(f"payload slab {self.path}: row {int(slots[0])}"
+                              f"{f' (and {len(slots) - 1} more of this read)' if len(slots) > 1 else ''} "
+                              f"differs from its checksum", slots)
+        self._ok[rows[todo]] = True
+        return out
 
     def _announce(self, rows: np.ndarray) -> None:
         """WILLNEED for every run of the batch's rows (gaps under _GAP bytes read through),
@@ -279,7 +394,7 @@ class SlabReader:
             os.preadv(self._fd, [memoryview(tmp[lo:hi]).cast("B")], int(srt[lo]) * P)
             lo = hi
         out[order] = tmp
-        return out
+        return self._checked(rows, out)
 
     def close(self) -> None:
         self._rows = None
@@ -298,9 +413,11 @@ class SlabReader:
 
 
 def open_slab(bank_uri: str, ds, meta: dict, payload_bytes: int, digest: str) -> SlabReader:
-    """A reader of the slab of `ds`'s version, checked against the table (SlabError otherwise)."""
+    """A reader of the slab of `ds`'s version, checked against the table (SlabError otherwise),
+    that checks every row it reads against the slab's crc32s."""
     header = check(bank_uri, ds, meta, payload_bytes, digest)
-    return SlabReader(paths(bank_uri, ds.version)[0], header["rows"], payload_bytes)
+    crcs = read_crcs(bank_uri, ds.version, header)
+    return SlabReader(paths(bank_uri, ds.version)[0], header["rows"], payload_bytes, crcs=crcs)
 
 
 def footprint(bank_uri: str) -> dict | None:

@@ -90,6 +90,14 @@ def cmd_bank(cfg, args) -> int:
         from jobs.ops.compact import render, run_compact
 
         out = run_compact(cfg)
+    elif args.action == "verify":
+        from jobs.ops.verify import failure, render, verify_bank
+
+        out = verify_bank(cfg.bank.uri, args.build, args.quick)
+        print(json.dumps(out, indent=2) if args.format == "json" else render(out))
+        if (err := failure(out)) is not None:
+            raise err  # one line, rc 2, after the table of checks
+        return 0
     else:
         from jobs.ops.bank_stats import bank_stats, render
         from storage.bank import Bank
@@ -168,10 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", parents=[common], help="pretraining on DeepSpeed via Ray Train")
     train.add_argument("--stage", required=True, help="warmup (no memory), continual (with memory) or control "
                        "(continual's steps without memory: the equal-compute control)")
-    bank = sub.add_parser("bank", parents=[common], help="`m3 bank stats`, `m3 bank diff A B`, `m3 bank compact`")
-    bank.add_argument("action", choices=("stats", "diff", "compact"))
+    bank = sub.add_parser("bank", parents=[common], help="`m3 bank stats`, `m3 bank diff A B`, `m3 bank compact`, "
+                                                          "`m3 bank verify`")
+    bank.add_argument("action", choices=("stats", "diff", "compact", "verify"))
     bank.add_argument("builds", nargs="*", metavar="BUILD", help="diff: two builds (numbers, `live`, -1 = before live)")
     bank.add_argument("--format", choices=("table", "json"), default="table")
+    bank.add_argument("--quick", action="store_true", help="verify: the cheap part only (files, row counts, "
+                                                           "manifest, slab header)")
+    bank.add_argument("--build", help="verify: a published build (its number, `live`, -1 = before live) "
+                                      "instead of the live one")
     sql = sub.add_parser("sql", parents=[common], help="run read-only SQL (DuckDB) over the bank's tables")
     sql.add_argument("query")
     sql.add_argument("--format", choices=("table", "csv", "json"), default="table")

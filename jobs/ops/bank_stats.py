@@ -12,13 +12,16 @@ Warm and cold (paper §3.1, cold start): of the references of the live build (la
 one), how many have a memory stored in `memories` or written back at serving by its model,
 codec and sparsity (storage/warm.py), and how many are cold (none yet: encoded on first
 retrieval).
+
+A table that cannot be read (a truncated or damaged file) is one line naming the table and the
+file, and saying to run `m3 bank verify` (storage/bank.py `readable`), not a traceback.
 """
 
 from __future__ import annotations
 
 import math
 
-from storage.bank import Bank
+from storage.bank import Bank, readable
 from storage.footprint import TableFiles
 from storage.live import read_manifest
 from storage.retention import kept_builds
@@ -34,6 +37,11 @@ def dense_bytes(model) -> int:
 
 
 def bank_stats(bank: Bank, keep_builds: int = 3) -> dict:
+    with readable(bank.uri):
+        return _bank_stats(bank, keep_builds)
+
+
+def _bank_stats(bank: Bank, keep_builds: int) -> dict:
     tables = {}
     manifest = read_manifest(bank.uri)
     builds = kept_builds(manifest, keep_builds) if manifest else []
@@ -48,8 +56,9 @@ def bank_stats(bank: Bank, keep_builds: int = 3) -> dict:
            "dead_bytes": sum(t["dead_bytes"] for t in tables.values()), "slabs": footprint(bank.uri)}
     if "memories" in tables:
         meta = bank.metadata("memories")
-        _, rows = query(bank, "SELECT codec, count(*), avg(octet_length(payload)), any_value(shape) "
-                              "FROM memories GROUP BY codec")
+        with readable(bank.uri, "memories"):
+            _, rows = query(bank, "SELECT codec, count(*), avg(octet_length(payload)), any_value(shape) "
+                                  "FROM memories GROUP BY codec")
         model = meta["config"]["model"]
         dense = dense_bytes(model)
         out["memories"] = {
@@ -73,8 +82,9 @@ def warm_cold(bank: Bank, meta: dict) -> dict:
     live = live_versions(bank.uri)
     keys = {}
     for name in ("refs", "memories"):
-        t = lance.dataset(BankLayout(bank.uri).table(name), version=live.get(name)).to_table(
-            columns=["ref_id", "content_hash"] + (["model_hash"] if name == "memories" else []))
+        with readable(bank.uri, name):
+            t = lance.dataset(BankLayout(bank.uri).table(name), version=live.get(name)).to_table(
+                columns=["ref_id", "content_hash"] + (["model_hash"] if name == "memories" else []))
         if name == "memories":
             t = t.filter(pc.equal(t.column("model_hash"), meta.get("model_hash")))
         keys[name] = set(zip(t.column("ref_id").to_pylist(), t.column("content_hash").to_pylist()))

@@ -1,5 +1,6 @@
 """Payload slabs (storage/slab.py) and the MemoryStore that reads them: the slab's payloads are
-Lance's for every codec, a slab that does not mirror its table is never served, retention and
+Lance's for every codec, a slab that does not mirror its table is never served, a byte flipped
+in a slab is never served (the store reads Lance; damaged in both: one error), retention and
 compaction keep slabs to the versions that exist, and the RAM cache's bound in bytes holds.
 
 The banks are small real Lance tables of real codec payloads (random memories through each
@@ -8,6 +9,7 @@ codec; vq with a quantizer trained here), written the way the encode stage write
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -153,9 +155,97 @@ def test_a_truncated_slab_is_refused(slabbed):
     data = payload_path.read_bytes()
     payload_path.write_bytes(data[:-100])
     assert "truncated" in refused(bank, v1, "truncated")
-    payload_path.write_bytes(data[:-100] + b"x" * 100)  # right size, other bytes: only the full check sees it
-    with pytest.raises(SlabError, match="payload bytes differ"):
+    payload_path.write_bytes(data[:-100] + b"x" * 100)  # right size, other bytes: the last row's checksum sees it
+    with pytest.raises(SlabError, match=r"1 row\(s\) differ from their checksums \(first: row 29\)"):
         verify_payloads(bank.uri, v1)
+
+
+def flip(path, offset: int) -> None:
+    """Invert one byte of a file in place (the page cache, and so every map of it, sees it)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0xFF]))
+
+
+@pytest.mark.parametrize("name", ["raw-bf16", "int8"])
+def test_a_flipped_byte_in_the_slab_is_never_served(tmp_path, vq_file, name, caplog):
+    """One byte of row 7's payload flipped: the header and the sizes still match, so the store
+    opens the slab, but the row fails its crc32 at the read: the fetch answers Lance's memory,
+    logs one line, and the store reads Lance from then on. Never the flipped bytes."""
+    bank, codec = Bank(str(tmp_path)), codec_for(name, vq_file)
+    table = rows(codec, 30)
+    version = write(bank, table, codec, vq_file)
+    ensure_slab(bank.uri, version)
+    per, ids = codec.nbytes(SHAPE), table.column("ref_id").to_pylist()
+    lance_store = MemoryStore(bank, MODEL, slab="off")
+    before = MemoryStore(bank, MODEL)  # opened before the flip: its memory map sees the new byte
+    flip(paths(bank.uri, version)[0], 7 * per + per // 2)
+    after = MemoryStore(bank, MODEL)
+    assert before.slab is not None and after.slab is not None
+    ask = [ids[3], ids[7], ids[12]]
+    want = lance_store.fetch(ask)
+    with caplog.at_level(logging.WARNING, logger="storage.memory_store"):
+        for store in (before, after):
+            m, k = store.fetch(ask)
+            assert torch.equal(m, want[0]) and torch.equal(k, want[1])
+            assert store.slab is None and "row 7" in store.slab_refused and "checksum" in store.slab_refused
+            assert torch.equal(store.fetch(ids[20:23])[0], lance_store.fetch(ids[20:23])[0])
+            assert store.slab_reads == 0
+    logged = [r.getMessage() for r in caplog.records if r.name == "storage.memory_store"]
+    assert len(logged) == 2 and all("row 7" in m and "\n" not in m for m in logged)
+    with pytest.raises(SlabError, match="row 7 differs from its checksum"):
+        MemoryStore(bank, MODEL, slab="require").fetch([ids[7]])
+    fine = MemoryStore(bank, MODEL)  # rows other than 7 still come from the slab
+    fine.fetch([ids[1], ids[8], ids[29]])
+    assert fine.slab is not None and fine.slab_reads == 3
+    with pytest.raises(SlabError, match=r"1 row\(s\) differ from their checksums \(first: row 7\)"):
+        verify_payloads(bank.uri, version)
+
+
+def test_a_memory_damaged_in_the_slab_and_in_lance_is_one_error(tmp_path, vq_file):
+    """The same row flipped in the slab and in Lance's data file (Lance stores the payload's
+    bytes as they are, with no checksum of its own): one line, never a wrong memory."""
+    from model.errors import M3Error
+
+    bank, codec = Bank(str(tmp_path)), make_codec("raw-fp32")
+    table = rows(codec, 20)
+    version = write(bank, table, codec, vq_file)
+    ensure_slab(bank.uri, version)
+    ids, payload = table.column("ref_id").to_pylist(), table.column("payload")[5].as_py()
+    flip(paths(bank.uri, version)[0], 5 * codec.nbytes(SHAPE) + 10)
+    [data_file] = [p for p in (tmp_path / "memories.lance" / "data").iterdir() if payload in p.read_bytes()]
+    flip(data_file, data_file.read_bytes().index(payload) + 10)
+    store = MemoryStore(bank, MODEL)
+    with pytest.raises(M3Error, match="damaged in both the payload slab and Lance") as e:
+        store.fetch([ids[4], ids[5]])
+    assert ids[5] in str(e.value) and "\n" not in str(e.value) and "m3 bank verify" in str(e.value)
+    assert torch.equal(store.fetch([ids[4]])[0], MemoryStore(bank, MODEL, slab="off").fetch([ids[4]])[0])
+
+
+def test_a_slab_without_checksums_is_read_through_lance_until_written_again(slabbed):
+    """A slab written before per-row checksums (format 1, no .crc file) is refused like a stale
+    one, and the next ensure_slab (m3 encode, m3 rebuild, m3 bank compact) writes it again."""
+    from storage.slab import FORMAT, crc_path
+
+    bank, v1, _ = slabbed
+    _, header_path = paths(bank.uri, v1)
+    header = json.loads(header_path.read_text())
+    old = {k: v for k, v in header.items() if k not in ("row_check", "row_crcs_digest")}
+    header_path.write_text(json.dumps({**old, "format": 1}))
+    crc_path(bank.uri, v1).unlink()
+    assert "format 1" in refused(bank, v1, "format 1")
+    assert ensure_slab(bank.uri, v1)["format"] == FORMAT == 2 and crc_path(bank.uri, v1).exists()
+    assert MemoryStore(bank, MODEL, version=v1, slab="require").slab is not None
+
+
+def test_a_damaged_checksum_file_is_refused(slabbed):
+    from storage.slab import crc_path
+
+    bank, v1, _ = slabbed
+    flip(crc_path(bank.uri, v1), 9)
+    assert "checksum file" in refused(bank, v1, "checksum file")
 
 
 def test_a_table_of_mixed_payload_sizes_gets_no_slab(tmp_path, vq_file):
@@ -180,7 +270,7 @@ def test_retention_drops_the_slabs_of_dropped_versions_and_compaction_writes_one
     assert out["memories"]["slabs_removed"] == versions[:2]
     assert [read_header(bank.uri, v) is not None for v in versions] == [False, False, True]
     assert sorted(p.name for p in BankLayout(bank.uri).slabs("memories").iterdir()) == [
-        f"v{versions[2]}.json", f"v{versions[2]}.payload"]
+        f"v{versions[2]}.crc", f"v{versions[2]}.json", f"v{versions[2]}.payload"]
 
     tbl = bank.db.open_table("memories")
     tbl.add(rows(codec, 5, seed=9, prefix="e"))  # a second fragment
@@ -241,13 +331,13 @@ def test_bank_stats_counts_the_slab_files_on_their_own_line(tmp_path, vq_file):
     slab_files = [p for p in (tmp_path / "_slabs").rglob("*") if p.is_file()]
     stats = bank_stats(Bank(str(tmp_path)))
     slabs = stats["slabs"]
-    assert slabs["files"] == len(slab_files) == 4 and slabs["versions"] == [v1, v2]
+    assert slabs["files"] == len(slab_files) == 6 and slabs["versions"] == [v1, v2]  # payload, crc, header
     assert slabs["bytes"] == sum(p.stat().st_size for p in slab_files) > (12 + 5) * codec.nbytes(SHAPE)
     # the tables' bytes are their own directories: the slabs are not in them
     assert stats["live_bytes"] + stats["dead_bytes"] == sum(
         p.stat().st_size for p in tmp_path.glob("*.lance/**/*") if p.is_file())
     line = next(ln for ln in render(stats).splitlines() if ln.startswith("slabs"))
-    assert f"versions v{v1}, v{v2}" in line and "4 files" in line and f"{slabs['bytes'] / 1000:,.1f} KB" in line
+    assert f"versions v{v1}, v{v2}" in line and "6 files" in line and f"{slabs['bytes'] / 1000:,.1f} KB" in line
 
 
 @pytest.mark.parametrize("name", ["raw-bf16", "vq"])

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import pyarrow as pa
 
 from jobs.config import Config, config_hash
 from jobs.models import model_for_encoding
@@ -35,7 +36,8 @@ from model.codecs import VQCodec, make_codec
 from pipelines.encode_step import EncodeShards, encode_tokens, staged_path
 from storage.bank import Bank
 from storage.schemas import MEMORIES
-from storage.slab import SlabError, ensure_slab
+from storage.slab import (SlabCorrupt, SlabError, _fixed_rows, ensure_slab, open_slab, read_header, row_crcs,
+                          row_digest)
 from storage.staging import write_bytes_atomic, write_text_atomic
 from storage.warm import read_warm, warm_key
 from storage.layout import BankLayout, upath
@@ -115,7 +117,64 @@ def codec_args(cfg: Config, bank: Bank, mdir: Path) -> tuple[dict, bool]:
     return codec_kw, same and old.get("quantizer_hash") == codec_kw.get("quantizer_hash")
 
 
-def encode_stage(cfg: Config, bank: Bank, label: str = "encode") -> ShardedStage:
+def checked_copy(bank_uri: str, note: Callable[[str], None] = print):
+    """`Reuse.check` of memories: a memory copied from the old table into the new version must
+    be the bytes it was written with. Each copied payload is checked against the crc32 the old
+    version's payload slab recorded for its row (storage/slab.py; computed from Lance's payloads
+    when the slab was written); a row that differs is copied from the slab instead when the
+    slab's row passes the same check, and is otherwise one BankError (nothing is written or
+    published). Without it, a payload damaged in Lance became the new version's, and the new
+    slab and its checksums, written from that version, then said it was sound. An old version
+    without a slab that mirrors it (an object store, a format-1 slab, its checksum file damaged)
+    is copied as read: there is nothing to check it against."""
+    from storage.bank import BankError, _decode
+
+    def check(old):
+        try:
+            if read_header(bank_uri, old.version) is None or old.count_rows() == 0:  # no slab (an object store)
+                return None
+        except ValueError:  # a header that is not JSON: no slab to check against
+            return None
+        ids = old.to_table(columns=["ref_id", "content_hash"])
+        nbytes = len(old.take([0], columns=["payload"]).column("payload")[0].as_py())
+        try:
+            slab = open_slab(bank_uri, old, _decode(old.schema.metadata), nbytes,
+                             row_digest(ids.column("ref_id").to_pylist(), ids.column("content_hash").to_pylist()).hexdigest())
+        except (SlabError, OSError):  # a slab that does not mirror this version, or its files cannot be read
+            return None
+        if getattr(slab, "crcs", None) is None:
+            slab.close()
+            return None
+
+        def checked(batch: pa.RecordBatch, start: int) -> pa.RecordBatch:
+            rid = batch.column("ref_id").to_pylist()
+            block = _fixed_rows(batch.column("payload"), nbytes, rid)
+            bad = np.flatnonzero(row_crcs(block) != slab.crcs[start:start + batch.num_rows])
+            if not len(bad):
+                return batch
+            rows = bad + start
+            try:
+                repaired = slab.read(rows)
+            except SlabCorrupt:
+                raise BankError(f"the memory of reference {rid[bad[0]]!r} (memories version {old.version}, row "
+                                f"{int(rows[0])}) is damaged in both Lance and the payload slab: it differs from the "
+                                f"checksum written with it; not copying it into a new version of memories (nothing "
+                                f"was published: the live build is intact); run `m3 bank verify`") from None
+            note(f"encode: {len(bad)} memory payload(s) of memories version {old.version} differ from their checksums "
+                 f"in Lance (first: reference {rid[bad[0]]!r}, row {int(rows[0])}): copied from the payload slab, "
+                 f"which holds them intact; run `m3 bank verify`")
+            payload = block.copy()
+            payload[bad] = repaired
+            at = batch.schema.get_field_index("payload")
+            field = batch.schema.field(at)
+            return batch.set_column(at, field, pa.array([row.tobytes() for row in payload], field.type))
+
+        return checked
+
+    return check
+
+
+def encode_stage(cfg: Config, bank: Bank, label: str = "encode", note: Callable[[str], None] = print) -> ShardedStage:
     mdir = model_for_encoding(cfg, bank)
     mhash = saved_hash(mdir)
     codec_kw, reusable = codec_args(cfg, bank, mdir)
@@ -126,7 +185,7 @@ def encode_stage(cfg: Config, bank: Bank, label: str = "encode") -> ShardedStage
         n_rows=refs.count_rows(), rows_per_shard=e.refs_per_shard, actor=EncodeShards,
         actor_kw={"model_dir": str(mdir), "codec": e.codec, "codec_kw": codec_kw, "batch_size": e.batch_size},
         actors=e.actors, threads=e.threads_per_actor, staged=staged_path,
-        reuse=Reuse("model_hash", mhash, table_ok=reusable), compute=not e.cold,
+        reuse=Reuse("model_hash", mhash, table_ok=reusable, check=checked_copy(bank.uri, note)), compute=not e.cold,
         extra=lambda: read_warm(bank.uri, warm_key(mhash, e.codec, codec_kw.get("quantizer_hash"), sparsity(cfg)), mhash),
         lineage=lambda files: {**memories_lineage(cfg, key, mhash, mdir, refs_meta, codec_kw), "stage": label})
 
@@ -152,7 +211,7 @@ def run_encode(cfg: Config, label: str = "encode", note: Callable[[str], None] =
     bank = Bank(cfg.bank.uri)
     bank.require("refs")
     refs_version = bank.table("refs").version
-    stage = encode_stage(cfg, bank, label)
+    stage = encode_stage(cfg, bank, label, note)
     model_hash = stage.reuse.producer
     note(f"encode: model {model_hash[:12]}, codec {cfg.encode.codec}")
     out = run_stage(stage, bank, cfg.ray, note)

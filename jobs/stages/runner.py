@@ -13,6 +13,11 @@ copied, the rest computed (pipelines/delta.py). Against no table every row is co
 straight from the input; against an old table the rows to compute are first written as a small
 Lance dataset of their own (the "delta"), which the same actors read by row range.
 
+Reused rows may be checked on their way into the new version (`Reuse.check`): the encode stage
+checks each memory it copies against the crc32 the old version's payload slab holds for it
+(jobs/stages/encode.py `checked_copy`), so a payload damaged on disk is not carried into a new
+build under fresh checksums.
+
 Rows made outside the stage may be reused the same way (`ShardedStage.extra`: the memories a
 server encoded for cold references and wrote back, storage/warm.py), and a stage may compute
 nothing at all (`compute=False`: `encode.cold`), leaving the references it did not reuse without
@@ -36,6 +41,7 @@ from upath import UPath
 from jobs.config import RayConfig
 from jobs.faults import maybe_crash
 from jobs.runtime import init_ray, quiet_ray_data, row_shards, run_actor_shards
+from model.errors import M3Error
 from pipelines.delta import Delta, keep_filter, plan_delta, ref_key
 from storage.bank import Bank
 from storage.layout import BankLayout, upath
@@ -49,6 +55,10 @@ class Reuse:
     producer: str                   # the current producer; rows of another are recomputed
     table_ok: bool = True           # table-level settings (codec, quantizer, sparsity) unchanged
     input_columns: tuple[str, ...] = ("ref_id", "content_hash", "token_ids")  # what the actor reads
+    # given the old table: None, or a function (batch of old rows, its first row) -> the batch to
+    # copy, which checks the rows before they are copied into the new version (encode: against
+    # the checksums of the old version's payload slab); None: rows are copied as read
+    check: Callable[[lance.LanceDataset], Callable[[pa.RecordBatch, int], pa.RecordBatch] | None] | None = None
 
 
 @dataclass
@@ -128,12 +138,23 @@ def run_stage(stage: ShardedStage, bank: Bank, ray: RayConfig, note: Callable[[s
     if not stage.compute:
         lineage["cold_rows"] = cold
 
-    def rows() -> Iterator[pa.RecordBatch]:
-        if prior:
-            yield from _copied(old, extra, delta, stage.reuse, stage.schema, stage.input_uri)
-        yield from iter_batches(files, columns=stage.schema.names)
+    refused: list[M3Error] = []
 
-    version = bank.write(stage.table, stage.schema, rows(), lineage)
+    def rows() -> Iterator[pa.RecordBatch]:
+        try:
+            if prior:
+                yield from _copied(old, extra, delta, stage.reuse, stage.schema, stage.input_uri)
+            yield from iter_batches(files, columns=stage.schema.names)
+        except M3Error as e:  # Lance's writer passes it on inside its own error, a traceback in its text
+            refused.append(e)
+            raise
+
+    try:
+        version = bank.write(stage.table, stage.schema, rows(), lineage)
+    except Exception:
+        if refused:  # the one line the rows raised (nothing was committed)
+            raise refused[0] from None
+        raise
     if stage.tag:
         bank.tag(stage.table, f"{stage.name}-{stage.key}", version)
     remove(stage_dir)
@@ -198,7 +219,7 @@ def _copied(old: lance.LanceDataset | None, extra: pa.Table | None, delta: Delta
         return
     keep = delta.keep_ids
     if extra is None:
-        for batch in old.to_batches(batch_size=4096):
+        for batch in _old_batches(old, reuse):
             kept = keep_filter(batch, keep, reuse.producer, reuse.producer_column)
             if kept.num_rows:
                 yield kept
@@ -211,7 +232,7 @@ def _copied(old: lance.LanceDataset | None, extra: pa.Table | None, delta: Delta
     refs = refs.filter(pc.is_in(refs.column("ref_id"), value_set=keep))
     want = ref_key(refs.column("ref_id"), refs.column("content_hash"))
     seen: set[str] = set()
-    sources = ([old.to_batches(batch_size=4096)] if old is not None and reuse.table_ok else []) \
+    sources = ([_old_batches(old, reuse)] if old is not None and reuse.table_ok else []) \
         + [extra.to_batches(max_chunksize=4096)]
     for batches in sources:
         for batch in batches:
@@ -223,6 +244,15 @@ def _copied(old: lance.LanceDataset | None, extra: pa.Table | None, delta: Delta
             fresh = [i for i, r in enumerate(ids) if r not in seen and not seen.add(r)]
             if fresh:
                 yield kept.take(pa.array(fresh, pa.int64()))
+
+
+def _old_batches(old: lance.LanceDataset, reuse: Reuse) -> Iterator[pa.RecordBatch]:
+    """The old table's rows in order, a batch at a time, each through `reuse.check` if any."""
+    check = reuse.check(old) if reuse.check is not None else None
+    start = 0
+    for batch in old.to_batches(batch_size=4096):
+        yield batch if check is None else check(batch, start)
+        start += batch.num_rows
 
 
 def _run_shards(name: str, ray: RayConfig, todo: list, actor_cls, *, in_process: bool, actors: int,

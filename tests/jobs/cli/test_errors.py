@@ -9,8 +9,6 @@ import errno
 import gzip
 import json
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ import zstandard
 from jobs.cli.main import main
 from storage.bank import Bank
 from tests.conftest import foldoc_records, write_foldoc_corpus
+from tests.disk import fill, tmpfs
 
 DEMO = "configs/demo.yaml"
 SMALL = ["tokenizer.vocab_size=600", "chunking.seq_len=256", "ray.num_cpus=2", "corpus.records_per_shard=20"]
@@ -147,29 +146,9 @@ def test_validate_accepts_the_paths_when_they_are_there(tmp_path, capsys):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 6 MiB file system of its own (tmpfs) that a bank can fill, as a real disk fills: the
-    errors come from the kernel through every layer (Python, pyarrow, Lance), none simulated."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root (the suite runs as root in CI)")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+    """A 6 MiB file system of its own (tests/disk.py)."""
+    with tmpfs(tmp_path / "disk", 6) as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill(mount: Path, leave: int) -> Path:
-    """Fill the file system but `leave` bytes."""
-    filler = mount / "filler"
-    free = shutil.disk_usage(mount).free
-    with open(filler, "wb") as f:
-        f.truncate(0)
-        f.write(b"\0" * max(free - leave, 0))
-    return filler
 
 
 @pytest.mark.slow

@@ -50,6 +50,7 @@ from storage.bank import Bank
 from storage.live import read_manifest
 from storage.memory_store import MemoryStore
 from tests.conftest import ROOT, foldoc_records
+from tests.disk import fill, tmpfs
 
 pytestmark = pytest.mark.slow
 
@@ -441,25 +442,9 @@ def test_bank_file_fault_then_a_changed_corpus(built, bank, tmp_path, capsys, ca
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 16 MiB tmpfs of its own, as test_errors.py's (the bank, ~4 MB, and one more build fit)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root (the suite runs as root in CI)")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+    """A 16 MiB tmpfs of its own (tests/disk.py): the bank, ~4 MB, and one more build fit."""
+    with tmpfs(tmp_path / "disk", 16) as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill(mount: Path, leave: int) -> Path:
-    filler = mount / "filler"
-    with open(filler, "wb") as f:
-        f.write(b"\0" * max(shutil.disk_usage(mount).free - leave, 0))
-    return filler
 
 
 @pytest.mark.parametrize("leave_kib", [64, 2048, 3600])

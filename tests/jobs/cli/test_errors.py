@@ -9,7 +9,6 @@ import errno
 import gzip
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest

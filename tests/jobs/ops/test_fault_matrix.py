@@ -52,7 +52,7 @@ from storage.memory_store import MemoryStore
 from tests.conftest import ROOT, foldoc_records
 from tests.disk import fill, tmpfs
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]  # ~100 s with its bank: CI runs it after the suite
 
 DEMO = "configs/demo.yaml"
 TINY = ["model.preset=tiny", "model.vocab_size=600", "model.ref_max_tokens=128", "model.max_seq_len=512"]

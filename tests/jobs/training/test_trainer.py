@@ -147,6 +147,7 @@ def test_config_errors(base, tmp_path):
         run_train(cfg, "warmup", TrainConfig(max_tokens=4096))
 
 
+@pytest.mark.long  # ~65 s: CI runs it after the suite
 def test_the_equal_compute_control(base, tmp_path):
     """`m3 run --only control`: the continual stage's steps, rate and sequences from the same warmup
     model, without memory, exported where stage_dir says and never picked to encode or serve;

@@ -125,6 +125,9 @@ def run_rebuild(cfg: Config, allow_shrink: bool = False) -> dict:
         if compaction:
             versions = live_versions(cfg.bank.uri)
             lap("compact")
+        if not changed:  # under the lock: no writer can change what "nothing to do" is said of
+            from jobs.ops.verify import require_intact  # the cheap part of `m3 bank verify`: a damaged
+            require_intact(cfg.bank.uri)                # bank is one line naming the file, not "up to date"
     counts = {k: memories[k] for k in ("added", "changed", "removed")}
     summary = {"status": "published" if changed else "up_to_date", **counts, "versions": versions, "tag": TAG,
                "ingest": ingest.get("status", "built"), "memories": memories, "embeddings": embeddings,
@@ -133,7 +136,5 @@ def run_rebuild(cfg: Config, allow_shrink: bool = False) -> dict:
         print(f"rebuild: published build {versions} as `{TAG}` in {summary['seconds']:.1f} s "
               f"(references added {counts['added']}, changed {counts['changed']}, removed {counts['removed']})")
     else:
-        from jobs.ops.verify import require_intact  # the cheap part of `m3 bank verify`: a damaged
-        require_intact(cfg.bank.uri)                # bank is one line naming the file, not "up to date"
         print(f"rebuild: the live build of {cfg.bank.uri} is up to date; nothing to do")
     return summary

@@ -44,7 +44,6 @@ import json
 import mmap
 import os
 import time
-import uuid
 import zlib
 from pathlib import Path
 
@@ -53,6 +52,7 @@ import pyarrow as pa
 
 from model.errors import M3Error
 from storage.layout import BankLayout, LayoutError
+from storage.staging import open_atomic, write_bytes_atomic, write_text_atomic
 
 FORMAT = 2  # 2: per-row crc32 (the .crc file); a format-1 slab is written again, never read
 TABLE = "memories"
@@ -137,50 +137,27 @@ def write_slab(bank_uri: str, ds, codec, shape, meta: dict) -> dict | None:
     except SlabError:
         pass  # absent or stale: write it
     nbytes = codec.nbytes(shape)
-    payload_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = payload_path.with_name(f".{payload_path.name}.{uuid.uuid4().hex}.tmp")
     digest, pdigest, rows = hashlib.blake2b(digest_size=16), hashlib.blake2b(digest_size=16), 0
     crcs = []
-    try:
-        with open(tmp, "wb") as f:
-            for batch in ds.to_batches(columns=["ref_id", "content_hash", "payload"], batch_size=_SCAN_ROWS):
-                ids = batch.column("ref_id").to_pylist()
-                row_digest(ids, batch.column("content_hash").to_pylist(), digest)
-                block = _fixed_rows(batch.column("payload"), nbytes, ids)
-                f.write(memoryview(block).cast("B"))
-                pdigest.update(memoryview(block).cast("B"))
-                crcs.append(row_crcs(block))
-                rows += len(ids)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, payload_path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with open_atomic(payload_path, durable=True) as f:
+        for batch in ds.to_batches(columns=["ref_id", "content_hash", "payload"], batch_size=_SCAN_ROWS):
+            ids = batch.column("ref_id").to_pylist()
+            row_digest(ids, batch.column("content_hash").to_pylist(), digest)
+            block = _fixed_rows(batch.column("payload"), nbytes, ids)
+            f.write(memoryview(block).cast("B"))
+            pdigest.update(memoryview(block).cast("B"))
+            crcs.append(row_crcs(block))
+            rows += len(ids)
     crc_bytes = (np.concatenate(crcs) if crcs else np.zeros(0, np.uint32)).astype("<u4").tobytes()
-    _write_file(crc_path(bank_uri, ds.version), crc_bytes)
+    write_bytes_atomic(crc_path(bank_uri, ds.version), crc_bytes, durable=True)
     header = {"format": FORMAT, "table": TABLE, "version": int(ds.version), "rows": rows,
               "codec": meta.get("codec"), "quantizer_hash": meta.get("quantizer_hash"),
               "model_hash": meta.get("model_hash"), "shape": [int(s) for s in shape], "payload_bytes": nbytes,
               "digest": digest.hexdigest(), "payload_digest": pdigest.hexdigest(), "row_check": "crc32",
               "row_crcs_digest": hashlib.blake2b(crc_bytes, digest_size=16).hexdigest(), "written_at": time.time()}
-    tmp = header_path.with_name(f".{header_path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(header, indent=1, sort_keys=True))
-    os.replace(tmp, header_path)  # the commit point: a slab without its header does not exist
+    # the commit point: a slab without its header does not exist
+    write_text_atomic(header_path, json.dumps(header, indent=1, sort_keys=True), durable=True)
     return header
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def ensure_slab(bank_uri: str, version: int) -> dict | None:

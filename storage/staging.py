@@ -28,8 +28,10 @@ def _is_local(path) -> bool:
 
 
 @contextmanager
-def open_atomic(path) -> Iterator:
-    """A binary file whose content appears at `path` whole when the block ends, or not at all."""
+def open_atomic(path, durable: bool = False) -> Iterator:
+    """A binary file whose content appears at `path` whole when the block ends, or not at all.
+    `durable`: on a local file system the bytes are also on disk (fsync) before the rename, for
+    files a reader trusts after a power loss (the payload slab and its header)."""
     path = upath(path)
     if not _is_local(path):
         with path.open("wb") as f:  # one (multipart) upload: the object appears on close
@@ -40,6 +42,9 @@ def open_atomic(path) -> Iterator:
     try:
         with tmp.open("wb") as f:
             yield f
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         if getattr(path, "protocol", ""):
             path.fs.mv(tmp.path, path.path)  # a file:// URI: fsspec's local rename
         else:
@@ -54,13 +59,13 @@ def write_atomic(path, table: pa.Table) -> None:
         pq.write_table(table, f)
 
 
-def write_bytes_atomic(path, data: bytes) -> None:
-    with open_atomic(path) as f:
+def write_bytes_atomic(path, data: bytes, durable: bool = False) -> None:
+    with open_atomic(path, durable) as f:
         f.write(data)
 
 
-def write_text_atomic(path, text: str) -> None:
-    write_bytes_atomic(path, text.encode("utf-8"))
+def write_text_atomic(path, text: str, durable: bool = False) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"), durable)
 
 
 def iter_batches(paths: Iterable, columns: list[str] | None = None,

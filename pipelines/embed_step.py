@@ -12,7 +12,9 @@ the tests and `m3 search` (for the query text) use it without Ray.
 
 The output `vector` column is a 2-D float32 ndarray (Ray Data's tensor column); `to_arrow()`
 turns a batch into a RecordBatch of `EMBEDDINGS_SCHEMA(dim)` (vector as fixed_size_list, the
-layout LanceDB indexes), whatever form Ray hands the batch back in.
+layout LanceDB indexes), whatever form Ray hands the batch back in. With `text=True` (a lexical
+`retrieval.method`: storage/lexical.py) each row also carries its reference's text, which the
+embed stage then indexes for full-text search.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from pipelines.embedder import DEFAULT_SPEC, load_embedder
 INPUT_COLUMNS = ["ref_id", "text", "content_hash"]
 
 
-def EMBEDDINGS_SCHEMA(dim: int) -> pa.Schema:  # noqa: N802 - reads like the constants in schemas.py
-    """Arrow schema of the `embeddings` table for vectors of `dim` float32."""
+def EMBEDDINGS_SCHEMA(dim: int, text: bool = False) -> pa.Schema:  # noqa: N802 - reads like the constants in schemas.py
+    """Arrow schema of the `embeddings` table for vectors of `dim` float32; with `text`, the
+    reference's text too (what the full-text index of bm25/hybrid retrieval reads)."""
     if int(dim) <= 0:
         raise ValueError(f"embedding dim must be positive, got {dim}")
     return pa.schema([
@@ -37,17 +40,18 @@ def EMBEDDINGS_SCHEMA(dim: int) -> pa.Schema:  # noqa: N802 - reads like the con
         pa.field("content_hash", pa.string(), nullable=False),  # of the ref it was computed from
         # fixed size: what LanceDB's vector search and ANN indexes require
         pa.field("vector", pa.list_(pa.float32(), int(dim)), nullable=False),
+        *([pa.field("text", pa.string(), nullable=False)] if text else []),
     ])
 
 
 class EmbedRefs:
-    """refs batch {ref_id, text, content_hash} -> {ref_id, embedder, content_hash, vector}."""
+    """refs batch {ref_id, text, content_hash} -> {ref_id, embedder, content_hash, vector[, text]}."""
 
-    def __init__(self, spec: str = DEFAULT_SPEC, batch_size: int = 64):
+    def __init__(self, spec: str = DEFAULT_SPEC, batch_size: int = 64, text: bool = False):
         self.embedder = load_embedder(spec)
         self.batch_size = batch_size  # the model's forward batch, not Ray's batch
-        self.dim = self.embedder.dim
-        self.schema = EMBEDDINGS_SCHEMA(self.dim)
+        self.dim, self.text = self.embedder.dim, text
+        self.schema = EMBEDDINGS_SCHEMA(self.dim, text)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = [c for c in INPUT_COLUMNS if c not in batch]
@@ -61,17 +65,18 @@ class EmbedRefs:
             "embedder": np.full(n, self.embedder.id, dtype=object),
             "content_hash": np.asarray(batch["content_hash"], dtype=object),
             "vector": vectors,  # (n, dim) float32, unit norm
+            **({"text": np.asarray(texts, dtype=object)} if self.text else {}),
         }
 
 
-def to_arrow(batch, dim: int) -> pa.RecordBatch:
-    """An EmbedRefs output as a RecordBatch of EMBEDDINGS_SCHEMA(dim), ready for `Bank.write`.
+def to_arrow(batch, dim: int, text: bool = False) -> pa.RecordBatch:
+    """An EmbedRefs output as a RecordBatch of EMBEDDINGS_SCHEMA(dim, text), ready for `Bank.write`.
 
     Accepts the dict EmbedRefs returns, or what Ray hands back from `iter_batches`: a pyarrow
     Table whose vector column is Ray's tensor extension type (a plain cast to fixed_size_list
     fails), a numpy dict, or a pandas frame.
     """
-    schema = EMBEDDINGS_SCHEMA(dim)
+    schema = EMBEDDINGS_SCHEMA(dim, text)
     if isinstance(batch, pa.RecordBatch):
         batch = pa.Table.from_batches([batch])
     if isinstance(batch, pa.Table):
@@ -81,7 +86,8 @@ def to_arrow(batch, dim: int) -> pa.RecordBatch:
     vec = _matrix(cols["vector"], dim)
     strings = [pa.array(_to_list(cols[name]), type=pa.string()) for name in ("ref_id", "embedder", "content_hash")]
     flat = pa.array(np.ascontiguousarray(vec).reshape(-1), type=pa.float32())
-    return pa.RecordBatch.from_arrays([*strings, pa.FixedSizeListArray.from_arrays(flat, dim)], schema=schema)
+    texts = [pa.array(_to_list(cols["text"]), type=pa.string())] if text else []
+    return pa.RecordBatch.from_arrays([*strings, pa.FixedSizeListArray.from_arrays(flat, dim), *texts], schema=schema)
 
 
 def _to_list(col) -> list:
@@ -112,11 +118,11 @@ class EmbedShards:
     Like the encode job's actor, a shard is written whole or not at all, so a killed job resumes
     from the shards that exist."""
 
-    def __init__(self, spec: str, refs_uri: str, stage_dir: str, batch_size: int, threads: int):
+    def __init__(self, spec: str, refs_uri: str, stage_dir: str, batch_size: int, threads: int, text: bool = False):
         import torch
 
         torch.set_num_threads(threads)
-        self.embed = EmbedRefs(spec, batch_size)
+        self.embed = EmbedRefs(spec, batch_size, text)
         self.refs_uri, self.stage_dir = refs_uri, stage_dir
 
     def __call__(self, batch: dict) -> dict:
@@ -129,7 +135,7 @@ class EmbedShards:
                                                          limit=int(end) - int(start))
             out = self.embed({c: np.asarray(refs.column(c).to_pylist(), dtype=object) for c in INPUT_COLUMNS})
             write_atomic(staged_path(self.stage_dir, int(shard)),
-                         pa.Table.from_batches([to_arrow(out, self.embed.dim)]))
+                         pa.Table.from_batches([to_arrow(out, self.embed.dim, self.embed.text)]))
         return {"shard": np.asarray(batch["shard"])}
 
 

@@ -27,6 +27,7 @@ from pipelines.filters import QualityConfig
 from pipelines.minhash import MinHashConfig
 from pipelines.readers import ROLES
 from storage.layout import LayoutError, check_bank_uri
+from storage.lexical import METHODS as RETRIEVAL_METHODS
 
 __all__ = ["Config", "ConfigError", "load_config", "config_hash"]
 
@@ -182,6 +183,13 @@ class RetrievalConfig:
     # Below this many vectors an exact scan is as fast as an index (storage/vectors.py).
     index_threshold: int = field(default=10_000, metadata={"ge": 1})
     index_type: str = field(default="IVF_HNSW_SQ", metadata={"choices": ("IVF_HNSW_SQ", "IVF_PQ")})
+    # How references are ranked for a text, the same in the pair stage, serving, `m3 search` and
+    # the QA probe's oracle (storage/lexical.py): "vector" = cosine over `embedder`'s vectors;
+    # "bm25" = LanceDB's full-text (BM25) index over the references' text, which matches names,
+    # identifiers and rare words a static embedding splits into common pieces; "hybrid" =
+    # reciprocal-rank fusion of both lists. bm25 and hybrid make `m3 embed` store each
+    # reference's text beside its vector and index it (vectors are computed for every method).
+    method: str = field(default="vector", metadata={"choices": RETRIEVAL_METHODS})
 
     def __post_init__(self):
         check_fields(self)

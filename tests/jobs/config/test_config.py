@@ -154,3 +154,10 @@ def test_train_control_is_a_checked_key(tmp_path):
     assert load_config(DEMO, ["train.control=false"]).train.control is False
     with pytest.raises(ConfigError, match=r"train.control \(--set\): expected true/false, got 'no'"):
         load_config(DEMO, ["train.control='no'"])
+
+
+def test_retrieval_method_is_a_checked_key(tmp_path):
+    assert load_config(DEMO).retrieval.method == "vector"  # today's retrieval unless a config says otherwise
+    assert load_config(DEMO, ["retrieval.method=hybrid"]).retrieval.method == "hybrid"
+    with pytest.raises(ConfigError, match=r"retrieval.method .*:2\).*one of 'vector', 'bm25', 'hybrid', got 'tfidf'"):
+        load_config(write(tmp_path, "retrieval:\n  method: tfidf\n"))

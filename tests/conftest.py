@@ -68,6 +68,59 @@ def small_embedded_bank(root: Path, *extra: str):
     return cfg, overrides, run_embed(cfg)
 
 
+FACTS = ROOT / "data" / "facts"
+
+
+def facts_subset(root: Path, n_faq: int = 48, n_other: int = 48) -> tuple[Path, Path, dict[str, str]]:
+    """A small slice of the facts corpus (scripts/make_facts.py: invented entities): the first
+    n_faq FAQ documents for training, the descriptions of their entities plus n_other others
+    for the bank. Returns (bank file, training file, entity id -> its name)."""
+    import re
+
+    faqs, names = [], {}
+    with gzip.open(FACTS / "train.jsonl.gz", "rt", encoding="utf-8") as f:
+        for line in f:
+            rec = json.loads(line)
+            if rec["kind"] == "faq":
+                faqs.append(rec)
+                head = rec["text"].split("\n")[0]  # how bench/facts_pairing.py reads the name
+                names[rec["entity"]] = re.match(r"(?:Questions about |A short quiz on )?(.+?)"
+                                                r"(?:: questions and answers)?\.$", head).group(1)
+                if len(faqs) == n_faq:
+                    break
+    bank, others = [], 0
+    with gzip.open(FACTS / "bank.jsonl.gz", "rt", encoding="utf-8") as f:
+        for line in f:
+            rec = json.loads(line)
+            if rec["id"] in names or others < n_other:
+                others += rec["id"] not in names
+                bank.append(rec)
+    paths = root / "bank.jsonl.gz", root / "train.jsonl.gz"
+    for path, recs in zip(paths, (bank, faqs)):
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in recs)
+    return paths[0], paths[1], names
+
+
+def small_facts_bank(root: Path, *extra: str, embed: bool = True):
+    """A facts-corpus bank of ~100 descriptions and ~10 training sequences (configs/facts.yaml,
+    smaller), ingested and, with `embed`, embedded. Returns (config, overrides, entity names)."""
+    from jobs.config import load_config
+    from jobs.stages.embed import run_embed
+    from jobs.stages.ingest import run_ingest
+
+    bank_file, train_file, names = facts_subset(root)
+    overrides = [f"corpus.paths=[{bank_file}, {train_file}]", f"corpus.roles={{{bank_file}: bank, {train_file}: training}}",
+                 f"bank.uri={root / 'bank'}", "tokenizer.vocab_size=600", "model.vocab_size=600", "ray.num_cpus=2",
+                 "corpus.records_per_shard=100", "retrieval.refs_per_shard=64", "retrieval.threads_per_actor=1",
+                 "pair.seqs_per_shard=4", *extra]
+    cfg = load_config("configs/facts.yaml", overrides)
+    run_ingest(cfg)
+    if embed:
+        run_embed(cfg)
+    return cfg, overrides, names
+
+
 @pytest.fixture(scope="session")
 def s3():
     """A real S3-compatible server for the object-store bank tests: moto's, in-process on

@@ -9,6 +9,16 @@ LanceDB allows (`build_reproducible_index`). The key covers the refs version and
 fingerprint: the same key is nothing to do, an unfinished one resumes. Vectors of unchanged
 references made by the same embedder are copied from the previous table (the rebuild calls this
 same function).
+
+A lexical `retrieval.method` (bm25, hybrid: storage/lexical.py) adds each reference's text to
+the table and a full-text (BM25) index on it, a commit after the vector index's: the version
+returned, and published, is the one that has both. The key covers it (and the index's
+tokenizer settings), so switching between vector and a lexical method rebuilds the table
+(copying every vector, computing none), while bm25 <-> hybrid, the same table, is nothing to do
+here (the pair stage's key covers the method itself). Vectors are computed for bm25 too: they
+cost seconds with the default static embedder, hybrid and vector serving can then be tried on
+the same build without re-embedding, and the table keeps one shape for every reader that checks
+its embedder lineage (pair, serving, publish, verify).
 """
 
 from __future__ import annotations
@@ -20,33 +30,64 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import lance
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from jobs.config import Config, config_hash
 from jobs.stages.runner import Reuse, ShardedStage, run_stage
 from pipelines.embedder import load_embedder
 from pipelines.embed_step import EMBEDDINGS_SCHEMA, INPUT_COLUMNS, EmbedShards, staged_path
 from storage.bank import Bank
+from storage.lexical import FTS_PARAMS, TEXT_COLUMN, build_fts_index, fts_info, retrieve, uses_text
 from storage.vectors import AnnParams, build_index
 from storage.lock import writes_bank
 
 
 def embed_key(cfg: Config, bank: Bank, embedder) -> str:
     """What an embeddings table is a function of."""
-    return config_hash({"embedder": embedder.id, "refs": bank.metadata("refs").get("ingest_key"),
-                        "refs_version": bank.table("refs").version, "per": cfg.retrieval.refs_per_shard})
+    parts = {"embedder": embedder.id, "refs": bank.metadata("refs").get("ingest_key"),
+             "refs_version": bank.table("refs").version, "per": cfg.retrieval.refs_per_shard}
+    if uses_text(cfg.retrieval.method):  # absent for vector: the keys of vector banks are as they were
+        parts["fulltext"] = FTS_PARAMS
+    return config_hash(parts)
+
+
+def with_text_as_now(refs: lance.LanceDataset, text: bool):
+    """Reuse.check of the embed stage: old rows copied into a table with (without) the text
+    column get it from refs (lose it), so switching the method copies every vector instead of
+    computing it again."""
+    def check(old: lance.LanceDataset):
+        if (TEXT_COLUMN in old.schema.names) == text:
+            return None
+        if not text:
+            return lambda batch, start: batch.drop_columns([TEXT_COLUMN])
+
+        def add(batch: pa.RecordBatch, start: int) -> pa.RecordBatch:
+            ids = batch.column("ref_id").to_pylist()
+            t = refs.to_table(columns=["ref_id", TEXT_COLUMN], filter=pc.field("ref_id").isin(ids))
+            by_id = dict(zip(t.column("ref_id").to_pylist(), t.column(TEXT_COLUMN).to_pylist()))
+            # a reference no longer in refs has no text; its row is not kept (keep_filter)
+            return batch.append_column(TEXT_COLUMN, pa.array([by_id.get(r, "") for r in ids], pa.string()))
+        return add
+    return check
 
 
 def embed_stage(cfg: Config, bank: Bank, embedder, label: str = "embed") -> ShardedStage:
     r = cfg.retrieval
+    text = uses_text(r.method)
     refs_meta, refs = bank.metadata("refs"), bank.dataset("refs")
     key = embed_key(cfg, bank, embedder)
     return ShardedStage(
-        name="embed", table="embeddings", key_field="embed_key", key=key, schema=EMBEDDINGS_SCHEMA(embedder.dim),
+        name="embed", table="embeddings", key_field="embed_key", key=key, schema=EMBEDDINGS_SCHEMA(embedder.dim, text),
         input_uri=refs.uri, n_rows=refs.count_rows(), rows_per_shard=r.refs_per_shard, actor=EmbedShards,
-        actor_kw={"spec": r.embedder, "batch_size": r.batch_size}, actors=r.actors, threads=r.threads_per_actor,
-        staged=staged_path, reuse=Reuse("embedder", embedder.id, input_columns=tuple(INPUT_COLUMNS)),
+        actor_kw={"spec": r.embedder, "batch_size": r.batch_size, **({"text": True} if text else {})},
+        actors=r.actors, threads=r.threads_per_actor, staged=staged_path,
+        reuse=Reuse("embedder", embedder.id, input_columns=tuple(INPUT_COLUMNS), check=with_text_as_now(refs, text)),
         lineage=lambda files: {"stage": label, "embed_key": key, "embedder": embedder.lineage(),
                                "tokenizer_hash": refs_meta.get("tokenizer_hash"),
-                               "ingest_key": refs_meta.get("ingest_key"), "config": cfg.as_dict()})
+                               "ingest_key": refs_meta.get("ingest_key"), "config": cfg.as_dict(),
+                               **({"fulltext": {"column": TEXT_COLUMN, **FTS_PARAMS}} if text else {})})
 
 
 @writes_bank("embed")  # the bank's write lock (storage/lock.py), reentrant under m3 run / rebuild
@@ -60,16 +101,23 @@ def run_embed(cfg: Config, label: str = "embed", note: Callable[[str], None] = p
     refs_version = bank.table("refs").version
     stage = embed_stage(cfg, bank, embedder, label)
     out = {**run_stage(stage, bank, cfg.ray, note), "refs_version": refs_version}
+    text = uses_text(r.method)
     if out["status"] == "up_to_date":
+        if text and fts_info(bank.table("embeddings")) is None:  # killed between the data and index commits
+            out.update(fulltext=build_fts_index(bank.table("embeddings")), version=bank.table("embeddings").version)
+            note(f"embed: full-text index built on embeddings version {out['version']} (it had none)")
         return out
     # the index is a commit of its own (the version a publish names is the one after it)
     index = build_reproducible_index(cfg.bank.uri, "embeddings", stage.n_rows, r.index_threshold, r.index_type)
     out.update(index=index, references=stage.n_rows)
     if index.get("index"):  # the index's commit (ours: we hold the bank's write lock) is the version to publish
         out["version"] = bank.table("embeddings").version
+    if text:  # the full-text index, one more commit: the version published has both indexes
+        out.update(fulltext=build_fts_index(bank.table("embeddings")), version=bank.table("embeddings").version)
     note(f"embed: {stage.n_rows:,} vectors ({embedder.id}, dim {embedder.dim}), {out['computed']:,} computed, "
          f"as embeddings version {out['version']} in {out['seconds']:.1f} s "
-         f"({out['computed'] / max(out['compute_seconds'], 1e-9):,.1f} refs/s); index: {index.get('index') or index.get('reason')}")
+         f"({out['computed'] / max(out['compute_seconds'], 1e-9):,.1f} refs/s); index: {index.get('index') or index.get('reason')}"
+         + (f"; full-text index (BM25) on {out['fulltext']['rows']:,} texts" if text else ""))
     return out
 
 
@@ -118,17 +166,26 @@ def build_reproducible_index(uri: str, table: str, n_rows: int, threshold: int, 
     return {**json.loads(done.stdout.strip().splitlines()[-1]), "reproducible": True}
 
 
-def search_text(cfg: Config, text: str, k: int = 5, exact: bool = False) -> list[dict]:
-    """The top-k references for a query text, with their text."""
-    bank = Bank(cfg.bank.uri)
-    bank.require("embeddings")
-    embedder = load_embedder(cfg.retrieval.embedder)
-    embedder.check_lineage(bank.metadata("embeddings")["embedder"])
+def search_text(cfg: Config, text: str, k: int = 5, exact: bool = False, bank: Bank | None = None) -> list[dict]:
+    """The top-k references for a query text by `retrieval.method`, with their text. bank: a
+    pinned one (storage.builds.pinned_bank: `m3 search --build N`); default the latest tables."""
+    from storage.lexical import require_fts
     from storage.vectors import search
 
-    hits = search(bank.table("embeddings"), embedder.embed([text]), k=k, exact=exact)[0]
+    bank = bank or Bank(cfg.bank.uri)
+    bank.require("embeddings")
+    table, method = bank.table("embeddings"), cfg.retrieval.method
+    require_fts(table, method)
+    embedder = load_embedder(cfg.retrieval.embedder)
+    embedder.check_lineage(bank.metadata("embeddings")["embedder"])
+
+    def dense(texts: list[str], k: int) -> list[list[tuple[str, float]]]:
+        return search(table, embedder.embed(texts), k=k, exact=exact)
+
+    hits = retrieve(method, [text], k, table=table, vector_hits=dense)[0]
     ids = [h[0] for h in hits]
     quoted = ", ".join("'" + i.replace("'", "''") + "'" for i in ids) or "''"
     rows = bank.dataset("refs").to_table(columns=["ref_id", "doc_id", "text"], filter=f"ref_id IN ({quoted})").to_pylist()
     by_id = {row["ref_id"]: row for row in rows}
+    # score: cosine similarity (vector), BM25 (bm25) or the RRF sum (hybrid): storage/lexical.py
     return [{"rank": i + 1, "score": round(score, 4), **by_id[rid]} for i, (rid, score) in enumerate(hits)]

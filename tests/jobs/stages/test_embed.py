@@ -3,6 +3,8 @@ vectors."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -13,8 +15,9 @@ from jobs.stages.embed import build_reproducible_index, reproducible, run_embed,
 from pipelines.embed_step import EMBEDDINGS_SCHEMA
 from pipelines.embedder import load_embedder
 from storage.bank import Bank, BankError
+from storage.lexical import LexicalIndexError, fts_info
 from storage.vectors import build_index, has_index, index_info, search
-from tests.conftest import small_embedded_bank
+from tests.conftest import small_embedded_bank, small_facts_bank
 
 pytestmark = pytest.mark.slow
 
@@ -109,3 +112,65 @@ def test_what_cannot_be_reproduced_says_so(tmp_path):
     report = build_reproducible_index(uri, "embeddings", 300, 100, "IVF_PQ")  # k-means: unseeded in LanceDB
     assert report["index"] == "IVF_PQ" and not report["reproducible"]
     assert not reproducible(2_000_000, 100, "IVF_HNSW_SQ")  # two partitions: k-means again
+
+
+# -- retrieval.method bm25 / hybrid: the references' text and its full-text index (storage/lexical.py)
+
+@pytest.fixture(scope="module")
+def facts(tmp_path_factory, ray_local):
+    """A small facts-corpus bank (invented names), embedded for retrieval.method vector first."""
+    cfg, _, names = small_facts_bank(tmp_path_factory.mktemp("embed-lexical"))
+    return cfg, names
+
+
+def test_a_lexical_method_adds_the_text_and_its_index_without_embedding_again(facts, capsys):
+    cfg, names = facts
+    bank = Bank(cfg.bank.uri)
+    vector = bank.table("embeddings")
+    assert "text" not in vector.schema.names and fts_info(vector) is None  # vector: the table as it was
+    bm25 = with_method(cfg, "bm25")
+    out = run_embed(bm25)
+    assert out["status"] == "built" and out["computed"] == 0  # every vector copied, none computed
+    table = bank.table("embeddings")
+    assert out["version"] == table.version  # the version after the full-text index's commit: what is published
+    assert fts_info(table) == {"name": "text_idx", "indexed_rows": table.count_rows(), "unindexed_rows": 0}
+    refs = bank.dataset("refs").to_table(columns=["ref_id", "text"]).to_pylist()
+    rows = table.to_lance().to_table(columns=["ref_id", "text", "vector"]).to_pylist()
+    assert {r["ref_id"]: r["text"] for r in rows} == {r["ref_id"]: r["text"] for r in refs}
+    old = {r["ref_id"]: r["vector"] for r in vector.to_lance().to_table(columns=["ref_id", "vector"]).to_pylist()}
+    assert all(r["vector"] == old[r["ref_id"]] for r in rows)
+    assert bank.metadata("embeddings")["fulltext"]["column"] == "text"
+    capsys.readouterr()
+    assert run_embed(with_method(cfg, "hybrid"))["status"] == "up_to_date"  # the same table: nothing to do
+    assert "nothing to do" in capsys.readouterr().out
+    # m3 search by BM25 finds an entity's description by its name alone
+    entity, name = next(iter(names.items()))
+    hits = search_text(bm25, name, k=3)
+    assert hits[0]["doc_id"] in _docs_of(bank, entity) and hits[0]["score"] > 1
+
+
+def test_a_lost_full_text_index_is_built_again_and_vector_drops_it(facts):
+    cfg, _ = facts
+    bm25 = with_method(cfg, "bm25")
+    run_embed(bm25)
+    bank = Bank(cfg.bank.uri)
+    table = bank.table("embeddings")
+    table.drop_index(fts_info(table)["name"])  # as if killed between the data and the index commits
+    out = run_embed(bm25)
+    assert out["status"] == "up_to_date" and out["version"] == bank.table("embeddings").version
+    assert fts_info(bank.table("embeddings")) is not None
+    out = run_embed(cfg)  # back to vector: the table without text, every vector copied
+    table = bank.table("embeddings")
+    assert out["status"] == "built" and out["computed"] == 0
+    assert "text" not in table.schema.names and fts_info(table) is None
+    with pytest.raises(LexicalIndexError, match="run `m3 embed`"):
+        search_text(bm25, "anything")
+
+
+def with_method(cfg, method: str):
+    return dataclasses.replace(cfg, retrieval=dataclasses.replace(cfg.retrieval, method=method))
+
+
+def _docs_of(bank: Bank, source_id: str) -> set[str]:
+    docs = bank.dataset("documents").to_table(columns=["doc_id", "source_id"]).to_pylist()
+    return {d["doc_id"] for d in docs if d["source_id"] == source_id}

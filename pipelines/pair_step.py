@@ -1,13 +1,20 @@
 """The pairing stage, one shard of training sequences at a time: train_sequences rows ->
 `neighbors` rows (seq_id, chunk, ref_id, score, overlap).
 
-For every chunk_size-token chunk of a sequence: decode its text with the bank's tokenizer, embed
-it with the bank's embedder, retrieve the top-k references from `embeddings`, drop those whose
+For every chunk_size-token chunk of a sequence: decode its text with the bank's tokenizer,
+retrieve its top-k references by `retrieval.method` (storage/lexical.py `retrieve`: vector =
+embed it with the bank's embedder and search `embeddings`; bm25 = the full-text index of the
+table's text; hybrid = both, fused by rank), drop those whose
 eq. 6 overlap with the WHOLE stored sequence exceeds max_overlap (the chunk's own text, and any
 other reference the sequence contains, would teach the model to copy, not to recall) and, with
 exclude_own_docs, those of the sequence's own documents; keep the best per_chunk left (rank 0
 is what the paper's schedule reads, ranks 0..M-1 what the serving schedule reads). Everything is batched: one embedder call per shard, one search per query batch, one
-refs scan per shard, and one `overlap_rows` call over every (sequence, candidate) pair of the shard.
+refs scan per shard, and one `overlap_rows` call over every (sequence, candidate) pair of the shard
+(BM25 answers one query a call: LanceDB's full-text search takes no batch).
+
+The `score` column is the method's: cosine similarity (vector), the BM25 score (bm25: > 0, on
+no fixed scale) or the reciprocal-rank-fusion sum (hybrid: at most 2/61); within a chunk it
+orders the ranks either way.
 
 `pair_shard` is a plain function (tests call it without Ray); `PairShards` is the Ray Data actor
 that loads the tokenizer, embedder and tables once and stages each shard atomically.
@@ -34,7 +41,7 @@ def split_chunks(tokens, chunk_size: int) -> list[list[int]]:
 
 
 def pair_shard(seq_ids: list[str], seqs: list[list[int]], *, tokenizer, embedder, table, refs_ds,
-               cfg, params=None, doc_ids: list[list[str]] | None = None) -> pa.Table:
+               cfg, params=None, doc_ids: list[list[str]] | None = None, method: str = "vector") -> pa.Table:
     """STAGED rows for these sequences: per (seq, chunk) its best cfg.per_chunk references
     (rank 0, 1, ...), or one row with a null ref_id when none passed; in input order.
 
@@ -43,9 +50,11 @@ def pair_shard(seq_ids: list[str], seqs: list[list[int]], *, tokenizer, embedder
     that straddles the edge of the trained window holds text of the sequence all the same.
     doc_ids: each sequence's documents; with cfg.exclude_own_docs their references are dropped
     too (what `m3 eval` does). tokenizer: a `tokenizers.Tokenizer`; embedder:
-    pipelines.embedder.Embedder; table: the LanceDB `embeddings` table; refs_ds: the `refs` Lance
-    dataset; cfg: a PairConfig; params: search knobs (storage.vectors.search_params(table),
-    looked up once by the caller)."""
+    pipelines.embedder.Embedder (None for method bm25); table: the LanceDB `embeddings` table;
+    refs_ds: the `refs` Lance dataset; cfg: a PairConfig; params: search knobs
+    (storage.vectors.search_params(table), looked up once by the caller); method:
+    `retrieval.method`."""
+    from storage.lexical import retrieve
     from storage.vectors import search
 
     chunks, owner = [], []  # owner[i] = (sequence index, chunk number) of chunks[i]
@@ -58,10 +67,15 @@ def pair_shard(seq_ids: list[str], seqs: list[list[int]], *, tokenizer, embedder
         return STAGED.empty_table()
     # special tokens (<s>, </s>) carry no meaning for the embedder
     texts = tokenizer.decode_batch(chunks, skip_special_tokens=True)
-    vectors = embedder.embed(texts, batch_size=cfg.embed_batch_size)
-    hits: list[list[tuple[str, float]]] = []
-    for lo in range(0, len(vectors), cfg.query_batch_size):
-        hits += search(table, vectors[lo:lo + cfg.query_batch_size], k=cfg.k, exact=cfg.exact, params=params)
+
+    def dense(texts: list[str], k: int) -> list[list[tuple[str, float]]]:
+        vectors = embedder.embed(texts, batch_size=cfg.embed_batch_size)
+        out: list[list[tuple[str, float]]] = []
+        for lo in range(0, len(vectors), cfg.query_batch_size):
+            out += search(table, vectors[lo:lo + cfg.query_batch_size], k=k, exact=cfg.exact, params=params)
+        return out
+
+    hits = retrieve(method, texts, cfg.k, table=table, vector_hits=dense)
     tokens, ref_doc = tokens_of(refs_ds, (rid for h in hits for rid, _ in h), with_docs=True)
     missing = {rid for h in hits for rid, _ in h} - set(tokens)
     if missing:
@@ -97,18 +111,20 @@ class PairShards:
     the shards that exist."""
 
     def __init__(self, bank_uri: str, embedder_spec: str, tokenizer_path: str, stage_dir: str,
-                 cfg, threads: int):
+                 cfg, threads: int, method: str = "vector"):
         import torch
 
         from pipelines.embedder import load_embedder
         from pipelines.tokenizer import load
         from storage.bank import Bank
+        from storage.lexical import uses_vectors
         from storage.vectors import search_params
 
         torch.set_num_threads(threads)
         bank = Bank(bank_uri)
-        self.cfg = cfg  # the `pair:` section (jobs.config.pair.PairConfig), pickled by Ray
-        self.embedder = load_embedder(embedder_spec)
+        self.cfg, self.method = cfg, method  # the `pair:` section (jobs.config.pair.PairConfig), pickled by Ray
+        # bm25 embeds nothing: no model to load
+        self.embedder = load_embedder(embedder_spec) if uses_vectors(method) else None
         self.tokenizer = load(tokenizer_path)
         self.table = bank.table("embeddings")
         self.params = search_params(self.table)  # ~0.4 ms of index metadata: once per actor
@@ -124,7 +140,7 @@ class PairShards:
             out = pair_shard(t.column("seq_id").to_pylist(), t.column("token_ids").to_pylist(),
                              tokenizer=self.tokenizer, embedder=self.embedder, table=self.table,
                              refs_ds=self.refs, cfg=self.cfg, params=self.params,
-                             doc_ids=t.column("doc_ids").to_pylist())
+                             doc_ids=t.column("doc_ids").to_pylist(), method=self.method)
             write_atomic(staged_path(self.stage_dir, int(shard)), out)
         return {"shard": np.asarray(batch["shard"])}
 

@@ -31,6 +31,8 @@ NEIGHBORS = pa.schema([
     pa.field("chunk", pa.int32(), nullable=False),
     pa.field("rank", pa.int32(), nullable=False),
     pa.field("ref_id", pa.string()),
+    # by the neighbors' lineage `method` (retrieval.method): cosine similarity (vector), BM25
+    # (bm25: > 0, no fixed scale) or the reciprocal-rank-fusion sum (hybrid, <= 2/61)
     pa.field("score", pa.float32()),
     pa.field("overlap", pa.float32()),
 ])

@@ -6,8 +6,10 @@
 A sharded stage (jobs/stages/runner.py): Ray Data actors (one embedder each) pair row ranges of
 `train_sequences` into staging files (pipelines/pair_step.py); one commit makes the new table
 version, tagged. The key covers the provenance of every input (the ingest that made the
-sequences and references, the table versions, the embed build, the pairing knobs): the same key
-is nothing to do, an unfinished one resumes from its staged shards. The lineage carries
+sequences and references, the table versions, the embed build, the pairing knobs, the retrieval
+method): the same key is nothing to do, an unfinished one resumes from its staged shards.
+`retrieval.method` ranks the candidates (storage/lexical.py): bm25 and hybrid need the full-text
+index `m3 embed` builds for them, checked here before Ray starts. The lineage carries
 ingest_key, tokenizer_hash and chunk_size, which the trainer's reader checks before it pairs a
 sequence with anything (pipelines/train_data.py).
 """
@@ -26,6 +28,7 @@ from pipelines.embedder import load_embedder
 from pipelines.pair_step import PairShards, staged_path
 from pipelines.train_data import NEIGHBORS
 from storage.bank import Bank, BankError
+from storage.lexical import require_fts, uses_vectors
 from storage.staging import read_table
 from storage.layout import BankLayout
 from storage.lock import writes_bank
@@ -47,29 +50,38 @@ def _inputs(bank: Bank) -> dict[str, dict]:
     return meta
 
 
-def pair_key(bank: Bank, meta: dict[str, dict], pc: PairConfig) -> str:
-    """What the neighbors depend on: the inputs' provenance and versions, and the pairing knobs."""
+def pair_key(bank: Bank, meta: dict[str, dict], pc: PairConfig, method: str = "vector") -> str:
+    """What the neighbors depend on: the inputs' provenance and versions, the pairing knobs and
+    the retrieval method."""
     seq_meta = meta["train_sequences"]
-    return config_hash({"ingest_key": seq_meta.get("ingest_key"), "tokenizer_hash": seq_meta.get("tokenizer_hash"),
-                        "seqs_version": bank.table("train_sequences").version,
-                        "refs_version": bank.table("refs").version, "embed_key": meta["embeddings"]["embed_key"],
-                        "embeddings_version": bank.table("embeddings").version, "pair": pc.output_knobs()})
+    parts = {"ingest_key": seq_meta.get("ingest_key"), "tokenizer_hash": seq_meta.get("tokenizer_hash"),
+             "seqs_version": bank.table("train_sequences").version,
+             "refs_version": bank.table("refs").version, "embed_key": meta["embeddings"]["embed_key"],
+             "embeddings_version": bank.table("embeddings").version, "pair": pc.output_knobs()}
+    if method != "vector":  # absent for vector: the keys of tables paired before the method existed hold
+        parts["method"] = method
+    return config_hash(parts)
 
 
 def pair_stage(cfg: Config, bank: Bank) -> tuple[ShardedStage, str]:
-    """The pair stage's declaration, and the embedder it queries with."""
-    pc = cfg.pair
+    """The pair stage's declaration, and what it ranks with (the embedder, or BM25)."""
+    pc, method = cfg.pair, cfg.retrieval.method
     meta = _inputs(bank)
     seq_meta, emb_meta = meta["train_sequences"], meta["embeddings"]
+    require_fts(bank.table("embeddings"), method)  # before Ray: bm25/hybrid on a table without the index
     # the embedder that wrote the vectors, not whatever the config names today: queries from
     # another model's space would retrieve confident nonsense
     spec = (emb_meta.get("config") or {}).get("retrieval", {}).get("embedder") or cfg.retrieval.embedder
-    embedder = load_embedder(spec)  # fails here, before Ray, if the model is missing
-    embedder.check_lineage(emb_meta["embedder"])
+    if uses_vectors(method):
+        embedder = load_embedder(spec)  # fails here, before Ray, if the model is missing
+        embedder.check_lineage(emb_meta["embedder"])
+        ranker = embedder.id if method == "vector" else f"{embedder.id} + BM25 (reciprocal-rank fusion)"
+    else:
+        ranker = "BM25 (the full-text index)"
     tok_rel = meta["refs"].get("tokenizer_path")
     if not tok_rel:
         raise BankError("the refs table records no tokenizer_path in its lineage: rerun `m3 ingest`")
-    key = pair_key(bank, meta, pc)
+    key = pair_key(bank, meta, pc, method)
     seqs = bank.dataset("train_sequences")
 
     def lineage(files: list[Path]) -> dict:
@@ -78,15 +90,15 @@ def pair_stage(cfg: Config, bank: Bank) -> tuple[ShardedStage, str]:
                 "max_tokens": pc.max_tokens, "per_chunk": pc.per_chunk,
                 "exclude_own_docs": pc.exclude_own_docs, "leakage": "whole-sequence",
                 "embed_key": emb_meta["embed_key"], "embedder": emb_meta["embedder"].get("embedder"),
-                "pair": vars(pc), "counts": _counts(files), "config": cfg.as_dict()}
+                "method": method, "pair": vars(pc), "counts": _counts(files), "config": cfg.as_dict()}
 
     stage = ShardedStage(
         name="pair", table="neighbors", key_field="pair_key", key=key, schema=NEIGHBORS, input_uri=seqs.uri,
         n_rows=seqs.count_rows(), rows_per_shard=pc.seqs_per_shard, actor=PairShards, input_arg=None,
-        actor_kw={"bank_uri": cfg.bank.uri, "embedder_spec": spec, "cfg": pc,
+        actor_kw={"bank_uri": cfg.bank.uri, "embedder_spec": spec, "cfg": pc, "method": method,
                   "tokenizer_path": str(BankLayout(cfg.bank.uri).path(tok_rel))},
         actors=pc.actors, threads=pc.threads_per_actor, staged=staged_path, lineage=lineage)
-    return stage, embedder.id
+    return stage, ranker
 
 
 @writes_bank("pair")  # the bank's write lock (storage/lock.py), reentrant under m3 run

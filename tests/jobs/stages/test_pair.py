@@ -15,8 +15,10 @@ from jobs.stages.pair import run_pair
 from jobs.config.pair import PairConfig
 from pipelines.overlap import overlap
 from pipelines.train_data import NEIGHBORS, ShardReader
+from jobs.stages.embed import run_embed
 from storage.bank import Bank, BankError
-from tests.conftest import small_embedded_bank
+from storage.lexical import LexicalIndexError
+from tests.conftest import small_embedded_bank, small_facts_bank
 
 pytestmark = pytest.mark.slow
 
@@ -263,3 +265,83 @@ def test_a_second_index_build_pairs_alike(paired, tmp_path):
     assert [(r["seq_id"], r["chunk"], r["rank"], r["ref_id"]) for r in first] == \
         [(r["seq_id"], r["chunk"], r["rank"], r["ref_id"]) for r in second]
     assert np.allclose([r["score"] or 0 for r in first], [r["score"] or 0 for r in second], atol=1e-5)
+
+
+# -- retrieval.method bm25 / hybrid (storage/lexical.py): the same stage, another ranking
+
+def named_hits(cfg, names: dict[str, str]) -> tuple[int, int]:
+    """(chunks whose rank-0 reference describes an entity the chunk names, chunks): what
+    bench/facts_pairing.py measures on the whole facts corpus."""
+    from pipelines.tokenizer import load
+    from storage.layout import BankLayout
+
+    bank = Bank(cfg.bank.uri)
+    tok = load(BankLayout(cfg.bank.uri).path(bank.metadata("refs")["tokenizer_path"]))
+    source = {d["doc_id"]: d["source_id"] for d in bank.dataset("documents").to_table(columns=["doc_id", "source_id"]).to_pylist()}
+    seqs = {s["seq_id"]: s["token_ids"] for s in bank.dataset("train_sequences").to_table(columns=["seq_id", "token_ids"]).to_pylist()}
+    first = [r for r in bank.dataset("neighbors").to_table().to_pylist() if r["rank"] == 0]
+    hits = 0
+    for r in first:
+        text = tok.decode(seqs[r["seq_id"]][r["chunk"] * 64:(r["chunk"] + 1) * 64])
+        entity = source.get(r["ref_id"].rsplit("-", 1)[0]) if r["ref_id"] else None
+        hits += entity in names and names[entity] in text
+    return hits, len(first)
+
+
+@pytest.fixture(scope="module")
+def facts(tmp_path_factory, ray_local):
+    cfg, _, names = small_facts_bank(tmp_path_factory.mktemp("pair-lexical"))
+    return cfg, names
+
+
+def test_bm25_pairs_chunks_with_the_entities_they_name(facts, capsys):
+    cfg, names = facts
+    run_pair(cfg)
+    vector_hits, chunks = named_hits(cfg, names)
+    bm25 = with_method(cfg, "bm25")
+    run_embed(bm25)  # the text and its full-text index (the vectors copied)
+    summary = run_pair(bm25)
+    assert summary["status"] == "built" and summary["chunks"] == chunks
+    bank = Bank(cfg.bank.uri)
+    assert bank.dataset("neighbors").schema.remove_metadata() == NEIGHBORS  # the schema of every method
+    meta = bank.metadata("neighbors")
+    assert meta["method"] == "bm25" and meta["pair_key"] == summary["pair_key"]
+    hits, _ = named_hits(bm25, names)
+    print(f"rank 0 names an entity of the chunk: vector {vector_hits}, bm25 {hits} of {chunks} chunks")
+    assert hits >= 0.9 * chunks and hits > vector_hits  # names are what BM25 matches
+    rows = bank.dataset("neighbors").to_table().to_pylist()
+    by_chunk: dict[tuple, list[dict]] = {}
+    for r in rows:
+        by_chunk.setdefault((r["seq_id"], r["chunk"]), []).append(r)
+    for got in by_chunk.values():  # BM25 scores: positive, best first; the overlap filter as ever
+        got.sort(key=lambda r: r["rank"])
+        assert all(r["score"] > 0 and r["overlap"] <= bm25.pair.max_overlap for r in got if r["ref_id"])
+        assert [r["score"] for r in got] == sorted((r["score"] for r in got), reverse=True)
+    capsys.readouterr()
+    assert run_pair(bm25)["status"] == "up_to_date" and "nothing to do" in capsys.readouterr().out
+
+
+def test_hybrid_pairs_again_on_the_same_embeddings(facts):
+    cfg, names = facts
+    hybrid = with_method(cfg, "hybrid")
+    run_embed(with_method(cfg, "bm25"))
+    assert run_embed(hybrid)["status"] == "up_to_date"  # bm25's table serves hybrid as it is
+    summary = run_pair(hybrid)
+    assert summary["status"] == "built"  # another method: other neighbors
+    bank = Bank(cfg.bank.uri)
+    assert bank.metadata("neighbors")["method"] == "hybrid"
+    scores = [r["score"] for r in bank.dataset("neighbors").to_table().to_pylist() if r["ref_id"]]
+    assert scores and all(0 < s <= 2 / 61 + 1e-6 for s in scores)  # reciprocal-rank sums
+    hits, chunks = named_hits(hybrid, names)
+    assert hits >= 0.8 * chunks
+
+
+def test_a_lexical_method_needs_the_full_text_index(facts):
+    cfg, _ = facts
+    run_embed(cfg)  # vector: the table without text or index
+    with pytest.raises(LexicalIndexError, match="retrieval.method 'bm25'.*run `m3 embed`"):
+        run_pair(with_method(cfg, "bm25"))
+
+
+def with_method(cfg, method: str):
+    return dataclasses.replace(cfg, retrieval=dataclasses.replace(cfg.retrieval, method=method))

@@ -63,8 +63,11 @@ def _check_model_inputs(cfg) -> None:
 
 def cmd_search(cfg, args) -> int:
     from jobs.stages.embed import search_text
+    from storage.builds import pinned_bank
 
-    for hit in search_text(cfg, args.text, k=args.k, exact=args.exact):
+    # --build: the tables (and their vector and full-text indexes) of that published build
+    bank = pinned_bank(cfg.bank.uri, args.build) if args.build is not None else None
+    for hit in search_text(cfg, args.text, k=args.k, exact=args.exact, bank=bank):
         text = hit["text"].replace("\n", " ")
         print(f"{hit['rank']}. [{hit['score']:.3f}] {hit['ref_id']}  {text[:160]}{'...' if len(text) > 160 else ''}")
     return 0
@@ -173,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("text")
     search.add_argument("-k", type=int, default=5)
     search.add_argument("--exact", action="store_true", help="exact scan instead of the ANN index")
+    search.add_argument("--build", help="search a published build (its number, `live`, -1 = before live) "
+                                        "instead of the latest tables")
     train = sub.add_parser("train", parents=[common], help="pretraining on DeepSpeed via Ray Train")
     train.add_argument("--stage", required=True, help="warmup (no memory), continual (with memory) or control "
                        "(continual's steps without memory: the equal-compute control)")

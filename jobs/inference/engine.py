@@ -53,7 +53,8 @@ def bank_tokenizer(cfg, bank: Bank):
 
 def bank_retriever(cfg, bank: Bank, tokenizer, per_query: int, device: str = "cpu", infer=None):
     """A BankRetriever with the embedder that wrote the bank's vectors (not whatever the config
-    names today: queries from another model's space would retrieve confident nonsense)."""
+    names today: queries from another model's space would retrieve confident nonsense), ranking
+    by the config's `retrieval.method`."""
     from jobs.inference.retriever import BankRetriever
     from pipelines.embedder import load_embedder
 
@@ -63,7 +64,8 @@ def bank_retriever(cfg, bank: Bank, tokenizer, per_query: int, device: str = "cp
     spec = (meta.get("config") or {}).get("retrieval", {}).get("embedder") or cfg.retrieval.embedder
     # the query embedder runs beside the model (a GPU embeds a chunk's queries in ms)
     return BankRetriever(bank, load_embedder(spec, device=device), tokenizer, per_query=per_query,
-                         max_overlap=ic.max_overlap, candidates=ic.candidates, exact=ic.exact)
+                         max_overlap=ic.max_overlap, candidates=ic.candidates, exact=ic.exact,
+                         method=cfg.retrieval.method)
 
 
 def prefetch_pays(device) -> bool:

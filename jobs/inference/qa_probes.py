@@ -194,7 +194,7 @@ def run_qa(inf, path: str, probes: list[Probe], *, control=None, batch_size: int
     retriever = inf.memory_retriever()
     found = source_refs(inf.bank, {s for p in probes for s in p.source_ids})
     sources = [[ref for s in p.source_ids for ref in found.get(s, [])] for p in probes]
-    oracle = _closest(retriever.embedder, [p.prompt for p in probes], sources, M)
+    oracle = _closest(retriever, [p.prompt for p in probes], sources, M)
     own = [{r for r, _ in refs} for refs in sources]
     runs = {"none": score(model, prompts, answers, sink=sink, batch_size=batch_size)}
     if control is not None:
@@ -237,17 +237,27 @@ def run_qa(inf, path: str, probes: list[Probe], *, control=None, batch_size: int
             "source_ids_not_in_bank": missing[:20], "n_source_ids_not_in_bank": len(missing), "modes": modes}
 
 
-def _closest(embedder, prompts: list[str], sources: list[list[tuple[str, str]]], k: int) -> list[list[str]]:
+def _closest(retriever, prompts: list[str], sources: list[list[tuple[str, str]]], k: int) -> list[list[str]]:
     """Per item, its source references (all of them when they fit the model's k memories a
-    chunk, else the k whose text is closest to the prompt, best first)."""
+    chunk, else the k closest to the prompt by the retriever's `retrieval.method`, best first,
+    as serving ranks; sources BM25 leaves out, sharing no word with the prompt, follow in order)."""
+    from storage.lexical import retrieve
+
     out = []
     for prompt, refs in zip(prompts, sources):
         if len(refs) <= k:
             out.append([r for r, _ in refs])
             continue
-        vecs = embedder.embed([prompt] + [x for _, x in refs])
-        best = np.argsort(-(vecs[1:] @ vecs[0]), kind="stable")[:k]
-        out.append([refs[j][0] for j in best])
+
+        def dense(texts: list[str], n: int, refs=refs) -> list[list[tuple[str, float]]]:
+            vecs = retriever.embedder.embed(texts + [x for _, x in refs])
+            sims = vecs[1:] @ vecs[0]
+            return [[(refs[j][0], float(sims[j])) for j in np.argsort(-sims, kind="stable")[:n]]]
+
+        hits = retrieve(retriever.method, [prompt], k, table=retriever.table, vector_hits=dense,
+                        among=[[r for r, _ in refs]])[0]
+        ids = [r for r, _ in hits]
+        out.append((ids + [r for r, _ in refs if r not in ids])[:k])
     return out
 
 

@@ -2,7 +2,9 @@
 
 One call serves every query of a swap point (all rows of a batch, or all prompt chunks of all
 rows): one embedder call, one vector search, one read of the candidates' tokens (only when the
-overlap filter is on), one MemoryStore.fetch through its RAM cache. Never a call per row.
+overlap filter is on), one MemoryStore.fetch through its RAM cache. Never a call per row, except
+BM25's (`retrieval.method` bm25 or hybrid: LanceDB's full-text search answers one query a call,
+~3-10 ms each; storage/lexical.py `retrieve`, the ranking the pair stage used).
 
 The overlap filter [paper §4.4]: a candidate whose eq. 6 overlap with the text it serves exceeds
 max_overlap is dropped, and the best mems_per_chunk survivors are kept; a query left with fewer
@@ -28,6 +30,7 @@ import torch
 from model.generation import Retrieved
 from pipelines.overlap import overlap_exceeds_rows
 from storage.bank import Bank, BankError, tokens_of
+from storage.lexical import require_fts, retrieve
 from storage.memory_store import MemoryStore
 from storage.vector_matrix import DEFAULT_MAX_BYTES, VectorMatrix
 from storage.vectors import search, search_params
@@ -41,17 +44,21 @@ DEFAULT_TOKEN_CACHE = 65_536
 class BankRetriever:
     def __init__(self, bank: Bank, embedder, tokenizer, *, per_query: int, store: MemoryStore | None = None,
                  max_overlap: float | None = 2 / 3, candidates: int = 10, exact: bool = False,
-                 ram_search_bytes: int = DEFAULT_MAX_BYTES, token_cache: int = DEFAULT_TOKEN_CACHE):
+                 ram_search_bytes: int = DEFAULT_MAX_BYTES, token_cache: int = DEFAULT_TOKEN_CACHE,
+                 method: str = "vector"):
         """ram_search_bytes: an embeddings table whose float32 vectors fit in this many bytes is
         searched exactly in RAM (storage/vector_matrix.py, loaded at the first search), a larger
         one through LanceDB (its ANN index unless `exact`); 0 = always LanceDB. token_cache:
-        references whose tokens are kept between calls (0 = none)."""
+        references whose tokens are kept between calls (0 = none). method: `retrieval.method`
+        (bm25 and hybrid search the full-text index of the bank's embeddings version)."""
         bank.require("embeddings", "refs")
         embedder.check_lineage(bank.metadata("embeddings")["embedder"])
         self.bank, self.embedder, self.tokenizer, self.store = bank, embedder, tokenizer, store
         self.per_query, self.max_overlap, self.exact = per_query, max_overlap, exact
         self.candidates = max(candidates, per_query)
         self.table = bank.table("embeddings")
+        self.method = method
+        require_fts(self.table, method)  # now, not at the first query
         self.params = None if exact else search_params(self.table)  # looked up once, not per call
         self.refs = bank.dataset("refs")
         self.ref_docs: dict[str, str] = {}  # ref_id -> doc_id, of every reference looked up
@@ -81,16 +88,22 @@ class BankRetriever:
             return []
         t0 = time.perf_counter()
         texts = [self.tokenizer.decode([int(t) for t in q]) for q in queries]
-        self.counts["embed"] += 1
-        vectors = self.embedder.embed(texts)
-        t1 = time.perf_counter()
+        td, embedding = time.perf_counter(), [0.0]
+
+        def dense(texts: list[str], k: int) -> list[list[tuple[str, float]]]:
+            t = time.perf_counter()
+            self.counts["embed"] += 1
+            vectors = self.embedder.embed(texts)
+            embedding[0] += time.perf_counter() - t
+            matrix = self.matrix()
+            if matrix is not None:
+                return matrix.search(vectors, k=k)
+            return search(self.table, vectors, k=k, exact=self.exact, params=self.params)
+
         self.counts["search"] += 1
-        matrix = self.matrix()
-        if matrix is not None:
-            hits = matrix.search(vectors, k=self.candidates)
-        else:
-            hits = search(self.table, vectors, k=self.candidates, exact=self.exact, params=self.params)
+        hits = retrieve(self.method, texts, self.candidates, table=self.table, vector_hits=dense)
         t2 = time.perf_counter()
+        t1 = td + embedding[0]  # "embed": decoding and embedding the queries, as before
         self.seconds["embed"] += t1 - t0
         self.seconds["search"] += t2 - t1
         ids = [[rid for rid, _ in h] for h in hits]

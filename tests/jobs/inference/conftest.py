@@ -54,3 +54,13 @@ def reader_bank(tmp_path_factory, ray_local):
     cfg = load_config("configs/demo.yaml", overrides)
     run_encode(cfg)
     return cfg, overrides
+
+
+@pytest.fixture(scope="session")
+def facts_bm25_bank(tmp_path_factory, ray_local):
+    """(config, entity id -> name): a slice of the facts corpus (invented names) embedded for
+    retrieval.method bm25 (vectors, the references' text and its full-text index)."""
+    from tests.conftest import small_facts_bank
+
+    cfg, _, names = small_facts_bank(tmp_path_factory.mktemp("facts-bm25"), "retrieval.method=bm25")
+    return cfg, names

@@ -191,3 +191,28 @@ def test_exact_match_is_what_greedy_decoding_produces(inf):
         want = torch.nn.functional.cross_entropy(logits[len(prompt) - 1:-1], ctx[0, len(prompt):], reduction="sum")
         assert total == pytest.approx(float(want), rel=1e-4)
     assert np.array_equal(got["count"], [len(a) for a in answers])
+
+
+def test_the_oracle_ranks_the_sources_by_the_configured_method(facts_bm25_bank):
+    """More sources than memories: the k kept are the ones serving's ranking (retrieval.method)
+    puts first; vector keeps the embedder's order, as before the method existed."""
+    from jobs.inference.qa_probes import _closest
+    from storage.bank import Bank
+    from tests.jobs.inference.test_retriever import entity_of, facts_retriever
+
+    cfg, names = facts_bm25_bank
+    refs = Bank(cfg.bank.uri).dataset("refs").to_table(columns=["ref_id", "text"])
+    pairs = list(zip(refs.column("ref_id").to_pylist(), refs.column("text").to_pylist()))
+    owner = entity_of(Bank(cfg.bank.uri), [r for r, _ in pairs])
+    own = {e: p for e, p in zip(owner, pairs)}
+    others = [p for e, p in zip(owner, pairs) if e not in names][:5]
+    entities = list(names)[:4]
+    prompts = [f"Q: Where was {names[e]} born?\nA:" for e in entities]
+    sources = [others + [own[e]] for e in entities]  # the entity's own last: only a ranking moves it up
+    assert [g[0] for g in _closest(facts_retriever(cfg, "bm25"), prompts, sources, 2)] == [own[e][0] for e in entities]
+    assert all(own[e][0] in g for e, g in zip(entities, _closest(facts_retriever(cfg, "hybrid"), prompts, sources, 2)))
+    vector = facts_retriever(cfg, "vector")
+    for prompt, src, got in zip(prompts, sources, _closest(vector, prompts, sources, 2)):
+        vecs = vector.embedder.embed([prompt] + [x for _, x in src])
+        assert got == [src[j][0] for j in np.argsort(-(vecs[1:] @ vecs[0]), kind="stable")[:2]]
+    assert _closest(vector, prompts[:1], [sources[0][:2]], 2) == [[r for r, _ in sources[0][:2]]]  # all fit

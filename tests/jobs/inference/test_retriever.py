@@ -14,6 +14,7 @@ from jobs.inference.engine import Inference
 from model.generation import generate_with_memory
 from pipelines.overlap import overlap_many
 from storage.bank import Bank
+from storage.lexical import LexicalIndexError
 from storage.vectors import search
 from tests.conftest import small_embedded_bank
 from tests.jobs.inference.test_generate import TINY
@@ -119,3 +120,44 @@ def test_memories_of_short_rows_leave_empty_slots(inf):
     full, full_mask = r.memories([ids[:M], ids[1:M + 1]])  # no empty slot: the fetched batch
     want, want_mask = r.store.fetch(ids[:M] + ids[1:M + 1])
     assert (full.flatten(0, 1) == want).all() and (full_mask.flatten(0, 1) == want_mask).all()
+
+
+# -- retrieval.method bm25 / hybrid at serving (storage/lexical.py): the ranking pairing used
+
+def facts_retriever(cfg, method: str, **kw) -> BankRetriever:
+    from dataclasses import replace
+
+    from jobs.inference.engine import bank_retriever, bank_tokenizer
+
+    bank = Bank(cfg.bank.uri)
+    return bank_retriever(replace(cfg, retrieval=replace(cfg.retrieval, method=method)), bank,
+                          bank_tokenizer(cfg, bank), per_query=3, **kw)
+
+
+def entity_of(bank: Bank, ref_ids: list[str]) -> list[str | None]:
+    """The corpus record (the facts entity) each reference comes from."""
+    t = bank.dataset("documents").to_table(columns=["doc_id", "source_id"])
+    source = dict(zip(t.column("doc_id").to_pylist(), t.column("source_id").to_pylist()))
+    return [source.get(r.rsplit("-", 1)[0]) for r in ref_ids]
+
+
+def test_serving_with_bm25_retrieves_the_entity_a_query_names(facts_bm25_bank):
+    cfg, names = facts_bm25_bank
+    r = facts_retriever(cfg, "bm25")
+    assert r.method == "bm25"
+    entities = list(names)[:12]
+    queries = [r.tokenizer.encode(f"Where was {names[e]} born, and what is {names[e]} known for?").ids
+               for e in entities]
+    got = r.search_ids(queries)
+    assert r.counts["embed"] == 0 and r.counts["search"] == 1  # BM25 embeds nothing
+    assert entity_of(r.bank, [row[0] for row in got]) == entities
+    assert all(1 <= len(row) <= r.per_query for row in got)
+    hybrid = facts_retriever(cfg, "hybrid")
+    fused = hybrid.search_ids(queries)
+    assert hybrid.counts["embed"] == 1  # one embedder call for every query, as vector serving
+    assert sum(e == want for e, want in zip(entity_of(r.bank, [row[0] for row in fused]), entities)) >= 10
+
+
+def test_serving_a_bank_without_the_full_text_index_is_refused_at_once(inf):
+    with pytest.raises(LexicalIndexError, match="retrieval.method 'bm25'.*run `m3 embed`"):
+        BankRetriever(inf.bank, inf.retriever().embedder, inf.tokenizer, per_query=2, method="bm25")

@@ -321,3 +321,70 @@ def live_consistent_refs_memories(bank: Path) -> bool:
     pairs = lambda t: set(zip(t.column("ref_id").to_pylist(), t.column("content_hash").to_pylist()))  # noqa: E731
     return pairs(b.dataset("refs").to_table(columns=["ref_id", "content_hash"])) == \
         pairs(b.dataset("memories").to_table(columns=["ref_id", "content_hash"]))
+
+
+# -- retrieval.method bm25: the full-text index is part of each published build (storage/lexical.py)
+
+INVENTED = {"id": "sumthe-munkrai", "text": "Sumthe Munkrai is a made-up cartographer born in Kriasu in 1631, "
+                                            "remembered for a map of the river Geherro and for playing the harp."}
+
+
+@pytest.fixture(scope="module")
+def bm25_builds(tmp_path_factory, ray_local):
+    """Build 1 of a bank served by BM25, then build 2: the same corpus and one more entry, about
+    an invented name."""
+    root = tmp_path_factory.mktemp("rebuild-bm25")
+    corpus, bank = root / "c.jsonl.gz", root / "bank"
+    overrides = settings(corpus, bank, "retrieval.method=bm25")
+    write_corpus(corpus, RECORDS[:30])
+    run_rebuild(load_config("configs/demo.yaml", overrides))
+    write_corpus(corpus, RECORDS[:30] + [INVENTED])
+    second = run_rebuild(load_config("configs/demo.yaml", overrides))
+    return load_config("configs/demo.yaml", overrides), overrides, second
+
+
+def test_a_rebuild_indexes_the_new_reference_for_bm25(bm25_builds, capsys):
+    from jobs.stages.embed import search_text
+    from storage.lexical import fts_info
+
+    cfg, overrides, second = bm25_builds
+    assert second["status"] == "published" and second["embeddings"]["added"] == 1
+    live = Bank(cfg.bank.uri, live=True)
+    info = fts_info(live.table("embeddings"))  # the published version is the indexed one
+    assert info["indexed_rows"] == live.dataset("refs").count_rows() and info["unindexed_rows"] == 0
+    hits = search_text(cfg, "Who was Sumthe Munkrai?", k=3, bank=live)
+    assert hits[0]["ref_id"].startswith(hits[0]["doc_id"]) and "Sumthe Munkrai" in hits[0]["text"]
+    args = ["search", "-c", "configs/demo.yaml", *[x for o in overrides for x in ("--set", o)], "-k", "3"]
+    assert main_cli([*args, "--build", "2", "Sumthe Munkrai"]) == 0
+    assert "Sumthe Munkrai" in capsys.readouterr().out
+    capsys.readouterr()
+    assert run_rebuild(cfg)["status"] == "up_to_date"  # the index is part of the build: nothing to do
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_a_pinned_older_build_does_not_find_a_reference_added_later(bm25_builds, capsys):
+    from jobs.stages.embed import search_text
+    from storage.builds import pinned_bank
+
+    cfg, overrides, _ = bm25_builds
+    old, new = pinned_bank(cfg.bank.uri, 1), pinned_bank(cfg.bank.uri, 2)
+    # each build's embeddings version carries its own index, over its own references
+    assert fts_rows(old) == old.dataset("refs").count_rows() == fts_rows(new) - 1
+    assert all("Sumthe" not in h["text"] for h in search_text(cfg, "Sumthe Munkrai", k=3, bank=old))
+    assert any("Sumthe" in h["text"] for h in search_text(cfg, "Sumthe Munkrai", k=3, bank=new))
+    args = ["search", "-c", "configs/demo.yaml", *[x for o in overrides for x in ("--set", o)], "-k", "3"]
+    capsys.readouterr()
+    assert main_cli([*args, "--build", "1", "Sumthe Munkrai"]) == 0
+    assert "Sumthe" not in capsys.readouterr().out
+
+
+def fts_rows(bank: Bank) -> int:
+    from storage.lexical import fts_info
+
+    return fts_info(bank.table("embeddings"))["indexed_rows"]
+
+
+def main_cli(argv: list[str]) -> int:
+    from jobs.cli.main import main
+
+    return main(argv)

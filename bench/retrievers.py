@@ -5,7 +5,8 @@
 
 Candidates (--candidates): `minilm` (the baseline every ratio is against), `static-minilm` (the
 static embedding distilled from it, pipelines/static_embedder.py), `bm25` (LanceDB's native
-full-text index on the references' text; no vectors). Per candidate:
+full-text index on the references' text, as storage/lexical.py builds and searches it for
+`retrieval.method: bm25`; no vectors). Per candidate:
 - load: seconds to load the model (a static model's one-off distillation is not in it: the cache
   is built before timing, and its build time is printed once);
 - refs/s: references embedded per second, the embed stage's work (`EmbedRefs` batches of 256,
@@ -114,18 +115,16 @@ def bm25(refs, qtexts, chunk_texts, args) -> dict:
     import lancedb
     import pyarrow as pa
 
+    from storage.lexical import bm25_search, build_fts_index
+
     db = lancedb.connect(tempfile.mkdtemp(prefix="m3-bm25-", dir=args.scratch))
     table = db.create_table("refs", pa.table({"ref_id": refs.column("ref_id"), "text": refs.column("text")}))
     t = time.perf_counter()
-    table.create_fts_index("text", use_tantivy=False)
+    build_fts_index(table)  # the index `m3 embed` builds for retrieval.method bm25/hybrid
     index_s = time.perf_counter() - t
 
-    def top(text: str) -> list[str]:
-        # an FTS query is a boolean OR of the terms; characters of its query syntax are dropped
-        clean = " ".join("".join(c if c.isalnum() else " " for c in text).split())
-        if not clean:
-            return []
-        return table.search(clean, query_type="fts").limit(args.k).select(["ref_id", "_score"]).to_arrow().column("ref_id").to_pylist()
+    def top(text: str) -> list[str]:  # the search pairing and serving run (query cleaning included)
+        return [rid for rid, _ in bm25_search(table, [text], args.k)[0]]
 
     top(chunk_texts[0])
     single = []

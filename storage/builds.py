@@ -104,6 +104,16 @@ def pinned_bank(bank_uri: str, build: str | int | None = None, tag: str | None =
     return bank
 
 
+def reader_bank(bank_uri: str, build: str | int | None = None, tag: str | None = None,
+                versions: list[str] = ()) -> Bank:
+    """The bank a reader opens: the live build, or, given a build, tag or versions, that view
+    (`pinned_bank`). The one resolution every reading command shares (`m3 sql`, `m3 search`,
+    `m3 generate`, `m3 eval`), so `--build -1` means the same build to each of them."""
+    if build is None and tag is None and not versions:
+        return Bank(bank_uri, live=True)
+    return pinned_bank(bank_uri, build, tag, versions)
+
+
 def builds_table(bank_uri: str):
     """The `builds` view of `m3 sql`: one row per remembered published build, oldest first.
 

@@ -113,14 +113,11 @@ def cmd_bank(cfg, args) -> int:
 def cmd_sql(cfg, args) -> int:
     import os
 
-    from storage.bank import Bank
+    from storage.builds import reader_bank
     from storage.sql import render_stream, stream
 
-    from storage.builds import pinned_bank
-
     # default: the last published build, never a rebuild in progress (storage/live.py)
-    pinned = args.build is not None or args.tag is not None or args.versions
-    bank = pinned_bank(cfg.bank.uri, args.build, args.tag, args.versions) if pinned else Bank(cfg.bank.uri, live=True)
+    bank = reader_bank(cfg.bank.uri, args.build, args.tag, args.versions)
     columns, batches = stream(bank, args.query)
     try:  # batch by batch as DuckDB produces them: any size of result in bounded memory (storage/sql.py)
         for text in render_stream(columns, batches, args.format):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from storage.builds import BuildError, pinned_bank, resolve_build
+from storage.builds import BuildError, pinned_bank, reader_bank, resolve_build
 from storage.diff import diff_builds, render
 from storage.live import publish, read_manifest
 from storage.layout import BankLayout
@@ -49,6 +49,18 @@ def test_pinned_queries_read_the_pinned_rows(tmp_path):
     tagged = pinned_bank(bank.uri, tag="monday")
     assert ref_ids(tagged) == sorted(B1_REFS)  # refs has the tag
     assert query(tagged, "SELECT count(*) FROM memories")[1][0][0] == 6  # memories has not: live
+
+
+def test_readers_share_one_resolution_live_by_default(tmp_path):
+    """reader_bank: what `m3 sql`, `m3 generate` and `m3 eval` open: the live build's versions
+    unless pinned, and --build resolved as pinned_bank resolves it."""
+    bank = two_builds(tmp_path)
+    live = reader_bank(bank.uri)
+    assert live.pins == read_manifest(bank.uri)["versions"] and ref_ids(live) == sorted(B2_REFS)
+    assert reader_bank(bank.uri, "-1").pins == resolve_build(bank.uri, 1)["versions"]
+    assert ref_ids(reader_bank(bank.uri, build="1")) == sorted(B1_REFS)
+    with pytest.raises(BuildError, match=r"no published build 7"):
+        reader_bank(bank.uri, 7)
 
 
 def test_bad_pins_name_what_exists(tmp_path):

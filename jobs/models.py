@@ -9,6 +9,10 @@
        <bank>/models/, and serving takes the model the memories were encoded with (their
        lineage): a bank is read by the weights that wrote it.
 
+A reader pinned to an older published build (`m3 generate --build -1`) is served the model that
+build's memories were written by, found by its hash (`model_of_build`), never today's weights
+reading yesterday's memories.
+
 The equal-compute control (<bank>/training/control/model: the continual stage's steps without
 memory, jobs/training/trainer.py) is never picked by 2.: it is the baseline an evaluation loads
 by name (`control_model_dir`), not weights that encode or read a bank.
@@ -104,9 +108,13 @@ def _init_name(cfg) -> str:
     return f"{config_hash(cfg.model)}-seed{cfg.encode.seed}"
 
 
-def model_for_serving(cfg, bank: Bank, checkpoint: str | None = None) -> Path:
+def model_for_serving(cfg, bank: Bank, checkpoint: str | None = None, build: dict | None = None) -> Path:
+    """build: the history entry of a published build the bank is pinned to (`--build`): its
+    memories were written by one model, and that model reads them (see `model_of_build`)."""
     if checkpoint or cfg.infer.checkpoint:
         return _named(checkpoint or cfg.infer.checkpoint, "infer.checkpoint")
+    if build is not None and bank.has("memories"):
+        return model_of_build(cfg, bank, build)
     trained = newest_trained(cfg, ("continual",))
     if trained is not None:
         return trained
@@ -122,3 +130,34 @@ def model_for_serving(cfg, bank: Bank, checkpoint: str | None = None) -> Path:
         if (path / WEIGHTS).exists():
             return path
     raise BankError(f"the memories were encoded with {recorded}, which holds no {WEIGHTS}: set infer.checkpoint")
+
+
+def model_of_build(cfg, bank: Bank, build: dict) -> Path:
+    """The model a pinned build names: a build pins table versions, not weights, but its
+    memories record the hash (and directory) of the model that wrote them, and only that model
+    can read them (MemoryStore refuses any other). An edit or a rollback of knowledge is a
+    rebuild without retraining, so the continual model usually still is that model; after a
+    retraining it may survive where the memories' lineage recorded it. Weights are never
+    guessed: no model with that hash on disk is one error naming it."""
+    from model.checkpoint import saved_hash
+
+    meta = bank.metadata("memories")
+    want, recorded = meta.get("model_hash"), meta.get("model_dir")
+    candidates = [newest_trained(cfg, ("continual",))]
+    if recorded:
+        candidates.append(Path(recorded))
+        try:  # lineage paths are as the encode job saw them; a moved bank keeps its models inside
+            candidates.append(BankLayout(bank.uri).models() / Path(recorded).name)
+        except LayoutError:  # a bank on an object store keeps no models
+            pass
+    seen = []
+    for path in candidates:
+        if path is None or not (path / WEIGHTS).exists() or path in seen:
+            continue
+        seen.append(path)
+        if want is None or saved_hash(path) == want:
+            return path
+    found = ", ".join(f"{p} ({saved_hash(p)[:12]})" for p in seen) or "none"
+    raise BankError(f"build {build.get('build')}'s memories were written by model {str(want)[:12]} "
+                    f"({recorded}), which is not on disk any more (models found: {found}): set "
+                    f"infer.checkpoint to a copy of it")

@@ -28,7 +28,10 @@ Files written to --out (plain JSONL, one object per line):
   `answer`, `source_ids` (the bank record that holds the answer), `entity`, `attribute`.
 - `edits.jsonl`: for `--edit` of the bank-only entities, a second value of one attribute
   (`id`, `attribute`, `old`, `new`, `text`: the description rewritten with the new value):
-  applied to bank.jsonl by `--apply-edits`, the knowledge-edit test.
+  applied to a copy of bank.jsonl by `--apply-edits`, the knowledge-edit test (bench/facts_edits.py):
+
+    python scripts/make_facts.py --apply-edits data/facts/edits.jsonl --out /tmp/edited
+    # /tmp/edited/bank.jsonl.gz: data/facts/bank.jsonl.gz with those descriptions rewritten
 - `README.md`: the seed, the counts and this description.
 
 Two corpora made with different seeds share no entity and, by construction, the same kinds.
@@ -184,6 +187,36 @@ def write_jsonl(path: Path, rows) -> int:
     return n
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def apply_edits(edits: list[dict], bank: Path, out: Path) -> tuple[Path, int]:
+    """bank's records with every edited entity's text replaced by its edit's (edits.jsonl's
+    rows), written to out under the bank file's own name: a document's id hashes the file's
+    name and the record id (pipelines/readers.py), so a rebuild from the copy sees the edited
+    descriptions as changed documents and every other one as unchanged. Returns (the copy,
+    records changed); an edit whose id is not in bank, or whose record holds neither the old
+    value nor the edited text, is an error."""
+    rows, changes = read_jsonl(bank), {e["id"]: e for e in edits}
+    found = {r["id"] for r in rows} & set(changes)
+    if found != set(changes):
+        raise SystemExit(f"make_facts: edits of ids not in {bank}: {', '.join(sorted(set(changes) - found))}")
+    n = 0
+    for r in rows:
+        e = changes.get(r["id"])
+        if e is None or r["text"] == e["text"]:
+            continue
+        if e["old"] not in r["text"]:
+            raise SystemExit(f"make_facts: {r['id']} in {bank} does not hold {e['attribute']} = {e['old']!r}")
+        r["text"], n = e["text"], n + 1
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out / bank.name, rows)
+    return out / bank.name, n
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
@@ -195,7 +228,18 @@ def main(argv=None) -> None:
     p.add_argument("--notes", type=float, default=0.25, help="share of training entities that also get a notes document")
     p.add_argument("--edit", type=float, default=0.05, help="share of bank-only entities given an edit")
     p.add_argument("--gzip", action="store_true", help="write bank.jsonl.gz and train.jsonl.gz (the shipped form)")
+    p.add_argument("--apply-edits", metavar="EDITS", help="instead of generating: write --bank with these edits "
+                                                          "applied to --out (same file name)")
+    p.add_argument("--bank", help="with --apply-edits: the bank file (default: bank.jsonl.gz, else bank.jsonl, "
+                                  "beside EDITS)")
     a = p.parse_args(argv)
+    if a.apply_edits:
+        edits = Path(a.apply_edits)
+        bank = Path(a.bank) if a.bank else next((edits.parent / n for n in ("bank.jsonl.gz", "bank.jsonl")
+                                                 if (edits.parent / n).exists()), edits.parent / "bank.jsonl.gz")
+        path, n = apply_edits(read_jsonl(edits), bank, Path(a.out))
+        print(f"make_facts: {n} descriptions edited -> {path}")
+        return
     rng = random.Random(a.seed)
     ents = make_entities(a.entities, rng)
     order = list(range(len(ents)))

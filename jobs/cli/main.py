@@ -200,7 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--allow-shrink", action="store_true", help=ALLOW_SHRINK)
     add_ops(sub, common)  # rebuild, submit, jobs, logs, stop, schedule
     add_generate(sub, common)
-    sub.add_parser("eval", parents=[common], help="held-out loss with memory, without, with RAG; knowledge probe")
+    ev = sub.add_parser("eval", parents=[common], help="held-out loss with memory, without, with RAG; knowledge probe")
+    ev.add_argument("--build", help="evaluate a published build (its number, `live`, -1 = the one before live) "
+                                    "instead of the live one, with the model its memories were written by")
     return parser
 
 

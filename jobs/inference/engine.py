@@ -14,6 +14,11 @@ of equal token length in every mode (a prompt then generates the same tokens alo
 The model takes no padding mask, and a left pad would be attended and shift the row's
 positions, so RAG contexts (which differ in length by construction) are never padded either.
 
+`Inference(cfg, build=-1)` (`m3 generate --build`, `m3 eval --build`) serves a published build
+other than the live one, resolved as `m3 sql --build` resolves it (storage/builds.py), with the
+model that build's memories were written by (jobs/models.py `model_of_build`): rolling knowledge
+back is reading an older build, no retraining.
+
 Serving refuses a bank whose sparsity or codec differs from what the model was trained to read
 and warns when the model was trained on another memory schedule than serving's (chunk c reads
 what chunk c-1 retrieved): `check_trained_reading`. `Inference.control()` loads the
@@ -37,6 +42,7 @@ from model.generation import ChunkRead, generate_with_memory
 from model.sampling import row_generators
 from pipelines.tokenizer import load as load_tokenizer
 from storage.bank import Bank, BankError
+from storage.builds import reader_bank, resolve_build
 from storage.layout import BankLayout, LayoutError
 
 # the schedule generation and `m3 eval` serve memories on (model/generation.py)
@@ -126,11 +132,16 @@ class Output:
 
 class Inference:
     def __init__(self, cfg, checkpoint: str | None = None, device: str | None = None,
-                 dtype: torch.dtype | None = None, infer: InferConfig | None = None):
+                 dtype: torch.dtype | None = None, infer: InferConfig | None = None,
+                 build: str | int | None = None):
+        """build: a published build to serve instead of the live one (its number, `live`, or -1 =
+        the one before live: `--build`), with the model its memories were written by."""
         self.cfg, self.ic = cfg, infer or cfg.infer
-        self.bank = Bank(cfg.bank.uri, live=True)  # the published build, never one being written
+        # the published build, never one being written; or the build asked for
+        self.build = resolve_build(cfg.bank.uri, build) if build is not None else None
+        self.bank = reader_bank(cfg.bank.uri, build)
         self.bank.require("refs")
-        self.checkpoint = model_for_serving(cfg, self.bank, checkpoint)
+        self.checkpoint = model_for_serving(cfg, self.bank, checkpoint, build=self.build)
         self.model_hash = saved_hash(self.checkpoint)  # what the memories must have been written by
         self.memory_reading = memory_reading(self.checkpoint)
         self.device = device or self.ic.device

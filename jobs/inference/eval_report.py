@@ -59,6 +59,10 @@ def render(r: dict) -> str:
     if schedule not in (None, "serving"):
         lines.append(f"  WARNING: the model was trained on the {schedule!r} memory schedule and is served on "
                      f"the 'serving' one (chunk c reads what chunk c-1 retrieved)")
+    if isinstance(r.get("build"), dict) and not r["build"].get("live"):
+        b = r["build"]
+        lines.insert(0, f"published build {b['build']}, not the live one (tables: "
+                        f"{', '.join(f'{t} v{v}' for t, v in sorted(b['versions'].items()))})")
     lines += mode_lines(r["modes"])
     served = (r["modes"].get("memory") or {}).get("vs_none") or {}
     dense = (r["modes"].get("memory, dense raw (same references)") or {}).get("vs_none") or {}

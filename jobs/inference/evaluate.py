@@ -279,9 +279,10 @@ def probe_items(bank, tokenizer, fraction: float, limit: int, eos_id: int, min_s
     return items, n_docs
 
 
-def run_eval(cfg, inference=None) -> dict:
+def run_eval(cfg, inference=None, build: str | int | None = None) -> dict:
     """Evaluate the inference checkpoint on the published bank against its controls; return (and
-    print) the table."""
+    print) the table. build: a published build instead of the live one (`m3 eval --build`),
+    served with the model its memories were written by; written to eval-build-<N>.json."""
     from jobs.inference.engine import Inference
     from jobs.inference.qa_probes import read_probes, run_qa
     from jobs.inference.retriever import EncodingStore
@@ -289,7 +290,7 @@ def run_eval(cfg, inference=None) -> dict:
     t0 = time.time()
     ec = cfg.infer.eval
     qa_sets = [(path, read_probes(path)) for path in ec.probes]  # a malformed file fails first
-    inf = inference or Inference(cfg)
+    inf = inference or Inference(cfg, build=build)
     bank, model = inf.bank, inf.model
     cs = model.config.mem_chunk_size
     bank.require("train_sequences", "embeddings", "memories")
@@ -306,7 +307,9 @@ def run_eval(cfg, inference=None) -> dict:
              "memory, dense raw (same references)": ("memory", dense, held), "rag": ("rag", None, held)}
     scored = evaluate_items(model, items, sink=sink, modes=modes, retriever=retriever,
                             batch_size=ec.batch_size, control=control)
-    results = {"checkpoint": str(inf.checkpoint), "model_hash": inf.model_hash, "split": "heldout",
+    results = {"checkpoint": str(inf.checkpoint), "model_hash": inf.model_hash,
+               "build": ({k: inf.build[k] for k in ("build", "versions", "live")} if inf.build else "live"),
+               "split": "heldout",
                "heldout_fraction": cfg.train.heldout_fraction, "sequences": len(items),
                "tokens_per_sequence": n_tokens, "max_overlap": retriever.max_overlap, "sink": sink,
                "served": {"codec": retriever.store.meta.get("codec"),
@@ -332,8 +335,10 @@ def run_eval(cfg, inference=None) -> dict:
     results["memory_cache"] = {"hits": store.hits, "misses": store.misses}
     results["seconds"] = round(time.time() - t0, 1)
     out = BankLayout(cfg.bank.uri).eval()
-    write_text_atomic(out / "eval.json", json.dumps(results, indent=2))
-    plot = plot_eval(results, out / "eval.png")
+    # a pinned build's figures beside the live build's, never over them
+    name = "eval" if inf.build is None else f"eval-build-{inf.build['build']}"
+    write_text_atomic(out / f"{name}.json", json.dumps(results, indent=2))
+    plot = plot_eval(results, out / f"{name}.png")
     if plot:
         results["plot"] = str(plot)
     print(render(results), flush=True)
@@ -341,5 +346,5 @@ def run_eval(cfg, inference=None) -> dict:
 
 
 def cmd_eval(cfg, args) -> int:
-    run_eval(cfg)
+    run_eval(cfg, build=getattr(args, "build", None))
     return 0

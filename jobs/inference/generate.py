@@ -2,6 +2,7 @@
 
     m3 generate -c configs/demo.yaml "A compiler is" --max-new-tokens 64 --show-memories
     m3 generate -c configs/demo.yaml --prompts prompts.jsonl --mode rag --output out.jsonl
+    m3 generate -c configs/demo.yaml "A compiler is" --build -1     # the build before live
 
 A JSONL of prompts holds one JSON string or {"prompt": ...} object per line; prompts are
 generated in batches of infer.batch_size. `sample_generation` is the helper the run report
@@ -82,7 +83,7 @@ def cmd_generate(cfg, args) -> int:
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
     from jobs.inference.engine import Inference
 
-    inf = Inference(cfg)
+    inf = Inference(cfg, build=args.build)
     outs = inf.generate(prompts, args.mode, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, top_p=args.top_p)
     sink = open(args.output, "w", encoding="utf-8") if args.output else None
@@ -111,4 +112,6 @@ def add_parser(sub, common) -> None:
     g.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: infer.temperature)")
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--show-memories", action="store_true", help="print the references each chunk read")
+    g.add_argument("--build", help="serve a published build (its number, `live`, -1 = the one before live) "
+                                   "instead of the live one, with the model its memories were written by")
     g.add_argument("--output", help="write one JSON object per prompt (text, chunks, references) here")

@@ -287,3 +287,26 @@ def test_a_model_trained_on_another_schedule_is_served_with_a_warning(bank, tmp_
     cfg = dataclasses.replace(bank, infer=dataclasses.replace(bank.infer, checkpoint=str(ckpt)))
     Inference(cfg).store()  # served all the same: the memories are the ones it reads
     assert "trained on the 'paper' memory schedule" in capsys.readouterr().out
+
+
+def test_eval_build_evaluates_the_pinned_build_beside_the_live_one(edited_facts_bank, tmp_path, capsys):
+    """`m3 eval --build -1`: the build before live, with the model its memories name, written to
+    eval-build-<N>.json (the live build's eval.json is not touched) and said in the table."""
+    from jobs.cli.main import main
+    from storage.layout import BankLayout
+    from tests.conftest import FACTS
+
+    eb = edited_facts_bank
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(line + "\n" for line in (FACTS / "probe.jsonl").read_text().splitlines()
+                          if any(e["id"] in line for e in eb.edits)))
+    sets = sum((["--set", o] for o in [*eb.sets2, f"infer.eval.probes=[{qa}]", "train.heldout_fraction=0.5",
+                                       "infer.eval.sequences=2", "infer.eval.tokens=96", "infer.eval.probe_refs=2",
+                                       "infer.eval.batch_size=2"]), [])
+    assert main(["eval", "-c", "configs/facts.yaml", *sets, "--build", "-1"]) == 0
+    out = BankLayout(eb.cfg2.bank.uri).eval()
+    res = json.loads((out / "eval-build-1.json").read_text())
+    assert not (out / "eval.json").exists()
+    assert res["build"]["build"] == 1 and not res["build"]["live"] and res["checkpoint"] == str(eb.ckpt)
+    assert res["qa"][0]["items"] == 4 * len(eb.edits)
+    assert capsys.readouterr().out.startswith("published build 1, not the live one (tables: ")

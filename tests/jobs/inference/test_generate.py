@@ -3,24 +3,30 @@ a random-weight tiny model saved with the export.json the trainer writes: it rea
 behind the ref_bos sink): what is read reaches the greedy tokens and is what each chunk
 recorded, the no-memory mode keeps the sink, batched equals single-prompt (RAG too), one
 embed/search/fetch per swap point, the overlap filter, the RAM cache, lineage refusal, the CLI
-(--show-memories, JSONL). `m3 eval` is tested in test_evaluate.py."""
+(--show-memories, JSONL); a published build other than live (`--build`), served with the model
+its memories name. `m3 eval` is tested in test_evaluate.py."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import shutil
 
 import pytest
 import torch
 
 from jobs.cli.main import main
+from jobs.models import stage_dir
+from jobs.ops.rebuild import run_rebuild
 from jobs.inference.generate import sample_generation
 from jobs.inference.engine import Inference
 from model import Memory3, save_model
+from model.checkpoint import saved_hash
 from model.memory import no_memories
 from pipelines.overlap import overlap
 from storage.bank import Bank, BankError
-from tests.jobs.inference.conftest import TINY  # noqa: F401 (test_retriever's bank settings)
+from tests.jobs.inference.conftest import TINY, write_export  # noqa: F401 (TINY: test_retriever's bank settings)
 
 pytestmark = pytest.mark.slow
 
@@ -227,3 +233,62 @@ def test_rag_batched_equals_each_prompt_alone(bank, inf):
     batched = inf.generate_tokens(prompts, "rag", max_new_tokens=8, batch_size=4, stop_at_eos=False)
     for p, b in zip(prompts, batched):
         assert inf.generate_tokens([p], "rag", max_new_tokens=8, batch_size=1, stop_at_eos=False)[0].tokens == b.tokens
+
+
+def test_cli_build_generates_from_the_pinned_build(edited_facts_bank, tmp_path):
+    """`m3 generate --build -1` reads the build before live: where an edited entity's
+    description is read, live gives the edited text and --build -1 the text before the edit
+    (tests/jobs/inference/conftest.py edited_facts_bank: build 2 edits build 1's facts)."""
+    from tests.conftest import FACTS
+
+    def holds(text: str, value: str) -> bool:
+        return re.search(rf"(?<!\w){re.escape(value)}(?!\w)", text) is not None
+
+    eb = edited_facts_bank
+    sets = sum((["--set", o] for o in eb.sets2), [])
+    ids = {e["id"] for e in eb.edits}
+    about = [json.loads(line) for line in (FACTS / "probe.jsonl").read_text().splitlines()]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps(p["prompt"]) + "\n" for p in about if ids & set(p["source_ids"])))
+    texts = {}
+    for build in ("live", "-1"):
+        dst = tmp_path / f"{build}.jsonl"
+        assert main(["generate", "-c", "configs/facts.yaml", *sets, "--prompts", str(prompts), "--build", build,
+                     "--max-new-tokens", "4", "--temperature", "0", "--output", str(dst)]) == 0
+        rows = [json.loads(line) for line in dst.read_text().splitlines()]
+        texts[build] = {r["ref_id"]: r["text"] for row in rows for c in row["chunks"] for r in c["refs"]}
+    moved = [r for r in texts["live"].keys() & texts["-1"].keys() if texts["live"][r] != texts["-1"][r]]
+    assert moved, "no edited description was read on both builds"
+    for r in moved:  # each one an edit: the new value live, the old one pinned
+        assert any(holds(texts["live"][r], e["new"]) and holds(texts["-1"][r], e["old"]) for e in eb.edits)
+    assert main(["generate", "-c", "configs/facts.yaml", *sets, "x", "--build", "7"]) == 2
+
+
+def test_after_a_new_model_re_encodes_the_bank_the_old_build_is_still_read_by_the_old_model(
+        edited_facts_bank, tmp_path):
+    """A build pins table versions, not weights: its memories name the model that wrote them.
+    After a newly trained continual model re-encodes the bank (build 3), live is served by it
+    and build 2 (`--build -1`) by the first model, not by the newest trained one whose
+    memories it is not; with the first one gone, one error naming its hash."""
+    eb = edited_facts_bank
+    shutil.copytree(eb.root / "bank", tmp_path / "bank")  # the session's bank stays as it is
+    # no encode.checkpoint: the bank's newest trained model encodes it (jobs/models.py)
+    cfg = eb.config(eb.cfg2.corpus.paths[0], f"bank.uri={tmp_path / 'bank'}")
+    torch.manual_seed(1)
+    other = save_model(Memory3(dataclasses.replace(cfg.model, init_std=0.2)), stage_dir(cfg, "continual") / "model")
+    write_export(cfg, other)
+    summary = run_rebuild(cfg)
+    assert summary["status"] == "published" and summary["memories"]["unchanged"] == 0  # every memory re-encoded
+    first = saved_hash(eb.ckpt)
+    assert Inference(cfg).model_hash == saved_hash(other) != first
+    for build in (-1, 2, 1):
+        inf = Inference(cfg, build=build)
+        assert (inf.checkpoint, inf.model_hash) == (eb.ckpt, first)
+        inf.store()  # the store accepts the pinned build's memories: they were written by this model
+    moved = tmp_path / "moved"
+    eb.ckpt.rename(moved)
+    try:
+        with pytest.raises(BankError, match=rf"build 2's memories were written by model {first[:12]} .*not on disk"):
+            Inference(cfg, build=-1)
+    finally:
+        moved.rename(eb.ckpt)

@@ -19,7 +19,7 @@ import pyarrow as pa
 from pipelines import memo
 from pipelines.assemble import is_dup
 from pipelines.chunking import Packer, reference_spans, sentence_boundaries
-from pipelines.tokenizer import EOS_ID, from_json
+from pipelines.tokenizer import EOS_ID, PAD_ID, from_json
 from storage.schemas import REFS, TRAIN_SEQUENCES
 from storage.layout import upath
 from storage.staging import iter_batches, write_atomic
@@ -60,16 +60,17 @@ def _cut(tok, texts: list[str], in_bank: list[bool], chunking) -> list[dict]:
 
 
 def chunk_shard(shard_id: str, out_dir: str | UPath, tokenizer_json: str, dup_ranks: np.ndarray,
-                chunking, memo_src: str | None = None, memo_dst: str | None = None) -> dict:
+                chunking, memo_src: str | None = None, memo_dst: str | None = None, align: int = 0) -> dict:
     """With `memo_src` (pipelines/memo.py), a document whose normalized text is in the memo takes
     its token ids and reference spans from there; `memo_dst` receives this shard's entries. The
     caller keys both by the tokenizer's hash and the chunking config. Ids of rows (ref_id,
-    seq_id) and the packing are made here either way: they are not functions of one text."""
+    seq_id) and the packing are made here either way: they are not functions of one text.
+    align: start every document at a multiple of this many tokens (0 = back to back; Packer)."""
     out_dir = upath(out_dir)
     tok = from_json(tokenizer_json)
     refs: dict[str, list] = {name: [] for name in REFS.names}
     seqs: dict[str, list] = {name: [] for name in TRAIN_SEQUENCES.names}
-    packer = Packer(seq_len=chunking.seq_len, eos_id=EOS_ID)
+    packer = Packer(seq_len=chunking.seq_len, eos_id=EOS_ID, align=align, pad_id=PAD_ID)
     doc_tokens = 0
 
     def emit(seq: dict) -> None:

@@ -110,13 +110,22 @@ class Packer:
     contribute tokens to the sequence, in order, each once). The tokens still buffered
     when the input ends are not emitted: ``leftover`` counts them and ``leftover_doc_ids``
     names their documents, for the run report.
+
+    ``align`` > 0 starts every document at a multiple of ``align`` tokens, the gap after its EOS
+    filled with ``pad_id`` (counted in the document's segment). With align = the memory chunk
+    size, a document's first chunk retrieves its memories with its own text alone and never
+    shares them with the end of the previous document; the loss ignores the padding.
     """
 
-    def __init__(self, seq_len: int = 2048, eos_id: int = 2):
+    def __init__(self, seq_len: int = 2048, eos_id: int = 2, align: int = 0, pad_id: int = 0):
         if seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        if align < 0 or (align and seq_len % align):
+            raise ValueError(f"align must be 0 or divide seq_len={seq_len}, got {align}")
         self.seq_len = seq_len
         self.eos_id = eos_id
+        self.align, self.pad_id = align, pad_id
+        self._added = 0  # tokens added so far: where the next document starts, modulo align
         self._buf: list[int] = []
         self._pos = 0  # tokens of _buf already emitted (compacted lazily: no O(n^2) slicing)
         self._segments: deque[list] = deque()  # [doc_id, tokens not yet emitted]
@@ -133,7 +142,13 @@ class Packer:
         ids = token_ids.tolist() if isinstance(token_ids, np.ndarray) else list(token_ids)
         self._buf.extend(ids)
         self._buf.append(self.eos_id)
-        self._segments.append([doc_id, len(ids) + 1])
+        n = len(ids) + 1
+        if self.align:
+            gap = -(self._added + n) % self.align
+            self._buf.extend([self.pad_id] * gap)
+            n += gap
+        self._added += n
+        self._segments.append([doc_id, n])
         out = []
         while len(self._buf) - self._pos >= self.seq_len:
             out.append(self._emit())

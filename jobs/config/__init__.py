@@ -136,6 +136,11 @@ class ChunkingConfig:
     # Cut at a sentence end only if the reference is at least this long already.
     ref_min_tokens: int = field(default=32, metadata={"ge": 1})
     seq_len: int = field(default=2048, metadata={"ge": 16})
+    # Start every training document at a multiple of model.mem_chunk_size tokens (padding the gap
+    # after the previous one's EOS): its chunks then retrieve with its own text and read memories
+    # no other document chose. For corpora of short documents (a QA text shorter than a chunk
+    # otherwise shares its chunk, and its memories, with a neighbour); costs the padding.
+    align_docs: bool = False
 
     def __post_init__(self):
         check_fields(self)
@@ -230,6 +235,9 @@ class Config:
         if self.model.ref_max_tokens < self.chunking.ref_max_tokens:
             raise ValueError(f"model.ref_max_tokens ({self.model.ref_max_tokens}) is smaller than "
                              f"chunking.ref_max_tokens ({self.chunking.ref_max_tokens}): references could not be encoded")
+        if self.chunking.align_docs and self.chunking.seq_len % self.model.mem_chunk_size:
+            raise ValueError(f"chunking.align_docs needs chunking.seq_len ({self.chunking.seq_len}) to be a "
+                             f"multiple of model.mem_chunk_size ({self.model.mem_chunk_size})")
         paired, trained = self.pair.max_tokens, self.train.max_tokens
         if paired is not None and (trained is None or trained > paired):
             raise ValueError(f"train.max_tokens ({trained}) reads past pair.max_tokens ({paired}): the "
@@ -270,6 +278,15 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     _resolve_model_preset(data, where)
     data["source"] = str(path) if path is not None else "<defaults>"
     return build(Config, data, "", where)
+
+
+def chunking_key(chunking: ChunkingConfig, packing: bool = True) -> dict:
+    """The chunking section as a key. packing=False: what cutting one document depends on (the
+    chunk memo's key), not how documents are packed into sequences. The packing switch joins a
+    key only when on, so the banks built before it existed keep their keys."""
+    d = to_dict(chunking)
+    aligned = d.pop("align_docs")
+    return {**d, "align_docs": True} if packing and aligned else d
 
 
 def config_hash(section: object) -> str:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from upath import UPath
 
-from jobs.config import Config, config_hash
+from jobs.config import Config, chunking_key, config_hash
 from jobs.faults import maybe_crash, maybe_kill_worker, maybe_pause
 from jobs.progress import Progress
 from jobs.stages.report import Report
@@ -86,7 +86,7 @@ def plan(cfg: Config):
     corpus_version = hashlib.blake2b(
         json.dumps([[Path(f.path).name, h] for f, (_, h) in zip(files, counted)]).encode(), digest_size=8).hexdigest()
     key = config_hash({"corpus": cfg.corpus, "quality": cfg.quality, "bank_quality": cfg.bank_quality, "dedup": cfg.dedup,
-                       "tokenizer": cfg.tokenizer, "chunking": cfg.chunking,
+                       "tokenizer": cfg.tokenizer, "chunking": chunking_key(cfg.chunking),
                        "corpus_version": corpus_version, "schema": SCHEMA_VERSION})
     shards = readers.plan_shards(files, counts, cfg.corpus.records_per_shard)
     return files, counts, corpus_version, key, shards
@@ -105,7 +105,7 @@ def memo_keys(cfg: Config, tokenizer_hash: str | None = None) -> dict[str, str]:
     keys = {"clean": config_hash({"quality": cfg.quality, "bank_quality": cfg.bank_quality, "dedup": dedup,
                                   "code": memo.CODE, "schema": SCHEMA_VERSION})}
     if tokenizer_hash is not None:
-        keys["chunk"] = config_hash({"tokenizer": tokenizer_hash, "chunking": cfg.chunking,
+        keys["chunk"] = config_hash({"tokenizer": tokenizer_hash, "chunking": chunking_key(cfg.chunking, packing=False),
                                      "code": memo.CODE, "schema": SCHEMA_VERSION})
     return keys
 
@@ -220,7 +220,8 @@ def run_ingest(cfg: Config) -> dict:
         todo = pending(shard_ids, lambda s: seqs_path(stage_dir, s))
         src, dst = memo.source(cfg.bank.uri, "chunk", keys["chunk"]), memo.target(cfg.bank.uri, key, "chunk")
         _memo_hits("chunk", _parallel("chunk", todo, lambda s: chunk_shard(
-            s, stage_dir, tok_json, dedup[0], cfg.chunking, memo_src=src, memo_dst=dst), report), report)
+            s, stage_dir, tok_json, dedup[0], cfg.chunking, memo_src=src, memo_dst=dst,
+            align=cfg.model.mem_chunk_size if cfg.chunking.align_docs else 0), report), report)
     lineage = {"stage": "ingest", "ingest_key": key, "corpus_version": corpus_version,
                "tokenizer_hash": bank_tok.stem,  # tokenizers/<hash>.json
                "tokenizer_path": BankLayout(cfg.bank.uri).relative(bank_tok), "config": cfg.as_dict()}

@@ -196,3 +196,35 @@ def test_long_document_spans_many_sequences():
     assert packer.leftover_doc_ids == ["small"]
     with pytest.raises(ValueError, match="seq_len"):
         Packer(seq_len=0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(docs_strategy, st.sampled_from([1, 2, 4, 8]), st.integers(1, 6))
+def test_aligned_packing_starts_every_document_on_a_chunk(docs, align, chunks):
+    """chunking.align_docs: each document (and nothing else) starts at a multiple of align,
+    its tokens and EOS in order, only padding between; every token once."""
+    eos, pad, seq_len = 2, 0, align * chunks
+    packer = Packer(seq_len, eos, align=align, pad_id=pad)
+    stream = [t for s in pack_sequences(docs, packer=packer) for t in s["token_ids"]]
+    pos = 0
+    for _, ids in docs:
+        if pos >= len(stream):
+            break
+        assert pos % align == 0
+        body = [*ids, eos]
+        assert stream[pos:pos + len(body)] == body[: len(stream) - pos]
+        end = pos + len(body)
+        nxt = -(-end // align) * align
+        assert all(t == pad for t in stream[end:nxt])
+        pos = nxt
+    assert pos >= len(stream) or packer.leftover == 0 or pos > len(stream) - seq_len
+
+
+def test_aligned_packing_pads_between_documents():
+    packer = Packer(seq_len=8, eos_id=2, align=4, pad_id=0)
+    out = packer.add("a", [10, 11]) + packer.add("b", [12, 13, 14, 15]) + packer.add("c", [16])
+    assert out == [{"token_ids": [10, 11, 2, 0, 12, 13, 14, 15], "doc_ids": ["a", "b"]},
+                   {"token_ids": [2, 0, 0, 0, 16, 2, 0, 0], "doc_ids": ["b", "c"]}]
+    assert packer.leftover == 0
+    with pytest.raises(ValueError, match="align"):
+        Packer(seq_len=6, align=4)

@@ -44,7 +44,10 @@ class KVCache:
         # mem_kv (n_mem_layers, 2, B, n_kv_heads, P, head_dim) for a block too large for it
         self.inline = True
         self.mem_kv = None
-        self.mem_valid = torch.zeros(batch_size, self.mem_slots, dtype=torch.bool, device=device)
+        # which front-region slots hold a token: refilled in place by every in-place swap, never
+        # reallocated, so a captured decode step (model/static_decode.py) keeps reading it
+        self.slot_valid = torch.zeros(batch_size, self.mem_slots, dtype=torch.bool, device=device)
+        self.mem_valid = self.slot_valid  # the current block's: slot_valid, or the large block's
         # set by the model for one forward: memory layers read the front region with the context
         self.reading_inline = False
 
@@ -89,8 +92,11 @@ class KVCache:
         if self.inline:
             self.k[:L, :, :, :P] = kv[:, 0]
             self.v[:L, :, :, :P] = kv[:, 1]
-            self.mem_valid = torch.zeros_like(self.mem_valid)
-            self.mem_valid[:, :P] = valid
+            # the slot mask, not the last block's: after a block too large for the front region
+            # mem_valid is that block's (wider) mask
+            self.slot_valid.zero_()
+            self.slot_valid[:, :P] = valid
+            self.mem_valid = self.slot_valid
             self.mem_kv = None
         else:
             self.mem_kv, self.mem_valid = kv, valid

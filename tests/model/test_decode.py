@@ -144,3 +144,32 @@ def test_cache_misuse_raises_clear_errors():
         cache.swap_memories(memories[:, 0, :, :, :, :1], mask[:, 0])
     with pytest.raises(ValueError, match="mem_mask"):
         cache.swap_memories(memories[:, 0], mask[:, 0, :, :2])
+
+
+def test_a_block_that_fits_the_memory_region_after_one_that_did_not():
+    """A block too large for the cache's front region is read beside it; the next block that
+    fits goes back in place, with the region's slot mask (before: the large block's wider mask,
+    and the next decode step failed on the width). The small block padded with invalid entries
+    to the large shape is the same memories, so the full forward is the reference."""
+    model = make_model()
+    cfg = model.config
+    cs = cfg.mem_chunk_size
+    gen = torch.Generator().manual_seed(24)
+    T = 2 * cs + 5
+    tokens = random_tokens(gen, cfg, 2, T)
+    big, big_mask = random_memories(gen, cfg, 2, 2, 3, 4)  # 12 entries > mems_per_chunk * mem_top_k
+    small, small_mask = random_memories(gen, cfg, 2, 1, 2, 3)
+    padded = torch.zeros(2, 1, 3, *big.shape[3:])
+    padded[:, :, :2, ..., :3, :] = small
+    padded_mask = torch.zeros(2, 1, 3, 4, dtype=torch.bool)
+    padded_mask[:, :, :2, :3] = small_mask
+    cache = KVCache(model, 2, T, with_memory=True)
+    with torch.no_grad():
+        full = model(tokens, torch.cat([big, padded], 1), torch.cat([big_mask, padded_mask], 1))
+        steps = [model(tokens[:, :cs], big[:, :1], big_mask[:, :1], cache=cache)]
+        cache.swap_memories(big[:, 1], big_mask[:, 1])
+        steps += [model(tokens[:, t:t + 1], cache=cache) for t in range(cs, 2 * cs)]
+        cache.swap_memories(small[:, 0], small_mask[:, 0])
+        assert cache.inline
+        steps += [model(tokens[:, t:t + 1], cache=cache) for t in range(2 * cs, T)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)

@@ -51,6 +51,15 @@ class KVCache:
         # set by the model for one forward: memory layers read the front region with the context
         self.reading_inline = False
 
+    def reset(self) -> None:
+        """Empty, for a new batch of the same shape: the buffers stay where they are (a captured
+        decode step keeps reading them); stale slots are never read, as every read is masked or
+        sliced to the slots written since."""
+        self.length = 0
+        self.inline, self.mem_kv = True, None
+        self.slot_valid.zero_()
+        self.mem_valid = self.slot_valid
+
     @property
     def ctx_len(self) -> int:
         """Context tokens cached (the sink not counted)."""

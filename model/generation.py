@@ -30,6 +30,7 @@ from torch import Tensor
 
 from .decode import KVCache
 from .sampling import sample
+from .static_decode import StaticDecoder
 
 
 class Retrieved(NamedTuple):
@@ -74,16 +75,23 @@ def _prompt_queries(prompt: Tensor, cs: int) -> list[tuple[int, int]]:
 def generate_with_memory(model, prompt: Tensor, max_new_tokens: int,
                          retrieve: BatchRetriever | None = None, *, temperature: float = 0.0,
                          top_p: float = 1.0, generators: list[torch.Generator] | None = None,
-                         eos_id: int | None = None, prefetch: bool = False, sink: bool = False) -> Generated:
+                         eos_id: int | None = None, prefetch: bool = False, sink: bool = False,
+                         static: StaticDecoder | bool = False) -> Generated:
     """Continue prompt (B, T0) by up to max_new_tokens (all rows stop early once every row has
     produced eos_id). Without retrieve: decoding with no memories, behind the ref_bos sink when
-    `sink` (a model trained to read memories is in distribution only so), else plain."""
+    `sink` (a model trained to read memories is in distribution only so), else plain.
+
+    static: decode steps of fixed shapes (model/static_decode.py; a CUDA graph on a GPU), True
+    for a fresh StaticDecoder, or one to reuse (its cache is reset; its graph is kept). Same
+    schedule and memories; logits equal to rounding."""
     cfg = model.config
     cs = cfg.mem_chunk_size
     B, T0 = prompt.shape
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    cache = KVCache(model, B, T0 + max_new_tokens, with_memory=retrieve is not None or sink)
+    with_memory = retrieve is not None or sink
+    decoder = _static_decoder(static, model, B, T0 + max_new_tokens, with_memory)
+    cache = decoder.reset() if decoder else KVCache(model, B, T0 + max_new_tokens, with_memory=with_memory)
     reads: list[list[ChunkRead]] = [[] for _ in range(B)]
     memories = mem_mask = None
     if retrieve is not None:
@@ -124,7 +132,7 @@ def generate_with_memory(model, prompt: Tensor, max_new_tokens: int,
             if pool is not None and nxt % cs == 0 and nxt < max_new_tokens - 1:
                 # the query of the swap at `nxt` is complete now: fetch it while this token decodes
                 pending = pool.submit(_swap_retrieval, retrieve, list(out), T0, nxt, cs)
-            logits = model(token, cache=cache)
+            logits = decoder(token) if decoder else model(token, cache=cache)
     finally:
         if pool is not None:
             pool.shutdown(wait=True)
@@ -180,6 +188,20 @@ def score_continuation(model, prompt: Tensor, continuation: Tensor, retrieve: Ba
     losses = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), continuation.reshape(-1),
                                                reduction="none").view(B, A)
     return losses, logits.argmax(dim=-1) == continuation, reads
+
+
+def _static_decoder(static: StaticDecoder | bool, model, B: int, n_slots: int,
+                    with_memory: bool) -> StaticDecoder | None:
+    if static is False:
+        return None
+    if static is True:
+        return StaticDecoder(model, B, n_slots, with_memory=with_memory)
+    if (static.model is not model or static.batch_size != B or static.max_len < n_slots
+            or static.cache.with_memory != with_memory):
+        raise ValueError(f"this StaticDecoder (batch {static.batch_size}, {static.max_len} slots, "
+                         f"memory {static.cache.with_memory}) does not fit batch {B}, {n_slots} "
+                         f"slots, memory {with_memory}")
+    return static
 
 
 def _on(got: Retrieved, device) -> Retrieved:

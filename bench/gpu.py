@@ -230,7 +230,7 @@ def bench_forward(run, model, cfg):
     for name in paths:
         overheads[name] = t[name] / t["plain"] - 1
         diff = (outs[name].float() - ref).abs().max().item()
-        note = f"{shape}; overhead {overheads[name]:+.1%}; max |logit - dense mask's| {diff:.2g}"
+        note = f"{shape}; overhead {overheads[name]:+.1%}; largest logit difference to the dense mask's {diff:.2g}"
         if name == "FlexAttention" and not run.cuda:
             note += f"; uncompiled on {run.device} (not representative)"
         run.figure("memory forward", f"with memory, {name}", t[name] * 1e3, "ms", t["plain"] * 1e3,

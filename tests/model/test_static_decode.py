@@ -113,3 +113,49 @@ def test_misuse_raises_clear_errors():
             decoder(prompt[:, :1])
         with pytest.raises(ValueError, match="cache full"):
             decoder(prompt[:, :1])
+
+
+class FakeGraph:
+    """Stands in for torch.cuda.CUDAGraph on CPU: replay reruns the step into the one output
+    buffer the capture returned, as a real graph writes its outputs in place. What it checks is
+    the decoder's and the caller's side: one capture, and nobody keeping the previous step's
+    logits (a replay overwrites them)."""
+
+    captures = 0
+
+    def __init__(self):
+        self.decoder = None
+
+    def replay(self):
+        self.decoder._logits.copy_(self.decoder._step())
+
+
+def test_graph_path_captures_once_and_generation_reads_each_replay_before_the_next(monkeypatch):
+    from contextlib import nullcontext
+
+    model = make_model()
+    cfg = model.config
+    decoder = StaticDecoder(model, 2, 60, with_memory=True)
+    decoder.graph = True  # the CUDA calls below are fakes
+
+    def graph(g):
+        FakeGraph.captures += 1
+        g.decoder = decoder
+        return nullcontext()
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: nullcontext())
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    gen = torch.Generator().manual_seed(34)
+    r = QueryKeyedRetriever(cfg)
+    for T0, n in ((20, 40), (9, 35)):
+        prompt = random_tokens(gen, cfg, 2, T0)
+        got = generate_with_memory(model, prompt, n, r, static=decoder)
+        assert torch.equal(got.tokens, generate_with_memory(model, prompt, n, r).tokens)
+    assert FakeGraph.captures == 1

@@ -48,6 +48,14 @@ def headline_line(r: dict) -> str:
 
 def render(r: dict) -> str:
     scored = next(iter(r["modes"].values()))["tokens"]
+    if not r["sequences"]:
+        # one-chunk sequences (chunking.seq_len = the memory chunk): serving reads memories from a
+        # sequence's second chunk on, so held-out text has no token that reads one; say so rather
+        # than print a table of zeros
+        lines = [f"evaluation: no held-out sequence is longer than one memory chunk (first "
+                 f"{r['tokens_per_sequence']} tokens): serving reads memories from the second chunk on, so "
+                 f"held-out text has nothing to score; the QA probe below is what measures memory here"]
+        return "\n".join(lines + _probe_lines(r))
     lines = [f"evaluation: {r['sequences']} held-out sequences (never trained on), first "
              f"{r['tokens_per_sequence']} tokens, {scored:,} scored; model {r['model_hash'][:12]} "
              f"({'sink kept' if r.get('sink') else 'plain'} without memory); no scored token reads a reference "
@@ -70,6 +78,13 @@ def render(r: dict) -> str:
         lines.append(f"  the served bank ({(r.get('served') or {}).get('top_k')} tokens per head, "
                      f"{(r.get('served') or {}).get('codec')}) keeps {served['gain'] / dense['gain']:.0%} of the "
                      f"gain of dense raw memories of the same references")
+    lines += _probe_lines(r)
+    return "\n".join(lines)
+
+
+def _probe_lines(r: dict) -> list[str]:
+    """The knowledge probe's and the QA probes' lines, and the memory cache's."""
+    lines = []
     p = r["probe"]
     if p.get("references"):
         lines.append(f"knowledge probe: {p['references']} terms whose entry no training sequence contains "
@@ -88,7 +103,7 @@ def render(r: dict) -> str:
     if "memory_cache" in r:
         c = r["memory_cache"]
         lines.append(f"  memory cache: {c['hits']} hits, {c['misses']} misses; {r['seconds']} s")
-    return "\n".join(lines)
+    return lines
 
 
 def plot_eval(r: dict, path) -> str | None:
@@ -99,7 +114,7 @@ def plot_eval(r: dict, path) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    groups = [("held-out", r["modes"])] + ([("probe", r["probe"]["modes"])] if r["probe"].get("modes") else [])
+    groups = ([("held-out", r["modes"])] if r["sequences"] else []) + ([("probe", r["probe"]["modes"])] if r["probe"].get("modes") else [])
     groups += [(f"QA {q['file'].rsplit('/', 1)[-1]}", q["modes"]) for q in r.get("qa") or []]
     fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 3.8), squeeze=False)
     for ax, (title, modes) in zip(axes[0], groups):

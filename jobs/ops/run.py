@@ -142,6 +142,15 @@ def probe_term(results: dict) -> str | None:
     return probe["prompts"][max(gains)[1]]
 
 
+def qa_prompt(cfg) -> str | None:
+    """The first item of the config's first QA probe file: the sample of a bank whose knowledge
+    is asked about in questions (a facts bank has no unseen entries for probe_term)."""
+    from jobs.inference.qa_probes import read_probes
+
+    files = cfg.infer.eval.probes or []
+    return read_probes(files[0])[0].prompt if files else None
+
+
 def _evaluate(cfg):
     """Held-out loss in every mode and the knowledge probe (jobs/inference/evaluate.py), then one prompt
     generated with memory and without, side by side, showing which memories each chunk read;
@@ -152,7 +161,8 @@ def _evaluate(cfg):
 
     inf = Inference(cfg)
     results = run_eval(cfg, inference=inf)
-    prompt = probe_term(results) or SAMPLE_PROMPT
+    qa = qa_prompt(cfg)
+    prompt = probe_term(results) or qa or SAMPLE_PROMPT
     sample = sample_generation(cfg, prompt, max_new_tokens=64, inference=inf)
     plain = sample_generation(cfg, prompt, max_new_tokens=64, mode="none", inference=inf)
     shown = show_reads(sample)
@@ -165,7 +175,9 @@ def _evaluate(cfg):
            f"Prompt: `{prompt!r}` (greedy, same weights). "
            + ("The knowledge-probe term whose definition memory helped most (chosen, not typical): its "
               "entry is in the bank and in no training sequence."
-              if prompt != SAMPLE_PROMPT else ""), "",
+              if prompt not in (SAMPLE_PROMPT, qa) else
+              "The first item of the QA probe (infer.eval.probes), not chosen by its result." if prompt == qa
+              else ""), "",
            "| with memory | without memory |", "|---|---|",
            f"| {_cell(sample['text'])} | {_cell(plain['text'])} |", "",
            "Memories read (with memory):", "", "```", shown, "```"]

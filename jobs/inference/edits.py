@@ -118,7 +118,8 @@ def flip_rates(answers: list[tuple[list[int], list[int]]], before: list[list[int
     its continuation's first max(len(old), len(new)) tokens.
 
     - edited, follows the new fact after the edit (and, the baseline, before it: chance);
-    - edited, gave the old answer before the edit (exact match of the baseline);
+    - edited, gave the old answer before the edit (exact match of the baseline), and of those,
+      the share that follow the new fact after it (the flip rate against the baseline);
     - not edited, answer unchanged after the edit;
     - every item, the pinned old build answers as the baseline did (and the edited ones alone)."""
     def cut(seq, i):
@@ -134,6 +135,9 @@ def flip_rates(answers: list[tuple[list[int], list[int]]], before: list[list[int
         "edited_follow_new_before": _rate([starts(before, i, answers[i][1]) for i in ed]),
         "edited_old_before": _rate([starts(before, i, answers[i][0]) for i in ed]),
         "edited_old_pinned": _rate([starts(pinned, i, answers[i][0]) for i in ed]),
+        # the flip rate against the baseline: of the edited facts the model knew before the edit
+        # (a model that does not answer from memory has none to flip)
+        "edited_known_flipped": _rate([starts(after, i, answers[i][1]) for i in ed if starts(before, i, answers[i][0])]),
         "others_unchanged": _rate([cut(after, i) == cut(before, i) for i in other]),
         "pinned_as_before": _rate([cut(pinned, i) == cut(before, i) for i in range(len(edited))]),
         "edited_pinned_as_before": _rate([cut(pinned, i) == cut(before, i) for i in ed]),
@@ -177,6 +181,7 @@ ANSWER_ROWS = [  # (key, what it says, the issue's goal)
     ("edited_follow_new", "edited items: the answer after the edit is the new fact", ">= 80 %"),
     ("edited_follow_new_before", "  the same before the edit (baseline: chance)", ""),
     ("edited_old_before", "edited items: the old fact before the edit (baseline exact match)", ""),
+    ("edited_known_flipped", "  of those, the new fact after the edit (flip rate against the baseline)", ""),
     ("others_unchanged", "other items: the answer after the edit is the baseline's", ">= 95 %"),
     ("pinned_as_before", "every item: the pinned old build answers as the baseline did", ">= 95 %"),
     ("edited_pinned_as_before", "  edited items alone", ""),

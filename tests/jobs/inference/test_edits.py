@@ -110,7 +110,7 @@ def test_flip_rates_count_each_case():
     r = flip_rates(answers, before, after, pinned, [True, False, False, True])
     got = {k: (v["count"], v["n"]) for k, v in r.items()}
     assert got == {"edited_follow_new": (2, 2), "edited_follow_new_before": (0, 2), "edited_old_before": (1, 2),
-                   "edited_old_pinned": (1, 2),
+                   "edited_old_pinned": (1, 2), "edited_known_flipped": (1, 1),  # item 0: knew it, flipped
                    # item 1: only its answer's token counts (what follows it may change); item 2's moved
                    "others_unchanged": (1, 2),
                    # item 3's answer span is its longer answer's, 2 tokens: [1, 1] both times

@@ -104,7 +104,9 @@ def facts_subset(root: Path, n_faq: int = 48, n_other: int = 48) -> tuple[Path, 
 
 def small_facts_bank(root: Path, *extra: str, embed: bool = True):
     """A facts-corpus bank of ~100 descriptions and ~10 training sequences (configs/facts.yaml,
-    smaller), ingested and, with `embed`, embedded. Returns (config, overrides, entity names)."""
+    smaller), ingested and, with `embed`, embedded. Returns (config, overrides, entity names).
+    Retrieval is `vector` unless `extra` says otherwise (configs/facts.yaml's is bm25): the
+    lexical tests start from the default method and switch."""
     from jobs.config import load_config
     from jobs.stages.embed import run_embed
     from jobs.stages.ingest import run_ingest
@@ -113,7 +115,7 @@ def small_facts_bank(root: Path, *extra: str, embed: bool = True):
     overrides = [f"corpus.paths=[{bank_file}, {train_file}]", f"corpus.roles={{{bank_file}: bank, {train_file}: training}}",
                  f"bank.uri={root / 'bank'}", "tokenizer.vocab_size=600", "model.vocab_size=600", "ray.num_cpus=2",
                  "corpus.records_per_shard=100", "retrieval.refs_per_shard=64", "retrieval.threads_per_actor=1",
-                 "pair.seqs_per_shard=4", *extra]
+                 "pair.seqs_per_shard=4", "retrieval.method=vector", *extra]
     cfg = load_config("configs/facts.yaml", overrides)
     run_ingest(cfg)
     if embed:

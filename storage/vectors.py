@@ -17,7 +17,7 @@ bank it measured recall@5 0.99 at 3-7 ms per single query, against IVF_PQ's 0.96
 (at 45k rows 0.996 vs 0.988, and a 10 s vs 85 s build). IVF_PQ (48 bytes per 384-d vector
 instead of ~400 + graph) is there for banks where index size matters more; it is searched with a
 refine step that re-ranks 10*k PQ candidates by their exact vectors, without which its recall@5
-is ~0.74. The paper's retriever is "FAISS" with an unstated index type (PAPER.md §3.2).
+is ~0.74. The paper's retriever is "FAISS" with an unstated index type (paper §3.1).
 
 `Bank.write` replaces a table, and with it the index: call `build_index` after every write. Rows
 appended after a build are still found (LanceDB flat-scans what the index does not cover), so an

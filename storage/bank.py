@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 
 from model.errors import M3Error
 from storage.schemas import SCHEMA_VERSION
-from storage.layout import BankLayout, check_bank_uri
+from storage.layout import BankLayout, LayoutError, check_bank_uri, is_uri
 
 META_KEY = b"m3"
 
@@ -39,16 +39,59 @@ class BankError(M3Error, RuntimeError):
 
 
 class Bank:
-    def __init__(self, uri: str, live: bool = False):
+    """A bank and where its parts live: the one object stages, training, inference and operations
+    take and pass (the URI string lives only at the CLI and the config loader).
+
+    `run_dir` is train.run_dir: where training keeps its stages when not inside the bank (a bank
+    on an object store has no directory for DeepSpeed and torch to write to)."""
+
+    def __init__(self, uri: str, live: bool = False, run_dir: str | None = None):
         from storage.live import live_versions
 
-        self.uri = uri
-        check_bank_uri(uri)  # a file or an unknown scheme: one line here, not "File exists" from LanceDB
-        self.db = lancedb.connect(uri)
+        self.uri = str(uri)
+        check_bank_uri(self.uri)  # a file or an unknown scheme: one line here, not "File exists" from LanceDB
+        self.layout = BankLayout(self.uri)
+        self.live, self.run_dir = live, run_dir
+        self.db = lancedb.connect(self.uri)
         # read once: a reader keeps one consistent build for its whole life, even if a
         # rebuild publishes a new one meanwhile
-        self.pins: dict[str, int] = live_versions(uri) if live else {}
+        self.pins: dict[str, int] = live_versions(self) if live else {}
         self._intact: set[tuple[str, int]] = set()  # table versions whose files were checked
+
+    @classmethod
+    def of(cls, cfg, live: bool = False) -> "Bank":
+        """The bank a config names, with its training directory (train.run_dir) where it has one."""
+        return cls(cfg.bank.uri, live=live, run_dir=getattr(getattr(cfg, "train", None), "run_dir", None))
+
+    def __reduce__(self):
+        # Ray ships a Bank to actors and tasks: the worker reconnects, and keeps the pins so a
+        # live or pinned reader there sees the very build the driver resolved
+        return _reopen, (self.uri, self.live, self.run_dir, dict(self.pins))
+
+    def __repr__(self) -> str:
+        return f"Bank({self.uri!r}{', live=True' if self.live else ''})"
+
+    def training(self, stage: str) -> Path:
+        """Where a training stage keeps its checkpoints, log and exported model: a local (or
+        shared) directory, since DeepSpeed and torch write them with file APIs. A bank on an
+        object store has none: its training lives under train.run_dir, and asking without one
+        says so."""
+        run_dir = self.run_dir
+        if run_dir and is_uri(run_dir) and not run_dir.startswith("file://"):
+            raise LayoutError(f"train.run_dir={run_dir}: training checkpoints are written by DeepSpeed and torch "
+                              f"with local file APIs; give a local or shared directory")
+        if run_dir:
+            return Path(run_dir.removeprefix("file://")).resolve() / stage
+        try:
+            return self.layout.training().resolve() / stage
+        except LayoutError:
+            raise LayoutError(f"train.run_dir: the bank at {self.uri} is on an object store, and training "
+                              f"writes its checkpoints, log and exported model with local file APIs (DeepSpeed, "
+                              f"torch); set train.run_dir to a local or shared directory for them") from None
+
+    def trained_model(self, stage: str) -> Path:
+        """The model a training stage exports (config.json and WEIGHTS_FILE)."""
+        return self.training(stage) / "model"
 
     def tables(self) -> list[str]:
         return sorted(self.db.list_tables().tables)
@@ -85,20 +128,27 @@ class Bank:
         """The lineage of the latest version of a table ({} if it has none)."""
         return _decode(self.table(name).schema.metadata)
 
-    def dataset(self, name: str):
-        """The table as a Lance dataset: what DuckDB and Arrow scanners read with pushdown."""
+    def dataset(self, name: str, version: int | None = None, check: bool = True):
+        """The table as a Lance dataset: what DuckDB and Arrow scanners read with pushdown. At
+        `version`, else the pinned one, else the latest. `check=False` opens it without the
+        file check: for what looks for damage itself (`m3 bank verify`, `unreadable`)."""
+        ds = self._open(name, self.pins.get(name) if version is None else version)
+        if check:
+            self._check_files(name, ds.version, lambda: ds)
+        return ds
+
+    def _open(self, name: str, version: int | None):
+        """The Lance dataset at `version`, None the latest, whatever the pins say."""
         import lance
 
-        ds = lance.dataset(BankLayout(self.uri).table(name), version=self.pins.get(name))
-        self._check_files(name, ds.version, lambda: ds)
-        return ds
+        return lance.dataset(self.layout.table(name), version=version)
 
     def _check_files(self, name: str, version: int, dataset) -> None:
         """BankError naming the first file of this table version that is missing or not the size
         written (module docstring); once per version, local banks only."""
-        if (name, version) in self._intact or BankLayout(self.uri).on_object_store():
+        if (name, version) in self._intact or self.layout.on_object_store():
             return
-        bad = damaged_files(self.uri, name, dataset())
+        bad = damaged_files(self, name, dataset())
         if bad:
             raise BankError(f"table {name} (version {version}) of bank {self.uri} cannot be read: {bad[0]}"
                             f"{f' (and {len(bad) - 1} more file(s))' if len(bad) > 1 else ''}; run `m3 bank verify`")
@@ -135,11 +185,17 @@ class Bank:
         return {t: info["version"] for t, info in self.db.open_table(name).tags.list().items()}
 
 
-def damaged_files(bank_uri: str, name: str, ds) -> list[str]:
+def _reopen(uri: str, live: bool, run_dir: str | None, pins: dict[str, int]) -> Bank:
+    bank = Bank(uri, run_dir=run_dir)
+    bank.live, bank.pins = live, pins
+    return bank
+
+
+def damaged_files(bank: Bank, name: str, ds) -> list[str]:
     """One line per file of `ds` (a version of table `name`) that is missing or whose size is not
     the one its manifest recorded. A local bank stats each file; one on an object store lists the
     table's directory once (`m3 bank verify`; Bank's own check skips object stores)."""
-    layout = BankLayout(bank_uri)
+    layout = bank.layout
     if layout.on_object_store():
         listing = ds.all_files().read_all()
         sizes = dict(zip(listing.column("path").to_pylist(), listing.column("size_bytes").to_pylist()))
@@ -173,7 +229,7 @@ _LANCE_ERRORS = (OSError, pa.ArrowException, RuntimeError)
 
 
 @contextmanager
-def readable(bank_uri: str, *names: str):
+def readable(bank: Bank, *names: str):
     """Reads of a bank's tables (`names`, or every table): an error Lance raises becomes one
     BankError naming the table and file (module docstring); any other error goes on as it is."""
     try:
@@ -181,7 +237,7 @@ def readable(bank_uri: str, *names: str):
     except M3Error:
         raise
     except _LANCE_ERRORS as e:
-        err = unreadable(bank_uri, names, e)
+        err = unreadable(bank, names, e)
         if err is None:
             raise
         raise err from e
@@ -190,31 +246,29 @@ def readable(bank_uri: str, *names: str):
 _LOCATE_BYTES = 1 << 30  # data of the tables named above which an error is not located to a file
 
 
-def unreadable(bank_uri: str, names, error: BaseException) -> BankError | None:
+def unreadable(bank: Bank, names, error: BaseException) -> BankError | None:
     """The BankError for `error` raised while reading tables `names` of the bank (all of them
     when empty), naming the damaged file when it can be found: one missing or of another size
     (at the live or latest version of those tables), else, for named tables of at most 1 GB, the
     data file that does not decode (this reads them: the error path only). None when the error
     is not Lance's (a bug keeps its traceback)."""
-    import lance
-
     from storage.live import live_versions
 
-    live, layout = live_versions(bank_uri), BankLayout(bank_uri)
+    live, layout = live_versions(bank), bank.layout
     try:
-        tables = list(names) or sorted(lancedb.connect(bank_uri).list_tables().tables)
+        tables = list(names) or bank.tables()
     except Exception:  # noqa: BLE001 (the bank itself cannot be listed: quote the error)
         tables = list(names)
     opened = []
     for name in tables:
         for version in dict.fromkeys([live.get(name), None]):
             try:
-                ds = lance.dataset(layout.table(name), version=version)
-                bad = damaged_files(bank_uri, name, ds)
+                ds = bank._open(name, version)
+                bad = damaged_files(bank, name, ds)
             except Exception:  # noqa: BLE001 (a manifest that cannot be read: the next table)
                 continue
             if bad:
-                return BankError(f"table {name} of bank {bank_uri} cannot be read: {bad[0]}; run `m3 bank verify`")
+                return BankError(f"table {name} of bank {bank.uri} cannot be read: {bad[0]}; run `m3 bank verify`")
             opened.append((name, ds))
     text = str(error)
     if "lance" not in text.lower() and "corrupt" not in text.lower():
@@ -225,10 +279,10 @@ def unreadable(bank_uri: str, names, error: BaseException) -> BankError | None:
                      for f in fr.metadata.files) <= _LOCATE_BYTES:
         for name, ds in opened:
             if (path := _undecodable(layout.table(name), ds)) is not None:
-                return BankError(f"table {name} of bank {bank_uri} cannot be read: its file {name}.lance/{path} "
+                return BankError(f"table {name} of bank {bank.uri} cannot be read: its file {name}.lance/{path} "
                                  f"does not decode ({first}); run `m3 bank verify`")
     what = f"table {'/'.join(names)}" if names else "a table"
-    return BankError(f"{what} of bank {bank_uri} cannot be read ({first}): a file is damaged; run `m3 bank verify`")
+    return BankError(f"{what} of bank {bank.uri} cannot be read ({first}): a file is damaged; run `m3 bank verify`")
 
 
 def _undecodable(table_uri: str, ds) -> str | None:

@@ -23,7 +23,7 @@ class BuildError(M3Error, ValueError):
 
 def history(bank_uri: str) -> list[dict]:
     """Remembered published builds, oldest first, each with its number and `live` (bool)."""
-    manifest = read_manifest(bank_uri)
+    manifest = read_manifest(Bank(bank_uri))
     if not manifest:
         return []
     out = numbered(manifest.get("history", []))

@@ -25,28 +25,24 @@ from __future__ import annotations
 
 import json
 import time
+from typing import TYPE_CHECKING
 
-from upath import UPath
 
 from model.errors import M3Error
 from storage.conditional import PreconditionFailed, read_versioned, write_if
-from storage.layout import BankLayout
 
-MANIFEST = "_live.json"
+if TYPE_CHECKING:
+    from storage.bank import Bank
+
 TAG = "live"
 HISTORY = 32  # published builds remembered; retention keeps the newest `keep_builds` of them
 
 
-def _path(bank_uri: str) -> UPath:
-    return BankLayout(bank_uri).manifest()
-
-
-def read_manifest(bank_uri: str) -> dict | None:
+def read_manifest(bank: Bank) -> dict | None:
     """The manifest ({"versions": {table: version}, "history": [...], ...}) or None before the
     first published build."""
-    path = _path(bank_uri)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(bank.layout.manifest().read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
 
@@ -55,15 +51,15 @@ class PublishConflict(M3Error, RuntimeError):
     """The live manifest changed between the publisher's read and its write."""
 
 
-def manifest_state(bank_uri: str) -> tuple[dict | None, str | None]:
+def manifest_state(bank: Bank) -> tuple[dict | None, str | None]:
     """The manifest and its version token (what `publish(expect=...)` compares), (None, None)
     before the first published build."""
-    got = read_versioned(_path(bank_uri))
+    got = read_versioned(bank.layout.manifest())
     return (None, None) if got is None else (json.loads(got[0]), got[1])
 
 
-def live_versions(bank_uri: str) -> dict[str, int]:
-    manifest = read_manifest(bank_uri)
+def live_versions(bank: Bank) -> dict[str, int]:
+    manifest = read_manifest(bank)
     return dict(manifest["versions"]) if manifest else {}
 
 
@@ -81,23 +77,23 @@ def numbered(history: list[dict]) -> list[dict]:
 _AS_READ = object()
 
 
-def _conflict(bank_uri: str, since: str) -> PublishConflict:
-    now = read_manifest(bank_uri) or {}
-    return PublishConflict(f"the live build of {bank_uri} changed {since} (it is now build {now.get('build')}, "
+def _conflict(bank: Bank, since: str) -> PublishConflict:
+    now = read_manifest(bank) or {}
+    return PublishConflict(f"the live build of {bank.uri} changed {since} (it is now build {now.get('build')}, "
                            f"published at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now.get('published_at', 0)))}"
                            f"{' by ' + now['by'] if now.get('by') else ''}): not publishing over it; run again to "
                            f"build on top of it")
 
 
-def publish(bank, versions: dict[str, int], info: dict | None = None, expect=_AS_READ) -> dict:
+def publish(bank: Bank, versions: dict[str, int], info: dict | None = None, expect=_AS_READ) -> dict:
     """Make `versions` the live build: replace the manifest if it is still the one read (by
     this call, or, with `expect`, the version token of `manifest_state` the caller read before
     building), then move the tags. Raises PublishConflict if another publisher came between.
 
     Idempotent: publishing the live build again only re-moves tags a crash left behind."""
-    old, token = manifest_state(bank.uri)
+    old, token = manifest_state(bank)
     if expect is not _AS_READ and token != expect:
-        raise _conflict(bank.uri, "since this build started")
+        raise _conflict(bank, "since this build started")
     old = old or {"history": []}
     numbers = numbered(old.get("history", []))
     history = [h for h in numbers if h["versions"] != versions]
@@ -110,9 +106,9 @@ def publish(bank, versions: dict[str, int], info: dict | None = None, expect=_AS
     record = {k: entry[k] for k in RECORD if k in entry}
     manifest = {**entry, "history": (history + [record])[-HISTORY:]}
     try:
-        write_if(_path(bank.uri), json.dumps(manifest, indent=1, sort_keys=True, default=str).encode("utf-8"), token)
+        write_if(bank.layout.manifest(), json.dumps(manifest, indent=1, sort_keys=True, default=str).encode("utf-8"), token)
     except PreconditionFailed:
-        raise _conflict(bank.uri, "while this build was being published") from None
+        raise _conflict(bank, "while this build was being published") from None
     for name, version in versions.items():
         if bank.tags(name).get(TAG) != version:
             bank.tag(name, TAG, version)

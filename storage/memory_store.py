@@ -62,7 +62,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from storage.bank import Bank, BankError, readable
-from storage.layout import BankLayout, upath
+from storage.layout import upath
 from storage.schemas import MEMORIES
 from storage.slab import SlabCorrupt, SlabError, _fixed_rows, open_slab, row_crcs, row_digest
 from storage.staging import read_table
@@ -88,12 +88,12 @@ class MemoryStore:
         if slab not in ("auto", "off", "require"):
             raise ValueError(f"slab must be 'auto', 'off' or 'require', got {slab!r}")
         meta = bank.metadata("memories")
-        live = live_versions(bank.uri)
+        live = live_versions(bank)
         self.refs_version = bank.pins.get("refs", live.get("refs"))
         if version is None:
             version = bank.pins.get("memories", live.get("memories"))
         if version is not None:
-            ds = lance.dataset(BankLayout(bank.uri).table("memories"), version=version)
+            ds = bank.dataset("memories", version=version, check=False)
             meta = _meta(ds)
         else:
             ds = bank.dataset("memories")
@@ -136,10 +136,10 @@ class MemoryStore:
         self.hits = self.misses = 0
         self._slots = None  # torch.arange(k)[None, :]: a mask is slot < kept (built at the first fetch)
         # cold references: written-back rows of this model, codec and sparsity (storage/warm.py)
-        self.bank_uri, self.model_hash, self.model, self.write_back = bank.uri, model_hash, model, write_back
+        self.bank, self.model_hash, self.model, self.write_back = bank, model_hash, model, write_back
         self.warm_key = key_of(meta)
         self.warm_at: dict[str, tuple[str, object, int]] = {}  # ref_id -> (content_hash, file, row)
-        for f in warm_files(bank.uri, self.warm_key):
+        for f in warm_files(bank, self.warm_key):
             self._index_warm(f, read_table(f, columns=["ref_id", "content_hash", "model_hash"]))
         self.encoded = self.stored_reads = self.warm_reads = self.written_back = self.slab_reads = 0
 
@@ -293,12 +293,12 @@ class MemoryStore:
                 self.slab.close()
                 self.slab = None
                 log.warning("memories of %s version %s: %s; reading Lance from now on (run `m3 bank verify`)",
-                            self.bank_uri, self.ds.version, e)
+                            self.bank.uri, self.ds.version, e)
             else:
                 self.slab_reads += len(rows)
                 return self._decode(buf, ids), kept
         order = np.argsort(rows, kind="stable")  # take() reads sequentially when rows are sorted
-        with readable(self.bank_uri, "memories"):
+        with readable(self.bank, "memories"):
             payload = self.ds.take(rows[order], columns=["payload"]).column("payload")
         buf = np.empty((len(rows), self.codec.nbytes(self.shape)), np.uint8)
         buf[order] = self._rows_of(payload, [ids[i] for i in order])
@@ -327,7 +327,7 @@ class MemoryStore:
     def _refs(self, ref_ids: list[str]) -> tuple[dict[str, list[int]], dict[str, str]]:
         """Token ids and content hashes of references without a stored memory, from the refs of
         this store's build; a reference the bank does not hold is an error, as before."""
-        refs = lance.dataset(BankLayout(self.bank_uri).table("refs"), version=self.refs_version)
+        refs = self.bank.dataset("refs", version=self.refs_version, check=False)
         t = refs.to_table(columns=["ref_id", "content_hash", "token_ids"], filter=pc.field("ref_id").isin(ref_ids))
         ids = t.column("ref_id").to_pylist()
         missing = [r for r in ref_ids if r not in set(ids)]
@@ -354,7 +354,7 @@ class MemoryStore:
 
             mdir = self.meta.get("model_dir")
             if not mdir or not upath(mdir).exists() or saved_hash(mdir) != self.model_hash:
-                raise BankError(f"reference(s) of {self.bank_uri} have no memory yet, and the model "
+                raise BankError(f"reference(s) of {self.bank.uri} have no memory yet, and the model "
                                 f"{self.model_hash[:16]}... that must encode them is not at {mdir!r}: "
                                 f"pass it to the MemoryStore or run `m3 encode`")
             self.model = load_model(mdir)
@@ -389,7 +389,7 @@ class MemoryStore:
         rows = pa.table(cols, schema=MEMORIES)
         self.encoded += n
         if self.write_back:
-            path = write_warm(self.bank_uri, self.warm_key, rows)
+            path = write_warm(self.bank, self.warm_key, rows)
             for i, r in enumerate(cols["ref_id"]):
                 self.warm_at[r] = (hashes[r], path, i)
             self.written_back += n

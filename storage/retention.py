@@ -97,7 +97,7 @@ def compact_bank(bank_uri: str, keep_builds: int, min_fragments: int = 2) -> dic
     """
     from storage.bank import Bank, BankError
 
-    manifest = read_manifest(bank_uri)
+    manifest = read_manifest(Bank(bank_uri))
     if not manifest:
         raise BankError(f"bank {bank_uri} has no published build: nothing to compact (run `m3 rebuild`)")
     layout, live = BankLayout(bank_uri), manifest["versions"]

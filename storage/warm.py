@@ -29,13 +29,16 @@ import hashlib
 import json
 import time
 import uuid
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from storage.layout import BankLayout
 from storage.schemas import MEMORIES
 from storage.staging import read_table, write_atomic
+
+if TYPE_CHECKING:
+    from storage.bank import Bank
 
 
 def warm_key(model_hash: str, codec: str, quantizer_hash: str | None, sparsity: dict | None) -> str:
@@ -49,23 +52,23 @@ def key_of(meta: dict) -> str:
     return warm_key(meta.get("model_hash"), meta.get("codec"), meta.get("quantizer_hash"), meta.get("sparsity"))
 
 
-def warm_files(bank_uri: str, key: str) -> list:
-    d = BankLayout(bank_uri).warm(key)
+def warm_files(bank: Bank, key: str) -> list:
+    d = bank.layout.warm(key)
     if not d.exists():
         return []
     return sorted(p for p in d.iterdir() if p.name.endswith(".parquet") and not p.name.startswith("."))
 
 
-def write_warm(bank_uri: str, key: str, rows: pa.Table):
-    path = BankLayout(bank_uri).warm(key) / f"{time.time_ns():020d}-{uuid.uuid4().hex}.parquet"
+def write_warm(bank: Bank, key: str, rows: pa.Table):
+    path = bank.layout.warm(key) / f"{time.time_ns():020d}-{uuid.uuid4().hex}.parquet"
     write_atomic(path, rows.cast(MEMORIES))
     return path
 
 
-def read_warm(bank_uri: str, key: str, model_hash: str, columns: list[str] | None = None,
+def read_warm(bank: Bank, key: str, model_hash: str, columns: list[str] | None = None,
               files: list | None = None) -> pa.Table:
     """Every written-back row of `key` made by `model_hash`, one per (ref_id, content_hash)."""
-    files = warm_files(bank_uri, key) if files is None else files
+    files = warm_files(bank, key) if files is None else files
     cols = list(columns or MEMORIES.names)
     need = list(dict.fromkeys(cols + ["ref_id", "content_hash", "model_hash"]))
     parts = [read_table(f, columns=need) for f in files]

@@ -95,8 +95,9 @@ def cmd_bank(cfg, args) -> int:
         out = run_compact(cfg)
     elif args.action == "verify":
         from jobs.ops.verify import failure, render, verify_bank
+        from storage.bank import Bank
 
-        out = verify_bank(cfg.bank.uri, args.build, args.quick)
+        out = verify_bank(Bank.of(cfg), args.build, args.quick)
         print(json.dumps(out, indent=2) if args.format == "json" else render(out))
         if (err := failure(out)) is not None:
             raise err  # one line, rc 2, after the table of checks

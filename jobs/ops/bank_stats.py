@@ -37,13 +37,13 @@ def dense_bytes(model) -> int:
 
 
 def bank_stats(bank: Bank, keep_builds: int = 3) -> dict:
-    with readable(bank.uri):
+    with readable(bank):
         return _bank_stats(bank, keep_builds)
 
 
 def _bank_stats(bank: Bank, keep_builds: int) -> dict:
     tables = {}
-    manifest = read_manifest(bank.uri)
+    manifest = read_manifest(bank)
     builds = kept_builds(manifest, keep_builds) if manifest else []
     for name in bank.tables():
         tbl = bank.table(name)
@@ -56,7 +56,7 @@ def _bank_stats(bank: Bank, keep_builds: int) -> dict:
            "dead_bytes": sum(t["dead_bytes"] for t in tables.values()), "slabs": footprint(bank.uri)}
     if "memories" in tables:
         meta = bank.metadata("memories")
-        with readable(bank.uri, "memories"):
+        with readable(bank, "memories"):
             _, rows = query(bank, "SELECT codec, count(*), avg(octet_length(payload)), any_value(shape) "
                                   "FROM memories GROUP BY codec")
         model = meta["config"]["model"]
@@ -73,22 +73,20 @@ def _bank_stats(bank: Bank, keep_builds: int) -> dict:
 
 
 def warm_cold(bank: Bank, meta: dict) -> dict:
-    import lance
     import pyarrow.compute as pc
 
-    from storage.layout import BankLayout
     from storage.live import live_versions
 
-    live = live_versions(bank.uri)
+    live = live_versions(bank)
     keys = {}
     for name in ("refs", "memories"):
-        with readable(bank.uri, name):
-            t = lance.dataset(BankLayout(bank.uri).table(name), version=live.get(name)).to_table(
+        with readable(bank, name):
+            t = bank.dataset(name, version=live.get(name)).to_table(
                 columns=["ref_id", "content_hash"] + (["model_hash"] if name == "memories" else []))
         if name == "memories":
             t = t.filter(pc.equal(t.column("model_hash"), meta.get("model_hash")))
         keys[name] = set(zip(t.column("ref_id").to_pylist(), t.column("content_hash").to_pylist()))
-    w = read_warm(bank.uri, key_of(meta), meta.get("model_hash"), columns=["ref_id", "content_hash"])
+    w = read_warm(bank, key_of(meta), meta.get("model_hash"), columns=["ref_id", "content_hash"])
     warm = set(zip(w.column("ref_id").to_pylist(), w.column("content_hash").to_pylist()))
     stored, written = keys["refs"] & keys["memories"], (keys["refs"] & warm) - keys["memories"]
     return {"refs": len(keys["refs"]), "warm_stored": len(stored), "warm_written_back": len(written),

@@ -45,8 +45,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from model.errors import M3Error
-from storage.bank import _decode, damaged_files, unreadable
-from storage.layout import BankLayout
+from storage.bank import Bank, _decode, damaged_files, unreadable
 from storage.live import read_manifest
 from storage import slab as slabs
 
@@ -91,31 +90,24 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {first.split(', /')[0][:300]}"
 
 
-def versions_of(bank_uri: str, build: str | None) -> tuple[dict[str, int | None], str, dict | None]:
+def versions_of(bank: Bank, build: str | None) -> tuple[dict[str, int | None], str, dict | None]:
     """The table versions to check (None: the latest), what they are (for the report's title),
     and the manifest entry naming them (None before the first published build)."""
     if build is not None:
         from storage.builds import resolve_build
 
-        entry = resolve_build(bank_uri, build)
+        entry = resolve_build(bank.uri, build)
         return dict(entry["versions"]), f"build {entry['build']}", entry
-    names = _tables(bank_uri)
-    manifest = read_manifest(bank_uri)
+    names = bank.tables()
+    manifest = read_manifest(bank)
     if not manifest:
         return {n: None for n in names}, "latest versions (no published build)", None
     return {**{n: None for n in names}, **manifest["versions"]}, f"live build {manifest.get('build', '?')}", manifest
 
 
-def _tables(bank_uri: str) -> list[str]:
-    import lancedb
-
-    return sorted(lancedb.connect(bank_uri).list_tables().tables)
-
-
-def verify_bank(bank_uri: str, build: str | None = None, quick: bool = False) -> dict:
+def verify_bank(bank: Bank, build: str | None = None, quick: bool = False) -> dict:
     t0 = time.perf_counter()
-    layout = BankLayout(bank_uri)
-    versions, what, entry = versions_of(bank_uri, build)
+    versions, what, entry = versions_of(bank, build)
     run = _Run()
     datasets: dict[str, lance.LanceDataset] = {}
 
@@ -123,7 +115,8 @@ def verify_bank(bank_uri: str, build: str | None = None, quick: bool = False) ->
         bad, opened = [], 0
         for name, v in versions.items():
             try:
-                datasets[name] = lance.dataset(layout.table(name), version=v)
+                # unchecked: finding the damage is this command's own work, check by check
+                datasets[name] = bank.dataset(name, version=v, check=False)
                 opened += 1
             except Exception as e:  # noqa: BLE001
                 bad.append(f"{name} version {v} cannot be opened ({_one_line(e)})")
@@ -142,37 +135,37 @@ def verify_bank(bank_uri: str, build: str | None = None, quick: bool = False) ->
     run.add("manifest", manifest)
     for name in versions:
         if name in datasets:
-            run.add(f"files {name} v{datasets[name].version}", lambda n=name: _files(bank_uri, n, datasets[n]))
+            run.add(f"files {name} v{datasets[name].version}", lambda n=name: _files(bank, n, datasets[n]))
     mem = datasets.get("memories")
     header = None
     if mem is not None:
-        header = run.add(f"slab memories v{mem.version}", lambda: _slab_header(bank_uri, mem))
+        header = run.add(f"slab memories v{mem.version}", lambda: _slab_header(bank, mem))
     if not quick:
         ref_ids = None
         for name in versions:
             if name not in datasets:
                 continue
             ds = datasets[name]
-            got = run.add(f"scan {name} v{ds.version}", lambda n=name, d=ds: _scan(bank_uri, n, d, header))
+            got = run.add(f"scan {name} v{ds.version}", lambda n=name, d=ds: _scan(bank, n, d, header))
             if name == "refs":
                 ref_ids = got
         if header is not None:
-            run.add(f"slab payload memories v{mem.version}", lambda: _slab_payloads(bank_uri, mem.version))
+            run.add(f"slab payload memories v{mem.version}", lambda: _slab_payloads(bank, mem.version))
         if "embeddings" in datasets and ref_ids is not None:  # refs unreadable: failed above
             run.add("embeddings ⊆ refs", lambda: _subset(datasets["embeddings"], ref_ids))
     failed = [c for c in run.checks if not c.ok]
-    return {"uri": bank_uri, "what": what, "quick": quick, "checks": [asdict(c) for c in run.checks],
+    return {"uri": bank.uri, "what": what, "quick": quick, "checks": [asdict(c) for c in run.checks],
             "failed": len(failed), "seconds": round(time.perf_counter() - t0, 3)}
 
 
-def _files(bank_uri: str, name: str, ds) -> tuple[bool, str]:
-    bad = damaged_files(bank_uri, name, ds)
+def _files(bank: Bank, name: str, ds) -> tuple[bool, str]:
+    bad = damaged_files(bank, name, ds)
     if bad:
         return False, bad[0] + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
     from lance.file import LanceFileReader
 
     files = size = 0
-    base = BankLayout(bank_uri).table(name)
+    base = bank.layout.table(name)
     for frag in ds.get_fragments():
         md = frag.metadata
         for f in md.files:
@@ -187,32 +180,32 @@ def _files(bank_uri: str, name: str, ds) -> tuple[bool, str]:
     return True, f"{files} data file(s), {size:,} bytes, {ds.count_rows():,} rows"
 
 
-def _slab_header(bank_uri: str, ds):
+def _slab_header(bank: Bank, ds):
     """(ok, detail, header or None): the slab's header and file sizes against the table."""
-    if slabs.slab_dir(bank_uri) is None:
+    if slabs.slab_dir(bank.uri) is None:
         return True, "no slab (a bank on an object store): readers use Lance", None
     rows = ds.count_rows()
-    header = slabs.read_header(bank_uri, ds.version)
+    header = slabs.read_header(bank.uri, ds.version)
     if rows == 0 or header is None:
         return True, "no slab for this version: readers use Lance", None
     if header.get("format") != slabs.FORMAT:
         return True, (f"format {header.get('format')} slab (no per-row checksums): not read; the next "
                       f"`m3 encode` or `m3 rebuild` writes it again"), None
     payload_bytes = len(ds.take([0], columns=["payload"]).column("payload")[0].as_py())
-    header = slabs.check(bank_uri, ds, _decode(ds.schema.metadata), payload_bytes, None, rows)
-    slabs.read_crcs(bank_uri, ds.version, header)
+    header = slabs.check(bank.uri, ds, _decode(ds.schema.metadata), payload_bytes, None, rows)
+    slabs.read_crcs(bank.uri, ds.version, header)
     return True, f"header matches the table: {rows:,} rows x {payload_bytes:,} B, checksum file intact", header
 
 
-def _slab_payloads(bank_uri: str, version: int):
+def _slab_payloads(bank: Bank, version: int):
     try:
-        header = slabs.verify_payloads(bank_uri, version)
+        header = slabs.verify_payloads(bank.uri, version)
     except slabs.SlabCorrupt as e:
         return False, f"memories: {e}"
     return True, f"{header['rows']:,} rows x {header['payload_bytes']:,} B match their crc32s"
 
 
-def _scan(bank_uri: str, name: str, ds, header: dict | None):
+def _scan(bank: Bank, name: str, ds, header: dict | None):
     """Every column of every row, in batches; the content checks of refs, documents, memories."""
     from pipelines.chunk_step import token_hash
     from pipelines.normalize import content_hash
@@ -220,7 +213,7 @@ def _scan(bank_uri: str, name: str, ds, header: dict | None):
     want_rows = ds.count_rows()
     rows, bad, first = 0, 0, None
     ids = []
-    crcs = slabs.read_crcs(bank_uri, ds.version, header) if name == "memories" and header else None
+    crcs = slabs.read_crcs(bank.uri, ds.version, header) if name == "memories" and header else None
     digest = slabs.row_digest([], []) if crcs is not None else None
     what = {"refs": "content_hash = token_hash(token_ids), n_tokens = len(token_ids)",
             "documents": "content_hash = content_hash(text), n_chars = len(text)",
@@ -259,7 +252,7 @@ def _scan(bank_uri: str, name: str, ds, header: dict | None):
     except M3Error as e:  # a payload of the wrong size (storage/slab.py)
         return False, f"after {rows:,} rows: {e}"
     except Exception as e:  # noqa: BLE001 (the file cannot be decoded: name it when it can be found)
-        err = unreadable(bank_uri, [name], e)
+        err = unreadable(bank, [name], e)
         why = str(err).replace("; run `m3 bank verify`", "") if err is not None else _one_line(e)
         return False, f"after {rows:,} rows: {why}"
     got = pa.chunked_array(ids, pa.string()) if name == "refs" else None
@@ -304,10 +297,10 @@ def failure(out: dict) -> VerifyError | None:
     return VerifyError(f"{len(failed)} of {len(out['checks'])} check(s) of {out['uri']} FAILED: {names}{more}")
 
 
-def require_intact(bank_uri: str) -> None:
+def require_intact(bank: Bank) -> None:
     """The cheap part of verify (`m3 rebuild` runs it before saying "nothing to do"): VerifyError
     naming what failed, in one line, instead of calling a damaged bank up to date."""
-    err = failure(verify_bank(bank_uri, quick=True))
+    err = failure(verify_bank(bank, quick=True))
     if err is not None:
         raise VerifyError(f"the bank is damaged, not up to date: {err} (run `m3 bank verify`)")
 

@@ -56,3 +56,49 @@ def test_sql_reads_and_cannot_write(tmp_path):
     with pytest.raises(SQLError, match="tables: train_sequences"):
         query(bank, "SELECT * FROM nope")
     assert bank.table("train_sequences").count_rows() == 4
+
+
+def test_bank_of_a_config_knows_where_training_lives(tmp_path):
+    from types import SimpleNamespace as NS
+
+    from storage.layout import LayoutError
+
+    bank = Bank.of(NS(bank=NS(uri=str(tmp_path / "bank"))))
+    assert bank.uri == str(tmp_path / "bank") and bank.layout.uri == bank.uri and not bank.live
+    assert bank.training("warmup") == (tmp_path / "bank" / "training").resolve() / "warmup"
+    assert bank.trained_model("continual") == bank.training("continual") / "model"
+    runs = Bank.of(NS(bank=NS(uri=str(tmp_path / "bank")), train=NS(run_dir=f"file://{tmp_path}/runs")))
+    assert runs.training("warmup") == (tmp_path / "runs").resolve() / "warmup"
+    with pytest.raises(LayoutError, match="train.run_dir=s3://b/runs: training checkpoints"):
+        Bank(str(tmp_path), run_dir="s3://b/runs").training("warmup")
+    remote = Bank.__new__(Bank)  # no bucket to connect to: the layout alone answers
+    remote.uri, remote.run_dir = "s3://b/bank", None
+    remote.layout = type(bank.layout)("s3://b/bank")
+    with pytest.raises(LayoutError, match="train.run_dir: the bank at s3://b/bank is on an object store"):
+        remote.training("continual")
+
+
+def test_a_pickled_bank_reconnects_and_keeps_its_build(tmp_path):
+    """Ray ships a Bank to actors: a live reader there reads the build the driver resolved, even
+    after a newer write."""
+    import pickle
+
+    from storage.live import publish
+
+    bank = Bank(str(tmp_path), run_dir=str(tmp_path / "runs"))
+    v1 = bank.write("train_sequences", TRAIN_SEQUENCES, seqs(2).to_batches(), {})
+    publish(bank, {"train_sequences": v1})
+    live = Bank(str(tmp_path), live=True)
+    bank.write("train_sequences", TRAIN_SEQUENCES, seqs(5).to_batches(), {})
+    copy = pickle.loads(pickle.dumps(live))
+    assert (copy.uri, copy.live, copy.pins, copy.run_dir) == (live.uri, True, {"train_sequences": v1}, None)
+    assert copy.dataset("train_sequences").count_rows() == 2 == copy.table("train_sequences").count_rows()
+    assert pickle.loads(pickle.dumps(bank)).training("x") == (tmp_path / "runs").resolve() / "x"
+
+
+def test_dataset_at_a_version(tmp_path):
+    bank = Bank(str(tmp_path))
+    v1 = bank.write("train_sequences", TRAIN_SEQUENCES, seqs(3).to_batches(), {})
+    bank.write("train_sequences", TRAIN_SEQUENCES, seqs(1).to_batches(), {})
+    assert bank.dataset("train_sequences").count_rows() == 1
+    assert bank.dataset("train_sequences", version=v1).count_rows() == 3

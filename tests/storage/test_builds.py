@@ -18,11 +18,11 @@ def ref_ids(bank) -> list[str]:
 
 def test_published_builds_are_numbered_and_keep_their_numbers(tmp_path):
     bank = two_builds(tmp_path)
-    manifest = read_manifest(bank.uri)
+    manifest = read_manifest(bank)
     assert manifest["build"] == 2 and [h["build"] for h in manifest["history"]] == [1, 2]
     assert manifest["history"][0]["ingest_key"] == "ingest-one"
     publish(bank, manifest["versions"])  # the live build again: same number, history does not grow
-    assert read_manifest(bank.uri)["build"] == 2 and len(read_manifest(bank.uri)["history"]) == 2
+    assert read_manifest(bank)["build"] == 2 and len(read_manifest(bank)["history"]) == 2
 
 
 def test_manifest_without_numbers_is_numbered_by_position(tmp_path):
@@ -34,7 +34,7 @@ def test_manifest_without_numbers_is_numbered_by_position(tmp_path):
     path.write_text(json.dumps(old))
     assert resolve_build(bank.uri, 1)["versions"] == old["history"][0]["versions"]
     publish_build(bank, {"d1-0": "a"}, {"d1-0": ("m1", b"x")}, "three")
-    assert [h["build"] for h in read_manifest(bank.uri)["history"]] == [1, 2, 3]  # written down, then 3
+    assert [h["build"] for h in read_manifest(bank)["history"]] == [1, 2, 3]  # written down, then 3
 
 
 def test_pinned_queries_read_the_pinned_rows(tmp_path):
@@ -56,7 +56,7 @@ def test_readers_share_one_resolution_live_by_default(tmp_path):
     unless pinned, and --build resolved as pinned_bank resolves it."""
     bank = two_builds(tmp_path)
     live = reader_bank(bank.uri)
-    assert live.pins == read_manifest(bank.uri)["versions"] and ref_ids(live) == sorted(B2_REFS)
+    assert live.pins == read_manifest(bank)["versions"] and ref_ids(live) == sorted(B2_REFS)
     assert reader_bank(bank.uri, "-1").pins == resolve_build(bank.uri, 1)["versions"]
     assert ref_ids(reader_bank(bank.uri, build="1")) == sorted(B1_REFS)
     with pytest.raises(BuildError, match=r"no published build 7"):

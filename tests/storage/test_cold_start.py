@@ -25,7 +25,8 @@ from model import Memory3, save_model
 from model.checkpoint import saved_hash
 from pipelines.encode_step import EncodeShards, staged_path
 from storage.bank import Bank, BankError
-from storage.live import MANIFEST, publish
+from storage.layout import MANIFEST
+from storage.live import publish
 from storage.memory_store import MemoryStore
 from storage.schemas import REFS
 from storage.staging import read_table
@@ -78,7 +79,7 @@ def stored_encoding(cfg, mdir, tmp_path, batch_size=5) -> dict[str, dict]:
 
 
 def warm_rows(bank_uri: str) -> dict[str, dict]:
-    return {r["ref_id"]: r for f in warm_files(bank_uri, _key(bank_uri)) for r in read_table(f).to_pylist()}
+    return {r["ref_id"]: r for f in warm_files(Bank(bank_uri), _key(bank_uri)) for r in read_table(f).to_pylist()}
 
 
 def _key(bank_uri):
@@ -115,7 +116,7 @@ def test_first_fetch_encodes_equal_to_the_stored_encoding_then_reads_storage(col
     # a second read: the 2 the RAM cache holds are hits, the other 3 read the written-back rows
     again, _ = store.fetch(ids)
     assert torch.equal(again, mems) and store.encoded == 5 and (store.hits, store.warm_reads) == (2, 3)
-    assert len(warm_files(bank.uri, store.warm_key)) == 1  # one write-back per fetch
+    assert len(warm_files(bank, store.warm_key)) == 1  # one write-back per fetch
 
 
 def test_write_back_survives_reopening_and_the_next_encode_reuses_it(cold_bank, tmp_path):

@@ -56,22 +56,22 @@ def test_of_concurrent_conditional_writers_exactly_one_wins(kind, start, request
 
 def test_publish_refuses_a_manifest_that_changed_since_it_was_read(where):
     bank = two_builds(f"{where}/bank")
-    manifest, token = manifest_state(bank.uri)  # what a rebuild reads before it builds
-    assert manifest == read_manifest(bank.uri) and manifest["build"] == 2
+    manifest, token = manifest_state(bank)  # what a rebuild reads before it builds
+    assert manifest == read_manifest(bank) and manifest["build"] == 2
     publish_build(bank, B1_REFS, B1_MEM, "other")  # another publisher gets in between: build 3
     with pytest.raises(PublishConflict, match=r"changed since this build started \(it is now build 3"):
         publish(bank, manifest["versions"], {"by": "late"}, expect=token)
-    assert read_manifest(bank.uri)["build"] == 3 and "by" not in read_manifest(bank.uri)
-    _, token = manifest_state(bank.uri)
+    assert read_manifest(bank)["build"] == 3 and "by" not in read_manifest(bank)
+    _, token = manifest_state(bank)
     out = publish(bank, manifest["versions"], {"by": "on time"}, expect=token)  # read again: it may publish
-    assert read_manifest(bank.uri) == json.loads(json.dumps(out)) and out["build"] == 4
+    assert read_manifest(bank) == json.loads(json.dumps(out)) and out["build"] == 4
     assert Bank_tags(bank) == manifest["versions"]
 
 
 def test_the_first_publish_expects_no_manifest(where):
     bank = two_builds(f"{where}/bank")
     with pytest.raises(PublishConflict):  # a publisher that saw no manifest must not replace one
-        publish(bank, read_manifest(bank.uri)["versions"], expect=None)
+        publish(bank, read_manifest(bank)["versions"], expect=None)
 
 
 def Bank_tags(bank) -> dict:

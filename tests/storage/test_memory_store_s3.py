@@ -34,7 +34,7 @@ def test_cold_fetch_on_s3_writes_back_to_the_bucket_and_serves_what_a_local_bank
     store = MemoryStore(remote, saved_hash(mdir))
     mems, masks = store.fetch(IDS)
     assert (store.encoded, store.written_back) == (5, 5)
-    files = warm_files(remote.uri, store.warm_key)
+    files = warm_files(remote, store.warm_key)
     assert len(files) == 1 and str(files[0]).startswith(f"{remote.uri}/_warm/{store.warm_key}/")
     want, want_masks = MemoryStore(local, saved_hash(mdir)).fetch(IDS)
     assert torch.equal(mems, want) and torch.equal(masks, want_masks)

@@ -28,8 +28,8 @@ def test_staged_files_appear_whole_are_read_back_and_removed(s3):
 def test_tables_builds_manifest_and_sql_on_a_bucket(s3):
     uri = f"{s3[0]}/builds-bank"
     bank = two_builds(uri)
-    manifest = read_manifest(uri)
-    assert manifest is not None and live_versions(uri) == manifest["versions"]
+    manifest = read_manifest(bank)
+    assert manifest is not None and live_versions(bank) == manifest["versions"]
     assert BankLayout(uri).manifest().exists() and str(BankLayout(uri).manifest()) == f"{uri}/_live.json"
     live = Bank(uri, live=True)
     assert sorted(live.dataset("refs").to_table().column("ref_id").to_pylist()) == sorted(B2_REFS)

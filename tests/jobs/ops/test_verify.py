@@ -21,6 +21,7 @@ import pytest
 
 from jobs.cli.main import main
 from jobs.config import load_config
+from storage.bank import Bank
 from tests.conftest import foldoc_records
 
 pytestmark = pytest.mark.slow
@@ -88,7 +89,7 @@ def one_line_error(err: str, command: str) -> str:
 def test_verify_passes_on_a_sound_bank_quick_and_full(bank, built, capsys):
     from jobs.ops.verify import verify_bank
 
-    full, quick = verify_bank(str(bank)), verify_bank(str(bank), quick=True)
+    full, quick = verify_bank(Bank(str(bank))), verify_bank(Bank(str(bank)), quick=True)
     assert full["failed"] == quick["failed"] == 0, failed(full) or failed(quick)
     names = [c["name"] for c in full["checks"]]
     for table in ("documents", "refs", "memories", "embeddings", "train_sequences", "rejects"):
@@ -136,7 +137,7 @@ def test_flipped_bytes_in_refs_change_token_ids_silently_and_verify_names_refs(b
         path.write_bytes(data)
     else:
         pytest.fail("no 16-byte flip of the token_ids values changed token_ids alone")
-    bad = failed(verify_bank(str(bank)))
+    bad = failed(verify_bank(Bank(str(bank))))
     [name] = [n for n in bad if n.startswith("scan refs")]
     assert "content_hash or n_tokens does not match its token_ids" in bad[name]
     rc, out, err = cli(capsys, bank, built, "bank", "verify")
@@ -153,7 +154,7 @@ def test_a_refs_file_that_does_not_decode_is_named(bank, built, capsys):
     flip(path, at + size // 2, 16)
     with pytest.raises(Exception, match="(?i)corrupt|utf-8"):
         lance.dataset(str(bank / "refs.lance")).to_table(columns=["ref_id"])
-    bad = failed(verify_bank(str(bank)))
+    bad = failed(verify_bank(Bank(str(bank))))
     assert any(n.startswith("scan refs") and path.name in d for n, d in bad.items()), bad
     rc, _, err = cli(capsys, bank, built, "bank", "stats")
     assert rc == 2 and "table refs" in one_line_error(err, "bank") and path.name in err and "m3 bank verify" in err
@@ -164,7 +165,7 @@ def test_a_truncated_refs_file_fails_verify_rebuild_stats_and_encode_in_one_line
 
     path = data_file(bank, "refs")
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    bad = failed(verify_bank(str(bank), quick=True))
+    bad = failed(verify_bank(Bank(str(bank)), quick=True))
     assert any(n.startswith("files refs") and path.name in d and "truncated" in d for n, d in bad.items()), bad
     for argv, command in ((["rebuild"], "rebuild"), (["bank", "stats"], "bank"), (["encode"], "encode")):
         rc, out, err = cli(capsys, bank, built, *argv)
@@ -194,20 +195,19 @@ def test_a_flipped_byte_in_the_slab_or_in_lance_payloads_fails_verify_naming_mem
     header = read_header(str(bank), version)
     slab_file = paths(str(bank), version)[0]
     flip(slab_file, 3 * header["payload_bytes"] + 100)
-    bad = failed(verify_bank(str(bank)))
+    bad = failed(verify_bank(Bank(str(bank))))
     assert list(bad) == [f"slab payload memories v{version}"] and "row 3" in bad[f"slab payload memories v{version}"]
     assert "memories" in bad[f"slab payload memories v{version}"]
     flip(slab_file, 3 * header["payload_bytes"] + 100)  # back; now the same row in Lance
     payload = lance.dataset(str(bank / "memories.lance")).take([3], columns=["payload"]).column(0)[0].as_py()
     path = data_file(bank, "memories")
     flip(path, path.read_bytes().index(payload) + 100)
-    bad = failed(verify_bank(str(bank)))
+    bad = failed(verify_bank(Bank(str(bank))))
     assert list(bad) == [f"scan memories v{version}"] and "row 3" in bad[f"scan memories v{version}"]
 
 
 def test_embeddings_of_references_not_in_refs_fail_verify(bank, built):
     from jobs.ops.verify import verify_bank
-    from storage.bank import Bank
     from storage.live import live_versions, publish
 
     b = Bank(str(bank))
@@ -218,7 +218,7 @@ def test_embeddings_of_references_not_in_refs_fail_verify(bank, built):
     v = b.write("embeddings", emb.schema, emb.set_column(at, emb.schema.field(at), pa.array(ids, pa.string()))
                 .to_batches(), b.metadata("embeddings"))
     manifest = json.loads((bank / "_live.json").read_text())
-    publish(b, {**live_versions(str(bank)), "embeddings": v},
+    publish(b, {**live_versions(Bank(str(bank))), "embeddings": v},
             {k: manifest[k] for k in ("ingest_key", "encode_key") if k in manifest})
-    bad = failed(verify_bank(str(bank)))
+    bad = failed(verify_bank(Bank(str(bank))))
     assert list(bad) == ["embeddings ⊆ refs"] and "'no-such-ref-0000'" in bad["embeddings ⊆ refs"]

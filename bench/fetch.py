@@ -188,7 +188,7 @@ def main() -> None:
         bank = Bank(str(path))
         meta = bank.metadata("memories")
         mh = meta["model_hash"]
-        ensure_slab(bank.uri, bank.dataset("memories").version)  # written by the encode job; a bank of an older run gets one
+        ensure_slab(bank, bank.dataset("memories").version)  # written by the encode job; a bank of an older run gets one
         t0 = time.perf_counter()
         store = MemoryStore(bank, mh, cache_size=1, slab="require")
         open_slab = time.perf_counter() - t0
@@ -198,7 +198,7 @@ def main() -> None:
         ids = list(store.row_of)
         n = len(ids)
         per = store.codec.nbytes(store.shape)
-        slab_file = paths(bank.uri, store.ds.version)[0]
+        slab_file = paths(bank, store.ds.version)[0]
         store.slab.close()  # no map may outlive its measurement: it would keep pages through a drop
         assert slab_file.stat().st_size == n * per
         dense = dense_bytes(meta["config"]["model"])

@@ -50,7 +50,7 @@ def main() -> None:
     for codec in args.codecs:
         bank = Bank(str(Path(args.work) / f"bank-{codec}-{args.refs}"))
         mh = bank.metadata("memories")["model_hash"]
-        ensure_slab(bank.uri, bank.dataset("memories").version)  # a format-1 slab is written again
+        ensure_slab(bank, bank.dataset("memories").version)  # a format-1 slab is written again
         probe = MemoryStore(bank, mh, cache_size=1, slab="require")
         ids, per = list(probe.row_of), probe.slab.payload_bytes
         n = len(ids)

@@ -96,8 +96,9 @@ def main() -> None:
 
         if not a.bank:
             p.error("--bank is required unless --synthetic")
-        Bank(a.bank).require("train_sequences", "refs", "neighbors")
-        batch = ShardReader(a.bank, micro_batch=a.batch, neighbors=True, chunk_size=cfg.mem_chunk_size,
+        bank = Bank(a.bank)
+        bank.require("train_sequences", "refs", "neighbors")
+        batch = ShardReader(bank, micro_batch=a.batch, neighbors=True, chunk_size=cfg.mem_chunk_size,
                             max_tokens=a.seq, pad_id=cfg.pad_id).batch(0)
         tokens, refs, valid = batch["tokens"], batch["ref_tokens"], batch["ref_valid"]
     tokens, refs, valid = tokens.to(dev), refs.to(dev), valid.to(dev)

@@ -13,10 +13,8 @@ import torch
 from safetensors.torch import load_file, safe_open, save_file
 
 from .config import ModelConfig
+from .files import CONFIG_FILE, WEIGHTS_FILE
 from .transformer import Memory3
-
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 
 
 def model_hash(model: Memory3) -> str:

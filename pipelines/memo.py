@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from storage.layout import BankLayout, upath
+from storage.bank import Bank
+from storage.layout import upath
 from storage.staging import read_table, remove, write_atomic, write_text_atomic
 
 # The memoized work is the code of these modules: editing one invalidates every memo.
@@ -45,25 +46,25 @@ def text_key(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
-def _current(bank_uri: str) -> dict:
-    path = BankLayout(bank_uri).memo() / "current.json"
+def _current(bank: Bank) -> dict:
+    path = bank.layout.memo() / "current.json"
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (FileNotFoundError, ValueError):
         return {}
 
 
-def source(bank_uri: str, kind: str, cfg_key: str) -> str | None:
+def source(bank: Bank, kind: str, cfg_key: str) -> str | None:
     """The memo directory a build may read for `kind`, or None (no memo, or another config's)."""
-    cur = _current(bank_uri)
+    cur = _current(bank)
     if not cur.get("build") or cur.get(kind) != cfg_key:
         return None
-    return str(BankLayout(bank_uri).memo() / cur["build"] / kind)
+    return str(bank.layout.memo() / cur["build"] / kind)
 
 
-def target(bank_uri: str, build: str, kind: str) -> str:
+def target(bank: Bank, build: str, kind: str) -> str:
     """Where this build writes its memo files for `kind`."""
-    return str(BankLayout(bank_uri).memo() / build / kind)
+    return str(bank.layout.memo() / build / kind)
 
 
 def lookup(src: str | None, keys: list[bytes], columns: list[str]) -> dict[bytes, dict]:
@@ -114,12 +115,12 @@ def _index(dst, shard_ids: list[str]) -> pa.Table:
                      "row": pa.array([rows[i] for i in first], pa.int32())})
 
 
-def publish(bank_uri: str, build: str, cfg_keys: dict[str, str], shard_ids: list[str]) -> None:
+def publish(bank: Bank, build: str, cfg_keys: dict[str, str], shard_ids: list[str]) -> None:
     """Make this build's memo the current one (after its tables are committed), then drop every
     other build's: entries of records no longer in the corpus go with them."""
-    root = BankLayout(bank_uri).memo()
+    root = bank.layout.memo()
     for kind in KINDS:
-        write_atomic(root / build / f"{kind}.index.parquet", _index(target(bank_uri, build, kind), shard_ids))
+        write_atomic(root / build / f"{kind}.index.parquet", _index(target(bank, build, kind), shard_ids))
     write_text_atomic(root / "current.json", json.dumps({"build": build, **cfg_keys}, sort_keys=True))
     for child in root.iterdir():
         if child.name not in (build, "current.json"):

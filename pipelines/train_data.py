@@ -71,11 +71,11 @@ class ShardReader:
     references of every chunk, best first; the same as ref_unique (U, T_ref), each reference of
     the batch once, and ref_slot (B, n_chunks, M), which one a slot holds or -1), plus seq_ids."""
 
-    def __init__(self, bank_uri: str, *, rank: int = 0, world: int = 1, seed: int = 0,
+    def __init__(self, bank: Bank, *, rank: int = 0, world: int = 1, seed: int = 0,
                  micro_batch: int = 1, split: str = "train", heldout_fraction: float = 0.05,
                  neighbors: bool = False, chunk_size: int = 64, max_tokens: int | None = None,
                  pad_id: int = 0, shuffle: bool = True, refs_per_chunk: int = 1):
-        self.bank = Bank(bank_uri)
+        self.bank = bank
         self.seqs = self.bank.dataset("train_sequences")
         self.rows = shard_rows(split_rows(self.bank, split, heldout_fraction), rank, world)
         self.rank, self.seed, self.micro_batch, self.shuffle = rank, seed, micro_batch, shuffle

@@ -17,6 +17,7 @@ one, the file, with `run m3 bank verify` (jobs/ops/verify.py) to see everything 
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from contextlib import contextmanager
@@ -32,6 +33,7 @@ from storage.schemas import SCHEMA_VERSION
 from storage.layout import BankLayout, LayoutError, check_bank_uri, is_uri
 
 META_KEY = b"m3"
+LATEST = "latest"  # Bank.dataset's version: the newest, whatever the bank is pinned to
 
 
 class BankError(M3Error, RuntimeError):
@@ -52,11 +54,16 @@ class Bank:
         check_bank_uri(self.uri)  # a file or an unknown scheme: one line here, not "File exists" from LanceDB
         self.layout = BankLayout(self.uri)
         self.live, self.run_dir = live, run_dir
-        self.db = lancedb.connect(self.uri)
         # read once: a reader keeps one consistent build for its whole life, even if a
         # rebuild publishes a new one meanwhile
         self.pins: dict[str, int] = live_versions(self) if live else {}
         self._intact: set[tuple[str, int]] = set()  # table versions whose files were checked
+
+    @functools.cached_property
+    def db(self):
+        # on first use: a Bank is cheap to make and to ship to a worker (connecting to an object
+        # store already asks it for the bucket's region)
+        return lancedb.connect(self.uri)
 
     @classmethod
     def of(cls, cfg, live: bool = False) -> "Bank":
@@ -67,6 +74,13 @@ class Bank:
         # Ray ships a Bank to actors and tasks: the worker reconnects, and keeps the pins so a
         # live or pinned reader there sees the very build the driver resolved
         return _reopen, (self.uri, self.live, self.run_dir, dict(self.pins))
+
+    def at(self, pins: dict[str, int] | None = None) -> "Bank":
+        """This bank read at `pins` (table -> version: storage/builds.py resolves a build, a tag),
+        or, without, at its live build as published now."""
+        if pins is None:
+            return Bank(self.uri, live=True, run_dir=self.run_dir)
+        return _reopen(self.uri, False, self.run_dir, dict(pins))
 
     def __repr__(self) -> str:
         return f"Bank({self.uri!r}{', live=True' if self.live else ''})"
@@ -128,11 +142,16 @@ class Bank:
         """The lineage of the latest version of a table ({} if it has none)."""
         return _decode(self.table(name).schema.metadata)
 
-    def dataset(self, name: str, version: int | None = None, check: bool = True):
+    def dataset(self, name: str, version: int | str | None = None, check: bool = True):
         """The table as a Lance dataset: what DuckDB and Arrow scanners read with pushdown. At
-        `version`, else the pinned one, else the latest. `check=False` opens it without the
-        file check: for what looks for damage itself (`m3 bank verify`, `unreadable`)."""
-        ds = self._open(name, self.pins.get(name) if version is None else version)
+        `version` (LATEST: the newest), else the pinned one, else the newest. `check=False`
+        opens it without the file check, as before this object was the only way in: for what
+        looks for damage itself (`m3 bank verify`) and what reads versions by number."""
+        if version == LATEST:
+            version = None
+        elif version is None:
+            version = self.pins.get(name)
+        ds = self._open(name, version)
         if check:
             self._check_files(name, ds.version, lambda: ds)
         return ds

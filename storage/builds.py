@@ -9,33 +9,30 @@ Lance's "not found" from deep inside a scan.
 
 from __future__ import annotations
 
-import lance
-
 from model.errors import M3Error
-from storage.bank import Bank
-from storage.layout import BankLayout
-from storage.live import numbered, read_manifest
+from storage.bank import LATEST, Bank
+from storage.live import live_versions, numbered, read_manifest
 
 
 class BuildError(M3Error, ValueError):
     pass
 
 
-def history(bank_uri: str) -> list[dict]:
+def history(bank: Bank) -> list[dict]:
     """Remembered published builds, oldest first, each with its number and `live` (bool)."""
-    manifest = read_manifest(Bank(bank_uri))
+    manifest = read_manifest(bank)
     if not manifest:
         return []
     out = numbered(manifest.get("history", []))
     return [{**h, "live": h["versions"] == manifest["versions"]} for h in out]
 
 
-def resolve_build(bank_uri: str, spec: str | int) -> dict:
+def resolve_build(bank: Bank, spec: str | int) -> dict:
     """The history entry of a build: its number (>= 1), `live`, or an offset from live (0 = live,
     -1 = the build before it)."""
-    builds = history(bank_uri)
+    builds = history(bank)
     if not builds:
-        raise BuildError(f"bank {bank_uri} has no published build yet (run `m3 rebuild`)")
+        raise BuildError(f"bank {bank.uri} has no published build yet (run `m3 rebuild`)")
     known = ", ".join(str(h["build"]) for h in builds)
     text = str(spec).strip()
     if text == "live":
@@ -52,34 +49,33 @@ def resolve_build(bank_uri: str, spec: str | int) -> dict:
     for h in builds:
         if h["build"] == n:
             return h
-    raise BuildError(f"no published build {n} in {bank_uri} (builds: {known}; live is "
+    raise BuildError(f"no published build {n} in {bank.uri} (builds: {known}; live is "
                      f"{next(h['build'] for h in reversed(builds) if h['live'])})")
 
 
-def table_versions(bank_uri: str, table: str) -> list[int]:
-    return [v["version"] for v in lance.dataset(BankLayout(bank_uri).table(table)).version_refs()]
+def table_versions(bank: Bank, table: str) -> list[int]:
+    return [v["version"] for v in bank.dataset(table, LATEST, check=False).version_refs()]
 
 
-def pins_for(bank_uri: str, build: str | int | None = None, tag: str | None = None,
+def pins_for(bank: Bank, build: str | int | None = None, tag: str | None = None,
              versions: list[str] = ()) -> dict[str, int]:
     """Table -> version to read: the live build (or latest, before any publish), then `build` or
     `tag` (on the tables that have it), then each `versions` item "TABLE=V". Every pin is checked
     to exist on disk."""
-    bank = Bank(bank_uri, live=True)
     tables = bank.tables()
-    pins = dict(bank.pins)
+    pins = live_versions(bank)
     what = {t: "the live build" for t in pins}
     if build is not None and tag is not None:
         raise BuildError("pin by --build or by --tag, not both")
     if build is not None:
-        entry = resolve_build(bank_uri, build)
+        entry = resolve_build(bank, build)
         pins.update(entry["versions"])
         what.update({t: f"build {entry['build']}" for t in entry["versions"]})
     if tag is not None:
         tagged = {t: bank.tags(t)[tag] for t in tables if tag in bank.tags(t)}
         if not tagged:
             names = sorted({name for t in tables for name in bank.tags(t)})
-            raise BuildError(f"no table of {bank_uri} has a tag {tag!r} (tags: {', '.join(names) or 'none'})")
+            raise BuildError(f"no table of {bank.uri} has a tag {tag!r} (tags: {', '.join(names) or 'none'})")
         pins.update(tagged)
         what.update({t: f"tag {tag!r}" for t in tagged})
     for item in versions:
@@ -89,32 +85,30 @@ def pins_for(bank_uri: str, build: str | int | None = None, tag: str | None = No
         pins[table] = int(v)
         what[table] = f"--version {item}"
     for table, v in pins.items():
-        on_disk = table_versions(bank_uri, table)
+        on_disk = table_versions(bank, table)
         if v not in on_disk:
             raise BuildError(f"table {table} has no version {v} ({what[table]}; versions on disk: "
                              f"{', '.join(map(str, on_disk))}; older ones were removed by retention)")
     return pins
 
 
-def pinned_bank(bank_uri: str, build: str | int | None = None, tag: str | None = None,
+def pinned_bank(bank: Bank, build: str | int | None = None, tag: str | None = None,
                 versions: list[str] = ()) -> Bank:
     """A read-only view of the bank with every table pinned as `pins_for` resolves it."""
-    bank = Bank(bank_uri)
-    bank.pins = pins_for(bank_uri, build, tag, versions)
-    return bank
+    return bank.at(pins_for(bank, build, tag, versions))
 
 
-def reader_bank(bank_uri: str, build: str | int | None = None, tag: str | None = None,
+def reader_bank(bank: Bank, build: str | int | None = None, tag: str | None = None,
                 versions: list[str] = ()) -> Bank:
     """The bank a reader opens: the live build, or, given a build, tag or versions, that view
     (`pinned_bank`). The one resolution every reading command shares (`m3 sql`, `m3 search`,
     `m3 generate`, `m3 eval`), so `--build -1` means the same build to each of them."""
     if build is None and tag is None and not versions:
-        return Bank(bank_uri, live=True)
-    return pinned_bank(bank_uri, build, tag, versions)
+        return bank.at()
+    return pinned_bank(bank, build, tag, versions)
 
 
-def builds_table(bank_uri: str):
+def builds_table(bank: Bank):
     """The `builds` view of `m3 sql`: one row per remembered published build, oldest first.
 
     bytes = on-disk size of the files the build's versions reference (storage/footprint.py),
@@ -127,13 +121,13 @@ def builds_table(bank_uri: str):
 
     from storage.footprint import TableFiles
 
-    builds = history(bank_uri)
-    files = {t: TableFiles(bank_uri, t) for t in sorted({t for h in builds for t in h["versions"]})}
+    builds = history(bank)
+    files = {t: TableFiles(bank, t) for t in sorted({t for h in builds for t in h["versions"]})}
 
     def rows(table: str, v: int | None) -> int | None:
         if v is None or files[table].version_bytes(v) is None:
             return None
-        return lance.dataset(BankLayout(bank_uri).table(table), version=v).count_rows()
+        return bank.dataset(table, version=v, check=False).count_rows()
 
     out = []
     for h in builds:

@@ -10,10 +10,9 @@ Arrow, only the columns compared), so nothing is loaded whole into Python.
 from __future__ import annotations
 
 import duckdb
-import lance
 
 from storage.builds import resolve_build, table_versions, BuildError
-from storage.layout import BankLayout
+from storage.bank import Bank
 
 _REFS = """SELECT CASE WHEN a.ref_id IS NULL THEN 'added' WHEN b.ref_id IS NULL THEN 'removed'
                        WHEN a.content_hash <> b.content_hash THEN 'changed' ELSE 'unchanged' END AS kind,
@@ -27,14 +26,13 @@ _MEMORIES = """SELECT CASE WHEN a.ref_id IS NULL THEN 'new' WHEN b.ref_id IS NUL
 KINDS = {"refs": ("added", "removed", "changed", "unchanged"), "memories": ("new", "changed", "removed", "unchanged")}
 
 
-def _compare(bank_uri: str, table: str, va: int, vb: int, columns: list[str], sql: str, examples: int) -> dict:
+def _compare(bank: Bank, table: str, va: int, vb: int, columns: list[str], sql: str, examples: int) -> dict:
     for v in (va, vb):
-        if v not in table_versions(bank_uri, table):
+        if v not in table_versions(bank, table):
             raise BuildError(f"table {table} version {v} is no longer on disk (removed by retention)")
-    uri = BankLayout(bank_uri).table(table)
     con = duckdb.connect(":memory:")
-    con.register("ta", lance.dataset(uri, version=va).scanner(columns=columns).to_reader())
-    con.register("tb", lance.dataset(uri, version=vb).scanner(columns=columns).to_reader())
+    con.register("ta", bank.dataset(table, version=va, check=False).scanner(columns=columns).to_reader())
+    con.register("tb", bank.dataset(table, version=vb, check=False).scanner(columns=columns).to_reader())
     con.execute(f"CREATE TEMP TABLE d AS {sql}")
     counts = dict(con.execute("SELECT kind, count(*) FROM d GROUP BY kind").fetchall())
     out = {k: counts.get(k, 0) for k in KINDS[table]}
@@ -44,15 +42,15 @@ def _compare(bank_uri: str, table: str, va: int, vb: int, columns: list[str], sq
     return out
 
 
-def diff_builds(bank_uri: str, a: str | int, b: str | int, examples: int = 5) -> dict:
+def diff_builds(bank: Bank, a: str | int, b: str | int, examples: int = 5) -> dict:
     """Counts and example ref_ids of what changed in refs and memories from build `a` to `b`."""
-    ea, eb = resolve_build(bank_uri, a), resolve_build(bank_uri, b)
+    ea, eb = resolve_build(bank, a), resolve_build(bank, b)
     out = {"a": {k: ea[k] for k in ("build", "versions")}, "b": {k: eb[k] for k in ("build", "versions")}}
     va, vb = ea["versions"], eb["versions"]
     if "refs" in va and "refs" in vb:
-        out["refs"] = _compare(bank_uri, "refs", va["refs"], vb["refs"], ["ref_id", "content_hash"], _REFS, examples)
+        out["refs"] = _compare(bank, "refs", va["refs"], vb["refs"], ["ref_id", "content_hash"], _REFS, examples)
     if "memories" in va and "memories" in vb:
-        mem = _compare(bank_uri, "memories", va["memories"], vb["memories"], ["ref_id", "model_hash", "payload"],
+        mem = _compare(bank, "memories", va["memories"], vb["memories"], ["ref_id", "model_hash", "payload"],
                        _MEMORIES, examples)
         out["memories"] = {"re_encoded": mem["new"] + mem["changed"], **mem}
     return out

@@ -15,16 +15,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-import lance
-
-from storage.layout import BankLayout
+from storage.bank import LATEST, Bank
 
 
 class TableFiles:
     """One listing of a table's files: sizes on disk and the files each version references."""
 
-    def __init__(self, bank_uri: str, table: str):
-        ds = lance.dataset(BankLayout(bank_uri).table(table))
+    def __init__(self, bank: Bank, table: str):
+        ds = bank.dataset(table, LATEST, check=False)
         listing = ds.all_files().read_all()
         self.sizes: dict[str, int] = dict(zip(listing.column("path").to_pylist(),
                                               listing.column("size_bytes").to_pylist()))

@@ -127,10 +127,8 @@ class BankLayout:
         return self.path(f"_{what}.lock") if self.on_object_store() else self.local(f"_{what}.lock")
 
     def training(self, stage: str | None = None) -> Path:
+        """Training inside the bank; Bank.training says where a stage trains (train.run_dir)."""
         return self.local("training", stage) if stage else self.local("training")
-
-    def trained_model(self, stage: str) -> Path:
-        return self.training(stage) / "model"
 
     def models(self) -> Path:
         return self.local("models")

@@ -25,20 +25,17 @@ from __future__ import annotations
 
 import json
 import time
-from typing import TYPE_CHECKING
 
 
 from model.errors import M3Error
 from storage.conditional import PreconditionFailed, read_versioned, write_if
 
-if TYPE_CHECKING:
-    from storage.bank import Bank
-
 TAG = "live"
 HISTORY = 32  # published builds remembered; retention keeps the newest `keep_builds` of them
 
 
-def read_manifest(bank: Bank) -> dict | None:
+# `bank` below is a storage.bank.Bank, not imported: a Bank reads its live pins through here
+def read_manifest(bank) -> dict | None:
     """The manifest ({"versions": {table: version}, "history": [...], ...}) or None before the
     first published build."""
     try:
@@ -51,14 +48,14 @@ class PublishConflict(M3Error, RuntimeError):
     """The live manifest changed between the publisher's read and its write."""
 
 
-def manifest_state(bank: Bank) -> tuple[dict | None, str | None]:
+def manifest_state(bank) -> tuple[dict | None, str | None]:
     """The manifest and its version token (what `publish(expect=...)` compares), (None, None)
     before the first published build."""
     got = read_versioned(bank.layout.manifest())
     return (None, None) if got is None else (json.loads(got[0]), got[1])
 
 
-def live_versions(bank: Bank) -> dict[str, int]:
+def live_versions(bank) -> dict[str, int]:
     manifest = read_manifest(bank)
     return dict(manifest["versions"]) if manifest else {}
 
@@ -77,7 +74,7 @@ def numbered(history: list[dict]) -> list[dict]:
 _AS_READ = object()
 
 
-def _conflict(bank: Bank, since: str) -> PublishConflict:
+def _conflict(bank, since: str) -> PublishConflict:
     now = read_manifest(bank) or {}
     return PublishConflict(f"the live build of {bank.uri} changed {since} (it is now build {now.get('build')}, "
                            f"published at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now.get('published_at', 0)))}"
@@ -85,7 +82,7 @@ def _conflict(bank: Bank, since: str) -> PublishConflict:
                            f"build on top of it")
 
 
-def publish(bank: Bank, versions: dict[str, int], info: dict | None = None, expect=_AS_READ) -> dict:
+def publish(bank, versions: dict[str, int], info: dict | None = None, expect=_AS_READ) -> dict:
     """Make `versions` the live build: replace the manifest if it is still the one read (by
     this call, or, with `expect`, the version token of `manifest_state` the caller read before
     building), then move the tags. Raises PublishConflict if another publisher came between.

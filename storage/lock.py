@@ -56,8 +56,8 @@ from pathlib import Path
 from typing import Callable
 
 from model.errors import M3Error
+from storage.bank import Bank
 from storage.conditional import PreconditionFailed, read_versioned, remove_if, write_if
-from storage.layout import BankLayout
 
 
 class LockError(M3Error, RuntimeError):
@@ -95,9 +95,9 @@ def _process_start(pid: int) -> float | None:
 class BankLock:
     """The bank's write lock, taken as `what` (the command: "ingest", "rebuild", ...)."""
 
-    def __init__(self, bank_uri: str, what: str = "rebuild", stale_after_s: float = 24 * 3600,
+    def __init__(self, bank: Bank, what: str = "rebuild", stale_after_s: float = 24 * 3600,
                  reentrant: bool = False):
-        layout = BankLayout(bank_uri)
+        layout = bank.layout
         self.path = layout.lock(LOCK)  # one file for every writer, whatever `what`
         self.object_store = layout.on_object_store()  # no O_EXCL there: a conditional PUT instead
         self.what, self.stale_after_s, self.reentrant = what, stale_after_s, reentrant
@@ -259,7 +259,7 @@ def _stale_after(cfg) -> float:
 
 def write_lock(cfg, what: str) -> BankLock:
     """The bank's write lock for command `what`, reentrant in this thread: `with write_lock(cfg, "rebuild"):`."""
-    return BankLock(cfg.bank.uri, what, _stale_after(cfg), reentrant=True)
+    return BankLock(Bank.of(cfg), what, _stale_after(cfg), reentrant=True)
 
 
 def writes_bank(what: str | Callable[..., str | None]):

@@ -121,7 +121,7 @@ class MemoryStore:
         if slab != "off" and ids and self.shape is not None:
             digest = row_digest(ids, index.column("content_hash").to_pylist()).hexdigest()
             try:
-                self.slab = open_slab(bank.uri, ds, meta, self.codec.nbytes(self.shape), digest)
+                self.slab = open_slab(bank, ds, meta, self.codec.nbytes(self.shape), digest)
                 self._crcs = self.slab.crcs  # checks Lance's rows too, should the slab fail one
             except SlabError as e:
                 if slab == "require":

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import lance
 
+from storage.bank import LATEST, Bank, BankError
 from storage.live import TAG, numbered, publish, read_manifest
 from storage.slab import SlabError, ensure_slab, prune as prune_slabs
-from storage.layout import BankLayout
 
 
 def compact(uri: str, min_fragments: int = 2) -> int | None:
@@ -55,12 +55,12 @@ def kept_versions(ds, table: str, manifest: dict, keep_builds: int, keep_tags: b
     return keep | {v["version"] for v in ds.versions() if v["version"] >= live}
 
 
-def apply_retention(bank_uri: str, manifest: dict, keep_builds: int, keep_tags: bool = False) -> dict[str, dict]:
+def apply_retention(bank: Bank, manifest: dict, keep_builds: int, keep_tags: bool = False) -> dict[str, dict]:
     """Delete every version (and its files) that no kept build, tag or newer-than-live write
     holds (see the module docstring). Returns per table what was removed."""
     out = {}
     for table in manifest["versions"]:
-        ds = lance.dataset(BankLayout(bank_uri).table(table))
+        ds = bank.dataset(table, LATEST, check=False)
         keep = kept_versions(ds, table, manifest, keep_builds, keep_tags)
         dropped_tags = []
         for tag, info in ds.tags.list().items():
@@ -78,14 +78,14 @@ def apply_retention(bank_uri: str, manifest: dict, keep_builds: int, keep_tags: 
         out[table] = {"versions_removed": len(old), "bytes_removed": stats.bytes_removed, "tags_removed": dropped_tags}
     if "memories" in manifest["versions"]:
         # a dropped version's payload slab goes with it (storage/slab.py)
-        ds = lance.dataset(BankLayout(bank_uri).table("memories"))
-        gone = prune_slabs(bank_uri, [v["version"] for v in ds.versions()])
+        ds = bank.dataset("memories", LATEST, check=False)
+        gone = prune_slabs(bank, [v["version"] for v in ds.versions()])
         if gone:
             out.setdefault("memories", {"versions_removed": 0, "bytes_removed": 0, "tags_removed": []})["slabs_removed"] = gone
     return out
 
 
-def compact_bank(bank_uri: str, keep_builds: int, min_fragments: int = 2) -> dict:
+def compact_bank(bank: Bank, keep_builds: int, min_fragments: int = 2) -> dict:
     """`m3 bank compact` (the caller holds the rebuild lock): merge the fragments of each live
     table that is not behind a newer write, publish the compacted versions (same rows) as a new
     build, then apply retention keeping tags.
@@ -95,36 +95,34 @@ def compact_bank(bank_uri: str, keep_builds: int, min_fragments: int = 2) -> dic
     compacted build was published, so even keep_builds=1 keeps it until the next rebuild). A
     reader pinned to a build older than the kept ones fails on its next read, as after a rebuild.
     """
-    from storage.bank import Bank, BankError
-
-    manifest = read_manifest(Bank(bank_uri))
+    manifest = read_manifest(bank)
     if not manifest:
-        raise BankError(f"bank {bank_uri} has no published build: nothing to compact (run `m3 rebuild`)")
-    layout, live = BankLayout(bank_uri), manifest["versions"]
+        raise BankError(f"bank {bank.uri} has no published build: nothing to compact (run `m3 rebuild`)")
+    live = manifest["versions"]
     compacted, skipped = {}, []
     for table, version in live.items():
-        if lance.dataset(layout.table(table)).latest_version != version:
+        if bank.dataset(table, LATEST, check=False).latest_version != version:
             skipped.append(table)  # a newer, unpublished write: compacting it would publish it
             continue
-        if (new := compact(layout.table(table), min_fragments)) is not None:
+        if (new := compact(bank.layout.table(table), min_fragments)) is not None:
             compacted[table] = {"from": version, "to": new}
     keep = keep_builds
     if compacted:
         build = numbered(manifest["history"])[-1]["build"] if manifest.get("history") else None
         info = {k: manifest[k] for k in ("ingest_key", "encode_key") if k in manifest}
         versions = {**live, **{t: c["to"] for t, c in compacted.items()}}
-        manifest = publish(Bank(bank_uri), versions, {**info, "compacted_from": manifest.get("build", build)})
+        manifest = publish(bank, versions, {**info, "compacted_from": manifest.get("build", build)})
         keep += 1
     if "memories" in compacted:  # the compacted version is the live one now: give it its slab
         try:
-            ensure_slab(bank_uri, compacted["memories"]["to"])
+            ensure_slab(bank, compacted["memories"]["to"])
         except SlabError:
             pass  # payloads of mixed sizes (not a bank the encode stage wrote): readers use Lance
-    retention = apply_retention(bank_uri, manifest, keep, keep_tags=True)
+    retention = apply_retention(bank, manifest, keep, keep_tags=True)
     return {"compacted": compacted, "skipped_newer_write": skipped, "build": manifest.get("build"),
             "retention": retention}
 
 
-def table_files(bank_uri: str, table: str) -> int:
+def table_files(bank: Bank, table: str) -> int:
     """Files on disk under a table's directory (what retention keeps in check)."""
-    return sum(1 for p in Path(BankLayout(bank_uri).table(table)).rglob("*") if p.is_file())
+    return sum(1 for p in Path(bank.layout.table(table)).rglob("*") if p.is_file())

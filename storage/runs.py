@@ -43,8 +43,8 @@ def _quote(text: str) -> str:
 
 
 class RunLog:
-    def __init__(self, bank_uri: str):
-        self.bank = Bank(bank_uri)
+    def __init__(self, bank: Bank):
+        self.bank = bank
 
     def _table(self):
         if not self.bank.has("runs"):

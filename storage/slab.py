@@ -46,13 +46,17 @@ import os
 import time
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
 from model.errors import M3Error
-from storage.layout import BankLayout, LayoutError
+from storage.layout import LayoutError
 from storage.staging import open_atomic, write_bytes_atomic, write_text_atomic
+
+if TYPE_CHECKING:
+    from storage.bank import Bank
 
 FORMAT = 2  # 2: per-row crc32 (the .crc file); a format-1 slab is written again, never read
 TABLE = "memories"
@@ -74,21 +78,21 @@ class SlabCorrupt(SlabError):
         self.rows = [int(r) for r in rows]
 
 
-def slab_dir(bank_uri: str) -> Path | None:
+def slab_dir(bank: Bank) -> Path | None:
     """Where this bank keeps its slabs; None for a bank on an object store (no slabs there)."""
     try:
-        return BankLayout(bank_uri).slabs(TABLE)
+        return bank.layout.slabs(TABLE)
     except LayoutError:
         return None
 
 
-def paths(bank_uri: str, version: int) -> tuple[Path, Path] | None:
-    d = slab_dir(bank_uri)
+def paths(bank: Bank, version: int) -> tuple[Path, Path] | None:
+    d = slab_dir(bank)
     return None if d is None else (d / f"v{int(version)}.payload", d / f"v{int(version)}.json")
 
 
-def crc_path(bank_uri: str, version: int) -> Path | None:
-    d = slab_dir(bank_uri)
+def crc_path(bank: Bank, version: int) -> Path | None:
+    d = slab_dir(bank)
     return None if d is None else d / f"v{int(version)}.crc"
 
 
@@ -125,15 +129,15 @@ def _fixed_rows(payload: pa.Array, nbytes: int, ref_ids) -> np.ndarray:
     return data[off[0]:off[-1]].reshape(len(arr), nbytes)
 
 
-def write_slab(bank_uri: str, ds, codec, shape, meta: dict) -> dict | None:
+def write_slab(bank: Bank, ds, codec, shape, meta: dict) -> dict | None:
     """Write the slab of the memories dataset `ds` (open at the version to mirror); return its
     header, or None for a bank on an object store. Rewrites nothing already there and valid."""
-    where = paths(bank_uri, ds.version)
+    where = paths(bank, ds.version)
     if where is None:
         return None
     payload_path, header_path = where
     try:
-        return check(bank_uri, ds, meta, codec.nbytes(shape), _rows_digest(ds))
+        return check(bank, ds, meta, codec.nbytes(shape), _rows_digest(ds))
     except SlabError:
         pass  # absent or stale: write it
     nbytes = codec.nbytes(shape)
@@ -149,7 +153,7 @@ def write_slab(bank_uri: str, ds, codec, shape, meta: dict) -> dict | None:
             crcs.append(row_crcs(block))
             rows += len(ids)
     crc_bytes = (np.concatenate(crcs) if crcs else np.zeros(0, np.uint32)).astype("<u4").tobytes()
-    write_bytes_atomic(crc_path(bank_uri, ds.version), crc_bytes, durable=True)
+    write_bytes_atomic(crc_path(bank, ds.version), crc_bytes, durable=True)
     header = {"format": FORMAT, "table": TABLE, "version": int(ds.version), "rows": rows,
               "codec": meta.get("codec"), "quantizer_hash": meta.get("quantizer_hash"),
               "model_hash": meta.get("model_hash"), "shape": [int(s) for s in shape], "payload_bytes": nbytes,
@@ -160,18 +164,16 @@ def write_slab(bank_uri: str, ds, codec, shape, meta: dict) -> dict | None:
     return header
 
 
-def ensure_slab(bank_uri: str, version: int) -> dict | None:
+def ensure_slab(bank: Bank, version: int) -> dict | None:
     """The slab of memories version `version`, written if missing or stale; its header, or None
     where there is none to write (a bank on an object store, a table without rows). A table
     whose payloads are not all of the codec's size raises SlabError naming the first bad row."""
-    import lance
-
     from model.codecs import make_codec
     from storage.bank import _decode
 
-    if slab_dir(bank_uri) is None:
+    if slab_dir(bank) is None:
         return None
-    ds = lance.dataset(BankLayout(bank_uri).table(TABLE), version=version)
+    ds = bank.dataset(TABLE, version=version, check=False)
     if ds.count_rows() == 0:
         return None
     meta = _decode(ds.schema.metadata)
@@ -180,7 +182,7 @@ def ensure_slab(bank_uri: str, version: int) -> dict | None:
         kw = {"quantizer": meta.get("quantizer_path"), "quantizer_hash": meta.get("quantizer_hash")}
     codec = make_codec(meta["codec"], **kw)
     shape = ds.take([0], columns=["shape"]).column("shape")[0].as_py()
-    return write_slab(bank_uri, ds, codec, shape, meta)
+    return write_slab(bank, ds, codec, shape, meta)
 
 
 def _rows_digest(ds) -> str:
@@ -190,24 +192,24 @@ def _rows_digest(ds) -> str:
     return h.hexdigest()
 
 
-def read_header(bank_uri: str, version: int) -> dict | None:
-    where = paths(bank_uri, version)
+def read_header(bank: Bank, version: int) -> dict | None:
+    where = paths(bank, version)
     if where is None or not where[1].exists():
         return None
     return json.loads(where[1].read_text())
 
 
-def check(bank_uri: str, ds, meta: dict, payload_bytes: int, digest: str | None, rows: int | None = None) -> dict:
+def check(bank: Bank, ds, meta: dict, payload_bytes: int, digest: str | None, rows: int | None = None) -> dict:
     """The slab header of `ds`'s version if the slab mirrors it exactly, else SlabError saying
     what differs. `digest` is row_digest of the table's rows (the caller has read those columns);
     None skips it (`m3 bank verify --quick`: the header and the file sizes alone). `rows`: the
     table's row count, when the caller has it (else count_rows)."""
-    where = paths(bank_uri, ds.version)
+    where = paths(bank, ds.version)
     if where is None:
-        raise SlabError(f"the bank at {bank_uri} is on an object store: it has no slabs")
-    header = read_header(bank_uri, ds.version)
+        raise SlabError(f"the bank at {bank.uri} is on an object store: it has no slabs")
+    header = read_header(bank, ds.version)
     if header is None:
-        raise SlabError(f"no slab for memories version {ds.version} in {bank_uri}")
+        raise SlabError(f"no slab for memories version {ds.version} in {bank.uri}")
     name = f"slab {where[1]}"
     if header.get("format") != FORMAT:
         raise SlabError(f"{name} is format {header.get('format')}, not {FORMAT} (no per-row checksums): the next "
@@ -222,7 +224,7 @@ def check(bank_uri: str, ds, meta: dict, payload_bytes: int, digest: str | None,
             what = "digest over (ref_id, content_hash)" if key == "digest" else key
             raise SlabError(f"{name} does not match memories version {ds.version}: its {what} is "
                             f"{header.get(key)!r}, the table's is {value!r}")
-    for path, per, what in ((where[0], payload_bytes, "payload"), (crc_path(bank_uri, ds.version), 4, "checksum")):
+    for path, per, what in ((where[0], payload_bytes, "payload"), (crc_path(bank, ds.version), 4, "checksum")):
         size = path.stat().st_size if path.exists() else None
         if size != header["rows"] * per:
             raise SlabError(f"{name}: {what} file {path} is {size if size is not None else 'missing'}"
@@ -231,9 +233,9 @@ def check(bank_uri: str, ds, meta: dict, payload_bytes: int, digest: str | None,
     return header
 
 
-def read_crcs(bank_uri: str, version: int, header: dict) -> np.ndarray:
+def read_crcs(bank: Bank, version: int, header: dict) -> np.ndarray:
     """The per-row crc32s of a checked slab, themselves checked against the header's digest."""
-    path = crc_path(bank_uri, version)
+    path = crc_path(bank, version)
     data = path.read_bytes()
     if hashlib.blake2b(data, digest_size=16).hexdigest() != header.get("row_crcs_digest"):
         raise SlabCorrupt(f"slab of memories version {version}: its checksum file {path} differs from what was "
@@ -241,15 +243,15 @@ def read_crcs(bank_uri: str, version: int, header: dict) -> np.ndarray:
     return np.frombuffer(data, "<u4").astype(np.uint32)
 
 
-def verify_payloads(bank_uri: str, version: int) -> dict:
+def verify_payloads(bank: Bank, version: int) -> dict:
     """Read the whole payload file and check every row against its crc32 (format 2: they cover
     every byte of a file of the right size), or the file against the header's payload_digest
     (format 1); the header, or SlabCorrupt naming the bad rows (`.rows`)."""
-    header = read_header(bank_uri, version)
+    header = read_header(bank, version)
     if header is None:
-        raise SlabError(f"no slab for memories version {version} in {bank_uri}")
-    path, per = paths(bank_uri, version)[0], int(header["payload_bytes"])
-    crcs = read_crcs(bank_uri, version, header) if header.get("format") == FORMAT else None
+        raise SlabError(f"no slab for memories version {version} in {bank.uri}")
+    path, per = paths(bank, version)[0], int(header["payload_bytes"])
+    crcs = read_crcs(bank, version, header) if header.get("format") == FORMAT else None
     h, bad, at = hashlib.blake2b(digest_size=16), [], 0
     step = max(1, (8 << 20) // max(per, 1))  # whole rows per read, ~8 MiB
     with open(path, "rb") as f:
@@ -389,19 +391,19 @@ class SlabReader:
             pass
 
 
-def open_slab(bank_uri: str, ds, meta: dict, payload_bytes: int, digest: str) -> SlabReader:
+def open_slab(bank: Bank, ds, meta: dict, payload_bytes: int, digest: str) -> SlabReader:
     """A reader of the slab of `ds`'s version, checked against the table (SlabError otherwise),
     that checks every row it reads against the slab's crc32s."""
-    header = check(bank_uri, ds, meta, payload_bytes, digest)
-    crcs = read_crcs(bank_uri, ds.version, header)
-    return SlabReader(paths(bank_uri, ds.version)[0], header["rows"], payload_bytes, crcs=crcs)
+    header = check(bank, ds, meta, payload_bytes, digest)
+    crcs = read_crcs(bank, ds.version, header)
+    return SlabReader(paths(bank, ds.version)[0], header["rows"], payload_bytes, crcs=crcs)
 
 
-def footprint(bank_uri: str) -> dict | None:
+def footprint(bank: Bank) -> dict | None:
     """Bytes of the bank's slab files, which live beside the tables (and so outside every
     table's own listing): {"dir", "files", "bytes", "versions"}; None for a bank on an object
     store. Every file in the slab directory counts, leftovers of an interrupted write too."""
-    d = slab_dir(bank_uri)
+    d = slab_dir(bank)
     if d is None:
         return None
     files = [p for p in d.iterdir() if p.is_file()] if d.exists() else []
@@ -409,9 +411,9 @@ def footprint(bank_uri: str) -> dict | None:
     return {"dir": str(d), "files": len(files), "bytes": sum(p.stat().st_size for p in files), "versions": versions}
 
 
-def prune(bank_uri: str, versions_on_disk) -> list[int]:
+def prune(bank: Bank, versions_on_disk) -> list[int]:
     """Delete the slabs of memories versions that no longer exist; return their versions."""
-    d = slab_dir(bank_uri)
+    d = slab_dir(bank)
     if d is None or not d.exists():
         return []
     keep, gone = {int(v) for v in versions_on_disk}, []

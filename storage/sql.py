@@ -72,7 +72,7 @@ def connect(bank: Bank, builds: bool = True) -> duckdb.DuckDBPyConnection:
         if builds and "builds" not in bank.tables():
             from storage.builds import builds_table
 
-            con.register("builds", builds_table(bank.uri))
+            con.register("builds", builds_table(bank))
         _read_only_settings(con)
     except BaseException:
         con.close()

@@ -53,7 +53,7 @@ def _bank_stats(bank: Bank, keep_builds: int) -> dict:
                         "tags": bank.tags(name), "live_bytes": live, "dead_bytes": dead}
     out = {"uri": bank.uri, "tables": tables, "kept_builds": [h.get("build") for h in builds],
            "live_bytes": sum(t["live_bytes"] for t in tables.values()),
-           "dead_bytes": sum(t["dead_bytes"] for t in tables.values()), "slabs": footprint(bank.uri)}
+           "dead_bytes": sum(t["dead_bytes"] for t in tables.values()), "slabs": footprint(bank)}
     if "memories" in tables:
         meta = bank.metadata("memories")
         with readable(bank, "memories"):

@@ -12,18 +12,19 @@ from __future__ import annotations
 
 from jobs.config import Config
 from jobs.ops.lock import LockError, write_lock
+from storage.bank import Bank
 from storage.retention import compact_bank
 
 
-def compact_locked(cfg: Config) -> dict:
+def compact_locked(cfg: Config, bank: Bank) -> dict:
     """Compact; the caller holds the bank's write lock."""
-    return compact_bank(cfg.bank.uri, cfg.rebuild.keep_builds)
+    return compact_bank(bank, cfg.rebuild.keep_builds)
 
 
 def run_compact(cfg: Config) -> dict:
     try:
         with write_lock(cfg, "compaction"):
-            return compact_locked(cfg)
+            return compact_locked(cfg, Bank.of(cfg))
     except LockError as e:
         raise LockError(f"cannot compact while another command writes the bank: {e}") from None
 

@@ -38,41 +38,43 @@ from pathlib import Path
 from jobs.config import Config
 from jobs.config.cron import Cron
 from jobs.project import ROOT
+from storage.bank import Bank
+from storage.layout import is_uri
 from storage.runs import RunLog
-from storage.layout import BankLayout, is_uri
 
 SUMMARY_ENV = "M3_RUN_SUMMARY"
 
 
-def _runs_dir(cfg: Config):
+def _runs_dir(bank: Bank):
     """Where runs leave their summaries: beside the bank, `<bank>/_runs/`, on the bank's own
     storage (a shared mount, or the bucket of an s3:// bank), so that a Ray job on another node
     can hand its counts back (`m3 rebuild` writes it through storage/staging.py)."""
-    uri = cfg.bank.uri if is_uri(cfg.bank.uri) else str(Path(cfg.bank.uri).resolve())
-    return BankLayout(uri).runs()
+    runs = bank.layout.runs()
+    return runs if is_uri(bank.uri) else runs.resolve()
 
 
-def _config_dir(cfg: Config, runs_dir) -> Path:
+def _config_dir(bank: Bank, runs_dir) -> Path:
     """Where the resolved config for child rebuilds goes: a local file they can read (beside
     the runs of a local bank, as before; a temporary directory for a bank at a URI)."""
-    return runs_dir if not is_uri(cfg.bank.uri) else Path(tempfile.gettempdir()) / "m3-schedule"
+    return runs_dir if not is_uri(bank.uri) else Path(tempfile.gettempdir()) / "m3-schedule"
 
 
 class Scheduler:
     def __init__(self, cfg: Config, address: str | None = None):
         self.cfg, self.address = cfg, address or cfg.schedule.address
         self.cron = Cron.parse(cfg.schedule.cron)
-        self.log = RunLog(cfg.bank.uri)
+        self.bank = Bank.of(cfg)
+        self.log = RunLog(self.bank)
         self.stopping = threading.Event()
         self.child: subprocess.Popen | None = None
-        self.runs_dir = _runs_dir(cfg)
+        self.runs_dir = _runs_dir(self.bank)
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         # a child rebuild reads the config resolved here (--set overrides included)
         import yaml
 
         from jobs.ops.submit import portable_config
 
-        config_dir = _config_dir(cfg, self.runs_dir)
+        config_dir = _config_dir(self.bank, self.runs_dir)
         config_dir.mkdir(parents=True, exist_ok=True)
         self.config_file = config_dir / f"schedule-config-{os.getpid()}.yaml"
         self.config_file.write_text(yaml.safe_dump(portable_config(cfg), sort_keys=False), encoding="utf-8")
@@ -140,7 +142,7 @@ class Scheduler:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.on_signal)
         where = f"as Ray jobs at {self.address}" if self.address else "as child processes on this machine"
-        print(f"schedule: rebuilding {self.cfg.bank.uri} on '{self.cron.text}', {where}", flush=True)
+        print(f"schedule: rebuilding {self.bank.uri} on '{self.cron.text}', {where}", flush=True)
         runs = 0
         while not self.stopping.is_set() and (max_runs is None or runs < max_runs):
             slot = self.cron.next_after(datetime.now())

@@ -182,24 +182,24 @@ def _files(bank: Bank, name: str, ds) -> tuple[bool, str]:
 
 def _slab_header(bank: Bank, ds):
     """(ok, detail, header or None): the slab's header and file sizes against the table."""
-    if slabs.slab_dir(bank.uri) is None:
+    if slabs.slab_dir(bank) is None:
         return True, "no slab (a bank on an object store): readers use Lance", None
     rows = ds.count_rows()
-    header = slabs.read_header(bank.uri, ds.version)
+    header = slabs.read_header(bank, ds.version)
     if rows == 0 or header is None:
         return True, "no slab for this version: readers use Lance", None
     if header.get("format") != slabs.FORMAT:
         return True, (f"format {header.get('format')} slab (no per-row checksums): not read; the next "
                       f"`m3 encode` or `m3 rebuild` writes it again"), None
     payload_bytes = len(ds.take([0], columns=["payload"]).column("payload")[0].as_py())
-    header = slabs.check(bank.uri, ds, _decode(ds.schema.metadata), payload_bytes, None, rows)
-    slabs.read_crcs(bank.uri, ds.version, header)
+    header = slabs.check(bank, ds, _decode(ds.schema.metadata), payload_bytes, None, rows)
+    slabs.read_crcs(bank, ds.version, header)
     return True, f"header matches the table: {rows:,} rows x {payload_bytes:,} B, checksum file intact", header
 
 
 def _slab_payloads(bank: Bank, version: int):
     try:
-        header = slabs.verify_payloads(bank.uri, version)
+        header = slabs.verify_payloads(bank, version)
     except slabs.SlabCorrupt as e:
         return False, f"memories: {e}"
     return True, f"{header['rows']:,} rows x {header['payload_bytes']:,} B match their crc32s"
@@ -213,7 +213,7 @@ def _scan(bank: Bank, name: str, ds, header: dict | None):
     want_rows = ds.count_rows()
     rows, bad, first = 0, 0, None
     ids = []
-    crcs = slabs.read_crcs(bank.uri, ds.version, header) if name == "memories" and header else None
+    crcs = slabs.read_crcs(bank, ds.version, header) if name == "memories" and header else None
     digest = slabs.row_digest([], []) if crcs is not None else None
     what = {"refs": "content_hash = token_hash(token_ids), n_tokens = len(token_ids)",
             "documents": "content_hash = content_hash(text), n_chars = len(text)",

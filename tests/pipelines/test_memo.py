@@ -10,7 +10,8 @@ import pyarrow as pa
 import pytest
 
 from pipelines import memo
-from storage.layout import BankLayout, upath
+from storage.bank import Bank
+from storage.layout import upath
 
 SCHEMA = pa.schema([memo.KEY, pa.field("text", pa.large_string())])
 
@@ -18,11 +19,11 @@ SCHEMA = pa.schema([memo.KEY, pa.field("text", pa.large_string())])
 @pytest.fixture(params=["local", "s3"])
 def bank(request, tmp_path):
     if request.param == "local":
-        return str(tmp_path / "bank")
-    return f"{request.getfixturevalue('s3')[0]}/memo-{uuid.uuid4().hex[:8]}"
+        return Bank(str(tmp_path / "bank"))
+    return Bank(f"{request.getfixturevalue('s3')[0]}/memo-{uuid.uuid4().hex[:8]}")
 
 
-def write_build(bank: str, build: str, shards: dict[str, list[str]], cfg: str = "cfg-a") -> None:
+def write_build(bank: Bank, build: str, shards: dict[str, list[str]], cfg: str = "cfg-a") -> None:
     for kind in memo.KINDS:
         for shard_id, texts in shards.items():
             memo.write(memo.target(bank, build, kind), shard_id, SCHEMA,
@@ -47,7 +48,7 @@ def test_publishing_a_build_drops_the_older_ones(bank):
     memo.write(memo.target(bank, "b-crashed", "clean"), "s0", SCHEMA,  # a build that never committed
                {"key": [memo.text_key("zeta")], "text": ["clean:zeta"]})
     write_build(bank, "b2", {"s0": ["beta", "gamma"], "s9": []}, cfg="cfg-b")
-    root = BankLayout(bank).memo()
+    root = bank.layout.memo()
     assert sorted(p.name for p in root.iterdir()) == ["b2", "current.json"]
     assert json.loads((root / "current.json").read_text())["build"] == "b2"
     assert memo.source(bank, "clean", "cfg-a") is None

@@ -40,8 +40,9 @@ def write_as(path: str, expect, me: int) -> str:
 def take_lock(bank: str, me: int) -> str:
     """One racer taking the bank's lock (jobs/ops/lock.py), held until the race is over."""
     from jobs.ops.lock import BankLock
+    from storage.bank import Bank
 
-    BankLock(bank).acquire()
+    BankLock(Bank(bank)).acquire()
     return "held"
 
 

@@ -5,7 +5,7 @@ import json
 import pyarrow as pa
 import pytest
 
-from storage.bank import META_KEY, Bank, BankError
+from storage.bank import LATEST, META_KEY, Bank, BankError
 from storage.schemas import SCHEMA_VERSION, TRAIN_SEQUENCES
 from storage.sql import SQLError, query, render
 
@@ -71,11 +71,8 @@ def test_bank_of_a_config_knows_where_training_lives(tmp_path):
     assert runs.training("warmup") == (tmp_path / "runs").resolve() / "warmup"
     with pytest.raises(LayoutError, match="train.run_dir=s3://b/runs: training checkpoints"):
         Bank(str(tmp_path), run_dir="s3://b/runs").training("warmup")
-    remote = Bank.__new__(Bank)  # no bucket to connect to: the layout alone answers
-    remote.uri, remote.run_dir = "s3://b/bank", None
-    remote.layout = type(bank.layout)("s3://b/bank")
     with pytest.raises(LayoutError, match="train.run_dir: the bank at s3://b/bank is on an object store"):
-        remote.training("continual")
+        Bank("s3://b/bank").training("continual")  # no bucket asked: a Bank connects on first use
 
 
 def test_a_pickled_bank_reconnects_and_keeps_its_build(tmp_path):
@@ -102,3 +99,6 @@ def test_dataset_at_a_version(tmp_path):
     bank.write("train_sequences", TRAIN_SEQUENCES, seqs(1).to_batches(), {})
     assert bank.dataset("train_sequences").count_rows() == 1
     assert bank.dataset("train_sequences", version=v1).count_rows() == 3
+    pinned = bank.at({"train_sequences": v1})  # what storage/builds.py resolves a build to
+    assert pinned.dataset("train_sequences").count_rows() == 3
+    assert pinned.dataset("train_sequences", LATEST).count_rows() == 1

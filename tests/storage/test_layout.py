@@ -16,7 +16,7 @@ def test_a_local_bank_has_every_part_under_it(tmp_path):
     lay = BankLayout(str(tmp_path))
     assert lay.table("refs") == f"{tmp_path}/refs.lance"
     assert lay.staging("encode-k") == tmp_path / "_staging" / "encode-k"
-    assert lay.trained_model("continual") == tmp_path / "training" / "continual" / "model"
+    assert lay.training("continual") == tmp_path / "training" / "continual"
     assert lay.lock("rebuild") == tmp_path / "_rebuild.lock"
     assert lay.manifest() == tmp_path / "_live.json"
     parts = [lay.reports(), lay.runs(), lay.models(), lay.tokenizers(), lay.quantizers(), lay.eval(), lay.training()]

@@ -14,7 +14,7 @@ from storage.sql import query
 
 def test_runs_are_recorded_updated_and_compacted(tmp_path, monkeypatch):
     monkeypatch.setattr(runs, "COMPACT_FRAGMENTS", 4)
-    log = RunLog(str(tmp_path))
+    log = RunLog(Bank(str(tmp_path)))
     slot = datetime(2026, 11, 26, 3, 0)
     for i in range(7):
         log.start(f"r{i}", slot, i % 2, "process")

@@ -19,7 +19,6 @@ import torch
 
 from model.codecs import VQCodec, make_codec
 from storage.bank import Bank
-from storage.layout import BankLayout
 from storage.live import publish
 from storage.memory_store import MemoryStore
 from storage.retention import apply_retention, compact_bank
@@ -65,10 +64,10 @@ def test_slab_payloads_equal_lance_and_fetch_equals_the_lance_path(tmp_path, vq_
     bank, codec = Bank(str(tmp_path)), codec_for(name, vq_file)
     table = rows(codec, 40)
     version = write(bank, table, codec, vq_file)
-    header = ensure_slab(bank.uri, version)
+    header = ensure_slab(bank, version)
     assert header["rows"] == 40 and header["payload_bytes"] == codec.nbytes(SHAPE) and header["version"] == version
-    verify_payloads(bank.uri, version)
-    payload_file = paths(bank.uri, version)[0]
+    verify_payloads(bank, version)
+    payload_file = paths(bank, version)[0]
     flat = np.fromfile(payload_file, np.uint8).reshape(40, -1)
     lance_payloads = bank.dataset("memories").to_table(columns=["payload"]).column("payload").to_pylist()
     assert [r.tobytes() for r in flat] == lance_payloads
@@ -103,15 +102,15 @@ def slabbed(tmp_path, vq_file):
     bank, codec = Bank(str(tmp_path)), make_codec("int8")
     table = rows(codec, 30)
     v1 = write(bank, table, codec, vq_file)
-    ensure_slab(bank.uri, v1)
+    ensure_slab(bank, v1)
     hashes = table.column("content_hash").to_pylist()
     hashes[7] = "changed"
     v2 = write(bank, table.set_column(1, "content_hash", pa.array(hashes)), codec, vq_file)
     return bank, v1, v2
 
 
-def copy_slab(bank_uri, src: int, dst: int, **header_changes) -> None:
-    (p1, h1), (p2, h2) = paths(bank_uri, src), paths(bank_uri, dst)
+def copy_slab(bank, src: int, dst: int, **header_changes) -> None:
+    (p1, h1), (p2, h2) = paths(bank, src), paths(bank, dst)
     shutil.copyfile(p1, p2)
     header = {**json.loads(h1.read_text()), **header_changes}
     h2.write_text(json.dumps(header))
@@ -132,32 +131,32 @@ def refused(bank, version, match):
 
 def test_a_slab_of_another_version_is_refused(slabbed):
     bank, v1, v2 = slabbed
-    copy_slab(bank.uri, v1, v2)  # v1's slab under v2's name, header unchanged
+    copy_slab(bank, v1, v2)  # v1's slab under v2's name, header unchanged
     assert "its version is 1, the table's is 2" in refused(bank, v2, "version")
 
 
 def test_a_slab_whose_rows_changed_is_refused(slabbed):
     bank, v1, v2 = slabbed
-    copy_slab(bank.uri, v1, v2, version=v2)  # v1's payloads, claiming to be v2's: one row's hash differs
+    copy_slab(bank, v1, v2, version=v2)  # v1's payloads, claiming to be v2's: one row's hash differs
     assert "digest over (ref_id, content_hash)" in refused(bank, v2, "digest")
 
 
 def test_a_slab_with_another_row_count_is_refused(slabbed):
     bank, v1, _ = slabbed
-    _, header_path = paths(bank.uri, v1)
+    _, header_path = paths(bank, v1)
     header_path.write_text(json.dumps({**json.loads(header_path.read_text()), "rows": 29}))
     assert "its rows is 29, the table's is 30" in refused(bank, v1, "rows")
 
 
 def test_a_truncated_slab_is_refused(slabbed):
     bank, v1, _ = slabbed
-    payload_path, _ = paths(bank.uri, v1)
+    payload_path, _ = paths(bank, v1)
     data = payload_path.read_bytes()
     payload_path.write_bytes(data[:-100])
     assert "truncated" in refused(bank, v1, "truncated")
     payload_path.write_bytes(data[:-100] + b"x" * 100)  # right size, other bytes: the last row's checksum sees it
     with pytest.raises(SlabError, match=r"1 row\(s\) differ from their checksums \(first: row 29\)"):
-        verify_payloads(bank.uri, v1)
+        verify_payloads(bank, v1)
 
 
 def flip(path, offset: int) -> None:
@@ -177,11 +176,11 @@ def test_a_flipped_byte_in_the_slab_is_never_served(tmp_path, vq_file, name, cap
     bank, codec = Bank(str(tmp_path)), codec_for(name, vq_file)
     table = rows(codec, 30)
     version = write(bank, table, codec, vq_file)
-    ensure_slab(bank.uri, version)
+    ensure_slab(bank, version)
     per, ids = codec.nbytes(SHAPE), table.column("ref_id").to_pylist()
     lance_store = MemoryStore(bank, MODEL, slab="off")
     before = MemoryStore(bank, MODEL)  # opened before the flip: its memory map sees the new byte
-    flip(paths(bank.uri, version)[0], 7 * per + per // 2)
+    flip(paths(bank, version)[0], 7 * per + per // 2)
     after = MemoryStore(bank, MODEL)
     assert before.slab is not None and after.slab is not None
     ask = [ids[3], ids[7], ids[12]]
@@ -201,7 +200,7 @@ def test_a_flipped_byte_in_the_slab_is_never_served(tmp_path, vq_file, name, cap
     fine.fetch([ids[1], ids[8], ids[29]])
     assert fine.slab is not None and fine.slab_reads == 3
     with pytest.raises(SlabError, match=r"1 row\(s\) differ from their checksums \(first: row 7\)"):
-        verify_payloads(bank.uri, version)
+        verify_payloads(bank, version)
 
 
 def test_a_memory_damaged_in_the_slab_and_in_lance_is_one_error(tmp_path, vq_file):
@@ -212,9 +211,9 @@ def test_a_memory_damaged_in_the_slab_and_in_lance_is_one_error(tmp_path, vq_fil
     bank, codec = Bank(str(tmp_path)), make_codec("raw-fp32")
     table = rows(codec, 20)
     version = write(bank, table, codec, vq_file)
-    ensure_slab(bank.uri, version)
+    ensure_slab(bank, version)
     ids, payload = table.column("ref_id").to_pylist(), table.column("payload")[5].as_py()
-    flip(paths(bank.uri, version)[0], 5 * codec.nbytes(SHAPE) + 10)
+    flip(paths(bank, version)[0], 5 * codec.nbytes(SHAPE) + 10)
     [data_file] = [p for p in (tmp_path / "memories.lance" / "data").iterdir() if payload in p.read_bytes()]
     flip(data_file, data_file.read_bytes().index(payload) + 10)
     store = MemoryStore(bank, MODEL)
@@ -230,13 +229,13 @@ def test_a_slab_without_checksums_is_read_through_lance_until_written_again(slab
     from storage.slab import FORMAT, crc_path
 
     bank, v1, _ = slabbed
-    _, header_path = paths(bank.uri, v1)
+    _, header_path = paths(bank, v1)
     header = json.loads(header_path.read_text())
     old = {k: v for k, v in header.items() if k not in ("row_check", "row_crcs_digest")}
     header_path.write_text(json.dumps({**old, "format": 1}))
-    crc_path(bank.uri, v1).unlink()
+    crc_path(bank, v1).unlink()
     assert "format 1" in refused(bank, v1, "format 1")
-    assert ensure_slab(bank.uri, v1)["format"] == FORMAT == 2 and crc_path(bank.uri, v1).exists()
+    assert ensure_slab(bank, v1)["format"] == FORMAT == 2 and crc_path(bank, v1).exists()
     assert MemoryStore(bank, MODEL, version=v1, slab="require").slab is not None
 
 
@@ -244,7 +243,7 @@ def test_a_damaged_checksum_file_is_refused(slabbed):
     from storage.slab import crc_path
 
     bank, v1, _ = slabbed
-    flip(crc_path(bank.uri, v1), 9)
+    flip(crc_path(bank, v1), 9)
     assert "checksum file" in refused(bank, v1, "checksum file")
 
 
@@ -255,8 +254,8 @@ def test_a_table_of_mixed_payload_sizes_gets_no_slab(tmp_path, vq_file):
     payloads[2] = payloads[2][:-4]
     v = write(bank, table.set_column(7, "payload", pa.array(payloads, pa.binary())), codec, vq_file)
     with pytest.raises(SlabError, match="reference 'd0002-0': 1020 bytes, expected 1024"):
-        ensure_slab(bank.uri, v)
-    assert read_header(bank.uri, v) is None
+        ensure_slab(bank, v)
+    assert read_header(bank, v) is None
 
 
 def test_retention_drops_the_slabs_of_dropped_versions_and_compaction_writes_one(tmp_path, vq_file):
@@ -264,18 +263,18 @@ def test_retention_drops_the_slabs_of_dropped_versions_and_compaction_writes_one
     versions = []
     for seed in range(3):
         versions.append(write(bank, rows(codec, 12, seed), codec, vq_file))
-        ensure_slab(bank.uri, versions[-1])
+        ensure_slab(bank, versions[-1])
         manifest = publish(bank, {"memories": versions[-1]})
-    out = apply_retention(bank.uri, manifest, keep_builds=1)
+    out = apply_retention(bank, manifest, keep_builds=1)
     assert out["memories"]["slabs_removed"] == versions[:2]
-    assert [read_header(bank.uri, v) is not None for v in versions] == [False, False, True]
-    assert sorted(p.name for p in BankLayout(bank.uri).slabs("memories").iterdir()) == [
+    assert [read_header(bank, v) is not None for v in versions] == [False, False, True]
+    assert sorted(p.name for p in bank.layout.slabs("memories").iterdir()) == [
         f"v{versions[2]}.crc", f"v{versions[2]}.json", f"v{versions[2]}.payload"]
 
     tbl = bank.db.open_table("memories")
     tbl.add(rows(codec, 5, seed=9, prefix="e"))  # a second fragment
     publish(bank, {"memories": tbl.version})
-    summary = compact_bank(bank.uri, keep_builds=1)
+    summary = compact_bank(bank, keep_builds=1)
     new = summary["compacted"]["memories"]["to"]
     store = MemoryStore(Bank(bank.uri, live=True), MODEL, slab="require")
     assert store.ds.version == new and len(store) == 17
@@ -324,10 +323,10 @@ def test_bank_stats_counts_the_slab_files_on_their_own_line(tmp_path, vq_file):
     lineage = {"model_hash": MODEL, "codec": codec.name, "quantizer_hash": None,
                "config": {"model": {"n_layers": 2, "n_heads": 2, "ref_max_tokens": 4, "head_dim": 8}}}
     v1 = bank.write("memories", MEMORIES, table.to_batches(), lineage)
-    assert footprint(bank.uri)["bytes"] == 0
-    ensure_slab(bank.uri, v1)
+    assert footprint(bank)["bytes"] == 0
+    ensure_slab(bank, v1)
     v2 = bank.write("memories", MEMORIES, rows(codec, 5, seed=1).to_batches(), lineage)
-    ensure_slab(bank.uri, v2)
+    ensure_slab(bank, v2)
     slab_files = [p for p in (tmp_path / "_slabs").rglob("*") if p.is_file()]
     stats = bank_stats(Bank(str(tmp_path)))
     slabs = stats["slabs"]
@@ -349,10 +348,10 @@ def test_a_read_announces_its_rows_and_returns_them_in_the_order_asked(tmp_path,
 
     bank, codec = Bank(str(tmp_path)), codec_for(name, vq_file)
     version = write(bank, rows(codec, 60), codec, vq_file)
-    ensure_slab(bank.uri, version)
+    ensure_slab(bank, version)
     per = codec.nbytes(SHAPE)
-    flat = np.fromfile(paths(bank.uri, version)[0], np.uint8).reshape(60, per)
-    reader = SlabReader(paths(bank.uri, version)[0], 60, per)
+    flat = np.fromfile(paths(bank, version)[0], np.uint8).reshape(60, per)
+    reader = SlabReader(paths(bank, version)[0], 60, per)
     rng = np.random.default_rng(0)
     asks = [np.array([7]), np.array([59, 0, 1, 2, 3]), np.array([4, 4, 30, 4]), np.arange(60)[::-1],
             np.arange(0, 60, 3), *(rng.permutation(60)[:k] for k in (2, slab_mod._PROBES + 1, 40))]

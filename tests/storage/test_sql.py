@@ -119,7 +119,7 @@ def test_reading_statements_still_run(bank, tmp_path):
     assert "ref_id" in [r[0] for r in query(bank, "DESCRIBE refs")[1]]
     assert query(bank, "EXPLAIN SELECT count(*) FROM refs")[1]
     assert query(bank, "SELECT build FROM builds ORDER BY 1")[1] == [(1,), (2,)]  # the builds view
-    assert query(pinned_bank(bank.uri, 1), "SELECT count(*) FROM refs")[1] == [(5,)]
+    assert query(pinned_bank(bank, 1), "SELECT count(*) FROM refs")[1] == [(5,)]
     assert query(bank, "SELECT 1 -- a comment\n;")[1] == [(1,)]
 
 

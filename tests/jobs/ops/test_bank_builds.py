@@ -22,7 +22,7 @@ def cfg(path: Path, *extra: str):
 
 def test_compact_refuses_while_a_rebuild_holds_the_lock(tmp_path):
     two_builds(tmp_path)
-    with BankLock(str(tmp_path), "rebuild"):
+    with BankLock(Bank(str(tmp_path)), "rebuild"):
         with pytest.raises(LockError, match="cannot compact while another command writes the bank: another rebuild "
                                             r"of this bank is running .*: not starting compaction beside it"):
             run_compact(cfg(tmp_path))

@@ -14,16 +14,17 @@ import pytest
 from jobs.cli.main import main
 from jobs.config import load_config
 from jobs.ops.lock import BankLock, LockError
+from storage.bank import Bank
 from tests.conftest import ROOT
 from tests.storage.racing import race
 
 
 def test_second_taker_fails_fast_naming_the_holder(tmp_path):
-    with BankLock(str(tmp_path)):
+    with BankLock(Bank(str(tmp_path))):
         with pytest.raises(LockError, match=rf"another rebuild of this bank is running \(pid {__import__('os').getpid()} on "
                                             rf"{socket.gethostname()}, started .*lock file"):
-            BankLock(str(tmp_path)).acquire()
-    BankLock(str(tmp_path)).acquire()  # released on exit: free again
+            BankLock(Bank(str(tmp_path))).acquire()
+    BankLock(Bank(str(tmp_path))).acquire()  # released on exit: free again
 
 
 def test_lock_of_a_dead_process_is_taken_over(tmp_path, capsys):
@@ -31,7 +32,7 @@ def test_lock_of_a_dead_process_is_taken_over(tmp_path, capsys):
     dead.wait()
     (tmp_path / "_rebuild.lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(),
                                                         "started_at": time.time() - 5}))
-    lock = BankLock(str(tmp_path))
+    lock = BankLock(Bank(str(tmp_path)))
     lock.acquire()
     assert json.loads((tmp_path / "_rebuild.lock").read_text())["pid"] == __import__("os").getpid()
     out = capsys.readouterr().out
@@ -43,7 +44,7 @@ def test_lock_whose_pid_was_reused_is_stale(tmp_path):
     # our own pid, but the lock claims to predate this process's start: a reused pid
     (tmp_path / "_rebuild.lock").write_text(json.dumps({"pid": __import__("os").getpid(),
                                                         "host": socket.gethostname(), "started_at": 1000.0}))
-    with BankLock(str(tmp_path)) as lock:
+    with BankLock(Bank(str(tmp_path))) as lock:
         assert lock.held
 
 
@@ -51,8 +52,8 @@ def test_other_hosts_lock_is_respected_until_old(tmp_path):
     info = {"pid": 1, "host": "some-other-host", "started_at": time.time() - 60}
     (tmp_path / "_rebuild.lock").write_text(json.dumps(info))
     with pytest.raises(LockError, match="some-other-host"):
-        BankLock(str(tmp_path), stale_after_s=3600).acquire()
-    with BankLock(str(tmp_path), stale_after_s=30) as lock:
+        BankLock(Bank(str(tmp_path)), stale_after_s=3600).acquire()
+    with BankLock(Bank(str(tmp_path)), stale_after_s=30) as lock:
         assert lock.held
 
 
@@ -68,7 +69,8 @@ def test_concurrent_takers_exactly_one_wins(tmp_path):
 def rebuild_elsewhere(tmp_path):
     """The bank's write lock held by another process, as a running `m3 rebuild` holds it."""
     bank = tmp_path / "bank"
-    code = ("import sys; from jobs.ops.lock import BankLock; lock = BankLock(sys.argv[1], 'rebuild'); "
+    code = ("import sys; from jobs.ops.lock import BankLock; from storage.bank import Bank; "
+            "lock = BankLock(Bank(sys.argv[1]), 'rebuild'); "
             "lock.acquire(); print('held', flush=True); sys.stdin.read(); lock.release()")
     proc = subprocess.Popen([sys.executable, "-c", code, str(bank)], cwd=ROOT, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
@@ -123,24 +125,24 @@ def test_the_cli_says_so_in_one_line(rebuild_elsewhere, capsys, monkeypatch, com
 
 
 def test_the_lock_says_what_holds_it(tmp_path):
-    with BankLock(str(tmp_path), "ingest"):
+    with BankLock(Bank(str(tmp_path)), "ingest"):
         assert json.loads((tmp_path / "_rebuild.lock").read_text())["what"] == "ingest"  # one file for every writer
         with pytest.raises(LockError, match=r"another ingest of this bank is running .*: not starting rebuild"):
-            BankLock(str(tmp_path), "rebuild").acquire()
+            BankLock(Bank(str(tmp_path)), "rebuild").acquire()
 
 
 def test_writer_lock_is_reentrant_in_its_thread_only(tmp_path):
     """`m3 rebuild` and `m3 run` hold the lock while they call the stages that take it alone."""
     path = tmp_path / "_rebuild.lock"
-    with BankLock(str(tmp_path), "rebuild", reentrant=True):
-        with BankLock(str(tmp_path), "ingest", reentrant=True) as inner:
+    with BankLock(Bank(str(tmp_path)), "rebuild", reentrant=True):
+        with BankLock(Bank(str(tmp_path)), "ingest", reentrant=True) as inner:
             assert inner.held and json.loads(path.read_text())["what"] == "rebuild"
         assert path.exists()  # the inner release leaves the outer hold alone
         errors = []
 
         def other_thread():
             try:
-                BankLock(str(tmp_path), "encode", reentrant=True).acquire()
+                BankLock(Bank(str(tmp_path)), "encode", reentrant=True).acquire()
             except LockError as e:
                 errors.append(str(e))
 
@@ -149,9 +151,9 @@ def test_writer_lock_is_reentrant_in_its_thread_only(tmp_path):
         t.join()
         assert len(errors) == 1 and "another rebuild of this bank is running" in errors[0]
         with pytest.raises(LockError):  # a plain taker is not reentrant
-            BankLock(str(tmp_path), "rebuild").acquire()
+            BankLock(Bank(str(tmp_path)), "rebuild").acquire()
     assert not path.exists()
-    with BankLock(str(tmp_path), "ingest", reentrant=True):
+    with BankLock(Bank(str(tmp_path)), "ingest", reentrant=True):
         assert json.loads(path.read_text())["what"] == "ingest"
 
 

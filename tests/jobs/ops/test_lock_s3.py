@@ -15,6 +15,7 @@ import time
 import pytest
 
 from jobs.ops.lock import BankLock, LockError
+from storage.bank import Bank
 from storage.conditional import read_versioned, write_if
 from tests.storage.racing import race, s3_serial  # noqa: F401 - fixture
 
@@ -30,14 +31,14 @@ def lock_object(bank: str) -> dict | None:
 
 
 def test_second_taker_fails_fast_naming_the_holder_and_release_frees_it(bank):
-    with BankLock(bank) as lock:
+    with BankLock(Bank(bank)) as lock:
         assert lock.object_store and str(lock.path) == f"{bank}/_rebuild.lock"
         assert lock_object(bank)["pid"] == __import__("os").getpid()
         with pytest.raises(LockError, match=rf"another rebuild of this bank is running \(pid \d+ on "
                                             rf"{socket.gethostname()}, started .*lock file {bank}/_rebuild.lock"):
-            BankLock(bank).acquire()
+            BankLock(Bank(bank)).acquire()
     assert lock_object(bank) is None
-    with BankLock(bank) as again:
+    with BankLock(Bank(bank)) as again:
         assert again.held
 
 
@@ -46,7 +47,7 @@ def test_lock_of_a_dead_process_is_taken_over(bank, capsys):
     dead.wait()
     write_if(f"{bank}/_rebuild.lock", json.dumps({"pid": dead.pid, "host": socket.gethostname(),
                                                    "started_at": time.time() - 5}).encode(), None)
-    with BankLock(bank):
+    with BankLock(Bank(bank)):
         assert lock_object(bank)["pid"] == __import__("os").getpid()
     out = capsys.readouterr().out
     assert "removing stale lock" in out and f"process {dead.pid} no longer exists" in out
@@ -56,13 +57,13 @@ def test_other_hosts_lock_is_respected_until_old(bank):
     write_if(f"{bank}/_rebuild.lock", json.dumps({"pid": 1, "host": "some-other-host",
                                                    "started_at": time.time() - 60}).encode(), None)
     with pytest.raises(LockError, match="some-other-host"):
-        BankLock(bank, stale_after_s=3600).acquire()
-    with BankLock(bank, stale_after_s=30) as lock:
+        BankLock(Bank(bank), stale_after_s=3600).acquire()
+    with BankLock(Bank(bank), stale_after_s=30) as lock:
         assert lock.held and lock_object(bank)["host"] == socket.gethostname()
 
 
 def test_release_leaves_a_lock_that_another_process_took_over(bank, capsys):
-    lock = BankLock(bank)
+    lock = BankLock(Bank(bank))
     lock.acquire()
     # this run outlived rebuild.lock_stale_s and another host took the lock over as stale
     _, etag = read_versioned(lock.path)

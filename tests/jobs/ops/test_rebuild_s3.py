@@ -102,7 +102,7 @@ def test_s3_rebuild_retains_compacts_and_releases_its_lock(rebuilt):
 def test_s3_rebuild_while_another_holds_the_lock_fails_at_once(rebuilt, s3):
     _, uri, _, _, sets = rebuilt
     before = read_manifest(uri)
-    with BankLock(uri):
+    with BankLock(Bank(uri)):
         proc = m3(["rebuild"], sets, s3[1])
     assert proc.returncode == 2 and "another rebuild of this bank is running" in proc.stderr, proc.stderr[-2000:]
     assert f"lock file {uri}/_rebuild.lock" in proc.stderr

@@ -43,7 +43,7 @@ def test_two_scheduled_rebuilds_then_sigterm(tmp_path):
     proc = subprocess.Popen(schedule_args(corpus, bank, "schedule.cron='*/2 * * * * *'"), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        done = lambda: [r for r in RunLog(str(bank)).rows() if r["status"] != "running"]  # noqa: E731
+        done = lambda: [r for r in RunLog(Bank(str(bank))).rows() if r["status"] != "running"]  # noqa: E731
         wait_for(lambda: len(done()) >= 2, "two finished runs")
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=300)
@@ -52,7 +52,7 @@ def test_two_scheduled_rebuilds_then_sigterm(tmp_path):
             proc.kill()
     assert proc.returncode == 0, out[-3000:]
     assert "SIGTERM: stopping" in out and "schedule: stopped after" in out
-    rows = RunLog(str(bank)).rows()
+    rows = RunLog(Bank(str(bank))).rows()
     assert [r["status"] for r in rows[:2]] == ["published", "up_to_date"], rows  # the 2nd had nothing to do
     assert rows[0]["added"] > 0 and rows[0]["changed"] == rows[0]["removed"] == 0 and rows[0]["tag"] == "live"
     assert all(r["status"] in ("published", "up_to_date", "interrupted") for r in rows)
@@ -69,7 +69,7 @@ def test_failed_run_is_retried_then_given_up(tmp_path):
                                        "schedule.max_retries=2", "schedule.backoff_s=0.1") + ["--max-runs", "1"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    rows = RunLog(str(bank)).rows()
+    rows = RunLog(Bank(str(bank))).rows()
     assert [(r["attempt"], r["status"]) for r in rows] == [(0, "failed"), (1, "failed"), (2, "failed")]
     assert all("missing.jsonl.gz" in r["error"] for r in rows)
     assert out.stdout.count("retrying in") == 2
@@ -78,9 +78,9 @@ def test_failed_run_is_retried_then_given_up(tmp_path):
 def test_run_finding_the_bank_locked_is_skipped(tmp_path):
     corpus = write_foldoc_corpus(tmp_path / "c.jsonl.gz", 5)
     bank = tmp_path / "bank"
-    with BankLock(str(bank)):
+    with BankLock(Bank(str(bank))):
         out = subprocess.run(schedule_args(corpus, bank, "schedule.cron='* * * * * *'") + ["--max-runs", "1"],
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    rows = RunLog(str(bank)).rows()
+    rows = RunLog(Bank(str(bank))).rows()
     assert [r["status"] for r in rows] == ["skipped"] and "another rebuild" in rows[0]["error"]

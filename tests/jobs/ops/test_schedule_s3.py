@@ -9,6 +9,7 @@ import subprocess
 import pytest
 
 from jobs.ops.lock import BankLock
+from storage.bank import Bank
 from storage.runs import RunLog
 from tests.conftest import ROOT, write_foldoc_corpus
 from tests.jobs.ops.test_schedule import schedule_args
@@ -19,11 +20,11 @@ pytestmark = pytest.mark.slow
 def test_run_finding_the_s3_bank_locked_is_skipped(tmp_path, s3):
     corpus = write_foldoc_corpus(tmp_path / "c.jsonl.gz", 5)
     bank = f"{s3[0]}/schedule-{tmp_path.name}"
-    with BankLock(bank) as lock:
+    with BankLock(Bank(bank)) as lock:
         assert lock.object_store
         out = subprocess.run(schedule_args(corpus, bank, "schedule.cron='* * * * * *'") + ["--max-runs", "1"],
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    rows = RunLog(bank).rows()
+    rows = RunLog(Bank(bank)).rows()
     assert [r["status"] for r in rows] == ["skipped"] and "another rebuild" in rows[0]["error"], rows
     assert f"lock file {bank}/_rebuild.lock" in rows[0]["error"]

@@ -106,7 +106,7 @@ def test_the_memo_holds_the_current_corpus_only(builds):
     root = BankLayout(str(bank)).memo()
     current = json.loads((root / "current.json").read_text())
     assert sorted(p.name for p in root.iterdir()) == sorted(["current.json", current["build"]])
-    src = memo.source(str(bank), "clean", memo_keys(config(builds["v2"], bank))["clean"])
+    src = memo.source(Bank(str(bank)), "clean", memo_keys(config(builds["v2"], bank))["clean"])
     v1 = {r["id"]: r["text"] for r in foldoc_records(300)}
     v2 = {r["id"]: r["text"] for r in builds["v2_recs"]}
     old = [memo.text_key(v1[i]) for i in builds["edited"] if v1[i] not in v2.values()]

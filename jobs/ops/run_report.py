@@ -42,8 +42,14 @@ def _stage_line(name: str, r: dict) -> str:
         return f"{r.get('references', r.get('vectors', 0)):,} vectors"
     if name == "publish":
         return "live build: " + ", ".join(f"{t} v{v}" for t, v in r.get("versions", {}).items())
-    if name == "evaluate" and r.get("modes"):
-        return "held-out loss " + ", ".join(f"{m} {v['loss']:.4f}" for m, v in r["modes"].items())
+    if name == "evaluate" and (r.get("modes") or r.get("qa")):
+        parts = []
+        if r.get("sequences"):  # no held-out sequence (one-chunk sequences): its losses are not zeros
+            parts.append("held-out loss " + ", ".join(f"{m} {v['loss']:.4f}" for m, v in r["modes"].items()))
+        for probe in r.get("qa") or []:
+            parts.append(f"QA probe {str(probe.get('file')).rsplit('/', 1)[-1]} exact match " + ", ".join(
+                f"{m} {v['exact_match']:.1%}" for m, v in probe["modes"].items() if "exact_match" in v))
+        return "; ".join(parts) or "no held-out sequence and no QA probe"
     return ", ".join(f"{k} {_fmt(v)}" for k, v in r.items() if isinstance(v, (int, float)))[:200]
 
 

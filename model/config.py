@@ -2,15 +2,15 @@
 
 Plain fields (int, float, bool, str) only, so a YAML loader can validate a config by
 introspecting `dataclasses.fields(ModelConfig)` and the checkpoint can store it as JSON.
-Ranges are field metadata, checked by `model.checked.check_fields` like every config section's;
-__post_init__ then checks the rules that tie fields together.
+Types and ranges are checked by `model.checked.check_fields` like every config section's;
+__post_init__ then checks the rules that tie fields together (FieldError naming the field).
 """
 
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .checked import check_fields
+from .checked import check_fields, require
 
 SCORE_COMBINES = ("sum", "mean", "max")
 
@@ -54,23 +54,20 @@ class ModelConfig:
     ref_bos_id: int = field(default=3, metadata={"ge": 0})
 
     def __post_init__(self):
-        _check_types(self)  # the types first: a range test of a string would say less
         check_fields(self)
-        need = self._need
-        need(self.head_dim % 2 == 0, "head_dim", "must be even (RoPE rotates pairs)")
-        need(self.n_heads % self.n_kv_heads == 0, "n_kv_heads", f"must divide n_heads={self.n_heads}")
-        need(self.d_model == self.n_heads * self.head_dim, "d_model",
-             f"must equal n_heads*head_dim = {self.n_heads}*{self.head_dim}")
-        need(self.n_mem_layers <= self.n_layers, "n_mem_layers", f"must be at most n_layers={self.n_layers}")
+        require(self.head_dim % 2 == 0, "head_dim", "an even number (RoPE rotates pairs)", self.head_dim)
+        require(self.n_heads % self.n_kv_heads == 0, "n_kv_heads", f"a divisor of n_heads={self.n_heads}",
+                self.n_kv_heads)
+        require(self.d_model == self.n_heads * self.head_dim, "d_model",
+                f"n_heads*head_dim = {self.n_heads}*{self.head_dim}", self.d_model)
+        require(self.n_mem_layers <= self.n_layers, "n_mem_layers", f"at most n_layers={self.n_layers}",
+                self.n_mem_layers)
         for name in ("pad_id", "bos_id", "eos_id", "ref_bos_id"):
-            need(getattr(self, name) < self.vocab_size, name,
-                 f"must be a token id below vocab_size={self.vocab_size}")
+            require(getattr(self, name) < self.vocab_size, name, f"a token id below vocab_size={self.vocab_size}",
+                    getattr(self, name))
         ids = [self.pad_id, self.bos_id, self.eos_id, self.ref_bos_id]
-        need(len(set(ids)) == 4, "ref_bos_id", f"special token ids must be distinct, got {ids}")
-
-    def _need(self, ok: bool, name: str, message: str) -> None:
-        if not ok:
-            raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} {message}")
+        require(len(set(ids)) == 4, "ref_bos_id", "special token ids that are distinct (pad, bos, eos, ref_bos)",
+                ids)
 
     @property
     def kv_group(self) -> int:
@@ -103,20 +100,6 @@ class ModelConfig:
         if name not in PRESETS:
             raise ValueError(f"ModelConfig: unknown preset {name!r}; choose from {sorted(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
-
-
-def _check_types(cfg: ModelConfig) -> None:
-    """Reject wrong types by name; accept an int for a float field (YAML writes 10000 for 1e4)."""
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if f.type is float and isinstance(value, int) and not isinstance(value, bool):
-            object.__setattr__(cfg, f.name, float(value))
-            continue
-        # bool is a subclass of int: an int field must not silently take True
-        ok = isinstance(value, f.type) and not (f.type is int and isinstance(value, bool))
-        if not ok:
-            raise ValueError(f"ModelConfig.{f.name} must be {f.type.__name__}, "
-                             f"got {type(value).__name__} {value!r}")
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -24,8 +24,10 @@ non-increasing through the decay. Pure Python; `lr_lambda` adapts it to
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
+
+from model.checked import check_fields, require
 
 __all__ = ["DECAYS", "WSDConfig", "lr_at", "lr_lambda"]
 
@@ -34,37 +36,21 @@ DECAYS = ("exp", "linear", "cosine")
 
 @dataclass(frozen=True)
 class WSDConfig:
-    peak_lr: float
-    warmup_steps: int
-    total_steps: int
-    decay_fraction: float = 0.1  # the paper's "last 10 % of steps"
-    min_lr_ratio: float = 0.1  # floor = peak_lr * min_lr_ratio
-    decay: str = "exp"
+    peak_lr: float = field(metadata={"gt": 0})
+    warmup_steps: int = field(metadata={"ge": 0})
+    total_steps: int = field(metadata={"ge": 1})
+    decay_fraction: float = field(default=0.1, metadata={"ge": 0, "le": 1})  # the paper's "last 10 % of steps"
+    min_lr_ratio: float = field(default=0.1, metadata={"ge": 0, "le": 1})  # floor = peak_lr * min_lr_ratio
+    decay: str = field(default="exp", metadata={"choices": DECAYS})
 
     def __post_init__(self) -> None:
-        for name in ("warmup_steps", "total_steps"):
-            value = getattr(self, name)
-            self._need(isinstance(value, int) and not isinstance(value, bool), name, "must be an int")
-        for name in ("peak_lr", "decay_fraction", "min_lr_ratio"):
-            value = getattr(self, name)
-            self._need(isinstance(value, (int, float)) and not isinstance(value, bool)
-                       and math.isfinite(value), name, "must be a finite number")
-        self._need(self.peak_lr > 0, "peak_lr", "must be positive")
-        self._need(self.total_steps > 0, "total_steps", "must be positive")
-        self._need(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
-        self._need(0 <= self.decay_fraction <= 1, "decay_fraction", "must be in [0, 1]")
-        self._need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
-        self._need(self.decay in DECAYS, "decay", f"must be one of {DECAYS}")
+        check_fields(self)
         # A geometric decay never reaches 0: ask for a floor instead of silently changing shape.
-        self._need(self.decay != "exp" or self.min_lr_ratio > 0, "min_lr_ratio",
-                   "must be > 0 for decay='exp' (use 'linear' or 'cosine' to decay to 0)")
-        self._need(self.warmup_steps + self.decay_steps <= self.total_steps, "warmup_steps",
-                   f"plus the {self.decay_steps} decay steps (decay_fraction={self.decay_fraction}) "
-                   f"must not exceed total_steps={self.total_steps}")
-
-    def _need(self, ok: bool, field: str, message: str) -> None:
-        if not ok:
-            raise ValueError(f"WSDConfig.{field}={getattr(self, field)!r} {message}")
+        require(self.decay != "exp" or self.min_lr_ratio > 0, "min_lr_ratio",
+                "a value > 0 for decay='exp' (use 'linear' or 'cosine' to decay to 0)", self.min_lr_ratio)
+        require(self.warmup_steps + self.decay_steps <= self.total_steps, "warmup_steps",
+                f"at most total_steps={self.total_steps} minus the {self.decay_steps} decay steps "
+                f"(decay_fraction={self.decay_fraction})", self.warmup_steps)
 
     @property
     def decay_steps(self) -> int:

@@ -21,7 +21,6 @@ All results are deterministic: no salted hashes decide anything.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from collections import Counter
@@ -30,10 +29,9 @@ from functools import lru_cache
 from itertools import compress, repeat
 from operator import add, itemgetter, mul
 
-from model.checked import check_fields
-from model.errors import M3Error
+from model.checked import check_fields, require
 
-__all__ = ["QualityConfig", "QualityConfigError", "REASONS", "GOPHER_STOP_WORDS", "quality_reason"]
+__all__ = ["QualityConfig", "REASONS", "GOPHER_STOP_WORDS", "quality_reason"]
 
 GOPHER_STOP_WORDS = ("the", "be", "to", "of", "and", "that", "have", "with")
 # Leading characters that make a line a bullet-list item (Gopher names only "•"; DataTrove adds "-").
@@ -41,14 +39,6 @@ BULLETS = ("•", "‣", "◦", "▪", "▫", "●", "○", "■", "□", "►",
 ELLIPSES = ("...", "…")
 _TOP_NS = (2, 3, 4)
 _DUP_NS = (5, 6, 7, 8, 9, 10)
-
-
-class QualityConfigError(M3Error, ValueError):
-    """An out-of-range threshold; `field` names it so a config loader can point at the key."""
-
-    def __init__(self, field: str, expected: str, got: object):
-        super().__init__(f"quality.{field}: expected {expected}, got {got!r}")
-        self.field, self.expected, self.got = field, expected, got
 
 
 FRACTION = {"ge": 0, "le": 1}  # field metadata of a fraction: checked by model/checked.py
@@ -100,19 +90,10 @@ class QualityConfig:
     max_dup_10gram_char_frac: float = field(default=0.10, metadata=FRACTION)
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):  # the types first: a range test of a string would say less
-            v = getattr(self, f.name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or (f.type == "int" and isinstance(v, float)):
-                raise QualityConfigError(f.name, f"a number of type {f.type}", v)
-            if not math.isfinite(v):
-                raise QualityConfigError(f.name, "a finite number", v)
-        check_fields(self, QualityConfigError)
-        if self.min_words > self.max_words:
-            raise QualityConfigError("min_words", f"<= max_words ({self.max_words})", self.min_words)
-        if self.min_mean_word_length > self.max_mean_word_length:
-            raise QualityConfigError(
-                "min_mean_word_length", f"<= max_mean_word_length ({self.max_mean_word_length})", self.min_mean_word_length
-            )
+        check_fields(self)
+        require(self.min_words <= self.max_words, "min_words", f"<= max_words ({self.max_words})", self.min_words)
+        require(self.min_mean_word_length <= self.max_mean_word_length, "min_mean_word_length",
+                f"<= max_mean_word_length ({self.max_mean_word_length})", self.min_mean_word_length)
 
 
 REASONS: tuple[str, ...] = (

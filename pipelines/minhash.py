@@ -33,7 +33,7 @@ import dataclasses
 
 import numpy as np
 
-from model.checked import check_fields
+from model.checked import check_fields, require
 
 __all__ = ["MinHashConfig", "signatures", "band_keys", "mix64"]
 
@@ -60,15 +60,8 @@ class MinHashConfig:
     seed: int = dataclasses.field(default=1, metadata={"ge": 0, "le": _MASK64})
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):  # the types first: a range test of a string would say less
-            value = getattr(self, f.name)
-            # bool is an int subclass: `bands: true` in YAML is a mistake, not 1
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise TypeError(f"MinHashConfig.{f.name} must be an int, got {value!r}")
         check_fields(self)
-        if self.bands * self.rows > 4096:
-            raise ValueError(f"MinHashConfig.bands * MinHashConfig.rows must be <= 4096, "
-                             f"got {self.bands} * {self.rows} = {self.bands * self.rows}")
+        require(self.bands * self.rows <= 4096, "rows", f"bands * rows <= 4096 (bands={self.bands})", self.rows)
 
     @property
     def num_perm(self) -> int:

@@ -3,10 +3,12 @@
     cfg = load_config("configs/demo.yaml", ["bank.uri=/tmp/bank", "ray.num_cpus=4"])
 
 Each stage's knobs live in a frozen dataclass next to the code they steer when that code is a
-pure step (quality filters, MinHash); the rest are declared here. `jobs.config.loader` checks
-keys and types; every section's __post_init__ checks its values (the range metadata of its fields
-through `model.checked.check_fields`, then its rules across fields), so a config built in code is
-checked like a loaded one, and a wrong key, type or range fails before any work starts.
+pure step (quality filters, MinHash); the rest are declared here. `jobs.config.loader` reads the
+file (a file may `extends:` another and state only what differs) and checks the keys; every
+section's __post_init__ checks its values (types and range metadata through
+`model.checked.check_fields`, then its rules across fields, each a FieldError naming the field),
+so a config built in code is checked like a loaded one, and a wrong key, type or range fails
+before any work starts.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from jobs.config.infer import InferConfig
 from jobs.config.pair import PairConfig
 from jobs.config.rebuild import RebuildConfig, ScheduleConfig
 from jobs.config.train import TrainConfig
-from jobs.config.loader import ConfigError, _Lined, _Where, apply_overrides, build, read_yaml, to_dict
-from model.checked import check_fields
+from jobs.config.loader import ConfigError, Override, _Lined, _Where, apply_overrides, build, read_config, to_dict
+from model.checked import FieldError, check_fields, require
 from model.config import PRESETS, ModelConfig
 from pipelines.filters import QualityConfig
 from pipelines.minhash import MinHashConfig
@@ -62,7 +65,7 @@ class BankConfig:
         try:  # a file where the bank should be, or a scheme no bank lives at: refused now, not in LanceDB
             check_bank_uri(self.uri)
         except LayoutError as e:
-            raise ValueError(f"uri: {e}") from None
+            raise FieldError("uri", str(e)) from None
 
 
 @dataclass(frozen=True)
@@ -92,14 +95,11 @@ class CorpusConfig:
 
     def __post_init__(self):
         check_fields(self)
-        if not self.paths:
-            raise ValueError("paths: give at least one file, directory or glob")
+        require(bool(self.paths), "paths", "at least one file, directory or glob", self.paths)
         for path, role in self.roles.items():
-            if path not in self.paths:
-                raise ValueError(f"roles: {path!r} is not an entry of corpus.paths (a role is keyed by a path "
-                                 f"exactly as written there: {', '.join(repr(p) for p in self.paths)})")
-            if role not in ROLES:
-                raise ValueError(f"roles: the role of {path!r} must be one of {', '.join(ROLES)}, got {role!r}")
+            require(path in self.paths, "roles", f"{path!r} is not an entry of corpus.paths (a role is keyed by a "
+                    f"path exactly as written there: {', '.join(repr(p) for p in self.paths)})")
+            require(role in ROLES, "roles", f"the role of {path!r} must be one of {', '.join(ROLES)}, got {role!r}")
 
     def role_of(self, path: str) -> str:
         """The role of an entry of `paths`."""
@@ -144,8 +144,8 @@ class ChunkingConfig:
 
     def __post_init__(self):
         check_fields(self)
-        if self.ref_min_tokens > self.ref_max_tokens:
-            raise ValueError(f"ref_min_tokens ({self.ref_min_tokens}) must be <= ref_max_tokens ({self.ref_max_tokens})")
+        require(self.ref_min_tokens <= self.ref_max_tokens, "ref_min_tokens",
+                f"a value <= ref_max_tokens ({self.ref_max_tokens})", self.ref_min_tokens)
 
 
 @dataclass(frozen=True)
@@ -229,26 +229,22 @@ class Config:
 
     def __post_init__(self):
         check_fields(self)
-        if self.tokenizer.path is None and self.model.vocab_size < self.tokenizer.vocab_size:
-            raise ValueError(f"model.vocab_size ({self.model.vocab_size}) is smaller than "
-                             f"tokenizer.vocab_size ({self.tokenizer.vocab_size}): the model could not embed every token")
-        if self.model.ref_max_tokens < self.chunking.ref_max_tokens:
-            raise ValueError(f"model.ref_max_tokens ({self.model.ref_max_tokens}) is smaller than "
-                             f"chunking.ref_max_tokens ({self.chunking.ref_max_tokens}): references could not be encoded")
-        if self.chunking.align_docs and self.chunking.seq_len % self.model.mem_chunk_size:
-            raise ValueError(f"chunking.align_docs needs chunking.seq_len ({self.chunking.seq_len}) to be a "
-                             f"multiple of model.mem_chunk_size ({self.model.mem_chunk_size})")
-        paired, trained = self.pair.max_tokens, self.train.max_tokens
-        if paired is not None and (trained is None or trained > paired):
-            raise ValueError(f"train.max_tokens ({trained}) reads past pair.max_tokens ({paired}): the "
-                             f"continual stage would find no neighbors for the chunks beyond")
-
-        t = self.train
-        if ((t.warmup_with_memory or t.continual_with_memory) and t.memory_schedule == "serving"
-                and self.pair.per_chunk < self.model.mems_per_chunk):
-            raise ValueError(f"pair.per_chunk ({self.pair.per_chunk}) is smaller than model.mems_per_chunk "
-                             f"({self.model.mems_per_chunk}): train.memory_schedule 'serving' reads as many "
-                             f"references per chunk as inference does")
+        m, t, c, p, tr = self.model, self.tokenizer, self.chunking, self.pair, self.train
+        require(t.path is not None or m.vocab_size >= t.vocab_size, "model.vocab_size",
+                f"at least tokenizer.vocab_size ({t.vocab_size}): the model could not embed every token",
+                m.vocab_size)
+        require(m.ref_max_tokens >= c.ref_max_tokens, "model.ref_max_tokens",
+                f"at least chunking.ref_max_tokens ({c.ref_max_tokens}): references could not be encoded",
+                m.ref_max_tokens)
+        require(not c.align_docs or c.seq_len % m.mem_chunk_size == 0, "chunking.seq_len",
+                f"a multiple of model.mem_chunk_size ({m.mem_chunk_size}) with chunking.align_docs", c.seq_len)
+        require(p.max_tokens is None or (tr.max_tokens is not None and tr.max_tokens <= p.max_tokens),
+                "train.max_tokens", f"at most pair.max_tokens ({p.max_tokens}): the continual stage would find "
+                f"no neighbors for the chunks beyond", tr.max_tokens)
+        require(not ((tr.warmup_with_memory or tr.continual_with_memory) and tr.memory_schedule == "serving")
+                or p.per_chunk >= m.mems_per_chunk, "pair.per_chunk",
+                f"at least model.mems_per_chunk ({m.mems_per_chunk}): train.memory_schedule 'serving' reads as "
+                f"many references per chunk as inference does", p.per_chunk)
 
     def as_dict(self) -> dict:
         d = to_dict(self)
@@ -257,6 +253,7 @@ class Config:
 
 
 def _resolve_model_preset(data: dict, where: _Where) -> None:
+    """Lay the model section over its preset."""
     raw = data.get("model")
     if raw is None:
         raw = _Lined()
@@ -271,9 +268,11 @@ def _resolve_model_preset(data: dict, where: _Where) -> None:
     data["model"] = merged
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    data = read_yaml(path) if path is not None else {}
-    data = apply_overrides(data, list(overrides))
+def load_config(path: str | Path | None, overrides: Sequence[Override] = ()) -> Config:
+    """The config of `path` (None: the defaults) with `overrides` applied: `dotted.key=value`
+    strings, or (dotted key, value, flag) for a command-line flag that stands for one."""
+    data = read_config(path) if path is not None else _Lined()
+    data = apply_overrides(data, overrides)
     where = _Where(str(path) if path else "<defaults>")
     _resolve_model_preset(data, where)
     data["source"] = str(path) if path is not None else "<defaults>"

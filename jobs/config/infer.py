@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from model.checked import check_fields
+from model.checked import check_fields, require
 
 MODES = ("memory", "none", "rag")
 
@@ -34,13 +34,9 @@ class EvalConfig:
     probes: tuple[str, ...] = ()
 
     def __post_init__(self):
-        check_fields(self)
-        if isinstance(self.probes, (str, bytes)) or not isinstance(self.probes, (list, tuple)):
-            raise ValueError(f"probes: expected a list of JSONL file paths, got {self.probes!r}")
-        object.__setattr__(self, "probes", tuple(self.probes))  # a list given in code, hashable
-        for p in self.probes:
-            if not isinstance(p, str) or not p.strip():
-                raise ValueError(f"probes: expected a list of JSONL file paths, got {p!r} among them")
+        check_fields(self)  # a list given in code becomes a tuple: hashable
+        for i, p in enumerate(self.probes):
+            require(bool(p.strip()), f"probes[{i}]", "the path of a JSONL file", p)
 
 
 @dataclass(frozen=True)

@@ -1,28 +1,31 @@
 """Load YAML into typed, frozen dataclasses, failing early with errors a person can act on.
 
-Every error names the dotted key, where it came from (file:line, or the --set override) and
-what was expected; a misspelled key gets the nearest valid name suggested. Nothing here knows
-the pipeline's schema: `jobs.config` declares it, this module enforces it.
+Every error names the dotted key, where it came from (file:line, the --set override or the flag
+that stands for one) and what was expected; a misspelled key gets the nearest valid name
+suggested. Nothing here knows the pipeline's schema: `jobs.config` declares it, this module
+enforces it.
 
-This module converts types; values are checked by the dataclass itself, so a config built in
-code gets the same checks: range metadata on the fields (`ge`, `gt`, `le`, `lt`, `choices`,
-enforced by `model.checked.check_fields`) and cross-field rules, both in __post_init__, whose
-ValueError is reported at the field it names.
+This module reads the file (following `extends:`), applies the overrides and walks the mapping
+into the sections; every type, range and cross-field rule is the dataclass's own
+(`model.checked.check_fields` and the rules in __post_init__), whose `FieldError` names the field
+this module reports at its key. A config built in code is checked by the same code.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import re
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
+from model.checked import FieldError
 from model.errors import M3Error
+
+EXTENDS = "extends"
 
 
 class ConfigError(M3Error, ValueError):
@@ -30,9 +33,12 @@ class ConfigError(M3Error, ValueError):
 
 
 class _Lined(dict):
-    """A YAML mapping that remembers the line of each key."""
+    """A YAML mapping that remembers where each key came from: an int is a line of the file
+    being loaded, a string a whole place ("base.yaml:12", "--set", "--mode")."""
 
-    lines: dict[str, int]
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lines: dict[str, int | str] = {}
 
 
 class _LineLoader(yaml.SafeLoader):
@@ -46,6 +52,10 @@ def _construct_lined(loader: _LineLoader, node: yaml.MappingNode) -> _Lined:
 
 
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_lined)
+
+
+def _lines(mapping: Any) -> dict:
+    return getattr(mapping, "lines", {})
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -63,30 +73,86 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply `dotted.key=value` overrides (values parsed as YAML) onto the raw mapping."""
+def _placed(mapping: Any, path: str) -> None:
+    """Turn the line numbers of a base file's keys into whole places (`base.yaml:12`): once
+    merged, the loaded file's own lines are the bare numbers."""
+    if isinstance(mapping, _Lined):
+        mapping.lines = {k: f"{path}:{v}" if isinstance(v, int) else v for k, v in mapping.lines.items()}
+    if isinstance(mapping, dict):
+        for value in mapping.values():
+            _placed(value, path)
+
+
+def merge(base: dict, child: dict) -> dict:
+    """`child` over `base`: mappings merge key by key, anything else (a list, a value, null)
+    replaces what the base had."""
+    out = _Lined({**base})
+    out.lines = {**_lines(base)}
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            value = merge(base[key], value)
+        out[key] = value
+        if key in _lines(child):
+            out.lines[key] = _lines(child)[key]
+    return out
+
+
+def read_config(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """A config file with its `extends:` chain merged in: `extends: demo.yaml` (a path relative
+    to the file that says it) reads that file first and lays this one over it."""
+    data = read_yaml(path)
+    me = Path(path).resolve()
+    chain = (*_chain, me)
+    if EXTENDS not in data:
+        return data
+    base = data.pop(EXTENDS)
+    where = f"{path}:{_lines(data).pop(EXTENDS, '?')}"
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{EXTENDS} ({where}): expected the path of another config file, relative to "
+                          f"this one, got {base!r}")
+    base_path = Path(path).parent / base
+    if base_path.resolve() in chain:
+        cycle = " -> ".join(str(p) for p in (*chain[chain.index(base_path.resolve()):], base_path.resolve()))
+        raise ConfigError(f"{EXTENDS} ({where}): a cycle ({cycle}): a config cannot extend itself, "
+                          f"directly or through the files it extends")
+    if not base_path.is_file():
+        raise ConfigError(f"{EXTENDS} ({where}): config file not found: {base_path}")
+    parent = read_config(base_path, chain)
+    _placed(parent, str(base_path))
+    return merge(parent, data)
+
+
+Override = str | tuple[str, Any, str]
+
+
+def apply_overrides(data: dict, overrides: Sequence[Override]) -> dict:
+    """Apply overrides onto the raw mapping: `dotted.key=value` (the value parsed as YAML), or
+    (dotted key, value, flag) for a command-line flag that stands for `--set dotted.key=value`
+    (the value as the flag parsed it; errors name the flag)."""
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected dotted.key=value")
-        key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
-        if not all(parts):
-            raise ConfigError(f"--set {item!r}: empty key segment in {key!r}")
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML: {e}") from None
+        if isinstance(item, tuple):
+            key, value, origin = item
+            parts = key.split(".")
+        else:
+            if "=" not in item:
+                raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+            key, raw = item.split("=", 1)
+            parts, origin = key.strip().split("."), "--set"
+            if not all(parts):
+                raise ConfigError(f"--set {item!r}: empty key segment in {key!r}")
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML: {e}") from None
         node = data
         for part in parts[:-1]:
             child = node.get(part)
             if not isinstance(child, dict):
-                child = _Lined()
-                child.lines = {}
-                node[part] = child
+                child = node[part] = _Lined()
             node = child
         node[parts[-1]] = value
         if isinstance(node, _Lined):
-            node.lines[parts[-1]] = 0  # 0 marks "came from --set"
+            node.lines[parts[-1]] = origin
     return data
 
 
@@ -95,64 +161,10 @@ class _Where:
         self.path = path
 
     def at(self, mapping: Any, key: str) -> str:
-        line = getattr(mapping, "lines", {}).get(key)
-        if line == 0:
-            return "--set"
+        line = _lines(mapping).get(key)
+        if isinstance(line, str):
+            return line
         return f"{self.path}:{line}" if line else self.path
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin in (list, tuple):
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if origin is dict:
-        k, v = typing.get_args(tp)
-        return f"a mapping of {_type_name(k)} to {_type_name(v)}"
-    if tp is type(None):
-        return "null"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
-
-
-def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for option in typing.get_args(tp):
-            try:
-                return _convert(value, option, key, where)
-            except ConfigError as e:
-                errors.append(e)
-        raise ConfigError(f"{key} ({where}): expected {_type_name(tp)}, got {value!r}")
-    if tp is type(None):
-        if value is None:
-            return None
-    elif origin in (list, tuple):
-        if isinstance(value, (list, tuple)):
-            inner = typing.get_args(tp)[0]
-            return tuple(_convert(v, inner, f"{key}[{i}]", where) for i, v in enumerate(value))
-    elif origin is dict:
-        if isinstance(value, dict):
-            kt, vt = typing.get_args(tp)
-            return {_convert(k, kt, key, where): _convert(v, vt, f"{key}[{k!r}]", where) for k, v in value.items()}
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif tp is Any:
-        return value
-    raise ConfigError(f"{key} ({where}): expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
 def _optional_dataclass(tp: Any) -> type | None:
@@ -161,6 +173,21 @@ def _optional_dataclass(tp: Any) -> type | None:
         return None
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     return args[0] if len(args) == 1 and dataclasses.is_dataclass(args[0]) else None
+
+
+def located(data: Any, dotted: str, where: _Where, place: str | None = None) -> str:
+    """Where the key `dotted` (`model.vocab_size`, `corpus.paths[1]`) of raw mapping `data` came
+    from; a key with no place of its own (inside a mapping given whole to --set, a preset's) is
+    at its section's (`place`, the section's own)."""
+    place = place or where.path
+    *parents, last = dotted.split(".")
+    for part in [*parents, last.split("[")[0]]:
+        if not isinstance(data, dict):
+            break
+        if part in _lines(data):
+            place = where.at(data, part)
+        data = data.get(part)
+    return place
 
 
 def build(cls: type, data: Any, prefix: str, where: _Where, parent: Any = None, name: str = "") -> Any:
@@ -183,31 +210,20 @@ def build(cls: type, data: Any, prefix: str, where: _Where, parent: Any = None, 
     for fname in fields:
         if fname not in data:
             continue
-        dotted = f"{prefix}.{fname}" if prefix else fname
-        tp = hints[fname]
+        value, tp = data[fname], hints[fname]
         inner = _optional_dataclass(tp)
-        if inner is not None and data[fname] is None:  # `section: null`
+        if inner is not None and value is None:  # `section: null`
             kwargs[fname] = None
-            continue
-        if dataclasses.is_dataclass(tp) or inner is not None:
-            kwargs[fname] = build(inner or tp, data[fname], dotted, where, data, fname)
-            continue
-        loc = where.at(data, fname)
-        kwargs[fname] = _convert(data[fname], tp, dotted, loc)
+        elif dataclasses.is_dataclass(tp) or inner is not None:
+            kwargs[fname] = build(inner or tp, value, f"{prefix}.{fname}" if prefix else fname, where, data, fname)
+        else:
+            kwargs[fname] = value
     try:
         return cls(**kwargs)
-    except (ValueError, TypeError) as e:
-        # __post_init__ (model.checked's range check, then the cross-field rules) names the
-        # offending field in its message: report it at that key. The field named first in the
-        # message is the one it is about; a leading "field:" (or "section.field:") is dropped,
-        # since the report starts with the dotted key.
-        hits = [(m.start(), n) for n in fields if (m := re.search(rf"\b{re.escape(n)}\b", str(e)))]
-        field = min(hits)[1] if hits else None
-        dotted = f"{prefix}.{field}" if prefix and field else (field or prefix or "config")
-        loc = where.at(data, field) if field else where.path
-        named = rf"(?:[\w.]*\.)?{re.escape(field)}" if field else re.escape(dotted)
-        message = re.sub(rf"^(?:{re.escape(dotted)}|{named}):\s*", "", str(e))
-        raise ConfigError(f"{dotted} ({loc}): {message}") from None
+    except FieldError as e:
+        dotted = f"{prefix}.{e.field}" if prefix else e.field
+        section = where.at(parent, name) if parent is not None else None
+        raise ConfigError(f"{dotted} ({located(data, e.field, where, section)}): {e.reason}") from None
 
 
 def to_dict(obj: Any) -> Any:

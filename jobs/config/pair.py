@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from model.checked import check_fields
+from model.checked import check_fields, require
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,7 @@ class PairConfig:
 
     def __post_init__(self):
         check_fields(self)
-        if self.per_chunk > self.k:
-            raise ValueError(f"per_chunk: expected at most k={self.k} (the candidates retrieved), got {self.per_chunk!r}")
+        require(self.per_chunk <= self.k, "per_chunk", f"at most k={self.k} (the candidates retrieved)", self.per_chunk)
 
     def output_knobs(self) -> dict:
         """The fields that decide the table's contents (and shard layout): the job key covers

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from jobs.config.cron import Cron, CronError
-from model.checked import check_fields
+from model.checked import FieldError, check_fields
 
 
 @dataclass(frozen=True)
@@ -58,4 +58,4 @@ class ScheduleConfig:
         try:
             Cron.parse(self.cron)
         except CronError as e:
-            raise ValueError(f"cron: {e}") from None
+            raise FieldError("cron", str(e)) from None

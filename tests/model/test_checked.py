@@ -1,5 +1,6 @@
-"""model.checked: the one check of a config field's range metadata, for every config section,
-whether it is built in code or loaded from YAML (where the error still names key and place)."""
+"""model.checked: the one check of a config field's type and range metadata, and the one error
+(FieldError) of every rule, for every config section, whether it is built in code or loaded from
+YAML (where the error still names key and place)."""
 
 import dataclasses
 from dataclasses import dataclass, field
@@ -10,10 +11,10 @@ from jobs.config import Config, ConfigError, CorpusConfig, DedupConfig, RayConfi
 from jobs.config.infer import EvalConfig
 from jobs.config.pair import PairConfig
 from jobs.config.train import TrainConfig
-from model.checked import FieldError, check_fields
+from model.checked import FieldError, FieldTypeError, check_fields
 from model.config import ModelConfig
 from model.errors import M3Error
-from pipelines.filters import QualityConfig, QualityConfigError
+from pipelines.filters import QualityConfig
 from pipelines.minhash import MinHashConfig
 
 
@@ -35,10 +36,12 @@ class Knobs:
     (dict(rate=0.0), "rate: expected a value > 0, got 0.0"),
     (dict(rate=1.5), "rate: expected a value <= 1, got 1.5"),
     (dict(frac=1.0), "frac: expected a value < 1, got 1.0"),
-    (dict(frac=float("nan")), "frac: expected a value >= 0, got nan"),
+    (dict(frac=float("nan")), "frac: expected a finite number, got nan"),
     (dict(mode="c"), "mode: expected one of 'a', 'b', got 'c'"),
     (dict(cap=3), "cap: expected a value >= 4, got 3"),
-    (dict(n="5"), "n: expected a value >= 1, got '5'"),  # not comparable: out of range too
+    (dict(n="5"), "n: expected an integer, got '5' (str)"),  # the type first: a range of a string says less
+    (dict(n=True), "n: expected an integer, got True (bool)"),  # bool is an int subclass, not a count
+    (dict(cap=4.0), "cap: expected an integer or null, got 4.0 (float)"),
 ])
 def test_each_rule_fails_naming_the_field(kwargs, message):
     with pytest.raises(FieldError) as e:
@@ -58,13 +61,17 @@ def test_the_first_bad_field_in_declaration_order_is_reported():
         Knobs(mode="z", n=0)
 
 
-def test_a_caller_can_name_its_own_error_class():
-    class MyError(M3Error, ValueError):
-        def __init__(self, field, expected, got):
-            super().__init__(f"knobs.{field}: expected {expected}, got {got!r}")
+def test_a_type_error_is_also_a_typeerror_and_values_are_stored_as_declared():
+    with pytest.raises(TypeError) as e:
+        Knobs(mode=3)
+    assert isinstance(e.value, FieldTypeError) and e.value.field == "mode"
+    k = Knobs(rate=1)  # YAML and JSON write 1 for 1.0
+    assert k.rate == 1.0 and isinstance(k.rate, float)
 
-    with pytest.raises(MyError, match=r"^knobs\.n: expected a value >= 1, got 0$"):
-        check_fields(_bad_knobs(), MyError)
+
+def test_check_fields_alone():
+    with pytest.raises(FieldError, match=r"^n: expected a value >= 1, got 0$"):
+        check_fields(_bad_knobs())
 
 
 def _bad_knobs():
@@ -92,7 +99,7 @@ def _bad_knobs():
     (lambda: RayConfig(object_store_mb=10), "object_store_mb: expected a value >= 64, got 10"),
     (lambda: EvalConfig(tokens=1), "tokens: expected a value >= 2, got 1"),
     (lambda: MinHashConfig(rows=2000), "rows: expected a value <= 1024, got 2000"),
-    (lambda: QualityConfig(max_dup_line_frac=1.5), "quality.max_dup_line_frac: expected a value <= 1, got 1.5"),
+    (lambda: QualityConfig(max_dup_line_frac=1.5), "max_dup_line_frac: expected a value <= 1, got 1.5"),
 ])
 def test_hand_built_config_out_of_range_names_the_field(build, message):
     with pytest.raises(ValueError) as e:
@@ -108,7 +115,7 @@ def test_hand_built_config_none_allowed_and_cross_field_rules_kept():
         PairConfig(k=4, per_chunk=5)
     with pytest.raises(ValueError, match="n_heads"):
         ModelConfig.from_preset("tiny", n_kv_heads=3)
-    with pytest.raises(QualityConfigError, match="max_words"):
+    with pytest.raises(FieldError, match="max_words"):
         QualityConfig(min_words=10, max_words=5)
 
 

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipelines import filters
-from pipelines.filters import REASONS, QualityConfig, QualityConfigError, quality_reason
+from model.checked import FieldError
+from pipelines.filters import REASONS, QualityConfig, quality_reason
 from pipelines.normalize import normalize_text
 
 # Real text: two entries of FOLDOC, the Free On-line Dictionary of Computing
@@ -219,7 +220,7 @@ def test_config_fields_are_plain_and_frozen():
      ("min_word_entropy", float("nan")), ("min_stop_words", True), ("min_stop_words", 9), ("min_words", 10**6)],
 )
 def test_config_rejects_bad_values(field, value):
-    with pytest.raises(QualityConfigError) as e:
+    with pytest.raises(FieldError) as e:
         QualityConfig(**{field: value})
     assert e.value.field == field and field in str(e.value)
 

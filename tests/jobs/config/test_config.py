@@ -126,7 +126,7 @@ def test_model_section_is_a_preset_plus_overrides(tmp_path):
 
 
 def test_model_vocab_must_cover_the_tokenizer():
-    with pytest.raises(ConfigError, match="model.vocab_size \\(4096\\) is smaller than tokenizer.vocab_size"):
+    with pytest.raises(ConfigError, match=r"^model.vocab_size \(--set\): expected at least tokenizer.vocab_size \(8192\)"):
         load_config(DEMO, ["model.vocab_size=4096"])
 
 

@@ -8,16 +8,18 @@ file (a file may `extends:` another and state only what differs) and checks the 
 section's __post_init__ checks its values (types and range metadata through
 `model.checked.check_fields`, then its rules across fields, each a FieldError naming the field),
 so a config built in code is checked like a loaded one, and a wrong key, type or range fails
-before any work starts.
+before any work starts. A key that follows from another (DERIVED) is derived when the file does
+not state it; stated, it must agree.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from jobs.config.infer import InferConfig
 from jobs.config.pair import PairConfig
@@ -230,12 +232,15 @@ class Config:
     def __post_init__(self):
         check_fields(self)
         m, t, c, p, tr = self.model, self.tokenizer, self.chunking, self.pair, self.train
-        require(t.path is not None or m.vocab_size >= t.vocab_size, "model.vocab_size",
-                f"at least tokenizer.vocab_size ({t.vocab_size}): the model could not embed every token",
+        require(t.path is not None or m.vocab_size == t.vocab_size, "model.vocab_size",
+                f"tokenizer.vocab_size ({t.vocab_size}), the tokenizer the bank trains (leave it out to derive it)",
                 m.vocab_size)
         require(m.ref_max_tokens >= c.ref_max_tokens, "model.ref_max_tokens",
                 f"at least chunking.ref_max_tokens ({c.ref_max_tokens}): references could not be encoded",
                 m.ref_max_tokens)
+        require(p.chunk_size == m.mem_chunk_size, "pair.chunk_size",
+                f"model.mem_chunk_size ({m.mem_chunk_size}): training reads the pairs chunk by chunk "
+                f"(leave it out to derive it)", p.chunk_size)
         require(not c.align_docs or c.seq_len % m.mem_chunk_size == 0, "chunking.seq_len",
                 f"a multiple of model.mem_chunk_size ({m.mem_chunk_size}) with chunking.align_docs", c.seq_len)
         require(p.max_tokens is None or (tr.max_tokens is not None and tr.max_tokens <= p.max_tokens),
@@ -252,8 +257,47 @@ class Config:
         return d
 
 
-def _resolve_model_preset(data: dict, where: _Where) -> None:
-    """Lay the model section over its preset."""
+# Keys that follow from another: (key, the key it is derived from, when). A config that leaves
+# the key out gets the other's value (model.* ones replace the preset's); one that states both
+# must make them agree where Config's rules say so (vocab_size, chunk_size). model.max_seq_len
+# and pair.max_tokens only default to theirs: a model may read past its training length
+# (configs/facts.yaml), pairing past what training reads only costs time.
+DERIVED: tuple[tuple[str, str, Callable[[dict], bool]], ...] = (
+    ("model.vocab_size", "tokenizer.vocab_size", lambda data: _value(data, "tokenizer.path") is None),
+    ("model.max_seq_len", "chunking.seq_len", lambda data: True),
+    ("pair.chunk_size", "model.mem_chunk_size", lambda data: True),
+    ("pair.max_tokens", "train.max_tokens", lambda data: True),
+)
+
+
+def _value(data: dict, dotted: str):
+    """The value of `dotted` in the raw mapping, else the default of its field."""
+    section, key = dotted.split(".")
+    raw = data.get(section)
+    if isinstance(raw, dict) and key in raw:
+        return raw[key]
+    return getattr(next(f for f in dataclasses.fields(Config) if f.name == section).default_factory(), key)
+
+
+def _derive(data: dict, model_stated: set[str]) -> None:
+    """Fill in the DERIVED keys the config leaves out (the model's preset is resolved already;
+    model_stated: the model keys the config itself states)."""
+    for key, source, when in DERIVED:
+        section, name = key.split(".")
+        raw = data.get(section)
+        if raw is None:
+            raw = data[section] = _Lined()
+        if not isinstance(raw, dict) or (name in model_stated if section == "model" else name in raw):
+            continue
+        if not when(data):
+            continue
+        raw[name] = _value(data, source)
+        if isinstance(raw, _Lined):
+            raw.lines[name] = f"= {source}"
+
+
+def _resolve_model_preset(data: dict, where: _Where) -> set[str]:
+    """Lay the model section over its preset; returns the keys the config states."""
     raw = data.get("model")
     if raw is None:
         raw = _Lined()
@@ -266,6 +310,7 @@ def _resolve_model_preset(data: dict, where: _Where) -> None:
     merged = _Lined({**PRESETS[preset], **{k: v for k, v in raw.items() if k != "preset"}})
     merged.lines = getattr(raw, "lines", {})
     data["model"] = merged
+    return set(raw) - {"preset"}
 
 
 def load_config(path: str | Path | None, overrides: Sequence[Override] = ()) -> Config:
@@ -274,7 +319,8 @@ def load_config(path: str | Path | None, overrides: Sequence[Override] = ()) -> 
     data = read_config(path) if path is not None else _Lined()
     data = apply_overrides(data, overrides)
     where = _Where(str(path) if path else "<defaults>")
-    _resolve_model_preset(data, where)
+    stated = _resolve_model_preset(data, where)
+    _derive(data, stated)
     data["source"] = str(path) if path is not None else "<defaults>"
     return build(Config, data, "", where)
 

@@ -26,7 +26,8 @@ class PairConfig:
     # Also drop references of the sequence's own documents (what `m3 eval` does to held-out text),
     # not only those the sequence contains (eq. 6 above max_overlap).
     exclude_own_docs: bool = False
-    # Tokens per chunk; must equal the model's mem_chunk_size (the trainer's reader checks).
+    # Tokens per chunk: model.mem_chunk_size, derived from it when the config leaves it out
+    # (jobs/config DERIVED); a config that states another value is refused.
     chunk_size: int = field(default=64, metadata={"ge": 1})
     embed_batch_size: int = field(default=64, metadata={"ge": 1})   # embedder forward batch
     query_batch_size: int = field(default=256, metadata={"ge": 1})  # vectors per LanceDB search call
@@ -37,7 +38,8 @@ class PairConfig:
     # The unit of resumption: a killed job redoes at most one shard per actor.
     seqs_per_shard: int = field(default=64, metadata={"ge": 1})
     # Pair only the first max_tokens of each sequence (null = all): the tokens training reads
-    # (train.max_tokens); chunks past them would cost embedding time and never be used.
+    # (train.max_tokens, derived from it when the config leaves it out); chunks past them would
+    # cost embedding time and never be used.
     max_tokens: int | None = field(default=None, metadata={"ge": 1})
 
     def __post_init__(self):

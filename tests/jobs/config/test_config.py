@@ -125,8 +125,8 @@ def test_model_section_is_a_preset_plus_overrides(tmp_path):
         load_config(path)
 
 
-def test_model_vocab_must_cover_the_tokenizer():
-    with pytest.raises(ConfigError, match=r"^model.vocab_size \(--set\): expected at least tokenizer.vocab_size \(8192\)"):
+def test_model_vocab_is_the_tokenizers():
+    with pytest.raises(ConfigError, match=r"^model.vocab_size \(--set\): expected tokenizer.vocab_size \(8192\)"):
         load_config(DEMO, ["model.vocab_size=4096"])
 
 

@@ -48,7 +48,7 @@ def _bank_stats(bank: Bank, keep_builds: int) -> dict:
     for name in bank.tables():
         tbl = bank.table(name)
         kept = {h["versions"][name] for h in builds if name in h["versions"]} or {tbl.version}
-        live, dead = TableFiles(bank.uri, name).live_dead(kept)
+        live, dead = TableFiles(bank, name).live_dead(kept)
         tables[name] = {"rows": tbl.count_rows(), "version": tbl.version, "versions": len(tbl.list_versions()),
                         "tags": bank.tags(name), "live_bytes": live, "dead_bytes": dead}
     out = {"uri": bank.uri, "tables": tables, "kept_builds": [h.get("build") for h in builds],

@@ -96,7 +96,7 @@ def versions_of(bank: Bank, build: str | None) -> tuple[dict[str, int | None], s
     if build is not None:
         from storage.builds import resolve_build
 
-        entry = resolve_build(bank.uri, build)
+        entry = resolve_build(bank, build)
         return dict(entry["versions"]), f"build {entry['build']}", entry
     names = bank.tables()
     manifest = read_manifest(bank)

@@ -18,6 +18,7 @@ from pipelines.filters import quality_reason
 from pipelines.normalize import normalize_text
 from pipelines.readers import InputError, count_records, expand_paths, plan_shards
 from pipelines.tokenizer import train_bpe
+from storage.bank import Bank
 from storage.staging import read_table
 from tests.conftest import ROOT, foldoc_records
 
@@ -118,12 +119,12 @@ def test_a_changed_role_re_decides_from_the_memo(corpus, tmp_path):
     root, files = corpus
     bank = tmp_path / "bank"
     first = cfg_for(root, {"kb": "bank", "web": "training"})
-    clean(first, tmp_path / "a", memo_dst=memo.target(str(bank), "b1", "clean"))
+    clean(first, tmp_path / "a", memo_dst=memo.target(Bank(str(bank)), "b1", "clean"))
     shards = plan_shards(expand_paths(first.corpus.paths), [len(v) for v in files.values()], 1000)
-    memo.publish(str(bank), "b1", {"clean": "k"}, [s.shard_id for s in shards])
+    memo.publish(Bank(str(bank)), "b1", {"clean": "k"}, [s.shard_id for s in shards])
 
     swapped = cfg_for(root, {"kb": "training", "web": "bank"})
-    _, results, got = clean(swapped, tmp_path / "b", memo_src=memo.source(str(bank), "clean", "k"))
+    _, results, got = clean(swapped, tmp_path / "b", memo_src=memo.source(Bank(str(bank)), "clean", "k"))
     assert sum(r["memo_hits"] for r in results) == sum(len(v) for v in files.values())  # nothing re-normalized
     fresh = clean(swapped, tmp_path / "c")[2]
     assert got == fresh  # the memo's decisions under the new roles are a fresh build's

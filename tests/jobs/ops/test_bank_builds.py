@@ -70,4 +70,4 @@ def test_cli_sql_pinned_and_diff(tmp_path, capsys):
 def test_compact_after_is_a_rebuild_key(tmp_path):
     assert cfg(tmp_path).rebuild.compact_after is False
     assert cfg(tmp_path, "rebuild.compact_after=true").rebuild.compact_after is True
-    assert read_manifest(str(tmp_path)) is None
+    assert read_manifest(Bank(str(tmp_path))) is None

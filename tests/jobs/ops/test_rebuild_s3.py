@@ -85,7 +85,7 @@ def test_rebuilds_on_s3_publish_the_same_builds_as_on_a_local_path(rebuilt):
 
 def test_s3_rebuild_retains_compacts_and_releases_its_lock(rebuilt):
     plain, uri, local, remote, _ = rebuilt
-    m_local, m_s3 = read_manifest(plain), read_manifest(uri)
+    m_local, m_s3 = read_manifest(Bank(plain)), read_manifest(Bank(uri))
     assert [h["build"] for h in m_s3["history"]] == [h["build"] for h in m_local["history"]]
     assert m_s3["build"] == m_local["build"] >= 2
     assert (remote[1]["compaction"] is None) == (local[1]["compaction"] is None)
@@ -101,9 +101,9 @@ def test_s3_rebuild_retains_compacts_and_releases_its_lock(rebuilt):
 
 def test_s3_rebuild_while_another_holds_the_lock_fails_at_once(rebuilt, s3):
     _, uri, _, _, sets = rebuilt
-    before = read_manifest(uri)
+    before = read_manifest(Bank(uri))
     with BankLock(Bank(uri)):
         proc = m3(["rebuild"], sets, s3[1])
     assert proc.returncode == 2 and "another rebuild of this bank is running" in proc.stderr, proc.stderr[-2000:]
     assert f"lock file {uri}/_rebuild.lock" in proc.stderr
-    assert read_manifest(uri) == before
+    assert read_manifest(Bank(uri)) == before

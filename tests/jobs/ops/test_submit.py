@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from storage.bank import Bank
 from tests.conftest import ROOT, write_foldoc_corpus
 
 pytestmark = pytest.mark.slow
@@ -287,7 +288,7 @@ def test_schedule_runs_rebuilds_as_ray_jobs(head, tmp_path_factory):
     extra = ["--set", "schedule.cron='* * * * * *'", "--set", "rebuild.embeddings=false", "--max-runs", "2"]
     out = m3(head, "schedule", *cfg, *extra)
     assert "as Ray jobs at" in out.stdout and "stopped after 2 run(s)" in out.stdout
-    rows = RunLog(str(tmp / "bank25")).rows()
+    rows = RunLog(Bank(str(tmp / "bank25"))).rows()
     assert [(r["mode"], r["status"]) for r in rows] == [("ray-job", "published"), ("ray-job", "up_to_date")], rows
     assert rows[0]["job_id"].startswith("m3-rebuild-") and rows[0]["job_id"] == rows[1]["job_id"]
     assert rows[0]["added"] > 0 and rows[0]["versions"]

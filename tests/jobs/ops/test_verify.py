@@ -192,8 +192,8 @@ def test_a_flipped_byte_in_the_slab_or_in_lance_payloads_fails_verify_naming_mem
     from storage.slab import paths, read_header
 
     version = lance.dataset(str(bank / "memories.lance")).version
-    header = read_header(str(bank), version)
-    slab_file = paths(str(bank), version)[0]
+    header = read_header(Bank(str(bank)), version)
+    slab_file = paths(Bank(str(bank)), version)[0]
     flip(slab_file, 3 * header["payload_bytes"] + 100)
     bad = failed(verify_bank(Bank(str(bank))))
     assert list(bad) == [f"slab payload memories v{version}"] and "row 3" in bad[f"slab payload memories v{version}"]

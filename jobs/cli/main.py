@@ -17,9 +17,11 @@ from pathlib import Path
 
 import yaml
 
-from jobs.config import load_config
-from jobs.inference.generate import add_parser as add_generate
+from jobs.cli.args import config_parser
+from jobs.cli.generate import add_parser as add_generate, cmd_generate
 from jobs.cli.ops import ALLOW_SHRINK, COMMANDS as OPS_COMMANDS, add_parsers as add_ops
+from jobs.cli.train import add_parser as add_train, cmd_train
+from jobs.config import load_config
 from model.errors import M3Error
 
 
@@ -40,7 +42,7 @@ def _check_model_inputs(cfg) -> None:
     (ingest) and a model to encode with (encode). Local paths only: an object store is not
     asked here."""
     from jobs.config import ConfigError
-    from jobs.models import WEIGHTS
+    from model.files import WEIGHTS_FILE
     from pipelines.tokenizer import TokenizerError, load
 
     def local(key: str, path: str | None):
@@ -57,36 +59,32 @@ def _check_model_inputs(cfg) -> None:
         except TokenizerError as e:
             raise ConfigError(f"tokenizer.path: {e}") from None
     checkpoint = local("encode.checkpoint", cfg.encode.checkpoint)
-    if checkpoint and not (checkpoint / WEIGHTS).is_file():
-        raise ConfigError(f"encode.checkpoint: {cfg.encode.checkpoint} holds no {WEIGHTS}")
+    if checkpoint and not (checkpoint / WEIGHTS_FILE).is_file():
+        raise ConfigError(f"encode.checkpoint: {cfg.encode.checkpoint} holds no {WEIGHTS_FILE}")
 
 
 def cmd_search(cfg, args) -> int:
     from jobs.stages.embed import search_text
+    from storage.bank import Bank
     from storage.builds import pinned_bank
 
     # --build: the tables (and their vector and full-text indexes) of that published build
-    bank = pinned_bank(cfg.bank.uri, args.build) if args.build is not None else None
+    bank = pinned_bank(Bank.of(cfg), args.build) if args.build is not None else None
     for hit in search_text(cfg, args.text, k=args.k, exact=args.exact, bank=bank):
         text = hit["text"].replace("\n", " ")
         print(f"{hit['rank']}. [{hit['score']:.3f}] {hit['ref_id']}  {text[:160]}{'...' if len(text) > 160 else ''}")
     return 0
 
 
-def cmd_train(cfg, args) -> int:
-    from jobs.training.trainer import run_train
-
-    run_train(cfg, args.stage)
-    return 0
-
-
 def cmd_bank(cfg, args) -> int:
+    from storage.bank import Bank
+
     if args.action == "diff":
         from storage.diff import diff_builds, render
 
         if len(args.builds) != 2:
             raise M3Error("usage: m3 bank diff A B (build numbers, `live`, or offsets like -1)")
-        out = diff_builds(cfg.bank.uri, *args.builds)
+        out = diff_builds(Bank.of(cfg), *args.builds)
     elif args.builds:
         raise M3Error(f"`m3 bank {args.action}` takes no arguments (got {' '.join(args.builds)})")
     elif args.action == "compact":
@@ -95,7 +93,6 @@ def cmd_bank(cfg, args) -> int:
         out = run_compact(cfg)
     elif args.action == "verify":
         from jobs.ops.verify import failure, render, verify_bank
-        from storage.bank import Bank
 
         out = verify_bank(Bank.of(cfg), args.build, args.quick)
         print(json.dumps(out, indent=2) if args.format == "json" else render(out))
@@ -104,9 +101,8 @@ def cmd_bank(cfg, args) -> int:
         return 0
     else:
         from jobs.ops.bank_stats import bank_stats, render
-        from storage.bank import Bank
 
-        out = bank_stats(Bank(cfg.bank.uri), cfg.rebuild.keep_builds)
+        out = bank_stats(Bank.of(cfg), cfg.rebuild.keep_builds)
     print(json.dumps(out, indent=2) if args.format == "json" else render(out))
     return 0
 
@@ -114,11 +110,12 @@ def cmd_bank(cfg, args) -> int:
 def cmd_sql(cfg, args) -> int:
     import os
 
+    from storage.bank import Bank
     from storage.builds import reader_bank
     from storage.sql import render_stream, stream
 
     # default: the last published build, never a rebuild in progress (storage/live.py)
-    bank = reader_bank(cfg.bank.uri, args.build, args.tag, args.versions)
+    bank = reader_bank(Bank.of(cfg), args.build, args.tag, args.versions)
     columns, batches = stream(bank, args.query)
     try:  # batch by batch as DuckDB produces them: any size of result in bounded memory (storage/sql.py)
         for text in render_stream(columns, batches, args.format):
@@ -146,23 +143,15 @@ def cmd_run(cfg, args) -> int:
     return 0
 
 
-def cmd_generate(cfg, args) -> int:
-    from jobs.inference.generate import cmd_generate as generate
-
-    return generate(cfg, args)
-
-
 def cmd_eval(cfg, args) -> int:
-    from jobs.inference.evaluate import cmd_eval as evaluate
+    from jobs.inference.evaluate import run_eval
 
-    return evaluate(cfg, args)
+    run_eval(cfg, build=args.build)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-c", "--config", help="pipeline YAML (default: built-in defaults)")
-    common.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set bank.uri=/tmp/bank (repeatable)")
+    common = config_parser()
     parser = argparse.ArgumentParser(prog="m3", description="Memory3 data pipelines")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("validate", parents=[common], help="check a config and its inputs, print it resolved")
@@ -176,9 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--exact", action="store_true", help="exact scan instead of the ANN index")
     search.add_argument("--build", help="search a published build (its number, `live`, -1 = before live) "
                                         "instead of the latest tables")
-    train = sub.add_parser("train", parents=[common], help="pretraining on DeepSpeed via Ray Train")
-    train.add_argument("--stage", required=True, help="warmup (no memory), continual (with memory) or control "
-                       "(continual's steps without memory: the equal-compute control)")
+    add_train(sub, common)
     bank = sub.add_parser("bank", parents=[common], help="`m3 bank stats`, `m3 bank diff A B`, `m3 bank compact`, "
                                                           "`m3 bank verify`")
     bank.add_argument("action", choices=("stats", "diff", "compact", "verify"))

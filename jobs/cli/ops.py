@@ -10,6 +10,8 @@ import argparse
 import json
 import os
 
+from jobs.cli.args import config_flag
+
 
 def cmd_rebuild(cfg, args) -> int:
     from jobs.ops.rebuild import run_rebuild
@@ -72,7 +74,7 @@ def cmd_stop(cfg, args) -> int:
 def cmd_schedule(cfg, args) -> int:
     from jobs.ops.schedule import run_schedule
 
-    return run_schedule(cfg, max_runs=args.max_runs, address=args.address)
+    return run_schedule(cfg, max_runs=args.max_runs)  # its --address is schedule.address
 
 
 # `m3 rebuild --allow-shrink` and `m3 run --allow-shrink` (jobs/ops/publish.py)
@@ -81,12 +83,13 @@ ALLOW_SHRINK = ("publish even if the new build has far fewer references than the
 
 
 def add_parsers(sub, common: argparse.ArgumentParser) -> None:
-    address = argparse.ArgumentParser(add_help=False)
-    address.add_argument("--address", default=None,
-                         help="Ray Jobs API (dashboard) address, default $RAY_API_SERVER_ADDRESS or http://127.0.0.1:8265")
-    address.add_argument("--timeout", type=float, default=None, metavar="S",
+    timeout = argparse.ArgumentParser(add_help=False)
+    timeout.add_argument("--timeout", type=float, default=None, metavar="S",
                          help="how long to retry what the cluster reports as transient (no job agent yet, "
                               "5xx, dropped connection); default $M3_SUBMIT_TIMEOUT_S or 60")
+    address = argparse.ArgumentParser(add_help=False, parents=[timeout])
+    address.add_argument("--address", default=None,
+                         help="Ray Jobs API (dashboard) address, default $RAY_API_SERVER_ADDRESS or http://127.0.0.1:8265")
     rebuild = sub.add_parser("rebuild", parents=[common],
                              help="incremental rebuild of the bank, published as `live` when it fully succeeds")
     rebuild.add_argument("--allow-shrink", action="store_true", help=ALLOW_SHRINK)
@@ -102,8 +105,10 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     logs.add_argument("--follow", "-f", action="store_true")
     stop = sub.add_parser("stop", parents=[common, address], help="stop a Ray job")
     stop.add_argument("id")
-    schedule = sub.add_parser("schedule", parents=[common, address],
+    schedule = sub.add_parser("schedule", parents=[common, timeout],
                               help="run rebuilds on the config's schedule.cron until SIGTERM")
+    config_flag(schedule, "--address", "schedule.address", "Ray Jobs API address: each run a Ray job",
+                metavar="URL")
     schedule.add_argument("--max-runs", type=int, default=None, help="stop after this many runs (tests, one-offs)")
 
 

@@ -71,47 +71,26 @@ def show_reads(d: dict) -> str:
     return "\n".join(lines)
 
 
-def cmd_generate(cfg, args) -> int:
-    if (args.prompt is None) == (args.prompts is None):
-        raise ConfigError("m3 generate: give one prompt as an argument or --prompts FILE.jsonl")
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens: expected a value >= 1, got {args.max_new_tokens}")
-    if args.temperature is not None and args.temperature < 0:
-        raise ConfigError(f"--temperature: expected a value >= 0, got {args.temperature}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise ConfigError(f"--top-p: expected a value in (0, 1], got {args.top_p}")
-    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
+def generate_prompts(cfg, prompts: list[str], build: str | None = None, output: str | None = None,
+                     show_memories: bool = False) -> int:
+    """`m3 generate` (its arguments: jobs/cli/generate.py): each prompt's continuation on stdout,
+    with the sampling of cfg.infer; `output`: one JSON object per prompt written there too."""
     from jobs.inference.engine import Inference
 
-    inf = Inference(cfg, build=args.build)
-    outs = inf.generate(prompts, args.mode, max_new_tokens=args.max_new_tokens,
-                        temperature=args.temperature, top_p=args.top_p)
-    sink = open(args.output, "w", encoding="utf-8") if args.output else None
+    inf = Inference(cfg, build=build)
+    outs = inf.generate(prompts)
+    sink = open(output, "w", encoding="utf-8") if output else None
     try:
         for prompt, out in zip(prompts, outs):
             d = {"prompt": prompt, **describe(inf, out)}
             if sink:
                 sink.write(json.dumps(d) + "\n")
             print(f"{prompt}{out.text}" if len(prompts) == 1 else json.dumps({"prompt": prompt, "text": out.text}))
-            if args.show_memories:
+            if show_memories:
                 print(show_reads(d))
     finally:
         if sink:
             sink.close()
-    if args.show_memories and inf._store is not None:
+    if show_memories and inf._store is not None:
         print(f"memory cache: {inf._store.hits} hits, {inf._store.misses} misses", file=sys.stderr)
     return 0
-
-
-def add_parser(sub, common) -> None:
-    g = sub.add_parser("generate", parents=[common], help="generate text with explicit memory (or none / rag)")
-    g.add_argument("prompt", nargs="?", help="the prompt (or --prompts FILE.jsonl)")
-    g.add_argument("--prompts", help="JSONL: one JSON string or {\"prompt\": ...} per line, generated in batches")
-    g.add_argument("--mode", choices=("memory", "none", "rag"), default=None, help="default: infer.mode")
-    g.add_argument("--max-new-tokens", type=int, default=None)
-    g.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: infer.temperature)")
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--show-memories", action="store_true", help="print the references each chunk read")
-    g.add_argument("--build", help="serve a published build (its number, `live`, -1 = the one before live) "
-                                   "instead of the live one, with the model its memories were written by")
-    g.add_argument("--output", help="write one JSON object per prompt (text, chunks, references) here")

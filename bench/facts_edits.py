@@ -77,12 +77,21 @@ def edited_corpus(cfg, edits: list[dict], work: Path) -> list[str]:
     return [f"corpus.paths=[{', '.join(paths)}]", "corpus.roles={" + ", ".join(f"{k}: {v}" for k, v in roles.items()) + "}"]
 
 
+def training_text(cfg) -> str:
+    """The text of the corpus files the model trains on (role training or both), one string."""
+    mf = make_facts()
+    return "\n".join(str(r.get(cfg.corpus.text_key, "")) for path in cfg.corpus.paths
+                     if cfg.corpus.role_of(path) != "bank" and Path(path).is_file()
+                     for r in mf.read_jsonl(Path(path)))
+
+
 def run(config: str, overrides: list[str], edits_path: str | None = None, others: int = 100, seed: int = 0,
         work: str | None = None, dry_run: bool = False) -> dict:
     from jobs.config import load_config
-    from jobs.inference.edits import answer_tokens, flip_rates, holds, memory_rates, read_answers, render
+    from jobs.inference.edits import answer_tokens, flip_rates, holds, memory_rates, read_answers, render, seen_in
     from jobs.inference.engine import Inference
     from jobs.ops.rebuild import run_rebuild
+    from storage.bank import Bank
     from storage.builds import resolve_build
 
     t0 = time.time()
@@ -98,7 +107,7 @@ def run(config: str, overrides: list[str], edits_path: str | None = None, others
           f"({siblings} of them the edited entities' other attributes)", flush=True)
 
     inf = Inference(cfg)
-    built_on = resolve_build(cfg.bank.uri, "live")
+    built_on = resolve_build(Bank.of(cfg), "live")
     before = read_answers(inf, items)
     stale = [it.probe.line for it, r in zip(items, before) if it.edited and any(holds(x, it.new) for x in r.source.values())
              and not any(holds(x, it.probe.answer) for x in r.source.values())]
@@ -124,11 +133,14 @@ def run(config: str, overrides: list[str], edits_path: str | None = None, others
 
     tok, eos = inf.tokenizer, inf.model.config.eos_id
     answers = [answer_tokens(tok, eos, it) for it in items]
+    train_text = training_text(cfg)
+    seen = list(zip(seen_in(train_text, [it.probe.answer for it in items]),
+                    seen_in(train_text, [it.new or it.probe.answer for it in items])))
     rates = flip_rates(answers, [r.tokens for r in before], [r.tokens for r in after], [r.tokens for r in pinned],
-                       [it.edited for it in items])
+                       [it.edited for it in items], seen)
     memories = memory_rates(items, before, after, pinned)
     out = {"bank": cfg.bank.uri, "items": len(items), "edited": n_edited, "edits": len(edits),
-           "builds": {"before": built_on.get("build"), "after": resolve_build(cfg.bank.uri, "live")["build"],
+           "builds": {"before": built_on.get("build"), "after": resolve_build(Bank.of(cfg), "live")["build"],
                       "pinned": pinned_inf.build["build"]},
            "model": {"live": live.model_hash[:12], "pinned": pinned_inf.model_hash[:12],
                      "reads_memory": bool(inf.memory_reading.get("reads_memory"))},

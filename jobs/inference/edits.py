@@ -111,7 +111,7 @@ def _rate(hits: list[bool]) -> dict:
 
 
 def flip_rates(answers: list[tuple[list[int], list[int]]], before: list[list[int]], after: list[list[int]],
-               pinned: list[list[int]], edited: list[bool]) -> dict:
+               pinned: list[list[int]], edited: list[bool], seen: list[tuple[bool, bool]] | None = None) -> dict:
     """The issue's three rates, on token lists. answers[i] = (old, new) answer tokens (equal
     when item i is not edited); before/after/pinned[i] = its greedy continuation on the live
     build before the edit, after it, and on the build before live, pinned. An item's answer is
@@ -121,7 +121,11 @@ def flip_rates(answers: list[tuple[list[int], list[int]]], before: list[list[int
     - edited, gave the old answer before the edit (exact match of the baseline), and of those,
       the share that follow the new fact after it (the flip rate against the baseline);
     - not edited, answer unchanged after the edit;
-    - every item, the pinned old build answers as the baseline did (and the edited ones alone)."""
+    - every item, the pinned old build answers as the baseline did (and the edited ones alone).
+
+    seen[i] = (the old answer, the new answer) occurs in the training text (`seen_in`): with it,
+    the baseline's exact match and the edited items' follow-new rate split by whether the value
+    the model must copy is one it was ever trained to write."""
     def cut(seq, i):
         return list(seq[i][:max(len(a) for a in answers[i])])
 
@@ -141,7 +145,20 @@ def flip_rates(answers: list[tuple[list[int], list[int]]], before: list[list[int
         "others_unchanged": _rate([cut(after, i) == cut(before, i) for i in other]),
         "pinned_as_before": _rate([cut(pinned, i) == cut(before, i) for i in range(len(edited))]),
         "edited_pinned_as_before": _rate([cut(pinned, i) == cut(before, i) for i in ed]),
+        **({} if seen is None else {
+            "edited_follow_new_seen": _rate([starts(after, i, answers[i][1]) for i in ed if seen[i][1]]),
+            "edited_follow_new_unseen": _rate([starts(after, i, answers[i][1]) for i in ed if not seen[i][1]]),
+            "baseline_exact_seen": _rate([starts(before, i, answers[i][0]) for i in range(len(edited)) if seen[i][0]]),
+            "baseline_exact_unseen": _rate([starts(before, i, answers[i][0]) for i in range(len(edited))
+                                            if not seen[i][0]]),
+        }),
     }
+
+
+def seen_in(text: str, values: list[str]) -> list[bool]:
+    """Whether each value occurs, as a whole word or phrase, in text (the training-role corpus):
+    a value no training text holds is one the model never learned to write, only to copy."""
+    return [holds(text, v) for v in values]
 
 
 def memory_rates(items: list[Item], before: list[Reading], after: list[Reading], pinned: list[Reading]) -> dict:
@@ -185,6 +202,10 @@ ANSWER_ROWS = [  # (key, what it says, the issue's goal)
     ("others_unchanged", "other items: the answer after the edit is the baseline's", ">= 95 %"),
     ("pinned_as_before", "every item: the pinned old build answers as the baseline did", ">= 95 %"),
     ("edited_pinned_as_before", "  edited items alone", ""),
+    ("edited_follow_new_seen", "edited items whose new value occurs in the training text: follow it", ""),
+    ("edited_follow_new_unseen", "edited items whose new value occurs in no training text: follow it", ""),
+    ("baseline_exact_seen", "every item, before the edit, answer in the training text: exact match", ""),
+    ("baseline_exact_unseen", "every item, before the edit, answer in no training text: exact match", ""),
 ]
 MEMORY_ROWS = [
     ("source_new", "edited items: their source's reference in the build holds the new value"),
@@ -200,7 +221,7 @@ def render(answers: dict, memories: dict) -> str:
         return f"{r['share']:.1%} ({r['count']}/{r['n']})" if r["n"] else "n/a"
 
     lines = ["| answers (greedy) | rate | goal |", "|---|---|---|"]
-    lines += [f"| {what} | {cell(answers[key])} | {goal} |" for key, what, goal in ANSWER_ROWS]
+    lines += [f"| {what} | {cell(answers[key])} | {goal} |" for key, what, goal in ANSWER_ROWS if key in answers]
     lines += ["", "| memories read | before the edit | after (live) | pinned old build (--build -1) |",
               "|---|---|---|---|"]
     lines += [f"| {what} | " + " | ".join(cell(memories[f"{key}_{p}"]) for p in ("before", "after", "pinned")) + " |"

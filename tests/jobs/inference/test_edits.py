@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from jobs.inference.edits import Item, Reading, edit_items, flip_rates, holds, memory_rates, read_answers
+from jobs.inference.edits import Item, Reading, edit_items, flip_rates, holds, memory_rates, read_answers, seen_in
 from jobs.inference.engine import Inference
 from jobs.inference.qa_probes import Probe
 from model.checkpoint import saved_hash
@@ -116,6 +116,17 @@ def test_flip_rates_count_each_case():
                    # item 3's answer span is its longer answer's, 2 tokens: [1, 1] both times
                    "pinned_as_before": (3, 4), "edited_pinned_as_before": (2, 2)}
     assert r["pinned_as_before"]["share"] == 0.75
+    # item 0's new value is one the training text holds, item 3's is not; old answers: 0, 1 seen
+    seen = [(True, True), (True, True), (False, False), (False, False)]
+    split = flip_rates(answers, before, after, pinned, [True, False, False, True], seen)
+    got = {k: (v["count"], v["n"]) for k, v in split.items() if k not in r}
+    assert got == {"edited_follow_new_seen": (1, 1), "edited_follow_new_unseen": (1, 1),
+                   "baseline_exact_seen": (2, 2), "baseline_exact_unseen": (1, 2)}  # item 3 missed its old answer
+
+
+def test_seen_in_finds_whole_values_in_the_training_text():
+    assert seen_in("Q: Where?\nA: Droukteinstus.\nQ: When?\nA: 1723.", [" Droukteinstus", " 1799", " 172"]) == [
+        True, False, False]
 
 
 def test_memory_rates_count_each_case():

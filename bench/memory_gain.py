@@ -72,12 +72,13 @@ def train_all(cfg) -> dict:
 
 def evaluate_all(cfg) -> dict:
     from jobs.training.evidence import evaluate_checkpoint
+    from storage.bank import Bank
 
     out = {}
     for recipe in ("control warmup", "control-control", "control-memory", "memory-memory"):
         rc, stage = recipe_config(cfg, recipe)
-        ckpt = Path(rc.train.run_dir) / stage / "model"
-        out[recipe] = evaluate_checkpoint(rc, ckpt, rc.train, probe=True)
+        bank = Bank.of(rc)
+        out[recipe] = evaluate_checkpoint(rc, bank, bank.trained_model(stage), rc.train, probe=True)
         print(f"{recipe}: " + json.dumps({m: v["loss"] for m, v in out[recipe]["modes"].items()}), flush=True)
     return out
 
@@ -99,7 +100,7 @@ def tradeoff(cfg, recipe: str = "control-memory", top_ks=(8, 16, 32, 64, 128), c
     mc = model.config
     items = heldout_items(bank, rc.train.heldout_fraction, rc.train.eval_sequences,
                           rc.train.max_tokens or mc.max_seq_len, mc.mem_chunk_size)
-    retriever = bank_retriever(cfg, bank, bank_tokenizer(cfg, bank), mc.mems_per_chunk)
+    retriever = bank_retriever(cfg, bank, bank_tokenizer(bank), mc.mems_per_chunk)
     held = strict(cfg.infer.max_overlap)
     rng = np.random.default_rng(cfg.encode.seed)
     all_ids = bank.dataset("refs").to_table(columns=["ref_id"]).column("ref_id").to_pylist()

@@ -1,7 +1,7 @@
 """Where models live, and which one a command uses: one answer for every command that needs weights.
 
     1. the one named (encode.checkpoint, infer.checkpoint, --checkpoint), which must hold a model;
-    2. the bank's newest trained model, where the trainer exported it (`stage_dir`:
+    2. the bank's newest trained model, where the trainer exported it (`Bank.trained_model`:
        <bank>/training/<stage>/model, or under train.run_dir): for encoding, continual else
        warmup (after training, the bank is re-encoded by the weights that will read it); for
        serving, continual only (a warmup model never learned to read memories);
@@ -15,46 +15,27 @@ reading yesterday's memories.
 
 The equal-compute control (<bank>/training/control/model: the continual stage's steps without
 memory, jobs/training/trainer.py) is never picked by 2.: it is the baseline an evaluation loads
-by name (`control_model_dir`), not weights that encode or read a bank.
+by name (`bank.trained_model(CONTROL)`), not weights that encode or read a bank.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from model.files import WEIGHTS_FILE
 from storage.bank import Bank, BankError
-from storage.layout import BankLayout, LayoutError, is_uri
-
-WEIGHTS = "model.safetensors"
+from storage.layout import LayoutError
 
 
-def stage_dir(cfg, stage: str) -> Path:
-    """Where a training stage keeps its checkpoints, log and exported model: a local (or shared)
-    directory, since DeepSpeed and torch write them with file APIs. A bank on an object store
-    has none: its training lives under train.run_dir, and asking without one says so."""
-    run_dir = getattr(getattr(cfg, "train", None), "run_dir", None)
-    if run_dir and is_uri(run_dir) and not run_dir.startswith("file://"):
-        raise LayoutError(f"train.run_dir={run_dir}: training checkpoints are written by DeepSpeed and torch "
-                          f"with local file APIs; give a local or shared directory")
-    if run_dir:
-        return Path(run_dir.removeprefix("file://")).resolve() / stage
-    try:
-        return BankLayout(cfg.bank.uri).training().resolve() / stage
-    except LayoutError:
-        raise LayoutError(f"train.run_dir: the bank at {cfg.bank.uri} is on an object store, and training "
-                          f"writes its checkpoints, log and exported model with local file APIs (DeepSpeed, "
-                          f"torch); set train.run_dir to a local or shared directory for them") from None
-
-
-def warmup_model_dir(cfg, tc) -> Path:
+def warmup_model_dir(bank: Bank, tc) -> Path:
     """The model the continual stage starts from."""
-    return Path(tc.warmup_checkpoint) if tc.warmup_checkpoint else stage_dir(cfg, "warmup") / "model"
+    return Path(tc.warmup_checkpoint) if tc.warmup_checkpoint else bank.trained_model("warmup")
 
 
 def _named(path: str, key: str) -> Path:
     p = Path(path)
-    if not (p / WEIGHTS).exists():
-        raise BankError(f"{key}: {p} holds no {WEIGHTS}")
+    if not (p / WEIGHTS_FILE).exists():
+        raise BankError(f"{key}: {p} holds no {WEIGHTS_FILE}")
     return p
 
 
@@ -62,20 +43,15 @@ def _named(path: str, key: str) -> Path:
 CONTROL = "control"
 
 
-def control_model_dir(cfg) -> Path:
-    """Where the equal-compute control's exported model lives (it may not exist yet)."""
-    return stage_dir(cfg, CONTROL) / "model"
-
-
-def newest_trained(cfg, stages: tuple[str, ...] = ("continual", "warmup")) -> Path | None:
+def newest_trained(bank: Bank, stages: tuple[str, ...] = ("continual", "warmup")) -> Path | None:
     if CONTROL in stages:
-        raise ValueError("the control model never encodes or serves a bank: load control_model_dir(cfg) by name")
+        raise ValueError("the control model never encodes or serves a bank: load bank.trained_model(CONTROL) by name")
     for stage in stages:
         try:
-            path = stage_dir(cfg, stage) / "model"
+            path = bank.trained_model(stage)
         except LayoutError:  # a bank on an object store without train.run_dir: nothing trained
             return None
-        if (path / WEIGHTS).exists():
+        if (path / WEIGHTS_FILE).exists():
             return path
     return None
 
@@ -83,16 +59,16 @@ def newest_trained(cfg, stages: tuple[str, ...] = ("continual", "warmup")) -> Pa
 def model_for_encoding(cfg, bank: Bank) -> Path:
     if cfg.encode.checkpoint:
         return _named(cfg.encode.checkpoint, "encode.checkpoint")
-    trained = newest_trained(cfg)
+    trained = newest_trained(bank)
     if trained is not None:
         return trained
     try:
-        path = BankLayout(bank.uri).models() / f"init-{_init_name(cfg)}"
+        path = bank.layout.models() / f"init-{_init_name(cfg)}"
     except LayoutError:
         raise LayoutError(f"encode.checkpoint: the bank at {bank.uri} is on an object store, which keeps no "
                           f"models (torch loads them from files); nothing is trained yet, so set "
                           f"encode.checkpoint to a local model directory (or train with train.run_dir set)") from None
-    if not (path / WEIGHTS).exists():
+    if not (path / WEIGHTS_FILE).exists():
         import torch
 
         from model import Memory3, save_model
@@ -114,11 +90,11 @@ def model_for_serving(cfg, bank: Bank, checkpoint: str | None = None, build: dic
     if checkpoint or cfg.infer.checkpoint:
         return _named(checkpoint or cfg.infer.checkpoint, "infer.checkpoint")
     if build is not None and bank.has("memories"):
-        return model_of_build(cfg, bank, build)
-    trained = newest_trained(cfg, ("continual",))
+        return model_of_build(bank, build)
+    trained = newest_trained(bank, ("continual",))
     if trained is not None:
         return trained
-    continual = stage_dir(cfg, "continual") / "model"
+    continual = bank.trained_model("continual")
     if not bank.has("memories"):
         raise BankError(f"no model to infer with: infer.checkpoint is null, {continual} does not exist "
                         f"and the bank has no memories table to take the encoding model from (m3 encode)")
@@ -126,13 +102,13 @@ def model_for_serving(cfg, bank: Bank, checkpoint: str | None = None, build: dic
     if not recorded:
         raise BankError("the memories table records no model_dir in its lineage: set infer.checkpoint")
     # lineage paths are as the encode job saw them (maybe relative to its working directory)
-    for path in (Path(recorded), BankLayout(bank.uri).models() / Path(recorded).name):
-        if (path / WEIGHTS).exists():
+    for path in (Path(recorded), bank.layout.models() / Path(recorded).name):
+        if (path / WEIGHTS_FILE).exists():
             return path
-    raise BankError(f"the memories were encoded with {recorded}, which holds no {WEIGHTS}: set infer.checkpoint")
+    raise BankError(f"the memories were encoded with {recorded}, which holds no {WEIGHTS_FILE}: set infer.checkpoint")
 
 
-def model_of_build(cfg, bank: Bank, build: dict) -> Path:
+def model_of_build(bank: Bank, build: dict) -> Path:
     """The model a pinned build names: a build pins table versions, not weights, but its
     memories record the hash (and directory) of the model that wrote them, and only that model
     can read them (MemoryStore refuses any other). An edit or a rollback of knowledge is a
@@ -143,16 +119,16 @@ def model_of_build(cfg, bank: Bank, build: dict) -> Path:
 
     meta = bank.metadata("memories")
     want, recorded = meta.get("model_hash"), meta.get("model_dir")
-    candidates = [newest_trained(cfg, ("continual",))]
+    candidates = [newest_trained(bank, ("continual",))]
     if recorded:
         candidates.append(Path(recorded))
         try:  # lineage paths are as the encode job saw them; a moved bank keeps its models inside
-            candidates.append(BankLayout(bank.uri).models() / Path(recorded).name)
+            candidates.append(bank.layout.models() / Path(recorded).name)
         except LayoutError:  # a bank on an object store keeps no models
             pass
     seen = []
     for path in candidates:
-        if path is None or not (path / WEIGHTS).exists() or path in seen:
+        if path is None or not (path / WEIGHTS_FILE).exists() or path in seen:
             continue
         seen.append(path)
         if want is None or saved_hash(path) == want:

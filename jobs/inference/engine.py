@@ -35,26 +35,27 @@ import torch
 
 from jobs.config.loader import ConfigError
 from jobs.config.infer import MODES, InferConfig
-from jobs.models import WEIGHTS, model_for_serving, stage_dir
+from jobs.models import CONTROL, model_for_serving
 from model import load_model
 from model.checkpoint import memory_reading, saved_hash
 from model.generation import ChunkRead, generate_with_memory
 from model.sampling import row_generators
 from pipelines.tokenizer import load as load_tokenizer
+from model.files import WEIGHTS_FILE
 from storage.bank import Bank, BankError
 from storage.builds import reader_bank, resolve_build
-from storage.layout import BankLayout, LayoutError
+from storage.layout import LayoutError
 
 # the schedule generation and `m3 eval` serve memories on (model/generation.py)
 SERVED_SCHEDULE = "serving"
 
 
-def bank_tokenizer(cfg, bank: Bank):
+def bank_tokenizer(bank: Bank):
     """The tokenizer the bank's references were cut with (its lineage names the file)."""
     tok_rel = bank.metadata("refs").get("tokenizer_path")
     if not tok_rel:
         raise BankError("the refs table records no tokenizer_path in its lineage: rerun `m3 ingest`")
-    return load_tokenizer(BankLayout(cfg.bank.uri).path(tok_rel))
+    return load_tokenizer(bank.layout.path(tok_rel))
 
 
 def bank_retriever(cfg, bank: Bank, tokenizer, per_query: int, device: str = "cpu", infer=None):
@@ -137,9 +138,10 @@ class Inference:
         """build: a published build to serve instead of the live one (its number, `live`, or -1 =
         the one before live: `--build`), with the model its memories were written by."""
         self.cfg, self.ic = cfg, infer or cfg.infer
+        bank = Bank.of(cfg)
         # the published build, never one being written; or the build asked for
-        self.build = resolve_build(cfg.bank.uri, build) if build is not None else None
-        self.bank = reader_bank(cfg.bank.uri, build)
+        self.build = resolve_build(bank, build) if build is not None else None
+        self.bank = reader_bank(bank, build)
         self.bank.require("refs")
         self.checkpoint = model_for_serving(cfg, self.bank, checkpoint, build=self.build)
         self.model_hash = saved_hash(self.checkpoint)  # what the memories must have been written by
@@ -149,12 +151,12 @@ class Inference:
             dtype = getattr(torch, self.ic.dtype)
         self.dtype = dtype
         self.model = load_model(self.checkpoint, device=self.device, dtype=dtype)
-        self.tokenizer = bank_tokenizer(cfg, self.bank)
+        self.tokenizer = bank_tokenizer(self.bank)
         self._retriever = self._store = self._control = None
 
     def control(self) -> dict:
         """The equal-compute control: a model trained from the same warmup for the same steps
-        without memory, where its training stage exports it (`stage_dir(cfg, "control")/model`),
+        without memory, where its training stage exports it (`bank.trained_model("control")`),
         loaded like the served model, once. {"path", "model", "model_hash", "sink", "warnings"},
         or {"path", "missing": why} when there is none to compare with."""
         if self._control is None:
@@ -163,10 +165,10 @@ class Inference:
 
     def _load_control(self) -> dict:
         try:
-            path = stage_dir(self.cfg, "control") / "model"
+            path = self.bank.trained_model(CONTROL)
         except LayoutError as e:
             return {"path": None, "missing": str(e)}
-        if not (path / WEIGHTS).exists():
+        if not (path / WEIGHTS_FILE).exists():
             return {"path": str(path), "missing": f"no model in {path}: the control training stage exports it there"}
         model = load_model(path, device=self.device, dtype=self.dtype)
         mine, theirs = self.model.config, model.config

@@ -6,7 +6,7 @@ Every mode scores the same tokens, and a result counts only beside its controls 
 "Evaluating memory honestly"):
 
 - **the headline** is the served memory model against the **equal-compute control**: a model
-  trained from the same warmup for the same steps without memory (`stage_dir(cfg, "control")`,
+  trained from the same warmup for the same steps without memory (`bank.trained_model("control")`,
   jobs/models.py), scored on the same items and paired per item. Without that model the eval
   says the control is missing and shows the rest.
 - **none** is a diagnostic, not the claim: the same weights in their own no-memory distribution
@@ -55,7 +55,6 @@ import torch.nn.functional as F
 from jobs.inference.eval_report import mode_lines, plot_eval, render  # noqa: F401 (m3 run renders)
 from jobs.inference.stats import CONTROL, paired, paired_items, summary  # noqa: F401 (bench/ pairs models)
 from storage.bank import BankError
-from storage.layout import BankLayout
 from storage.staging import write_text_atomic
 
 
@@ -334,7 +333,7 @@ def run_eval(cfg, inference=None, build: str | int | None = None) -> dict:
     store = retriever.store
     results["memory_cache"] = {"hits": store.hits, "misses": store.misses}
     results["seconds"] = round(time.time() - t0, 1)
-    out = BankLayout(cfg.bank.uri).eval()
+    out = bank.layout.eval()
     # a pinned build's figures beside the live build's, never over them
     name = "eval" if inf.build is None else f"eval-build-{inf.build['build']}"
     write_text_atomic(out / f"{name}.json", json.dumps(results, indent=2))

@@ -11,8 +11,8 @@ import time
 
 from upath import UPath
 
-from jobs.models import stage_dir
-from storage.layout import BankLayout, LayoutError
+from storage.bank import Bank
+from storage.layout import LayoutError
 from storage.staging import write_text_atomic
 
 
@@ -82,13 +82,13 @@ def evidence_lines(ev: dict) -> list[str]:
     return out
 
 
-def write_run_report(cfg, results: dict, seconds: dict, total: float) -> UPath:
-    out_dir = BankLayout(cfg.bank.uri).reports()
-    lines = [f"# m3 run: {cfg.name}", "", f"Config `{cfg.source}`, bank `{cfg.bank.uri}`, "
+def write_run_report(cfg, bank: Bank, results: dict, seconds: dict, total: float) -> UPath:
+    out_dir = bank.layout.reports()
+    lines = [f"# m3 run: {cfg.name}", "", f"Config `{cfg.source}`, bank `{bank.uri}`, "
              f"{time.strftime('%Y-%m-%d %H:%M:%S')}; {total:.0f} s in all.", "",
              "| stage | seconds | result |", "|---|---|---|"]
     lines += [f"| {name} | {seconds[name]:.1f} | {_stage_line(name, r)} |" for name, r in results.items()]
-    training = _training_root(cfg)
+    training = _training_root(bank)
     ev = (results.get("continual") or {}).get("evidence") or (_read(training / "continual" / "evidence.json")
                                                               if training else None)
     if ev:
@@ -109,11 +109,11 @@ def write_run_report(cfg, results: dict, seconds: dict, total: float) -> UPath:
     return md
 
 
-def _training_root(cfg):
-    """Where the training stages write (jobs/models.py), or None for a bank on an object store
-    without train.run_dir: no training ran there."""
+def _training_root(bank: Bank):
+    """Where the training stages write, or None for a bank on an object store without
+    train.run_dir: no training ran there."""
     try:
-        return stage_dir(cfg, "continual").parent
+        return bank.training("continual").parent
     except LayoutError:
         return None
 

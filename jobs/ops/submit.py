@@ -44,7 +44,8 @@ import yaml
 from jobs.config import Config, config_hash
 from jobs.project import ROOT, project_root
 from model.errors import M3Error
-from storage.layout import BankLayout
+from model.files import WEIGHTS_FILE
+from storage.bank import LATEST, Bank
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 CONFIG_ENV = "M3_SUBMIT_CONFIG"
@@ -214,14 +215,13 @@ def _inputs(cfg: Config, stage: str) -> dict:
         out["corpus"] = [[f.path, os.stat(f.path).st_size, os.stat(f.path).st_mtime_ns]
                          for f in expand_paths(cfg.corpus.paths, cfg.corpus.format)]
     if cfg.encode.checkpoint and stage in ("encode", "rebuild", "run", "train"):
-        ck = Path(cfg.encode.checkpoint) / "model.safetensors"
+        ck = Path(cfg.encode.checkpoint) / WEIGHTS_FILE
         out["checkpoint"] = [ck.stat().st_size, ck.stat().st_mtime_ns] if ck.exists() else None
     if stage in INPUT_TABLES and "://" not in cfg.bank.uri and Path(cfg.bank.uri).exists():
-        import lance
-
+        bank = Bank.of(cfg)
         for name in INPUT_TABLES[stage]:
-            path = Path(BankLayout(cfg.bank.uri).table(name))
-            out[name] = lance.dataset(str(path)).version if path.exists() else None
+            there = Path(bank.layout.table(name)).exists()
+            out[name] = bank.dataset(name, LATEST, check=False).version if there else None
     return out
 
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jobs.models import stage_dir, warmup_model_dir
+from jobs.models import warmup_model_dir
 from jobs.training.codec import memory_codec
 from jobs.config.train import TrainConfig
+from storage.bank import Bank
 
 
-def evaluate_checkpoint(cfg, checkpoint: str | Path, tc: TrainConfig, with_memory: bool = True,
+def evaluate_checkpoint(cfg, bank: Bank, checkpoint: str | Path, tc: TrainConfig, with_memory: bool = True,
                         probe: bool = False) -> dict:
     """Mean loss of a checkpoint over (up to eval_sequences of) the held-out split, in modes none
     and, if with_memory and it reads memories, memory and the control; with probe also the
@@ -23,9 +24,7 @@ def evaluate_checkpoint(cfg, checkpoint: str | Path, tc: TrainConfig, with_memor
     from model.checkpoint import memory_reading
     from jobs.inference.retriever import EncodingStore
     from model import load_model
-    from storage.bank import Bank
 
-    bank = Bank(cfg.bank.uri)
     model = load_model(checkpoint).eval()
     mc = model.config
     items = heldout_items(bank, tc.heldout_fraction, tc.eval_sequences, tc.max_tokens or mc.max_seq_len,
@@ -36,7 +35,7 @@ def evaluate_checkpoint(cfg, checkpoint: str | Path, tc: TrainConfig, with_memor
     retriever = None
     if with_memory and sink:
         reading = memory_reading(checkpoint)
-        retriever = bank_retriever(cfg, bank, bank_tokenizer(cfg, bank), mc.mems_per_chunk)
+        retriever = bank_retriever(cfg, bank, bank_tokenizer(bank), mc.mems_per_chunk)
         store = EncodingStore(model, retriever.ref_tokens, top_k=reading.get("top_k"),
                               codec=memory_codec(cfg, tc) if reading.get("codec") else None)
         retriever = retriever.with_store(store)
@@ -46,7 +45,7 @@ def evaluate_checkpoint(cfg, checkpoint: str | Path, tc: TrainConfig, with_memor
                          batch_size=cfg.infer.eval.batch_size)
     result = {"sequences": len(items), "tokens": out["none"]["tokens"], "sink": sink, "modes": out}
     if probe:
-        pitems, n_docs = probe_items(bank, bank_tokenizer(cfg, bank), tc.heldout_fraction, cfg.infer.eval.probe_refs,
+        pitems, n_docs = probe_items(bank, bank_tokenizer(bank), tc.heldout_fraction, cfg.infer.eval.probe_refs,
                                      mc.eos_id)
         pmodes = probe_modes(cfg.infer.max_overlap, with_memory=retriever is not None)
         if len(pitems):
@@ -56,10 +55,10 @@ def evaluate_checkpoint(cfg, checkpoint: str | Path, tc: TrainConfig, with_memor
     return result
 
 
-def memory_evidence(cfg, tc: TrainConfig) -> dict:
+def memory_evidence(cfg, bank: Bank, tc: TrainConfig) -> dict:
     """Held-out loss of the warmup model, and of the continual model with and without memory."""
-    warm = evaluate_checkpoint(cfg, warmup_model_dir(cfg, tc), tc, with_memory=False)
-    cont = evaluate_checkpoint(cfg, stage_dir(cfg, "continual") / "model", tc)
+    warm = evaluate_checkpoint(cfg, bank, warmup_model_dir(bank, tc), tc, with_memory=False)
+    cont = evaluate_checkpoint(cfg, bank, bank.trained_model("continual"), tc)
     m = cont["modes"]
     out = {"split": "heldout", "sequences": cont["sequences"], "tokens": cont["tokens"],
            "warmup_loss": warm["modes"]["none"]["loss"], "continual_loss_no_memory": m["none"]["loss"],

@@ -1,7 +1,7 @@
 """`m3 train --stage warmup|continual|control`: two-stage pretraining on DeepSpeed, run by Ray Train.
 
-    python -m jobs.training.trainer -c configs/demo.yaml --stage warmup
-    deepspeed --num_gpus 2 -m jobs.training.trainer -c F --stage warmup       # or torchrun: same loop
+    m3 train -c configs/demo.yaml --stage warmup
+    deepspeed --num_gpus 2 -m jobs.cli.train -c F --stage warmup       # or torchrun: same loop
 
 warmup is plain language modeling; continual starts from the warmup model and gives every
 64-token chunk the memories of its own neighbor and the previous window-1 chunks' neighbors,
@@ -25,7 +25,6 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -33,11 +32,12 @@ from jobs.config import ConfigError
 from jobs.faults import maybe_crash, maybe_pause
 from jobs.runtime import NODE_LOSS_RETRIES, node_lost
 from jobs.config.train import TrainConfig
-from jobs.models import stage_dir, warmup_model_dir
+from jobs.models import warmup_model_dir
 from jobs.training.codec import memory_codec
 from jobs.training.log import LogFollower, open_log, plot_losses, progress_line, read_rows
 from model.errors import M3Error
-from storage.bank import BankError
+from model.files import WEIGHTS_FILE
+from storage.bank import Bank, BankError
 from storage.lock import writes_bank
 
 STAGES = ("warmup", "continual", "control")
@@ -48,20 +48,17 @@ class TrainError(M3Error, RuntimeError):
     pass
 
 
-def check_stage(cfg, tc: TrainConfig, stage: str) -> None:
+def check_stage(cfg, bank: Bank, tc: TrainConfig, stage: str) -> None:
     """Fail before any work: unknown stage, missing inputs, sequences too long for the model."""
     if stage not in STAGES:
         raise ConfigError(f"--stage: expected one of {', '.join(STAGES)}, got {stage!r}")
-    from storage.bank import Bank
-
-    bank = Bank(cfg.bank.uri)
     bank.require("train_sequences")
     if stage != "warmup":  # continual and its control start from the warmup model
-        src = warmup_model_dir(cfg, tc)
-        if not (src / "model.safetensors").exists():
+        src = warmup_model_dir(bank, tc)
+        if not (src / WEIGHTS_FILE).exists():
             raise BankError(f"{stage} training starts from the warmup model, but {src} holds no "
-                            f"model.safetensors: run `m3 train --stage warmup` first")
-        _check_resume_start(cfg, tc, src, stage)
+                            f"{WEIGHTS_FILE}: run `m3 train --stage warmup` first")
+        _check_resume_start(bank, tc, src, stage)
     if tc.with_memory(stage):
         bank.require("neighbors")
         memory_codec(cfg, tc)  # refuses a codec training cannot pass memories through
@@ -106,12 +103,12 @@ def refs_per_chunk(cfg, tc: TrainConfig, stage: str) -> int:
     return cfg.model.mems_per_chunk if tc.with_memory(stage) and tc.memory_schedule == "serving" else 1
 
 
-def _check_resume_start(cfg, tc: TrainConfig, warmup_dir: Path, stage: str = "continual") -> None:
+def _check_resume_start(bank: Bank, tc: TrainConfig, warmup_dir: Path, stage: str = "continual") -> None:
     """Continual (and control) checkpoints only resume on top of the warmup model they started
     from: a retrained warmup under an old run would mix two lineages in one model."""
     from model.checkpoint import saved_hash
 
-    export = stage_dir(cfg, stage) / "model" / "export.json"
+    export = bank.trained_model(stage) / "export.json"
     if not export.exists():
         return
     started = json.loads(export.read_text()).get("init_model_hash")
@@ -134,26 +131,27 @@ def run_train(cfg, stage: str, train: TrainConfig | None = None, launcher: str =
     """Train one stage to its step count (resuming if checkpoints exist); return a summary."""
     tc = train if train is not None else getattr(cfg, "train", None) or TrainConfig()
     cfg, tc = absolute_paths(cfg, tc)
-    check_stage(cfg, tc, stage)
-    args = {"cfg": cfg, "train": tc, "stage": stage, "crash_at": os.environ.get("M3_CRASH_AT")}
+    bank = Bank.of(cfg)  # after absolute_paths: the workers resolve train.run_dir where they run
+    check_stage(cfg, bank, tc, stage)
+    args = {"cfg": cfg, "bank": bank, "train": tc, "stage": stage, "crash_at": os.environ.get("M3_CRASH_AT")}
     t0 = time.perf_counter()
     if launcher == "ray":
-        _fit_with_ray(cfg, tc, stage, args)
+        _fit_with_ray(cfg, bank, tc, stage, args)
     else:  # one process of a launcher (deepspeed / torchrun): the rank comes from the env
         train_loop(args)
         if int(os.environ.get("RANK", "0")) != 0:
             return {"stage": stage, "rank": int(os.environ["RANK"])}
-    summary = _summary(cfg, stage, time.perf_counter() - t0)
-    plot_losses({s: read_log(cfg, s) for s in STAGES}, stage_dir(cfg, stage).parent / "loss.png")
+    summary = _summary(bank, stage, time.perf_counter() - t0)
+    plot_losses({s: read_log(bank, s) for s in STAGES}, bank.training(stage).parent / "loss.png")
     if stage == "continual" and tc.continual_with_memory and tc.evidence:
         from jobs.training.evidence import memory_evidence
 
-        summary["evidence"] = memory_evidence(cfg, tc)
-        (stage_dir(cfg, stage) / "evidence.json").write_text(json.dumps(summary["evidence"], indent=2))
+        summary["evidence"] = memory_evidence(cfg, bank, tc)
+        (bank.training(stage) / "evidence.json").write_text(json.dumps(summary["evidence"], indent=2))
     return summary
 
 
-def _fit_with_ray(cfg, tc, stage, args) -> None:
+def _fit_with_ray(cfg, bank: Bank, tc, stage, args) -> None:
     from jobs.runtime import init_ray, wait_for_state_api
 
     init_ray(cfg.ray)
@@ -167,7 +165,7 @@ def _fit_with_ray(cfg, tc, stage, args) -> None:
     if problem:
         raise TrainError(f"Ray's State API (the dashboard's) did not answer within 2 minutes ({problem}); "
                          f"Ray Train cannot run safely without it")
-    progress = LogFollower(stage_dir(cfg, stage) / "log.jsonl", stage, tc)
+    progress = LogFollower(bank.training(stage) / "log.jsonl", stage, tc)
     progress.start()
     try:
         for attempt in range(NODE_LOSS_RETRIES + 1):
@@ -178,7 +176,7 @@ def _fit_with_ray(cfg, tc, stage, args) -> None:
                 scaling_config=ScalingConfig(num_workers=tc.workers, use_gpu=_use_gpu(),
                                              resources_per_worker={"CPU": tc.cpus_per_worker}),
                 torch_config=TorchConfig(backend="nccl" if _use_gpu() else "gloo"),
-                run_config=RunConfig(name=f"m3-{stage}", storage_path=str(stage_dir(cfg, stage) / "ray"),
+                run_config=RunConfig(name=f"m3-{stage}", storage_path=str(bank.training(stage) / "ray"),
                                      failure_config=FailureConfig(max_failures=0)))
             try:
                 trainer.fit()
@@ -253,7 +251,7 @@ def train_loop(args: dict) -> None:
     """One rank's training: the same function under Ray Train, `deepspeed` and torchrun."""
     import torch
 
-    cfg, tc, stage = args["cfg"], args["train"], args["stage"]
+    cfg, bank, tc, stage = args["cfg"], args["bank"], args["train"], args["stage"]
     if args.get("crash_at"):
         os.environ["M3_CRASH_AT"] = args["crash_at"]
     torch.set_num_threads(tc.threads_per_worker)
@@ -267,20 +265,20 @@ def train_loop(args: dict) -> None:
     from pipelines.train_data import ShardReader
 
     torch.manual_seed(tc.seed)
-    model = load_model(warmup_model_dir(cfg, tc)).train() if stage != "warmup" else Memory3(cfg.model)
+    model = load_model(warmup_model_dir(bank, tc)).train() if stage != "warmup" else Memory3(cfg.model)
     with_memory = tc.with_memory(stage)
     codec = memory_codec(cfg, tc) if with_memory else None
     opt, sched = build_optimizer(model, tc, stage)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                            config=ds_config(tc, world))
-    sdir = stage_dir(cfg, stage)
+    sdir = bank.training(stage)
     ckdir = sdir / "checkpoints"
     start = 0
     if (ckdir / "latest").exists():
         _, client = engine.load_checkpoint(str(ckdir))
         start = client["step"]
     mcfg = engine.module.config
-    reader = ShardReader(cfg.bank.uri, rank=rank, world=world, seed=tc.seed, micro_batch=tc.micro_batch,
+    reader = ShardReader(bank, rank=rank, world=world, seed=tc.seed, micro_batch=tc.micro_batch,
                          heldout_fraction=tc.heldout_fraction, neighbors=with_memory,
                          chunk_size=mcfg.mem_chunk_size, max_tokens=tc.max_tokens or mcfg.max_seq_len,
                          pad_id=mcfg.pad_id, refs_per_chunk=refs_per_chunk(cfg, tc, stage))
@@ -323,14 +321,14 @@ def train_loop(args: dict) -> None:
             if args.get("launcher") != "ray" and ((step + 1) % tc.log_every == 0 or step + 1 == total):
                 print(progress_line(stage, row, total), flush=True)  # under Ray the driver prints
         if (step + 1) % tc.checkpoint_every == 0 or step + 1 == total:
-            save_checkpoint(engine, cfg, tc, stage, step + 1, rank)
+            save_checkpoint(engine, cfg, bank, tc, stage, step + 1, rank)
         maybe_crash("train", step + 1)
         maybe_pause("train", step + 1)  # the node-death test kills this worker's node here
     if log:
         log.close()
 
 
-def save_checkpoint(engine, cfg, tc: TrainConfig, stage: str, step: int, rank: int) -> None:
+def save_checkpoint(engine, cfg, bank: Bank, tc: TrainConfig, stage: str, step: int, rank: int) -> None:
     """DeepSpeed checkpoint (all ranks), then rank 0 exports safetensors and prunes old tags.
     DeepSpeed moves `latest` only after a complete save, so a kill mid-save resumes earlier."""
     import torch.distributed as dist
@@ -338,8 +336,8 @@ def save_checkpoint(engine, cfg, tc: TrainConfig, stage: str, step: int, rank: i
     from model import save_model
     from model.checkpoint import saved_hash
 
-    sdir = stage_dir(cfg, stage)
-    options = {"stage": stage, "step": step, "init_model_hash": _init_hash(cfg, tc, stage), "sparsify_refs": tc.sparsify_refs,
+    sdir = bank.training(stage)
+    options = {"stage": stage, "step": step, "init_model_hash": _init_hash(bank, tc, stage), "sparsify_refs": tc.sparsify_refs,
                "grad_through_refs": tc.grad_through_refs, "window": tc.window, "seed": tc.seed,
                "memory": trained_to_read(cfg, tc, stage), "train": dataclasses.asdict(tc)}
     engine.save_checkpoint(str(sdir / "checkpoints"), tag=f"step{step:07d}",
@@ -358,46 +356,24 @@ def save_checkpoint(engine, cfg, tc: TrainConfig, stage: str, step: int, rank: i
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _init_hash(cfg, tc: TrainConfig, stage: str) -> str | None:
+def _init_hash(bank: Bank, tc: TrainConfig, stage: str) -> str | None:
     """The model a stage started from (None for warmup: a seeded random init)."""
     from model.checkpoint import saved_hash
 
-    return saved_hash(warmup_model_dir(cfg, tc)) if stage != "warmup" else None
+    return saved_hash(warmup_model_dir(bank, tc)) if stage != "warmup" else None
 
 
-def read_log(cfg, stage: str) -> list[dict]:
-    return read_rows(stage_dir(cfg, stage) / "log.jsonl")
+def read_log(bank: Bank, stage: str) -> list[dict]:
+    return read_rows(bank.training(stage) / "log.jsonl")
 
 
-def _summary(cfg, stage: str, seconds: float) -> dict:
-    rows = read_log(cfg, stage)
-    export = stage_dir(cfg, stage) / "model" / "export.json"
+def _summary(bank: Bank, stage: str, seconds: float) -> dict:
+    rows = read_log(bank, stage)
+    export = bank.trained_model(stage) / "export.json"
     info = json.loads(export.read_text()) if export.exists() else {}
     out = {"stage": stage, "steps": len(rows), "seconds": round(seconds, 1),
            "final_loss": rows[-1]["loss"] if rows else None, "model_hash": info.get("model_hash"),
-           "model_dir": str(stage_dir(cfg, stage) / "model")}
+           "model_dir": str(bank.trained_model(stage))}
     print(f"train {stage}: {out['steps']} steps, final loss {out['final_loss']}, model "
           f"{(out['model_hash'] or '?')[:12]} in {out['model_dir']}", flush=True)
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point for launchers: python -m jobs.training.trainer -c FILE --stage S [--set k=v ...]."""
-    import argparse
-
-    from jobs.config import load_config
-
-    p = argparse.ArgumentParser(prog="jobs.training.trainer")
-    p.add_argument("-c", "--config")
-    p.add_argument("--stage", required=True)
-    p.add_argument("--set", dest="overrides", action="append", default=[])
-    p.add_argument("--local_rank", type=int, default=None)  # passed by the deepspeed launcher
-    a = p.parse_args(argv)
-    cfg = load_config(a.config, a.overrides)
-    launched = "RANK" in os.environ  # set by deepspeed and torchrun; Ray Train workers set their own
-    run_train(cfg, a.stage, launcher="env" if launched else "ray")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

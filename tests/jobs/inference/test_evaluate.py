@@ -27,7 +27,6 @@ from jobs.inference.evaluate import (CONTROL, Items, evaluate_items, heldout_ite
 from jobs.inference.engine import Inference
 from jobs.inference.retriever import EncodingStore
 from jobs.inference.stats import paired
-from jobs.models import stage_dir
 from model import Memory3, save_model
 from model.codecs import make_codec
 from model.memory import no_memories
@@ -230,7 +229,7 @@ def test_the_headline_is_the_memory_model_against_the_equal_compute_control(bank
     A QA probe file (infer.eval.probes) gets its rows, the control's among them."""
     from tests.jobs.inference.test_qa_probes import bank_probes
 
-    path = stage_dir(bank, "control") / "model"
+    path = Bank.of(bank).trained_model("control")
     torch.manual_seed(7)
     save_model(Memory3(dataclasses.replace(bank.model, init_std=0.2)), path)
     write_export(bank, path, train=dataclasses.replace(bank.train, continual_with_memory=False))

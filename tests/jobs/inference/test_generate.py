@@ -17,7 +17,6 @@ import pytest
 import torch
 
 from jobs.cli.main import main
-from jobs.models import stage_dir
 from jobs.ops.rebuild import run_rebuild
 from jobs.inference.generate import sample_generation
 from jobs.inference.engine import Inference
@@ -275,7 +274,7 @@ def test_after_a_new_model_re_encodes_the_bank_the_old_build_is_still_read_by_th
     # no encode.checkpoint: the bank's newest trained model encodes it (jobs/models.py)
     cfg = eb.config(eb.cfg2.corpus.paths[0], f"bank.uri={tmp_path / 'bank'}")
     torch.manual_seed(1)
-    other = save_model(Memory3(dataclasses.replace(cfg.model, init_std=0.2)), stage_dir(cfg, "continual") / "model")
+    other = save_model(Memory3(dataclasses.replace(cfg.model, init_std=0.2)), Bank.of(cfg).trained_model("continual"))
     write_export(cfg, other)
     summary = run_rebuild(cfg)
     assert summary["status"] == "published" and summary["memories"]["unchanged"] == 0  # every memory re-encoded

@@ -131,7 +131,7 @@ def facts_retriever(cfg, method: str, **kw) -> BankRetriever:
 
     bank = Bank(cfg.bank.uri)
     return bank_retriever(replace(cfg, retrieval=replace(cfg.retrieval, method=method)), bank,
-                          bank_tokenizer(cfg, bank), per_query=3, **kw)
+                          bank_tokenizer(bank), per_query=3, **kw)
 
 
 def entity_of(bank: Bank, ref_ids: list[str]) -> list[str | None]:

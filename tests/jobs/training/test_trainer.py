@@ -17,11 +17,10 @@ from jobs.stages.embed import run_embed
 from jobs.stages.ingest import run_ingest
 from jobs.stages.pair import run_pair
 from jobs.training.trainer import TrainError, read_log, run_train
-from jobs.models import stage_dir
 from jobs.training.evidence import evaluate_checkpoint
 from jobs.config.train import TrainConfig
 from model import load_model, model_hash
-from storage.bank import BankError
+from storage.bank import Bank, BankError
 from tests.conftest import ROOT, write_foldoc_corpus
 
 pytestmark = pytest.mark.slow
@@ -63,17 +62,17 @@ def test_two_workers_warmup_then_continual(base, tmp_path):
     cfg = copy_bank(base, tmp_path)
     tc = TrainConfig(**FAST, warmup_stage_steps=4, continual_stage_steps=4, zero_stage=1)
     warm = run_train(cfg, "warmup", tc)
-    rows = read_log(cfg, "warmup")
+    rows = read_log(Bank.of(cfg), "warmup")
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and warm["steps"] == 4
     assert all(r["memory_hits"] == 0 and r["tokens_per_s"] > 0 for r in rows)
-    model_dir = stage_dir(cfg, "warmup") / "model"
+    model_dir = Bank.of(cfg).trained_model("warmup")
     assert model_hash(load_model(model_dir)) == json.loads((model_dir / "export.json").read_text())["model_hash"]
 
     cont = run_train(cfg, "continual", tc)
-    rows = read_log(cfg, "continual")
+    rows = read_log(Bank.of(cfg), "continual")
     assert len(rows) == 4 and all(r["memory_hits"] > 0 for r in rows)
     assert all(r["chunks"] == 2 * 2 * 3 for r in rows)  # 2 workers x 2 sequences x 192/64 chunks
-    export = json.loads((stage_dir(cfg, "continual") / "model" / "export.json").read_text())
+    export = json.loads((Bank.of(cfg).trained_model("continual") / "export.json").read_text())
     # what the model was trained to read, which the bank's readers hold the served memories to
     assert export["memory"] == {"reads_memory": True, "schedule": "serving", "top_k": cfg.model.mem_top_k,
                                 "codec": "int8", "refs_per_chunk": cfg.model.mems_per_chunk}
@@ -82,7 +81,7 @@ def test_two_workers_warmup_then_continual(base, tmp_path):
     assert set(ev) >= {"warmup_loss", "continual_loss_no_memory", "continual_loss_memory"}
     assert ev["paired"]["of"] == ev["sequences"] and ev["paired_other"]["of"] == ev["sequences"]
     # the continual stage started from the warmup weights, not from a fresh init
-    warm_ev = evaluate_checkpoint(cfg, model_dir, tc, with_memory=False)
+    warm_ev = evaluate_checkpoint(cfg, Bank.of(cfg), model_dir, tc, with_memory=False)
     assert warm_ev["sink"] is False and warm_ev["modes"]["none"]["loss"] == pytest.approx(ev["warmup_loss"])
 
 
@@ -98,15 +97,15 @@ def test_memory_from_scratch_and_the_control_recipe(base, tmp_path):
                      continual_with_memory=False, run_dir=str(tmp_path / "runs" / "mm"))
     run_train(cfg, "warmup", tc)
     cfg = dataclasses.replace(cfg, train=tc)
-    assert [r["memory_hits"] > 0 for r in read_log(cfg, "warmup")] == [True, True]
-    warm = stage_dir(cfg, "warmup") / "model"
+    assert [r["memory_hits"] > 0 for r in read_log(Bank.of(cfg), "warmup")] == [True, True]
+    warm = Bank.of(cfg).trained_model("warmup")
     assert warm.parent.parent == tmp_path / "runs" / "mm"
     assert json.loads((warm / "export.json").read_text())["memory"] == {
         "reads_memory": True, "schedule": "paper", "top_k": 128, "codec": None, "refs_per_chunk": 1}
     out = run_train(cfg, "continual", tc)
     assert "evidence" not in out  # a continual stage without memory has no memory to give evidence for
-    assert all(r["memory_hits"] == 0 for r in read_log(cfg, "continual"))
-    assert json.loads((stage_dir(cfg, "continual") / "model" / "export.json").read_text())["memory"] == {
+    assert all(r["memory_hits"] == 0 for r in read_log(Bank.of(cfg), "continual"))
+    assert json.loads((Bank.of(cfg).trained_model("continual") / "export.json").read_text())["memory"] == {
         "reads_memory": False}
 
 
@@ -115,19 +114,19 @@ def test_resume_after_kill_reproduces_the_loss_trajectory(base, tmp_path, monkey
     tc = TrainConfig(**FAST, warmup_stage_steps=6, zero_stage=2)
     straight = copy_bank(base, tmp_path, "straight")
     run_train(straight, "warmup", tc)
-    want = [r["loss"] for r in read_log(straight, "warmup")]
+    want = [r["loss"] for r in read_log(Bank.of(straight), "warmup")]
 
     crashed = copy_bank(base, tmp_path, "crashed")
     monkeypatch.setenv("M3_CRASH_AT", "train:3")  # dies after step 3; last checkpoint is step 2
     with pytest.raises(TrainError):
         run_train(crashed, "warmup", tc)
-    assert [r["step"] for r in read_log(crashed, "warmup")] == [1, 2, 3]
+    assert [r["step"] for r in read_log(Bank.of(crashed), "warmup")] == [1, 2, 3]
     monkeypatch.delenv("M3_CRASH_AT")
     run_train(crashed, "warmup", tc)
-    got = [r["loss"] for r in read_log(crashed, "warmup")]
+    got = [r["loss"] for r in read_log(Bank.of(crashed), "warmup")]
     assert len(got) == len(want) == 6
     assert got == pytest.approx(want, abs=1e-6, rel=0)
-    a, b = (load_model(stage_dir(c, "warmup") / "model") for c in (straight, crashed))
+    a, b = (load_model(Bank.of(c).trained_model("warmup")) for c in (straight, crashed))
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert (x - y).abs().max().item() < 1e-6, name
 
@@ -150,11 +149,11 @@ def test_config_errors(base, tmp_path):
 @pytest.mark.long  # ~65 s: CI runs it after the suite
 def test_the_equal_compute_control(base, tmp_path):
     """`m3 run --only control`: the continual stage's steps, rate and sequences from the same warmup
-    model, without memory, exported where stage_dir says and never picked to encode or serve;
+    model, without memory, exported where Bank.trained_model says and never picked to encode or serve;
     `train.control: false` skips it."""
     import dataclasses
 
-    from jobs.models import control_model_dir, model_for_serving, newest_trained
+    from jobs.models import CONTROL, model_for_serving, newest_trained
     from jobs.ops.run import run_all
     from jobs.training.log import curve_starts
     from jobs.training.trainer import STAGES
@@ -165,17 +164,17 @@ def test_the_equal_compute_control(base, tmp_path):
     cfg = dataclasses.replace(copy_bank(base, tmp_path), train=tc)
     run_train(cfg, "warmup")
     run_train(cfg, "continual")
-    warm, cont = (stage_dir(cfg, s) / "model" for s in ("warmup", "continual"))
+    warm, cont = (Bank.of(cfg).trained_model(s) for s in ("warmup", "continual"))
 
     off = run_all(dataclasses.replace(cfg, train=dataclasses.replace(tc, control=False)), only="control")
-    assert off["stages"]["control"]["status"] == "skipped" and not stage_dir(cfg, "control").exists()
+    assert off["stages"]["control"]["status"] == "skipped" and not Bank.of(cfg).training("control").exists()
     assert "| control |" in Path(off["report"]).read_text() and "skipped (train.control: false)" in Path(
         off["report"]).read_text()
 
     out = run_all(cfg, only="control")["stages"]["control"]
-    model = stage_dir(cfg, "control") / "model"
-    assert model == control_model_dir(cfg) and out["model_dir"] == str(model) and out["steps"] == 3
-    rows, cont_rows = read_log(cfg, "control"), read_log(cfg, "continual")
+    model = Bank.of(cfg).trained_model(CONTROL)
+    assert out["model_dir"] == str(model) and out["steps"] == 3
+    rows, cont_rows = read_log(Bank.of(cfg), "control"), read_log(Bank.of(cfg), "continual")
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["memory_hits"] == 0 and r["chunks"] == 0 for r in rows)  # it reads no memory
     assert all(r["memory_hits"] > 0 for r in cont_rows)
@@ -191,17 +190,17 @@ def test_the_equal_compute_control(base, tmp_path):
     plain = dataclasses.replace(tc, continual_with_memory=False, run_dir=str(tmp_path / "runs" / "plain"),
                                 warmup_checkpoint=str(warm))
     run_train(cfg, "continual", plain)
-    want = [r["loss"] for r in read_log(dataclasses.replace(cfg, train=plain), "continual")]
+    want = [r["loss"] for r in read_log(Bank.of(dataclasses.replace(cfg, train=plain)), "continual")]
     assert [r["loss"] for r in rows] == pytest.approx(want, abs=1e-6, rel=0)
 
     # its curve is drawn beside the continual stage's, after warmup
-    assert curve_starts({s: read_log(cfg, s) for s in STAGES}) == {"warmup": 0, "continual": 2, "control": 2}
-    assert (stage_dir(cfg, "control").parent / "loss.png").exists()
+    assert curve_starts({s: read_log(Bank.of(cfg), s) for s in STAGES}) == {"warmup": 0, "continual": 2, "control": 2}
+    assert (Bank.of(cfg).training("control").parent / "loss.png").exists()
 
     # never the model that encodes or serves the bank
-    assert newest_trained(cfg) == cont and model_for_serving(cfg, Bank(cfg.bank.uri)) == cont
+    assert newest_trained(Bank.of(cfg)) == cont and model_for_serving(cfg, Bank.of(cfg)) == cont
     shutil.rmtree(cont)
-    assert newest_trained(cfg) == warm
-    assert newest_trained(cfg, ("continual",)) is None
+    assert newest_trained(Bank.of(cfg)) == warm
+    assert newest_trained(Bank.of(cfg), ("continual",)) is None
     with pytest.raises(ValueError, match="control"):
-        newest_trained(cfg, ("control", "warmup"))
+        newest_trained(Bank.of(cfg), ("control", "warmup"))

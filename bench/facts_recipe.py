@@ -14,7 +14,7 @@ entity's description); aligned = one document per 64-token chunk, padded, 8 chun
 seq_len 64, what configs/facts.yaml trains). --copy_min: a stage where each chunk reads its own
 text as its memory (a copy curriculum). Results: BENCHMARKS.md, "Teaching a small model to read".
 """
-import argparse, gzip, json, random, sys, time
+import argparse, gzip, json, random, re, sys, time
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch, torch.nn.functional as F
@@ -169,9 +169,13 @@ for k, it in enumerate(ev):
     m5 = [src] + [o for o in others if o != src][:4]; erng.shuffle(m5)
     ev_mems[k] = {"right1": [src], "right5": m5, "wrong5": [o for o in others if o != src][:5]}
 
+train_text = "\n".join(d["text"] for d in train)
+seen = [re.search(rf"(?<!\w){re.escape(it['answer'].strip())}(?!\w)", train_text) is not None for it in ev]
+
+
 @torch.no_grad()
 def evaluate(label, step):
-    model.eval(); out = {}
+    model.eval(); out = {}; by_seen = {True: [], False: []}
     for mode in ("right1", "wrong5", "none"):
         em = 0; nll = 0; n = 0
         for k, it in enumerate(ev):
@@ -184,8 +188,13 @@ def evaluate(label, step):
                 logits = model(x, e.kv[None, None], e.mask[None, None])
             lg = logits[0, len(pr) - 1: len(pr) - 1 + len(an)]
             y = torch.tensor(an)
-            em += int((lg.argmax(-1) == y).all()); nll += F.cross_entropy(lg, y, reduction="sum").item(); n += len(an)
+            hit = bool((lg.argmax(-1) == y).all())
+            em += hit; nll += F.cross_entropy(lg, y, reduction="sum").item(); n += len(an)
+            if mode == "right1":
+                by_seen[seen[k]].append(hit)
         out[mode] = (round(em / len(ev), 3), round(nll / n, 3))
+    # exact match with the right memory, split by whether the answer occurs in the training text
+    out["right1_seen_unseen"] = [f"{sum(h)}/{len(h)}" for h in (by_seen[True], by_seen[False])]
     model.train()
     print(a.tag, json.dumps({"at": label, "step": step, **out}), flush=True)
 

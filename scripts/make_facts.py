@@ -133,11 +133,16 @@ class Names:
                 return name
 
 
-def make_entities(n: int, rng: random.Random) -> list[dict]:
+def make_entities(n: int, rng: random.Random, fresh: bool = False) -> list[dict]:
+    """fresh: every town, river and founder value is a new name of its entity's own, instead of
+    one of a few hundred that many entities share, so a probe's answer is a string no training
+    text holds and the model must copy it from memory (the shipped corpus: shared pools)."""
     names = Names(rng)
     towns = [names.new() for _ in range(max(50, n // 20))]  # values that are town names
     rivers = [names.new() for _ in range(max(30, n // 40))]
     founders = [names.new(2) for _ in range(max(50, n // 20))]
+    if fresh:
+        towns, rivers, founders = _Fresh(names, 1), _Fresh(names, 1), _Fresh(names, 2)
     ents = []
     kinds = list(KINDS)
     for i in range(n):
@@ -158,6 +163,19 @@ def make_entities(n: int, rng: random.Random) -> list[dict]:
         ents.append({"id": f"e{i:06d}", "kind": kind, "name": names.new(2 if kind == "person" else 1),
                      "values": v, "wording": rng.randrange(3)})
     return ents
+
+
+class _Fresh:
+    """Stands in for a pool in `rng.choice(pool)`: each draw is a name never drawn before."""
+
+    def __init__(self, names: Names, parts: int):
+        self.names, self.parts = names, parts
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, i: int) -> str:
+        return self.names.new(self.parts)
 
 
 def description(e: dict, values: dict | None = None) -> str:
@@ -227,6 +245,8 @@ def main(argv=None) -> None:
     p.add_argument("--questions", type=int, default=2, help="questions per FAQ document")
     p.add_argument("--notes", type=float, default=0.25, help="share of training entities that also get a notes document")
     p.add_argument("--edit", type=float, default=0.05, help="share of bank-only entities given an edit")
+    p.add_argument("--fresh-values", action="store_true", help="town, river and founder values unique to each "
+                                                               "entity, not drawn from shared pools")
     p.add_argument("--gzip", action="store_true", help="write bank.jsonl.gz and train.jsonl.gz (the shipped form)")
     p.add_argument("--apply-edits", metavar="EDITS", help="instead of generating: write --bank with these edits "
                                                           "applied to --out (same file name)")
@@ -241,7 +261,7 @@ def main(argv=None) -> None:
         print(f"make_facts: {n} descriptions edited -> {path}")
         return
     rng = random.Random(a.seed)
-    ents = make_entities(a.entities, rng)
+    ents = make_entities(a.entities, rng, a.fresh_values)
     order = list(range(len(ents)))
     rng.shuffle(order)
     held = sorted(order[: a.bank_only])

@@ -86,7 +86,7 @@ def timed(name, fn, label=None):
     return wrapped
 ing.plan = timed(None, ing.plan, "plan")
 ing.init_ray = timed(None, ing.init_ray, "ray.init")
-ing._parallel = timed(lambda a: a[0], ing._parallel)
+ing.run_tasks = timed(lambda a: a[0], ing.run_tasks)
 ing.tokenizer_for = timed(None, ing.tokenizer_for, "tokenize")
 ing.commit = timed(None, ing.commit, "commit")
 main(sys.argv[1:])

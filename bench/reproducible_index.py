@@ -82,7 +82,7 @@ def main() -> None:
                 if kind.startswith("in"):
                     build_index(Bank(uri).table("embeddings"), data.num_rows, r.index_threshold, index_type=r.index_type)
                 else:
-                    build_reproducible_index(uri, "embeddings", data.num_rows, r.index_threshold, r.index_type)
+                    build_reproducible_index(Bank(uri), "embeddings", data.num_rows, r.index_threshold, r.index_type)
                 wall, c = time.perf_counter() - t0, cpu() - c0
                 rows[kind].append((wall, c, answers(Bank(uri).table("embeddings"), q, cfg.pair.k)))
                 if kind.startswith("one"):  # the last one is kept for the search timings

@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines.embedder import DEFAULT_SPEC, load_embedder
+from pipelines.shard_actor import ShardActor
 
 # refs columns the stage reads; content_hash is passed through so a rebuild can skip references
 # whose text has not changed since their vector was computed
@@ -112,32 +113,15 @@ def _matrix(vec, dim: int) -> np.ndarray:
     return arr
 
 
-class EmbedShards:
-    """Ray Data actor for the embed job: reads a row range of `refs`, embeds it, stages it.
+class EmbedShards(ShardActor):
+    """The embed stage's actor: one embedder per actor, many shards."""
 
-    Like the encode job's actor, a shard is written whole or not at all, so a killed job resumes
-    from the shards that exist."""
+    columns = tuple(INPUT_COLUMNS)
 
-    def __init__(self, spec: str, refs_uri: str, stage_dir: str, batch_size: int, threads: int, text: bool = False):
-        import torch
-
-        torch.set_num_threads(threads)
+    def __init__(self, spec: str, batch_size: int, text: bool = False, **shard):
+        super().__init__(**shard)
         self.embed = EmbedRefs(spec, batch_size, text)
-        self.refs_uri, self.stage_dir = refs_uri, stage_dir
 
-    def __call__(self, batch: dict) -> dict:
-        import lance
-
-        from storage.staging import write_atomic
-
-        for shard, start, end in zip(batch["shard"], batch["start"], batch["end"]):
-            refs = lance.dataset(self.refs_uri).to_table(columns=INPUT_COLUMNS, offset=int(start),
-                                                         limit=int(end) - int(start))
-            out = self.embed({c: np.asarray(refs.column(c).to_pylist(), dtype=object) for c in INPUT_COLUMNS})
-            write_atomic(staged_path(self.stage_dir, int(shard)),
-                         pa.Table.from_batches([to_arrow(out, self.embed.dim, self.embed.text)]))
-        return {"shard": np.asarray(batch["shard"])}
-
-
-def staged_path(stage_dir, shard: int) -> str:
-    return f"{stage_dir}/e{shard:06d}.parquet"
+    def compute(self, refs: pa.Table) -> pa.Table:
+        out = self.embed({c: np.asarray(refs.column(c).to_pylist(), dtype=object) for c in INPUT_COLUMNS})
+        return pa.Table.from_batches([to_arrow(out, self.embed.dim, self.embed.text)])

@@ -9,50 +9,37 @@ serving (storage/memory_store.py) stores the same bytes as this stage would.
 
 from __future__ import annotations
 
-from upath import UPath
-
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
-import torch
 
 from model import load_model
 from model.checkpoint import saved_hash
 from model.codecs import make_codec
 from model.ref_batches import encode_tokens
-from storage.layout import upath
+from pipelines.shard_actor import ShardActor
 from storage.schemas import MEMORIES
-from storage.staging import open_atomic
 
 
-def staged_path(stage_dir, shard: int) -> UPath:
-    return upath(stage_dir) / "memories" / f"m{shard:06d}.parquet"
+class EncodeShards(ShardActor):
+    """One model and codec per actor, many shards."""
 
+    columns = ("ref_id", "content_hash", "token_ids")
+    # lz4: a third of snappy's CPU to write and half to read back at the commit, files as
+    # small (payloads are mostly dense int8 codes, zeros where a reference is short)
+    compression = "lz4"
 
-class EncodeShards:
-    """Ray Data actor: one model and codec per process, many shards."""
-
-    def __init__(self, model_dir: str, codec: str, codec_kw: dict, refs_uri: str, stage_dir: str,
-                 batch_size: int, threads: int):
-        torch.set_num_threads(threads)
+    def __init__(self, model_dir: str, codec: str, codec_kw: dict, batch_size: int, **shard):
+        super().__init__(**shard)
         import faiss
 
         # faiss (the vq codec) brings its own OpenMP pool; left at every core it fights torch's.
-        faiss.omp_set_num_threads(threads)
+        faiss.omp_set_num_threads(self.threads)
         self.model = load_model(model_dir)
         self.model_hash = saved_hash(model_dir)
         self.codec = make_codec(codec, **codec_kw)
-        self.refs_uri, self.stage_dir, self.batch_size = refs_uri, stage_dir, batch_size
+        self.batch_size = batch_size
 
-    def __call__(self, batch: dict) -> dict:
-        done = [self.encode_shard(int(i), int(a), int(b)) for i, a, b in zip(batch["shard"], batch["start"], batch["end"])]
-        return {"shard": np.array([d["shard"] for d in done]), "rows": np.array([d["rows"] for d in done])}
-
-    def encode_shard(self, shard: int, start: int, end: int) -> dict:
-        import lance
-
-        refs = lance.dataset(self.refs_uri).to_table(columns=["ref_id", "content_hash", "token_ids"],
-                                                     offset=start, limit=end - start)
+    def compute(self, refs: pa.Table) -> pa.Table:
         tokens = refs.column("token_ids").to_pylist()
         order = sorted(range(len(tokens)), key=lambda i: (len(tokens[i]), i))
         payloads, positions, kept = [], [], []
@@ -65,7 +52,7 @@ class EncodeShards:
         flat = np.concatenate(positions) if n else np.empty((0, 0), np.int16)  # (n, L * H * k)
         shape = [m.n_mem_layers, 2, m.n_kv_heads, flat.shape[1] // (m.n_mem_layers * m.n_kv_heads), m.head_dim]
         take = pa.array(order, pa.int64())
-        table = pa.table({
+        return pa.table({
             "ref_id": refs.column("ref_id").take(take), "content_hash": refs.column("content_hash").take(take),
             "model_hash": pa.array([self.model_hash] * n, pa.string()), "codec": pa.array([self.codec.name] * n, pa.string()),
             "shape": pa.array([shape] * n, pa.list_(pa.int32())),
@@ -74,8 +61,3 @@ class EncodeShards:
             "positions": pa.ListArray.from_arrays(np.arange(n + 1, dtype=np.int32) * flat.shape[1],
                                                   pa.array(flat.reshape(-1), pa.int16())),
             "payload": pa.array(payloads, pa.binary())}, schema=MEMORIES)
-        # lz4: a third of snappy's CPU to write and half to read back at the commit, files as
-        # small (payloads are mostly dense int8 codes, zeros where a reference is short)
-        with open_atomic(staged_path(self.stage_dir, shard)) as f:
-            pq.write_table(table, f, compression="lz4")
-        return {"shard": shard, "rows": n}

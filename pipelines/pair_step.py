@@ -16,16 +16,16 @@ The `score` column is the method's: cosine similarity (vector), the BM25 score (
 no fixed scale) or the reciprocal-rank-fusion sum (hybrid: at most 2/61); within a chunk it
 orders the ranks either way.
 
-`pair_shard` is a plain function (tests call it without Ray); `PairShards` is the Ray Data actor
-that loads the tokenizer, embedder and tables once and stages each shard atomically.
+`pair_shard` is a plain function (tests call it without Ray); `PairShards` is the stage's shard
+actor (pipelines/shard_actor.py), which loads the tokenizer, embedder and tables once.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import pyarrow as pa
 
 from pipelines.overlap import overlap_rows
+from pipelines.shard_actor import ShardActor
 from pipelines.train_data import NEIGHBORS
 from storage.bank import tokens_of
 
@@ -104,46 +104,29 @@ def pair_shard(seq_ids: list[str], seqs: list[list[int]], *, tokenizer, embedder
     return pa.table(rows, schema=STAGED)
 
 
-class PairShards:
-    """Ray Data actor of the pair job: reads a row range of `train_sequences`, pairs it, stages it.
+class PairShards(ShardActor):
+    """The pair stage's actor: the tokenizer, embedder and tables loaded once, many shards of
+    `train_sequences`."""
 
-    A shard's file is written whole or not at all (write_atomic), so a killed job resumes from
-    the shards that exist."""
+    columns = ("seq_id", "token_ids", "doc_ids")
 
-    def __init__(self, bank_uri: str, embedder_spec: str, tokenizer_path: str, stage_dir: str,
-                 cfg, threads: int, method: str = "vector"):
-        import torch
-
+    def __init__(self, bank, embedder_spec: str, tokenizer_path: str, cfg, method: str = "vector", **shard):
+        super().__init__(**shard)
         from pipelines.embedder import load_embedder
         from pipelines.tokenizer import load
-        from storage.bank import Bank
         from storage.lexical import uses_vectors
         from storage.vectors import search_params
 
-        torch.set_num_threads(threads)
-        bank = Bank(bank_uri)
         self.cfg, self.method = cfg, method  # the `pair:` section (jobs.config.pair.PairConfig), pickled by Ray
         # bm25 embeds nothing: no model to load
         self.embedder = load_embedder(embedder_spec) if uses_vectors(method) else None
         self.tokenizer = load(tokenizer_path)
         self.table = bank.table("embeddings")
         self.params = search_params(self.table)  # ~0.4 ms of index metadata: once per actor
-        self.refs, self.seqs = bank.dataset("refs"), bank.dataset("train_sequences")
-        self.stage_dir = stage_dir
+        self.refs = bank.dataset("refs")
 
-    def __call__(self, batch: dict) -> dict:
-        from storage.staging import write_atomic
-
-        for shard, start, end in zip(batch["shard"], batch["start"], batch["end"]):
-            t = self.seqs.to_table(columns=["seq_id", "token_ids", "doc_ids"], offset=int(start),
-                                   limit=int(end) - int(start))
-            out = pair_shard(t.column("seq_id").to_pylist(), t.column("token_ids").to_pylist(),
-                             tokenizer=self.tokenizer, embedder=self.embedder, table=self.table,
-                             refs_ds=self.refs, cfg=self.cfg, params=self.params,
-                             doc_ids=t.column("doc_ids").to_pylist(), method=self.method)
-            write_atomic(staged_path(self.stage_dir, int(shard)), out)
-        return {"shard": np.asarray(batch["shard"])}
-
-
-def staged_path(stage_dir, shard: int) -> str:
-    return f"{stage_dir}/p{shard:06d}.parquet"
+    def compute(self, t: pa.Table) -> pa.Table:
+        return pair_shard(t.column("seq_id").to_pylist(), t.column("token_ids").to_pylist(),
+                          tokenizer=self.tokenizer, embedder=self.embedder, table=self.table,
+                          refs_ds=self.refs, cfg=self.cfg, params=self.params,
+                          doc_ids=t.column("doc_ids").to_pylist(), method=self.method)

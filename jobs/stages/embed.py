@@ -37,7 +37,7 @@ import pyarrow.compute as pc
 from jobs.config import Config, config_hash
 from jobs.stages.runner import Reuse, ShardedStage, run_stage
 from pipelines.embedder import load_embedder
-from pipelines.embed_step import EMBEDDINGS_SCHEMA, INPUT_COLUMNS, EmbedShards, staged_path
+from pipelines.embed_step import EMBEDDINGS_SCHEMA, EmbedShards
 from storage.bank import Bank
 from storage.lexical import FTS_PARAMS, TEXT_COLUMN, build_fts_index, fts_info, retrieve, uses_text
 from storage.vectors import AnnParams, build_index
@@ -82,8 +82,8 @@ def embed_stage(cfg: Config, bank: Bank, embedder, label: str = "embed") -> Shar
         name="embed", table="embeddings", key_field="embed_key", key=key, schema=EMBEDDINGS_SCHEMA(embedder.dim, text),
         input_uri=refs.uri, n_rows=refs.count_rows(), rows_per_shard=r.refs_per_shard, actor=EmbedShards,
         actor_kw={"spec": r.embedder, "batch_size": r.batch_size, **({"text": True} if text else {})},
-        actors=r.actors, threads=r.threads_per_actor, staged=staged_path,
-        reuse=Reuse("embedder", embedder.id, input_columns=tuple(INPUT_COLUMNS), check=with_text_as_now(refs, text)),
+        actors=r.actors, threads=r.threads_per_actor,
+        reuse=Reuse("embedder", embedder.id, check=with_text_as_now(refs, text)),
         lineage=lambda files: {"stage": label, "embed_key": key, "embedder": embedder.lineage(),
                                "tokenizer_hash": refs_meta.get("tokenizer_hash"),
                                "ingest_key": refs_meta.get("ingest_key"), "config": cfg.as_dict(),
@@ -94,7 +94,7 @@ def embed_stage(cfg: Config, bank: Bank, embedder, label: str = "embed") -> Shar
 def run_embed(cfg: Config, label: str = "embed", note: Callable[[str], None] = print) -> dict:
     """Returns the embeddings `version` written or found up to date (after its index), and the
     `refs_version` it was built from (a rebuild publishes exactly these)."""
-    bank = Bank(cfg.bank.uri)
+    bank = Bank.of(cfg)
     bank.require("refs")
     r = cfg.retrieval
     embedder = load_embedder(r.embedder)  # fails here, before Ray, if the model is missing
@@ -108,7 +108,7 @@ def run_embed(cfg: Config, label: str = "embed", note: Callable[[str], None] = p
             note(f"embed: full-text index built on embeddings version {out['version']} (it had none)")
         return out
     # the index is a commit of its own (the version a publish names is the one after it)
-    index = build_reproducible_index(cfg.bank.uri, "embeddings", stage.n_rows, r.index_threshold, r.index_type)
+    index = build_reproducible_index(bank, "embeddings", stage.n_rows, r.index_threshold, r.index_type)
     out.update(index=index, references=stage.n_rows)
     if index.get("index"):  # the index's commit (ours: we hold the bank's write lock) is the version to publish
         out["version"] = bank.table("embeddings").version
@@ -147,17 +147,17 @@ def reproducible(n_rows: int, threshold: int, index_type: str) -> bool:
                                   and AnnParams.for_table(n_rows, 1, index_type).num_partitions == 1)
 
 
-def build_reproducible_index(uri: str, table: str, n_rows: int, threshold: int, index_type: str) -> dict:
+def build_reproducible_index(bank: Bank, table: str, n_rows: int, threshold: int, index_type: str) -> dict:
     """`storage.vectors.build_index` on a bank's table, in a one-thread child process where
     that makes the index a function of the table's vectors; the report says which
     ("reproducible")."""
     if n_rows < threshold or not reproducible(n_rows, threshold, index_type):
-        out = build_index(Bank(uri).table(table), n_rows, threshold=threshold, index_type=index_type)
+        out = build_index(bank.table(table), n_rows, threshold=threshold, index_type=index_type)
         return {**out, "reproducible": reproducible(n_rows, threshold, index_type)}
     root = str(Path(__file__).resolve().parents[2])  # the project, importable in the child as here
     env = {**os.environ, "RAYON_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
-    args = json.dumps({"uri": uri, "table": table, "n_rows": int(n_rows), "threshold": int(threshold),
+    args = json.dumps({"uri": bank.uri, "table": table, "n_rows": int(n_rows), "threshold": int(threshold),
                        "index_type": index_type})
     done = subprocess.run([sys.executable, "-c", _BUILD, args], env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -172,7 +172,7 @@ def search_text(cfg: Config, text: str, k: int = 5, exact: bool = False, bank: B
     from storage.lexical import require_fts
     from storage.vectors import search
 
-    bank = bank or Bank(cfg.bank.uri)
+    bank = bank or Bank.of(cfg)
     bank.require("embeddings")
     table, method = bank.table("embeddings"), cfg.retrieval.method
     require_fts(table, method)

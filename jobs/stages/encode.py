@@ -33,14 +33,14 @@ from jobs.models import model_for_encoding
 from jobs.stages.runner import Reuse, ShardedStage, run_stage
 from model.checkpoint import memory_reading, saved_hash
 from model.codecs import VQCodec, make_codec
-from pipelines.encode_step import EncodeShards, encode_tokens, staged_path
+from pipelines.encode_step import EncodeShards, encode_tokens
 from storage.bank import Bank
 from storage.schemas import MEMORIES
 from storage.slab import (SlabCorrupt, SlabError, _fixed_rows, ensure_slab, open_slab, read_header, row_crcs,
                           row_digest)
 from storage.staging import write_bytes_atomic, write_text_atomic
 from storage.warm import read_warm, warm_key
-from storage.layout import BankLayout, upath
+from storage.layout import upath
 from storage.lock import writes_bank
 
 
@@ -49,7 +49,7 @@ def quantizer(cfg: Config, bank: Bank, mdir: Path, refs_uri: str, n_refs: int) -
     once: a rerun or a resume finds it by what it was trained from."""
     if cfg.encode.codec != "vq":
         return {}
-    qdir = BankLayout(bank.uri).quantizers()
+    qdir = bank.layout.quantizers()
     trained_from = config_hash({"model_hash": saved_hash(mdir), "refs_version": bank.table("refs").version,
                                 "spec": cfg.encode.vq_spec, "seed": cfg.encode.seed, "n": cfg.encode.vq_train_refs})
     known = qdir / f"trained-from-{trained_from}.txt"
@@ -117,7 +117,7 @@ def codec_args(cfg: Config, bank: Bank, mdir: Path) -> tuple[dict, bool]:
     return codec_kw, same and old.get("quantizer_hash") == codec_kw.get("quantizer_hash")
 
 
-def checked_copy(bank_uri: str, note: Callable[[str], None] = print):
+def checked_copy(bank: Bank, note: Callable[[str], None] = print):
     """`Reuse.check` of memories: a memory copied from the old table into the new version must
     be the bytes it was written with. Each copied payload is checked against the crc32 the old
     version's payload slab recorded for its row (storage/slab.py; computed from Lance's payloads
@@ -131,14 +131,14 @@ def checked_copy(bank_uri: str, note: Callable[[str], None] = print):
 
     def check(old):
         try:
-            if read_header(bank_uri, old.version) is None or old.count_rows() == 0:  # no slab (an object store)
+            if read_header(bank, old.version) is None or old.count_rows() == 0:  # no slab (an object store)
                 return None
         except ValueError:  # a header that is not JSON: no slab to check against
             return None
         ids = old.to_table(columns=["ref_id", "content_hash"])
         nbytes = len(old.take([0], columns=["payload"]).column("payload")[0].as_py())
         try:
-            slab = open_slab(bank_uri, old, _decode(old.schema.metadata), nbytes,
+            slab = open_slab(bank, old, _decode(old.schema.metadata), nbytes,
                              row_digest(ids.column("ref_id").to_pylist(), ids.column("content_hash").to_pylist()).hexdigest())
         except (SlabError, OSError):  # a slab that does not mirror this version, or its files cannot be read
             return None
@@ -184,18 +184,18 @@ def encode_stage(cfg: Config, bank: Bank, label: str = "encode", note: Callable[
         name="encode", table="memories", key_field="encode_key", key=key, schema=MEMORIES, input_uri=refs.uri,
         n_rows=refs.count_rows(), rows_per_shard=e.refs_per_shard, actor=EncodeShards,
         actor_kw={"model_dir": str(mdir), "codec": e.codec, "codec_kw": codec_kw, "batch_size": e.batch_size},
-        actors=e.actors, threads=e.threads_per_actor, staged=staged_path,
-        reuse=Reuse("model_hash", mhash, table_ok=reusable, check=checked_copy(bank.uri, note)), compute=not e.cold,
-        extra=lambda: read_warm(bank.uri, warm_key(mhash, e.codec, codec_kw.get("quantizer_hash"), sparsity(cfg)), mhash),
+        actors=e.actors, threads=e.threads_per_actor,
+        reuse=Reuse("model_hash", mhash, table_ok=reusable, check=checked_copy(bank, note)), compute=not e.cold,
+        extra=lambda: read_warm(bank, warm_key(mhash, e.codec, codec_kw.get("quantizer_hash"), sparsity(cfg)), mhash),
         lineage=lambda files: {**memories_lineage(cfg, key, mhash, mdir, refs_meta, codec_kw), "stage": label})
 
 
-def memories_slab(bank_uri: str, version: int, note: Callable[[str], None]) -> str:
+def memories_slab(bank: Bank, version: int, note: Callable[[str], None]) -> str:
     """The payload slab of the committed version (storage/slab.py), written once: what the
     MemoryStore reads a batch of memories from. Serving falls back to Lance without one, so a
     table that cannot be slabbed is a note, not a failed build."""
     try:
-        header = ensure_slab(bank_uri, version)
+        header = ensure_slab(bank, version)
     except SlabError as e:
         note(f"encode: no payload slab for memories version {version} ({e}); readers use Lance")
         return "refused"
@@ -208,7 +208,7 @@ def memories_slab(bank_uri: str, version: int, note: Callable[[str], None]) -> s
 def run_encode(cfg: Config, label: str = "encode", note: Callable[[str], None] = print) -> dict:
     """Returns the memories `version` written or found up to date, and the `refs_version` it
     was built from (a rebuild publishes exactly these)."""
-    bank = Bank(cfg.bank.uri)
+    bank = Bank.of(cfg)
     bank.require("refs")
     refs_version = bank.table("refs").version
     stage = encode_stage(cfg, bank, label, note)
@@ -216,7 +216,7 @@ def run_encode(cfg: Config, label: str = "encode", note: Callable[[str], None] =
     note(f"encode: model {model_hash[:12]}, codec {cfg.encode.codec}")
     out = run_stage(stage, bank, cfg.ray, note)
     out.update(model_hash=model_hash, references=stage.n_rows, refs_version=refs_version)
-    out["slab"] = memories_slab(bank.uri, out["version"], note)
+    out["slab"] = memories_slab(bank, out["version"], note)
     if out["status"] == "built":
         out["refs_per_s"] = round(out["computed"] / max(out["compute_seconds"], 1e-9), 1)
         note(f"encode: {stage.n_rows - out.get('cold', 0):,} memories ({cfg.encode.codec}), {out['computed']:,} computed, as memories "

@@ -9,6 +9,9 @@ Stages, each resumable (per-shard or per-partition files under <bank>/_staging/i
   4. chunk    (Ray tasks, per shard)      references and packed training sequences
   5. commit   (driver, streaming)         one new version of each table, lineage in its metadata
 
+Every phase runs on the stage runner's parts (jobs/stages/runner.py): the staging directory,
+the shards left, the Ray tasks and the commit the sharded stages use.
+
 The key covers the config (the role of each source, corpus.roles, with it) and the bytes of
 every input file: the same key means the same result, so a finished key is skipped ("nothing to
 do") and an unfinished one resumes.
@@ -29,11 +32,11 @@ from pathlib import Path
 from upath import UPath
 
 from jobs.config import Config, chunking_key, config_hash
-from jobs.faults import maybe_crash, maybe_kill_worker, maybe_pause
-from jobs.progress import Progress
+from jobs.faults import maybe_kill_worker
 from jobs.stages.report import Report
 from jobs.runtime import init_ray
-from jobs.stages.runner import pending, staging_dir
+from jobs.stages.runner import commit as commit_tables
+from jobs.stages.runner import pending, run_tasks, staging_dir
 from jobs.stages.runner import up_to_date as stage_current
 from pipelines import assemble, memo, readers
 from pipelines.chunk_step import chunk_shard, seqs_path
@@ -44,37 +47,9 @@ from pipelines.tokenizer import check_special_tokens, from_json, tokenizer_hash,
 from storage.bank import Bank
 from storage.schemas import DOCUMENTS, REFS, SCHEMA_VERSION, TRAIN_SEQUENCES
 from storage.staging import iter_batches, remove, write_text_atomic
-from storage.layout import BankLayout
 from storage.lock import writes_bank
 
 TABLES = ("documents", "rejects", "refs", "train_sequences")
-
-
-def _parallel(stage: str, items: list, fn, report: Report) -> list:
-    """Run fn over items, one Ray task per item (1 CPU, spread over the nodes as Ray Data
-    spreads), collecting results as they finish. Plain tasks, not a Ray Data map: an item is
-    already a whole shard or partition, and a Ray Data map would add, to a command whose work
-    is seconds, its import, its stats and autoscaling actors (a worker process each) and its
-    executor's start-up per dataset (BENCHMARKS.md, "Whole commands against their stages").
-    A task whose worker or node dies is retried by Ray, as Ray Data's tasks are."""
-    if not items:
-        return []
-    import ray
-
-    @ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
-    def task(i, item):
-        maybe_pause(stage, i)  # the node-death tests (jobs/faults.py)
-        return fn(item)
-
-    waiting = [task.remote(i, item) for i, item in enumerate(items)]
-    results = []
-    progress = Progress(stage, len(items), unit="task(s)", out=report.note)
-    while waiting:
-        done, waiting = ray.wait(waiting, num_returns=1)
-        results.append(ray.get(done[0]))
-        progress.step()
-        maybe_crash(stage, len(results))
-    return results
 
 
 def plan(cfg: Config):
@@ -117,24 +92,24 @@ def _memo_hits(stage: str, results: list[dict], report: Report) -> None:
         report.note(f"{stage}: {hits:,} record(s) taken from the memo")
 
 
-def clean_and_dedup(cfg: Config, files, shards, stage_dir: UPath, report: Report, key: str):
+def clean_and_dedup(cfg: Config, bank: Bank, files, shards, stage_dir: UPath, report: Report, key: str):
     """Stages 1-2: the per-document work, then the dedup decisions (sorted ranks, twins, kinds)."""
     with report.stage("clean"):
         todo = pending(shards, lambda s: docs_path(stage_dir, s.shard_id))
         report.note(f"clean: {len(shards) - len(todo)} of {len(shards)} shard(s) already done")
-        src = memo.source(cfg.bank.uri, "clean", memo_keys(cfg)["clean"])
-        dst = memo.target(cfg.bank.uri, key, "clean")
+        src = memo.source(bank, "clean", memo_keys(cfg)["clean"])
+        dst = memo.target(bank, key, "clean")
 
         def clean(shard):
             maybe_kill_worker(f"clean-{shard.shard_id}")
             return clean_shard(shard, files, cfg.corpus, cfg.quality, cfg.dedup, stage_dir, cfg.bank_quality,
                                memo_src=src, memo_dst=dst)
 
-        _memo_hits("clean", _parallel("clean", todo, clean, report), report)
+        _memo_hits("clean", run_tasks("clean", todo, clean, report.note), report)
 
     with report.stage("dedup"):
         parts = pending(list(range(cfg.dedup.partitions)), lambda p: partition_output(stage_dir, p))
-        _parallel("dedup", parts, lambda p: {"rows": dedup_partition(p, stage_dir)}, report)
+        run_tasks("dedup", parts, lambda p: {"rows": dedup_partition(p, stage_dir)}, report.note)
         return resolve(stage_dir, cfg.dedup.partitions)
 
 
@@ -152,7 +127,8 @@ def refuse_without_documents(cfg: Config, stage_dir: UPath, shard_ids: list[str]
                              f"record(s) were all rejected ({why}); nothing written")
 
 
-def tokenizer_for(cfg: Config, stage_dir: UPath, shard_ids: list[str], dup_ranks, report: Report) -> tuple[str, UPath]:
+def tokenizer_for(cfg: Config, bank: Bank, stage_dir: UPath, shard_ids: list[str], dup_ranks,
+                  report: Report) -> tuple[str, UPath]:
     """Stage 3: train (or load) the tokenizer once; returns its JSON and its path in the bank."""
     with report.stage("tokenize"):
         tok_file = stage_dir / "tokenizer.json"
@@ -166,7 +142,7 @@ def tokenizer_for(cfg: Config, stage_dir: UPath, shard_ids: list[str], dup_ranks
             write_text_atomic(tok_file, tok.to_str())
         tok_json = tok_file.read_text(encoding="utf-8")
         # Later stages find the tokenizer by its hash, next to the tables it produced.
-        bank_tok = BankLayout(cfg.bank.uri).tokenizers() / f"{tokenizer_hash(from_json(tok_json))}.json"
+        bank_tok = bank.layout.tokenizers() / f"{tokenizer_hash(from_json(tok_json))}.json"
         if not bank_tok.exists():
             write_text_atomic(bank_tok, tok_json)
         return tok_json, bank_tok
@@ -174,9 +150,9 @@ def tokenizer_for(cfg: Config, stage_dir: UPath, shard_ids: list[str], dup_ranks
 
 def commit(bank: Bank, stage_dir: UPath, shard_ids: list[str], dedup, lineage: dict,
            report: Report) -> dict[str, int]:
-    """Stage 5: one new version per table. A table already committed for this key is skipped,
-    so a crash between two tables' commits neither loses nor doubles rows. Returns the version
-    of each table, written or found committed (what a rebuild publishes)."""
+    """Stage 5: one new version per table, through the runner's commit (a table already
+    committed for this key is kept). Returns the version of each table, written or found
+    committed (what a rebuild publishes)."""
     dup_ranks, twins, kinds = dedup
     with report.stage("commit"):
         dup_table = assemble.duplicate_rejects(stage_dir, shard_ids, dup_ranks, twins, kinds)
@@ -186,47 +162,40 @@ def commit(bank: Bank, stage_dir: UPath, shard_ids: list[str], dedup, lineage: d
             "refs": (REFS, lambda: iter_batches(assemble.staged(stage_dir, "refs", shard_ids))),
             "train_sequences": (TRAIN_SEQUENCES, lambda: iter_batches(assemble.staged(stage_dir, "seqs", shard_ids))),
         }
-        versions = {}
-        for name, (schema, batches) in streams.items():
-            if bank.has(name) and bank.metadata(name).get("ingest_key") == lineage["ingest_key"]:
-                versions[name] = bank.table(name).version
-                continue
-            versions[name] = bank.write(name, schema, batches(), lineage)
-            maybe_crash("commit", 1)
-        return versions
+        return commit_tables(bank, streams, lineage, "ingest_key", crash="commit")
 
 
 @writes_bank("ingest")  # the bank's write lock (storage/lock.py), reentrant under m3 run / rebuild
 def run_ingest(cfg: Config) -> dict:
     report = Report("ingest")
     files, counts, corpus_version, key, shards = plan(cfg)
-    bank = Bank(cfg.bank.uri)
+    bank = Bank.of(cfg)
     if up_to_date(bank, key):
-        print(f"ingest: tables in {cfg.bank.uri} are up to date for this corpus and config "
+        print(f"ingest: tables in {bank.uri} are up to date for this corpus and config "
               f"(ingest key {key}); nothing to do")
         return {"status": "up_to_date", "ingest_key": key, "versions": {t: bank.table(t).version for t in TABLES}}
-    stage_dir = staging_dir(cfg.bank.uri, "ingest", key)
+    stage_dir = staging_dir(bank, "ingest", key)
     shard_ids = [s.shard_id for s in shards]
     report.set(records_read=sum(counts), files=len(files), shards=len(shards), ingest_key=key,
                input_bytes=sum(Path(f.path).stat().st_size for f in files))
     report.file_roles = [f.role for f in files]  # the report counts per source role (corpus.roles)
     init_ray(cfg.ray, dashboard=False)  # plain tasks: no State API read
 
-    dedup = clean_and_dedup(cfg, files, shards, stage_dir, report, key)
+    dedup = clean_and_dedup(cfg, bank, files, shards, stage_dir, report, key)
     refuse_without_documents(cfg, stage_dir, shard_ids, sum(counts))
-    tok_json, bank_tok = tokenizer_for(cfg, stage_dir, shard_ids, dedup[0], report)
+    tok_json, bank_tok = tokenizer_for(cfg, bank, stage_dir, shard_ids, dedup[0], report)
     keys = memo_keys(cfg, bank_tok.stem)
     with report.stage("chunk"):
         todo = pending(shard_ids, lambda s: seqs_path(stage_dir, s))
-        src, dst = memo.source(cfg.bank.uri, "chunk", keys["chunk"]), memo.target(cfg.bank.uri, key, "chunk")
-        _memo_hits("chunk", _parallel("chunk", todo, lambda s: chunk_shard(
+        src, dst = memo.source(bank, "chunk", keys["chunk"]), memo.target(bank, key, "chunk")
+        _memo_hits("chunk", run_tasks("chunk", todo, lambda s: chunk_shard(
             s, stage_dir, tok_json, dedup[0], cfg.chunking, memo_src=src, memo_dst=dst,
-            align=cfg.model.mem_chunk_size if cfg.chunking.align_docs else 0), report), report)
+            align=cfg.model.mem_chunk_size if cfg.chunking.align_docs else 0), report.note), report)
     lineage = {"stage": "ingest", "ingest_key": key, "corpus_version": corpus_version,
                "tokenizer_hash": bank_tok.stem,  # tokenizers/<hash>.json
-               "tokenizer_path": BankLayout(cfg.bank.uri).relative(bank_tok), "config": cfg.as_dict()}
+               "tokenizer_path": bank.layout.relative(bank_tok), "config": cfg.as_dict()}
     versions = commit(bank, stage_dir, shard_ids, dedup, lineage, report)
-    memo.publish(cfg.bank.uri, key, keys, shard_ids)  # after the commit: a crash before keeps the old memo
+    memo.publish(bank, key, keys, shard_ids)  # after the commit: a crash before keeps the old memo
     summary = {**report.finish(bank, cfg), "versions": versions}  # the versions this ingest wrote or found
     remove(stage_dir)
     return summary

@@ -25,12 +25,11 @@ from jobs.config import Config, config_hash
 from jobs.config.pair import PairConfig
 from jobs.stages.runner import ShardedStage, run_stage
 from pipelines.embedder import load_embedder
-from pipelines.pair_step import PairShards, staged_path
+from pipelines.pair_step import PairShards
 from pipelines.train_data import NEIGHBORS
 from storage.bank import Bank, BankError
 from storage.lexical import require_fts, uses_vectors
 from storage.staging import read_table
-from storage.layout import BankLayout
 from storage.lock import writes_bank
 
 INPUTS = ("train_sequences", "refs", "embeddings")
@@ -94,17 +93,17 @@ def pair_stage(cfg: Config, bank: Bank) -> tuple[ShardedStage, str]:
 
     stage = ShardedStage(
         name="pair", table="neighbors", key_field="pair_key", key=key, schema=NEIGHBORS, input_uri=seqs.uri,
-        n_rows=seqs.count_rows(), rows_per_shard=pc.seqs_per_shard, actor=PairShards, input_arg=None,
-        actor_kw={"bank_uri": cfg.bank.uri, "embedder_spec": spec, "cfg": pc, "method": method,
-                  "tokenizer_path": str(BankLayout(cfg.bank.uri).path(tok_rel))},
-        actors=pc.actors, threads=pc.threads_per_actor, staged=staged_path, lineage=lineage)
+        n_rows=seqs.count_rows(), rows_per_shard=pc.seqs_per_shard, actor=PairShards,
+        actor_kw={"bank": bank, "embedder_spec": spec, "cfg": pc, "method": method,
+                  "tokenizer_path": str(bank.layout.path(tok_rel))},
+        actors=pc.actors, threads=pc.threads_per_actor, lineage=lineage)
     return stage, ranker
 
 
 @writes_bank("pair")  # the bank's write lock (storage/lock.py), reentrant under m3 run
 def run_pair(cfg: Config, note: Callable[[str], None] = print) -> dict:
     pc = cfg.pair
-    bank = Bank(cfg.bank.uri)
+    bank = Bank.of(cfg)
     stage, embedder = pair_stage(cfg, bank)
     note(f"pair: {stage.n_rows:,} sequences, {pc.chunk_size}-token chunks, top {pc.k} by {embedder}, "
          f"max overlap {pc.max_overlap}")

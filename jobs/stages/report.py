@@ -12,7 +12,6 @@ import pyarrow.compute as pc
 
 from pipelines.assemble import reason_counts
 from pipelines.readers import RANK_BITS, ROLES
-from storage.layout import BankLayout
 from storage.staging import write_text_atomic
 
 
@@ -77,7 +76,7 @@ class Report:
             "docs_per_s": round(self.values.get("records_read", 0) / max(sum(self.stages.values()), 1e-9), 1),
         }
         summary["accounted"] = summary["records_read"] == summary["documents"] + summary["rejected"]
-        out = BankLayout(cfg.bank.uri).reports() / f"{self.job}-{self.values.get('ingest_key', 'run')}.json"
+        out = bank.layout.reports() / f"{self.job}-{self.values.get('ingest_key', 'run')}.json"
         write_text_atomic(out, json.dumps(summary, indent=2))
         print(render(summary))
         return summary

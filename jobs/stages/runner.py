@@ -1,10 +1,13 @@
-"""The one skeleton every sharded stage runs through: key -> up to date? -> staging -> shards left
--> actor pool -> commit -> tag -> clean up.
+"""The driver side every stage runs through: key -> up to date? -> staging -> shards left ->
+workers -> commit -> tag -> clean up.
 
-A stage is a declaration (`ShardedStage`): the key its output is a function of, the table and
-schema it writes, the input rows it shards, the Ray Data actor that turns a row range into a
-staged file, and its lineage. `run_stage` owns everything else, so embed, encode and pair (and
-the rebuild, which calls the same stages) resume, commit and tag the same way.
+A row-range stage (embed, encode, pair) is a declaration (`ShardedStage`): the key its output is
+a function of, the table and schema it writes, the input rows it shards, the shard actor that
+turns a row range into a staged file (pipelines/shard_actor.py: the actor's side), and its
+lineage. `run_stage` owns everything else, so those stages (and the rebuild, which calls the same
+stages) resume, commit and tag the same way. Ingest, whose shards are corpus files and hash
+partitions rather than row ranges, runs its phases on the same parts: `up_to_date`,
+`staging_dir`, `pending`, `run_tasks` (its shards as Ray tasks) and `commit`.
 
 A full build is an incremental build against an empty table. A stage derived from `refs`
 (embeddings, memories) declares how its old rows are reused (`Reuse`): rows whose reference
@@ -31,7 +34,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import lance
 import numpy as np
@@ -39,12 +42,14 @@ import pyarrow as pa
 from upath import UPath
 
 from jobs.config import RayConfig
-from jobs.faults import maybe_crash
+from jobs.faults import maybe_crash, maybe_pause
+from jobs.progress import Progress
 from jobs.runtime import init_ray, quiet_ray_data, row_shards, run_actor_shards
 from model.errors import M3Error
 from pipelines.delta import Delta, keep_filter, plan_delta, ref_key
+from pipelines.shard_actor import staged_path
 from storage.bank import Bank
-from storage.layout import BankLayout, upath
+from storage.layout import upath
 from storage.staging import iter_batches, remove, write_text_atomic
 
 
@@ -54,7 +59,6 @@ class Reuse:
     producer_column: str            # "model_hash", "embedder": who made a row
     producer: str                   # the current producer; rows of another are recomputed
     table_ok: bool = True           # table-level settings (codec, quantizer, sparsity) unchanged
-    input_columns: tuple[str, ...] = ("ref_id", "content_hash", "token_ids")  # what the actor reads
     # given the old table: None, or a function (batch of old rows, its first row) -> the batch to
     # copy, which checks the rows before they are copied into the new version (encode: against
     # the checksums of the old version's payload slab); None: rows are copied as read
@@ -71,13 +75,11 @@ class ShardedStage:
     input_uri: str                  # the Lance dataset whose row ranges are the shards
     n_rows: int
     rows_per_shard: int
-    actor: type                     # Ray Data callable class: actor(threads=, stage_dir=, **actor_kw)
+    actor: type                     # a ShardActor: actor(input_uri=, stage_dir=, threads=, **actor_kw)
     actor_kw: dict
     actors: int
     threads: int
-    staged: Callable[[UPath, int], UPath | str]   # the file shard i is staged in
     lineage: Callable[[list[UPath]], dict]      # given the staged files, in shard order
-    input_arg: str | None = "refs_uri"          # the actor argument naming its input (None: it finds it itself)
     reuse: Reuse | None = None
     tag: bool = True
     # rows made elsewhere, reused like old rows (same ref_id, content hash and producer), read once
@@ -90,14 +92,92 @@ def up_to_date(bank: Bank, tables: tuple[str, ...] | list[str], key_field: str, 
     return all(bank.has(t) and bank.metadata(t).get(key_field) == key for t in tables)
 
 
-def staging_dir(bank_uri: str, name: str, key: str, old_version: int | None = None) -> UPath:
+def staging_dir(bank: Bank, name: str, key: str, old_version: int | None = None) -> UPath:
     """Where a run of a stage stages its shards: by key, and by the table version it updates."""
-    return BankLayout(bank_uri).staging(f"{name}-{key}" + (f"-from{old_version}" if old_version else ""))
+    return bank.layout.staging(f"{name}-{key}" + (f"-from{old_version}" if old_version else ""))
 
 
 def pending(shards: list, staged: Callable) -> list:
     """The shards whose staged file is not there yet (what a resumed run still has to do)."""
     return [s for s in shards if not upath(staged(s)).exists()]
+
+
+# Each row-range stage named its staged files its own way before they shared one shard actor
+# (pipelines/shard_actor.py). A job that code left half done resumes from what it staged: a shard
+# staged under its stage's old name counts as done and is committed from there, not computed
+# again. Only a staging directory made before that change can hold one; these can go once no
+# bank holds a job started before it.
+_OLD_NAMES = {"encode": "memories/m{:06d}.parquet", "embed": "e{:06d}.parquet", "pair": "p{:06d}.parquet"}
+
+
+def staged_file(stage_dir: UPath, name: str, shard: int) -> UPath:
+    """The file shard `shard` of stage `name` is (or will be) staged in."""
+    path = staged_path(stage_dir, shard)
+    if name in _OLD_NAMES and not path.exists():
+        old = upath(stage_dir) / _OLD_NAMES[name].format(shard)
+        if old.exists():
+            return old
+    return path
+
+
+def run_tasks(name: str, items: list, fn: Callable[[Any], Any], note: Callable[[str], None] = print) -> list:
+    """fn over items, one Ray task per item (1 CPU, spread over the nodes as Ray Data spreads),
+    collecting results as they finish: the shards and partitions of ingest, each staging its own
+    files. Plain tasks, not a Ray Data map: an item is already a whole shard or partition, and a
+    Ray Data map would add, to a command whose work is seconds, its import, its stats and
+    autoscaling actors (a worker process each) and its executor's start-up per dataset
+    (BENCHMARKS.md, "Whole commands against their stages"). A task whose worker or node dies is
+    retried by Ray, as Ray Data's tasks are."""
+    if not items:
+        return []
+    import ray
+
+    @ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
+    def task(i, item):
+        maybe_pause(name, i)  # the node-death tests (jobs/faults.py)
+        return fn(item)
+
+    waiting = [task.remote(i, item) for i, item in enumerate(items)]
+    results = []
+    progress = Progress(name, len(items), unit="task(s)", out=note)
+    while waiting:
+        done, waiting = ray.wait(waiting, num_returns=1)
+        results.append(ray.get(done[0]))
+        progress.step()
+        maybe_crash(name, len(results))
+    return results
+
+
+def commit(bank: Bank, tables: dict[str, tuple[pa.Schema, Callable[[], Iterator[pa.RecordBatch]]]], lineage: dict,
+           key_field: str, crash: str | None = None) -> dict[str, int]:
+    """One new version of each table, its rows streamed from `tables[name]` = (schema, batches);
+    a table already committed with this key (`lineage[key_field]`) is kept, so a crash between
+    two tables' commits neither loses nor doubles rows. Returns each table's version, written or
+    found. An M3Error the rows raise is raised as itself: Lance's writer passes it on inside its
+    own error, with a traceback in its text. `crash`: the crash point after each write."""
+    versions = {}
+    for name, (schema, batches) in tables.items():
+        if bank.has(name) and bank.metadata(name).get(key_field) == lineage[key_field]:
+            versions[name] = bank.table(name).version
+            continue
+        refused: list[M3Error] = []
+
+        def rows(batches=batches, refused=refused) -> Iterator[pa.RecordBatch]:
+            try:
+                yield from batches()
+            except M3Error as e:
+                refused.append(e)
+                raise
+
+        try:
+            versions[name] = bank.write(name, schema, rows(), lineage)
+        except Exception:
+            if refused:  # the one line the rows raised (nothing was committed)
+                raise refused[0] from None
+            raise
+        if crash:
+            maybe_crash(crash, 1)
+    return versions
 
 
 def run_stage(stage: ShardedStage, bank: Bank, ray: RayConfig, note: Callable[[str], None] = print) -> dict:
@@ -114,47 +194,36 @@ def run_stage(stage: ShardedStage, bank: Bank, ray: RayConfig, note: Callable[[s
     cold = 0
     if delta is not None and not stage.compute:
         cold, delta = len(delta.compute_rows), _without_compute(delta)
-    stage_dir = staging_dir(bank.uri, stage.name, stage.key, old.version if old else None)
+    stage_dir = staging_dir(bank, stage.name, stage.key, old.version if old else None)
     input_uri = stage.input_uri
     prior = old is not None or extra is not None
     if prior and len(delta.compute_rows) < stage.n_rows:
-        input_uri = _delta_input(lance.dataset(stage.input_uri), delta.compute_rows, list(stage.reuse.input_columns),
+        input_uri = _delta_input(lance.dataset(stage.input_uri), delta.compute_rows, list(stage.actor.columns),
                                  stage_dir / "delta.lance")
     n = len(delta.compute_rows) if delta is not None else stage.n_rows
     shards = row_shards(n, stage.rows_per_shard)
-    todo = pending(shards, lambda s: stage.staged(stage_dir, s[0]))
+    todo = pending(shards, lambda s: staged_file(stage_dir, stage.name, s[0]))
     counts = delta.counts() if delta is not None else {}
     note(f"{stage.name}: {n:,} of {stage.n_rows:,} row(s) to compute"
          + (f" ({_describe(counts)})" if prior else "") + (f", {cold:,} left cold" if cold else "")
          + f"; {len(shards) - len(todo)} of {len(shards)} shard(s) done")
-    kw = dict(stage.actor_kw, stage_dir=str(stage_dir), **({stage.input_arg: input_uri} if stage.input_arg else {}))
+    kw = dict(stage.actor_kw, stage_dir=str(stage_dir), input_uri=input_uri)
     _run_shards(stage.name, ray, todo, stage.actor, in_process=prior and len(todo) == 1,
                 actors=stage.actors, threads=stage.threads, **kw)
     t_compute = time.time() - t0
-    files = [upath(stage.staged(stage_dir, i)) for i, _, _ in shards]
-    lineage = stage.lineage(files)
+    files = [staged_file(stage_dir, stage.name, i) for i, _, _ in shards]
+    lineage = {**stage.lineage(files), stage.key_field: stage.key}
     if delta is not None:
         lineage["delta"] = counts
     if not stage.compute:
         lineage["cold_rows"] = cold
 
-    refused: list[M3Error] = []
-
     def rows() -> Iterator[pa.RecordBatch]:
-        try:
-            if prior:
-                yield from _copied(old, extra, delta, stage.reuse, stage.schema, stage.input_uri)
-            yield from iter_batches(files, columns=stage.schema.names)
-        except M3Error as e:  # Lance's writer passes it on inside its own error, a traceback in its text
-            refused.append(e)
-            raise
+        if prior:
+            yield from _copied(old, extra, delta, stage.reuse, stage.schema, stage.input_uri)
+        yield from iter_batches(files, columns=stage.schema.names)
 
-    try:
-        version = bank.write(stage.table, stage.schema, rows(), lineage)
-    except Exception:
-        if refused:  # the one line the rows raised (nothing was committed)
-            raise refused[0] from None
-        raise
+    version = commit(bank, {stage.table: (stage.schema, rows)}, lineage, stage.key_field)[stage.table]
     if stage.tag:
         bank.tag(stage.table, f"{stage.name}-{stage.key}", version)
     remove(stage_dir)

@@ -9,7 +9,8 @@ import torch
 from model import Memory3, ModelConfig, save_model
 from model.codecs import make_codec
 from model.ref_batches import encode_tokens
-from pipelines.encode_step import EncodeShards, staged_path
+from pipelines.encode_step import EncodeShards
+from pipelines.shard_actor import staged_path
 from storage.schemas import MEMORIES
 from storage.staging import read_table
 
@@ -25,9 +26,9 @@ def test_a_shard_is_staged_sorted_by_length_with_each_reference_as_encoded_alone
                      "content_hash": [f"h{i}" for i in range(len(tokens))],
                      "token_ids": pa.array(tokens, pa.list_(pa.int32()))})
     lance.write_dataset(refs, str(tmp_path / "refs.lance"))
-    actor = EncodeShards(str(tmp_path / "model"), "int8", {}, str(tmp_path / "refs.lance"),
-                         str(tmp_path / "stage"), batch_size=3, threads=1)
-    assert actor.encode_shard(5, 1, 7) == {"shard": 5, "rows": 6}  # rows 1..6
+    actor = EncodeShards(str(tmp_path / "model"), "int8", {}, batch_size=3, input_uri=str(tmp_path / "refs.lance"),
+                         stage_dir=str(tmp_path / "stage"), threads=1)
+    assert actor.run_shard(5, 1, 7) == {"shard": 5, "rows": 6}  # rows 1..6
     got = read_table(staged_path(tmp_path / "stage", 5))
     assert got.schema.equals(MEMORIES)
     want_order = sorted(range(1, 7), key=lambda i: (lengths[i], i))
@@ -47,8 +48,8 @@ def test_an_empty_shard_stages_an_empty_file(tmp_path):
     save_model(Memory3(cfg), tmp_path / "model")
     refs = pa.table({"ref_id": ["a"], "content_hash": ["h"], "token_ids": pa.array([[5, 6]], pa.list_(pa.int32()))})
     lance.write_dataset(refs, str(tmp_path / "refs.lance"))
-    actor = EncodeShards(str(tmp_path / "model"), "int8", {}, str(tmp_path / "refs.lance"),
-                         str(tmp_path / "stage"), batch_size=3, threads=1)
-    assert actor.encode_shard(0, 1, 1)["rows"] == 0
+    actor = EncodeShards(str(tmp_path / "model"), "int8", {}, batch_size=3, input_uri=str(tmp_path / "refs.lance"),
+                         stage_dir=str(tmp_path / "stage"), threads=1)
+    assert actor.run_shard(0, 1, 1)["rows"] == 0
     got = read_table(staged_path(tmp_path / "stage", 0))
     assert got.num_rows == 0 and got.schema.equals(MEMORIES)

@@ -23,7 +23,8 @@ from jobs.ops.lock import BankLock
 from jobs.stages.encode import run_encode
 from model import Memory3, save_model
 from model.checkpoint import saved_hash
-from pipelines.encode_step import EncodeShards, staged_path
+from pipelines.encode_step import EncodeShards
+from pipelines.shard_actor import staged_path
 from storage.bank import Bank, BankError
 from storage.layout import MANIFEST
 from storage.live import publish
@@ -72,7 +73,7 @@ def stored_encoding(cfg, mdir, tmp_path, batch_size=5) -> dict[str, dict]:
     """What `m3 encode` stores for every reference: EncodeShards (the stage's actor), called here
     with another batch size than the store's, over all references in one shard."""
     bank = Bank(cfg.bank.uri)
-    actor = EncodeShards(model_dir=str(mdir), codec="raw-fp32", codec_kw={}, refs_uri=bank.dataset("refs").uri,
+    actor = EncodeShards(model_dir=str(mdir), codec="raw-fp32", codec_kw={}, input_uri=bank.dataset("refs").uri,
                          stage_dir=str(tmp_path / "stage"), batch_size=batch_size, threads=1)
     actor({"shard": [0], "start": [0], "end": [N]})
     return {r["ref_id"]: r for r in read_table(staged_path(tmp_path / "stage", 0)).to_pylist()}
@@ -166,7 +167,7 @@ def test_write_back_under_the_rebuild_lock_touches_no_live_table(cold_bank):
 
     before = snapshot()
     versions = {t: bank.table(t).version for t in ("refs", "memories")}
-    with BankLock(bank.uri, "rebuild"):
+    with BankLock(bank, "rebuild"):
         store = MemoryStore(bank, saved_hash(mdir))
         store.fetch(["d06-0", "d08-0"])
         after = snapshot()

@@ -96,7 +96,7 @@ def test_the_index_is_the_same_for_the_same_vectors(tmp_path):
     queries = _random_embeddings(uri, 3000, 32)
     answers = []
     for _ in range(2):
-        report = build_reproducible_index(uri, "embeddings", 3000, 1000, "IVF_HNSW_SQ")
+        report = build_reproducible_index(Bank(uri), "embeddings", 3000, 1000, "IVF_HNSW_SQ")
         assert report["index"] == "IVF_HNSW_SQ" and report["reproducible"]
         table = Bank(uri).table("embeddings")
         assert index_info(table)["indexed_rows"] == 3000
@@ -107,9 +107,9 @@ def test_the_index_is_the_same_for_the_same_vectors(tmp_path):
 def test_what_cannot_be_reproduced_says_so(tmp_path):
     uri = str(tmp_path / "bank")
     _random_embeddings(uri, 300, 16)
-    assert build_reproducible_index(uri, "embeddings", 300, 1000, "IVF_HNSW_SQ") == {
+    assert build_reproducible_index(Bank(uri), "embeddings", 300, 1000, "IVF_HNSW_SQ") == {
         **build_index(Bank(uri).table("embeddings"), 300, threshold=1000), "reproducible": True}  # exact: no index
-    report = build_reproducible_index(uri, "embeddings", 300, 100, "IVF_PQ")  # k-means: unseeded in LanceDB
+    report = build_reproducible_index(Bank(uri), "embeddings", 300, 100, "IVF_PQ")  # k-means: unseeded in LanceDB
     assert report["index"] == "IVF_PQ" and not report["reproducible"]
     assert not reproducible(2_000_000, 100, "IVF_HNSW_SQ")  # two partitions: k-means again
 

@@ -116,7 +116,7 @@ def test_killed_encode_resumes_to_identical_bytes(ingested, encoded, tmp_path):
     env = dict(os.environ, M3_PROGRESS="0", M3_CRASH_AT="encode:1")
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 75, proc.stderr[-3000:]
-    assert list((bank / "_staging").glob("encode-*/memories/*.parquet"))
+    assert list((bank / "_staging").glob("encode-*/shards/*.parquet"))
     assert not Bank(str(bank)).has("memories")
     run_encode(load_config("configs/demo.yaml", settings(ingested[0], bank, "encode.codec=raw-fp32")))
     assert memory_rows(bank) == memory_rows(encoded[1])

@@ -142,7 +142,7 @@ def test_the_trainer_reads_the_neighbors(paired):
     seq_meta = Bank(cfg.bank.uri).metadata("train_sequences")
     assert meta["chunk_size"] == 64 and meta["embed_key"] == Bank(cfg.bank.uri).metadata("embeddings")["embed_key"]
     assert (meta["ingest_key"], meta["tokenizer_hash"]) == (seq_meta["ingest_key"], seq_meta["tokenizer_hash"])
-    reader = ShardReader(cfg.bank.uri, neighbors=True, chunk_size=64, heldout_fraction=0.0, micro_batch=2,
+    reader = ShardReader(Bank(cfg.bank.uri), neighbors=True, chunk_size=64, heldout_fraction=0.0, micro_batch=2,
                          refs_per_chunk=5)
     batch = next(reader.epoch_batches())
     assert batch["ref_tokens"].shape[:3] == batch["ref_valid"].shape == (2, 4, 5) and batch["ref_valid"].all(-1).any()
@@ -157,9 +157,9 @@ def test_the_trainer_reads_the_neighbors(paired):
                     n = len(refs[rid]["token_ids"])
                     assert batch["ref_tokens"][b, c, m, :n].tolist() == refs[rid]["token_ids"]
     with pytest.raises(BankError, match="keeps 5 reference"):
-        ShardReader(cfg.bank.uri, neighbors=True, chunk_size=64, heldout_fraction=0.0, refs_per_chunk=6)
+        ShardReader(Bank(cfg.bank.uri), neighbors=True, chunk_size=64, heldout_fraction=0.0, refs_per_chunk=6)
     with pytest.raises(BankError, match="pairs 64-token chunks"):
-        ShardReader(cfg.bank.uri, neighbors=True, chunk_size=32, heldout_fraction=0.0)
+        ShardReader(Bank(cfg.bank.uri), neighbors=True, chunk_size=32, heldout_fraction=0.0)
 
 
 def test_pair_needs_its_inputs(tmp_path):
@@ -170,10 +170,14 @@ def test_pair_needs_its_inputs(tmp_path):
 
 
 def test_resume_keeps_staged_shards_and_matches_an_uninterrupted_run(paired, capsys):
-    """Runs last: it commits a new neighbors version (same rows, under another key)."""
+    """Runs last: it commits a new neighbors version (same rows, under another key). The shard
+    staged by hand is moved to the name the pair stage gave its files before the stages shared
+    one shard actor (p000000.parquet): a job half done by that code resumes from it, not
+    computing it again, nor committing it twice (the kill test resumes from today's names)."""
     from jobs.stages.pair import _inputs, pair_key
     from jobs.stages.runner import staging_dir
     from pipelines.pair_step import PairShards
+    from pipelines.shard_actor import staged_path
 
     cfg, _ = paired
     before = sorted((r["seq_id"], r["chunk"], r["rank"], r["ref_id"], r["score"]) for r in _tables(cfg)[3])
@@ -181,9 +185,11 @@ def test_resume_keeps_staged_shards_and_matches_an_uninterrupted_run(paired, cap
     # as a run killed after one shard would have left it
     pair2 = dataclasses.replace(PAIR, seqs_per_shard=5)
     bank = Bank(cfg.bank.uri)
-    stage = staging_dir(cfg.bank.uri, "pair", pair_key(bank, _inputs(bank), pair2))
+    stage = staging_dir(bank, "pair", pair_key(bank, _inputs(bank), pair2))
     tok = f"{cfg.bank.uri}/{bank.metadata('refs')['tokenizer_path']}"
-    PairShards(cfg.bank.uri, cfg.retrieval.embedder, tok, str(stage), pair2, 1)({"shard": [0], "start": [0], "end": [5]})
+    PairShards(bank, cfg.retrieval.embedder, tok, pair2, input_uri=bank.dataset("train_sequences").uri,
+               stage_dir=str(stage), threads=1)({"shard": [0], "start": [0], "end": [5]})
+    staged_path(stage, 0).rename(stage / "p000000.parquet")
     summary = run_pair(with_pair(cfg, pair2))
     n_shards = -(-len(_tables(cfg)[1]) // 5)
     assert f"1 of {n_shards} shard(s) done" in capsys.readouterr().out
@@ -218,7 +224,7 @@ def test_killed_pair_resumes_and_max_tokens_pairs_only_what_training_reads(paire
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 75, proc.stderr[-3000:]
     n_seqs = len(_tables(cfg)[1])
-    staged = list(bank.glob("_staging/pair-*/*.parquet"))
+    staged = list(bank.glob("_staging/pair-*/shards/*.parquet"))
     assert 1 <= len(staged) < -(-n_seqs // 8)  # killed part-way: some shards staged, not all
     cfg2 = dataclasses.replace(cfg, bank=dataclasses.replace(cfg.bank, uri=str(bank)),
                                pair=dataclasses.replace(PAIR, max_tokens=128),
@@ -237,8 +243,8 @@ def test_killed_pair_resumes_and_max_tokens_pairs_only_what_training_reads(paire
                         <= PAIR.max_overlap for r in kept)
     assert Bank(str(bank)).metadata("neighbors")["max_tokens"] == 128
     with pytest.raises(BankError, match="pairs the first 128 tokens"):
-        ShardReader(str(bank), neighbors=True, chunk_size=64, heldout_fraction=0.0, max_tokens=192)
-    ShardReader(str(bank), neighbors=True, chunk_size=64, heldout_fraction=0.0, max_tokens=128)
+        ShardReader(Bank(str(bank)), neighbors=True, chunk_size=64, heldout_fraction=0.0, max_tokens=192)
+    ShardReader(Bank(str(bank)), neighbors=True, chunk_size=64, heldout_fraction=0.0, max_tokens=128)
 
 
 def test_a_second_index_build_pairs_alike(paired, tmp_path):
@@ -254,7 +260,7 @@ def test_a_second_index_build_pairs_alike(paired, tmp_path):
     shutil.copytree(cfg.bank.uri, bank)
     n = Bank(str(bank)).table("embeddings").count_rows()
     assert n >= cfg.retrieval.index_threshold  # the index path
-    assert build_reproducible_index(str(bank), "embeddings", n, cfg.retrieval.index_threshold,
+    assert build_reproducible_index(Bank(str(bank)), "embeddings", n, cfg.retrieval.index_threshold,
                                     cfg.retrieval.index_type)["reproducible"]
     cfg2 = dataclasses.replace(cfg, bank=dataclasses.replace(cfg.bank, uri=str(bank)))
     again = run_pair(cfg2)

@@ -41,16 +41,13 @@ import dataclasses
 import time
 
 from jobs.config import Config
-from jobs.faults import maybe_crash
-from jobs.stages.ingest import TABLES  # the tables ingest writes
 from jobs.ops.compact import compact_locked
 from jobs.stages.encode import memories_slab
 from jobs.ops.lock import write_lock
-from jobs.ops.publish import publish_build
+from jobs.ops.publish import built_from, publish_build, stage_versions
 from storage.bank import Bank
 from storage.live import TAG, live_versions, manifest_state
 from storage.retention import compact
-from storage.layout import BankLayout
 
 
 def pin_tokenizer(cfg: Config) -> Config:
@@ -61,11 +58,11 @@ def pin_tokenizer(cfg: Config) -> Config:
 
     if not cfg.rebuild.pin_tokenizer or cfg.tokenizer.path:
         return cfg
-    bank = Bank(cfg.bank.uri, live=True)
-    if not bank.has("refs") or up_to_date(Bank(cfg.bank.uri), plan(cfg)[3]):
+    bank = Bank.of(cfg, live=True)
+    if not bank.has("refs") or up_to_date(Bank.of(cfg), plan(cfg)[3]):
         return cfg
     rel = bank.metadata("refs").get("tokenizer_path")
-    path = BankLayout(cfg.bank.uri).path(rel) if rel else None
+    path = bank.layout.path(rel) if rel else None
     if path is None or not path.exists():
         return cfg
     return dataclasses.replace(cfg, tokenizer=dataclasses.replace(cfg.tokenizer, path=str(path)))
@@ -88,7 +85,8 @@ def run_rebuild(cfg: Config, allow_shrink: bool = False) -> dict:
         print(f"[rebuild] {text}", flush=True)
 
     with write_lock(cfg, "rebuild"):  # reentrant: the stages below take it too
-        before, token = manifest_state(cfg.bank.uri)  # what this build is built on, and publishes over
+        bank = Bank.of(cfg)
+        before, token = manifest_state(bank)  # what this build is built on, and publishes over
         before = dict(before["versions"]) if before else {}
         cfg = pin_tokenizer(cfg)
         if cfg.tokenizer.path:
@@ -104,30 +102,25 @@ def run_rebuild(cfg: Config, allow_shrink: bool = False) -> dict:
         if embeddings and isinstance(embeddings.get("index"), dict):
             embeddings["index"] = embeddings["index"].get("index")
         lap("embeddings")
-        bank = Bank(cfg.bank.uri)
         # merges fragments if memories were written in pieces; a no-op for our one-write tables
         if (v := compact(bank.dataset("memories").uri)) is not None:
             memories["version"] = v
-            memories["slab"] = memories_slab(cfg.bank.uri, v, note)  # the served version's, not the one before
+            memories["slab"] = memories_slab(bank, v, note)  # the served version's, not the one before
         # exactly what the stages wrote or found up to date, never the latest (jobs/ops/publish.py)
-        versions = {**{name: ingest["versions"][name] for name in TABLES}, "memories": memories["version"],
-                    **({"embeddings": embeddings["version"]} if embeddings else {})}
-        maybe_crash("publish", 1)  # the kill-before-publish test: readers must still see the old build
+        results = {"ingest": ingest, "encode": memories, "embed": embeddings}
+        versions = stage_versions(results, embeddings=bool(embeddings))
         changed = versions != before
-        published = publish_build(cfg, versions, token, {"ingest_key": ingest.get("ingest_key"),
-                                                         "encode_key": memories.get("encode_key")},
-                                  allow_shrink=allow_shrink, what="rebuild",
-                                  built_from={"memories": memories.get("refs_version"),
-                                              "embeddings": (embeddings or {}).get("refs_version")})
+        published = publish_build(bank, cfg, versions, token, allow_shrink=allow_shrink, what="rebuild",
+                                  built_from=built_from(results))
         retention = published["retention"]
         lap("publish")
-        compaction = compact_locked(cfg) if cfg.rebuild.compact_after else None
+        compaction = compact_locked(cfg, bank) if cfg.rebuild.compact_after else None
         if compaction:
-            versions = live_versions(cfg.bank.uri)
+            versions = live_versions(bank)
             lap("compact")
         if not changed:  # under the lock: no writer can change what "nothing to do" is said of
             from jobs.ops.verify import require_intact  # the cheap part of `m3 bank verify`: a damaged
-            require_intact(cfg.bank.uri)                # bank is one line naming the file, not "up to date"
+            require_intact(bank)                        # bank is one line naming the file, not "up to date"
     counts = {k: memories[k] for k in ("added", "changed", "removed")}
     summary = {"status": "published" if changed else "up_to_date", **counts, "versions": versions, "tag": TAG,
                "ingest": ingest.get("status", "built"), "memories": memories, "embeddings": embeddings,

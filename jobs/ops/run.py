@@ -73,54 +73,15 @@ def _encode(cfg):
     return run_encode(cfg)
 
 
-def published_tables() -> list[str]:
-    from jobs.stages.ingest import TABLES
-
-    return [*TABLES, "memories", "embeddings"]
-
-
-def found_versions(cfg) -> dict[str, int]:
-    """The version of each published table when the run starts (under the write lock)."""
-    from storage.bank import Bank
-
-    bank = Bank(cfg.bank.uri)
-    return {n: bank.table(n).version for n in published_tables() if bank.has(n)}
-
-
-def built_versions(results: dict[str, dict]) -> dict[str, int]:
-    """The versions this run's stages wrote or found up to date."""
-    built = dict(results.get("ingest", {}).get("versions") or {})
-    for stage, table in (("encode", "memories"), ("embed", "embeddings")):
-        if results.get(stage, {}).get("version") is not None:
-            built[table] = results[stage]["version"]
-    return built
-
-
-def _publish(cfg, results: dict[str, dict], found: dict[str, int], token, allow_shrink: bool = False) -> dict:
+def _publish(cfg, bank, results: dict[str, dict], found: dict[str, int], token, allow_shrink: bool = False) -> dict:
     """Publish the build this run made as the bank's `live` one, through the rebuild's policy
     (jobs/ops/publish.py): inference and `m3 sql` read `live`. Refused when the tables come
     from different ingests (a partial run)."""
-    from jobs.ops.publish import publish_build
-    from storage.bank import Bank, BankError
+    from jobs.ops.publish import built_from, publish_build, stage_versions
 
-    names = published_tables()
-    versions = {**found, **built_versions(results)}
-    missing = [n for n in names if n not in versions]
-    if missing:
-        Bank(cfg.bank.uri).require(*missing)  # names the command that makes each
-        raise BankError(f"not publishing: no version of {', '.join(missing)} (written by another process during this run?)")
-    versions = {n: versions[n] for n in names}
-    bank = Bank(cfg.bank.uri)
-    bank.pins = dict(versions)  # the lineage of the versions published, not of the latest
-    keys = {n: bank.metadata(n).get("ingest_key") for n in ("refs", "memories", "embeddings")}
-    if len(set(keys.values())) != 1:
-        raise BankError(f"not publishing a mixed build: the tables come from different ingests {keys}; "
-                        f"run the stages that are behind (m3 run --from embed)")
-    out = publish_build(cfg, versions, token, {"by": "m3 run", "ingest_key": keys["refs"],
-                                               "encode_key": bank.metadata("memories").get("encode_key")},
-                        allow_shrink=allow_shrink, what="run",
-                        built_from={"memories": results.get("encode", {}).get("refs_version"),
-                                    "embeddings": results.get("embed", {}).get("refs_version")})
+    versions = stage_versions(results, found)
+    out = publish_build(bank, cfg, versions, token, {"by": "m3 run"}, allow_shrink=allow_shrink, what="run",
+                        built_from=built_from(results))
     print(f"publish: build {versions} is live", flush=True)
     return {"versions": versions, "retention": out["retention"], "references": out["references"]}
 
@@ -223,6 +184,8 @@ def starts_ray_first(names: list[str]) -> bool:
 
 def run_all(cfg: Config, start: str | None = None, only: str | None = None, allow_shrink: bool = False) -> dict:
     from jobs.ops.lock import write_lock
+    from jobs.ops.publish import found_versions
+    from storage.bank import Bank
     from storage.live import manifest_state
 
     stages = select(start, only)
@@ -230,8 +193,9 @@ def run_all(cfg: Config, start: str | None = None, only: str | None = None, allo
     seconds: dict[str, float] = {}
     t_run = time.perf_counter()
     with write_lock(cfg, "m3 run"):  # the whole run: no other writer between two of its stages
-        _, token = manifest_state(cfg.bank.uri)  # what `publish` publishes over (compare-and-swap)
-        found = found_versions(cfg)
+        bank = Bank.of(cfg)
+        _, token = manifest_state(bank)  # what `publish` publishes over (compare-and-swap)
+        found = found_versions(bank)
         if starts_ray_first([n for n, _ in stages]):
             from jobs.runtime import init_ray
 
@@ -240,13 +204,13 @@ def run_all(cfg: Config, start: str | None = None, only: str | None = None, allo
             print(f"== m3 run: {name}", flush=True)
             t0 = time.perf_counter()
             if name == "publish":
-                results[name] = _publish(cfg, results, found, token, allow_shrink)
+                results[name] = _publish(cfg, bank, results, found, token, allow_shrink)
             else:
                 results[name] = fn(cfg) or {}
             seconds[name] = round(time.perf_counter() - t0, 1)
         total = round(time.perf_counter() - t_run, 1)
         from jobs.ops.run_report import write_run_report
 
-        path = write_run_report(cfg, results, seconds, total)
+        path = write_run_report(cfg, bank, results, seconds, total)
     print(f"== m3 run: done in {total:.0f} s; report {path}", flush=True)
     return {"stages": results, "seconds": seconds, "total_seconds": total, "report": str(path)}

@@ -161,7 +161,7 @@ def built(tmp_path_factory, ray_local, request) -> Intact:
     assert run_rebuild(load_config(DEMO, settings(corpus, bank)))["status"] == "published"
     refs = Bank(str(bank), live=True).dataset("refs").to_table(columns=["ref_id", "content_hash"])
     ids = refs.column("ref_id").to_pylist()
-    return Intact(root, bank, corpus, read_manifest(str(bank)), len(ids), sorted(ids),
+    return Intact(root, bank, corpus, read_manifest(Bank(str(bank))), len(ids), sorted(ids),
                   dict(zip(ids, refs.column("content_hash").to_pylist())), fetch_all(bank))
 
 
@@ -231,7 +231,7 @@ def live_build(case: str, bank: Path, intact: Intact, before: dict, *, documents
     """The live manifest is the one before, or a complete consistent build: references > 0,
     memories and embeddings of exactly its references (same content hashes), every memory of a
     reference the intact bank had with the same content byte-equal to the intact one."""
-    manifest = read_manifest(str(bank))
+    manifest = read_manifest(Bank(str(bank)))
     if manifest == before:
         return record(case, "live manifest", "live unchanged")
     v = manifest["versions"]
@@ -307,7 +307,7 @@ def test_corpus_fault(built, bank, tmp_path, capsys, case, name, make, says):
     if not outcome.startswith("one line") or says not in outcome:
         fail(case, "rebuild", "UNEXPECTED", f"expected one line saying {says!r}, got {outcome!r}")
     live_build(case, bank, built, built.manifest)
-    if read_manifest(str(bank)) != built.manifest:
+    if read_manifest(Bank(str(bank))) != built.manifest:
         fail(case, "live manifest", "BAD PUBLISH", "a refused rebuild changed the live build")
     readers_answer(capsys, case, bank, built, built.corpus)
 
@@ -315,13 +315,13 @@ def test_corpus_fault(built, bank, tmp_path, capsys, case, name, make, says):
 # -- (2) the bank's files -----------------------------------------------------------------------
 
 def live_file(bank: Path, table: str) -> Path:
-    version = read_manifest(str(bank))["versions"][table]
+    version = read_manifest(Bank(str(bank)))["versions"][table]
     [frag] = lance.dataset(str(bank / f"{table}.lance"), version=version).get_fragments()
     return bank / f"{table}.lance" / "data" / frag.data_files()[0].path
 
 
 def slab_file(bank: Path, suffix: str) -> Path:
-    return bank / "_slabs" / "memories" / f"v{read_manifest(str(bank))['versions']['memories']}{suffix}"
+    return bank / "_slabs" / "memories" / f"v{read_manifest(Bank(str(bank)))['versions']['memories']}{suffix}"
 
 
 def flip(path: Path, offset: int, n: int = 16) -> None:
@@ -344,7 +344,7 @@ def ref_id_bytes(path: Path) -> int:
 
 def row3_payload(bank: Path) -> int:
     """An offset inside row 3's payload in the live memories data file."""
-    version = read_manifest(str(bank))["versions"]["memories"]
+    version = read_manifest(Bank(str(bank)))["versions"]["memories"]
     payload = lance.dataset(str(bank / "memories.lance"), version=version).take([3], columns=["payload"])
     return live_file(bank, "memories").read_bytes().index(payload.column(0)[0].as_py()) + 100
 
@@ -352,7 +352,7 @@ def row3_payload(bank: Path) -> int:
 def _payload_bytes(bank: Path) -> int:
     from storage.slab import read_header
 
-    return read_header(str(bank), read_manifest(str(bank))["versions"]["memories"])["payload_bytes"]
+    return read_header(Bank(str(bank)), read_manifest(Bank(str(bank)))["versions"]["memories"])["payload_bytes"]
 
 
 def truncate(path: Path) -> None:
@@ -407,7 +407,7 @@ def test_bank_file_fault(built, bank, capsys, case, damage):
         fail(case, "bank verify", "UNEXPECTED", f"the one line names neither {path.name} nor memories: {outcome}")
     judge(case, ["encode"], m3(capsys, ["encode"], corpus, bank), lambda out: "nothing to do" in out)
     judge(case, ["rebuild"], m3(capsys, ["rebuild"], corpus, bank), lambda out: "nothing to do" in out)
-    if read_manifest(str(bank)) != built.manifest:
+    if read_manifest(Bank(str(bank))) != built.manifest:
         fail(case, "live manifest", "BAD PUBLISH", "a command published over a damaged live build")
     record(case, "live manifest", "live unchanged")
 
@@ -434,7 +434,7 @@ def test_bank_file_fault_then_a_changed_corpus(built, bank, tmp_path, capsys, ca
     corpus = write_corpus(tmp_path / "corpus" / "c.jsonl.gz", generation(1))
     judge(case, ["rebuild"], m3(capsys, ["rebuild"], corpus, bank), lambda out: "published build" in out)
     live_build(case, bank, built, built.manifest, documents=30)
-    if read_manifest(str(bank)) != built.manifest:
+    if read_manifest(Bank(str(bank))) != built.manifest:
         judge(case, ["bank", "verify"], m3(capsys, ["bank", "verify"], corpus, bank), lambda out: "FAILED" not in out)
 
 
@@ -469,11 +469,11 @@ def test_full_disk_during_a_rebuild(built, small_disk, tmp_path, capsys, leave_k
         live_build(case, bank, built, built.manifest, documents=30)
         return
     live_build(case, bank, built, built.manifest)
-    readers_answer(capsys, case, bank, built, built.corpus if read_manifest(str(bank)) == built.manifest else corpus)
+    readers_answer(capsys, case, bank, built, built.corpus if read_manifest(Bank(str(bank))) == built.manifest else corpus)
     filler.unlink()
     judge(case + ", space freed", ["rebuild"], m3(capsys, ["rebuild"], corpus, bank),
           lambda out: "published build" in out)
-    if read_manifest(str(bank)) == built.manifest:
+    if read_manifest(Bank(str(bank))) == built.manifest:
         fail(case, "rebuild after freeing space", "UNEXPECTED", "nothing was published")
     live_build(case + ", space freed", bank, built, built.manifest, documents=30)
 
@@ -503,7 +503,7 @@ def test_rebuild_killed_at_each_stage(built, bank, tmp_path, capsys, point):
         fail(case, "rebuild (killed)", "UNEXPECTED", f"rc {proc.returncode}, not killed at {point}: {err[-2000:]}")
     record(case, "rebuild (killed)", f"killed at {point}")
     live_build(case, bank, built, built.manifest)
-    if read_manifest(str(bank)) != built.manifest:
+    if read_manifest(Bank(str(bank))) != built.manifest:
         fail(case, "live manifest", "BAD PUBLISH", "a killed rebuild changed the live build")
     readers_answer(capsys, case, bank, built, built.corpus)
     judge(case + ", rerun", ["rebuild"], m3(capsys, ["rebuild"], corpus, bank), lambda out: "published build" in out)

@@ -82,7 +82,7 @@ def built(tmp_path_factory, ray_local):
     write_corpus(corpus, edited(RECORDS, 0))
     overrides = settings(corpus, bank)
     first = run_rebuild(load_config("configs/demo.yaml", overrides))
-    v1 = live_versions(str(bank))
+    v1 = live_versions(Bank(str(bank)))
     old = memories_by_ref(bank)
     write_corpus(corpus, edited(RECORDS, 1))
     second = run_rebuild(load_config("configs/demo.yaml", overrides))
@@ -93,7 +93,7 @@ def test_first_rebuild_builds_everything_and_publishes_live(built):
     root, corpus, bank, overrides, first, second, v1, old = built
     assert first["status"] == "published" and first["changed"] == first["removed"] == 0 and first["added"] > 0
     assert set(v1) == {"documents", "rejects", "refs", "train_sequences", "memories", "embeddings"}
-    assert Bank(str(bank)).tags("memories")["live"] == live_versions(str(bank))["memories"]
+    assert Bank(str(bank)).tags("memories")["live"] == live_versions(Bank(str(bank)))["memories"]
     live_consistent(bank)
 
 
@@ -123,9 +123,9 @@ def test_incremental_bank_equals_a_full_encode(built, tmp_path):
 
 def test_nothing_changed_is_no_work(built, capsys):
     root, corpus, bank, overrides, *_ = built
-    before = live_versions(str(bank))
+    before = live_versions(Bank(str(bank)))
     summary = run_rebuild(load_config("configs/demo.yaml", overrides))
-    assert summary["status"] == "up_to_date" and live_versions(str(bank)) == before
+    assert summary["status"] == "up_to_date" and live_versions(Bank(str(bank))) == before
     assert "nothing to do" in capsys.readouterr().out
 
 
@@ -157,7 +157,7 @@ def test_reader_never_sees_a_killed_rebuild(built, tmp_path):
                 errors.append(repr(e))
                 return
 
-    old_live = live_versions(str(b2))
+    old_live = live_versions(Bank(str(b2)))
     t = threading.Thread(target=reader)
     t.start()
     try:
@@ -167,7 +167,7 @@ def test_reader_never_sees_a_killed_rebuild(built, tmp_path):
             args += ["--set", o]
         killed = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert killed.returncode == 75, killed.stderr[-2000:]
-        assert live_versions(str(b2)) == old_live  # the half-finished build is not live
+        assert live_versions(Bank(str(b2))) == old_live  # the half-finished build is not live
         assert Bank(str(b2)).table("memories").version > old_live["memories"]  # but it was written
         summary = run_rebuild(load_config("configs/demo.yaml", over))
         n_published = len(seen)  # reads finished before the new build was live (or during)
@@ -179,7 +179,7 @@ def test_reader_never_sees_a_killed_rebuild(built, tmp_path):
     assert not errors, errors
     assert summary["memories"]["status"] == "up_to_date"  # resumed: the killed run's memories were kept
     assert summary["status"] == "published"
-    assert set(seen) == {old_live["memories"], live_versions(str(b2))["memories"]}
+    assert set(seen) == {old_live["memories"], live_versions(Bank(str(b2)))["memories"]}
 
 
 def test_retention_keeps_the_bank_from_growing(built, tmp_path):
@@ -192,7 +192,7 @@ def test_retention_keeps_the_bank_from_growing(built, tmp_path):
         write_corpus(c3, edited(RECORDS, gen))
         run_rebuild(load_config("configs/demo.yaml", settings(c3, b3, "rebuild.keep_builds=2",
                                                               "rebuild.embeddings=false")))
-        files.append({t: table_files(str(b3), t) for t in ("refs", "memories", "documents")})
+        files.append({t: table_files(Bank(str(b3)), t) for t in ("refs", "memories", "documents")})
     for table in ("refs", "memories", "documents"):
         versions = [v["version"] for v in lance.dataset(str(b3 / f"{table}.lance")).versions()]
         assert len(versions) == 2, (table, versions)  # the two newest builds, nothing older
@@ -216,7 +216,7 @@ def test_rebuild_killed_mid_encode_resumes_without_loss_or_duplication(built, tm
     killed = subprocess.run(args, cwd=ROOT, env={**os.environ, "M3_CRASH_AT": "encode:1", "M3_PROGRESS": "0"},
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == 75, killed.stderr[-2000:]
-    staged = list((b4 / "_staging").glob("encode-*/memories/*.parquet"))
+    staged = list((b4 / "_staging").glob("encode-*/shards/*.parquet"))
     assert len(staged) >= 1  # the finished shard is kept for the rerun
     summary = run_rebuild(load_config("configs/demo.yaml", over))
     assert summary["status"] == "published"
@@ -257,7 +257,7 @@ def test_rebuild_publishes_the_versions_it_built_not_a_later_write(built, tmp_pa
 
     monkeypatch.setattr(jobs.stages.embed, "run_embed", embed_then_a_foreign_write)
     summary = run_rebuild(load_config("configs/demo.yaml", settings(c, b)))
-    live = live_versions(str(b))
+    live = live_versions(Bank(str(b)))
     assert summary["status"] == "published" and live == summary["versions"] and live["refs"] < foreign[0]
     assert live_consistent(b)[0] > 3
 
@@ -279,10 +279,10 @@ def test_rebuild_refuses_when_refs_change_under_its_stages(built, tmp_path, monk
         return real(cfg, **kw)
 
     monkeypatch.setattr(jobs.stages.encode, "run_encode", a_foreign_write_then_encode)
-    before = live_versions(str(b))
+    before = live_versions(Bank(str(b)))
     with pytest.raises(M3Error, match=r"refs changed during this rebuild: .*memories were built from refs version .*nothing was published"):
         run_rebuild(load_config("configs/demo.yaml", settings(c, b, "rebuild.embeddings=false")))
-    assert live_versions(str(b)) == before
+    assert live_versions(Bank(str(b))) == before
 
 
 def test_rebuild_of_a_cut_corpus_refuses_to_shrink_the_live_build(built, tmp_path, capsys):
@@ -294,7 +294,7 @@ def test_rebuild_of_a_cut_corpus_refuses_to_shrink_the_live_build(built, tmp_pat
     b = tmp_path / "bank"
     shutil.copytree(bank, b)
     c = write_corpus(tmp_path / "c.jsonl.gz", edited(RECORDS, 1)[:3])
-    before = live_versions(str(b))
+    before = live_versions(Bank(str(b)))
     n_live = Bank(str(b), live=True).dataset("refs").count_rows()
     kept = {t: {v["version"] for v in lance.dataset(str(b / f"{t}.lance")).versions()} for t in before}
     args = ["rebuild", "-c", "configs/demo.yaml"]
@@ -308,7 +308,7 @@ def test_rebuild_of_a_cut_corpus_refuses_to_shrink_the_live_build(built, tmp_pat
     assert err.count("\n") == 1 and err.startswith("m3 rebuild: error: "), err
     assert f"the live build has {n_live} references, this one would have {n_new}" in err, err
     assert "nothing was published" in err and "--allow-shrink" in err, err
-    assert live_versions(str(b)) == before
+    assert live_versions(Bank(str(b))) == before
     for t, versions in kept.items():  # retention did not run
         assert versions <= {v["version"] for v in lance.dataset(str(b / f"{t}.lance")).versions()}, t
     assert main(args + ["--allow-shrink"]) == 0
@@ -367,7 +367,7 @@ def test_a_pinned_older_build_does_not_find_a_reference_added_later(bm25_builds,
     from storage.builds import pinned_bank
 
     cfg, overrides, _ = bm25_builds
-    old, new = pinned_bank(cfg.bank.uri, 1), pinned_bank(cfg.bank.uri, 2)
+    old, new = pinned_bank(Bank.of(cfg), 1), pinned_bank(Bank.of(cfg), 2)
     # each build's embeddings version carries its own index, over its own references
     assert fts_rows(old) == old.dataset("refs").count_rows() == fts_rows(new) - 1
     assert all("Sumthe" not in h["text"] for h in search_text(cfg, "Sumthe Munkrai", k=3, bank=old))

@@ -10,7 +10,6 @@ import pytest
 
 from jobs.config import ConfigError, load_config
 from jobs.ops.run import run_all, select, starts_ray_first
-from jobs.models import stage_dir
 from model.checkpoint import saved_hash
 from storage.bank import Bank, BankError
 from storage.memory_store import MemoryStore
@@ -56,7 +55,7 @@ def test_whole_pipeline_then_a_rerun_does_nothing(tmp_path, ray_local, capsys, m
     assert {"none", "memory", "rag", "memory, dense raw (same references)"} <= set(ev["modes"])
     assert all(m["tokens"] > 0 for m in ev["modes"].values()) and ev["sink"] is True
     sample, plain = ev["sample"], ev["sample_none"]
-    assert sample["model_hash"] == saved_hash(stage_dir(cfg, "continual") / "model") and sample["chunks"]
+    assert sample["model_hash"] == saved_hash(Bank.of(cfg).trained_model("continual")) and sample["chunks"]
     assert sample["prompt"] == plain["prompt"] and plain["mode"] == "none" and not plain["chunks"]
     if ev["probe"].get("prompts"):  # the side-by-side prompt is a probe term: its entry only the bank holds
         assert sample["prompt"] in ev["probe"]["prompts"]
@@ -65,11 +64,11 @@ def test_whole_pipeline_then_a_rerun_does_nothing(tmp_path, ray_local, capsys, m
 
     # the bank ends encoded by the continual model, and refuses the warmup model
     bank = Bank(cfg.bank.uri)
-    continual = saved_hash(stage_dir(cfg, "continual") / "model")
+    continual = saved_hash(Bank.of(cfg).trained_model("continual"))
     assert bank.metadata("memories")["model_hash"] == continual
     assert len(MemoryStore(bank, continual)) == bank.dataset("refs").count_rows()
     with pytest.raises(BankError, match="re-encode"):
-        MemoryStore(bank, saved_hash(stage_dir(cfg, "warmup") / "model"))
+        MemoryStore(bank, saved_hash(Bank.of(cfg).trained_model("warmup")))
     saved = json.loads((tmp_path / "bank" / "_reports" / "run.json").read_text())
     assert saved["stages"]["pair"]["with_neighbor"] > 0
 
@@ -118,7 +117,7 @@ def test_run_publishes_the_versions_its_stages_built(tmp_path, monkeypatch):
     monkeypatch.setattr(run_mod, "STAGES", [("ingest", ingest) if n == "ingest" else (n, f) for n, f in run_mod.STAGES])
     out = run_all(load_config(None, [f"bank.uri={bank}"]), only="ingest,publish")
     built = out["stages"]["ingest"]["versions"]
-    assert live_versions(str(bank)) == built == out["stages"]["publish"]["versions"]
+    assert live_versions(Bank(str(bank))) == built == out["stages"]["publish"]["versions"]
     assert Bank(str(bank)).table("refs").version > built["refs"]  # the later write is not live
 
 
@@ -129,14 +128,14 @@ def test_run_refuses_to_publish_a_build_far_smaller_than_the_live_one(tmp_path, 
     bank = tmp_path / "bank"
     fake_build(bank, 20, "one")
     assert main(run_args(bank)) == 0
-    live = live_versions(str(bank))
+    live = live_versions(Bank(str(bank)))
     fake_build(bank, 2, "two")  # a corpus cut to 10 %
     capsys.readouterr()
     assert main(run_args(bank)) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "the live build has 20 references, this one would have 2" in err, err
     assert "nothing was published" in err and "--allow-shrink" in err and "rebuild.max_shrink" in err, err
-    assert live_versions(str(bank)) == live
+    assert live_versions(Bank(str(bank))) == live
     assert main(run_args(bank, "--allow-shrink")) == 0
     assert Bank(str(bank), live=True).dataset("refs").count_rows() == 2
 
@@ -148,7 +147,7 @@ def test_run_never_publishes_a_build_without_references(tmp_path, capsys):
     bank = tmp_path / "bank"
     fake_build(bank, 0, "none")
     assert main(run_args(bank, "--allow-shrink")) == 2
-    assert "0 references" in capsys.readouterr().err and read_manifest(str(bank)) is None
+    assert "0 references" in capsys.readouterr().err and read_manifest(Bank(str(bank))) is None
 
 
 def test_run_publish_applies_retention_and_refuses_a_build_published_meanwhile(tmp_path, monkeypatch):
@@ -173,5 +172,5 @@ def test_run_publish_applies_retention_and_refuses_a_build_published_meanwhile(t
     monkeypatch.setattr(run_mod, "STAGES", [("ingest", ingest) if n == "ingest" else (n, f) for n, f in run_mod.STAGES])
     with pytest.raises(PublishConflict):
         run_all(load_config(None, [f"bank.uri={bank}"]), only="ingest,publish")
-    meanwhile = live_versions(str(bank))
+    meanwhile = live_versions(Bank(str(bank)))
     assert meanwhile["memories"] == two["memories"]  # the other publisher's build stays

@@ -342,8 +342,3 @@ def run_eval(cfg, inference=None, build: str | int | None = None) -> dict:
         results["plot"] = str(plot)
     print(render(results), flush=True)
     return results
-
-
-def cmd_eval(cfg, args) -> int:
-    run_eval(cfg, build=getattr(args, "build", None))
-    return 0

@@ -73,3 +73,10 @@ def test_the_training_launcher_entry_point(monkeypatch):
     assert launch(["--local_rank=1", "-c", DEMO, "--stage", "continual"]) == 0
     (cfg, stage, launcher), (_, stage2, launcher2) = calls
     assert (cfg.train.workers, stage, launcher, stage2, launcher2) == (1, "warmup", "ray", "continual", "env")
+
+
+def test_argument_parsing_lives_in_jobs_cli():
+    outside = [str(p.relative_to(ROOT)) for top in ("jobs", "model", "pipelines", "storage")
+               for p in (ROOT / top).rglob("*.py")
+               if "argparse" in p.read_text(encoding="utf-8") and not p.is_relative_to(ROOT / "jobs" / "cli")]
+    assert outside == []

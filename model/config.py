@@ -110,7 +110,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the CPU demo: ~4.5M non-embedding parameters, learns a ~5 MB corpus with an 8k vocab in minutes
     "small": dict(vocab_size=8192, n_layers=6, n_heads=8, n_kv_heads=2, head_dim=32, d_model=256,
                   mlp_hidden=768, n_mem_layers=3, max_seq_len=1024),
-    # the paper's Memory3-2B (DESIGN.md): 44 x (40q / 8kv x 80), gated MLP 3200, memory layers 0-21.
+    # the paper's Memory3-2B (docs/paper.md, "Model shape"): 44 x (40q / 8kv x 80), gated MLP 3200, memory layers 0-21.
     # rope_theta, norm and tying are not stated by the paper (UNCONFIRMED): LLaMA-2 defaults.
     "paper-2.4b": dict(vocab_size=60416, n_layers=44, n_heads=40, n_kv_heads=8, head_dim=80,
                        d_model=3200, mlp_hidden=3200, n_mem_layers=22, max_seq_len=2048,

@@ -3,7 +3,7 @@
 Pre-norm RMSNorm, RoPE ("rotate half" layout), grouped-query attention through
 F.scaled_dot_product_attention, SwiGLU MLP, no biases, optional tied embeddings.
 
-Reading memories (paper eq. 4, DESIGN.md): with memories, the residual stream is
+Reading memories (paper eq. 4, docs/paper.md): with memories, the residual stream is
 [ref_bos, context...]. ref_bos is the attention sink of every layer; it attends only to
 itself, so its hidden state is the same constant as at position 0 of every encoded reference.
 In memory layers (0 .. n_mem_layers-1) each context token additionally attends to the keys

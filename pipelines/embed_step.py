@@ -6,7 +6,7 @@ per actor, not once per batch:
     ds.map_batches(EmbedRefs, fn_constructor_args=(spec,), batch_size=256, batch_format="numpy",
                    compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1)
 
-On this 2-core machine give the actors fractional or few CPUs (ENVIRONMENT.md: a pool that takes
+On this 2-core machine give the actors fractional or few CPUs (measured on this machine: a pool that takes
 every CPU starves the read task and Ray Data hangs). It is also an ordinary callable, which is how
 the tests and `m3 search` (for the query text) use it without Ray.
 

@@ -36,7 +36,7 @@ def test_nodes_install_the_project_as_the_readme_does(name):
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_node_joins_with_one_token(name):
-    """As tests/cluster starts its nodes and the README's "On a cluster" says: one token, on every
+    """As tests/cluster starts its nodes and docs/cluster.md's "On a cluster" says: one token, on every
     node, every node in token mode (a node that joins without it is refused)."""
     cfg = load(name)
     assert cfg["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"

@@ -2,7 +2,7 @@
 
     m3 eval -c configs/demo.yaml
 
-Every mode scores the same tokens, and a result counts only beside its controls (DESIGN.md,
+Every mode scores the same tokens, and a result counts only beside its controls (docs/evaluation.md,
 "Evaluating memory honestly"):
 
 - **the headline** is the served memory model against the **equal-compute control**: a model

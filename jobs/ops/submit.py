@@ -9,7 +9,7 @@ a bank or training directory inside the project left out: `runtime_env`) and the
 in an environment variable: what runs is what `m3 validate` printed here, whatever files the
 cluster has. Relative bank and input paths are made absolute (or left relative to the project,
 which is the job's working directory), so they mean the same thing there as here. Its `python` is
-this machine's interpreter where the head has it at the same path (README, "On a cluster": the
+this machine's interpreter where the head has it at the same path (docs/cluster.md, "On a cluster": the
 project and its .venv at the same path on every machine, and a head started as `.venv/bin/ray
 start` has no .venv on its PATH), else the `python` on the head's PATH (ray_cluster*.yaml put the
 cluster's .venv first): `entrypoint`.

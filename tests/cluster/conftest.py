@@ -5,7 +5,7 @@ resources (1 CPU and a label, `node_a` / `node_b`), all on loopback (tests/clust
 The head has no CPUs: every task, actor and training worker runs on a worker node, so a killed
 worker node takes real work with it; the job drivers (Jobs API) run on the head. The bank is a
 local directory: on one machine every node sees it, as an NFS mount would on several (a real
-cluster: README, "On a cluster").
+cluster: docs/cluster.md, "On a cluster").
 
 Teardown kills this fixture's process groups and nothing else: never a bare `ray stop`, which
 stops every Ray on the machine (other tests', other users').

@@ -5,7 +5,7 @@ RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: nothing resolves 127.0.0.1 to the machine's
 address); in that mode `ray start --address` refuses to add a node. The test cluster wants both:
 several nodes, none reachable from outside. So this process (only the `ray start` CLI) lifts the
 refusal and keeps 127.0.0.1 as given; the processes it starts inherit single-machine mode from the
-environment. Real machines need none of this: plain `ray start` (README, "On a cluster").
+environment. Real machines need none of this: plain `ray start` (docs/cluster.md, "On a cluster").
 """
 
 import sys

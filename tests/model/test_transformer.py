@@ -35,7 +35,7 @@ def test_right_padding_and_batch_neighbours_do_not_leak():
 def test_paper_preset_counts_2_4b_non_embedding_parameters():
     with torch.device("meta"):
         model = Memory3(ModelConfig.from_preset("paper-2.4b"))
-    # DESIGN.md: 44 x (2d^2 + 2 d d_h H_kv + 3 d W) = 2.43e9 plus the norms
+    # docs/paper.md: 44 x (2d^2 + 2 d d_h H_kv + 3 d W) = 2.43e9 plus the norms
     assert model.num_params() == 44 * (2 * 3200**2 + 2 * 3200 * 80 * 8 + 3 * 3200 * 3200) \
         + (2 * 44 + 1) * 3200
     assert 2.4e9 < model.num_params() < 2.45e9

@@ -83,7 +83,7 @@ def test_ray_actor_pool_matches_direct_call(step, ray_local):
     ray = ray_local
     batch = refs_rows(24)
     ds = ray.data.from_items([{k: batch[k][i] for k in batch} for i in range(24)])
-    # fractional CPUs: a pool that takes both cores starves the read task (ENVIRONMENT.md)
+    # fractional CPUs: a pool that takes both cores starves the read task (pipelines/embed_step.py)
     out = ds.map_batches(EmbedRefs, fn_constructor_args=("minilm",), batch_size=12, batch_format="numpy",
                          compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
     tables = [to_arrow(b, step.dim) for b in out.iter_batches(batch_format="pyarrow", batch_size=None)]

@@ -145,8 +145,8 @@ class Bank:
     def dataset(self, name: str, version: int | str | None = None, check: bool = True):
         """The table as a Lance dataset: what DuckDB and Arrow scanners read with pushdown. At
         `version` (LATEST: the newest), else the pinned one, else the newest. `check=False`
-        opens it without the file check, as before this object was the only way in: for what
-        looks for damage itself (`m3 bank verify`) and what reads versions by number."""
+        skips the file check: for what looks for damage itself (`m3 bank verify`) and what
+        reads versions by number (builds, retention, a store's memories)."""
         if version == LATEST:
             version = None
         elif version is None:

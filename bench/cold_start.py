@@ -50,8 +50,12 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     root = Path(tempfile.mkdtemp(prefix="cold-bench-"))
-    sets = [f"model.preset={a.preset}", f"bank.uri={root / 'bank'}", f"encode.codec={a.codec}",
-            "model.ref_max_tokens=128"]
+    sets = [
+        f"model.preset={a.preset}",
+        f"bank.uri={root / 'bank'}",
+        f"encode.codec={a.codec}",
+        "model.ref_max_tokens=128",
+    ]
     cfg = load_config(None, sets)
     torch.manual_seed(0)
     model = Memory3(cfg.model).eval()
@@ -61,16 +65,29 @@ def main() -> None:
     toks = [[int(t) for t in rng.integers(10, cfg.model.vocab_size, size=128)] for _ in range(a.refs)]
     ids = [f"d{i:05d}-0" for i in range(a.refs)]
     bank = Bank(str(root / "bank"))
-    refs_v = bank.write("refs", REFS, pa.table({
-        "ref_id": ids, "doc_id": [i[:6] for i in ids], "ordinal": [0] * a.refs, "start_token": [0] * a.refs,
-        "n_tokens": [128] * a.refs, "text": ids, "token_ids": toks,
-        "content_hash": [hashlib.sha256(str(t).encode()).hexdigest()[:16] for t in toks]}, schema=REFS).to_batches(),
-        {"ingest_key": "bench"})
+    refs_v = bank.write(
+        "refs",
+        REFS,
+        pa.table(
+            {
+                "ref_id": ids,
+                "doc_id": [i[:6] for i in ids],
+                "ordinal": [0] * a.refs,
+                "start_token": [0] * a.refs,
+                "n_tokens": [128] * a.refs,
+                "text": ids,
+                "token_ids": toks,
+                "content_hash": [hashlib.sha256(str(t).encode()).hexdigest()[:16] for t in toks],
+            },
+            schema=REFS,
+        ).to_batches(),
+        {"ingest_key": "bench"},
+    )
     quiet = lambda _: None  # noqa: E731
     out = run_encode(load_config(None, sets + ["encode.cold=true"]), note=quiet)
     publish(bank, {"refs": refs_v, "memories": out["version"]})
     h = saved_hash(mdir)
-    batches = [ids[lo:lo + a.batch] for lo in range(0, a.refs, a.batch)]
+    batches = [ids[lo : lo + a.batch] for lo in range(0, a.refs, a.batch)]
 
     def timed(store_of, batch):
         store = store_of()
@@ -97,8 +114,10 @@ def main() -> None:
         assert s.encoded == 0 and s.stored_reads == len(b)
         stored.append(t)
     c, w, st = (statistics.median(x) for x in (cold, warm, stored))
-    print(f"model {a.preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), codec {a.codec}, "
-          f"{len(batches)} batches of {a.batch} references of 128 tokens, {a.threads} threads")
+    print(
+        f"model {a.preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), codec {a.codec}, "
+        f"{len(batches)} batches of {a.batch} references of 128 tokens, {a.threads} threads"
+    )
     print(f"cold   (encode + write-back + decode): {c * 1e3:8.1f} ms/batch  {a.batch / c:8.0f} refs/s")
     print(f"warm   (written-back file + decode):   {w * 1e3:8.1f} ms/batch  {a.batch / w:8.0f} refs/s")
     print(f"stored (memories table + decode):      {st * 1e3:8.1f} ms/batch  {a.batch / st:8.0f} refs/s")

@@ -39,6 +39,7 @@ M3 = ROOT / ".venv" / "bin" / "m3"
 
 sys.path.insert(0, str(ROOT))
 from bench.rebuild import records, write  # noqa: E402 - the same FOLDOC corpus helpers
+
 RATE = re.compile(r"in ([\d.]+) s \(([\d,.]+) refs/s\)")
 COMPUTED = re.compile(r"([\d,]+) computed")
 
@@ -106,8 +107,16 @@ def main() -> int:
     rows = []
     jobs = [(c, work / "bank") for c in a.commands.split(",") if c] + ([("run", work / "run-bank")] if a.run else [])
     for command, bank in jobs:
-        argv = [str(M3), command, "-c", str(ROOT / a.config), "--set", f"bank.uri={bank}",
-                "--set", f"corpus.paths=[{src}]"]
+        argv = [
+            str(M3),
+            command,
+            "-c",
+            str(ROOT / a.config),
+            "--set",
+            f"bank.uri={bank}",
+            "--set",
+            f"corpus.paths=[{src}]",
+        ]
         wall, cpu, text = measure(argv, ROOT)
         stage, compute = stage_only(command, text, bank)
         rows.append((command, wall, cpu, stage, compute))
@@ -118,7 +127,9 @@ def main() -> int:
     print("|---|---:|---:|---:|---:|---:|---:|")
     for command, wall, cpu, stage, compute in rows:
         comp = f"{compute:.1f}" if compute is not None else "–"
-        print(f"| `m3 {command}` | {wall:.1f} | {cpu:.1f} | {cpu / wall:.2f} | {stage:.1f} | {comp} | {wall / stage:.2f}x |")
+        print(
+            f"| `m3 {command}` | {wall:.1f} | {cpu:.1f} | {cpu / wall:.2f} | {stage:.1f} | {comp} | {wall / stage:.2f}x |"
+        )
     return 0
 
 

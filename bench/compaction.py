@@ -74,13 +74,17 @@ def main() -> int:
     thread.start()
     every = max(1, round(1 / a.changed))
     removed = 0
-    print(f"\n## {a.rebuilds} scheduled rebuilds of {a.changed:.0%} each ({len(recs):,} FOLDOC entries, demo config, "
-          f"keep_builds {cfg.rebuild.keep_builds}, compact_after), a reader running throughout\n")
+    print(
+        f"\n## {a.rebuilds} scheduled rebuilds of {a.changed:.0%} each ({len(recs):,} FOLDOC entries, demo config, "
+        f"keep_builds {cfg.rebuild.keep_builds}, compact_after), a reader running throughout\n"
+    )
     print("| rebuild | seconds | live MB | dead MB | dead / bank | reads so far | reader failures |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for n in range(1, a.rebuilds + 1):
-        edited = [dict(r, text=r["text"] + f" Revised in scheduled rebuild {n}.") if (i + n) % every == 0 else r
-                  for i, r in enumerate(recs)]
+        edited = [
+            dict(r, text=r["text"] + f" Revised in scheduled rebuild {n}.") if (i + n) % every == 0 else r
+            for i, r in enumerate(recs)
+        ]
         write(corpus, edited)
         recs = edited
         t = time.perf_counter()
@@ -89,13 +93,18 @@ def main() -> int:
             removed += sum(r["bytes_removed"] for r in part.values())
         s = bank_stats(Bank(str(bank_dir)), cfg.rebuild.keep_builds)
         live, dead = s["live_bytes"], s["dead_bytes"]
-        print(f"| {n} | {time.perf_counter() - t:.1f} | {live / 2**20:.1f} | {dead / 2**20:.2f} | "
-              f"{dead / max(live + dead, 1):.1%} | {counts['reads']} | {counts['failures']} |", flush=True)
+        print(
+            f"| {n} | {time.perf_counter() - t:.1f} | {live / 2**20:.1f} | {dead / 2**20:.2f} | "
+            f"{dead / max(live + dead, 1):.1%} | {counts['reads']} | {counts['failures']} |",
+            flush=True,
+        )
     stop.set()
     thread.join(timeout=30)
     kept = live + dead
-    print(f"\nbank {kept / 2**20:.1f} MB on disk against {(kept + removed) / 2**20:.1f} MB had nothing been deleted: "
-          f"ratio {kept / max(kept + removed, 1):.2f}")
+    print(
+        f"\nbank {kept / 2**20:.1f} MB on disk against {(kept + removed) / 2**20:.1f} MB had nothing been deleted: "
+        f"ratio {kept / max(kept + removed, 1):.2f}"
+    )
     print(f"reader: {counts['reads']} reads, {counts['failures']} failures")
     if counts["failures"]:
         print(counts["last"])

@@ -80,7 +80,7 @@ class SyntheticRetriever:
 
     def __call__(self, queries, contexts):
         n = len(queries)
-        ids = torch.stack([torch.randperm(len(self.pool), generator=self.g)[:self.per_query] for _ in range(n)])
+        ids = torch.stack([torch.randperm(len(self.pool), generator=self.g)[: self.per_query] for _ in range(n)])
         mems = self.pool[ids.reshape(-1)].reshape(n, self.per_query, *self.pool.shape[1:])
         mask = torch.ones(n, self.per_query, self.k, dtype=torch.bool)
         return Retrieved(mems, mask, [[str(i) for i in row] for row in ids.tolist()])
@@ -106,23 +106,25 @@ def bank_rows(args) -> tuple[dict, dict]:
     cfg = load_config(args.config, args.overrides)
     dtype = getattr(torch, args.dtype)
     inf = Inference(cfg, device=args.device, dtype=dtype)
-    rows = split_rows(inf.bank, "heldout", cfg.train.heldout_fraction)[:args.batch]
+    rows = split_rows(inf.bank, "heldout", cfg.train.heldout_fraction)[: args.batch]
     seqs = inf.bank.dataset("train_sequences").take(rows, columns=["token_ids"]).column("token_ids").to_pylist()
     # windows of held-out sequences: the first of each, then the second of each, ...
     windows = [(j, i) for i, s in enumerate(seqs) for j in range(0, len(s) - args.input + 1, args.input)]
-    prompts = [seqs[i][j:j + args.input] for j, i in sorted(windows)][:args.batch]
+    prompts = [seqs[i][j : j + args.input] for j, i in sorted(windows)][: args.batch]
     if len(prompts) < args.batch:
         raise SystemExit(f"need {args.batch} held-out sequences of >= {args.input} tokens")
     retriever = inf.memory_retriever()
     n_out = args.output
 
     def gen(mode, **kw):
-        return lambda: inf.generate_tokens(prompts, mode, max_new_tokens=n_out, batch_size=args.batch,
-                                           stop_at_eos=False, **kw)
+        return lambda: inf.generate_tokens(
+            prompts, mode, max_new_tokens=n_out, batch_size=args.batch, stop_at_eos=False, **kw
+        )
 
     def fresh_store():
-        retriever.store = inf._store = MemoryStore(inf.bank, inf.model_hash, cache_size=inf.ic.cache_size,
-                                                   cache_bytes=inf.ic.cache_bytes)
+        retriever.store = inf._store = MemoryStore(
+            inf.bank, inf.model_hash, cache_size=inf.ic.cache_size, cache_bytes=inf.ic.cache_bytes
+        )
         retriever.clear_cache()  # the references' tokens too: cold is the first request's cost
 
     replay = Replay(retriever)
@@ -142,8 +144,12 @@ def bank_rows(args) -> tuple[dict, dict]:
         "memory, retrieval precomputed": (replayed, None),
         "rag": (gen("rag"), None),
     }
-    info = {"model": f"{cfg.model.n_layers} layers, d {cfg.model.d_model} (bank model {inf.model_hash[:12]})",
-            "retriever": retriever, "inf": inf, "batch": batch}
+    info = {
+        "model": f"{cfg.model.n_layers} layers, d {cfg.model.d_model} (bank model {inf.model_hash[:12]})",
+        "retriever": retriever,
+        "inf": inf,
+        "batch": batch,
+    }
     return plans, info
 
 
@@ -186,8 +192,12 @@ def main(argv=None) -> int:
     p.add_argument("--synthetic", action="store_true")
     p.add_argument("--preset", default="small")
     p.add_argument("--pool", type=int, default=4096, help="--synthetic: memories in the host pool")
-    p.add_argument("--mem-top-k", type=int, default=None,
-                   help="--synthetic: tokens per memory layer and KV head (default: the preset's)")
+    p.add_argument(
+        "--mem-top-k",
+        type=int,
+        default=None,
+        help="--synthetic: tokens per memory layer and KV head (default: the preset's)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     plans, info = synthetic_rows(args) if args.synthetic else bank_rows(args)
@@ -204,23 +214,32 @@ def main(argv=None) -> int:
             wall, cpu = timed_once(fn, args.device, before)
             walls[name].append(wall)
             cpus[name].append(cpu)
-            for k in (r.seconds if r else {}):
+            for k in r.seconds if r else {}:
                 spent[name][k] = spent[name].get(k, 0) + (r.seconds[k] - spent0.get(k, 0)) / args.repeats
     tokens = args.batch * args.output
     med = statistics.median
-    print(f"decode speed: batch {args.batch}, {args.input} in + {args.output} out, {args.repeats} repeats "
-          f"(median), {args.device} {args.dtype}, {torch.get_num_threads()} thread(s), OMP_WAIT_POLICY="
-          f"{os.environ.get('OMP_WAIT_POLICY')}; model {info['model']}")
-    print("| mode | median s | tokens/s | speed vs none (paired median) | CPU s | CPU speed vs none (paired "
-          "median) | retrieval s per run (embed / search / filter / fetch) |")
+    print(
+        f"decode speed: batch {args.batch}, {args.input} in + {args.output} out, {args.repeats} repeats "
+        f"(median), {args.device} {args.dtype}, {torch.get_num_threads()} thread(s), OMP_WAIT_POLICY="
+        f"{os.environ.get('OMP_WAIT_POLICY')}; model {info['model']}"
+    )
+    print(
+        "| mode | median s | tokens/s | speed vs none (paired median) | CPU s | CPU speed vs none (paired "
+        "median) | retrieval s per run (embed / search / filter / fetch) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name in plans:
         ratio = med([b / w for b, w in zip(walls["none"], walls[name])])
         cpu_ratio = med([b / c for b, c in zip(cpus["none"], cpus[name])])
-        parts = " / ".join(f"{spent[name].get(k, 0):.3f}" for k in ("embed", "search", "filter", "fetch")) \
-            if spent[name] else "-"
-        print(f"| {name} | {med(walls[name]):.3f} | {tokens / med(walls[name]):,.0f} | {ratio:.3f} | "
-              f"{med(cpus[name]):.2f} | {cpu_ratio:.3f} | {parts} |")
+        parts = (
+            " / ".join(f"{spent[name].get(k, 0):.3f}" for k in ("embed", "search", "filter", "fetch"))
+            if spent[name]
+            else "-"
+        )
+        print(
+            f"| {name} | {med(walls[name]):.3f} | {tokens / med(walls[name]):,.0f} | {ratio:.3f} | "
+            f"{med(cpus[name]):.2f} | {cpu_ratio:.3f} | {parts} |"
+        )
     print(f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     if inf is not None and inf._store is not None:
         print(f"memory cache of the last store: {inf._store.hits} hits, {inf._store.misses} misses")

@@ -120,8 +120,19 @@ def ensure_bank(src: Path) -> None:
     if (src / "refs.lance").exists():
         return
     print(f"(no bank at {src}: ingesting the demo corpus into it)", flush=True)
-    subprocess.run([str(ROOT / ".venv" / "bin" / "m3"), "ingest", "-c", str(ROOT / "configs" / "demo.yaml"),
-                    "--set", f"bank.uri={src}"], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            str(ROOT / ".venv" / "bin" / "m3"),
+            "ingest",
+            "-c",
+            str(ROOT / "configs" / "demo.yaml"),
+            "--set",
+            f"bank.uri={src}",
+        ],
+        check=True,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+    )
 
 
 def subset_bank(src: Path, dst: Path, n: int) -> int:
@@ -131,8 +142,13 @@ def subset_bank(src: Path, dst: Path, n: int) -> int:
     from storage.bank import Bank
     from storage.schemas import REFS
 
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("_staging", "_reports", "memories.lance",
-                                                            "embeddings.lance", "models", "quantizers"))
+    shutil.copytree(
+        src,
+        dst,
+        ignore=shutil.ignore_patterns(
+            "_staging", "_reports", "memories.lance", "embeddings.lance", "models", "quantizers"
+        ),
+    )
     bank = Bank(str(dst))
     total = bank.dataset("refs").count_rows()
     if n and n < total:
@@ -147,7 +163,7 @@ def shard_order(tokens: list, per: int) -> list[list]:
     """The references in EncodeShards' order: shards of `per`, sorted by (length, index) inside."""
     out = []
     for lo in range(0, len(tokens), per):
-        shard = tokens[lo:lo + per]
+        shard = tokens[lo : lo + per]
         out.append([shard[i] for i in sorted(range(len(shard)), key=lambda i: (len(shard[i]), i))])
     return out
 
@@ -162,7 +178,7 @@ def model_only(model, codec, shards: list[list], batch: int, threads: int) -> di
     w, c = time.perf_counter(), time.process_time()
     for toks in shards:
         for lo in range(0, len(toks), batch):
-            encode_tokens(model, codec, toks[lo:lo + batch])
+            encode_tokens(model, codec, toks[lo : lo + batch])
     return {"wall": time.perf_counter() - w, "cpu": time.process_time() - c, "n": n}
 
 
@@ -170,8 +186,9 @@ def memory_module_at(rev: str):
     """model/memory.py as it was at git revision rev, imported beside the current one."""
     import importlib.util
 
-    src = subprocess.run(["git", "show", f"{rev}:model/memory.py"], cwd=ROOT, check=True,
-                         capture_output=True, text=True).stdout
+    src = subprocess.run(
+        ["git", "show", f"{rev}:model/memory.py"], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout
     spec = importlib.util.spec_from_loader("model.memory_before", loader=None)
     mod = importlib.util.module_from_spec(spec)
     mod.__package__ = "model"  # its relative imports (.rope) resolve to the current package
@@ -193,15 +210,23 @@ def vs_matmul(args, tokens: list, cfg) -> None:
     torch.manual_seed(0)
     model = Memory3(cfg).eval()  # random weights: speed does not depend on them
     gen = torch.Generator().manual_seed(0)
-    inputs = {"bench/model.py input: 64 random refs x 128 tokens":
-              ([torch.randint(4, cfg.vocab_size, (64, cfg.ref_max_tokens), generator=gen)],
-               64 * encode_flops(cfg, cfg.ref_max_tokens), 64)}
+    inputs = {
+        "bench/model.py input: 64 random refs x 128 tokens": (
+            [torch.randint(4, cfg.vocab_size, (64, cfg.ref_max_tokens), generator=gen)],
+            64 * encode_flops(cfg, cfg.ref_max_tokens),
+            64,
+        )
+    }
     width = min(MIN_WIDTH, cfg.ref_max_tokens)
-    batches = [pad_batch(s[lo:lo + args.batch_size], cfg.pad_id, width)
-               for s in shard_order(tokens, args.refs_per_shard) for lo in range(0, len(s), args.batch_size)]
-    inputs[f"the bank's first {len(tokens):,} refs ({sum(map(len, tokens)) / len(tokens):.1f} tokens on "
-           f"average), batches of {args.batch_size}"] = (batches, sum(encode_flops(cfg, len(t)) for t in tokens),
-                                                         len(tokens))
+    batches = [
+        pad_batch(s[lo : lo + args.batch_size], cfg.pad_id, width)
+        for s in shard_order(tokens, args.refs_per_shard)
+        for lo in range(0, len(s), args.batch_size)
+    ]
+    inputs[
+        f"the bank's first {len(tokens):,} refs ({sum(map(len, tokens)) / len(tokens):.1f} tokens on "
+        f"average), batches of {args.batch_size}"
+    ] = (batches, sum(encode_flops(cfg, len(t)) for t in tokens), len(tokens))
     versions = {"now": current}
     if args.before:
         versions[f"at {args.before}"] = memory_module_at(args.before)
@@ -222,10 +247,14 @@ def vs_matmul(args, tokens: list, cfg) -> None:
     med = {key: statistics.median(ts) for key, ts in times.items()}
     peak = 2 * 2048**3 / med[("matmul", None)]
     load = os.getloadavg()
-    print(f"\n## encode_references vs a 2048³ float32 matmul, model `small`, {args.threads} thread(s), "
-          f"process CPU clock, median of {args.repeats} interleaved runs\n")
-    print(f"Matmul: {peak / 1e9:,.1f} GFLOP/s. Load average at the end: {load[0]:.1f} / {load[1]:.1f} / "
-          f"{load[2]:.1f} on {os.cpu_count()} cores.\n")
+    print(
+        f"\n## encode_references vs a 2048³ float32 matmul, model `small`, {args.threads} thread(s), "
+        f"process CPU clock, median of {args.repeats} interleaved runs\n"
+    )
+    print(
+        f"Matmul: {peak / 1e9:,.1f} GFLOP/s. Load average at the end: {load[0]:.1f} / {load[1]:.1f} / "
+        f"{load[2]:.1f} on {os.cpu_count()} cores.\n"
+    )
     print("| input | version | refs/s | useful GFLOP/s | / matmul rate |\n|---|---|---|---|---|")
     for name, (bs, flops, n) in inputs.items():
         for v in versions:
@@ -240,8 +269,10 @@ def vs_matmul(args, tokens: list, cfg) -> None:
                 same += int((x.positions == y.positions).all(dim=(1, 2, 3)).sum())
                 diff = max(diff, float((x.kv - y.kv).abs().max()))
         total = sum(n for _, _, n in inputs.values())
-        print(f"\nSame kept tokens now and at {args.before}: {same:,} of {total:,} references; "
-              f"largest difference in a kept key or value: {diff:.2e}.")
+        print(
+            f"\nSame kept tokens now and at {args.before}: {same:,} of {total:,} references; "
+            f"largest difference in a kept key or value: {diff:.2e}."
+        )
 
 
 def job(cfg_over: list[str], template: Path, work: Path, name: str) -> dict:
@@ -271,10 +302,17 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--omp-wait-policy", choices=("ACTIVE", "PASSIVE"), default=None,
-                    help="OMP_WAIT_POLICY for this process and the Ray workers (default: unset)")
-    ap.add_argument("--vs-matmul", action="store_true",
-                    help="only the model's encode_references against a same-process matmul (no Ray)")
+    ap.add_argument(
+        "--omp-wait-policy",
+        choices=("ACTIVE", "PASSIVE"),
+        default=None,
+        help="OMP_WAIT_POLICY for this process and the Ray workers (default: unset)",
+    )
+    ap.add_argument(
+        "--vs-matmul",
+        action="store_true",
+        help="only the model's encode_references against a same-process matmul (no Ray)",
+    )
     ap.add_argument("--before", default=None, help="with --vs-matmul: also model/memory.py at this git revision")
     ap.add_argument("--threads", type=int, default=1, help="with --vs-matmul: torch threads")
     args = ap.parse_args()
@@ -285,9 +323,9 @@ def main() -> None:
     import lance
 
     from jobs.config import RayConfig, load_config
-    from jobs.stages.encode import quantizer
     from jobs.models import model_for_encoding
     from jobs.runtime import init_ray, quiet_ray_data
+    from jobs.stages.encode import quantizer
     from model import load_model
     from model.codecs import make_codec
     from storage.bank import Bank
@@ -297,17 +335,27 @@ def main() -> None:
     if args.vs_matmul:
         from model import ModelConfig
 
-        tokens = lance.dataset(str(src / "refs.lance")).to_table(
-            columns=["token_ids"], limit=args.refs or None).column("token_ids").to_pylist()
+        tokens = (
+            lance.dataset(str(src / "refs.lance"))
+            .to_table(columns=["token_ids"], limit=args.refs or None)
+            .column("token_ids")
+            .to_pylist()
+        )
         vs_matmul(args, tokens, ModelConfig.from_preset("small"))
         return
     work = Path(tempfile.mkdtemp(prefix="m3-bench-encode-"))
     template, tiny = work / "template", work / "tiny"
     n = subset_bank(src, template, args.refs)
     subset_bank(src, tiny, args.tiny)
-    base = [f"encode.codec={args.codec}", f"encode.batch_size={args.batch_size}", "encode.checkpoint=null",
-            "encode.seed=0", f"encode.refs_per_shard={args.refs_per_shard}", f"ray.num_cpus={args.cpus}",
-            "model.preset=small"]
+    base = [
+        f"encode.codec={args.codec}",
+        f"encode.batch_size={args.batch_size}",
+        "encode.checkpoint=null",
+        "encode.seed=0",
+        f"encode.refs_per_shard={args.refs_per_shard}",
+        f"ray.num_cpus={args.cpus}",
+        "model.preset=small",
+    ]
     cfg = load_config(None, [*base, f"bank.uri={template}"])
     mdir = model_for_encoding(cfg, Bank(str(template)))  # the untrained demo start, saved once, copied with the bank
     shutil.copytree(mdir, tiny / "models" / mdir.name)
@@ -343,22 +391,32 @@ def main() -> None:
             res[(actors, threads)]["model"].append(model_only(model, codec, shards, args.batch_size, threads))
             res[(actors, threads)]["job"].append(job(over, template, work, f"run-{r}-{actors}x{threads}"))
             res[(actors, threads)]["tiny"].append(job(over, tiny, work, f"tiny-{r}-{actors}x{threads}"))
-            print(f"(repeat {r + 1}: {actors}x{threads} model {res[(actors, threads)]['model'][-1]['wall']:.1f} s, "
-                  f"job {res[(actors, threads)]['job'][-1]['wall']:.1f} s)", file=sys.stderr, flush=True)
+            print(
+                f"(repeat {r + 1}: {actors}x{threads} model {res[(actors, threads)]['model'][-1]['wall']:.1f} s, "
+                f"job {res[(actors, threads)]['job'][-1]['wall']:.1f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     med = lambda xs, key: statistics.median(x[key] for x in xs)  # noqa: E731
     load = os.getloadavg()
     policy = os.environ.get("OMP_WAIT_POLICY", "unset")
-    print(f"\n## Encode job vs model-only, {n:,} references ({n_tok:,} tokens) of the demo bank, codec "
-          f"{args.codec}, model small, batch {args.batch_size}, {args.refs_per_shard} refs per shard, "
-          f"{args.cpus} CPUs, OMP_WAIT_POLICY={policy}\n")
-    print(f"Medians of {args.repeats} interleaved repeats. Load average at the end: "
-          f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min) on {os.cpu_count()} cores. "
-          f"Fixed cost = the {args.tiny}-reference twin job; marginal = the other {n - args.tiny:,} "
-          f"references over the time (or CPU) beyond it.\n")
+    print(
+        f"\n## Encode job vs model-only, {n:,} references ({n_tok:,} tokens) of the demo bank, codec "
+        f"{args.codec}, model small, batch {args.batch_size}, {args.refs_per_shard} refs per shard, "
+        f"{args.cpus} CPUs, OMP_WAIT_POLICY={policy}\n"
+    )
+    print(
+        f"Medians of {args.repeats} interleaved repeats. Load average at the end: "
+        f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min) on {os.cpu_count()} cores. "
+        f"Fixed cost = the {args.tiny}-reference twin job; marginal = the other {n - args.tiny:,} "
+        f"references over the time (or CPU) beyond it.\n"
+    )
     print("Wall clock:\n")
-    print("| layout (actors × threads) | model-only refs/s | job refs/s | job / model-only | job fixed cost (s) "
-          "| job marginal refs/s | marginal / model-only | full bank (11,419 refs) est. refs/s |")
+    print(
+        "| layout (actors × threads) | model-only refs/s | job refs/s | job / model-only | job fixed cost (s) "
+        "| job marginal refs/s | marginal / model-only | full bank (11,419 refs) est. refs/s |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     summary, cpu_rows = {}, []
     for actors, threads in LAYOUTS:
@@ -369,30 +427,44 @@ def main() -> None:
         marginal = (n - args.tiny) / max(j_wall - fixed, 1e-9)
         full = 11419 / (fixed + 11419 / marginal)
         summary[(actors, threads)] = n / j_wall
-        print(f"| {actors} × {threads} | {ideal / actors:,.1f}{f' (×{actors} = {ideal:,.1f})' if actors > 1 else ''} "
-              f"| {n / j_wall:,.1f} | **{n / j_wall / ideal:.0%}** | {fixed:.1f} | {marginal:,.1f} | "
-              f"{marginal / ideal:.0%} | {full:,.1f} |")
+        print(
+            f"| {actors} × {threads} | {ideal / actors:,.1f}{f' (×{actors} = {ideal:,.1f})' if actors > 1 else ''} "
+            f"| {n / j_wall:,.1f} | **{n / j_wall / ideal:.0%}** | {fixed:.1f} | {marginal:,.1f} | "
+            f"{marginal / ideal:.0%} | {full:,.1f} |"
+        )
         m_cpu, j_cpu, f_cpu = n / med(d["model"], "cpu"), med(d["job"], "cpu"), med(d["tiny"], "cpu")
         m_marg = (n - args.tiny) / max(j_cpu - f_cpu, 1e-9)
-        cpu_rows.append(f"| {actors} × {threads} | {m_cpu:,.1f} | {n / j_cpu:,.1f} | **{n / j_cpu / m_cpu:.0%}** | "
-                        f"{f_cpu:.1f} | {m_marg:,.1f} | {m_marg / m_cpu:.0%} |")
+        cpu_rows.append(
+            f"| {actors} × {threads} | {m_cpu:,.1f} | {n / j_cpu:,.1f} | **{n / j_cpu / m_cpu:.0%}** | "
+            f"{f_cpu:.1f} | {m_marg:,.1f} | {m_marg / m_cpu:.0%} |"
+        )
     print("\nCPU time (job: the driver and every process it started; model-only: this process):\n")
-    print("| layout (actors × threads) | model-only refs per CPU-s | job refs per CPU-s | job / model-only "
-          "| job fixed cost (CPU-s) | job marginal refs per CPU-s | marginal / model-only |")
+    print(
+        "| layout (actors × threads) | model-only refs per CPU-s | job refs per CPU-s | job / model-only "
+        "| job fixed cost (CPU-s) | job marginal refs per CPU-s | marginal / model-only |"
+    )
     print("|---|---|---|---|---|---|---|")
     print("\n".join(cpu_rows))
     best = max(summary, key=summary.get)
     other = min(summary, key=summary.get)
-    print(f"\nBetter on this box: **{best[0]} actor(s) × {best[1]} thread(s)**, "
-          f"{summary[best] / summary[other]:.2f}× the job rate of {other[0]} × {other[1]}.")
-    print(f"Ray start-up (not timed): {ray_start:.1f} s; warm-up job ({args.tiny} refs, not timed): {warmup:.1f} s; "
-          f"idle Ray cluster: {ray_idle:.2f} CPU-s per s (included in the job's CPU).")
+    print(
+        f"\nBetter on this box: **{best[0]} actor(s) × {best[1]} thread(s)**, "
+        f"{summary[best] / summary[other]:.2f}× the job rate of {other[0]} × {other[1]}."
+    )
+    print(
+        f"Ray start-up (not timed): {ray_start:.1f} s; warm-up job ({args.tiny} refs, not timed): {warmup:.1f} s; "
+        f"idle Ray cluster: {ray_idle:.2f} CPU-s per s (included in the job's CPU)."
+    )
     if vq_train is not None:
-        print(f"vq: quantizer training took {vq_train:.1f} s here; run_encode retrains it in every job "
-              f"(included in the job's times above).")
-    print("Model-only ×actors: the rate `actors` independent model processes would reach if each ran as fast "
-          "as the one measured; on a loaded box they cannot, so the wall fraction of the 2-actor layout is "
-          "pessimistic and the CPU fraction is the one to compare.")
+        print(
+            f"vq: quantizer training took {vq_train:.1f} s here; run_encode retrains it in every job "
+            f"(included in the job's times above)."
+        )
+    print(
+        "Model-only ×actors: the rate `actors` independent model processes would reach if each ran as fast "
+        "as the one measured; on a loaded box they cannot, so the wall fraction of the 2-actor layout is "
+        "pessimistic and the CPU fraction is the one to compare."
+    )
     shutil.rmtree(work, ignore_errors=True)
 
 

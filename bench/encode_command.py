@@ -29,8 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.encode import CPUMeter  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-FILES = ("model/memory.py", "model/transformer.py", "model/ref_batches.py", "pipelines/encode_step.py",
-         "jobs/stages/encode.py")
+FILES = (
+    "model/memory.py",
+    "model/transformer.py",
+    "model/ref_batches.py",
+    "pipelines/encode_step.py",
+    "jobs/stages/encode.py",
+)
 
 
 def tree_at(rev: str | None, dst: Path) -> None:
@@ -52,15 +57,24 @@ def run(bank: Path, work: Path, pythonpath: str) -> dict:
     env = {**os.environ, "PYTHONPATH": pythonpath}
     with CPUMeter() as cpu:
         t0 = time.perf_counter()
-        out = subprocess.run([str(ROOT / ".venv/bin/m3"), "encode", "-c", str(ROOT / "configs/demo.yaml"),
-                              "--set", f"bank.uri={copy}"], cwd=pythonpath, env=env, capture_output=True, text=True)
+        out = subprocess.run(
+            [str(ROOT / ".venv/bin/m3"), "encode", "-c", str(ROOT / "configs/demo.yaml"), "--set", f"bank.uri={copy}"],
+            cwd=pythonpath,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         wall = time.perf_counter() - t0
     if out.returncode:
         raise SystemExit(out.stdout[-2000:] + out.stderr[-2000:])
     stage = re.search(r"memories version \d+ in ([\d.]+) s", out.stdout)
     shutil.rmtree(copy, ignore_errors=True)
-    return {"wall": wall, "cpu": cpu.seconds, "stage": float(stage.group(1)) if stage else float("nan"),
-            "load": os.getloadavg()[0]}
+    return {
+        "wall": wall,
+        "cpu": cpu.seconds,
+        "stage": float(stage.group(1)) if stage else float("nan"),
+        "load": os.getloadavg()[0],
+    }
 
 
 def main() -> None:
@@ -75,19 +89,26 @@ def main() -> None:
     res: dict = {"before": [], "now": []}
     order = [("before", str(work / "before")), ("now", str(work / "now"))]
     for r in range(args.repeats):
-        for name, path in (order if r % 2 == 0 else order[::-1]):
+        for name, path in order if r % 2 == 0 else order[::-1]:
             res[name].append(run(Path(args.bank), work, path))
             x = res[name][-1]
-            print(f"{name}: wall {x['wall']:.1f} s, stage {x['stage']:.1f} s, CPU {x['cpu']:.1f} s, "
-                  f"load {x['load']:.1f}", file=sys.stderr, flush=True)
+            print(
+                f"{name}: wall {x['wall']:.1f} s, stage {x['stage']:.1f} s, CPU {x['cpu']:.1f} s, load {x['load']:.1f}",
+                file=sys.stderr,
+                flush=True,
+            )
     med = {n: {k: statistics.median(x[k] for x in v) for k in ("wall", "stage", "cpu")} for n, v in res.items()}
-    print(f"\n`m3 encode -c configs/demo.yaml` on {args.bank}, encode path at {args.before} vs now, "
-          f"median of {args.repeats}\n")
+    print(
+        f"\n`m3 encode -c configs/demo.yaml` on {args.bank}, encode path at {args.before} vs now, "
+        f"median of {args.repeats}\n"
+    )
     print("| version | wall (s) | stage (s) | CPU, process tree (s) |\n|---|---:|---:|---:|")
     for n in ("before", "now"):
         print(f"| {n} | {med[n]['wall']:.1f} | {med[n]['stage']:.1f} | {med[n]['cpu']:.1f} |")
-    print(f"| now / before | {med['now']['wall'] / med['before']['wall']:.2f} | "
-          f"{med['now']['stage'] / med['before']['stage']:.2f} | {med['now']['cpu'] / med['before']['cpu']:.2f} |")
+    print(
+        f"| now / before | {med['now']['wall'] / med['before']['wall']:.2f} | "
+        f"{med['now']['stage'] / med['before']['stage']:.2f} | {med['now']['cpu'] / med['before']['cpu']:.2f} |"
+    )
     print(f"\nLoad average at the end: {' / '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores.")
     shutil.rmtree(work, ignore_errors=True)
 

@@ -48,8 +48,9 @@ def select_items(probe_path: str, edits: list[dict], others: int, seed: int) -> 
 
     about, rest = edit_items(probe_path, edits)
     if sum(it.edited for it in about) < len(edits):
-        raise SystemExit(f"facts_edits: {probe_path} asks about {sum(it.edited for it in about)} of the "
-                         f"{len(edits)} edited facts")
+        raise SystemExit(
+            f"facts_edits: {probe_path} asks about {sum(it.edited for it in about)} of the {len(edits)} edited facts"
+        )
     return about + random.Random(seed).sample(rest, min(others, len(rest)))
 
 
@@ -74,19 +75,32 @@ def edited_corpus(cfg, edits: list[dict], work: Path) -> list[str]:
     if left:
         raise SystemExit(f"facts_edits: no bank file of corpus.paths holds {', '.join(sorted(left))}")
     print(f"[facts_edits] {done} records edited in copies under {work}", flush=True)
-    return [f"corpus.paths=[{', '.join(paths)}]", "corpus.roles={" + ", ".join(f"{k}: {v}" for k, v in roles.items()) + "}"]
+    return [
+        f"corpus.paths=[{', '.join(paths)}]",
+        "corpus.roles={" + ", ".join(f"{k}: {v}" for k, v in roles.items()) + "}",
+    ]
 
 
 def training_text(cfg) -> str:
     """The text of the corpus files the model trains on (role training or both), one string."""
     mf = make_facts()
-    return "\n".join(str(r.get(cfg.corpus.text_key, "")) for path in cfg.corpus.paths
-                     if cfg.corpus.role_of(path) != "bank" and Path(path).is_file()
-                     for r in mf.read_jsonl(Path(path)))
+    return "\n".join(
+        str(r.get(cfg.corpus.text_key, ""))
+        for path in cfg.corpus.paths
+        if cfg.corpus.role_of(path) != "bank" and Path(path).is_file()
+        for r in mf.read_jsonl(Path(path))
+    )
 
 
-def run(config: str, overrides: list[str], edits_path: str | None = None, others: int = 100, seed: int = 0,
-        work: str | None = None, dry_run: bool = False) -> dict:
+def run(
+    config: str,
+    overrides: list[str],
+    edits_path: str | None = None,
+    others: int = 100,
+    seed: int = 0,
+    work: str | None = None,
+    dry_run: bool = False,
+) -> dict:
     from jobs.config import load_config
     from jobs.inference.edits import answer_tokens, flip_rates, holds, memory_rates, read_answers, render, seen_in
     from jobs.inference.engine import Inference
@@ -103,17 +117,27 @@ def run(config: str, overrides: list[str], edits_path: str | None = None, others
     n_edited = sum(it.edited for it in items)
     ids = {e["id"] for e in edits}
     siblings = sum(not it.edited and bool(ids & set(it.probe.source_ids)) for it in items)
-    print(f"[facts_edits] {len(items)} items: {n_edited} edited facts, {len(items) - n_edited} others "
-          f"({siblings} of them the edited entities' other attributes)", flush=True)
+    print(
+        f"[facts_edits] {len(items)} items: {n_edited} edited facts, {len(items) - n_edited} others "
+        f"({siblings} of them the edited entities' other attributes)",
+        flush=True,
+    )
 
     inf = Inference(cfg)
     built_on = resolve_build(Bank.of(cfg), "live")
     before = read_answers(inf, items)
-    stale = [it.probe.line for it, r in zip(items, before) if it.edited and any(holds(x, it.new) for x in r.source.values())
-             and not any(holds(x, it.probe.answer) for x in r.source.values())]
+    stale = [
+        it.probe.line
+        for it, r in zip(items, before)
+        if it.edited
+        and any(holds(x, it.new) for x in r.source.values())
+        and not any(holds(x, it.probe.answer) for x in r.source.values())
+    ]
     if stale:  # a second run on the same bank would compare the edited build with itself
-        raise SystemExit(f"facts_edits: the live build already holds the edits (probe lines {stale[:5]}): "
-                         f"run on a fresh copy of the trained bank")
+        raise SystemExit(
+            f"facts_edits: the live build already holds the edits (probe lines {stale[:5]}): "
+            f"run on a fresh copy of the trained bank"
+        )
     timings = {"baseline": round(time.time() - t0, 1)}
     if dry_run:
         return {"items": len(items), "before": [r.text for r in before]}
@@ -134,32 +158,68 @@ def run(config: str, overrides: list[str], edits_path: str | None = None, others
     tok, eos = inf.tokenizer, inf.model.config.eos_id
     answers = [answer_tokens(tok, eos, it) for it in items]
     train_text = training_text(cfg)
-    seen = list(zip(seen_in(train_text, [it.probe.answer for it in items]),
-                    seen_in(train_text, [it.new or it.probe.answer for it in items])))
-    rates = flip_rates(answers, [r.tokens for r in before], [r.tokens for r in after], [r.tokens for r in pinned],
-                       [it.edited for it in items], seen)
+    seen = list(
+        zip(
+            seen_in(train_text, [it.probe.answer for it in items]),
+            seen_in(train_text, [it.new or it.probe.answer for it in items]),
+        )
+    )
+    rates = flip_rates(
+        answers,
+        [r.tokens for r in before],
+        [r.tokens for r in after],
+        [r.tokens for r in pinned],
+        [it.edited for it in items],
+        seen,
+    )
     memories = memory_rates(items, before, after, pinned)
-    out = {"bank": cfg.bank.uri, "items": len(items), "edited": n_edited, "edits": len(edits),
-           "builds": {"before": built_on.get("build"), "after": resolve_build(Bank.of(cfg), "live")["build"],
-                      "pinned": pinned_inf.build["build"]},
-           "model": {"live": live.model_hash[:12], "pinned": pinned_inf.model_hash[:12],
-                     "reads_memory": bool(inf.memory_reading.get("reads_memory"))},
-           "rebuild": {k: rebuild[k] for k in ("status", "added", "changed", "removed", "seconds")},
-           "answers": rates, "memories": memories, "seconds": timings,
-           "examples": [{"prompt": it.probe.prompt, "old": it.probe.answer, "new": it.new, "before": b.text,
-                         "after": a.text, "pinned": p.text}
-                        for it, b, a, p in zip(items, before, after, pinned) if it.edited][:5]}
+    out = {
+        "bank": cfg.bank.uri,
+        "items": len(items),
+        "edited": n_edited,
+        "edits": len(edits),
+        "builds": {
+            "before": built_on.get("build"),
+            "after": resolve_build(Bank.of(cfg), "live")["build"],
+            "pinned": pinned_inf.build["build"],
+        },
+        "model": {
+            "live": live.model_hash[:12],
+            "pinned": pinned_inf.model_hash[:12],
+            "reads_memory": bool(inf.memory_reading.get("reads_memory")),
+        },
+        "rebuild": {k: rebuild[k] for k in ("status", "added", "changed", "removed", "seconds")},
+        "answers": rates,
+        "memories": memories,
+        "seconds": timings,
+        "examples": [
+            {
+                "prompt": it.probe.prompt,
+                "old": it.probe.answer,
+                "new": it.new,
+                "before": b.text,
+                "after": a.text,
+                "pinned": p.text,
+            }
+            for it, b, a, p in zip(items, before, after, pinned)
+            if it.edited
+        ][:5],
+    }
     m = out["model"]
     models = f"model {m['live']} on both builds" if m["live"] == m["pinned"] else f"models {m['live']} / {m['pinned']}"
-    print(f"facts edits on {cfg.bank.uri}: {len(edits)} entities edited, {n_edited} edited facts and "
-          f"{len(items) - n_edited} other items asked; rebuild {rebuild['status']} in {rebuild['seconds']:.0f} s "
-          f"(references changed {rebuild['changed']}, added {rebuild['added']}, removed {rebuild['removed']}); "
-          f"build {out['builds']['before']} -> {out['builds']['after']}, pinned {out['builds']['pinned']}; {models}"
-          f"{'' if m['reads_memory'] else ' (trained without memory)'}")
+    print(
+        f"facts edits on {cfg.bank.uri}: {len(edits)} entities edited, {n_edited} edited facts and "
+        f"{len(items) - n_edited} other items asked; rebuild {rebuild['status']} in {rebuild['seconds']:.0f} s "
+        f"(references changed {rebuild['changed']}, added {rebuild['added']}, removed {rebuild['removed']}); "
+        f"build {out['builds']['before']} -> {out['builds']['after']}, pinned {out['builds']['pinned']}; {models}"
+        f"{'' if m['reads_memory'] else ' (trained without memory)'}"
+    )
     print(render(rates, memories))
     for ex in out["examples"]:
-        print(f"  {ex['prompt']!r}: old {ex['old']!r} new {ex['new']!r} | before {ex['before']!r} after "
-              f"{ex['after']!r} pinned {ex['pinned']!r}")
+        print(
+            f"  {ex['prompt']!r}: old {ex['old']!r} new {ex['new']!r} | before {ex['before']!r} after "
+            f"{ex['after']!r} pinned {ex['pinned']!r}"
+        )
     return out
 
 
@@ -172,8 +232,12 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", help="where the edited corpus copy goes (default: <bank>-edited-corpus)")
     p.add_argument("--dry-run", action="store_true", help="the baseline only: the bank is not changed")
-    p.add_argument("--threads", type=int, help="torch threads (default torch's: one per core; on cores shared "
-                                                "with other work 1 was 4-7x faster per matmul)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads (default torch's: one per core; on cores shared "
+        "with other work 1 was 4-7x faster per matmul)",
+    )
     p.add_argument("--json", help="also write the results here")
     a = p.parse_args(argv)
     if a.threads:

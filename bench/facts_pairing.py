@@ -11,6 +11,7 @@ lineage names. --time N: one chunk-sized query at a time (what a swap point of `
 asks), N chunks sampled with seed 0, through storage.lexical.retrieve by each method the bank's
 embeddings can serve; median ms per query, embedding included (the bank is only read).
 """
+
 import argparse
 import glob
 import gzip
@@ -40,20 +41,26 @@ for line in gzip.open(train, "rt"):
     d = json.loads(line)
     if d["kind"] == "faq":
         head = d["text"].split("\n")[0]
-        names[d["entity"]] = re.match(r"(?:Questions about |A short quiz on )?(.+?)(?:: questions and answers)?\.$", head).group(1)
+        names[d["entity"]] = re.match(
+            r"(?:Questions about |A short quiz on )?(.+?)(?:: questions and answers)?\.$", head
+        ).group(1)
 tok = load(glob.glob(f"{bank}/tokenizers/*.json")[0])
-seqs = {s["seq_id"]: s["token_ids"] for s in
-        lance.dataset(f"{bank}/train_sequences.lance").to_table(columns=["seq_id", "token_ids"]).to_pylist()}
+seqs = {
+    s["seq_id"]: s["token_ids"]
+    for s in lance.dataset(f"{bank}/train_sequences.lance").to_table(columns=["seq_id", "token_ids"]).to_pylist()
+}
 ds = lance.dataset(f"{bank}/neighbors.lance")
 method = json.loads(ds.schema.metadata[b"m3"]).get("method", "vector")
 neighbors = ds.to_table(filter="rank = 0").to_pylist()
 hits = 0
 for r in neighbors:
-    text = tok.decode(seqs[r["seq_id"]][r["chunk"] * 64:(r["chunk"] + 1) * 64])
+    text = tok.decode(seqs[r["seq_id"]][r["chunk"] * 64 : (r["chunk"] + 1) * 64])
     entity = source.get(r["ref_id"].rsplit("-", 1)[0])
     hits += entity in names and names[entity] in text
-print(f"{len(neighbors)} chunks (paired by {method}); rank-0 reference names an entity of the chunk: "
-      f"{hits} ({hits / len(neighbors):.1%})")
+print(
+    f"{len(neighbors)} chunks (paired by {method}); rank-0 reference names an entity of the chunk: "
+    f"{hits} ({hits / len(neighbors):.1%})"
+)
 
 if args.time:
     import numpy as np
@@ -69,8 +76,10 @@ if args.time:
     params = search_params(table)
     rng = random.Random(0)
     picks = rng.sample(sorted(seqs), args.time)
-    chunks = [tok.decode(seqs[s][c * 64:(c + 1) * 64], skip_special_tokens=True)
-              for s, c in ((s, rng.randrange(max(1, len(seqs[s]) // 64))) for s in picks)]
+    chunks = [
+        tok.decode(seqs[s][c * 64 : (c + 1) * 64], skip_special_tokens=True)
+        for s, c in ((s, rng.randrange(max(1, len(seqs[s]) // 64))) for s in picks)
+    ]
     dense = lambda texts, k: search(table, embedder.embed(texts), k=k, params=params)  # noqa: E731
     for m in ("vector", "bm25", "hybrid") if fts_info(table) else ("vector",):
         retrieve(m, chunks[:1], 8, table=table, vector_hits=dense)  # warm
@@ -79,5 +88,7 @@ if args.time:
             t0 = time.perf_counter()
             retrieve(m, [text], 8, table=table, vector_hits=dense)
             ms.append((time.perf_counter() - t0) * 1e3)
-        print(f"{m}: median {np.median(ms):.1f} ms per single query (k=8, {len(chunks)} chunks), "
-              f"p90 {np.percentile(ms, 90):.1f} ms")
+        print(
+            f"{m}: median {np.median(ms):.1f} ms per single query (k=8, {len(chunks)} chunks), "
+            f"p90 {np.percentile(ms, 90):.1f} ms"
+        )

@@ -82,12 +82,22 @@ def quantizer(cfg, inf, retriever):
     sample = [ids[j] for j in sorted(rng.choice(len(ids), min(len(ids), cfg.encode.vq_train_refs), replace=False))]
     k = inf.model.config.mem_top_k
     mems, _ = EncodingStore(inf.model, retriever.ref_tokens, top_k=k).fetch(sample)
-    return (VQCodec.train(mems, spec=cfg.encode.vq_spec, seed=cfg.encode.seed),
-            f"trained on the top-{k} memories of {len(sample)} references")
+    return (
+        VQCodec.train(mems, spec=cfg.encode.vq_spec, seed=cfg.encode.seed),
+        f"trained on the top-{k} memories of {len(sample)} references",
+    )
 
 
-def run(config: str, overrides: list[str], items: int = 200, seed: int = 0, ks=KS, codecs=CODECS,
-        batch_size: int = 8, build: str | None = None) -> dict:
+def run(
+    config: str,
+    overrides: list[str],
+    items: int = 200,
+    seed: int = 0,
+    ks=KS,
+    codecs=CODECS,
+    batch_size: int = 8,
+    build: str | None = None,
+) -> dict:
     from jobs.config import load_config
     from jobs.inference.engine import Inference
     from jobs.inference.qa_probes import FixedReads, _closest, read_probes, score, source_refs, tokenize
@@ -141,32 +151,64 @@ def run(config: str, overrides: list[str], items: int = 200, seed: int = 0, ks=K
             store = raw if name == "raw" else CodedStore(raw, vq if name == "vq" else make_codec(name))
             searched.store = store
             mem = score(model, prompts, answers, sink=sink, batch_size=batch_size, retrieve=lambda rows: searched)
-            orc = score(model, prompts, answers, sink=sink, batch_size=batch_size, rows=with_source,
-                        retrieve=lambda rows: FixedReads(retriever.with_store(store), [oracle[i] for i in rows]))
+            orc = score(
+                model,
+                prompts,
+                answers,
+                sink=sink,
+                batch_size=batch_size,
+                rows=with_source,
+                retrieve=lambda rows: FixedReads(retriever.with_store(store), [oracle[i] for i in rows]),
+            )
             shape = (mc.n_mem_layers, 2, mc.n_kv_heads, k, mc.head_dim)
-            row = {"top_k": k, "codec": name,
-                   "bytes_per_reference": (store.codec if name != "raw" else make_codec("raw-fp32")).nbytes(shape)}
+            row = {
+                "top_k": k,
+                "codec": name,
+                "bytes_per_reference": (store.codec if name != "raw" else make_codec("raw-fp32")).nbytes(shape),
+            }
             for mode, r in (("memory", mem), ("oracle", orc)):
                 scored = [e for e in r["exact"] if e is not None]
-                row[mode] = {**summary(r["total"], r["count"]), "exact_match": round(sum(scored) / len(scored), 4),
-                             "vs_none": paired((runs["none"]["total"], runs["none"]["count"]), (r["total"], r["count"])),
-                             "exact_vs_none": paired_rates(runs["none"]["exact"], r["exact"])}
+                row[mode] = {
+                    **summary(r["total"], r["count"]),
+                    "exact_match": round(sum(scored) / len(scored), 4),
+                    "vs_none": paired((runs["none"]["total"], runs["none"]["count"]), (r["total"], r["count"])),
+                    "exact_vs_none": paired_rates(runs["none"]["exact"], r["exact"]),
+                }
                 row[mode].pop("per_item", None)
             rows.append(row)
-            print(f"[facts_sparsity] top-{k} {name}: memory {row['memory']['vs_none']}, oracle {row['oracle']['vs_none']}",
-                  flush=True)
+            print(
+                f"[facts_sparsity] top-{k} {name}: memory {row['memory']['vs_none']}, oracle {row['oracle']['vs_none']}",
+                flush=True,
+            )
     none = runs["none"]
-    out = {"bank": cfg.bank.uri, "build": (inf.build or {}).get("build", "live"), "probe": path, "items": len(probes), "with_source": len(with_source),
-           "model_hash": inf.model_hash[:12], "reads_memory": sink, "served": inf.memory_reading,
-           "none": {"loss": summary(none["total"], none["count"])["loss"],
-                    "exact_match": round(sum(bool(e) for e in none["exact"]) / len(probes), 4)},
-           "answer_tokens": {"items": len(found_in), "tokens": sum(len(p) for _, p in wanted),
-                             "not_found": len(probes) - len(found_in | skipped), "not_retokenized": len(skipped - found_in),
-                             "reference_tokens": {"mean": round(float(np.mean(lengths)), 1) if lengths else None,
-                                                  "max": max(lengths, default=None)},
-                             "kept": kept},
-           "gain": rows, "vq": vq_note,
-           "seconds": {"kept": round(t1 - t0, 1), "vq": round(t2 - t1, 1), "gain": round(time.time() - t2, 1)}}
+    out = {
+        "bank": cfg.bank.uri,
+        "build": (inf.build or {}).get("build", "live"),
+        "probe": path,
+        "items": len(probes),
+        "with_source": len(with_source),
+        "model_hash": inf.model_hash[:12],
+        "reads_memory": sink,
+        "served": inf.memory_reading,
+        "none": {
+            "loss": summary(none["total"], none["count"])["loss"],
+            "exact_match": round(sum(bool(e) for e in none["exact"]) / len(probes), 4),
+        },
+        "answer_tokens": {
+            "items": len(found_in),
+            "tokens": sum(len(p) for _, p in wanted),
+            "not_found": len(probes) - len(found_in | skipped),
+            "not_retokenized": len(skipped - found_in),
+            "reference_tokens": {
+                "mean": round(float(np.mean(lengths)), 1) if lengths else None,
+                "max": max(lengths, default=None),
+            },
+            "kept": kept,
+        },
+        "gain": rows,
+        "vq": vq_note,
+        "seconds": {"kept": round(t1 - t0, 1), "vq": round(t2 - t1, 1), "gain": round(time.time() - t2, 1)},
+    }
     print(render(out, mc))
     return out
 
@@ -174,33 +216,59 @@ def run(config: str, overrides: list[str], items: int = 200, seed: int = 0, ks=K
 def render(r: dict, mc) -> str:
     a = r["answer_tokens"]
     ks = list(a["kept"])
-    lines = [f"facts sparsity on {r['bank']} (build {r['build']}): {r['items']} items of {r['probe']}, model {r['model_hash']}"
-             f"{'' if r['reads_memory'] else ' (NOT trained to read memories: a smoke test)'}",
-             "", f"(i) answer tokens kept by each head's top-k: {a['tokens']} answer tokens in the source "
-             f"references of {a['items']} items (references of {a['reference_tokens']['mean']} tokens on average, "
-             f"at most {a['reference_tokens']['max']}; answer not found in its source: {a['not_found']}, "
-             f"not re-tokenizable: {a['not_retokenized']})", "",
-             "| layer, KV head | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+    lines = [
+        f"facts sparsity on {r['bank']} (build {r['build']}): {r['items']} items of {r['probe']}, model {r['model_hash']}"
+        f"{'' if r['reads_memory'] else ' (NOT trained to read memories: a smoke test)'}",
+        "",
+        f"(i) answer tokens kept by each head's top-k: {a['tokens']} answer tokens in the source "
+        f"references of {a['items']} items (references of {a['reference_tokens']['mean']} tokens on average, "
+        f"at most {a['reference_tokens']['max']}; answer not found in its source: {a['not_found']}, "
+        f"not re-tokenizable: {a['not_retokenized']})",
+        "",
+        "| layer, KV head | " + " | ".join(f"k={k}" for k in ks) + " |",
+        "|---|" + "---|" * len(ks),
+    ]
     for layer in range(mc.n_mem_layers):
         for head in range(mc.n_kv_heads):
-            lines.append(f"| {layer}, {head} | " + " | ".join(f"{a['kept'][k]['heads'][layer][head]:.1%}" for k in ks) + " |")
+            lines.append(
+                f"| {layer}, {head} | " + " | ".join(f"{a['kept'][k]['heads'][layer][head]:.1%}" for k in ks) + " |"
+            )
     lines.append("| chance (k / length) | " + " | ".join(f"{a['kept'][k]['chance']:.1%}" for k in ks) + " |")
-    dense = {m: next((row[m]["vs_none"].get("gain") for row in r["gain"]
-                      if row["top_k"] == mc.ref_max_tokens and row["codec"] == "raw"), None) for m in ("memory", "oracle")}
+    dense = {
+        m: next(
+            (
+                row[m]["vs_none"].get("gain")
+                for row in r["gain"]
+                if row["top_k"] == mc.ref_max_tokens and row["codec"] == "raw"
+            ),
+            None,
+        )
+        for m in ("memory", "oracle")
+    }
 
     def cell(row, m):
         g, x = row[m]["vs_none"], row[m]["exact_vs_none"]
         share = f"{g['gain'] / dense[m]:.0%}" if dense[m] and g.get("gain") is not None and dense[m] > 0 else "n/a"
-        return (f"{g.get('gain', float('nan')):+.4f} ± {g.get('stderr', float('nan')):.4f} | "
-                f"{row[m]['exact_match']:.1%} ({x.get('gain', 0):+.1%}) | {share}")
+        return (
+            f"{g.get('gain', float('nan')):+.4f} ± {g.get('stderr', float('nan')):.4f} | "
+            f"{row[m]['exact_match']:.1%} ({x.get('gain', 0):+.1%}) | {share}"
+        )
 
-    lines += ["", f"(ii) gain over none (the same weights without memory: loss {r['none']['loss']:.4f}, exact "
-                  f"{r['none']['exact_match']:.1%}); answer-token loss, paired per item; exact match and its change; "
-                  f"share of the dense gain (k={mc.ref_max_tokens} raw)", "",
-              "| k | codec | bytes/ref | memory: loss gain | exact (vs none) | of dense | oracle: loss gain | "
-              "exact (vs none) | of dense |", "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {row['top_k']} | {row['codec']} | {row['bytes_per_reference']:,} | {cell(row, 'memory')} | "
-              f"{cell(row, 'oracle')} |" for row in r["gain"]]
+    lines += [
+        "",
+        f"(ii) gain over none (the same weights without memory: loss {r['none']['loss']:.4f}, exact "
+        f"{r['none']['exact_match']:.1%}); answer-token loss, paired per item; exact match and its change; "
+        f"share of the dense gain (k={mc.ref_max_tokens} raw)",
+        "",
+        "| k | codec | bytes/ref | memory: loss gain | exact (vs none) | of dense | oracle: loss gain | "
+        "exact (vs none) | of dense |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {row['top_k']} | {row['codec']} | {row['bytes_per_reference']:,} | {cell(row, 'memory')} | "
+        f"{cell(row, 'oracle')} |"
+        for row in r["gain"]
+    ]
     if r["vq"]:
         lines.append(f"\nvq: one quantizer for every k, {r['vq']}")
     lines.append(f"seconds: {r['seconds']}")
@@ -217,16 +285,28 @@ def main(argv=None) -> dict:
     p.add_argument("--codecs", default=",".join(CODECS), help="of raw, int8, vq")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--build", help="a published build instead of the live one (its number, live, -1)")
-    p.add_argument("--threads", type=int, help="torch threads (default torch's: one per core; on cores shared "
-                                                "with other work 1 was 4-7x faster per matmul)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads (default torch's: one per core; on cores shared "
+        "with other work 1 was 4-7x faster per matmul)",
+    )
     p.add_argument("--json", help="also write the results here")
     a = p.parse_args(argv)
     if a.threads:
         import torch
 
         torch.set_num_threads(a.threads)
-    out = run(a.config, a.overrides, a.items, a.seed, [int(k) for k in a.ks.split(",")], a.codecs.split(","),
-              a.batch_size, a.build)
+    out = run(
+        a.config,
+        a.overrides,
+        a.items,
+        a.seed,
+        [int(k) for k in a.ks.split(",")],
+        a.codecs.split(","),
+        a.batch_size,
+        a.build,
+    )
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=2, default=str))
     return out

@@ -81,14 +81,29 @@ def encoded_bank(src: Path, work: Path, codec: str, n: int, reencode: bool) -> t
     from storage.bank import Bank
 
     bank = work / f"bank-{codec}-{n}"
-    if not reencode and (bank / "memories.lance").exists() and Bank(str(bank)).metadata("memories").get("codec") == codec:
+    if (
+        not reencode
+        and (bank / "memories.lance").exists()
+        and Bank(str(bank)).metadata("memories").get("codec") == codec
+    ):
         return bank, None
     shutil.rmtree(bank, ignore_errors=True)
     subset_bank(src, bank, n)
-    cfg = load_config(None, [
-        f"bank.uri={bank}", f"encode.codec={codec}", "encode.batch_size=32", "encode.checkpoint=null",
-        "encode.seed=0", "encode.actors=2", "encode.threads_per_actor=1", "encode.refs_per_shard=1024",
-        "ray.num_cpus=2", "model.preset=small"])
+    cfg = load_config(
+        None,
+        [
+            f"bank.uri={bank}",
+            f"encode.codec={codec}",
+            "encode.batch_size=32",
+            "encode.checkpoint=null",
+            "encode.seed=0",
+            "encode.actors=2",
+            "encode.threads_per_actor=1",
+            "encode.refs_per_shard=1024",
+            "ray.num_cpus=2",
+            "model.preset=small",
+        ],
+    )
     t0 = time.perf_counter()
     run_encode(cfg)
     return bank, time.perf_counter() - t0
@@ -158,8 +173,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from encode import ensure_bank  # bench/encode.py
-    from jobs.ops.bank_stats import dense_bytes
+
     from jobs.config import RayConfig
+    from jobs.ops.bank_stats import dense_bytes
     from jobs.runtime import init_ray, quiet_ray_data
     from storage.bank import Bank
     from storage.memory_store import MemoryStore
@@ -188,7 +204,9 @@ def main() -> None:
         bank = Bank(str(path))
         meta = bank.metadata("memories")
         mh = meta["model_hash"]
-        ensure_slab(bank, bank.dataset("memories").version)  # written by the encode job; a bank of an older run gets one
+        ensure_slab(
+            bank, bank.dataset("memories").version
+        )  # written by the encode job; a bank of an older run gets one
         t0 = time.perf_counter()
         store = MemoryStore(bank, mh, cache_size=1, slab="require")
         open_slab = time.perf_counter() - t0
@@ -202,9 +220,11 @@ def main() -> None:
         store.slab.close()  # no map may outlive its measurement: it would keep pages through a drop
         assert slab_file.stat().st_size == n * per
         dense = dense_bytes(meta["config"]["model"])
-        extra.append(f"| {codec} | {tuple(store.shape)} | {per:,} | {dense / per:,.0f}× | {store.dtype} | "
-                     f"{store.entry_bytes():,} | {open_slab * 1e3:.0f} / {open_lance * 1e3:.0f} | "
-                     f"{'reused' if enc_s is None else f'{enc_s:.1f} s'} |")
+        extra.append(
+            f"| {codec} | {tuple(store.shape)} | {per:,} | {dense / per:,.0f}× | {store.dtype} | "
+            f"{store.entry_bytes():,} | {open_slab * 1e3:.0f} / {open_lance * 1e3:.0f} | "
+            f"{'reused' if enc_s is None else f'{enc_s:.1f} s'} |"
+        )
 
         # the baseline: the same payload bytes read sequentially, cold and warm, in memories/s; the
         # warm read is also repeated beside every timed pass (`seq_warm`), and ratios are per pass
@@ -233,15 +253,17 @@ def main() -> None:
             q = [ids[i] for i in rng.integers(0, min(n, 800), 160)]
             (ma, ka), (mb, kb) = a.fetch(q), b_.fetch(q)
             assert torch.equal(ma, mb) and torch.equal(ka, kb) and (a.hits, a.misses) == (b_.hits, b_.misses)
-        notes.append(f"{codec}: a cache of 300 entries after 20 requests of 160 (from 800 refs) holds "
-                     f"{a.cache_nbytes():,} B = 300 × {a.entry_bytes():,} B ({len(a.cache)} entries)")
+        notes.append(
+            f"{codec}: a cache of 300 entries after 20 requests of 160 (from 800 refs) holds "
+            f"{a.cache_nbytes():,} B = 300 × {a.entry_bytes():,} B ({len(a.cache)} entries)"
+        )
         del a, b_
 
         ds = bank.dataset("memories")
         blobs = blob_copy(path, ds)
         for b in BATCHES:
             order = [ids[i] for i in rng.permutation(n)]
-            batches = [order[i:i + b] for i in range(0, n - n % b, b)]
+            batches = [order[i : i + b] for i in range(0, n - n % b, b)]
             m = len(batches) * b
 
             def cold(fetch) -> float:
@@ -266,12 +288,17 @@ def main() -> None:
                         s = make()
                     hits0, misses0 = s.hits, s.misses
                     ref, (iref, cref) = seq_warm(into=True)
-                    w, c = timed(lambda: [s.fetch(x) and None for x in batches])  # each answer dropped, as a serving loop does
+                    w, c = timed(
+                        lambda: [s.fetch(x) and None for x in batches]  # noqa: F821 - bound; deleted after
+                    )  # each answer dropped, as a serving loop does
                     out.append(m / w)
                     ratio.append(out[-1] / ref)
                     iratio.append(out[-1] / iref)
                     cratio.append(m / c / cref)
-                    assert (s.hits - hits0, s.misses - misses0) == ((m, 0) if warm_cache else (0, m)), (s.hits, s.misses)
+                    assert (s.hits - hits0, s.misses - misses0) == ((m, 0) if warm_cache else (0, m)), (
+                        s.hits,
+                        s.misses,
+                    )
                     del s
                 into_ratio.append((statistics.median(iratio), statistics.median(cratio)))
                 return statistics.median(out), statistics.median(ratio)
@@ -290,18 +317,22 @@ def main() -> None:
                 r["hit"] = passes(lambda: MemoryStore(bank, mh, cache_size=n, slab=mode), True)
                 r["into"] = dict(zip(("miss", "miss_in_use", "hit"), into_ratio))
                 res[impl] = r
-            for mode, label, ref in (("cold", "cold (page cache dropped before each batch)", "cold"),
-                                     ("miss", "store miss, warm files", "warm"),
-                                     ("miss_in_use", "store miss, warm files, store in use", "warm"),
-                                     ("hit", "store hit (all in RAM)", "warm")):
+            for mode, label, ref in (
+                ("cold", "cold (page cache dropped before each batch)", "cold"),
+                ("miss", "store miss, warm files", "warm"),
+                ("miss_in_use", "store miss, warm files, store in use", "warm"),
+                ("hit", "store hit (all in RAM)", "warm"),
+            ):
                 if mode not in res["slab"]:
                     continue
                 (s_, sr), (l_, lr) = res["slab"][mode], res["lance"][mode]
                 sr, lr = sr or s_ / read_rate[ref], lr or l_ / read_rate[ref]
                 si = res["slab"]["into"].get(mode)
-                rows.append(f"| {codec} | {b} | {label} | {s_:,.0f} | {b / s_ * 1e3:.2f} | {l_:,.0f} | "
-                            f"{b / l_ * 1e3:.2f} | {s_ / l_:.1f}× | {read_mib[ref]:,.0f} ({ref}) | "
-                            f"{read_rate[ref]:,.0f} | **{sr:.2f}** | {'n/a | n/a' if si is None else f'{si[0]:.2f} | {si[1]:.2f}'} | {lr:.3f} |")
+                rows.append(
+                    f"| {codec} | {b} | {label} | {s_:,.0f} | {b / s_ * 1e3:.2f} | {l_:,.0f} | "
+                    f"{b / l_ * 1e3:.2f} | {s_ / l_:.1f}× | {read_mib[ref]:,.0f} ({ref}) | "
+                    f"{read_rate[ref]:,.0f} | **{sr:.2f}** | {'n/a | n/a' if si is None else f'{si[0]:.2f} | {si[1]:.2f}'} | {lr:.3f} |"
+                )
 
             # where a miss goes: the payload read alone (no decode, no cache)
             row_of = store.row_of
@@ -310,14 +341,21 @@ def main() -> None:
             def slab_read(mapped):
                 def make():
                     reader[mapped] = SlabReader(slab_file, n, per, mapped=mapped)
+
                 return make, lambda x: reader[mapped].read(np.array([row_of[r] for r in x]))
 
             mm_make, mm_read = slab_read(True)
             pr_make, pr_read = slab_read(False)
-            reads = (("slab, memory map", mm_make, mm_read), ("slab, os.preadv per run", pr_make, pr_read),
-                     ("Lance take(payload)", None, lambda x: ds.take(np.sort([row_of[r] for r in x]), columns=["payload"])),
-                     ("Lance read_blobs (blob column)", None,
-                      lambda x: blobs.read_blobs("payload", indices=np.sort([row_of[r] for r in x]).tolist())))
+            reads = (
+                ("slab, memory map", mm_make, mm_read),
+                ("slab, os.preadv per run", pr_make, pr_read),
+                ("Lance take(payload)", None, lambda x: ds.take(np.sort([row_of[r] for r in x]), columns=["payload"])),
+                (
+                    "Lance read_blobs (blob column)",
+                    None,
+                    lambda x: blobs.read_blobs("payload", indices=np.sort([row_of[r] for r in x]).tolist()),
+                ),
+            )
             for name, make, fn in reads:
                 if make:
                     make()
@@ -333,9 +371,11 @@ def main() -> None:
                     ratio.append(warm[-1] / ref)
                 reader.clear()
                 w = statistics.median(warm)
-                read_rows.append(f"| {codec} | {b} | {name} | {f'{cold_rate:,.0f}' if cold_rate else 'n/a'} | "
-                                 f"{f'{b / cold_rate * 1e3:.2f}' if cold_rate else 'n/a'} | {w:,.0f} | "
-                                 f"{statistics.median(ratio):.2f} |")
+                read_rows.append(
+                    f"| {codec} | {b} | {name} | {f'{cold_rate:,.0f}' if cold_rate else 'n/a'} | "
+                    f"{f'{b / cold_rate * 1e3:.2f}' if cold_rate else 'n/a'} | {w:,.0f} | "
+                    f"{statistics.median(ratio):.2f} |"
+                )
         # the decode kernel alone, on 160 payloads already in RAM, against memcpy of the same bytes
         rd = SlabReader(slab_file, n, per)
         buf = rd.read(rng.permutation(n)[:160])
@@ -349,25 +389,33 @@ def main() -> None:
         t_dec = med(lambda: store._decode(buf, []))
         t_cp, t_cp_out = med(lambda: np.copyto(dst, buf)), med(lambda: np.copyto(big2, big))
         mib = lambda nb, t: nb / t / 2**20  # noqa: E731
-        kernel_rows.append(f"| {codec} | {buf.nbytes:,} | {out_b:,} ({store.dtype}) | {t_dec * 1e3:.3f} | "
-                           f"{mib(buf.nbytes, t_dec):,.0f} | {mib(out_b, t_dec):,.0f} | {mib(buf.nbytes, t_cp):,.0f} | "
-                           f"{mib(out_b, t_cp_out):,.0f} | **{t_cp / t_dec:.2f}** | {read_mib['warm']:,.0f} |")
+        kernel_rows.append(
+            f"| {codec} | {buf.nbytes:,} | {out_b:,} ({store.dtype}) | {t_dec * 1e3:.3f} | "
+            f"{mib(buf.nbytes, t_dec):,.0f} | {mib(out_b, t_dec):,.0f} | {mib(buf.nbytes, t_cp):,.0f} | "
+            f"{mib(out_b, t_cp_out):,.0f} | **{t_cp / t_dec:.2f}** | {read_mib['warm']:,.0f} |"
+        )
         print(f"({codec} done)", file=sys.stderr, flush=True)
 
     load = os.getloadavg()
-    print(f"\n## MemoryStore.fetch from the payload slab and through Lance, {args.refs:,} memories per codec, "
-          f"model small, torch threads {args.threads}\n")
-    print(f"Wall clock. Warm rows: median of {args.repeats} passes, each fetching every memory once in random "
-          f"batches of distinct ids, each pass on a new store. Cold rows: median over {args.cold_batches} batches, "
-          f"the OS page cache {'dropped before each (untimed)' if can_drop else 'could NOT be dropped (not root): no cold rows'}; "
-          f"the store (ref_id index, open files) stays. Baseline: the slab's payload file read sequentially with "
-          f"open().read(), cold = after a drop; warm ratios are per pass, against a read timed just before it "
-          f"(the MiB/s column is the median of {args.repeats} reads at the start); readinto: the same read into one "
-          f"reused buffer, per pass too, wall clock and CPU seconds of this process. Load average at the end {load[0]:.1f} / {load[1]:.1f} / "
-          f"{load[2]:.1f} on {os.cpu_count()} cores.\n")
-    print("| codec | batch | mode | slab memories/s | slab ms/batch | Lance memories/s | Lance ms/batch | slab / Lance "
-          "| sequential read MiB/s | read memories/s | **slab / read** | slab / readinto | slab / readinto, CPU s "
-          "| Lance / read |")
+    print(
+        f"\n## MemoryStore.fetch from the payload slab and through Lance, {args.refs:,} memories per codec, "
+        f"model small, torch threads {args.threads}\n"
+    )
+    print(
+        f"Wall clock. Warm rows: median of {args.repeats} passes, each fetching every memory once in random "
+        f"batches of distinct ids, each pass on a new store. Cold rows: median over {args.cold_batches} batches, "
+        f"the OS page cache {'dropped before each (untimed)' if can_drop else 'could NOT be dropped (not root): no cold rows'}; "
+        f"the store (ref_id index, open files) stays. Baseline: the slab's payload file read sequentially with "
+        f"open().read(), cold = after a drop; warm ratios are per pass, against a read timed just before it "
+        f"(the MiB/s column is the median of {args.repeats} reads at the start); readinto: the same read into one "
+        f"reused buffer, per pass too, wall clock and CPU seconds of this process. Load average at the end {load[0]:.1f} / {load[1]:.1f} / "
+        f"{load[2]:.1f} on {os.cpu_count()} cores.\n"
+    )
+    print(
+        "| codec | batch | mode | slab memories/s | slab ms/batch | Lance memories/s | Lance ms/batch | slab / Lance "
+        "| sequential read MiB/s | read memories/s | **slab / read** | slab / readinto | slab / readinto, CPU s "
+        "| Lance / read |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     print("\n### The payload read alone (no decode, no cache), memories/s\n")
@@ -375,15 +423,19 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     print("\n".join(read_rows))
     print("\n### The decode kernel alone: 160 payloads in RAM -> memories (median of 51 calls), against memcpy\n")
-    print("| codec | payload B | output B | decode ms | decode: payload MiB/s | decode: output MiB/s "
-          "| memcpy of the payload MiB/s | memcpy of the output MiB/s | **decode / memcpy (payload bytes)** "
-          "| sequential read MiB/s (warm) |")
+    print(
+        "| codec | payload B | output B | decode ms | decode: payload MiB/s | decode: output MiB/s "
+        "| memcpy of the payload MiB/s | memcpy of the output MiB/s | **decode / memcpy (payload bytes)** "
+        "| sequential read MiB/s (warm) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(kernel_rows))
     print("\nThe cache's bound in bytes:\n")
     print("\n".join(f"- {p}" for p in notes))
-    print("\n| codec | memory shape | payload B/memory | vs dense bf16 KV | fetch dtype | cache B/entry "
-          "| store open ms (slab / Lance) | encode job |")
+    print(
+        "\n| codec | memory shape | payload B/memory | vs dense bf16 KV | fetch dtype | cache B/entry "
+        "| store open ms (slab / Lance) | encode job |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     print("\n".join(extra))
 

@@ -39,22 +39,43 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench/decode.py: befo
 
 import torch  # noqa: E402
 
+import model.flex as flex  # noqa: E402
 from bench.decode import Replay, SyntheticRetriever  # noqa: E402
 from bench.model import encode_flops, matmul, random_memories  # noqa: E402
 from model import Memory3, ModelConfig, encode_references  # noqa: E402
-import model.flex as flex  # noqa: E402
 from model.generation import generate_with_memory  # noqa: E402
 from model.static_decode import StaticDecoder  # noqa: E402
 
 SHAPES = {  # cuda: the issue's shapes; cpu: the same sections, small enough for the test suite
-    "cuda": dict(preset="paper-2.4b", dtype="bfloat16", copy_mib=4096, matmul=8192, enc_batch=256,
-                 fwd=(4, 2048), dec=(32, 128, 128), repeats=5, dec_repeats=3, budget_s=420),
-    "cpu": dict(preset="tiny", dtype="float32", copy_mib=64, matmul=256, enc_batch=16,
-                fwd=(2, 64), dec=(2, 16, 32), repeats=3, dec_repeats=2, budget_s=120),
+    "cuda": dict(
+        preset="paper-2.4b",
+        dtype="bfloat16",
+        copy_mib=4096,
+        matmul=8192,
+        enc_batch=256,
+        fwd=(4, 2048),
+        dec=(32, 128, 128),
+        repeats=5,
+        dec_repeats=3,
+        budget_s=420,
+    ),
+    "cpu": dict(
+        preset="tiny",
+        dtype="float32",
+        copy_mib=64,
+        matmul=256,
+        enc_batch=16,
+        fwd=(2, 64),
+        dec=(2, 16, 32),
+        repeats=3,
+        dec_repeats=2,
+        budget_s=120,
+    ),
 }
 # H200, paper-2.4b, bfloat16 (issue 30)
-GOALS = dict(decode_of_bound=0.40, memory_slowdown=0.05, memory_over_rag=2.0, forward_overhead=0.10,
-             encode_of_matmul=0.60)
+GOALS = dict(
+    decode_of_bound=0.40, memory_slowdown=0.05, memory_over_rag=2.0, forward_overhead=0.10, encode_of_matmul=0.60
+)
 
 
 class Run:
@@ -95,15 +116,25 @@ class Run:
                 times[name].append(self.clock() - t)
         return {name: statistics.median(ts) for name, ts in times.items()}
 
-    def figure(self, section, name, value, unit, bound, bound_name, *, higher_is_better=True, note="",
-               **checks):
+    def figure(self, section, name, value, unit, bound, bound_name, *, higher_is_better=True, note="", **checks):
         """value against its bound; the fraction is value / bound for a rate, bound / value for
         a time (both: how close to the bound, 1 = at it)."""
         frac = None
         if value is not None and bound:
             frac = value / bound if higher_is_better else bound / value
-        self.figures.append(dict(section=section, name=name, value=value, unit=unit, bound=bound,
-                                 bound_name=bound_name, fraction=frac, note=note, **checks))
+        self.figures.append(
+            dict(
+                section=section,
+                name=name,
+                value=value,
+                unit=unit,
+                bound=bound,
+                bound_name=bound_name,
+                fraction=frac,
+                note=note,
+                **checks,
+            )
+        )
 
     def goal(self, name, value, target, met, note=""):
         self.goals.append(dict(goal=name, value=value, target=target, met=bool(met), note=note))
@@ -111,27 +142,41 @@ class Run:
     def save(self):
         if self.out:
             self.out.parent.mkdir(parents=True, exist_ok=True)
-            data = dict(info=self.info, figures=self.figures, goals=self.goals,
-                        elapsed_s=time.perf_counter() - self.t0)
+            data = dict(info=self.info, figures=self.figures, goals=self.goals, elapsed_s=time.perf_counter() - self.t0)
             self.out.write_text(json.dumps(data, indent=1) + "\n")
 
 
 # -- bounds -----------------------------------------------------------------------------------
 
+
 def bench_bounds(run, model):
     n = run.shape["copy_mib"] * 2**20 // 4  # float32 elements: the copy moves bytes, not values
     src = torch.ones(n, device=run.device)
     dst = torch.empty_like(src)
-    t = run.timed({"copy": lambda: dst.copy_(src)}, run.shape["repeats"])["copy"]
+    t = run.timed({"copy": lambda: dst.copy_(src)}, run.shape["repeats"])["copy"]  # noqa: F821 - deleted after
     run.bandwidth = 2 * src.numel() * src.element_size() / t  # read + write
     del src, dst
-    run.figure("bounds", f"memory bandwidth, {run.shape['copy_mib']} MiB copy", run.bandwidth / 1e9,
-               "GB/s", None, "", note="read + written bytes / time; the decode bound's denominator")
+    run.figure(
+        "bounds",
+        f"memory bandwidth, {run.shape['copy_mib']} MiB copy",
+        run.bandwidth / 1e9,
+        "GB/s",
+        None,
+        "",
+        note="read + written bytes / time; the decode bound's denominator",
+    )
     mm, flops = matmul(run.shape["matmul"], run.device, run.dtype)
     t = run.timed({"mm": mm}, run.shape["repeats"])["mm"]
     run.matmul_rate = flops / t
-    run.figure("bounds", f"matmul rate, {run.shape['matmul']}³ {run.shape['dtype']}",
-               run.matmul_rate / 1e12, "TFLOP/s", None, "", note="the encoding bound's numerator")
+    run.figure(
+        "bounds",
+        f"matmul rate, {run.shape['matmul']}³ {run.shape['dtype']}",
+        run.matmul_rate / 1e12,
+        "TFLOP/s",
+        None,
+        "",
+        note="the encoding bound's numerator",
+    )
     # a decode step reads every weight matrix once; of the input embedding only B rows
     run.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     if model.lm_head is not None:
@@ -141,6 +186,7 @@ def bench_bounds(run, model):
 
 # -- decode -----------------------------------------------------------------------------------
 
+
 def bench_decode(run, model, cfg):
     B, n_in, n_out = run.shape["dec"]
     g = torch.Generator().manual_seed(1)
@@ -149,8 +195,11 @@ def bench_decode(run, model, cfg):
     rag_prompt = torch.cat([refs.to(run.device), prompt], dim=1)
     # the same memories for the same query on every path, so their outputs can be compared
     retrieve = Replay(SyntheticRetriever(cfg, 1024, cfg.mems_per_chunk, run.dtype))
-    modes = {"none": (prompt, {}), "memory": (prompt, dict(retrieve=retrieve, prefetch=run.cuda)),
-             "rag": (rag_prompt, {})}
+    modes = {
+        "none": (prompt, {}),
+        "memory": (prompt, dict(retrieve=retrieve, prefetch=run.cuda)),
+        "rag": (rag_prompt, {}),
+    }
     bound = B * run.bandwidth / run.weight_bytes
     static_name = "static, CUDA graph" if run.cuda else "static, eager"
     fns, equal, capture = {}, {}, {}
@@ -164,38 +213,62 @@ def bench_decode(run, model, cfg):
         capture[mode] = time.perf_counter() - t
         equal[mode] = (eager == static).all(dim=1).float().mean().item()
         fns[(mode, "eager")] = lambda p=p, kw=kw: generate_with_memory(model, p, n_out, **kw)
-        fns[(mode, static_name)] = lambda p=p, kw=kw, d=decoder: generate_with_memory(
-            model, p, n_out, static=d, **kw)
+        fns[(mode, static_name)] = lambda p=p, kw=kw, d=decoder: generate_with_memory(model, p, n_out, static=d, **kw)
     t = run.timed(fns, run.shape["dec_repeats"], warm_up=False)  # the calls above warmed up
     tok = {key: B * n_out / s for key, s in t.items()}
     where = f"batch {B}, {n_in} in + {n_out} out, prefill included"
     for (mode, path), rate in tok.items():
         note = where
         if path != "eager":
-            note += (f"; greedy rows equal to eager: {equal[mode]:.0%}; first call "
-                     f"{capture[mode]:.2f} s (graph capture included)" if run.cuda else
-                     f"; greedy rows equal to eager: {equal[mode]:.0%}; CUDA graphs: not measurable "
-                     f"on {run.device} (they need a CUDA device), the static step ran eagerly")
+            note += (
+                f"; greedy rows equal to eager: {equal[mode]:.0%}; first call "
+                f"{capture[mode]:.2f} s (graph capture included)"
+                if run.cuda
+                else f"; greedy rows equal to eager: {equal[mode]:.0%}; CUDA graphs: not measurable "
+                f"on {run.device} (they need a CUDA device), the static step ran eagerly"
+            )
         checks = {} if path == "eager" else dict(rows_equal_to_eager=equal[mode])
-        run.figure("decode", f"{mode}, {path}", rate, "tok/s", bound, "weight-read bound tok/s",
-                   note=note, **checks)
+        run.figure("decode", f"{mode}, {path}", rate, "tok/s", bound, "weight-read bound tok/s", note=note, **checks)
     for mode in modes:
         ratio = tok[(mode, static_name)] / tok[(mode, "eager")]
-        run.figure("decode", f"{mode}: static / eager speed", ratio, "×", None, "",
-                   note="the static path becomes the default only if equal and not slower")
+        run.figure(
+            "decode",
+            f"{mode}: static / eager speed",
+            ratio,
+            "×",
+            None,
+            "",
+            note="the static path becomes the default only if equal and not slower",
+        )
     best = {m: max(tok[(m, "eager")], tok[(m, static_name)]) for m in modes}
     path_of = {m: "eager" if best[m] == tok[(m, "eager")] else static_name for m in modes}
-    run.goal("decode with memory / weight-read bound", best["memory"] / bound, GOALS["decode_of_bound"],
-             best["memory"] / bound >= GOALS["decode_of_bound"], f"{path_of['memory']} path")
+    run.goal(
+        "decode with memory / weight-read bound",
+        best["memory"] / bound,
+        GOALS["decode_of_bound"],
+        best["memory"] / bound >= GOALS["decode_of_bound"],
+        f"{path_of['memory']} path",
+    )
     slow = 1 - best["memory"] / best["none"]
-    run.goal("decode slowdown, memory vs none", slow, GOALS["memory_slowdown"],
-             slow <= GOALS["memory_slowdown"], f"best paths: {path_of['memory']} / {path_of['none']}")
+    run.goal(
+        "decode slowdown, memory vs none",
+        slow,
+        GOALS["memory_slowdown"],
+        slow <= GOALS["memory_slowdown"],
+        f"best paths: {path_of['memory']} / {path_of['none']}",
+    )
     over = best["memory"] / best["rag"]
-    run.goal("decode speed, memory / RAG", over, GOALS["memory_over_rag"], over >= GOALS["memory_over_rag"],
-             f"best paths: {path_of['memory']} / {path_of['rag']}")
+    run.goal(
+        "decode speed, memory / RAG",
+        over,
+        GOALS["memory_over_rag"],
+        over >= GOALS["memory_over_rag"],
+        f"best paths: {path_of['memory']} / {path_of['rag']}",
+    )
 
 
 # -- memory forward ---------------------------------------------------------------------------
+
 
 def bench_forward(run, model, cfg):
     B, T = run.shape["fwd"]
@@ -215,16 +288,28 @@ def bench_forward(run, model, cfg):
                 return model(tokens, memories)
             finally:
                 model.use_flex, model.chunk_local = False, True
+
         return fn
 
-    paths = {"dense mask": with_memory(False, False), "FlexAttention": with_memory(True, False),
-             "chunk-local": with_memory(False, True)}
+    paths = {
+        "dense mask": with_memory(False, False),
+        "FlexAttention": with_memory(True, False),
+        "chunk-local": with_memory(False, True),
+    }
     outs = {name: fn() for name, fn in paths.items()}
     ref = outs["dense mask"].float()
     t = run.timed({"plain": lambda: model(tokens), **paths}, run.shape["repeats"])
     shape = f"{B} × {T}, {C} chunks × {cfg.mems_per_chunk} memories × top-{cfg.mem_top_k}"
-    run.figure("memory forward", f"no memory, {B} × {T}", t["plain"] * 1e3, "ms", t["plain"] * 1e3,
-               "itself", higher_is_better=False, note="the bound of the rows below")
+    run.figure(
+        "memory forward",
+        f"no memory, {B} × {T}",
+        t["plain"] * 1e3,
+        "ms",
+        t["plain"] * 1e3,
+        "itself",
+        higher_is_better=False,
+        note="the bound of the rows below",
+    )
     overheads = {}
     for name in paths:
         overheads[name] = t[name] / t["plain"] - 1
@@ -232,16 +317,31 @@ def bench_forward(run, model, cfg):
         note = f"{shape}; overhead {overheads[name]:+.1%}; largest logit difference to the dense mask's {diff:.2g}"
         if name == "FlexAttention" and not run.cuda:
             note += f"; uncompiled on {run.device} (not representative)"
-        run.figure("memory forward", f"with memory, {name}", t[name] * 1e3, "ms", t["plain"] * 1e3,
-                   "no-memory forward ms", higher_is_better=False, note=note, max_logit_diff=diff)
+        run.figure(
+            "memory forward",
+            f"with memory, {name}",
+            t[name] * 1e3,
+            "ms",
+            t["plain"] * 1e3,
+            "no-memory forward ms",
+            higher_is_better=False,
+            note=note,
+            max_logit_diff=diff,
+        )
     best = min(overheads, key=overheads.get)
-    run.goal(f"memory forward overhead at {B} × {T}", overheads[best], GOALS["forward_overhead"],
-             overheads[best] <= GOALS["forward_overhead"], f"best path: {best}; chunk-local "
-             f"{overheads['chunk-local']:+.1%}, Flex {overheads['FlexAttention']:+.1%}, dense "
-             f"{overheads['dense mask']:+.1%}")
+    run.goal(
+        f"memory forward overhead at {B} × {T}",
+        overheads[best],
+        GOALS["forward_overhead"],
+        overheads[best] <= GOALS["forward_overhead"],
+        f"best path: {best}; chunk-local "
+        f"{overheads['chunk-local']:+.1%}, Flex {overheads['FlexAttention']:+.1%}, dense "
+        f"{overheads['dense mask']:+.1%}",
+    )
 
 
 # -- reference encoding -----------------------------------------------------------------------
+
 
 def dense_encode_flops(cfg, T):
     """encode_flops without the top-k score, and without the last memory layer's query
@@ -255,20 +355,33 @@ def bench_encode(run, model, cfg):
     n, T = run.shape["enc_batch"], cfg.ref_max_tokens
     g = torch.Generator(device=run.device).manual_seed(3)
     refs = torch.randint(4, cfg.vocab_size, (n, T), device=run.device, generator=g)
-    t = run.timed({"top-k": lambda: encode_references(model, refs),
-                   "dense": lambda: encode_references(model, refs, top_k=T)}, run.shape["repeats"])
+    t = run.timed(
+        {"top-k": lambda: encode_references(model, refs), "dense": lambda: encode_references(model, refs, top_k=T)},
+        run.shape["repeats"],
+    )
     for name, flops in (("top-k", encode_flops(cfg, T)), ("dense", dense_encode_flops(cfg, T))):
         label = f"top-{cfg.mem_top_k}" if name == "top-k" else "dense (no score)"
-        run.figure("encoding", f"references, {label}", n / t[name], "refs/s",
-                   run.matmul_rate / flops, "matmul-rate refs/s",
-                   note=f"{n} refs × {T} tokens; {flops / 1e9:.3g} GFLOP per reference")
+        run.figure(
+            "encoding",
+            f"references, {label}",
+            n / t[name],
+            "refs/s",
+            run.matmul_rate / flops,
+            "matmul-rate refs/s",
+            note=f"{n} refs × {T} tokens; {flops / 1e9:.3g} GFLOP per reference",
+        )
     frac = n / t["top-k"] * encode_flops(cfg, T) / run.matmul_rate
-    run.goal("reference encoding / matmul rate", frac, GOALS["encode_of_matmul"],
-             frac >= GOALS["encode_of_matmul"], f"top-{cfg.mem_top_k}; score share of the time "
-             f"{1 - t['dense'] / t['top-k']:.0%}")
+    run.goal(
+        "reference encoding / matmul rate",
+        frac,
+        GOALS["encode_of_matmul"],
+        frac >= GOALS["encode_of_matmul"],
+        f"top-{cfg.mem_top_k}; score share of the time {1 - t['dense'] / t['top-k']:.0%}",
+    )
 
 
 # -- output -----------------------------------------------------------------------------------
+
 
 def fmt(x, unit=""):
     if x is None:
@@ -283,12 +396,13 @@ def print_tables(run):
     for f in run.figures:
         bound = f"{fmt(f['bound'])} {f['bound_name']}" if f["bound"] else "–"
         frac = f"{f['fraction']:.1%}" if f["fraction"] is not None else "–"
-        print(f"| {f['section']} | {f['name']} | {fmt(f['value'], f['unit'])} {f['unit']} | {bound} "
-              f"| {frac} | {f['note']} |")
+        print(
+            f"| {f['section']} | {f['name']} | {fmt(f['value'], f['unit'])} {f['unit']} | {bound} "
+            f"| {frac} | {f['note']} |"
+        )
     print("\n| goal (H200, paper-2.4b, bf16) | measured | target | met | note |\n|---|---|---|---|---|")
     for g in run.goals:
-        print(f"| {g['goal']} | {g['value']:.3g} | {g['target']:g} | {'yes' if g['met'] else 'no'} "
-              f"| {g['note']} |")
+        print(f"| {g['goal']} | {g['value']:.3g} | {g['target']:g} | {'yes' if g['met'] else 'no'} | {g['note']} |")
 
 
 def main(argv=None) -> int:
@@ -299,8 +413,12 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: bfloat16 on cuda")
     p.add_argument("--repeats", type=int)
     p.add_argument("--threads", type=int, default=1, help="CPU threads (cpu runs)")
-    p.add_argument("--clock", default="wall", choices=("wall", "process"),
-                   help="process: this process's CPU time (a shared CPU, --threads 1)")
+    p.add_argument(
+        "--clock",
+        default="wall",
+        choices=("wall", "process"),
+        help="process: this process's CPU time (a shared CPU, --threads 1)",
+    )
     p.add_argument("--sections", default="decode,forward,encode")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -314,11 +432,20 @@ def main(argv=None) -> int:
     with torch.device(run.device):
         model = Memory3(cfg).to(run.dtype).eval()
     hw = torch.cuda.get_device_name() if run.cuda else f"CPU {platform.machine()}, {torch.get_num_threads()} thread(s)"
-    run.info = dict(device=hw, torch=torch.__version__, preset=run.shape["preset"], dtype=run.shape["dtype"],
-                    non_embedding_params=model.num_params(), shapes=run.shape, clock=args.clock)
-    print(f"## bench/gpu.py: `{run.shape['preset']}` ({model.num_params() / 1e6:,.1f}M non-embedding "
-          f"parameters) in {run.shape['dtype']} on {hw}, torch {torch.__version__}; medians of "
-          f"{run.shape['repeats']} runs ({run.shape['dec_repeats']} for decode), {args.clock} clock\n")
+    run.info = dict(
+        device=hw,
+        torch=torch.__version__,
+        preset=run.shape["preset"],
+        dtype=run.shape["dtype"],
+        non_embedding_params=model.num_params(),
+        shapes=run.shape,
+        clock=args.clock,
+    )
+    print(
+        f"## bench/gpu.py: `{run.shape['preset']}` ({model.num_params() / 1e6:,.1f}M non-embedding "
+        f"parameters) in {run.shape['dtype']} on {hw}, torch {torch.__version__}; medians of "
+        f"{run.shape['repeats']} runs ({run.shape['dec_repeats']} for decode), {args.clock} clock\n"
+    )
     sections = {"decode": bench_decode, "forward": bench_forward, "encode": bench_encode}
     bench_bounds(run, model)
     run.save()
@@ -341,8 +468,10 @@ def main(argv=None) -> int:
         run.info["peak_memory_gib"] = f"not measurable on {run.device}"
     run.save()
     print_tables(run)
-    print(f"\npeak device memory: {fmt(run.info['peak_memory_gib']) if run.cuda else run.info['peak_memory_gib']}"
-          f"{' GiB' if run.cuda else ''}; elapsed {time.perf_counter() - run.t0:.0f} s")
+    print(
+        f"\npeak device memory: {fmt(run.info['peak_memory_gib']) if run.cuda else run.info['peak_memory_gib']}"
+        f"{' GiB' if run.cuda else ''}; elapsed {time.perf_counter() - run.t0:.0f} s"
+    )
     return 1 if run.info.get("failed") else 0
 
 

@@ -76,21 +76,28 @@ def run_ours(path: Path, bank: Path, cpus: int) -> dict:
     from jobs.config import load_config
     from jobs.stages.ingest import clean_and_dedup, plan
     from jobs.stages.report import Report
+    from storage.bank import Bank
 
-    cfg = load_config(ROOT / "configs" / "demo.yaml",
-                      [f"corpus.paths=[{path}]", f"bank.uri={bank}", f"ray.num_cpus={cpus}"])
+    cfg = load_config(
+        ROOT / "configs" / "demo.yaml", [f"corpus.paths=[{path}]", f"bank.uri={bank}", f"ray.num_cpus={cpus}"]
+    )
     report = Report("bench")
     t0 = time.perf_counter()
     files, counts, _, key, shards = plan(cfg)
     with PeakRSS() as rss:
-        dups, _, _ = clean_and_dedup(cfg, files, shards, bank / "_staging" / key, report)
+        dups, _, _ = clean_and_dedup(cfg, Bank.of(cfg), files, shards, bank / "_staging" / key, report, key)
     seconds = time.perf_counter() - t0
     import pyarrow.parquet as pq
 
     staged = bank / "_staging" / key / "rejects"
     rejected = sum(pq.ParquetFile(f).metadata.num_rows for f in staged.glob("*.parquet")) + len(dups)
-    return {"seconds": seconds, "records": sum(counts), "duplicates": len(dups), "rejected": rejected,
-            "worker_peak_rss": rss.peak}
+    return {
+        "seconds": seconds,
+        "records": sum(counts),
+        "duplicates": len(dups),
+        "rejected": rejected,
+        "worker_peak_rss": rss.peak,
+    }
 
 
 def main() -> None:
@@ -122,7 +129,8 @@ def main() -> None:
     print("| pipeline | seconds | MB/s | records/s | ratio vs DataTrove |")
     print("|---|---|---|---|---|")
     row = lambda name, s, ratio: print(  # noqa: E731
-        f"| {name} | {s:.2f} | {mb / s:.2f} | {ours['records'] / s:,.0f} | {ratio} |")
+        f"| {name} | {s:.2f} | {mb / s:.2f} | {ours['records'] / s:,.0f} | {ratio} |"
+    )
     if not args.skip_datatrove:
         sys.path.insert(0, str(Path(__file__).parent))
         from ingest_datatrove import run_datatrove
@@ -131,13 +139,21 @@ def main() -> None:
         # Without its quality filters DataTrove's MinHash sees every document, as ours does.
         dt_all = run_datatrove(str(path), str(work / "datatrove-nofilter"), workers=args.cpus, quality_filters=False)
         row("DataTrove 0.10: Gopher quality + repetition, then MinHash (4 stages)", dt["seconds"], "1.00")
-        row("DataTrove 0.10: MinHash (4 stages) on every document", dt_all["seconds"],
-            f"{dt['seconds'] / dt_all['seconds']:.2f}×")
-        row("ours: clean as Ray tasks (all filters + MinHash keys) + partitioned dedup", ours["seconds"],
-            f"**{dt['seconds'] / ours['seconds']:.2f}×**")
-        print(f"\nDataTrove stages (s): {dt['stage_seconds']}; it kept {dt['docs_out']:,} of {dt['docs_in']:,} "
-              f"documents (its spaCy word split counts punctuation as words, so most FOLDOC entries fail its "
-              f"alpha-word check); ours kept {ours['records'] - ours['rejected']:,}.")
+        row(
+            "DataTrove 0.10: MinHash (4 stages) on every document",
+            dt_all["seconds"],
+            f"{dt['seconds'] / dt_all['seconds']:.2f}×",
+        )
+        row(
+            "ours: clean as Ray tasks (all filters + MinHash keys) + partitioned dedup",
+            ours["seconds"],
+            f"**{dt['seconds'] / ours['seconds']:.2f}×**",
+        )
+        print(
+            f"\nDataTrove stages (s): {dt['stage_seconds']}; it kept {dt['docs_out']:,} of {dt['docs_in']:,} "
+            f"documents (its spaCy word split counts punctuation as words, so most FOLDOC entries fail its "
+            f"alpha-word check); ours kept {ours['records'] - ours['rejected']:,}."
+        )
     else:
         row("ours (clean as Ray tasks + partitioned dedup)", ours["seconds"], "n/a")
     print(f"Ray start-up (not timed above): {ray_start:.1f} s; first (cold-worker) run: {warm['seconds']:.2f} s.")
@@ -149,8 +165,10 @@ def main() -> None:
         p = work / f"foldoc-x{n}.jsonl"
         size = write_corpus(p, n) / 2**20
         r = run_ours(p, work / f"bank-x{n}", args.cpus)
-        print(f"| FOLDOC ×{n} | {size:.1f} | {r['seconds']:.2f} | {size / r['seconds']:.2f} | "
-              f"{r['duplicates']:,} | {r['worker_peak_rss'] / 2**20:.0f} |")
+        print(
+            f"| FOLDOC ×{n} | {size:.1f} | {r['seconds']:.2f} | {size / r['seconds']:.2f} | "
+            f"{r['duplicates']:,} | {r['worker_peak_rss'] / 2**20:.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -38,13 +38,13 @@ import argparse
 import os
 import shutil
 import signal
+import statistics
 import subprocess
+import sys
+import tempfile
 import time
 import uuid
 from contextlib import contextmanager, nullcontext
-import statistics
-import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,8 +98,11 @@ mark("Ray stop (at exit in m3)")
 
 def driver_env(work: Path) -> dict[str, str]:
     """What a process needs to join running_ray's head: loopback (single-machine mode) and its token."""
-    return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN_PATH": str(work / "auth_token")}
+    return {
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(work / "auth_token"),
+    }
 
 
 @contextmanager
@@ -111,11 +114,24 @@ def running_ray(cpus: int, work: Path):
     token.write_text(uuid.uuid4().hex)
     env = {**os.environ, **driver_env(work)}
     temp = Path(tempfile.mkdtemp(prefix="m3ray-", dir="/tmp"))  # short: socket paths
-    proc = subprocess.Popen([str(ROOT / ".venv" / "bin" / "ray"), "start", "--head", "--block",
-                             "--node-ip-address=127.0.0.1", f"--port={port}", f"--num-cpus={cpus}",
-                             "--include-dashboard=false", f"--temp-dir={temp}", "--disable-usage-stats"],
-                            env=env, start_new_session=True, stdout=open(work / "ray-head.log", "w"),
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            str(ROOT / ".venv" / "bin" / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            f"--num-cpus={cpus}",
+            "--include-dashboard=false",
+            f"--temp-dir={temp}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        start_new_session=True,
+        stdout=open(work / "ray-head.log", "w"),
+        stderr=subprocess.STDOUT,
+    )
     address = f"127.0.0.1:{port}"
     try:
         probe = f"import ray; ray.init(address={address!r}); ray.shutdown()"
@@ -144,20 +160,47 @@ def running_ray(cpus: int, work: Path):
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def commands(corpus: Path, work: Path, cpus: int, run: int, floors: bool,
-             address: str | None = None) -> dict[str, list[str]]:
+def commands(
+    corpus: Path, work: Path, cpus: int, run: int, floors: bool, address: str | None = None
+) -> dict[str, list[str]]:
     out = {
-        "datatrove": [str(PY), str(ROOT / "bench" / "ingest_datatrove.py"), str(corpus), "--workers", str(cpus),
-                      "--workdir", str(work / f"dt-{run}")],
-        "m3 ingest": [str(M3), "ingest", "-c", str(ROOT / "configs" / "demo.yaml"),
-                      "--set", f"bank.uri={work / f'bank-{run}'}", "--set", f"corpus.paths=[{corpus}]",
-                      "--set", f"ray.num_cpus={cpus}"],
+        "datatrove": [
+            str(PY),
+            str(ROOT / "bench" / "ingest_datatrove.py"),
+            str(corpus),
+            "--workers",
+            str(cpus),
+            "--workdir",
+            str(work / f"dt-{run}"),
+        ],
+        "m3 ingest": [
+            str(M3),
+            "ingest",
+            "-c",
+            str(ROOT / "configs" / "demo.yaml"),
+            "--set",
+            f"bank.uri={work / f'bank-{run}'}",
+            "--set",
+            f"corpus.paths=[{corpus}]",
+            "--set",
+            f"ray.num_cpus={cpus}",
+        ],
     }
     if address:
         out["m3 ingest, joined to a running Ray"] = [
-            "env", *(f"{k}={v}" for k, v in driver_env(work).items()), str(M3), "ingest", "-c", str(ROOT / "configs" / "demo.yaml"),
-            "--set", f"bank.uri={work / f'bank-joined-{run}'}", "--set", f"corpus.paths=[{corpus}]",
-            "--set", f"ray.address={address}"]
+            "env",
+            *(f"{k}={v}" for k, v in driver_env(work).items()),
+            str(M3),
+            "ingest",
+            "-c",
+            str(ROOT / "configs" / "demo.yaml"),
+            "--set",
+            f"bank.uri={work / f'bank-joined-{run}'}",
+            "--set",
+            f"corpus.paths=[{corpus}]",
+            "--set",
+            f"ray.address={address}",
+        ]
     if floors:
         out["floor: python -c pass"] = [str(PY), "-c", "pass"]
         out["floor: + ingest's imports"] = [str(PY), "-c", "import jobs.cli.main, jobs.stages.ingest"]
@@ -208,8 +251,10 @@ def main() -> int:
     load = os.getloadavg()
 
     med = {name: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for name, v in runs.items()}
-    print(f"\nFOLDOC, {size / 1e6:.2f} MB of JSONL, {a.cpus} CPUs, median of {a.repeats}, "
-          f"load average at end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}\n")
+    print(
+        f"\nFOLDOC, {size / 1e6:.2f} MB of JSONL, {a.cpus} CPUs, median of {a.repeats}, "
+        f"load average at end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}\n"
+    )
     print("| run | wall (s) | CPU (s) | walls | DataTrove / this (wall) |")
     print("|---|---:|---:|---|---:|")
     dt = med["datatrove"][0]
@@ -217,8 +262,10 @@ def main() -> int:
         walls = ", ".join(f"{w:.1f}" for w, _ in runs[name])
         print(f"| {name} | {wall:.2f} | {cpu:.2f} | {walls} | {dt / wall:.2f}x |")
     pairs = [d[0] / m[0] for d, m in zip(runs["datatrove"], runs["m3 ingest"])]
-    print(f"\nDataTrove / m3 ingest, end to end: {dt / med['m3 ingest'][0]:.2f}x (medians); "
-          f"per repeat {', '.join(f'{p:.2f}x' for p in pairs)}")
+    print(
+        f"\nDataTrove / m3 ingest, end to end: {dt / med['m3 ingest'][0]:.2f}x (medians); "
+        f"per repeat {', '.join(f'{p:.2f}x' for p in pairs)}"
+    )
     return 0
 
 

@@ -58,9 +58,20 @@ def main() -> int:
         files, _, _, _, shards = plan(cfg)
         out, ids = work / name, [s.shard_id for s in shards]
         t = time.process_time()
-        hits = sum(clean_shard(s, files, cfg.corpus, cfg.quality, cfg.dedup, out, cfg.bank_quality,
-                               memo_src=src and f"{src}/clean", memo_dst=dst and f"{dst}/clean")["memo_hits"]
-                   for s in shards)
+        hits = sum(
+            clean_shard(
+                s,
+                files,
+                cfg.corpus,
+                cfg.quality,
+                cfg.dedup,
+                out,
+                cfg.bank_quality,
+                memo_src=src and f"{src}/clean",
+                memo_dst=dst and f"{dst}/clean",
+            )["memo_hits"]
+            for s in shards
+        )
         clean_s = time.process_time() - t
         for p in range(cfg.dedup.partitions):
             dedup_partition(p, out)
@@ -69,8 +80,15 @@ def main() -> int:
             tok_json = train_bpe(assemble.kept_texts(out, ids, dup_ranks), cfg.tokenizer.vocab_size).to_str()
         t = time.process_time()
         for s in ids:
-            hits += chunk_shard(s, out, tok_json, dup_ranks, cfg.chunking,
-                                memo_src=src and f"{src}/chunk", memo_dst=dst and f"{dst}/chunk")["memo_hits"]
+            hits += chunk_shard(
+                s,
+                out,
+                tok_json,
+                dup_ranks,
+                cfg.chunking,
+                memo_src=src and f"{src}/chunk",
+                memo_dst=dst and f"{dst}/chunk",
+            )["memo_hits"]
         chunk_s = time.process_time() - t
         return {"clean": clean_s, "chunk": chunk_s, "hits": hits, "tok": tok_json, "out": out, "ids": ids}
 
@@ -80,28 +98,42 @@ def main() -> int:
     src = memo.source(bank, "clean", "c").rsplit("/", 1)[0]
 
     every = max(1, round(1 / a.changed))
-    write(corpus, [dict(r, text=r["text"] + " This entry was revised for the rebuild benchmark.")
-                   if i % every == 0 else r for i, r in enumerate(recs)])
+    write(
+        corpus,
+        [
+            dict(r, text=r["text"] + " This entry was revised for the rebuild benchmark.") if i % every == 0 else r
+            for i, r in enumerate(recs)
+        ],
+    )
     scratch = run("scratch", None, None, full["tok"])
     incr = run("incremental", src, None, full["tok"])
     for kind in ("docs", "rejects", "refs", "seqs"):
-        tables = [pa.concat_tables([read_table(p) for p in assemble.staged(r["out"], kind, r["ids"])])
-                  for r in (scratch, incr)]
+        tables = [
+            pa.concat_tables([read_table(p) for p in assemble.staged(r["out"], kind, r["ids"])])
+            for r in (scratch, incr)
+        ]
         assert tables[0].equals(tables[1]), f"{kind}: the memo changed the staged rows"
 
     n_edit = sum(i % every == 0 for i in range(len(recs)))
-    print(f"\n## Ingest's per-record work with the memo ({len(recs):,} FOLDOC entries, {n_edit} edited; "
-          f"CPU seconds in one process)\n")
-    print(f"records and documents taken from the memo: {incr['hits']:,}; staged outputs identical to "
-          f"the build without it\n")
+    print(
+        f"\n## Ingest's per-record work with the memo ({len(recs):,} FOLDOC entries, {n_edit} edited; "
+        f"CPU seconds in one process)\n"
+    )
+    print(
+        f"records and documents taken from the memo: {incr['hits']:,}; staged outputs identical to "
+        f"the build without it\n"
+    )
     print("| step | full build (s) | edited, without memo (s) | edited, with memo (s) | with / without |")
     print("|---|---:|---:|---:|---:|")
     for step in ("clean", "chunk"):
-        print(f"| {step} | {full[step]:.2f} | {scratch[step]:.2f} | {incr[step]:.2f} | "
-              f"{incr[step] / scratch[step]:.1%} |")
+        print(
+            f"| {step} | {full[step]:.2f} | {scratch[step]:.2f} | {incr[step]:.2f} | {incr[step] / scratch[step]:.1%} |"
+        )
     tot = {k: r["clean"] + r["chunk"] for k, r in (("full", full), ("scratch", scratch), ("incr", incr))}
-    print(f"| **clean + chunk** | **{tot['full']:.2f}** | **{tot['scratch']:.2f}** | **{tot['incr']:.2f}** | "
-          f"**{tot['incr'] / tot['scratch']:.1%}** |")
+    print(
+        f"| **clean + chunk** | **{tot['full']:.2f}** | **{tot['scratch']:.2f}** | **{tot['incr']:.2f}** | "
+        f"**{tot['incr'] / tot['scratch']:.1%}** |"
+    )
     return 0
 
 

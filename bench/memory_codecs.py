@@ -32,8 +32,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import Memory3, ModelConfig, encode_references  # noqa: E402
-from model.codecs import (Int8Codec, RawCodec, VQCodec, bytes_per_memory,  # noqa: E402
-                          default_spec)
+from model.codecs import (
+    Int8Codec,
+    RawCodec,
+    VQCodec,
+    bytes_per_memory,  # noqa: E402
+    default_spec,
+)
 
 
 def timed(fns: dict, repeats: int, clock) -> dict:
@@ -51,8 +56,7 @@ def timed(fns: dict, repeats: int, clock) -> dict:
     return {name: min(ts) for name, ts in times.items()}
 
 
-def structured_memories(n: int, shape: tuple, seed: int, rank: int = 16,
-                        noise: float = 0.1) -> torch.Tensor:
+def structured_memories(n: int, shape: tuple, seed: int, rank: int = 16, noise: float = 0.1) -> torch.Tensor:
     L, two, H, k, d = shape
     basis = np.random.default_rng(0).standard_normal((rank, d)) / np.sqrt(rank)  # fixed: shared
     groups = np.random.default_rng(1)  # fixed too: train and test memories come from one model
@@ -83,48 +87,50 @@ def rate(x: float) -> str:
 
 
 def rel_mse(x: torch.Tensor, y: torch.Tensor) -> float:
-    return float(((x - y) ** 2).sum() / (x ** 2).sum())
+    return float(((x - y) ** 2).sum() / (x**2).sum())
 
 
-def bench_shape(title: str, cfg: ModelConfig, train: torch.Tensor, test: torch.Tensor,
-                args) -> list[str]:
+def bench_shape(title: str, cfg: ModelConfig, train: torch.Tensor, test: torch.Tensor, args) -> list[str]:
     shape = tuple(test.shape[1:])
     d = shape[-1]
     vectors = train.reshape(-1, d)
     cores = faiss.omp_get_max_threads()
     t0 = time.perf_counter()
-    vq = VQCodec.train(vectors, default_spec(d), seed=0, max_train=args.max_train,
-                       niter=args.niter)
+    vq = VQCodec.train(vectors, default_spec(d), seed=0, max_train=args.max_train, niter=args.niter)
     train_s = time.perf_counter() - t0
     codecs = [RawCodec("bfloat16"), RawCodec("float16"), RawCodec("float32"), Int8Codec(), vq]
     base = codecs[0]
     dense = dense_bytes(cfg)
-    lines = [f"### {title}: memory {shape}, dense reference {dense:,} B "
-             f"({dense / 2**20:.2f} MiB)", "",
-             f"VQ `{vq.spec}` ({vq.code_size} B per {d}-dim vector) trained on "
-             f"{min(len(vectors), args.max_train or len(vectors)):,} vectors from "
-             f"{len(train)} other memories in {train_s:.1f} s "
-             f"(niter {args.niter or 'faiss default'}, {cores} threads); measured on "
-             f"{len(test)} memories, best of {args.repeats}, {args.threads} thread(s), "
-             f"{args.clock_name} time.", "",
-             "| codec | bytes/ref | vs dense bf16 | vs raw bf16 | rel. MSE | encode mem/s "
-             "| ×raw | decode mem/s | ×raw |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"### {title}: memory {shape}, dense reference {dense:,} B ({dense / 2**20:.2f} MiB)",
+        "",
+        f"VQ `{vq.spec}` ({vq.code_size} B per {d}-dim vector) trained on "
+        f"{min(len(vectors), args.max_train or len(vectors)):,} vectors from "
+        f"{len(train)} other memories in {train_s:.1f} s "
+        f"(niter {args.niter or 'faiss default'}, {cores} threads); measured on "
+        f"{len(test)} memories, best of {args.repeats}, {args.threads} thread(s), "
+        f"{args.clock_name} time.",
+        "",
+        "| codec | bytes/ref | vs dense bf16 | vs raw bf16 | rel. MSE | encode mem/s | ×raw | decode mem/s | ×raw |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     payloads = {c.name: c.encode_batch(test) for c in codecs}
     faiss.omp_set_num_threads(args.threads)  # measure on the cores asked for, train on all
-    enc = timed({c.name: (lambda c=c: c.encode_batch(test)) for c in codecs}, args.repeats,
-                args.clock)
-    dec = timed({c.name: (lambda c=c: c.decode_batch(payloads[c.name], shape))
-                 for c in codecs}, args.repeats, args.clock)
+    enc = timed({c.name: (lambda c=c: c.encode_batch(test)) for c in codecs}, args.repeats, args.clock)
+    dec = timed(
+        {c.name: (lambda c=c: c.decode_batch(payloads[c.name], shape)) for c in codecs}, args.repeats, args.clock
+    )
     faiss.omp_set_num_threads(cores)
     rows = []
     for codec in codecs:
         back = codec.decode_batch(payloads[codec.name], shape)
         nb = bytes_per_memory(codec, shape)
-        rows.append(f"| {codec.name} | {nb:,} | {dense / nb:,.0f}× | "
-                    f"{bytes_per_memory(base, shape) / nb:.2f}× | {rel_mse(test, back):.2e} | "
-                    f"{rate(len(test) / enc[codec.name])} | {enc[base.name] / enc[codec.name]:.3g} | "
-                    f"{rate(len(test) / dec[codec.name])} | {dec[base.name] / dec[codec.name]:.3g} |")
+        rows.append(
+            f"| {codec.name} | {nb:,} | {dense / nb:,.0f}× | "
+            f"{bytes_per_memory(base, shape) / nb:.2f}× | {rel_mse(test, back):.2e} | "
+            f"{rate(len(test) / enc[codec.name])} | {enc[base.name] / enc[codec.name]:.3g} | "
+            f"{rate(len(test) / dec[codec.name])} | {dec[base.name] / dec[codec.name]:.3g} |"
+        )
     return lines + rows + [""]
 
 
@@ -132,13 +138,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small samples, VQ niter 5")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch and faiss threads while timing (VQ training uses every core)")
-    p.add_argument("--clock", choices=("process", "wall"), default=None,
-                   help="process CPU time (default with 1 thread: steady on a shared machine) "
-                        "or wall time (default with more threads)")
-    p.add_argument("--niter", type=int, default=None,
-                   help="cap on VQ training iterations (default: faiss's own)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch and faiss threads while timing (VQ training uses every core)"
+    )
+    p.add_argument(
+        "--clock",
+        choices=("process", "wall"),
+        default=None,
+        help="process CPU time (default with 1 thread: steady on a shared machine) "
+        "or wall time (default with more threads)",
+    )
+    p.add_argument("--niter", type=int, default=None, help="cap on VQ training iterations (default: faiss's own)")
     p.add_argument("--max-train", type=int, default=None, help="VQ training vectors at most")
     args = p.parse_args()
     if args.quick:
@@ -157,14 +167,24 @@ def main() -> None:
     command = " ".join(["python bench/memory_codecs.py", *sys.argv[1:]])
     print(f"`{command}` (torch {torch.__version__}, faiss {faiss.__version__})\n")
     sections = [
-        ("paper-2.4b, structured synthetic", paper,
-         structured_memories(n_paper_train, paper_shape, seed=1),
-         structured_memories(n_paper_test, paper_shape, seed=2)),
-        ("demo (small), structured synthetic", demo,
-         structured_memories(n_demo_train, demo_shape, seed=1),
-         structured_memories(n_demo_test, demo_shape, seed=2)),
-        ("demo (small), random-init model KV", demo,
-         model_memories(demo, n_demo_train, seed=1), model_memories(demo, n_demo_test, seed=2)),
+        (
+            "paper-2.4b, structured synthetic",
+            paper,
+            structured_memories(n_paper_train, paper_shape, seed=1),
+            structured_memories(n_paper_test, paper_shape, seed=2),
+        ),
+        (
+            "demo (small), structured synthetic",
+            demo,
+            structured_memories(n_demo_train, demo_shape, seed=1),
+            structured_memories(n_demo_test, demo_shape, seed=2),
+        ),
+        (
+            "demo (small), random-init model KV",
+            demo,
+            model_memories(demo, n_demo_train, seed=1),
+            model_memories(demo, n_demo_test, seed=2),
+        ),
     ]
     for title, cfg, train, test in sections:
         print("\n".join(bench_shape(title, cfg, train, test, args)), flush=True)

@@ -83,12 +83,14 @@ def evaluate_all(cfg) -> dict:
     return out
 
 
-def tradeoff(cfg, recipe: str = "control-memory", top_ks=(8, 16, 32, 64, 128), codecs=("raw-fp32", "int8", "vq")) -> list[dict]:
+def tradeoff(
+    cfg, recipe: str = "control-memory", top_ks=(8, 16, 32, 64, 128), codecs=("raw-fp32", "int8", "vq")
+) -> list[dict]:
     """Gain over none of one trained model served at several sparsities and codecs."""
     import numpy as np
 
-    from jobs.inference.evaluate import evaluate_items, heldout_items, reads_memory, strict
     from jobs.inference.engine import bank_retriever, bank_tokenizer
+    from jobs.inference.evaluate import evaluate_items, heldout_items, reads_memory, strict
     from jobs.inference.retriever import CodedStore, EncodingStore
     from model import load_model
     from model.codecs import VQCodec, make_codec
@@ -98,13 +100,20 @@ def tradeoff(cfg, recipe: str = "control-memory", top_ks=(8, 16, 32, 64, 128), c
     ckpt = Path(rc.train.run_dir) / stage / "model"
     bank, model = Bank(cfg.bank.uri), load_model(ckpt).eval()
     mc = model.config
-    items = heldout_items(bank, rc.train.heldout_fraction, rc.train.eval_sequences,
-                          rc.train.max_tokens or mc.max_seq_len, mc.mem_chunk_size)
+    items = heldout_items(
+        bank,
+        rc.train.heldout_fraction,
+        rc.train.eval_sequences,
+        rc.train.max_tokens or mc.max_seq_len,
+        mc.mem_chunk_size,
+    )
     retriever = bank_retriever(cfg, bank, bank_tokenizer(bank), mc.mems_per_chunk)
     held = strict(cfg.infer.max_overlap)
     rng = np.random.default_rng(cfg.encode.seed)
     all_ids = bank.dataset("refs").to_table(columns=["ref_id"]).column("ref_id").to_pylist()
-    sample = [all_ids[i] for i in sorted(rng.choice(len(all_ids), min(len(all_ids), cfg.encode.vq_train_refs), replace=False))]
+    sample = [
+        all_ids[i] for i in sorted(rng.choice(len(all_ids), min(len(all_ids), cfg.encode.vq_train_refs), replace=False))
+    ]
     rows = []
     for k in top_ks:
         raw = EncodingStore(model, retriever.ref_tokens, top_k=k)
@@ -116,13 +125,26 @@ def tradeoff(cfg, recipe: str = "control-memory", top_ks=(8, 16, 32, 64, 128), c
             else:
                 codec = make_codec(name)
             modes[name] = ("memory", CodedStore(raw, codec), held)
-        res = evaluate_items(model, items, sink=reads_memory(ckpt), modes=modes, retriever=retriever,
-                             batch_size=cfg.infer.eval.batch_size)
+        res = evaluate_items(
+            model,
+            items,
+            sink=reads_memory(ckpt),
+            modes=modes,
+            retriever=retriever,
+            batch_size=cfg.infer.eval.batch_size,
+        )
         shape = (mc.n_mem_layers, 2, mc.n_kv_heads, min(k, mc.ref_max_tokens), mc.head_dim)
         for name in codecs:
             codec = modes[name][1].codec
-            rows.append({"top_k": k, "codec": name, "bytes_per_reference": codec.nbytes(shape),
-                         "loss": res[name]["loss"], **res[name]["vs_none"]})
+            rows.append(
+                {
+                    "top_k": k,
+                    "codec": name,
+                    "bytes_per_reference": codec.nbytes(shape),
+                    "loss": res[name]["loss"],
+                    **res[name]["vs_none"],
+                }
+            )
             print(f"trade-off: top-{k} {name}: {rows[-1]}", flush=True)
     return rows
 
@@ -143,13 +165,16 @@ def plot(cfg, results: dict, path: Path) -> Path | None:
     def curve(recipe):
         rc, _ = recipe_config(cfg, recipe)
         first = Path(rc.train.run_dir) / "warmup" if recipe == "memory-memory" else run_dir(cfg, "control") / "warmup"
-        return [r["loss"] for r in read_rows(first / "log.jsonl") + read_rows(Path(rc.train.run_dir) / "continual" / "log.jsonl")]
+        return [
+            r["loss"]
+            for r in read_rows(first / "log.jsonl") + read_rows(Path(rc.train.run_dir) / "continual" / "log.jsonl")
+        ]
 
     base = curve("control-control")
     k = 25
     for recipe, color in (("control-memory", "tab:red"), ("memory-memory", "tab:blue")):
         diff = [a - b for a, b in zip(curve(recipe), base)]
-        smooth = [sum(diff[max(0, i - k + 1):i + 1]) / len(diff[max(0, i - k + 1):i + 1]) for i in range(len(diff))]
+        smooth = [sum(diff[max(0, i - k + 1) : i + 1]) / len(diff[max(0, i - k + 1) : i + 1]) for i in range(len(diff))]
         ax.plot(range(1, len(smooth) + 1), smooth, label=f"{recipe} minus control-control", color=color, linewidth=1.2)
     ax.axhline(0, color="tab:gray", linewidth=0.8)
     ax.axvline(w, color="black", linewidth=0.6, linestyle=":")
@@ -167,8 +192,9 @@ def plot(cfg, results: dict, path: Path) -> Path | None:
             names.append(f"{recipe}, memory")
             vals.append(m["memory"]["loss"])
             errs.append(3 * m["memory"]["vs_none"]["stderr"])
-    bx.bar(range(len(names)), vals, yerr=errs, capsize=3,
-           color=["tab:gray" if "none" in n else "tab:red" for n in names])
+    bx.bar(
+        range(len(names)), vals, yerr=errs, capsize=3, color=["tab:gray" if "none" in n else "tab:red" for n in names]
+    )
     bx.set_xticks(range(len(names)), names, fontsize=7, rotation=30, ha="right")
     bx.set_ylim(min(vals) - 0.1, max(vals) + 0.05)
     bx.set_ylabel("held-out loss per token (±3 paired SE)")
@@ -190,15 +216,20 @@ def findings(results: dict) -> list[dict]:
         return m.get("memory", m["none"])["per_item"]
 
     base = ev["control-control"]["modes"]["none"]["per_item"]
-    rows = [("(b) control-memory vs control-control", served("control-memory"), base),
-            ("(a) memory-memory vs control-control", served("memory-memory"), base),
-            ("(a) memory-memory vs control-memory", served("memory-memory"), served("control-memory"))]
+    rows = [
+        ("(b) control-memory vs control-control", served("control-memory"), base),
+        ("(a) memory-memory vs control-control", served("memory-memory"), base),
+        ("(a) memory-memory vs control-memory", served("memory-memory"), served("control-memory")),
+    ]
     return [{"comparison": name, **paired_items(b, a)} for name, a, b in rows]
 
 
 def markdown(results: dict) -> str:
-    lines = ["| model | none | memory | gain over none (paired) | control: another sequence's memories | probe none | probe memory (2/3 filter) | probe gain |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | none | memory | gain over none (paired) | control: another sequence's memories "
+        "| probe none | probe memory (2/3 filter) | probe gain |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for recipe, r in results["evaluation"].items():
         m, p = r["modes"], (r.get("probe") or {}).get("modes", {})
         mem, oth = m.get("memory"), m.get("memory, another sequence's (control)")
@@ -207,20 +238,30 @@ def markdown(results: dict) -> str:
         def gain(x):
             v = x["vs_none"]
             return f"{v['gain']:+.4f} ± {v['stderr']:.4f} ({v['relative']:+.1%})"
-        lines.append(f"| {recipe} | {m['none']['loss']:.4f} | {mem['loss'] if mem else '-'} | {gain(mem) if mem else '-'} | "
-                     f"{gain(oth) if oth else '-'} | {p.get('none', {}).get('loss', '-')} | {pm['loss'] if pm else '-'} | "
-                     f"{gain(pm) if pm else '-'} |")
+
+        lines.append(
+            f"| {recipe} | {m['none']['loss']:.4f} | {mem['loss'] if mem else '-'} | {gain(mem) if mem else '-'} | "
+            f"{gain(oth) if oth else '-'} | {p.get('none', {}).get('loss', '-')} | {pm['loss'] if pm else '-'} | "
+            f"{gain(pm) if pm else '-'} |"
+        )
     if results.get("findings"):
         lines += ["", "| finding (paired per held-out sequence) | loss lower by | sequences helped |", "|---|---|---|"]
         for f in results["findings"]:
-            lines.append(f"| {f['comparison']} | {f['gain']:+.4f} ± {f['stderr']:.4f} ({f['relative']:+.1%}) | "
-                         f"{f['helped']}/{f['of']} |")
+            lines.append(
+                f"| {f['comparison']} | {f['gain']:+.4f} ± {f['stderr']:.4f} ({f['relative']:+.1%}) | "
+                f"{f['helped']}/{f['of']} |"
+            )
     if results.get("tradeoff"):
-        lines += ["", "| tokens per head | codec | bytes per reference | held-out loss | gain over none (paired) |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| tokens per head | codec | bytes per reference | held-out loss | gain over none (paired) |",
+            "|---|---|---|---|---|",
+        ]
         for row in results["tradeoff"]:
-            lines.append(f"| {row['top_k']} | {row['codec']} | {row['bytes_per_reference']:,} | {row['loss']:.4f} | "
-                         f"{row['gain']:+.4f} ± {row['stderr']:.4f} ({row['relative']:+.1%}) |")
+            lines.append(
+                f"| {row['top_k']} | {row['codec']} | {row['bytes_per_reference']:,} | {row['loss']:.4f} | "
+                f"{row['gain']:+.4f} ± {row['stderr']:.4f} ({row['relative']:+.1%}) |"
+            )
     return "\n".join(lines)
 
 

@@ -39,6 +39,7 @@ CLOCK = time.perf_counter  # --clock process: this process's CPU time (shared CP
 def timed(fns: dict, device: str, repeats: int) -> dict:
     """Median time of each fn, after a warm-up call of each. The fns run interleaved
     (a, b, a, b, ...) so that a load change on a shared machine hits all of them alike."""
+
     def once(fn):
         if device == "cuda":
             torch.cuda.synchronize()
@@ -58,6 +59,7 @@ def timed(fns: dict, device: str, repeats: int) -> dict:
 
 
 # -- useful FLOPs (multiply-add = 2) ----------------------------------------------------------
+
 
 def linear_flops_per_token(cfg: ModelConfig) -> int:
     qkv = cfg.d_model * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
@@ -89,6 +91,7 @@ def forward_flops(cfg: ModelConfig, T: int, mem_keys_per_query: int) -> tuple[fl
 
 # -- sections ---------------------------------------------------------------------------------
 
+
 def matmul(n, device, dtype):
     """The baseline: one n x n x n matmul; returns (fn, its FLOPs)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -97,8 +100,7 @@ def matmul(n, device, dtype):
 
 
 def random_memories(cfg, B, C, device, dtype, gen):
-    shape = (B, C, cfg.mems_per_chunk, cfg.n_mem_layers, 2, cfg.n_kv_heads, cfg.mem_top_k,
-             cfg.head_dim)
+    shape = (B, C, cfg.mems_per_chunk, cfg.n_mem_layers, 2, cfg.n_kv_heads, cfg.mem_top_k, cfg.head_dim)
     return torch.randn(shape, generator=gen, device=device).to(dtype)
 
 
@@ -106,8 +108,7 @@ def bench_encode(model, cfg, run):
     """Full-length references, the paper's top-8."""
     B, T = run.settings["enc_batch"], cfg.ref_max_tokens
     refs = torch.randint(4, cfg.vocab_size, (B, T), device=run.device, generator=run.gen)
-    t = timed({"mm": run.matmul, "enc": lambda: encode_references(model, refs)}, run.device,
-              run.repeats)
+    t = timed({"mm": run.matmul, "enc": lambda: encode_references(model, refs)}, run.device, run.repeats)
     peak, rate = run.matmul_flops / t["mm"], B * encode_flops(cfg, T) / t["enc"]
     print("| encode_references | value |\n|---|---|")
     print(f"| baseline: {run.settings['matmul']}³ matmul, {run.dtype_name} | {peak / 1e9:,.1f} GFLOP/s |")
@@ -120,8 +121,10 @@ def bench_forward(model, cfg, run):
     """Plain vs memory forward of the same context; every chunk reads mems_per_chunk memories.
     With --flex, also the memory layers through compiled FlexAttention (model/flex.py)."""
     flex_cols = " | with memory, flex | flex overhead" if run.flex else ""
-    print(f"| forward (B × T) | plain | with memory | time overhead{flex_cols} "
-          f"| memory read FLOPs share | plain FLOP rate / matmul |")
+    print(
+        f"| forward (B × T) | plain | with memory | time overhead{flex_cols} "
+        f"| memory read FLOPs share | plain FLOP rate / matmul |"
+    )
     print("|---" * (6 + 2 * run.flex) + "|")
     B = run.settings["fwd_batch"]
     for T in [T for T in run.settings["fwd_lens"] if T <= cfg.max_seq_len]:
@@ -129,19 +132,19 @@ def bench_forward(model, cfg, run):
         tokens[:, 0] = cfg.bos_id
         C = -(-T // cfg.mem_chunk_size)
         memories = random_memories(cfg, B, C, run.device, run.dtype, run.gen)
-        fns = {"mm": run.matmul, "plain": lambda: model(tokens),
-               "mem": lambda: model(tokens, memories)}
+        fns = {"mm": run.matmul, "plain": lambda: model(tokens), "mem": lambda: model(tokens, memories)}
         if run.flex:
             fns["flex"] = lambda: with_flex(model, lambda: model(tokens, memories))
         t = timed(fns, run.device, run.repeats)
         total, read = forward_flops(cfg, T, cfg.mems_per_chunk * cfg.mem_top_k)
         plain_total, _ = forward_flops(cfg, T, 0)
         mfu = B * plain_total / t["plain"] / (run.matmul_flops / t["mm"])
-        flex = (f" | {t['flex'] * 1e3:,.1f} ms | {t['flex'] / t['plain'] - 1:+.1%}"
-                if run.flex else "")
-        print(f"| {B} × {T} ({C} chunks × {cfg.mems_per_chunk} memories) | "
-              f"{t['plain'] * 1e3:,.1f} ms | {t['mem'] * 1e3:,.1f} ms | "
-              f"{t['mem'] / t['plain'] - 1:+.1%}{flex} | {read / total:.2%} | {mfu:.1%} |")
+        flex = f" | {t['flex'] * 1e3:,.1f} ms | {t['flex'] / t['plain'] - 1:+.1%}" if run.flex else ""
+        print(
+            f"| {B} × {T} ({C} chunks × {cfg.mems_per_chunk} memories) | "
+            f"{t['plain'] * 1e3:,.1f} ms | {t['mem'] * 1e3:,.1f} ms | "
+            f"{t['mem'] / t['plain'] - 1:+.1%}{flex} | {read / total:.2%} | {mfu:.1%} |"
+        )
 
 
 def with_flex(model, fn):
@@ -159,15 +162,24 @@ def bench_decode(model, cfg, run):
     prompt = torch.randint(4, cfg.vocab_size, (B, n_in), device=run.device, generator=run.gen)
     block = random_memories(cfg, B, 1, run.device, run.dtype, run.gen)[:, 0]
     retrieve = lambda query: (block, None)  # noqa: E731
-    t = timed({"plain": lambda: generate(model, prompt, n_out),
-               "mem": lambda: generate(model, prompt, n_out, retrieve=retrieve)},
-              run.device, max(run.repeats // 2, 1))
+    t = timed(
+        {
+            "plain": lambda: generate(model, prompt, n_out),
+            "mem": lambda: generate(model, prompt, n_out, retrieve=retrieve),
+        },
+        run.device,
+        max(run.repeats // 2, 1),
+    )
     print("| decode, batch × (in + out), greedy, KV cache | plain | with memory | slowdown |")
     print("|---|---|---|---|")
-    print(f"| {B} × ({n_in} + {n_out}) | {B * n_out / t['plain']:,.0f} tok/s | "
-          f"{B * n_out / t['mem']:,.0f} tok/s | {1 - t['plain'] / t['mem']:.1%} |")
-    print("\nthroughput = batch × generated tokens / time, as in the paper's Table 21 "
-          "(there: A800, 1131 vs 733 tok/s, 35 % slower, mostly loading memories from drive).")
+    print(
+        f"| {B} × ({n_in} + {n_out}) | {B * n_out / t['plain']:,.0f} tok/s | "
+        f"{B * n_out / t['mem']:,.0f} tok/s | {1 - t['plain'] / t['mem']:.1%} |"
+    )
+    print(
+        "\nthroughput = batch × generated tokens / time, as in the paper's Table 21 "
+        "(there: A800, 1131 vs 733 tok/s, 35 % slower, mostly loading memories from drive)."
+    )
 
 
 class Run:
@@ -181,17 +193,21 @@ class Run:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--preset", default="small")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--flex", action="store_true",
-                        help="also time the memory layers through compiled FlexAttention")
-    parser.add_argument("--clock", default="wall", choices=["wall", "process"],
-                        help="process: CPU time of this process, steadier on a shared machine "
-                             "(use with --threads 1; spinning threads would count)")
+    parser.add_argument(
+        "--flex", action="store_true", help="also time the memory layers through compiled FlexAttention"
+    )
+    parser.add_argument(
+        "--clock",
+        default="wall",
+        choices=["wall", "process"],
+        help="process: CPU time of this process, steadier on a shared machine "
+        "(use with --threads 1; spinning threads would count)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = parser.parse_args()
     global CLOCK
@@ -206,12 +222,13 @@ def main():
         model = Memory3(cfg).to(getattr(torch, args.dtype)).eval()
     run = Run(args)
 
-    hw = (torch.cuda.get_device_name() if args.device == "cuda"
-          else f"CPU ({torch.get_num_threads()} threads)")
+    hw = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"## bench/model.py: `{args.preset}` in {args.dtype} on {hw}\n")
-    print(f"torch {torch.__version__}; {model.num_params() / 1e6:,.1f}M non-embedding parameters; "
-          f"median of {args.repeats} runs after a warm-up, interleaved with their baseline; "
-          f"{args.clock} clock\n")
+    print(
+        f"torch {torch.__version__}; {model.num_params() / 1e6:,.1f}M non-embedding parameters; "
+        f"median of {args.repeats} runs after a warm-up, interleaved with their baseline; "
+        f"{args.clock} clock\n"
+    )
     for section in (bench_encode, bench_forward, bench_decode):
         try:  # one failing section (e.g. out of memory) must not lose the others
             section(model, cfg, run)

@@ -140,13 +140,15 @@ def main() -> None:
     clock = time.process_time if args.clock == "process" else time.perf_counter
     texts, loads = workloads(args)
 
-    print(f"# Overlap (eq. 6) benchmark: |t| = {T_LEN}, |r| = {R_LEN}, "
-          "real FOLDOC tokens (BPE 8192)\n")
-    print(f"{args.sequences} texts x {args.refs} references per workload; clock: {args.clock}; "
-          f"median of {args.repeats} interleaved repeats\n")
+    print(f"# Overlap (eq. 6) benchmark: |t| = {T_LEN}, |r| = {R_LEN}, real FOLDOC tokens (BPE 8192)\n")
+    print(
+        f"{args.sequences} texts x {args.refs} references per workload; clock: {args.clock}; "
+        f"median of {args.repeats} interleaved repeats\n"
+    )
     print("| workload | method | pairs timed | pairs/s | vs naive | mean overlap |")
     print("|---|---|---|---|---|---|")
     for name, refsets in loads.items():
+
         def per_pair(fn, count):
             return lambda: [[fn(t, r) for r in rs[:count]] for t, rs in zip(texts, refsets)]
 
@@ -157,14 +159,10 @@ def main() -> None:
             return int(round(overlap(t, r) * len(r)))
 
         fns = {
-            "naive DP (numpy, per window start)":
-                (args.naive_pairs, per_pair(naive_count, args.naive_pairs)),
-            "bit-parallel windows (Hyyro, numpy)":
-                (args.bitpar_refs, per_text(bitpar_counts, args.bitpar_refs)),
-            "seaweed `overlap` (one call per pair)":
-                (args.single_refs, per_pair(single, args.single_refs)),
-            "seaweed `overlap_many` (one call per text)":
-                (args.refs, per_text(overlap_counts, args.refs)),
+            "naive DP (numpy, per window start)": (args.naive_pairs, per_pair(naive_count, args.naive_pairs)),
+            "bit-parallel windows (Hyyro, numpy)": (args.bitpar_refs, per_text(bitpar_counts, args.bitpar_refs)),
+            "seaweed `overlap` (one call per pair)": (args.single_refs, per_pair(single, args.single_refs)),
+            "seaweed `overlap_many` (one call per text)": (args.refs, per_text(overlap_counts, args.refs)),
         }
         times: dict[str, list[float]] = {k: [] for k in fns}
         results = {}
@@ -182,8 +180,10 @@ def main() -> None:
         base = rate["naive DP (numpy, per window start)"]
         mean = np.mean([c / R_LEN for row in full for c in row])
         for key in fns:
-            print(f"| {name} | {key} | {fns[key][0] * len(texts)} | {rate[key]:,.1f} | "
-                  f"{rate[key] / base:,.1f}x | {mean:.3f} |")
+            print(
+                f"| {name} | {key} | {fns[key][0] * len(texts)} | {rate[key]:,.1f} | "
+                f"{rate[key] / base:,.1f}x | {mean:.3f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -80,23 +80,32 @@ def main() -> int:
     corpus, bank = work / "corpus.jsonl.gz", work / "bank"
     recs = records(a.records)
     write(corpus, recs)
-    overrides = [f"corpus.paths=[{corpus}]", f"bank.uri={bank}",
-                 f"rebuild.embeddings={'false' if a.no_embeddings else 'true'}"]
+    overrides = [
+        f"corpus.paths=[{corpus}]",
+        f"bank.uri={bank}",
+        f"rebuild.embeddings={'false' if a.no_embeddings else 'true'}",
+    ]
     cfg = load_config(ROOT / "configs" / "demo.yaml", overrides)
     init_ray(cfg.ray)  # Ray's start-up is not part of either run
     # warm-up, untimed: a rebuild of 200 entries into another bank starts Ray's worker processes
     # and their imports, so that cost does not land in the first timed run only
     write(work / "warm.jsonl.gz", recs[:200])
-    run_rebuild(load_config(ROOT / "configs" / "demo.yaml", [f"corpus.paths=[{work / 'warm.jsonl.gz'}]",
-                                                             f"bank.uri={work / 'warm-bank'}", *overrides[2:]]))
+    run_rebuild(
+        load_config(
+            ROOT / "configs" / "demo.yaml",
+            [f"corpus.paths=[{work / 'warm.jsonl.gz'}]", f"bank.uri={work / 'warm-bank'}", *overrides[2:]],
+        )
+    )
 
     t = time.perf_counter()
     full = run_rebuild(cfg)
     full_s = time.perf_counter() - t
 
     every = max(1, round(1 / a.changed))
-    edited = [dict(r, text=r["text"] + " This entry was revised for the rebuild benchmark.") if i % every == 0 else r
-              for i, r in enumerate(recs)]
+    edited = [
+        dict(r, text=r["text"] + " This entry was revised for the rebuild benchmark.") if i % every == 0 else r
+        for i, r in enumerate(recs)
+    ]
     write(corpus, edited)
     # the full build's ingest tables without the memo, for the same incremental ingest as before
     # issue 14 (everything re-cleaned and re-cut), timed after the rebuild
@@ -111,13 +120,19 @@ def main() -> int:
     reports = sorted((bank / "_reports").glob("ingest-*.json"), key=lambda p: p.stat().st_mtime)
     full_ingest, hits = (json.loads(p.read_text()) for p in (reports[0], reports[-1]))
     n_refs = mem["added"] + mem["changed"] + mem["unchanged"]
-    print(f"\n## Incremental rebuild vs full rebuild ({len(recs):,} FOLDOC entries, {sum(i % every == 0 for i in range(len(recs)))} "
-          f"edited = {a.changed:.0%}; {n_refs:,} references; model small, int8"
-          f"{'' if a.no_embeddings else f', {cfg.retrieval.embedder} embeddings'}; 2 CPUs, embedded Ray)\n")
-    print(f"references re-encoded: {mem['added'] + mem['changed']:,} (added {mem['added']}, changed {mem['changed']}), "
-          f"removed {mem['removed']}, copied {mem['unchanged']:,}")
-    print(f"incremental ingest: {hits.get('memo_clean_hits', 0):,} of {hits.get('records_read', 0):,} records "
-          f"cleaned and {hits.get('memo_chunk_hits', 0):,} documents cut from the memo\n")
+    print(
+        f"\n## Incremental rebuild vs full rebuild ({len(recs):,} FOLDOC entries, {sum(i % every == 0 for i in range(len(recs)))} "
+        f"edited = {a.changed:.0%}; {n_refs:,} references; model small, int8"
+        f"{'' if a.no_embeddings else f', {cfg.retrieval.embedder} embeddings'}; 2 CPUs, embedded Ray)\n"
+    )
+    print(
+        f"references re-encoded: {mem['added'] + mem['changed']:,} (added {mem['added']}, changed {mem['changed']}), "
+        f"removed {mem['removed']}, copied {mem['unchanged']:,}"
+    )
+    print(
+        f"incremental ingest: {hits.get('memo_clean_hits', 0):,} of {hits.get('records_read', 0):,} records "
+        f"cleaned and {hits.get('memo_chunk_hits', 0):,} documents cut from the memo\n"
+    )
     print("| step | full (s) | incremental (s) |")
     print("|---|---:|---:|")
     for step in STEPS:
@@ -128,10 +143,14 @@ def main() -> int:
     for stage, seconds in full_ingest["stage_seconds"].items():
         print(f"| {stage} | {seconds:.1f} | {hits['stage_seconds'].get(stage, 0):.1f} |")
     no_ingest = lambda s: sum(v for k, v in s["timings"].items() if k != "ingest")  # noqa: E731
-    print(f"\nthe same incremental ingest without the memo: {nomemo_s:.1f} s "
-          f"(with it: {incr['timings'].get('ingest', 0):.1f} s)")
-    print(f"\nratio incremental / full: {incr_s / full_s:.1%} overall; "
-          f"{no_ingest(incr) / max(no_ingest(full), 1e-9):.1%} without ingest (encode + embed + publish)")
+    print(
+        f"\nthe same incremental ingest without the memo: {nomemo_s:.1f} s "
+        f"(with it: {incr['timings'].get('ingest', 0):.1f} s)"
+    )
+    print(
+        f"\nratio incremental / full: {incr_s / full_s:.1%} overall; "
+        f"{no_ingest(incr) / max(no_ingest(full), 1e-9):.1%} without ingest (encode + embed + publish)"
+    )
     return 0
 
 

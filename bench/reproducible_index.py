@@ -47,15 +47,18 @@ def cpu() -> float:
 def pair_queries(bank: Bank, uri: str, cfg) -> np.ndarray:
     tok = load(str(BankLayout(uri).path(bank.metadata("refs")["tokenizer_path"])))
     seqs = bank.dataset("train_sequences").to_table(columns=["token_ids"]).column("token_ids").to_pylist()
-    chunks = [c for s in seqs for c in split_chunks(s[:cfg.pair.max_tokens], cfg.pair.chunk_size)]
+    chunks = [c for s in seqs for c in split_chunks(s[: cfg.pair.max_tokens], cfg.pair.chunk_size)]
     spec = bank.metadata("embeddings")["config"]["retrieval"]["embedder"]
     return load_embedder(spec).embed(tok.decode_batch(chunks, skip_special_tokens=True), batch_size=64)
 
 
 def answers(table, q: np.ndarray, k: int, exact: bool = False) -> list[list[str]]:
     params = search_params(table)
-    return [[rid for rid, _ in hits] for lo in range(0, len(q), 256)
-            for hits in search(table, q[lo:lo + 256], k=k, exact=exact, params=params)]
+    return [
+        [rid for rid, _ in hits]
+        for lo in range(0, len(q), 256)
+        for hits in search(table, q[lo : lo + 256], k=k, exact=exact, params=params)
+    ]
 
 
 def main() -> None:
@@ -69,8 +72,10 @@ def main() -> None:
     data = bank.dataset("embeddings").to_table()
     q = pair_queries(bank, args.bank, cfg)
     r = cfg.retrieval
-    print(f"{data.num_rows:,} vectors, {len(q):,} pair queries, top {cfg.pair.k}, {r.index_type}; "
-          f"load average {os.getloadavg()[0]:.1f}\n")
+    print(
+        f"{data.num_rows:,} vectors, {len(q):,} pair queries, top {cfg.pair.k}, {r.index_type}; "
+        f"load average {os.getloadavg()[0]:.1f}\n"
+    )
     scratch = Path(tempfile.mkdtemp(prefix="repidx-"))
     rows: dict[str, list] = {"in process (before)": [], "one-thread child (after)": []}
     try:
@@ -80,7 +85,9 @@ def main() -> None:
                 Bank(uri).db.create_table("embeddings", data)
                 t0, c0 = time.perf_counter(), cpu()
                 if kind.startswith("in"):
-                    build_index(Bank(uri).table("embeddings"), data.num_rows, r.index_threshold, index_type=r.index_type)
+                    build_index(
+                        Bank(uri).table("embeddings"), data.num_rows, r.index_threshold, index_type=r.index_type
+                    )
                 else:
                     build_reproducible_index(Bank(uri), "embeddings", data.num_rows, r.index_threshold, r.index_type)
                 wall, c = time.perf_counter() - t0, cpu() - c0
@@ -94,8 +101,10 @@ def main() -> None:
         base = float(np.median([c for _, c, _ in rows["in process (before)"]]))
         for kind, rs in rows.items():
             med_c = float(np.median([c for _, c, _ in rs]))
-            print(f"| {kind} | {np.median([w for w, _, _ in rs]):.1f} | {med_c:.2f} ({med_c / base:.2f}x) | "
-                  f"{', '.join(str(sum(a != b for a, b in zip(rs[0][2], x[2]))) for x in rs[1:]) or '-'} |")
+            print(
+                f"| {kind} | {np.median([w for w, _, _ in rs]):.1f} | {med_c:.2f} ({med_c / base:.2f}x) | "
+                f"{', '.join(str(sum(a != b for a, b in zip(rs[0][2], x[2]))) for x in rs[1:]) or '-'} |"
+            )
         table = Bank(last).table("embeddings")
         print("\n| pair queries searched | wall s | CPU s |\n|---|---|---|")
         times = {}

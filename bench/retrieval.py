@@ -42,7 +42,7 @@ from storage.vectors import INDEX_TYPES, build_index, exact_topk, recall_at_k, s
 def perturb(text: str, rng: np.random.Generator, window: int = 32, drop: float = 0.2) -> str:
     words = text.split()
     start = int(rng.integers(0, max(1, len(words) - window + 1)))
-    words = words[start:start + window]
+    words = words[start : start + window]
     kept = [w for w in words if rng.random() >= drop]
     return " ".join(kept or words)
 
@@ -52,13 +52,16 @@ def latencies(fn, queries: np.ndarray) -> dict:
     single = []
     for i in range(len(queries)):
         t = time.perf_counter()
-        fn(queries[i:i + 1])
+        fn(queries[i : i + 1])
         single.append(time.perf_counter() - t)
     t = time.perf_counter()
     fn(queries)
     batched = (time.perf_counter() - t) / len(queries)
-    return {"p50": float(np.percentile(single, 50)) * 1e3, "p95": float(np.percentile(single, 95)) * 1e3,
-            "batched": batched * 1e3}
+    return {
+        "p50": float(np.percentile(single, 50)) * 1e3,
+        "p95": float(np.percentile(single, 95)) * 1e3,
+        "batched": batched * 1e3,
+    }
 
 
 def main() -> None:
@@ -84,9 +87,11 @@ def main() -> None:
     step = EmbedRefs(args.embedder)
     load_s = time.perf_counter() - t
     emb = step.embedder
-    print(f"# Retrieval benchmark\n\nbank `{args.bank}`: {n:,} references; embedder {emb.id} "
-          f"(dim {emb.dim}, loaded in {load_s:.1f} s); torch threads {_threads()}; "
-          f"{os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.1f}\n")
+    print(
+        f"# Retrieval benchmark\n\nbank `{args.bank}`: {n:,} references; embedder {emb.id} "
+        f"(dim {emb.dim}, loaded in {load_s:.1f} s); torch threads {_threads()}; "
+        f"{os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.1f}\n"
+    )
 
     # -- embedding throughput: the embed stage's work per batch ---------------------------------
     cache = Path(args.cache) / f"{emb.fingerprint}-{n}.npz" if args.cache else None
@@ -102,14 +107,23 @@ def main() -> None:
         # vectors of every ref from an earlier run with the same embedder and bank size: only the
         # throughput sample above was embedded this time
         vec = np.load(cache)["vectors"]
-        batches = [to_arrow({"ref_id": refs.column("ref_id").to_numpy(zero_copy_only=False),
-                             "embedder": np.full(n, emb.id, dtype=object),
-                             "content_hash": refs.column("content_hash").to_numpy(zero_copy_only=False),
-                             "vector": vec}, emb.dim)]
+        batches = [
+            to_arrow(
+                {
+                    "ref_id": refs.column("ref_id").to_numpy(zero_copy_only=False),
+                    "embedder": np.full(n, emb.id, dtype=object),
+                    "content_hash": refs.column("content_hash").to_numpy(zero_copy_only=False),
+                    "vector": vec,
+                },
+                emb.dim,
+            )
+        ]
     elif cache:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(cache, vectors=np.concatenate(
-            [b.column("vector").flatten().to_numpy().reshape(-1, emb.dim) for b in batches]))
+        np.savez(
+            cache,
+            vectors=np.concatenate([b.column("vector").flatten().to_numpy().reshape(-1, emb.dim) for b in batches]),
+        )
     tok = emb._model.tokenizer
     sample = refs.column("text").to_pylist()[:500]
     n_tokens = np.mean([len(tok(s, truncation=False)["input_ids"]) for s in sample])
@@ -137,7 +151,7 @@ def main() -> None:
 
     def numpy_exact(qv):
         s = qv @ vectors.T
-        top = np.argpartition(-s, args.k - 1, axis=1)[:, :args.k]
+        top = np.argpartition(-s, args.k - 1, axis=1)[:, : args.k]
         return np.take_along_axis(top, np.argsort(-np.take_along_axis(s, top, 1), 1), 1)
 
     def source_hit(hits) -> float:
@@ -150,10 +164,13 @@ def main() -> None:
     truth, _ = exact_topk(table, q, k=args.k)
     same_ids = np.mean([[r for r, _ in a] == [r for r, _ in b] for a, b in zip(exact_hits, truth)])
     # where the id lists differ, are the scores the same (ties: duplicate references)?
-    same_scores = np.mean([np.allclose([s for _, s in a], [s for _, s in b], atol=1e-5)
-                           for a, b in zip(exact_hits, truth)])
-    rows = [("exact: LanceDB flat scan", None, exact, 1.0, source_hit(exact_hits)),
-            ("exact: numpy brute force (vectors in RAM)", None, brute, 1.0, source_hit(truth))]
+    same_scores = np.mean(
+        [np.allclose([s for _, s in a], [s for _, s in b], atol=1e-5) for a, b in zip(exact_hits, truth)]
+    )
+    rows = [
+        ("exact: LanceDB flat scan", None, exact, 1.0, source_hit(exact_hits)),
+        ("exact: numpy brute force (vectors in RAM)", None, brute, 1.0, source_hit(truth)),
+    ]
     builds = {}
     for index_type in INDEX_TYPES:
         t = time.perf_counter()
@@ -164,16 +181,22 @@ def main() -> None:
         rows.append((f"ANN: {index_type}", builds[index_type][0], lat, rec, source_hit(search(table, q, k=args.k))))
 
     print(f"## Search: {len(q)} queries, k = {args.k}\n")
-    print(f"LanceDB's flat scan and numpy return the same top-{args.k} ids for {same_ids:.0%} of queries "
-          f"and the same top-{args.k} scores (within 1e-5) for {same_scores:.0%}: where the ids differ "
-          "they are ties (references with identical text have identical vectors).\n")
-    print(f"| search | build s | recall@{args.k} vs exact | source in top {args.k} | single p50 ms | "
-          "single p95 ms | batched ms/query | single p50 speed-up vs flat | batched speed-up vs flat |")
+    print(
+        f"LanceDB's flat scan and numpy return the same top-{args.k} ids for {same_ids:.0%} of queries "
+        f"and the same top-{args.k} scores (within 1e-5) for {same_scores:.0%}: where the ids differ "
+        "they are ties (references with identical text have identical vectors).\n"
+    )
+    print(
+        f"| search | build s | recall@{args.k} vs exact | source in top {args.k} | single p50 ms | "
+        "single p95 ms | batched ms/query | single p50 speed-up vs flat | batched speed-up vs flat |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, build_s, lat, rec, src in rows:
-        print(f"| {name} | {'-' if build_s is None else f'{build_s:.1f}'} | {rec:.3f} | {src:.2f} | "
-              f"{lat['p50']:.2f} | {lat['p95']:.2f} | {lat['batched']:.3f} | "
-              f"{exact['p50'] / lat['p50']:.2f}x | {exact['batched'] / lat['batched']:.2f}x |")
+        print(
+            f"| {name} | {'-' if build_s is None else f'{build_s:.1f}'} | {rec:.3f} | {src:.2f} | "
+            f"{lat['p50']:.2f} | {lat['p95']:.2f} | {lat['batched']:.3f} | "
+            f"{exact['p50'] / lat['p50']:.2f}x | {exact['batched'] / lat['batched']:.2f}x |"
+        )
     print()
     for index_type, (_, report) in builds.items():
         params = {k: v for k, v in report.items() if k not in ("index", "rows", "threshold") and v}

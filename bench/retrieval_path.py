@@ -39,14 +39,18 @@ def steps_current(r, queries, contexts, ids_out):
     yield "embed"
     vectors = r.embedder.embed(texts)
     yield "search"
-    hits = r.matrix().search(vectors, k=r.candidates) if r.matrix() is not None else \
-        search(r.table, vectors, k=r.candidates, exact=r.exact, params=r.params)
+    hits = (
+        r.matrix().search(vectors, k=r.candidates)
+        if r.matrix() is not None
+        else search(r.table, vectors, k=r.candidates, exact=r.exact, params=r.params)
+    )
     ids = [[h for h, _ in row] for row in hits]
     yield "filter"
     tokens = r._token_arrays({x for row in ids for x in row})
-    drop = overlap_exceeds_rows([np.asarray(c, np.int64) for c in contexts],
-                                [[tokens[x] for x in row] for row in ids], r.max_overlap)
-    ids_out.append([[x for x, d in zip(row, dr) if not d][:r.per_query] for row, dr in zip(ids, drop)])
+    drop = overlap_exceeds_rows(
+        [np.asarray(c, np.int64) for c in contexts], [[tokens[x] for x in row] for row in ids], r.max_overlap
+    )
+    ids_out.append([[x for x, d in zip(row, dr) if not d][: r.per_query] for row, dr in zip(ids, drop)])
     yield "fetch"
     r.memories(ids_out[-1])
 
@@ -63,7 +67,7 @@ def steps_baseline(r, queries, contexts, ids_out):
     out = []
     for row, text in zip(ids, contexts):
         over = overlap_many(text, [tokens[x] for x in row]) if row else []
-        out.append([x for x, o in zip(row, over) if o <= r.max_overlap][:r.per_query])
+        out.append([x for x, o in zip(row, over) if o <= r.max_overlap][: r.per_query])
     ids_out.append(out)
     yield "fetch"
     r.memories(out)
@@ -88,8 +92,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    dargs = argparse.Namespace(config=args.config, overrides=args.overrides, device="cpu", dtype="float32",
-                               batch=32, input=128, output=128)
+    dargs = argparse.Namespace(
+        config=args.config, overrides=args.overrides, device="cpu", dtype="float32", batch=32, input=128, output=128
+    )
     plans, info = bank_rows(dargs)
     r, inf = info["retriever"], info["inf"]
     calls = []
@@ -117,14 +122,18 @@ def main(argv=None) -> int:
             runs[name].append(total)
     med = statistics.median
     base = med(none_cpu)
-    print(f"retrieval path, CPU s per decode run ({len(calls)} calls, {sum(len(q) for q, _ in calls)} queries), "
-          f"{args.repeats} repeats (median); decode without retrieval: {base:.2f} CPU s")
+    print(
+        f"retrieval path, CPU s per decode run ({len(calls)} calls, {sum(len(q) for q, _ in calls)} queries), "
+        f"{args.repeats} repeats (median); decode without retrieval: {base:.2f} CPU s"
+    )
     print("| path | embed | search | filter | fetch | total | share of the no-retrieval decode |")
     print("|---|---|---|---|---|---|---|")
     for name in paths:
         parts = {k: med([run[k] for run in runs[name]]) for k in ("embed", "search", "filter", "fetch")}
         total = med([sum(run.values()) for run in runs[name]])
-        print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in parts.values()) + f" | {total:.3f} | {total / base:.1%} |")
+        print(
+            f"| {name} | " + " | ".join(f"{v:.3f}" for v in parts.values()) + f" | {total:.3f} | {total / base:.1%} |"
+        )
     same = answers["current"] == answers["baseline (before issue 13's retrieval work)"]
     print(f"same memories chosen by both paths: {same} (differences: exact search vs the ANN index)")
     print(f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")

@@ -60,7 +60,9 @@ def reuse_vectors(bank_uri: str, embedder_id: str, ids: list[str], hashes: list[
         return None
     dim = len(t.column("vector")[0])
     vec = t.column("vector").combine_chunks().flatten().to_numpy().reshape(-1, dim)
-    at = {(r, h): i for i, (r, h) in enumerate(zip(t.column("ref_id").to_pylist(), t.column("content_hash").to_pylist()))}
+    at = {
+        (r, h): i for i, (r, h) in enumerate(zip(t.column("ref_id").to_pylist(), t.column("content_hash").to_pylist()))
+    }
     rows = [at.get((r, h)) for r, h in zip(ids, hashes)]
     if any(r is None for r in rows):
         return None
@@ -98,17 +100,34 @@ def dense(spec: str, refs, qtexts, chunk_texts, args, reuse: str | None) -> dict
     q = emb.embed(qtexts)
     # the embed stage's table and index, in a scratch bank
     bank = Bank(tempfile.mkdtemp(prefix="m3-retrievers-", dir=args.scratch))
-    batch = to_arrow({"ref_id": np.asarray(ids, dtype=object), "embedder": np.full(len(ids), emb.id, dtype=object),
-                      "content_hash": np.asarray(hashes, dtype=object), "vector": vectors}, emb.dim)
+    batch = to_arrow(
+        {
+            "ref_id": np.asarray(ids, dtype=object),
+            "embedder": np.full(len(ids), emb.id, dtype=object),
+            "content_hash": np.asarray(hashes, dtype=object),
+            "vector": vectors,
+        },
+        emb.dim,
+    )
     t = time.perf_counter()
     bank.write("embeddings", EMBEDDINGS_SCHEMA(emb.dim), [batch], emb.lineage())
     build_index(bank.table("embeddings"), threshold=0)
     index_s = time.perf_counter() - t
     ann = [[r for r, _ in h] for h in search(bank.table("embeddings"), q, k=args.k)]
     exact = [[ids[i] for i in row] for row in brute_topk(q, vectors, args.k)]
-    return {"name": spec, "id": emb.id, "dim": emb.dim, "load_s": load_s, "refs_per_s": timed / embed_s,
-            "timed": timed, "query_ms": float(np.median(single)) * 1e3, "index_s": index_s,
-            "exact": exact, "ann": ann, "vectors": vectors}
+    return {
+        "name": spec,
+        "id": emb.id,
+        "dim": emb.dim,
+        "load_s": load_s,
+        "refs_per_s": timed / embed_s,
+        "timed": timed,
+        "query_ms": float(np.median(single)) * 1e3,
+        "index_s": index_s,
+        "exact": exact,
+        "ann": ann,
+        "vectors": vectors,
+    }
 
 
 def bm25(refs, qtexts, chunk_texts, args) -> dict:
@@ -133,9 +152,19 @@ def bm25(refs, qtexts, chunk_texts, args) -> dict:
         top(text)
         single.append(time.perf_counter() - t)
     hits = [top(t) for t in qtexts]
-    return {"name": "bm25", "id": "LanceDB FTS (BM25)", "dim": 0, "load_s": 0.0, "refs_per_s": refs.num_rows / index_s,
-            "timed": refs.num_rows, "query_ms": float(np.median(single)) * 1e3, "index_s": index_s,
-            "exact": hits, "ann": hits, "vectors": None}
+    return {
+        "name": "bm25",
+        "id": "LanceDB FTS (BM25)",
+        "dim": 0,
+        "load_s": 0.0,
+        "refs_per_s": refs.num_rows / index_s,
+        "timed": refs.num_rows,
+        "query_ms": float(np.median(single)) * 1e3,
+        "index_s": index_s,
+        "exact": hits,
+        "ann": hits,
+        "vectors": None,
+    }
 
 
 def main() -> None:
@@ -166,8 +195,10 @@ def main() -> None:
     names = [c.strip() for c in args.candidates.split(",") if c.strip()]
     if names[0] != "minilm":
         raise SystemExit("--candidates must start with minilm: it is the baseline of every ratio")
-    print(f"# Choosing the retriever\n\nbank `{args.bank}`: {n:,} references; {len(qtexts)} perturbed-reference "
-          f"queries (seed 0); {os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.1f}\n")
+    print(
+        f"# Choosing the retriever\n\nbank `{args.bank}`: {n:,} references; {len(qtexts)} perturbed-reference "
+        f"queries (seed 0); {os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.1f}\n"
+    )
     if "static-minilm" in names:
         from pipelines.embedder import bundled_minilm_dir, fingerprint_dir
         from pipelines.static_embedder import static_dir
@@ -182,25 +213,33 @@ def main() -> None:
         if name == "bm25":
             results.append(bm25(refs, qtexts, chunk_texts, args))
         else:
-            results.append(dense(name, refs, qtexts, chunk_texts, args, args.minilm_vectors if name == "minilm" else None))
+            results.append(
+                dense(name, refs, qtexts, chunk_texts, args, args.minilm_vectors if name == "minilm" else None)
+            )
         print(f"<!-- {name} done at load {os.getloadavg()[0]:.1f} -->", flush=True)
     base = results[0]
-    print(f"| retriever | dim | load s | refs/s | vs MiniLM | query ms (1 chunk) | vs MiniLM | index s | "
-          f"recall@{args.k} vs exact MiniLM | source in top {args.k} (exact) | source in top {args.k} (ANN) |")
+    print(
+        f"| retriever | dim | load s | refs/s | vs MiniLM | query ms (1 chunk) | vs MiniLM | index s | "
+        f"recall@{args.k} vs exact MiniLM | source in top {args.k} (exact) | source in top {args.k} (ANN) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         rec = np.mean([len(set(a) & set(b)) / args.k for a, b in zip(r["exact"], base["exact"])])
         src_exact = np.mean([s in h for s, h in zip(sources, r["exact"])])
         src_ann = np.mean([s in h for s, h in zip(sources, r["ann"])])
-        print(f"| {r['name']} ({r['id']}) | {r['dim'] or '-'} | {r['load_s']:.1f} | {r['refs_per_s']:,.0f} | "
-              f"**{r['refs_per_s'] / base['refs_per_s']:.1f}x** | {r['query_ms']:.2f} | "
-              f"{base['query_ms'] / r['query_ms']:.1f}x faster | {r['index_s']:.1f} | {rec:.3f} | {src_exact:.3f} | "
-              f"{src_ann:.3f} |")
+        print(
+            f"| {r['name']} ({r['id']}) | {r['dim'] or '-'} | {r['load_s']:.1f} | {r['refs_per_s']:,.0f} | "
+            f"**{r['refs_per_s'] / base['refs_per_s']:.1f}x** | {r['query_ms']:.2f} | "
+            f"{base['query_ms'] / r['query_ms']:.1f}x faster | {r['index_s']:.1f} | {rec:.3f} | {src_exact:.3f} | "
+            f"{src_ann:.3f} |"
+        )
     print()
     for r in results:
         if r["timed"] < n:
-            print(f"- {r['name']}: refs/s over the first {r['timed']:,} references; its vectors of all {n:,} "
-                  f"from --minilm-vectors {args.minilm_vectors}")
+            print(
+                f"- {r['name']}: refs/s over the first {r['timed']:,} references; its vectors of all {n:,} "
+                f"from --minilm-vectors {args.minilm_vectors}"
+            )
 
 
 if __name__ == "__main__":

@@ -44,8 +44,10 @@ def main() -> None:
     from storage.slab import ensure_slab, row_crcs
 
     rng = np.random.default_rng(0)
-    print("| codec | batch | payload B | mode | check off ms/batch | check on ms/batch | cost ms/batch | cost % |"
-          " check alone ms |")
+    print(
+        "| codec | batch | payload B | mode | check off ms/batch | check on ms/batch | cost ms/batch | cost % |"
+        " check alone ms |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for codec in args.codecs:
         bank = Bank(str(Path(args.work) / f"bank-{codec}-{args.refs}"))
@@ -56,7 +58,7 @@ def main() -> None:
         n = len(ids)
         for b in (5, 160):
             order = [ids[i] for i in rng.permutation(n)]
-            batches = [order[i:i + b] for i in range(0, n - n % b, b)]
+            batches = [order[i : i + b] for i in range(0, n - n % b, b)]
             buf = probe.slab.read(rng.permutation(n)[:b])
             alone = statistics.median(_t(lambda: row_crcs(buf)) for _ in range(201))
             for mode in ("new store", "store in use"):
@@ -71,12 +73,15 @@ def main() -> None:
                         if not check:
                             s.slab.crcs = None
                         gc.collect()
-                        t = _t(lambda: [s.fetch(x) and None for x in batches])
+                        t = _t(lambda: [s.fetch(x) and None for x in batches])  # noqa: F821 - bound; deleted after
                         times[check].append(t / len(batches) * 1e3)
                         del s
                 on, off = statistics.median(times[True]), statistics.median(times[False])
-                print(f"| {codec} | {b} | {per:,} | {mode} | {off:.3f} | {on:.3f} | {on - off:+.3f} | "
-                      f"{(on - off) / off * 100:+.0f} % | {alone * 1e3:.3f} |", flush=True)
+                print(
+                    f"| {codec} | {b} | {per:,} | {mode} | {off:.3f} | {on:.3f} | {on - off:+.3f} | "
+                    f"{(on - off) / off * 100:+.0f} % | {alone * 1e3:.3f} |",
+                    flush=True,
+                )
         probe.slab.close()
     load = os.getloadavg()
     print(f"\nLoad average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on {os.cpu_count()} cores.")

@@ -60,12 +60,16 @@ def step_flops(cfg: ModelConfig, B: int, S: int, refs: int = 0, T_ref: int = 0, 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--bank", help="a bank with train_sequences and refs (real data)")
-    p.add_argument("--synthetic", action="store_true",
-                   help="random tokens instead of a bank: for a GPU machine, where Lance is not installed")
+    p.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="random tokens instead of a bank: for a GPU machine, where Lance is not installed",
+    )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--layers", type=int, default=None,
-                   help="a slice of the preset: this many blocks, the first half memory layers")
+    p.add_argument(
+        "--layers", type=int, default=None, help="a slice of the preset: this many blocks, the first half memory layers"
+    )
     p.add_argument("--matmul-n", type=int, default=1024)
     p.add_argument("--preset", default="small")
     p.add_argument("--seq", type=int, default=512, help="context tokens per sequence")
@@ -98,8 +102,14 @@ def main() -> None:
             p.error("--bank is required unless --synthetic")
         bank = Bank(a.bank)
         bank.require("train_sequences", "refs", "neighbors")
-        batch = ShardReader(bank, micro_batch=a.batch, neighbors=True, chunk_size=cfg.mem_chunk_size,
-                            max_tokens=a.seq, pad_id=cfg.pad_id).batch(0)
+        batch = ShardReader(
+            bank,
+            micro_batch=a.batch,
+            neighbors=True,
+            chunk_size=cfg.mem_chunk_size,
+            max_tokens=a.seq,
+            pad_id=cfg.pad_id,
+        ).batch(0)
         tokens, refs, valid = batch["tokens"], batch["ref_tokens"], batch["ref_valid"]
     tokens, refs, valid = tokens.to(dev), refs.to(dev), valid.to(dev)
     model = Memory3(cfg).to(device=dev, dtype=dtype).train()
@@ -111,15 +121,18 @@ def main() -> None:
     def step(memory: bool, sparsify: bool):
         mem = mask = None
         if memory:
-            mem, mask = continual_memories(model, refs, valid, window=5, sparsify=sparsify,
-                                           grad_through_refs=True)
+            mem, mask = continual_memories(model, refs, valid, window=5, sparsify=sparsify, grad_through_refs=True)
         opt.zero_grad(set_to_none=True)
         lm_loss(model, tokens, mem, mask).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
 
-    fns = {"matmul": lambda: x @ y, "warmup": lambda: step(False, False),
-           "continual dense": lambda: step(True, False), "continual sparse": lambda: step(True, True)}
+    fns = {
+        "matmul": lambda: x @ y,
+        "warmup": lambda: step(False, False),
+        "continual dense": lambda: step(True, False),
+        "continual sparse": lambda: step(True, True),
+    }
     times = {k: [] for k in fns}
     sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
     for r in range(a.repeats + 1):
@@ -133,20 +146,28 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     peak = 2 * n**3 / med["matmul"]
     hits = int(valid.sum())
-    flops = {"warmup": step_flops(cfg, B, a.seq),
-             "continual dense": step_flops(cfg, B, a.seq, B * C, T_ref, 5 * T_ref),
-             "continual sparse": step_flops(cfg, B, a.seq, B * C, T_ref, 5 * cfg.mem_top_k)}
+    flops = {
+        "warmup": step_flops(cfg, B, a.seq),
+        "continual dense": step_flops(cfg, B, a.seq, B * C, T_ref, 5 * T_ref),
+        "continual sparse": step_flops(cfg, B, a.seq, B * C, T_ref, 5 * cfg.mem_top_k),
+    }
     where = torch.cuda.get_device_name() if a.device == "cuda" else f"CPU, {a.threads} thread(s)"
     shape = f"{cfg.n_layers} layers ({cfg.n_mem_layers} memory)"
-    lines = [f"## `{a.preset}` preset, {shape}, {a.dtype}, {B} x {a.seq} tokens, {where}, {a.clock} clock",
-             "", f"{hits}/{B * C} chunks with a neighbor; references padded to {T_ref} tokens; "
-             f"matmul {n}x{n} {a.dtype}: {peak / 1e9:.1f} GFLOP/s", "",
-             "| step | median s | tokens/s | x warmup time | useful GFLOP | GFLOP/s | of matmul |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"## `{a.preset}` preset, {shape}, {a.dtype}, {B} x {a.seq} tokens, {where}, {a.clock} clock",
+        "",
+        f"{hits}/{B * C} chunks with a neighbor; references padded to {T_ref} tokens; "
+        f"matmul {n}x{n} {a.dtype}: {peak / 1e9:.1f} GFLOP/s",
+        "",
+        "| step | median s | tokens/s | x warmup time | useful GFLOP | GFLOP/s | of matmul |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for k in ("warmup", "continual dense", "continual sparse"):
         rate = flops[k] / med[k]
-        lines.append(f"| {k} | {med[k]:.3f} | {B * a.seq / med[k]:,.0f} | {med[k] / med['warmup']:.2f} | "
-                     f"{flops[k] / 1e9:.1f} | {rate / 1e9:.1f} | {rate / peak:.0%} |")
+        lines.append(
+            f"| {k} | {med[k]:.3f} | {B * a.seq / med[k]:,.0f} | {med[k] / med['warmup']:.2f} | "
+            f"{flops[k] / 1e9:.1f} | {rate / 1e9:.1f} | {rate / peak:.0%} |"
+        )
     cmd = "python bench/train.py " + " ".join(sys.argv[1:])
     text = "\n".join(lines) + f"\n\nCommand: `{cmd}` ({time.strftime('%Y-%m-%d')})\n"
     print(text)

@@ -65,9 +65,11 @@ def model_for_encoding(cfg, bank: Bank) -> Path:
     try:
         path = bank.layout.models() / f"init-{_init_name(cfg)}"
     except LayoutError:
-        raise LayoutError(f"encode.checkpoint: the bank at {bank.uri} is on an object store, which keeps no "
-                          f"models (torch loads them from files); nothing is trained yet, so set "
-                          f"encode.checkpoint to a local model directory (or train with train.run_dir set)") from None
+        raise LayoutError(
+            f"encode.checkpoint: the bank at {bank.uri} is on an object store, which keeps no "
+            f"models (torch loads them from files); nothing is trained yet, so set "
+            f"encode.checkpoint to a local model directory (or train with train.run_dir set)"
+        ) from None
     if not (path / WEIGHTS_FILE).exists():
         import torch
 
@@ -96,8 +98,10 @@ def model_for_serving(cfg, bank: Bank, checkpoint: str | None = None, build: dic
         return trained
     continual = bank.trained_model("continual")
     if not bank.has("memories"):
-        raise BankError(f"no model to infer with: infer.checkpoint is null, {continual} does not exist "
-                        f"and the bank has no memories table to take the encoding model from (m3 encode)")
+        raise BankError(
+            f"no model to infer with: infer.checkpoint is null, {continual} does not exist "
+            f"and the bank has no memories table to take the encoding model from (m3 encode)"
+        )
     recorded = bank.metadata("memories").get("model_dir")
     if not recorded:
         raise BankError("the memories table records no model_dir in its lineage: set infer.checkpoint")
@@ -134,6 +138,8 @@ def model_of_build(bank: Bank, build: dict) -> Path:
         if want is None or saved_hash(path) == want:
             return path
     found = ", ".join(f"{p} ({saved_hash(p)[:12]})" for p in seen) or "none"
-    raise BankError(f"build {build.get('build')}'s memories were written by model {str(want)[:12]} "
-                    f"({recorded}), which is not on disk any more (models found: {found}): set "
-                    f"infer.checkpoint to a copy of it")
+    raise BankError(
+        f"build {build.get('build')}'s memories were written by model {str(want)[:12]} "
+        f"({recorded}), which is not on disk any more (models found: {found}): set "
+        f"infer.checkpoint to a copy of it"
+    )

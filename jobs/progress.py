@@ -15,8 +15,15 @@ from typing import Callable
 
 
 class Progress:
-    def __init__(self, label: str, total: int, rows: int | None = None, unit: str = "shard(s)",
-                 every_s: float = 5.0, out: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        label: str,
+        total: int,
+        rows: int | None = None,
+        unit: str = "shard(s)",
+        every_s: float = 5.0,
+        out: Callable[[str], None] | None = None,
+    ):
         self.label, self.total, self.rows_total, self.unit = label, total, rows, unit
         self.every_s, self.out = every_s, out or (lambda line: print(line, flush=True))
         self.done = self.rows = 0

@@ -32,7 +32,9 @@ ROOT: Path | None = _find(Path(__file__).resolve())
 def project_root(what: str = "this") -> Path:
     """ROOT, or one M3Error saying that `what` needs the project's checkout."""
     if ROOT is None:
-        raise M3Error(f"{what} needs this project's checkout (pyproject.toml beside jobs/, model/, pipelines/, "
-                      f"storage/), and this m3 runs from an installed package ({Path(__file__).resolve().parent}): "
-                      f"run it from the checkout's .venv")
+        raise M3Error(
+            f"{what} needs this project's checkout (pyproject.toml beside jobs/, model/, pipelines/, "
+            f"storage/), and this m3 runs from an installed package ({Path(__file__).resolve().parent}): "
+            f"run it from the checkout's .venv"
+        )
     return ROOT

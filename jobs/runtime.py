@@ -11,7 +11,6 @@ import warnings
 
 from jobs.config import RayConfig
 
-
 # Whether this process started its embedded cluster without the dashboard (init_ray's dashboard=False).
 _BARE = False
 
@@ -129,8 +128,9 @@ def row_shards(n_rows: int, per: int) -> list[tuple[int, int, int]]:
     return [(i, lo, min(n_rows, lo + per)) for i, lo in enumerate(range(0, n_rows, per))]
 
 
-def run_actor_shards(stage: str, shards: list[tuple[int, int, int]], actor_cls, *, actors: int, threads: int,
-                     **actor_kwargs) -> None:
+def run_actor_shards(
+    stage: str, shards: list[tuple[int, int, int]], actor_cls, *, actors: int, threads: int, **actor_kwargs
+) -> None:
     """Hand row-range shards to a pool of Ray Data actors (`actor_cls(threads=threads,
     **actor_kwargs)`, loaded once per actor, each given `threads` CPUs); each actor writes its
     shard's staging file itself. Used by encode, embed and pair."""
@@ -146,11 +146,17 @@ def run_actor_shards(stage: str, shards: list[tuple[int, int, int]], actor_cls, 
 
     if os.environ.get("M3_PAUSE_AT"):  # the node-death tests (jobs/faults.py); never in production
         actor_cls = _pausing(stage, actor_cls)
-    ds = ray.data.from_items([{"shard": i, "start": a, "end": b} for i, a, b in shards],
-                             override_num_blocks=len(shards))
-    ds = ds.map_batches(actor_cls, batch_size=1, num_cpus=threads, runtime_env=PASSIVE_OMP,
-                        compute=ray.data.ActorPoolStrategy(size=actors),
-                        fn_constructor_kwargs=dict(actor_kwargs, threads=threads))
+    ds = ray.data.from_items(
+        [{"shard": i, "start": a, "end": b} for i, a, b in shards], override_num_blocks=len(shards)
+    )
+    ds = ds.map_batches(
+        actor_cls,
+        batch_size=1,
+        num_cpus=threads,
+        runtime_env=PASSIVE_OMP,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        fn_constructor_kwargs=dict(actor_kwargs, threads=threads),
+    )
     for n, row in enumerate(ds.iter_rows(), 1):
         progress.step(rows=rows.get(int(row["shard"]), 0))
         maybe_crash(stage, n)

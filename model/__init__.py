@@ -11,11 +11,17 @@ from __future__ import annotations
 import importlib
 
 _WHERE = {
-    "ModelConfig": "config", "PRESETS": "config",
+    "ModelConfig": "config",
+    "PRESETS": "config",
     "Memory3": "transformer",
-    "encode_references": "memory", "EncodedReferences": "memory", "chunk_windows": "memory",
-    "KVCache": "decode", "generate": "decode",
-    "save_model": "checkpoint", "load_model": "checkpoint", "model_hash": "checkpoint",
+    "encode_references": "memory",
+    "EncodedReferences": "memory",
+    "chunk_windows": "memory",
+    "KVCache": "decode",
+    "generate": "decode",
+    "save_model": "checkpoint",
+    "load_model": "checkpoint",
+    "model_hash": "checkpoint",
 }
 
 __all__ = list(_WHERE)

@@ -38,8 +38,7 @@ def save_model(model: Memory3, directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
     save_file(tensors, directory / WEIGHTS_FILE, metadata={"model_hash": model_hash(model)})
-    (directory / CONFIG_FILE).write_text(
-        json.dumps(model.config.to_dict(), indent=2, sort_keys=True) + "\n")
+    (directory / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2, sort_keys=True) + "\n")
     return directory
 
 
@@ -49,8 +48,9 @@ def saved_hash(directory: str | Path) -> str:
         return f.metadata()["model_hash"]
 
 
-def load_model(directory: str | Path, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None, verify: bool = True) -> Memory3:
+def load_model(
+    directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, verify: bool = True
+) -> Memory3:
     """Rebuild a saved model. verify recomputes the hash and raises ValueError on a mismatch
     (corrupt or edited file). dtype converts after loading (and so changes the hash)."""
     directory = Path(directory)

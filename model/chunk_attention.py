@@ -43,7 +43,7 @@ def chunk_local_attend(q: Tensor, k: Tensor, v: Tensor, m: ChunkLocalMask) -> Te
     if k.shape[2] != P + Tq:
         raise ValueError(f"expected {P} pool entries and {Tq} slots of keys, got {k.shape[2]}")
     # the sink attends to itself alone: its output is its own value
-    y_sink = v[:, :, P:P + 1].repeat_interleave(Hq // Hkv, dim=1)
+    y_sink = v[:, :, P : P + 1].repeat_interleave(Hq // Hkv, dim=1)
     pad = C * cs - T
     qc = F.pad(q[:, :, 1:], (0, 0, 0, pad)).view(B, Hq, C, cs, D).transpose(1, 2).reshape(B * C, Hq, cs, D)
 

@@ -22,8 +22,7 @@ class CodecError(M3Error, ValueError):
 def _check_shape(shape: Sequence[int]) -> tuple[int, ...]:
     shape = tuple(int(s) for s in shape)
     if len(shape) != MEMORY_NDIM or any(s < 0 for s in shape) or shape[-1] < 1:
-        raise CodecError(f"a memory shape is (n_mem_layers, 2, n_kv_heads, k, head_dim), "
-                         f"got {shape}")
+        raise CodecError(f"a memory shape is (n_mem_layers, 2, n_kv_heads, k, head_dim), got {shape}")
     return shape
 
 
@@ -31,8 +30,10 @@ def _as_batch(mems: Tensor | Sequence[Tensor]) -> Tensor:
     if not isinstance(mems, Tensor):
         mems = torch.stack(list(mems))
     if mems.dim() != MEMORY_NDIM + 1 or not mems.is_floating_point():
-        raise CodecError(f"expected a float batch (B, n_mem_layers, 2, n_kv_heads, k, head_dim), "
-                         f"got {mems.dtype} {tuple(mems.shape)}")
+        raise CodecError(
+            f"expected a float batch (B, n_mem_layers, 2, n_kv_heads, k, head_dim), "
+            f"got {mems.dtype} {tuple(mems.shape)}"
+        )
     return mems.detach().cpu()
 
 
@@ -48,12 +49,19 @@ class Codec:
 
     def encode(self, mem: Tensor) -> bytes:
         if not isinstance(mem, Tensor) or mem.dim() != MEMORY_NDIM:
-            raise CodecError(f"{self.name}: encode takes one memory (n_mem_layers, 2, "
-                             f"n_kv_heads, k, head_dim), got {getattr(mem, 'shape', type(mem))}")
+            raise CodecError(
+                f"{self.name}: encode takes one memory (n_mem_layers, 2, "
+                f"n_kv_heads, k, head_dim), got {getattr(mem, 'shape', type(mem))}"
+            )
         return self.encode_batch(mem.unsqueeze(0))[0]
 
-    def decode(self, payload: bytes, shape: Sequence[int], dtype: torch.dtype = torch.float32,
-               quantizer_hash: str | None = None) -> Tensor:
+    def decode(
+        self,
+        payload: bytes,
+        shape: Sequence[int],
+        dtype: torch.dtype = torch.float32,
+        quantizer_hash: str | None = None,
+    ) -> Tensor:
         return self.decode_batch([payload], shape, dtype, quantizer_hash)[0]
 
     def encode_batch(self, mems: Tensor | Sequence[Tensor]) -> list[bytes]:
@@ -63,17 +71,23 @@ class Codec:
         rows = self._encode(x)  # (B, nbytes) uint8, one row per memory
         return [row.tobytes() for row in rows]
 
-    def decode_batch(self, payloads: Sequence[bytes], shape: Sequence[int],
-                     dtype: torch.dtype = torch.float32,
-                     quantizer_hash: str | None = None) -> Tensor:
+    def decode_batch(
+        self,
+        payloads: Sequence[bytes],
+        shape: Sequence[int],
+        dtype: torch.dtype = torch.float32,
+        quantizer_hash: str | None = None,
+    ) -> Tensor:
         shape = _check_shape(shape)
         self._check_quantizer(quantizer_hash)
         expected = self.nbytes(shape)
         for i, p in enumerate(payloads):
             actual = memoryview(p).nbytes
             if actual != expected:
-                raise CodecError(f"corrupt payload for codec {self.name}: payload {i} is {actual} "
-                                 f"bytes, expected {expected} for memory shape {shape}")
+                raise CodecError(
+                    f"corrupt payload for codec {self.name}: payload {i} is {actual} "
+                    f"bytes, expected {expected} for memory shape {shape}"
+                )
         if not payloads:
             return torch.empty((0, *shape), dtype=dtype)
         # a bytearray, unlike bytes, is writable, so torch can share it without a copy
@@ -92,8 +106,7 @@ class Codec:
     def _check_quantizer(self, quantizer_hash: str | None) -> None:
         # a hash handed to a codec without a quantizer means the caller mixed up rows and codecs
         if quantizer_hash is not None:
-            raise CodecError(f"codec {self.name} uses no quantizer, but the payload records "
-                             f"quantizer {quantizer_hash}")
+            raise CodecError(f"codec {self.name} uses no quantizer, but the payload records quantizer {quantizer_hash}")
 
     def _encode(self, x: Tensor) -> np.ndarray:
         raise NotImplementedError

@@ -25,11 +25,24 @@ import torch
 from torch import Tensor
 
 from model.codec_base import Codec, CodecError, _check_shape
+
 # the vector quantizer is most of the code: model/vq.py; model.codecs is the one place to get any codec from
 from model.vq import VQCodec, default_spec, faiss_spec, min_train_vectors  # noqa: F401
 
-__all__ = ["Codec", "CodecError", "RawCodec", "Int8Codec", "VQCodec", "CODECS", "PAPER_SPEC", "make_codec",
-           "bytes_per_memory", "default_spec", "faiss_spec", "min_train_vectors"]
+__all__ = [
+    "Codec",
+    "CodecError",
+    "RawCodec",
+    "Int8Codec",
+    "VQCodec",
+    "CODECS",
+    "PAPER_SPEC",
+    "make_codec",
+    "bytes_per_memory",
+    "default_spec",
+    "faiss_spec",
+    "min_train_vectors",
+]
 
 if sys.byteorder != "little":  # payloads are little-endian and decoded by zero-copy views
     raise ImportError("model.codecs needs a little-endian host")
@@ -37,11 +50,22 @@ if sys.byteorder != "little":  # payloads are little-endian and decoded by zero-
 PAPER_SPEC = "OPQ20x80-Residual2x14-PQ8x10"
 
 
-_RAW = {"bf16": (torch.bfloat16, np.dtype("<u2")), "fp16": (torch.float16, np.dtype("<f2")),
-        "fp32": (torch.float32, np.dtype("<f4"))}
-_RAW_ALIASES = {"bfloat16": "bf16", torch.bfloat16: "bf16", "float16": "fp16", "half": "fp16",
-                torch.float16: "fp16", "float32": "fp32", "float": "fp32", torch.float32: "fp32",
-                **{short: short for short in _RAW}}
+_RAW = {
+    "bf16": (torch.bfloat16, np.dtype("<u2")),
+    "fp16": (torch.float16, np.dtype("<f2")),
+    "fp32": (torch.float32, np.dtype("<f4")),
+}
+_RAW_ALIASES = {
+    "bfloat16": "bf16",
+    torch.bfloat16: "bf16",
+    "float16": "fp16",
+    "half": "fp16",
+    torch.float16: "fp16",
+    "float32": "fp32",
+    "float": "fp32",
+    torch.float32: "fp32",
+    **{short: short for short in _RAW},
+}
 
 
 class RawCodec(Codec):
@@ -96,29 +120,30 @@ class Int8Codec(Codec):
             raise CodecError("int8: memory holds NaN or inf, which int8 cannot store")
         want = amax / 127
         if (want > _F16_MAX).any():
-            raise CodecError(f"int8: |x| up to {amax.max():.3g} exceeds the float16 scale range "
-                             f"(max {_F16_MAX * 127:.3g})")
+            raise CodecError(
+                f"int8: |x| up to {amax.max():.3g} exceeds the float16 scale range (max {_F16_MAX * 127:.3g})"
+            )
         scale = want.to(torch.float16)
         # below want, or flushed to 0 for a vector of float32 subnormals: one float16 step up
         low = (scale.float() < want) | ((scale == 0) & (amax > 0))
         scale = torch.where(low, torch.nextafter(scale, torch.full_like(scale, math.inf)), scale)
         s = scale.float()
         q = torch.round(v / torch.where(s > 0, s, 1)[:, None]).clamp_(-127, 127).to(torch.int8)
-        return np.concatenate([scale.view(torch.int16).numpy().view(np.uint8).reshape(B, -1),
-                               q.numpy().view(np.uint8).reshape(B, -1)], axis=1)
+        return np.concatenate(
+            [scale.view(torch.int16).numpy().view(np.uint8).reshape(B, -1), q.numpy().view(np.uint8).reshape(B, -1)],
+            axis=1,
+        )
 
     def _decode(self, buf: np.ndarray, shape: tuple[int, ...]) -> Tensor:
         B, n, d = len(buf), math.prod(shape[:-1]), shape[-1]
         # one multiply over views of the payloads (no contiguous copies, no float32 copy of the
         # codes): torch casts both operands to float32 inside the kernel, the same products
         scale = torch.from_numpy(buf[:, : 2 * n].view(np.float16)).float()
-        q = torch.from_numpy(buf[:, 2 * n:].view(np.int8)).view(B, n, d)
+        q = torch.from_numpy(buf[:, 2 * n :].view(np.int8)).view(B, n, d)
         return torch.mul(q, scale.view(B, n, 1))
 
 
-
-def _make_vq(quantizer: str | os.PathLike | bytes | None = None,
-             quantizer_hash: str | None = None) -> VQCodec:
+def _make_vq(quantizer: str | os.PathLike | bytes | None = None, quantizer_hash: str | None = None) -> VQCodec:
     if quantizer is None:
         return VQCodec()  # refuses to code until a quantizer is loaded
     if isinstance(quantizer, (bytes, bytearray, memoryview)):

@@ -56,18 +56,27 @@ class ModelConfig:
     def __post_init__(self):
         check_fields(self)
         require(self.head_dim % 2 == 0, "head_dim", "an even number (RoPE rotates pairs)", self.head_dim)
-        require(self.n_heads % self.n_kv_heads == 0, "n_kv_heads", f"a divisor of n_heads={self.n_heads}",
-                self.n_kv_heads)
-        require(self.d_model == self.n_heads * self.head_dim, "d_model",
-                f"n_heads*head_dim = {self.n_heads}*{self.head_dim}", self.d_model)
-        require(self.n_mem_layers <= self.n_layers, "n_mem_layers", f"at most n_layers={self.n_layers}",
-                self.n_mem_layers)
+        require(
+            self.n_heads % self.n_kv_heads == 0, "n_kv_heads", f"a divisor of n_heads={self.n_heads}", self.n_kv_heads
+        )
+        require(
+            self.d_model == self.n_heads * self.head_dim,
+            "d_model",
+            f"n_heads*head_dim = {self.n_heads}*{self.head_dim}",
+            self.d_model,
+        )
+        require(
+            self.n_mem_layers <= self.n_layers, "n_mem_layers", f"at most n_layers={self.n_layers}", self.n_mem_layers
+        )
         for name in ("pad_id", "bos_id", "eos_id", "ref_bos_id"):
-            require(getattr(self, name) < self.vocab_size, name, f"a token id below vocab_size={self.vocab_size}",
-                    getattr(self, name))
+            require(
+                getattr(self, name) < self.vocab_size,
+                name,
+                f"a token id below vocab_size={self.vocab_size}",
+                getattr(self, name),
+            )
         ids = [self.pad_id, self.bos_id, self.eos_id, self.ref_bos_id]
-        require(len(set(ids)) == 4, "ref_bos_id", "special token ids that are distinct (pad, bos, eos, ref_bos)",
-                ids)
+        require(len(set(ids)) == 4, "ref_bos_id", "special token ids that are distinct (pad, bos, eos, ref_bos)", ids)
 
     @property
     def kv_group(self) -> int:
@@ -104,15 +113,45 @@ class ModelConfig:
 
 PRESETS: dict[str, dict[str, Any]] = {
     # unit tests: milliseconds per forward
-    "tiny": dict(vocab_size=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_model=32,
-                 mlp_hidden=64, n_mem_layers=1, max_seq_len=256, mem_top_k=4,
-                 mem_chunk_size=16, mems_per_chunk=2, ref_max_tokens=32),
+    "tiny": dict(
+        vocab_size=128,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=8,
+        d_model=32,
+        mlp_hidden=64,
+        n_mem_layers=1,
+        max_seq_len=256,
+        mem_top_k=4,
+        mem_chunk_size=16,
+        mems_per_chunk=2,
+        ref_max_tokens=32,
+    ),
     # the CPU demo: ~4.5M non-embedding parameters, learns a ~5 MB corpus with an 8k vocab in minutes
-    "small": dict(vocab_size=8192, n_layers=6, n_heads=8, n_kv_heads=2, head_dim=32, d_model=256,
-                  mlp_hidden=768, n_mem_layers=3, max_seq_len=1024),
+    "small": dict(
+        vocab_size=8192,
+        n_layers=6,
+        n_heads=8,
+        n_kv_heads=2,
+        head_dim=32,
+        d_model=256,
+        mlp_hidden=768,
+        n_mem_layers=3,
+        max_seq_len=1024,
+    ),
     # the paper's Memory3-2B (docs/paper.md, "Model shape"): 44 x (40q / 8kv x 80), gated MLP 3200, memory layers 0-21.
     # rope_theta, norm and tying are not stated by the paper (UNCONFIRMED): LLaMA-2 defaults.
-    "paper-2.4b": dict(vocab_size=60416, n_layers=44, n_heads=40, n_kv_heads=8, head_dim=80,
-                       d_model=3200, mlp_hidden=3200, n_mem_layers=22, max_seq_len=2048,
-                       tie_embeddings=False),
+    "paper-2.4b": dict(
+        vocab_size=60416,
+        n_layers=44,
+        n_heads=40,
+        n_kv_heads=8,
+        head_dim=80,
+        d_model=3200,
+        mlp_hidden=3200,
+        n_mem_layers=22,
+        max_seq_len=2048,
+        tie_embeddings=False,
+    ),
 }

@@ -25,8 +25,7 @@ Retriever = Callable[[Tensor], tuple[Tensor, Tensor | None]]
 
 
 class KVCache:
-    def __init__(self, model, batch_size: int, max_len: int, *, with_memory: bool,
-                 device=None, dtype=None):
+    def __init__(self, model, batch_size: int, max_len: int, *, with_memory: bool, device=None, dtype=None):
         """Room for max_len context tokens (plus the ref_bos sink when with_memory)."""
         cfg = model.config
         p = next(model.parameters())
@@ -70,8 +69,9 @@ class KVCache:
         (preceded by the memory block when a memory layer reads it in place)."""
         start, end = self.mem_slots + self.length, self.mem_slots + self.length + k.shape[2]
         if end > self.k.shape[3]:
-            raise ValueError(f"KV cache full: {end - self.mem_slots} slots needed, "
-                             f"{self.k.shape[3] - self.mem_slots} allocated")
+            raise ValueError(
+                f"KV cache full: {end - self.mem_slots} slots needed, {self.k.shape[3] - self.mem_slots} allocated"
+            )
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
         first = 0 if self.reading_inline and layer < self.n_mem_layers else self.mem_slots
@@ -127,8 +127,14 @@ def _sample(logits: Tensor, temperature: float, generator) -> Tensor:
 
 
 @torch.no_grad()
-def generate(model, prompt: Tensor, max_new_tokens: int, retrieve: Retriever | None = None,
-             temperature: float = 0.0, generator: torch.Generator | None = None) -> Tensor:
+def generate(
+    model,
+    prompt: Tensor,
+    max_new_tokens: int,
+    retrieve: Retriever | None = None,
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """Continue prompt (B, T0) by max_new_tokens; returns (B, T0 + max_new_tokens).
 
     With retrieve, follows the paper's schedule [§3.1]: each mem_chunk_size-token chunk of the
@@ -141,7 +147,7 @@ def generate(model, prompt: Tensor, max_new_tokens: int, retrieve: Retriever | N
     cache = KVCache(model, B, T0 + max_new_tokens, with_memory=retrieve is not None)
     memories = mem_mask = None
     if retrieve is not None:  # one retrieval per prompt chunk (retrieval, not attention, loops)
-        blocks = [retrieve(prompt[:, c:c + cs]) for c in range(0, T0, cs)]
+        blocks = [retrieve(prompt[:, c : c + cs]) for c in range(0, T0, cs)]
         memories = torch.stack([m for m, _ in blocks], dim=1)
         mem_mask = torch.stack([_mask_or_all(m, mask) for m, mask in blocks], dim=1)
     logits = model(prompt, memories, mem_mask, cache=cache)
@@ -153,6 +159,6 @@ def generate(model, prompt: Tensor, max_new_tokens: int, retrieve: Retriever | N
             break
         if retrieve is not None and step > 0 and step % cs == 0:
             # `token` opens a new chunk: the cs generated tokens before it are the query
-            cache.swap_memories(*retrieve(torch.cat(out[-cs - 1:-1], dim=1)))
+            cache.swap_memories(*retrieve(torch.cat(out[-cs - 1 : -1], dim=1)))
         logits = model(token, cache=cache)
     return torch.cat(out, dim=1)

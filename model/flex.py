@@ -16,8 +16,7 @@ COMPILE = True  # without torch.compile flex_attention materialises the scores (
 _compiled = None
 
 
-def memory_block_mask(q_chunk: Tensor, key_chunk: Tensor, key_valid: Tensor, q_slot: Tensor,
-                      n_keys: int) -> BlockMask:
+def memory_block_mask(q_chunk: Tensor, key_chunk: Tensor, key_valid: Tensor, q_slot: Tensor, n_keys: int) -> BlockMask:
     """The memory layers' mask over [memory pool (P entries), context slots 0..n_keys-1]:
     a query sees pool entries of its own chunk that hold a token, and context slots up to its
     own (q_chunk is -1 for the sink, which sees no memory)."""
@@ -31,8 +30,9 @@ def memory_block_mask(q_chunk: Tensor, key_chunk: Tensor, key_valid: Tensor, q_s
         sees_context = kv - n_pool <= q_slot[q]
         return torch.where(in_pool, sees_memory, sees_context)
 
-    return create_block_mask(mask_mod, key_valid.shape[0], None, q_chunk.shape[0],
-                             n_pool + n_keys, device=q_chunk.device)
+    return create_block_mask(
+        mask_mod, key_valid.shape[0], None, q_chunk.shape[0], n_pool + n_keys, device=q_chunk.device
+    )
 
 
 def flex_attend(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask) -> Tensor:

@@ -62,8 +62,8 @@ class ChunkRead:
 
 @dataclass
 class Generated:
-    tokens: Tensor                  # (B, T0 + n) prompt and continuation
-    reads: list[list[ChunkRead]]    # per row, chunk by chunk; [] without retrieval
+    tokens: Tensor  # (B, T0 + n) prompt and continuation
+    reads: list[list[ChunkRead]]  # per row, chunk by chunk; [] without retrieval
 
 
 def _prompt_queries(prompt: Tensor, cs: int) -> list[tuple[int, int]]:
@@ -72,11 +72,20 @@ def _prompt_queries(prompt: Tensor, cs: int) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def generate_with_memory(model, prompt: Tensor, max_new_tokens: int,
-                         retrieve: BatchRetriever | None = None, *, temperature: float = 0.0,
-                         top_p: float = 1.0, generators: list[torch.Generator] | None = None,
-                         eos_id: int | None = None, prefetch: bool = False, sink: bool = False,
-                         static: StaticDecoder | bool = False) -> Generated:
+def generate_with_memory(
+    model,
+    prompt: Tensor,
+    max_new_tokens: int,
+    retrieve: BatchRetriever | None = None,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generators: list[torch.Generator] | None = None,
+    eos_id: int | None = None,
+    prefetch: bool = False,
+    sink: bool = False,
+    static: StaticDecoder | bool = False,
+) -> Generated:
     """Continue prompt (B, T0) by up to max_new_tokens (all rows stop early once every row has
     produced eos_id). Without retrieve: decoding with no memories, behind the ref_bos sink when
     `sink` (a model trained to read memories is in distribution only so), else plain.
@@ -126,8 +135,9 @@ def generate_with_memory(model, prompt: Tensor, max_new_tokens: int,
                 pending = None
                 cache.swap_memories(got.memories, got.mask)
                 for b in range(B):
-                    reads[b].append(ChunkRead(T0 + step, T0 + step + cs, T0 + step - cs, T0 + step,
-                                              list(got.ref_ids[b])))
+                    reads[b].append(
+                        ChunkRead(T0 + step, T0 + step + cs, T0 + step - cs, T0 + step, list(got.ref_ids[b]))
+                    )
             nxt = step + 1
             if pool is not None and nxt % cs == 0 and nxt < max_new_tokens - 1:
                 # the query of the swap at `nxt` is complete now: fetch it while this token decodes
@@ -147,8 +157,9 @@ def generate_with_memory(model, prompt: Tensor, max_new_tokens: int,
 
 
 @torch.no_grad()
-def score_continuation(model, prompt: Tensor, continuation: Tensor, retrieve: BatchRetriever | None = None,
-                       *, sink: bool = False) -> tuple[Tensor, Tensor, list[list[list[str]]]]:
+def score_continuation(
+    model, prompt: Tensor, continuation: Tensor, retrieve: BatchRetriever | None = None, *, sink: bool = False
+) -> tuple[Tensor, Tensor, list[list[list[str]]]]:
     """Teacher-forced `continuation` (B, A) after `prompt` (B, T0), read exactly as
     generate_with_memory reads what it generates: the prompt chunks' own retrievals, the first
     cs continuation tokens on the last prompt chunk's memories, then a swap every cs tokens
@@ -165,15 +176,19 @@ def score_continuation(model, prompt: Tensor, continuation: Tensor, retrieve: Ba
     memories = mem_mask = None
     if retrieve is not None:
         spans = _prompt_queries(prompt, cs)
-        got = _on(retrieve([prompt[b, s:e] for b in range(B) for s, e in spans],
-                           [prompt[b] for b in range(B) for _ in spans]), prompt.device)
+        got = _on(
+            retrieve(
+                [prompt[b, s:e] for b in range(B) for s, e in spans], [prompt[b] for b in range(B) for _ in spans]
+            ),
+            prompt.device,
+        )
         C = len(spans)
         memories = got.memories.reshape(B, C, *got.memories.shape[1:])
         mem_mask = got.mask.reshape(B, C, *got.mask.shape[1:])
         for b in range(B):
             reads[b].append(list(got.ref_ids[b * C + C - 1]))
     logits = [model(prompt, memories, mem_mask, cache=cache)[:, -1:]]
-    fed = [prompt] + [continuation[:, j:j + 1] for j in range(A)]  # _swap_retrieval's layout
+    fed = [prompt] + [continuation[:, j : j + 1] for j in range(A)]  # _swap_retrieval's layout
     step = 0
     while step < A - 1:  # feed continuation tokens 0 .. A-2, one chunk of the schedule at a time
         if retrieve is not None and step > 0 and step % cs == 0:
@@ -185,22 +200,30 @@ def score_continuation(model, prompt: Tensor, continuation: Tensor, retrieve: Ba
         logits.append(model(continuation[:, step:end], cache=cache))
         step = end
     logits = torch.cat(logits, dim=1).float()
-    losses = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), continuation.reshape(-1),
-                                               reduction="none").view(B, A)
+    losses = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), continuation.reshape(-1), reduction="none"
+    ).view(B, A)
     return losses, logits.argmax(dim=-1) == continuation, reads
 
 
-def _static_decoder(static: StaticDecoder | bool, model, B: int, n_slots: int,
-                    with_memory: bool) -> StaticDecoder | None:
+def _static_decoder(
+    static: StaticDecoder | bool, model, B: int, n_slots: int, with_memory: bool
+) -> StaticDecoder | None:
     if static is False:
         return None
     if static is True:
         return StaticDecoder(model, B, n_slots, with_memory=with_memory)
-    if (static.model is not model or static.batch_size != B or static.max_len < n_slots
-            or static.cache.with_memory != with_memory):
-        raise ValueError(f"this StaticDecoder (batch {static.batch_size}, {static.max_len} slots, "
-                         f"memory {static.cache.with_memory}) does not fit batch {B}, {n_slots} "
-                         f"slots, memory {with_memory}")
+    if (
+        static.model is not model
+        or static.batch_size != B
+        or static.max_len < n_slots
+        or static.cache.with_memory != with_memory
+    ):
+        raise ValueError(
+            f"this StaticDecoder (batch {static.batch_size}, {static.max_len} slots, "
+            f"memory {static.cache.with_memory}) does not fit batch {B}, {n_slots} "
+            f"slots, memory {with_memory}"
+        )
     return static
 
 
@@ -208,15 +231,14 @@ def _on(got: Retrieved, device) -> Retrieved:
     """Memories come from host RAM (the store's cache); the model may live on a GPU."""
     if got.memories.device == torch.device(device):
         return got
-    return Retrieved(got.memories.to(device, non_blocking=True), got.mask.to(device, non_blocking=True),
-                     got.ref_ids)
+    return Retrieved(got.memories.to(device, non_blocking=True), got.mask.to(device, non_blocking=True), got.ref_ids)
 
 
 def _swap_retrieval(retrieve: BatchRetriever, out: list[Tensor], T0: int, step: int, cs: int) -> Retrieved:
     """Retrieval for the chunk opened by generated token `step`: the cs generated tokens before
     it are the query; the whole context so far is what leakage is measured against."""
-    gen = torch.cat(out[1:step + 1], dim=1)  # generated tokens 0 .. step-1
-    query = gen[:, step - cs:step]
+    gen = torch.cat(out[1 : step + 1], dim=1)  # generated tokens 0 .. step-1
+    query = gen[:, step - cs : step]
     context = torch.cat([out[0], gen], dim=1)
     return retrieve(list(query), list(context))
 

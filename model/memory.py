@@ -65,9 +65,12 @@ def token_log_scores(q: Tensor, k: Tensor, scored: Tensor, combine: str) -> Tens
         hi = min(lo + per_block, B)
         b = hi - lo
         queries = q[lo:hi].float().reshape(b * Hkv, group * S, D).transpose(1, 2)
-        logits = torch.baddbmm(bias[lo:hi].expand(b, Hkv, group, S).reshape(b * Hkv, 1, group * S),
-                               k[lo:hi].float().reshape(b * Hkv, S, D), queries,
-                               alpha=1 / math.sqrt(D))  # (b * Hkv, S_j, group * S_i)
+        logits = torch.baddbmm(
+            bias[lo:hi].expand(b, Hkv, group, S).reshape(b * Hkv, 1, group * S),
+            k[lo:hi].float().reshape(b * Hkv, S, D),
+            queries,
+            alpha=1 / math.sqrt(D),
+        )  # (b * Hkv, S_j, group * S_i)
         if combine == "max":
             block = logits.view(b, Hkv, S, group, S).logsumexp(dim=-1).amax(dim=-1)
         else:
@@ -103,8 +106,7 @@ def gather_tokens(kv: Tensor, pos: Tensor) -> Tensor:
     B, two, H, S, D = kv.shape
     index = pos.clamp(min=0)[:, None, :, :, None].expand(B, two, H, pos.shape[-1], D)
     picked = kv.gather(3, index)
-    return torch.where((pos >= 0)[:, None, :, :, None], picked, torch.zeros((), dtype=kv.dtype,
-                                                                             device=kv.device))
+    return torch.where((pos >= 0)[:, None, :, :, None], picked, torch.zeros((), dtype=kv.dtype, device=kv.device))
 
 
 def encode_references(model, ref_tokens: Tensor, top_k: int | None = None) -> EncodedReferences:
@@ -122,8 +124,7 @@ def encode_references(model, ref_tokens: Tensor, top_k: int | None = None) -> En
     """
     cfg = model.config
     if ref_tokens.dim() != 2 or ref_tokens.dtype != torch.long:
-        raise ValueError(f"ref_tokens must be int64 (B, T), got {ref_tokens.dtype} "
-                         f"{tuple(ref_tokens.shape)}")
+        raise ValueError(f"ref_tokens must be int64 (B, T), got {ref_tokens.dtype} {tuple(ref_tokens.shape)}")
     B, T = ref_tokens.shape
     if T > cfg.ref_max_tokens:
         raise ValueError(f"references of {T} tokens exceed ref_max_tokens={cfg.ref_max_tokens}")
@@ -149,11 +150,25 @@ def encode_references(model, ref_tokens: Tensor, top_k: int | None = None) -> En
     # the last memory layer's queries that only it reads, are skipped; the same positions result.
     keep_all = B == 0 or k >= int(n_real.max())
     per_block = max(1, ENCODE_ROWS // S) if tokens.device.type == "cpu" else B
-    parts = [_encode_block(model, tokens[lo:lo + per_block], real[lo:lo + per_block],
-                           scored[lo:lo + per_block], k, cos, sin, interior_pad, keep_all)
-             for lo in range(0, B, per_block)]
-    kv, pos = (parts[0][0], parts[0][1]) if len(parts) == 1 else (
-        torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+    parts = [
+        _encode_block(
+            model,
+            tokens[lo : lo + per_block],
+            real[lo : lo + per_block],
+            scored[lo : lo + per_block],
+            k,
+            cos,
+            sin,
+            interior_pad,
+            keep_all,
+        )
+        for lo in range(0, B, per_block)
+    ]
+    kv, pos = (
+        (parts[0][0], parts[0][1])
+        if len(parts) == 1
+        else (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+    )
     mask = torch.arange(k, device=tokens.device)[None, :] < n_real  # same for every layer and head
     return EncodedReferences(kv, pos, mask)
 
@@ -168,8 +183,17 @@ def encode_references(model, ref_tokens: Tensor, top_k: int | None = None) -> En
 ENCODE_ROWS = 2048
 
 
-def _encode_block(model, tokens: Tensor, real: Tensor, scored: Tensor, k: int, cos: Tensor,
-                  sin: Tensor, interior_pad: bool, keep_all: bool) -> tuple[Tensor, Tensor]:
+def _encode_block(
+    model,
+    tokens: Tensor,
+    real: Tensor,
+    scored: Tensor,
+    k: int,
+    cos: Tensor,
+    sin: Tensor,
+    interior_pad: bool,
+    keep_all: bool,
+) -> tuple[Tensor, Tensor]:
     """encode_references for the references of one block: (kv, positions) of every memory layer."""
     cfg = model.config
     S = tokens.shape[1]
@@ -193,8 +217,9 @@ def _encode_block(model, tokens: Tensor, real: Tensor, scored: Tensor, k: int, c
         else:
             q, key, v = block.attn.qkv(block.attn_norm(x))
         # the choice of tokens takes no gradient: no graph is kept through the score's squares
-        pos = every if keep_all else top_tokens(
-            token_log_scores(q.detach(), key.detach(), scored, cfg.score_combine), k)
+        pos = (
+            every if keep_all else top_tokens(token_log_scores(q.detach(), key.detach(), scored, cfg.score_combine), k)
+        )
         key = apply_rope(key, cos, sin)
         kv_layers.append(gather_tokens(torch.stack([key, v], dim=1), pos))
         pos_layers.append(pos)
@@ -202,8 +227,7 @@ def _encode_block(model, tokens: Tensor, real: Tensor, scored: Tensor, k: int, c
             break  # no compute after the last memory layer
         if attn_mask is None:
             # K/V read in place by their query heads (enable_gqa), not copied group times
-            y = F.scaled_dot_product_attention(apply_rope(q, cos, sin), key, v, is_causal=True,
-                                               enable_gqa=group > 1)
+            y = F.scaled_dot_product_attention(apply_rope(q, cos, sin), key, v, is_causal=True, enable_gqa=group > 1)
             x = x + block.attn.wo(y.transpose(1, 2).reshape(*x.shape[:2], -1))
         else:
             x = x + block.attn.attend(apply_rope(q, cos, sin), key, v, attn_mask)
@@ -236,8 +260,7 @@ def check_memories(cfg, memories: Tensor, mem_mask: Tensor | None, batch: int, n
     if mem_mask is None:
         return memories, torch.ones(B, C, M, k, dtype=torch.bool, device=memories.device)
     if mem_mask.dtype != torch.bool or tuple(mem_mask.shape) != (B, C, M, k):
-        raise ValueError(f"mem_mask must be bool {(B, C, M, k)}, got {mem_mask.dtype} "
-                         f"{tuple(mem_mask.shape)}")
+        raise ValueError(f"mem_mask must be bool {(B, C, M, k)}, got {mem_mask.dtype} {tuple(mem_mask.shape)}")
     return memories, mem_mask
 
 
@@ -268,8 +291,9 @@ def chunk_windows(kv: Tensor, mask: Tensor, window: int) -> tuple[Tensor, Tensor
     reach before chunk 0 get empty slots. Indexing only, so gradients flow back to kv.
     """
     C = kv.shape[1]
-    source = (torch.arange(C, device=kv.device)[:, None]
-              - torch.arange(window - 1, -1, -1, device=kv.device)[None, :])  # (C, window)
+    source = (
+        torch.arange(C, device=kv.device)[:, None] - torch.arange(window - 1, -1, -1, device=kv.device)[None, :]
+    )  # (C, window)
     exists = source >= 0
     source = source.clamp(min=0)
     empty_kv = ~exists.view(1, C, window, *([1] * (kv.dim() - 2)))
@@ -287,8 +311,10 @@ def no_memories(cfg, batch: int, n_chunks: int, device=None, dtype=torch.float32
     context to position 0, which only a model trained without memory (warmup) has seen.
     """
     shape = (batch, n_chunks, 0, cfg.n_mem_layers, 2, cfg.n_kv_heads, 0, cfg.head_dim)
-    return (torch.zeros(shape, device=device, dtype=dtype),
-            torch.zeros(batch, n_chunks, 0, 0, dtype=torch.bool, device=device))
+    return (
+        torch.zeros(shape, device=device, dtype=dtype),
+        torch.zeros(batch, n_chunks, 0, 0, dtype=torch.bool, device=device),
+    )
 
 
 def served_memories(kv: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:

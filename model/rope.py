@@ -10,8 +10,7 @@ def rope_tables(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor,
     Computed per call from the positions (a few thousand numbers) rather than kept as a buffer,
     so `model.to(torch.bfloat16)` cannot round the angles.
     """
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64,
-                                       device=positions.device) / head_dim)
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim)
     angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
     return angles.cos().float(), angles.sin().float()
 

@@ -29,8 +29,9 @@ def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def sample(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0,
-           generators: list[torch.Generator] | None = None) -> Tensor:
+def sample(
+    logits: Tensor, temperature: float = 0.0, top_p: float = 1.0, generators: list[torch.Generator] | None = None
+) -> Tensor:
     """logits (B, V) -> tokens (B, 1) int64. temperature 0 is greedy (no randomness used)."""
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")

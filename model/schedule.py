@@ -46,11 +46,19 @@ class WSDConfig:
     def __post_init__(self) -> None:
         check_fields(self)
         # A geometric decay never reaches 0: ask for a floor instead of silently changing shape.
-        require(self.decay != "exp" or self.min_lr_ratio > 0, "min_lr_ratio",
-                "a value > 0 for decay='exp' (use 'linear' or 'cosine' to decay to 0)", self.min_lr_ratio)
-        require(self.warmup_steps + self.decay_steps <= self.total_steps, "warmup_steps",
-                f"at most total_steps={self.total_steps} minus the {self.decay_steps} decay steps "
-                f"(decay_fraction={self.decay_fraction})", self.warmup_steps)
+        require(
+            self.decay != "exp" or self.min_lr_ratio > 0,
+            "min_lr_ratio",
+            "a value > 0 for decay='exp' (use 'linear' or 'cosine' to decay to 0)",
+            self.min_lr_ratio,
+        )
+        require(
+            self.warmup_steps + self.decay_steps <= self.total_steps,
+            "warmup_steps",
+            f"at most total_steps={self.total_steps} minus the {self.decay_steps} decay steps "
+            f"(decay_fraction={self.decay_fraction})",
+            self.warmup_steps,
+        )
 
     @property
     def decay_steps(self) -> int:

@@ -34,8 +34,7 @@ class StaticDecoder:
     context tokens; reusable across batches (reset). `graph`: capture the step as a CUDA graph
     (default: on a CUDA device)."""
 
-    def __init__(self, model, batch_size: int, max_len: int, *, with_memory: bool,
-                 graph: bool | None = None):
+    def __init__(self, model, batch_size: int, max_len: int, *, with_memory: bool, graph: bool | None = None):
         self.model = model
         self.cache = KVCache(model, batch_size, max_len, with_memory=with_memory)
         device = self.cache.k.device
@@ -66,8 +65,10 @@ class StaticDecoder:
         if c.ctx_len + 1 > self.model.config.max_seq_len:
             raise ValueError(f"context of {c.ctx_len + 1} tokens exceeds max_seq_len")
         if c.with_memory and not c.inline:
-            raise ValueError("a memory block larger than mems_per_chunk x mem_top_k does not fit "
-                             "the cache's memory region; decode it with the model instead")
+            raise ValueError(
+                "a memory block larger than mems_per_chunk x mem_top_k does not fit "
+                "the cache's memory region; decode it with the model instead"
+            )
         self.token.copy_(token)
         self.slot.fill_(c.length)
         if not self.graph:
@@ -114,7 +115,6 @@ class StaticDecoder:
             c.v[i].index_copy_(2, at, v)
             reads_memory = c.with_memory and i < cfg.n_mem_layers
             first = 0 if reads_memory else c.mem_slots
-            x = x + attn.attend(q, c.k[i, :, :, first:], c.v[i, :, :, first:],
-                                mem_mask if reads_memory else seen)
+            x = x + attn.attend(q, c.k[i, :, :, first:], c.v[i, :, :, first:], mem_mask if reads_memory else seen)
             x = x + block.mlp(block.mlp_norm(x))
         return model.logits(x)

@@ -36,8 +36,9 @@ def n_chunks(seq_len: int, chunk_size: int) -> int:
     return (seq_len + chunk_size - 1) // chunk_size
 
 
-def lm_loss(model, tokens: Tensor, memories: Tensor | None = None,
-            mem_mask: Tensor | None = None, pad_id: int | None = None) -> Tensor:
+def lm_loss(
+    model, tokens: Tensor, memories: Tensor | None = None, mem_mask: Tensor | None = None, pad_id: int | None = None
+) -> Tensor:
     """Mean next-token cross-entropy over the targets that are not padding.
 
     model: a Memory3 or anything that forwards to one (a DeepSpeed engine); pad_id defaults to
@@ -48,8 +49,9 @@ def lm_loss(model, tokens: Tensor, memories: Tensor | None = None,
         pad_id = _config(model).pad_id
     logits = model(tokens, memories, mem_mask)
     targets = tokens[:, 1:]
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                           targets.reshape(-1), ignore_index=pad_id)
+    return F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=pad_id
+    )
 
 
 def through_codec(kv: Tensor, codec) -> Tensor:
@@ -63,10 +65,18 @@ def through_codec(kv: Tensor, codec) -> Tensor:
     return kv + (coded - kv).detach()
 
 
-def continual_memories(model, ref_tokens: Tensor, ref_valid: Tensor, window: int = 5,
-                       sparsify: bool = False, grad_through_refs: bool = True,
-                       schedule: str = "paper", codec=None, unique: Tensor | None = None,
-                       slot: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def continual_memories(
+    model,
+    ref_tokens: Tensor,
+    ref_valid: Tensor,
+    window: int = 5,
+    sparsify: bool = False,
+    grad_through_refs: bool = True,
+    schedule: str = "paper",
+    codec=None,
+    unique: Tensor | None = None,
+    slot: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """Encode every chunk's retrieved references with the current weights and lay the memories
     out as `schedule` reads them.
 
@@ -92,8 +102,10 @@ def continual_memories(model, ref_tokens: Tensor, ref_valid: Tensor, window: int
     if ref_tokens.dim() == 3:
         ref_tokens, ref_valid = ref_tokens[:, :, None], ref_valid[:, :, None]
     if ref_tokens.dim() != 4 or ref_valid.shape != ref_tokens.shape[:3]:
-        raise ValueError(f"ref_tokens must be (B, n_chunks, [M,] T) and ref_valid (B, n_chunks, [M]), got "
-                         f"{tuple(ref_tokens.shape)} and {tuple(ref_valid.shape)}")
+        raise ValueError(
+            f"ref_tokens must be (B, n_chunks, [M,] T) and ref_valid (B, n_chunks, [M]), got "
+            f"{tuple(ref_tokens.shape)} and {tuple(ref_valid.shape)}"
+        )
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     if window < 1:

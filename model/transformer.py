@@ -59,16 +59,15 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer  # index into the KV cache
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wqkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim,
-                              bias=False)
+        self.wqkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
     def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(B, T, d_model) -> q (B, Hq, T, D), k and v (B, Hkv, T, D); no positions yet."""
         B, T, _ = x.shape
         q, k, v = self.wqkv(x).split(
-            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim,
-             self.n_kv_heads * self.head_dim], dim=-1)
+            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1
+        )
         heads = lambda t: t.view(B, T, -1, self.head_dim).transpose(1, 2)  # noqa: E731
         return heads(q), heads(k), heads(v)
 
@@ -76,8 +75,9 @@ class Attention(nn.Module):
         """k and v of qkv without q: a memory written from a layer that no query of the
         reference reads (the last memory layer, when the score is skipped)."""
         B, T, _ = x.shape
-        k, v = F.linear(x, self.wqkv.weight[self.n_heads * self.head_dim:]).split(
-            [self.n_kv_heads * self.head_dim] * 2, dim=-1)
+        k, v = F.linear(x, self.wqkv.weight[self.n_heads * self.head_dim :]).split(
+            [self.n_kv_heads * self.head_dim] * 2, dim=-1
+        )
         heads = lambda t: t.view(B, T, -1, self.head_dim).transpose(1, 2)  # noqa: E731
         return heads(k), heads(v)
 
@@ -99,12 +99,14 @@ class Attention(nn.Module):
             B, Hq, _, D = q.shape
             if mask.dim() == 4:
                 mask = mask[:, :1]
-            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_heads, Hq // self.n_kv_heads, D),
-                                               k, v, attn_mask=mask).reshape(B, Hq, 1, D)
+            y = F.scaled_dot_product_attention(
+                q.reshape(B, self.n_kv_heads, Hq // self.n_kv_heads, D), k, v, attn_mask=mask
+            ).reshape(B, Hq, 1, D)
         else:
             group = self.n_heads // self.n_kv_heads
-            y = F.scaled_dot_product_attention(q, repeat_kv(k, group), repeat_kv(v, group),
-                                               attn_mask=mask, is_causal=mask is None)
+            y = F.scaled_dot_product_attention(
+                q, repeat_kv(k, group), repeat_kv(v, group), attn_mask=mask, is_causal=mask is None
+            )
         B, _, T, _ = q.shape
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -158,8 +160,7 @@ class Memory3(nn.Module):
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         # tied: the LM head *is* the embedding matrix, so there is no second tensor to save
-        self.lm_head = None if config.tie_embeddings else nn.Linear(
-            config.d_model, config.vocab_size, bias=False)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -195,8 +196,9 @@ class Memory3(nn.Module):
         """See model.memory.encode_references."""
         return encode_references(self, ref_tokens, top_k)
 
-    def forward(self, tokens: Tensor, memories: Tensor | None = None,
-                mem_mask: Tensor | None = None, cache=None) -> Tensor:
+    def forward(
+        self, tokens: Tensor, memories: Tensor | None = None, mem_mask: Tensor | None = None, cache=None
+    ) -> Tensor:
         """Next-token logits (B, T, vocab_size) for tokens (B, T) int64.
 
         tokens: the context as in training, normally starting with bos_id (the BOS then
@@ -239,14 +241,17 @@ class Memory3(nn.Module):
         cos, sin = rope_tables(self.positions(slots, with_memory), cfg.head_dim, cfg.rope_theta)
 
         # square causal attention (is_causal) unless earlier tokens sit in the cache
-        ctx_mask = None if first_slot == 0 else slots[:, None] >= torch.arange(
-            first_slot + n_new, device=tokens.device)[None, :]
+        ctx_mask = (
+            None
+            if first_slot == 0
+            else slots[:, None] >= torch.arange(first_slot + n_new, device=tokens.device)[None, :]
+        )
         mem_kv, mem_layer_mask = None, None
         inline = with_memory and memories is None and cache.inline  # the cache's block, in place
         if with_memory:
-            mem_kv, mem_layer_mask = self._memory_inputs(memories, mem_mask, cache, slots,
-                                                         first_slot + n_new, ctx_start, B, T,
-                                                         x.dtype)
+            mem_kv, mem_layer_mask = self._memory_inputs(
+                memories, mem_mask, cache, slots, first_slot + n_new, ctx_start, B, T, x.dtype
+            )
         if cache is not None:
             cache.reading_inline = inline
 

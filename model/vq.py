@@ -18,6 +18,7 @@ from torch import Tensor
 
 from model.codec_base import Codec, CodecError, _check_shape
 
+
 def faiss_spec(spec: str) -> str:
     """The paper writes `OPQ20x80-Residual2x14-PQ8x10`; faiss.index_factory spells the same
     index `OPQ20_80,Residual2x14,PQ8x10`. Faiss spellings pass through unchanged."""
@@ -87,8 +88,7 @@ class VQCodec(Codec):
 
     name = "vq"
 
-    def __init__(self, index: faiss.Index | None = None, spec: str | None = None,
-                 serialized: bytes | None = None):
+    def __init__(self, index: faiss.Index | None = None, spec: str | None = None, serialized: bytes | None = None):
         self.index, self.spec = index, spec
         if index is not None and serialized is None:
             serialized = faiss.serialize_index(index).tobytes()
@@ -96,8 +96,15 @@ class VQCodec(Codec):
         self.quantizer_hash = hashlib.sha256(serialized).hexdigest() if serialized else None
 
     @classmethod
-    def train(cls, vectors: np.ndarray | Tensor, spec: str | None = None, seed: int = 0, *,
-              max_train: int | None = None, niter: int | None = None) -> "VQCodec":
+    def train(
+        cls,
+        vectors: np.ndarray | Tensor,
+        spec: str | None = None,
+        seed: int = 0,
+        *,
+        max_train: int | None = None,
+        niter: int | None = None,
+    ) -> "VQCodec":
         """Train on vectors (n, d); a tensor of memories (..., d) is flattened to vectors.
 
         seed picks the sub-sample (max_train) and the vector order that k-means starts from,
@@ -141,8 +148,7 @@ class VQCodec(Codec):
     def from_bytes(cls, data: bytes, expected_hash: str | None = None) -> "VQCodec":
         actual = hashlib.sha256(data).hexdigest()
         if expected_hash is not None and actual != expected_hash:
-            raise CodecError(f"vq: quantizer mismatch: expected quantizer {expected_hash}, "
-                             f"got {actual}")
+            raise CodecError(f"vq: quantizer mismatch: expected quantizer {expected_hash}, got {actual}")
         try:
             index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8).copy())
         except RuntimeError as e:
@@ -193,22 +199,21 @@ class VQCodec(Codec):
 
     def _require(self, expected_hash: str | None = None) -> faiss.Index:
         if self.index is None:
-            want = f", but the payloads were encoded with quantizer {expected_hash}" \
-                if expected_hash else ""
-            raise CodecError(f"vq: no quantizer loaded{want}: load the quantizer stored with "
-                             f"the bank")
+            want = f", but the payloads were encoded with quantizer {expected_hash}" if expected_hash else ""
+            raise CodecError(f"vq: no quantizer loaded{want}: load the quantizer stored with the bank")
         return self.index
 
     def _check_dim(self, d: int) -> None:
         if d != self.d:
-            raise CodecError(f"vq: quantizer {self.quantizer_hash} codes {self.d}-dim vectors, "
-                             f"memory has head_dim {d}")
+            raise CodecError(f"vq: quantizer {self.quantizer_hash} codes {self.d}-dim vectors, memory has head_dim {d}")
 
     def _check_quantizer(self, quantizer_hash: str | None) -> None:
         self._require(quantizer_hash)
         if quantizer_hash is not None and quantizer_hash != self.quantizer_hash:
-            raise CodecError(f"vq: quantizer mismatch: the payload was encoded with quantizer "
-                             f"{quantizer_hash}, the loaded quantizer is {self.quantizer_hash}")
+            raise CodecError(
+                f"vq: quantizer mismatch: the payload was encoded with quantizer "
+                f"{quantizer_hash}, the loaded quantizer is {self.quantizer_hash}"
+            )
 
     def _encode(self, x: Tensor) -> np.ndarray:
         index = self._require()
@@ -235,8 +240,11 @@ class VQCodec(Codec):
             t = faiss.downcast_VectorTransform(index.chain.at(i))
             if not isinstance(t, faiss.LinearTransform) or not t.is_orthonormal:
                 raise CodecError(f"vq: cannot decode through a {type(t).__name__} transform")
-            x = _transpose_apply(x, faiss.vector_to_array(t.A).reshape(t.d_out, t.d_in),
-                                 faiss.vector_to_array(t.b) if t.have_bias else None)
+            x = _transpose_apply(
+                x,
+                faiss.vector_to_array(t.A).reshape(t.d_out, t.d_in),
+                faiss.vector_to_array(t.b) if t.have_bias else None,
+            )
         return torch.from_numpy(x)
 
 

@@ -6,16 +6,16 @@ size is the number of duplicates, not of documents.
 
 from __future__ import annotations
 
-from upath import UPath
 from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from upath import UPath
 
 from pipelines.dedup_step import REASON
-from storage.schemas import DOCUMENTS, REJECTS
 from storage.layout import upath
+from storage.schemas import DOCUMENTS, REJECTS
 from storage.staging import iter_batches
 
 
@@ -43,8 +43,9 @@ def kept_texts(out_dir: UPath, shard_ids: list[str], dup_ranks: np.ndarray) -> I
         yield from batch.column("text").to_pylist()
 
 
-def duplicate_rejects(out_dir: UPath, shard_ids: list[str], dup_ranks: np.ndarray, twins: np.ndarray,
-                      kinds: np.ndarray) -> pa.Table:
+def duplicate_rejects(
+    out_dir: UPath, shard_ids: list[str], dup_ranks: np.ndarray, twins: np.ndarray, kinds: np.ndarray
+) -> pa.Table:
     """The rejects rows of the duplicates, each naming the doc_id of its kept twin."""
     if len(dup_ranks) == 0:
         return REJECTS.empty_table()
@@ -58,16 +59,19 @@ def duplicate_rejects(out_dir: UPath, shard_ids: list[str], dup_ranks: np.ndarra
                 found[name].extend(part.column(name).to_pylist())
     by_rank = {r: i for i, r in enumerate(found["rank"])}
     rows = [by_rank[int(r)] for r in dup_ranks]
-    return pa.table({
-        "doc_id": [found["doc_id"][i] for i in rows],
-        "source": [found["source"][i] for i in rows],
-        "source_id": [found["source_id"][i] for i in rows],
-        "reason": [REASON[int(k)] for k in kinds],
-        "stage": ["dedup"] * len(rows),
-        "duplicate_of": [found["doc_id"][by_rank[int(t)]] for t in twins],
-        "raw_prefix": [found["text"][i][:200] for i in rows],
-        "rank": dup_ranks,
-    }, schema=REJECTS)
+    return pa.table(
+        {
+            "doc_id": [found["doc_id"][i] for i in rows],
+            "source": [found["source"][i] for i in rows],
+            "source_id": [found["source_id"][i] for i in rows],
+            "reason": [REASON[int(k)] for k in kinds],
+            "stage": ["dedup"] * len(rows),
+            "duplicate_of": [found["doc_id"][by_rank[int(t)]] for t in twins],
+            "raw_prefix": [found["text"][i][:200] for i in rows],
+            "rank": dup_ranks,
+        },
+        schema=REJECTS,
+    )
 
 
 def all_rejects(out_dir: UPath, shard_ids: list[str], dup_table: pa.Table) -> Iterator[pa.RecordBatch]:

@@ -22,8 +22,9 @@ import numpy as np
 __all__ = ["reference_spans", "sentence_boundaries", "Packer", "pack_sequences"]
 
 
-def reference_spans(n_tokens: int, boundary_after: Sequence[int] | np.ndarray,
-                    max_tokens: int = 128, min_tokens: int = 32) -> list[tuple[int, int]]:
+def reference_spans(
+    n_tokens: int, boundary_after: Sequence[int] | np.ndarray, max_tokens: int = 128, min_tokens: int = 32
+) -> list[tuple[int, int]]:
     """Split token indices ``[0, n_tokens)`` into consecutive half-open spans.
 
     Spans cover every token exactly once, in order, are never empty and hold at most
@@ -96,7 +97,7 @@ def sentence_boundaries(text: str, offsets: Sequence[tuple[int, int]] | np.ndarr
     # only whitespace may follow p inside the token; p < end is rare (merged whitespace
     # tokens), so a Python check there is cheaper than a per-character array over the text
     for i in np.flatnonzero(ok & (p < end)).tolist():
-        ok[i] = text[p[i]:end[i]].isspace()
+        ok[i] = text[p[i] : end[i]].isspace()
     return np.flatnonzero(ok).astype(np.int64)
 
 
@@ -158,7 +159,7 @@ class Packer:
         return out
 
     def _emit(self) -> dict:
-        token_ids = self._buf[self._pos: self._pos + self.seq_len]
+        token_ids = self._buf[self._pos : self._pos + self.seq_len]
         self._pos += self.seq_len
         need, doc_ids = self.seq_len, []
         while need:
@@ -172,8 +173,9 @@ class Packer:
         return {"token_ids": token_ids, "doc_ids": doc_ids}
 
 
-def pack_sequences(docs: Iterable[tuple[str, Sequence[int]]], seq_len: int = 2048,
-                   eos_id: int = 2, packer: Packer | None = None) -> Iterator[dict]:
+def pack_sequences(
+    docs: Iterable[tuple[str, Sequence[int]]], seq_len: int = 2048, eos_id: int = 2, packer: Packer | None = None
+) -> Iterator[dict]:
     """Yield full sequences (see ``Packer``) from ``(doc_id, token_ids)`` pairs, in order.
 
     The trailing partial sequence is dropped; pass your own ``packer`` to read

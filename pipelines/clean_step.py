@@ -12,10 +12,9 @@ Outputs under `out_dir` (the docs file is written last: its presence means the s
 
 from __future__ import annotations
 
-from upath import UPath
-
 import numpy as np
 import pyarrow as pa
+from upath import UPath
 
 from pipelines import memo
 from pipelines.dedup import partition_of
@@ -23,25 +22,27 @@ from pipelines.filters import quality_reason
 from pipelines.minhash import band_keys, signatures
 from pipelines.normalize import content_hash, exact_dedup_key, normalize_text
 from pipelines.readers import RANK_BITS, Shard, SourceFile, read_shard
-from storage.schemas import REJECTS
 from storage.layout import upath
+from storage.schemas import REJECTS
 from storage.staging import write_atomic
 
 KIND_EXACT, KIND_BAND = 0, 1
 
-STAGED_DOCS = pa.schema([
-    pa.field("rank", pa.int64()),
-    pa.field("doc_id", pa.string()),
-    pa.field("source", pa.string()),
-    pa.field("source_id", pa.string()),
-    pa.field("text", pa.large_string()),
-    pa.field("content_hash", pa.string()),
-    pa.field("n_chars", pa.int64()),
-    pa.field("meta", pa.string()),
-    pa.field("in_training", pa.bool_()),
-    pa.field("in_bank", pa.bool_()),
-    pa.field("training_reason", pa.string()),
-])
+STAGED_DOCS = pa.schema(
+    [
+        pa.field("rank", pa.int64()),
+        pa.field("doc_id", pa.string()),
+        pa.field("source", pa.string()),
+        pa.field("source_id", pa.string()),
+        pa.field("text", pa.large_string()),
+        pa.field("content_hash", pa.string()),
+        pa.field("n_chars", pa.int64()),
+        pa.field("meta", pa.string()),
+        pa.field("in_training", pa.bool_()),
+        pa.field("in_bank", pa.bool_()),
+        pa.field("training_reason", pa.string()),
+    ]
+)
 KEYS = pa.schema([pa.field("key", pa.int64()), pa.field("rank", pa.int64()), pa.field("kind", pa.int8())])
 
 
@@ -50,20 +51,31 @@ def docs_path(out_dir, shard_id: str) -> UPath:
 
 
 # The clean memo: what normalize, the quality filters and the dedup keys make of one raw text.
-CLEAN_MEMO = pa.schema([
-    memo.KEY,
-    pa.field("text", pa.large_string()),           # normalized
-    pa.field("content_hash", pa.string()),
-    pa.field("training_reason", pa.string()),      # the training filter's reason, None = passes
-    pa.field("bank_reason", pa.string()),          # the bank filter's reason, None = passes
-    pa.field("exact_key", pa.int64()),             # None unless kept and dedup.exact
-    pa.field("bands", pa.list_(pa.int64())),       # None unless kept and dedup.near
-])
+CLEAN_MEMO = pa.schema(
+    [
+        memo.KEY,
+        pa.field("text", pa.large_string()),  # normalized
+        pa.field("content_hash", pa.string()),
+        pa.field("training_reason", pa.string()),  # the training filter's reason, None = passes
+        pa.field("bank_reason", pa.string()),  # the bank filter's reason, None = passes
+        pa.field("exact_key", pa.int64()),  # None unless kept and dedup.exact
+        pa.field("bands", pa.list_(pa.int64())),  # None unless kept and dedup.near
+    ]
+)
 _MEMO_VALUES = CLEAN_MEMO.names[1:]
 
 
-def clean_shard(shard: Shard, files: list[SourceFile], corpus, quality, dedup, out_dir: str | UPath,
-                bank_quality=None, memo_src: str | None = None, memo_dst: str | None = None) -> dict:
+def clean_shard(
+    shard: Shard,
+    files: list[SourceFile],
+    corpus,
+    quality,
+    dedup,
+    out_dir: str | UPath,
+    bank_quality=None,
+    memo_src: str | None = None,
+    memo_dst: str | None = None,
+) -> dict:
     """Process one shard; returns its counts. Idempotent: rerunning rewrites identical files.
 
     Each record's file has a role (SourceFile.role, corpus.roles): `in_training` = its role
@@ -81,8 +93,11 @@ def clean_shard(shard: Shard, files: list[SourceFile], corpus, quality, dedup, o
     out_dir = upath(out_dir)
     records = list(read_shard(shard, files, corpus.text_key, corpus.id_key, corpus.max_record_bytes))
     # Only records that reach normalization are memoized: the rest are decided by cheap tests.
-    keyed = {i: memo.text_key(rec.text) for i, rec in enumerate(records)
-             if rec.reason is None and len(rec.text) <= quality.max_chars}
+    keyed = {
+        i: memo.text_key(rec.text)
+        for i, rec in enumerate(records)
+        if rec.reason is None and len(rec.text) <= quality.max_chars
+    }
     known = memo.lookup(memo_src, list(keyed.values()), _MEMO_VALUES)
     made = dict(known)
     fresh = [i for i, k in keyed.items() if k not in made]
@@ -93,8 +108,14 @@ def clean_shard(shard: Shard, files: list[SourceFile], corpus, quality, dedup, o
         text = normalize_text(records[i].text)
         training_reason = quality_reason(text, quality)
         bank_reason = training_reason if bank_quality is None else quality_reason(text, bank_quality)
-        made[key] = {"text": text, "content_hash": content_hash(text), "training_reason": training_reason,
-                     "bank_reason": bank_reason, "exact_key": None, "bands": None}
+        made[key] = {
+            "text": text,
+            "content_hash": content_hash(text),
+            "training_reason": training_reason,
+            "bank_reason": bank_reason,
+            "exact_key": None,
+            "bands": None,
+        }
     _dedup_keys([made[k] for k in dict.fromkeys(keyed[i] for i in fresh)], dedup)
 
     docs: dict[str, list] = {name: [] for name in STAGED_DOCS.names}
@@ -109,29 +130,55 @@ def clean_shard(shard: Shard, files: list[SourceFile], corpus, quality, dedup, o
             in_training, in_bank, training_reason, reason = decide(entry, role)
             stage = "quality"
         if reason is not None:
-            for name, value in (("doc_id", rec.doc_id), ("source", rec.source), ("source_id", rec.source_id),
-                                ("reason", reason), ("stage", stage), ("duplicate_of", None),
-                                ("raw_prefix", rec.raw_prefix or (rec.text or "")[:200]), ("rank", rec.rank)):
+            for name, value in (
+                ("doc_id", rec.doc_id),
+                ("source", rec.source),
+                ("source_id", rec.source_id),
+                ("reason", reason),
+                ("stage", stage),
+                ("duplicate_of", None),
+                ("raw_prefix", rec.raw_prefix or (rec.text or "")[:200]),
+                ("rank", rec.rank),
+            ):
                 rejects[name].append(value)
             continue
-        for name, value in (("rank", rec.rank), ("doc_id", rec.doc_id), ("source", rec.source),
-                            ("source_id", rec.source_id), ("text", entry["text"]),
-                            ("content_hash", entry["content_hash"]), ("n_chars", len(entry["text"])),
-                            ("meta", rec.meta), ("in_training", in_training),
-                            ("in_bank", in_bank), ("training_reason", training_reason)):
+        for name, value in (
+            ("rank", rec.rank),
+            ("doc_id", rec.doc_id),
+            ("source", rec.source),
+            ("source_id", rec.source_id),
+            ("text", entry["text"]),
+            ("content_hash", entry["content_hash"]),
+            ("n_chars", len(entry["text"])),
+            ("meta", rec.meta),
+            ("in_training", in_training),
+            ("in_bank", in_bank),
+            ("training_reason", training_reason),
+        ):
             docs[name].append(value)
         kept.append(entry)
 
     _write_keys(kept, np.asarray(docs["rank"], dtype=np.int64), dedup, out_dir, shard.shard_id)
     if memo_dst is not None:
         entries = dict.fromkeys(keyed.values())
-        memo.write(memo_dst, shard.shard_id, CLEAN_MEMO,
-                   {"key": list(entries), **{c: [made[k][c] for k in entries] for c in _MEMO_VALUES}})
+        memo.write(
+            memo_dst,
+            shard.shard_id,
+            CLEAN_MEMO,
+            {"key": list(entries), **{c: [made[k][c] for k in entries] for c in _MEMO_VALUES}},
+        )
     write_atomic(out_dir / "rejects" / f"{shard.shard_id}.parquet", pa.table(rejects, schema=REJECTS))
     write_atomic(docs_path(out_dir, shard.shard_id), pa.table(docs, schema=STAGED_DOCS))
-    return {"shard": shard.shard_id, "records": len(records), "kept": len(docs["rank"]),
-            "rejected": len(rejects["rank"]), "bytes": sum(docs["n_chars"]), "memo_hits": len(known),
-            "bank_only": sum(not t for t in docs["in_training"]), "training_only": sum(not b for b in docs["in_bank"])}
+    return {
+        "shard": shard.shard_id,
+        "records": len(records),
+        "kept": len(docs["rank"]),
+        "rejected": len(rejects["rank"]),
+        "bytes": sum(docs["n_chars"]),
+        "memo_hits": len(known),
+        "bank_only": sum(not t for t in docs["in_training"]),
+        "training_only": sum(not b for b in docs["in_bank"]),
+    }
 
 
 # Why training left out a document of a bank-only source (documents.training_reason).

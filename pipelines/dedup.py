@@ -104,23 +104,25 @@ def exact_duplicates(keys, ranks) -> tuple[np.ndarray, np.ndarray]:
     return bucket_collisions(keys, ranks)
 
 
-def merge_min(dup_ranks_list: Sequence[np.ndarray],
-              earliest_list: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def merge_min(
+    dup_ranks_list: Sequence[np.ndarray], earliest_list: Sequence[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
     """Combine partition outputs: per duplicate document, the minimum earliest collider.
 
     Exact and associative (a min over rows), so it can also run as a tree of partial merges.
     Returns ``(dup_ranks, earliest_ranks)`` like ``bucket_collisions``.
     """
     if len(dup_ranks_list) != len(earliest_list):
-        raise ValueError("dup_ranks_list and earliest_list must have the same length, got "
-                         f"{len(dup_ranks_list)} and {len(earliest_list)}")
+        raise ValueError(
+            "dup_ranks_list and earliest_list must have the same length, got "
+            f"{len(dup_ranks_list)} and {len(earliest_list)}"
+        )
     if len(dup_ranks_list) == 0:
         return _EMPTY.copy(), _EMPTY.copy()
     dup = np.concatenate([np.asarray(d, dtype=np.int64).ravel() for d in dup_ranks_list])
     earliest = np.concatenate([np.asarray(e, dtype=np.int64).ravel() for e in earliest_list])
     if dup.shape != earliest.shape:
-        raise ValueError(f"dup ranks and earliest ranks differ in total length: "
-                         f"{len(dup)} and {len(earliest)}")
+        raise ValueError(f"dup ranks and earliest ranks differ in total length: {len(dup)} and {len(earliest)}")
     return _min_per_dup(dup, earliest)
 
 
@@ -138,8 +140,7 @@ def resolve_kept(dup_ranks, pointer_ranks) -> np.ndarray:
         return _EMPTY.copy()
     if np.any(ptr >= dup):
         bad = int(np.flatnonzero(ptr >= dup)[0])
-        raise ValueError(f"pointer_ranks must be smaller than dup_ranks; row {bad}: "
-                         f"{dup[bad]} -> {ptr[bad]}")
+        raise ValueError(f"pointer_ranks must be smaller than dup_ranks; row {bad}: {dup[bad]} -> {ptr[bad]}")
     order = np.argsort(dup, kind="stable")
     dup_sorted, ptr = dup[order], ptr[order].copy()
     if np.any(dup_sorted[1:] == dup_sorted[:-1]):

@@ -9,10 +9,9 @@ A document that is both an exact and a near duplicate is reported as exact.
 
 from __future__ import annotations
 
-from upath import UPath
-
 import numpy as np
 import pyarrow as pa
+from upath import UPath
 
 from pipelines.clean_step import KIND_BAND, KIND_EXACT
 from pipelines.dedup import bucket_collisions, exact_duplicates, merge_min, resolve_kept
@@ -40,8 +39,9 @@ def dedup_partition(p: int, out_dir: str | UPath) -> int:
         for k, group in ((KIND_EXACT, exact_duplicates), (KIND_BAND, bucket_collisions)):
             sel = kind == k
             dup, pointer = group(key[sel], rank[sel])
-            parts.append(pa.table({"rank": dup, "pointer": pointer,
-                                   "kind": np.full(len(dup), k, dtype=np.int8)}, schema=DUPS))
+            parts.append(
+                pa.table({"rank": dup, "pointer": pointer, "kind": np.full(len(dup), k, dtype=np.int8)}, schema=DUPS)
+            )
     result = pa.concat_tables(parts) if parts else DUPS.empty_table()
     write_atomic(partition_output(out_dir, p), result)
     return result.num_rows
@@ -61,8 +61,9 @@ def resolve(out_dir: str | UPath, partitions: int) -> tuple[np.ndarray, np.ndarr
     near_only = ~np.isin(nr_rank, ex_rank)
     all_rank = np.concatenate([ex_rank, nr_rank[near_only]])
     all_ptr = np.concatenate([ex_ptr, nr_ptr[near_only]])
-    all_kind = np.concatenate([np.full(len(ex_rank), KIND_EXACT, np.int8),
-                               np.full(int(near_only.sum()), KIND_BAND, np.int8)])
+    all_kind = np.concatenate(
+        [np.full(len(ex_rank), KIND_EXACT, np.int8), np.full(int(near_only.sum()), KIND_BAND, np.int8)]
+    )
     order = np.argsort(all_rank, kind="stable")
     all_rank, all_ptr, all_kind = all_rank[order], all_ptr[order], all_kind[order]
     twins = resolve_kept(all_rank, all_ptr)

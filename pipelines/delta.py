@@ -17,11 +17,11 @@ import pyarrow.compute as pc
 
 @dataclass(frozen=True)
 class Delta:
-    compute_rows: np.ndarray   # row numbers in refs to (re)compute, ascending
-    keep_ids: pa.Array         # ref_ids whose old derived row is copied
-    added: int                 # references with no derived row before
-    changed: int               # references whose content (or producer) changed
-    removed: int               # derived rows whose reference is gone
+    compute_rows: np.ndarray  # row numbers in refs to (re)compute, ascending
+    keep_ids: pa.Array  # ref_ids whose old derived row is copied
+    added: int  # references with no derived row before
+    changed: int  # references whose content (or producer) changed
+    removed: int  # derived rows whose reference is gone
 
     @property
     def unchanged(self) -> int:
@@ -51,7 +51,7 @@ def plan_delta(refs: pa.Table, old: pa.Table | None, producer_ok: pa.Array | Non
     old_keys = ref_key(old_ids, old.column("content_hash").combine_chunks())
     if producer_ok is not None:
         old_keys = pc.filter(old_keys, producer_ok)
-    reusable = pc.is_in(ref_keys, value_set=old_keys)       # same id, same content, same producer
+    reusable = pc.is_in(ref_keys, value_set=old_keys)  # same id, same content, same producer
     existed = pc.is_in(ref_ids, value_set=old_ids)
     compute = np.flatnonzero(~reusable.to_numpy(zero_copy_only=False))
     added = int(pc.sum(pc.invert(existed)).as_py() or 0)
@@ -59,8 +59,9 @@ def plan_delta(refs: pa.Table, old: pa.Table | None, producer_ok: pa.Array | Non
     return Delta(compute, pc.filter(ref_ids, reusable), added, len(compute) - added, removed)
 
 
-def keep_filter(batch: pa.RecordBatch, keep_ids: pa.Array, producer: str | None = None,
-                producer_column: str | None = None) -> pa.RecordBatch:
+def keep_filter(
+    batch: pa.RecordBatch, keep_ids: pa.Array, producer: str | None = None, producer_column: str | None = None
+) -> pa.RecordBatch:
     """The rows of an old derived table's batch that the rebuild copies."""
     mask = pc.is_in(batch.column("ref_id"), value_set=keep_ids)
     if producer_column is not None:

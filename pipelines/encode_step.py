@@ -44,7 +44,7 @@ class EncodeShards(ShardActor):
         order = sorted(range(len(tokens)), key=lambda i: (len(tokens[i]), i))
         payloads, positions, kept = [], [], []
         for lo in range(0, len(order), self.batch_size):
-            p, pos, k = encode_tokens(self.model, self.codec, [tokens[i] for i in order[lo:lo + self.batch_size]])
+            p, pos, k = encode_tokens(self.model, self.codec, [tokens[i] for i in order[lo : lo + self.batch_size]])
             payloads += p
             positions.append(pos.reshape(len(p), -1))
             kept.append(k)
@@ -52,12 +52,19 @@ class EncodeShards(ShardActor):
         flat = np.concatenate(positions) if n else np.empty((0, 0), np.int16)  # (n, L * H * k)
         shape = [m.n_mem_layers, 2, m.n_kv_heads, flat.shape[1] // (m.n_mem_layers * m.n_kv_heads), m.head_dim]
         take = pa.array(order, pa.int64())
-        return pa.table({
-            "ref_id": refs.column("ref_id").take(take), "content_hash": refs.column("content_hash").take(take),
-            "model_hash": pa.array([self.model_hash] * n, pa.string()), "codec": pa.array([self.codec.name] * n, pa.string()),
-            "shape": pa.array([shape] * n, pa.list_(pa.int32())),
-            "n_tokens": pa.array(np.concatenate(kept) if n else np.empty(0, np.int16), pa.int16()),
-            # one list array over the (n, L * H * k) block: no per-row Python objects
-            "positions": pa.ListArray.from_arrays(np.arange(n + 1, dtype=np.int32) * flat.shape[1],
-                                                  pa.array(flat.reshape(-1), pa.int16())),
-            "payload": pa.array(payloads, pa.binary())}, schema=MEMORIES)
+        return pa.table(
+            {
+                "ref_id": refs.column("ref_id").take(take),
+                "content_hash": refs.column("content_hash").take(take),
+                "model_hash": pa.array([self.model_hash] * n, pa.string()),
+                "codec": pa.array([self.codec.name] * n, pa.string()),
+                "shape": pa.array([shape] * n, pa.list_(pa.int32())),
+                "n_tokens": pa.array(np.concatenate(kept) if n else np.empty(0, np.int16), pa.int16()),
+                # one list array over the (n, L * H * k) block: no per-row Python objects
+                "positions": pa.ListArray.from_arrays(
+                    np.arange(n + 1, dtype=np.int32) * flat.shape[1], pa.array(flat.reshape(-1), pa.int16())
+                ),
+                "payload": pa.array(payloads, pa.binary()),
+            },
+            schema=MEMORIES,
+        )

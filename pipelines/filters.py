@@ -92,8 +92,12 @@ class QualityConfig:
     def __post_init__(self) -> None:
         check_fields(self)
         require(self.min_words <= self.max_words, "min_words", f"<= max_words ({self.max_words})", self.min_words)
-        require(self.min_mean_word_length <= self.max_mean_word_length, "min_mean_word_length",
-                f"<= max_mean_word_length ({self.max_mean_word_length})", self.min_mean_word_length)
+        require(
+            self.min_mean_word_length <= self.max_mean_word_length,
+            "min_mean_word_length",
+            f"<= max_mean_word_length ({self.max_mean_word_length})",
+            self.min_mean_word_length,
+        )
 
 
 REASONS: tuple[str, ...] = (

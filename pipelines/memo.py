@@ -35,8 +35,9 @@ from storage.staging import read_table, remove, write_atomic, write_text_atomic
 
 # The memoized work is the code of these modules: editing one invalidates every memo.
 _SOURCES = ("normalize.py", "filters.py", "minhash.py", "chunking.py", "clean_step.py", "chunk_step.py", "memo.py")
-CODE = hashlib.blake2b(b"".join((Path(__file__).parent / name).read_bytes() for name in _SOURCES),
-                       digest_size=8).hexdigest()
+CODE = hashlib.blake2b(
+    b"".join((Path(__file__).parent / name).read_bytes() for name in _SOURCES), digest_size=8
+).hexdigest()
 KINDS = ("clean", "chunk")
 KEY = pa.field("key", pa.binary(16), nullable=False)
 
@@ -110,9 +111,13 @@ def _index(dst, shard_ids: list[str]) -> pa.Table:
         rows.extend(range(len(col)))
     arr = np.asarray(keys, dtype="S16")
     _, first = np.unique(arr, return_index=True)  # sorted; equal texts share one entry
-    return pa.table({"key": pa.array([keys[i] for i in first], pa.binary(16)),
-                     "file": pa.array([files[i] for i in first], pa.string()),
-                     "row": pa.array([rows[i] for i in first], pa.int32())})
+    return pa.table(
+        {
+            "key": pa.array([keys[i] for i in first], pa.binary(16)),
+            "file": pa.array([files[i] for i in first], pa.string()),
+            "row": pa.array([rows[i] for i in first], pa.int32()),
+        }
+    )
 
 
 def publish(bank: Bank, build: str, cfg_keys: dict[str, str], shard_ids: list[str]) -> None:

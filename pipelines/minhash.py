@@ -236,8 +236,9 @@ def band_keys(sigs: np.ndarray, cfg: MinHashConfig = MinHashConfig()) -> np.ndar
     """
     sigs = np.asarray(sigs, dtype=np.uint64)
     if sigs.ndim != 2 or sigs.shape[1] != cfg.num_perm:
-        raise ValueError(f"sigs must have shape (n, {cfg.num_perm}) for "
-                         f"bands={cfg.bands}, rows={cfg.rows}; got {sigs.shape}")
+        raise ValueError(
+            f"sigs must have shape (n, {cfg.num_perm}) for bands={cfg.bands}, rows={cfg.rows}; got {sigs.shape}"
+        )
     n = sigs.shape[0]
     bits = max(1, (cfg.bands - 1).bit_length())
     rows = sigs.reshape(n, cfg.bands, cfg.rows)

@@ -38,7 +38,15 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["overlap", "overlap_many", "overlap_rows", "overlap_exceeds_rows", "overlap_count", "overlap_counts", "exceeds"]
+__all__ = [
+    "overlap",
+    "overlap_many",
+    "overlap_rows",
+    "overlap_exceeds_rows",
+    "overlap_count",
+    "overlap_counts",
+    "exceeds",
+]
 
 # Jobs combed together: enough to amortize the per-step numpy call overhead (about 6 calls per
 # anti-diagonal), small enough that one step's slices (|r| x batch int16) stay in L1/L2.
@@ -117,8 +125,14 @@ class _Prepared:
         """(reference, first start, end start, end column) per job, starts split in `pieces`."""
         live = np.flatnonzero(self.off[1:] > self.off[:-1])
         if pieces == 1:  # one job per reference, all its starts (the step below is >= n)
-            return list(zip(live.tolist(), [0] * len(live), (self.off[live + 1] - self.off[live]).tolist(),
-                            self.ends[self.off[live + 1] - 1].tolist()))
+            return list(
+                zip(
+                    live.tolist(),
+                    [0] * len(live),
+                    (self.off[live + 1] - self.off[live]).tolist(),
+                    self.ends[self.off[live + 1] - 1].tolist(),
+                )
+            )
         out = []
         for k in live:
             n, base = int(self.off[k + 1] - self.off[k]), int(self.off[k])
@@ -184,8 +198,9 @@ def _best(prep: _Prepared, group: list, bottom: np.ndarray, m_pad: int) -> np.nd
     size = int(soff[-1])
     job_base = soff[:-1, None]
     # Every +1 has its -1 inside the same job's slots, so one cumsum serves all jobs.
-    inside = np.cumsum(np.bincount((job_base + begin)[live], minlength=size)
-                       - np.bincount((job_base + stop)[live], minlength=size))
+    inside = np.cumsum(
+        np.bincount((job_base + begin)[live], minlength=size) - np.bincount((job_base + stop)[live], minlength=size)
+    )
     slot_job = np.repeat(np.arange(len(group)), starts + 1)
     a = np.arange(size) - soff[slot_job] + s0[slot_job]  # window start, compressed
     span = prep.ends[np.minimum(prep.off[k[slot_job]] + a, len(prep.ends) - 1)] - a
@@ -260,8 +275,9 @@ def _flat_rows(texts, refs) -> tuple[list[np.ndarray], list[np.ndarray], np.ndar
     return tt, rs, sizes, np.repeat(np.arange(len(texts)), sizes)
 
 
-def overlap_rows(texts: Sequence[Sequence[int]], refs: Sequence[Sequence[Sequence[int]]], *,
-                 batch: int = _BATCH) -> list[np.ndarray]:
+def overlap_rows(
+    texts: Sequence[Sequence[int]], refs: Sequence[Sequence[Sequence[int]]], *, batch: int = _BATCH
+) -> list[np.ndarray]:
     """Eq. 6 overlap of each of refs[i] with texts[i], for every i: the same values as
     `[overlap_many(t, rs) for t, rs in zip(texts, refs)]`, with every pair of every text combed
     in one pass (a swap point's whole batch: one call instead of one per row)."""
@@ -305,13 +321,13 @@ def _count_bounds(tx: _Texts, refs: list[np.ndarray], text_of: np.ndarray) -> np
     blocked = np.where(back >= group_start, pos[np.maximum(back, 0)] + 1, 0)
     lo = np.maximum(blocked, pos - 2 * m[row])
     slots = n + 1
-    diff = (np.bincount(row * slots + lo, minlength=P * slots)
-            - np.bincount(row * slots + pos + 1, minlength=P * slots))
+    diff = np.bincount(row * slots + lo, minlength=P * slots) - np.bincount(row * slots + pos + 1, minlength=P * slots)
     return np.cumsum(diff.reshape(P, slots), axis=1).max(axis=1, initial=0)
 
 
-def overlap_exceeds_rows(texts: Sequence[Sequence[int]], refs: Sequence[Sequence[Sequence[int]]],
-                         threshold: float, *, batch: int = _BATCH) -> list[np.ndarray]:
+def overlap_exceeds_rows(
+    texts: Sequence[Sequence[int]], refs: Sequence[Sequence[Sequence[int]]], threshold: float, *, batch: int = _BATCH
+) -> list[np.ndarray]:
     """For each i, whether each of refs[i] overlaps texts[i] more than threshold: exactly
     `overlap_rows(texts, refs)[i] > threshold` (the same float comparison), combing only the
     pairs whose multiset bound (`_count_bounds`) does not already rule it out. On decode's

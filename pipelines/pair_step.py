@@ -8,7 +8,8 @@ table's text; hybrid = both, fused by rank), drop those whose
 eq. 6 overlap with the WHOLE stored sequence exceeds max_overlap (the chunk's own text, and any
 other reference the sequence contains, would teach the model to copy, not to recall) and, with
 exclude_own_docs, those of the sequence's own documents; keep the best per_chunk left (rank 0
-is what the paper's schedule reads, ranks 0..M-1 what the serving schedule reads). Everything is batched: one embedder call per shard, one search per query batch, one
+is what the paper's schedule reads, ranks 0..M-1 what the serving schedule reads). Everything
+is batched: one embedder call per shard, one search per query batch, one
 refs scan per shard, and one `overlap_rows` call over every (sequence, candidate) pair of the shard
 (BM25 answers one query a call: LanceDB's full-text search takes no batch).
 
@@ -37,11 +38,22 @@ STAGED = NEIGHBORS.append(pa.field("dropped", pa.int32(), nullable=False))
 def split_chunks(tokens, chunk_size: int) -> list[list[int]]:
     """The chunk_size-token chunks of a sequence (the last one may be shorter)."""
     tokens = list(tokens)
-    return [tokens[i:i + chunk_size] for i in range(0, len(tokens), chunk_size)]
+    return [tokens[i : i + chunk_size] for i in range(0, len(tokens), chunk_size)]
 
 
-def pair_shard(seq_ids: list[str], seqs: list[list[int]], *, tokenizer, embedder, table, refs_ds,
-               cfg, params=None, doc_ids: list[list[str]] | None = None, method: str = "vector") -> pa.Table:
+def pair_shard(
+    seq_ids: list[str],
+    seqs: list[list[int]],
+    *,
+    tokenizer,
+    embedder,
+    table,
+    refs_ds,
+    cfg,
+    params=None,
+    doc_ids: list[list[str]] | None = None,
+    method: str = "vector",
+) -> pa.Table:
     """STAGED rows for these sequences: per (seq, chunk) its best cfg.per_chunk references
     (rank 0, 1, ...), or one row with a null ref_id when none passed; in input order.
 
@@ -59,7 +71,7 @@ def pair_shard(seq_ids: list[str], seqs: list[list[int]], *, tokenizer, embedder
 
     chunks, owner = [], []  # owner[i] = (sequence index, chunk number) of chunks[i]
     for s, toks in enumerate(seqs):
-        window = toks if cfg.max_tokens is None else toks[:cfg.max_tokens]
+        window = toks if cfg.max_tokens is None else toks[: cfg.max_tokens]
         for c, piece in enumerate(split_chunks(window, cfg.chunk_size)):
             chunks.append(piece)
             owner.append((s, c))
@@ -72,15 +84,17 @@ def pair_shard(seq_ids: list[str], seqs: list[list[int]], *, tokenizer, embedder
         vectors = embedder.embed(texts, batch_size=cfg.embed_batch_size)
         out: list[list[tuple[str, float]]] = []
         for lo in range(0, len(vectors), cfg.query_batch_size):
-            out += search(table, vectors[lo:lo + cfg.query_batch_size], k=k, exact=cfg.exact, params=params)
+            out += search(table, vectors[lo : lo + cfg.query_batch_size], k=k, exact=cfg.exact, params=params)
         return out
 
     hits = retrieve(method, texts, cfg.k, table=table, vector_hits=dense)
     tokens, ref_doc = tokens_of(refs_ds, (rid for h in hits for rid, _ in h), with_docs=True)
     missing = {rid for h in hits for rid, _ in h} - set(tokens)
     if missing:
-        raise LookupError(f"embeddings name {len(missing)} reference(s) absent from refs, e.g. "
-                          f"{sorted(missing)[0]!r}: the tables are from different builds")
+        raise LookupError(
+            f"embeddings name {len(missing)} reference(s) absent from refs, e.g. "
+            f"{sorted(missing)[0]!r}: the tables are from different builds"
+        )
 
     # overlap of every candidate of a sequence with it: every pair of the shard in one call
     cands: list[set[str]] = [set() for _ in seqs]
@@ -94,12 +108,21 @@ def pair_shard(seq_ids: list[str], seqs: list[list[int]], *, tokenizer, embedder
     rows = {name: [] for name in STAGED.names}
     for i, (s, c) in enumerate(owner):
         ov = per_seq[s]
-        kept = [(rid, score) for rid, score in hits[i]  # hits are best first
-                if ov[rid] <= cfg.max_overlap and ref_doc[rid] not in own[s]]
-        for rank, (rid, score) in enumerate(kept[:cfg.per_chunk] or [(None, None)]):
-            for name, value in (("seq_id", seq_ids[s]), ("chunk", c), ("rank", rank), ("ref_id", rid),
-                                ("score", score), ("overlap", ov[rid] if rid is not None else None),
-                                ("dropped", len(hits[i]) - len(kept) if rank == 0 else 0)):
+        kept = [
+            (rid, score)
+            for rid, score in hits[i]  # hits are best first
+            if ov[rid] <= cfg.max_overlap and ref_doc[rid] not in own[s]
+        ]
+        for rank, (rid, score) in enumerate(kept[: cfg.per_chunk] or [(None, None)]):
+            for name, value in (
+                ("seq_id", seq_ids[s]),
+                ("chunk", c),
+                ("rank", rank),
+                ("ref_id", rid),
+                ("score", score),
+                ("overlap", ov[rid] if rid is not None else None),
+                ("dropped", len(hits[i]) - len(kept) if rank == 0 else 0),
+            ):
                 rows[name].append(value)
     return pa.table(rows, schema=STAGED)
 
@@ -126,7 +149,15 @@ class PairShards(ShardActor):
         self.refs = bank.dataset("refs")
 
     def compute(self, t: pa.Table) -> pa.Table:
-        return pair_shard(t.column("seq_id").to_pylist(), t.column("token_ids").to_pylist(),
-                          tokenizer=self.tokenizer, embedder=self.embedder, table=self.table,
-                          refs_ds=self.refs, cfg=self.cfg, params=self.params,
-                          doc_ids=t.column("doc_ids").to_pylist(), method=self.method)
+        return pair_shard(
+            t.column("seq_id").to_pylist(),
+            t.column("token_ids").to_pylist(),
+            tokenizer=self.tokenizer,
+            embedder=self.embedder,
+            table=self.table,
+            refs_ds=self.refs,
+            cfg=self.cfg,
+            params=self.params,
+            doc_ids=t.column("doc_ids").to_pylist(),
+            method=self.method,
+        )

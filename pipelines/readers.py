@@ -107,8 +107,9 @@ def detect_format(path: str, configured: str) -> str | None:
     return None
 
 
-def expand_paths(patterns: tuple[str, ...] | list[str], fmt: str = "auto",
-                 roles: dict[str, str] | None = None) -> list[SourceFile]:
+def expand_paths(
+    patterns: tuple[str, ...] | list[str], fmt: str = "auto", roles: dict[str, str] | None = None
+) -> list[SourceFile]:
     """Resolve files, directories and globs into an ordered list of input files, each with the
     role `roles` gives the pattern that named it ("both" when it names none). A file named by
     two patterns of different roles is refused: which one it has would be an accident of order."""
@@ -137,15 +138,20 @@ def expand_paths(patterns: tuple[str, ...] | list[str], fmt: str = "auto",
         if path in seen:
             first = seen[path]
             if roles.get(first, "both") != role:
-                raise InputError(f"corpus.roles: {path} is named by {first!r} (role {roles.get(first, 'both')}) and "
-                                 f"by {pattern!r} (role {role}); give each file one role")
+                raise InputError(
+                    f"corpus.roles: {path} is named by {first!r} (role {roles.get(first, 'both')}) and "
+                    f"by {pattern!r} (role {role}); give each file one role"
+                )
             continue
         seen[path] = pattern
         kind = detect_format(path, fmt)
         if kind is None:
             continue  # a folder may hold READMEs, licenses, indexes: only known formats are corpus
-        files.append(SourceFile(path=path, format=kind, index=len(files),
-                                name=Path(os.path.relpath(path, base)).as_posix(), role=role))
+        files.append(
+            SourceFile(
+                path=path, format=kind, index=len(files), name=Path(os.path.relpath(path, base)).as_posix(), role=role
+            )
+        )
     if not files:
         raise InputError(f"corpus.paths: no readable corpus files in {list(patterns)}")
     return files
@@ -173,7 +179,8 @@ class _Decompressed(io.RawIOBase):
             import zstandard
 
             self._stream = zstandard.ZstdDecompressor().stream_reader(
-                self._file, read_across_frames=True, closefd=False)
+                self._file, read_across_frames=True, closefd=False
+            )
         self._ended = False
 
     def readable(self) -> bool:
@@ -191,14 +198,16 @@ class _Decompressed(io.RawIOBase):
         if n == 0 and len(buffer) and not self._ended:
             self._ended = True
             problem = _empty_problem(self.path, self.kind) or (
-                _zstd_structure_problem(self.path) if self.kind == "zstd" else None)
+                _zstd_structure_problem(self.path) if self.kind == "zstd" else None
+            )
             if problem:
                 raise self._corrupt(problem)
         return n
 
     def _corrupt(self, why: str) -> InputError:
-        return InputError(f"{self.path}: this {self.kind} file is truncated or corrupt ({why}); "
-                          f"copy or download it again")
+        return InputError(
+            f"{self.path}: this {self.kind} file is truncated or corrupt ({why}); copy or download it again"
+        )
 
     def close(self) -> None:
         if not self.closed:
@@ -241,8 +250,12 @@ def _zstd_structure_problem(path: str) -> str | None:
                 return f"no zstd frame at byte {pos}"
             fhd = head[4]
             single_segment, checksum = fhd >> 5 & 1, fhd >> 2 & 1
-            pos += 5 + (0 if single_segment else 1) + (0, 1, 2, 4)[fhd & 3] + \
-                ((1 if single_segment else 0), 2, 4, 8)[fhd >> 6]
+            pos += (
+                5
+                + (0 if single_segment else 1)
+                + (0, 1, 2, 4)[fhd & 3]
+                + ((1 if single_segment else 0), 2, 4, 8)[fhd >> 6]
+            )
             while True:
                 f.seek(pos)
                 block = f.read(3)
@@ -330,8 +343,9 @@ def _prefix(raw: bytes | str) -> str:
     return raw[:RAW_PREFIX_CHARS]
 
 
-def _from_object(obj: object, rank: int, source: str, line_no: int, text_key: str, id_key: str | None,
-                 raw: bytes | str) -> Record:
+def _from_object(
+    obj: object, rank: int, source: str, line_no: int, text_key: str, id_key: str | None, raw: bytes | str
+) -> Record:
     rec = Record(rank=rank, source=source, source_id=str(line_no), raw_prefix=_prefix(raw))
     if not isinstance(obj, dict):
         rec.reason = "not_an_object"
@@ -350,8 +364,9 @@ def _from_object(obj: object, rank: int, source: str, line_no: int, text_key: st
     return rec
 
 
-def _read_jsonl(src: SourceFile, start: int, end: int, text_key: str, id_key: str | None,
-                limit: int) -> Iterator[Record]:
+def _read_jsonl(
+    src: SourceFile, start: int, end: int, text_key: str, id_key: str | None, limit: int
+) -> Iterator[Record]:
     base = src.index << RANK_BITS
     with open_binary(src.path) as f:
         i = -1
@@ -396,7 +411,9 @@ def _read_parquet(src: SourceFile, start: int, end: int, text_key: str, id_key: 
             continue
         for obj in batch.to_pylist():
             if start <= row < end:
-                yield _from_object(obj, base + row, src.path, row, text_key, id_key, str(obj.get(text_key, ""))[:RAW_PREFIX_CHARS])
+                yield _from_object(
+                    obj, base + row, src.path, row, text_key, id_key, str(obj.get(text_key, ""))[:RAW_PREFIX_CHARS]
+                )
             row += 1
             if row >= end:
                 return
@@ -424,8 +441,13 @@ def _read_text_file(src: SourceFile, limit: int) -> Record:
     return rec
 
 
-def read_shard(shard: Shard, files: list[SourceFile], text_key: str = "text", id_key: str | None = "id",
-               max_record_bytes: int = 64 * 2**20) -> Iterator[Record]:
+def read_shard(
+    shard: Shard,
+    files: list[SourceFile],
+    text_key: str = "text",
+    id_key: str | None = "id",
+    max_record_bytes: int = 64 * 2**20,
+) -> Iterator[Record]:
     for file_index, start, end in shard.ranges:
         src = files[file_index]
         if src.format == "jsonl":

@@ -32,7 +32,7 @@ class ShardActor:
     """Ray Data actor: `__call__` takes a batch of {shard, start, end} and stages each shard."""
 
     columns: tuple[str, ...] = ()  # what a shard reads of its input
-    compression = "snappy"         # of the staged parquet (pyarrow's default)
+    compression = "snappy"  # of the staged parquet (pyarrow's default)
 
     def __init__(self, *, input_uri: str, stage_dir: str, threads: int):
         import torch

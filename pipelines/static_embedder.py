@@ -48,8 +48,15 @@ STATIC_SPEC = "static-minilm"
 STATIC_NAME = "static-MiniLM-L6-v2"
 # Bump when the build below changes what it produces: the fingerprint (and the cache directory)
 # follow it, so banks embedded by the old build are refused rather than queried with new vectors.
-RECIPE = {"method": "model2vec-distillation", "recipe_version": 1, "pooling": "mean-of-[CLS]-piece-[SEP]",
-          "pca_dims": 256, "sif_coefficient": 1e-4, "dtype": "float32", "max_length": 512}
+RECIPE = {
+    "method": "model2vec-distillation",
+    "recipe_version": 1,
+    "pooling": "mean-of-[CLS]-piece-[SEP]",
+    "pca_dims": 256,
+    "sif_coefficient": 1e-4,
+    "dtype": "float32",
+    "max_length": 512,
+}
 
 
 def cache_root() -> Path:
@@ -69,8 +76,7 @@ def static_dir(source_fingerprint: str, recipe: dict = RECIPE) -> Path:
     return cache_root() / "embedders" / f"{STATIC_SPEC}-{static_fingerprint(source_fingerprint, recipe)[:16]}"
 
 
-def ensure_static(source_dir: Path, source_fingerprint: str, recipe: dict = RECIPE,
-                  note=print) -> Path:
+def ensure_static(source_dir: Path, source_fingerprint: str, recipe: dict = RECIPE, note=print) -> Path:
     """The static model's directory, built from `source_dir` if the cache does not hold it yet."""
     out = static_dir(source_fingerprint, recipe)
     if (out / "model.safetensors").is_file():
@@ -90,8 +96,9 @@ def ensure_static(source_dir: Path, source_fingerprint: str, recipe: dict = RECI
     return out
 
 
-def distill_table(source_dir: Path, recipe: dict = RECIPE, batch_size: int = 512,
-                  vocab_limit: int | None = None) -> np.ndarray:
+def distill_table(
+    source_dir: Path, recipe: dict = RECIPE, batch_size: int = 512, vocab_limit: int | None = None
+) -> np.ndarray:
     """(vocab, pca_dims) float32: the static table, row i for word piece id i (the first
     vocab_limit pieces only, for tests: the whole vocabulary is 30,522 forward passes)."""
     import torch
@@ -106,8 +113,9 @@ def distill_table(source_dir: Path, recipe: dict = RECIPE, batch_size: int = 512
         for lo in range(0, n, batch_size):
             ids = torch.arange(lo, min(n, lo + batch_size))
             batch = torch.stack([torch.full_like(ids, cls), ids, torch.full_like(ids, sep)], dim=1)
-            out = model(input_ids=batch, attention_mask=torch.ones_like(batch),
-                        token_type_ids=torch.zeros_like(batch)).last_hidden_state
+            out = model(
+                input_ids=batch, attention_mask=torch.ones_like(batch), token_type_ids=torch.zeros_like(batch)
+            ).last_hidden_state
             rows.append(out.float().mean(dim=1).numpy())  # every sequence has 3 tokens: no padding
     table = np.nan_to_num(np.concatenate(rows).astype(np.float64))
     table = pca(table, int(recipe["pca_dims"]))
@@ -138,12 +146,26 @@ def build_static(source_dir: Path, out_dir: Path, recipe: dict = RECIPE) -> None
 
     table = distill_table(source_dir, recipe)
     tokenizer = Tokenizer.from_file(str(source_dir / "tokenizer.json"))
-    config = {"model_type": "model2vec", "architectures": ["StaticModel"], "tokenizer_name": source_dir.name,
-              "apply_pca": recipe["pca_dims"], "sif_coefficient": recipe["sif_coefficient"],
-              "hidden_dim": int(table.shape[1]), "seq_length": 1000000, "normalize": True, "pooling": "mean",
-              "m3_recipe": recipe}
-    model = StaticModel(vectors=table, tokenizer=tokenizer, config=config, normalize=True,
-                        base_model_name=source_dir.name, max_length=int(recipe["max_length"]))
+    config = {
+        "model_type": "model2vec",
+        "architectures": ["StaticModel"],
+        "tokenizer_name": source_dir.name,
+        "apply_pca": recipe["pca_dims"],
+        "sif_coefficient": recipe["sif_coefficient"],
+        "hidden_dim": int(table.shape[1]),
+        "seq_length": 1000000,
+        "normalize": True,
+        "pooling": "mean",
+        "m3_recipe": recipe,
+    }
+    model = StaticModel(
+        vectors=table,
+        tokenizer=tokenizer,
+        config=config,
+        normalize=True,
+        base_model_name=source_dir.name,
+        max_length=int(recipe["max_length"]),
+    )
     model.save_pretrained(str(out_dir))
 
 
@@ -162,4 +184,3 @@ def is_static_dir(path: Path) -> bool:
         return json.loads((Path(path) / "config.json").read_text()).get("model_type") == "model2vec"
     except (OSError, ValueError):
         return False
-

@@ -41,8 +41,10 @@ def check_special_tokens(tok: Tokenizer, where: str) -> Tokenizer:
     for expected, token in enumerate(SPECIAL_TOKENS):
         got = tok.token_to_id(token)
         if got != expected:
-            raise TokenizerError(f"{where}: special token {token!r} must have id {expected}, has {got}; "
-                                 f"the model reserves ids 0-3 for {', '.join(SPECIAL_TOKENS)}")
+            raise TokenizerError(
+                f"{where}: special token {token!r} must have id {expected}, has {got}; "
+                f"the model reserves ids 0-3 for {', '.join(SPECIAL_TOKENS)}"
+            )
     return tok
 
 

@@ -26,16 +26,18 @@ __all__ = ["heldout_mask", "split_rows", "shard_rows", "ShardReader", "NEIGHBORS
 
 # The pairing job's output (written by `m3 pair`): a chunk's best references, rank 0 first;
 # one row with a null ref_id when none passed.
-NEIGHBORS = pa.schema([
-    pa.field("seq_id", pa.string(), nullable=False),
-    pa.field("chunk", pa.int32(), nullable=False),
-    pa.field("rank", pa.int32(), nullable=False),
-    pa.field("ref_id", pa.string()),
-    # by the neighbors' lineage `method` (retrieval.method): cosine similarity (vector), BM25
-    # (bm25: > 0, no fixed scale) or the reciprocal-rank-fusion sum (hybrid, <= 2/61)
-    pa.field("score", pa.float32()),
-    pa.field("overlap", pa.float32()),
-])
+NEIGHBORS = pa.schema(
+    [
+        pa.field("seq_id", pa.string(), nullable=False),
+        pa.field("chunk", pa.int32(), nullable=False),
+        pa.field("rank", pa.int32(), nullable=False),
+        pa.field("ref_id", pa.string()),
+        # by the neighbors' lineage `method` (retrieval.method): cosine similarity (vector), BM25
+        # (bm25: > 0, no fixed scale) or the reciprocal-rank-fusion sum (hybrid, <= 2/61)
+        pa.field("score", pa.float32()),
+        pa.field("overlap", pa.float32()),
+    ]
+)
 
 
 def heldout_mask(seq_ids, fraction: float) -> np.ndarray:
@@ -43,8 +45,7 @@ def heldout_mask(seq_ids, fraction: float) -> np.ndarray:
     sequences are added or reordered, and training and evaluation agree without a table."""
     if fraction <= 0:
         return np.zeros(len(seq_ids), dtype=bool)
-    u = [int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "big") / 2**64
-         for s in seq_ids]
+    u = [int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "big") / 2**64 for s in seq_ids]
     return np.asarray(u) < fraction
 
 
@@ -62,7 +63,7 @@ def shard_rows(rows: np.ndarray, rank: int, world: int) -> np.ndarray:
     per = len(rows) // world
     if per == 0:
         raise BankError(f"{len(rows)} training sequence(s) cannot feed {world} worker(s)")
-    return rows[rank * per:(rank + 1) * per]
+    return rows[rank * per : (rank + 1) * per]
 
 
 class ShardReader:
@@ -71,10 +72,23 @@ class ShardReader:
     references of every chunk, best first; the same as ref_unique (U, T_ref), each reference of
     the batch once, and ref_slot (B, n_chunks, M), which one a slot holds or -1), plus seq_ids."""
 
-    def __init__(self, bank: Bank, *, rank: int = 0, world: int = 1, seed: int = 0,
-                 micro_batch: int = 1, split: str = "train", heldout_fraction: float = 0.05,
-                 neighbors: bool = False, chunk_size: int = 64, max_tokens: int | None = None,
-                 pad_id: int = 0, shuffle: bool = True, refs_per_chunk: int = 1):
+    def __init__(
+        self,
+        bank: Bank,
+        *,
+        rank: int = 0,
+        world: int = 1,
+        seed: int = 0,
+        micro_batch: int = 1,
+        split: str = "train",
+        heldout_fraction: float = 0.05,
+        neighbors: bool = False,
+        chunk_size: int = 64,
+        max_tokens: int | None = None,
+        pad_id: int = 0,
+        shuffle: bool = True,
+        refs_per_chunk: int = 1,
+    ):
         self.bank = bank
         self.seqs = self.bank.dataset("train_sequences")
         self.rows = shard_rows(split_rows(self.bank, split, heldout_fraction), rank, world)
@@ -83,8 +97,7 @@ class ShardReader:
         self.refs_per_chunk = refs_per_chunk
         self.batches_per_epoch = len(self.rows) // micro_batch
         if self.batches_per_epoch == 0:
-            raise BankError(f"rank {rank} has {len(self.rows)} sequence(s), fewer than "
-                            f"micro_batch={micro_batch}")
+            raise BankError(f"rank {rank} has {len(self.rows)} sequence(s), fewer than micro_batch={micro_batch}")
         self.refs = self.bank.dataset("refs") if neighbors else None
         self.neighbors = self._load_neighbors() if neighbors else None
 
@@ -95,22 +108,32 @@ class ShardReader:
         # provenance: neighbors computed for another corpus/tokenizer must never be paired
         for key in ("ingest_key", "tokenizer_hash"):
             if meta.get(key) is not None and meta.get(key) != seq_meta.get(key):
-                raise BankError(f"neighbors table was computed for {key}={meta.get(key)}, but "
-                                f"train_sequences has {seq_meta.get(key)}: rerun `m3 pair`")
+                raise BankError(
+                    f"neighbors table was computed for {key}={meta.get(key)}, but "
+                    f"train_sequences has {seq_meta.get(key)}: rerun `m3 pair`"
+                )
         if meta.get("chunk_size") not in (None, self.chunk_size):
-            raise BankError(f"neighbors table pairs {meta['chunk_size']}-token chunks; the model's "
-                            f"mem_chunk_size is {self.chunk_size}")
+            raise BankError(
+                f"neighbors table pairs {meta['chunk_size']}-token chunks; the model's "
+                f"mem_chunk_size is {self.chunk_size}"
+            )
         paired = meta.get("max_tokens")
         if paired is not None and (self.max_tokens is None or self.max_tokens > paired):
-            raise BankError(f"neighbors table pairs the first {paired} tokens of each sequence; training "
-                            f"reads {self.max_tokens or 'all'}: set pair.max_tokens to train.max_tokens "
-                            f"and rerun `m3 pair`")
+            raise BankError(
+                f"neighbors table pairs the first {paired} tokens of each sequence; training "
+                f"reads {self.max_tokens or 'all'}: set pair.max_tokens to train.max_tokens "
+                f"and rerun `m3 pair`"
+            )
         if meta.get("leakage") != "whole-sequence":
-            raise BankError("the neighbors table measured leakage against a truncated window (a reference "
-                            "straddling its edge could hold the trained text): rerun `m3 pair`")
+            raise BankError(
+                "the neighbors table measured leakage against a truncated window (a reference "
+                "straddling its edge could hold the trained text): rerun `m3 pair`"
+            )
         if (meta.get("per_chunk") or 1) < self.refs_per_chunk:
-            raise BankError(f"neighbors table keeps {meta.get('per_chunk') or 1} reference(s) per chunk; "
-                            f"training reads {self.refs_per_chunk}: set pair.per_chunk and rerun `m3 pair`")
+            raise BankError(
+                f"neighbors table keeps {meta.get('per_chunk') or 1} reference(s) per chunk; "
+                f"training reads {self.refs_per_chunk}: set pair.per_chunk and rerun `m3 pair`"
+            )
         mine = self.seqs.take(self.rows, columns=["seq_id"]).column("seq_id")
         table = self.bank.dataset("neighbors").to_table(columns=["seq_id", "chunk", "rank", "ref_id"])
         table = table.filter(pc.is_in(table["seq_id"], value_set=mine))
@@ -130,7 +153,7 @@ class ShardReader:
     def batch(self, index: int) -> dict:
         """Micro-batch number `index` of this rank (counting across epochs)."""
         epoch, j = divmod(index, self.batches_per_epoch)
-        rows = self.order(epoch)[j * self.micro_batch:(j + 1) * self.micro_batch]
+        rows = self.order(epoch)[j * self.micro_batch : (j + 1) * self.micro_batch]
         return self.read(rows)
 
     def iterate(self, start_sample: int = 0) -> Iterator[dict]:
@@ -145,7 +168,7 @@ class ShardReader:
     def epoch_batches(self) -> Iterator[dict]:
         """One pass over the shard in table order (evaluation)."""
         for j in range(self.batches_per_epoch):
-            yield self.read(self.rows[j * self.micro_batch:(j + 1) * self.micro_batch])
+            yield self.read(self.rows[j * self.micro_batch : (j + 1) * self.micro_batch])
 
     def read(self, rows: np.ndarray) -> dict:
         import torch
@@ -172,8 +195,10 @@ class ShardReader:
         ref_tokens: dict[str, list[int]] = tokens_of(self.refs, wanted)
         missing = set(wanted) - set(ref_tokens)
         if missing:
-            raise BankError(f"neighbors name {len(missing)} reference(s) absent from refs, e.g. "
-                            f"{sorted(missing)[0]!r}: the tables are from different builds")
+            raise BankError(
+                f"neighbors name {len(missing)} reference(s) absent from refs, e.g. "
+                f"{sorted(missing)[0]!r}: the tables are from different builds"
+            )
         T = max([len(v) for v in ref_tokens.values()] + [1])
         M = self.refs_per_chunk
         refs = torch.full((len(seq_ids), C, M, T), self.pad_id, dtype=torch.long)
@@ -181,7 +206,7 @@ class ShardReader:
         unique = torch.full((len(wanted), T), self.pad_id, dtype=torch.long)
         index = {r: i for i, r in enumerate(wanted)}
         for r, i in index.items():
-            unique[i, :len(ref_tokens[r])] = torch.tensor(ref_tokens[r], dtype=torch.long)
+            unique[i, : len(ref_tokens[r])] = torch.tensor(ref_tokens[r], dtype=torch.long)
         for b, s in enumerate(seq_ids):
             for c, rs in self.neighbors.get(s, {}).items():
                 if c >= C:

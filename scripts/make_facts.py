@@ -48,18 +48,90 @@ import json
 import random
 from pathlib import Path
 
-ONSETS = ["b", "br", "d", "dr", "f", "g", "gr", "h", "k", "kr", "l", "m", "n", "p", "pr", "r", "s",
-          "st", "t", "tr", "v", "z", "sh", "th", "ch", "j", "w", "y", "qu", "sk"]
+ONSETS = [
+    "b",
+    "br",
+    "d",
+    "dr",
+    "f",
+    "g",
+    "gr",
+    "h",
+    "k",
+    "kr",
+    "l",
+    "m",
+    "n",
+    "p",
+    "pr",
+    "r",
+    "s",
+    "st",
+    "t",
+    "tr",
+    "v",
+    "z",
+    "sh",
+    "th",
+    "ch",
+    "j",
+    "w",
+    "y",
+    "qu",
+    "sk",
+]
 VOWELS = ["a", "e", "i", "o", "u", "ai", "ou", "ei", "ia", "y"]
 CODAS = ["", "", "n", "r", "l", "s", "k", "m", "x", "th", "nd", "rt"]
 
-OCCUPATIONS = ["painter", "chemist", "sailor", "poet", "architect", "astronomer", "weaver", "surgeon",
-               "composer", "cartographer", "brewer", "linguist", "engineer", "botanist", "judge", "potter"]
+OCCUPATIONS = [
+    "painter",
+    "chemist",
+    "sailor",
+    "poet",
+    "architect",
+    "astronomer",
+    "weaver",
+    "surgeon",
+    "composer",
+    "cartographer",
+    "brewer",
+    "linguist",
+    "engineer",
+    "botanist",
+    "judge",
+    "potter",
+]
 INSTRUMENTS = ["violin", "flute", "harp", "cello", "drum", "lute", "piano", "trumpet", "oboe", "guitar"]
-REGIONS = ["the north", "the south", "the east", "the west", "the highlands", "the lowlands",
-           "the coast", "the valley", "the plains", "the islands"]
-PRODUCTS = ["bicycles", "glass", "paper", "clocks", "rope", "soap", "lamps", "boots", "tiles",
-            "maps", "candles", "barrels", "radios", "kettles", "buttons", "saddles"]
+REGIONS = [
+    "the north",
+    "the south",
+    "the east",
+    "the west",
+    "the highlands",
+    "the lowlands",
+    "the coast",
+    "the valley",
+    "the plains",
+    "the islands",
+]
+PRODUCTS = [
+    "bicycles",
+    "glass",
+    "paper",
+    "clocks",
+    "rope",
+    "soap",
+    "lamps",
+    "boots",
+    "tiles",
+    "maps",
+    "candles",
+    "barrels",
+    "radios",
+    "kettles",
+    "buttons",
+    "saddles",
+]
 COLOURS = ["red", "green", "blue", "yellow", "black", "white", "violet", "orange", "grey", "pink"]
 
 KINDS = {
@@ -122,8 +194,9 @@ class Names:
 
     def word(self) -> str:
         r = self.rng
-        return "".join(r.choice(ONSETS) + r.choice(VOWELS) + r.choice(CODAS)
-                       for _ in range(r.choice([2, 2, 3]))).capitalize()
+        return "".join(
+            r.choice(ONSETS) + r.choice(VOWELS) + r.choice(CODAS) for _ in range(r.choice([2, 2, 3]))
+        ).capitalize()
 
     def new(self, parts: int = 1) -> str:
         while True:
@@ -149,19 +222,42 @@ def make_entities(n: int, rng: random.Random, fresh: bool = False) -> list[dict]
         kind = kinds[i % len(kinds)]
         year = lambda: str(rng.randint(1500, 1990))  # noqa: E731
         if kind == "person":
-            v = {"occupation": rng.choice(OCCUPATIONS), "born": year(), "birthplace": rng.choice(towns),
-                 "instrument": rng.choice(INSTRUMENTS)}
+            v = {
+                "occupation": rng.choice(OCCUPATIONS),
+                "born": year(),
+                "birthplace": rng.choice(towns),
+                "instrument": rng.choice(INSTRUMENTS),
+            }
         elif kind == "town":
-            v = {"region": rng.choice(REGIONS), "founded": year(), "population": str(rng.randint(200, 90000)),
-                 "river": rng.choice(rivers)}
+            v = {
+                "region": rng.choice(REGIONS),
+                "founded": year(),
+                "population": str(rng.randint(200, 90000)),
+                "river": rng.choice(rivers),
+            }
         elif kind == "company":
-            v = {"founded": year(), "founder": rng.choice(founders), "headquarters": rng.choice(towns),
-                 "product": rng.choice(PRODUCTS)}
+            v = {
+                "founded": year(),
+                "founder": rng.choice(founders),
+                "headquarters": rng.choice(towns),
+                "product": rng.choice(PRODUCTS),
+            }
         else:
-            v = {"colour": rng.choice(COLOURS), "described": year(), "hardness": str(rng.randint(1, 10)),
-                 "mined_near": rng.choice(towns)}
-        ents.append({"id": f"e{i:06d}", "kind": kind, "name": names.new(2 if kind == "person" else 1),
-                     "values": v, "wording": rng.randrange(3)})
+            v = {
+                "colour": rng.choice(COLOURS),
+                "described": year(),
+                "hardness": str(rng.randint(1, 10)),
+                "mined_near": rng.choice(towns),
+            }
+        ents.append(
+            {
+                "id": f"e{i:06d}",
+                "kind": kind,
+                "name": names.new(2 if kind == "person" else 1),
+                "values": v,
+                "wording": rng.randrange(3),
+            }
+        )
     return ents
 
 
@@ -198,7 +294,7 @@ def write_jsonl(path: Path, rows) -> int:
     n = 0
     # mtime=0: the same seed writes the same bytes
     raw = gzip.GzipFile(path, "wb", compresslevel=9, mtime=0) if path.suffix == ".gz" else None
-    with (io.TextIOWrapper(raw, encoding="utf-8") if raw else path.open("w", encoding="utf-8")) as f:
+    with io.TextIOWrapper(raw, encoding="utf-8") if raw else path.open("w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
             n += 1
@@ -243,20 +339,35 @@ def main(argv=None) -> None:
     p.add_argument("--bank-only", type=int, default=400, help="of which named in no training text (the probe's)")
     p.add_argument("--faqs", type=int, default=2, help="FAQ documents per training entity")
     p.add_argument("--questions", type=int, default=2, help="questions per FAQ document")
-    p.add_argument("--notes", type=float, default=0.25, help="share of training entities that also get a notes document")
+    p.add_argument(
+        "--notes", type=float, default=0.25, help="share of training entities that also get a notes document"
+    )
     p.add_argument("--edit", type=float, default=0.05, help="share of bank-only entities given an edit")
-    p.add_argument("--fresh-values", action="store_true", help="town, river and founder values unique to each "
-                                                               "entity, not drawn from shared pools")
+    p.add_argument(
+        "--fresh-values",
+        action="store_true",
+        help="town, river and founder values unique to each entity, not drawn from shared pools",
+    )
     p.add_argument("--gzip", action="store_true", help="write bank.jsonl.gz and train.jsonl.gz (the shipped form)")
-    p.add_argument("--apply-edits", metavar="EDITS", help="instead of generating: write --bank with these edits "
-                                                          "applied to --out (same file name)")
-    p.add_argument("--bank", help="with --apply-edits: the bank file (default: bank.jsonl.gz, else bank.jsonl, "
-                                  "beside EDITS)")
+    p.add_argument(
+        "--apply-edits",
+        metavar="EDITS",
+        help="instead of generating: write --bank with these edits applied to --out (same file name)",
+    )
+    p.add_argument(
+        "--bank", help="with --apply-edits: the bank file (default: bank.jsonl.gz, else bank.jsonl, beside EDITS)"
+    )
     a = p.parse_args(argv)
     if a.apply_edits:
         edits = Path(a.apply_edits)
-        bank = Path(a.bank) if a.bank else next((edits.parent / n for n in ("bank.jsonl.gz", "bank.jsonl")
-                                                 if (edits.parent / n).exists()), edits.parent / "bank.jsonl.gz")
+        bank = (
+            Path(a.bank)
+            if a.bank
+            else next(
+                (edits.parent / n for n in ("bank.jsonl.gz", "bank.jsonl") if (edits.parent / n).exists()),
+                edits.parent / "bank.jsonl.gz",
+            )
+        )
         path, n = apply_edits(read_jsonl(edits), bank, Path(a.out))
         print(f"make_facts: {n} descriptions edited -> {path}")
         return
@@ -265,7 +376,7 @@ def main(argv=None) -> None:
     order = list(range(len(ents)))
     rng.shuffle(order)
     held = sorted(order[: a.bank_only])
-    trained = sorted(order[a.bank_only:])
+    trained = sorted(order[a.bank_only :])
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -277,8 +388,14 @@ def main(argv=None) -> None:
         for j in range(a.faqs):
             docs.append({"id": f"{e['id']}-faq{j}", "kind": "faq", "entity": e["id"], "text": faq(e, rng, a.questions)})
         if rng.random() < a.notes:
-            docs.append({"id": f"{e['id']}-notes", "kind": "notes", "entity": e["id"],
-                         "text": description(e) + "\n" + faq(e, rng, a.questions)})
+            docs.append(
+                {
+                    "id": f"{e['id']}-notes",
+                    "kind": "notes",
+                    "entity": e["id"],
+                    "text": description(e) + "\n" + faq(e, rng, a.questions),
+                }
+            )
     rng.shuffle(docs)  # entities' documents spread over the corpus, not adjacent
     n_train = write_jsonl(out / f"train{ext}", docs)
 
@@ -287,25 +404,53 @@ def main(argv=None) -> None:
         e = ents[i]
         for attr in KINDS[e["kind"]]:
             q, ans = qa(e, attr, rng)
-            probe.append({"prompt": f"Q: {q}\nA:", "answer": f" {ans}", "source_ids": [e["id"]],
-                          "entity": e["id"], "attribute": attr})
+            probe.append(
+                {
+                    "prompt": f"Q: {q}\nA:",
+                    "answer": f" {ans}",
+                    "source_ids": [e["id"]],
+                    "entity": e["id"],
+                    "attribute": attr,
+                }
+            )
     n_probe = write_jsonl(out / "probe.jsonl", probe)
 
     edits = []
     for i in held[: max(1, int(round(a.edit * len(held))))]:
         e = ents[i]
         attr = rng.choice(KINDS[e["kind"]])
-        pool = {"occupation": OCCUPATIONS, "instrument": INSTRUMENTS, "region": REGIONS, "product": PRODUCTS,
-                "colour": COLOURS}.get(attr)
+        pool = {
+            "occupation": OCCUPATIONS,
+            "instrument": INSTRUMENTS,
+            "region": REGIONS,
+            "product": PRODUCTS,
+            "colour": COLOURS,
+        }.get(attr)
         while True:
-            new = rng.choice(pool) if pool else (str(rng.randint(1500, 1990)) if attr in ("born", "founded", "described")
-                                                 else str(rng.randint(1, 10)) if attr == "hardness"
-                                                 else str(rng.randint(200, 90000)) if attr == "population"
-                                                 else Names(rng).new(2 if attr == "founder" else 1))
+            new = (
+                rng.choice(pool)
+                if pool
+                else (
+                    str(rng.randint(1500, 1990))
+                    if attr in ("born", "founded", "described")
+                    else str(rng.randint(1, 10))
+                    if attr == "hardness"
+                    else str(rng.randint(200, 90000))
+                    if attr == "population"
+                    else Names(rng).new(2 if attr == "founder" else 1)
+                )
+            )
             if new != e["values"][attr]:
                 break
-        edits.append({"id": e["id"], "attribute": attr, "old": e["values"][attr], "new": new,
-                      "text": description(e, {**e["values"], attr: new})})
+        edits.append(
+            {
+                "id": e["id"],
+                "attribute": attr,
+                "old": e["values"][attr],
+                "new": new,
+                "text": description(e, {**e["values"], attr: new}),
+            }
+        )
     write_jsonl(out / "edits.jsonl", edits)
     (out / "README.md").write_text(
         f"# Facts corpus (generated)\n\n`python scripts/make_facts.py --out {a.out} --seed {a.seed} "
@@ -315,8 +460,12 @@ def main(argv=None) -> None:
         f"- probe.jsonl: {n_probe} questions about {len(held)} bank-only entities\n"
         f"- edits.jsonl: {len(edits)} edits of bank-only entities' facts\n\n"
         "Every name and value is invented; see scripts/make_facts.py for the kinds, wordings and roles. "
-        "Public domain (CC0).\n", encoding="utf-8")
-    print(f"make_facts: {n_bank} bank, {n_train} training documents, {n_probe} probe items, {len(edits)} edits -> {out}")
+        "Public domain (CC0).\n",
+        encoding="utf-8",
+    )
+    print(
+        f"make_facts: {n_bank} bank, {n_train} training documents, {n_probe} probe items, {len(edits)} edits -> {out}"
+    )
 
 
 if __name__ == "__main__":

@@ -27,8 +27,12 @@ def sections(text: str):
     starts = []  # (title line index, first body line index)
     for i in range(1, len(lines)):
         title = lines[i - 1].strip()
-        if title and _UNDERLINE.match(lines[i]) and len(lines[i].rstrip()) >= len(title) \
-                and not _UNDERLINE.match(lines[i - 1]):
+        if (
+            title
+            and _UNDERLINE.match(lines[i])
+            and len(lines[i].rstrip()) >= len(title)
+            and not _UNDERLINE.match(lines[i - 1])
+        ):
             starts.append((i - 1, i + 1))
     for n, (t, b) in enumerate(starts):
         end = starts[n + 1][0] if n + 1 < len(starts) else len(lines)
@@ -41,7 +45,9 @@ def sections(text: str):
 
 def main(src: str, dst: str) -> None:
     root = Path(src)
-    files = sorted(p for part in PARTS for p in ([root / part] if part.endswith(".txt") else (root / part).rglob("*.rst.txt")))
+    files = sorted(
+        p for part in PARTS for p in ([root / part] if part.endswith(".txt") else (root / part).rglob("*.rst.txt"))
+    )
     n = 0
     with gzip.open(dst, "wt", encoding="utf-8", compresslevel=9) as out:
         for path in files:

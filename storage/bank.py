@@ -29,8 +29,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from model.errors import M3Error
-from storage.schemas import SCHEMA_VERSION
 from storage.layout import BankLayout, LayoutError, check_bank_uri, is_uri
+from storage.schemas import SCHEMA_VERSION
 
 META_KEY = b"m3"
 LATEST = "latest"  # Bank.dataset's version: the newest, whatever the bank is pinned to
@@ -92,16 +92,20 @@ class Bank:
         says so."""
         run_dir = self.run_dir
         if run_dir and is_uri(run_dir) and not run_dir.startswith("file://"):
-            raise LayoutError(f"train.run_dir={run_dir}: training checkpoints are written by DeepSpeed and torch "
-                              f"with local file APIs; give a local or shared directory")
+            raise LayoutError(
+                f"train.run_dir={run_dir}: training checkpoints are written by DeepSpeed and torch "
+                f"with local file APIs; give a local or shared directory"
+            )
         if run_dir:
             return Path(run_dir.removeprefix("file://")).resolve() / stage
         try:
             return self.layout.training().resolve() / stage
         except LayoutError:
-            raise LayoutError(f"train.run_dir: the bank at {self.uri} is on an object store, and training "
-                              f"writes its checkpoints, log and exported model with local file APIs (DeepSpeed, "
-                              f"torch); set train.run_dir to a local or shared directory for them") from None
+            raise LayoutError(
+                f"train.run_dir: the bank at {self.uri} is on an object store, and training "
+                f"writes its checkpoints, log and exported model with local file APIs (DeepSpeed, "
+                f"torch); set train.run_dir to a local or shared directory for them"
+            ) from None
 
     def trained_model(self, stage: str) -> Path:
         """The model a training stage exports (config.json and WEIGHTS_FILE)."""
@@ -114,8 +118,15 @@ class Bank:
         return name in self.tables()
 
     # which command makes each table, for the message when a stage finds one missing
-    MADE_BY = {"documents": "m3 ingest", "rejects": "m3 ingest", "refs": "m3 ingest", "train_sequences": "m3 ingest",
-               "memories": "m3 encode", "embeddings": "m3 embed", "neighbors": "m3 pair"}
+    MADE_BY = {
+        "documents": "m3 ingest",
+        "rejects": "m3 ingest",
+        "refs": "m3 ingest",
+        "train_sequences": "m3 ingest",
+        "memories": "m3 encode",
+        "embeddings": "m3 embed",
+        "neighbors": "m3 pair",
+    }
 
     def require(self, *names: str) -> None:
         """Fail, naming the command to run, if a table a stage reads is not there yet."""
@@ -135,7 +146,8 @@ class Bank:
         if version is not None and version != SCHEMA_VERSION:
             raise BankError(
                 f"table {name!r} in {self.uri} was written with schema version {version}; this code reads "
-                f"version {SCHEMA_VERSION}: rebuild the bank or use a matching release")
+                f"version {SCHEMA_VERSION}: rebuild the bank or use a matching release"
+            )
         return tbl
 
     def metadata(self, name: str) -> dict:
@@ -169,8 +181,10 @@ class Bank:
             return
         bad = damaged_files(self, name, dataset())
         if bad:
-            raise BankError(f"table {name} (version {version}) of bank {self.uri} cannot be read: {bad[0]}"
-                            f"{f' (and {len(bad) - 1} more file(s))' if len(bad) > 1 else ''}; run `m3 bank verify`")
+            raise BankError(
+                f"table {name} (version {version}) of bank {self.uri} cannot be read: {bad[0]}"
+                f"{f' (and {len(bad) - 1} more file(s))' if len(bad) > 1 else ''}; run `m3 bank verify`"
+            )
         self._intact.add((name, version))
 
     def write(self, name: str, schema: pa.Schema, batches: Iterable[pa.RecordBatch], lineage: dict) -> int:
@@ -190,7 +204,6 @@ class Bank:
         mode = "overwrite" if self.has(name) else "create"
         tbl = self.db.create_table(name, data=reader, schema=schema, mode=mode)
         return tbl.version
-
 
     def tag(self, name: str, tag: str, version: int) -> None:
         """Name a version; an existing tag of that name moves to it."""
@@ -227,6 +240,7 @@ def damaged_files(bank: Bank, name: str, ds) -> list[str]:
                 return (root / rel).stat().st_size
             except FileNotFoundError:
                 return None
+
     out = []
     for frag in ds.get_fragments():
         md = frag.metadata
@@ -238,8 +252,10 @@ def damaged_files(bank: Bank, name: str, ds) -> list[str]:
             if have is None:
                 out.append(f"its file {name}.lance/{rel} is missing")
             elif want and have != want:
-                out.append(f"its file {name}.lance/{rel} is {have:,} bytes, the table's manifest says {want:,} "
-                           f"(truncated or replaced)")
+                out.append(
+                    f"its file {name}.lance/{rel} is {have:,} bytes, the table's manifest says {want:,} "
+                    f"(truncated or replaced)"
+                )
     return out
 
 
@@ -294,12 +310,17 @@ def unreadable(bank: Bank, names, error: BaseException) -> BankError | None:
         return None
     first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
     first = first.split(", /")[0][:300]  # Lance appends the Rust source location
-    if names and sum(f.file_size_bytes or 0 for _, ds in opened for fr in ds.get_fragments()
-                     for f in fr.metadata.files) <= _LOCATE_BYTES:
+    if (
+        names
+        and sum(f.file_size_bytes or 0 for _, ds in opened for fr in ds.get_fragments() for f in fr.metadata.files)
+        <= _LOCATE_BYTES
+    ):
         for name, ds in opened:
             if (path := _undecodable(layout.table(name), ds)) is not None:
-                return BankError(f"table {name} of bank {bank.uri} cannot be read: its file {name}.lance/{path} "
-                                 f"does not decode ({first}); run `m3 bank verify`")
+                return BankError(
+                    f"table {name} of bank {bank.uri} cannot be read: its file {name}.lance/{path} "
+                    f"does not decode ({first}); run `m3 bank verify`"
+                )
     what = f"table {'/'.join(names)}" if names else "a table"
     return BankError(f"{what} of bank {bank.uri} cannot be read ({first}): a file is damaged; run `m3 bank verify`")
 
@@ -336,7 +357,7 @@ def tokens_of(refs_ds, ref_ids, with_docs: bool = False):
     docs: dict[str, str] = {}
     columns = ["ref_id", "token_ids"] + (["doc_id"] if with_docs else [])
     for lo in range(0, len(ids), _ID_BATCH):
-        t = refs_ds.to_table(columns=columns, filter=pc.field("ref_id").isin(ids[lo:lo + _ID_BATCH]))
+        t = refs_ds.to_table(columns=columns, filter=pc.field("ref_id").isin(ids[lo : lo + _ID_BATCH]))
         rid = t.column("ref_id").to_pylist()
         out.update(zip(rid, t.column("token_ids").to_pylist()))
         if with_docs:

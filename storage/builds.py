@@ -49,16 +49,19 @@ def resolve_build(bank: Bank, spec: str | int) -> dict:
     for h in builds:
         if h["build"] == n:
             return h
-    raise BuildError(f"no published build {n} in {bank.uri} (builds: {known}; live is "
-                     f"{next(h['build'] for h in reversed(builds) if h['live'])})")
+    raise BuildError(
+        f"no published build {n} in {bank.uri} (builds: {known}; live is "
+        f"{next(h['build'] for h in reversed(builds) if h['live'])})"
+    )
 
 
 def table_versions(bank: Bank, table: str) -> list[int]:
     return [v["version"] for v in bank.dataset(table, LATEST, check=False).version_refs()]
 
 
-def pins_for(bank: Bank, build: str | int | None = None, tag: str | None = None,
-             versions: list[str] = ()) -> dict[str, int]:
+def pins_for(
+    bank: Bank, build: str | int | None = None, tag: str | None = None, versions: list[str] = ()
+) -> dict[str, int]:
     """Table -> version to read: the live build (or latest, before any publish), then `build` or
     `tag` (on the tables that have it), then each `versions` item "TABLE=V". Every pin is checked
     to exist on disk."""
@@ -87,19 +90,19 @@ def pins_for(bank: Bank, build: str | int | None = None, tag: str | None = None,
     for table, v in pins.items():
         on_disk = table_versions(bank, table)
         if v not in on_disk:
-            raise BuildError(f"table {table} has no version {v} ({what[table]}; versions on disk: "
-                             f"{', '.join(map(str, on_disk))}; older ones were removed by retention)")
+            raise BuildError(
+                f"table {table} has no version {v} ({what[table]}; versions on disk: "
+                f"{', '.join(map(str, on_disk))}; older ones were removed by retention)"
+            )
     return pins
 
 
-def pinned_bank(bank: Bank, build: str | int | None = None, tag: str | None = None,
-                versions: list[str] = ()) -> Bank:
+def pinned_bank(bank: Bank, build: str | int | None = None, tag: str | None = None, versions: list[str] = ()) -> Bank:
     """A read-only view of the bank with every table pinned as `pins_for` resolves it."""
     return bank.at(pins_for(bank, build, tag, versions))
 
 
-def reader_bank(bank: Bank, build: str | int | None = None, tag: str | None = None,
-                versions: list[str] = ()) -> Bank:
+def reader_bank(bank: Bank, build: str | int | None = None, tag: str | None = None, versions: list[str] = ()) -> Bank:
     """The bank a reader opens: the live build, or, given a build, tag or versions, that view
     (`pinned_bank`). The one resolution every reading command shares (`m3 sql`, `m3 search`,
     `m3 generate`, `m3 eval`), so `--build -1` means the same build to each of them."""
@@ -133,16 +136,34 @@ def builds_table(bank: Bank):
     for h in builds:
         sizes = [files[t].version_bytes(v) for t, v in h["versions"].items()]
         complete = None not in sizes
-        out.append({"build": h["build"], "published_at": h["published_at"], "live": h["live"],
-                    "versions": json.dumps(h["versions"], sort_keys=True),
-                    "refs_rows": rows("refs", h["versions"].get("refs")) if "refs" in files else None,
-                    "memories_rows": rows("memories", h["versions"].get("memories")) if "memories" in files else None,
-                    "bytes": sum(sizes) if complete else None, "on_disk": complete,
-                    "ingest_key": h.get("ingest_key"), "encode_key": h.get("encode_key")})
-    schema = pa.schema([("build", pa.int64()), ("published_at", pa.timestamp("s", tz="UTC")), ("live", pa.bool_()),
-                        ("versions", pa.string()), ("refs_rows", pa.int64()), ("memories_rows", pa.int64()),
-                        ("bytes", pa.int64()), ("on_disk", pa.bool_()), ("ingest_key", pa.string()),
-                        ("encode_key", pa.string())])
+        out.append(
+            {
+                "build": h["build"],
+                "published_at": h["published_at"],
+                "live": h["live"],
+                "versions": json.dumps(h["versions"], sort_keys=True),
+                "refs_rows": rows("refs", h["versions"].get("refs")) if "refs" in files else None,
+                "memories_rows": rows("memories", h["versions"].get("memories")) if "memories" in files else None,
+                "bytes": sum(sizes) if complete else None,
+                "on_disk": complete,
+                "ingest_key": h.get("ingest_key"),
+                "encode_key": h.get("encode_key"),
+            }
+        )
+    schema = pa.schema(
+        [
+            ("build", pa.int64()),
+            ("published_at", pa.timestamp("s", tz="UTC")),
+            ("live", pa.bool_()),
+            ("versions", pa.string()),
+            ("refs_rows", pa.int64()),
+            ("memories_rows", pa.int64()),
+            ("bytes", pa.int64()),
+            ("on_disk", pa.bool_()),
+            ("ingest_key", pa.string()),
+            ("encode_key", pa.string()),
+        ]
+    )
     for r in out:
         r["published_at"] = int(float(r["published_at"]))
     return pa.Table.from_pylist(out, schema=schema)

@@ -35,8 +35,10 @@ def _local(path) -> bool:
 
 def _s3(path):
     if getattr(path, "protocol", "") not in ("s3", "s3a"):
-        raise M3Error(f"{path}: conditional writes (the live manifest, the bank lock) are implemented "
-                      f"for local paths and s3:// only")
+        raise M3Error(
+            f"{path}: conditional writes (the live manifest, the bank lock) are implemented "
+            f"for local paths and s3:// only"
+        )
     bucket, key, _ = path.fs.split_path(path.path)
     return path.fs, bucket, key
 
@@ -45,8 +47,9 @@ def _refused(e: OSError) -> bool:
     """Whether s3fs's error is the store refusing a condition: 412; 409 when two conditional
     writes of one key race on AWS; 404 for If-Match on an object that is gone."""
     code = getattr(e.__cause__, "response", {}).get("Error", {}).get("Code")
-    return code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "412", "409", "404") \
-        or isinstance(e, (FileExistsError, FileNotFoundError))
+    return code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "412", "409", "404") or isinstance(
+        e, (FileExistsError, FileNotFoundError)
+    )
 
 
 def _token(data: bytes) -> str:

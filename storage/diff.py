@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import duckdb
 
-from storage.builds import resolve_build, table_versions, BuildError
 from storage.bank import Bank
+from storage.builds import BuildError, resolve_build, table_versions
 
 _REFS = """SELECT CASE WHEN a.ref_id IS NULL THEN 'added' WHEN b.ref_id IS NULL THEN 'removed'
                        WHEN a.content_hash <> b.content_hash THEN 'changed' ELSE 'unchanged' END AS kind,
@@ -36,9 +36,16 @@ def _compare(bank: Bank, table: str, va: int, vb: int, columns: list[str], sql: 
     con.execute(f"CREATE TEMP TABLE d AS {sql}")
     counts = dict(con.execute("SELECT kind, count(*) FROM d GROUP BY kind").fetchall())
     out = {k: counts.get(k, 0) for k in KINDS[table]}
-    out["examples"] = {k: [r[0] for r in con.execute(
-        "SELECT ref_id FROM d WHERE kind = ? ORDER BY ref_id LIMIT ?", [k, examples]).fetchall()]
-        for k in KINDS[table] if k != "unchanged" and out[k]}
+    out["examples"] = {
+        k: [
+            r[0]
+            for r in con.execute(
+                "SELECT ref_id FROM d WHERE kind = ? ORDER BY ref_id LIMIT ?", [k, examples]
+            ).fetchall()
+        ]
+        for k in KINDS[table]
+        if k != "unchanged" and out[k]
+    }
     return out
 
 
@@ -50,8 +57,9 @@ def diff_builds(bank: Bank, a: str | int, b: str | int, examples: int = 5) -> di
     if "refs" in va and "refs" in vb:
         out["refs"] = _compare(bank, "refs", va["refs"], vb["refs"], ["ref_id", "content_hash"], _REFS, examples)
     if "memories" in va and "memories" in vb:
-        mem = _compare(bank, "memories", va["memories"], vb["memories"], ["ref_id", "model_hash", "payload"],
-                       _MEMORIES, examples)
+        mem = _compare(
+            bank, "memories", va["memories"], vb["memories"], ["ref_id", "model_hash", "payload"], _MEMORIES, examples
+        )
         out["memories"] = {"re_encoded": mem["new"] + mem["changed"], **mem}
     return out
 
@@ -64,8 +72,10 @@ def render(d: dict) -> str:
             continue
         t = d[table]
         head = [f"re-encoded {t['re_encoded']:,}"] if table == "memories" else []
-        lines.append(f"{table} (v{d['a']['versions'][table]} -> v{d['b']['versions'][table]}): "
-                     + ", ".join(head + [f"{k} {t[k]:,}" for k in KINDS[table]]))
+        lines.append(
+            f"{table} (v{d['a']['versions'][table]} -> v{d['b']['versions'][table]}): "
+            + ", ".join(head + [f"{k} {t[k]:,}" for k in KINDS[table]])
+        )
         for kind, ids in t["examples"].items():
             lines.append(f"  {kind:<8} e.g. {', '.join(ids)}")
     return "\n".join(lines)

@@ -24,8 +24,9 @@ class TableFiles:
     def __init__(self, bank: Bank, table: str):
         ds = bank.dataset(table, LATEST, check=False)
         listing = ds.all_files().read_all()
-        self.sizes: dict[str, int] = dict(zip(listing.column("path").to_pylist(),
-                                              listing.column("size_bytes").to_pylist()))
+        self.sizes: dict[str, int] = dict(
+            zip(listing.column("path").to_pylist(), listing.column("size_bytes").to_pylist())
+        )
         tracked = ds.tracked_files().read_all()
         self.by_version: dict[int, set[str]] = defaultdict(set)
         for v, path in zip(tracked.column("version").to_pylist(), tracked.column("path").to_pylist()):

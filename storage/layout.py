@@ -56,11 +56,12 @@ def check_bank_uri(uri: str) -> None:
     if is_uri(uri):
         scheme = uri.split("://", 1)[0]
         if scheme.lower() not in SCHEMES:
-            raise LayoutError(f"{uri}: a bank cannot live at a {scheme}:// URI; it is a local path, a file:// or "
-                              f"an s3:// URI")
+            raise LayoutError(
+                f"{uri}: a bank cannot live at a {scheme}:// URI; it is a local path, a file:// or an s3:// URI"
+            )
         if scheme.lower() != "file":
             return
-        uri = uri[len("file://"):]
+        uri = uri[len("file://") :]
     path = Path(uri).expanduser()
     for place in (path, *path.parents):
         if place.exists():
@@ -92,8 +93,10 @@ class BankLayout:
         if self.uri.startswith("file://"):
             return Path(self.root.path).joinpath(*parts)
         if is_uri(self.uri):
-            raise LayoutError(f"{'/'.join(parts) or 'this'} of the bank at {self.uri} needs a local directory: "
-                              f"keep the bank on a local or shared filesystem path")
+            raise LayoutError(
+                f"{'/'.join(parts) or 'this'} of the bank at {self.uri} needs a local directory: "
+                f"keep the bank on a local or shared filesystem path"
+            )
         return Path(self.uri).joinpath(*parts)
 
     def manifest(self) -> UPath:
@@ -147,4 +150,4 @@ class BankLayout:
         root, full = str(self.root).rstrip("/") + "/", str(path)
         if not full.startswith(root):
             raise LayoutError(f"{full} is not inside the bank at {self.uri}")
-        return full[len(root):]
+        return full[len(root) :]

@@ -46,8 +46,16 @@ ID_COLUMN = "ref_id"
 RRF_K = 60
 # The full-text index, spelled out rather than left to LanceDB's defaults (which may change
 # between releases): these are in the embed stage's key, so a change re-indexes.
-FTS_PARAMS = {"base_tokenizer": "simple", "language": "English", "lower_case": True, "stem": True,
-              "remove_stop_words": True, "ascii_folding": True, "max_token_length": 40, "with_position": False}
+FTS_PARAMS = {
+    "base_tokenizer": "simple",
+    "language": "English",
+    "lower_case": True,
+    "stem": True,
+    "remove_stop_words": True,
+    "ascii_folding": True,
+    "max_token_length": 40,
+    "with_position": False,
+}
 
 Hits = list[list[tuple[str, float]]]
 
@@ -104,9 +112,11 @@ def build_fts_index(table) -> dict:
 def require_fts(table, method: str, what: str = "embeddings") -> None:
     """A LexicalIndexError naming the fix when `method` needs a full-text index the table lacks."""
     if uses_text(method) and fts_info(table) is None:
-        raise LexicalIndexError(f"retrieval.method {method!r} searches the full-text index of the {what} table, and "
-                                f"this version (v{table.version}) has none: it was built for retrieval.method "
-                                f"'vector'; run `m3 embed` (or `m3 rebuild`) with retrieval.method {method!r}")
+        raise LexicalIndexError(
+            f"retrieval.method {method!r} searches the full-text index of the {what} table, and "
+            f"this version (v{table.version}) has none: it was built for retrieval.method "
+            f"'vector'; run `m3 embed` (or `m3 rebuild`) with retrieval.method {method!r}"
+        )
 
 
 def bm25_search(table, texts: Sequence[str], k: int, among: Sequence[Sequence[str]] | None = None) -> Hits:
@@ -150,9 +160,15 @@ def rrf(lists: Sequence[Sequence[tuple[str, float]]], k: int, c: int = RRF_K) ->
     return sorted(score.items(), key=lambda kv: (-kv[1], first[kv[0]]))[:k]
 
 
-def retrieve(method: str, texts: Sequence[str], k: int, *, table,
-             vector_hits: Callable[[list[str], int], Hits] | None = None,
-             among: Sequence[Sequence[str]] | None = None) -> Hits:
+def retrieve(
+    method: str,
+    texts: Sequence[str],
+    k: int,
+    *,
+    table,
+    vector_hits: Callable[[list[str], int], Hits] | None = None,
+    among: Sequence[Sequence[str]] | None = None,
+) -> Hits:
     """The top-k references of each query text by `method`, best first: the one entry point of
     the pair stage, serving (BankRetriever), `m3 search` and the QA probe's oracle order.
 

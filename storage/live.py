@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import time
 
-
 from model.errors import M3Error
 from storage.conditional import PreconditionFailed, read_versioned, write_if
 
@@ -76,10 +75,12 @@ _AS_READ = object()
 
 def _conflict(bank, since: str) -> PublishConflict:
     now = read_manifest(bank) or {}
-    return PublishConflict(f"the live build of {bank.uri} changed {since} (it is now build {now.get('build')}, "
-                           f"published at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now.get('published_at', 0)))}"
-                           f"{' by ' + now['by'] if now.get('by') else ''}): not publishing over it; run again to "
-                           f"build on top of it")
+    return PublishConflict(
+        f"the live build of {bank.uri} changed {since} (it is now build {now.get('build')}, "
+        f"published at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now.get('published_at', 0)))}"
+        f"{' by ' + now['by'] if now.get('by') else ''}): not publishing over it; run again to "
+        f"build on top of it"
+    )
 
 
 def publish(bank, versions: dict[str, int], info: dict | None = None, expect=_AS_READ) -> dict:
@@ -94,8 +95,12 @@ def publish(bank, versions: dict[str, int], info: dict | None = None, expect=_AS
     old = old or {"history": []}
     numbers = numbered(old.get("history", []))
     history = [h for h in numbers if h["versions"] != versions]
-    entry = {"versions": dict(versions), "published_at": time.time(), **(info or {}),
-             "build": max([h["build"] for h in numbers], default=0) + 1}
+    entry = {
+        "versions": dict(versions),
+        "published_at": time.time(),
+        **(info or {}),
+        "build": max([h["build"] for h in numbers], default=0) + 1,
+    }
     if old.get("versions") == versions:  # same build: keep its original record, do not grow the history
         same = [h["build"] for h in numbers if h["versions"] == versions]
         entry = {**old, "build": old.get("build", same[-1] if same else entry["build"])}
@@ -103,7 +108,9 @@ def publish(bank, versions: dict[str, int], info: dict | None = None, expect=_AS
     record = {k: entry[k] for k in RECORD if k in entry}
     manifest = {**entry, "history": (history + [record])[-HISTORY:]}
     try:
-        write_if(bank.layout.manifest(), json.dumps(manifest, indent=1, sort_keys=True, default=str).encode("utf-8"), token)
+        write_if(
+            bank.layout.manifest(), json.dumps(manifest, indent=1, sort_keys=True, default=str).encode("utf-8"), token
+        )
     except PreconditionFailed:
         raise _conflict(bank, "while this build was being published") from None
     for name, version in versions.items():

@@ -87,16 +87,16 @@ def _process_start(pid: int) -> float | None:
             pass
         return 0.0
     ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22: start time in clock ticks after boot
-    boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                if line.startswith("btime "))
+    boot = next(
+        float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime ")
+    )
     return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
 class BankLock:
     """The bank's write lock, taken as `what` (the command: "ingest", "rebuild", ...)."""
 
-    def __init__(self, bank: Bank, what: str = "rebuild", stale_after_s: float = 24 * 3600,
-                 reentrant: bool = False):
+    def __init__(self, bank: Bank, what: str = "rebuild", stale_after_s: float = 24 * 3600, reentrant: bool = False):
         layout = bank.layout
         self.path = layout.lock(LOCK)  # one file for every writer, whatever `what`
         self.object_store = layout.on_object_store()  # no O_EXCL there: a conditional PUT instead
@@ -196,10 +196,11 @@ class BankLock:
             if reason is None:
                 started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info.get("started_at", 0))))
                 holder = info.get("what", "rebuild")  # a lock file of an older release: a rebuild's
-                raise LockError(f"another {holder} of this bank is running (pid {info.get('pid')} on "
-                                f"{info.get('host')}, started {started}; lock file {self.path}): not starting "
-                                + ("a second one" if holder == self.what else
-                                   f"{self.what} beside it (one writer per bank)")) from None
+                raise LockError(
+                    f"another {holder} of this bank is running (pid {info.get('pid')} on "
+                    f"{info.get('host')}, started {started}; lock file {self.path}): not starting "
+                    + ("a second one" if holder == self.what else f"{self.what} beside it (one writer per bank)")
+                ) from None
             print(f"{self.what}: removing stale lock {self.path} ({reason})", flush=True)
             if self.object_store:
                 remove_if(self.path, token)  # only the object we judged stale, not a newer one
@@ -241,8 +242,11 @@ class BankLock:
         elif not remove_if(self.path, self._etag):
             # judged stale (stale_after_s too short for this run) and taken by another process:
             # its lock stays; say so, since two of them ran at once
-            print(f"{self.what}: the lock {self.path} was taken over by another process while this one "
-                  f"held it (rebuild.lock_stale_s shorter than this run?); left to its new holder", flush=True)
+            print(
+                f"{self.what}: the lock {self.path} was taken over by another process while this one "
+                f"held it (rebuild.lock_stale_s shorter than this run?); left to its new holder",
+                flush=True,
+            )
 
     def __enter__(self) -> "BankLock":
         self.acquire()
@@ -267,6 +271,7 @@ def writes_bank(what: str | Callable[..., str | None]):
     lock (reentrant, see the module docstring). `what` names the command, or is a function of
     fn's arguments giving it, or None for a call that takes no lock (a training rank other
     than 0)."""
+
     def wrap(fn):
         @functools.wraps(fn)
         def locked(cfg, *args, **kwargs):
@@ -275,5 +280,7 @@ def writes_bank(what: str | Callable[..., str | None]):
                 return fn(cfg, *args, **kwargs)
             with write_lock(cfg, name):
                 return fn(cfg, *args, **kwargs)
+
         return locked
+
     return wrap

@@ -53,14 +53,12 @@ from collections import OrderedDict
 from itertools import repeat
 from typing import Sequence
 
-import lance
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from model.codecs import RawCodec, make_codec
-import pyarrow as pa
-import pyarrow.compute as pc
-
 from storage.bank import Bank, BankError, readable
 from storage.layout import upath
 from storage.schemas import MEMORIES
@@ -81,8 +79,18 @@ def _byte_rows(mems: torch.Tensor) -> np.ndarray:
 
 
 class MemoryStore:
-    def __init__(self, bank: Bank, model_hash: str, cache_size: int = 4096, version: int | str | None = None,
-                 *, model=None, write_back: bool = True, cache_bytes: int | None = None, slab: str = "auto"):
+    def __init__(
+        self,
+        bank: Bank,
+        model_hash: str,
+        cache_size: int = 4096,
+        version: int | str | None = None,
+        *,
+        model=None,
+        write_back: bool = True,
+        cache_bytes: int | None = None,
+        slab: str = "auto",
+    ):
         from storage.live import live_versions
 
         if slab not in ("auto", "off", "require"):
@@ -98,15 +106,19 @@ class MemoryStore:
         else:
             ds = bank.dataset("memories")
         if meta.get("model_hash") != model_hash:
-            raise BankError(f"the memories in {bank.uri} were written by model {meta.get('model_hash')}, "
-                            f"not by this model {model_hash}: re-encode the bank with this model (m3 encode)")
+            raise BankError(
+                f"the memories in {bank.uri} were written by model {meta.get('model_hash')}, "
+                f"not by this model {model_hash}: re-encode the bank with this model (m3 encode)"
+            )
         self.ds, self.meta = ds, meta
         kw = {}
         if meta.get("codec") == "vq":
             path = meta.get("quantizer_path")
             if not path or not upath(path).exists():
-                raise BankError(f"memories are vq-coded with quantizer {meta.get('quantizer_hash')}, "
-                                f"but its file {path!r} is missing from the bank")
+                raise BankError(
+                    f"memories are vq-coded with quantizer {meta.get('quantizer_hash')}, "
+                    f"but its file {path!r} is missing from the bank"
+                )
             kw = {"quantizer": path, "quantizer_hash": meta.get("quantizer_hash")}
         self.codec = make_codec(meta["codec"], **kw)
         # the codec's own dtype: raw payloads are reinterpreted, never widened (module docstring)
@@ -144,7 +156,9 @@ class MemoryStore:
         self.encoded = self.stored_reads = self.warm_reads = self.written_back = self.slab_reads = 0
 
     def _index_warm(self, path, t: pa.Table) -> None:
-        for i, (r, h, m) in enumerate(zip(*(t.column(c).to_pylist() for c in ("ref_id", "content_hash", "model_hash")))):
+        for i, (r, h, m) in enumerate(
+            zip(*(t.column(c).to_pylist() for c in ("ref_id", "content_hash", "model_hash")))
+        ):
             if m == self.model_hash and r not in self.warm_at:
                 self.warm_at[r] = (h, path, i)
 
@@ -209,7 +223,9 @@ class MemoryStore:
             mems, kept = self._load(missing)
         if n == 0 or self.shape is None:
             k = self.shape[3] if self.shape else 0
-            return torch.zeros((0, *(self.shape or (0, 2, 0, 0, 0))), dtype=self.dtype), torch.zeros((0, k), dtype=torch.bool)
+            return torch.zeros((0, *(self.shape or (0, 2, 0, 0, 0))), dtype=self.dtype), torch.zeros(
+                (0, k), dtype=torch.bool
+            )
         if len(missing) == n:  # all distinct misses (the usual batch): the decoded batch is the answer
             out, out_kept = mems, kept
         elif len(uniq) <= self.capacity:
@@ -223,8 +239,15 @@ class MemoryStore:
             out = torch.from_numpy(self._cache_rows.take(at, axis=0)).view(self.dtype).reshape(n, *self.shape)
             out_kept = self._cache_kept[at]
         else:
-            rows = np.empty((n, self._cache_rows.shape[1] if self._cache_rows is not None
-                              else math.prod(self.shape) * self.dtype.itemsize), np.uint8)
+            rows = np.empty(
+                (
+                    n,
+                    self._cache_rows.shape[1]
+                    if self._cache_rows is not None
+                    else math.prod(self.shape) * self.dtype.itemsize,
+                ),
+                np.uint8,
+            )
             out_kept = np.empty(n, _KEPT)
             new = {r: j for j, r in enumerate(missing)}
             hit_i, hit_s, new_i, new_j = [], [], [], []
@@ -261,7 +284,9 @@ class MemoryStore:
         self.stored_reads += len(stored)
         parts = []  # (ids, mems, kept)
         if stored:
-            parts.append((stored, *self._read_rows(np.fromiter((row_of[r] for r in stored), np.int64, len(stored)), stored)))
+            parts.append(
+                (stored, *self._read_rows(np.fromiter((row_of[r] for r in stored), np.int64, len(stored)), stored))
+            )
         rest = [r for r in ref_ids if r not in row_of]
         tokens, hashes = self._refs(rest)
         warm = [r for r in rest if r in self.warm_at and self.warm_at[r][0] == hashes[r]]
@@ -292,8 +317,12 @@ class MemoryStore:
                 self.slab_refused = str(e)
                 self.slab.close()
                 self.slab = None
-                log.warning("memories of %s version %s: %s; reading Lance from now on (run `m3 bank verify`)",
-                            self.bank.uri, self.ds.version, e)
+                log.warning(
+                    "memories of %s version %s: %s; reading Lance from now on (run `m3 bank verify`)",
+                    self.bank.uri,
+                    self.ds.version,
+                    e,
+                )
             else:
                 self.slab_reads += len(rows)
                 return self._decode(buf, ids), kept
@@ -305,9 +334,11 @@ class MemoryStore:
         if self._crcs is not None and self.slab is None:  # the slab failed a row: check Lance's too
             bad = np.flatnonzero(row_crcs(buf) != self._crcs[rows])
             if len(bad):
-                raise BankError(f"memory of reference {ids[bad[0]]!r} (memories version {self.ds.version}, row "
-                                f"{int(rows[bad[0]])}) is damaged in both the payload slab and Lance: it differs "
-                                f"from the checksum written with it; run `m3 bank verify`")
+                raise BankError(
+                    f"memory of reference {ids[bad[0]]!r} (memories version {self.ds.version}, row "
+                    f"{int(rows[bad[0]])}) is damaged in both the payload slab and Lance: it differs "
+                    f"from the checksum written with it; run `m3 bank verify`"
+                )
         return self._decode(buf, ids), kept
 
     def _rows_of(self, payload, ids: list[str]) -> np.ndarray:
@@ -354,9 +385,11 @@ class MemoryStore:
 
             mdir = self.meta.get("model_dir")
             if not mdir or not upath(mdir).exists() or saved_hash(mdir) != self.model_hash:
-                raise BankError(f"reference(s) of {self.bank.uri} have no memory yet, and the model "
-                                f"{self.model_hash[:16]}... that must encode them is not at {mdir!r}: "
-                                f"pass it to the MemoryStore or run `m3 encode`")
+                raise BankError(
+                    f"reference(s) of {self.bank.uri} have no memory yet, and the model "
+                    f"{self.model_hash[:16]}... that must encode them is not at {mdir!r}: "
+                    f"pass it to the MemoryStore or run `m3 encode`"
+                )
             self.model = load_model(mdir)
         return self.model
 
@@ -371,7 +404,7 @@ class MemoryStore:
         batch = int(((self.meta.get("config") or {}).get("encode") or {}).get("batch_size", 32))
         cols: dict[str, list] = {name: [] for name in MEMORIES.names}
         for lo in range(0, len(order), batch):
-            ids = order[lo:lo + batch]
+            ids = order[lo : lo + batch]
             payloads, positions, kept = encode_tokens(model, self.codec, [tokens[r] for r in ids])
             shape = [m.n_mem_layers, 2, m.n_kv_heads, positions.shape[-1], m.head_dim]
             if self.shape is None:

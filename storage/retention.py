@@ -28,7 +28,8 @@ import lance
 
 from storage.bank import LATEST, Bank, BankError
 from storage.live import TAG, numbered, publish, read_manifest
-from storage.slab import SlabError, ensure_slab, prune as prune_slabs
+from storage.slab import SlabError, ensure_slab
+from storage.slab import prune as prune_slabs
 
 
 def compact(uri: str, min_fragments: int = 2) -> int | None:
@@ -81,7 +82,9 @@ def apply_retention(bank: Bank, manifest: dict, keep_builds: int, keep_tags: boo
         ds = bank.dataset("memories", LATEST, check=False)
         gone = prune_slabs(bank, [v["version"] for v in ds.versions()])
         if gone:
-            out.setdefault("memories", {"versions_removed": 0, "bytes_removed": 0, "tags_removed": []})["slabs_removed"] = gone
+            out.setdefault("memories", {"versions_removed": 0, "bytes_removed": 0, "tags_removed": []})[
+                "slabs_removed"
+            ] = gone
     return out
 
 
@@ -119,8 +122,12 @@ def compact_bank(bank: Bank, keep_builds: int, min_fragments: int = 2) -> dict:
         except SlabError:
             pass  # payloads of mixed sizes (not a bank the encode stage wrote): readers use Lance
     retention = apply_retention(bank, manifest, keep, keep_tags=True)
-    return {"compacted": compacted, "skipped_newer_write": skipped, "build": manifest.get("build"),
-            "retention": retention}
+    return {
+        "compacted": compacted,
+        "skipped_newer_write": skipped,
+        "build": manifest.get("build"),
+        "retention": retention,
+    }
 
 
 def table_files(bank: Bank, table: str) -> int:

@@ -16,22 +16,26 @@ from storage.bank import Bank
 
 COMPACT_FRAGMENTS = 20
 
-RUNS = pa.schema([
-    pa.field("run_id", pa.string(), nullable=False),
-    pa.field("slot", pa.timestamp("us", tz="UTC"), nullable=False),  # the cron time it was scheduled for
-    pa.field("attempt", pa.int32(), nullable=False),                  # 0, then retries
-    pa.field("mode", pa.string(), nullable=False),                    # "process" or "ray-job"
-    pa.field("job_id", pa.string()),                                  # the Ray submission id, if a job
-    pa.field("started_at", pa.timestamp("us", tz="UTC"), nullable=False),
-    pa.field("ended_at", pa.timestamp("us", tz="UTC")),
-    pa.field("status", pa.string(), nullable=False),  # running | published | up_to_date | failed | skipped | interrupted
-    pa.field("added", pa.int64()),
-    pa.field("changed", pa.int64()),
-    pa.field("removed", pa.int64()),
-    pa.field("versions", pa.string()),  # JSON {table: version} of the live build after the run
-    pa.field("tag", pa.string()),
-    pa.field("error", pa.string()),
-])
+RUNS = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("slot", pa.timestamp("us", tz="UTC"), nullable=False),  # the cron time it was scheduled for
+        pa.field("attempt", pa.int32(), nullable=False),  # 0, then retries
+        pa.field("mode", pa.string(), nullable=False),  # "process" or "ray-job"
+        pa.field("job_id", pa.string()),  # the Ray submission id, if a job
+        pa.field("started_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("ended_at", pa.timestamp("us", tz="UTC")),
+        pa.field(
+            "status", pa.string(), nullable=False
+        ),  # running | published | up_to_date | failed | skipped | interrupted
+        pa.field("added", pa.int64()),
+        pa.field("changed", pa.int64()),
+        pa.field("removed", pa.int64()),
+        pa.field("versions", pa.string()),  # JSON {table: version} of the live build after the run
+        pa.field("tag", pa.string()),
+        pa.field("error", pa.string()),
+    ]
+)
 
 
 def now() -> datetime:
@@ -53,12 +57,20 @@ class RunLog:
 
     def start(self, run_id: str, slot: datetime, attempt: int, mode: str, job_id: str | None = None) -> None:
         row = {f.name: None for f in RUNS}
-        row.update(run_id=run_id, slot=slot.astimezone(timezone.utc), attempt=attempt, mode=mode, job_id=job_id,
-                   started_at=now(), status="running")
+        row.update(
+            run_id=run_id,
+            slot=slot.astimezone(timezone.utc),
+            attempt=attempt,
+            mode=mode,
+            job_id=job_id,
+            started_at=now(),
+            status="running",
+        )
         self._table().add(pa.Table.from_pylist([row], schema=RUNS))
 
-    def finish(self, run_id: str, status: str, summary: dict | None = None, error: str | None = None,
-               job_id: str | None = None) -> None:
+    def finish(
+        self, run_id: str, status: str, summary: dict | None = None, error: str | None = None, job_id: str | None = None
+    ) -> None:
         s = summary or {}
         values = {"ended_at": now(), "status": status, "error": (error or "")[-2000:] or None}
         for k in ("added", "changed", "removed"):

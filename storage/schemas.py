@@ -9,58 +9,68 @@ import pyarrow as pa
 
 SCHEMA_VERSION = 2
 
-DOCUMENTS = pa.schema([
-    pa.field("doc_id", pa.string(), nullable=False),
-    pa.field("source", pa.string(), nullable=False),      # the file it came from
-    pa.field("source_id", pa.string(), nullable=False),   # its id there (or line/row number)
-    pa.field("text", pa.large_string(), nullable=False),  # normalized text
-    pa.field("content_hash", pa.string(), nullable=False),
-    pa.field("n_chars", pa.int64(), nullable=False),
-    pa.field("rank", pa.int64(), nullable=False),         # corpus order: (file << 40) | record
-    pa.field("meta", pa.string()),                        # the record's other fields, JSON
-    pa.field("in_training", pa.bool_(), nullable=False),  # passed `quality`: in train_sequences
-    pa.field("in_bank", pa.bool_(), nullable=False),      # passed `bank_quality`: in refs
-    pa.field("training_reason", pa.string()),             # why training left it out, if it did
-])
+DOCUMENTS = pa.schema(
+    [
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),  # the file it came from
+        pa.field("source_id", pa.string(), nullable=False),  # its id there (or line/row number)
+        pa.field("text", pa.large_string(), nullable=False),  # normalized text
+        pa.field("content_hash", pa.string(), nullable=False),
+        pa.field("n_chars", pa.int64(), nullable=False),
+        pa.field("rank", pa.int64(), nullable=False),  # corpus order: (file << 40) | record
+        pa.field("meta", pa.string()),  # the record's other fields, JSON
+        pa.field("in_training", pa.bool_(), nullable=False),  # passed `quality`: in train_sequences
+        pa.field("in_bank", pa.bool_(), nullable=False),  # passed `bank_quality`: in refs
+        pa.field("training_reason", pa.string()),  # why training left it out, if it did
+    ]
+)
 
-REJECTS = pa.schema([
-    pa.field("doc_id", pa.string(), nullable=False),
-    pa.field("source", pa.string(), nullable=False),
-    pa.field("source_id", pa.string(), nullable=False),
-    pa.field("reason", pa.string(), nullable=False),
-    pa.field("stage", pa.string(), nullable=False),       # read | quality | dedup
-    pa.field("duplicate_of", pa.string()),                # doc_id of the kept twin, for duplicates
-    pa.field("raw_prefix", pa.string(), nullable=False),  # the first characters, to eyeball
-    pa.field("rank", pa.int64(), nullable=False),
-])
+REJECTS = pa.schema(
+    [
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("source_id", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("stage", pa.string(), nullable=False),  # read | quality | dedup
+        pa.field("duplicate_of", pa.string()),  # doc_id of the kept twin, for duplicates
+        pa.field("raw_prefix", pa.string(), nullable=False),  # the first characters, to eyeball
+        pa.field("rank", pa.int64(), nullable=False),
+    ]
+)
 
-REFS = pa.schema([
-    pa.field("ref_id", pa.string(), nullable=False),      # "<doc_id>-<ordinal>"
-    pa.field("doc_id", pa.string(), nullable=False),
-    pa.field("ordinal", pa.int32(), nullable=False),      # position of the reference in its document
-    pa.field("start_token", pa.int32(), nullable=False),  # offset of its first token in the document
-    pa.field("n_tokens", pa.int32(), nullable=False),
-    pa.field("text", pa.string(), nullable=False),
-    pa.field("token_ids", pa.list_(pa.int32()), nullable=False),
-    pa.field("content_hash", pa.string(), nullable=False),  # of token_ids: what encoding depends on
-])
+REFS = pa.schema(
+    [
+        pa.field("ref_id", pa.string(), nullable=False),  # "<doc_id>-<ordinal>"
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("ordinal", pa.int32(), nullable=False),  # position of the reference in its document
+        pa.field("start_token", pa.int32(), nullable=False),  # offset of its first token in the document
+        pa.field("n_tokens", pa.int32(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("token_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("content_hash", pa.string(), nullable=False),  # of token_ids: what encoding depends on
+    ]
+)
 
-TRAIN_SEQUENCES = pa.schema([
-    pa.field("seq_id", pa.string(), nullable=False),
-    pa.field("token_ids", pa.list_(pa.int32()), nullable=False),
-    pa.field("doc_ids", pa.list_(pa.string()), nullable=False),
-])
+TRAIN_SEQUENCES = pa.schema(
+    [
+        pa.field("seq_id", pa.string(), nullable=False),
+        pa.field("token_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("doc_ids", pa.list_(pa.string()), nullable=False),
+    ]
+)
 
-MEMORIES = pa.schema([
-    pa.field("ref_id", pa.string(), nullable=False),
-    pa.field("content_hash", pa.string(), nullable=False),  # of the reference's token ids
-    pa.field("model_hash", pa.string(), nullable=False),    # the model that wrote it
-    pa.field("codec", pa.string(), nullable=False),         # how `payload` is coded
-    pa.field("shape", pa.list_(pa.int32()), nullable=False),  # (mem layers, 2, kv heads, k, head dim)
-    pa.field("n_tokens", pa.int16(), nullable=False),       # kept tokens (< k for short references)
-    pa.field("positions", pa.list_(pa.int16()), nullable=False),  # (mem layers, kv heads, k), -1 empty
-    pa.field("payload", pa.binary(), nullable=False),
-])
+MEMORIES = pa.schema(
+    [
+        pa.field("ref_id", pa.string(), nullable=False),
+        pa.field("content_hash", pa.string(), nullable=False),  # of the reference's token ids
+        pa.field("model_hash", pa.string(), nullable=False),  # the model that wrote it
+        pa.field("codec", pa.string(), nullable=False),  # how `payload` is coded
+        pa.field("shape", pa.list_(pa.int32()), nullable=False),  # (mem layers, 2, kv heads, k, head dim)
+        pa.field("n_tokens", pa.int16(), nullable=False),  # kept tokens (< k for short references)
+        pa.field("positions", pa.list_(pa.int16()), nullable=False),  # (mem layers, kv heads, k), -1 empty
+        pa.field("payload", pa.binary(), nullable=False),
+    ]
+)
 
 TABLES = {
     "documents": DOCUMENTS,

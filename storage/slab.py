@@ -117,16 +117,20 @@ def _fixed_rows(payload: pa.Array, nbytes: int, ref_ids) -> np.ndarray:
     if len(arr) == 0:
         return np.zeros((0, nbytes), np.uint8)
     if arr.null_count:
-        raise SlabError(f"corrupt memory payload for reference {ref_ids[int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])]!r}: null")
+        raise SlabError(
+            f"corrupt memory payload for reference {ref_ids[int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])]!r}: null"
+        )
     off_type = np.int64 if pa.types.is_large_binary(arr.type) else np.int32
     off = np.frombuffer(arr.buffers()[1], off_type, count=len(arr) + 1, offset=off_type().itemsize * arr.offset)
     bad = np.flatnonzero(np.diff(off) != nbytes)
     if len(bad):
         i = int(bad[0])
-        raise SlabError(f"corrupt memory payload for reference {ref_ids[i]!r}: {int(off[i + 1] - off[i])} bytes, "
-                        f"expected {nbytes} (the codec's size for the table's memory shape)")
+        raise SlabError(
+            f"corrupt memory payload for reference {ref_ids[i]!r}: {int(off[i + 1] - off[i])} bytes, "
+            f"expected {nbytes} (the codec's size for the table's memory shape)"
+        )
     data = np.frombuffer(arr.buffers()[2], np.uint8)
-    return data[off[0]:off[-1]].reshape(len(arr), nbytes)
+    return data[off[0] : off[-1]].reshape(len(arr), nbytes)
 
 
 def write_slab(bank: Bank, ds, codec, shape, meta: dict) -> dict | None:
@@ -154,11 +158,22 @@ def write_slab(bank: Bank, ds, codec, shape, meta: dict) -> dict | None:
             rows += len(ids)
     crc_bytes = (np.concatenate(crcs) if crcs else np.zeros(0, np.uint32)).astype("<u4").tobytes()
     write_bytes_atomic(crc_path(bank, ds.version), crc_bytes, durable=True)
-    header = {"format": FORMAT, "table": TABLE, "version": int(ds.version), "rows": rows,
-              "codec": meta.get("codec"), "quantizer_hash": meta.get("quantizer_hash"),
-              "model_hash": meta.get("model_hash"), "shape": [int(s) for s in shape], "payload_bytes": nbytes,
-              "digest": digest.hexdigest(), "payload_digest": pdigest.hexdigest(), "row_check": "crc32",
-              "row_crcs_digest": hashlib.blake2b(crc_bytes, digest_size=16).hexdigest(), "written_at": time.time()}
+    header = {
+        "format": FORMAT,
+        "table": TABLE,
+        "version": int(ds.version),
+        "rows": rows,
+        "codec": meta.get("codec"),
+        "quantizer_hash": meta.get("quantizer_hash"),
+        "model_hash": meta.get("model_hash"),
+        "shape": [int(s) for s in shape],
+        "payload_bytes": nbytes,
+        "digest": digest.hexdigest(),
+        "payload_digest": pdigest.hexdigest(),
+        "row_check": "crc32",
+        "row_crcs_digest": hashlib.blake2b(crc_bytes, digest_size=16).hexdigest(),
+        "written_at": time.time(),
+    }
     # the commit point: a slab without its header does not exist
     write_text_atomic(header_path, json.dumps(header, indent=1, sort_keys=True), durable=True)
     return header
@@ -212,24 +227,36 @@ def check(bank: Bank, ds, meta: dict, payload_bytes: int, digest: str | None, ro
         raise SlabError(f"no slab for memories version {ds.version} in {bank.uri}")
     name = f"slab {where[1]}"
     if header.get("format") != FORMAT:
-        raise SlabError(f"{name} is format {header.get('format')}, not {FORMAT} (no per-row checksums): the next "
-                        f"`m3 encode`, `m3 rebuild` or `m3 bank compact` writes it again; until then memories are "
-                        f"read through Lance")
-    want = {"table": TABLE, "version": int(ds.version), "rows": ds.count_rows() if rows is None else rows,
-            "codec": meta.get("codec"), "quantizer_hash": meta.get("quantizer_hash"),
-            "model_hash": meta.get("model_hash"), "payload_bytes": payload_bytes,
-            **({"digest": digest} if digest is not None else {})}
+        raise SlabError(
+            f"{name} is format {header.get('format')}, not {FORMAT} (no per-row checksums): the next "
+            f"`m3 encode`, `m3 rebuild` or `m3 bank compact` writes it again; until then memories are "
+            f"read through Lance"
+        )
+    want = {
+        "table": TABLE,
+        "version": int(ds.version),
+        "rows": ds.count_rows() if rows is None else rows,
+        "codec": meta.get("codec"),
+        "quantizer_hash": meta.get("quantizer_hash"),
+        "model_hash": meta.get("model_hash"),
+        "payload_bytes": payload_bytes,
+        **({"digest": digest} if digest is not None else {}),
+    }
     for key, value in want.items():
         if header.get(key) != value:
             what = "digest over (ref_id, content_hash)" if key == "digest" else key
-            raise SlabError(f"{name} does not match memories version {ds.version}: its {what} is "
-                            f"{header.get(key)!r}, the table's is {value!r}")
+            raise SlabError(
+                f"{name} does not match memories version {ds.version}: its {what} is "
+                f"{header.get(key)!r}, the table's is {value!r}"
+            )
     for path, per, what in ((where[0], payload_bytes, "payload"), (crc_path(bank, ds.version), 4, "checksum")):
         size = path.stat().st_size if path.exists() else None
         if size != header["rows"] * per:
-            raise SlabError(f"{name}: {what} file {path} is {size if size is not None else 'missing'}"
-                            f"{' bytes' if size is not None else ''}, expected {header['rows']} rows x "
-                            f"{per} B = {header['rows'] * per} bytes (truncated or replaced)")
+            raise SlabError(
+                f"{name}: {what} file {path} is {size if size is not None else 'missing'}"
+                f"{' bytes' if size is not None else ''}, expected {header['rows']} rows x "
+                f"{per} B = {header['rows'] * per} bytes (truncated or replaced)"
+            )
     return header
 
 
@@ -238,8 +265,10 @@ def read_crcs(bank: Bank, version: int, header: dict) -> np.ndarray:
     path = crc_path(bank, version)
     data = path.read_bytes()
     if hashlib.blake2b(data, digest_size=16).hexdigest() != header.get("row_crcs_digest"):
-        raise SlabCorrupt(f"slab of memories version {version}: its checksum file {path} differs from what was "
-                          f"written (digest in the header {header.get('row_crcs_digest')})")
+        raise SlabCorrupt(
+            f"slab of memories version {version}: its checksum file {path} differs from what was "
+            f"written (digest in the header {header.get('row_crcs_digest')})"
+        )
     return np.frombuffer(data, "<u4").astype(np.uint32)
 
 
@@ -261,17 +290,24 @@ def verify_payloads(bank: Bank, version: int) -> dict:
             elif per:
                 block = np.frombuffer(chunk, np.uint8)[: len(chunk) // per * per].reshape(-1, per)
                 got = row_crcs(block)
-                bad.extend((np.flatnonzero(got != crcs[at:at + len(got)]) + at).tolist())
+                bad.extend((np.flatnonzero(got != crcs[at : at + len(got)]) + at).tolist())
                 at += len(got)
     if crcs is not None and at != len(crcs):
-        raise SlabCorrupt(f"slab of memories version {version}: payload file {path} holds {at} whole rows, "
-                          f"its checksum file {len(crcs)} (truncated or replaced)")
+        raise SlabCorrupt(
+            f"slab of memories version {version}: payload file {path} holds {at} whole rows, "
+            f"its checksum file {len(crcs)} (truncated or replaced)"
+        )
     if bad:
-        raise SlabCorrupt(f"slab of memories version {version}: {len(bad)} row(s) differ from their checksums "
-                          f"(first: row {bad[0]}) in {path}", bad)
+        raise SlabCorrupt(
+            f"slab of memories version {version}: {len(bad)} row(s) differ from their checksums "
+            f"(first: row {bad[0]}) in {path}",
+            bad,
+        )
     if crcs is None and h.hexdigest() != header["payload_digest"]:
-        raise SlabCorrupt(f"slab of memories version {version}: payload bytes differ from what was written "
-                          f"(digest {h.hexdigest()}, header {header['payload_digest']})")
+        raise SlabCorrupt(
+            f"slab of memories version {version}: payload bytes differ from what was written "
+            f"(digest {h.hexdigest()}, header {header['payload_digest']})"
+        )
     return header
 
 
@@ -328,14 +364,20 @@ class SlabReader:
         if not len(todo):  # every row already checked by this reader: a store's usual batch
             return out
         crc = zlib.crc32
-        got = row_crcs(out) if len(todo) == len(rows) else np.fromiter(
-            (crc(out[i]) for i in todo.tolist()), np.uint32, len(todo))
+        got = (
+            row_crcs(out)
+            if len(todo) == len(rows)
+            else np.fromiter((crc(out[i]) for i in todo.tolist()), np.uint32, len(todo))
+        )
         bad = todo[got != self.crcs[rows[todo]]]
         if len(bad):
             slots = np.unique(rows[bad])
-            raise SlabCorrupt(f"payload slab {self.path}: row {int(slots[0])}"
-                              f"{f' (and {len(slots) - 1} more of this read)' if len(slots) > 1 else ''} "
-                              f"differs from its checksum", slots)
+            raise SlabCorrupt(
+                f"payload slab {self.path}: row {int(slots[0])}"
+                f"{f' (and {len(slots) - 1} more of this read)' if len(slots) > 1 else ''} "
+                f"differs from its checksum",
+                slots,
+            )
         self._ok[rows[todo]] = True
         return out
 

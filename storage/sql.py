@@ -47,8 +47,10 @@ _SUMMARIZE = {"token_ids", "payload", "vector"}
 BATCH_ROWS = 1000  # rows fetched, rendered and written at a time
 # the statements that only read (PIVOT is a MULTI statement); everything else is refused
 _READS = {"SELECT", "EXPLAIN", "PRAGMA", "CALL", "MULTI"}
-_READ_ONLY = ("the SQL is read-only (SELECT, WITH, SHOW, DESCRIBE, SUMMARIZE, EXPLAIN, PRAGMA, CALL): "
-              "no writes, settings, extensions, files or network")
+_READ_ONLY = (
+    "the SQL is read-only (SELECT, WITH, SHOW, DESCRIBE, SUMMARIZE, EXPLAIN, PRAGMA, CALL): "
+    "no writes, settings, extensions, files or network"
+)
 # C0 and C1 controls (ESC starts ANSI sequences), the Unicode line separators and bidi overrides
 _CONTROL = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 _NAMED = {"\t": "\\t", "\r": "\\r"}
@@ -64,8 +66,14 @@ def _read_only_settings(con: duckdb.DuckDBPyConnection) -> None:
 
 def connect(bank: Bank, builds: bool = True) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with the bank's tables as views, read only (the module's docstring)."""
-    con = duckdb.connect(":memory:", config={"enable_external_access": False, "autoinstall_known_extensions": False,
-                                             "autoload_known_extensions": False})
+    con = duckdb.connect(
+        ":memory:",
+        config={
+            "enable_external_access": False,
+            "autoinstall_known_extensions": False,
+            "autoload_known_extensions": False,
+        },
+    )
     try:
         for name in bank.tables():
             con.register(name, bank.dataset(name))
@@ -91,7 +99,7 @@ def _error(e: duckdb.Error, bank: Bank) -> SQLError:
 def _check(sql: str) -> None:
     """Refuse an empty query and any statement that does not only read, before anything runs."""
     if not sql.strip():
-        raise SQLError("empty query: give one SELECT (e.g. \"SELECT count(*) FROM refs\")")
+        raise SQLError('empty query: give one SELECT (e.g. "SELECT count(*) FROM refs")')
     with duckdb.connect(":memory:", config={"enable_external_access": False}) as parser:
         try:
             statements = parser.extract_statements(sql)
@@ -131,6 +139,7 @@ def stream(bank: Bank, sql: str, batch_rows: int = BATCH_ROWS) -> tuple[list[str
                 yield rows
         finally:
             con.close()
+
     return columns, batches()
 
 
@@ -142,8 +151,12 @@ def query(bank: Bank, sql: str) -> tuple[list[str], list[tuple]]:
 
 def _escape(text: str) -> str:
     text = text.replace("\n", "⏎")
-    return _CONTROL.sub(lambda m: _NAMED.get(m.group(), f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
-                                              else f"\\u{ord(m.group()):04x}"), text)
+    return _CONTROL.sub(
+        lambda m: _NAMED.get(
+            m.group(), f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}"
+        ),
+        text,
+    )
 
 
 def _cell(column: str, value) -> str:

@@ -68,8 +68,7 @@ def write_text_atomic(path, text: str, durable: bool = False) -> None:
     write_bytes_atomic(path, text.encode("utf-8"), durable)
 
 
-def iter_batches(paths: Iterable, columns: list[str] | None = None,
-                 batch_size: int = 4096) -> Iterator[pa.RecordBatch]:
+def iter_batches(paths: Iterable, columns: list[str] | None = None, batch_size: int = 4096) -> Iterator[pa.RecordBatch]:
     """Stream the rows of several staged files, in the order given."""
     for path in paths:
         with upath(path).open("rb") as f:

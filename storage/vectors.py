@@ -50,12 +50,13 @@ DEFAULT_INDEX_TYPE = "IVF_HNSW_SQ"
 @dataclass(frozen=True)
 class AnnParams:
     """How the index is built and searched; recorded with the table's lineage by the caller."""
+
     index_type: str
     num_partitions: int
     nprobes: int
-    num_sub_vectors: int = 0      # IVF_PQ only
-    refine_factor: int = 0        # IVF_PQ only: re-rank refine_factor * k candidates exactly
-    ef: int = 0                   # IVF_HNSW_SQ only: graph candidates per query
+    num_sub_vectors: int = 0  # IVF_PQ only
+    refine_factor: int = 0  # IVF_PQ only: re-rank refine_factor * k candidates exactly
+    ef: int = 0  # IVF_HNSW_SQ only: graph candidates per query
     distance_type: str = "cosine"
 
     @classmethod
@@ -77,16 +78,16 @@ class AnnParams:
         # probe 1/16 of the partitions, at least 16; measured on the FOLDOC bank (11.4k refs,
         # 44 partitions, with the re-rank): nprobes 8 -> recall@5 0.94, 16 -> 0.97, 24 -> 0.99
         nprobes = min(parts, max(16, parts // 16))
-        return cls(index_type, num_partitions=parts, nprobes=nprobes, num_sub_vectors=max(1, sub),
-                   refine_factor=10)
+        return cls(index_type, num_partitions=parts, nprobes=nprobes, num_sub_vectors=max(1, sub), refine_factor=10)
 
     def index_config(self):
         from lancedb.index import IvfHnswSq, IvfPq
 
         if self.index_type == "IVF_HNSW_SQ":
             return IvfHnswSq(distance_type=self.distance_type, num_partitions=self.num_partitions)
-        return IvfPq(distance_type=self.distance_type, num_partitions=self.num_partitions,
-                     num_sub_vectors=self.num_sub_vectors)
+        return IvfPq(
+            distance_type=self.distance_type, num_partitions=self.num_partitions, num_sub_vectors=self.num_sub_vectors
+        )
 
     def apply(self, builder):
         """Set this index's search knobs on a LanceDB vector query."""
@@ -110,8 +111,12 @@ def index_info(table) -> dict | None:
     for idx in table.list_indices():
         if VECTOR_COLUMN in idx.columns:
             st = table.index_stats(idx.name)
-            return {"name": idx.name, "index_type": st.index_type, "indexed_rows": st.num_indexed_rows,
-                    "unindexed_rows": st.num_unindexed_rows}
+            return {
+                "name": idx.name,
+                "index_type": st.index_type,
+                "indexed_rows": st.num_indexed_rows,
+                "unindexed_rows": st.num_unindexed_rows,
+            }
     return None
 
 
@@ -119,8 +124,13 @@ def has_index(table) -> bool:
     return index_info(table) is not None
 
 
-def build_index(table, n_rows: int | None = None, threshold: int = DEFAULT_INDEX_THRESHOLD,
-                params: AnnParams | None = None, index_type: str = DEFAULT_INDEX_TYPE) -> dict:
+def build_index(
+    table,
+    n_rows: int | None = None,
+    threshold: int = DEFAULT_INDEX_THRESHOLD,
+    params: AnnParams | None = None,
+    index_type: str = DEFAULT_INDEX_TYPE,
+) -> dict:
     """Build (or replace) the ANN index if the table has at least `threshold` rows.
 
     Returns what was done, for the job's report and lineage: {"index": None, "reason": ...}
@@ -134,8 +144,12 @@ def build_index(table, n_rows: int | None = None, threshold: int = DEFAULT_INDEX
         info = index_info(table)
         if info:
             table.drop_index(info["name"])
-        return {"index": None, "rows": n_rows, "threshold": threshold,
-                "reason": f"{n_rows} rows < threshold {threshold}: exact (flat) search, no index"}
+        return {
+            "index": None,
+            "rows": n_rows,
+            "threshold": threshold,
+            "reason": f"{n_rows} rows < threshold {threshold}: exact (flat) search, no index",
+        }
     params = params or AnnParams.for_table(n_rows, dim, index_type)
     if params.index_type == "IVF_PQ" and n_rows < 256:
         # PQ codebooks have 256 centroids per sub-vector: fewer rows cannot train them
@@ -163,8 +177,9 @@ def _as_queries(query_vectors: np.ndarray, dim: int) -> np.ndarray:
     return np.divide(q, norms, out=np.zeros_like(q), where=norms > 0)
 
 
-def search(table, query_vectors: np.ndarray, k: int = 5, exact: bool = False,
-           params: AnnParams | None = None) -> list[list[tuple[str, float]]]:
+def search(
+    table, query_vectors: np.ndarray, k: int = 5, exact: bool = False, params: AnnParams | None = None
+) -> list[list[tuple[str, float]]]:
     """Top-k references for each query vector: [[(ref_id, cosine similarity), ...], ...].
 
     exact=True bypasses any index (LanceDB flat scan: ground truth). exact=False uses the index
@@ -203,8 +218,12 @@ def search(table, query_vectors: np.ndarray, k: int = 5, exact: bool = False,
     return out
 
 
-def exact_topk(table, query_vectors: np.ndarray, k: int = 5, batch_rows: int = 65_536,
-               ) -> tuple[list[list[tuple[str, float]]], np.ndarray]:
+def exact_topk(
+    table,
+    query_vectors: np.ndarray,
+    k: int = 5,
+    batch_rows: int = 65_536,
+) -> tuple[list[list[tuple[str, float]]], np.ndarray]:
     """Brute force in numpy, streaming the table in batches (memory stays ~batch_rows * dim):
     the ground truth that does not share code with LanceDB's search. Returns the hits and each
     query's k-th best similarity."""
@@ -270,5 +289,4 @@ def _scan(table, batch_rows: int = 65_536):
     dim = vector_dim(table)
     for rb in ds.to_batches(columns=[ID_COLUMN, VECTOR_COLUMN], batch_size=batch_rows):
         vec = rb.column(VECTOR_COLUMN)
-        yield (np.asarray(rb.column(ID_COLUMN).to_pylist(), dtype=object),
-               vec.flatten().to_numpy().reshape(-1, dim))
+        yield (np.asarray(rb.column(ID_COLUMN).to_pylist(), dtype=object), vec.flatten().to_numpy().reshape(-1, dim))

@@ -65,8 +65,9 @@ def write_warm(bank: Bank, key: str, rows: pa.Table):
     return path
 
 
-def read_warm(bank: Bank, key: str, model_hash: str, columns: list[str] | None = None,
-              files: list | None = None) -> pa.Table:
+def read_warm(
+    bank: Bank, key: str, model_hash: str, columns: list[str] | None = None, files: list | None = None
+) -> pa.Table:
     """Every written-back row of `key` made by `model_hash`, one per (ref_id, content_hash)."""
     files = warm_files(bank, key) if files is None else files
     cols = list(columns or MEMORIES.names)

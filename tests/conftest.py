@@ -60,9 +60,17 @@ def small_embedded_bank(root: Path, *extra: str):
     from jobs.stages.ingest import run_ingest
 
     corpus = write_foldoc_corpus(root / "c.jsonl.gz", 40, min_words=60)
-    overrides = [f"corpus.paths=[{corpus}]", f"bank.uri={root / 'bank'}", "tokenizer.vocab_size=600",
-                 "chunking.seq_len=256", "ray.num_cpus=2", "retrieval.refs_per_shard=40",
-                 "retrieval.index_threshold=50", "retrieval.threads_per_actor=1", *extra]
+    overrides = [
+        f"corpus.paths=[{corpus}]",
+        f"bank.uri={root / 'bank'}",
+        "tokenizer.vocab_size=600",
+        "chunking.seq_len=256",
+        "ray.num_cpus=2",
+        "retrieval.refs_per_shard=40",
+        "retrieval.index_threshold=50",
+        "retrieval.threads_per_actor=1",
+        *extra,
+    ]
     cfg = load_config("configs/demo.yaml", overrides)
     run_ingest(cfg)
     return cfg, overrides, run_embed(cfg)
@@ -84,8 +92,11 @@ def facts_subset(root: Path, n_faq: int = 48, n_other: int = 48) -> tuple[Path, 
             if rec["kind"] == "faq":
                 faqs.append(rec)
                 head = rec["text"].split("\n")[0]  # how bench/facts_pairing.py reads the name
-                names[rec["entity"]] = re.match(r"(?:Questions about |A short quiz on )?(.+?)"
-                                                r"(?:: questions and answers)?\.$", head).group(1)
+                names[rec["entity"]] = re.match(
+                    r"(?:Questions about |A short quiz on )?(.+?)"
+                    r"(?:: questions and answers)?\.$",
+                    head,
+                ).group(1)
                 if len(faqs) == n_faq:
                     break
     bank, others = [], 0
@@ -112,10 +123,20 @@ def small_facts_bank(root: Path, *extra: str, embed: bool = True):
     from jobs.stages.ingest import run_ingest
 
     bank_file, train_file, names = facts_subset(root)
-    overrides = [f"corpus.paths=[{bank_file}, {train_file}]", f"corpus.roles={{{bank_file}: bank, {train_file}: training}}",
-                 f"bank.uri={root / 'bank'}", "tokenizer.vocab_size=600", "model.vocab_size=600", "ray.num_cpus=2",
-                 "corpus.records_per_shard=100", "retrieval.refs_per_shard=64", "retrieval.threads_per_actor=1",
-                 "pair.seqs_per_shard=4", "retrieval.method=vector", *extra]
+    overrides = [
+        f"corpus.paths=[{bank_file}, {train_file}]",
+        f"corpus.roles={{{bank_file}: bank, {train_file}: training}}",
+        f"bank.uri={root / 'bank'}",
+        "tokenizer.vocab_size=600",
+        "model.vocab_size=600",
+        "ray.num_cpus=2",
+        "corpus.records_per_shard=100",
+        "retrieval.refs_per_shard=64",
+        "retrieval.threads_per_actor=1",
+        "pair.seqs_per_shard=4",
+        "retrieval.method=vector",
+        *extra,
+    ]
     cfg = load_config("configs/facts.yaml", overrides)
     run_ingest(cfg)
     if embed:
@@ -137,9 +158,15 @@ def s3():
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint, "AWS_ENDPOINT": endpoint,
-           "AWS_ALLOW_HTTP": "true"}
+    env = {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_REGION": "us-east-1",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ENDPOINT": endpoint,
+        "AWS_ALLOW_HTTP": "true",
+    }
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             mp.setenv(k, v)

@@ -1,6 +1,7 @@
 """The import contracts in pyproject.toml ([tool.importlinter]): each layer imports only
 downward (model <- storage <- pipelines <- jobs, and inside jobs: shared parts <- stages <-
-inference <- training <- ops <- cli) and no package's modules import each other in a circle. A broken contract fails here with import-linter's report of the offending chain."""
+inference <- training <- ops <- cli) and no package's modules import each other in a circle. A broken
+contract fails here with import-linter's report of the offending chain."""
 
 import subprocess
 import sys
@@ -48,11 +49,18 @@ def test_every_error_m3_raises_on_purpose_has_one_root():
 def test_cli_prints_a_user_error_in_one_line_and_a_bug_with_its_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("chunking:\n  ref_max_tokens: -3\n")
-    out = subprocess.run([sys.executable, "-m", "jobs", "validate", "-c", str(bad)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "jobs", "validate", "-c", str(bad)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.startswith("m3 validate: error:") and "ref_max_tokens" in out.stderr
-    code = ("import sys; import jobs.cli.main as cli; "
-            "cli.COMMANDS['validate'] = lambda cfg, args: 1 / 0; sys.exit(cli.main(['validate']))")
+    code = (
+        "import sys; import jobs.cli.main as cli; "
+        "cli.COMMANDS['validate'] = lambda cfg, args: 1 / 0; sys.exit(cli.main(['validate']))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and "Traceback" in out.stderr and "ZeroDivisionError" in out.stderr

@@ -23,8 +23,14 @@ def config_parser() -> argparse.ArgumentParser:
     """The parent parser of every command: the config file and its overrides."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-c", "--config", help="pipeline YAML (default: built-in defaults)")
-    common.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set bank.uri=/tmp/bank (repeatable)")
+    common.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set bank.uri=/tmp/bank (repeatable)",
+    )
     return common
 
 

@@ -15,8 +15,10 @@ from jobs.ops.submit import CONFIG_ENV
 def main(argv: list[str]) -> int:
     text = os.environ.get(CONFIG_ENV)
     if not text:
-        print(f"jobs.cli.entry: {CONFIG_ENV} is not set: this module is the entrypoint of `m3 submit` jobs",
-              file=sys.stderr)
+        print(
+            f"jobs.cli.entry: {CONFIG_ENV} is not set: this module is the entrypoint of `m3 submit` jobs",
+            file=sys.stderr,
+        )
         return 2
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         f.write(text)

@@ -12,14 +12,17 @@ from jobs.config import ConfigError
 def add_parser(sub, common: argparse.ArgumentParser) -> None:
     g = sub.add_parser("generate", parents=[common], help="generate text with explicit memory (or none / rag)")
     g.add_argument("prompt", nargs="?", help="the prompt (or --prompts FILE.jsonl)")
-    g.add_argument("--prompts", help="JSONL: one JSON string or {\"prompt\": ...} per line, generated in batches")
+    g.add_argument("--prompts", help='JSONL: one JSON string or {"prompt": ...} per line, generated in batches')
     config_flag(g, "--mode", "infer.mode", "memory, none or rag", metavar="MODE")
     config_flag(g, "--max-new-tokens", "infer.max_new_tokens", "tokens to generate", type=int, metavar="N")
     config_flag(g, "--temperature", "infer.temperature", "0 = greedy", type=float, metavar="T")
     config_flag(g, "--top-p", "infer.top_p", "nucleus sampling mass", type=float, metavar="P")
     g.add_argument("--show-memories", action="store_true", help="print the references each chunk read")
-    g.add_argument("--build", help="serve a published build (its number, `live`, -1 = the one before live) "
-                                   "instead of the live one, with the model its memories were written by")
+    g.add_argument(
+        "--build",
+        help="serve a published build (its number, `live`, -1 = the one before live) "
+        "instead of the live one, with the model its memories were written by",
+    )
     g.add_argument("--output", help="write one JSON object per prompt (text, chunks, references) here")
 
 

@@ -1,9 +1,9 @@
 """The `m3` command. Every subcommand takes -c/--config FILE and any number of --set key=value.
 
-    m3 validate -c configs/demo.yaml
-    m3 ingest   -c configs/demo.yaml --set corpus.records_per_shard=500
-    m3 sql      -c configs/demo.yaml "SELECT reason, count(*) FROM rejects GROUP BY 1"
-    m3 run      -c configs/demo.yaml          # every stage that exists, in order
+m3 validate -c configs/demo.yaml
+m3 ingest   -c configs/demo.yaml --set corpus.records_per_shard=500
+m3 sql      -c configs/demo.yaml "SELECT reason, count(*) FROM rejects GROUP BY 1"
+m3 run      -c configs/demo.yaml          # every stage that exists, in order
 """
 
 from __future__ import annotations
@@ -18,9 +18,13 @@ from pathlib import Path
 import yaml
 
 from jobs.cli.args import config_parser
-from jobs.cli.generate import add_parser as add_generate, cmd_generate
-from jobs.cli.ops import ALLOW_SHRINK, COMMANDS as OPS_COMMANDS, add_parsers as add_ops
-from jobs.cli.train import add_parser as add_train, cmd_train
+from jobs.cli.generate import add_parser as add_generate
+from jobs.cli.generate import cmd_generate
+from jobs.cli.ops import ALLOW_SHRINK
+from jobs.cli.ops import COMMANDS as OPS_COMMANDS
+from jobs.cli.ops import add_parsers as add_ops
+from jobs.cli.train import add_parser as add_train
+from jobs.cli.train import cmd_train
 from jobs.config import load_config
 from model.errors import M3Error
 
@@ -163,25 +167,35 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("text")
     search.add_argument("-k", type=int, default=5)
     search.add_argument("--exact", action="store_true", help="exact scan instead of the ANN index")
-    search.add_argument("--build", help="search a published build (its number, `live`, -1 = before live) "
-                                        "instead of the latest tables")
+    search.add_argument(
+        "--build", help="search a published build (its number, `live`, -1 = before live) instead of the latest tables"
+    )
     add_train(sub, common)
-    bank = sub.add_parser("bank", parents=[common], help="`m3 bank stats`, `m3 bank diff A B`, `m3 bank compact`, "
-                                                          "`m3 bank verify`")
+    bank = sub.add_parser(
+        "bank", parents=[common], help="`m3 bank stats`, `m3 bank diff A B`, `m3 bank compact`, `m3 bank verify`"
+    )
     bank.add_argument("action", choices=("stats", "diff", "compact", "verify"))
     bank.add_argument("builds", nargs="*", metavar="BUILD", help="diff: two builds (numbers, `live`, -1 = before live)")
     bank.add_argument("--format", choices=("table", "json"), default="table")
-    bank.add_argument("--quick", action="store_true", help="verify: the cheap part only (files, row counts, "
-                                                           "manifest, slab header)")
-    bank.add_argument("--build", help="verify: a published build (its number, `live`, -1 = before live) "
-                                      "instead of the live one")
+    bank.add_argument(
+        "--quick", action="store_true", help="verify: the cheap part only (files, row counts, manifest, slab header)"
+    )
+    bank.add_argument(
+        "--build", help="verify: a published build (its number, `live`, -1 = before live) instead of the live one"
+    )
     sql = sub.add_parser("sql", parents=[common], help="run read-only SQL (DuckDB) over the bank's tables")
     sql.add_argument("query")
     sql.add_argument("--format", choices=("table", "csv", "json"), default="table")
     sql.add_argument("--build", help="read a published build: its number, `live`, or -1 = the one before live")
     sql.add_argument("--tag", help="read each table at this Lance tag (tables without it: the live build)")
-    sql.add_argument("--version", dest="versions", action="append", default=[], metavar="TABLE=V",
-                     help="read TABLE at version V (repeatable; applied after --build/--tag)")
+    sql.add_argument(
+        "--version",
+        dest="versions",
+        action="append",
+        default=[],
+        metavar="TABLE=V",
+        help="read TABLE at version V (repeatable; applied after --build/--tag)",
+    )
     run = sub.add_parser("run", parents=[common], help="every stage in order, then the run report")
     run.add_argument("--from", dest="start", metavar="STAGE", help="start at this stage (the earlier ones are done)")
     run.add_argument("--only", metavar="STAGES", help="comma-separated stages to run, in pipeline order")
@@ -189,14 +203,29 @@ def build_parser() -> argparse.ArgumentParser:
     add_ops(sub, common)  # rebuild, submit, jobs, logs, stop, schedule
     add_generate(sub, common)
     ev = sub.add_parser("eval", parents=[common], help="held-out loss with memory, without, with RAG; knowledge probe")
-    ev.add_argument("--build", help="evaluate a published build (its number, `live`, -1 = the one before live) "
-                                    "instead of the live one, with the model its memories were written by")
+    ev.add_argument(
+        "--build",
+        help="evaluate a published build (its number, `live`, -1 = the one before live) "
+        "instead of the live one, with the model its memories were written by",
+    )
     return parser
 
 
-COMMANDS = {"validate": cmd_validate, "ingest": cmd_stage, "encode": cmd_stage, "embed": cmd_stage, "pair": cmd_stage,
-            "search": cmd_search, "train": cmd_train, "bank": cmd_bank, "sql": cmd_sql, "run": cmd_run,
-            "generate": cmd_generate, "eval": cmd_eval, **OPS_COMMANDS}
+COMMANDS = {
+    "validate": cmd_validate,
+    "ingest": cmd_stage,
+    "encode": cmd_stage,
+    "embed": cmd_stage,
+    "pair": cmd_stage,
+    "search": cmd_search,
+    "train": cmd_train,
+    "bank": cmd_bank,
+    "sql": cmd_sql,
+    "run": cmd_run,
+    "generate": cmd_generate,
+    "eval": cmd_eval,
+    **OPS_COMMANDS,
+}
 
 
 def _raised(e: BaseException) -> BaseException:
@@ -216,8 +245,10 @@ def _user_error(e: BaseException, cfg) -> str | None:
         return str(e)
     if getattr(e, "errno", None) == errno.ENOSPC or os.strerror(errno.ENOSPC) in str(e):
         where = getattr(e, "filename", None) or (f"the bank at {cfg.bank.uri}" if cfg is not None else "the disk")
-        return (f"no space left on device writing {where}: the bank's live build is intact (a build is "
-                f"published only once it is whole); free space and rerun")
+        return (
+            f"no space left on device writing {where}: the bank's live build is intact (a build is "
+            f"published only once it is whole); free space and rerun"
+        )
     return None
 
 

@@ -17,8 +17,10 @@ import sys
 
 from jobs.cli.args import config_parser
 
-STAGE_HELP = ("warmup (no memory), continual (with memory) or control (continual's steps without memory: "
-              "the equal-compute control)")
+STAGE_HELP = (
+    "warmup (no memory), continual (with memory) or control (continual's steps without memory: "
+    "the equal-compute control)"
+)
 
 
 def add_parser(sub, common: argparse.ArgumentParser) -> None:
@@ -37,8 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     from jobs.config import load_config
     from jobs.training.trainer import run_train
 
-    p = argparse.ArgumentParser(prog="jobs.cli.train", parents=[config_parser()],
-                                description="one stage of training, in each process a launcher starts")
+    p = argparse.ArgumentParser(
+        prog="jobs.cli.train",
+        parents=[config_parser()],
+        description="one stage of training, in each process a launcher starts",
+    )
     p.add_argument("--stage", required=True, help=STAGE_HELP)
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
     a = p.parse_args(argv)

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from jobs.config.infer import InferConfig
+from jobs.config.loader import ConfigError, Override, _Lined, _Where, apply_overrides, build, read_config, to_dict
 from jobs.config.pair import PairConfig
 from jobs.config.rebuild import RebuildConfig, ScheduleConfig
 from jobs.config.train import TrainConfig
-from jobs.config.loader import ConfigError, Override, _Lined, _Where, apply_overrides, build, read_config, to_dict
 from model.checked import FieldError, check_fields, require
 from model.config import PRESETS, ModelConfig
 from pipelines.filters import QualityConfig
@@ -99,8 +99,12 @@ class CorpusConfig:
         check_fields(self)
         require(bool(self.paths), "paths", "at least one file, directory or glob", self.paths)
         for path, role in self.roles.items():
-            require(path in self.paths, "roles", f"{path!r} is not an entry of corpus.paths (a role is keyed by a "
-                    f"path exactly as written there: {', '.join(repr(p) for p in self.paths)})")
+            require(
+                path in self.paths,
+                "roles",
+                f"{path!r} is not an entry of corpus.paths (a role is keyed by a "
+                f"path exactly as written there: {', '.join(repr(p) for p in self.paths)})",
+            )
             require(role in ROLES, "roles", f"the role of {path!r} must be one of {', '.join(ROLES)}, got {role!r}")
 
     def role_of(self, path: str) -> str:
@@ -146,8 +150,12 @@ class ChunkingConfig:
 
     def __post_init__(self):
         check_fields(self)
-        require(self.ref_min_tokens <= self.ref_max_tokens, "ref_min_tokens",
-                f"a value <= ref_max_tokens ({self.ref_max_tokens})", self.ref_min_tokens)
+        require(
+            self.ref_min_tokens <= self.ref_max_tokens,
+            "ref_min_tokens",
+            f"a value <= ref_max_tokens ({self.ref_max_tokens})",
+            self.ref_min_tokens,
+        )
 
 
 @dataclass(frozen=True)
@@ -232,24 +240,46 @@ class Config:
     def __post_init__(self):
         check_fields(self)
         m, t, c, p, tr = self.model, self.tokenizer, self.chunking, self.pair, self.train
-        require(t.path is not None or m.vocab_size == t.vocab_size, "model.vocab_size",
-                f"tokenizer.vocab_size ({t.vocab_size}), the tokenizer the bank trains (leave it out to derive it)",
-                m.vocab_size)
-        require(m.ref_max_tokens >= c.ref_max_tokens, "model.ref_max_tokens",
-                f"at least chunking.ref_max_tokens ({c.ref_max_tokens}): references could not be encoded",
-                m.ref_max_tokens)
-        require(p.chunk_size == m.mem_chunk_size, "pair.chunk_size",
-                f"model.mem_chunk_size ({m.mem_chunk_size}): training reads the pairs chunk by chunk "
-                f"(leave it out to derive it)", p.chunk_size)
-        require(not c.align_docs or c.seq_len % m.mem_chunk_size == 0, "chunking.seq_len",
-                f"a multiple of model.mem_chunk_size ({m.mem_chunk_size}) with chunking.align_docs", c.seq_len)
-        require(p.max_tokens is None or (tr.max_tokens is not None and tr.max_tokens <= p.max_tokens),
-                "train.max_tokens", f"at most pair.max_tokens ({p.max_tokens}): the continual stage would find "
-                f"no neighbors for the chunks beyond", tr.max_tokens)
-        require(not ((tr.warmup_with_memory or tr.continual_with_memory) and tr.memory_schedule == "serving")
-                or p.per_chunk >= m.mems_per_chunk, "pair.per_chunk",
-                f"at least model.mems_per_chunk ({m.mems_per_chunk}): train.memory_schedule 'serving' reads as "
-                f"many references per chunk as inference does", p.per_chunk)
+        require(
+            t.path is not None or m.vocab_size == t.vocab_size,
+            "model.vocab_size",
+            f"tokenizer.vocab_size ({t.vocab_size}), the tokenizer the bank trains (leave it out to derive it)",
+            m.vocab_size,
+        )
+        require(
+            m.ref_max_tokens >= c.ref_max_tokens,
+            "model.ref_max_tokens",
+            f"at least chunking.ref_max_tokens ({c.ref_max_tokens}): references could not be encoded",
+            m.ref_max_tokens,
+        )
+        require(
+            p.chunk_size == m.mem_chunk_size,
+            "pair.chunk_size",
+            f"model.mem_chunk_size ({m.mem_chunk_size}): training reads the pairs chunk by chunk "
+            f"(leave it out to derive it)",
+            p.chunk_size,
+        )
+        require(
+            not c.align_docs or c.seq_len % m.mem_chunk_size == 0,
+            "chunking.seq_len",
+            f"a multiple of model.mem_chunk_size ({m.mem_chunk_size}) with chunking.align_docs",
+            c.seq_len,
+        )
+        require(
+            p.max_tokens is None or (tr.max_tokens is not None and tr.max_tokens <= p.max_tokens),
+            "train.max_tokens",
+            f"at most pair.max_tokens ({p.max_tokens}): the continual stage would find "
+            f"no neighbors for the chunks beyond",
+            tr.max_tokens,
+        )
+        require(
+            not ((tr.warmup_with_memory or tr.continual_with_memory) and tr.memory_schedule == "serving")
+            or p.per_chunk >= m.mems_per_chunk,
+            "pair.per_chunk",
+            f"at least model.mems_per_chunk ({m.mems_per_chunk}): train.memory_schedule 'serving' reads as "
+            f"many references per chunk as inference does",
+            p.per_chunk,
+        )
 
     def as_dict(self) -> dict:
         d = to_dict(self)
@@ -305,8 +335,10 @@ def _resolve_model_preset(data: dict, where: _Where) -> set[str]:
         raise ConfigError(f"model ({where.at(data, 'model')}): expected a mapping, got {raw!r}")
     preset = raw.get("preset", "small")
     if preset not in PRESETS:
-        raise ConfigError(f"model.preset ({where.at(raw, 'preset')}): expected one of "
-                          f"{', '.join(repr(p) for p in PRESETS)}, got {preset!r}")
+        raise ConfigError(
+            f"model.preset ({where.at(raw, 'preset')}): expected one of "
+            f"{', '.join(repr(p) for p in PRESETS)}, got {preset!r}"
+        )
     merged = _Lined({**PRESETS[preset], **{k: v for k, v in raw.items() if k != "preset"}})
     merged.lines = getattr(raw, "lines", {})
     data["model"] = merged

@@ -22,8 +22,14 @@ from model.errors import M3Error
 _MONTHS = {m: i + 1 for i, m in enumerate("jan feb mar apr may jun jul aug sep oct nov dec".split())}
 _DAYS = {d: i for i, d in enumerate("sun mon tue wed thu fri sat".split())}
 # (name, low, high, names) per field, seconds first
-_FIELDS = [("second", 0, 59, {}), ("minute", 0, 59, {}), ("hour", 0, 23, {}),
-           ("day of month", 1, 31, {}), ("month", 1, 12, _MONTHS), ("day of week", 0, 7, _DAYS)]
+_FIELDS = [
+    ("second", 0, 59, {}),
+    ("minute", 0, 59, {}),
+    ("hour", 0, 23, {}),
+    ("day of month", 1, 31, {}),
+    ("month", 1, 12, _MONTHS),
+    ("day of week", 0, 7, _DAYS),
+]
 
 
 class CronError(M3Error, ValueError):
@@ -69,8 +75,8 @@ class Cron:
     days: frozenset[int]
     months: frozenset[int]
     weekdays: frozenset[int]  # 0 = Sunday
-    any_day: bool             # day of month is "*"
-    any_weekday: bool         # day of week is "*"
+    any_day: bool  # day of month is "*"
+    any_weekday: bool  # day of week is "*"
 
     @classmethod
     def parse(cls, text: str) -> "Cron":
@@ -78,8 +84,10 @@ class Cron:
         if len(parts) == 5:
             parts = ["0", *parts]
         if len(parts) != 6:
-            raise CronError(f"cron expression {text!r}: expected 5 fields (minute hour day-of-month month "
-                            f"day-of-week) or 6 (a seconds field first), got {len(parts)}")
+            raise CronError(
+                f"cron expression {text!r}: expected 5 fields (minute hour day-of-month month "
+                f"day-of-week) or 6 (a seconds field first), got {len(parts)}"
+            )
         sets = [_field(p, *spec) for p, spec in zip(parts, _FIELDS)]
         weekdays = frozenset(d % 7 for d in sets[5])
         return cls(text, *sets[:5], weekdays, parts[3].startswith("*"), parts[5].startswith("*"))

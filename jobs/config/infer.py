@@ -48,7 +48,7 @@ class InferConfig:
     # references' text prepended to the prompt, retrieved once from the prompt's last chunk.
     mode: str = field(default="memory", metadata={"choices": MODES})
     max_new_tokens: int = field(default=128, metadata={"ge": 1})
-    temperature: float = field(default=0.0, metadata={"ge": 0})   # 0 = greedy
+    temperature: float = field(default=0.0, metadata={"ge": 0})  # 0 = greedy
     top_p: float = field(default=1.0, metadata={"gt": 0, "le": 1})
     seed: int = 0
     # Evaluation-time leakage filter [paper §4.4]: a retrieved reference whose eq. 6 overlap
@@ -64,11 +64,11 @@ class InferConfig:
     # Start the next chunk's retrieval in a thread while its last token is decoded, where the
     # thread has a core of its own (a GPU, or more cores than torch threads); false: never.
     prefetch: bool = True
-    exact: bool = False          # exact vector scan instead of the ANN index
-    batch_size: int = field(default=8, metadata={"ge": 1})   # prompts generated together
+    exact: bool = False  # exact vector scan instead of the ANN index
+    batch_size: int = field(default=8, metadata={"ge": 1})  # prompts generated together
     # Where the model (and the query embedder) run; bfloat16 converts the loaded weights. The
     # memories keep the hash of the checkpoint as saved, so a bf16 copy reads its fp32 bank.
-    device: str = "cpu"          # "cpu", "cuda", "cuda:1", ...
+    device: str = "cpu"  # "cpu", "cuda", "cuda:1", ...
     dtype: str = field(default="float32", metadata={"choices": ("float32", "bfloat16")})
     # A bank whose sparsity (tokens kept per head) or codec differs from what the model was
     # trained to read is refused; true serves it anyway, with a warning (trade-off studies).

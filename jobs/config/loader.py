@@ -108,13 +108,16 @@ def read_config(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
     base = data.pop(EXTENDS)
     where = f"{path}:{_lines(data).pop(EXTENDS, '?')}"
     if not isinstance(base, str) or not base.strip():
-        raise ConfigError(f"{EXTENDS} ({where}): expected the path of another config file, relative to "
-                          f"this one, got {base!r}")
+        raise ConfigError(
+            f"{EXTENDS} ({where}): expected the path of another config file, relative to this one, got {base!r}"
+        )
     base_path = Path(path).parent / base
     if base_path.resolve() in chain:
-        cycle = " -> ".join(str(p) for p in (*chain[chain.index(base_path.resolve()):], base_path.resolve()))
-        raise ConfigError(f"{EXTENDS} ({where}): a cycle ({cycle}): a config cannot extend itself, "
-                          f"directly or through the files it extends")
+        cycle = " -> ".join(str(p) for p in (*chain[chain.index(base_path.resolve()) :], base_path.resolve()))
+        raise ConfigError(
+            f"{EXTENDS} ({where}): a cycle ({cycle}): a config cannot extend itself, "
+            f"directly or through the files it extends"
+        )
     if not base_path.is_file():
         raise ConfigError(f"{EXTENDS} ({where}): config file not found: {base_path}")
     parent = read_config(base_path, chain)

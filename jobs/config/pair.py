@@ -29,7 +29,7 @@ class PairConfig:
     # Tokens per chunk: model.mem_chunk_size, derived from it when the config leaves it out
     # (jobs/config DERIVED); a config that states another value is refused.
     chunk_size: int = field(default=64, metadata={"ge": 1})
-    embed_batch_size: int = field(default=64, metadata={"ge": 1})   # embedder forward batch
+    embed_batch_size: int = field(default=64, metadata={"ge": 1})  # embedder forward batch
     query_batch_size: int = field(default=256, metadata={"ge": 1})  # vectors per LanceDB search call
     # exact=True bypasses the ANN index (ground truth, slower past the index threshold).
     exact: bool = False
@@ -49,6 +49,13 @@ class PairConfig:
     def output_knobs(self) -> dict:
         """The fields that decide the table's contents (and shard layout): the job key covers
         these; actors and threads only change how fast it gets there."""
-        return {"k": self.k, "max_overlap": self.max_overlap, "chunk_size": self.chunk_size,
-                "per_chunk": self.per_chunk, "exclude_own_docs": self.exclude_own_docs,
-                "exact": self.exact, "seqs_per_shard": self.seqs_per_shard, "max_tokens": self.max_tokens}
+        return {
+            "k": self.k,
+            "max_overlap": self.max_overlap,
+            "chunk_size": self.chunk_size,
+            "per_chunk": self.per_chunk,
+            "exclude_own_docs": self.exclude_own_docs,
+            "exact": self.exact,
+            "seqs_per_shard": self.seqs_per_shard,
+            "max_tokens": self.max_tokens,
+        }

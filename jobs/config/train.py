@@ -25,7 +25,7 @@ class TrainConfig:
     # ZeRO 1 (optimizer states sharded) or 2 (+ gradients). 3 would shard the parameters, which
     # the real-time reference encoder reads by hand: not supported.
     zero_stage: int = field(default=1, metadata={"ge": 1, "le": 2})
-    micro_batch: int = field(default=2, metadata={"ge": 1})   # sequences per worker per micro-step
+    micro_batch: int = field(default=2, metadata={"ge": 1})  # sequences per worker per micro-step
     grad_accum: int = field(default=1, metadata={"ge": 1})
     # Optimizer steps of each stage.
     warmup_stage_steps: int = field(default=200, metadata={"ge": 1})
@@ -33,7 +33,7 @@ class TrainConfig:
     # Peak learning rate of the WSD schedule; the paper continues at a smaller rate.
     lr: float = field(default=2e-3, metadata={"gt": 0})
     lr_continual: float | None = field(default=None, metadata={"gt": 0})  # null = lr
-    lr_warmup_steps: int = field(default=20, metadata={"ge": 0})          # linear ramp of the WSD
+    lr_warmup_steps: int = field(default=20, metadata={"ge": 0})  # linear ramp of the WSD
     decay_fraction: float = field(default=0.1, metadata={"ge": 0, "le": 1})  # last 10 % (paper)
     min_lr_ratio: float = field(default=0.1, metadata={"gt": 0, "le": 1})
     weight_decay: float = field(default=0.1, metadata={"ge": 0})

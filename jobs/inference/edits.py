@@ -39,10 +39,10 @@ class Item:
 class Reading:
     """One item on one build."""
 
-    tokens: list[int]               # the greedy continuation
+    tokens: list[int]  # the greedy continuation
     text: str
-    read: list[str]                 # the references the answer's first token read
-    texts: dict[str, str]           # their text in that build
+    read: list[str]  # the references the answer's first token read
+    texts: dict[str, str]  # their text in that build
     source: dict[str, str] = field(default_factory=dict)  # the item's source references in that build
 
 
@@ -94,9 +94,16 @@ def read_answers(inf, items: list[Item]) -> list[Reading]:
         reads.append(list(chunk.ref_ids) if chunk else [])
     texts = inf.ref_texts({r for row in reads for r in row})
     sources = source_refs(inf.bank, {s for it in items for s in it.probe.source_ids})
-    return [Reading(out.tokens, out.text, row, {r: texts.get(r, "") for r in row},
-                    {r: x for s in it.probe.source_ids for r, x in sources.get(s, [])})
-            for it, out, row in zip(items, outs, reads)]
+    return [
+        Reading(
+            out.tokens,
+            out.text,
+            row,
+            {r: texts.get(r, "") for r in row},
+            {r: x for s in it.probe.source_ids for r, x in sources.get(s, [])},
+        )
+        for it, out, row in zip(items, outs, reads)
+    ]
 
 
 def holds(text: str, value: str) -> bool:
@@ -110,8 +117,14 @@ def _rate(hits: list[bool]) -> dict:
     return {"count": sum(hits), "n": n, "share": round(sum(hits) / n, 4) if n else None}
 
 
-def flip_rates(answers: list[tuple[list[int], list[int]]], before: list[list[int]], after: list[list[int]],
-               pinned: list[list[int]], edited: list[bool], seen: list[tuple[bool, bool]] | None = None) -> dict:
+def flip_rates(
+    answers: list[tuple[list[int], list[int]]],
+    before: list[list[int]],
+    after: list[list[int]],
+    pinned: list[list[int]],
+    edited: list[bool],
+    seen: list[tuple[bool, bool]] | None = None,
+) -> dict:
     """The issue's three rates, on token lists. answers[i] = (old, new) answer tokens (equal
     when item i is not edited); before/after/pinned[i] = its greedy continuation on the live
     build before the edit, after it, and on the build before live, pinned. An item's answer is
@@ -126,11 +139,12 @@ def flip_rates(answers: list[tuple[list[int], list[int]]], before: list[list[int
     seen[i] = (the old answer, the new answer) occurs in the training text (`seen_in`): with it,
     the baseline's exact match and the edited items' follow-new rate split by whether the value
     the model must copy is one it was ever trained to write."""
+
     def cut(seq, i):
-        return list(seq[i][:max(len(a) for a in answers[i])])
+        return list(seq[i][: max(len(a) for a in answers[i])])
 
     def starts(seq, i, ans):
-        return list(seq[i][:len(ans)]) == list(ans)
+        return list(seq[i][: len(ans)]) == list(ans)
 
     ed = [i for i, e in enumerate(edited) if e]
     other = [i for i, e in enumerate(edited) if not e]
@@ -141,17 +155,26 @@ def flip_rates(answers: list[tuple[list[int], list[int]]], before: list[list[int
         "edited_old_pinned": _rate([starts(pinned, i, answers[i][0]) for i in ed]),
         # the flip rate against the baseline: of the edited facts the model knew before the edit
         # (a model that does not answer from memory has none to flip)
-        "edited_known_flipped": _rate([starts(after, i, answers[i][1]) for i in ed if starts(before, i, answers[i][0])]),
+        "edited_known_flipped": _rate(
+            [starts(after, i, answers[i][1]) for i in ed if starts(before, i, answers[i][0])]
+        ),
         "others_unchanged": _rate([cut(after, i) == cut(before, i) for i in other]),
         "pinned_as_before": _rate([cut(pinned, i) == cut(before, i) for i in range(len(edited))]),
         "edited_pinned_as_before": _rate([cut(pinned, i) == cut(before, i) for i in ed]),
-        **({} if seen is None else {
-            "edited_follow_new_seen": _rate([starts(after, i, answers[i][1]) for i in ed if seen[i][1]]),
-            "edited_follow_new_unseen": _rate([starts(after, i, answers[i][1]) for i in ed if not seen[i][1]]),
-            "baseline_exact_seen": _rate([starts(before, i, answers[i][0]) for i in range(len(edited)) if seen[i][0]]),
-            "baseline_exact_unseen": _rate([starts(before, i, answers[i][0]) for i in range(len(edited))
-                                            if not seen[i][0]]),
-        }),
+        **(
+            {}
+            if seen is None
+            else {
+                "edited_follow_new_seen": _rate([starts(after, i, answers[i][1]) for i in ed if seen[i][1]]),
+                "edited_follow_new_unseen": _rate([starts(after, i, answers[i][1]) for i in ed if not seen[i][1]]),
+                "baseline_exact_seen": _rate(
+                    [starts(before, i, answers[i][0]) for i in range(len(edited)) if seen[i][0]]
+                ),
+                "baseline_exact_unseen": _rate(
+                    [starts(before, i, answers[i][0]) for i in range(len(edited)) if not seen[i][0]]
+                ),
+            }
+        ),
     }
 
 
@@ -168,6 +191,7 @@ def memory_rates(items: list[Item], before: list[Reading], after: list[Reading],
     retrieval aside). For every item: what it read on the pinned build (ids and text) is what
     it read before the edit; for the others, it read the same references after the edit
     (retrieval unmoved; their text moves where one is an edited description)."""
+
     def read_source(r: Reading) -> list[str]:
         return [x for x in r.read if x in r.source]
 
@@ -217,19 +241,27 @@ MEMORY_ROWS = [
 
 def render(answers: dict, memories: dict) -> str:
     """The two tables bench/facts_edits.py prints (markdown)."""
+
     def cell(r: dict) -> str:
         return f"{r['share']:.1%} ({r['count']}/{r['n']})" if r["n"] else "n/a"
 
     lines = ["| answers (greedy) | rate | goal |", "|---|---|---|"]
     lines += [f"| {what} | {cell(answers[key])} | {goal} |" for key, what, goal in ANSWER_ROWS if key in answers]
-    lines += ["", "| memories read | before the edit | after (live) | pinned old build (--build -1) |",
-              "|---|---|---|---|"]
-    lines += [f"| {what} | " + " | ".join(cell(memories[f"{key}_{p}"]) for p in ("before", "after", "pinned")) + " |"
-              for key, what in MEMORY_ROWS]
-    lines += [f"| every item: the pinned build's memories read are the baseline's | | | "
-              f"{cell(memories['pinned_reads_as_before'])} |",
-              f"| other items: the references read after the edit are the baseline's | | "
-              f"{cell(memories['others_read_same_refs'])} | |",
-              f"|   items about records no edit touched | | {cell(memories['untouched_read_same_refs'])} | |",
-              f"|   ... their best (first) reference | | {cell(memories['untouched_read_same_best'])} | |"]
+    lines += [
+        "",
+        "| memories read | before the edit | after (live) | pinned old build (--build -1) |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {what} | " + " | ".join(cell(memories[f"{key}_{p}"]) for p in ("before", "after", "pinned")) + " |"
+        for key, what in MEMORY_ROWS
+    ]
+    lines += [
+        f"| every item: the pinned build's memories read are the baseline's | | | "
+        f"{cell(memories['pinned_reads_as_before'])} |",
+        f"| other items: the references read after the edit are the baseline's | | "
+        f"{cell(memories['others_read_same_refs'])} | |",
+        f"|   items about records no edit touched | | {cell(memories['untouched_read_same_refs'])} | |",
+        f"|   ... their best (first) reference | | {cell(memories['untouched_read_same_best'])} | |",
+    ]
     return "\n".join(lines)

@@ -33,15 +33,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from jobs.config.loader import ConfigError
 from jobs.config.infer import MODES, InferConfig
+from jobs.config.loader import ConfigError
 from jobs.models import CONTROL, model_for_serving
 from model import load_model
 from model.checkpoint import memory_reading, saved_hash
+from model.files import WEIGHTS_FILE
 from model.generation import ChunkRead, generate_with_memory
 from model.sampling import row_generators
 from pipelines.tokenizer import load as load_tokenizer
-from model.files import WEIGHTS_FILE
 from storage.bank import Bank, BankError
 from storage.builds import reader_bank, resolve_build
 from storage.layout import LayoutError
@@ -70,9 +70,16 @@ def bank_retriever(cfg, bank: Bank, tokenizer, per_query: int, device: str = "cp
     meta = bank.metadata("embeddings")
     spec = (meta.get("config") or {}).get("retrieval", {}).get("embedder") or cfg.retrieval.embedder
     # the query embedder runs beside the model (a GPU embeds a chunk's queries in ms)
-    return BankRetriever(bank, load_embedder(spec, device=device), tokenizer, per_query=per_query,
-                         max_overlap=ic.max_overlap, candidates=ic.candidates, exact=ic.exact,
-                         method=cfg.retrieval.method)
+    return BankRetriever(
+        bank,
+        load_embedder(spec, device=device),
+        tokenizer,
+        per_query=per_query,
+        max_overlap=ic.max_overlap,
+        candidates=ic.candidates,
+        exact=ic.exact,
+        method=cfg.retrieval.method,
+    )
 
 
 def prefetch_pays(device) -> bool:
@@ -107,15 +114,20 @@ def check_trained_reading(trained: dict, memories_meta: dict, allow: bool) -> li
     if trained.get("codec") is not None and trained["codec"] != memories_meta.get("codec"):
         diffs.append(f"it was trained through codec {trained['codec']}, the bank is {memories_meta.get('codec')}")
     if diffs and not allow:
-        raise BankError("the bank's memories are not what this model was trained to read: " + "; ".join(diffs)
-                        + " (re-encode with the matching encode.codec / model.mem_top_k, or set "
-                          "infer.allow_memory_mismatch: true to serve it anyway)")
+        raise BankError(
+            "the bank's memories are not what this model was trained to read: "
+            + "; ".join(diffs)
+            + " (re-encode with the matching encode.codec / model.mem_top_k, or set "
+            "infer.allow_memory_mismatch: true to serve it anyway)"
+        )
     for d in diffs:
         print(f"WARNING: serving memories the model was not trained to read: {d}", flush=True)
     schedule = trained.get("schedule")
     if schedule is not None and schedule != SERVED_SCHEDULE:
-        d = (f"it was trained on the {schedule!r} memory schedule (train.memory_schedule), and is served on "
-             f"{SERVED_SCHEDULE!r}: chunk c reads what chunk c-1 retrieved")
+        d = (
+            f"it was trained on the {schedule!r} memory schedule (train.memory_schedule), and is served on "
+            f"{SERVED_SCHEDULE!r}: chunk c reads what chunk c-1 retrieved"
+        )
         print(f"WARNING: serving memories on another schedule than the model was trained on: {d}", flush=True)
         diffs.append(d)
     return diffs
@@ -124,17 +136,23 @@ def check_trained_reading(trained: dict, memories_meta: dict, allow: bool) -> li
 @dataclass
 class Output:
     prompt_tokens: list[int]
-    tokens: list[int]               # the continuation, cut before the first EOS
+    tokens: list[int]  # the continuation, cut before the first EOS
     text: str
     mode: str
-    reads: list[ChunkRead] = field(default_factory=list)   # memory: what each chunk read
-    rag_refs: list[str] = field(default_factory=list)      # rag: the prepended references
+    reads: list[ChunkRead] = field(default_factory=list)  # memory: what each chunk read
+    rag_refs: list[str] = field(default_factory=list)  # rag: the prepended references
 
 
 class Inference:
-    def __init__(self, cfg, checkpoint: str | None = None, device: str | None = None,
-                 dtype: torch.dtype | None = None, infer: InferConfig | None = None,
-                 build: str | int | None = None):
+    def __init__(
+        self,
+        cfg,
+        checkpoint: str | None = None,
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+        infer: InferConfig | None = None,
+        build: str | int | None = None,
+    ):
         """build: a published build to serve instead of the live one (its number, `live`, or -1 =
         the one before live: `--build`), with the model its memories were written by."""
         self.cfg, self.ic = cfg, infer or cfg.infer
@@ -174,19 +192,29 @@ class Inference:
         mine, theirs = self.model.config, model.config
         for key in ("vocab_size", "eos_id", "pad_id"):
             if getattr(mine, key) != getattr(theirs, key):
-                return {"path": str(path), "missing": f"the model in {path} has {key}={getattr(theirs, key)}, "
-                                                      f"the served model {getattr(mine, key)}: not comparable"}
+                return {
+                    "path": str(path),
+                    "missing": f"the model in {path} has {key}={getattr(theirs, key)}, "
+                    f"the served model {getattr(mine, key)}: not comparable",
+                }
         reading, warnings = memory_reading(path), []
         if reading.get("reads_memory"):
             warnings.append(f"the control in {path} was trained to read memories: it is no control")
         started = [_export(p).get("init_model_hash") for p in (self.checkpoint, path)]
         if None not in started and started[0] != started[1]:
-            warnings.append(f"the control started from warmup model {started[1][:12]}, the served model from "
-                            f"{started[0][:12]}: not the same warmup")
+            warnings.append(
+                f"the control started from warmup model {started[1][:12]}, the served model from "
+                f"{started[0][:12]}: not the same warmup"
+            )
         for w in warnings:
             print(f"WARNING: {w}", flush=True)
-        return {"path": str(path), "model": model, "model_hash": saved_hash(path),
-                "sink": bool(reading.get("reads_memory")), "warnings": warnings}
+        return {
+            "path": str(path),
+            "model": model,
+            "model_hash": saved_hash(path),
+            "sink": bool(reading.get("reads_memory")),
+            "warnings": warnings,
+        }
 
     # -- components, built on first use so `none` needs neither embedder nor memories
     def store(self):
@@ -194,16 +222,18 @@ class Inference:
             from storage.memory_store import MemoryStore
 
             self.bank.require("memories")
-            store = MemoryStore(self.bank, self.model_hash, cache_size=self.ic.cache_size,
-                                cache_bytes=self.ic.cache_bytes)
+            store = MemoryStore(
+                self.bank, self.model_hash, cache_size=self.ic.cache_size, cache_bytes=self.ic.cache_bytes
+            )
             check_trained_reading(self.memory_reading, store.meta, self.ic.allow_memory_mismatch)
             self._store = store
         return self._store
 
     def retriever(self):
         if self._retriever is None:
-            self._retriever = bank_retriever(self.cfg, self.bank, self.tokenizer, self.model.config.mems_per_chunk,
-                                             device=self.device, infer=self.ic)
+            self._retriever = bank_retriever(
+                self.cfg, self.bank, self.tokenizer, self.model.config.mems_per_chunk, device=self.device, infer=self.ic
+            )
         return self._retriever
 
     def memory_retriever(self):
@@ -218,11 +248,19 @@ class Inference:
     def generate(self, prompts: list[str], mode: str | None = None, **kw) -> list[Output]:
         return self.generate_tokens([self.encode(p) for p in prompts], mode, **kw)
 
-    def generate_tokens(self, prompts: list[list[int]], mode: str | None = None, *,
-                        max_new_tokens: int | None = None, temperature: float | None = None,
-                        top_p: float | None = None, seeds: list[int] | None = None,
-                        batch_size: int | None = None, stop_at_eos: bool = True,
-                        prefetch: bool | None = None) -> list[Output]:
+    def generate_tokens(
+        self,
+        prompts: list[list[int]],
+        mode: str | None = None,
+        *,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seeds: list[int] | None = None,
+        batch_size: int | None = None,
+        stop_at_eos: bool = True,
+        prefetch: bool | None = None,
+    ) -> list[Output]:
         """Generate for every prompt; seeds default to infer.seed + the prompt's index, so a
         prompt samples the same tokens whatever batch it lands in."""
         ic = self.ic
@@ -230,10 +268,12 @@ class Inference:
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
         n_new = max_new_tokens or ic.max_new_tokens
-        opts = dict(temperature=ic.temperature if temperature is None else temperature,
-                    top_p=ic.top_p if top_p is None else top_p,
-                    eos_id=self.model.config.eos_id if stop_at_eos else None,
-                    prefetch=ic.prefetch and prefetch_pays(self.device) if prefetch is None else prefetch)
+        opts = dict(
+            temperature=ic.temperature if temperature is None else temperature,
+            top_p=ic.top_p if top_p is None else top_p,
+            eos_id=self.model.config.eos_id if stop_at_eos else None,
+            prefetch=ic.prefetch and prefetch_pays(self.device) if prefetch is None else prefetch,
+        )
         seeds = seeds if seeds is not None else [ic.seed + i for i in range(len(prompts))]
         size = batch_size or ic.batch_size
         contexts, rag_ids = list(prompts), [[] for _ in prompts]
@@ -253,15 +293,28 @@ class Inference:
         for g in groups:
             batch = self._batch([contexts[i] for i in g], n_new)
             gens = row_generators([seeds[i] for i in g], device=self.device)
-            out = generate_with_memory(self.model, batch, n_new, retrieve, generators=gens,
-                                       sink=bool(self.memory_reading.get("reads_memory")), **opts)
+            out = generate_with_memory(
+                self.model,
+                batch,
+                n_new,
+                retrieve,
+                generators=gens,
+                sink=bool(self.memory_reading.get("reads_memory")),
+                **opts,
+            )
             T0 = batch.shape[1]
             for row, i in enumerate(g):
                 cont = out.tokens[row, T0:].tolist()
                 if stop_at_eos and self.model.config.eos_id in cont:
-                    cont = cont[:cont.index(self.model.config.eos_id)]
-                results[i] = Output(list(prompts[i]), cont, self.tokenizer.decode(cont), mode,
-                                    out.reads[row] if out.reads else [], rag_ids[i])
+                    cont = cont[: cont.index(self.model.config.eos_id)]
+                results[i] = Output(
+                    list(prompts[i]),
+                    cont,
+                    self.tokenizer.decode(cont),
+                    mode,
+                    out.reads[row] if out.reads else [],
+                    rag_ids[i],
+                )
         return [results[i] for i in range(len(prompts))]
 
     def _batch(self, rows: list[list[int]], n_new: int) -> torch.Tensor:
@@ -270,8 +323,10 @@ class Inference:
             raise ValueError("a batch holds contexts of one length (the model takes no padding mask)")
         limit = self.model.config.max_seq_len
         if width + n_new > limit:
-            raise ConfigError(f"infer.max_new_tokens: a context of {width} tokens + {n_new} new ones "
-                              f"exceeds the model's max_seq_len={limit}: shorten the prompt or max_new_tokens")
+            raise ConfigError(
+                f"infer.max_new_tokens: a context of {width} tokens + {n_new} new ones "
+                f"exceeds the model's max_seq_len={limit}: shorten the prompt or max_new_tokens"
+            )
         return torch.tensor([list(r) for r in rows], dtype=torch.long, device=self.device)
 
     def rag_contexts(self, prompts: list[list[int]]) -> tuple[list[list[int]], list[list[str]]]:

@@ -37,13 +37,17 @@ def mode_lines(modes: dict) -> list[str]:
 def headline_line(r: dict) -> str:
     h = r.get("headline") or {}
     if h.get("missing"):
-        return (f"headline: the equal-compute control is missing ({h['missing']}); the gains below are over "
-                f"the same weights without memory, a diagnostic (a state the memory model never trained in), "
-                f"not the claim")
+        return (
+            f"headline: the equal-compute control is missing ({h['missing']}); the gains below are over "
+            f"the same weights without memory, a diagnostic (a state the memory model never trained in), "
+            f"not the claim"
+        )
     if "gain" not in h:
         return "headline: too few sequences to pair"
-    return (f"headline: the served memory model vs the equal-compute control (the same warmup and steps "
-            f"without memory), paired per sequence: {_gain(h)} sequences helped")
+    return (
+        f"headline: the served memory model vs the equal-compute control (the same warmup and steps "
+        f"without memory), paired per sequence: {_gain(h)} sequences helped"
+    )
 
 
 def render(r: dict) -> str:
@@ -52,32 +56,44 @@ def render(r: dict) -> str:
         # one-chunk sequences (chunking.seq_len = the memory chunk): serving reads memories from a
         # sequence's second chunk on, so held-out text has no token that reads one; say so rather
         # than print a table of zeros
-        lines = [f"evaluation: no held-out sequence is longer than one memory chunk (first "
-                 f"{r['tokens_per_sequence']} tokens): serving reads memories from the second chunk on, so "
-                 f"held-out text has nothing to score; the QA probe below is what measures memory here"]
+        lines = [
+            f"evaluation: no held-out sequence is longer than one memory chunk (first "
+            f"{r['tokens_per_sequence']} tokens): serving reads memories from the second chunk on, so "
+            f"held-out text has nothing to score; the QA probe below is what measures memory here"
+        ]
         return "\n".join(lines + _probe_lines(r))
-    lines = [f"evaluation: {r['sequences']} held-out sequences (never trained on), first "
-             f"{r['tokens_per_sequence']} tokens, {scored:,} scored; model {r['model_hash'][:12]} "
-             f"({'sink kept' if r.get('sink') else 'plain'} without memory); no scored token reads a reference "
-             f"of its sequence's own documents or one overlapping the whole sequence by more than "
-             f"{r['max_overlap']} (eq. 6)", headline_line(r)]
+    lines = [
+        f"evaluation: {r['sequences']} held-out sequences (never trained on), first "
+        f"{r['tokens_per_sequence']} tokens, {scored:,} scored; model {r['model_hash'][:12]} "
+        f"({'sink kept' if r.get('sink') else 'plain'} without memory); no scored token reads a reference "
+        f"of its sequence's own documents or one overlapping the whole sequence by more than "
+        f"{r['max_overlap']} (eq. 6)",
+        headline_line(r),
+    ]
     for w in (r.get("control") or {}).get("warnings", []):
         lines.append(f"  WARNING: {w}")
     schedule = (r.get("trained_to_read") or {}).get("schedule")
     if schedule not in (None, "serving"):
-        lines.append(f"  WARNING: the model was trained on the {schedule!r} memory schedule and is served on "
-                     f"the 'serving' one (chunk c reads what chunk c-1 retrieved)")
+        lines.append(
+            f"  WARNING: the model was trained on the {schedule!r} memory schedule and is served on "
+            f"the 'serving' one (chunk c reads what chunk c-1 retrieved)"
+        )
     if isinstance(r.get("build"), dict) and not r["build"].get("live"):
         b = r["build"]
-        lines.insert(0, f"published build {b['build']}, not the live one (tables: "
-                        f"{', '.join(f'{t} v{v}' for t, v in sorted(b['versions'].items()))})")
+        lines.insert(
+            0,
+            f"published build {b['build']}, not the live one (tables: "
+            f"{', '.join(f'{t} v{v}' for t, v in sorted(b['versions'].items()))})",
+        )
     lines += mode_lines(r["modes"])
     served = (r["modes"].get("memory") or {}).get("vs_none") or {}
     dense = (r["modes"].get("memory, dense raw (same references)") or {}).get("vs_none") or {}
     if served and dense and dense.get("gain", 0) > 0:
-        lines.append(f"  the served bank ({(r.get('served') or {}).get('top_k')} tokens per head, "
-                     f"{(r.get('served') or {}).get('codec')}) keeps {served['gain'] / dense['gain']:.0%} of the "
-                     f"gain of dense raw memories of the same references")
+        lines.append(
+            f"  the served bank ({(r.get('served') or {}).get('top_k')} tokens per head, "
+            f"{(r.get('served') or {}).get('codec')}) keeps {served['gain'] / dense['gain']:.0%} of the "
+            f"gain of dense raw memories of the same references"
+        )
     lines += _probe_lines(r)
     return "\n".join(lines)
 
@@ -87,18 +103,22 @@ def _probe_lines(r: dict) -> list[str]:
     lines = []
     p = r["probe"]
     if p.get("references"):
-        lines.append(f"knowledge probe: {p['references']} terms whose entry no training sequence contains "
-                     f"(of {p['documents']:,}); prompt = the headword, the definition scored "
-                     f"({next(iter(p['modes'].values()))['tokens']:,} tokens); 'memory' never reads the "
-                     f"entry's document nor a reference overlapping it by more than {r['max_overlap']}; "
-                     f"'bank holds the entry' may read the entry itself (the look-up: a diagnostic)")
+        lines.append(
+            f"knowledge probe: {p['references']} terms whose entry no training sequence contains "
+            f"(of {p['documents']:,}); prompt = the headword, the definition scored "
+            f"({next(iter(p['modes'].values()))['tokens']:,} tokens); 'memory' never reads the "
+            f"entry's document nor a reference overlapping it by more than {r['max_overlap']}; "
+            f"'bank holds the entry' may read the entry itself (the look-up: a diagnostic)"
+        )
         lines += mode_lines(p["modes"])
     else:
         lines.append(f"knowledge probe: {p.get('note')}")
     for q in r.get("qa") or []:
-        lines.append(f"QA probe {q['file']}: {q['items']} items, {q['answer_tokens']:,} answer tokens scored; "
-                     f"the source is in the bank for {q['with_sources']}; exact = the greedy continuation "
-                     f"starts with the answer")
+        lines.append(
+            f"QA probe {q['file']}: {q['items']} items, {q['answer_tokens']:,} answer tokens scored; "
+            f"the source is in the bank for {q['with_sources']}; exact = the greedy continuation "
+            f"starts with the answer"
+        )
         lines += mode_lines(q["modes"])
     if "memory_cache" in r:
         c = r["memory_cache"]
@@ -114,7 +134,9 @@ def plot_eval(r: dict, path) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    groups = ([("held-out", r["modes"])] if r["sequences"] else []) + ([("probe", r["probe"]["modes"])] if r["probe"].get("modes") else [])
+    groups = ([("held-out", r["modes"])] if r["sequences"] else []) + (
+        [("probe", r["probe"]["modes"])] if r["probe"].get("modes") else []
+    )
     groups += [(f"QA {q['file'].rsplit('/', 1)[-1]}", q["modes"]) for q in r.get("qa") or []]
     fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 3.8), squeeze=False)
     for ax, (title, modes) in zip(axes[0], groups):

@@ -92,13 +92,13 @@ def retrieval_ids(retriever, items: Items, cs: int, exclude_own: bool) -> list[l
         C = -(-len(toks) // cs)
         shape.append(C)
         for c in range(C):
-            queries.append(toks[:min(items.prompt(i, cs), cs)] if c == 0 else toks[(c - 1) * cs:c * cs])
+            queries.append(toks[: min(items.prompt(i, cs), cs)] if c == 0 else toks[(c - 1) * cs : c * cs])
             contexts.append(ctx)
             docs.append(own)
     flat = retriever.search_ids(queries, contexts, docs if exclude_own else None)
     out, i = [], 0
     for C in shape:
-        out.append(flat[i:i + C])
+        out.append(flat[i : i + C])
         i += C
     return out
 
@@ -110,8 +110,9 @@ def rag_read(ids_i: list, prompt: int, cs: int) -> list:
 
 
 @torch.no_grad()
-def item_losses(model, items: Items, mode: str, *, sink: bool, retriever=None, ids=None,
-                batch_size: int = 4) -> tuple[np.ndarray, np.ndarray]:
+def item_losses(
+    model, items: Items, mode: str, *, sink: bool, retriever=None, ids=None, batch_size: int = 4
+) -> tuple[np.ndarray, np.ndarray]:
     """Per item: the summed loss of the tokens after its prompt and their count. mode: "none",
     "memory" (ids[i][c] read from retriever.store) or "rag" (the references the prompt
     retrieved, as text before the item)."""
@@ -126,7 +127,7 @@ def item_losses(model, items: Items, mode: str, *, sink: bool, retriever=None, i
         by_len.setdefault((len(t), items.prompt(i, cs)), []).append(i)
     for (_, p), group in by_len.items():
         for lo in range(0, len(group), batch_size):
-            rows = group[lo:lo + batch_size]
+            rows = group[lo : lo + batch_size]
             tokens = torch.tensor([items.tokens[i] for i in rows], dtype=torch.long, device=device)
             B, S = tokens.shape
             ctx, mem, mask, starts = tokens, None, None, None
@@ -151,17 +152,19 @@ def item_losses(model, items: Items, mode: str, *, sink: bool, retriever=None, i
             if starts is None:
                 logits = logits[:, -S:]  # the item's own positions
             else:
-                logits = torch.stack([logits[b, s:s + S] for b, s in enumerate(starts)])
-            pred, target = logits[:, p - 1:-1].float(), tokens[:, p:]
-            losses = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1),
-                                     ignore_index=pad, reduction="none").view(B, -1)
+                logits = torch.stack([logits[b, s : s + S] for b, s in enumerate(starts)])
+            pred, target = logits[:, p - 1 : -1].float(), tokens[:, p:]
+            losses = F.cross_entropy(
+                pred.reshape(-1, pred.shape[-1]), target.reshape(-1), ignore_index=pad, reduction="none"
+            ).view(B, -1)
             total[rows] = losses.sum(dim=1).cpu().numpy()
             count[rows] = (target != pad).sum(dim=1).cpu().numpy()
     return total, count
 
 
-def evaluate_items(model, items: Items, *, sink: bool, modes: dict, retriever=None,
-                   batch_size: int = 4, control: tuple | None = None) -> dict:
+def evaluate_items(
+    model, items: Items, *, sink: bool, modes: dict, retriever=None, batch_size: int = 4, control: tuple | None = None
+) -> dict:
     """Score items in every mode; modes: name -> (kind, store, filters) with kind none | memory |
     other | rag, store a fetch()-able store (memory, other), filters dict(max_overlap=,
     exclude_own=). control: (model, sink) of the equal-compute control, scored without memory
@@ -182,17 +185,22 @@ def evaluate_items(model, items: Items, *, sink: bool, modes: dict, retriever=No
         r = retriever
         if store is not None:
             r = retriever.with_store(store)
-        scores[name] = item_losses(model, items, "memory" if kind == "other" else kind, sink=sink,
-                                   retriever=r, ids=ids, batch_size=batch_size)
+        scores[name] = item_losses(
+            model, items, "memory" if kind == "other" else kind, sink=sink, retriever=r, ids=ids, batch_size=batch_size
+        )
         out[name] = summary(*scores[name])
         if ids is not None:
-            out[name]["reads"] = ([[rag_read(row, items.prompt(i, cs), cs)] for i, row in enumerate(ids)]
-                                  if kind == "rag" else ids)
+            out[name]["reads"] = (
+                [[rag_read(row, items.prompt(i, cs), cs)] for i, row in enumerate(ids)] if kind == "rag" else ids
+            )
     if control is not None:
         scores[CONTROL] = item_losses(control[0], items, "none", sink=control[1], batch_size=batch_size)
         first = [n for n in out if n == "none"]
-        out = {**{n: out[n] for n in first}, CONTROL: summary(*scores[CONTROL]),
-               **{n: v for n, v in out.items() if n not in first}}
+        out = {
+            **{n: out[n] for n in first},
+            CONTROL: summary(*scores[CONTROL]),
+            **{n: v for n, v in out.items() if n not in first},
+        }
     for name in out:
         if name != "none" and "none" in scores:
             out[name]["vs_none"] = paired(scores["none"], scores[name])
@@ -252,8 +260,9 @@ def probe_items(bank, tokenizer, fraction: float, limit: int, eos_id: int, min_s
     for is_held, docs in zip(held, t.column("doc_ids").to_pylist()):
         if not is_held:
             trained.update(docs)
-    refs = bank.dataset("refs").to_table(columns=["ref_id", "doc_id", "ordinal", "text", "token_ids"],
-                                         filter=pc.field("ordinal") == 0)
+    refs = bank.dataset("refs").to_table(
+        columns=["ref_id", "doc_id", "ordinal", "text", "token_ids"], filter=pc.field("ordinal") == 0
+    )
     refs = refs.filter(pc.invert(pc.is_in(refs["doc_id"], value_set=pa.array(sorted(trained), pa.string()))))
     n_docs = refs.num_rows
     items = Items([], [], [], [])
@@ -265,7 +274,7 @@ def probe_items(bank, tokenizer, fraction: float, limit: int, eos_id: int, min_s
         offsets = enc.offsets
         # the prompt ends where the definition starts: the first token past the headword and
         # the blank line after it
-        p = next((k for k, (a, _) in enumerate(offsets) if a > len(head) and text[a:a + 1].strip()), len(ids))
+        p = next((k for k, (a, _) in enumerate(offsets) if a > len(head) and text[a : a + 1].strip()), len(ids))
         if len(ids) - p < min_scored or p + 1 > 64:
             continue
         toks = [eos_id] + list(ids)
@@ -301,35 +310,59 @@ def run_eval(cfg, inference=None, build: str | int | None = None) -> dict:
     control = (ctl["model"], ctl["sink"]) if ctl.get("model") is not None else None
     held = strict(retriever.max_overlap)
     dense = EncodingStore(model, retriever.ref_tokens)
-    modes = {"none": ("none", None, held), "memory": ("memory", None, held),
-             "memory, another sequence's (control)": ("other", None, held),
-             "memory, dense raw (same references)": ("memory", dense, held), "rag": ("rag", None, held)}
-    scored = evaluate_items(model, items, sink=sink, modes=modes, retriever=retriever,
-                            batch_size=ec.batch_size, control=control)
-    results = {"checkpoint": str(inf.checkpoint), "model_hash": inf.model_hash,
-               "build": ({k: inf.build[k] for k in ("build", "versions", "live")} if inf.build else "live"),
-               "split": "heldout",
-               "heldout_fraction": cfg.train.heldout_fraction, "sequences": len(items),
-               "tokens_per_sequence": n_tokens, "max_overlap": retriever.max_overlap, "sink": sink,
-               "served": {"codec": retriever.store.meta.get("codec"),
-                          "top_k": (retriever.store.meta.get("sparsity") or {}).get("top_k")},
-               "trained_to_read": inf.memory_reading,
-               "control": {k: v for k, v in ctl.items() if k not in ("model", "sink")},
-               "headline": ({"comparison": f"memory vs {CONTROL}", **scored["memory"].get("vs_control", {})}
-                            if control is not None else {"missing": ctl.get("missing")}),
-               "modes": scored}
+    modes = {
+        "none": ("none", None, held),
+        "memory": ("memory", None, held),
+        "memory, another sequence's (control)": ("other", None, held),
+        "memory, dense raw (same references)": ("memory", dense, held),
+        "rag": ("rag", None, held),
+    }
+    scored = evaluate_items(
+        model, items, sink=sink, modes=modes, retriever=retriever, batch_size=ec.batch_size, control=control
+    )
+    results = {
+        "checkpoint": str(inf.checkpoint),
+        "model_hash": inf.model_hash,
+        "build": ({k: inf.build[k] for k in ("build", "versions", "live")} if inf.build else "live"),
+        "split": "heldout",
+        "heldout_fraction": cfg.train.heldout_fraction,
+        "sequences": len(items),
+        "tokens_per_sequence": n_tokens,
+        "max_overlap": retriever.max_overlap,
+        "sink": sink,
+        "served": {
+            "codec": retriever.store.meta.get("codec"),
+            "top_k": (retriever.store.meta.get("sparsity") or {}).get("top_k"),
+        },
+        "trained_to_read": inf.memory_reading,
+        "control": {k: v for k, v in ctl.items() if k not in ("model", "sink")},
+        "headline": (
+            {"comparison": f"memory vs {CONTROL}", **scored["memory"].get("vs_control", {})}
+            if control is not None
+            else {"missing": ctl.get("missing")}
+        ),
+        "modes": scored,
+    }
     probe, n_docs = probe_items(bank, inf.tokenizer, cfg.train.heldout_fraction, ec.probe_refs, model.config.eos_id)
     if len(probe):
         pmodes = probe_modes(retriever.max_overlap)
-        results["probe"] = {"references": len(probe), "documents": n_docs,
-                            "prompts": [inf.tokenizer.decode(t[1:p]) for t, p in zip(probe.tokens, probe.prompts)],
-                            "modes": evaluate_items(model, probe, sink=sink, modes=pmodes, retriever=retriever,
-                                                    batch_size=ec.batch_size, control=control)}
+        results["probe"] = {
+            "references": len(probe),
+            "documents": n_docs,
+            "prompts": [inf.tokenizer.decode(t[1:p]) for t, p in zip(probe.tokens, probe.prompts)],
+            "modes": evaluate_items(
+                model, probe, sink=sink, modes=pmodes, retriever=retriever, batch_size=ec.batch_size, control=control
+            ),
+        }
     else:
-        results["probe"] = {"references": 0, "documents": n_docs,
-                            "note": "every document of the bank is in a training sequence"}
-    results["qa"] = [run_qa(inf, path, qa, control=control, batch_size=ec.batch_size, seed=cfg.infer.seed)
-                     for path, qa in qa_sets]
+        results["probe"] = {
+            "references": 0,
+            "documents": n_docs,
+            "note": "every document of the bank is in a training sequence",
+        }
+    results["qa"] = [
+        run_qa(inf, path, qa, control=control, batch_size=ec.batch_size, seed=cfg.infer.seed) for path, qa in qa_sets
+    ]
     store = retriever.store
     results["memory_cache"] = {"hits": store.hits, "misses": store.misses}
     results["seconds"] = round(time.time() - t0, 1)

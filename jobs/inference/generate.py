@@ -32,8 +32,9 @@ def read_prompts(path: str) -> list[str]:
             raise ConfigError(f"--prompts {path}:{n}: not valid JSON: {e}") from None
         text = item.get("prompt") if isinstance(item, dict) else item
         if not isinstance(text, str):
-            raise ConfigError(f"--prompts {path}:{n}: expected a JSON string or an object with a string "
-                              f"'prompt', got {line[:80]!r}")
+            raise ConfigError(
+                f"--prompts {path}:{n}: expected a JSON string or an object with a string 'prompt', got {line[:80]!r}"
+            )
         out.append(text)
     return out
 
@@ -42,16 +43,21 @@ def describe(inf, out) -> dict:
     """An output as plain data: the text and, per chunk, the references it read (with text)."""
     ids = [r for c in out.reads for r in c.ref_ids] + out.rag_refs
     texts = inf.ref_texts(ids)
-    chunks = [{"tokens": [c.start, c.end], "query_tokens": [c.query_start, c.query_end],
-               "refs": [{"ref_id": r, "text": texts.get(r, "")} for r in c.ref_ids]} for c in out.reads]
+    chunks = [
+        {
+            "tokens": [c.start, c.end],
+            "query_tokens": [c.query_start, c.query_end],
+            "refs": [{"ref_id": r, "text": texts.get(r, "")} for r in c.ref_ids],
+        }
+        for c in out.reads
+    ]
     d = {"mode": out.mode, "text": out.text, "new_tokens": len(out.tokens), "chunks": chunks}
     if out.mode == "rag":
         d["rag_refs"] = [{"ref_id": r, "text": texts.get(r, "")} for r in out.rag_refs]
     return d
 
 
-def sample_generation(cfg, prompt: str, max_new_tokens: int = 64, mode: str = "memory",
-                      inference=None) -> dict:
+def sample_generation(cfg, prompt: str, max_new_tokens: int = 64, mode: str = "memory", inference=None) -> dict:
     """One prompt's continuation and which references each chunk read (for the run report)."""
     from jobs.inference.engine import Inference
 
@@ -71,8 +77,9 @@ def show_reads(d: dict) -> str:
     return "\n".join(lines)
 
 
-def generate_prompts(cfg, prompts: list[str], build: str | None = None, output: str | None = None,
-                     show_memories: bool = False) -> int:
+def generate_prompts(
+    cfg, prompts: list[str], build: str | None = None, output: str | None = None, show_memories: bool = False
+) -> int:
     """`m3 generate` (its arguments: jobs/cli/generate.py): each prompt's continuation on stdout,
     with the sampling of cfg.infer; `output`: one JSON object per prompt written there too."""
     from jobs.inference.engine import Inference

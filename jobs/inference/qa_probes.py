@@ -85,9 +85,12 @@ def read_probes(path: str) -> list[Probe]:
         src = item.get("source_ids")
         src = [] if src is None else src
         if not isinstance(src, list) or not all(
-                (isinstance(x, str) and x) or (isinstance(x, int) and not isinstance(x, bool)) for x in src):
-            raise ConfigError(f"{where}: 'source_ids' must be a list of record ids (strings), got "
-                              f"{json.dumps(item.get('source_ids'))[:60]}")
+            (isinstance(x, str) and x) or (isinstance(x, int) and not isinstance(x, bool)) for x in src
+        ):
+            raise ConfigError(
+                f"{where}: 'source_ids' must be a list of record ids (strings), got "
+                f"{json.dumps(item.get('source_ids'))[:60]}"
+            )
         out.append(Probe(item["prompt"], item["answer"], tuple(str(x) for x in src), n))
     if not out:
         raise ConfigError(f"{path}: holds no probe items (one JSON object a line)")
@@ -113,11 +116,14 @@ def source_refs(bank, source_ids) -> dict[str, list[tuple[str, str]]]:
         for s, d in zip(t.column("source_id").to_pylist(), t.column("duplicate_of").to_pylist()):
             docs.setdefault(s, set()).add(d)
     wanted = pa.array(sorted({d for ds in docs.values() for d in ds}), pa.string())
-    t = bank.dataset("refs").to_table(columns=["ref_id", "doc_id", "ordinal", "text"],
-                                      filter=pc.field("doc_id").isin(wanted))
+    t = bank.dataset("refs").to_table(
+        columns=["ref_id", "doc_id", "ordinal", "text"], filter=pc.field("doc_id").isin(wanted)
+    )
     by_doc: dict[str, list] = {}
-    for r, d, o, x in sorted(zip(*(t.column(c).to_pylist() for c in ("ref_id", "doc_id", "ordinal", "text"))),
-                             key=lambda row: (row[1], row[2])):
+    for r, d, o, x in sorted(
+        zip(*(t.column(c).to_pylist() for c in ("ref_id", "doc_id", "ordinal", "text"))),
+        key=lambda row: (row[1], row[2]),
+    ):
         by_doc.setdefault(d, []).append((r, x))
     out = {}
     for s, ds in docs.items():
@@ -142,27 +148,40 @@ class FixedReads:
 
 
 @torch.no_grad()
-def score(model, contexts: list[list[int]], answers: list[list[int]], *, sink: bool, rows=None,
-          retrieve=None, batch_size: int = 8) -> dict:
+def score(
+    model,
+    contexts: list[list[int]],
+    answers: list[list[int]],
+    *,
+    sink: bool,
+    rows=None,
+    retrieve=None,
+    batch_size: int = 8,
+) -> dict:
     """Each item's answer after its context: summed loss, tokens, exact match, the greedy tokens
     and the references the answer read. Items of one context and answer length are batched
     (never padded); rows: the items to score (default all; the others are left unscored);
     retrieve(items) -> the BatchRetriever for a batch of them, or None."""
     n = len(contexts)
-    out = {"total": np.zeros(n), "count": np.zeros(n, dtype=np.int64), "exact": [None] * n,
-           "greedy": [None] * n, "reads": [[] for _ in range(n)]}
+    out = {
+        "total": np.zeros(n),
+        "count": np.zeros(n, dtype=np.int64),
+        "exact": [None] * n,
+        "greedy": [None] * n,
+        "reads": [[] for _ in range(n)],
+    }
     device = next(model.parameters()).device
     groups: dict[tuple, list[int]] = {}
-    for i in (range(n) if rows is None else rows):
+    for i in range(n) if rows is None else rows:
         groups.setdefault((len(contexts[i]), len(answers[i])), []).append(i)
     for (_, A), group in groups.items():
         for lo in range(0, len(group), batch_size):
-            batch = group[lo:lo + batch_size]
+            batch = group[lo : lo + batch_size]
             prompt = torch.tensor([contexts[i] for i in batch], dtype=torch.long, device=device)
             answer = torch.tensor([answers[i] for i in batch], dtype=torch.long, device=device)
             r = retrieve(batch) if retrieve is not None else None
             losses, _, reads = score_continuation(model, prompt, answer, r, sink=sink)
-            greedy = generate_with_memory(model, prompt, A, r, sink=sink).tokens[:, prompt.shape[1]:]
+            greedy = generate_with_memory(model, prompt, A, r, sink=sink).tokens[:, prompt.shape[1] :]
             for b, i in enumerate(batch):
                 out["total"][i], out["count"][i] = float(losses[b].sum()), A
                 out["exact"][i] = bool(torch.equal(greedy[b], answer[b]))
@@ -175,7 +194,7 @@ def tokenize(tokenizer, eos_id: int, probe: Probe) -> tuple[list[int], list[int]
     it in the text (the answer alone where the two would merge across the boundary)."""
     p = tokenizer.encode(probe.prompt).ids
     full = tokenizer.encode(probe.prompt + probe.answer).ids
-    a = full[len(p):] if full[:len(p)] == p and len(full) > len(p) else tokenizer.encode(probe.answer).ids
+    a = full[len(p) :] if full[: len(p)] == p and len(full) > len(p) else tokenizer.encode(probe.answer).ids
     return [eos_id] + p, a
 
 
@@ -189,8 +208,10 @@ def run_qa(inf, path: str, probes: list[Probe], *, control=None, batch_size: int
     prompts, answers = zip(*(tokenize(tok, mc.eos_id, p) for p in probes))
     for p, c, a in zip(probes, prompts, answers):
         if len(c) + len(a) > mc.max_seq_len:
-            raise ConfigError(f"{path}:{p.line}: the prompt and answer are {len(c) + len(a)} tokens, more than the "
-                              f"model's max_seq_len={mc.max_seq_len}")
+            raise ConfigError(
+                f"{path}:{p.line}: the prompt and answer are {len(c) + len(a)} tokens, more than the "
+                f"model's max_seq_len={mc.max_seq_len}"
+            )
     retriever = inf.memory_retriever()
     found = source_refs(inf.bank, {s for p in probes for s in p.source_ids})
     sources = [[ref for s in p.source_ids for ref in found.get(s, [])] for p in probes]
@@ -201,11 +222,24 @@ def run_qa(inf, path: str, probes: list[Probe], *, control=None, batch_size: int
         runs[CONTROL] = score(control[0], prompts, answers, sink=control[1], batch_size=batch_size)
     runs[MEMORY] = score(model, prompts, answers, sink=sink, retrieve=lambda rows: retriever, batch_size=batch_size)
     with_source = [i for i, o in enumerate(oracle) if o]
-    runs[ORACLE] = score(model, prompts, answers, sink=sink, rows=with_source, batch_size=batch_size,
-                         retrieve=lambda rows: FixedReads(retriever, [oracle[i] for i in rows]))
+    runs[ORACLE] = score(
+        model,
+        prompts,
+        answers,
+        sink=sink,
+        rows=with_source,
+        batch_size=batch_size,
+        retrieve=lambda rows: FixedReads(retriever, [oracle[i] for i in rows]),
+    )
     drawn = _random_refs(inf.bank, own, M, seed)
-    runs[RANDOM] = score(model, prompts, answers, sink=sink, batch_size=batch_size,
-                         retrieve=lambda rows: FixedReads(retriever, [drawn[i] for i in rows]))
+    runs[RANDOM] = score(
+        model,
+        prompts,
+        answers,
+        sink=sink,
+        batch_size=batch_size,
+        retrieve=lambda rows: FixedReads(retriever, [drawn[i] for i in rows]),
+    )
     rag_ids = [list(r[0]) if r else [] for r in runs[MEMORY]["reads"]]  # what the answer's first chunk read
     texts = retriever.ref_tokens({r for row in rag_ids for r in row})
     contexts = []
@@ -219,8 +253,14 @@ def run_qa(inf, path: str, probes: list[Probe], *, control=None, batch_size: int
     for name, r in runs.items():
         m = summary(r["total"], r["count"])
         scored = [e for e in r["exact"] if e is not None]
-        m.update({"exact_match": round(sum(scored) / len(scored), 4) if scored else None, "exact": r["exact"],
-                  "greedy": [tok.decode(g) if g is not None else None for g in r["greedy"]], "reads": r["reads"]})
+        m.update(
+            {
+                "exact_match": round(sum(scored) / len(scored), 4) if scored else None,
+                "exact": r["exact"],
+                "greedy": [tok.decode(g) if g is not None else None for g in r["greedy"]],
+                "reads": r["reads"],
+            }
+        )
         if name not in ("none", CONTROL):
             m["read_source"] = sum(1 for i, rd in enumerate(r["reads"]) if own[i] & {x for c in rd for x in c})
         if name != "none":
@@ -231,10 +271,17 @@ def run_qa(inf, path: str, probes: list[Probe], *, control=None, batch_size: int
             m["exact_vs_control"] = paired_rates(runs[CONTROL]["exact"], r["exact"])
         modes[name] = m
     missing = sorted({s for p in probes for s in p.source_ids} - set(found))
-    return {"file": str(path), "items": len(probes), "lines": [p.line for p in probes],
-            "answer_tokens": int(sum(len(a) for a in answers)), "answer_lengths": [len(a) for a in answers],
-            "with_sources": len(with_source),
-            "source_ids_not_in_bank": missing[:20], "n_source_ids_not_in_bank": len(missing), "modes": modes}
+    return {
+        "file": str(path),
+        "items": len(probes),
+        "lines": [p.line for p in probes],
+        "answer_tokens": int(sum(len(a) for a in answers)),
+        "answer_lengths": [len(a) for a in answers],
+        "with_sources": len(with_source),
+        "source_ids_not_in_bank": missing[:20],
+        "n_source_ids_not_in_bank": len(missing),
+        "modes": modes,
+    }
 
 
 def _closest(retriever, prompts: list[str], sources: list[list[tuple[str, str]]], k: int) -> list[list[str]]:
@@ -254,8 +301,9 @@ def _closest(retriever, prompts: list[str], sources: list[list[tuple[str, str]]]
             sims = vecs[1:] @ vecs[0]
             return [[(refs[j][0], float(sims[j])) for j in np.argsort(-sims, kind="stable")[:n]]]
 
-        hits = retrieve(retriever.method, [prompt], k, table=retriever.table, vector_hits=dense,
-                        among=[[r for r, _ in refs]])[0]
+        hits = retrieve(
+            retriever.method, [prompt], k, table=retriever.table, vector_hits=dense, among=[[r for r, _ in refs]]
+        )[0]
         ids = [r for r, _ in hits]
         out.append((ids + [r for r, _ in refs if r not in ids])[:k])
     return out

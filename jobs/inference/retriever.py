@@ -42,10 +42,21 @@ DEFAULT_TOKEN_CACHE = 65_536
 
 
 class BankRetriever:
-    def __init__(self, bank: Bank, embedder, tokenizer, *, per_query: int, store: MemoryStore | None = None,
-                 max_overlap: float | None = 2 / 3, candidates: int = 10, exact: bool = False,
-                 ram_search_bytes: int = DEFAULT_MAX_BYTES, token_cache: int = DEFAULT_TOKEN_CACHE,
-                 method: str = "vector"):
+    def __init__(
+        self,
+        bank: Bank,
+        embedder,
+        tokenizer,
+        *,
+        per_query: int,
+        store: MemoryStore | None = None,
+        max_overlap: float | None = 2 / 3,
+        candidates: int = 10,
+        exact: bool = False,
+        ram_search_bytes: int = DEFAULT_MAX_BYTES,
+        token_cache: int = DEFAULT_TOKEN_CACHE,
+        method: str = "vector",
+    ):
         """ram_search_bytes: an embeddings table whose float32 vectors fit in this many bytes is
         searched exactly in RAM (storage/vector_matrix.py, loaded at the first search), a larger
         one through LanceDB (its ANN index unless `exact`); 0 = always LanceDB. token_cache:
@@ -80,8 +91,12 @@ class BankRetriever:
         other.store = store
         return other
 
-    def search_ids(self, queries: Sequence[Sequence[int]], contexts: Sequence[Sequence[int]] | None = None,
-                   exclude_docs: Sequence[set[str]] | None = None) -> list[list[str]]:
+    def search_ids(
+        self,
+        queries: Sequence[Sequence[int]],
+        contexts: Sequence[Sequence[int]] | None = None,
+        exclude_docs: Sequence[set[str]] | None = None,
+    ) -> list[list[str]]:
         """The per_query best reference ids for each token query, after the overlap filter
         (against contexts[i], else the query) and without references of exclude_docs[i]."""
         if not queries:
@@ -111,14 +126,17 @@ class BankRetriever:
             self._token_arrays({r for row in ids for r in row})  # learns their documents
             ids = [[r for r in row if self.ref_docs[r] not in docs] for row, docs in zip(ids, exclude_docs)]
         if self.max_overlap is None:
-            return [row[:self.per_query] for row in ids]
+            return [row[: self.per_query] for row in ids]
         tokens = self._token_arrays({r for row in ids for r in row})
         against = contexts if contexts is not None else queries
         # every (text, candidate) pair of the swap point at once; only the verdict is needed,
         # so most pairs are settled by a bound without combing (pipelines/overlap.py)
-        drop = overlap_exceeds_rows([np.asarray(t, dtype=np.int64) for t in against],
-                                    [[tokens[r] for r in row] for row in ids], self.max_overlap)
-        out = [[r for r, d in zip(row, dr) if not d][:self.per_query] for row, dr in zip(ids, drop)]
+        drop = overlap_exceeds_rows(
+            [np.asarray(t, dtype=np.int64) for t in against],
+            [[tokens[r] for r in row] for row in ids],
+            self.max_overlap,
+        )
+        out = [[r for r, d in zip(row, dr) if not d][: self.per_query] for row, dr in zip(ids, drop)]
         self.seconds["filter"] += time.perf_counter() - t2
         return out
 
@@ -150,8 +168,10 @@ class BankRetriever:
         got, docs = tokens_of(self.refs, missing, with_docs=True)
         if len(got) != len(missing):
             absent = sorted(set(missing) - set(got))[0]
-            raise BankError(f"the embeddings name reference {absent!r}, absent from refs: the tables "
-                            f"are from different builds (rerun `m3 embed`)")
+            raise BankError(
+                f"the embeddings name reference {absent!r}, absent from refs: the tables "
+                f"are from different builds (rerun `m3 embed`)"
+            )
         with self._shared["lock"]:
             self.ref_docs.update(docs)
             for r, t in got.items():
@@ -225,7 +245,7 @@ class EncodingStore:
         tokens = self.tokens_of(missing) if missing else {}
         device = next(self.model.parameters()).device
         for lo in range(0, len(missing), self.batch_size):
-            batch = missing[lo:lo + self.batch_size]
+            batch = missing[lo : lo + self.batch_size]
             rows = [tokens[r] for r in batch]
             width = max(len(t) for t in rows)
             ids = torch.tensor([t + [self.model.config.pad_id] * (width - len(t)) for t in rows], device=device)
@@ -235,8 +255,7 @@ class EncodingStore:
                 self.cache[r] = (kv[i], mask[i])
         if not ref_ids:
             return torch.zeros((0, *self.shape)), torch.zeros((0, self.top_k), dtype=torch.bool)
-        return (torch.stack([self.cache[r][0] for r in ref_ids]),
-                torch.stack([self.cache[r][1] for r in ref_ids]))
+        return (torch.stack([self.cache[r][0] for r in ref_ids]), torch.stack([self.cache[r][1] for r in ref_ids]))
 
 
 class CodedStore:

@@ -30,11 +30,16 @@ def paired(base: tuple, other: tuple) -> dict:
     d = tb[keep] / w - to[keep] / no[keep]
     mean = float((w * d).sum() / w.sum())
     n = len(d)
-    se = float(math.sqrt((w ** 2 * (d - mean) ** 2).sum() * n / (n - 1)) / w.sum())
+    se = float(math.sqrt((w**2 * (d - mean) ** 2).sum() * n / (n - 1)) / w.sum())
     base_loss = float(tb[keep].sum() / w.sum())
-    return {"gain": round(mean, 5), "stderr": round(se, 5), "z": round(mean / se, 2) if se > 0 else None,
-            "relative": round(mean / base_loss, 5) if base_loss else None, "helped": int((d > 0).sum()),
-            "of": int(n)}
+    return {
+        "gain": round(mean, 5),
+        "stderr": round(se, 5),
+        "z": round(mean / se, 2) if se > 0 else None,
+        "relative": round(mean / base_loss, 5) if base_loss else None,
+        "helped": int((d > 0).sum()),
+        "of": int(n),
+    }
 
 
 def paired_items(base: list, other: list, tokens: list | None = None) -> dict:
@@ -53,13 +58,22 @@ def paired_rates(base: list, other: list) -> dict:
         return {}
     d = np.array([float(other[i]) - float(base[i]) for i in keep])
     mean, se = float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
-    return {"gain": round(mean, 4), "stderr": round(se, 4), "gained": int((d > 0).sum()),
-            "lost": int((d < 0).sum()), "of": len(keep)}
+    return {
+        "gain": round(mean, 4),
+        "stderr": round(se, 4),
+        "gained": int((d > 0).sum()),
+        "lost": int((d < 0).sum()),
+        "of": len(keep),
+    }
 
 
 def summary(total: np.ndarray, count: np.ndarray) -> dict:
     """A mode's loss per scored token, its perplexity and each item's mean loss."""
     loss = float(total.sum() / max(count.sum(), 1))
     per_item = [round(float(t / n), 5) if n else None for t, n in zip(total, count)]
-    return {"loss": round(loss, 4), "ppl": round(math.exp(min(loss, 50)), 2), "tokens": int(count.sum()),
-            "per_item": per_item}
+    return {
+        "loss": round(loss, 4),
+        "ppl": round(math.exp(min(loss, 50)), 2),
+        "tokens": int(count.sum()),
+        "per_item": per_item,
+    }

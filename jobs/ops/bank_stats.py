@@ -49,25 +49,47 @@ def _bank_stats(bank: Bank, keep_builds: int) -> dict:
         tbl = bank.table(name)
         kept = {h["versions"][name] for h in builds if name in h["versions"]} or {tbl.version}
         live, dead = TableFiles(bank, name).live_dead(kept)
-        tables[name] = {"rows": tbl.count_rows(), "version": tbl.version, "versions": len(tbl.list_versions()),
-                        "tags": bank.tags(name), "live_bytes": live, "dead_bytes": dead}
-    out = {"uri": bank.uri, "tables": tables, "kept_builds": [h.get("build") for h in builds],
-           "live_bytes": sum(t["live_bytes"] for t in tables.values()),
-           "dead_bytes": sum(t["dead_bytes"] for t in tables.values()), "slabs": footprint(bank)}
+        tables[name] = {
+            "rows": tbl.count_rows(),
+            "version": tbl.version,
+            "versions": len(tbl.list_versions()),
+            "tags": bank.tags(name),
+            "live_bytes": live,
+            "dead_bytes": dead,
+        }
+    out = {
+        "uri": bank.uri,
+        "tables": tables,
+        "kept_builds": [h.get("build") for h in builds],
+        "live_bytes": sum(t["live_bytes"] for t in tables.values()),
+        "dead_bytes": sum(t["dead_bytes"] for t in tables.values()),
+        "slabs": footprint(bank),
+    }
     if "memories" in tables:
         meta = bank.metadata("memories")
         with readable(bank, "memories"):
-            _, rows = query(bank, "SELECT codec, count(*), avg(octet_length(payload)), any_value(shape) "
-                                  "FROM memories GROUP BY codec")
+            _, rows = query(
+                bank,
+                "SELECT codec, count(*), avg(octet_length(payload)), any_value(shape) FROM memories GROUP BY codec",
+            )
         model = meta["config"]["model"]
         dense = dense_bytes(model)
         out["memories"] = {
-            "model_hash": meta.get("model_hash"), "codec": meta.get("codec"),
-            "quantizer_hash": meta.get("quantizer_hash"), "dense_bytes_per_ref": dense,
+            "model_hash": meta.get("model_hash"),
+            "codec": meta.get("codec"),
+            "quantizer_hash": meta.get("quantizer_hash"),
+            "dense_bytes_per_ref": dense,
             **warm_cold(bank, meta),
-            "by_codec": [{"codec": c, "rows": n, "bytes_per_ref": round(b, 1),
-                          "sparse_bf16_bytes": math.prod(shape) * 2,
-                          "ratio_vs_dense": round(dense / b, 1)} for c, n, b, shape in rows],
+            "by_codec": [
+                {
+                    "codec": c,
+                    "rows": n,
+                    "bytes_per_ref": round(b, 1),
+                    "sparse_bf16_bytes": math.prod(shape) * 2,
+                    "ratio_vs_dense": round(dense / b, 1),
+                }
+                for c, n, b, shape in rows
+            ],
         }
     return out
 
@@ -82,15 +104,21 @@ def warm_cold(bank: Bank, meta: dict) -> dict:
     for name in ("refs", "memories"):
         with readable(bank, name):
             t = bank.dataset(name, version=live.get(name)).to_table(
-                columns=["ref_id", "content_hash"] + (["model_hash"] if name == "memories" else []))
+                columns=["ref_id", "content_hash"] + (["model_hash"] if name == "memories" else [])
+            )
         if name == "memories":
             t = t.filter(pc.equal(t.column("model_hash"), meta.get("model_hash")))
         keys[name] = set(zip(t.column("ref_id").to_pylist(), t.column("content_hash").to_pylist()))
     w = read_warm(bank, key_of(meta), meta.get("model_hash"), columns=["ref_id", "content_hash"])
     warm = set(zip(w.column("ref_id").to_pylist(), w.column("content_hash").to_pylist()))
     stored, written = keys["refs"] & keys["memories"], (keys["refs"] & warm) - keys["memories"]
-    return {"refs": len(keys["refs"]), "warm_stored": len(stored), "warm_written_back": len(written),
-            "warm": len(stored) + len(written), "cold": len(keys["refs"]) - len(stored) - len(written)}
+    return {
+        "refs": len(keys["refs"]),
+        "warm_stored": len(stored),
+        "warm_written_back": len(written),
+        "warm": len(stored) + len(written),
+        "cold": len(keys["refs"]) - len(stored) - len(written),
+    }
 
 
 def human_bytes(n: int) -> str:
@@ -102,28 +130,40 @@ def human_bytes(n: int) -> str:
 
 
 def render(stats: dict) -> str:
-    lines = [f"bank {stats['uri']}", "",
-             f"{'table':<16}{'rows':>10}{'version':>9}{'versions':>10}{'live':>10}{'dead':>10}  tags"]
+    lines = [
+        f"bank {stats['uri']}",
+        "",
+        f"{'table':<16}{'rows':>10}{'version':>9}{'versions':>10}{'live':>10}{'dead':>10}  tags",
+    ]
     mb = lambda n: f"{human_bytes(n):>10}"  # noqa: E731
     for name, t in stats["tables"].items():
         tags = ", ".join(f"{k}->v{v}" for k, v in t["tags"].items()) or "-"
-        lines.append(f"{name:<16}{t['rows']:>10,}{t['version']:>9}{t['versions']:>10}"
-                     f"{mb(t['live_bytes'])}{mb(t['dead_bytes'])}  {tags}")
+        lines.append(
+            f"{name:<16}{t['rows']:>10,}{t['version']:>9}{t['versions']:>10}"
+            f"{mb(t['live_bytes'])}{mb(t['dead_bytes'])}  {tags}"
+        )
     kept = ", ".join(str(b) for b in stats["kept_builds"]) or "none published: latest versions"
     lines.append(f"{'total':<45}{mb(stats['live_bytes'])}{mb(stats['dead_bytes'])}  live = kept builds ({kept})")
     slabs = stats.get("slabs")
     if slabs:
         held = ", ".join(f"v{v}" for v in slabs["versions"]) or "none"
-        lines.append(f"{'slabs':<16}{slabs['files']:>10,} files{'':<13}{mb(slabs['bytes'])}  payload copies of "
-                     f"memories versions {held} ({slabs['dir']})")
+        lines.append(
+            f"{'slabs':<16}{slabs['files']:>10,} files{'':<13}{mb(slabs['bytes'])}  payload copies of "
+            f"memories versions {held} ({slabs['dir']})"
+        )
     mem = stats.get("memories")
     if mem:
-        lines += ["", f"memories of model {mem['model_hash'][:16]}... (quantizer {mem['quantizer_hash'] or '-'})",
-                  f"  dense bf16 KV of one reference (all layers and query heads): {mem['dense_bytes_per_ref']:,} B",
-                  f"  warm {mem['warm']:,} of {mem['refs']:,} refs ({mem['warm_stored']:,} in memories, "
-                  f"{mem['warm_written_back']:,} written back at serving), cold {mem['cold']:,} (no memory yet: "
-                  f"encoded on first retrieval)"]
+        lines += [
+            "",
+            f"memories of model {mem['model_hash'][:16]}... (quantizer {mem['quantizer_hash'] or '-'})",
+            f"  dense bf16 KV of one reference (all layers and query heads): {mem['dense_bytes_per_ref']:,} B",
+            f"  warm {mem['warm']:,} of {mem['refs']:,} refs ({mem['warm_stored']:,} in memories, "
+            f"{mem['warm_written_back']:,} written back at serving), cold {mem['cold']:,} (no memory yet: "
+            f"encoded on first retrieval)",
+        ]
         for c in mem["by_codec"]:
-            lines.append(f"  {c['codec']:<9} {c['rows']:>9,} refs  {c['bytes_per_ref']:>10,.1f} B/ref  "
-                         f"(sparse bf16 {c['sparse_bf16_bytes']:,} B)  {c['ratio_vs_dense']:,.0f}x smaller than dense")
+            lines.append(
+                f"  {c['codec']:<9} {c['rows']:>9,} refs  {c['bytes_per_ref']:>10,.1f} B/ref  "
+                f"(sparse bf16 {c['sparse_bf16_bytes']:,} B)  {c['ratio_vs_dense']:,.0f}x smaller than dense"
+            )
     return "\n".join(lines)

@@ -48,8 +48,9 @@ def _refs_rows(bank: Bank, version: int) -> int:
     return bank.dataset("refs", version=version, check=False).count_rows()  # a count: no data file is read
 
 
-def stage_versions(results: dict[str, dict], found: dict[str, int] | None = None,
-                   embeddings: bool = True) -> dict[str, int | None]:
+def stage_versions(
+    results: dict[str, dict], found: dict[str, int] | None = None, embeddings: bool = True
+) -> dict[str, int | None]:
     """Step 0: the version of each published table, from the stages' results (`ingest`,
     `encode`, `embed`) over the versions `found` when the command started; `embeddings`: the
     command publishes that table (a rebuild with rebuild.embeddings false does not). A table
@@ -70,8 +71,10 @@ def found_versions(bank: Bank) -> dict[str, int]:
 
 def built_from(results: dict[str, dict]) -> dict[str, int | None]:
     """The refs version the memories and embeddings of `results` were built from."""
-    return {"memories": (results.get("encode") or {}).get("refs_version"),
-            "embeddings": (results.get("embed") or {}).get("refs_version")}
+    return {
+        "memories": (results.get("encode") or {}).get("refs_version"),
+        "embeddings": (results.get("embed") or {}).get("refs_version"),
+    }
 
 
 def check_complete(bank: Bank, versions: dict[str, int | None], what: str) -> dict:
@@ -80,14 +83,21 @@ def check_complete(bank: Bank, versions: dict[str, int | None], what: str) -> di
     missing = [n for n, v in versions.items() if v is None]
     if missing:
         bank.require(*missing)  # names the command that makes each
-        raise BankError(f"not publishing: no version of {', '.join(missing)} (written by another process during "
-                        f"this {what}?)")
-    keys = {n: _lineage(bank, n, versions[n]).get("ingest_key") for n in ("refs", "memories", "embeddings")
-            if n in versions}
+        raise BankError(
+            f"not publishing: no version of {', '.join(missing)} (written by another process during this {what}?)"
+        )
+    keys = {
+        n: _lineage(bank, n, versions[n]).get("ingest_key") for n in ("refs", "memories", "embeddings") if n in versions
+    }
     if len(set(keys.values())) != 1:
-        raise BankError(f"not publishing a mixed build: the tables come from different ingests {keys}; "
-                        f"run the stages that are behind (m3 run --from embed)")
-    return {"ingest_key": keys["refs"], "encode_key": _lineage(bank, "memories", versions["memories"]).get("encode_key")}
+        raise BankError(
+            f"not publishing a mixed build: the tables come from different ingests {keys}; "
+            f"run the stages that are behind (m3 run --from embed)"
+        )
+    return {
+        "ingest_key": keys["refs"],
+        "encode_key": _lineage(bank, "memories", versions["memories"]).get("encode_key"),
+    }
 
 
 def _lineage(bank: Bank, name: str, version: int) -> dict:
@@ -103,10 +113,12 @@ def check_same_refs(versions: dict[str, int], built_from: dict[str, int | None],
     took no lock replaced refs between the stages)."""
     other = {t: v for t, v in built_from.items() if v is not None and v != versions.get("refs")}
     if other:
-        raise PublishRefused(f"refs changed during this {what}: it publishes refs version {versions.get('refs')}, but "
-                             + ", ".join(f"{t} were built from refs version {v}" for t, v in other.items())
-                             + f" (written by a process that does not take the bank's write lock?); {INTACT}: "
-                               f"run the {what} again")
+        raise PublishRefused(
+            f"refs changed during this {what}: it publishes refs version {versions.get('refs')}, but "
+            + ", ".join(f"{t} were built from refs version {v}" for t, v in other.items())
+            + f" (written by a process that does not take the bank's write lock?); {INTACT}: "
+            f"run the {what} again"
+        )
 
 
 def check_shrink(bank: Bank, cfg: Config, versions: dict[str, int], allow_shrink: bool) -> dict:
@@ -118,24 +130,39 @@ def check_shrink(bank: Bank, cfg: Config, versions: dict[str, int], allow_shrink
     counts = {"references": n_new, "live_references": n_live}
     if live_versions == versions:
         return counts  # the live build itself, published again: nothing changes
-    where = (f"the live build (build {live.get('build')}) has {n_live} references" if n_live is not None
-             else "there is no live build yet")
+    where = (
+        f"the live build (build {live.get('build')}) has {n_live} references"
+        if n_live is not None
+        else "there is no live build yet"
+    )
     if n_new == 0:
-        raise PublishRefused(f"not publishing a build with 0 references ({where}): a build without references is "
-                             f"never published, --allow-shrink or not; {INTACT}. Check corpus.paths (a corpus "
-                             f"not fully downloaded?) and the bank_quality filters")
+        raise PublishRefused(
+            f"not publishing a build with 0 references ({where}): a build without references is "
+            f"never published, --allow-shrink or not; {INTACT}. Check corpus.paths (a corpus "
+            f"not fully downloaded?) and the bank_quality filters"
+        )
     max_shrink = cfg.rebuild.max_shrink
     if n_live and n_new < (1 - max_shrink) * n_live and not allow_shrink:
-        raise PublishRefused(f"not publishing: the live build has {n_live} references, this one would have {n_new} "
-                             f"(below {1 - max_shrink:.0%} of them, rebuild.max_shrink={max_shrink}); {INTACT}. "
-                             f"If the corpus shrank on purpose, run again with --allow-shrink (or raise "
-                             f"rebuild.max_shrink)")
+        raise PublishRefused(
+            f"not publishing: the live build has {n_live} references, this one would have {n_new} "
+            f"(below {1 - max_shrink:.0%} of them, rebuild.max_shrink={max_shrink}); {INTACT}. "
+            f"If the corpus shrank on purpose, run again with --allow-shrink (or raise "
+            f"rebuild.max_shrink)"
+        )
     return counts
 
 
-def publish_build(bank: Bank, cfg: Config, versions: dict[str, int | None], token, info: dict | None = None, *,
-                  allow_shrink: bool = False, built_from: dict[str, int | None] | None = None,
-                  what: str = "build") -> dict:
+def publish_build(
+    bank: Bank,
+    cfg: Config,
+    versions: dict[str, int | None],
+    token,
+    info: dict | None = None,
+    *,
+    allow_shrink: bool = False,
+    built_from: dict[str, int | None] | None = None,
+    what: str = "build",
+) -> dict:
     """Publish `versions` (`stage_versions`) as the live build if the policy allows (the module
     docstring); the caller holds the bank's write lock and read `token`
     (storage.live.manifest_state) when its build started. `info`: what the manifest records

@@ -42,9 +42,9 @@ import time
 
 from jobs.config import Config
 from jobs.ops.compact import compact_locked
-from jobs.stages.encode import memories_slab
 from jobs.ops.lock import write_lock
 from jobs.ops.publish import built_from, publish_build, stage_versions
+from jobs.stages.encode import memories_slab
 from storage.bank import Bank
 from storage.live import TAG, live_versions, manifest_state
 from storage.retention import compact
@@ -110,8 +110,9 @@ def run_rebuild(cfg: Config, allow_shrink: bool = False) -> dict:
         results = {"ingest": ingest, "encode": memories, "embed": embeddings}
         versions = stage_versions(results, embeddings=bool(embeddings))
         changed = versions != before
-        published = publish_build(bank, cfg, versions, token, allow_shrink=allow_shrink, what="rebuild",
-                                  built_from=built_from(results))
+        published = publish_build(
+            bank, cfg, versions, token, allow_shrink=allow_shrink, what="rebuild", built_from=built_from(results)
+        )
         retention = published["retention"]
         lap("publish")
         compaction = compact_locked(cfg, bank) if cfg.rebuild.compact_after else None
@@ -120,14 +121,27 @@ def run_rebuild(cfg: Config, allow_shrink: bool = False) -> dict:
             lap("compact")
         if not changed:  # under the lock: no writer can change what "nothing to do" is said of
             from jobs.ops.verify import require_intact  # the cheap part of `m3 bank verify`: a damaged
-            require_intact(bank)                        # bank is one line naming the file, not "up to date"
+
+            require_intact(bank)  # bank is one line naming the file, not "up to date"
     counts = {k: memories[k] for k in ("added", "changed", "removed")}
-    summary = {"status": "published" if changed else "up_to_date", **counts, "versions": versions, "tag": TAG,
-               "ingest": ingest.get("status", "built"), "memories": memories, "embeddings": embeddings,
-               "retention": retention, "compaction": compaction, "timings": timings, "seconds": round(time.time() - t0, 3)}
+    summary = {
+        "status": "published" if changed else "up_to_date",
+        **counts,
+        "versions": versions,
+        "tag": TAG,
+        "ingest": ingest.get("status", "built"),
+        "memories": memories,
+        "embeddings": embeddings,
+        "retention": retention,
+        "compaction": compaction,
+        "timings": timings,
+        "seconds": round(time.time() - t0, 3),
+    }
     if changed:
-        print(f"rebuild: published build {versions} as `{TAG}` in {summary['seconds']:.1f} s "
-              f"(references added {counts['added']}, changed {counts['changed']}, removed {counts['removed']})")
+        print(
+            f"rebuild: published build {versions} as `{TAG}` in {summary['seconds']:.1f} s "
+            f"(references added {counts['added']}, changed {counts['changed']}, removed {counts['removed']})"
+        )
     else:
         print(f"rebuild: the live build of {cfg.bank.uri} is up to date; nothing to do")
     return summary

@@ -44,6 +44,7 @@ def _train(stage: str) -> Callable:
         from jobs.training.trainer import run_train
 
         return run_train(cfg, stage)
+
     return run
 
 
@@ -80,8 +81,16 @@ def _publish(cfg, bank, results: dict[str, dict], found: dict[str, int], token, 
     from jobs.ops.publish import built_from, publish_build, stage_versions
 
     versions = stage_versions(results, found)
-    out = publish_build(bank, cfg, versions, token, {"by": "m3 run"}, allow_shrink=allow_shrink, what="run",
-                        built_from=built_from(results))
+    out = publish_build(
+        bank,
+        cfg,
+        versions,
+        token,
+        {"by": "m3 run"},
+        allow_shrink=allow_shrink,
+        what="run",
+        built_from=built_from(results),
+    )
     print(f"publish: build {versions} is live", flush=True)
     return {"versions": versions, "retention": out["retention"], "references": out["references"]}
 
@@ -98,8 +107,10 @@ def probe_term(results: dict) -> str | None:
     none, mem = modes.get("none"), modes.get("memory, bank holds the entry")
     if not probe.get("prompts") or not none or not mem:
         return None
-    gains = [(a - b if a is not None and b is not None else -1e9, i)
-             for i, (a, b) in enumerate(zip(none["per_item"], mem["per_item"]))]
+    gains = [
+        (a - b if a is not None and b is not None else -1e9, i)
+        for i, (a, b) in enumerate(zip(none["per_item"], mem["per_item"]))
+    ]
     return probe["prompts"][max(gains)[1]]
 
 
@@ -116,9 +127,9 @@ def _evaluate(cfg):
     """Held-out loss in every mode and the knowledge probe (jobs/inference/evaluate.py), then one prompt
     generated with memory and without, side by side, showing which memories each chunk read;
     one model load for all."""
-    from jobs.inference.evaluate import render, run_eval
-    from jobs.inference.generate import show_reads, sample_generation
     from jobs.inference.engine import Inference
+    from jobs.inference.evaluate import render, run_eval
+    from jobs.inference.generate import sample_generation, show_reads
 
     inf = Inference(cfg)
     results = run_eval(cfg, inference=inf)
@@ -127,21 +138,38 @@ def _evaluate(cfg):
     sample = sample_generation(cfg, prompt, max_new_tokens=64, inference=inf)
     plain = sample_generation(cfg, prompt, max_new_tokens=64, mode="none", inference=inf)
     shown = show_reads(sample)
-    print(f"sample generation (greedy) of {prompt!r}\n-- with memory:\n{sample['text']}\n{shown}\n"
-          f"-- without memory:\n{plain['text']}", flush=True)
+    print(
+        f"sample generation (greedy) of {prompt!r}\n-- with memory:\n{sample['text']}\n{shown}\n"
+        f"-- without memory:\n{plain['text']}",
+        flush=True,
+    )
     md = ["## Does memory help? The served bank (`m3 eval`)", "", "```", render(results), "```"]
     if results.get("plot"):
         md += ["", f"![evaluation]({results['plot']})"]
-    md += ["", "## Sample generation, with and without memory", "",
-           f"Prompt: `{prompt!r}` (greedy, same weights). "
-           + ("The knowledge-probe term whose definition memory helped most (chosen, not typical): its "
-              "entry is in the bank and in no training sequence."
-              if prompt not in (SAMPLE_PROMPT, qa) else
-              "The first item of the QA probe (infer.eval.probes), not chosen by its result." if prompt == qa
-              else ""), "",
-           "| with memory | without memory |", "|---|---|",
-           f"| {_cell(sample['text'])} | {_cell(plain['text'])} |", "",
-           "Memories read (with memory):", "", "```", shown, "```"]
+    md += [
+        "",
+        "## Sample generation, with and without memory",
+        "",
+        f"Prompt: `{prompt!r}` (greedy, same weights). "
+        + (
+            "The knowledge-probe term whose definition memory helped most (chosen, not typical): its "
+            "entry is in the bank and in no training sequence."
+            if prompt not in (SAMPLE_PROMPT, qa)
+            else "The first item of the QA probe (infer.eval.probes), not chosen by its result."
+            if prompt == qa
+            else ""
+        ),
+        "",
+        "| with memory | without memory |",
+        "|---|---|",
+        f"| {_cell(sample['text'])} | {_cell(plain['text'])} |",
+        "",
+        "Memories read (with memory):",
+        "",
+        "```",
+        shown,
+        "```",
+    ]
     return {**results, "sample": sample, "sample_none": plain, "markdown": "\n".join(md)}
 
 
@@ -150,8 +178,14 @@ def _cell(text: str) -> str:
 
 
 STAGES: list[tuple[str, Callable]] = [
-    ("ingest", _ingest), ("warmup", _train("warmup")), ("embed", _embed), ("pair", _pair),
-    ("continual", _train("continual")), ("control", _control), ("encode", _encode), ("publish", _publish),
+    ("ingest", _ingest),
+    ("warmup", _train("warmup")),
+    ("embed", _embed),
+    ("pair", _pair),
+    ("continual", _train("continual")),
+    ("control", _control),
+    ("encode", _encode),
+    ("publish", _publish),
     ("evaluate", _evaluate),
 ]
 
@@ -167,7 +201,7 @@ def select(start: str | None = None, only: str | None = None) -> list[tuple[str,
     if start:
         if start not in names:
             raise ConfigError(f"--from: unknown stage {start!r}; stages are {', '.join(names)}")
-        return STAGES[names.index(start):]
+        return STAGES[names.index(start) :]
     return list(STAGES)
 
 

@@ -92,8 +92,13 @@ class Scheduler:
         if self.address:
             return self._as_ray_job(run_id, summary_path)
         env = {**os.environ, SUMMARY_ENV: str(summary_path), "M3_PROGRESS": "0"}
-        self.child = subprocess.Popen([sys.executable, "-m", "jobs", "rebuild", "-c", str(self.config_file)],
-                                      cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+        self.child = subprocess.Popen(
+            [sys.executable, "-m", "jobs", "rebuild", "-c", str(self.config_file)],
+            cwd=ROOT,
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         _, err = self.child.communicate()
         code, self.child = self.child.returncode, None
         return self._outcome(code == 0, summary_path, err, None)
@@ -128,11 +133,13 @@ class Scheduler:
             except Exception as e:  # noqa: BLE001 - a run's failure must not end the schedule
                 status, summary, error, job_id = "failed", {}, f"{type(e).__name__}: {e}", None
             self.log.finish(run_id, status, summary, error, job_id)
-            print(f"schedule: run {run_id}: {status}" + (f" ({error.splitlines()[-1][:200]})" if error else ""),
-                  flush=True)
+            print(
+                f"schedule: run {run_id}: {status}" + (f" ({error.splitlines()[-1][:200]})" if error else ""),
+                flush=True,
+            )
             if status != "failed" or attempt == s.max_retries or self.stopping.is_set():
                 return status
-            delay = min(s.backoff_s * 2 ** attempt, s.backoff_max_s)
+            delay = min(s.backoff_s * 2**attempt, s.backoff_max_s)
             print(f"schedule: retrying in {delay:.0f} s", flush=True)
             if self.stopping.wait(delay):
                 return status
@@ -153,8 +160,9 @@ class Scheduler:
             runs += 1
             missed = self.cron.next_after(slot)
             if missed < datetime.now():
-                print(f"schedule: the run outlasted its interval; slots from {missed:%H:%M:%S} were skipped",
-                      flush=True)
+                print(
+                    f"schedule: the run outlasted its interval; slots from {missed:%H:%M:%S} were skipped", flush=True
+                )
         self.config_file.unlink(missing_ok=True)
         print(f"schedule: stopped after {runs} run(s)", flush=True)
         return 0

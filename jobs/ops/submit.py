@@ -51,9 +51,14 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 CONFIG_ENV = "M3_SUBMIT_CONFIG"
 STAGES = ("ingest", "encode", "embed", "pair", "train", "rebuild", "run", "generate", "eval")
 # the tables each stage reads: their versions are part of the submission id
-INPUT_TABLES = {"encode": ["refs"], "embed": ["refs"], "pair": ["train_sequences", "refs", "embeddings"],
-                "train": ["train_sequences", "neighbors", "memories", "refs"],
-                "generate": ["memories", "embeddings", "refs"], "eval": ["memories", "embeddings", "refs", "train_sequences"]}
+INPUT_TABLES = {
+    "encode": ["refs"],
+    "embed": ["refs"],
+    "pair": ["train_sequences", "refs", "embeddings"],
+    "train": ["train_sequences", "neighbors", "memories", "refs"],
+    "generate": ["memories", "embeddings", "refs"],
+    "eval": ["memories", "embeddings", "refs", "train_sequences"],
+}
 READS_CORPUS = ("ingest", "rebuild", "run")
 DONE = {"SUCCEEDED", "FAILED", "STOPPED"}
 
@@ -64,10 +69,23 @@ class SubmitError(M3Error, RuntimeError):
 
 # What the Jobs API (or the way to it) says when trying again later can succeed: the head's job
 # agent has not registered yet, the dashboard is restarting or overloaded, a connection dropped.
-_TRANSIENT = ("no available agent", "please try again later", "status code 500", "status code 502",
-              "status code 503", "status code 504", "connection aborted", "connection refused",
-              "connection reset", "remote end closed", "remotedisconnected", "failed to connect",
-              "max retries exceeded", "read timed out", "temporarily unavailable")
+_TRANSIENT = (
+    "no available agent",
+    "please try again later",
+    "status code 500",
+    "status code 502",
+    "status code 503",
+    "status code 504",
+    "connection aborted",
+    "connection refused",
+    "connection reset",
+    "remote end closed",
+    "remotedisconnected",
+    "failed to connect",
+    "max retries exceeded",
+    "read timed out",
+    "temporarily unavailable",
+)
 
 
 def timeout_s() -> float:
@@ -98,9 +116,11 @@ def retrying(what: str, fn, deadline_s: float | None = None, address: str = "", 
                 raise
             if time.monotonic() + delay > deadline:
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-                raise SubmitError(f"{what} at {address}: still failing after {limit:.0f} s ({first}); "
-                                  f"{hint or 'check that the cluster is up (`ray status`)'}, or allow longer "
-                                  f"with --timeout") from None
+                raise SubmitError(
+                    f"{what} at {address}: still failing after {limit:.0f} s ({first}); "
+                    f"{hint or 'check that the cluster is up (`ray status`)'}, or allow longer "
+                    f"with --timeout"
+                ) from None
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
 
@@ -141,6 +161,7 @@ class Jobs:
 
         def call(*args, **kwargs):
             return retrying(name, lambda: method(*args, **kwargs), self.deadline_s, self.address)
+
         return call
 
 
@@ -175,6 +196,7 @@ def _shipped(cfg: Config):
             lines = excludes(cfg) + (gitignore.read_text().splitlines() if gitignore.is_file() else [])
             specs.append(PathSpec.from_lines("gitwildmatch", lines))
         return not any(specs[0].match_file(a.as_posix()) for a in (rel, *list(rel.parents)[:-1]))
+
     return shipped
 
 
@@ -196,7 +218,9 @@ def portable_config(cfg: Config, job: bool = False) -> dict:
     shipped = _shipped(cfg) if ROOT is not None else None
     if job and not d["ray"]["address"]:
         d["ray"]["address"] = "auto"
-    d["bank"]["uri"] = str(Path(d["bank"]["uri"]).expanduser().resolve()) if "://" not in d["bank"]["uri"] else d["bank"]["uri"]
+    d["bank"]["uri"] = (
+        str(Path(d["bank"]["uri"]).expanduser().resolve()) if "://" not in d["bank"]["uri"] else d["bank"]["uri"]
+    )
     moved = {p: _portable(p, shipped) if not any(c in p for c in "*?[") else p for p in d["corpus"]["paths"]}
     d["corpus"]["paths"] = [moved[p] for p in d["corpus"]["paths"]]
     d["corpus"]["roles"] = {moved[p]: role for p, role in d["corpus"]["roles"].items()}  # keyed by the paths
@@ -212,8 +236,10 @@ def _inputs(cfg: Config, stage: str) -> dict:
     if stage in READS_CORPUS:
         from pipelines.readers import expand_paths
 
-        out["corpus"] = [[f.path, os.stat(f.path).st_size, os.stat(f.path).st_mtime_ns]
-                         for f in expand_paths(cfg.corpus.paths, cfg.corpus.format)]
+        out["corpus"] = [
+            [f.path, os.stat(f.path).st_size, os.stat(f.path).st_mtime_ns]
+            for f in expand_paths(cfg.corpus.paths, cfg.corpus.format)
+        ]
     if cfg.encode.checkpoint and stage in ("encode", "rebuild", "run", "train"):
         ck = Path(cfg.encode.checkpoint) / WEIGHTS_FILE
         out["checkpoint"] = [ck.stat().st_size, ck.stat().st_mtime_ns] if ck.exists() else None
@@ -226,12 +252,19 @@ def _inputs(cfg: Config, stage: str) -> dict:
 
 
 def submission_id(cfg: Config, stage: str, args: list[str]) -> str:
-    return f"m3-{stage}-" + config_hash({"stage": stage, "args": args, "config": portable_config(cfg),
-                                         "inputs": _inputs(cfg, stage)})
+    return f"m3-{stage}-" + config_hash(
+        {"stage": stage, "args": args, "config": portable_config(cfg), "inputs": _inputs(cfg, stage)}
+    )
 
 
-def submit(cfg: Config, stage: str, args: list[str], address: str | None = None, env: dict | None = None,
-           deadline_s: float | None = None) -> tuple[str, str]:
+def submit(
+    cfg: Config,
+    stage: str,
+    args: list[str],
+    address: str | None = None,
+    env: dict | None = None,
+    deadline_s: float | None = None,
+) -> tuple[str, str]:
     """Submit (or find) the job; returns (submission id, what happened: submitted | succeeded |
     running)."""
     if stage not in STAGES:
@@ -247,8 +280,12 @@ def submit(cfg: Config, stage: str, args: list[str], address: str | None = None,
             return j.submission_id, "running"
     sid = base if not mine else f"{base}-r{len(mine)}"
     try:
-        c.submit_job(entrypoint=entrypoint(stage, args), submission_id=sid, runtime_env=runtime_env(cfg, env),
-                     metadata={"m3_stage": stage, "m3_config": str(cfg.source)})
+        c.submit_job(
+            entrypoint=entrypoint(stage, args),
+            submission_id=sid,
+            runtime_env=runtime_env(cfg, env),
+            metadata={"m3_stage": stage, "m3_config": str(cfg.source)},
+        )
     except RuntimeError as e:
         # a retried submission whose first attempt went through before its answer was lost
         if "already exists" not in str(e):
@@ -259,9 +296,16 @@ def submit(cfg: Config, stage: str, args: list[str], address: str | None = None,
 def runtime_env(cfg: Config, env: dict | None = None) -> dict:
     """The job's runtime env: the project's checkout as its working directory, less `excludes`,
     the resolved config and the environment it asks for."""
-    return {"working_dir": str(project_root("m3 submit")), "excludes": excludes(cfg),
-            "env_vars": {CONFIG_ENV: yaml.safe_dump(portable_config(cfg, job=True), sort_keys=False),
-                         "M3_PROGRESS": "0", **_faults(), **(env or {})}}
+    return {
+        "working_dir": str(project_root("m3 submit")),
+        "excludes": excludes(cfg),
+        "env_vars": {
+            CONFIG_ENV: yaml.safe_dump(portable_config(cfg, job=True), sort_keys=False),
+            "M3_PROGRESS": "0",
+            **_faults(),
+            **(env or {}),
+        },
+    }
 
 
 def entrypoint(stage: str, args: list[str]) -> str:
@@ -283,8 +327,9 @@ def _status(job) -> str:
     return getattr(job.status, "value", str(job.status))
 
 
-def wait(address: str | None, sid: str, follow: bool = True, poll_s: float = 1.0,
-         deadline_s: float | None = None) -> str:
+def wait(
+    address: str | None, sid: str, follow: bool = True, poll_s: float = 1.0, deadline_s: float | None = None
+) -> str:
     """Stream the job's logs (or just poll) until it ends; returns its final status."""
     c = Jobs(address, deadline_s)
     if follow:
@@ -299,8 +344,11 @@ def wait(address: str | None, sid: str, follow: bool = True, poll_s: float = 1.0
         except Exception as e:  # noqa: BLE001 - the stream broke: the status below still tells the end
             if not transient(e):
                 raise
-            print(f"\nm3: the log stream of {sid} broke ({str(e).splitlines()[0][:120]}); waiting for the job "
-                  f"to end (m3 logs {sid} shows the rest)", flush=True)
+            print(
+                f"\nm3: the log stream of {sid} broke ({str(e).splitlines()[0][:120]}); waiting for the job "
+                f"to end (m3 logs {sid} shows the rest)",
+                flush=True,
+            )
     while (status := _status(c.get_job_info(sid))) not in DONE:
         time.sleep(poll_s)
     return status
@@ -309,11 +357,16 @@ def wait(address: str | None, sid: str, follow: bool = True, poll_s: float = 1.0
 def list_jobs(address: str | None, deadline_s: float | None = None) -> list[dict]:
     rows = []
     for j in sorted(Jobs(address, deadline_s).list_jobs(), key=lambda j: j.start_time or 0):
-        rows.append({"submission_id": j.submission_id, "status": _status(j),
-                     "stage": (j.metadata or {}).get("m3_stage", "-"),
-                     "start": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime((j.start_time or 0) / 1000)),
-                     "end": time.strftime("%H:%M:%S", time.localtime(j.end_time / 1000)) if j.end_time else "-",
-                     "message": (j.message or "").splitlines()[0][:60] if j.message else ""})
+        rows.append(
+            {
+                "submission_id": j.submission_id,
+                "status": _status(j),
+                "stage": (j.metadata or {}).get("m3_stage", "-"),
+                "start": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime((j.start_time or 0) / 1000)),
+                "end": time.strftime("%H:%M:%S", time.localtime(j.end_time / 1000)) if j.end_time else "-",
+                "message": (j.message or "").splitlines()[0][:60] if j.message else "",
+            }
+        )
     return rows
 
 

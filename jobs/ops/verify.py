@@ -45,9 +45,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from model.errors import M3Error
+from storage import slab as slabs
 from storage.bank import Bank, _decode, damaged_files, unreadable
 from storage.live import read_manifest
-from storage import slab as slabs
 
 _BATCH_BYTES = 16 << 20  # bytes per scanned batch (rows of the table's average size): bounded memory
 
@@ -125,8 +125,10 @@ def verify_bank(bank: Bank, build: str | None = None, quick: bool = False) -> di
                 if entry.get(key) and table in datasets:
                     have = _decode(datasets[table].schema.metadata).get(key)
                     if have != entry[key]:
-                        bad.append(f"its {key} {entry[key]!r} is not that of {table} version "
-                                   f"{datasets[table].version} ({have!r})")
+                        bad.append(
+                            f"its {key} {entry[key]!r} is not that of {table} version "
+                            f"{datasets[table].version} ({have!r})"
+                        )
         if bad:
             return False, f"{what}: {bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
         pinned = ", ".join(f"{n} v{datasets[n].version}" for n in versions if n in datasets)
@@ -154,8 +156,14 @@ def verify_bank(bank: Bank, build: str | None = None, quick: bool = False) -> di
         if "embeddings" in datasets and ref_ids is not None:  # refs unreadable: failed above
             run.add("embeddings ⊆ refs", lambda: _subset(datasets["embeddings"], ref_ids))
     failed = [c for c in run.checks if not c.ok]
-    return {"uri": bank.uri, "what": what, "quick": quick, "checks": [asdict(c) for c in run.checks],
-            "failed": len(failed), "seconds": round(time.perf_counter() - t0, 3)}
+    return {
+        "uri": bank.uri,
+        "what": what,
+        "quick": quick,
+        "checks": [asdict(c) for c in run.checks],
+        "failed": len(failed),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
 
 
 def _files(bank: Bank, name: str, ds) -> tuple[bool, str]:
@@ -174,8 +182,10 @@ def _files(bank: Bank, name: str, ds) -> tuple[bool, str]:
             except Exception as e:  # noqa: BLE001
                 return False, f"its file {name}.lance/data/{f.path} does not open ({_one_line(e)})"
             if n != md.physical_rows:
-                return False, (f"its file {name}.lance/data/{f.path} holds {n:,} rows, the table's manifest "
-                               f"says {md.physical_rows:,} (replaced)")
+                return False, (
+                    f"its file {name}.lance/data/{f.path} holds {n:,} rows, the table's manifest "
+                    f"says {md.physical_rows:,} (replaced)"
+                )
             files, size = files + 1, size + (f.file_size_bytes or 0)
     return True, f"{files} data file(s), {size:,} bytes, {ds.count_rows():,} rows"
 
@@ -189,8 +199,14 @@ def _slab_header(bank: Bank, ds):
     if rows == 0 or header is None:
         return True, "no slab for this version: readers use Lance", None
     if header.get("format") != slabs.FORMAT:
-        return True, (f"format {header.get('format')} slab (no per-row checksums): not read; the next "
-                      f"`m3 encode` or `m3 rebuild` writes it again"), None
+        return (
+            True,
+            (
+                f"format {header.get('format')} slab (no per-row checksums): not read; the next "
+                f"`m3 encode` or `m3 rebuild` writes it again"
+            ),
+            None,
+        )
     payload_bytes = len(ds.take([0], columns=["payload"]).column("payload")[0].as_py())
     header = slabs.check(bank, ds, _decode(ds.schema.metadata), payload_bytes, None, rows)
     slabs.read_crcs(bank, ds.version, header)
@@ -215,10 +231,13 @@ def _scan(bank: Bank, name: str, ds, header: dict | None):
     ids = []
     crcs = slabs.read_crcs(bank, ds.version, header) if name == "memories" and header else None
     digest = slabs.row_digest([], []) if crcs is not None else None
-    what = {"refs": "content_hash = token_hash(token_ids), n_tokens = len(token_ids)",
-            "documents": "content_hash = content_hash(text), n_chars = len(text)",
-            "memories": "payloads match the slab's crc32s and (ref_id, content_hash) its digest" if crcs is not None
-            else None}.get(name)
+    what = {
+        "refs": "content_hash = token_hash(token_ids), n_tokens = len(token_ids)",
+        "documents": "content_hash = content_hash(text), n_chars = len(text)",
+        "memories": "payloads match the slab's crc32s and (ref_id, content_hash) its digest"
+        if crcs is not None
+        else None,
+    }.get(name)
     try:
         for batch in ds.to_batches(batch_size=_batch_rows(ds)):
             n = batch.num_rows
@@ -228,18 +247,19 @@ def _scan(bank: Bank, name: str, ds, header: dict | None):
                 off = tok.offsets.to_numpy()
                 vals = tok.values.to_numpy(zero_copy_only=False)
                 hashes = batch.column("content_hash").to_pylist()
-                wrong = np.fromiter((token_hash(vals[off[i]:off[i + 1]]) != hashes[i] for i in range(n)), bool, n)
+                wrong = np.fromiter((token_hash(vals[off[i] : off[i + 1]]) != hashes[i] for i in range(n)), bool, n)
                 wrong |= np.diff(off) != batch.column("n_tokens").to_numpy(zero_copy_only=False)
             elif name == "documents":
                 text, hashes = batch.column("text").to_pylist(), batch.column("content_hash").to_pylist()
                 wrong = np.fromiter((content_hash(t) != h for t, h in zip(text, hashes)), bool, n)
-                wrong |= pc.utf8_length(batch.column("text")).to_numpy(zero_copy_only=False) != \
-                    batch.column("n_chars").to_numpy(zero_copy_only=False)
+                wrong |= pc.utf8_length(batch.column("text")).to_numpy(zero_copy_only=False) != batch.column(
+                    "n_chars"
+                ).to_numpy(zero_copy_only=False)
             elif name == "memories" and crcs is not None:
                 rid = batch.column("ref_id").to_pylist()
                 slabs.row_digest(rid, batch.column("content_hash").to_pylist(), digest)
                 block = slabs._fixed_rows(batch.column("payload"), int(header["payload_bytes"]), rid)
-                wrong = slabs.row_crcs(block) != crcs[rows:rows + n]
+                wrong = slabs.row_crcs(block) != crcs[rows : rows + n]
             else:
                 wrong = None
             if wrong is not None and wrong.any():
@@ -259,9 +279,11 @@ def _scan(bank: Bank, name: str, ds, header: dict | None):
     if rows != want_rows:
         return False, f"{rows:,} rows read, the table's manifest counts {want_rows:,}", got
     if bad:
-        check = {"refs": "content_hash or n_tokens does not match its token_ids",
-                 "documents": "content_hash or n_chars does not match its text",
-                 "memories": "payload differs from the crc32 written in the slab"}[name]
+        check = {
+            "refs": "content_hash or n_tokens does not match its token_ids",
+            "documents": "content_hash or n_chars does not match its text",
+            "memories": "payload differs from the crc32 written in the slab",
+        }[name]
         return False, f"{bad:,} row(s) whose {check} (first: row {first[0]}, {first[1]!r})", got
     if digest is not None and digest.hexdigest() != header["digest"]:
         return False, "(ref_id, content_hash) of the rows differ from the slab header's digest"
@@ -308,8 +330,11 @@ def require_intact(bank: Bank) -> None:
 def render(out: dict) -> str:
     checks = out["checks"]
     width = max([len(c["name"]) for c in checks] + [5]) + 2
-    lines = [f"bank {out['uri']}: {out['what']}{' (quick)' if out['quick'] else ''}", "",
-             f"{'check':<{width}}{'status':<8}{'s':>7}  detail"]
+    lines = [
+        f"bank {out['uri']}: {out['what']}{' (quick)' if out['quick'] else ''}",
+        "",
+        f"{'check':<{width}}{'status':<8}{'s':>7}  detail",
+    ]
     for c in checks:
         lines.append(f"{c['name']:<{width}}{'ok' if c['ok'] else 'FAILED':<8}{c['seconds']:>7.2f}  {c['detail']}")
     ok = len(checks) - out["failed"]

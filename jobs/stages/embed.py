@@ -36,18 +36,22 @@ import pyarrow.compute as pc
 
 from jobs.config import Config, config_hash
 from jobs.stages.runner import Reuse, ShardedStage, run_stage
-from pipelines.embedder import load_embedder
 from pipelines.embed_step import EMBEDDINGS_SCHEMA, EmbedShards
+from pipelines.embedder import load_embedder
 from storage.bank import Bank
 from storage.lexical import FTS_PARAMS, TEXT_COLUMN, build_fts_index, fts_info, retrieve, uses_text
-from storage.vectors import AnnParams, build_index
 from storage.lock import writes_bank
+from storage.vectors import AnnParams, build_index
 
 
 def embed_key(cfg: Config, bank: Bank, embedder) -> str:
     """What an embeddings table is a function of."""
-    parts = {"embedder": embedder.id, "refs": bank.metadata("refs").get("ingest_key"),
-             "refs_version": bank.table("refs").version, "per": cfg.retrieval.refs_per_shard}
+    parts = {
+        "embedder": embedder.id,
+        "refs": bank.metadata("refs").get("ingest_key"),
+        "refs_version": bank.table("refs").version,
+        "per": cfg.retrieval.refs_per_shard,
+    }
     if uses_text(cfg.retrieval.method):  # absent for vector: the keys of vector banks are as they were
         parts["fulltext"] = FTS_PARAMS
     return config_hash(parts)
@@ -57,6 +61,7 @@ def with_text_as_now(refs: lance.LanceDataset, text: bool):
     """Reuse.check of the embed stage: old rows copied into a table with (without) the text
     column get it from refs (lose it), so switching the method copies every vector instead of
     computing it again."""
+
     def check(old: lance.LanceDataset):
         if (TEXT_COLUMN in old.schema.names) == text:
             return None
@@ -69,7 +74,9 @@ def with_text_as_now(refs: lance.LanceDataset, text: bool):
             by_id = dict(zip(t.column("ref_id").to_pylist(), t.column(TEXT_COLUMN).to_pylist()))
             # a reference no longer in refs has no text; its row is not kept (keep_filter)
             return batch.append_column(TEXT_COLUMN, pa.array([by_id.get(r, "") for r in ids], pa.string()))
+
         return add
+
     return check
 
 
@@ -79,15 +86,29 @@ def embed_stage(cfg: Config, bank: Bank, embedder, label: str = "embed") -> Shar
     refs_meta, refs = bank.metadata("refs"), bank.dataset("refs")
     key = embed_key(cfg, bank, embedder)
     return ShardedStage(
-        name="embed", table="embeddings", key_field="embed_key", key=key, schema=EMBEDDINGS_SCHEMA(embedder.dim, text),
-        input_uri=refs.uri, n_rows=refs.count_rows(), rows_per_shard=r.refs_per_shard, actor=EmbedShards,
+        name="embed",
+        table="embeddings",
+        key_field="embed_key",
+        key=key,
+        schema=EMBEDDINGS_SCHEMA(embedder.dim, text),
+        input_uri=refs.uri,
+        n_rows=refs.count_rows(),
+        rows_per_shard=r.refs_per_shard,
+        actor=EmbedShards,
         actor_kw={"spec": r.embedder, "batch_size": r.batch_size, **({"text": True} if text else {})},
-        actors=r.actors, threads=r.threads_per_actor,
+        actors=r.actors,
+        threads=r.threads_per_actor,
         reuse=Reuse("embedder", embedder.id, check=with_text_as_now(refs, text)),
-        lineage=lambda files: {"stage": label, "embed_key": key, "embedder": embedder.lineage(),
-                               "tokenizer_hash": refs_meta.get("tokenizer_hash"),
-                               "ingest_key": refs_meta.get("ingest_key"), "config": cfg.as_dict(),
-                               **({"fulltext": {"column": TEXT_COLUMN, **FTS_PARAMS}} if text else {})})
+        lineage=lambda files: {
+            "stage": label,
+            "embed_key": key,
+            "embedder": embedder.lineage(),
+            "tokenizer_hash": refs_meta.get("tokenizer_hash"),
+            "ingest_key": refs_meta.get("ingest_key"),
+            "config": cfg.as_dict(),
+            **({"fulltext": {"column": TEXT_COLUMN, **FTS_PARAMS}} if text else {}),
+        },
+    )
 
 
 @writes_bank("embed")  # the bank's write lock (storage/lock.py), reentrant under m3 run / rebuild
@@ -114,10 +135,12 @@ def run_embed(cfg: Config, label: str = "embed", note: Callable[[str], None] = p
         out["version"] = bank.table("embeddings").version
     if text:  # the full-text index, one more commit: the version published has both indexes
         out.update(fulltext=build_fts_index(bank.table("embeddings")), version=bank.table("embeddings").version)
-    note(f"embed: {stage.n_rows:,} vectors ({embedder.id}, dim {embedder.dim}), {out['computed']:,} computed, "
-         f"as embeddings version {out['version']} in {out['seconds']:.1f} s "
-         f"({out['computed'] / max(out['compute_seconds'], 1e-9):,.1f} refs/s); index: {index.get('index') or index.get('reason')}"
-         + (f"; full-text index (BM25) on {out['fulltext']['rows']:,} texts" if text else ""))
+    note(
+        f"embed: {stage.n_rows:,} vectors ({embedder.id}, dim {embedder.dim}), {out['computed']:,} computed, "
+        f"as embeddings version {out['version']} in {out['seconds']:.1f} s "
+        f"({out['computed'] / max(out['compute_seconds'], 1e-9):,.1f} refs/s); index: {index.get('index') or index.get('reason')}"
+        + (f"; full-text index (BM25) on {out['fulltext']['rows']:,} texts" if text else "")
+    )
     return out
 
 
@@ -143,8 +166,9 @@ print(json.dumps(build_index(Bank(a["uri"]).table(a["table"]), a["n_rows"], thre
 def reproducible(n_rows: int, threshold: int, index_type: str) -> bool:
     """Whether `build_reproducible_index` gives the same index for the same vectors (exact search
     below the threshold has no index to differ)."""
-    return n_rows < threshold or (index_type == "IVF_HNSW_SQ"
-                                  and AnnParams.for_table(n_rows, 1, index_type).num_partitions == 1)
+    return n_rows < threshold or (
+        index_type == "IVF_HNSW_SQ" and AnnParams.for_table(n_rows, 1, index_type).num_partitions == 1
+    )
 
 
 def build_reproducible_index(bank: Bank, table: str, n_rows: int, threshold: int, index_type: str) -> dict:
@@ -155,14 +179,19 @@ def build_reproducible_index(bank: Bank, table: str, n_rows: int, threshold: int
         out = build_index(bank.table(table), n_rows, threshold=threshold, index_type=index_type)
         return {**out, "reproducible": reproducible(n_rows, threshold, index_type)}
     root = str(Path(__file__).resolve().parents[2])  # the project, importable in the child as here
-    env = {**os.environ, "RAYON_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
-    args = json.dumps({"uri": bank.uri, "table": table, "n_rows": int(n_rows), "threshold": int(threshold),
-                       "index_type": index_type})
+    env = {
+        **os.environ,
+        "RAYON_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
+    }
+    args = json.dumps(
+        {"uri": bank.uri, "table": table, "n_rows": int(n_rows), "threshold": int(threshold), "index_type": index_type}
+    )
     done = subprocess.run([sys.executable, "-c", _BUILD, args], env=env, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"building the {index_type} index of {table} failed (exit {done.returncode}): "
-                           f"{done.stderr.strip()[-2000:]}")
+        raise RuntimeError(
+            f"building the {index_type} index of {table} failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}"
+        )
     return {**json.loads(done.stdout.strip().splitlines()[-1]), "reproducible": True}
 
 
@@ -185,7 +214,9 @@ def search_text(cfg: Config, text: str, k: int = 5, exact: bool = False, bank: B
     hits = retrieve(method, [text], k, table=table, vector_hits=dense)[0]
     ids = [h[0] for h in hits]
     quoted = ", ".join("'" + i.replace("'", "''") + "'" for i in ids) or "''"
-    rows = bank.dataset("refs").to_table(columns=["ref_id", "doc_id", "text"], filter=f"ref_id IN ({quoted})").to_pylist()
+    rows = (
+        bank.dataset("refs").to_table(columns=["ref_id", "doc_id", "text"], filter=f"ref_id IN ({quoted})").to_pylist()
+    )
     by_id = {row["ref_id"]: row for row in rows}
     # score: cosine similarity (vector), BM25 (bm25) or the RRF sum (hybrid): storage/lexical.py
     return [{"rank": i + 1, "score": round(score, 4), **by_id[rid]} for i, (rid, score) in enumerate(hits)]

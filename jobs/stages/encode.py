@@ -35,13 +35,12 @@ from model.checkpoint import memory_reading, saved_hash
 from model.codecs import VQCodec, make_codec
 from pipelines.encode_step import EncodeShards, encode_tokens
 from storage.bank import Bank
-from storage.schemas import MEMORIES
-from storage.slab import (SlabCorrupt, SlabError, _fixed_rows, ensure_slab, open_slab, read_header, row_crcs,
-                          row_digest)
-from storage.staging import write_bytes_atomic, write_text_atomic
-from storage.warm import read_warm, warm_key
 from storage.layout import upath
 from storage.lock import writes_bank
+from storage.schemas import MEMORIES
+from storage.slab import SlabCorrupt, SlabError, _fixed_rows, ensure_slab, open_slab, read_header, row_crcs, row_digest
+from storage.staging import write_bytes_atomic, write_text_atomic
+from storage.warm import read_warm, warm_key
 
 
 def quantizer(cfg: Config, bank: Bank, mdir: Path, refs_uri: str, n_refs: int) -> dict:
@@ -50,8 +49,15 @@ def quantizer(cfg: Config, bank: Bank, mdir: Path, refs_uri: str, n_refs: int) -
     if cfg.encode.codec != "vq":
         return {}
     qdir = bank.layout.quantizers()
-    trained_from = config_hash({"model_hash": saved_hash(mdir), "refs_version": bank.table("refs").version,
-                                "spec": cfg.encode.vq_spec, "seed": cfg.encode.seed, "n": cfg.encode.vq_train_refs})
+    trained_from = config_hash(
+        {
+            "model_hash": saved_hash(mdir),
+            "refs_version": bank.table("refs").version,
+            "spec": cfg.encode.vq_spec,
+            "seed": cfg.encode.seed,
+            "n": cfg.encode.vq_train_refs,
+        }
+    )
     known = qdir / f"trained-from-{trained_from}.txt"
     if known.exists() and (qdir / f"{known.read_text().strip()}.faiss").exists():
         qhash = known.read_text().strip()
@@ -69,7 +75,7 @@ def quantizer(cfg: Config, bank: Bank, mdir: Path, refs_uri: str, n_refs: int) -
     shape = (m.n_mem_layers, 2, m.n_kv_heads, m.mem_top_k, m.head_dim)
     vectors = []
     for lo in range(0, len(tokens), 64):
-        payloads, _, _ = encode_tokens(model, raw, tokens[lo:lo + 64])
+        payloads, _, _ = encode_tokens(model, raw, tokens[lo : lo + 64])
         mems = raw.decode_batch(payloads, shape).numpy()
         vectors.append(mems.reshape(-1, m.head_dim))
     vq = VQCodec.train(np.concatenate(vectors), spec=cfg.encode.vq_spec, seed=cfg.encode.seed)
@@ -83,25 +89,48 @@ def quantizer(cfg: Config, bank: Bank, mdir: Path, refs_uri: str, n_refs: int) -
 def encode_key(cfg: Config, bank: Bank, mhash: str, codec_kw: dict) -> str:
     """What a memories table is a function of: same key, same table (the rebuild shares it, so
     `m3 encode` after a rebuild finds nothing to do)."""
-    return config_hash({"model_hash": mhash, "refs": bank.metadata("refs").get("ingest_key"),
-                        "refs_version": bank.table("refs").version, "codec": cfg.encode.codec,
-                        "quantizer": codec_kw.get("quantizer_hash"), "batch_size": cfg.encode.batch_size,
-                        "refs_per_shard": cfg.encode.refs_per_shard, **({"cold": True} if cfg.encode.cold else {})})
+    return config_hash(
+        {
+            "model_hash": mhash,
+            "refs": bank.metadata("refs").get("ingest_key"),
+            "refs_version": bank.table("refs").version,
+            "codec": cfg.encode.codec,
+            "quantizer": codec_kw.get("quantizer_hash"),
+            "batch_size": cfg.encode.batch_size,
+            "refs_per_shard": cfg.encode.refs_per_shard,
+            **({"cold": True} if cfg.encode.cold else {}),
+        }
+    )
 
 
 def memories_lineage(cfg: Config, key: str, mhash: str, mdir: Path, refs_meta: dict, codec_kw: dict) -> dict:
-    return {"stage": "encode", "encode_key": key, "model_hash": mhash, "model_dir": str(mdir),
-            "tokenizer_hash": refs_meta.get("tokenizer_hash"), "corpus_version": refs_meta.get("corpus_version"),
-            "ingest_key": refs_meta.get("ingest_key"), "codec": cfg.encode.codec,
-            "quantizer_hash": codec_kw.get("quantizer_hash"), "quantizer_path": codec_kw.get("quantizer"),
-            "sparsity": sparsity(cfg), "trained_to_read": memory_reading(mdir), "config": cfg.as_dict(),
-            "cold": cfg.encode.cold, "warm_key": warm_key(mhash, cfg.encode.codec, codec_kw.get("quantizer_hash"), sparsity(cfg))}
+    return {
+        "stage": "encode",
+        "encode_key": key,
+        "model_hash": mhash,
+        "model_dir": str(mdir),
+        "tokenizer_hash": refs_meta.get("tokenizer_hash"),
+        "corpus_version": refs_meta.get("corpus_version"),
+        "ingest_key": refs_meta.get("ingest_key"),
+        "codec": cfg.encode.codec,
+        "quantizer_hash": codec_kw.get("quantizer_hash"),
+        "quantizer_path": codec_kw.get("quantizer"),
+        "sparsity": sparsity(cfg),
+        "trained_to_read": memory_reading(mdir),
+        "config": cfg.as_dict(),
+        "cold": cfg.encode.cold,
+        "warm_key": warm_key(mhash, cfg.encode.codec, codec_kw.get("quantizer_hash"), sparsity(cfg)),
+    }
 
 
 def sparsity(cfg: Config) -> dict:
     m = cfg.model
-    return {"top_k": m.mem_top_k, "score_combine": m.score_combine, "n_mem_layers": m.n_mem_layers,
-            "ref_max_tokens": m.ref_max_tokens}
+    return {
+        "top_k": m.mem_top_k,
+        "score_combine": m.score_combine,
+        "n_mem_layers": m.n_mem_layers,
+        "ref_max_tokens": m.ref_max_tokens,
+    }
 
 
 def codec_args(cfg: Config, bank: Bank, mdir: Path) -> tuple[dict, bool]:
@@ -138,8 +167,13 @@ def checked_copy(bank: Bank, note: Callable[[str], None] = print):
         ids = old.to_table(columns=["ref_id", "content_hash"])
         nbytes = len(old.take([0], columns=["payload"]).column("payload")[0].as_py())
         try:
-            slab = open_slab(bank, old, _decode(old.schema.metadata), nbytes,
-                             row_digest(ids.column("ref_id").to_pylist(), ids.column("content_hash").to_pylist()).hexdigest())
+            slab = open_slab(
+                bank,
+                old,
+                _decode(old.schema.metadata),
+                nbytes,
+                row_digest(ids.column("ref_id").to_pylist(), ids.column("content_hash").to_pylist()).hexdigest(),
+            )
         except (SlabError, OSError):  # a slab that does not mirror this version, or its files cannot be read
             return None
         if getattr(slab, "crcs", None) is None:
@@ -149,20 +183,24 @@ def checked_copy(bank: Bank, note: Callable[[str], None] = print):
         def checked(batch: pa.RecordBatch, start: int) -> pa.RecordBatch:
             rid = batch.column("ref_id").to_pylist()
             block = _fixed_rows(batch.column("payload"), nbytes, rid)
-            bad = np.flatnonzero(row_crcs(block) != slab.crcs[start:start + batch.num_rows])
+            bad = np.flatnonzero(row_crcs(block) != slab.crcs[start : start + batch.num_rows])
             if not len(bad):
                 return batch
             rows = bad + start
             try:
                 repaired = slab.read(rows)
             except SlabCorrupt:
-                raise BankError(f"the memory of reference {rid[bad[0]]!r} (memories version {old.version}, row "
-                                f"{int(rows[0])}) is damaged in both Lance and the payload slab: it differs from the "
-                                f"checksum written with it; not copying it into a new version of memories (nothing "
-                                f"was published: the live build is intact); run `m3 bank verify`") from None
-            note(f"encode: {len(bad)} memory payload(s) of memories version {old.version} differ from their checksums "
-                 f"in Lance (first: reference {rid[bad[0]]!r}, row {int(rows[0])}): copied from the payload slab, "
-                 f"which holds them intact; run `m3 bank verify`")
+                raise BankError(
+                    f"the memory of reference {rid[bad[0]]!r} (memories version {old.version}, row "
+                    f"{int(rows[0])}) is damaged in both Lance and the payload slab: it differs from the "
+                    f"checksum written with it; not copying it into a new version of memories (nothing "
+                    f"was published: the live build is intact); run `m3 bank verify`"
+                ) from None
+            note(
+                f"encode: {len(bad)} memory payload(s) of memories version {old.version} differ from their checksums "
+                f"in Lance (first: reference {rid[bad[0]]!r}, row {int(rows[0])}): copied from the payload slab, "
+                f"which holds them intact; run `m3 bank verify`"
+            )
             payload = block.copy()
             payload[bad] = repaired
             at = batch.schema.get_field_index("payload")
@@ -181,13 +219,23 @@ def encode_stage(cfg: Config, bank: Bank, label: str = "encode", note: Callable[
     key = encode_key(cfg, bank, mhash, codec_kw)
     refs_meta, refs, e = bank.metadata("refs"), bank.dataset("refs"), cfg.encode
     return ShardedStage(
-        name="encode", table="memories", key_field="encode_key", key=key, schema=MEMORIES, input_uri=refs.uri,
-        n_rows=refs.count_rows(), rows_per_shard=e.refs_per_shard, actor=EncodeShards,
+        name="encode",
+        table="memories",
+        key_field="encode_key",
+        key=key,
+        schema=MEMORIES,
+        input_uri=refs.uri,
+        n_rows=refs.count_rows(),
+        rows_per_shard=e.refs_per_shard,
+        actor=EncodeShards,
         actor_kw={"model_dir": str(mdir), "codec": e.codec, "codec_kw": codec_kw, "batch_size": e.batch_size},
-        actors=e.actors, threads=e.threads_per_actor,
-        reuse=Reuse("model_hash", mhash, table_ok=reusable, check=checked_copy(bank, note)), compute=not e.cold,
+        actors=e.actors,
+        threads=e.threads_per_actor,
+        reuse=Reuse("model_hash", mhash, table_ok=reusable, check=checked_copy(bank, note)),
+        compute=not e.cold,
         extra=lambda: read_warm(bank, warm_key(mhash, e.codec, codec_kw.get("quantizer_hash"), sparsity(cfg)), mhash),
-        lineage=lambda files: {**memories_lineage(cfg, key, mhash, mdir, refs_meta, codec_kw), "stage": label})
+        lineage=lambda files: {**memories_lineage(cfg, key, mhash, mdir, refs_meta, codec_kw), "stage": label},
+    )
 
 
 def memories_slab(bank: Bank, version: int, note: Callable[[str], None]) -> str:
@@ -219,7 +267,9 @@ def run_encode(cfg: Config, label: str = "encode", note: Callable[[str], None] =
     out["slab"] = memories_slab(bank, out["version"], note)
     if out["status"] == "built":
         out["refs_per_s"] = round(out["computed"] / max(out["compute_seconds"], 1e-9), 1)
-        note(f"encode: {stage.n_rows - out.get('cold', 0):,} memories ({cfg.encode.codec}), {out['computed']:,} computed, as memories "
-             f"version {out['version']} in {out['seconds']:.1f} s ({out['refs_per_s']:,.0f} refs/s)"
-             + (f"; {out['cold']:,} reference(s) left cold (encode.cold)" if out.get("cold") else ""))
+        note(
+            f"encode: {stage.n_rows - out.get('cold', 0):,} memories ({cfg.encode.codec}), {out['computed']:,} computed, as memories "
+            f"version {out['version']} in {out['seconds']:.1f} s ({out['refs_per_s']:,.0f} refs/s)"
+            + (f"; {out['cold']:,} reference(s) left cold (encode.cold)" if out.get("cold") else "")
+        )
     return out

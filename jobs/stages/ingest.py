@@ -33,8 +33,8 @@ from upath import UPath
 
 from jobs.config import Config, chunking_key, config_hash
 from jobs.faults import maybe_kill_worker
-from jobs.stages.report import Report
 from jobs.runtime import init_ray
+from jobs.stages.report import Report
 from jobs.stages.runner import commit as commit_tables
 from jobs.stages.runner import pending, run_tasks, staging_dir
 from jobs.stages.runner import up_to_date as stage_current
@@ -42,12 +42,12 @@ from pipelines import assemble, memo, readers
 from pipelines.chunk_step import chunk_shard, seqs_path
 from pipelines.clean_step import clean_shard, docs_path
 from pipelines.dedup_step import dedup_partition, partition_output, resolve
-from pipelines.tokenizer import load as load_tokenizer
 from pipelines.tokenizer import check_special_tokens, from_json, tokenizer_hash, train_bpe
+from pipelines.tokenizer import load as load_tokenizer
 from storage.bank import Bank
+from storage.lock import writes_bank
 from storage.schemas import DOCUMENTS, REFS, SCHEMA_VERSION, TRAIN_SEQUENCES
 from storage.staging import iter_batches, remove, write_text_atomic
-from storage.lock import writes_bank
 
 TABLES = ("documents", "rejects", "refs", "train_sequences")
 
@@ -59,10 +59,20 @@ def plan(cfg: Config):
     counted = [readers.count_records(f, cfg.corpus.max_record_bytes) for f in files]
     counts = [n for n, _ in counted]
     corpus_version = hashlib.blake2b(
-        json.dumps([[Path(f.path).name, h] for f, (_, h) in zip(files, counted)]).encode(), digest_size=8).hexdigest()
-    key = config_hash({"corpus": cfg.corpus, "quality": cfg.quality, "bank_quality": cfg.bank_quality, "dedup": cfg.dedup,
-                       "tokenizer": cfg.tokenizer, "chunking": chunking_key(cfg.chunking),
-                       "corpus_version": corpus_version, "schema": SCHEMA_VERSION})
+        json.dumps([[Path(f.path).name, h] for f, (_, h) in zip(files, counted)]).encode(), digest_size=8
+    ).hexdigest()
+    key = config_hash(
+        {
+            "corpus": cfg.corpus,
+            "quality": cfg.quality,
+            "bank_quality": cfg.bank_quality,
+            "dedup": cfg.dedup,
+            "tokenizer": cfg.tokenizer,
+            "chunking": chunking_key(cfg.chunking),
+            "corpus_version": corpus_version,
+            "schema": SCHEMA_VERSION,
+        }
+    )
     shards = readers.plan_shards(files, counts, cfg.corpus.records_per_shard)
     return files, counts, corpus_version, key, shards
 
@@ -77,11 +87,26 @@ def memo_keys(cfg: Config, tokenizer_hash: str | None = None) -> dict[str, str]:
     (where a key is grouped, not what it is); the chunk step's is the tokenizer's hash, not
     its path, so a pinned tokenizer reuses the memo of the build that trained it."""
     dedup = {"exact": cfg.dedup.exact, "near": cfg.dedup.near, "minhash": cfg.dedup.minhash}
-    keys = {"clean": config_hash({"quality": cfg.quality, "bank_quality": cfg.bank_quality, "dedup": dedup,
-                                  "code": memo.CODE, "schema": SCHEMA_VERSION})}
+    keys = {
+        "clean": config_hash(
+            {
+                "quality": cfg.quality,
+                "bank_quality": cfg.bank_quality,
+                "dedup": dedup,
+                "code": memo.CODE,
+                "schema": SCHEMA_VERSION,
+            }
+        )
+    }
     if tokenizer_hash is not None:
-        keys["chunk"] = config_hash({"tokenizer": tokenizer_hash, "chunking": chunking_key(cfg.chunking, packing=False),
-                                     "code": memo.CODE, "schema": SCHEMA_VERSION})
+        keys["chunk"] = config_hash(
+            {
+                "tokenizer": tokenizer_hash,
+                "chunking": chunking_key(cfg.chunking, packing=False),
+                "code": memo.CODE,
+                "schema": SCHEMA_VERSION,
+            }
+        )
     return keys
 
 
@@ -102,8 +127,17 @@ def clean_and_dedup(cfg: Config, bank: Bank, files, shards, stage_dir: UPath, re
 
         def clean(shard):
             maybe_kill_worker(f"clean-{shard.shard_id}")
-            return clean_shard(shard, files, cfg.corpus, cfg.quality, cfg.dedup, stage_dir, cfg.bank_quality,
-                               memo_src=src, memo_dst=dst)
+            return clean_shard(
+                shard,
+                files,
+                cfg.corpus,
+                cfg.quality,
+                cfg.dedup,
+                stage_dir,
+                cfg.bank_quality,
+                memo_src=src,
+                memo_dst=dst,
+            )
 
         _memo_hits("clean", run_tasks("clean", todo, clean, report.note), report)
 
@@ -123,12 +157,15 @@ def refuse_without_documents(cfg: Config, stage_dir: UPath, shard_ids: list[str]
     reasons = assemble.reason_counts(iter_batches(assemble.staged(stage_dir, "rejects", shard_ids), columns=["reason"]))
     remove(stage_dir)
     why = ", ".join(f"{reason} {n:,}" for reason, n in reasons.items())
-    raise readers.InputError(f"the corpus at {', '.join(cfg.corpus.paths)} yielded 0 documents: its {records:,} "
-                             f"record(s) were all rejected ({why}); nothing written")
+    raise readers.InputError(
+        f"the corpus at {', '.join(cfg.corpus.paths)} yielded 0 documents: its {records:,} "
+        f"record(s) were all rejected ({why}); nothing written"
+    )
 
 
-def tokenizer_for(cfg: Config, bank: Bank, stage_dir: UPath, shard_ids: list[str], dup_ranks,
-                  report: Report) -> tuple[str, UPath]:
+def tokenizer_for(
+    cfg: Config, bank: Bank, stage_dir: UPath, shard_ids: list[str], dup_ranks, report: Report
+) -> tuple[str, UPath]:
     """Stage 3: train (or load) the tokenizer once; returns its JSON and its path in the bank."""
     with report.stage("tokenize"):
         tok_file = stage_dir / "tokenizer.json"
@@ -138,7 +175,8 @@ def tokenizer_for(cfg: Config, bank: Bank, stage_dir: UPath, shard_ids: list[str
             else:
                 texts = assemble.kept_texts(stage_dir, shard_ids, dup_ranks)
                 tok = check_special_tokens(
-                    train_bpe(texts, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency), "trained tokenizer")
+                    train_bpe(texts, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency), "trained tokenizer"
+                )
             write_text_atomic(tok_file, tok.to_str())
         tok_json = tok_file.read_text(encoding="utf-8")
         # Later stages find the tokenizer by its hash, next to the tables it produced.
@@ -148,8 +186,7 @@ def tokenizer_for(cfg: Config, bank: Bank, stage_dir: UPath, shard_ids: list[str
         return tok_json, bank_tok
 
 
-def commit(bank: Bank, stage_dir: UPath, shard_ids: list[str], dedup, lineage: dict,
-           report: Report) -> dict[str, int]:
+def commit(bank: Bank, stage_dir: UPath, shard_ids: list[str], dedup, lineage: dict, report: Report) -> dict[str, int]:
     """Stage 5: one new version per table, through the runner's commit (a table already
     committed for this key is kept). Returns the version of each table, written or found
     committed (what a rebuild publishes)."""
@@ -171,13 +208,19 @@ def run_ingest(cfg: Config) -> dict:
     files, counts, corpus_version, key, shards = plan(cfg)
     bank = Bank.of(cfg)
     if up_to_date(bank, key):
-        print(f"ingest: tables in {bank.uri} are up to date for this corpus and config "
-              f"(ingest key {key}); nothing to do")
+        print(
+            f"ingest: tables in {bank.uri} are up to date for this corpus and config (ingest key {key}); nothing to do"
+        )
         return {"status": "up_to_date", "ingest_key": key, "versions": {t: bank.table(t).version for t in TABLES}}
     stage_dir = staging_dir(bank, "ingest", key)
     shard_ids = [s.shard_id for s in shards]
-    report.set(records_read=sum(counts), files=len(files), shards=len(shards), ingest_key=key,
-               input_bytes=sum(Path(f.path).stat().st_size for f in files))
+    report.set(
+        records_read=sum(counts),
+        files=len(files),
+        shards=len(shards),
+        ingest_key=key,
+        input_bytes=sum(Path(f.path).stat().st_size for f in files),
+    )
     report.file_roles = [f.role for f in files]  # the report counts per source role (corpus.roles)
     init_ray(cfg.ray, dashboard=False)  # plain tasks: no State API read
 
@@ -188,12 +231,33 @@ def run_ingest(cfg: Config) -> dict:
     with report.stage("chunk"):
         todo = pending(shard_ids, lambda s: seqs_path(stage_dir, s))
         src, dst = memo.source(bank, "chunk", keys["chunk"]), memo.target(bank, key, "chunk")
-        _memo_hits("chunk", run_tasks("chunk", todo, lambda s: chunk_shard(
-            s, stage_dir, tok_json, dedup[0], cfg.chunking, memo_src=src, memo_dst=dst,
-            align=cfg.model.mem_chunk_size if cfg.chunking.align_docs else 0), report.note), report)
-    lineage = {"stage": "ingest", "ingest_key": key, "corpus_version": corpus_version,
-               "tokenizer_hash": bank_tok.stem,  # tokenizers/<hash>.json
-               "tokenizer_path": bank.layout.relative(bank_tok), "config": cfg.as_dict()}
+        _memo_hits(
+            "chunk",
+            run_tasks(
+                "chunk",
+                todo,
+                lambda s: chunk_shard(
+                    s,
+                    stage_dir,
+                    tok_json,
+                    dedup[0],
+                    cfg.chunking,
+                    memo_src=src,
+                    memo_dst=dst,
+                    align=cfg.model.mem_chunk_size if cfg.chunking.align_docs else 0,
+                ),
+                report.note,
+            ),
+            report,
+        )
+    lineage = {
+        "stage": "ingest",
+        "ingest_key": key,
+        "corpus_version": corpus_version,
+        "tokenizer_hash": bank_tok.stem,  # tokenizers/<hash>.json
+        "tokenizer_path": bank.layout.relative(bank_tok),
+        "config": cfg.as_dict(),
+    }
     versions = commit(bank, stage_dir, shard_ids, dedup, lineage, report)
     memo.publish(bank, key, keys, shard_ids)  # after the commit: a crash before keeps the old memo
     summary = {**report.finish(bank, cfg), "versions": versions}  # the versions this ingest wrote or found

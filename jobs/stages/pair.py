@@ -29,8 +29,8 @@ from pipelines.pair_step import PairShards
 from pipelines.train_data import NEIGHBORS
 from storage.bank import Bank, BankError
 from storage.lexical import require_fts, uses_vectors
-from storage.staging import read_table
 from storage.lock import writes_bank
+from storage.staging import read_table
 
 INPUTS = ("train_sequences", "refs", "embeddings")
 
@@ -42,8 +42,10 @@ def _inputs(bank: Bank) -> dict[str, dict]:
     ingest = meta["train_sequences"].get("ingest_key")
     for name in ("refs", "embeddings"):
         if meta[name].get("ingest_key") != ingest:
-            raise BankError(f"{name} was built from ingest {meta[name].get('ingest_key')}, train_sequences "
-                            f"from ingest {ingest}: rerun `{Bank.MADE_BY[name]}`")
+            raise BankError(
+                f"{name} was built from ingest {meta[name].get('ingest_key')}, train_sequences "
+                f"from ingest {ingest}: rerun `{Bank.MADE_BY[name]}`"
+            )
     if "embed_key" not in meta["embeddings"] or "embedder" not in meta["embeddings"]:
         raise BankError("the embeddings table records no embed_key/embedder in its lineage: rerun `m3 embed`")
     return meta
@@ -53,10 +55,15 @@ def pair_key(bank: Bank, meta: dict[str, dict], pc: PairConfig, method: str = "v
     """What the neighbors depend on: the inputs' provenance and versions, the pairing knobs and
     the retrieval method."""
     seq_meta = meta["train_sequences"]
-    parts = {"ingest_key": seq_meta.get("ingest_key"), "tokenizer_hash": seq_meta.get("tokenizer_hash"),
-             "seqs_version": bank.table("train_sequences").version,
-             "refs_version": bank.table("refs").version, "embed_key": meta["embeddings"]["embed_key"],
-             "embeddings_version": bank.table("embeddings").version, "pair": pc.output_knobs()}
+    parts = {
+        "ingest_key": seq_meta.get("ingest_key"),
+        "tokenizer_hash": seq_meta.get("tokenizer_hash"),
+        "seqs_version": bank.table("train_sequences").version,
+        "refs_version": bank.table("refs").version,
+        "embed_key": meta["embeddings"]["embed_key"],
+        "embeddings_version": bank.table("embeddings").version,
+        "pair": pc.output_knobs(),
+    }
     if method != "vector":  # absent for vector: the keys of tables paired before the method existed hold
         parts["method"] = method
     return config_hash(parts)
@@ -84,19 +91,45 @@ def pair_stage(cfg: Config, bank: Bank) -> tuple[ShardedStage, str]:
     seqs = bank.dataset("train_sequences")
 
     def lineage(files: list[Path]) -> dict:
-        return {"stage": "pair", "pair_key": key, "ingest_key": seq_meta.get("ingest_key"),
-                "tokenizer_hash": seq_meta.get("tokenizer_hash"), "chunk_size": pc.chunk_size,
-                "max_tokens": pc.max_tokens, "per_chunk": pc.per_chunk,
-                "exclude_own_docs": pc.exclude_own_docs, "leakage": "whole-sequence",
-                "embed_key": emb_meta["embed_key"], "embedder": emb_meta["embedder"].get("embedder"),
-                "method": method, "pair": vars(pc), "counts": _counts(files), "config": cfg.as_dict()}
+        return {
+            "stage": "pair",
+            "pair_key": key,
+            "ingest_key": seq_meta.get("ingest_key"),
+            "tokenizer_hash": seq_meta.get("tokenizer_hash"),
+            "chunk_size": pc.chunk_size,
+            "max_tokens": pc.max_tokens,
+            "per_chunk": pc.per_chunk,
+            "exclude_own_docs": pc.exclude_own_docs,
+            "leakage": "whole-sequence",
+            "embed_key": emb_meta["embed_key"],
+            "embedder": emb_meta["embedder"].get("embedder"),
+            "method": method,
+            "pair": vars(pc),
+            "counts": _counts(files),
+            "config": cfg.as_dict(),
+        }
 
     stage = ShardedStage(
-        name="pair", table="neighbors", key_field="pair_key", key=key, schema=NEIGHBORS, input_uri=seqs.uri,
-        n_rows=seqs.count_rows(), rows_per_shard=pc.seqs_per_shard, actor=PairShards,
-        actor_kw={"bank": bank, "embedder_spec": spec, "cfg": pc, "method": method,
-                  "tokenizer_path": str(bank.layout.path(tok_rel))},
-        actors=pc.actors, threads=pc.threads_per_actor, lineage=lineage)
+        name="pair",
+        table="neighbors",
+        key_field="pair_key",
+        key=key,
+        schema=NEIGHBORS,
+        input_uri=seqs.uri,
+        n_rows=seqs.count_rows(),
+        rows_per_shard=pc.seqs_per_shard,
+        actor=PairShards,
+        actor_kw={
+            "bank": bank,
+            "embedder_spec": spec,
+            "cfg": pc,
+            "method": method,
+            "tokenizer_path": str(bank.layout.path(tok_rel)),
+        },
+        actors=pc.actors,
+        threads=pc.threads_per_actor,
+        lineage=lineage,
+    )
     return stage, ranker
 
 
@@ -105,15 +138,19 @@ def run_pair(cfg: Config, note: Callable[[str], None] = print) -> dict:
     pc = cfg.pair
     bank = Bank.of(cfg)
     stage, embedder = pair_stage(cfg, bank)
-    note(f"pair: {stage.n_rows:,} sequences, {pc.chunk_size}-token chunks, top {pc.k} by {embedder}, "
-         f"max overlap {pc.max_overlap}")
+    note(
+        f"pair: {stage.n_rows:,} sequences, {pc.chunk_size}-token chunks, top {pc.k} by {embedder}, "
+        f"max overlap {pc.max_overlap}"
+    )
     out = run_stage(stage, bank, cfg.ray, note)
     if out["status"] == "up_to_date":
         return out
     counts = bank.metadata("neighbors")["counts"]
-    note(f"pair: {counts['chunks']:,} chunks of {stage.n_rows:,} sequences, {counts['with_neighbor']:,} with a "
-         f"neighbor, {counts['dropped']:,} candidate(s) dropped by the overlap filter; neighbors version "
-         f"{out['version']} in {out['seconds']:.1f} s")
+    note(
+        f"pair: {counts['chunks']:,} chunks of {stage.n_rows:,} sequences, {counts['with_neighbor']:,} with a "
+        f"neighbor, {counts['dropped']:,} candidate(s) dropped by the overlap filter; neighbors version "
+        f"{out['version']} in {out['seconds']:.1f} s"
+    )
     return {**out, "sequences": stage.n_rows, **counts}
 
 

@@ -98,9 +98,13 @@ class Report:
         for role in ROLES:
             mine = doc_roles == role
             if role in self.file_roles:
-                out[role] = {"files": self.file_roles.count(role), "documents": int(mine.sum()),
-                             "in_bank": int((mine & in_bank).sum()), "in_training": int((mine & in_training).sum()),
-                             "rejected": int((reject_roles == role).sum())}
+                out[role] = {
+                    "files": self.file_roles.count(role),
+                    "documents": int(mine.sum()),
+                    "in_bank": int((mine & in_bank).sum()),
+                    "in_training": int((mine & in_training).sum()),
+                    "rejected": int((reject_roles == role).sum()),
+                }
         return out
 
 
@@ -121,9 +125,11 @@ def render(s: dict) -> str:
         f"of the records read; {s['bank_only_documents']:,} only in the bank, not in training)",
     ]
     if set(s.get("by_role") or {}) - {"both"}:  # a corpus of both-role sources says nothing new here
-        lines += [f"  {'from ' + ROLE_NAMES[role]:<18}{r['documents']:>10,}   documents ({r['in_bank']:,} in the bank, "
-                  f"{r['in_training']:,} in training; {r['rejected']:,} rejected; {r['files']} file(s))"
-                  for role, r in s["by_role"].items()]
+        lines += [
+            f"  {'from ' + ROLE_NAMES[role]:<18}{r['documents']:>10,}   documents ({r['in_bank']:,} in the bank, "
+            f"{r['in_training']:,} in training; {r['rejected']:,} rejected; {r['files']} file(s))"
+            for role, r in s["by_role"].items()
+        ]
     lines += [
         f"  references        {s['references']:>10,}   ({s['reference_tokens']:,} tokens)",
         f"  train sequences   {s['train_sequences']:>10,}",

@@ -56,9 +56,10 @@ from storage.staging import iter_batches, remove, write_text_atomic
 @dataclass(frozen=True)
 class Reuse:
     """How the old rows of a table derived from `refs` are kept (see the module docstring)."""
-    producer_column: str            # "model_hash", "embedder": who made a row
-    producer: str                   # the current producer; rows of another are recomputed
-    table_ok: bool = True           # table-level settings (codec, quantizer, sparsity) unchanged
+
+    producer_column: str  # "model_hash", "embedder": who made a row
+    producer: str  # the current producer; rows of another are recomputed
+    table_ok: bool = True  # table-level settings (codec, quantizer, sparsity) unchanged
     # given the old table: None, or a function (batch of old rows, its first row) -> the batch to
     # copy, which checks the rows before they are copied into the new version (encode: against
     # the checksums of the old version's payload slab); None: rows are copied as read
@@ -67,24 +68,24 @@ class Reuse:
 
 @dataclass
 class ShardedStage:
-    name: str                       # staging prefix, tag prefix, crash point and progress label
-    table: str                      # the table it writes
-    key_field: str                  # the lineage field holding its key ("encode_key")
+    name: str  # staging prefix, tag prefix, crash point and progress label
+    table: str  # the table it writes
+    key_field: str  # the lineage field holding its key ("encode_key")
     key: str
     schema: pa.Schema
-    input_uri: str                  # the Lance dataset whose row ranges are the shards
+    input_uri: str  # the Lance dataset whose row ranges are the shards
     n_rows: int
     rows_per_shard: int
-    actor: type                     # a ShardActor: actor(input_uri=, stage_dir=, threads=, **actor_kw)
+    actor: type  # a ShardActor: actor(input_uri=, stage_dir=, threads=, **actor_kw)
     actor_kw: dict
     actors: int
     threads: int
-    lineage: Callable[[list[UPath]], dict]      # given the staged files, in shard order
+    lineage: Callable[[list[UPath]], dict]  # given the staged files, in shard order
     reuse: Reuse | None = None
     tag: bool = True
     # rows made elsewhere, reused like old rows (same ref_id, content hash and producer), read once
     extra: Callable[[], pa.Table | None] | None = None
-    compute: bool = True            # False: rows not reused are not computed (left cold)
+    compute: bool = True  # False: rows not reused are not computed (left cold)
 
 
 def up_to_date(bank: Bank, tables: tuple[str, ...] | list[str], key_field: str, key: str) -> bool:
@@ -148,8 +149,13 @@ def run_tasks(name: str, items: list, fn: Callable[[Any], Any], note: Callable[[
     return results
 
 
-def commit(bank: Bank, tables: dict[str, tuple[pa.Schema, Callable[[], Iterator[pa.RecordBatch]]]], lineage: dict,
-           key_field: str, crash: str | None = None) -> dict[str, int]:
+def commit(
+    bank: Bank,
+    tables: dict[str, tuple[pa.Schema, Callable[[], Iterator[pa.RecordBatch]]]],
+    lineage: dict,
+    key_field: str,
+    crash: str | None = None,
+) -> dict[str, int]:
     """One new version of each table, its rows streamed from `tables[name]` = (schema, batches);
     a table already committed with this key (`lineage[key_field]`) is kept, so a crash between
     two tables' commits neither loses nor doubles rows. Returns each table's version, written or
@@ -185,8 +191,15 @@ def run_stage(stage: ShardedStage, bank: Bank, ray: RayConfig, note: Callable[[s
     t0 = time.time()
     if up_to_date(bank, [stage.table], stage.key_field, stage.key):
         note(f"{stage.name}: {stage.table} in {bank.uri} is up to date ({stage.key_field} {stage.key}); nothing to do")
-        return {"status": "up_to_date", stage.key_field: stage.key, "version": bank.table(stage.table).version,
-                "added": 0, "changed": 0, "removed": 0, "unchanged": stage.n_rows}
+        return {
+            "status": "up_to_date",
+            stage.key_field: stage.key,
+            "version": bank.table(stage.table).version,
+            "added": 0,
+            "changed": 0,
+            "removed": 0,
+            "unchanged": stage.n_rows,
+        }
     old = bank.dataset(stage.table) if stage.reuse is not None and bank.has(stage.table) else None
     extra = stage.extra() if stage.extra is not None else None
     extra = extra if extra is not None and extra.num_rows else None
@@ -198,18 +211,30 @@ def run_stage(stage: ShardedStage, bank: Bank, ray: RayConfig, note: Callable[[s
     input_uri = stage.input_uri
     prior = old is not None or extra is not None
     if prior and len(delta.compute_rows) < stage.n_rows:
-        input_uri = _delta_input(lance.dataset(stage.input_uri), delta.compute_rows, list(stage.actor.columns),
-                                 stage_dir / "delta.lance")
+        input_uri = _delta_input(
+            lance.dataset(stage.input_uri), delta.compute_rows, list(stage.actor.columns), stage_dir / "delta.lance"
+        )
     n = len(delta.compute_rows) if delta is not None else stage.n_rows
     shards = row_shards(n, stage.rows_per_shard)
     todo = pending(shards, lambda s: staged_file(stage_dir, stage.name, s[0]))
     counts = delta.counts() if delta is not None else {}
-    note(f"{stage.name}: {n:,} of {stage.n_rows:,} row(s) to compute"
-         + (f" ({_describe(counts)})" if prior else "") + (f", {cold:,} left cold" if cold else "")
-         + f"; {len(shards) - len(todo)} of {len(shards)} shard(s) done")
+    note(
+        f"{stage.name}: {n:,} of {stage.n_rows:,} row(s) to compute"
+        + (f" ({_describe(counts)})" if prior else "")
+        + (f", {cold:,} left cold" if cold else "")
+        + f"; {len(shards) - len(todo)} of {len(shards)} shard(s) done"
+    )
     kw = dict(stage.actor_kw, stage_dir=str(stage_dir), input_uri=input_uri)
-    _run_shards(stage.name, ray, todo, stage.actor, in_process=prior and len(todo) == 1,
-                actors=stage.actors, threads=stage.threads, **kw)
+    _run_shards(
+        stage.name,
+        ray,
+        todo,
+        stage.actor,
+        in_process=prior and len(todo) == 1,
+        actors=stage.actors,
+        threads=stage.threads,
+        **kw,
+    )
     t_compute = time.time() - t0
     files = [staged_file(stage_dir, stage.name, i) for i, _, _ in shards]
     lineage = {**stage.lineage(files), stage.key_field: stage.key}
@@ -227,9 +252,16 @@ def run_stage(stage: ShardedStage, bank: Bank, ray: RayConfig, note: Callable[[s
     if stage.tag:
         bank.tag(stage.table, f"{stage.name}-{stage.key}", version)
     remove(stage_dir)
-    return {"status": "built", stage.key_field: stage.key, "version": version, "computed": n, "cold": cold,
-            **(counts or {"added": n, "changed": 0, "removed": 0, "unchanged": 0}),
-            "compute_seconds": round(t_compute, 3), "seconds": round(time.time() - t0, 3)}
+    return {
+        "status": "built",
+        stage.key_field: stage.key,
+        "version": version,
+        "computed": n,
+        "cold": cold,
+        **(counts or {"added": n, "changed": 0, "removed": 0, "unchanged": 0}),
+        "compute_seconds": round(t_compute, 3),
+        "seconds": round(time.time() - t0, 3),
+    }
 
 
 def _describe(counts: dict) -> str:
@@ -244,12 +276,14 @@ def _plan(stage: ShardedStage, old: lance.LanceDataset | None, extra: pa.Table |
         return plan_delta(refs, None)
     r = stage.reuse
     cols = ["ref_id", "content_hash", r.producer_column]
-    parts = ([old.to_table(columns=cols)] if old is not None else []) + ([extra.select(cols)] if extra is not None else [])
+    parts = ([old.to_table(columns=cols)] if old is not None else []) + (
+        [extra.select(cols)] if extra is not None else []
+    )
     old_cols = pa.concat_tables([p.cast(parts[0].schema) for p in parts])
     producer = old_cols.column(r.producer_column).to_numpy(zero_copy_only=False)
     ok = producer == r.producer
     if not r.table_ok:  # a table-level mismatch (another quantizer, another sparsity) reuses no old row
-        ok[:old.count_rows() if old is not None else 0] = False  # (extra rows are made for this table)
+        ok[: old.count_rows() if old is not None else 0] = False  # (extra rows are made for this table)
     return plan_delta(refs, old_cols, pa.array(ok, pa.bool_()))
 
 
@@ -266,7 +300,7 @@ def _delta_input(refs: lance.LanceDataset, rows, columns: list[str], path: UPath
 
     def batches():
         for lo in range(0, len(rows), 4096):
-            for batch in refs.take(rows[lo:lo + 4096], columns=columns).to_batches():
+            for batch in refs.take(rows[lo : lo + 4096], columns=columns).to_batches():
                 yield pa.RecordBatch.from_arrays(batch.columns, schema=schema)  # drops the table's metadata
 
     lance.write_dataset(pa.RecordBatchReader.from_batches(schema, batches()), str(path), mode="overwrite")
@@ -279,8 +313,9 @@ def _without_compute(delta: Delta) -> Delta:
     return Delta(np.array([], dtype=np.int64), delta.keep_ids, delta.added, delta.changed, delta.removed)
 
 
-def _copied(old: lance.LanceDataset | None, extra: pa.Table | None, delta: Delta, reuse: Reuse,
-            schema: pa.Schema, refs_uri: str) -> Iterator[pa.RecordBatch]:
+def _copied(
+    old: lance.LanceDataset | None, extra: pa.Table | None, delta: Delta, reuse: Reuse, schema: pa.Schema, refs_uri: str
+) -> Iterator[pa.RecordBatch]:
     """The old rows that are kept, a batch at a time (the bulk of the table is never in memory),
     then the kept rows made elsewhere (`extra`) for references the old table did not give; one
     row per reference."""
@@ -301,13 +336,16 @@ def _copied(old: lance.LanceDataset | None, extra: pa.Table | None, delta: Delta
     refs = refs.filter(pc.is_in(refs.column("ref_id"), value_set=keep))
     want = ref_key(refs.column("ref_id"), refs.column("content_hash"))
     seen: set[str] = set()
-    sources = ([_old_batches(old, reuse)] if old is not None and reuse.table_ok else []) \
-        + [extra.to_batches(max_chunksize=4096)]
+    sources = ([_old_batches(old, reuse)] if old is not None and reuse.table_ok else []) + [
+        extra.to_batches(max_chunksize=4096)
+    ]
     for batches in sources:
         for batch in batches:
             batch = batch.select(schema.names)
-            mask = pc.and_(pc.is_in(ref_key(batch.column("ref_id"), batch.column("content_hash")), value_set=want),
-                           pc.equal(batch.column(reuse.producer_column), reuse.producer))
+            mask = pc.and_(
+                pc.is_in(ref_key(batch.column("ref_id"), batch.column("content_hash")), value_set=want),
+                pc.equal(batch.column(reuse.producer_column), reuse.producer),
+            )
             kept = batch.filter(mask)
             ids = kept.column("ref_id").to_pylist()
             fresh = [i for i, r in enumerate(ids) if r not in seen and not seen.add(r)]
@@ -324,8 +362,9 @@ def _old_batches(old: lance.LanceDataset, reuse: Reuse) -> Iterator[pa.RecordBat
         start += batch.num_rows
 
 
-def _run_shards(name: str, ray: RayConfig, todo: list, actor_cls, *, in_process: bool, actors: int,
-                threads: int, **kw) -> None:
+def _run_shards(
+    name: str, ray: RayConfig, todo: list, actor_cls, *, in_process: bool, actors: int, threads: int, **kw
+) -> None:
     """The shards through a Ray Data actor pool, or, for a one-shard update, through the same
     class called here: for the few references a small corpus change leaves, starting an actor
     pool (a process importing torch and loading the model) costs more than the work. Same code,
@@ -333,7 +372,7 @@ def _run_shards(name: str, ray: RayConfig, todo: list, actor_cls, *, in_process:
     if not todo:
         return
     if in_process:
-        (i, a, b), = todo
+        ((i, a, b),) = todo
         actor_cls(threads=threads, **kw)({"shard": [i], "start": [a], "end": [b]})
         maybe_crash(name, 1)
         return

@@ -14,7 +14,9 @@ def memory_codec(cfg, tc: TrainConfig):
     from model.codecs import make_codec
 
     if cfg.encode.codec == "vq":
-        raise ConfigError("train.through_codec: encode.codec 'vq' trains its quantizer on the finished "
-                          "model's memories, so training cannot pass memories through it; expected "
-                          "through_codec false, or a raw or int8 codec")
+        raise ConfigError(
+            "train.through_codec: encode.codec 'vq' trains its quantizer on the finished "
+            "model's memories, so training cannot pass memories through it; expected "
+            "through_codec false, or a raw or int8 codec"
+        )
     return make_codec(cfg.encode.codec)

@@ -65,8 +65,10 @@ class LogFollower:
 
 def progress_line(stage: str, row: dict, total: int) -> str:
     hits = f" memory hits {row['memory_hits']}/{row['chunks']}" if stage == "continual" else ""
-    return (f"train {stage} [{row['step']}/{total}] loss {row['loss']:.4f} lr {row['lr']:.2e} "
-            f"{row['tokens_per_s']:,.0f} tok/s{hits}")
+    return (
+        f"train {stage} [{row['step']}/{total}] loss {row['loss']:.4f} lr {row['lr']:.2e} "
+        f"{row['tokens_per_s']:,.0f} tok/s{hits}"
+    )
 
 
 # A stage drawn beside another instead of after it: the equal-compute control trains the
@@ -100,8 +102,12 @@ def plot_losses(logs: dict[str, list[dict]], path: Path) -> Path | None:
     starts = curve_starts(logs)
     for stage, rows in logs.items():
         if rows:
-            ax.plot([starts[stage] + r["step"] for r in rows], [r["loss"] for r in rows],
-                    label=LABELS.get(stage, stage), linestyle="--" if stage in BESIDE else "-")
+            ax.plot(
+                [starts[stage] + r["step"] for r in rows],
+                [r["loss"] for r in rows],
+                label=LABELS.get(stage, stage),
+                linestyle="--" if stage in BESIDE else "-",
+            )
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.legend()

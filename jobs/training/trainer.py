@@ -29,10 +29,10 @@ import time
 from pathlib import Path
 
 from jobs.config import ConfigError
-from jobs.faults import maybe_crash, maybe_pause
-from jobs.runtime import NODE_LOSS_RETRIES, node_lost
 from jobs.config.train import TrainConfig
+from jobs.faults import maybe_crash, maybe_pause
 from jobs.models import warmup_model_dir
+from jobs.runtime import NODE_LOSS_RETRIES, node_lost
 from jobs.training.codec import memory_codec
 from jobs.training.log import LogFollower, open_log, plot_losses, progress_line, read_rows
 from model.errors import M3Error
@@ -56,19 +56,22 @@ def check_stage(cfg, bank: Bank, tc: TrainConfig, stage: str) -> None:
     if stage != "warmup":  # continual and its control start from the warmup model
         src = warmup_model_dir(bank, tc)
         if not (src / WEIGHTS_FILE).exists():
-            raise BankError(f"{stage} training starts from the warmup model, but {src} holds no "
-                            f"{WEIGHTS_FILE}: run `m3 train --stage warmup` first")
+            raise BankError(
+                f"{stage} training starts from the warmup model, but {src} holds no "
+                f"{WEIGHTS_FILE}: run `m3 train --stage warmup` first"
+            )
         _check_resume_start(bank, tc, src, stage)
     if tc.with_memory(stage):
         bank.require("neighbors")
         memory_codec(cfg, tc)  # refuses a codec training cannot pass memories through
         if tc.memory_schedule == "serving" and cfg.pair.per_chunk < cfg.model.mems_per_chunk:
-            raise ConfigError(f"pair.per_chunk={cfg.pair.per_chunk}: train.memory_schedule 'serving' reads "
-                              f"model.mems_per_chunk={cfg.model.mems_per_chunk} references per chunk, as "
-                              f"inference does; set pair.per_chunk to {cfg.model.mems_per_chunk}")
+            raise ConfigError(
+                f"pair.per_chunk={cfg.pair.per_chunk}: train.memory_schedule 'serving' reads "
+                f"model.mems_per_chunk={cfg.model.mems_per_chunk} references per chunk, as "
+                f"inference does; set pair.per_chunk to {cfg.model.mems_per_chunk}"
+            )
     if tc.max_tokens is not None and tc.max_tokens > cfg.model.max_seq_len:
-        raise ConfigError(f"train.max_tokens={tc.max_tokens} exceeds model.max_seq_len="
-                          f"{cfg.model.max_seq_len}")
+        raise ConfigError(f"train.max_tokens={tc.max_tokens} exceeds model.max_seq_len={cfg.model.max_seq_len}")
 
 
 def absolute_paths(cfg, tc: TrainConfig):
@@ -86,17 +89,19 @@ def absolute_paths(cfg, tc: TrainConfig):
     return cfg, tc
 
 
-
 def trained_to_read(cfg, tc: TrainConfig, stage: str) -> dict:
     """What a checkpoint of this stage was trained to read (export.json, and the bank's readers
     compare it with the memories they serve)."""
     if not tc.with_memory(stage):
         return {"reads_memory": False}
     m = cfg.model
-    return {"reads_memory": True, "schedule": tc.memory_schedule,  # top_k: tokens per head (all: ref_max_tokens)
-            "top_k": min(m.mem_top_k, m.ref_max_tokens) if tc.sparsify_refs else m.ref_max_tokens,
-            "codec": cfg.encode.codec if tc.through_codec else None,
-            "refs_per_chunk": refs_per_chunk(cfg, tc, stage)}
+    return {
+        "reads_memory": True,
+        "schedule": tc.memory_schedule,  # top_k: tokens per head (all: ref_max_tokens)
+        "top_k": min(m.mem_top_k, m.ref_max_tokens) if tc.sparsify_refs else m.ref_max_tokens,
+        "codec": cfg.encode.codec if tc.through_codec else None,
+        "refs_per_chunk": refs_per_chunk(cfg, tc, stage),
+    }
 
 
 def refs_per_chunk(cfg, tc: TrainConfig, stage: str) -> int:
@@ -114,9 +119,11 @@ def _check_resume_start(bank: Bank, tc: TrainConfig, warmup_dir: Path, stage: st
     started = json.loads(export.read_text()).get("init_model_hash")
     now = saved_hash(warmup_dir)
     if started is not None and started != now:
-        raise TrainError(f"the {stage} checkpoints in {export.parent.parent} started from warmup model "
-                         f"{started[:12]}, but the warmup model is now {now[:12]}: remove that directory "
-                         f"to train the {stage} stage again")
+        raise TrainError(
+            f"the {stage} checkpoints in {export.parent.parent} started from warmup model "
+            f"{started[:12]}, but the warmup model is now {now[:12]}: remove that directory "
+            f"to train the {stage} stage again"
+        )
 
 
 def _lock_as(cfg, stage: str, train: TrainConfig | None = None, launcher: str = "ray") -> str | None:
@@ -159,12 +166,16 @@ def _fit_with_ray(cfg, bank: Bank, tc, stage, args) -> None:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if not cfg.ray.address and not cfg.ray.include_dashboard:
-        raise ConfigError("ray.include_dashboard: training needs the Ray dashboard (Ray Train reads its "
-                          "State API to tell a live run from a dead one); expected true, got false")
+        raise ConfigError(
+            "ray.include_dashboard: training needs the Ray dashboard (Ray Train reads its "
+            "State API to tell a live run from a dead one); expected true, got false"
+        )
     problem = wait_for_state_api()
     if problem:
-        raise TrainError(f"Ray's State API (the dashboard's) did not answer within 2 minutes ({problem}); "
-                         f"Ray Train cannot run safely without it")
+        raise TrainError(
+            f"Ray's State API (the dashboard's) did not answer within 2 minutes ({problem}); "
+            f"Ray Train cannot run safely without it"
+        )
     progress = LogFollower(bank.training(stage) / "log.jsonl", stage, tc)
     progress.start()
     try:
@@ -172,19 +183,28 @@ def _fit_with_ray(cfg, bank: Bank, tc, stage, args) -> None:
             # max_failures=0: a worker that fails on its own (a bug, bad data) would fail again;
             # a lost node is retried below, from the last checkpoint, by the loop's own resume
             trainer = TorchTrainer(
-                train_loop, train_loop_config={**args, "launcher": "ray"},
-                scaling_config=ScalingConfig(num_workers=tc.workers, use_gpu=_use_gpu(),
-                                             resources_per_worker={"CPU": tc.cpus_per_worker}),
+                train_loop,
+                train_loop_config={**args, "launcher": "ray"},
+                scaling_config=ScalingConfig(
+                    num_workers=tc.workers, use_gpu=_use_gpu(), resources_per_worker={"CPU": tc.cpus_per_worker}
+                ),
                 torch_config=TorchConfig(backend="nccl" if _use_gpu() else "gloo"),
-                run_config=RunConfig(name=f"m3-{stage}", storage_path=str(bank.training(stage) / "ray"),
-                                     failure_config=FailureConfig(max_failures=0)))
+                run_config=RunConfig(
+                    name=f"m3-{stage}",
+                    storage_path=str(bank.training(stage) / "ray"),
+                    failure_config=FailureConfig(max_failures=0),
+                ),
+            )
             try:
                 trainer.fit()
                 break
             except Exception as e:  # Ray wraps the worker's error; keep its message, drop Ray's frames
                 if attempt < NODE_LOSS_RETRIES and node_lost(e):
-                    print(f"train {stage}: a node of the cluster died under the run; resuming from the last "
-                          f"checkpoint (retry {attempt + 1} of {NODE_LOSS_RETRIES})", flush=True)
+                    print(
+                        f"train {stage}: a node of the cluster died under the run; resuming from the last "
+                        f"checkpoint (retry {attempt + 1} of {NODE_LOSS_RETRIES})",
+                        flush=True,
+                    )
                     continue
                 raise TrainError(f"{stage} training failed: {type(e).__name__}: {str(e)[-2000:]}") from None
     finally:
@@ -217,14 +237,16 @@ def _no_shm_comm_op() -> None:
 
 
 def ds_config(tc: TrainConfig, world: int) -> dict:
-    return {"train_micro_batch_size_per_gpu": tc.micro_batch,
-            "gradient_accumulation_steps": tc.grad_accum,
-            "train_batch_size": tc.micro_batch * tc.grad_accum * world,
-            "gradient_clipping": tc.grad_clip,
-            "zero_optimization": {"stage": tc.zero_stage},
-            "zero_allow_untested_optimizer": True,  # torch's AdamW: no CPU-Adam JIT build
-            "bf16": {"enabled": tc.dtype == "bfloat16"},
-            "steps_per_print": 10**9}
+    return {
+        "train_micro_batch_size_per_gpu": tc.micro_batch,
+        "gradient_accumulation_steps": tc.grad_accum,
+        "train_batch_size": tc.micro_batch * tc.grad_accum * world,
+        "gradient_clipping": tc.grad_clip,
+        "zero_optimization": {"stage": tc.zero_stage},
+        "zero_allow_untested_optimizer": True,  # torch's AdamW: no CPU-Adam JIT build
+        "bf16": {"enabled": tc.dtype == "bfloat16"},
+        "steps_per_print": 10**9,
+    }
 
 
 def build_optimizer(model, tc: TrainConfig, stage: str):
@@ -235,11 +257,19 @@ def build_optimizer(model, tc: TrainConfig, stage: str):
     decay = [p for p in model.parameters() if p.dim() >= 2]  # no weight decay on norm gains
     flat = [p for p in model.parameters() if p.dim() < 2]
     peak = tc.stage_lr(stage)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
-                             {"params": flat, "weight_decay": 0.0}], lr=peak, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": tc.weight_decay}, {"params": flat, "weight_decay": 0.0}],
+        lr=peak,
+        betas=(0.9, 0.95),
+    )
     steps = tc.stage_steps(stage)
-    wsd = WSDConfig(peak_lr=peak, warmup_steps=min(tc.lr_warmup_steps, steps - round(tc.decay_fraction * steps)),
-                    total_steps=steps, decay_fraction=tc.decay_fraction, min_lr_ratio=tc.min_lr_ratio)
+    wsd = WSDConfig(
+        peak_lr=peak,
+        warmup_steps=min(tc.lr_warmup_steps, steps - round(tc.decay_fraction * steps)),
+        total_steps=steps,
+        decay_fraction=tc.decay_fraction,
+        min_lr_ratio=tc.min_lr_ratio,
+    )
     # LambdaLR asks for the rate of update s (0-based) with s updates done, which the WSD ramp
     # puts at 0 for the first update; shift by one so update s + 1 trains at the ramp's value
     # at s + 1 and the last update lands on the floor.
@@ -269,8 +299,7 @@ def train_loop(args: dict) -> None:
     with_memory = tc.with_memory(stage)
     codec = memory_codec(cfg, tc) if with_memory else None
     opt, sched = build_optimizer(model, tc, stage)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                           config=ds_config(tc, world))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_config(tc, world))
     sdir = bank.training(stage)
     ckdir = sdir / "checkpoints"
     start = 0
@@ -278,16 +307,28 @@ def train_loop(args: dict) -> None:
         _, client = engine.load_checkpoint(str(ckdir))
         start = client["step"]
     mcfg = engine.module.config
-    reader = ShardReader(bank, rank=rank, world=world, seed=tc.seed, micro_batch=tc.micro_batch,
-                         heldout_fraction=tc.heldout_fraction, neighbors=with_memory,
-                         chunk_size=mcfg.mem_chunk_size, max_tokens=tc.max_tokens or mcfg.max_seq_len,
-                         pad_id=mcfg.pad_id, refs_per_chunk=refs_per_chunk(cfg, tc, stage))
+    reader = ShardReader(
+        bank,
+        rank=rank,
+        world=world,
+        seed=tc.seed,
+        micro_batch=tc.micro_batch,
+        heldout_fraction=tc.heldout_fraction,
+        neighbors=with_memory,
+        chunk_size=mcfg.mem_chunk_size,
+        max_tokens=tc.max_tokens or mcfg.max_seq_len,
+        pad_id=mcfg.pad_id,
+        refs_per_chunk=refs_per_chunk(cfg, tc, stage),
+    )
     batches = reader.iterate(start * tc.grad_accum * tc.micro_batch)
     log = open_log(sdir / "log.jsonl", start) if rank == 0 else None
     total = tc.stage_steps(stage)
     if rank == 0:
-        print(f"train {stage}: steps {start}->{total}, {world} worker(s), ZeRO {tc.zero_stage}, "
-              f"{tc.dtype}, {reader.batches_per_epoch * tc.micro_batch} sequences per shard", flush=True)
+        print(
+            f"train {stage}: steps {start}->{total}, {world} worker(s), ZeRO {tc.zero_stage}, "
+            f"{tc.dtype}, {reader.batches_per_epoch * tc.micro_batch} sequences per shard",
+            flush=True,
+        )
     dev = engine.device
     for step in range(start, total):
         t0 = time.perf_counter()
@@ -298,11 +339,18 @@ def train_loop(args: dict) -> None:
             tokens = b["tokens"].to(dev)
             mem = mask = None
             if with_memory:
-                mem, mask = continual_memories(engine, b["ref_tokens"].to(dev), b["ref_valid"].to(dev),
-                                               window=tc.window, sparsify=tc.sparsify_refs,
-                                               grad_through_refs=tc.grad_through_refs,
-                                               schedule=tc.memory_schedule, codec=codec,
-                                               unique=b["ref_unique"].to(dev), slot=b["ref_slot"].to(dev))
+                mem, mask = continual_memories(
+                    engine,
+                    b["ref_tokens"].to(dev),
+                    b["ref_valid"].to(dev),
+                    window=tc.window,
+                    sparsify=tc.sparsify_refs,
+                    grad_through_refs=tc.grad_through_refs,
+                    schedule=tc.memory_schedule,
+                    codec=codec,
+                    unique=b["ref_unique"].to(dev),
+                    slot=b["ref_slot"].to(dev),
+                )
                 stats[2] += b["ref_valid"][:, :, 0].sum()  # chunks with a reference
                 stats[3] += b["ref_valid"][:, :, 0].numel()
             loss = lm_loss(engine, tokens, mem, mask)
@@ -313,9 +361,15 @@ def train_loop(args: dict) -> None:
         torch.distributed.all_reduce(stats)  # for the log only; the update already happened
         if rank == 0:
             dt = time.perf_counter() - t0
-            row = {"step": step + 1, "loss": stats[0].item() / (tc.grad_accum * world), "lr": lr,
-                   "tokens_per_s": stats[1].item() / dt, "memory_hits": int(stats[2]),
-                   "chunks": int(stats[3]), "seconds": dt}
+            row = {
+                "step": step + 1,
+                "loss": stats[0].item() / (tc.grad_accum * world),
+                "lr": lr,
+                "tokens_per_s": stats[1].item() / dt,
+                "memory_hits": int(stats[2]),
+                "chunks": int(stats[3]),
+                "seconds": dt,
+            }
             log.write(json.dumps(row) + "\n")
             log.flush()
             if args.get("launcher") != "ray" and ((step + 1) % tc.log_every == 0 or step + 1 == total):
@@ -337,11 +391,20 @@ def save_checkpoint(engine, cfg, bank: Bank, tc: TrainConfig, stage: str, step: 
     from model.checkpoint import saved_hash
 
     sdir = bank.training(stage)
-    options = {"stage": stage, "step": step, "init_model_hash": _init_hash(bank, tc, stage), "sparsify_refs": tc.sparsify_refs,
-               "grad_through_refs": tc.grad_through_refs, "window": tc.window, "seed": tc.seed,
-               "memory": trained_to_read(cfg, tc, stage), "train": dataclasses.asdict(tc)}
-    engine.save_checkpoint(str(sdir / "checkpoints"), tag=f"step{step:07d}",
-                           client_state={"step": step, "options": options})
+    options = {
+        "stage": stage,
+        "step": step,
+        "init_model_hash": _init_hash(bank, tc, stage),
+        "sparsify_refs": tc.sparsify_refs,
+        "grad_through_refs": tc.grad_through_refs,
+        "window": tc.window,
+        "seed": tc.seed,
+        "memory": trained_to_read(cfg, tc, stage),
+        "train": dataclasses.asdict(tc),
+    }
+    engine.save_checkpoint(
+        str(sdir / "checkpoints"), tag=f"step{step:07d}", client_state={"step": step, "options": options}
+    )
     dist.barrier()
     if rank != 0:
         return
@@ -371,9 +434,17 @@ def _summary(bank: Bank, stage: str, seconds: float) -> dict:
     rows = read_log(bank, stage)
     export = bank.trained_model(stage) / "export.json"
     info = json.loads(export.read_text()) if export.exists() else {}
-    out = {"stage": stage, "steps": len(rows), "seconds": round(seconds, 1),
-           "final_loss": rows[-1]["loss"] if rows else None, "model_hash": info.get("model_hash"),
-           "model_dir": str(bank.trained_model(stage))}
-    print(f"train {stage}: {out['steps']} steps, final loss {out['final_loss']}, model "
-          f"{(out['model_hash'] or '?')[:12]} in {out['model_dir']}", flush=True)
+    out = {
+        "stage": stage,
+        "steps": len(rows),
+        "seconds": round(seconds, 1),
+        "final_loss": rows[-1]["loss"] if rows else None,
+        "model_hash": info.get("model_hash"),
+        "model_dir": str(bank.trained_model(stage)),
+    }
+    print(
+        f"train {stage}: {out['steps']} steps, final loss {out['final_loss']}, model "
+        f"{(out['model_hash'] or '?')[:12]} in {out['model_dir']}",
+        flush=True,
+    )
     return out

@@ -24,9 +24,14 @@ def finite(x) -> bool:
 
 def test_cpu_dry_run_prints_and_writes_every_figure_with_its_bound(tmp_path):
     out = tmp_path / "gpu.json"
-    run = subprocess.run(["bash", "bench/gpu.sh", "--device", "cpu", "--out", str(out)], cwd=ROOT,
-                         env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True,
-                         timeout=300)
+    run = subprocess.run(
+        ["bash", "bench/gpu.sh", "--device", "cpu", "--out", str(out)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     data = json.loads(out.read_text())
     assert "failed" not in data["info"]

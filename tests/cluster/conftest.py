@@ -37,11 +37,21 @@ OBJECT_STORE = str(100 * 2**20)  # the tiny banks of these tests need little; 2 
 
 def _ports(tmp: Path, nm: int, om: int, agent: int, agent_grpc: int, metrics: int, rt_env: int, lo: int) -> list[str]:
     """A node's ports (the worker range [lo, lo + 100] clear of them all: worker_port_range)."""
-    return [f"--node-manager-port={nm}", f"--object-manager-port={om}", f"--dashboard-agent-listen-port={agent}",
-            f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
-            f"--runtime-env-agent-port={rt_env}", f"--min-worker-port={lo}", f"--max-worker-port={lo + 100}",
-            f"--temp-dir={tmp}", "--node-ip-address=127.0.0.1", "--object-store-memory=" + OBJECT_STORE,
-            "--disable-usage-stats", "--block"]
+    return [
+        f"--node-manager-port={nm}",
+        f"--object-manager-port={om}",
+        f"--dashboard-agent-listen-port={agent}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--metrics-export-port={metrics}",
+        f"--runtime-env-agent-port={rt_env}",
+        f"--min-worker-port={lo}",
+        f"--max-worker-port={lo + 100}",
+        f"--temp-dir={tmp}",
+        "--node-ip-address=127.0.0.1",
+        "--object-store-memory=" + OBJECT_STORE,
+        "--disable-usage-stats",
+        "--block",
+    ]
 
 
 def node_ports(extra: int) -> list[int]:
@@ -60,9 +70,14 @@ class Cluster:
     def _start(self, name: str, args: list[str], ports: list[int], env: dict | None = None) -> subprocess.Popen:
         tmp = Path(tempfile.mkdtemp(prefix=f"m3c{name[-1]}-", dir="/tmp"))  # short: socket paths
         self.dirs.append(tmp)
-        proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "ray_node.py"), "start", *args,
-                                 *_ports(tmp, *ports)], env={**self.env, **(env or {})}, cwd=ROOT,
-                                start_new_session=True, stdout=open(tmp / "node.log", "w"), stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).parent / "ray_node.py"), "start", *args, *_ports(tmp, *ports)],
+            env={**self.env, **(env or {})},
+            cwd=ROOT,
+            start_new_session=True,
+            stdout=open(tmp / "node.log", "w"),
+            stderr=subprocess.STDOUT,
+        )
         self.procs[name] = proc
         return proc
 
@@ -86,8 +101,19 @@ class Cluster:
     def _start_head(self) -> None:
         gcs, dash, client, *ports = node_ports(3)
         self.gcs, self.address = f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}"
-        self._start("head", ["--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                             "--include-dashboard=true", f"--ray-client-server-port={client}", "--num-cpus=0"], ports)
+        self._start(
+            "head",
+            [
+                "--head",
+                f"--port={gcs}",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dash}",
+                "--include-dashboard=true",
+                f"--ray-client-server-port={client}",
+                "--num-cpus=0",
+            ],
+            ports,
+        )
         wait_until_jobs_run(self.procs["head"], self.address, self.env, self.dirs[-1] / "node.log")
 
     def add_worker(self, name: str) -> None:
@@ -96,11 +122,14 @@ class Cluster:
         self._started(name, lambda: self._add_worker(name))
 
     def _add_worker(self, name: str) -> None:
-        proc = self._start(name, [f"--address={self.gcs}", "--num-cpus=1", f"--resources={json.dumps({name: 1})}"],
-                           node_ports(0),
-                           # a joining node sends the token only in token mode; registration
-                           # given more than its 30 s (a loaded 2-core machine)
-                           env={"RAY_AUTH_MODE": "token", "RAY_raylet_start_wait_time_s": "120"})
+        proc = self._start(
+            name,
+            [f"--address={self.gcs}", "--num-cpus=1", f"--resources={json.dumps({name: 1})}"],
+            node_ports(0),
+            # a joining node sends the token only in token mode; registration
+            # given more than its 30 s (a loaded 2-core machine)
+            env={"RAY_AUTH_MODE": "token", "RAY_raylet_start_wait_time_s": "120"},
+        )
         deadline = time.monotonic() + 900  # sized for a loaded 2-core machine
         while name not in self.alive():
             if proc.poll() is not None:
@@ -111,14 +140,17 @@ class Cluster:
 
     def nodes(self) -> list[dict]:
         """Every node the head knows: id, state, resources (the State API, as the m3 commands reach it)."""
-        code = ("import json; from jobs.ops.submit import client; client(%r); from ray.util.state import list_nodes; "
-                "print(json.dumps([{'id': n.node_id, 'state': n.state, 'resources': n.resources_total} "
-                "for n in list_nodes(address=%r, limit=100)]))" % (self.address, self.address))
+        code = (
+            "import json; from jobs.ops.submit import client; client(%r); from ray.util.state import list_nodes; "
+            "print(json.dumps([{'id': n.node_id, 'state': n.state, 'resources': n.resources_total} "
+            "for n in list_nodes(address=%r, limit=100)]))" % (self.address, self.address)
+        )
         problem = ""
         for _ in range(3):  # the State API times out now and then on a loaded 2-core machine
             try:
-                out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=self.env, capture_output=True,
-                                     text=True, timeout=300)
+                out = subprocess.run(
+                    [sys.executable, "-c", code], cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=300
+                )
             except subprocess.TimeoutExpired:
                 problem = "no answer within 300 s"
                 continue
@@ -129,8 +161,13 @@ class Cluster:
 
     def alive(self) -> dict[str, str]:
         """label -> node id of the live worker nodes."""
-        return {label: n["id"] for n in self.nodes() if n["state"] == "ALIVE"
-                for label in WORKERS if label in n["resources"]}
+        return {
+            label: n["id"]
+            for n in self.nodes()
+            if n["state"] == "ALIVE"
+            for label in WORKERS
+            if label in n["resources"]
+        }
 
     def kill(self, name: str) -> None:
         """Every process of the node, SIGKILL: its process group (raylet, object store, agents)
@@ -186,16 +223,37 @@ def cluster(tmp_path_factory):
         c.stop()
 
 
-TINY = ["corpus.records_per_shard=40", "tokenizer.vocab_size=600", "chunking.seq_len=256",
-        "model.preset=tiny", "model.vocab_size=600", "model.ref_max_tokens=128", "model.max_seq_len=1024",
-        "model.mem_chunk_size=64",
-        # one actor per worker node (1 CPU each), shards small enough that every stage has several
-        "retrieval.actors=2", "retrieval.threads_per_actor=1", "retrieval.refs_per_shard=100",
-        "encode.actors=2", "encode.threads_per_actor=1", "encode.refs_per_shard=100",
-        "pair.actors=2", "pair.threads_per_actor=1", "pair.seqs_per_shard=16",
-        "train.workers=2", "train.cpus_per_worker=0.5", "train.warmup_stage_steps=6", "train.continual_stage_steps=4",
-        "train.checkpoint_every=2", "train.lr_warmup_steps=1", "train.max_tokens=192", "train.eval_sequences=4",
-        "pair.max_tokens=192", "infer.eval.sequences=4", "infer.eval.probe_refs=4"]
+TINY = [
+    "corpus.records_per_shard=40",
+    "tokenizer.vocab_size=600",
+    "chunking.seq_len=256",
+    "model.preset=tiny",
+    "model.vocab_size=600",
+    "model.ref_max_tokens=128",
+    "model.max_seq_len=1024",
+    "model.mem_chunk_size=64",
+    # one actor per worker node (1 CPU each), shards small enough that every stage has several
+    "retrieval.actors=2",
+    "retrieval.threads_per_actor=1",
+    "retrieval.refs_per_shard=100",
+    "encode.actors=2",
+    "encode.threads_per_actor=1",
+    "encode.refs_per_shard=100",
+    "pair.actors=2",
+    "pair.threads_per_actor=1",
+    "pair.seqs_per_shard=16",
+    "train.workers=2",
+    "train.cpus_per_worker=0.5",
+    "train.warmup_stage_steps=6",
+    "train.continual_stage_steps=4",
+    "train.checkpoint_every=2",
+    "train.lr_warmup_steps=1",
+    "train.max_tokens=192",
+    "train.eval_sequences=4",
+    "pair.max_tokens=192",
+    "infer.eval.sequences=4",
+    "infer.eval.probe_refs=4",
+]
 
 
 def config_args(corpus: Path, bank: Path, *extra: str) -> list[str]:
@@ -207,8 +265,14 @@ def config_args(corpus: Path, bank: Path, *extra: str) -> list[str]:
 
 def m3(cluster: Cluster, *args: str, env: dict | None = None, timeout: float = 1800) -> subprocess.CompletedProcess:
     """An m3 command against the cluster (the Jobs API address), from this machine."""
-    return subprocess.run([sys.executable, "-m", "jobs", *args, "--address", cluster.address], cwd=ROOT,
-                          env={**cluster.env, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "jobs", *args, "--address", cluster.address],
+        cwd=ROOT,
+        env={**cluster.env, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-KEYS = {"documents": "doc_id", "rejects": "doc_id", "refs": "ref_id", "train_sequences": "seq_id",
-        "embeddings": "ref_id", "memories": "ref_id"}
+KEYS = {
+    "documents": "doc_id",
+    "rejects": "doc_id",
+    "refs": "ref_id",
+    "train_sequences": "seq_id",
+    "embeddings": "ref_id",
+    "memories": "ref_id",
+}
 
 
 def rows(bank: Path, table: str, drop: tuple[str, ...] = ()) -> dict:

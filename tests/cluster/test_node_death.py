@@ -41,9 +41,13 @@ def submit_and_kill(cluster, tmp: Path, args: list[str], point: str, after: int)
     marks.mkdir(parents=True)
     log = tmp / f"{point}.out"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "jobs", "submit", *args, "--address", cluster.address,
-                                 "--wait"], cwd=ROOT, env={**cluster.env, "M3_PAUSE_AT": f"{point}:{after}:{marks}"},
-                                stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "jobs", "submit", *args, "--address", cluster.address, "--wait"],
+            cwd=ROOT,
+            env={**cluster.env, "M3_PAUSE_AT": f"{point}:{after}:{marks}"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     marker = marks / f"{point}.paused"
     deadline = time.monotonic() + 1500
     while not marker.exists():
@@ -87,6 +91,7 @@ def test_training_resumes_from_its_checkpoint_after_a_node_death(cluster, pipeli
     def losses(b: Path) -> list[tuple[int, float]]:
         lines = (b / "training" / "warmup" / "log.jsonl").read_text().splitlines()
         return [(r["step"], r["loss"]) for r in map(json.loads, lines)]
+
     got, want = losses(bank), losses(pipeline["bank"])
     assert [s for s, _ in got] == [1, 2, 3, 4, 5, 6]
     assert [s for s, _ in want] == [s for s, _ in got]

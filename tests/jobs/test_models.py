@@ -14,8 +14,11 @@ from storage.layout import LayoutError
 
 def test_training_of_an_s3_bank_lives_under_train_run_dir(tmp_path):
     cfg = load_config("configs/demo.yaml", ["bank.uri=s3://m3-test/bank"])
-    with pytest.raises(LayoutError, match=r"train.run_dir: the bank at s3://m3-test/bank is on an object store.*"
-                                          r"set train.run_dir to a local or shared directory"):
+    with pytest.raises(
+        LayoutError,
+        match=r"train.run_dir: the bank at s3://m3-test/bank is on an object store.*"
+        r"set train.run_dir to a local or shared directory",
+    ):
         Bank.of(cfg).training("warmup")
     assert newest_trained(Bank.of(cfg)) is None  # nothing can have been trained there
     local = load_config("configs/demo.yaml", ["bank.uri=s3://m3-test/bank", f"train.run_dir={tmp_path}"])
@@ -27,6 +30,9 @@ def test_training_of_an_s3_bank_lives_under_train_run_dir(tmp_path):
 
 def test_encoding_an_s3_bank_without_a_checkpoint_asks_for_one(s3):
     cfg = load_config("configs/demo.yaml", [f"bank.uri={s3[0]}/models-bank"])
-    with pytest.raises(LayoutError, match=r"encode.checkpoint: the bank at s3://m3-test/models-bank is on an "
-                                          r"object store, which keeps no models"):
+    with pytest.raises(
+        LayoutError,
+        match=r"encode.checkpoint: the bank at s3://m3-test/models-bank is on an "
+        r"object store, which keeps no models",
+    ):
         model_for_encoding(cfg, Bank.of(cfg))

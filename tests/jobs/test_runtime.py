@@ -13,7 +13,9 @@ def test_embedded_ray_listens_on_loopback_only(ray_local):
     ray_local.get(ray_local.remote(lambda: 1).remote())  # a worker process exists
     session = {os.getpid()}
     for p in psutil.process_iter(["pid", "cmdline"]):
-        if node.session_name in " ".join(p.info["cmdline"] or []) or node.gcs_address in " ".join(p.info["cmdline"] or []):
+        if node.session_name in " ".join(p.info["cmdline"] or []) or node.gcs_address in " ".join(
+            p.info["cmdline"] or []
+        ):
             session.add(p.info["pid"])
     for pid in list(session):
         try:
@@ -51,7 +53,8 @@ def test_a_cluster_started_without_the_dashboard_is_restarted_with_it_for_who_ne
 
     from tests.conftest import ROOT
 
-    out = subprocess.run([sys.executable, "-c", DASHBOARD_ON_DEMAND], cwd=ROOT, capture_output=True, text=True,
-                         timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", DASHBOARD_ON_DEMAND], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split("\n")[:3] == ["bare None", "kept True", "restarted True True"], out.stdout

@@ -24,9 +24,7 @@ def random_tokens(gen: torch.Generator, cfg: ModelConfig, *shape: int) -> torch.
     return torch.randint(4, cfg.vocab_size, shape, generator=gen)
 
 
-def random_memories(gen: torch.Generator, cfg: ModelConfig, B: int, C: int, M: int, k: int,
-                    p_valid: float = 0.8):
-    memories = torch.randn(B, C, M, cfg.n_mem_layers, 2, cfg.n_kv_heads, k, cfg.head_dim,
-                           generator=gen)
+def random_memories(gen: torch.Generator, cfg: ModelConfig, B: int, C: int, M: int, k: int, p_valid: float = 0.8):
+    memories = torch.randn(B, C, M, cfg.n_mem_layers, 2, cfg.n_kv_heads, k, cfg.head_dim, generator=gen)
     mask = torch.rand(B, C, M, k, generator=gen) < p_valid
     return memories, mask

@@ -41,13 +41,19 @@ class NaiveModel:
         D, Hq, Hkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
         for block in model.blocks:
             w = d(block.attn.wqkv.weight)
-            self.layers.append(dict(
-                wq=[w[h * D:(h + 1) * D] for h in range(Hq)],
-                wk=[w[(Hq + h) * D:(Hq + h + 1) * D] for h in range(Hkv)],
-                wv=[w[(Hq + Hkv + h) * D:(Hq + Hkv + h + 1) * D] for h in range(Hkv)],
-                wo=d(block.attn.wo.weight), attn_norm=d(block.attn_norm.weight),
-                mlp_norm=d(block.mlp_norm.weight), gate=d(block.mlp.w_gate.weight),
-                up=d(block.mlp.w_up.weight), down=d(block.mlp.w_down.weight)))
+            self.layers.append(
+                dict(
+                    wq=[w[h * D : (h + 1) * D] for h in range(Hq)],
+                    wk=[w[(Hq + h) * D : (Hq + h + 1) * D] for h in range(Hkv)],
+                    wv=[w[(Hq + Hkv + h) * D : (Hq + Hkv + h + 1) * D] for h in range(Hkv)],
+                    wo=d(block.attn.wo.weight),
+                    attn_norm=d(block.attn_norm.weight),
+                    mlp_norm=d(block.mlp_norm.weight),
+                    gate=d(block.mlp.w_gate.weight),
+                    up=d(block.mlp.w_up.weight),
+                    down=d(block.mlp.w_down.weight),
+                )
+            )
 
     def norm(self, x, weight):
         return x / math.sqrt(float((x * x).mean()) + self.cfg.norm_eps) * weight
@@ -122,8 +128,12 @@ class NaiveModel:
         cfg = self.cfg
         seq = [cfg.ref_bos_id] + [int(t) for t in ref]
         captured = {}
-        self.run(seq, list(range(len(seq))), n_layers=cfg.n_mem_layers,
-                 capture=lambda layer, *tensors: captured.__setitem__(layer, tensors))
+        self.run(
+            seq,
+            list(range(len(seq))),
+            n_layers=cfg.n_mem_layers,
+            capture=lambda layer, *tensors: captured.__setitem__(layer, tensors),
+        )
         group = cfg.n_heads // cfg.n_kv_heads
         result = []
         for layer in range(cfg.n_mem_layers):
@@ -136,8 +146,7 @@ class NaiveModel:
                     for g in range(group):
                         w = 0.0
                         for i in range(1, len(seq)):
-                            w += math.exp(float(q_raw[i][hk * group + g] @ k_raw[j][hk])
-                                          / math.sqrt(cfg.head_dim))
+                            w += math.exp(float(q_raw[i][hk * group + g] @ k_raw[j][hk]) / math.sqrt(cfg.head_dim))
                         per_query_head.append(w)
                     if combine == "max":
                         scores.append(max(per_query_head))
@@ -145,9 +154,14 @@ class NaiveModel:
                         scores.append(sum(per_query_head) / (group if combine == "mean" else 1))
                 ranked = sorted(range(1, len(seq)), key=lambda j: -scores[j - 1])
                 kept = sorted(ranked[:top_k])
-                per_head.append(dict(positions=kept, scores=scores,
-                                     keys=[k_rot[j][hk] for j in kept],
-                                     values=[v[j][hk] for j in kept]))
+                per_head.append(
+                    dict(
+                        positions=kept,
+                        scores=scores,
+                        keys=[k_rot[j][hk] for j in kept],
+                        values=[v[j][hk] for j in kept],
+                    )
+                )
             result.append(per_head)
         return result
 

@@ -31,18 +31,21 @@ class Knobs:
         check_fields(self)
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(n=0), "n: expected a value >= 1, got 0"),
-    (dict(rate=0.0), "rate: expected a value > 0, got 0.0"),
-    (dict(rate=1.5), "rate: expected a value <= 1, got 1.5"),
-    (dict(frac=1.0), "frac: expected a value < 1, got 1.0"),
-    (dict(frac=float("nan")), "frac: expected a finite number, got nan"),
-    (dict(mode="c"), "mode: expected one of 'a', 'b', got 'c'"),
-    (dict(cap=3), "cap: expected a value >= 4, got 3"),
-    (dict(n="5"), "n: expected an integer, got '5' (str)"),  # the type first: a range of a string says less
-    (dict(n=True), "n: expected an integer, got True (bool)"),  # bool is an int subclass, not a count
-    (dict(cap=4.0), "cap: expected an integer or null, got 4.0 (float)"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(n=0), "n: expected a value >= 1, got 0"),
+        (dict(rate=0.0), "rate: expected a value > 0, got 0.0"),
+        (dict(rate=1.5), "rate: expected a value <= 1, got 1.5"),
+        (dict(frac=1.0), "frac: expected a value < 1, got 1.0"),
+        (dict(frac=float("nan")), "frac: expected a finite number, got nan"),
+        (dict(mode="c"), "mode: expected one of 'a', 'b', got 'c'"),
+        (dict(cap=3), "cap: expected a value >= 4, got 3"),
+        (dict(n="5"), "n: expected an integer, got '5' (str)"),  # the type first: a range of a string says less
+        (dict(n=True), "n: expected an integer, got True (bool)"),  # bool is an int subclass, not a count
+        (dict(cap=4.0), "cap: expected an integer or null, got 4.0 (float)"),
+    ],
+)
 def test_each_rule_fails_naming_the_field(kwargs, message):
     with pytest.raises(FieldError) as e:
         Knobs(**kwargs)
@@ -82,25 +85,31 @@ def _bad_knobs():
 
 # --- configs built in code ------------------------------------------------------------------
 
-@pytest.mark.parametrize("build,message", [
-    (lambda: PairConfig(k=0), "k: expected a value >= 1, got 0"),
-    (lambda: PairConfig(max_overlap=1.5), "max_overlap: expected a value <= 1, got 1.5"),
-    (lambda: PairConfig(max_tokens=0), "max_tokens: expected a value >= 1, got 0"),
-    (lambda: TrainConfig(zero_stage=3), "zero_stage: expected a value <= 2, got 3"),
-    (lambda: TrainConfig(lr=0.0), "lr: expected a value > 0, got 0.0"),
-    (lambda: TrainConfig(heldout_fraction=1.0), "heldout_fraction: expected a value < 1, got 1.0"),
-    (lambda: TrainConfig(dtype="fp16"), "dtype: expected one of 'float32', 'bfloat16', got 'fp16'"),
-    (lambda: ModelConfig.from_preset("tiny", mem_top_k=0), "mem_top_k: expected a value >= 1, got 0"),
-    (lambda: ModelConfig(norm_eps=0.0), "norm_eps: expected a value > 0, got 0.0"),
-    (lambda: ModelConfig(score_combine="avg"), "score_combine: expected one of 'sum', 'mean', 'max', got 'avg'"),
-    (lambda: DedupConfig(partitions=0), "partitions: expected a value >= 1, got 0"),
-    (lambda: CorpusConfig(paths=("a",), format="xml"),
-     "format: expected one of 'auto', 'jsonl', 'parquet', 'text', got 'xml'"),
-    (lambda: RayConfig(object_store_mb=10), "object_store_mb: expected a value >= 64, got 10"),
-    (lambda: EvalConfig(tokens=1), "tokens: expected a value >= 2, got 1"),
-    (lambda: MinHashConfig(rows=2000), "rows: expected a value <= 1024, got 2000"),
-    (lambda: QualityConfig(max_dup_line_frac=1.5), "max_dup_line_frac: expected a value <= 1, got 1.5"),
-])
+
+@pytest.mark.parametrize(
+    "build,message",
+    [
+        (lambda: PairConfig(k=0), "k: expected a value >= 1, got 0"),
+        (lambda: PairConfig(max_overlap=1.5), "max_overlap: expected a value <= 1, got 1.5"),
+        (lambda: PairConfig(max_tokens=0), "max_tokens: expected a value >= 1, got 0"),
+        (lambda: TrainConfig(zero_stage=3), "zero_stage: expected a value <= 2, got 3"),
+        (lambda: TrainConfig(lr=0.0), "lr: expected a value > 0, got 0.0"),
+        (lambda: TrainConfig(heldout_fraction=1.0), "heldout_fraction: expected a value < 1, got 1.0"),
+        (lambda: TrainConfig(dtype="fp16"), "dtype: expected one of 'float32', 'bfloat16', got 'fp16'"),
+        (lambda: ModelConfig.from_preset("tiny", mem_top_k=0), "mem_top_k: expected a value >= 1, got 0"),
+        (lambda: ModelConfig(norm_eps=0.0), "norm_eps: expected a value > 0, got 0.0"),
+        (lambda: ModelConfig(score_combine="avg"), "score_combine: expected one of 'sum', 'mean', 'max', got 'avg'"),
+        (lambda: DedupConfig(partitions=0), "partitions: expected a value >= 1, got 0"),
+        (
+            lambda: CorpusConfig(paths=("a",), format="xml"),
+            "format: expected one of 'auto', 'jsonl', 'parquet', 'text', got 'xml'",
+        ),
+        (lambda: RayConfig(object_store_mb=10), "object_store_mb: expected a value >= 64, got 10"),
+        (lambda: EvalConfig(tokens=1), "tokens: expected a value >= 2, got 1"),
+        (lambda: MinHashConfig(rows=2000), "rows: expected a value <= 1024, got 2000"),
+        (lambda: QualityConfig(max_dup_line_frac=1.5), "max_dup_line_frac: expected a value <= 1, got 1.5"),
+    ],
+)
 def test_hand_built_config_out_of_range_names_the_field(build, message):
     with pytest.raises(ValueError) as e:
         build()
@@ -149,8 +158,7 @@ def _ranged_fields():
                 default = getattr(section, f.name)
                 if default is None:  # optional and unset: a value of its type
                     default = 0 if "ge" in f.metadata or "gt" in f.metadata else "x"
-                yield pytest.param(section, f.name, _out_of_range(default, f.metadata),
-                                   id=f"{prefix}{f.name}")
+                yield pytest.param(section, f.name, _out_of_range(default, f.metadata), id=f"{prefix}{f.name}")
 
 
 @pytest.mark.parametrize("section,name,bad", list(_ranged_fields()))
@@ -162,11 +170,28 @@ def test_every_section_checks_its_metadata_when_built_in_code(section, name, bad
 
 def test_every_section_is_covered():
     ids = {p.id.rsplit(".", 1)[0] for p in _ranged_fields() if "." in p.id}
-    assert ids >= {"ray", "corpus", "quality", "dedup", "dedup.minhash", "tokenizer", "chunking", "model",
-                   "encode", "retrieval", "pair", "train", "rebuild", "schedule", "infer", "infer.eval"}
+    assert ids >= {
+        "ray",
+        "corpus",
+        "quality",
+        "dedup",
+        "dedup.minhash",
+        "tokenizer",
+        "chunking",
+        "model",
+        "encode",
+        "retrieval",
+        "pair",
+        "train",
+        "rebuild",
+        "schedule",
+        "infer",
+        "infer.eval",
+    }
 
 
 # --- the same check, loaded from YAML: the error names the dotted key and its place ---------------
+
 
 def _write(tmp_path, text):
     path = tmp_path / "c.yaml"
@@ -174,15 +199,26 @@ def _write(tmp_path, text):
     return str(path)
 
 
-@pytest.mark.parametrize("text,message", [
-    ("pair:\n  k: 0\n", "pair.k ({path}:4): expected a value >= 1, got 0"),
-    ("train:\n  seed: 1\n  dtype: fp16\n", "train.dtype ({path}:5): expected one of 'float32', 'bfloat16', got 'fp16'"),
-    ("model:\n  preset: tiny\n  mem_top_k: 0\n", "model.mem_top_k ({path}:5): expected a value >= 1, got 0"),
-    ("dedup:\n  minhash:\n    rows: 0\n", "dedup.minhash.rows ({path}:5): expected a value >= 1, got 0"),
-    ("bank_quality:\n  max_dup_line_frac: 1.5\n",
-     "bank_quality.max_dup_line_frac ({path}:4): expected a value <= 1, got 1.5"),
-    ("pair:\n  k: 4\n  per_chunk: 5\n", "pair.per_chunk ({path}:5): expected at most k=4 (the candidates retrieved), got 5"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("pair:\n  k: 0\n", "pair.k ({path}:4): expected a value >= 1, got 0"),
+        (
+            "train:\n  seed: 1\n  dtype: fp16\n",
+            "train.dtype ({path}:5): expected one of 'float32', 'bfloat16', got 'fp16'",
+        ),
+        ("model:\n  preset: tiny\n  mem_top_k: 0\n", "model.mem_top_k ({path}:5): expected a value >= 1, got 0"),
+        ("dedup:\n  minhash:\n    rows: 0\n", "dedup.minhash.rows ({path}:5): expected a value >= 1, got 0"),
+        (
+            "bank_quality:\n  max_dup_line_frac: 1.5\n",
+            "bank_quality.max_dup_line_frac ({path}:4): expected a value <= 1, got 1.5",
+        ),
+        (
+            "pair:\n  k: 4\n  per_chunk: 5\n",
+            "pair.per_chunk ({path}:5): expected at most k=4 (the candidates retrieved), got 5",
+        ),
+    ],
+)
 def test_yaml_error_names_the_key_and_line(tmp_path, text, message):
     path = _write(tmp_path, text)
     with pytest.raises(ConfigError) as e:
@@ -190,12 +226,15 @@ def test_yaml_error_names_the_key_and_line(tmp_path, text, message):
     assert str(e.value) == message.format(path=path)
 
 
-@pytest.mark.parametrize("override,message", [
-    ("pair.max_overlap=2", "pair.max_overlap (--set): expected a value <= 1, got 2.0"),
-    ("infer.eval.tokens=1", "infer.eval.tokens (--set): expected a value >= 2, got 1"),
-    ("ray.num_cpus=0", "ray.num_cpus (--set): expected a value >= 1, got 0"),
-    ("model.score_combine=avg", "model.score_combine (--set): expected one of 'sum', 'mean', 'max', got 'avg'"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("pair.max_overlap=2", "pair.max_overlap (--set): expected a value <= 1, got 2.0"),
+        ("infer.eval.tokens=1", "infer.eval.tokens (--set): expected a value >= 2, got 1"),
+        ("ray.num_cpus=0", "ray.num_cpus (--set): expected a value >= 1, got 0"),
+        ("model.score_combine=avg", "model.score_combine (--set): expected one of 'sum', 'mean', 'max', got 'avg'"),
+    ],
+)
 def test_override_error_names_the_key_and_set(override, message):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])

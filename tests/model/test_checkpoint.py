@@ -30,10 +30,13 @@ def test_round_trip_keeps_weights_outputs_and_hash(tmp_path, tie):
 
 
 def test_hash_is_stable_across_processes():
-    code = ("import torch; from model import Memory3, ModelConfig, model_hash; "
-            "torch.manual_seed(0); print(model_hash(Memory3(ModelConfig.from_preset('tiny'))))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                         check=True).stdout.strip()
+    code = (
+        "import torch; from model import Memory3, ModelConfig, model_hash; "
+        "torch.manual_seed(0); print(model_hash(Memory3(ModelConfig.from_preset('tiny'))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.strip()
     torch.manual_seed(0)
     assert out == model_hash(Memory3(ModelConfig.from_preset("tiny")))
     assert len(out) == 64 and int(out, 16) >= 0

@@ -10,9 +10,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from model.codecs import (CODECS, PAPER_SPEC, CodecError, Int8Codec, RawCodec, VQCodec,
-                          bytes_per_memory, default_spec, faiss_spec, make_codec,
-                          min_train_vectors)
+from model.codecs import (
+    CODECS,
+    PAPER_SPEC,
+    CodecError,
+    Int8Codec,
+    RawCodec,
+    VQCodec,
+    bytes_per_memory,
+    default_spec,
+    faiss_spec,
+    make_codec,
+    min_train_vectors,
+)
 
 PAPER_SHAPE = (22, 2, 8, 8, 80)  # (memory layers, K/V, KV heads, tokens, head_dim) [paper §3.1]
 TINY_SHAPE = (1, 2, 2, 4, 8)  # ModelConfig preset "tiny"
@@ -23,8 +33,7 @@ SETTINGS = settings(max_examples=40, deadline=None)
 
 
 def memory_shapes(head_dims=(2, 4, 8, 16, 32)):
-    return st.tuples(st.integers(1, 3), st.just(2), st.integers(1, 3), st.integers(1, 4),
-                     st.sampled_from(head_dims))
+    return st.tuples(st.integers(1, 3), st.just(2), st.integers(1, 3), st.integers(1, 4), st.sampled_from(head_dims))
 
 
 def structured(n: int, d: int, seed: int, rank: int = 4, noise: float = 0.05) -> np.ndarray:
@@ -37,7 +46,7 @@ def structured(n: int, d: int, seed: int, rank: int = 4, noise: float = 0.05) ->
 
 
 def rel_err(x: torch.Tensor, y: torch.Tensor) -> float:
-    return float(((x - y) ** 2).sum() / (x ** 2).sum())
+    return float(((x - y) ** 2).sum() / (x**2).sum())
 
 
 def guess_err(x: np.ndarray) -> float:
@@ -58,6 +67,7 @@ def vq16():
 
 
 # ---------------------------------------------------------------------------------- raw codec
+
 
 @SETTINGS
 @given(shape=memory_shapes(), data=st.data())
@@ -109,13 +119,13 @@ def test_raw_bf16_rounds_float32_like_torch():
 
 # --------------------------------------------------------------------------------- int8 codec
 
+
 @SETTINGS
 @given(shape=memory_shapes(), data=st.data())
 def test_int8_error_is_at_most_half_a_step(shape, data):
     x = data.draw(arrays(np.float32, shape, elements=st.floats(-1e3, 1e3, width=32)))
     # vectors of very different magnitudes, down to subnormal float16 scales
-    mag = data.draw(arrays(np.float32, (*shape[:-1], 1),
-                           elements=st.sampled_from([1e-9, 1e-6, 1e-3, 1.0, 1e3])))
+    mag = data.draw(arrays(np.float32, (*shape[:-1], 1), elements=st.sampled_from([1e-9, 1e-6, 1e-3, 1.0, 1e3])))
     x = x * mag
     codec = Int8Codec()
     payload = codec.encode(torch.from_numpy(x))
@@ -126,7 +136,7 @@ def test_int8_error_is_at_most_half_a_step(shape, data):
     assert (np.abs(back - x) <= scale / 2 * (1 + 1e-5)).all()
     amax = np.abs(x).max(axis=-1, keepdims=True)
     assert (scale * 127 >= amax * (1 - 1e-6)).all()  # rounded up: no clipping
-    assert (scale <= amax / 127 * (1 + 2 ** -10) + 2 ** -24).all()  # and by one step at most
+    assert (scale <= amax / 127 * (1 + 2**-10) + 2**-24).all()  # and by one step at most
 
 
 def test_int8_decodes_each_code_times_its_scale_in_float32():
@@ -135,8 +145,11 @@ def test_int8_decodes_each_code_times_its_scale_in_float32():
     mems = torch.randn(5, *DEMO_SHAPE, generator=torch.Generator().manual_seed(3)) * 4
     payloads = Int8Codec().encode_batch(mems)
     n, d = int(np.prod(DEMO_SHAPE[:-1])), DEMO_SHAPE[-1]
-    want = [np.frombuffer(p[2 * n:], np.int8).astype(np.float32).reshape(n, d)
-            * np.frombuffer(p[:2 * n], np.float16).astype(np.float32)[:, None] for p in payloads]
+    want = [
+        np.frombuffer(p[2 * n :], np.int8).astype(np.float32).reshape(n, d)
+        * np.frombuffer(p[: 2 * n], np.float16).astype(np.float32)[:, None]
+        for p in payloads
+    ]
     got = Int8Codec().decode_batch(payloads, DEMO_SHAPE)
     assert got.dtype == torch.float32 and torch.equal(got.reshape(5, n, d), torch.from_numpy(np.stack(want)))
 
@@ -156,19 +169,22 @@ def test_int8_zero_and_non_finite():
 def test_codecs_take_any_float_dtype():
     x = torch.from_numpy(structured(int(np.prod(DEMO_SHAPE[:-1])), 32, seed=3)).reshape(DEMO_SHAPE)
     for codec in (RawCodec("float32"), Int8Codec()):
-        outs = [codec.decode(codec.encode(x.to(dt)), DEMO_SHAPE) for dt in
-                (torch.float64, torch.float32, torch.bfloat16, torch.float16)]
+        outs = [
+            codec.decode(codec.encode(x.to(dt)), DEMO_SHAPE)
+            for dt in (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+        ]
         assert all(o.dtype == torch.float32 for o in outs)
         assert all(rel_err(x, o) < 1e-3 for o in outs)
 
 
 # ----------------------------------------------------------------------------------- VQ codec
 
+
 def test_default_spec_is_the_papers_for_head_dim_80():
     assert default_spec(80) == PAPER_SPEC
     assert faiss_spec(PAPER_SPEC) == "OPQ20_80,Residual2x14,PQ8x10"
     assert faiss_spec("OPQ20_80,Residual2x14,PQ8x10") == "OPQ20_80,Residual2x14,PQ8x10"
-    assert min_train_vectors(PAPER_SPEC, 80) == 2 ** 14
+    assert min_train_vectors(PAPER_SPEC, 80) == 2**14
     with pytest.raises(CodecError, match="even head_dim"):
         default_spec(7)
 
@@ -176,7 +192,7 @@ def test_default_spec_is_the_papers_for_head_dim_80():
 def test_paper_spec_round_trip_on_the_paper_shape():
     """The paper's quantizer once: 14 B per 80-dim vector, 39,424 B per memory (~1830x less than
     dense KV). 2^14 vectors is the fewest the 2x14 multi-index accepts; niter=1 keeps it quick."""
-    train = structured(2 ** 14, 80, seed=0, rank=16)
+    train = structured(2**14, 80, seed=0, rank=16)
     with pytest.raises(CodecError, match="at least 16384 training vectors"):
         VQCodec.train(train[:-1], PAPER_SPEC)
     vq = VQCodec.train(train, PAPER_SPEC, niter=1)
@@ -217,12 +233,14 @@ def test_vq_save_load_and_hash(tmp_path, vq8):
     assert h == vq8.quantizer_hash == hashlib.sha256(path.read_bytes()).hexdigest()
     mem = torch.from_numpy(structured(16, 8, seed=5)).reshape(TINY_SHAPE)
     payload = vq8.encode(mem)
-    for loaded in (VQCodec.load(path, expected_hash=h), make_codec("vq", quantizer=path),
-                   make_codec("vq", quantizer=vq8.to_bytes(), quantizer_hash=h)):
+    for loaded in (
+        VQCodec.load(path, expected_hash=h),
+        make_codec("vq", quantizer=path),
+        make_codec("vq", quantizer=vq8.to_bytes(), quantizer_hash=h),
+    ):
         assert loaded.quantizer_hash == h
         assert loaded.encode(mem) == payload
-        assert torch.equal(loaded.decode(payload, TINY_SHAPE, quantizer_hash=h),
-                           vq8.decode(payload, TINY_SHAPE))
+        assert torch.equal(loaded.decode(payload, TINY_SHAPE, quantizer_hash=h), vq8.decode(payload, TINY_SHAPE))
 
 
 def test_vq_missing_quantizer_fails_clearly(tmp_path, vq8):
@@ -256,12 +274,13 @@ def test_vq_mismatched_quantizer_names_both_hashes(tmp_path, vq8):
 
 # ------------------------------------------------------------------------------ every codec
 
+
 def _codecs(vq8):
     return [RawCodec("bfloat16"), RawCodec("float16"), RawCodec("float32"), Int8Codec(), vq8]
 
 
 @SETTINGS
-@given(shape=memory_shapes(head_dims=(8,)), B=st.integers(1, 4), seed=st.integers(0, 2 ** 16))
+@given(shape=memory_shapes(head_dims=(8,)), B=st.integers(1, 4), seed=st.integers(0, 2**16))
 def test_batch_equals_one_by_one(vq8, shape, B, seed):
     mems = torch.randn((B, *shape), generator=torch.Generator().manual_seed(seed))
     for codec in _codecs(vq8):
@@ -284,8 +303,7 @@ def test_corrupt_payload_says_expected_and_actual_length(vq8, which, cut, at):
     expected = len(payloads[at])
     payloads[at] = payloads[at][:cut] if cut < 0 else payloads[at] + bytes(cut)
     actual = expected + cut
-    msg = (f"corrupt payload for codec {codec.name}: payload {at} is {actual} bytes, "
-           f"expected {expected}")
+    msg = f"corrupt payload for codec {codec.name}: payload {at} is {actual} bytes, expected {expected}"
     with pytest.raises(CodecError, match=msg):
         codec.decode_batch(payloads, TINY_SHAPE)
     with pytest.raises(CodecError, match=f"is {actual} bytes, expected {expected}"):
@@ -334,6 +352,6 @@ def test_vq_rotation_is_undone_in_a_fixed_order_per_element():
     b = rng.standard_normal(16).astype(np.float32)
     want = np.zeros((300, 16), np.float32)
     for j in range(16):
-        want += (y - b)[:, j:j + 1] * A[j]
+        want += (y - b)[:, j : j + 1] * A[j]
     assert np.array_equal(_transpose_apply(y, A, b), want)
     assert _transpose_apply(y, A, None).flags.c_contiguous

@@ -26,7 +26,7 @@ def decode_in_pieces(model, tokens, cuts, memories=None, mask=None, swap_at=()):
         kwargs = {}
         if start == 0 and memories is not None:
             first, last = 0, (end - 1) // cs
-            kwargs = dict(memories=memories[:, first:last + 1], mem_mask=mask[:, first:last + 1])
+            kwargs = dict(memories=memories[:, first : last + 1], mem_mask=mask[:, first : last + 1])
         out.append(model(tokens[:, start:end], cache=cache, **kwargs))
         start = end
     return torch.cat(out, dim=1)
@@ -102,8 +102,8 @@ def test_generate_follows_the_paper_schedule():
         seq = prompt
         for _ in range(n_new):
             n_chunks = -(-seq.shape[1] // cs)
-            queries = [seq[:, c * cs:(c + 1) * cs] for c in range(2)] + [prompt[:, cs:]]
-            queries += [seq[:, c * cs:(c + 1) * cs] for c in range(2, n_chunks - 1)]
+            queries = [seq[:, c * cs : (c + 1) * cs] for c in range(2)] + [prompt[:, cs:]]
+            queries += [seq[:, c * cs : (c + 1) * cs] for c in range(2, n_chunks - 1)]
             blocks = [retrieve(q) for q in queries[:n_chunks]]
             memories = torch.stack([m for m, _ in blocks], 1)
             mask = torch.stack([m for _, m in blocks], 1)
@@ -168,8 +168,8 @@ def test_a_block_that_fits_the_memory_region_after_one_that_did_not():
         full = model(tokens, torch.cat([big, padded], 1), torch.cat([big_mask, padded_mask], 1))
         steps = [model(tokens[:, :cs], big[:, :1], big_mask[:, :1], cache=cache)]
         cache.swap_memories(big[:, 1], big_mask[:, 1])
-        steps += [model(tokens[:, t:t + 1], cache=cache) for t in range(cs, 2 * cs)]
+        steps += [model(tokens[:, t : t + 1], cache=cache) for t in range(cs, 2 * cs)]
         cache.swap_memories(small[:, 0], small_mask[:, 0])
         assert cache.inline
-        steps += [model(tokens[:, t:t + 1], cache=cache) for t in range(2 * cs, T)]
+        steps += [model(tokens[:, t : t + 1], cache=cache) for t in range(2 * cs, T)]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)

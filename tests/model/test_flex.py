@@ -6,8 +6,7 @@ rule, not the speed."""
 import pytest
 import torch
 
-from model import KVCache
-from model import flex
+from model import KVCache, flex
 
 from .helpers import make_model, random_memories, random_tokens
 

@@ -28,8 +28,7 @@ class QueryKeyedRetriever:
         assert len(queries) == len(contexts)
         self.calls.append(len(queries))
         got = [self.one(q) for q in queries]
-        return Retrieved(torch.stack([g[0] for g in got]), torch.stack([g[1] for g in got]),
-                         [g[2] for g in got])
+        return Retrieved(torch.stack([g[0] for g in got]), torch.stack([g[1] for g in got]), [g[2] for g in got])
 
 
 def test_schedule_prompt_chunks_own_query_then_inherit_then_previous_chunk():
@@ -46,13 +45,17 @@ def test_schedule_prompt_chunks_own_query_then_inherit_then_previous_chunk():
     for b in range(2):
         reads = out.reads[b]
         spans = [(x.start, x.end, x.query_start, x.query_end) for x in reads]
-        assert spans == [(0, cs, 0, cs), (cs, 2 * cs, cs, 2 * cs), (2 * cs, T0, 2 * cs, T0),
-                         (T0, T0 + cs, 2 * cs, T0),  # inherits the last prompt chunk
-                         (T0 + cs, T0 + 2 * cs, T0, T0 + cs),
-                         (T0 + 2 * cs, T0 + 3 * cs, T0 + cs, T0 + 2 * cs),
-                         (T0 + 3 * cs, T0 + n, T0 + 2 * cs, T0 + 3 * cs)]
+        assert spans == [
+            (0, cs, 0, cs),
+            (cs, 2 * cs, cs, 2 * cs),
+            (2 * cs, T0, 2 * cs, T0),
+            (T0, T0 + cs, 2 * cs, T0),  # inherits the last prompt chunk
+            (T0 + cs, T0 + 2 * cs, T0, T0 + cs),
+            (T0 + 2 * cs, T0 + 3 * cs, T0 + cs, T0 + 2 * cs),
+            (T0 + 3 * cs, T0 + n, T0 + 2 * cs, T0 + 3 * cs),
+        ]
         for x in reads:  # the recorded ids are those of the recorded query's memories
-            assert x.ref_ids == r.one(toks[b, x.query_start:x.query_end])[2]
+            assert x.ref_ids == r.one(toks[b, x.query_start : x.query_end])[2]
         assert visible_refs(reads, T0 + cs) == reads[4].ref_ids
         assert visible_refs(reads, T0 - 1) == visible_refs(reads, T0) == reads[2].ref_ids
 
@@ -73,10 +76,9 @@ def test_prompt_on_chunk_boundary_equals_full_forward_everywhere(M, k):
     checked = 0
     for t in range(prompt.shape[1], seq.shape[1]):
         blocks = [next(x for x in out.reads[0] if x.start <= c * cs < x.end) for c in range(-(-t // cs))]
-        mems = [r.one(seq[0, rd.query_start:rd.query_end]) for rd in blocks]
+        mems = [r.one(seq[0, rd.query_start : rd.query_end]) for rd in blocks]
         with torch.no_grad():
-            logits = model(seq[:, :t], torch.stack([x[0] for x in mems])[None],
-                           torch.stack([x[1] for x in mems])[None])
+            logits = model(seq[:, :t], torch.stack([x[0] for x in mems])[None], torch.stack([x[1] for x in mems])[None])
         assert logits[0, -1].argmax() == seq[0, t]
         checked += 1
     assert checked == 2 * cs + 3
@@ -104,12 +106,13 @@ def test_batched_equals_single_prompt_generation(temperature, with_memory):
 
     def run(p, s):
         r = QueryKeyedRetriever(model.config) if with_memory else None
-        return generate_with_memory(model, p, 2 * cs + 5, r, temperature=temperature, top_p=0.9,
-                                    generators=row_generators(s))
+        return generate_with_memory(
+            model, p, 2 * cs + 5, r, temperature=temperature, top_p=0.9, generators=row_generators(s)
+        )
 
     batched = run(prompts, seeds)
     for i in range(4):
-        single = run(prompts[i:i + 1], seeds[i:i + 1])
+        single = run(prompts[i : i + 1], seeds[i : i + 1])
         assert torch.equal(single.tokens[0], batched.tokens[i])
         assert [vars(x) for x in single.reads[0]] == [vars(x) for x in batched.reads[i]]
 

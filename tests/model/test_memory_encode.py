@@ -30,7 +30,7 @@ def test_a_batch_of_several_blocks_equals_its_references_alone():
     with torch.no_grad():
         batch = encode_references(model, refs, top_k=5)
         for b in (0, 1, per_block - 1, per_block, 2 * per_block + 2):  # both sides of each cut
-            alone = encode_references(model, refs[b:b + 1], top_k=5)  # its own block, same width
+            alone = encode_references(model, refs[b : b + 1], top_k=5)  # its own block, same width
             torch.testing.assert_close(batch.kv[b], alone.kv[0], atol=1e-5, rtol=1e-5)
             assert torch.equal(batch.positions[b], alone.positions[0])
 
@@ -102,7 +102,7 @@ def test_the_last_memory_layer_computes_no_queries_when_every_token_is_kept():
     refs = right_padded(gen, cfg, [12, 7])
     with torch.no_grad():
         before = encode_references(model, refs, top_k=12)
-        model.blocks[1].attn.wqkv.weight[:cfg.n_heads * cfg.head_dim].add_(1.0)  # its queries
+        model.blocks[1].attn.wqkv.weight[: cfg.n_heads * cfg.head_dim].add_(1.0)  # its queries
         after = encode_references(model, refs, top_k=12)
     assert torch.equal(before.kv, after.kv) and torch.equal(before.positions, after.positions)
 

@@ -16,15 +16,17 @@ def chunks_of(T, cfg):
     return -(-T // cfg.mem_chunk_size)
 
 
-@pytest.mark.parametrize("n_heads,n_kv_heads,n_layers,n_mem_layers,T,M,k", [
-    (4, 2, 2, 1, 16, 2, 4),   # one full chunk
-    (4, 1, 2, 2, 37, 3, 2),   # three chunks, the last partial; every layer a memory layer
-    (4, 4, 3, 2, 20, 1, 5),   # no GQA; a plain layer after the memory layers
-    (4, 2, 2, 1, 5, 0, 4),    # an empty memory set
-])
+@pytest.mark.parametrize(
+    "n_heads,n_kv_heads,n_layers,n_mem_layers,T,M,k",
+    [
+        (4, 2, 2, 1, 16, 2, 4),  # one full chunk
+        (4, 1, 2, 2, 37, 3, 2),  # three chunks, the last partial; every layer a memory layer
+        (4, 4, 3, 2, 20, 1, 5),  # no GQA; a plain layer after the memory layers
+        (4, 2, 2, 1, 5, 0, 4),  # an empty memory set
+    ],
+)
 def test_memory_forward_equals_naive(n_heads, n_kv_heads, n_layers, n_mem_layers, T, M, k):
-    model = make_model(n_heads=n_heads, n_kv_heads=n_kv_heads, n_layers=n_layers,
-                       n_mem_layers=n_mem_layers)
+    model = make_model(n_heads=n_heads, n_kv_heads=n_kv_heads, n_layers=n_layers, n_mem_layers=n_mem_layers)
     cfg = model.config
     gen = torch.Generator().manual_seed(10)
     tokens = random_tokens(gen, cfg, 2, T)
@@ -35,8 +37,9 @@ def test_memory_forward_equals_naive(n_heads, n_kv_heads, n_layers, n_mem_layers
         logits = model(tokens, memories, mask)
     naive = NaiveModel(model)
     for b in range(2):
-        torch.testing.assert_close(logits[b].double(), naive.forward(tokens[b], memories[b], mask[b]),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            logits[b].double(), naive.forward(tokens[b], memories[b], mask[b]), atol=1e-5, rtol=1e-5
+        )
 
 
 @pytest.mark.parametrize("T,lengths", [(16, [[9]]), (40, [[12, 5], [3, 16], [16, 1]])])
@@ -56,10 +59,8 @@ def test_dense_memories_end_to_end_equal_naive(T, lengths):
         memories = enc.kv.view(1, C, M, *enc.kv.shape[1:])
         logits = model(tokens, memories, enc.mask.view(1, C, M, -1))
     naive = NaiveModel(model)
-    dense = [[naive.encode(refs[c * M + m, :n], n) for m, n in enumerate(row)]
-             for c, row in enumerate(lengths)]
-    torch.testing.assert_close(logits[0].double(), naive.forward(tokens[0], dense),
-                               atol=1e-5, rtol=1e-5)
+    dense = [[naive.encode(refs[c * M + m, :n], n) for m, n in enumerate(row)] for c, row in enumerate(lengths)]
+    torch.testing.assert_close(logits[0].double(), naive.forward(tokens[0], dense), atol=1e-5, rtol=1e-5)
 
 
 def test_one_full_reference_in_every_layer_equals_reading_it_in_context():
@@ -77,8 +78,7 @@ def test_one_full_reference_in_every_layer_equals_reading_it_in_context():
         memories = enc.kv[:, None, None].expand(1, C, 1, *enc.kv.shape[1:])
         with_memory = model(tokens, memories)
         in_context = model(torch.cat([torch.tensor([[cfg.ref_bos_id]]), ref, tokens], 1))
-    torch.testing.assert_close(with_memory, in_context[:, 1 + cfg.ref_max_tokens:],
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(with_memory, in_context[:, 1 + cfg.ref_max_tokens :], atol=1e-5, rtol=1e-5)
 
 
 def test_empty_memory_sets_agree():
@@ -99,8 +99,9 @@ def test_without_memories_it_is_the_plain_causal_lm():
     gen = torch.Generator().manual_seed(14)
     tokens = random_tokens(gen, model.config, 2, 25)
     with torch.no_grad():
-        torch.testing.assert_close(model(tokens, None).double()[1],
-                                   NaiveModel(model).forward(tokens[1]), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            model(tokens, None).double()[1], NaiveModel(model).forward(tokens[1]), atol=1e-5, rtol=1e-5
+        )
 
 
 @settings(max_examples=20, deadline=None)
@@ -144,8 +145,7 @@ def test_memories_in_another_dtype_are_cast():
     tokens = random_tokens(gen, model.config, 1, 10)
     memories, mask = random_memories(gen, model.config, 1, 1, 2, 3)
     with torch.no_grad():
-        torch.testing.assert_close(model(tokens, memories.double(), mask),
-                                   model(tokens, memories, mask))
+        torch.testing.assert_close(model(tokens, memories.double(), mask), model(tokens, memories, mask))
 
 
 def test_mismatched_memory_shapes_raise_clear_errors():
@@ -188,8 +188,7 @@ def test_continual_training_step_backpropagates_through_reference_encoding():
     context_only = make_model(n_layers=3, n_mem_layers=2).train()
     logits = context_only(tokens[:, :-1], memories.detach(), mask)
     torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
-    assert not torch.allclose(model.blocks[0].attn.wqkv.weight.grad,
-                              context_only.blocks[0].attn.wqkv.weight.grad)
+    assert not torch.allclose(model.blocks[0].attn.wqkv.weight.grad, context_only.blocks[0].attn.wqkv.weight.grad)
     assert all(p.grad is not None for p in model.parameters())
 
 

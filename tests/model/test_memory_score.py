@@ -34,9 +34,12 @@ def reference_log_scores(q: torch.Tensor, k: torch.Tensor, scored: torch.Tensor,
         if len(rows) == 0:
             continue
         for h in range(Hkv):
-            per_head = torch.stack([
-                (q[b, h * group + g, rows].double() @ k[b, h].double().T / math.sqrt(D)).logsumexp(0)
-                for g in range(group)])  # (group, S): log w_j of each query head
+            per_head = torch.stack(
+                [
+                    (q[b, h * group + g, rows].double() @ k[b, h].double().T / math.sqrt(D)).logsumexp(0)
+                    for g in range(group)
+                ]
+            )  # (group, S): log w_j of each query head
             if combine == "max":
                 log_w = per_head.max(0).values
             else:
@@ -61,7 +64,8 @@ def assert_same_selection(pos: torch.Tensor, ref_log_w: torch.Tensor, k: int, to
         for j in got ^ want:
             assert abs(ref[j].item() - boundary) <= tol * max(1.0, abs(boundary)), (
                 f"token {j} (score {ref[j].item():.6f}) differs from the float64 selection "
-                f"(k-th best {boundary:.6f}): kept {sorted(got)}, expected {sorted(want)}")
+                f"(k-th best {boundary:.6f}): kept {sorted(got)}, expected {sorted(want)}"
+            )
 
 
 def random_qk(seed: int, B: int, Hq: int, Hkv: int, S: int, D: int, scale: float):
@@ -153,14 +157,22 @@ def test_real_text_selection_equals_float64_model(n_heads, n_kv_heads, top_k):
     model (tests/model/naive.py): the same kept tokens. Repeated tokens tie exactly in layer 0 of
     the float64 model; in float32 a GEMM may round two equal rows differently by their position,
     so which occurrence is kept at the boundary is left to the near-tie rule, not asserted."""
-    model = make_model(vocab_size=260, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=8,
-                       d_model=8 * n_heads, n_layers=2, n_mem_layers=2, ref_max_tokens=48)
+    model = make_model(
+        vocab_size=260,
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        head_dim=8,
+        d_model=8 * n_heads,
+        n_layers=2,
+        n_mem_layers=2,
+        ref_max_tokens=48,
+    )
     cfg = model.config
     refs = byte_references(5, 48)
     refs[3] = refs[3][:7]  # a short one: the batch is padded
     batch = torch.full((len(refs), max(map(len, refs))), cfg.pad_id, dtype=torch.long)
     for b, r in enumerate(refs):
-        batch[b, :len(r)] = torch.tensor(r)
+        batch[b, : len(r)] = torch.tensor(r)
     with torch.no_grad():
         enc = encode_references(model, batch, top_k=top_k)
     naive = NaiveModel(model)

@@ -8,8 +8,17 @@ import pytest
 
 from tests.conftest import ROOT
 
-LIGHT = ("model.errors", "model.checked", "model.config", "jobs.config", "jobs.cli.main", "jobs.stages.ingest",
-         "pipelines.clean_step", "pipelines.dedup_step", "pipelines.chunk_step")
+LIGHT = (
+    "model.errors",
+    "model.checked",
+    "model.config",
+    "jobs.config",
+    "jobs.cli.main",
+    "jobs.stages.ingest",
+    "pipelines.clean_step",
+    "pipelines.dedup_step",
+    "pipelines.chunk_step",
+)
 
 
 def test_the_light_modules_do_not_import_torch():

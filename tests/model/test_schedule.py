@@ -19,8 +19,14 @@ def configs(draw):
     warmup = draw(st.integers(0, total - min(total, decay_steps)))
     decay = draw(st.sampled_from(DECAYS))
     ratio = draw(st.floats(1e-3 if decay == "exp" else 0.0, 1.0))
-    return WSDConfig(peak_lr=draw(st.floats(1e-6, 1.0)), warmup_steps=warmup, total_steps=total,
-                     decay_fraction=decay_fraction, min_lr_ratio=ratio, decay=decay)
+    return WSDConfig(
+        peak_lr=draw(st.floats(1e-6, 1.0)),
+        warmup_steps=warmup,
+        total_steps=total,
+        decay_fraction=decay_fraction,
+        min_lr_ratio=ratio,
+        decay=decay,
+    )
 
 
 def test_fields_are_plain_typed_for_yaml_introspection():
@@ -41,8 +47,7 @@ def test_paper_shape():
 
 @pytest.mark.parametrize("decay, halfway", [("linear", 0.55), ("cosine", 0.55), ("exp", 0.1**0.5)])
 def test_decay_kinds_halfway(decay, halfway):
-    cfg = WSDConfig(peak_lr=1.0, warmup_steps=0, total_steps=200, decay_fraction=0.5,
-                    min_lr_ratio=0.1, decay=decay)
+    cfg = WSDConfig(peak_lr=1.0, warmup_steps=0, total_steps=200, decay_fraction=0.5, min_lr_ratio=0.1, decay=decay)
     assert lr_at(0, cfg) == 1.0  # no warmup: starts at the peak
     assert lr_at(150, cfg) == pytest.approx(halfway)
     assert lr_at(200, cfg) == pytest.approx(0.1)
@@ -91,20 +96,23 @@ def test_endpoints(cfg):
     assert lr_lambda(cfg)(cfg.total_steps) == pytest.approx(end / cfg.peak_lr)
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    (dict(peak_lr=0.0), "peak_lr"),
-    (dict(peak_lr=float("nan")), "peak_lr"),
-    (dict(peak_lr="3e-4"), "peak_lr"),
-    (dict(warmup_steps=-1), "warmup_steps"),
-    (dict(warmup_steps=1.5), "warmup_steps"),
-    (dict(total_steps=0, warmup_steps=0), "total_steps"),
-    (dict(decay_fraction=1.5), "decay_fraction"),
-    (dict(min_lr_ratio=-0.1), "min_lr_ratio"),
-    (dict(min_lr_ratio=0.0), "min_lr_ratio"),  # exp cannot reach 0
-    (dict(decay="step"), "decay"),
-    (dict(warmup_steps=950), "warmup_steps"),  # runs into the last 100 (decay) steps
-    (dict(total_steps=True), "total_steps"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(peak_lr=0.0), "peak_lr"),
+        (dict(peak_lr=float("nan")), "peak_lr"),
+        (dict(peak_lr="3e-4"), "peak_lr"),
+        (dict(warmup_steps=-1), "warmup_steps"),
+        (dict(warmup_steps=1.5), "warmup_steps"),
+        (dict(total_steps=0, warmup_steps=0), "total_steps"),
+        (dict(decay_fraction=1.5), "decay_fraction"),
+        (dict(min_lr_ratio=-0.1), "min_lr_ratio"),
+        (dict(min_lr_ratio=0.0), "min_lr_ratio"),  # exp cannot reach 0
+        (dict(decay="step"), "decay"),
+        (dict(warmup_steps=950), "warmup_steps"),  # runs into the last 100 (decay) steps
+        (dict(total_steps=True), "total_steps"),
+    ],
+)
 def test_validation_names_the_field(kwargs, field):
     base = dict(peak_lr=3e-4, warmup_steps=100, total_steps=1000)
     with pytest.raises(FieldError) as e:  # the one config error (model/checked.py), naming the field

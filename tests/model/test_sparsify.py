@@ -40,18 +40,19 @@ def assert_matches_naive(model, refs, lengths, top_k, combine="sum"):
                 assert (enc.positions[b, layer, h, kept:] == -1).all()
                 if kept:
                     got_k, got_v = enc.kv[b, layer, 0, h, :kept], enc.kv[b, layer, 1, h, :kept]
-                    torch.testing.assert_close(got_k.double(), torch.stack(want["keys"]),
-                                               atol=1e-5, rtol=1e-5)
-                    torch.testing.assert_close(got_v.double(), torch.stack(want["values"]),
-                                               atol=1e-5, rtol=1e-5)
+                    torch.testing.assert_close(got_k.double(), torch.stack(want["keys"]), atol=1e-5, rtol=1e-5)
+                    torch.testing.assert_close(got_v.double(), torch.stack(want["values"]), atol=1e-5, rtol=1e-5)
                 assert (enc.kv[b, layer, :, h, kept:] == 0).all()
 
 
-@pytest.mark.parametrize("n_heads,n_kv_heads,n_layers,n_mem_layers,combine", [
-    (4, 2, 2, 2, "sum"), (4, 1, 3, 2, "max"), (4, 4, 2, 1, "mean"), (4, 2, 2, 2, "max")])
+@pytest.mark.parametrize(
+    "n_heads,n_kv_heads,n_layers,n_mem_layers,combine",
+    [(4, 2, 2, 2, "sum"), (4, 1, 3, 2, "max"), (4, 4, 2, 1, "mean"), (4, 2, 2, 2, "max")],
+)
 def test_encode_equals_naive(n_heads, n_kv_heads, n_layers, n_mem_layers, combine):
-    model = make_model(n_heads=n_heads, n_kv_heads=n_kv_heads, n_layers=n_layers,
-                       n_mem_layers=n_mem_layers, score_combine=combine)
+    model = make_model(
+        n_heads=n_heads, n_kv_heads=n_kv_heads, n_layers=n_layers, n_mem_layers=n_mem_layers, score_combine=combine
+    )
     gen = torch.Generator().manual_seed(3)
     lengths = [14, 9, 3, 0]  # padded; shorter than k; empty
     assert_matches_naive(model, padded_refs(gen, model.config, lengths), lengths, 5, combine)
@@ -64,7 +65,7 @@ def test_scores_equal_naive_sum_of_exponentials():
     naive = NaiveModel(model)
     block = model.blocks[0]
     tokens = torch.cat([torch.full((2, 1), model.config.ref_bos_id), refs], 1)
-    scored = (tokens != model.config.pad_id)
+    scored = tokens != model.config.pad_id
     scored[:, 0] = False
     with torch.no_grad():
         q, k, _ = block.attn.qkv(block.attn_norm(model.tok_emb(tokens)))
@@ -73,10 +74,11 @@ def test_scores_equal_naive_sum_of_exponentials():
             for b, n in enumerate([11, 7]):
                 want = naive.encode(refs[b, :n], 4, combine)[0]
                 for h in range(2):
-                    got = log_w[b, h, 1:n + 1].double()
-                    torch.testing.assert_close(got, torch.tensor(want[h]["scores"], dtype=torch.float64).log(),
-                                               atol=1e-5, rtol=1e-5)
-                    assert torch.isneginf(log_w[b, h, 0]) and torch.isneginf(log_w[b, h, n + 1:]).all()
+                    got = log_w[b, h, 1 : n + 1].double()
+                    torch.testing.assert_close(
+                        got, torch.tensor(want[h]["scores"], dtype=torch.float64).log(), atol=1e-5, rtol=1e-5
+                    )
+                    assert torch.isneginf(log_w[b, h, 0]) and torch.isneginf(log_w[b, h, n + 1 :]).all()
 
 
 def test_top_k_of_all_tokens_keeps_every_token_in_order():
@@ -117,8 +119,9 @@ def test_nothing_after_the_last_memory_layer_is_computed():
 
 
 @settings(max_examples=25, deadline=None)
-@given(lengths=st.lists(st.integers(0, 20), min_size=1, max_size=4), top_k=st.integers(1, 9),
-       seed=st.integers(0, 2**16))
+@given(
+    lengths=st.lists(st.integers(0, 20), min_size=1, max_size=4), top_k=st.integers(1, 9), seed=st.integers(0, 2**16)
+)
 def test_each_reference_is_encoded_alone(lengths, top_k, seed):
     """Padding and batch neighbours change nothing; kept positions are real, sorted, unique."""
     model = make_model()
@@ -133,7 +136,7 @@ def test_each_reference_is_encoded_alone(lengths, top_k, seed):
     with torch.no_grad():
         batch = encode_references(model, refs, top_k=top_k)
         for b, n in enumerate(lengths):
-            alone = encode_references(model, refs[b:b + 1, :max(n, 1)], top_k=top_k)
+            alone = encode_references(model, refs[b : b + 1, : max(n, 1)], top_k=top_k)
             torch.testing.assert_close(batch.kv[b], alone.kv[0], atol=1e-5, rtol=1e-5)
             assert torch.equal(batch.positions[b], alone.positions[0])
             kept = batch.positions[b][batch.positions[b] >= 0].view(*batch.positions.shape[1:3], -1)

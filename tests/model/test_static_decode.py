@@ -47,8 +47,8 @@ def test_every_step_gives_the_logits_of_the_eager_step(with_memory):
             if with_memory and t % cs == 0:
                 for cache in (eager, static.cache):
                     cache.swap_memories(memories[:, t // cs], mask[:, t // cs])
-            want = model(tokens[:, t:t + 1], cache=eager)
-            got = static(tokens[:, t:t + 1])
+            want = model(tokens[:, t : t + 1], cache=eager)
+            got = static(tokens[:, t : t + 1])
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert static.cache.length == eager.length
 

@@ -51,8 +51,7 @@ def test_window_layout_and_sparsify():
     mem, mask = continual_memories(model, refs, valid, window=5, sparsify=True)
     assert mem.shape == (B, C, 5, cfg.n_mem_layers, 2, cfg.n_kv_heads, cfg.mem_top_k, cfg.head_dim)
     enc = encode_references(model, refs.reshape(B * C, T))  # model's top-k
-    want_kv, want_mask = chunk_windows(enc.kv.reshape(B, C, *enc.kv.shape[1:]),
-                                       enc.mask.reshape(B, C, -1), 5)
+    want_kv, want_mask = chunk_windows(enc.kv.reshape(B, C, *enc.kv.shape[1:]), enc.mask.reshape(B, C, -1), 5)
     torch.testing.assert_close(mem, want_kv)
     assert torch.equal(mask, want_mask)
     assert not mask[:, 0, :4].any()  # chunk 0 has no predecessors
@@ -106,7 +105,9 @@ def test_serving_schedule_chunk_c_reads_what_chunk_c_minus_1_retrieved():
     assert mem.shape[:3] == (B, C, M) and mask.shape == (B, C, M, T)
     assert not mask[:, 0].any()  # chunk 0: no earlier text retrieved for it
     for c in range(1, C):
-        enc = encode_references(model, torch.where(valid[:, c - 1, :, None], refs[:, c - 1], 0).reshape(B * M, T), top_k=T)
+        enc = encode_references(
+            model, torch.where(valid[:, c - 1, :, None], refs[:, c - 1], 0).reshape(B * M, T), top_k=T
+        )
         torch.testing.assert_close(mem[:, c], enc.kv.reshape(B, M, *enc.kv.shape[1:]))
         assert torch.equal(mask[:, c], enc.mask.reshape(B, M, T) & valid[:, c - 1, :, None])
     # what the last chunk retrieved is read by no chunk: changing it changes nothing
@@ -121,8 +122,8 @@ def test_serving_schedule_chunk_c_reads_what_chunk_c_minus_1_retrieved():
     mem3, mask3 = continual_memories(model, other, valid, schedule="serving", sparsify=False)
     cs = model.config.mem_chunk_size
     a, b = model(tokens, mem, mask), model(tokens, mem3, mask3)
-    torch.testing.assert_close(a[:, :2 * cs], b[:, :2 * cs])
-    assert not torch.allclose(a[:, 2 * cs:], b[:, 2 * cs:])
+    torch.testing.assert_close(a[:, : 2 * cs], b[:, : 2 * cs])
+    assert not torch.allclose(a[:, 2 * cs :], b[:, 2 * cs :])
 
 
 def test_memories_pass_through_the_codec_straight_through():

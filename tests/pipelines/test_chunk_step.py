@@ -17,7 +17,9 @@ def test_short_documents_take_the_one_span_path_with_the_same_result():
     assert min(lengths) == 0 and sum(n <= 64 for n in lengths) > 50 and sum(n > 64 for n in lengths) > 50
     for text, cut in zip(texts, cuts):
         enc = tok.encode(text, add_special_tokens=False)
-        want = [[a, b, enc.offsets[a][0], enc.offsets[b - 1][1]] for a, b in reference_spans(
-            len(enc.ids), sentence_boundaries(text, enc.offsets), 64, 16)]
+        want = [
+            [a, b, enc.offsets[a][0], enc.offsets[b - 1][1]]
+            for a, b in reference_spans(len(enc.ids), sentence_boundaries(text, enc.offsets), 64, 16)
+        ]
         assert cut["token_ids"] == enc.ids and cut["spans"] == want
     assert all(c["spans"] is None for c in _cut(tok, texts[:3], [False] * 3, chunking))

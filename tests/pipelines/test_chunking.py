@@ -17,6 +17,7 @@ FIXTURE = Path(__file__).parent / "fixtures" / "foldoc_excerpts.txt"
 
 # --- reference_spans ------------------------------------------------------------------------
 
+
 @st.composite
 def span_inputs(draw):
     n = draw(st.integers(0, 1500))
@@ -53,10 +54,15 @@ def test_reference_spans_examples():
     assert reference_spans(5, np.array([1, 3]), 128, 32) == [(0, 5)]
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"max_tokens": 0}, "max_tokens"), ({"min_tokens": 0}, "min_tokens"),
-    ({"max_tokens": 10, "min_tokens": 11}, "min_tokens"), ({"n_tokens": -1}, "n_tokens"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"min_tokens": 0}, "min_tokens"),
+        ({"max_tokens": 10, "min_tokens": 11}, "min_tokens"),
+        ({"n_tokens": -1}, "n_tokens"),
+    ],
+)
 def test_reference_spans_rejects_bad_arguments(kwargs, match):
     args = {"n_tokens": 10, "boundary_after": [], **kwargs}
     with pytest.raises(ValueError, match=match):
@@ -64,6 +70,7 @@ def test_reference_spans_rejects_bad_arguments(kwargs, match):
 
 
 # --- sentence_boundaries --------------------------------------------------------------------
+
 
 def tokenize(text: str) -> list[tuple[int, int]]:
     """A toy tokenizer: words with their leading spaces, single punctuation, newline runs."""
@@ -104,9 +111,10 @@ def test_sentence_boundaries_char_tokens_match_rule(text):
     got = sentence_boundaries(text, offsets).tolist()
     expected = []
     for i, ch in enumerate(text):
-        after = text[i + 1:]
-        ends_here = ch == "\n" or (not after or after[0].isspace()) and bool(
-            re.search(r"[.!?][\"')]{0,3}$", text[: i + 1]))
+        after = text[i + 1 :]
+        ends_here = (
+            ch == "\n" or (not after or after[0].isspace()) and bool(re.search(r"[.!?][\"')]{0,3}$", text[: i + 1]))
+        )
         if ends_here:
             expected.append(i)
     assert got == expected
@@ -114,12 +122,14 @@ def test_sentence_boundaries_char_tokens_match_rule(text):
 
 def test_with_a_real_byte_level_bpe_tokenizer():
     import tokenizers  # a core dependency: its absence is a failure, not a skip
+
     text = FIXTURE.read_text(encoding="utf-8")
     tok = tokenizers.Tokenizer(tokenizers.models.BPE())
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = tokenizers.decoders.ByteLevel()
     trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=400, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+        vocab_size=400, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator([text], trainer)
     doc = text.split("\n## ")[1].split("\n", 1)[1]  # one whole excerpt, several paragraphs
     enc = tok.encode(doc)
@@ -135,15 +145,15 @@ def test_with_a_real_byte_level_bpe_tokenizer():
     assert at_boundary >= (len(spans) - 1) // 2
     # the text of a reference is recovered from the offsets
     a, b = spans[0]
-    assert tok.decode(enc.ids[a:b]) == doc[enc.offsets[a][0]:enc.offsets[b - 1][1]]
+    assert tok.decode(enc.ids[a:b]) == doc[enc.offsets[a][0] : enc.offsets[b - 1][1]]
 
 
 # --- packing --------------------------------------------------------------------------------
 
 docs_strategy = st.lists(
-    st.tuples(st.text(alphabet="abcdef", min_size=1, max_size=4),
-              st.lists(st.integers(3, 1000), max_size=40)),
-    max_size=25)
+    st.tuples(st.text(alphabet="abcdef", min_size=1, max_size=4), st.lists(st.integers(3, 1000), max_size=40)),
+    max_size=25,
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -161,12 +171,11 @@ def test_packing_conserves_tokens_and_separators(docs, seq_len):
     # doc_ids: the documents owning the tokens of each sequence, in order, each once
     owner = [i for i, (_, ids) in enumerate(docs) for _ in range(len(ids) + 1)]
     for k, s in enumerate(seqs):
-        owners = owner[k * seq_len:(k + 1) * seq_len]
+        owners = owner[k * seq_len : (k + 1) * seq_len]
         expected = [docs[i][0] for j, i in enumerate(owners) if j == 0 or owners[j - 1] != i]
         assert s["doc_ids"] == expected
-    rest = owner[len(emitted):]
-    assert packer.leftover_doc_ids == [docs[i][0] for j, i in enumerate(rest)
-                                       if j == 0 or rest[j - 1] != i]
+    rest = owner[len(emitted) :]
+    assert packer.leftover_doc_ids == [docs[i][0] for j, i in enumerate(rest) if j == 0 or rest[j - 1] != i]
 
 
 def test_pack_sequences_returns_leftover_and_accepts_numpy():
@@ -180,8 +189,10 @@ def test_pack_sequences_returns_leftover_and_accepts_numpy():
             seqs.append(next(gen))
     except StopIteration as stop:
         leftover = stop.value
-    assert seqs == [{"token_ids": [10, 11, 12, 13], "doc_ids": ["a"]},
-                    {"token_ids": [14, 2, 7, 8], "doc_ids": ["a", "b"]}]
+    assert seqs == [
+        {"token_ids": [10, 11, 12, 13], "doc_ids": ["a"]},
+        {"token_ids": [14, 2, 7, 8], "doc_ids": ["a", "b"]},
+    ]
     assert leftover == 1
     assert all(type(t) is int for s in seqs for t in s["token_ids"])
 
@@ -212,7 +223,7 @@ def test_aligned_packing_starts_every_document_on_a_chunk(docs, align, chunks):
             break
         assert pos % align == 0
         body = [*ids, eos]
-        assert stream[pos:pos + len(body)] == body[: len(stream) - pos]
+        assert stream[pos : pos + len(body)] == body[: len(stream) - pos]
         end = pos + len(body)
         nxt = -(-end // align) * align
         assert all(t == pad for t in stream[end:nxt])
@@ -223,8 +234,10 @@ def test_aligned_packing_starts_every_document_on_a_chunk(docs, align, chunks):
 def test_aligned_packing_pads_between_documents():
     packer = Packer(seq_len=8, eos_id=2, align=4, pad_id=0)
     out = packer.add("a", [10, 11]) + packer.add("b", [12, 13, 14, 15]) + packer.add("c", [16])
-    assert out == [{"token_ids": [10, 11, 2, 0, 12, 13, 14, 15], "doc_ids": ["a", "b"]},
-                   {"token_ids": [2, 0, 0, 0, 16, 2, 0, 0], "doc_ids": ["b", "c"]}]
+    assert out == [
+        {"token_ids": [10, 11, 2, 0, 12, 13, 14, 15], "doc_ids": ["a", "b"]},
+        {"token_ids": [2, 0, 0, 0, 16, 2, 0, 0], "doc_ids": ["b", "c"]},
+    ]
     assert packer.leftover == 0
     with pytest.raises(ValueError, match="align"):
         Packer(seq_len=6, align=4)

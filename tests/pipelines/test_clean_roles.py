@@ -33,9 +33,11 @@ def corpus(tmp_path_factory):
     recs = foldoc_records(400)
     long = [r for r in recs if len(r["text"].split()) >= 120]
     short = [r for r in recs if 8 <= len(r["text"].split()) < 30]
-    files = {"kb": long[:6] + short[:6] + [{"id": "kb-numbers", "text": NUMBERS}],
-             "web": long[6:14] + short[6:12],
-             "mixed": long[14:18] + short[12:16]}
+    files = {
+        "kb": long[:6] + short[:6] + [{"id": "kb-numbers", "text": NUMBERS}],
+        "web": long[6:14] + short[6:12],
+        "mixed": long[14:18] + short[12:16],
+    }
     for name, rows in files.items():
         (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root, files
@@ -43,17 +45,26 @@ def corpus(tmp_path_factory):
 
 def cfg_for(root, roles: dict[str, str]):
     paths = [str(root / f"{n}.jsonl") for n in ("kb", "web", "mixed")]
-    return load_config(ROOT / "configs" / "demo.yaml", [
-        f"corpus.paths=[{', '.join(paths)}]", "corpus.roles={" + ", ".join(
-            f"{root / (n + '.jsonl')}: {r}" for n, r in roles.items()) + "}", "dedup.partitions=1"])
+    return load_config(
+        ROOT / "configs" / "demo.yaml",
+        [
+            f"corpus.paths=[{', '.join(paths)}]",
+            "corpus.roles={" + ", ".join(f"{root / (n + '.jsonl')}: {r}" for n, r in roles.items()) + "}",
+            "dedup.partitions=1",
+        ],
+    )
 
 
 def clean(cfg, out, memo_src=None, memo_dst=None):
     files = expand_paths(cfg.corpus.paths, cfg.corpus.format, cfg.corpus.roles)
     counts = [count_records(f, cfg.corpus.max_record_bytes)[0] for f in files]
     shards = plan_shards(files, counts, 1000)
-    results = [clean_shard(s, files, cfg.corpus, cfg.quality, cfg.dedup, out, cfg.bank_quality,
-                           memo_src=memo_src, memo_dst=memo_dst) for s in shards]
+    results = [
+        clean_shard(
+            s, files, cfg.corpus, cfg.quality, cfg.dedup, out, cfg.bank_quality, memo_src=memo_src, memo_dst=memo_dst
+        )
+        for s in shards
+    ]
     docs = {}
     for name in ("docs", "rejects"):
         rows = [r for s in shards for r in read_table(out / name / f"{s.shard_id}.parquet").to_pylist()]
@@ -67,9 +78,14 @@ def test_each_role_is_decided_by_its_own_filters(corpus, tmp_path):
     shards, _, got = clean(cfg, tmp_path / "stage")
     docs, rejects = got["docs"], got["rejects"]
     assert len(docs) + len(rejects) == sum(len(v) for v in files.values())
-    reasons = {r["id"]: (quality_reason(normalize_text(r["text"]), cfg.quality),
-                         quality_reason(normalize_text(r["text"]), cfg.bank_quality))
-               for rows in files.values() for r in rows}
+    reasons = {
+        r["id"]: (
+            quality_reason(normalize_text(r["text"]), cfg.quality),
+            quality_reason(normalize_text(r["text"]), cfg.bank_quality),
+        )
+        for rows in files.values()
+        for r in rows
+    }
 
     for r in files["kb"]:  # knowledge only: never training text, even the long entries
         training, bank = reasons[r["id"]]
@@ -87,8 +103,9 @@ def test_each_role_is_decided_by_its_own_filters(corpus, tmp_path):
             assert d["in_training"] and not d["in_bank"] and d["training_reason"] is None
         else:
             assert rejects[r["id"]]["reason"] == training
-    assert any(reasons[r["id"]] == (reasons[r["id"]][0], None) and reasons[r["id"]][0] for r in files["web"]), \
+    assert any(reasons[r["id"]] == (reasons[r["id"]][0], None) and reasons[r["id"]][0] for r in files["web"]), (
         "a short entry the bank filter would keep, refused as training text"
+    )
 
     for r in files["mixed"]:  # both: each filter decides, as without roles
         training, bank = reasons[r["id"]]
@@ -107,7 +124,10 @@ def test_each_role_is_decided_by_its_own_filters(corpus, tmp_path):
     chunking = cfg.chunking.__class__(ref_max_tokens=64, ref_min_tokens=16, seq_len=64)
     for s in shards:
         chunk_shard(s.shard_id, tmp_path / "stage", tok.to_str(), np.zeros(0, np.int64), chunking)
-        refs |= {by_doc[d] for d in read_table(tmp_path / "stage" / "refs" / f"{s.shard_id}.parquet").column("doc_id").to_pylist()}
+        refs |= {
+            by_doc[d]
+            for d in read_table(tmp_path / "stage" / "refs" / f"{s.shard_id}.parquet").column("doc_id").to_pylist()
+        }
         for ids in read_table(tmp_path / "stage" / "seqs" / f"{s.shard_id}.parquet").column("doc_ids").to_pylist():
             seq_docs |= {by_doc[d] for d in ids}
     kb, web, mixed = ({r["id"] for r in files[n]} for n in ("kb", "web", "mixed"))

@@ -11,14 +11,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines.dedup import (bucket_collisions, exact_duplicates, merge_min, partition_of,
-                             resolve_kept)
+from pipelines.dedup import bucket_collisions, exact_duplicates, merge_min, partition_of, resolve_kept
 from pipelines.minhash import MinHashConfig, band_keys, signatures
 
 FIXTURE = Path(__file__).parent / "fixtures" / "foldoc_excerpts.txt"
 
 
 # --- brute-force references -------------------------------------------------------------------
+
 
 def brute_collisions(keys, ranks) -> dict[int, int]:
     """dup rank -> minimum, over its buckets, of the bucket's earliest member (if earlier)."""
@@ -70,8 +70,11 @@ def test_bucket_collisions_match_brute_force_under_any_partitioning(rows, n_part
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 30), st.integers(-3, 30)), max_size=80),
-       st.integers(1, 8), st.randoms(use_true_random=False))
+@given(
+    st.lists(st.tuples(st.integers(0, 30), st.integers(-3, 30)), max_size=80),
+    st.integers(1, 8),
+    st.randoms(use_true_random=False),
+)
 def test_merge_min_is_exact_and_associative(pairs, n_chunks, rnd):
     dup = np.array([max(a, b) + 1 for a, b in pairs], dtype=np.int64)
     earliest = np.array([b if b <= a else a for a, b in pairs], dtype=np.int64)
@@ -89,8 +92,7 @@ def test_merge_min_is_exact_and_associative(pairs, n_chunks, rnd):
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.integers(0, 15), max_size=60), st.integers(1, 5),
-       st.randoms(use_true_random=False))
+@given(st.lists(st.integers(0, 15), max_size=60), st.integers(1, 5), st.randoms(use_true_random=False))
 def test_exact_duplicates_point_to_group_minimum(hashes, n_parts, rnd):
     ranks = list(range(len(hashes)))
     rnd.shuffle(ranks)  # corpus order differs from row order
@@ -107,8 +109,7 @@ def test_exact_duplicates_point_to_group_minimum(hashes, n_parts, rnd):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.integers(0, 10**6), min_size=0, max_size=80, unique=True),
-       st.randoms(use_true_random=False))
+@given(st.lists(st.integers(0, 10**6), min_size=0, max_size=80, unique=True), st.randoms(use_true_random=False))
 def test_resolve_kept_lands_on_a_non_duplicate(ranks, rnd):
     ranks = sorted(ranks)
     # random forest: each duplicate points to some strictly smaller rank of the list
@@ -151,7 +152,7 @@ def test_near_duplicate_semantics_chain():
 
 
 def test_partition_of_is_stable_and_in_range():
-    keys = np.array([0, 1, -1, 2**63 - 1, -2**63, 12345], dtype=np.int64)
+    keys = np.array([0, 1, -1, 2**63 - 1, -(2**63), 12345], dtype=np.int64)
     parts = partition_of(keys, 7)
     assert parts.dtype == np.int64 and ((parts >= 0) & (parts < 7)).all()
     # pinned: a change here would move rows between partitions of resumed runs
@@ -166,6 +167,7 @@ PINNED_PARTITIONS = [2, 3, 4, 6, 4, 0]  # = splitmix64(key ^ 0x6A09E667F3BCC909)
 
 
 # --- end to end on real text ------------------------------------------------------------------
+
 
 def test_near_dup_pipeline_on_real_text_same_for_any_worker_count():
     entries = [b.split("\n", 1)[1].strip() for b in FIXTURE.read_text().split("\n## ")[1:]]
@@ -189,5 +191,5 @@ def test_near_dup_pipeline_on_real_text_same_for_any_worker_count():
         kept = resolve_kept(dup, earliest)
         results.add((tuple(dup.tolist()), tuple(kept.tolist())))
     assert len(results) == 1
-    (dup, kept), = results
+    ((dup, kept),) = results
     assert dict(zip(dup, kept)) == twin_of

@@ -22,8 +22,7 @@ def refs_rows(n: int) -> dict[str, np.ndarray]:
     return {
         "ref_id": np.array([f"{r['id']}-0000" for r in recs], dtype=object),
         "text": np.array(texts, dtype=object),
-        "content_hash": np.array([hashlib.blake2b(t.encode(), digest_size=8).hexdigest() for t in texts],
-                                 dtype=object),
+        "content_hash": np.array([hashlib.blake2b(t.encode(), digest_size=8).hexdigest() for t in texts], dtype=object),
     }
 
 
@@ -84,8 +83,14 @@ def test_ray_actor_pool_matches_direct_call(step, ray_local):
     batch = refs_rows(24)
     ds = ray.data.from_items([{k: batch[k][i] for k in batch} for i in range(24)])
     # fractional CPUs: a pool that takes both cores starves the read task (pipelines/embed_step.py)
-    out = ds.map_batches(EmbedRefs, fn_constructor_args=("minilm",), batch_size=12, batch_format="numpy",
-                         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
+    out = ds.map_batches(
+        EmbedRefs,
+        fn_constructor_args=("minilm",),
+        batch_size=12,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=1),
+        num_cpus=0.5,
+    )
     tables = [to_arrow(b, step.dim) for b in out.iter_batches(batch_format="pyarrow", batch_size=None)]
     got = pa.Table.from_batches(tables)
     assert got.num_rows == 24 and got.schema == EMBEDDINGS_SCHEMA(384)

@@ -9,8 +9,7 @@ import socket
 import numpy as np
 import pytest
 
-from pipelines.embedder import (EmbedderError, Embedder, bundled_minilm_dir, fingerprint_dir, load_embedder,
-                            resolve_spec)
+from pipelines.embedder import Embedder, EmbedderError, bundled_minilm_dir, fingerprint_dir, load_embedder, resolve_spec
 from tests.conftest import foldoc_records
 
 # (FOLDOC id, a paraphrase that shares few words with the entry's text)

@@ -22,12 +22,23 @@ def test_a_shard_is_staged_sorted_by_length_with_each_reference_as_encoded_alone
     rng = np.random.default_rng(0)
     lengths = [9, 3, 30, 1, 17, 9, 12]
     tokens = [rng.permutation(np.arange(4, cfg.vocab_size))[:n].tolist() for n in lengths]
-    refs = pa.table({"ref_id": [f"r{i}" for i in range(len(tokens))],
-                     "content_hash": [f"h{i}" for i in range(len(tokens))],
-                     "token_ids": pa.array(tokens, pa.list_(pa.int32()))})
+    refs = pa.table(
+        {
+            "ref_id": [f"r{i}" for i in range(len(tokens))],
+            "content_hash": [f"h{i}" for i in range(len(tokens))],
+            "token_ids": pa.array(tokens, pa.list_(pa.int32())),
+        }
+    )
     lance.write_dataset(refs, str(tmp_path / "refs.lance"))
-    actor = EncodeShards(str(tmp_path / "model"), "int8", {}, batch_size=3, input_uri=str(tmp_path / "refs.lance"),
-                         stage_dir=str(tmp_path / "stage"), threads=1)
+    actor = EncodeShards(
+        str(tmp_path / "model"),
+        "int8",
+        {},
+        batch_size=3,
+        input_uri=str(tmp_path / "refs.lance"),
+        stage_dir=str(tmp_path / "stage"),
+        threads=1,
+    )
     assert actor.run_shard(5, 1, 7) == {"shard": 5, "rows": 6}  # rows 1..6
     got = read_table(staged_path(tmp_path / "stage", 5))
     assert got.schema.equals(MEMORIES)
@@ -48,8 +59,15 @@ def test_an_empty_shard_stages_an_empty_file(tmp_path):
     save_model(Memory3(cfg), tmp_path / "model")
     refs = pa.table({"ref_id": ["a"], "content_hash": ["h"], "token_ids": pa.array([[5, 6]], pa.list_(pa.int32()))})
     lance.write_dataset(refs, str(tmp_path / "refs.lance"))
-    actor = EncodeShards(str(tmp_path / "model"), "int8", {}, batch_size=3, input_uri=str(tmp_path / "refs.lance"),
-                         stage_dir=str(tmp_path / "stage"), threads=1)
+    actor = EncodeShards(
+        str(tmp_path / "model"),
+        "int8",
+        {},
+        batch_size=3,
+        input_uri=str(tmp_path / "refs.lance"),
+        stage_dir=str(tmp_path / "stage"),
+        threads=1,
+    )
     assert actor.run_shard(0, 1, 1)["rows"] == 0
     got = read_table(staged_path(tmp_path / "stage", 0))
     assert got.num_rows == 0 and got.schema.equals(MEMORIES)

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines import filters
 from model.checked import FieldError
+from pipelines import filters
 from pipelines.filters import REASONS, QualityConfig, quality_reason
 from pipelines.normalize import normalize_text
 
@@ -62,8 +62,11 @@ BUBBLE = normalize_text("""bubble sort
 # One line of prose with no repeated 5-gram, used as filler around crafted defects.
 PROSE = " ".join(BUBBLE.split())
 CFG = QualityConfig()
-OFF = {f.name: (1.0 if f.name.endswith("_frac") else 0) for f in dataclasses.fields(QualityConfig)
-       if f.name.startswith(("max_dup", "max_top"))}
+OFF = {
+    f.name: (1.0 if f.name.endswith("_frac") else 0)
+    for f in dataclasses.fields(QualityConfig)
+    if f.name.startswith(("max_dup", "max_top"))
+}
 
 
 def words_text(n, word="word"):
@@ -216,8 +219,16 @@ def test_config_fields_are_plain_and_frozen():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("max_dup_line_frac", 1.5), ("min_words", -1), ("min_words", 2.5), ("max_chars", 0),
-     ("min_word_entropy", float("nan")), ("min_stop_words", True), ("min_stop_words", 9), ("min_words", 10**6)],
+    [
+        ("max_dup_line_frac", 1.5),
+        ("min_words", -1),
+        ("min_words", 2.5),
+        ("max_chars", 0),
+        ("min_word_entropy", float("nan")),
+        ("min_stop_words", True),
+        ("min_stop_words", 9),
+        ("min_words", 10**6),
+    ],
 )
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(FieldError) as e:
@@ -297,9 +308,16 @@ def test_ngram_checks_match_datatrove_real_words(words, frac):
 @settings(max_examples=300, deadline=None)
 def test_quality_reason_total_on_arbitrary_unicode(text):
     assert quality_reason(text, CFG) in REASONS + (None,)
-    loose = QualityConfig(min_words=0, min_stop_words=0, min_mean_word_length=0.0, min_alpha_words_frac=0.0,
-                          min_word_entropy=0.0, max_non_alpha_char_frac=1.0, max_symbol_word_ratio=1e9,
-                          unique_words_min_words=0)
+    loose = QualityConfig(
+        min_words=0,
+        min_stop_words=0,
+        min_mean_word_length=0.0,
+        min_alpha_words_frac=0.0,
+        min_word_entropy=0.0,
+        max_non_alpha_char_frac=1.0,
+        max_symbol_word_ratio=1e9,
+        unique_words_min_words=0,
+    )
     assert quality_reason(text, loose) in REASONS + (None,)
 
 

@@ -26,8 +26,12 @@ def bank(request, tmp_path):
 def write_build(bank: Bank, build: str, shards: dict[str, list[str]], cfg: str = "cfg-a") -> None:
     for kind in memo.KINDS:
         for shard_id, texts in shards.items():
-            memo.write(memo.target(bank, build, kind), shard_id, SCHEMA,
-                       {"key": [memo.text_key(t) for t in texts], "text": [f"{kind}:{t}" for t in texts]})
+            memo.write(
+                memo.target(bank, build, kind),
+                shard_id,
+                SCHEMA,
+                {"key": [memo.text_key(t) for t in texts], "text": [f"{kind}:{t}" for t in texts]},
+            )
     memo.publish(bank, build, {kind: cfg for kind in memo.KINDS}, list(shards))
 
 
@@ -36,8 +40,10 @@ def test_a_published_build_is_found_by_text_and_config(bank):
     write_build(bank, "b1", {"s0": ["alpha", "beta"], "s1": ["gamma", "alpha"]})
     src = memo.source(bank, "clean", "cfg-a")
     found = memo.lookup(src, [memo.text_key(t) for t in ("alpha", "gamma", "delta")], ["text"])
-    assert {k: v["text"] for k, v in found.items()} == {memo.text_key("alpha"): "clean:alpha",
-                                                          memo.text_key("gamma"): "clean:gamma"}
+    assert {k: v["text"] for k, v in found.items()} == {
+        memo.text_key("alpha"): "clean:alpha",
+        memo.text_key("gamma"): "clean:gamma",
+    }
     chunk = memo.lookup(memo.source(bank, "chunk", "cfg-a"), [memo.text_key("beta")], ["text"])
     assert [v["text"] for v in chunk.values()] == ["chunk:beta"]
     assert memo.source(bank, "clean", "cfg-b") is None  # written by another config: never read
@@ -45,8 +51,12 @@ def test_a_published_build_is_found_by_text_and_config(bank):
 
 def test_publishing_a_build_drops_the_older_ones(bank):
     write_build(bank, "b1", {"s0": ["alpha", "beta"]})
-    memo.write(memo.target(bank, "b-crashed", "clean"), "s0", SCHEMA,  # a build that never committed
-               {"key": [memo.text_key("zeta")], "text": ["clean:zeta"]})
+    memo.write(
+        memo.target(bank, "b-crashed", "clean"),
+        "s0",
+        SCHEMA,  # a build that never committed
+        {"key": [memo.text_key("zeta")], "text": ["clean:zeta"]},
+    )
     write_build(bank, "b2", {"s0": ["beta", "gamma"], "s9": []}, cfg="cfg-b")
     root = bank.layout.memo()
     assert sorted(p.name for p in root.iterdir()) == ["b2", "current.json"]

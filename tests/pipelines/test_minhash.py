@@ -36,6 +36,7 @@ LONG = [t for t in EXCERPTS.values() if len(t.split()) >= 300]
 
 # --- slow reference of the documented algorithm, in plain Python integers -------------------
 
+
 def ref_words(text: str) -> list[bytes]:
     data = text.lower().encode("utf-8", "surrogatepass")
     word = bytearray(len(data))
@@ -43,9 +44,9 @@ def ref_words(text: str) -> list[bytes]:
         word[i] = (b >= 0x80) or chr(b) in "abcdefghijklmnopqrstuvwxyz0123456789_"
     for i in range(len(data) - 1):  # U+2000..U+203F (E2 80 xx) and U+00A0 (C2 A0) separate
         if data[i] == 0xE2 and data[i + 1] == 0x80:
-            word[i:i + 3] = b"\0\0\0"[: len(data) - i]
+            word[i : i + 3] = b"\0\0\0"[: len(data) - i]
         if data[i] == 0xC2 and data[i + 1] == 0xA0:
-            word[i:i + 2] = b"\0\0"
+            word[i : i + 2] = b"\0\0"
     words, cur = [], bytearray()
     for b, w in zip(data, word):
         if w:
@@ -55,7 +56,7 @@ def ref_words(text: str) -> list[bytes]:
             cur = bytearray()
     if cur:
         words.append(bytes(cur))
-    return [w[i:i + mh._MAX_WORD] for w in words for i in range(0, len(w), mh._MAX_WORD)]
+    return [w[i : i + mh._MAX_WORD] for w in words for i in range(0, len(w), mh._MAX_WORD)]
 
 
 def ref_word_hash(word: bytes) -> int:
@@ -66,7 +67,7 @@ def ref_word_hash(word: bytes) -> int:
 def ref_shingles(words: list, n: int) -> list[tuple]:
     if len(words) < n:
         return [tuple(words)]
-    return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
 
 
 def ref_signature(text: str, cfg: MinHashConfig) -> list[int]:
@@ -89,16 +90,20 @@ def true_jaccard(a: str, b: str, n: int = 5) -> float:
 
 # --- config ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("field,value,exc,message", [
-    ("ngram", 0, ValueError, "ngram: expected a value >= 1, got 0"),
-    ("ngram", 65, ValueError, "ngram: expected a value <= 64, got 65"),
-    ("bands", 0, ValueError, "bands: expected a value >= 1, got 0"),
-    ("rows", -1, ValueError, "rows: expected a value >= 1, got -1"),
-    ("seed", -1, ValueError, "seed: expected a value >= 0, got -1"),
-    ("bands", True, TypeError, "bands: expected an integer, got True (bool)"),
-    ("rows", 2.0, TypeError, "rows: expected an integer, got 2.0 (float)"),
-    ("ngram", "5", TypeError, "ngram: expected an integer, got '5' (str)"),
-])
+
+@pytest.mark.parametrize(
+    "field,value,exc,message",
+    [
+        ("ngram", 0, ValueError, "ngram: expected a value >= 1, got 0"),
+        ("ngram", 65, ValueError, "ngram: expected a value <= 64, got 65"),
+        ("bands", 0, ValueError, "bands: expected a value >= 1, got 0"),
+        ("rows", -1, ValueError, "rows: expected a value >= 1, got -1"),
+        ("seed", -1, ValueError, "seed: expected a value >= 0, got -1"),
+        ("bands", True, TypeError, "bands: expected an integer, got True (bool)"),
+        ("rows", 2.0, TypeError, "rows: expected an integer, got 2.0 (float)"),
+        ("ngram", "5", TypeError, "ngram: expected an integer, got '5' (str)"),
+    ],
+)
 def test_config_rejects_bad_values_naming_the_field(field, value, exc, message):
     # ranges: the field metadata, checked by model.checked (the same wording for every config)
     with pytest.raises(exc) as e:
@@ -116,12 +121,16 @@ def test_config_defaults_and_product_limit():
 
 # --- exactness and determinism ----------------------------------------------------------------
 
-ALPHABET = "ab cD.,-_'\n\té\u00a0\u2014\u201c\u201d\u00df9\U0001F600"
+ALPHABET = "ab cD.,-_'\n\té\u00a0\u2014\u201c\u201d\u00df9\U0001f600"
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.text(alphabet=ALPHABET, max_size=60), min_size=1, max_size=6),
-       st.integers(1, 4), st.integers(1, 3), st.integers(0, 50))
+@given(
+    st.lists(st.text(alphabet=ALPHABET, max_size=60), min_size=1, max_size=6),
+    st.integers(1, 4),
+    st.integers(1, 3),
+    st.integers(0, 50),
+)
 def test_signatures_equal_slow_reference(texts, ngram, rows, seed):
     cfg = MinHashConfig(ngram=ngram, bands=3, rows=rows, seed=seed)
     sigs = signatures(texts, cfg)
@@ -168,23 +177,32 @@ def test_case_and_punctuation_do_not_matter():
 def test_identical_texts_identical_signatures_and_keys():
     texts = list(EXCERPTS.values())
     sigs = signatures(texts + texts[::-1])
-    assert np.array_equal(sigs[: len(texts)], sigs[len(texts):][::-1])
+    assert np.array_equal(sigs[: len(texts)], sigs[len(texts) :][::-1])
     keys = band_keys(sigs)
-    assert np.array_equal(keys[: len(texts)], keys[len(texts):][::-1])
+    assert np.array_equal(keys[: len(texts)], keys[len(texts) :][::-1])
 
 
 def test_signatures_same_in_another_process_with_another_hash_seed():
     text = LONG[0]
-    code = ("import sys; from pipelines.minhash import signatures, band_keys; "
-            "t = sys.stdin.read(); print(band_keys(signatures([t]))[0].tolist())")
+    code = (
+        "import sys; from pipelines.minhash import signatures, band_keys; "
+        "t = sys.stdin.read(); print(band_keys(signatures([t]))[0].tolist())"
+    )
     root = Path(__file__).resolve().parents[2]
-    out = subprocess.run([sys.executable, "-c", code], input=text, capture_output=True,
-                         text=True, cwd=root, env={"PYTHONHASHSEED": "12345", "PATH": ""},
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        input=text,
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env={"PYTHONHASHSEED": "12345", "PATH": ""},
+        check=True,
+    ).stdout
     assert out.strip() == str(band_keys(signatures([text]))[0].tolist())
 
 
 # --- LSH behaviour on real text ---------------------------------------------------------------
+
 
 def shares_band(a: np.ndarray, b: np.ndarray) -> bool:
     return bool((a == b).any())
@@ -224,7 +242,7 @@ def test_estimated_jaccard_close_to_true_jaccard():
         if len(paras) >= 4:
             pairs.append(("\n\n".join(paras[:-1]), "\n\n".join(paras[1:])))  # overlapping
         words = text.split(" ")
-        pairs.append((" ".join(words[: 2 * len(words) // 3]), " ".join(words[len(words) // 3:])))
+        pairs.append((" ".join(words[: 2 * len(words) // 3]), " ".join(words[len(words) // 3 :])))
     assert len(pairs) >= 8
     truths, estimates = [], []
     for a, b in pairs:
@@ -238,6 +256,7 @@ def test_estimated_jaccard_close_to_true_jaccard():
 
 
 # --- band keys --------------------------------------------------------------------------------
+
 
 def test_band_keys_shape_and_band_separation():
     cfg = MinHashConfig(bands=14, rows=8)

@@ -10,9 +10,32 @@ from pipelines.normalize import content_hash, exact_dedup_key, normalize_text
 # Characters that interact: line breaks of every kind, odd spaces, controls, invisible
 # format characters, combining marks (NFC), and surrogates.
 TRICKY = list("ab e\t\n\r") + [
-    "\r\n", "\x00", "\x07", "\x0b", "\x0c", "\x1c", "\x1f", "\x7f", "\x85", "\x9f", "\u00a0", "\u00ad",
-    "\u0301", "\u0308", "\u200b", "\u200d", "\u2009", "\u2028", "\u2029", "\u3000", "\ufeff", "\ud800",
-    "\udfff", "\u212b", "\u2000", "\U0001f600",
+    "\r\n",
+    "\x00",
+    "\x07",
+    "\x0b",
+    "\x0c",
+    "\x1c",
+    "\x1f",
+    "\x7f",
+    "\x85",
+    "\x9f",
+    "\u00a0",
+    "\u00ad",
+    "\u0301",
+    "\u0308",
+    "\u200b",
+    "\u200d",
+    "\u2009",
+    "\u2028",
+    "\u2029",
+    "\u3000",
+    "\ufeff",
+    "\ud800",
+    "\udfff",
+    "\u212b",
+    "\u2000",
+    "\U0001f600",
 ]
 tricky_text = st.lists(st.sampled_from(TRICKY), max_size=60).map("".join)
 any_text = st.text(alphabet=st.characters(exclude_categories=()), max_size=200)  # surrogates too

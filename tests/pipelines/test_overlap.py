@@ -12,8 +12,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines.overlap import (exceeds, overlap, overlap_count, overlap_counts, overlap_exceeds_rows, overlap_many,
-                               overlap_rows)
+from pipelines.overlap import (
+    exceeds,
+    overlap,
+    overlap_count,
+    overlap_counts,
+    overlap_exceeds_rows,
+    overlap_many,
+    overlap_rows,
+)
 from pipelines.tokenizer import train_bpe
 from tests.conftest import foldoc_records
 
@@ -81,21 +88,26 @@ def test_matches_brute_force(t, r):
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.integers(0, 5), min_size=1, max_size=120), st.lists(short_refs, max_size=6),
-       st.sampled_from([1, 2, 128]))
+@given(
+    st.lists(st.integers(0, 5), min_size=1, max_size=120),
+    st.lists(short_refs, max_size=6),
+    st.sampled_from([1, 2, 128]),
+)
 def test_many_matches_brute_force(t, refs, batch):
     # Long t against short references: the segmented path; batch 1 and 2 split the groups.
     expected = [window_count(t, r) for r in refs]
     assert overlap_counts(t, refs, batch=batch).tolist() == expected
     sizes = [len(r) for r in refs]
-    np.testing.assert_array_equal(overlap_many(t, refs, batch=batch),
-                                  [n / m if m else 0.0 for n, m in zip(expected, sizes)])
+    np.testing.assert_array_equal(
+        overlap_many(t, refs, batch=batch), [n / m if m else 0.0 for n, m in zip(expected, sizes)]
+    )
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.tuples(st.lists(st.integers(0, 5), max_size=60), st.lists(short_refs, max_size=5)),
-                max_size=6),
-       st.sampled_from([1, 3, 128]))
+@given(
+    st.lists(st.tuples(st.lists(st.integers(0, 5), max_size=60), st.lists(short_refs, max_size=5)), max_size=6),
+    st.sampled_from([1, 3, 128]),
+)
 def test_rows_match_brute_force(rows, batch):
     # Texts of different lengths (empty too) padded into one grid: every pair as if alone.
     texts, refs = [t for t, _ in rows], [rs for _, rs in rows]
@@ -116,7 +128,7 @@ def test_rows_equal_many_per_row_on_token_ids():
     for t in texts:
         row = [pool[i] for i in rng.choice(len(pool), 8, replace=False)]
         s = int(rng.integers(0, len(t) - 20))
-        row += [t[s:s + 40], t[s:s + 20][::-1]]
+        row += [t[s : s + 40], t[s : s + 20][::-1]]
         refs.append(row)
     got = overlap_rows(texts, refs)
     for t, rs, g in zip(texts, refs, got):
@@ -150,12 +162,11 @@ def multiset_bound(t: list[int], r: list[int]) -> int:
         return 0
     need = Counter(r)
     w = 2 * len(r) + 1
-    return max(sum(min(c, need[v]) for v, c in Counter(t[s:s + w]).items()) for s in range(len(t)))
+    return max(sum(min(c, need[v]) for v, c in Counter(t[s : s + w]).items()) for s in range(len(t)))
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(st.tuples(st.lists(st.integers(0, 5), max_size=60), st.lists(short_refs, max_size=5)),
-                max_size=6))
+@given(st.lists(st.tuples(st.lists(st.integers(0, 5), max_size=60), st.lists(short_refs, max_size=5)), max_size=6))
 def test_count_bounds_are_the_multiset_bound(rows):
     import pipelines.overlap as ov
 
@@ -172,9 +183,10 @@ def test_count_bounds_are_the_multiset_bound(rows):
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(st.tuples(st.lists(st.integers(0, 5), max_size=60), st.lists(short_refs, max_size=5)),
-                max_size=6),
-       st.sampled_from([-0.5, 0.0, 0.3, 0.5, 2 / 3, 0.9, 1.0]))
+@given(
+    st.lists(st.tuples(st.lists(st.integers(0, 5), max_size=60), st.lists(short_refs, max_size=5)), max_size=6),
+    st.sampled_from([-0.5, 0.0, 0.3, 0.5, 2 / 3, 0.9, 1.0]),
+)
 def test_exceeds_rows_equals_overlap_rows_above_threshold(rows, threshold):
     texts, refs = [t for t, _ in rows], [rs for _, rs in rows]
     for got, ov in zip(overlap_exceeds_rows(texts, refs, threshold), overlap_rows(texts, refs)):
@@ -190,11 +202,13 @@ def test_exceeds_rows_on_token_ids_combs_few_pairs(monkeypatch):
     for t in texts:
         row = [rng.integers(0, 2000, rng.integers(20, 128)).tolist() for _ in range(8)]
         s = int(rng.integers(0, len(t) - 40))
-        row += [t[s:s + 40], t[s:s + 30][::-1] + t[s:s + 10]]
+        row += [t[s : s + 40], t[s : s + 30][::-1] + t[s : s + 10]]
         refs.append(row)
     combed = []
     real = ov._counts
-    monkeypatch.setattr(ov, "_counts", lambda tt, rs, text_of, batch: combed.append(len(rs)) or real(tt, rs, text_of, batch))
+    monkeypatch.setattr(
+        ov, "_counts", lambda tt, rs, text_of, batch: combed.append(len(rs)) or real(tt, rs, text_of, batch)
+    )
     got = overlap_exceeds_rows(texts, refs, 2 / 3)
     assert combed == [2 * len(texts)]  # only the two related references of each text are combed
     for g, t, rs in zip(got, texts, refs):

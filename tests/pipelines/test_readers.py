@@ -8,8 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from pipelines.readers import (InputError, check_parquet_columns, count_records, expand_paths, plan_shards,
-                               read_shard)
+from pipelines.readers import InputError, check_parquet_columns, count_records, expand_paths, plan_shards, read_shard
 from tests.conftest import foldoc_records
 
 
@@ -23,17 +22,36 @@ def read_all(files, **kw):
 
 def test_jsonl_bad_records_each_get_a_reason(tmp_path):
     good = foldoc_records(2)
-    lines = [json.dumps(good[0]).encode(), b"{not json", b'{"text": "caf\xe9"}', b'{"id": 7}',
-             b'{"text": 42}', b"[1, 2]", b"", b"\x00\x01\x02\xff\xfe binary junk", json.dumps(good[1]).encode(),
-             json.dumps({"text": "x" * 5000}).encode()]
+    lines = [
+        json.dumps(good[0]).encode(),
+        b"{not json",
+        b'{"text": "caf\xe9"}',
+        b'{"id": 7}',
+        b'{"text": 42}',
+        b"[1, 2]",
+        b"",
+        b"\x00\x01\x02\xff\xfe binary junk",
+        json.dumps(good[1]).encode(),
+        json.dumps({"text": "x" * 5000}).encode(),
+    ]
     path = tmp_path / "c.jsonl"
     path.write_bytes(b"\n".join(lines))  # no final newline: the last record still counts
     files = expand_paths([str(path)])
     counts, recs = read_all(files, max_record_bytes=2048)
     assert counts == [len(lines)] and len(recs) == len(lines)
     reasons = [r.reason for r in recs]
-    assert reasons == [None, "malformed_json", "invalid_utf8", "missing_text", "text_not_string",
-                       "not_an_object", "blank_line", "invalid_utf8", None, "record_too_large"]
+    assert reasons == [
+        None,
+        "malformed_json",
+        "invalid_utf8",
+        "missing_text",
+        "text_not_string",
+        "not_an_object",
+        "blank_line",
+        "invalid_utf8",
+        None,
+        "record_too_large",
+    ]
     assert recs[0].source_id == good[0]["id"] and json.loads(recs[0].meta) == {"title": good[0]["title"]}
     assert recs[1].raw_prefix == "{not json"
     assert len({r.rank for r in recs}) == len(recs)  # ranks are unique: dedup's tie-breaker
@@ -52,8 +70,10 @@ def test_compressed_jsonl(tmp_path, suffix):
 
 def test_parquet_and_text_folder(tmp_path):
     recs = foldoc_records(5)
-    pq.write_table(pa.table({"text": [r["text"] for r in recs[:4]] + [None], "id": ["a", "b", "c", "d", "e"]}),
-                   tmp_path / "p.parquet")
+    pq.write_table(
+        pa.table({"text": [r["text"] for r in recs[:4]] + [None], "id": ["a", "b", "c", "d", "e"]}),
+        tmp_path / "p.parquet",
+    )
     folder = tmp_path / "txt"
     folder.mkdir()
     (folder / "one.txt").write_text(recs[0]["text"])
@@ -115,6 +135,7 @@ def test_huge_line_is_skipped_without_reading_it_whole(tmp_path):
 # disk or transfer) must fail loudly, naming the file: read quietly, it becomes a corpus with
 # records missing, or garbled, and an ingest that reports its accounting as OK.
 
+
 def _corpus_bytes(n: int = 400) -> bytes:
     return "".join(json.dumps(r) + "\n" for r in foldoc_records(n)).encode()
 
@@ -161,7 +182,7 @@ def test_truncated_compressed_file_is_an_error_naming_it(tmp_path, suffix, cut):
 def test_flipped_bytes_in_a_compressed_file_are_an_error_naming_it(tmp_path, suffix):
     whole = bytearray(_compress(_corpus_bytes(), suffix))
     mid = len(whole) // 2
-    whole[mid:mid + 8] = bytes(b ^ 0xFF for b in whole[mid:mid + 8])
+    whole[mid : mid + 8] = bytes(b ^ 0xFF for b in whole[mid : mid + 8])
     path = _write(tmp_path, suffix, bytes(whole))
     for message in _read_every_way(path):
         assert message.startswith(f"{path}: ") and "truncated or corrupt" in message
@@ -201,17 +222,21 @@ def test_truncated_compressed_text_file_is_an_error(tmp_path):
 def test_several_zstd_frames_are_read_whole(tmp_path):
     # pzstd and `cat a.zst b.zst` write several frames; every one of them is corpus
     recs = foldoc_records(30)
-    frames = [zstandard.ZstdCompressor(write_checksum=True).compress(
-        "".join(json.dumps(r) + "\n" for r in part).encode()) for part in (recs[:10], recs[10:25], recs[25:])]
+    frames = [
+        zstandard.ZstdCompressor(write_checksum=True).compress("".join(json.dumps(r) + "\n" for r in part).encode())
+        for part in (recs[:10], recs[10:25], recs[25:])
+    ]
     skippable = (0x184D2A50).to_bytes(4, "little") + (3).to_bytes(4, "little") + b"abc"
     path = _write(tmp_path, ".zst", frames[0] + skippable + frames[1] + frames[2])
     counts, out = read_all(expand_paths([str(path)]))
     assert counts == [30] and [r.source_id for r in out] == [r["id"] for r in recs]
 
 
-@pytest.mark.parametrize("suffix,data", [(".jsonl", b""), (".jsonl.gz", gzip.compress(b"")),
-                                         (".jsonl.zst", zstandard.ZstdCompressor().compress(b""))],
-                         ids=["jsonl", "gz", "zst"])
+@pytest.mark.parametrize(
+    "suffix,data",
+    [(".jsonl", b""), (".jsonl.gz", gzip.compress(b"")), (".jsonl.zst", zstandard.ZstdCompressor().compress(b""))],
+    ids=["jsonl", "gz", "zst"],
+)
 def test_a_file_without_records_is_a_counted_reject(tmp_path, suffix, data):
     good = tmp_path / "a.jsonl"
     good.write_text(json.dumps(foldoc_records(1)[0]) + "\n")

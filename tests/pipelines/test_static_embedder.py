@@ -14,9 +14,17 @@ import numpy as np
 import pytest
 
 from pipelines.embed_step import EMBEDDINGS_SCHEMA, EmbedRefs, to_arrow
-from pipelines.embedder import (EmbedderError, Embedder, bundled_minilm_dir, fingerprint_dir, load_embedder)
-from pipelines.static_embedder import (RECIPE, STATIC_SPEC, distill_table, is_static_dir, pca, sif_weights,
-                                       static_dir, static_fingerprint)
+from pipelines.embedder import Embedder, EmbedderError, bundled_minilm_dir, fingerprint_dir, load_embedder
+from pipelines.static_embedder import (
+    RECIPE,
+    STATIC_SPEC,
+    distill_table,
+    is_static_dir,
+    pca,
+    sif_weights,
+    static_dir,
+    static_fingerprint,
+)
 from storage.bank import Bank
 from tests.conftest import foldoc_records
 
@@ -69,14 +77,23 @@ def test_identity_differs_from_minilm(static):
 def test_refuses_minilm_vectors_and_minilm_refuses_its(static, tmp_path):
     # a real embeddings table written with MiniLM's lineage, as the embed stage writes it
     bank = Bank(tmp_path / "bank")
-    rows = {"ref_id": np.array(["r1"], dtype=object), "embedder": np.array([minilm_lineage()["embedder"]], dtype=object),
-            "content_hash": np.array(["h1"], dtype=object), "vector": np.eye(1, 384, dtype=np.float32)}
+    rows = {
+        "ref_id": np.array(["r1"], dtype=object),
+        "embedder": np.array([minilm_lineage()["embedder"]], dtype=object),
+        "content_hash": np.array(["h1"], dtype=object),
+        "vector": np.eye(1, 384, dtype=np.float32),
+    }
     bank.write("embeddings", EMBEDDINGS_SCHEMA(384), [to_arrow(rows, 384)], {"embedder": minilm_lineage()})
     with pytest.raises(EmbedderError, match=r"all-MiniLM-L6-v2@.*static-MiniLM-L6-v2@"):
         static.check_lineage(bank.metadata("embeddings")["embedder"])
     # and the other way round, with MiniLM's own check (its fingerprint, the static lineage)
-    minilm = Embedder(name="all-MiniLM-L6-v2", dim=384, fingerprint=minilm_lineage()["embedder_fingerprint"],
-                      path=str(bundled_minilm_dir()), max_seq_length=256)
+    minilm = Embedder(
+        name="all-MiniLM-L6-v2",
+        dim=384,
+        fingerprint=minilm_lineage()["embedder_fingerprint"],
+        path=str(bundled_minilm_dir()),
+        max_seq_length=256,
+    )
     with pytest.raises(EmbedderError, match="static-MiniLM-L6-v2@"):
         minilm.check_lineage(static.lineage())
 
@@ -139,7 +156,7 @@ def test_perturbed_window_finds_its_reference(static, corpus, corpus_vectors):
     for r in corpus:
         words = r["text"].split()
         start = int(rng.integers(0, max(1, len(words) - 31)))
-        kept = [w for w in words[start:start + 32] if rng.random() >= 0.2]
+        kept = [w for w in words[start : start + 32] if rng.random() >= 0.2]
         queries.append(" ".join(kept))
     top5 = np.argsort(-(static.embed(queries) @ corpus_vectors.T), axis=1)[:, :5]
     hit = np.mean([i in row for i, row in enumerate(top5)])
@@ -148,8 +165,13 @@ def test_perturbed_window_finds_its_reference(static, corpus, corpus_vectors):
 
 def test_embed_step_writes_static_rows(static):
     step = EmbedRefs(STATIC_SPEC)
-    out = step({"ref_id": np.array(["a", "b"], dtype=object), "text": np.array(["a compiler", "the null device"],
-               dtype=object), "content_hash": np.array(["h1", "h2"], dtype=object)})
+    out = step(
+        {
+            "ref_id": np.array(["a", "b"], dtype=object),
+            "text": np.array(["a compiler", "the null device"], dtype=object),
+            "content_hash": np.array(["h1", "h2"], dtype=object),
+        }
+    )
     batch = to_arrow(out, step.dim)
     assert batch.schema == EMBEDDINGS_SCHEMA(256)
     assert set(batch.column("embedder").to_pylist()) == {static.id}

@@ -3,7 +3,7 @@
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from pipelines.tokenizer import (SPECIAL_TOKENS, TokenizerError, from_json, load, tokenizer_hash, train_bpe)
+from pipelines.tokenizer import SPECIAL_TOKENS, TokenizerError, from_json, load, tokenizer_hash, train_bpe
 from tests.conftest import foldoc_records
 
 

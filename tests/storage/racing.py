@@ -68,8 +68,10 @@ def s3_serial(s3, monkeypatch):
 
     lock = threading.Lock()
     for name in ("put_object", "delete_object"):
+
         def serial(self, _orig=getattr(S3Response, name)):
             with lock:
                 return _orig(self)
+
         monkeypatch.setattr(S3Response, name, serial)
     return s3

@@ -11,9 +11,14 @@ from storage.sql import SQLError, query, render
 
 
 def seqs(n, start=0):
-    return pa.table({"seq_id": [f"s{i}" for i in range(start, start + n)],
-                     "token_ids": [[i, i + 1] for i in range(n)],
-                     "doc_ids": [["d"] for _ in range(n)]}, schema=TRAIN_SEQUENCES)
+    return pa.table(
+        {
+            "seq_id": [f"s{i}" for i in range(start, start + n)],
+            "token_ids": [[i, i + 1] for i in range(n)],
+            "doc_ids": [["d"] for _ in range(n)],
+        },
+        schema=TRAIN_SEQUENCES,
+    )
 
 
 def test_write_is_one_version_with_lineage(tmp_path):

@@ -78,10 +78,16 @@ def test_bad_pins_name_what_exists(tmp_path):
 
 def test_builds_view(tmp_path):
     bank = two_builds(tmp_path)
-    cols, rows = query(pinned_bank(bank), "SELECT build, live, versions, refs_rows, memories_rows, bytes, "
-                                              "on_disk, ingest_key, encode_key, published_at FROM builds ORDER BY build")
+    cols, rows = query(
+        pinned_bank(bank),
+        "SELECT build, live, versions, refs_rows, memories_rows, bytes, "
+        "on_disk, ingest_key, encode_key, published_at FROM builds ORDER BY build",
+    )
     got = [dict(zip(cols, r)) for r in rows]
-    assert [(g["build"], g["live"], g["refs_rows"], g["memories_rows"]) for g in got] == [(1, False, 5, 5), (2, True, 6, 6)]
+    assert [(g["build"], g["live"], g["refs_rows"], g["memories_rows"]) for g in got] == [
+        (1, False, 5, 5),
+        (2, True, 6, 6),
+    ]
     assert json.loads(got[0]["versions"]) == resolve_build(bank, 1)["versions"]
     assert got[1]["ingest_key"] == "ingest-two" and got[1]["encode_key"] == "encode-two"
     assert all(g["on_disk"] and g["bytes"] > 0 for g in got) and got[0]["published_at"].year >= 2024

@@ -34,17 +34,35 @@ from storage.staging import read_table
 from storage.warm import warm_files
 
 N = 14
-BASE = ["model.preset=tiny", "model.vocab_size=600", "tokenizer.vocab_size=600", "model.ref_max_tokens=128",
-        "model.max_seq_len=512", "model.mem_top_k=8", "encode.codec=raw-fp32", "encode.batch_size=4"]
+BASE = [
+    "model.preset=tiny",
+    "model.vocab_size=600",
+    "tokenizer.vocab_size=600",
+    "model.ref_max_tokens=128",
+    "model.max_seq_len=512",
+    "model.mem_top_k=8",
+    "encode.codec=raw-fp32",
+    "encode.batch_size=4",
+]
 
 
 def refs_table(n: int = N, seed: int = 0) -> pa.Table:
     rng = np.random.default_rng(seed)
     toks = [[int(t) for t in rng.integers(10, 590, size=int(k))] for k in rng.integers(2, 70, size=n)]
     ids = [f"d{i:02d}-0" for i in range(n)]
-    return pa.table({"ref_id": ids, "doc_id": [i.split("-")[0] for i in ids], "ordinal": [0] * n,
-                     "start_token": [0] * n, "n_tokens": [len(t) for t in toks], "text": ids, "token_ids": toks,
-                     "content_hash": [hashlib.sha256(str(t).encode()).hexdigest()[:16] for t in toks]}, schema=REFS)
+    return pa.table(
+        {
+            "ref_id": ids,
+            "doc_id": [i.split("-")[0] for i in ids],
+            "ordinal": [0] * n,
+            "start_token": [0] * n,
+            "n_tokens": [len(t) for t in toks],
+            "text": ids,
+            "token_ids": toks,
+            "content_hash": [hashlib.sha256(str(t).encode()).hexdigest()[:16] for t in toks],
+        },
+        schema=REFS,
+    )
 
 
 def model_dir(root, seed: int):
@@ -73,8 +91,15 @@ def stored_encoding(cfg, mdir, tmp_path, batch_size=5) -> dict[str, dict]:
     """What `m3 encode` stores for every reference: EncodeShards (the stage's actor), called here
     with another batch size than the store's, over all references in one shard."""
     bank = Bank(cfg.bank.uri)
-    actor = EncodeShards(model_dir=str(mdir), codec="raw-fp32", codec_kw={}, input_uri=bank.dataset("refs").uri,
-                         stage_dir=str(tmp_path / "stage"), batch_size=batch_size, threads=1)
+    actor = EncodeShards(
+        model_dir=str(mdir),
+        codec="raw-fp32",
+        codec_kw={},
+        input_uri=bank.dataset("refs").uri,
+        stage_dir=str(tmp_path / "stage"),
+        batch_size=batch_size,
+        threads=1,
+    )
     actor({"shard": [0], "start": [0], "end": [N]})
     return {r["ref_id"]: r for r in read_table(staged_path(tmp_path / "stage", 0)).to_pylist()}
 
@@ -204,6 +229,6 @@ def test_encoding_is_batch_invariant(tmp_path):
     order = sorted(range(len(toks)), key=lambda i: len(toks[i]))
     for size in (3, 16, 48):
         for lo in range(0, len(toks), size):
-            idx = order[lo:lo + size] if size != 16 else list(range(lo, min(lo + size, len(toks))))
+            idx = order[lo : lo + size] if size != 16 else list(range(lo, min(lo + size, len(toks))))
             batch = encode_tokens(model, codec, [toks[i] for i in idx])[0]
             assert [alone[i] for i in idx] == batch, (size, lo)

@@ -29,7 +29,11 @@ def test_every_part_of_a_uri_bank_keeps_its_scheme():
     assert str(lay.staging("ingest-1") / "docs" / "s0.parquet") == "s3://b/bank/_staging/ingest-1/docs/s0.parquet"
     assert str(lay.manifest()) == "s3://b/bank/_live.json"
     assert [str(p) for p in (lay.tokenizers(), lay.quantizers(), lay.reports(), lay.eval())] == [
-        "s3://b/bank/tokenizers", "s3://b/bank/quantizers", "s3://b/bank/_reports", "s3://b/bank/eval"]
+        "s3://b/bank/tokenizers",
+        "s3://b/bank/quantizers",
+        "s3://b/bank/_reports",
+        "s3://b/bank/eval",
+    ]
     assert lay.relative(lay.tokenizers() / "abc.json") == "tokenizers/abc.json"
 
 

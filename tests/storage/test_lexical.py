@@ -10,8 +10,17 @@ import pytest
 
 from pipelines.embed_step import EMBEDDINGS_SCHEMA, EmbedRefs, to_arrow
 from storage.bank import Bank
-from storage.lexical import (LexicalIndexError, RRF_K, bm25_search, build_fts_index, clean_query, fts_info,
-                             require_fts, retrieve, rrf)
+from storage.lexical import (
+    RRF_K,
+    LexicalIndexError,
+    bm25_search,
+    build_fts_index,
+    clean_query,
+    fts_info,
+    require_fts,
+    retrieve,
+    rrf,
+)
 from storage.vectors import search
 
 # "Sumthe Munkrai" is named by one reference; two others have names built of the same word
@@ -30,11 +39,20 @@ QUERY = "Where was Sumthe Munkrai born?"
 def table(tmp_path_factory):
     ids = sorted(REFS)
     step = EmbedRefs("static-minilm", text=True)
-    out = step({"ref_id": np.asarray(ids, dtype=object), "text": np.asarray([REFS[i] for i in ids], dtype=object),
-                "content_hash": np.asarray(ids, dtype=object)})
+    out = step(
+        {
+            "ref_id": np.asarray(ids, dtype=object),
+            "text": np.asarray([REFS[i] for i in ids], dtype=object),
+            "content_hash": np.asarray(ids, dtype=object),
+        }
+    )
     bank = Bank(str(tmp_path_factory.mktemp("lexical")))
-    bank.write("embeddings", EMBEDDINGS_SCHEMA(step.dim, text=True), [to_arrow(out, step.dim, text=True)],
-               {"embedder": step.embedder.lineage()})
+    bank.write(
+        "embeddings",
+        EMBEDDINGS_SCHEMA(step.dim, text=True),
+        [to_arrow(out, step.dim, text=True)],
+        {"embedder": step.embedder.lineage()},
+    )
     t = bank.table("embeddings")
     before = t.version
     report = build_fts_index(t)
@@ -93,8 +111,13 @@ def test_query_syntax_is_read_as_words(table):
 def test_a_table_without_the_index_is_refused_naming_the_fix(tmp_path):
     bank = Bank(str(tmp_path))
     step = EmbedRefs("static-minilm")
-    out = step({"ref_id": np.asarray(["a-0"], dtype=object), "text": np.asarray(["some text"], dtype=object),
-                "content_hash": np.asarray(["h"], dtype=object)})
+    out = step(
+        {
+            "ref_id": np.asarray(["a-0"], dtype=object),
+            "text": np.asarray(["some text"], dtype=object),
+            "content_hash": np.asarray(["h"], dtype=object),
+        }
+    )
     bank.write("embeddings", EMBEDDINGS_SCHEMA(step.dim), [to_arrow(out, step.dim)], {})
     t = bank.table("embeddings")
     assert fts_info(t) is None

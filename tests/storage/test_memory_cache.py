@@ -28,7 +28,7 @@ def reference_lru(cache: OrderedDict, request: list[str], capacity: int) -> None
         if r in cache:
             cache.move_to_end(r)
     misses = [r for r in uniq if r not in cache]
-    for r in misses[max(0, len(misses) - capacity):]:
+    for r in misses[max(0, len(misses) - capacity) :]:
         if len(cache) >= capacity:
             cache.popitem(last=False)
         cache[r] = None
@@ -47,8 +47,11 @@ def lance(bank):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(capacity=st.integers(0, 8), slab=st.sampled_from(["auto", "off"]),
-       requests=st.lists(st.lists(st.integers(0, N - 1), min_size=0, max_size=12), min_size=1, max_size=8))
+@given(
+    capacity=st.integers(0, 8),
+    slab=st.sampled_from(["auto", "off"]),
+    requests=st.lists(st.lists(st.integers(0, N - 1), min_size=0, max_size=12), min_size=1, max_size=8),
+)
 def test_answers_equal_lance_and_the_cache_is_an_lru(bank, lance, capacity, slab, requests):
     store = MemoryStore(bank, MODEL, cache_size=capacity, slab=slab)
     ids = list(store.row_of)

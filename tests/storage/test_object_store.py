@@ -13,6 +13,7 @@ from storage.sql import query
 from storage.staging import iter_batches, read_table, remove, write_atomic, write_text_atomic
 from tests.storage.banks import B1_REFS, B2_REFS, two_builds
 
+
 def test_staged_files_appear_whole_are_read_back_and_removed(s3):
     stage = BankLayout(f"{s3[0]}/staging-bank").staging("encode-k")
     t = pa.table({"a": list(range(100))})

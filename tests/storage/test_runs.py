@@ -19,9 +19,12 @@ def test_runs_are_recorded_updated_and_compacted(tmp_path, monkeypatch):
     for i in range(7):
         log.start(f"r{i}", slot, i % 2, "process")
         if i < 6:
-            log.finish(f"r{i}", "published" if i % 2 else "failed", {"added": i, "changed": 1, "removed": 0,
-                                                                     "versions": {"refs": i}, "tag": "live"},
-                       error=None if i % 2 else "boom")
+            log.finish(
+                f"r{i}",
+                "published" if i % 2 else "failed",
+                {"added": i, "changed": 1, "removed": 0, "versions": {"refs": i}, "tag": "live"},
+                error=None if i % 2 else "boom",
+            )
     rows = log.rows()
     assert [r["run_id"] for r in rows] == [f"r{i}" for i in range(7)]
     assert [r["status"] for r in rows] == ["failed", "published"] * 3 + ["running"]  # r6 still running

@@ -46,16 +46,29 @@ def codec_for(name, vq_file):
 def rows(codec, n: int, seed: int = 0, prefix: str = "d") -> pa.Table:
     mems = torch.from_numpy(np.random.default_rng(seed).standard_normal((n, *SHAPE)).astype(np.float32))
     ids = [f"{prefix}{i:04d}-0" for i in range(n)]
-    return pa.table({"ref_id": ids, "content_hash": [f"h{seed}-{i}" for i in range(n)], "model_hash": [MODEL] * n,
-                     "codec": [codec.name] * n, "shape": [list(SHAPE)] * n,
-                     "n_tokens": [(i % SHAPE[3]) + 1 for i in range(n)], "positions": [[0] * 16] * n,
-                     "payload": codec.encode_batch(mems)}, schema=MEMORIES)
+    return pa.table(
+        {
+            "ref_id": ids,
+            "content_hash": [f"h{seed}-{i}" for i in range(n)],
+            "model_hash": [MODEL] * n,
+            "codec": [codec.name] * n,
+            "shape": [list(SHAPE)] * n,
+            "n_tokens": [(i % SHAPE[3]) + 1 for i in range(n)],
+            "positions": [[0] * 16] * n,
+            "payload": codec.encode_batch(mems),
+        },
+        schema=MEMORIES,
+    )
 
 
 def write(bank: Bank, table: pa.Table, codec, vq_file) -> int:
-    lineage = {"model_hash": MODEL, "codec": codec.name, "sparsity": {"top_k": SHAPE[3]},
-               "quantizer_hash": vq_file[1] if codec.name == "vq" else None,
-               "quantizer_path": vq_file[0] if codec.name == "vq" else None}
+    lineage = {
+        "model_hash": MODEL,
+        "codec": codec.name,
+        "sparsity": {"top_k": SHAPE[3]},
+        "quantizer_hash": vq_file[1] if codec.name == "vq" else None,
+        "quantizer_path": vq_file[0] if codec.name == "vq" else None,
+    }
     return bank.write("memories", MEMORIES, table.to_batches(max_chunksize=7), lineage)
 
 
@@ -269,7 +282,10 @@ def test_retention_drops_the_slabs_of_dropped_versions_and_compaction_writes_one
     assert out["memories"]["slabs_removed"] == versions[:2]
     assert [read_header(bank, v) is not None for v in versions] == [False, False, True]
     assert sorted(p.name for p in bank.layout.slabs("memories").iterdir()) == [
-        f"v{versions[2]}.crc", f"v{versions[2]}.json", f"v{versions[2]}.payload"]
+        f"v{versions[2]}.crc",
+        f"v{versions[2]}.json",
+        f"v{versions[2]}.payload",
+    ]
 
     tbl = bank.db.open_table("memories")
     tbl.add(rows(codec, 5, seed=9, prefix="e"))  # a second fragment
@@ -278,8 +294,10 @@ def test_retention_drops_the_slabs_of_dropped_versions_and_compaction_writes_one
     new = summary["compacted"]["memories"]["to"]
     store = MemoryStore(Bank(bank.uri, live=True), MODEL, slab="require")
     assert store.ds.version == new and len(store) == 17
-    assert torch.equal(store.fetch(list(store.row_of))[0],
-                       MemoryStore(Bank(bank.uri, live=True), MODEL, slab="off").fetch(list(store.row_of))[0])
+    assert torch.equal(
+        store.fetch(list(store.row_of))[0],
+        MemoryStore(Bank(bank.uri, live=True), MODEL, slab="off").fetch(list(store.row_of))[0],
+    )
 
 
 def test_the_cache_bound_in_bytes_holds(tmp_path, vq_file):
@@ -318,10 +336,18 @@ def test_bank_stats_counts_the_slab_files_on_their_own_line(tmp_path, vq_file):
 
     bank, codec = Bank(str(tmp_path)), make_codec("raw-fp32")
     table = rows(codec, 12)
-    bank.write("refs", REFS, refs(dict(zip(table.column("ref_id").to_pylist(),
-                                           table.column("content_hash").to_pylist()))).to_batches(), {})
-    lineage = {"model_hash": MODEL, "codec": codec.name, "quantizer_hash": None,
-               "config": {"model": {"n_layers": 2, "n_heads": 2, "ref_max_tokens": 4, "head_dim": 8}}}
+    bank.write(
+        "refs",
+        REFS,
+        refs(dict(zip(table.column("ref_id").to_pylist(), table.column("content_hash").to_pylist()))).to_batches(),
+        {},
+    )
+    lineage = {
+        "model_hash": MODEL,
+        "codec": codec.name,
+        "quantizer_hash": None,
+        "config": {"model": {"n_layers": 2, "n_heads": 2, "ref_max_tokens": 4, "head_dim": 8}},
+    }
     v1 = bank.write("memories", MEMORIES, table.to_batches(), lineage)
     assert footprint(bank)["bytes"] == 0
     ensure_slab(bank, v1)
@@ -334,7 +360,8 @@ def test_bank_stats_counts_the_slab_files_on_their_own_line(tmp_path, vq_file):
     assert slabs["bytes"] == sum(p.stat().st_size for p in slab_files) > (12 + 5) * codec.nbytes(SHAPE)
     # the tables' bytes are their own directories: the slabs are not in them
     assert stats["live_bytes"] + stats["dead_bytes"] == sum(
-        p.stat().st_size for p in tmp_path.glob("*.lance/**/*") if p.is_file())
+        p.stat().st_size for p in tmp_path.glob("*.lance/**/*") if p.is_file()
+    )
     line = next(ln for ln in render(stats).splitlines() if ln.startswith("slabs"))
     assert f"versions v{v1}, v{v2}" in line and "6 files" in line and f"{slabs['bytes'] / 1000:,.1f} KB" in line
 
@@ -353,8 +380,14 @@ def test_a_read_announces_its_rows_and_returns_them_in_the_order_asked(tmp_path,
     flat = np.fromfile(paths(bank, version)[0], np.uint8).reshape(60, per)
     reader = SlabReader(paths(bank, version)[0], 60, per)
     rng = np.random.default_rng(0)
-    asks = [np.array([7]), np.array([59, 0, 1, 2, 3]), np.array([4, 4, 30, 4]), np.arange(60)[::-1],
-            np.arange(0, 60, 3), *(rng.permutation(60)[:k] for k in (2, slab_mod._PROBES + 1, 40))]
+    asks = [
+        np.array([7]),
+        np.array([59, 0, 1, 2, 3]),
+        np.array([4, 4, 30, 4]),
+        np.arange(60)[::-1],
+        np.arange(0, 60, 3),
+        *(rng.permutation(60)[:k] for k in (2, slab_mod._PROBES + 1, 40)),
+    ]
     for ask in asks:
         assert np.array_equal(reader.read(ask), flat[ask])
     assert reader._cached(np.arange(0, 60, 7))  # just read: in the page cache

@@ -30,8 +30,11 @@ def bank(tmp_path) -> Bank:
 
 def files(root: Path) -> dict[str, str]:
     """Every file under root -> the hash of its bytes."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
-            if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def sql(bank: Bank, text: str, *args: str) -> int:
@@ -63,9 +66,15 @@ def test_copy_to_a_bank_file_fails_and_the_bank_is_unchanged(bank, tmp_path, cap
 
 def test_attach_and_create_fail(bank, tmp_path, capsys):
     db = tmp_path / "elsewhere.duckdb"
-    for text in (f"ATTACH '{db}' AS x", f"ATTACH '{db}' AS x; CREATE TABLE x.t AS SELECT * FROM refs",
-                 "CREATE TABLE t AS SELECT * FROM refs", "CREATE VIEW v AS SELECT 1",
-                 "INSERT INTO refs SELECT * FROM refs", "DELETE FROM refs", "SELECT 1; DROP TABLE refs"):
+    for text in (
+        f"ATTACH '{db}' AS x",
+        f"ATTACH '{db}' AS x; CREATE TABLE x.t AS SELECT * FROM refs",
+        "CREATE TABLE t AS SELECT * FROM refs",
+        "CREATE VIEW v AS SELECT 1",
+        "INSERT INTO refs SELECT * FROM refs",
+        "DELETE FROM refs",
+        "SELECT 1; DROP TABLE refs",
+    ):
         with pytest.raises(SQLError, match="read-only"):
             query(bank, text)
     assert sql(bank, f"ATTACH '{db}' AS x") == 2
@@ -76,8 +85,12 @@ def test_attach_and_create_fail(bank, tmp_path, capsys):
 
 
 def test_no_file_is_read_outside_the_bank(bank, capsys):
-    for text in ("SELECT * FROM read_text('/etc/hostname')", "SELECT * FROM read_csv('/etc/passwd')",
-                 "SELECT * FROM glob('/etc/*')", f"SELECT * FROM read_blob('{ROOT / 'pyproject.toml'}')"):
+    for text in (
+        "SELECT * FROM read_text('/etc/hostname')",
+        "SELECT * FROM read_csv('/etc/passwd')",
+        "SELECT * FROM glob('/etc/*')",
+        f"SELECT * FROM read_blob('{ROOT / 'pyproject.toml'}')",
+    ):
         with pytest.raises(SQLError, match="read-only.*Permission Error"):
             query(bank, text)
     assert sql(bank, "SELECT * FROM read_text('/etc/hostname')") == 2
@@ -97,9 +110,14 @@ def test_install_and_load_fail_at_once_without_the_network(bank):
 
 
 def test_no_setting_can_turn_access_back_on(bank, capsys):
-    for text in ("SET enable_external_access = true", "SET GLOBAL lock_configuration = false",
-                 "RESET lock_configuration", "SET autoinstall_known_extensions = true", "PRAGMA enable_profiling",
-                 "USE memory"):
+    for text in (
+        "SET enable_external_access = true",
+        "SET GLOBAL lock_configuration = false",
+        "RESET lock_configuration",
+        "SET autoinstall_known_extensions = true",
+        "PRAGMA enable_profiling",
+        "USE memory",
+    ):
         with pytest.raises(SQLError, match="read-only"):
             query(bank, text)
     assert sql(bank, "SET enable_external_access=true") == 2
@@ -166,9 +184,22 @@ def test_m3_sql_writes_as_it_reads(bank):
     """`m3 sql` over a result without end: its first lines arrive while it runs, and it ends
     quietly when the reader stops reading (`| head`)."""
     code = "import sys; from jobs.cli.main import main; sys.exit(main(sys.argv[1:]))"
-    proc = subprocess.Popen([sys.executable, "-c", code, "sql", "--set", f"bank.uri={bank.uri}", "--format", "csv",
-                             "SELECT i, repeat('x', 200) AS s FROM range(10000000000) t(i)"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "sql",
+            "--set",
+            f"bank.uri={bank.uri}",
+            "--format",
+            "csv",
+            "SELECT i, repeat('x', 200) AS s FROM range(10000000000) t(i)",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         lines = [proc.stdout.readline() for _ in range(3 * BATCH_ROWS)]
         assert lines[0] == b"i,s\r\n" and lines[-1].startswith(b"%d," % (3 * BATCH_ROWS - 2))
@@ -182,7 +213,7 @@ def test_m3_sql_writes_as_it_reads(bank):
 
 def test_table_escapes_control_characters(bank, capsys):
     nasty = "\x1b[31mred\x1b[0m\ttab\rcr\x00nul\x7fdel\x9bcsi\u202eltr\nnl\x07"
-    text = render([f"c\x1b[2J"], [(nasty,), ("plain",)])
+    text = render(["c\x1b[2J"], [(nasty,), ("plain",)])
     assert "\\x1b[31mred\\x1b[0m\\ttab\\rcr\\x00nul\\x7fdel\\x9bcsi\\u202eltr⏎nl\\x07" in text
     assert "c\\x1b[2J" in text.splitlines()[0]
     assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202e]", text), text
@@ -198,5 +229,5 @@ def test_wide_results_keep_the_header_aligned_with_the_first_batch():
     rows = [(f"r{i}", "x" * (i % 7)) for i in range(2 * BATCH_ROWS)] + [("last", "y" * 50)]
     text = "".join(render_stream(["name", "v"], [rows[:BATCH_ROWS], rows[BATCH_ROWS:]]))
     lines = text.splitlines()
-    assert len({len(line) for line in lines[:BATCH_ROWS + 2]}) == 1  # header and first batch: one width
+    assert len({len(line) for line in lines[: BATCH_ROWS + 2]}) == 1  # header and first batch: one width
     assert lines[-2].endswith("y" * 50) and lines[-1] == f"({2 * BATCH_ROWS + 1} rows)"

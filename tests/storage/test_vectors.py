@@ -16,8 +16,16 @@ import pytest
 
 from pipelines.embed_step import EMBEDDINGS_SCHEMA
 from storage.bank import Bank
-from storage.vectors import (AnnParams, VectorIndexError, build_index, exact_topk, has_index, index_info,
-                             recall_at_k, search)
+from storage.vectors import (
+    AnnParams,
+    VectorIndexError,
+    build_index,
+    exact_topk,
+    has_index,
+    index_info,
+    recall_at_k,
+    search,
+)
 
 DIM = 384
 N = 3000
@@ -40,9 +48,15 @@ def embedding_like(n: int, seed: int = 0, topics: int = 100, sub: int = 8) -> np
 def rows(vectors: np.ndarray, start: int = 0) -> pa.RecordBatch:
     n = len(vectors)
     ids = [f"ref-{i:05d}" for i in range(start, start + n)]
-    return pa.RecordBatch.from_arrays([
-        pa.array(ids), pa.array(["synthetic"] * n), pa.array(["h"] * n),
-        pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), DIM)], schema=EMBEDDINGS_SCHEMA(DIM))
+    return pa.RecordBatch.from_arrays(
+        [
+            pa.array(ids),
+            pa.array(["synthetic"] * n),
+            pa.array(["h"] * n),
+            pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), DIM),
+        ],
+        schema=EMBEDDINGS_SCHEMA(DIM),
+    )
 
 
 def make_table(path, vectors: np.ndarray):

@@ -21,8 +21,22 @@ def resolved(argv: list[str]):
 
 
 def test_generate_flags_are_config_keys():
-    args, cfg = resolved(["generate", "-c", DEMO, "A compiler is", "--mode", "rag", "--max-new-tokens", "7",
-                          "--temperature", "1e-3", "--top-p", "0.5"])
+    args, cfg = resolved(
+        [
+            "generate",
+            "-c",
+            DEMO,
+            "A compiler is",
+            "--mode",
+            "rag",
+            "--max-new-tokens",
+            "7",
+            "--temperature",
+            "1e-3",
+            "--top-p",
+            "0.5",
+        ]
+    )
     assert (cfg.infer.mode, cfg.infer.max_new_tokens, cfg.infer.temperature, cfg.infer.top_p) == ("rag", 7, 1e-3, 0.5)
     assert args.prompt == "A compiler is" and ("infer.mode", "rag", "--mode") in args.overrides
     _, plain = resolved(["generate", "-c", DEMO, "x"])
@@ -36,12 +50,15 @@ def test_a_flag_and_set_apply_in_command_line_order():
     assert cfg.infer.temperature == 0.5
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--max-new-tokens", "0"], "infer.max_new_tokens (--max-new-tokens): expected a value >= 1, got 0"),
-    (["--temperature", "-1"], "infer.temperature (--temperature): expected a value >= 0, got -1.0"),
-    (["--top-p", "1.5"], "infer.top_p (--top-p): expected a value <= 1, got 1.5"),
-    (["--mode", "retrieval"], "infer.mode (--mode): expected one of 'memory', 'none', 'rag', got 'retrieval'"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--max-new-tokens", "0"], "infer.max_new_tokens (--max-new-tokens): expected a value >= 1, got 0"),
+        (["--temperature", "-1"], "infer.temperature (--temperature): expected a value >= 0, got -1.0"),
+        (["--top-p", "1.5"], "infer.top_p (--top-p): expected a value <= 1, got 1.5"),
+        (["--mode", "retrieval"], "infer.mode (--mode): expected one of 'memory', 'none', 'rag', got 'retrieval'"),
+    ],
+)
 def test_a_bad_flag_is_a_config_error_naming_key_and_flag(capsys, flags, message):
     assert main(["generate", "-c", DEMO, "A compiler is", *flags]) == 2
     assert capsys.readouterr().err == f"m3 generate: error: {message}\n"
@@ -76,7 +93,10 @@ def test_the_training_launcher_entry_point(monkeypatch):
 
 
 def test_argument_parsing_lives_in_jobs_cli():
-    outside = [str(p.relative_to(ROOT)) for top in ("jobs", "model", "pipelines", "storage")
-               for p in (ROOT / top).rglob("*.py")
-               if "argparse" in p.read_text(encoding="utf-8") and not p.is_relative_to(ROOT / "jobs" / "cli")]
+    outside = [
+        str(p.relative_to(ROOT))
+        for top in ("jobs", "model", "pipelines", "storage")
+        for p in (ROOT / top).rglob("*.py")
+        if "argparse" in p.read_text(encoding="utf-8") and not p.is_relative_to(ROOT / "jobs" / "cli")
+    ]
     assert outside == []

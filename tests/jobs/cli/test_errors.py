@@ -49,6 +49,7 @@ def versions(uri) -> dict[str, int]:
 
 # --- the corpus ---------------------------------------------------------------------------
 
+
 def test_truncated_zstd_corpus_fails_before_any_work(tmp_path, capsys):
     whole = zstandard.ZstdCompressor(write_checksum=True).compress(corpus_bytes())
     path = tmp_path / "part-0.jsonl.zst"
@@ -61,7 +62,7 @@ def test_truncated_zstd_corpus_fails_before_any_work(tmp_path, capsys):
 def test_corrupt_gzip_corpus_is_one_line(tmp_path, capsys):
     whole = bytearray(gzip.compress(corpus_bytes()))
     mid = len(whole) // 2
-    whole[mid:mid + 16] = bytes(b ^ 0x5A for b in whole[mid:mid + 16])  # a bad sector
+    whole[mid : mid + 16] = bytes(b ^ 0x5A for b in whole[mid : mid + 16])  # a bad sector
     path = tmp_path / "part-0.jsonl.gz"
     path.write_bytes(bytes(whole))
     line = one_line_error(capsys, "ingest", *sets(f"corpus.paths=[{path}]", f"bank.uri={tmp_path / 'bank'}", *SMALL))
@@ -77,8 +78,11 @@ def test_an_error_raised_in_a_ray_task_is_one_line(tmp_path, capsys, ray_local):
     (folder / "a.txt").write_text(foldoc_records(1)[0]["text"])
     cut = folder / "b.txt.gz"
     cut.write_bytes(gzip.compress(" ".join(r["text"] for r in foldoc_records(50)).encode())[:-200])
-    line = one_line_error(capsys, "ingest", *sets(f"corpus.paths=[{folder}]", f"bank.uri={tmp_path / 'bank'}",
-                                                  "corpus.format=text", *SMALL))
+    line = one_line_error(
+        capsys,
+        "ingest",
+        *sets(f"corpus.paths=[{folder}]", f"bank.uri={tmp_path / 'bank'}", "corpus.format=text", *SMALL),
+    )
     assert f"{cut}: this gzip file is truncated or corrupt" in line
     assert not (tmp_path / "bank").exists() or versions(tmp_path / "bank") == {}
 
@@ -95,6 +99,7 @@ def test_a_corpus_without_documents_is_refused(tmp_path, capsys, ray_local):
 
 
 # --- the bank's location -------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("command", ["validate", "ingest", "sql"])
 def test_a_bank_uri_that_is_a_file(tmp_path, capsys, command):
@@ -114,6 +119,7 @@ def test_a_bank_uri_of_an_unknown_scheme(capsys):
 
 
 # --- configured paths that `m3 validate` checks ----------------------------------------------
+
 
 def test_validate_checks_the_tokenizer_and_checkpoint_paths(tmp_path, capsys):
     line = one_line_error(capsys, "validate", *sets(f"tokenizer.path={tmp_path / 'tok.json'}"))
@@ -136,12 +142,22 @@ def test_validate_accepts_the_paths_when_they_are_there(tmp_path, capsys):
     (tmp_path / "tok.json").write_text(tok.to_str())
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "model.safetensors").write_bytes(b"")
-    assert main(["validate", "-c", DEMO, *sets(f"tokenizer.path={tmp_path / 'tok.json'}",
-                                              f"encode.checkpoint={tmp_path / 'model'}")]) == 0
+    assert (
+        main(
+            [
+                "validate",
+                "-c",
+                DEMO,
+                *sets(f"tokenizer.path={tmp_path / 'tok.json'}", f"encode.checkpoint={tmp_path / 'model'}"),
+            ]
+        )
+        == 0
+    )
     assert "# OK" in capsys.readouterr().out
 
 
 # --- a full disk ---------------------------------------------------------------------------
+
 
 @pytest.fixture
 def small_disk(tmp_path):
@@ -161,8 +177,9 @@ def test_a_built_bank_survives_an_empty_corpus_and_a_full_disk(tmp_path, capsys,
 
     # a corpus without a single document: refused, the bank's tables as they were, nothing staged
     (tmp_path / "empty.jsonl").write_bytes(b"")
-    line = one_line_error(capsys, "ingest", *sets(f"corpus.paths=[{tmp_path / 'empty.jsonl'}]", f"bank.uri={bank}",
-                                                  *SMALL))
+    line = one_line_error(
+        capsys, "ingest", *sets(f"corpus.paths=[{tmp_path / 'empty.jsonl'}]", f"bank.uri={bank}", *SMALL)
+    )
     assert "yielded 0 documents: its 1 record(s) were all rejected (empty_file 1); nothing written" in line
     assert versions(bank) == before and not any((bank / "_staging").glob("*"))
 

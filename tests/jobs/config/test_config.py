@@ -138,15 +138,18 @@ def test_corpus_roles_are_keyed_by_an_entry_of_paths(tmp_path):
     path = write(tmp_path, "corpus:\n  paths: [kb.jsonl]\n  roles:\n    other.jsonl: bank\n")
     with pytest.raises(ConfigError, match=rf"corpus.roles \({path}:3\): 'other.jsonl' is not an entry of corpus.paths"):
         load_config(path)
-    with pytest.raises(ConfigError, match=r"corpus.roles .*role of 'kb.jsonl' must be one of bank, training, both, got 'knowledge'"):
+    with pytest.raises(
+        ConfigError, match=r"corpus.roles .*role of 'kb.jsonl' must be one of bank, training, both, got 'knowledge'"
+    ):
         load_config(write(tmp_path, "corpus:\n  paths: [kb.jsonl]\n  roles: {kb.jsonl: knowledge}\n"))
     with pytest.raises(ConfigError, match=r"corpus.roles \(--set\): expected a mapping of a string to a string"):
         load_config(DEMO, ["corpus.roles=[bank]"])
     with pytest.raises(ConfigError, match=r"corpus.roles\['kb.jsonl'\].*expected a string"):
         load_config(write(tmp_path, "corpus:\n  paths: [kb.jsonl]\n  roles: {kb.jsonl: 3}\n"))
     # the role is part of the config every ingest key hashes
-    assert config_hash(load_config(DEMO, ["corpus.roles={data/foldoc/foldoc.jsonl.gz: bank}"]).corpus) != \
-        config_hash(load_config(DEMO).corpus)
+    assert config_hash(load_config(DEMO, ["corpus.roles={data/foldoc/foldoc.jsonl.gz: bank}"]).corpus) != config_hash(
+        load_config(DEMO).corpus
+    )
 
 
 def test_train_control_is_a_checked_key(tmp_path):

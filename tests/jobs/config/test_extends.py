@@ -27,11 +27,13 @@ def test_shipped_configs_resolve_as_before(name):
     resolved = cfg.as_dict()
     resolved["bank"]["uri"] = str(Path(resolved["bank"]["uri"]).relative_to(Path.cwd()))
     assert json.dumps(resolved, sort_keys=True) == json.dumps(PINNED[name]["resolved"], sort_keys=True)
-    hashes = {**{k: config_hash(getattr(cfg, k)) for k in resolved if k != "bank"},
-              "chunking_key": config_hash(chunking_key(cfg.chunking)),
-              "chunking_key_unpacked": config_hash(chunking_key(cfg.chunking, packing=False)),
-              "model_key": f"{config_hash(cfg.model)}-seed{cfg.encode.seed}",
-              "pair_knobs": config_hash(cfg.pair.output_knobs())}
+    hashes = {
+        **{k: config_hash(getattr(cfg, k)) for k in resolved if k != "bank"},
+        "chunking_key": config_hash(chunking_key(cfg.chunking)),
+        "chunking_key_unpacked": config_hash(chunking_key(cfg.chunking, packing=False)),
+        "model_key": f"{config_hash(cfg.model)}-seed{cfg.encode.seed}",
+        "pair_knobs": config_hash(cfg.pair.output_knobs()),
+    }
     assert hashes == PINNED[name]["hashes"]
 
 
@@ -43,16 +45,21 @@ def test_science_and_facts_state_only_what_differs():
 
 
 def test_extends_merges_mappings_and_replaces_the_rest(tmp_path):
-    write(tmp_path / "base" / "base.yaml", "name: base\ncorpus:\n  paths: [a.jsonl, b.jsonl]\n  text_key: body\n"
-                                           "dedup:\n  minhash: {bands: 10, rows: 8}\nbank_quality:\n  min_words: 3\n")
-    child = write(tmp_path / "child.yaml", "extends: base/base.yaml\ncorpus:\n  paths: [c.jsonl]\n"
-                                           "dedup:\n  minhash: {bands: 12}\nbank_quality: null\n")
+    write(
+        tmp_path / "base" / "base.yaml",
+        "name: base\ncorpus:\n  paths: [a.jsonl, b.jsonl]\n  text_key: body\n"
+        "dedup:\n  minhash: {bands: 10, rows: 8}\nbank_quality:\n  min_words: 3\n",
+    )
+    child = write(
+        tmp_path / "child.yaml",
+        "extends: base/base.yaml\ncorpus:\n  paths: [c.jsonl]\ndedup:\n  minhash: {bands: 12}\nbank_quality: null\n",
+    )
     cfg = load_config(child)
-    assert cfg.name == "base"                                     # inherited
-    assert cfg.corpus.paths == ("c.jsonl",)                       # a list replaces
-    assert cfg.corpus.text_key == "body"                          # a sibling key stays
+    assert cfg.name == "base"  # inherited
+    assert cfg.corpus.paths == ("c.jsonl",)  # a list replaces
+    assert cfg.corpus.text_key == "body"  # a sibling key stays
     assert (cfg.dedup.minhash.bands, cfg.dedup.minhash.rows) == (12, 8)  # mappings merge, deeply
-    assert cfg.bank_quality is None                               # null replaces a section
+    assert cfg.bank_quality is None  # null replaces a section
     assert cfg.source == child
 
 
@@ -98,18 +105,30 @@ def test_extends_must_name_a_file(tmp_path):
 
 # --- derived keys ---------------------------------------------------------------------------
 
+
 def test_derived_keys_follow_their_source_when_left_out(tmp_path):
-    cfg = load_config(write(tmp_path / "c.yaml", "corpus:\n  paths: [a]\ntokenizer:\n  vocab_size: 600\n"
-                                                 "chunking:\n  seq_len: 256\nmodel:\n  preset: tiny\n"
-                                                 "  ref_max_tokens: 128\ntrain:\n  max_tokens: 192\n"))
-    assert cfg.model.vocab_size == 600          # = tokenizer.vocab_size (over the preset's 128)
-    assert cfg.model.max_seq_len == 256         # = chunking.seq_len
-    assert cfg.pair.chunk_size == 16            # = model.mem_chunk_size (the tiny preset's)
-    assert cfg.pair.max_tokens == 192           # = train.max_tokens
-    sets = load_config("configs/demo.yaml", ["tokenizer.vocab_size=600", "chunking.seq_len=256",
-                                             "model.mem_chunk_size=32", "train.max_tokens=128"])
-    assert (sets.model.vocab_size, sets.model.max_seq_len, sets.pair.chunk_size, sets.pair.max_tokens) == \
-        (600, 256, 32, 128)
+    cfg = load_config(
+        write(
+            tmp_path / "c.yaml",
+            "corpus:\n  paths: [a]\ntokenizer:\n  vocab_size: 600\n"
+            "chunking:\n  seq_len: 256\nmodel:\n  preset: tiny\n"
+            "  ref_max_tokens: 128\ntrain:\n  max_tokens: 192\n",
+        )
+    )
+    assert cfg.model.vocab_size == 600  # = tokenizer.vocab_size (over the preset's 128)
+    assert cfg.model.max_seq_len == 256  # = chunking.seq_len
+    assert cfg.pair.chunk_size == 16  # = model.mem_chunk_size (the tiny preset's)
+    assert cfg.pair.max_tokens == 192  # = train.max_tokens
+    sets = load_config(
+        "configs/demo.yaml",
+        ["tokenizer.vocab_size=600", "chunking.seq_len=256", "model.mem_chunk_size=32", "train.max_tokens=128"],
+    )
+    assert (sets.model.vocab_size, sets.model.max_seq_len, sets.pair.chunk_size, sets.pair.max_tokens) == (
+        600,
+        256,
+        32,
+        128,
+    )
 
 
 def test_a_stated_key_wins_and_an_explicit_null_stays():
@@ -125,12 +144,19 @@ def test_a_given_tokenizer_keeps_the_models_vocab(tmp_path):
     assert load_config("configs/demo.yaml", ["tokenizer.path=tok.json", "model.vocab_size=500"]).model.vocab_size == 500
 
 
-@pytest.mark.parametrize("sets,message", [
-    (["tokenizer.vocab_size=600", "model.vocab_size=700"],
-     r"^model.vocab_size \(--set\): expected tokenizer.vocab_size \(600\), .* got 700$"),
-    (["model.mem_chunk_size=32", "pair.chunk_size=64"],
-     r"^pair.chunk_size \(--set\): expected model.mem_chunk_size \(32\): .* got 64$"),
-])
+@pytest.mark.parametrize(
+    "sets,message",
+    [
+        (
+            ["tokenizer.vocab_size=600", "model.vocab_size=700"],
+            r"^model.vocab_size \(--set\): expected tokenizer.vocab_size \(600\), .* got 700$",
+        ),
+        (
+            ["model.mem_chunk_size=32", "pair.chunk_size=64"],
+            r"^pair.chunk_size \(--set\): expected model.mem_chunk_size \(32\): .* got 64$",
+        ),
+    ],
+)
 def test_stating_both_sides_differently_names_the_key(sets, message):
     with pytest.raises(ConfigError, match=message):
         load_config("configs/demo.yaml", sets)
@@ -138,8 +164,11 @@ def test_stating_both_sides_differently_names_the_key(sets, message):
 
 def test_a_derived_keys_error_points_at_its_source(tmp_path):
     path = write(tmp_path / "c.yaml", "corpus:\n  paths: [a]\nchunking:\n  seq_len: 24\n  align_docs: true\n")
-    with pytest.raises(ConfigError, match=rf"^chunking.seq_len \({path}:4\): expected a multiple of "
-                                          rf"model.mem_chunk_size \(64\) with chunking.align_docs, got 24$"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"^chunking.seq_len \({path}:4\): expected a multiple of "
+        rf"model.mem_chunk_size \(64\) with chunking.align_docs, got 24$",
+    ):
         load_config(path)
     with pytest.raises(ConfigError, match=r"^pair.max_tokens \(= train.max_tokens\): expected an integer or null"):
         load_config("configs/demo.yaml", ["train.max_tokens=many"])  # pair comes before train

@@ -15,17 +15,20 @@ def test_defaults_follow_the_paper():
     assert load_config("configs/demo.yaml", ["infer.max_overlap=null"]).infer.max_overlap is None
 
 
-@pytest.mark.parametrize("override, message", [
-    ("infer.mode=retrieval", "infer.mode (--set): expected one of 'memory', 'none', 'rag'"),
-    ("infer.top_p=0", "infer.top_p (--set): expected a value > 0"),
-    ("infer.temperature=-1", "infer.temperature (--set): expected a value >= 0"),
-    ("infer.max_overlap=1.5", "infer.max_overlap (--set): expected a value <= 1"),
-    ("infer.eval.tokens=1", "infer.eval.tokens (--set): expected a value >= 2"),
-    ("infer.eval.sequnces=3", "unknown key 'infer.eval.sequnces' (--set); did you mean 'infer.eval.sequences'?"),
-    ("infer.prefetch=maybe", "infer.prefetch (--set): expected true/false"),
-    ("infer.cache_bytes=-1", "infer.cache_bytes (--set): expected a value >= 0, got -1"),
-    ("infer.cache_bytes=lots", "infer.cache_bytes (--set): expected an integer or null, got 'lots'"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("infer.mode=retrieval", "infer.mode (--set): expected one of 'memory', 'none', 'rag'"),
+        ("infer.top_p=0", "infer.top_p (--set): expected a value > 0"),
+        ("infer.temperature=-1", "infer.temperature (--set): expected a value >= 0"),
+        ("infer.max_overlap=1.5", "infer.max_overlap (--set): expected a value <= 1"),
+        ("infer.eval.tokens=1", "infer.eval.tokens (--set): expected a value >= 2"),
+        ("infer.eval.sequnces=3", "unknown key 'infer.eval.sequnces' (--set); did you mean 'infer.eval.sequences'?"),
+        ("infer.prefetch=maybe", "infer.prefetch (--set): expected true/false"),
+        ("infer.cache_bytes=-1", "infer.cache_bytes (--set): expected a value >= 0, got -1"),
+        ("infer.cache_bytes=lots", "infer.cache_bytes (--set): expected an integer or null, got 'lots'"),
+    ],
+)
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:
         load_config("configs/demo.yaml", [override])

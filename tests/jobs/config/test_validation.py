@@ -14,9 +14,17 @@ from model.schedule import WSDConfig
 
 ROOT = Path(__file__).resolve().parents[3]
 # the modules that declare config dataclasses
-MODULES = ["jobs/config/__init__.py", "jobs/config/infer.py", "jobs/config/pair.py", "jobs/config/rebuild.py",
-           "jobs/config/train.py", "model/config.py", "model/schedule.py", "pipelines/filters.py",
-           "pipelines/minhash.py"]
+MODULES = [
+    "jobs/config/__init__.py",
+    "jobs/config/infer.py",
+    "jobs/config/pair.py",
+    "jobs/config/rebuild.py",
+    "jobs/config/train.py",
+    "model/config.py",
+    "model/schedule.py",
+    "pipelines/filters.py",
+    "pipelines/minhash.py",
+]
 
 
 def _sections(obj, prefix=""):
@@ -30,8 +38,9 @@ def _sections(obj, prefix=""):
 SECTIONS = [*_sections(Config()), ("wsd.", WSDConfig(peak_lr=1e-3, warmup_steps=1, total_steps=10))]
 
 
-@pytest.mark.parametrize("section,name", [pytest.param(s, f.name, id=f"{p}{f.name}")
-                                          for p, s in SECTIONS for f in dataclasses.fields(s)])
+@pytest.mark.parametrize(
+    "section,name", [pytest.param(s, f.name, id=f"{p}{f.name}") for p, s in SECTIONS for f in dataclasses.fields(s)]
+)
 def test_every_field_of_every_section_checks_its_type_in_code(section, name):
     with pytest.raises(FieldTypeError) as e:
         dataclasses.replace(section, **{name: object()})
@@ -77,7 +86,12 @@ def test_an_element_is_named_by_its_index(tmp_path):
 
 def test_a_field_error_is_a_value_error_with_its_parts():
     e = FieldError("k", "a value >= 1", 0)
-    assert (str(e), e.field, e.reason, e.got) == ("k: expected a value >= 1, got 0", "k", "expected a value >= 1, got 0", 0)
+    assert (str(e), e.field, e.reason, e.got) == (
+        "k: expected a value >= 1, got 0",
+        "k",
+        "expected a value >= 1, got 0",
+        0,
+    )
     free = FieldError("uri", "a bank cannot live at a ftp:// URI")
     assert str(free) == "uri: a bank cannot live at a ftp:// URI" and isinstance(free, ValueError)
 
@@ -90,7 +104,10 @@ def test_non_finite_numbers_are_refused():
 def test_a_field_error_survives_pickling():  # how an error raised in a Ray worker reaches the driver
     import pickle
 
-    for e in (FieldError("k", "a value >= 1", 0), FieldError("uri", "free text"),
-              FieldTypeError("n", "an integer", "5")):
+    for e in (
+        FieldError("k", "a value >= 1", 0),
+        FieldError("uri", "free text"),
+        FieldTypeError("n", "an integer", "5"),
+    ):
         back = pickle.loads(pickle.dumps(e))
         assert (type(back), str(back), back.field) == (type(e), str(e), e.field)

@@ -17,9 +17,18 @@ import pytest
 import torch
 
 # tiny model: 16-token chunks, 2 memories per chunk, so a short generation crosses many swaps
-TINY = ["model.preset=tiny", "model.vocab_size=600", "model.ref_max_tokens=128", "model.max_seq_len=512",
-        "encode.codec=raw-fp32", "train.heldout_fraction=0.3", "infer.eval.sequences=6",
-        "infer.eval.tokens=96", "infer.eval.probe_refs=4", "infer.eval.batch_size=2"]
+TINY = [
+    "model.preset=tiny",
+    "model.vocab_size=600",
+    "model.ref_max_tokens=128",
+    "model.max_seq_len=512",
+    "encode.codec=raw-fp32",
+    "train.heldout_fraction=0.3",
+    "infer.eval.sequences=6",
+    "infer.eval.tokens=96",
+    "infer.eval.probe_refs=4",
+    "infer.eval.batch_size=2",
+]
 
 
 def write_export(cfg, directory: Path, stage: str = "continual", train=None, **memory) -> Path:
@@ -31,8 +40,13 @@ def write_export(cfg, directory: Path, stage: str = "continual", train=None, **m
 
     tc = train or dataclasses.replace(cfg.train, memory_schedule="serving")
     reading = {**trained_to_read(cfg, tc, stage), **memory}
-    info = {"stage": stage, "step": 1, "memory": reading, "train": dataclasses.asdict(tc),
-            "model_hash": saved_hash(directory)}
+    info = {
+        "stage": stage,
+        "step": 1,
+        "memory": reading,
+        "train": dataclasses.asdict(tc),
+        "model_hash": saved_hash(directory),
+    }
     (Path(directory) / "export.json").write_text(json.dumps(info, indent=2))
     return Path(directory)
 
@@ -67,8 +81,15 @@ def facts_bm25_bank(tmp_path_factory, ray_local):
 
 
 # a facts bank small enough to rebuild twice in a test: the tiny model, full-precision memories
-FACTS_TINY = ["model.preset=tiny", "model.ref_max_tokens=128", "model.max_seq_len=512", "encode.codec=raw-fp32",
-              "encode.refs_per_shard=64", "encode.batch_size=16", "infer.batch_size=4"]
+FACTS_TINY = [
+    "model.preset=tiny",
+    "model.ref_max_tokens=128",
+    "model.max_seq_len=512",
+    "encode.codec=raw-fp32",
+    "encode.refs_per_shard=64",
+    "encode.batch_size=16",
+    "infer.batch_size=4",
+]
 
 
 @pytest.fixture(scope="session")
@@ -97,15 +118,26 @@ def edited_facts_bank(tmp_path_factory, ray_local):
     bank_file, train_file, _ = facts_subset(root)
     edits = make_facts.read_jsonl(FACTS / "edits.jsonl")
     ids = {e["id"] for e in edits}
-    rows = make_facts.read_jsonl(bank_file) + [r for r in make_facts.read_jsonl(FACTS / "bank.jsonl.gz") if r["id"] in ids]
+    rows = make_facts.read_jsonl(bank_file) + [
+        r for r in make_facts.read_jsonl(FACTS / "bank.jsonl.gz") if r["id"] in ids
+    ]
     with gzip.open(bank_file, "wt", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
 
     def settings(bank: Path, *extra: str) -> list[str]:  # --set overrides of configs/facts.yaml
-        return [f"corpus.paths=[{bank}, {train_file}]", f"corpus.roles={{{bank}: bank, {train_file}: training}}",
-                f"bank.uri={root / 'bank'}", "tokenizer.vocab_size=600", "model.vocab_size=600", "ray.num_cpus=2",
-                "corpus.records_per_shard=100", "retrieval.refs_per_shard=64", "retrieval.threads_per_actor=1",
-                *FACTS_TINY, *extra]
+        return [
+            f"corpus.paths=[{bank}, {train_file}]",
+            f"corpus.roles={{{bank}: bank, {train_file}: training}}",
+            f"bank.uri={root / 'bank'}",
+            "tokenizer.vocab_size=600",
+            "model.vocab_size=600",
+            "ray.num_cpus=2",
+            "corpus.records_per_shard=100",
+            "retrieval.refs_per_shard=64",
+            "retrieval.threads_per_actor=1",
+            *FACTS_TINY,
+            *extra,
+        ]
 
     def config(bank: Path, *extra: str):
         return load_config("configs/facts.yaml", settings(bank, *extra))
@@ -119,6 +151,14 @@ def edited_facts_bank(tmp_path_factory, ray_local):
     assert n == len(edits)
     cfg2 = config(edited, f"encode.checkpoint={ckpt}")
     second = run_rebuild(cfg2)
-    return types.SimpleNamespace(cfg=cfg, cfg2=cfg2, sets2=settings(edited, f"encode.checkpoint={ckpt}"),
-                                 ckpt=Path(ckpt), edits=edits, rebuilds=(first, second), root=root,
-                                 settings=settings, config=config)
+    return types.SimpleNamespace(
+        cfg=cfg,
+        cfg2=cfg2,
+        sets2=settings(edited, f"encode.checkpoint={ckpt}"),
+        ckpt=Path(ckpt),
+        edits=edits,
+        rebuilds=(first, second),
+        root=root,
+        settings=settings,
+        config=config,
+    )

@@ -109,24 +109,37 @@ def test_flip_rates_count_each_case():
     pinned = [[1, 2, 0], [5, 0, 0], [0, 7, 0], [1, 1, 1]]
     r = flip_rates(answers, before, after, pinned, [True, False, False, True])
     got = {k: (v["count"], v["n"]) for k, v in r.items()}
-    assert got == {"edited_follow_new": (2, 2), "edited_follow_new_before": (0, 2), "edited_old_before": (1, 2),
-                   "edited_old_pinned": (1, 2), "edited_known_flipped": (1, 1),  # item 0: knew it, flipped
-                   # item 1: only its answer's token counts (what follows it may change); item 2's moved
-                   "others_unchanged": (1, 2),
-                   # item 3's answer span is its longer answer's, 2 tokens: [1, 1] both times
-                   "pinned_as_before": (3, 4), "edited_pinned_as_before": (2, 2)}
+    assert got == {
+        "edited_follow_new": (2, 2),
+        "edited_follow_new_before": (0, 2),
+        "edited_old_before": (1, 2),
+        "edited_old_pinned": (1, 2),
+        "edited_known_flipped": (1, 1),  # item 0: knew it, flipped
+        # item 1: only its answer's token counts (what follows it may change); item 2's moved
+        "others_unchanged": (1, 2),
+        # item 3's answer span is its longer answer's, 2 tokens: [1, 1] both times
+        "pinned_as_before": (3, 4),
+        "edited_pinned_as_before": (2, 2),
+    }
     assert r["pinned_as_before"]["share"] == 0.75
     # item 0's new value is one the training text holds, item 3's is not; old answers: 0, 1 seen
     seen = [(True, True), (True, True), (False, False), (False, False)]
     split = flip_rates(answers, before, after, pinned, [True, False, False, True], seen)
     got = {k: (v["count"], v["n"]) for k, v in split.items() if k not in r}
-    assert got == {"edited_follow_new_seen": (1, 1), "edited_follow_new_unseen": (1, 1),
-                   "baseline_exact_seen": (2, 2), "baseline_exact_unseen": (1, 2)}  # item 3 missed its old answer
+    assert got == {
+        "edited_follow_new_seen": (1, 1),
+        "edited_follow_new_unseen": (1, 1),
+        "baseline_exact_seen": (2, 2),
+        "baseline_exact_unseen": (1, 2),
+    }  # item 3 missed its old answer
 
 
 def test_seen_in_finds_whole_values_in_the_training_text():
     assert seen_in("Q: Where?\nA: Droukteinstus.\nQ: When?\nA: 1723.", [" Droukteinstus", " 1799", " 172"]) == [
-        True, False, False]
+        True,
+        False,
+        False,
+    ]
 
 
 def test_memory_rates_count_each_case():
@@ -136,8 +149,10 @@ def test_memory_rates_count_each_case():
 
     def reading(read: list[str], text: str, other: str = "Bo made it.") -> list[Reading]:
         texts = {src: text, "d9-0": "founded in 1799 too"}
-        return [Reading([], "", read, {r: texts[r] for r in read}, {src: text}),
-                Reading([], "", ["d2-0"], {"d2-0": other}, {"d2-0": other})]
+        return [
+            Reading([], "", read, {r: texts[r] for r in read}, {src: text}),
+            Reading([], "", ["d2-0"], {"d2-0": other}, {"d2-0": other}),
+        ]
 
     before = reading([src], "X was founded in 1723.")
     after = reading(["d9-0"], "X was founded in 1799.", "Bo made it, edited.")  # did not read its source
@@ -152,7 +167,8 @@ def test_memory_rates_count_each_case():
     assert m["untouched_read_same_refs"] == m["untouched_read_same_best"] == (1, 1)
     sibling = [Item(Probe("Q: Where is X?\nA:", " north", ("e1",), 3))]  # the edited record's other item
     moved = [Reading([], "", ["d3-0"], {"d3-0": "y"}, {src: "z"})]
-    m = memory_rates(items + sibling, before + moved, after + [Reading([], "", ["d4-0"], {"d4-0": "y"}, {})],
-                     pinned + moved)
+    m = memory_rates(
+        items + sibling, before + moved, after + [Reading([], "", ["d4-0"], {"d4-0": "y"}, {})], pinned + moved
+    )
     assert (m["others_read_same_refs"]["count"], m["others_read_same_refs"]["n"]) == (1, 2)
     assert (m["untouched_read_same_refs"]["count"], m["untouched_read_same_refs"]["n"]) == (1, 1)

@@ -1,14 +1,23 @@
 """eval_report.render on an evaluation whose held-out text has nothing to score (one-chunk
 sequences, configs/facts.yaml): one line that says why, not a table of zero losses."""
+
 from jobs.inference.eval_report import render
 
 ZERO = {"loss": 0.0, "ppl": 1.0, "tokens": 0, "per_item": []}
 
 
 def report(sequences: int) -> dict:
-    return {"sequences": sequences, "tokens_per_sequence": 64, "model_hash": "ab" * 8, "sink": True,
-            "max_overlap": 0.6667, "headline": {}, "modes": {"none": dict(ZERO), "memory": dict(ZERO)},
-            "probe": {"note": "every document of the bank is in a training sequence"}, "qa": []}
+    return {
+        "sequences": sequences,
+        "tokens_per_sequence": 64,
+        "model_hash": "ab" * 8,
+        "sink": True,
+        "max_overlap": 0.6667,
+        "headline": {},
+        "modes": {"none": dict(ZERO), "memory": dict(ZERO)},
+        "probe": {"note": "every document of the bank is in a training sequence"},
+        "qa": [],
+    }
 
 
 def test_one_chunk_sequences_say_why_held_out_text_is_not_scored():

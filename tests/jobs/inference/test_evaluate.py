@@ -22,9 +22,18 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.inference.evaluate import (CONTROL, Items, evaluate_items, heldout_items, item_losses, probe_items,
-                                     probe_modes, retrieval_ids, run_eval)
 from jobs.inference.engine import Inference
+from jobs.inference.evaluate import (
+    CONTROL,
+    Items,
+    evaluate_items,
+    heldout_items,
+    item_losses,
+    probe_items,
+    probe_modes,
+    retrieval_ids,
+    run_eval,
+)
 from jobs.inference.retriever import EncodingStore
 from jobs.inference.stats import paired
 from model import Memory3, save_model
@@ -57,10 +66,13 @@ def test_none_keeps_the_sink_the_model_was_trained_with(bank, inf):
     total, count = item_losses(model, items, "none", sink=True)
     tokens = torch.tensor(items.tokens)
     with torch.no_grad():
-        for logits, want_sink in ((model(tokens, *no_memories(model.config, len(items), 96 // cs)), True),
-                                  (model(tokens), False)):
-            losses = torch.nn.functional.cross_entropy(logits[:, cs - 1:-1].reshape(-1, logits.shape[-1]),
-                                                       tokens[:, cs:].reshape(-1), reduction="none")
+        for logits, want_sink in (
+            (model(tokens, *no_memories(model.config, len(items), 96 // cs)), True),
+            (model(tokens), False),
+        ):
+            losses = torch.nn.functional.cross_entropy(
+                logits[:, cs - 1 : -1].reshape(-1, logits.shape[-1]), tokens[:, cs:].reshape(-1), reduction="none"
+            )
             got = losses.view(len(items), -1).sum(1).numpy()
             assert np.allclose(got, total, atol=1e-4) is want_sink  # the sink baseline, not the plain one
     assert (count == 96 - cs).all()
@@ -88,8 +100,13 @@ def test_memory_mode_reads_the_memories(bank, inf):
     assert np.allclose(masked[0], none[0], atol=1e-4)  # reading nothing is exactly the baseline
     assert np.abs(read[0] - none[0]).max() / (96 - cs) > 1e-2  # what is read reaches the logits
     strict = {"max_overlap": r.max_overlap, "exclude_own": True}
-    out = evaluate_items(inf.model, items, sink=True, retriever=r, modes={
-        "none": ("none", None, strict), "memory": ("memory", None, strict)})
+    out = evaluate_items(
+        inf.model,
+        items,
+        sink=True,
+        retriever=r,
+        modes={"none": ("none", None, strict), "memory": ("memory", None, strict)},
+    )
     assert out["memory"]["vs_none"]["of"] == len(items) and out["memory"]["vs_none"]["stderr"] > 0
 
 
@@ -119,7 +136,9 @@ def test_the_served_bank_is_what_on_the_fly_encoding_gives(bank, inf):
     pads other batches, and with these large random weights a near-tie between two tokens' scores
     can then fall the other way, so a few memories keep another token in some head."""
     r = inf.memory_retriever()
-    ids = r.ref_tokens(Bank(bank.bank.uri).dataset("refs").to_table(columns=["ref_id"]).column("ref_id").to_pylist()[:12])
+    ids = r.ref_tokens(
+        Bank(bank.bank.uri).dataset("refs").to_table(columns=["ref_id"]).column("ref_id").to_pylist()[:12]
+    )
     ids = sorted(ids)
     fly = EncodingStore(inf.model, r.ref_tokens, top_k=inf.model.config.mem_top_k, codec=make_codec("raw-fp32"))
     m1, k1 = r.store.fetch(ids)
@@ -142,9 +161,9 @@ def test_chunk_c_reads_what_chunk_c_minus_1_retrieved(bank, inf):
         ids = retrieval_ids(r, items, cs, exclude_own=True)
         for i, (toks, ctx, docs) in enumerate(zip(items.tokens, items.contexts, items.docs)):
             C = -(-len(toks) // cs)
-            queries = [toks[:min(items.prompt(i, cs), cs)]] + [toks[(c - 1) * cs:c * cs] for c in range(1, C)]
+            queries = [toks[: min(items.prompt(i, cs), cs)]] + [toks[(c - 1) * cs : c * cs] for c in range(1, C)]
             assert ids[i] == r.search_ids(queries, [ctx] * C, [docs] * C)
-            own = r.search_ids([toks[c * cs:(c + 1) * cs] for c in range(C)], [ctx] * C, [docs] * C)
+            own = r.search_ids([toks[c * cs : (c + 1) * cs] for c in range(C)], [ctx] * C, [docs] * C)
             own_text_differs |= any(a != b for a, b in zip(ids[i][1:], own[1:]))
     assert own_text_differs
 
@@ -190,8 +209,13 @@ def test_the_probe_headline_never_reads_the_scored_entry_s_document(bank, inf):
 def test_eval_table_with_baselines_controls_and_paired_errors(bank, inf, capsys):
     res = run_eval(bank, inference=inf)
     modes = res["modes"]
-    assert res["sink"] is True and set(modes) == {"none", "memory", "memory, another sequence's (control)",
-                                                  "memory, dense raw (same references)", "rag"}
+    assert res["sink"] is True and set(modes) == {
+        "none",
+        "memory",
+        "memory, another sequence's (control)",
+        "memory, dense raw (same references)",
+        "rag",
+    }
     assert len({m["tokens"] for m in modes.values()}) == 1
     for name, m in modes.items():
         if name != "none":
@@ -236,10 +260,14 @@ def test_the_headline_is_the_memory_model_against_the_equal_compute_control(bank
     try:
         inf = Inference(bank)
         qa = tmp_path / "qa.jsonl"
-        qa.write_text("".join(json.dumps({k: it[k] for k in ("prompt", "answer", "source_ids")}) + "\n"
-                              for it in bank_probes(inf, 3)))
-        cfg = dataclasses.replace(bank, infer=dataclasses.replace(
-            bank.infer, eval=dataclasses.replace(bank.infer.eval, probes=(str(qa),))))
+        qa.write_text(
+            "".join(
+                json.dumps({k: it[k] for k in ("prompt", "answer", "source_ids")}) + "\n" for it in bank_probes(inf, 3)
+            )
+        )
+        cfg = dataclasses.replace(
+            bank, infer=dataclasses.replace(bank.infer, eval=dataclasses.replace(bank.infer.eval, probes=(str(qa),)))
+        )
         res = run_eval(cfg, inference=inf)
         control = inf.control()["model"]
     finally:
@@ -251,8 +279,9 @@ def test_the_headline_is_the_memory_model_against_the_equal_compute_control(bank
     items = items_of(bank, inf)
     total, count = item_losses(control, items, "none", sink=False)  # plain: it never read memories
     assert modes[CONTROL]["per_item"] == pytest.approx(list(total / count), abs=1e-5)
-    mem = item_losses(inf.model, items, "memory", sink=True, retriever=inf.memory_retriever(),
-                      ids=modes["memory"]["reads"])
+    mem = item_losses(
+        inf.model, items, "memory", sink=True, retriever=inf.memory_retriever(), ids=modes["memory"]["reads"]
+    )
     want = paired((total, count), mem)
     h = res["headline"]
     assert h["comparison"] == f"memory vs {CONTROL}" and h["of"] == len(items)
@@ -297,11 +326,28 @@ def test_eval_build_evaluates_the_pinned_build_beside_the_live_one(edited_facts_
 
     eb = edited_facts_bank
     qa = tmp_path / "qa.jsonl"
-    qa.write_text("".join(line + "\n" for line in (FACTS / "probe.jsonl").read_text().splitlines()
-                          if any(e["id"] in line for e in eb.edits)))
-    sets = sum((["--set", o] for o in [*eb.sets2, f"infer.eval.probes=[{qa}]", "train.heldout_fraction=0.5",
-                                       "infer.eval.sequences=2", "infer.eval.tokens=96", "infer.eval.probe_refs=2",
-                                       "infer.eval.batch_size=2"]), [])
+    qa.write_text(
+        "".join(
+            line + "\n"
+            for line in (FACTS / "probe.jsonl").read_text().splitlines()
+            if any(e["id"] in line for e in eb.edits)
+        )
+    )
+    sets = sum(
+        (
+            ["--set", o]
+            for o in [
+                *eb.sets2,
+                f"infer.eval.probes=[{qa}]",
+                "train.heldout_fraction=0.5",
+                "infer.eval.sequences=2",
+                "infer.eval.tokens=96",
+                "infer.eval.probe_refs=2",
+                "infer.eval.batch_size=2",
+            ]
+        ),
+        [],
+    )
     assert main(["eval", "-c", "configs/facts.yaml", *sets, "--build", "-1"]) == 0
     out = BankLayout(eb.cfg2.bank.uri).eval()
     res = json.loads((out / "eval-build-1.json").read_text())

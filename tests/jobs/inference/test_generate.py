@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from jobs.cli.main import main
-from jobs.ops.rebuild import run_rebuild
-from jobs.inference.generate import sample_generation
 from jobs.inference.engine import Inference
+from jobs.inference.generate import sample_generation
+from jobs.ops.rebuild import run_rebuild
 from model import Memory3, save_model
 from model.checkpoint import saved_hash
 from model.memory import no_memories
@@ -48,22 +48,30 @@ def ref_rows(cfg, n=None):
 def test_batched_equals_single_prompt_and_one_retrieval_per_swap_point(bank, inf):
     cfg, _ = bank
     cs = inf.model.config.mem_chunk_size
-    prompts = [r["token_ids"][:cs + 5] for r in ref_rows(cfg) if len(r["token_ids"]) > cs + 5][:4]
+    prompts = [r["token_ids"][: cs + 5] for r in ref_rows(cfg) if len(r["token_ids"]) > cs + 5][:4]
     n_new = 3 * cs  # swaps at cs and 2*cs
     r = inf.memory_retriever()
     before = dict(r.counts)
-    batched = inf.generate_tokens(prompts, "memory", max_new_tokens=n_new, seeds=[1, 2, 3, 4],
-                                  batch_size=4, stop_at_eos=False)
+    batched = inf.generate_tokens(
+        prompts, "memory", max_new_tokens=n_new, seeds=[1, 2, 3, 4], batch_size=4, stop_at_eos=False
+    )
     spent = {k: r.counts[k] - before.get(k, 0) for k in ("embed", "search", "fetch")}
     assert spent == {"embed": 3, "search": 3, "fetch": 3}  # prompt chunks, then 2 swaps, all rows at once
-    singles = [inf.generate_tokens([p], "memory", max_new_tokens=n_new, seeds=[s], batch_size=1,
-                                   stop_at_eos=False)[0] for p, s in zip(prompts, [1, 2, 3, 4])]
+    singles = [
+        inf.generate_tokens([p], "memory", max_new_tokens=n_new, seeds=[s], batch_size=1, stop_at_eos=False)[0]
+        for p, s in zip(prompts, [1, 2, 3, 4])
+    ]
     for one, many in zip(singles, batched):
         assert one.tokens == many.tokens and len(one.tokens) == n_new
         assert [vars(c) for c in one.reads] == [vars(c) for c in many.reads]
     reads = batched[0].reads
-    assert [(c.start, c.end) for c in reads] == [(0, cs), (cs, cs + 5), (cs + 5, 2 * cs + 5),
-                                                 (2 * cs + 5, 3 * cs + 5), (3 * cs + 5, 4 * cs + 5)]
+    assert [(c.start, c.end) for c in reads] == [
+        (0, cs),
+        (cs, cs + 5),
+        (cs + 5, 2 * cs + 5),
+        (2 * cs + 5, 3 * cs + 5),
+        (3 * cs + 5, 4 * cs + 5),
+    ]
     known = {row["ref_id"] for row in ref_rows(cfg)}
     assert all(len(c.ref_ids) <= inf.model.config.mems_per_chunk and set(c.ref_ids) <= known for c in reads)
 
@@ -119,8 +127,15 @@ def test_a_model_other_than_the_bank_s_is_refused_naming_both_hashes(bank, tmp_p
     with pytest.raises(BankError, match=f"written by model {written}, not by this model {inf.model_hash}"):
         inf.generate(["a compiler"], "memory", max_new_tokens=4)
     assert inf.generate(["a compiler"], "none", max_new_tokens=4)[0].mode == "none"  # no memories read
-    args = ["generate", "-c", "configs/demo.yaml", *sum((["--set", o] for o in overrides), []),
-            "--set", f"infer.checkpoint={other}", "a compiler"]
+    args = [
+        "generate",
+        "-c",
+        "configs/demo.yaml",
+        *sum((["--set", o] for o in overrides), []),
+        "--set",
+        f"infer.checkpoint={other}",
+        "a compiler",
+    ]
     assert main(args) == 2
     assert written in capsys.readouterr().err
 
@@ -128,8 +143,12 @@ def test_a_model_other_than_the_bank_s_is_refused_naming_both_hashes(bank, tmp_p
 def test_cli_show_memories_jsonl_and_the_three_modes(bank, tmp_path, capsys):
     cfg, overrides = bank
     sets = sum((["--set", o] for o in overrides), [])
-    assert main(["generate", "-c", "configs/demo.yaml", *sets, "A compiler is", "--max-new-tokens", "20",
-                 "--show-memories"]) == 0
+    assert (
+        main(
+            ["generate", "-c", "configs/demo.yaml", *sets, "A compiler is", "--max-new-tokens", "20", "--show-memories"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     ids = {r["ref_id"] for r in ref_rows(cfg)}
     shown = [line.split()[0] for line in out.splitlines() if line.startswith("    ")]
@@ -138,8 +157,25 @@ def test_cli_show_memories_jsonl_and_the_three_modes(bank, tmp_path, capsys):
     prompts.write_text('"A compiler is"\n{"prompt": "The kernel"}\n\n{"prompt": "Unix"}\n')
     for mode in ("memory", "none", "rag"):
         dst = tmp_path / f"{mode}.jsonl"
-        assert main(["generate", "-c", "configs/demo.yaml", *sets, "--prompts", str(prompts), "--mode", mode,
-                     "--max-new-tokens", "12", "--output", str(dst)]) == 0
+        assert (
+            main(
+                [
+                    "generate",
+                    "-c",
+                    "configs/demo.yaml",
+                    *sets,
+                    "--prompts",
+                    str(prompts),
+                    "--mode",
+                    mode,
+                    "--max-new-tokens",
+                    "12",
+                    "--output",
+                    str(dst),
+                ]
+            )
+            == 0
+        )
         rows = [json.loads(line) for line in dst.read_text().splitlines()]
         assert [r["prompt"] for r in rows] == ["A compiler is", "The kernel", "Unix"]
         assert all(r["mode"] == mode and r["new_tokens"] <= 12 for r in rows)
@@ -183,7 +219,7 @@ def greedy_by_full_forward(model, prompt: list[int], n: int, memories_of=None) -
                 got = [memories_of(c) for c in range(C)]
                 mem = (torch.stack([m for m, _ in got])[None], torch.stack([k for _, k in got])[None])
             ctx.append(int(model(torch.tensor([ctx]), *mem)[0, -1].argmax()))
-    return ctx[len(prompt):]
+    return ctx[len(prompt) :]
 
 
 def test_what_memory_mode_reads_reaches_the_greedy_tokens(bank, inf):
@@ -252,8 +288,27 @@ def test_cli_build_generates_from_the_pinned_build(edited_facts_bank, tmp_path):
     texts = {}
     for build in ("live", "-1"):
         dst = tmp_path / f"{build}.jsonl"
-        assert main(["generate", "-c", "configs/facts.yaml", *sets, "--prompts", str(prompts), "--build", build,
-                     "--max-new-tokens", "4", "--temperature", "0", "--output", str(dst)]) == 0
+        assert (
+            main(
+                [
+                    "generate",
+                    "-c",
+                    "configs/facts.yaml",
+                    *sets,
+                    "--prompts",
+                    str(prompts),
+                    "--build",
+                    build,
+                    "--max-new-tokens",
+                    "4",
+                    "--temperature",
+                    "0",
+                    "--output",
+                    str(dst),
+                ]
+            )
+            == 0
+        )
         rows = [json.loads(line) for line in dst.read_text().splitlines()]
         texts[build] = {r["ref_id"]: r["text"] for row in rows for c in row["chunks"] for r in c["refs"]}
     moved = [r for r in texts["live"].keys() & texts["-1"].keys() if texts["live"][r] != texts["-1"][r]]
@@ -264,7 +319,8 @@ def test_cli_build_generates_from_the_pinned_build(edited_facts_bank, tmp_path):
 
 
 def test_after_a_new_model_re_encodes_the_bank_the_old_build_is_still_read_by_the_old_model(
-        edited_facts_bank, tmp_path):
+    edited_facts_bank, tmp_path
+):
     """A build pins table versions, not weights: its memories name the model that wrote them.
     After a newly trained continual model re-encodes the bank (build 3), live is served by it
     and build 2 (`--build -1`) by the first model, not by the newest trained one whose

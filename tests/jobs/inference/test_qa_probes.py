@@ -31,15 +31,18 @@ def write(tmp_path, lines, name="probe.jsonl"):
 GOOD = json.dumps({"prompt": "Q: When was X born?\nA:", "answer": " 1842", "source_ids": ["e000123"], "entity": "X"})
 
 
-@pytest.mark.parametrize("line, why", [
-    ('{"prompt": "Q", "answer": " a"', "not valid JSON"),
-    ('"just a string"', "expected a JSON object with 'prompt' and 'answer', got str"),
-    ('{"prompt": "Q: x?"}', "no 'answer'"),
-    ('{"prompt": "  ", "answer": " a"}', "'prompt' must be a non-empty string"),
-    ('{"prompt": "Q", "answer": 1842}', "'answer' must be a non-empty string, got 1842"),
-    ('{"prompt": "Q", "answer": " a", "source_ids": "e1"}', "'source_ids' must be a list of record ids"),
-    ('{"prompt": "Q", "answer": " a", "source_ids": [null]}', "'source_ids' must be a list of record ids"),
-])
+@pytest.mark.parametrize(
+    "line, why",
+    [
+        ('{"prompt": "Q", "answer": " a"', "not valid JSON"),
+        ('"just a string"', "expected a JSON object with 'prompt' and 'answer', got str"),
+        ('{"prompt": "Q: x?"}', "no 'answer'"),
+        ('{"prompt": "  ", "answer": " a"}', "'prompt' must be a non-empty string"),
+        ('{"prompt": "Q", "answer": 1842}', "'answer' must be a non-empty string, got 1842"),
+        ('{"prompt": "Q", "answer": " a", "source_ids": "e1"}', "'source_ids' must be a list of record ids"),
+        ('{"prompt": "Q", "answer": " a", "source_ids": [null]}', "'source_ids' must be a list of record ids"),
+    ],
+)
 def test_a_malformed_line_is_one_error_naming_file_line_and_what_is_wrong(tmp_path, line, why):
     path = write(tmp_path, [GOOD, "", line, GOOD])
     with pytest.raises(ConfigError) as e:
@@ -49,10 +52,22 @@ def test_a_malformed_line_is_one_error_naming_file_line_and_what_is_wrong(tmp_pa
 
 
 def test_a_probe_file_reads_its_items_and_a_missing_or_empty_one_is_an_error(tmp_path):
-    items = read_probes(write(tmp_path, [GOOD, "   ", json.dumps({"prompt": "P", "answer": "A", "source_ids": [7]}),
-                                         json.dumps({"prompt": "P2", "answer": "A2"})]))
+    items = read_probes(
+        write(
+            tmp_path,
+            [
+                GOOD,
+                "   ",
+                json.dumps({"prompt": "P", "answer": "A", "source_ids": [7]}),
+                json.dumps({"prompt": "P2", "answer": "A2"}),
+            ],
+        )
+    )
     assert [(p.prompt, p.answer, p.source_ids, p.line) for p in items] == [
-        ("Q: When was X born?\nA:", " 1842", ("e000123",), 1), ("P", "A", ("7",), 3), ("P2", "A2", (), 4)]
+        ("Q: When was X born?\nA:", " 1842", ("e000123",), 1),
+        ("P", "A", ("7",), 3),
+        ("P2", "A2", (), 4),
+    ]
     with pytest.raises(ConfigError, match="infer.eval.probes: no such file"):
         read_probes(str(tmp_path / "absent.jsonl"))
     with pytest.raises(ConfigError, match="holds no probe items"):
@@ -66,8 +81,20 @@ def test_m3_eval_stops_at_a_bad_probe_line_in_one_line_before_any_scoring(tmp_pa
     from jobs.cli.main import main
 
     path = write(tmp_path, [GOOD, '{"prompt": "Q"}'])
-    assert main(["eval", "-c", "configs/demo.yaml", "--set", f"bank.uri={tmp_path / 'no-bank'}",
-                 "--set", f"infer.eval.probes=[{path}]"]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "-c",
+                "configs/demo.yaml",
+                "--set",
+                f"bank.uri={tmp_path / 'no-bank'}",
+                "--set",
+                f"infer.eval.probes=[{path}]",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.endswith(f"{path}:2: no 'answer' (each line needs 'prompt' and 'answer')") and "\n" not in err
 
@@ -76,9 +103,11 @@ def test_the_config_key_is_checked_like_the_others():
     assert load_config("configs/demo.yaml").infer.eval.probes == ()
     cfg = load_config("configs/demo.yaml", ["infer.eval.probes=[a.jsonl, b.jsonl]"])
     assert cfg.infer.eval.probes == ("a.jsonl", "b.jsonl")
-    for bad, why in (("infer.eval.probes=3", "expected a list of a string"),
-                     ('infer.eval.probes=[""]', "expected a list of JSONL file paths"),
-                     ("infer.eval.probe=[a.jsonl]", "did you mean 'infer.eval.probes'")):
+    for bad, why in (
+        ("infer.eval.probes=3", "expected a list of a string"),
+        ('infer.eval.probes=[""]', "expected a list of JSONL file paths"),
+        ("infer.eval.probe=[a.jsonl]", "did you mean 'infer.eval.probes'"),
+    ):
         with pytest.raises(ConfigError, match="infer.eval.probe") as e:
             load_config("configs/demo.yaml", [bad])
         assert why in str(e.value)
@@ -99,16 +128,28 @@ def bank_probes(inf, n=5):
     are the prompt, the next words the answer, the record id the source."""
     import pyarrow.compute as pc
 
-    docs = inf.bank.dataset("documents").to_table(columns=["doc_id", "source", "source_id"],
-                                                  filter=pc.field("in_bank")).to_pylist()[:n]
+    docs = (
+        inf.bank.dataset("documents")
+        .to_table(columns=["doc_id", "source", "source_id"], filter=pc.field("in_bank"))
+        .to_pylist()[:n]
+    )
     items = []
     for d in docs:
         assert doc_id(d["source"], d["source_id"]) == d["doc_id"]  # how a record id names a document
-        refs = inf.bank.dataset("refs").to_table(columns=["ref_id", "text", "ordinal"],
-                                                 filter=pc.field("doc_id") == d["doc_id"]).to_pylist()
+        refs = (
+            inf.bank.dataset("refs")
+            .to_table(columns=["ref_id", "text", "ordinal"], filter=pc.field("doc_id") == d["doc_id"])
+            .to_pylist()
+        )
         words = min(refs, key=lambda r: r["ordinal"])["text"].split()
-        items.append({"prompt": " ".join(words[:6]), "answer": " " + " ".join(words[6:9]),
-                      "source_ids": [d["source_id"]], "refs": sorted(r["ref_id"] for r in refs)})
+        items.append(
+            {
+                "prompt": " ".join(words[:6]),
+                "answer": " " + " ".join(words[6:9]),
+                "source_ids": [d["source_id"]],
+                "refs": sorted(r["ref_id"] for r in refs),
+            }
+        )
     return items
 
 
@@ -120,7 +161,8 @@ def test_source_ids_resolve_to_the_references_of_their_document(inf):
     for it in items:
         refs = [r for r, _ in found[it["source_ids"][0]]]
         assert sorted(refs) == it["refs"] and [int(r.rsplit("-", 1)[1]) for r in refs] == sorted(
-            int(r.rsplit("-", 1)[1]) for r in refs)
+            int(r.rsplit("-", 1)[1]) for r in refs
+        )
 
 
 @slow
@@ -181,14 +223,14 @@ def test_exact_match_is_what_greedy_decoding_produces(inf):
     answers = [greedy, greedy[:-1] + [other(greedy[-1])], [other(greedy[0])] + greedy[1:], greedy[:2]]
     got = score(model, [prompt] * 4, answers, sink=True)
     assert got["exact"] == [True, False, False, True]
-    assert all(g == greedy[:len(a)] for g, a in zip(got["greedy"], answers))
+    assert all(g == greedy[: len(a)] for g, a in zip(got["greedy"], answers))
     losses, hits, _ = score_continuation(model, torch.tensor([prompt, prompt]), torch.tensor(answers[:2]), sink=True)
     assert hits[0].all() and hits[1, :-1].all() and not hits[1, -1]
     for a, total in zip(answers, got["total"]):
         ctx = torch.tensor([prompt + a])
         with torch.no_grad():
             logits = model(ctx, *no_memories(model.config, 1, -(-ctx.shape[1] // cs)))[0]
-        want = torch.nn.functional.cross_entropy(logits[len(prompt) - 1:-1], ctx[0, len(prompt):], reduction="sum")
+        want = torch.nn.functional.cross_entropy(logits[len(prompt) - 1 : -1], ctx[0, len(prompt) :], reduction="sum")
         assert total == pytest.approx(float(want), rel=1e-4)
     assert np.array_equal(got["count"], [len(a) for a in answers])
 

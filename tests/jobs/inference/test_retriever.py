@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 
+from jobs.inference.engine import Inference
 from jobs.inference.retriever import BankRetriever
 from jobs.stages.encode import run_encode
-from jobs.inference.engine import Inference
 from model.generation import generate_with_memory
 from pipelines.overlap import overlap_many
 from storage.bank import Bank
@@ -32,8 +32,14 @@ def inf(tmp_path_factory, ray_local):
 
 def lance_twin(r: BankRetriever, **kw) -> BankRetriever:
     """The same retriever searching through LanceDB (its own caches)."""
-    args = dict(per_query=r.per_query, store=r.store, max_overlap=r.max_overlap, candidates=r.candidates,
-                exact=True, ram_search_bytes=0)
+    args = dict(
+        per_query=r.per_query,
+        store=r.store,
+        max_overlap=r.max_overlap,
+        candidates=r.candidates,
+        exact=True,
+        ram_search_bytes=0,
+    )
     return BankRetriever(r.bank, r.embedder, r.tokenizer, **{**args, **kw})
 
 
@@ -65,10 +71,10 @@ def test_batched_filter_keeps_what_the_per_row_filter_kept(inf):
     for h, text in zip(hits, contexts):
         ids = [rid for rid, _ in h]
         over = overlap_many(text, [tokens[i] for i in ids])
-        expected.append([i for i, o in zip(ids, over) if o <= r.max_overlap][:r.per_query])
+        expected.append([i for i, o in zip(ids, over) if o <= r.max_overlap][: r.per_query])
     assert got == expected
     # the filter did drop some (a query's own reference: its context contains it)
-    assert any(row != [rid for rid, _ in h][:len(row)] for row, h in zip(got, hits))
+    assert any(row != [rid for rid, _ in h][: len(row)] for row, h in zip(got, hits))
 
 
 def test_reference_tokens_are_cached(inf):
@@ -108,21 +114,22 @@ def test_greedy_decoding_reads_the_same_memories(inf):
 def test_memories_of_short_rows_leave_empty_slots(inf):
     r = inf.memory_retriever()
     M = r.per_query
-    ids = inf.bank.dataset("refs").to_table(columns=["ref_id"]).column("ref_id").to_pylist()[:M + 2]
-    rows = [ids[:M - 1], [], [ids[M]], ids[:1] + ids[M + 1:M + 2]]
+    ids = inf.bank.dataset("refs").to_table(columns=["ref_id"]).column("ref_id").to_pylist()[: M + 2]
+    rows = [ids[: M - 1], [], [ids[M]], ids[:1] + ids[M + 1 : M + 2]]
     mems, mask = r.memories(rows)
     assert mems.shape[:2] == (4, M) and mask.shape[:2] == (4, M)
     for n, row in enumerate(rows):
         if row:
             want, want_mask = r.store.fetch(row)
-            assert (mems[n, :len(row)] == want).all() and (mask[n, :len(row)] == want_mask).all()
-        assert not mask[n, len(row):].any() and not mems[n, len(row):].any()
-    full, full_mask = r.memories([ids[:M], ids[1:M + 1]])  # no empty slot: the fetched batch
-    want, want_mask = r.store.fetch(ids[:M] + ids[1:M + 1])
+            assert (mems[n, : len(row)] == want).all() and (mask[n, : len(row)] == want_mask).all()
+        assert not mask[n, len(row) :].any() and not mems[n, len(row) :].any()
+    full, full_mask = r.memories([ids[:M], ids[1 : M + 1]])  # no empty slot: the fetched batch
+    want, want_mask = r.store.fetch(ids[:M] + ids[1 : M + 1])
     assert (full.flatten(0, 1) == want).all() and (full_mask.flatten(0, 1) == want_mask).all()
 
 
 # -- retrieval.method bm25 / hybrid at serving (storage/lexical.py): the ranking pairing used
+
 
 def facts_retriever(cfg, method: str, **kw) -> BankRetriever:
     from dataclasses import replace
@@ -130,8 +137,9 @@ def facts_retriever(cfg, method: str, **kw) -> BankRetriever:
     from jobs.inference.engine import bank_retriever, bank_tokenizer
 
     bank = Bank(cfg.bank.uri)
-    return bank_retriever(replace(cfg, retrieval=replace(cfg.retrieval, method=method)), bank,
-                          bank_tokenizer(bank), per_query=3, **kw)
+    return bank_retriever(
+        replace(cfg, retrieval=replace(cfg.retrieval, method=method)), bank, bank_tokenizer(bank), per_query=3, **kw
+    )
 
 
 def entity_of(bank: Bank, ref_ids: list[str]) -> list[str | None]:
@@ -146,8 +154,9 @@ def test_serving_with_bm25_retrieves_the_entity_a_query_names(facts_bm25_bank):
     r = facts_retriever(cfg, "bm25")
     assert r.method == "bm25"
     entities = list(names)[:12]
-    queries = [r.tokenizer.encode(f"Where was {names[e]} born, and what is {names[e]} known for?").ids
-               for e in entities]
+    queries = [
+        r.tokenizer.encode(f"Where was {names[e]} born, and what is {names[e]} known for?").ids for e in entities
+    ]
     got = r.search_ids(queries)
     assert r.counts["embed"] == 0 and r.counts["search"] == 1  # BM25 embeds nothing
     assert entity_of(r.bank, [row[0] for row in got]) == entities

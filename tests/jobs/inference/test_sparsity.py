@@ -34,8 +34,10 @@ def test_kept_shares_count_each_head_s_top_k():
     model = make_model()
     cfg = model.config
     gen = torch.Generator().manual_seed(0)
-    refs = {"a": torch.randint(4, cfg.vocab_size, (12,), generator=gen).tolist(),
-            "b": torch.randint(4, cfg.vocab_size, (6,), generator=gen).tolist()}
+    refs = {
+        "a": torch.randint(4, cfg.vocab_size, (12,), generator=gen).tolist(),
+        "b": torch.randint(4, cfg.vocab_size, (6,), generator=gen).tolist(),
+    }
     # b asked about twice: counted twice; a: its first and last tokens
     wanted = [("a", [0, 11]), ("b", [2]), ("b", [2])]
     got = kept_shares(model, refs, wanted, [1, 2, 12])

@@ -36,7 +36,7 @@ def test_the_standard_error_is_the_ratio_estimator_s_and_the_plain_one_for_equal
     n = rng.integers(5, 50, size=20).astype(float)
     p = paired(((d + 3.0) * n, n), (3.0 * n, n))
     mean = (n * d).sum() / n.sum()
-    se = math.sqrt((n ** 2 * (d - mean) ** 2).sum() * 20 / 19) / n.sum()
+    se = math.sqrt((n**2 * (d - mean) ** 2).sum() * 20 / 19) / n.sum()
     assert p["gain"] == pytest.approx(mean, abs=1e-5) and p["stderr"] == pytest.approx(se, abs=1e-5)
 
 

@@ -23,8 +23,11 @@ def cfg(path: Path, *extra: str):
 def test_compact_refuses_while_a_rebuild_holds_the_lock(tmp_path):
     two_builds(tmp_path)
     with BankLock(Bank(str(tmp_path)), "rebuild"):
-        with pytest.raises(LockError, match="cannot compact while another command writes the bank: another rebuild "
-                                            r"of this bank is running .*: not starting compaction beside it"):
+        with pytest.raises(
+            LockError,
+            match="cannot compact while another command writes the bank: another rebuild "
+            r"of this bank is running .*: not starting compaction beside it",
+        ):
             run_compact(cfg(tmp_path))
     assert run_compact(cfg(tmp_path))["build"] == 2  # free again: runs
     assert main(["bank", "compact", "--set", f"bank.uri={tmp_path}"]) == 0
@@ -41,7 +44,8 @@ def test_stats_live_and_dead_bytes_add_up_to_the_files_on_disk(tmp_path):
         t = stats["tables"][table]
         assert t["live_bytes"] + t["dead_bytes"] == on_disk and t["live_bytes"] > 0 and t["dead_bytes"] > 0
     assert stats["live_bytes"] + stats["dead_bytes"] == sum(
-        p.stat().st_size for p in tmp_path.glob("*.lance/**/*") if p.is_file())
+        p.stat().st_size for p in tmp_path.glob("*.lance/**/*") if p.is_file()
+    )
     text = render(stats)
     assert " dead " in text and "live = kept builds (3, 4)" in text
     dead = stats["dead_bytes"]

@@ -81,10 +81,20 @@ def write_corpus(path: Path, records: list[dict]) -> Path:
 
 
 def settings(corpus: Path, bank: Path) -> list[str]:
-    return [f"corpus.paths=[{corpus}]", f"bank.uri={bank}", "corpus.records_per_shard=100",
-            "tokenizer.vocab_size=600", "chunking.seq_len=256", "ray.num_cpus=2", *TINY,
-            "encode.refs_per_shard=64", "encode.batch_size=16", "encode.codec=raw-fp32",
-            "retrieval.refs_per_shard=64", "retrieval.threads_per_actor=1"]
+    return [
+        f"corpus.paths=[{corpus}]",
+        f"bank.uri={bank}",
+        "corpus.records_per_shard=100",
+        "tokenizer.vocab_size=600",
+        "chunking.seq_len=256",
+        "ray.num_cpus=2",
+        *TINY,
+        "encode.refs_per_shard=64",
+        "encode.batch_size=16",
+        "encode.codec=raw-fp32",
+        "retrieval.refs_per_shard=64",
+        "retrieval.threads_per_actor=1",
+    ]
 
 
 def argv_of(command: list[str], corpus: Path, bank: Path) -> list[str]:
@@ -118,26 +128,31 @@ class _Summary:
         w1, w2 = (max(len(row[i]) for row in MATRIX) for i in (0, 1))
         for case, command, outcome in MATRIX:
             tr.write_line(f"{case:<{w1}}  {command:<{w2}}  {outcome[:150]}")
-        n = {k: sum(o.startswith(k) for _, _, o in MATRIX) for k in
-             ("right answer", "one line", "live unchanged", "published", *BAD)}
-        tr.write_line(f"{len(MATRIX)} outcomes over {len({c for c, _, _ in MATRIX})} cases: right answer "
-                      f"{n['right answer']}, one line (rc 2) {n['one line']}, live unchanged {n['live unchanged']}, "
-                      f"consistent build published {n['published']}; silent wrong answers "
-                      f"{n['WRONG ANSWER'] + n['MISSED']}, empty or mixed publishes {n['BAD PUBLISH']}, tracebacks "
-                      f"{n['TRACEBACK']}, errors of more than one line {n['NOT ONE LINE']}, unexpected {n['UNEXPECTED']}")
+        n = {
+            k: sum(o.startswith(k) for _, _, o in MATRIX)
+            for k in ("right answer", "one line", "live unchanged", "published", *BAD)
+        }
+        tr.write_line(
+            f"{len(MATRIX)} outcomes over {len({c for c, _, _ in MATRIX})} cases: right answer "
+            f"{n['right answer']}, one line (rc 2) {n['one line']}, live unchanged {n['live unchanged']}, "
+            f"consistent build published {n['published']}; silent wrong answers "
+            f"{n['WRONG ANSWER'] + n['MISSED']}, empty or mixed publishes {n['BAD PUBLISH']}, tracebacks "
+            f"{n['TRACEBACK']}, errors of more than one line {n['NOT ONE LINE']}, unexpected {n['UNEXPECTED']}"
+        )
 
 
 @dataclass
 class Intact:
     """The bank as built, and the answers the intact bank gives."""
+
     root: Path
     bank: Path
     corpus: Path
     manifest: dict
     n_refs: int
     ref_ids: list[str]
-    content: dict[str, str]            # ref_id -> content_hash
-    memories: dict[str, bytes]         # ref_id -> the fetched memory's bytes
+    content: dict[str, str]  # ref_id -> content_hash
+    memories: dict[str, bytes]  # ref_id -> the fetched memory's bytes
 
 
 def fetch_all(bank: Path) -> dict[str, bytes]:
@@ -161,8 +176,16 @@ def built(tmp_path_factory, ray_local, request) -> Intact:
     assert run_rebuild(load_config(DEMO, settings(corpus, bank)))["status"] == "published"
     refs = Bank(str(bank), live=True).dataset("refs").to_table(columns=["ref_id", "content_hash"])
     ids = refs.column("ref_id").to_pylist()
-    return Intact(root, bank, corpus, read_manifest(Bank(str(bank))), len(ids), sorted(ids),
-                  dict(zip(ids, refs.column("content_hash").to_pylist())), fetch_all(bank))
+    return Intact(
+        root,
+        bank,
+        corpus,
+        read_manifest(Bank(str(bank))),
+        len(ids),
+        sorted(ids),
+        dict(zip(ids, refs.column("content_hash").to_pylist())),
+        fetch_all(bank),
+    )
 
 
 @pytest.fixture
@@ -173,6 +196,7 @@ def bank(built, tmp_path) -> Path:
 
 
 # -- running a command and judging what it did --------------------------------------------------
+
 
 def m3(capsys, command: list[str], corpus: Path, bank: Path) -> tuple[int | None, str, str]:
     """The real `m3` (jobs.cli.main.main): (rc, stdout, stderr); rc None with the traceback as
@@ -222,8 +246,12 @@ def judge_fetch(case: str, bank: Path, intact: Intact) -> str:
         fail(case, "fetch (MemoryStore)", "TRACEBACK", traceback.format_exc()[-3000:])
     wrong = [r for r in intact.memories if got.get(r) != intact.memories[r]]
     if set(got) != set(intact.memories) or wrong:
-        fail(case, "fetch (MemoryStore)", "WRONG ANSWER",
-             f"{len(wrong)} of {len(intact.memories)} memories differ from the intact bank's (first {wrong[:1]})")
+        fail(
+            case,
+            "fetch (MemoryStore)",
+            "WRONG ANSWER",
+            f"{len(wrong)} of {len(intact.memories)} memories differ from the intact bank's (first {wrong[:1]})",
+        )
     return record(case, "fetch (MemoryStore)", "right answer")
 
 
@@ -242,30 +270,50 @@ def live_build(case: str, bank: Path, intact: Intact, before: dict, *, documents
 
     refs, mem, emb = pairs("refs"), pairs("memories"), pairs("embeddings")
     if not refs or mem != refs or emb != refs:
-        fail(case, "live manifest", "BAD PUBLISH", f"build {manifest.get('build')}: {len(refs)} refs, "
-             f"{len(mem)} memories ({len(mem - refs)} not of its refs), {len(emb)} embeddings ({len(emb - refs)} not)")
+        fail(
+            case,
+            "live manifest",
+            "BAD PUBLISH",
+            f"build {manifest.get('build')}: {len(refs)} refs, "
+            f"{len(mem)} memories ({len(mem - refs)} not of its refs), {len(emb)} embeddings ({len(emb - refs)} not)",
+        )
     docs = lance.dataset(str(bank / "documents.lance"), version=v["documents"]).count_rows()
     if documents is not None and docs != documents:
-        fail(case, "live manifest", "BAD PUBLISH", f"build {manifest.get('build')} has {docs} documents, not {documents}")
+        fail(
+            case, "live manifest", "BAD PUBLISH", f"build {manifest.get('build')} has {docs} documents, not {documents}"
+        )
     got = fetch_all(bank)
     kept = [r for r, h in refs if intact.content.get(r) == h]
     wrong = [r for r in kept if got[r] != intact.memories[r]]
     if wrong or len(kept) < len(refs) // 2:
-        fail(case, "live manifest", "WRONG ANSWER", f"build {manifest.get('build')}: {len(wrong)} of the {len(kept)} "
-             f"unchanged references' memories differ from the intact bank's (first {wrong[:1]})")
-    return record(case, "live manifest", f"published build {manifest.get('build')}: {len(refs)} refs, consistent, "
-                                          f"{len(kept)} unchanged memories byte-equal")
+        fail(
+            case,
+            "live manifest",
+            "WRONG ANSWER",
+            f"build {manifest.get('build')}: {len(wrong)} of the {len(kept)} "
+            f"unchanged references' memories differ from the intact bank's (first {wrong[:1]})",
+        )
+    return record(
+        case,
+        "live manifest",
+        f"published build {manifest.get('build')}: {len(refs)} refs, consistent, "
+        f"{len(kept)} unchanged memories byte-equal",
+    )
 
 
 def readers_answer(capsys, case: str, bank: Path, intact: Intact, corpus: Path) -> None:
     """What a reader gets from the live build: the intact answers."""
-    judge(case, ["sql", "SELECT count(*) AS n FROM refs"],
-          m3(capsys, ["sql", "--format", "csv", "SELECT count(*) AS n FROM refs"], corpus, bank),
-          lambda out: out.split() == ["n", str(intact.n_refs)])
+    judge(
+        case,
+        ["sql", "SELECT count(*) AS n FROM refs"],
+        m3(capsys, ["sql", "--format", "csv", "SELECT count(*) AS n FROM refs"], corpus, bank),
+        lambda out: out.split() == ["n", str(intact.n_refs)],
+    )
     judge_fetch(case, bank, intact)
 
 
 # -- (1) the corpus --------------------------------------------------------------------------------
+
 
 def _truncated(data: bytes) -> bytes:
     return data[: len(data) // 2]
@@ -274,7 +322,7 @@ def _truncated(data: bytes) -> bytes:
 def _flipped(data: bytes) -> bytes:
     out = bytearray(data)
     mid = len(out) // 2
-    out[mid:mid + 16] = bytes(b ^ 0x5A for b in out[mid:mid + 16])  # a bad sector
+    out[mid : mid + 16] = bytes(b ^ 0x5A for b in out[mid : mid + 16])  # a bad sector
     return bytes(out)
 
 
@@ -314,6 +362,7 @@ def test_corpus_fault(built, bank, tmp_path, capsys, case, name, make, says):
 
 # -- (2) the bank's files -----------------------------------------------------------------------
 
+
 def live_file(bank: Path, table: str) -> Path:
     version = read_manifest(Bank(str(bank)))["versions"][table]
     [frag] = lance.dataset(str(bank / f"{table}.lance"), version=version).get_fragments()
@@ -326,7 +375,7 @@ def slab_file(bank: Path, suffix: str) -> Path:
 
 def flip(path: Path, offset: int, n: int = 16) -> None:
     data = bytearray(path.read_bytes())
-    data[offset:offset + n] = bytes(b ^ 0xFF for b in data[offset:offset + n])
+    data[offset : offset + n] = bytes(b ^ 0xFF for b in data[offset : offset + n])
     path.write_bytes(bytes(data))
 
 
@@ -362,28 +411,34 @@ def truncate(path: Path) -> None:
 # (case, damage(bank) -> the damaged file)
 def _damage(target: str, how: str):
     def apply(bank: Path) -> Path:
-        path = {"refs data file": lambda: live_file(bank, "refs"),
-                "memories data file": lambda: live_file(bank, "memories"),
-                "memories slab": lambda: slab_file(bank, ".payload"),
-                "memories slab checksums": lambda: slab_file(bank, ".crc")}[target]()
+        path = {
+            "refs data file": lambda: live_file(bank, "refs"),
+            "memories data file": lambda: live_file(bank, "memories"),
+            "memories slab": lambda: slab_file(bank, ".payload"),
+            "memories slab checksums": lambda: slab_file(bank, ".crc"),
+        }[target]()
         if how == "truncated":
             truncate(path)
         elif how == "deleted":
             path.unlink()
         else:  # flipped: where it changes values, not a length a reader would trust
-            offset = {"refs data file": lambda: ref_id_bytes(path),
-                      "memories data file": lambda: row3_payload(bank),
-                      "memories slab": lambda: 3 * _payload_bytes(bank) + 100,
-                      "memories slab checksums": lambda: 3 * 4}[target]()
+            offset = {
+                "refs data file": lambda: ref_id_bytes(path),
+                "memories data file": lambda: row3_payload(bank),
+                "memories slab": lambda: 3 * _payload_bytes(bank) + 100,
+                "memories slab checksums": lambda: 3 * 4,
+            }[target]()
             flip(path, offset, 16 if target == "refs data file" else 4)
         return path
+
     return apply
 
 
-BANK_FAULTS = [(f"{target} {how}", _damage(target, how))
-               for target in ("refs data file", "memories data file", "memories slab")
-               for how in ("truncated", "flipped", "deleted")] + \
-              [("memories slab checksums flipped", _damage("memories slab checksums", "flipped"))]
+BANK_FAULTS = [
+    (f"{target} {how}", _damage(target, how))
+    for target in ("refs data file", "memories data file", "memories slab")
+    for how in ("truncated", "flipped", "deleted")
+] + [("memories slab checksums flipped", _damage("memories slab checksums", "flipped"))]
 
 
 @pytest.mark.parametrize("case,damage", BANK_FAULTS, ids=[c[0] for c in BANK_FAULTS])
@@ -394,14 +449,24 @@ def test_bank_file_fault(built, bank, capsys, case, damage):
     path = damage(bank)
     corpus, n = built.corpus, built.n_refs
     judge_fetch(case, bank, built)
-    judge(case, ["sql", "SELECT count(*) AS n FROM refs"],
-          m3(capsys, ["sql", "--format", "csv", "SELECT count(*) AS n FROM refs"], corpus, bank),
-          lambda out: out.split() == ["n", str(n)])
-    judge(case, ["sql", "SELECT ref_id FROM refs"],
-          m3(capsys, ["sql", "--format", "csv", "SELECT ref_id FROM refs ORDER BY ref_id"], corpus, bank),
-          lambda out: out.split() == ["ref_id", *built.ref_ids])
-    judge(case, ["bank", "stats"], m3(capsys, ["bank", "stats", "--format", "json"], corpus, bank),
-          lambda out: all(json.loads(out)["tables"][t]["rows"] == n for t in ("refs", "memories", "embeddings")))
+    judge(
+        case,
+        ["sql", "SELECT count(*) AS n FROM refs"],
+        m3(capsys, ["sql", "--format", "csv", "SELECT count(*) AS n FROM refs"], corpus, bank),
+        lambda out: out.split() == ["n", str(n)],
+    )
+    judge(
+        case,
+        ["sql", "SELECT ref_id FROM refs"],
+        m3(capsys, ["sql", "--format", "csv", "SELECT ref_id FROM refs ORDER BY ref_id"], corpus, bank),
+        lambda out: out.split() == ["ref_id", *built.ref_ids],
+    )
+    judge(
+        case,
+        ["bank", "stats"],
+        m3(capsys, ["bank", "stats", "--format", "json"], corpus, bank),
+        lambda out: all(json.loads(out)["tables"][t]["rows"] == n for t in ("refs", "memories", "embeddings")),
+    )
     outcome = judge(case, ["bank", "verify"], m3(capsys, ["bank", "verify"], corpus, bank), must_fail=True)
     if path.name not in outcome and "memories" not in outcome:
         fail(case, "bank verify", "UNEXPECTED", f"the one line names neither {path.name} nor memories: {outcome}")
@@ -418,9 +483,9 @@ def _both_flipped(bank: Path) -> Path:
     return _damage("memories data file", "flipped")(bank)
 
 
-CHANGED_CORPUS_FAULTS = [c for c in BANK_FAULTS if c[0] in ("memories data file flipped", "memories slab flipped",
-                                                           "memories slab truncated")] + \
-                        [("memories data file and slab flipped", _both_flipped)]
+CHANGED_CORPUS_FAULTS = [
+    c for c in BANK_FAULTS if c[0] in ("memories data file flipped", "memories slab flipped", "memories slab truncated")
+] + [("memories data file and slab flipped", _both_flipped)]
 
 
 @pytest.mark.parametrize("case,damage", CHANGED_CORPUS_FAULTS, ids=[c[0] for c in CHANGED_CORPUS_FAULTS])
@@ -439,6 +504,7 @@ def test_bank_file_fault_then_a_changed_corpus(built, bank, tmp_path, capsys, ca
 
 
 # -- (3) a full disk -------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def small_disk(tmp_path):
@@ -469,10 +535,13 @@ def test_full_disk_during_a_rebuild(built, small_disk, tmp_path, capsys, leave_k
         live_build(case, bank, built, built.manifest, documents=30)
         return
     live_build(case, bank, built, built.manifest)
-    readers_answer(capsys, case, bank, built, built.corpus if read_manifest(Bank(str(bank))) == built.manifest else corpus)
+    readers_answer(
+        capsys, case, bank, built, built.corpus if read_manifest(Bank(str(bank))) == built.manifest else corpus
+    )
     filler.unlink()
-    judge(case + ", space freed", ["rebuild"], m3(capsys, ["rebuild"], corpus, bank),
-          lambda out: "published build" in out)
+    judge(
+        case + ", space freed", ["rebuild"], m3(capsys, ["rebuild"], corpus, bank), lambda out: "published build" in out
+    )
     if read_manifest(Bank(str(bank))) == built.manifest:
         fail(case, "rebuild after freeing space", "UNEXPECTED", "nothing was published")
     live_build(case + ", space freed", bank, built, built.manifest, documents=30)
@@ -480,11 +549,17 @@ def test_full_disk_during_a_rebuild(built, small_disk, tmp_path, capsys, leave_k
 
 # -- (4) kill -9 at each stage of a rebuild -------------------------------------------------------
 
+
 def rebuild_process(corpus: Path, bank: Path, **env) -> subprocess.Popen:
     """`python -m jobs rebuild` in a process of its own (the crash hooks exit the process)."""
-    return subprocess.Popen([sys.executable, "-m", "jobs", *argv_of(["rebuild"], corpus, bank)], cwd=ROOT,
-                            env={**os.environ, "M3_PROGRESS": "0", **env}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "jobs", *argv_of(["rebuild"], corpus, bank)],
+        cwd=ROOT,
+        env={**os.environ, "M3_PROGRESS": "0", **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 STAGES = ["clean", "dedup", "chunk", "commit", "encode", "embed", "publish"]
@@ -512,6 +587,7 @@ def test_rebuild_killed_at_each_stage(built, bank, tmp_path, capsys, point):
 
 # -- (5) a concurrent writer -----------------------------------------------------------------------
 
+
 def test_a_writer_beside_a_running_rebuild(built, bank, tmp_path, capsys):
     """While a rebuild holds the bank's write lock (held in its clean stage, jobs/faults.py
     M3_PAUSE_AT), an `m3 ingest` of another corpus, an `m3 encode` and a second `m3 rebuild`
@@ -530,9 +606,11 @@ def test_a_writer_beside_a_running_rebuild(built, bank, tmp_path, capsys):
                 fail(case, "rebuild (paused)", "UNEXPECTED", f"the rebuild did not pause: rc {proc.poll()}")
             time.sleep(0.2)
         record(case, "rebuild (paused)", "holds the write lock, paused in clean")
-        for command, data, says in ((["ingest"], other, "not starting ingest beside it"),
-                                    (["encode"], corpus, "not starting encode beside it"),
-                                    (["rebuild"], corpus, "not starting a second one")):
+        for command, data, says in (
+            (["ingest"], other, "not starting ingest beside it"),
+            (["encode"], corpus, "not starting encode beside it"),
+            (["rebuild"], corpus, "not starting a second one"),
+        ):
             outcome = judge(case, command, m3(capsys, command, data, bank))
             if f"another rebuild of this bank is running (pid {proc.pid}" not in outcome or says not in outcome:
                 fail(case, command[0], "UNEXPECTED", f"not the lock's one line: {outcome}")

@@ -21,8 +21,11 @@ from tests.storage.racing import race
 
 def test_second_taker_fails_fast_naming_the_holder(tmp_path):
     with BankLock(Bank(str(tmp_path))):
-        with pytest.raises(LockError, match=rf"another rebuild of this bank is running \(pid {__import__('os').getpid()} on "
-                                            rf"{socket.gethostname()}, started .*lock file"):
+        with pytest.raises(
+            LockError,
+            match=rf"another rebuild of this bank is running \(pid {__import__('os').getpid()} on "
+            rf"{socket.gethostname()}, started .*lock file",
+        ):
             BankLock(Bank(str(tmp_path))).acquire()
     BankLock(Bank(str(tmp_path))).acquire()  # released on exit: free again
 
@@ -30,8 +33,9 @@ def test_second_taker_fails_fast_naming_the_holder(tmp_path):
 def test_lock_of_a_dead_process_is_taken_over(tmp_path, capsys):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (tmp_path / "_rebuild.lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(),
-                                                        "started_at": time.time() - 5}))
+    (tmp_path / "_rebuild.lock").write_text(
+        json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started_at": time.time() - 5})
+    )
     lock = BankLock(Bank(str(tmp_path)))
     lock.acquire()
     assert json.loads((tmp_path / "_rebuild.lock").read_text())["pid"] == __import__("os").getpid()
@@ -42,8 +46,9 @@ def test_lock_of_a_dead_process_is_taken_over(tmp_path, capsys):
 
 def test_lock_whose_pid_was_reused_is_stale(tmp_path):
     # our own pid, but the lock claims to predate this process's start: a reused pid
-    (tmp_path / "_rebuild.lock").write_text(json.dumps({"pid": __import__("os").getpid(),
-                                                        "host": socket.gethostname(), "started_at": 1000.0}))
+    (tmp_path / "_rebuild.lock").write_text(
+        json.dumps({"pid": __import__("os").getpid(), "host": socket.gethostname(), "started_at": 1000.0})
+    )
     with BankLock(Bank(str(tmp_path))) as lock:
         assert lock.held
 
@@ -65,15 +70,19 @@ def test_concurrent_takers_exactly_one_wins(tmp_path):
 
 # -- one write lock for every command that writes a bank (issue 27) --------------------------
 
+
 @pytest.fixture
 def rebuild_elsewhere(tmp_path):
     """The bank's write lock held by another process, as a running `m3 rebuild` holds it."""
     bank = tmp_path / "bank"
-    code = ("import sys; from jobs.ops.lock import BankLock; from storage.bank import Bank; "
-            "lock = BankLock(Bank(sys.argv[1]), 'rebuild'); "
-            "lock.acquire(); print('held', flush=True); sys.stdin.read(); lock.release()")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(bank)], cwd=ROOT, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    code = (
+        "import sys; from jobs.ops.lock import BankLock; from storage.bank import Bank; "
+        "lock = BankLock(Bank(sys.argv[1]), 'rebuild'); "
+        "lock.acquire(); print('held', flush=True); sys.stdin.read(); lock.release()"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(bank)], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout.readline().strip() == "held"
         yield bank, proc.pid
@@ -92,12 +101,22 @@ def _writers():
     from jobs.stages.pair import run_pair
     from jobs.training.trainer import run_train
 
-    return {"ingest": run_ingest, "encode": run_encode, "embed": run_embed, "pair": run_pair,
-            "warmup": lambda cfg: run_train(cfg, "warmup"), "continual": lambda cfg: run_train(cfg, "continual"),
-            "compact": run_compact, "rebuild": run_rebuild, "run": lambda cfg: run_all(cfg, only="ingest")}
+    return {
+        "ingest": run_ingest,
+        "encode": run_encode,
+        "embed": run_embed,
+        "pair": run_pair,
+        "warmup": lambda cfg: run_train(cfg, "warmup"),
+        "continual": lambda cfg: run_train(cfg, "continual"),
+        "compact": run_compact,
+        "rebuild": run_rebuild,
+        "run": lambda cfg: run_all(cfg, only="ingest"),
+    }
 
 
-@pytest.mark.parametrize("writer", ["ingest", "encode", "embed", "pair", "warmup", "continual", "compact", "rebuild", "run"])
+@pytest.mark.parametrize(
+    "writer", ["ingest", "encode", "embed", "pair", "warmup", "continual", "compact", "rebuild", "run"]
+)
 def test_every_writer_refuses_while_a_rebuild_holds_the_bank(rebuild_elsewhere, monkeypatch, writer):
     bank, pid = rebuild_elsewhere
     import jobs.stages.ingest
@@ -107,13 +126,18 @@ def test_every_writer_refuses_while_a_rebuild_holds_the_bank(rebuild_elsewhere, 
 
     monkeypatch.setattr(jobs.stages.ingest, "plan", no_work)
     cfg = load_config(None, [f"bank.uri={bank}"])
-    with pytest.raises(LockError, match=rf"another rebuild of this bank is running \(pid {pid} on "
-                                        rf"{socket.gethostname()}, started .*lock file {bank}/_rebuild.lock\)") as e:
+    with pytest.raises(
+        LockError,
+        match=rf"another rebuild of this bank is running \(pid {pid} on "
+        rf"{socket.gethostname()}, started .*lock file {bank}/_rebuild.lock\)",
+    ) as e:
         _writers()[writer](cfg)
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("command", ["ingest", "encode", "embed", "pair", "train --stage warmup", "run --only ingest", "bank compact"])
+@pytest.mark.parametrize(
+    "command", ["ingest", "encode", "embed", "pair", "train --stage warmup", "run --only ingest", "bank compact"]
+)
 def test_the_cli_says_so_in_one_line(rebuild_elsewhere, capsys, monkeypatch, command):
     import jobs.stages.ingest
 
@@ -168,15 +192,31 @@ def test_two_concurrent_ingests_one_wins_the_other_says_so(tmp_path):
     for i in range(2):
         corpus = write_foldoc_corpus(tmp_path / f"c{i}.jsonl.gz", 30 + 10 * i, min_words=20)
         args = [sys.executable, "-m", "jobs", "ingest"]
-        for o in (f"corpus.paths=[{corpus}]", f"bank.uri={bank}", "corpus.records_per_shard=100",
-                  "tokenizer.vocab_size=600", "chunking.seq_len=256", "ray.num_cpus=1"):
+        for o in (
+            f"corpus.paths=[{corpus}]",
+            f"bank.uri={bank}",
+            "corpus.records_per_shard=100",
+            "tokenizer.vocab_size=600",
+            "chunking.seq_len=256",
+            "ray.num_cpus=1",
+        ):
             args += ["--set", o]
-        procs.append(subprocess.Popen(args, cwd=ROOT, env={**__import__("os").environ, "M3_PROGRESS": "0"},
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                args,
+                cwd=ROOT,
+                env={**__import__("os").environ, "M3_PROGRESS": "0"},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     outs = [(p.wait(300), *p.communicate()) for p in procs]
     codes = sorted(rc for rc, _, _ in outs)
     assert codes == [0, 2], [(rc, err[-2000:]) for rc, _, err in outs]
     rc, _, err = next(o for o in outs if o[0] == 2)
-    assert err.strip().splitlines()[-1].startswith("m3 ingest: error: another ingest of this bank is running (pid "), err
+    assert err.strip().splitlines()[-1].startswith("m3 ingest: error: another ingest of this bank is running (pid "), (
+        err
+    )
     assert err.count("error") == 1, err  # one line
     assert not (bank / "_rebuild.lock").exists()  # released by the winner

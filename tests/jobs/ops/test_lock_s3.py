@@ -21,7 +21,7 @@ from tests.storage.racing import race, s3_serial  # noqa: F401 - fixture
 
 
 @pytest.fixture
-def bank(s3_serial, tmp_path):
+def bank(s3_serial, tmp_path):  # noqa: F811 - the imported fixture, by name
     return f"{s3_serial[0]}/lock-{tmp_path.name}"
 
 
@@ -34,8 +34,11 @@ def test_second_taker_fails_fast_naming_the_holder_and_release_frees_it(bank):
     with BankLock(Bank(bank)) as lock:
         assert lock.object_store and str(lock.path) == f"{bank}/_rebuild.lock"
         assert lock_object(bank)["pid"] == __import__("os").getpid()
-        with pytest.raises(LockError, match=rf"another rebuild of this bank is running \(pid \d+ on "
-                                            rf"{socket.gethostname()}, started .*lock file {bank}/_rebuild.lock"):
+        with pytest.raises(
+            LockError,
+            match=rf"another rebuild of this bank is running \(pid \d+ on "
+            rf"{socket.gethostname()}, started .*lock file {bank}/_rebuild.lock",
+        ):
             BankLock(Bank(bank)).acquire()
     assert lock_object(bank) is None
     with BankLock(Bank(bank)) as again:
@@ -45,8 +48,11 @@ def test_second_taker_fails_fast_naming_the_holder_and_release_frees_it(bank):
 def test_lock_of_a_dead_process_is_taken_over(bank, capsys):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    write_if(f"{bank}/_rebuild.lock", json.dumps({"pid": dead.pid, "host": socket.gethostname(),
-                                                   "started_at": time.time() - 5}).encode(), None)
+    write_if(
+        f"{bank}/_rebuild.lock",
+        json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started_at": time.time() - 5}).encode(),
+        None,
+    )
     with BankLock(Bank(bank)):
         assert lock_object(bank)["pid"] == __import__("os").getpid()
     out = capsys.readouterr().out
@@ -54,8 +60,11 @@ def test_lock_of_a_dead_process_is_taken_over(bank, capsys):
 
 
 def test_other_hosts_lock_is_respected_until_old(bank):
-    write_if(f"{bank}/_rebuild.lock", json.dumps({"pid": 1, "host": "some-other-host",
-                                                   "started_at": time.time() - 60}).encode(), None)
+    write_if(
+        f"{bank}/_rebuild.lock",
+        json.dumps({"pid": 1, "host": "some-other-host", "started_at": time.time() - 60}).encode(),
+        None,
+    )
     with pytest.raises(LockError, match="some-other-host"):
         BankLock(Bank(bank), stale_after_s=3600).acquire()
     with BankLock(Bank(bank), stale_after_s=30) as lock:

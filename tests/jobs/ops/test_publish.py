@@ -16,9 +16,12 @@ from tests.storage.banks import memories, refs
 
 def write(bank: Bank, n: int, salt: str) -> dict[str, int]:
     rows = {f"d{i}-0": f"{salt}{i}" for i in range(n)}
-    return {"refs": bank.write("refs", REFS, refs(rows).to_batches(), {"ingest_key": salt}),
-            "memories": bank.write("memories", MEMORIES, memories({r: ("m1", b"p") for r in rows}).to_batches(),
-                                   {"ingest_key": salt})}
+    return {
+        "refs": bank.write("refs", REFS, refs(rows).to_batches(), {"ingest_key": salt}),
+        "memories": bank.write(
+            "memories", MEMORIES, memories({r: ("m1", b"p") for r in rows}).to_batches(), {"ingest_key": salt}
+        ),
+    }
 
 
 def cfg(path, *extra):
@@ -66,9 +69,13 @@ def test_shrink_guard(tmp_path, n_new, refused):
         publish_build(bank, c, new, token)
         assert live_versions(bank) == new
         return
-    with pytest.raises(PublishRefused, match=rf"the live build \(build 1\) has 10 references" if n_new == 0 else
-                       rf"the live build has 10 references, this one would have {n_new} \(below 50% of them, "
-                       rf"rebuild.max_shrink=0.5\); nothing was published and the live build is intact. .*--allow-shrink"):
+    with pytest.raises(
+        PublishRefused,
+        match=r"the live build \(build 1\) has 10 references"
+        if n_new == 0
+        else rf"the live build has 10 references, this one would have {n_new} \(below 50% of them, "
+        rf"rebuild.max_shrink=0.5\); nothing was published and the live build is intact. .*--allow-shrink",
+    ):
         publish_build(bank, c, new, token)
     assert live_versions(bank) == live and all_versions(tmp_path) == kept  # no retention either
     if n_new == 0:  # never, even when told
@@ -89,9 +96,14 @@ def test_no_live_build_yet_still_refuses_zero_references(tmp_path):
 def test_tables_built_from_another_refs_version_are_refused(tmp_path):
     bank = Bank(str(tmp_path))
     versions = write(bank, 10, "a")
-    with pytest.raises(PublishRefused, match=rf"refs changed during this rebuild: it publishes refs version "
-                                             rf"{versions['refs']}, but memories were built from refs version 9"):
-        publish_build(bank, cfg(tmp_path), versions, None, built_from={"memories": 9, "embeddings": None}, what="rebuild")
+    with pytest.raises(
+        PublishRefused,
+        match=rf"refs changed during this rebuild: it publishes refs version "
+        rf"{versions['refs']}, but memories were built from refs version 9",
+    ):
+        publish_build(
+            bank, cfg(tmp_path), versions, None, built_from={"memories": 9, "embeddings": None}, what="rebuild"
+        )
     assert read_manifest(bank) is None
 
 
@@ -110,8 +122,9 @@ def test_no_version_of_a_table_or_a_mixed_build_is_refused(tmp_path):
     versions = write(bank, 10, "a")
     with pytest.raises(BankError, match="no embeddings table: run `m3 embed` first"):
         publish_build(bank, cfg(tmp_path), {**versions, "embeddings": None}, None)
-    versions["memories"] = bank.write("memories", MEMORIES, memories({"d0-0": ("m1", b"p")}).to_batches(),
-                                      {"ingest_key": "b"})
+    versions["memories"] = bank.write(
+        "memories", MEMORIES, memories({"d0-0": ("m1", b"p")}).to_batches(), {"ingest_key": "b"}
+    )
     with pytest.raises(BankError, match="not publishing a mixed build"):
         publish_build(bank, cfg(tmp_path), versions, None)
     assert read_manifest(bank) is None

@@ -15,8 +15,8 @@ import lance
 import pytest
 
 from jobs.config import load_config
-from jobs.stages.encode import run_encode
 from jobs.ops.rebuild import run_rebuild
+from jobs.stages.encode import run_encode
 from storage.bank import Bank
 from storage.live import live_versions
 from storage.memory_store import MemoryStore
@@ -46,10 +46,21 @@ def edited(records: list[dict], generation: int) -> list[dict]:
 
 
 def settings(corpus: Path, bank: Path, *extra: str) -> list[str]:
-    return [f"corpus.paths=[{corpus}]", f"bank.uri={bank}", "corpus.records_per_shard=100",
-            "tokenizer.vocab_size=600", "chunking.seq_len=256", "ray.num_cpus=2", *TINY,
-            "encode.refs_per_shard=64", "encode.batch_size=16", "encode.codec=raw-fp32",
-            "retrieval.refs_per_shard=64", "retrieval.threads_per_actor=1", *extra]
+    return [
+        f"corpus.paths=[{corpus}]",
+        f"bank.uri={bank}",
+        "corpus.records_per_shard=100",
+        "tokenizer.vocab_size=600",
+        "chunking.seq_len=256",
+        "ray.num_cpus=2",
+        *TINY,
+        "encode.refs_per_shard=64",
+        "encode.batch_size=16",
+        "encode.codec=raw-fp32",
+        "retrieval.refs_per_shard=64",
+        "retrieval.threads_per_actor=1",
+        *extra,
+    ]
 
 
 def memories_by_ref(bank: Path, version: int | None = None) -> dict[str, bytes]:
@@ -133,8 +144,9 @@ def test_new_model_reencodes_everything(built, tmp_path):
     root, corpus, bank, overrides, *_ = built
     copy = tmp_path / "bank"
     shutil.copytree(bank, copy)
-    summary = run_rebuild(load_config("configs/demo.yaml", settings(corpus, copy, "encode.seed=1",
-                                                                    "rebuild.embeddings=false")))
+    summary = run_rebuild(
+        load_config("configs/demo.yaml", settings(corpus, copy, "encode.seed=1", "rebuild.embeddings=false"))
+    )
     mem = summary["memories"]
     assert mem["unchanged"] == 0 and mem["changed"] == Bank(str(copy)).dataset("refs").count_rows()
 
@@ -190,16 +202,19 @@ def test_retention_keeps_the_bank_from_growing(built, tmp_path):
     files = []
     for gen in range(2, 5):
         write_corpus(c3, edited(RECORDS, gen))
-        run_rebuild(load_config("configs/demo.yaml", settings(c3, b3, "rebuild.keep_builds=2",
-                                                              "rebuild.embeddings=false")))
+        run_rebuild(
+            load_config("configs/demo.yaml", settings(c3, b3, "rebuild.keep_builds=2", "rebuild.embeddings=false"))
+        )
         files.append({t: table_files(Bank(str(b3)), t) for t in ("refs", "memories", "documents")})
     for table in ("refs", "memories", "documents"):
         versions = [v["version"] for v in lance.dataset(str(b3 / f"{table}.lance")).versions()]
         assert len(versions) == 2, (table, versions)  # the two newest builds, nothing older
     assert files[-1] == files[-2], files  # steady state: a rebuild adds as many files as it removes
     live_consistent_no_embeddings = Bank(str(b3), live=True)
-    assert live_consistent_no_embeddings.dataset("memories").count_rows() == \
-        live_consistent_no_embeddings.dataset("refs").count_rows()
+    assert (
+        live_consistent_no_embeddings.dataset("memories").count_rows()
+        == live_consistent_no_embeddings.dataset("refs").count_rows()
+    )
 
 
 def test_rebuild_killed_mid_encode_resumes_without_loss_or_duplication(built, tmp_path):
@@ -213,8 +228,14 @@ def test_rebuild_killed_mid_encode_resumes_without_loss_or_duplication(built, tm
     args = [sys.executable, "-m", "jobs", "rebuild", "-c", "configs/demo.yaml"]
     for o in over:
         args += ["--set", o]
-    killed = subprocess.run(args, cwd=ROOT, env={**os.environ, "M3_CRASH_AT": "encode:1", "M3_PROGRESS": "0"},
-                            capture_output=True, text=True, timeout=300)
+    killed = subprocess.run(
+        args,
+        cwd=ROOT,
+        env={**os.environ, "M3_CRASH_AT": "encode:1", "M3_PROGRESS": "0"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert killed.returncode == 75, killed.stderr[-2000:]
     staged = list((b4 / "_staging").glob("encode-*/shards/*.parquet"))
     assert len(staged) >= 1  # the finished shard is kept for the rerun
@@ -230,6 +251,7 @@ def test_rebuild_killed_mid_encode_resumes_without_loss_or_duplication(built, tm
 
 
 # -- what a rebuild publishes (issue 27) ------------------------------------------------------
+
 
 def foreign_refs(bank: Path, n: int = 3) -> int:
     """A writer that takes no lock (what `m3 ingest` of another corpus was): a new refs version
@@ -280,7 +302,10 @@ def test_rebuild_refuses_when_refs_change_under_its_stages(built, tmp_path, monk
 
     monkeypatch.setattr(jobs.stages.encode, "run_encode", a_foreign_write_then_encode)
     before = live_versions(Bank(str(b)))
-    with pytest.raises(M3Error, match=r"refs changed during this rebuild: .*memories were built from refs version .*nothing was published"):
+    with pytest.raises(
+        M3Error,
+        match=r"refs changed during this rebuild: .*memories were built from refs version .*nothing was published",
+    ):
         run_rebuild(load_config("configs/demo.yaml", settings(c, b, "rebuild.embeddings=false")))
     assert live_versions(Bank(str(b))) == before
 
@@ -319,14 +344,18 @@ def test_rebuild_of_a_cut_corpus_refuses_to_shrink_the_live_build(built, tmp_pat
 def live_consistent_refs_memories(bank: Path) -> bool:
     b = Bank(str(bank), live=True)
     pairs = lambda t: set(zip(t.column("ref_id").to_pylist(), t.column("content_hash").to_pylist()))  # noqa: E731
-    return pairs(b.dataset("refs").to_table(columns=["ref_id", "content_hash"])) == \
-        pairs(b.dataset("memories").to_table(columns=["ref_id", "content_hash"]))
+    return pairs(b.dataset("refs").to_table(columns=["ref_id", "content_hash"])) == pairs(
+        b.dataset("memories").to_table(columns=["ref_id", "content_hash"])
+    )
 
 
 # -- retrieval.method bm25: the full-text index is part of each published build (storage/lexical.py)
 
-INVENTED = {"id": "sumthe-munkrai", "text": "Sumthe Munkrai is a made-up cartographer born in Kriasu in 1631, "
-                                            "remembered for a map of the river Geherro and for playing the harp."}
+INVENTED = {
+    "id": "sumthe-munkrai",
+    "text": "Sumthe Munkrai is a made-up cartographer born in Kriasu in 1631, "
+    "remembered for a map of the river Geherro and for playing the harp.",
+}
 
 
 @pytest.fixture(scope="module")

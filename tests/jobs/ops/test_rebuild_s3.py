@@ -25,16 +25,34 @@ from tests.jobs.ops.test_rebuild import RECORDS, TINY, edited, write_corpus
 
 pytestmark = pytest.mark.slow
 
-TABLES = {"documents": "doc_id", "rejects": None, "refs": "ref_id", "train_sequences": "seq_id",
-          "memories": "ref_id", "embeddings": "ref_id"}
+TABLES = {
+    "documents": "doc_id",
+    "rejects": None,
+    "refs": "ref_id",
+    "train_sequences": "seq_id",
+    "memories": "ref_id",
+    "embeddings": "ref_id",
+}
 
 
 def settings(corpus, uri: str, model) -> list[str]:
-    return [f"corpus.paths=[{corpus}]", f"bank.uri={uri}", "corpus.records_per_shard=100",
-            "tokenizer.vocab_size=600", "chunking.seq_len=256", "ray.num_cpus=2", *TINY,
-            "encode.refs_per_shard=64", "encode.batch_size=16", "encode.codec=raw-fp32",
-            "retrieval.refs_per_shard=64", "retrieval.threads_per_actor=1", f"encode.checkpoint={model}",
-            "rebuild.keep_builds=1", "rebuild.compact_after=true"]
+    return [
+        f"corpus.paths=[{corpus}]",
+        f"bank.uri={uri}",
+        "corpus.records_per_shard=100",
+        "tokenizer.vocab_size=600",
+        "chunking.seq_len=256",
+        "ray.num_cpus=2",
+        *TINY,
+        "encode.refs_per_shard=64",
+        "encode.batch_size=16",
+        "encode.codec=raw-fp32",
+        "retrieval.refs_per_shard=64",
+        "retrieval.threads_per_actor=1",
+        f"encode.checkpoint={model}",
+        "rebuild.keep_builds=1",
+        "rebuild.compact_after=true",
+    ]
 
 
 def m3(args: list[str], sets: list[str], env: dict, summary=None) -> subprocess.CompletedProcess:
@@ -42,8 +60,14 @@ def m3(args: list[str], sets: list[str], env: dict, summary=None) -> subprocess.
     for s in sets + ["ray.include_dashboard=false"]:
         cmd += ["--set", s]
     extra = {"M3_RUN_SUMMARY": str(summary)} if summary else {}
-    return subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, M3_PROGRESS="0", **env, **extra),
-                          capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        cmd,
+        cwd=ROOT,
+        env=dict(os.environ, M3_PROGRESS="0", **env, **extra),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def live_rows(uri: str, table: str, key: str | None) -> list:
@@ -54,7 +78,8 @@ def live_rows(uri: str, table: str, key: str | None) -> list:
 
 @pytest.fixture(scope="module")
 def rebuilt(tmp_path_factory, ray_local, s3):
-    """Two rebuilds (full, then incremental) of a local bank and of an s3 bank; returns (local uri, s3 uri, local summaries, s3 summaries, settings of s3)."""
+    """Two rebuilds (full, then incremental) of a local bank and of an s3 bank; returns (local uri,
+    s3 uri, local summaries, s3 summaries, settings of s3)."""
     import torch
 
     from model import Memory3, save_model

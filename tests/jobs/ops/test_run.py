@@ -40,16 +40,30 @@ def test_ray_starts_once_with_its_dashboard_when_a_later_stage_needs_it():
 def test_whole_pipeline_then_a_rerun_does_nothing(tmp_path, ray_local, capsys, monkeypatch):
     corpus = write_foldoc_corpus(tmp_path / "c.jsonl.gz", 120, min_words=60)
     monkeypatch.chdir(tmp_path)  # a relative bank path, as in the demo: Ray Train workers run elsewhere
-    cfg = config(corpus, Path("bank"), "train.warmup_stage_steps=4", "train.continual_stage_steps=4",
-                 "train.checkpoint_every=4", "train.lr_warmup_steps=1", "train.cpus_per_worker=0.5",
-                 "train.max_tokens=192", "train.eval_sequences=4", "pair.max_tokens=192",
-                 "model.max_seq_len=1024", "infer.eval.sequences=4", "infer.eval.probe_refs=4", "train.evidence=true")
+    cfg = config(
+        corpus,
+        Path("bank"),
+        "train.warmup_stage_steps=4",
+        "train.continual_stage_steps=4",
+        "train.checkpoint_every=4",
+        "train.lr_warmup_steps=1",
+        "train.cpus_per_worker=0.5",
+        "train.max_tokens=192",
+        "train.eval_sequences=4",
+        "pair.max_tokens=192",
+        "model.max_seq_len=1024",
+        "infer.eval.sequences=4",
+        "infer.eval.probe_refs=4",
+        "train.evidence=true",
+    )
     out = run_all(cfg)
     report = (tmp_path / "bank" / "_reports" / "run.md").read_text()
     for stage in ("ingest", "warmup", "embed", "pair", "continual", "encode", "evaluate"):
         assert f"| {stage} |" in report
     assert "## Held-out evidence at the end of training" in report and "continual model, with memory" in report
-    assert "## Does memory help? The served bank" in report and "## Sample generation, with and without memory" in report
+    assert (
+        "## Does memory help? The served bank" in report and "## Sample generation, with and without memory" in report
+    )
     assert "| with memory | without memory |" in report
     ev = out["stages"]["evaluate"]
     assert {"none", "memory", "rag", "memory, dense raw (same references)"} <= set(ev["modes"])
@@ -77,8 +91,8 @@ def test_whole_pipeline_then_a_rerun_does_nothing(tmp_path, ray_local, capsys, m
     assert all(r.get("status") == "up_to_date" for r in again["stages"].values()), again["stages"]
 
 
-
 # -- `m3 run` publishes through the rebuild's policy (issue 27) -------------------------------
+
 
 def fake_build(path: Path, n_refs: int, key: str, salt: str = "") -> dict[str, int]:
     """Every table `m3 run` publishes, of one ingest `key`, with n_refs references (no Ray)."""
@@ -94,8 +108,12 @@ def fake_build(path: Path, n_refs: int, key: str, salt: str = "") -> dict[str, i
         t = pa.table({"ref_id": pa.array(sorted(rows), pa.string())})
         versions[name] = bank.write(name, t.schema, t.to_batches(), lineage)
     versions["refs"] = bank.write("refs", REFS, refs(rows).to_batches(), lineage)
-    versions["memories"] = bank.write("memories", MEMORIES, memories({r: ("m1", b"p") for r in rows}).to_batches(),
-                                      {**lineage, "encode_key": f"encode-{key}"})
+    versions["memories"] = bank.write(
+        "memories",
+        MEMORIES,
+        memories({r: ("m1", b"p") for r in rows}).to_batches(),
+        {**lineage, "encode_key": f"encode-{key}"},
+    )
     return versions
 
 
@@ -151,9 +169,9 @@ def test_run_never_publishes_a_build_without_references(tmp_path, capsys):
 
 
 def test_run_publish_applies_retention_and_refuses_a_build_published_meanwhile(tmp_path, monkeypatch):
-    import jobs.ops.run as run_mod
     import lance
 
+    import jobs.ops.run as run_mod
     from storage.live import PublishConflict, live_versions, publish
 
     bank = tmp_path / "bank"

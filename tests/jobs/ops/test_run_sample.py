@@ -1,5 +1,6 @@
 """The run report's sample prompt: a bank asked about through QA probes shows the first probe
 item (not the FOLDOC-style default, which a facts bank cannot answer)."""
+
 import json
 
 from jobs.config import Config, InferConfig

@@ -20,18 +20,36 @@ pytestmark = pytest.mark.slow
 
 
 def schedule_args(corpus: Path, bank: Path, *extra: str) -> list[str]:
-    sets = [f"corpus.paths=[{corpus}]", f"bank.uri={bank}", "tokenizer.vocab_size=600", "chunking.seq_len=256",
-            "model.preset=tiny", "model.vocab_size=600", "model.max_seq_len=512", "model.ref_max_tokens=128",
-            "encode.refs_per_shard=64", "rebuild.embeddings=false", "ray.num_cpus=2", *extra]
-    return [sys.executable, "-m", "jobs", "schedule", "-c", "configs/demo.yaml",
-            *[a for s in sets for a in ("--set", s)]]
+    sets = [
+        f"corpus.paths=[{corpus}]",
+        f"bank.uri={bank}",
+        "tokenizer.vocab_size=600",
+        "chunking.seq_len=256",
+        "model.preset=tiny",
+        "model.vocab_size=600",
+        "model.max_seq_len=512",
+        "model.ref_max_tokens=128",
+        "encode.refs_per_shard=64",
+        "rebuild.embeddings=false",
+        "ray.num_cpus=2",
+        *extra,
+    ]
+    return [
+        sys.executable,
+        "-m",
+        "jobs",
+        "schedule",
+        "-c",
+        "configs/demo.yaml",
+        *[a for s in sets for a in ("--set", s)],
+    ]
 
 
 def wait_for(cond, what: str, limit_s: float = 600):
     """Poll until cond() is truthy; the limit only turns a hang into a failure, it measures nothing."""
     end = time.monotonic() + limit_s
     while time.monotonic() < end:
-        if (v := cond()):
+        if v := cond():
             return v
         time.sleep(0.5)
     raise AssertionError(f"gave up waiting for {what}")
@@ -40,8 +58,13 @@ def wait_for(cond, what: str, limit_s: float = 600):
 def test_two_scheduled_rebuilds_then_sigterm(tmp_path):
     corpus = write_foldoc_corpus(tmp_path / "c.jsonl.gz", 20, min_words=40)
     bank = tmp_path / "bank"
-    proc = subprocess.Popen(schedule_args(corpus, bank, "schedule.cron='*/2 * * * * *'"), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        schedule_args(corpus, bank, "schedule.cron='*/2 * * * * *'"),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         done = lambda: [r for r in RunLog(Bank(str(bank))).rows() if r["status"] != "running"]  # noqa: E731
         wait_for(lambda: len(done()) >= 2, "two finished runs")
@@ -65,9 +88,20 @@ def test_two_scheduled_rebuilds_then_sigterm(tmp_path):
 
 def test_failed_run_is_retried_then_given_up(tmp_path):
     bank = tmp_path / "bank"
-    out = subprocess.run(schedule_args(tmp_path / "missing.jsonl.gz", bank, "schedule.cron='* * * * * *'",
-                                       "schedule.max_retries=2", "schedule.backoff_s=0.1") + ["--max-runs", "1"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        schedule_args(
+            tmp_path / "missing.jsonl.gz",
+            bank,
+            "schedule.cron='* * * * * *'",
+            "schedule.max_retries=2",
+            "schedule.backoff_s=0.1",
+        )
+        + ["--max-runs", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     rows = RunLog(Bank(str(bank))).rows()
     assert [(r["attempt"], r["status"]) for r in rows] == [(0, "failed"), (1, "failed"), (2, "failed")]
@@ -79,8 +113,13 @@ def test_run_finding_the_bank_locked_is_skipped(tmp_path):
     corpus = write_foldoc_corpus(tmp_path / "c.jsonl.gz", 5)
     bank = tmp_path / "bank"
     with BankLock(Bank(str(bank))):
-        out = subprocess.run(schedule_args(corpus, bank, "schedule.cron='* * * * * *'") + ["--max-runs", "1"],
-                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+        out = subprocess.run(
+            schedule_args(corpus, bank, "schedule.cron='* * * * * *'") + ["--max-runs", "1"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     assert out.returncode == 0, out.stderr[-3000:]
     rows = RunLog(Bank(str(bank))).rows()
     assert [r["status"] for r in rows] == ["skipped"] and "another rebuild" in rows[0]["error"]

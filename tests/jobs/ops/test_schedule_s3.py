@@ -22,8 +22,13 @@ def test_run_finding_the_s3_bank_locked_is_skipped(tmp_path, s3):
     bank = f"{s3[0]}/schedule-{tmp_path.name}"
     with BankLock(Bank(bank)) as lock:
         assert lock.object_store
-        out = subprocess.run(schedule_args(corpus, bank, "schedule.cron='* * * * * *'") + ["--max-runs", "1"],
-                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+        out = subprocess.run(
+            schedule_args(corpus, bank, "schedule.cron='* * * * * *'") + ["--max-runs", "1"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     assert out.returncode == 0, out.stderr[-3000:]
     rows = RunLog(Bank(bank)).rows()
     assert [r["status"] for r in rows] == ["skipped"] and "another rebuild" in rows[0]["error"], rows

@@ -66,15 +66,32 @@ def start_head(env: dict, tmp: Path) -> tuple[subprocess.Popen, str]:
     ports = free_ports(9)
     gcs, dash, client, nm, om, agent, agent_grpc, metrics, rt_env = ports
     lo = worker_port_range(200, ports)
-    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-           f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-           f"--ray-client-server-port={client}", f"--node-manager-port={nm}", f"--object-manager-port={om}",
-           f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-           f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rt_env}",
-           f"--min-worker-port={lo}", f"--max-worker-port={lo + 200}", f"--temp-dir={tmp}",
-           "--num-cpus=2", "--disable-usage-stats"]
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True,
-                            stdout=open(tmp / "head.log", "w"), stderr=subprocess.STDOUT)
+    cmd = [
+        str(VENV_BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--port={gcs}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        "--include-dashboard=true",
+        f"--ray-client-server-port={client}",
+        f"--node-manager-port={nm}",
+        f"--object-manager-port={om}",
+        f"--dashboard-agent-listen-port={agent}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--metrics-export-port={metrics}",
+        f"--runtime-env-agent-port={rt_env}",
+        f"--min-worker-port={lo}",
+        f"--max-worker-port={lo + 200}",
+        f"--temp-dir={tmp}",
+        "--num-cpus=2",
+        "--disable-usage-stats",
+    ]
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=ROOT, start_new_session=True, stdout=open(tmp / "head.log", "w"), stderr=subprocess.STDOUT
+    )
     return proc, f"http://127.0.0.1:{dash}"
 
 
@@ -96,12 +113,15 @@ def wait_until_jobs_run(proc: subprocess.Popen, address: str, env: dict, log: Pa
     are sized for a loaded 2-core machine; a head that dies (a port taken meanwhile by another
     cluster) fails at once, with what its logs say (`log`: the output of `ray start`, in the
     node's temp dir)."""
-    code = ("import os, sys; sys.path.insert(0, os.getcwd()); from jobs.ops.submit import Jobs; "
-            f"j = Jobs({address!r}, {deadline_s}); sid = j.submit_job(entrypoint='python -c pass'); import time\n"
-            f"while j.get_job_status(sid).value not in ('SUCCEEDED', 'FAILED', 'STOPPED'): time.sleep(0.5)\n"
-            f"assert j.get_job_status(sid).value == 'SUCCEEDED'")
-    probe = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+    code = (
+        "import os, sys; sys.path.insert(0, os.getcwd()); from jobs.ops.submit import Jobs; "
+        f"j = Jobs({address!r}, {deadline_s}); sid = j.submit_job(entrypoint='python -c pass'); import time\n"
+        f"while j.get_job_status(sid).value not in ('SUCCEEDED', 'FAILED', 'STOPPED'): time.sleep(0.5)\n"
+        f"assert j.get_job_status(sid).value == 'SUCCEEDED'"
+    )
+    probe = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline = time.monotonic() + deadline_s
     while probe.poll() is None:
         if proc.poll() is not None:
@@ -132,10 +152,15 @@ def head_env(token: Path, venv_on_path: bool = True) -> dict:
     nowhere on PATH."""
     path = [p for p in os.environ["PATH"].split(os.pathsep) if Path(p) != VENV_BIN]
     # no drain on SIGTERM: it exists for Serve replicas, and would add 30 s to the teardown
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_TOKEN_PATH": str(token),
-           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-           "PATH": os.pathsep.join([str(VENV_BIN)] * venv_on_path + path), "M3_PROGRESS": "0",
-           "M3_SUBMIT_TIMEOUT_S": "240"}
+    env = {
+        **os.environ,
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_AUTH_TOKEN_PATH": str(token),
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+        "PATH": os.pathsep.join([str(VENV_BIN)] * venv_on_path + path),
+        "M3_PROGRESS": "0",
+        "M3_SUBMIT_TIMEOUT_S": "240",
+    }
     if not venv_on_path:
         env.pop("VIRTUAL_ENV", None)
     env.pop("RAY_AUTH_MODE", None)
@@ -167,8 +192,14 @@ def head(tmp_path_factory):
 
 
 def m3(head, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, "-m", "jobs", *args, "--address", head["address"]],
-                         cwd=ROOT, env=head["env"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "jobs", *args, "--address", head["address"]],
+        cwd=ROOT,
+        env=head["env"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if ok:
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
@@ -176,9 +207,16 @@ def m3(head, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
 
 def config_args(tmp: Path, n: int) -> list[str]:
     corpus = write_foldoc_corpus(tmp / f"c{n}.jsonl.gz", n, min_words=40)
-    sets = [f"corpus.paths=[{corpus}]", f"bank.uri={tmp / f'bank{n}'}", "tokenizer.vocab_size=600",
-            "chunking.seq_len=256", "model.preset=tiny", "model.vocab_size=600", "model.max_seq_len=512",
-            "model.ref_max_tokens=128"]
+    sets = [
+        f"corpus.paths=[{corpus}]",
+        f"bank.uri={tmp / f'bank{n}'}",
+        "tokenizer.vocab_size=600",
+        "chunking.seq_len=256",
+        "model.preset=tiny",
+        "model.vocab_size=600",
+        "model.max_seq_len=512",
+        "model.ref_max_tokens=128",
+    ]
     return ["-c", "configs/demo.yaml", *[a for s in sets for a in ("--set", s)]]
 
 
@@ -227,8 +265,14 @@ def test_unknown_job_and_unreachable_cluster_are_one_line_errors(head):
         assert out.returncode == 2 and "no job 'm3-no-such-job'" in out.stderr and "Traceback" not in out.stderr
     port = free_ports(1)[0]
     t0 = time.monotonic()
-    out = subprocess.run([sys.executable, "-m", "jobs", "jobs", "--address", f"http://127.0.0.1:{port}",
-                          "--timeout", "3"], cwd=ROOT, env=head["env"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "jobs", "jobs", "--address", f"http://127.0.0.1:{port}", "--timeout", "3"],
+        cwd=ROOT,
+        env=head["env"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2 and "no Ray Jobs API at" in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and "--timeout" in out.stderr
     assert time.monotonic() - t0 > 3  # it retried a refused connection until its deadline
@@ -241,9 +285,14 @@ def test_submit_to_a_head_started_a_moment_ago(head, tmp_path_factory):
     proc, address = start_head(head["env"], tmp)
     try:
         work = tmp_path_factory.mktemp("early")
-        out = subprocess.run([sys.executable, "-m", "jobs", "submit", "ingest", *config_args(work, 12),
-                              "--address", address, "--wait"], cwd=ROOT, env=head["env"], capture_output=True,
-                             text=True, timeout=900)  # a loaded 2-core machine
+        out = subprocess.run(
+            [sys.executable, "-m", "jobs", "submit", "ingest", *config_args(work, 12), "--address", address, "--wait"],
+            cwd=ROOT,
+            env=head["env"],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )  # a loaded 2-core machine
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         assert "SUCCEEDED" in out.stdout and "Traceback" not in out.stderr
         assert (work / "bank12" / "refs.lance").exists()
@@ -258,8 +307,9 @@ def test_transient_errors_are_retried_and_others_are_not():
 
     from jobs.ops.submit import SubmitError, retrying, transient
 
-    assert transient(RuntimeError("Request failed with status code 500: No available agent to submit job, "
-                                  "please try again later."))
+    assert transient(
+        RuntimeError("Request failed with status code 500: No available agent to submit job, please try again later.")
+    )
     assert transient(requests.exceptions.ConnectionError("('Connection aborted.', RemoteDisconnected(...))"))
     assert transient(ConnectionError("Failed to connect to Ray at address: http://127.0.0.1:1."))
     assert not transient(RuntimeError("Request failed with status code 404: Job m3-x does not exist."))
@@ -271,6 +321,7 @@ def test_transient_errors_are_retried_and_others_are_not():
         if len(calls) < 3:
             raise RuntimeError("Request failed with status code 503: try again")
         return "ok"
+
     assert retrying("x", flaky, deadline_s=30) == "ok" and len(calls) == 3
     with pytest.raises(SubmitError, match="still failing after 1 s"):
         retrying("x", lambda: (_ for _ in ()).throw(RuntimeError("status code 502")), deadline_s=1)

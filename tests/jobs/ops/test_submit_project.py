@@ -43,8 +43,14 @@ def test_the_upload_is_small_and_leaves_out_venv_git_and_banks(tmp_path):
     out = tmp_path / "wd.zip"
     _zip_files(env["working_dir"], env["excludes"], str(out), include_gitignore=True)
     names = zipfile.ZipFile(out).namelist()
-    assert {"pyproject.toml", "jobs/cli/entry.py", "model/__init__.py", "pipelines/__init__.py",
-            "storage/sql.py", "data/foldoc/foldoc.jsonl.gz"} <= set(names)
+    assert {
+        "pyproject.toml",
+        "jobs/cli/entry.py",
+        "model/__init__.py",
+        "pipelines/__init__.py",
+        "storage/sql.py",
+        "data/foldoc/foldoc.jsonl.gz",
+    } <= set(names)
     top = {n.split("/")[0] for n in names}
     assert not top & {".venv", ".git", "bank", "runs", "my-bank", "my-runs"}, top
     assert not [n for n in names if "__pycache__" in n or ".egg-info" in n]
@@ -52,8 +58,10 @@ def test_the_upload_is_small_and_leaves_out_venv_git_and_banks(tmp_path):
 
 
 def test_paths_are_relative_only_to_what_the_upload_holds():
-    cfg = demo(f"encode.checkpoint={ROOT / 'bank' / 'demo' / 'training' / 'continual' / 'model'}",
-               f"tokenizer.path={ROOT / 'data' / 'tok.json'}")
+    cfg = demo(
+        f"encode.checkpoint={ROOT / 'bank' / 'demo' / 'training' / 'continual' / 'model'}",
+        f"tokenizer.path={ROOT / 'data' / 'tok.json'}",
+    )
     d = portable_config(cfg, job=True)
     assert d["corpus"]["paths"] == ["data/foldoc/foldoc.jsonl.gz"]  # shipped: found in the job's working dir
     assert d["tokenizer"]["path"] == "data/tok.json"
@@ -67,8 +75,9 @@ def test_roles_follow_the_paths_they_are_keyed_by(tmp_path):
     outside = tmp_path / "kb.jsonl"
     outside.write_text('{"text": "x"}\n')
     shipped = str(ROOT / "data" / "foldoc" / "foldoc.jsonl.gz")
-    d = portable_config(demo(f"corpus.paths=[{shipped}, {outside}]",
-                             f"corpus.roles={{{shipped}: training, {outside}: bank}}"), job=True)
+    d = portable_config(
+        demo(f"corpus.paths=[{shipped}, {outside}]", f"corpus.roles={{{shipped}: training, {outside}: bank}}"), job=True
+    )
     assert d["corpus"]["paths"] == ["data/foldoc/foldoc.jsonl.gz", str(outside)]
     assert d["corpus"]["roles"] == {"data/foldoc/foldoc.jsonl.gz": "training", str(outside): "bank"}
     path = tmp_path / "job.yaml"
@@ -89,8 +98,10 @@ def test_the_entrypoint_runs_this_python_where_the_head_has_it_else_the_one_on_p
     env = {**os.environ, "PATH": f"{on_path.parent}:/usr/bin:/bin"}
 
     def run() -> str:  # as the head runs it: the entrypoint through a shell
-        return subprocess.run(entrypoint("train", ["--stage", "warm up"]), shell=True, env=env, capture_output=True,
-                              text=True, check=True).stdout.strip()
+        return subprocess.run(
+            entrypoint("train", ["--stage", "warm up"]), shell=True, env=env, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
     monkeypatch.setattr(sys, "executable", str(here))
     assert run() == "python-here: -m jobs.cli.entry train --stage warm up"
     monkeypatch.setattr(sys, "executable", str(tmp_path / "not on this machine" / "python"))

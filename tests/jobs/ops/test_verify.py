@@ -30,10 +30,20 @@ TINY = ["model.preset=tiny", "model.vocab_size=600", "model.ref_max_tokens=128",
 
 
 def settings(corpus: Path, bank: Path) -> list[str]:
-    return [f"corpus.paths=[{corpus}]", f"bank.uri={bank}", "corpus.records_per_shard=100",
-            "tokenizer.vocab_size=600", "chunking.seq_len=256", "ray.num_cpus=2", *TINY,
-            "encode.refs_per_shard=64", "encode.batch_size=16", "encode.codec=raw-fp32",
-            "retrieval.refs_per_shard=64", "retrieval.threads_per_actor=1"]
+    return [
+        f"corpus.paths=[{corpus}]",
+        f"bank.uri={bank}",
+        "corpus.records_per_shard=100",
+        "tokenizer.vocab_size=600",
+        "chunking.seq_len=256",
+        "ray.num_cpus=2",
+        *TINY,
+        "encode.refs_per_shard=64",
+        "encode.batch_size=16",
+        "encode.codec=raw-fp32",
+        "retrieval.refs_per_shard=64",
+        "retrieval.threads_per_actor=1",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -215,10 +225,17 @@ def test_embeddings_of_references_not_in_refs_fail_verify(bank, built):
     ids = emb.column("ref_id").to_pylist()
     ids[0] = "no-such-ref-0000"
     at = emb.column_names.index("ref_id")
-    v = b.write("embeddings", emb.schema, emb.set_column(at, emb.schema.field(at), pa.array(ids, pa.string()))
-                .to_batches(), b.metadata("embeddings"))
+    v = b.write(
+        "embeddings",
+        emb.schema,
+        emb.set_column(at, emb.schema.field(at), pa.array(ids, pa.string())).to_batches(),
+        b.metadata("embeddings"),
+    )
     manifest = json.loads((bank / "_live.json").read_text())
-    publish(b, {**live_versions(Bank(str(bank))), "embeddings": v},
-            {k: manifest[k] for k in ("ingest_key", "encode_key") if k in manifest})
+    publish(
+        b,
+        {**live_versions(Bank(str(bank))), "embeddings": v},
+        {k: manifest[k] for k in ("ingest_key", "encode_key") if k in manifest},
+    )
     bad = failed(verify_bank(Bank(str(bank))))
     assert list(bad) == ["embeddings ⊆ refs"] and "'no-such-ref-0000'" in bad["embeddings ⊆ refs"]

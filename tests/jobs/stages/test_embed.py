@@ -33,7 +33,9 @@ def test_every_reference_gets_a_unit_vector_and_an_index(embedded):
     bank = Bank(cfg.bank.uri)
     refs = bank.dataset("refs").to_table(columns=["ref_id", "content_hash"]).to_pylist()
     rows = bank.dataset("embeddings").to_table().to_pylist()
-    assert sorted((r["ref_id"], r["content_hash"]) for r in refs) == sorted((r["ref_id"], r["content_hash"]) for r in rows)
+    assert sorted((r["ref_id"], r["content_hash"]) for r in refs) == sorted(
+        (r["ref_id"], r["content_hash"]) for r in rows
+    )
     assert all(abs(sum(v * v for v in r["vector"]) - 1) < 1e-4 for r in rows)
     meta = bank.metadata("embeddings")
     assert meta["embedder"]["embedder"] == load_embedder(cfg.retrieval.embedder).id == rows[0]["embedder"]
@@ -83,8 +85,14 @@ def _random_embeddings(uri: str, n: int, dim: int, seed: int = 0) -> np.ndarray:
     v /= np.linalg.norm(v, axis=1, keepdims=True)
     schema = EMBEDDINGS_SCHEMA(dim)
     batch = pa.RecordBatch.from_arrays(
-        [pa.array([f"r{i}" for i in range(n)]), pa.array(["e"] * n), pa.array(["h"] * n),
-         pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1), pa.float32()), dim)], schema=schema)
+        [
+            pa.array([f"r{i}" for i in range(n)]),
+            pa.array(["e"] * n),
+            pa.array(["h"] * n),
+            pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1), pa.float32()), dim),
+        ],
+        schema=schema,
+    )
     Bank(uri).write("embeddings", schema, [batch], {})
     return rng.standard_normal((400, dim)).astype(np.float32)
 
@@ -108,13 +116,16 @@ def test_what_cannot_be_reproduced_says_so(tmp_path):
     uri = str(tmp_path / "bank")
     _random_embeddings(uri, 300, 16)
     assert build_reproducible_index(Bank(uri), "embeddings", 300, 1000, "IVF_HNSW_SQ") == {
-        **build_index(Bank(uri).table("embeddings"), 300, threshold=1000), "reproducible": True}  # exact: no index
+        **build_index(Bank(uri).table("embeddings"), 300, threshold=1000),
+        "reproducible": True,
+    }  # exact: no index
     report = build_reproducible_index(Bank(uri), "embeddings", 300, 100, "IVF_PQ")  # k-means: unseeded in LanceDB
     assert report["index"] == "IVF_PQ" and not report["reproducible"]
     assert not reproducible(2_000_000, 100, "IVF_HNSW_SQ")  # two partitions: k-means again
 
 
 # -- retrieval.method bm25 / hybrid: the references' text and its full-text index (storage/lexical.py)
+
 
 @pytest.fixture(scope="module")
 def facts(tmp_path_factory, ray_local):

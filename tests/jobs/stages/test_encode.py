@@ -28,9 +28,18 @@ TINY = ["model.preset=tiny", "model.vocab_size=600", "model.ref_max_tokens=128",
 
 
 def settings(corpus: Path, bank: Path, *extra: str) -> list[str]:
-    return [f"corpus.paths=[{corpus}]", f"bank.uri={bank}", "corpus.records_per_shard=100",
-            "tokenizer.vocab_size=600", "chunking.seq_len=256", "ray.num_cpus=2", *TINY,
-            "encode.refs_per_shard=100", "encode.batch_size=16", *extra]
+    return [
+        f"corpus.paths=[{corpus}]",
+        f"bank.uri={bank}",
+        "corpus.records_per_shard=100",
+        "tokenizer.vocab_size=600",
+        "chunking.seq_len=256",
+        "ray.num_cpus=2",
+        *TINY,
+        "encode.refs_per_shard=100",
+        "encode.batch_size=16",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +83,12 @@ def test_every_reference_gets_one_memory_with_lineage(encoded):
     meta = b.metadata("memories")
     assert meta["model_hash"] == summary["model_hash"] == rows[0]["model_hash"]
     assert meta["tokenizer_hash"] == b.metadata("refs")["tokenizer_hash"]
-    assert meta["sparsity"] == {"top_k": m.mem_top_k, "score_combine": m.score_combine,
-                                "n_mem_layers": m.n_mem_layers, "ref_max_tokens": m.ref_max_tokens}
+    assert meta["sparsity"] == {
+        "top_k": m.mem_top_k,
+        "score_combine": m.score_combine,
+        "n_mem_layers": m.n_mem_layers,
+        "ref_max_tokens": m.ref_max_tokens,
+    }
     assert b.tags("memories") == {f"encode-{meta['encode_key']}": summary["version"]}
 
 

@@ -19,10 +19,25 @@ from tests.conftest import ROOT, foldoc_records
 
 pytestmark = pytest.mark.slow
 
-BAD_LINES = [b"{not json", b'{"text": "caf\xe9 au lait"}', b'{"id": "no-text"}', b'{"text": ["a", "list"]}',
-             b"", b"\x00\x01\x02\xff binary junk \xfe", b'{"text": "   \\n\\t  "}', b'"just a string"']
-BAD_REASONS = {"malformed_json", "invalid_utf8", "missing_text", "text_not_string", "blank_line", "empty",
-               "not_an_object"}
+BAD_LINES = [
+    b"{not json",
+    b'{"text": "caf\xe9 au lait"}',
+    b'{"id": "no-text"}',
+    b'{"text": ["a", "list"]}',
+    b"",
+    b"\x00\x01\x02\xff binary junk \xfe",
+    b'{"text": "   \\n\\t  "}',
+    b'"just a string"',
+]
+BAD_REASONS = {
+    "malformed_json",
+    "invalid_utf8",
+    "missing_text",
+    "text_not_string",
+    "blank_line",
+    "empty",
+    "not_an_object",
+}
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +56,27 @@ def corpus(tmp_path_factory):
     lines.append(json.dumps({"id": "huge", "text": (body * (20_000_000 // len(body) + 1))[:20_000_000]}).encode())
     with gzip.open(root / "part-0.jsonl.gz", "wb") as f:
         f.write(b"\n".join(lines) + b"\n")
-    return {"dir": root, "records": len(lines), "exact": (long[0]["id"], "copy-exact"),
-            "near": (long[1]["id"], "copy-near")}
+    return {
+        "dir": root,
+        "records": len(lines),
+        "exact": (long[0]["id"], "copy-exact"),
+        "near": (long[1]["id"], "copy-near"),
+    }
 
 
 def make_config(corpus, bank: Path, *extra: str):
-    return load_config("configs/demo.yaml", [
-        f"corpus.paths=[{corpus['dir']}/part-0.jsonl.gz]", f"bank.uri={bank}", "corpus.records_per_shard=60",
-        "tokenizer.vocab_size=600", "chunking.seq_len=256", "ray.num_cpus=2", *extra])
+    return load_config(
+        "configs/demo.yaml",
+        [
+            f"corpus.paths=[{corpus['dir']}/part-0.jsonl.gz]",
+            f"bank.uri={bank}",
+            "corpus.records_per_shard=60",
+            "tokenizer.vocab_size=600",
+            "chunking.seq_len=256",
+            "ray.num_cpus=2",
+            *extra,
+        ],
+    )
 
 
 def table_rows(bank: Bank, name: str, key: str) -> list[dict]:
@@ -176,10 +204,26 @@ def test_local_tokenizer_file_is_used_as_is(corpus, reference_run, tmp_path):
 
 def run_cli(corpus, bank, env_extra):
     env = dict(os.environ, M3_PROGRESS="0", **env_extra)
-    args = [sys.executable, "-m", "jobs", "ingest", "-c", "configs/demo.yaml",
-            "--set", f"corpus.paths=[{corpus['dir']}/part-0.jsonl.gz]", "--set", f"bank.uri={bank}",
-            "--set", "corpus.records_per_shard=60", "--set", "tokenizer.vocab_size=600",
-            "--set", "chunking.seq_len=256", "--set", "ray.num_cpus=2"]
+    args = [
+        sys.executable,
+        "-m",
+        "jobs",
+        "ingest",
+        "-c",
+        "configs/demo.yaml",
+        "--set",
+        f"corpus.paths=[{corpus['dir']}/part-0.jsonl.gz]",
+        "--set",
+        f"bank.uri={bank}",
+        "--set",
+        "corpus.records_per_shard=60",
+        "--set",
+        "tokenizer.vocab_size=600",
+        "--set",
+        "chunking.seq_len=256",
+        "--set",
+        "ray.num_cpus=2",
+    ]
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -212,8 +256,13 @@ def test_source_roles_bank_only_and_training_only(tmp_path, ray_local):
 
     demo = load_config("configs/demo.yaml")
     recs = foldoc_records(300)
-    passes = {r["id"]: (quality_reason(normalize_text(r["text"]), demo.quality) is None,
-                        quality_reason(normalize_text(r["text"]), demo.bank_quality) is None) for r in recs}
+    passes = {
+        r["id"]: (
+            quality_reason(normalize_text(r["text"]), demo.quality) is None,
+            quality_reason(normalize_text(r["text"]), demo.bank_quality) is None,
+        )
+        for r in recs
+    }
     long = [r for r in recs if passes[r["id"]] == (True, True)]
     short = [r for r in recs if passes[r["id"]] == (False, True)]  # the bank's filter keeps them, training's not
     kb, web = tmp_path / "kb.jsonl", tmp_path / "web.jsonl"
@@ -223,9 +272,17 @@ def test_source_roles_bank_only_and_training_only(tmp_path, ray_local):
     bank_dir = tmp_path / "bank"
 
     def ingest(roles):
-        cfg = load_config("configs/demo.yaml", [
-            f"corpus.paths=[{kb}, {web}]", "corpus.roles={" + ", ".join(f"{p}: {r}" for p, r in roles.items()) + "}",
-            f"bank.uri={bank_dir}", "tokenizer.vocab_size=600", "chunking.seq_len=256", "ray.num_cpus=2"])
+        cfg = load_config(
+            "configs/demo.yaml",
+            [
+                f"corpus.paths=[{kb}, {web}]",
+                "corpus.roles={" + ", ".join(f"{p}: {r}" for p, r in roles.items()) + "}",
+                f"bank.uri={bank_dir}",
+                "tokenizer.vocab_size=600",
+                "chunking.seq_len=256",
+                "ray.num_cpus=2",
+            ],
+        )
         return run_ingest(cfg)
 
     summary = ingest({kb: "bank", web: "training"})
@@ -233,8 +290,11 @@ def test_source_roles_bank_only_and_training_only(tmp_path, ray_local):
     docs = bank.dataset("documents").to_table().to_pylist()
     source = {d["doc_id"]: d["source"] for d in docs}
     ref_sources = {source[d] for d in bank.dataset("refs").to_table(columns=["doc_id"]).column("doc_id").to_pylist()}
-    seq_sources = {source[d] for ids in bank.dataset("train_sequences").to_table(columns=["doc_ids"]).column(
-        "doc_ids").to_pylist() for d in ids}
+    seq_sources = {
+        source[d]
+        for ids in bank.dataset("train_sequences").to_table(columns=["doc_ids"]).column("doc_ids").to_pylist()
+        for d in ids
+    }
     assert ref_sources == {str(kb)} and seq_sources == {str(web)}
     assert all(d["in_bank"] and not d["in_training"] for d in docs if d["source"] == str(kb))
     assert all(d["in_training"] and not d["in_bank"] for d in docs if d["source"] == str(web))
@@ -242,10 +302,21 @@ def test_source_roles_bank_only_and_training_only(tmp_path, ray_local):
     web_docs = sum(d["source"] == str(web) for d in docs)
     assert {r["source_id"] for r in rejects if r["source"] == str(web)} >= {r["id"] for r in short[10:15]}
     assert summary["by_role"] == {
-        "bank": {"files": 1, "documents": len(kb_rows), "in_bank": len(kb_rows), "in_training": 0,
-                 "rejected": sum(r["source"] == str(kb) for r in rejects)},
-        "training": {"files": 1, "documents": web_docs, "in_bank": 0, "in_training": web_docs,
-                     "rejected": sum(r["source"] == str(web) for r in rejects)}}
+        "bank": {
+            "files": 1,
+            "documents": len(kb_rows),
+            "in_bank": len(kb_rows),
+            "in_training": 0,
+            "rejected": sum(r["source"] == str(kb) for r in rejects),
+        },
+        "training": {
+            "files": 1,
+            "documents": web_docs,
+            "in_bank": 0,
+            "in_training": web_docs,
+            "rejected": sum(r["source"] == str(web) for r in rejects),
+        },
+    }
     assert summary["bank_only_documents"] == len(kb_rows) and summary["accounted"]
     report = json.loads((bank_dir / "_reports" / f"ingest-{summary['ingest_key']}.json").read_text())
     assert report["by_role"] == summary["by_role"]

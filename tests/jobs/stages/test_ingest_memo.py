@@ -43,8 +43,7 @@ def write_corpus(folder: Path, recs: list[dict]) -> Path:
 
 def edit(recs: list[dict]) -> tuple[list[dict], list[str]]:
     """Every 25th record gets a sentence appended, and one becomes a copy of another's text."""
-    out = [dict(r, text=r["text"] + " This entry was revised.") if i % 25 == 3 else dict(r)
-           for i, r in enumerate(recs)]
+    out = [dict(r, text=r["text"] + " This entry was revised.") if i % 25 == 3 else dict(r) for i, r in enumerate(recs)]
     long = [i for i, r in enumerate(out) if len(r["text"].split()) >= 150]
     out[long[-1]]["text"] = out[long[0]]["text"]  # a new exact duplicate: dedup's winners change
     return out, [r["id"] for r, old in zip(out, recs) if r["text"] != old["text"]]
@@ -56,8 +55,10 @@ def config(corpus: Path, bank: Path, *extra: str):
 
 def snapshot(uri: Path) -> dict:
     bank = Bank(str(uri))
-    return {name: sorted(bank.dataset(name).to_table().to_pylist(), key=lambda r: (r[key], r.get("reason") or ""))
-            for name, key in KEYS.items()}
+    return {
+        name: sorted(bank.dataset(name).to_table().to_pylist(), key=lambda r: (r[key], r.get("reason") or ""))
+        for name, key in KEYS.items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +73,17 @@ def builds(tmp_path_factory, ray_local):
     bank = Bank(str(root / "incremental"))
     tokenizer = BankLayout(str(root / "incremental")).path(bank.metadata("refs")["tokenizer_path"])
     scratch = run_ingest(config(v2, root / "scratch", f"tokenizer.path={tokenizer}"))
-    return {"root": root, "v1": v1, "v2": v2, "tokenizer": tokenizer, "edited": edited, "v2_recs": v2_recs,
-            "first": first, "scratch": scratch, "expected": snapshot(root / "scratch")}
+    return {
+        "root": root,
+        "v1": v1,
+        "v2": v2,
+        "tokenizer": tokenizer,
+        "edited": edited,
+        "v2_recs": v2_recs,
+        "first": first,
+        "scratch": scratch,
+        "expected": snapshot(root / "scratch"),
+    }
 
 
 def incremental_bank(builds, name: str) -> Path:
@@ -129,8 +139,20 @@ def test_a_memo_of_another_config_is_not_used(builds):
 
 def run_cli(corpus: Path, bank: Path, tokenizer: Path, env_extra: dict) -> subprocess.CompletedProcess:
     env = dict(os.environ, **env_extra)
-    args = [sys.executable, "-m", "jobs", "ingest", "-c", "configs/demo.yaml", "--set", f"corpus.paths=[{corpus}]",
-            "--set", f"bank.uri={bank}", "--set", f"tokenizer.path={tokenizer}"]
+    args = [
+        sys.executable,
+        "-m",
+        "jobs",
+        "ingest",
+        "-c",
+        "configs/demo.yaml",
+        "--set",
+        f"corpus.paths=[{corpus}]",
+        "--set",
+        f"bank.uri={bank}",
+        "--set",
+        f"tokenizer.path={tokenizer}",
+    ]
     for s in SETTINGS:
         args += ["--set", s]
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

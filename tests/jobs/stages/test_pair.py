@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from jobs.config import load_config
-from jobs.stages.pair import run_pair
 from jobs.config.pair import PairConfig
+from jobs.stages.embed import run_embed
+from jobs.stages.pair import run_pair
 from pipelines.overlap import overlap
 from pipelines.train_data import NEIGHBORS, ShardReader
-from jobs.stages.embed import run_embed
 from storage.bank import Bank, BankError
 from storage.lexical import LexicalIndexError
 from tests.conftest import small_embedded_bank, small_facts_bank
@@ -39,7 +39,9 @@ def paired(tmp_path_factory, ray_local):
 def _tables(cfg):
     bank = Bank(cfg.bank.uri)
     seqs = {r["seq_id"]: r for r in bank.dataset("train_sequences").to_table().to_pylist()}
-    refs = {r["ref_id"]: r for r in bank.dataset("refs").to_table(columns=["ref_id", "doc_id", "token_ids"]).to_pylist()}
+    refs = {
+        r["ref_id"]: r for r in bank.dataset("refs").to_table(columns=["ref_id", "doc_id", "token_ids"]).to_pylist()
+    }
     rows = bank.dataset("neighbors").to_table().to_pylist()
     return bank, seqs, refs, rows
 
@@ -94,8 +96,15 @@ def test_a_reference_copied_from_the_sequence_is_never_its_neighbor(paired):
     for ref in refs.values():
         by_doc.setdefault(ref["doc_id"], []).append(ref)
     # every reference of the sequence's own documents that the sequence holds verbatim
-    own = {sid: {ref["ref_id"] for d in s["doc_ids"] for ref in by_doc.get(d, [])
-                 if _contains(s["token_ids"], ref["token_ids"])} for sid, s in seqs.items()}
+    own = {
+        sid: {
+            ref["ref_id"]
+            for d in s["doc_ids"]
+            for ref in by_doc.get(d, [])
+            if _contains(s["token_ids"], ref["token_ids"])
+        }
+        for sid, s in seqs.items()
+    }
     assert sum(map(len, own.values())) > 0  # the fixture has such references to filter
     assert not [r for r in rows if r["ref_id"] in own[r["seq_id"]]]
     # they are what retrieval finds first for a chunk (its own text): the filter had work to do
@@ -106,22 +115,30 @@ def test_own_documents_excluded_when_asked(paired):
     """pair.exclude_own_docs (what `m3 eval` does to held-out text): no neighbor comes from the
     sequence's own documents, not even one straddling the sequence's end, which eq. 6 against
     the sequence alone lets through (it holds only part of the sequence's text)."""
-    from pipelines.pair_step import pair_shard
     from pipelines.embedder import load_embedder
+    from pipelines.pair_step import pair_shard
     from pipelines.tokenizer import load
     from storage.vectors import search_params
 
     cfg, _ = paired
     bank, seqs, refs, rows = _tables(cfg)
-    straddling = [r for r in rows if r["ref_id"] is not None and refs[r["ref_id"]]["doc_id"] in seqs[r["seq_id"]]["doc_ids"]]
+    straddling = [
+        r for r in rows if r["ref_id"] is not None and refs[r["ref_id"]]["doc_id"] in seqs[r["seq_id"]]["doc_ids"]
+    ]
     assert straddling  # the paper's rule alone keeps some: the fixture shows the case
     table = bank.table("embeddings")
     ids = sorted(seqs)
-    args = dict(tokenizer=load(f"{cfg.bank.uri}/{bank.metadata('refs')['tokenizer_path']}"),
-                embedder=load_embedder(cfg.retrieval.embedder), table=table, refs_ds=bank.dataset("refs"),
-                params=search_params(table), doc_ids=[seqs[i]["doc_ids"] for i in ids])
-    out = pair_shard(ids, [seqs[i]["token_ids"] for i in ids], cfg=dataclasses.replace(PAIR, exclude_own_docs=True),
-                     **args).to_pylist()
+    args = dict(
+        tokenizer=load(f"{cfg.bank.uri}/{bank.metadata('refs')['tokenizer_path']}"),
+        embedder=load_embedder(cfg.retrieval.embedder),
+        table=table,
+        refs_ds=bank.dataset("refs"),
+        params=search_params(table),
+        doc_ids=[seqs[i]["doc_ids"] for i in ids],
+    )
+    out = pair_shard(
+        ids, [seqs[i]["token_ids"] for i in ids], cfg=dataclasses.replace(PAIR, exclude_own_docs=True), **args
+    ).to_pylist()
     assert {(r["seq_id"], r["chunk"]) for r in out} == {(r["seq_id"], r["chunk"]) for r in rows}
     kept = [r for r in out if r["ref_id"] is not None]
     assert kept and not [r for r in kept if refs[r["ref_id"]]["doc_id"] in seqs[r["seq_id"]]["doc_ids"]]
@@ -142,8 +159,9 @@ def test_the_trainer_reads_the_neighbors(paired):
     seq_meta = Bank(cfg.bank.uri).metadata("train_sequences")
     assert meta["chunk_size"] == 64 and meta["embed_key"] == Bank(cfg.bank.uri).metadata("embeddings")["embed_key"]
     assert (meta["ingest_key"], meta["tokenizer_hash"]) == (seq_meta["ingest_key"], seq_meta["tokenizer_hash"])
-    reader = ShardReader(Bank(cfg.bank.uri), neighbors=True, chunk_size=64, heldout_fraction=0.0, micro_batch=2,
-                         refs_per_chunk=5)
+    reader = ShardReader(
+        Bank(cfg.bank.uri), neighbors=True, chunk_size=64, heldout_fraction=0.0, micro_batch=2, refs_per_chunk=5
+    )
     batch = next(reader.epoch_batches())
     assert batch["ref_tokens"].shape[:3] == batch["ref_valid"].shape == (2, 4, 5) and batch["ref_valid"].all(-1).any()
     rows = {(r["seq_id"], r["chunk"], r["rank"]): r["ref_id"] for r in _tables(cfg)[3]}
@@ -168,7 +186,6 @@ def test_pair_needs_its_inputs(tmp_path):
         run_pair(cfg)
 
 
-
 def test_resume_keeps_staged_shards_and_matches_an_uninterrupted_run(paired, capsys):
     """Runs last: it commits a new neighbors version (same rows, under another key). The shard
     staged by hand is moved to the name the pair stage gave its files before the stages shared
@@ -187,8 +204,15 @@ def test_resume_keeps_staged_shards_and_matches_an_uninterrupted_run(paired, cap
     bank = Bank(cfg.bank.uri)
     stage = staging_dir(bank, "pair", pair_key(bank, _inputs(bank), pair2))
     tok = f"{cfg.bank.uri}/{bank.metadata('refs')['tokenizer_path']}"
-    PairShards(bank, cfg.retrieval.embedder, tok, pair2, input_uri=bank.dataset("train_sequences").uri,
-               stage_dir=str(stage), threads=1)({"shard": [0], "start": [0], "end": [5]})
+    PairShards(
+        bank,
+        cfg.retrieval.embedder,
+        tok,
+        pair2,
+        input_uri=bank.dataset("train_sequences").uri,
+        stage_dir=str(stage),
+        threads=1,
+    )({"shard": [0], "start": [0], "end": [5]})
     staged_path(stage, 0).rename(stage / "p000000.parquet")
     summary = run_pair(with_pair(cfg, pair2))
     n_shards = -(-len(_tables(cfg)[1]) // 5)
@@ -215,8 +239,14 @@ def test_killed_pair_resumes_and_max_tokens_pairs_only_what_training_reads(paire
     full = {(r["seq_id"], r["chunk"], r["rank"]): r["ref_id"] for r in _tables(cfg)[3]}
     bank = tmp_path / "bank"
     shutil.copytree(cfg.bank.uri, bank)
-    overrides = [f"bank.uri={bank}", "pair.max_tokens=128", "train.max_tokens=128", "pair.seqs_per_shard=8", "ray.num_cpus=2",
-                 "pair.threads_per_actor=1"]
+    overrides = [
+        f"bank.uri={bank}",
+        "pair.max_tokens=128",
+        "train.max_tokens=128",
+        "pair.seqs_per_shard=8",
+        "ray.num_cpus=2",
+        "pair.threads_per_actor=1",
+    ]
     args = [sys.executable, "-m", "jobs", "pair", "-c", "configs/demo.yaml"]
     for s in overrides:
         args += ["--set", s]
@@ -226,21 +256,26 @@ def test_killed_pair_resumes_and_max_tokens_pairs_only_what_training_reads(paire
     n_seqs = len(_tables(cfg)[1])
     staged = list(bank.glob("_staging/pair-*/shards/*.parquet"))
     assert 1 <= len(staged) < -(-n_seqs // 8)  # killed part-way: some shards staged, not all
-    cfg2 = dataclasses.replace(cfg, bank=dataclasses.replace(cfg.bank, uri=str(bank)),
-                               pair=dataclasses.replace(PAIR, max_tokens=128),
-                               train=dataclasses.replace(cfg.train, max_tokens=128))
+    cfg2 = dataclasses.replace(
+        cfg,
+        bank=dataclasses.replace(cfg.bank, uri=str(bank)),
+        pair=dataclasses.replace(PAIR, max_tokens=128),
+        train=dataclasses.replace(cfg.train, max_tokens=128),
+    )
     run_pair(cfg2)
     rows = Bank(str(bank)).dataset("neighbors").to_table().to_pylist()
     assert sorted({r["chunk"] for r in rows}) == [0, 1]
     # leakage is measured against the WHOLE stored sequence, not the 128 tokens training reads: a
     # reference of the sequence's later text (straddling the window's edge, or beyond it) holds
     # text of the sequence all the same. So chunks 0 and 1 get exactly what the full run gave them.
-    assert {(r["seq_id"], r["chunk"], r["rank"]): r["ref_id"] for r in rows} == \
-        {k: v for k, v in full.items() if k[1] < 2}
+    assert {(r["seq_id"], r["chunk"], r["rank"]): r["ref_id"] for r in rows} == {
+        k: v for k, v in full.items() if k[1] < 2
+    }
     seqs, refs = _tables(cfg)[1], _tables(cfg)[2]
     kept = [r for r in rows if r["ref_id"] is not None]
-    assert kept and all(overlap(seqs[r["seq_id"]]["token_ids"], refs[r["ref_id"]]["token_ids"])
-                        <= PAIR.max_overlap for r in kept)
+    assert kept and all(
+        overlap(seqs[r["seq_id"]]["token_ids"], refs[r["ref_id"]]["token_ids"]) <= PAIR.max_overlap for r in kept
+    )
     assert Bank(str(bank)).metadata("neighbors")["max_tokens"] == 128
     with pytest.raises(BankError, match="pairs the first 128 tokens"):
         ShardReader(Bank(str(bank)), neighbors=True, chunk_size=64, heldout_fraction=0.0, max_tokens=192)
@@ -260,20 +295,23 @@ def test_a_second_index_build_pairs_alike(paired, tmp_path):
     shutil.copytree(cfg.bank.uri, bank)
     n = Bank(str(bank)).table("embeddings").count_rows()
     assert n >= cfg.retrieval.index_threshold  # the index path
-    assert build_reproducible_index(Bank(str(bank)), "embeddings", n, cfg.retrieval.index_threshold,
-                                    cfg.retrieval.index_type)["reproducible"]
+    assert build_reproducible_index(
+        Bank(str(bank)), "embeddings", n, cfg.retrieval.index_threshold, cfg.retrieval.index_type
+    )["reproducible"]
     cfg2 = dataclasses.replace(cfg, bank=dataclasses.replace(cfg.bank, uri=str(bank)))
     again = run_pair(cfg2)
     assert again["status"] != "up_to_date" and again["pair_key"] != summary["pair_key"]
     key = ("seq_id", "chunk", "rank")
     first = sorted(_tables(cfg)[3], key=lambda r: tuple(r[k] for k in key))
     second = sorted(_tables(cfg2)[3], key=lambda r: tuple(r[k] for k in key))
-    assert [(r["seq_id"], r["chunk"], r["rank"], r["ref_id"]) for r in first] == \
-        [(r["seq_id"], r["chunk"], r["rank"], r["ref_id"]) for r in second]
+    assert [(r["seq_id"], r["chunk"], r["rank"], r["ref_id"]) for r in first] == [
+        (r["seq_id"], r["chunk"], r["rank"], r["ref_id"]) for r in second
+    ]
     assert np.allclose([r["score"] or 0 for r in first], [r["score"] or 0 for r in second], atol=1e-5)
 
 
 # -- retrieval.method bm25 / hybrid (storage/lexical.py): the same stage, another ranking
+
 
 def named_hits(cfg, names: dict[str, str]) -> tuple[int, int]:
     """(chunks whose rank-0 reference describes an entity the chunk names, chunks): what
@@ -283,12 +321,18 @@ def named_hits(cfg, names: dict[str, str]) -> tuple[int, int]:
 
     bank = Bank(cfg.bank.uri)
     tok = load(BankLayout(cfg.bank.uri).path(bank.metadata("refs")["tokenizer_path"]))
-    source = {d["doc_id"]: d["source_id"] for d in bank.dataset("documents").to_table(columns=["doc_id", "source_id"]).to_pylist()}
-    seqs = {s["seq_id"]: s["token_ids"] for s in bank.dataset("train_sequences").to_table(columns=["seq_id", "token_ids"]).to_pylist()}
+    source = {
+        d["doc_id"]: d["source_id"]
+        for d in bank.dataset("documents").to_table(columns=["doc_id", "source_id"]).to_pylist()
+    }
+    seqs = {
+        s["seq_id"]: s["token_ids"]
+        for s in bank.dataset("train_sequences").to_table(columns=["seq_id", "token_ids"]).to_pylist()
+    }
     first = [r for r in bank.dataset("neighbors").to_table().to_pylist() if r["rank"] == 0]
     hits = 0
     for r in first:
-        text = tok.decode(seqs[r["seq_id"]][r["chunk"] * 64:(r["chunk"] + 1) * 64])
+        text = tok.decode(seqs[r["seq_id"]][r["chunk"] * 64 : (r["chunk"] + 1) * 64])
         entity = source.get(r["ref_id"].rsplit("-", 1)[0]) if r["ref_id"] else None
         hits += entity in names and names[entity] in text
     return hits, len(first)
@@ -299,8 +343,13 @@ def facts(tmp_path_factory, ray_local):
     # packed 512-token sequences, as the lexical numbers were measured: every 64-token chunk
     # names an entity (configs/facts.yaml's one-document sequences leave a long FAQ's tail, in
     # its second sequence, naming none, whatever the method)
-    cfg, _, names = small_facts_bank(tmp_path_factory.mktemp("pair-lexical"), "chunking.seq_len=512",
-                                     "chunking.align_docs=false", "pair.max_tokens=512", "train.max_tokens=512")
+    cfg, _, names = small_facts_bank(
+        tmp_path_factory.mktemp("pair-lexical"),
+        "chunking.seq_len=512",
+        "chunking.align_docs=false",
+        "pair.max_tokens=512",
+        "train.max_tokens=512",
+    )
     return cfg, names
 
 

@@ -33,8 +33,7 @@ def build(root: Path, name: str, recs: list[dict], *extra: str) -> dict:
         for r in recs:
             f.write(json.dumps(r) + "\n")
     bank = root / name
-    run_ingest(load_config("configs/demo.yaml", [f"corpus.paths=[{corpus}]",
-                                                 f"bank.uri={bank}", *SETTINGS, *extra]))
+    run_ingest(load_config("configs/demo.yaml", [f"corpus.paths=[{corpus}]", f"bank.uri={bank}", *SETTINGS, *extra]))
     b = Bank(str(bank))
     tables = {name: b.dataset(name).to_table().to_pylist() for name in ("documents", "rejects", "refs")}
     for rows in tables.values():
@@ -65,12 +64,11 @@ def variants(tmp_path_factory, ray_local):
     tok = BankLayout(str(first["bank"])).path(first["meta"]["tokenizer_path"])
     pin = f"tokenizer.path={tok}"
     inserted = dict(extra, id="inserted")
-    edited = [dict(r, text=r["text"] + " Revised in this version.") if i == long[2] else r
-              for i, r in enumerate(recs)]
+    edited = [dict(r, text=r["text"] + " Revised in this version.") if i == long[2] else r for i, r in enumerate(recs)]
     return {
         "base": build(root, "base", recs, pin),
         "insert": (build(root, "insert", recs[:30] + [inserted] + recs[30:], pin), "inserted"),
-        "remove": (build(root, "remove", recs[:long[1]] + recs[long[1] + 1:], pin), recs[long[1]]["id"]),
+        "remove": (build(root, "remove", recs[: long[1]] + recs[long[1] + 1 :], pin), recs[long[1]]["id"]),
         "edit": (build(root, "edit", edited, pin), recs[long[2]]["id"]),
     }
 

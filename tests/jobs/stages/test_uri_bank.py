@@ -18,14 +18,29 @@ from storage.layout import BankLayout
 from storage.sql import query
 from tests.conftest import write_foldoc_corpus
 
-TABLES = {"documents": "doc_id", "refs": "ref_id", "train_sequences": "seq_id", "embeddings": "ref_id",
-          "memories": "ref_id", "neighbors": None}
+TABLES = {
+    "documents": "doc_id",
+    "refs": "ref_id",
+    "train_sequences": "seq_id",
+    "embeddings": "ref_id",
+    "memories": "ref_id",
+    "neighbors": None,
+}
 
 
 def settings(corpus, uri: str, model) -> list[str]:
-    return [f"corpus.paths=[{corpus}]", f"bank.uri={uri}", "tokenizer.vocab_size=600", "chunking.seq_len=256",
-            "ray.num_cpus=2", "retrieval.refs_per_shard=64", "encode.refs_per_shard=64", "encode.codec=raw-fp32",
-            "pair.seqs_per_shard=32", f"encode.checkpoint={model}"]
+    return [
+        f"corpus.paths=[{corpus}]",
+        f"bank.uri={uri}",
+        "tokenizer.vocab_size=600",
+        "chunking.seq_len=256",
+        "ray.num_cpus=2",
+        "retrieval.refs_per_shard=64",
+        "encode.refs_per_shard=64",
+        "encode.codec=raw-fp32",
+        "pair.seqs_per_shard=32",
+        f"encode.checkpoint={model}",
+    ]
 
 
 def rows(uri: str, table: str, key: str | None) -> list:

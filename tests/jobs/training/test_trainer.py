@@ -13,30 +13,55 @@ import pytest
 
 from jobs.config import ConfigError, load_config
 from jobs.config.loader import _Where, build
+from jobs.config.train import TrainConfig
 from jobs.stages.embed import run_embed
 from jobs.stages.ingest import run_ingest
 from jobs.stages.pair import run_pair
-from jobs.training.trainer import TrainError, read_log, run_train
 from jobs.training.evidence import evaluate_checkpoint
-from jobs.config.train import TrainConfig
+from jobs.training.trainer import TrainError, read_log, run_train
 from model import load_model, model_hash
 from storage.bank import Bank, BankError
 from tests.conftest import ROOT, write_foldoc_corpus
 
 pytestmark = pytest.mark.slow
 
-TINY = ["model.preset=tiny", "model.vocab_size=600", "model.ref_max_tokens=128",
-        "model.max_seq_len=512", "model.mem_chunk_size=64"]
-FAST = dict(workers=2, cpus_per_worker=0.5, micro_batch=2, checkpoint_every=2, lr_warmup_steps=1,
-            log_every=2, eval_sequences=4, max_tokens=192)
+TINY = [
+    "model.preset=tiny",
+    "model.vocab_size=600",
+    "model.ref_max_tokens=128",
+    "model.max_seq_len=512",
+    "model.mem_chunk_size=64",
+]
+FAST = dict(
+    workers=2,
+    cpus_per_worker=0.5,
+    micro_batch=2,
+    checkpoint_every=2,
+    lr_warmup_steps=1,
+    log_every=2,
+    eval_sequences=4,
+    max_tokens=192,
+)
 
 
 def config(corpus: Path, bank: Path, *extra: str):
     """configs/demo.yaml made tiny: the small real corpus, the tiny model, one thread per actor."""
-    return load_config(ROOT / "configs" / "demo.yaml", [
-        f"corpus.paths=[{corpus}]", f"bank.uri={bank}", "corpus.records_per_shard=100",
-        "tokenizer.vocab_size=600", "chunking.seq_len=256", "ray.num_cpus=2", "retrieval.refs_per_shard=200",
-        "retrieval.threads_per_actor=1", "pair.seqs_per_shard=32", *TINY, *extra])
+    return load_config(
+        ROOT / "configs" / "demo.yaml",
+        [
+            f"corpus.paths=[{corpus}]",
+            f"bank.uri={bank}",
+            "corpus.records_per_shard=100",
+            "tokenizer.vocab_size=600",
+            "chunking.seq_len=256",
+            "ray.num_cpus=2",
+            "retrieval.refs_per_shard=200",
+            "retrieval.threads_per_actor=1",
+            "pair.seqs_per_shard=32",
+            *TINY,
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +99,13 @@ def test_two_workers_warmup_then_continual(base, tmp_path):
     assert all(r["chunks"] == 2 * 2 * 3 for r in rows)  # 2 workers x 2 sequences x 192/64 chunks
     export = json.loads((Bank.of(cfg).trained_model("continual") / "export.json").read_text())
     # what the model was trained to read, which the bank's readers hold the served memories to
-    assert export["memory"] == {"reads_memory": True, "schedule": "serving", "top_k": cfg.model.mem_top_k,
-                                "codec": "int8", "refs_per_chunk": cfg.model.mems_per_chunk}
+    assert export["memory"] == {
+        "reads_memory": True,
+        "schedule": "serving",
+        "top_k": cfg.model.mem_top_k,
+        "codec": "int8",
+        "refs_per_chunk": cfg.model.mems_per_chunk,
+    }
     assert json.loads((model_dir / "export.json").read_text())["memory"] == {"reads_memory": False}
     ev = cont["evidence"]
     assert set(ev) >= {"warmup_loss", "continual_loss_no_memory", "continual_loss_memory"}
@@ -92,21 +122,35 @@ def test_memory_from_scratch_and_the_control_recipe(base, tmp_path):
     import dataclasses
 
     cfg = copy_bank(base, tmp_path)
-    tc = TrainConfig(**FAST, warmup_stage_steps=2, continual_stage_steps=2, memory_schedule="paper",
-                     sparsify_refs=False, through_codec=False, warmup_with_memory=True,
-                     continual_with_memory=False, run_dir=str(tmp_path / "runs" / "mm"))
+    tc = TrainConfig(
+        **FAST,
+        warmup_stage_steps=2,
+        continual_stage_steps=2,
+        memory_schedule="paper",
+        sparsify_refs=False,
+        through_codec=False,
+        warmup_with_memory=True,
+        continual_with_memory=False,
+        run_dir=str(tmp_path / "runs" / "mm"),
+    )
     run_train(cfg, "warmup", tc)
     cfg = dataclasses.replace(cfg, train=tc)
     assert [r["memory_hits"] > 0 for r in read_log(Bank.of(cfg), "warmup")] == [True, True]
     warm = Bank.of(cfg).trained_model("warmup")
     assert warm.parent.parent == tmp_path / "runs" / "mm"
     assert json.loads((warm / "export.json").read_text())["memory"] == {
-        "reads_memory": True, "schedule": "paper", "top_k": 128, "codec": None, "refs_per_chunk": 1}
+        "reads_memory": True,
+        "schedule": "paper",
+        "top_k": 128,
+        "codec": None,
+        "refs_per_chunk": 1,
+    }
     out = run_train(cfg, "continual", tc)
     assert "evidence" not in out  # a continual stage without memory has no memory to give evidence for
     assert all(r["memory_hits"] == 0 for r in read_log(Bank.of(cfg), "continual"))
     assert json.loads((Bank.of(cfg).trained_model("continual") / "export.json").read_text())["memory"] == {
-        "reads_memory": False}
+        "reads_memory": False
+    }
 
 
 @pytest.mark.faults
@@ -136,8 +180,7 @@ def test_config_errors(base, tmp_path):
     with pytest.raises(ConfigError, match="--stage"):
         run_train(cfg, "finetune", TrainConfig())
     with pytest.raises(BankError, match="warmup"):
-        run_train(cfg, "continual",
-                  TrainConfig(warmup_checkpoint=str(tmp_path / "no-warmup")))
+        run_train(cfg, "continual", TrainConfig(warmup_checkpoint=str(tmp_path / "no-warmup")))
     with pytest.raises(ConfigError, match="zero_stage"):
         build(TrainConfig, {"zero_stage": 3}, "train", _Where("test.yaml"))
     with pytest.raises(ValueError, match="zero_stage"):
@@ -168,8 +211,10 @@ def test_the_equal_compute_control(base, tmp_path):
 
     off = run_all(dataclasses.replace(cfg, train=dataclasses.replace(tc, control=False)), only="control")
     assert off["stages"]["control"]["status"] == "skipped" and not Bank.of(cfg).training("control").exists()
-    assert "| control |" in Path(off["report"]).read_text() and "skipped (train.control: false)" in Path(
-        off["report"]).read_text()
+    assert (
+        "| control |" in Path(off["report"]).read_text()
+        and "skipped (train.control: false)" in Path(off["report"]).read_text()
+    )
 
     out = run_all(cfg, only="control")["stages"]["control"]
     model = Bank.of(cfg).trained_model(CONTROL)
@@ -187,8 +232,9 @@ def test_the_equal_compute_control(base, tmp_path):
 
     # the same sequences in the same order: a continual stage trained without memory from the same
     # warmup model is the control, loss for loss
-    plain = dataclasses.replace(tc, continual_with_memory=False, run_dir=str(tmp_path / "runs" / "plain"),
-                                warmup_checkpoint=str(warm))
+    plain = dataclasses.replace(
+        tc, continual_with_memory=False, run_dir=str(tmp_path / "runs" / "plain"), warmup_checkpoint=str(warm)
+    )
     run_train(cfg, "continual", plain)
     want = [r["loss"] for r in read_log(Bank.of(dataclasses.replace(cfg, train=plain)), "continual")]
     assert [r["loss"] for r in rows] == pytest.approx(want, abs=1e-6, rel=0)

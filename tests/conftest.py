@@ -15,6 +15,29 @@ FOLDOC = ROOT / "data" / "foldoc" / "foldoc.jsonl.gz"
 os.environ.setdefault("M3_PROGRESS", "0")
 
 
+TINY = ["model.preset=tiny", "model.vocab_size=600", "model.ref_max_tokens=128", "model.max_seq_len=512"]
+
+
+def tiny_settings(corpus, bank, *extra: str) -> list[str]:
+    """configs/demo.yaml made tiny for tests that build a whole bank (rebuild, verify, faults):
+    the small real corpus, the tiny model, raw memories, one thread per retrieval actor."""
+    return [
+        f"corpus.paths=[{corpus}]",
+        f"bank.uri={bank}",
+        "corpus.records_per_shard=100",
+        "tokenizer.vocab_size=600",
+        "chunking.seq_len=256",
+        "ray.num_cpus=2",
+        *TINY,
+        "encode.refs_per_shard=64",
+        "encode.batch_size=16",
+        "encode.codec=raw-fp32",
+        "retrieval.refs_per_shard=64",
+        "retrieval.threads_per_actor=1",
+        *extra,
+    ]
+
+
 def foldoc_records(n: int, min_words: int = 0) -> list[dict]:
     """The first n FOLDOC entries with at least min_words words (real text, GFDL)."""
     out = []

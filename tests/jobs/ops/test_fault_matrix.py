@@ -49,13 +49,12 @@ from model.errors import M3Error
 from storage.bank import Bank
 from storage.live import read_manifest
 from storage.memory_store import MemoryStore
-from tests.conftest import ROOT, foldoc_records
+from tests.conftest import ROOT, foldoc_records, tiny_settings
 from tests.disk import fill, tmpfs
 
 pytestmark = [pytest.mark.slow, pytest.mark.long]  # ~100 s with its bank: CI runs it after the suite
 
 DEMO = "configs/demo.yaml"
-TINY = ["model.preset=tiny", "model.vocab_size=600", "model.ref_max_tokens=128", "model.max_seq_len=512"]
 RECORDS = foldoc_records(36, min_words=40)
 
 
@@ -80,25 +79,8 @@ def write_corpus(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def settings(corpus: Path, bank: Path) -> list[str]:
-    return [
-        f"corpus.paths=[{corpus}]",
-        f"bank.uri={bank}",
-        "corpus.records_per_shard=100",
-        "tokenizer.vocab_size=600",
-        "chunking.seq_len=256",
-        "ray.num_cpus=2",
-        *TINY,
-        "encode.refs_per_shard=64",
-        "encode.batch_size=16",
-        "encode.codec=raw-fp32",
-        "retrieval.refs_per_shard=64",
-        "retrieval.threads_per_actor=1",
-    ]
-
-
 def argv_of(command: list[str], corpus: Path, bank: Path) -> list[str]:
-    return [*command, "-c", DEMO, *[x for s in settings(corpus, bank) for x in ("--set", s)]]
+    return [*command, "-c", DEMO, *[x for s in tiny_settings(corpus, bank) for x in ("--set", s)]]
 
 
 # -- the matrix: one row per (case, command) ---------------------------------------------------
@@ -173,7 +155,7 @@ def built(tmp_path_factory, ray_local, request) -> Intact:
         request.config.pluginmanager.register(_Summary(), "fault-matrix")
     root = tmp_path_factory.mktemp("faults")
     corpus, bank = write_corpus(root / "corpus" / "c.jsonl.gz", generation(0)), root / "bank"
-    assert run_rebuild(load_config(DEMO, settings(corpus, bank)))["status"] == "published"
+    assert run_rebuild(load_config(DEMO, tiny_settings(corpus, bank)))["status"] == "published"
     refs = Bank(str(bank), live=True).dataset("refs").to_table(columns=["ref_id", "content_hash"])
     ids = refs.column("ref_id").to_pylist()
     return Intact(

@@ -22,11 +22,10 @@ from storage.live import live_versions
 from storage.memory_store import MemoryStore
 from storage.retention import table_files
 from storage.sql import query
-from tests.conftest import ROOT, foldoc_records
+from tests.conftest import ROOT, foldoc_records, tiny_settings
 
 pytestmark = pytest.mark.slow
 
-TINY = ["model.preset=tiny", "model.vocab_size=600", "model.ref_max_tokens=128", "model.max_seq_len=512"]
 RECORDS = foldoc_records(36, min_words=40)
 
 
@@ -43,24 +42,6 @@ def edited(records: list[dict], generation: int) -> list[dict]:
     out[generation]["text"] += f" This entry was revised in generation {generation} of the corpus."
     del out[10 + generation]
     return out + [records[30 + generation]]
-
-
-def settings(corpus: Path, bank: Path, *extra: str) -> list[str]:
-    return [
-        f"corpus.paths=[{corpus}]",
-        f"bank.uri={bank}",
-        "corpus.records_per_shard=100",
-        "tokenizer.vocab_size=600",
-        "chunking.seq_len=256",
-        "ray.num_cpus=2",
-        *TINY,
-        "encode.refs_per_shard=64",
-        "encode.batch_size=16",
-        "encode.codec=raw-fp32",
-        "retrieval.refs_per_shard=64",
-        "retrieval.threads_per_actor=1",
-        *extra,
-    ]
 
 
 def memories_by_ref(bank: Path, version: int | None = None) -> dict[str, bytes]:
@@ -91,7 +72,7 @@ def built(tmp_path_factory, ray_local):
     root = tmp_path_factory.mktemp("rebuild")
     corpus, bank = root / "c.jsonl.gz", root / "bank"
     write_corpus(corpus, edited(RECORDS, 0))
-    overrides = settings(corpus, bank)
+    overrides = tiny_settings(corpus, bank)
     first = run_rebuild(load_config("configs/demo.yaml", overrides))
     v1 = live_versions(Bank(str(bank)))
     old = memories_by_ref(bank)
@@ -128,7 +109,7 @@ def test_incremental_bank_equals_a_full_encode(built, tmp_path):
     full = tmp_path / "full"
     shutil.copytree(bank, full)
     shutil.rmtree(full / "memories.lance")
-    run_encode(load_config("configs/demo.yaml", settings(corpus, full)))
+    run_encode(load_config("configs/demo.yaml", tiny_settings(corpus, full)))
     assert memories_by_ref(full) == memories_by_ref(bank)
 
 
@@ -145,7 +126,7 @@ def test_new_model_reencodes_everything(built, tmp_path):
     copy = tmp_path / "bank"
     shutil.copytree(bank, copy)
     summary = run_rebuild(
-        load_config("configs/demo.yaml", settings(corpus, copy, "encode.seed=1", "rebuild.embeddings=false"))
+        load_config("configs/demo.yaml", tiny_settings(corpus, copy, "encode.seed=1", "rebuild.embeddings=false"))
     )
     mem = summary["memories"]
     assert mem["unchanged"] == 0 and mem["changed"] == Bank(str(copy)).dataset("refs").count_rows()
@@ -158,7 +139,7 @@ def test_reader_never_sees_a_killed_rebuild(built, tmp_path):
     b2 = tmp_path / "bank"
     shutil.copytree(bank, b2)
     corpus2 = write_corpus(tmp_path / "c.jsonl.gz", edited(RECORDS, 2))
-    over = settings(corpus2, b2)
+    over = tiny_settings(corpus2, b2)
     seen, errors, stop = [], [], threading.Event()
 
     def reader():
@@ -203,7 +184,7 @@ def test_retention_keeps_the_bank_from_growing(built, tmp_path):
     for gen in range(2, 5):
         write_corpus(c3, edited(RECORDS, gen))
         run_rebuild(
-            load_config("configs/demo.yaml", settings(c3, b3, "rebuild.keep_builds=2", "rebuild.embeddings=false"))
+            load_config("configs/demo.yaml", tiny_settings(c3, b3, "rebuild.keep_builds=2", "rebuild.embeddings=false"))
         )
         files.append({t: table_files(Bank(str(b3)), t) for t in ("refs", "memories", "documents")})
     for table in ("refs", "memories", "documents"):
@@ -224,7 +205,7 @@ def test_rebuild_killed_mid_encode_resumes_without_loss_or_duplication(built, tm
     root, corpus, bank, overrides, *_ = built
     b4 = tmp_path / "bank"
     shutil.copytree(bank, b4)
-    over = settings(corpus, b4, "encode.seed=2", "rebuild.embeddings=false")
+    over = tiny_settings(corpus, b4, "encode.seed=2", "rebuild.embeddings=false")
     args = [sys.executable, "-m", "jobs", "rebuild", "-c", "configs/demo.yaml"]
     for o in over:
         args += ["--set", o]
@@ -246,7 +227,7 @@ def test_rebuild_killed_mid_encode_resumes_without_loss_or_duplication(built, tm
     full = tmp_path / "full"
     shutil.copytree(b4, full)
     shutil.rmtree(full / "memories.lance")
-    run_encode(load_config("configs/demo.yaml", settings(corpus, full, "encode.seed=2")))
+    run_encode(load_config("configs/demo.yaml", tiny_settings(corpus, full, "encode.seed=2")))
     assert memories_by_ref(full) == memories_by_ref(b4)
 
 
@@ -278,7 +259,7 @@ def test_rebuild_publishes_the_versions_it_built_not_a_later_write(built, tmp_pa
         return out
 
     monkeypatch.setattr(jobs.stages.embed, "run_embed", embed_then_a_foreign_write)
-    summary = run_rebuild(load_config("configs/demo.yaml", settings(c, b)))
+    summary = run_rebuild(load_config("configs/demo.yaml", tiny_settings(c, b)))
     live = live_versions(Bank(str(b)))
     assert summary["status"] == "published" and live == summary["versions"] and live["refs"] < foreign[0]
     assert live_consistent(b)[0] > 3
@@ -306,7 +287,7 @@ def test_rebuild_refuses_when_refs_change_under_its_stages(built, tmp_path, monk
         M3Error,
         match=r"refs changed during this rebuild: .*memories were built from refs version .*nothing was published",
     ):
-        run_rebuild(load_config("configs/demo.yaml", settings(c, b, "rebuild.embeddings=false")))
+        run_rebuild(load_config("configs/demo.yaml", tiny_settings(c, b, "rebuild.embeddings=false")))
     assert live_versions(Bank(str(b))) == before
 
 
@@ -323,7 +304,7 @@ def test_rebuild_of_a_cut_corpus_refuses_to_shrink_the_live_build(built, tmp_pat
     n_live = Bank(str(b), live=True).dataset("refs").count_rows()
     kept = {t: {v["version"] for v in lance.dataset(str(b / f"{t}.lance")).versions()} for t in before}
     args = ["rebuild", "-c", "configs/demo.yaml"]
-    for o in settings(c, b, "rebuild.keep_builds=1"):
+    for o in tiny_settings(c, b, "rebuild.keep_builds=1"):
         args += ["--set", o]
     capsys.readouterr()
     assert main(args) == 2
@@ -364,7 +345,7 @@ def bm25_builds(tmp_path_factory, ray_local):
     an invented name."""
     root = tmp_path_factory.mktemp("rebuild-bm25")
     corpus, bank = root / "c.jsonl.gz", root / "bank"
-    overrides = settings(corpus, bank, "retrieval.method=bm25")
+    overrides = tiny_settings(corpus, bank, "retrieval.method=bm25")
     write_corpus(corpus, RECORDS[:30])
     run_rebuild(load_config("configs/demo.yaml", overrides))
     write_corpus(corpus, RECORDS[:30] + [INVENTED])

@@ -20,8 +20,8 @@ from jobs.ops.rebuild import run_rebuild
 from storage.bank import Bank
 from storage.conditional import read_versioned
 from storage.live import read_manifest
-from tests.conftest import ROOT
-from tests.jobs.ops.test_rebuild import RECORDS, TINY, edited, write_corpus
+from tests.conftest import ROOT, tiny_settings
+from tests.jobs.ops.test_rebuild import RECORDS, edited, write_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -33,26 +33,6 @@ TABLES = {
     "memories": "ref_id",
     "embeddings": "ref_id",
 }
-
-
-def settings(corpus, uri: str, model) -> list[str]:
-    return [
-        f"corpus.paths=[{corpus}]",
-        f"bank.uri={uri}",
-        "corpus.records_per_shard=100",
-        "tokenizer.vocab_size=600",
-        "chunking.seq_len=256",
-        "ray.num_cpus=2",
-        *TINY,
-        "encode.refs_per_shard=64",
-        "encode.batch_size=16",
-        "encode.codec=raw-fp32",
-        "retrieval.refs_per_shard=64",
-        "retrieval.threads_per_actor=1",
-        f"encode.checkpoint={model}",
-        "rebuild.keep_builds=1",
-        "rebuild.compact_after=true",
-    ]
 
 
 def m3(args: list[str], sets: list[str], env: dict, summary=None) -> subprocess.CompletedProcess:
@@ -74,6 +54,12 @@ def live_rows(uri: str, table: str, key: str | None) -> list:
     t = Bank(uri, live=True).dataset(table).to_table()
     t = t.drop([c for c in t.column_names if c in ("vector", "score")])  # floats from another process
     return sorted(t.to_pylist(), key=lambda r: str(r[key]) if key else str(sorted(r.items())))
+
+
+def settings(corpus, uri: str, model) -> list[str]:
+    return tiny_settings(
+        corpus, uri, f"encode.checkpoint={model}", "rebuild.keep_builds=1", "rebuild.compact_after=true"
+    )
 
 
 @pytest.fixture(scope="module")

@@ -22,28 +22,9 @@ import pytest
 from jobs.cli.main import main
 from jobs.config import load_config
 from storage.bank import Bank
-from tests.conftest import foldoc_records
+from tests.conftest import foldoc_records, tiny_settings
 
 pytestmark = pytest.mark.slow
-
-TINY = ["model.preset=tiny", "model.vocab_size=600", "model.ref_max_tokens=128", "model.max_seq_len=512"]
-
-
-def settings(corpus: Path, bank: Path) -> list[str]:
-    return [
-        f"corpus.paths=[{corpus}]",
-        f"bank.uri={bank}",
-        "corpus.records_per_shard=100",
-        "tokenizer.vocab_size=600",
-        "chunking.seq_len=256",
-        "ray.num_cpus=2",
-        *TINY,
-        "encode.refs_per_shard=64",
-        "encode.batch_size=16",
-        "encode.codec=raw-fp32",
-        "retrieval.refs_per_shard=64",
-        "retrieval.threads_per_actor=1",
-    ]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +36,7 @@ def built(tmp_path_factory, ray_local):
     with gzip.open(corpus, "wt", encoding="utf-8") as f:
         for rec in foldoc_records(30, min_words=40):
             f.write(json.dumps(rec) + "\n")
-    assert run_rebuild(load_config("configs/demo.yaml", settings(corpus, root / "bank")))["status"] == "published"
+    assert run_rebuild(load_config("configs/demo.yaml", tiny_settings(corpus, root / "bank")))["status"] == "published"
     return root
 
 
@@ -67,7 +48,7 @@ def bank(built, tmp_path) -> Path:
 
 
 def cli(capsys, bank: Path, built: Path, *argv: str) -> tuple[int, str, str]:
-    sets = [x for s in settings(built / "c.jsonl.gz", bank) for x in ("--set", s)]
+    sets = [x for s in tiny_settings(built / "c.jsonl.gz", bank) for x in ("--set", s)]
     capsys.readouterr()
     rc = main([*argv, "-c", "configs/demo.yaml", *sets])
     out, err = capsys.readouterr()

@@ -105,7 +105,7 @@ def test_the_config_key_is_checked_like_the_others():
     assert cfg.infer.eval.probes == ("a.jsonl", "b.jsonl")
     for bad, why in (
         ("infer.eval.probes=3", "expected a list of a string"),
-        ('infer.eval.probes=[""]', "expected a list of JSONL file paths"),
+        ('infer.eval.probes=[""]', "infer.eval.probes[0] (--set): expected the path of a JSONL file"),
         ("infer.eval.probe=[a.jsonl]", "did you mean 'infer.eval.probes'"),
     ):
         with pytest.raises(ConfigError, match="infer.eval.probe") as e:

@@ -19,7 +19,6 @@ import argparse
 import gzip
 import json
 import random
-import re
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 import torch.nn.functional as F
 
+from jobs.inference.edits import seen_in
 from model.config import ModelConfig
 from model.memory import encode_references, no_memories
 from model.train_step import continual_memories
@@ -225,7 +225,7 @@ for k, it in enumerate(ev):
     ev_mems[k] = {"right1": [src], "right5": m5, "wrong5": [o for o in others if o != src][:5]}
 
 train_text = "\n".join(d["text"] for d in train)
-seen = [re.search(rf"(?<!\w){re.escape(it['answer'].strip())}(?!\w)", train_text) is not None for it in ev]
+seen = seen_in(train_text, [it["answer"] for it in ev])
 
 
 @torch.no_grad()

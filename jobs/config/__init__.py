@@ -25,6 +25,7 @@ from jobs.config.infer import InferConfig
 from jobs.config.loader import ConfigError, Override, _Lined, _Where, apply_overrides, build, read_config, to_dict
 from jobs.config.pair import PairConfig
 from jobs.config.rebuild import RebuildConfig, ScheduleConfig
+from jobs.config.serve import ServeConfig
 from jobs.config.train import TrainConfig
 from model.checked import FieldError, check_fields, require
 from model.config import PRESETS, ModelConfig
@@ -234,6 +235,8 @@ class Config:
     rebuild: RebuildConfig = field(default_factory=RebuildConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     infer: InferConfig = field(default_factory=InferConfig)
+    # `m3 serve` (jobs/serve): the OpenAI-compatible API on Ray Serve
+    serve: ServeConfig = field(default_factory=ServeConfig)
     # Where the config came from; relative corpus paths resolve against the working directory.
     source: str = field(default="<defaults>", compare=False)
 

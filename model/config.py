@@ -13,6 +13,17 @@ from typing import Any
 from .checked import check_fields, require
 
 SCORE_COMBINES = ("sum", "mean", "max")
+ROPE_SCALINGS = ("none", "llama3")
+# fields added after the first checkpoints: left out of to_dict (and so of the hash) at their default
+OPTIONAL_FIELDS = (
+    "qkv_bias",
+    "out_bias",
+    "rope_scaling",
+    "rope_factor",
+    "rope_low_freq_factor",
+    "rope_high_freq_factor",
+    "rope_original_max_len",
+)
 
 
 @dataclass(frozen=True)
@@ -52,6 +63,17 @@ class ModelConfig:
     eos_id: int = field(default=2, metadata={"ge": 0})
     # one token standing for "<s>Reference:"
     ref_bos_id: int = field(default=3, metadata={"ge": 0})
+
+    # what a model imported from Hugging Face may need (model/hf_config.py). to_dict leaves each of
+    # these out while it holds its default, so every other model's config JSON and hash are unchanged
+    qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2, Llama attention_bias)
+    out_bias: bool = False  # a bias on the attention output projection (Llama attention_bias)
+    # "llama3": Llama 3.1's frequency-dependent stretch of the RoPE wavelengths (model/rope.py)
+    rope_scaling: str = field(default="none", metadata={"choices": ROPE_SCALINGS})
+    rope_factor: float = field(default=8.0, metadata={"gt": 0})
+    rope_low_freq_factor: float = field(default=1.0, metadata={"gt": 0})
+    rope_high_freq_factor: float = field(default=4.0, metadata={"gt": 0})
+    rope_original_max_len: int = field(default=8192, metadata={"ge": 1})
 
     def __post_init__(self):
         check_fields(self)
@@ -94,7 +116,9 @@ class ModelConfig:
         return self.ref_max_tokens + 1
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        return {k: v for k, v in d.items() if k not in OPTIONAL_FIELDS or v != defaults[k]}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":

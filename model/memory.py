@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .rope import apply_rope, rope_tables
+from .rope import apply_rope, rope_for
 
 
 class EncodedReferences(NamedTuple):
@@ -139,7 +139,7 @@ def encode_references(model, ref_tokens: Tensor, top_k: int | None = None) -> En
     scored = real.clone()
     scored[:, 0] = False  # ref_bos is never scored nor kept
     S = T + 1
-    cos, sin = rope_tables(torch.arange(S, device=tokens.device), cfg.head_dim, cfg.rope_theta)
+    cos, sin = rope_for(cfg, torch.arange(S, device=tokens.device))
     # Pads only at the end (what every caller passes): a real token's causal window holds no pad,
     # so the fused causal kernel gives the real tokens exactly what the masked one does (pad rows
     # differ, and nothing reads them). A pad between real tokens needs the explicit mask.

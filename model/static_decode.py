@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .decode import KVCache
-from .rope import apply_rope, rope_tables
+from .rope import apply_rope, rope_for
 
 
 class StaticDecoder:
@@ -99,7 +99,7 @@ class StaticDecoder:
         model, c = self.model, self.cache
         cfg = model.config
         x = model.tok_emb(self.token)
-        cos, sin = rope_tables(model.positions(self.slot, c.with_memory), cfg.head_dim, cfg.rope_theta)
+        cos, sin = rope_for(cfg, model.positions(self.slot, c.with_memory))
         seen = (self._ctx_slots <= self.slot)[None, None, None, :]  # (1, 1, 1, S): slots written
         mem_mask = None
         if c.with_memory:  # [front region's valid slots | context], additive as the eager path's

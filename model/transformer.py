@@ -27,7 +27,7 @@ from .chunk_attention import ChunkLocalMask, chunk_local_attend
 from .config import ModelConfig
 from .flex import BlockMask, flex_attend, memory_block_mask
 from .memory import check_memories, encode_references, memory_pool, memory_visibility
-from .rope import apply_rope, rope_tables
+from .rope import apply_rope, rope_for
 
 
 class RMSNorm(nn.Module):
@@ -59,8 +59,8 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer  # index into the KV cache
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wqkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.wqkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.out_bias)
 
     def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(B, T, d_model) -> q (B, Hq, T, D), k and v (B, Hkv, T, D); no positions yet."""
@@ -75,9 +75,9 @@ class Attention(nn.Module):
         """k and v of qkv without q: a memory written from a layer that no query of the
         reference reads (the last memory layer, when the score is skipped)."""
         B, T, _ = x.shape
-        k, v = F.linear(x, self.wqkv.weight[self.n_heads * self.head_dim :]).split(
-            [self.n_kv_heads * self.head_dim] * 2, dim=-1
-        )
+        q_rows = self.n_heads * self.head_dim
+        bias = None if self.wqkv.bias is None else self.wqkv.bias[q_rows:]
+        k, v = F.linear(x, self.wqkv.weight[q_rows:], bias).split([self.n_kv_heads * self.head_dim] * 2, dim=-1)
         heads = lambda t: t.view(B, T, -1, self.head_dim).transpose(1, 2)  # noqa: E731
         return heads(k), heads(v)
 
@@ -167,6 +167,8 @@ class Memory3(nn.Module):
         std = self.config.init_std
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:  # imported shapes only (qkv_bias)
+            nn.init.zeros_(module.bias)
         # GPT-2: scale the projections that write into the residual stream by 1/sqrt(2L)
         for proj in (getattr(module, "wo", None), getattr(module, "w_down", None)):
             if isinstance(proj, nn.Linear):
@@ -238,7 +240,7 @@ class Memory3(nn.Module):
             x = torch.cat([self.tok_emb(tokens.new_full((B, 1), cfg.ref_bos_id)), x], dim=1)
         n_new = x.shape[1]
         slots = torch.arange(first_slot, first_slot + n_new, device=tokens.device)
-        cos, sin = rope_tables(self.positions(slots, with_memory), cfg.head_dim, cfg.rope_theta)
+        cos, sin = rope_for(cfg, self.positions(slots, with_memory))
 
         # square causal attention (is_causal) unless earlier tokens sit in the cache
         ctx_mask = (

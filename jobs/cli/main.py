@@ -23,6 +23,8 @@ from jobs.cli.generate import cmd_generate
 from jobs.cli.ops import ALLOW_SHRINK
 from jobs.cli.ops import COMMANDS as OPS_COMMANDS
 from jobs.cli.ops import add_parsers as add_ops
+from jobs.cli.serve import add_parser as add_serve
+from jobs.cli.serve import cmd_serve
 from jobs.cli.train import add_parser as add_train
 from jobs.cli.train import cmd_train
 from jobs.config import load_config
@@ -202,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--allow-shrink", action="store_true", help=ALLOW_SHRINK)
     add_ops(sub, common)  # rebuild, submit, jobs, logs, stop, schedule
     add_generate(sub, common)
+    add_serve(sub, common)
     ev = sub.add_parser("eval", parents=[common], help="held-out loss with memory, without, with RAG; knowledge probe")
     ev.add_argument(
         "--build",
@@ -223,6 +226,7 @@ COMMANDS = {
     "sql": cmd_sql,
     "run": cmd_run,
     "generate": cmd_generate,
+    "serve": cmd_serve,
     "eval": cmd_eval,
     **OPS_COMMANDS,
 }

@@ -1,0 +1,150 @@
+"""`m3 serve` against a real server on loopback, through the `openai` client package: what it
+answers equals `m3 generate`'s engine token for token (with memory and without, streamed or
+not); what the client gets wrong is a 4xx naming it; requests that arrive together are decoded
+together (tests/jobs/serve/conftest.py: the server and the bank)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+from jobs.inference.engine import Inference
+from jobs.inference.generate import describe
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["Q: In which region is Shyzer?\nA:", "Q: When was Shyzer founded?\nA:", "Shyzer is a town"]
+
+
+@pytest.fixture(scope="module")
+def engine(server):
+    """`m3 generate`'s engine on the same config (the live build)."""
+    return Inference(server.cfg)
+
+
+def post(url: str, data: bytes, headers: dict | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=data, headers={"content-type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.mark.parametrize("mode", ["memory", "none"])
+def test_completions_equal_m3_generate_greedy_token_for_token(client, server, engine, mode):
+    for prompt in PROMPTS:
+        want = engine.generate([prompt], mode, max_new_tokens=24, temperature=0.0)[0]
+        got = client.completions.create(
+            model=server.model, prompt=prompt, max_tokens=24, temperature=0, extra_body={"mode": mode, "memories": True}
+        )
+        choice = got.choices[0]
+        assert choice.model_extra["token_ids"] == want.tokens, prompt
+        assert choice.text == want.text
+        assert choice.model_extra["memories"] == describe(engine, want)["chunks"]
+        assert choice.finish_reason == ("stop" if len(want.tokens) < 24 else "length")
+        assert got.model_extra["build"] == 2 and got.usage.completion_tokens == len(want.tokens)
+    if mode == "memory":  # the memories read are the bank's: each chunk read some
+        assert all(c["refs"] for c in choice.model_extra["memories"])
+
+
+def test_sampling_parameters_are_m3_generate_s(client, server, engine):
+    """temperature, top_p and seed sample what the engine samples with that seed."""
+    prompt = PROMPTS[0]
+    want = engine.generate([prompt], max_new_tokens=16, temperature=0.9, top_p=0.8, seeds=[7])[0]
+    got = client.completions.create(
+        model=server.model, prompt=prompt, max_tokens=16, temperature=0.9, top_p=0.8, seed=7
+    ).choices[0]
+    assert got.model_extra["token_ids"] == want.tokens
+    other = client.completions.create(
+        model=server.model, prompt=prompt, max_tokens=16, temperature=0.9, top_p=0.8, seed=8
+    ).choices[0]
+    assert other.model_extra["token_ids"] != want.tokens  # the seed is used, not ignored
+
+
+def test_streaming_sends_the_same_text_piece_by_piece(client, server, engine):
+    want = engine.generate([PROMPTS[1]], max_new_tokens=20)[0]
+    chunks = list(client.completions.create(model=server.model, prompt=PROMPTS[1], max_tokens=20, stream=True))
+    assert len(chunks) > 2 and "".join(c.choices[0].text for c in chunks) == want.text
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert {c.model_extra["build"] for c in chunks} == {2}
+    chat = list(
+        client.chat.completions.create(
+            model=server.model, messages=[{"role": "user", "content": PROMPTS[1]}], max_tokens=20, stream=True
+        )
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chat) == want.text
+
+
+def test_chat_completion_continues_the_messages(client, server, engine):
+    messages = [{"role": "system", "content": "Facts."}, {"role": "user", "content": PROMPTS[0]}]
+    want = engine.generate(["Facts.\n" + PROMPTS[0]], max_new_tokens=12)[0]
+    got = client.chat.completions.create(model=server.model, messages=messages, max_tokens=12)
+    assert got.choices[0].message.content == want.text and got.choices[0].message.role == "assistant"
+
+
+def test_models_and_health(client, server):
+    assert [m.id for m in client.models.list().data] == [server.model]
+    with urllib.request.urlopen(f"{server.url}/health", timeout=10) as r:
+        health = json.loads(r.read())
+    assert r.status == 200 and health["status"] == "ok" and health["build"] == 2
+
+
+@pytest.mark.parametrize(
+    "body, status, words",
+    [
+        (b'{"model": "facts-tiny", "prompt": ', 400, "the request body is not valid JSON"),
+        (b"[1, 2]", 400, "the request body must be a JSON object"),
+        (b'{"model": "gpt-4", "prompt": "a"}', 404, "model: no model 'gpt-4' here (this server serves 'facts-tiny')"),
+        (b'{"prompt": "a"}', 400, "model: expected the model's name"),
+        (b'{"model": "facts-tiny", "prompt": "a", "max_tokens": 0}', 400, "max_tokens: expected a value >= 1"),
+        (b'{"model": "facts-tiny", "prompt": "a", "max_tokens": 9999}', 400, "and <= 511, got 9999"),
+        (b'{"model": "facts-tiny", "prompt": "a", "max_tokens": "8"}', 400, "max_tokens: expected an integer"),
+        (b'{"model": "facts-tiny", "prompt": "a", "temperature": -1}', 400, "temperature: expected a value >= 0"),
+        (b'{"model": "facts-tiny", "prompt": "a", "n": 2}', 400, "n: not supported by this server"),
+        (b'{"model": "facts-tiny", "prompt": "a", "mode": "x"}', 400, "mode: expected one of memory, none, rag"),
+        (b'{"model": "facts-tiny", "prompt": 5}', 400, "prompt: expected a string"),
+        (b'{"model": "facts-tiny", "messages": []}', 400, "messages: expected a non-empty list"),
+    ],
+)
+def test_bad_requests_are_4xx_with_a_message(server, body, status, words):
+    route = "chat/completions" if b"messages" in body else "completions"
+    code, answer = post(f"{server.url}/v1/{route}", body)
+    assert code == status and words in answer["error"]["message"], answer
+
+
+def test_a_prompt_longer_than_the_context_is_400_naming_it(client, server):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=server.model, prompt="Shyzer " * 600, max_tokens=8)
+    assert e.value.status_code == 400
+    assert "exceed the model's context of 512 tokens" in e.value.body["message"]
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="other", prompt="a", max_tokens=8)
+
+
+def test_requests_arriving_together_are_decoded_together(client, server, engine):
+    """8 clients at once: one decode serves several (batch > 1), each row the tokens alone."""
+    want = {p: engine.generate([p], max_new_tokens=16)[0].tokens for p in PROMPTS}
+    got, errors = [], []
+
+    def one(prompt):
+        try:
+            r = client.completions.create(model=server.model, prompt=prompt, max_tokens=16)
+            got.append((prompt, r.choices[0].model_extra["token_ids"]))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(PROMPTS[i % 2],)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(got) == 8
+    assert all(tokens == want[p] for p, tokens in got)
+    with urllib.request.urlopen(f"{server.url}/health", timeout=10) as r:
+        assert json.loads(r.read())["largest_batch"] > 1

@@ -94,8 +94,8 @@ def _single_id(value, key: str, where: str) -> int | None:
     return value
 
 
-def from_hf(hf: dict[str, Any], where: str, memory: dict[str, Any] | None = None) -> tuple[ModelConfig, dict]:
-    """ModelConfig of a HF config (special ids left at the HF ones; model/hf_tokens.py settles
+def from_hf(hf: dict[str, Any], where: str, memory: dict[str, Any] | None = None) -> tuple[dict, dict]:
+    """ModelConfig fields of a HF config (special ids left at the HF ones; model/hf_tokens.py settles
     them), and the facts the import reports (family, bos/eos/pad ids, vocab_size)."""
     family = architecture(hf, where)
     get = lambda key: hf[key] if hf.get(key) is not None else {**_COMMON, **_DEFAULTS[family]}.get(key)  # noqa: E731
@@ -136,6 +136,8 @@ def from_hf(hf: dict[str, Any], where: str, memory: dict[str, Any] | None = None
         **_rope(hf, family, where),
     )
     memory = dict(memory or {})
+    if "max_seq_len" in memory:  # the context the project trains on, within what the model knows
+        memory["max_seq_len"] = min(memory["max_seq_len"], max_len)
     memory["n_mem_layers"] = min(memory.get("n_mem_layers", max(1, hf["num_hidden_layers"] // 2)), fields["n_layers"])
     fields.update(memory)
     facts = dict(

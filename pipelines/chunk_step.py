@@ -74,17 +74,20 @@ def chunk_shard(
     memo_src: str | None = None,
     memo_dst: str | None = None,
     align: int = 0,
+    eos_id: int = EOS_ID,
+    pad_id: int = PAD_ID,
 ) -> dict:
     """With `memo_src` (pipelines/memo.py), a document whose normalized text is in the memo takes
     its token ids and reference spans from there; `memo_dst` receives this shard's entries. The
     caller keys both by the tokenizer's hash and the chunking config. Ids of rows (ref_id,
     seq_id) and the packing are made here either way: they are not functions of one text.
-    align: start every document at a multiple of this many tokens (0 = back to back; Packer)."""
+    align: start every document at a multiple of this many tokens (0 = back to back; Packer).
+    eos_id, pad_id: the model's (an imported model's tokenizer keeps its own ids)."""
     out_dir = upath(out_dir)
     tok = from_json(tokenizer_json)
     refs: dict[str, list] = {name: [] for name in REFS.names}
     seqs: dict[str, list] = {name: [] for name in TRAIN_SEQUENCES.names}
-    packer = Packer(seq_len=chunking.seq_len, eos_id=EOS_ID, align=align, pad_id=PAD_ID)
+    packer = Packer(seq_len=chunking.seq_len, eos_id=eos_id, align=align, pad_id=pad_id)
     doc_tokens = 0
 
     def emit(seq: dict) -> None:

@@ -3,6 +3,10 @@
 Its special tokens have fixed ids that the model relies on (model.ModelConfig: pad 0, bos 1,
 eos 2, ref_bos 3). `<ref>` stands for the paper's "<s>Reference:" prefix: one dedicated token
 is cheaper than four and cannot collide with text that happens to read "Reference:".
+
+A pretrained model's tokenizer (`m3 import-model`, model/hf_tokens.py) keeps its own ids: it is
+accepted when it has a `<ref>` token, and the model section names its pad, bos, eos and
+`<ref>` ids (check_model_ids holds the two to each other).
 """
 
 from __future__ import annotations
@@ -37,7 +41,14 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> 
     return tok
 
 
+def own_layout(tok: Tokenizer) -> bool:
+    """The project's own special ids (0-3), as train_bpe makes them."""
+    return all(tok.token_to_id(t) == i for i, t in enumerate(SPECIAL_TOKENS))
+
+
 def check_special_tokens(tok: Tokenizer, where: str) -> Tokenizer:
+    if not own_layout(tok) and tok.token_to_id("<ref>") not in (None, REF_BOS_ID):
+        return tok  # an imported model's tokenizer: its ids are the model section's (check_model_ids)
     for expected, token in enumerate(SPECIAL_TOKENS):
         got = tok.token_to_id(token)
         if got != expected:
@@ -45,6 +56,24 @@ def check_special_tokens(tok: Tokenizer, where: str) -> Tokenizer:
                 f"{where}: special token {token!r} must have id {expected}, has {got}; "
                 f"the model reserves ids 0-3 for {', '.join(SPECIAL_TOKENS)}"
             )
+    return tok
+
+
+def check_model_ids(tok: Tokenizer, model, where: str) -> Tokenizer:
+    """The model config's special ids are this tokenizer's: `<ref>` at ref_bos_id, and every id
+    (and the tokenizer's whole vocabulary) inside the model's embedding. The project's own
+    tokenizers are checked by check_special_tokens alone, as before."""
+    if own_layout(tok):
+        return tok
+    ref = tok.token_to_id("<ref>")
+    if ref != model.ref_bos_id:
+        raise TokenizerError(
+            f"{where}: its <ref> token has id {ref}, model.ref_bos_id is {model.ref_bos_id}: the model "
+            f"section must be the one `m3 import-model` printed for this tokenizer"
+        )
+    n = tok.get_vocab_size(with_added_tokens=True)
+    if n > model.vocab_size:
+        raise TokenizerError(f"{where}: {n} tokens, more than model.vocab_size={model.vocab_size}")
     return tok
 
 

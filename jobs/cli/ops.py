@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 
+from jobs.cli import import_model
 from jobs.cli.args import config_flag
 
 
@@ -127,6 +128,7 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     )
     config_flag(schedule, "--address", "schedule.address", "Ray Jobs API address: each run a Ray job", metavar="URL")
     schedule.add_argument("--max-runs", type=int, default=None, help="stop after this many runs (tests, one-offs)")
+    import_model.add_parsers(sub, common)  # import-model, export-model
 
 
 COMMANDS = {
@@ -136,4 +138,5 @@ COMMANDS = {
     "logs": cmd_logs,
     "stop": cmd_stop,
     "schedule": cmd_schedule,
+    **import_model.COMMANDS,
 }

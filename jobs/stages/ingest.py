@@ -42,7 +42,7 @@ from pipelines import assemble, memo, readers
 from pipelines.chunk_step import chunk_shard, seqs_path
 from pipelines.clean_step import clean_shard, docs_path
 from pipelines.dedup_step import dedup_partition, partition_output, resolve
-from pipelines.tokenizer import check_special_tokens, from_json, tokenizer_hash, train_bpe
+from pipelines.tokenizer import check_model_ids, check_special_tokens, from_json, tokenizer_hash, train_bpe
 from pipelines.tokenizer import load as load_tokenizer
 from storage.bank import Bank
 from storage.lock import writes_bank
@@ -171,7 +171,7 @@ def tokenizer_for(
         tok_file = stage_dir / "tokenizer.json"
         if not tok_file.exists():
             if cfg.tokenizer.path:
-                tok = load_tokenizer(cfg.tokenizer.path)
+                tok = check_model_ids(load_tokenizer(cfg.tokenizer.path), cfg.model, cfg.tokenizer.path)
             else:
                 texts = assemble.kept_texts(stage_dir, shard_ids, dup_ranks)
                 tok = check_special_tokens(
@@ -245,6 +245,8 @@ def run_ingest(cfg: Config) -> dict:
                     memo_src=src,
                     memo_dst=dst,
                     align=cfg.model.mem_chunk_size if cfg.chunking.align_docs else 0,
+                    eos_id=cfg.model.eos_id,
+                    pad_id=cfg.model.pad_id,
                 ),
                 report.note,
             ),

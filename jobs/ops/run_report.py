@@ -114,6 +114,7 @@ def write_run_report(cfg, bank: Bank, results: dict, seconds: dict, total: float
         "|---|---|---|",
     ]
     lines += [f"| {name} | {seconds[name]:.1f} | {_stage_line(name, r)} |" for name, r in results.items()]
+    lines += start_lines(cfg, bank, results)
     training = _training_root(bank)
     ev = (results.get("continual") or {}).get("evidence") or (
         _read(training / "continual" / "evidence.json") if training else None
@@ -142,6 +143,25 @@ def write_run_report(cfg, bank: Bank, results: dict, seconds: dict, total: float
     )
     print("\n".join(lines), flush=True)
     return md
+
+
+def start_lines(cfg, bank: Bank, results: dict) -> list[str]:
+    """Which checkpoint the memory stages started from: the warmup stage's, or the one
+    train.warmup_checkpoint names (a pretrained model `m3 import-model` wrote names its source)."""
+    from jobs.models import warmup_model_dir
+
+    if not cfg.train.warmup_checkpoint and not {"continual", "control"} & set(results):
+        return []
+    try:
+        path = warmup_model_dir(bank, cfg.train)
+    except LayoutError:
+        return []
+    export = _read(path / "export.json") or {}
+    line = f"Continual and control start from `{path}` (model {str(export.get('model_hash'))[:12]}"
+    imported = _read(path / "import.json")
+    if imported:
+        line += f", imported from `{imported['source']}`, a {imported['architecture']}, by `m3 import-model`"
+    return ["", line + ")."]
 
 
 def _training_root(bank: Bank):

@@ -34,6 +34,12 @@ def test_import_model_reports_rows_and_writes_config(tmp_path, capsys):
     cfg = load_config(out / "m3.yaml")  # the whole project config, as every later command reads it
     assert cfg.model == model.config and cfg.model.mem_top_k == 4
     assert cfg.model.rope_scaling == "llama3" and cfg.tokenizer.path == str((out / "tokenizer.json").resolve())
+    # the run report names the checkpoint the memory stages start from, and where it came from
+    from jobs.ops.run_report import start_lines
+    from storage.bank import Bank
+
+    line = start_lines(cfg, Bank.of(cfg), {})[-1]
+    assert f"start from `{out.resolve()}`" in line and f"imported from `{(tmp_path / 'hf').resolve()}`" in line
 
     exported = tmp_path / "export"
     assert main(["export-model", str(exported), "-c", str(out / "m3.yaml"), "--checkpoint", str(out)]) == 0

@@ -148,3 +148,71 @@ def test_requests_arriving_together_are_decoded_together(client, server, engine)
     assert all(tokens == want[p] for p, tokens in got)
     with urllib.request.urlopen(f"{server.url}/health", timeout=10) as r:
         assert json.loads(r.read())["largest_batch"] > 1
+
+
+# last in this module: it publishes a new live build into the served bank
+def test_a_publish_during_a_burst_drops_no_request_and_mixes_no_builds(client, server):
+    """6 clients send requests back to back; build 1's tables are published again as the live
+    build (3: a rollback of the edit, through the manifest every publisher writes) while they
+    do. Every request answers; each names one build and equals, tokens and memories read, what
+    that build's engine generates alone; a client never goes back to the old build."""
+    from storage.bank import Bank
+    from storage.builds import resolve_build
+    from storage.live import publish
+
+    bank = Bank.of(server.cfg)
+    old = {p: _expect(Inference(server.cfg, build=2), p) for p in PROMPTS}
+    new = {p: _expect(Inference(server.cfg, build=1), p) for p in PROMPTS}
+    assert any(old[p] != new[p] for p in PROMPTS)  # else a mixed answer could not be told apart
+    seen, errors, stop = [], [], threading.Event()
+
+    def burst(k):
+        i = 0
+        while not stop.is_set():
+            prompt = PROMPTS[(k + i) % len(PROMPTS)]
+            i += 1
+            try:
+                r = client.completions.create(
+                    model=server.model, prompt=prompt, max_tokens=8, extra_body={"memories": True}
+                )
+                c = r.choices[0]
+                seen.append(
+                    (k, r.model_extra["build"], prompt, (c.model_extra["token_ids"], c.model_extra["memories"]))
+                )
+            except Exception as e:  # noqa: BLE001 - the assertion reports them
+                errors.append(repr(e))
+
+    threads = [threading.Thread(target=burst, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        _wait(lambda: len(seen) >= 12, 60)
+        manifest = publish(bank, resolve_build(bank, 1)["versions"], {"by": "tests/jobs/serve: rollback"})
+        assert manifest["build"] == 3
+        n = len(seen)
+        _wait(lambda: sum(1 for s in seen[n:] if s[1] == 3) >= 12, 90)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors, errors[:3]
+    assert {b for _, b, _, _ in seen} == {2, 3}
+    for k, build, prompt, got in seen:
+        assert got == (old if build == 2 else new)[prompt], (build, prompt)
+    for k in range(6):
+        builds = [b for kk, b, _, _ in seen if kk == k]
+        assert builds == sorted(builds), f"client {k} went back to the old build: {builds}"
+
+
+def _expect(inference, prompt: str):
+    out = inference.generate([prompt], max_new_tokens=8)[0]
+    return out.tokens, describe(inference, out)["chunks"]
+
+
+def _wait(condition, timeout_s: float) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)

@@ -131,12 +131,14 @@ def measured(tree: Tree, fn, *a, **kw) -> tuple[object, dict]:
     """fn's result and {wall, cpu (whole tree), peak RSS bytes}."""
     ch = resource.getrusage(resource.RUSAGE_CHILDREN)
     tree.reset()
+    start = tree.me.memory_info().rss  # the driver's RSS never falls back: its growth is what a stage adds
     w, c = time.perf_counter(), time.process_time()
     out = fn(*a, **kw)
     wall, cpu = time.perf_counter() - w, time.process_time() - c
     ch2 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu += tree.tree_cpu() + (ch2.ru_utime + ch2.ru_stime) - (ch.ru_utime + ch.ru_stime)
-    return out, {"wall_s": round(wall, 3), "cpu_s": round(cpu, 3), **{f"rss_{k}": v for k, v in tree.peak.items()}}
+    rss = {f"rss_{k}": v for k, v in tree.peak.items()}
+    return out, {"wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "rss_driver_start": start, **rss}
 
 
 def du(path: Path) -> int:
@@ -239,13 +241,17 @@ def decode_speed(overrides: list[str], repeats: int) -> dict:
         input=128,
         output=128,
     )
-    plans, _ = bank_rows(ns)
+    plans, info = bank_rows(ns)
     names = ("none", "memory, cold cache", "memory, warm cache")
-    walls = {k: [] for k in names}
+    walls, ret = {k: [] for k in names}, info["retriever"]
+    spent = dict.fromkeys(ret.seconds, 0.0)  # where retrieval's time goes, over the warm-cache runs
     for _ in range(repeats):  # interleaved, so load hits every mode alike
         for k in names:
             fn, before = plans[k]
+            s0 = dict(ret.seconds)
             walls[k].append(timed_once(fn, "cpu", before)[0])
+            if k == "memory, warm cache":
+                spent = {p: spent.get(p, 0.0) + (ret.seconds[p] - s0.get(p, 0.0)) / repeats for p in ret.seconds}
     tok = 32 * 128
     out = {
         f"decode_{k.replace(', ', '_').replace(' ', '_')}_tok_s": round(tok / statistics.median(v))
@@ -254,6 +260,8 @@ def decode_speed(overrides: list[str], repeats: int) -> dict:
     for k in names[1:]:
         key = k.replace(", ", "_").replace(" ", "_")
         out[f"decode_{key}_vs_none"] = round(statistics.median(n / w for n, w in zip(walls["none"], walls[k])), 3)
+    out["decode_memory_warm_s"] = round(statistics.median(walls["memory, warm cache"]), 3)
+    out["retrieval_s_per_warm_run"] = {p: round(v, 3) for p, v in spent.items()}
     return out
 
 
@@ -357,6 +365,8 @@ def build(n: int, work: Path, tree: Tree, corpus: Corpus, repeats: int, quick: b
         "timings": inc["timings"],
     }
     before = du(bank_dir)
+    # keeping one build: with the default 3, every version is still held and compaction is a no-op
+    cfg = load_config(ROOT / "configs" / "demo.yaml", [*overrides, "rebuild.keep_builds=1"])
     _, stages["compact"] = measured(tree, run_compact, cfg)
     r["compact"] = {"bytes_before": before, "bytes_after": du(bank_dir)}
     r["disk_bytes_after_compact"] = disk(bank_dir)
@@ -374,6 +384,15 @@ ROWS = [  # (label, getter, unit, per-reference): the printed table and the rati
         (f"peak RSS {k}, {s}", (lambda r, s=s, k=k: r["stages"][s][f"rss_{k}"] / 2**20), "MiB", False)
         for s in ("ingest", "embed", "encode", "pair", "rebuild_1pct", "compact")
         for k in ("driver", "workers_sum", "worker_max")
+    ],
+    *[  # what the stage itself added to the driver (a table read whole shows here, growing with N)
+        (
+            f"driver RSS added, {s}",
+            (lambda r, s=s: (r["stages"][s]["rss_driver"] - r["stages"][s]["rss_driver_start"]) / 2**20),
+            "MiB",
+            False,
+        )
+        for s in ("ingest", "embed", "encode", "pair", "rebuild_1pct", "compact")
     ],
     ("disk total", lambda r: sum(r["disk_bytes"].values()) / r["references"], "B/ref", True),
     *[
@@ -397,6 +416,17 @@ ROWS = [  # (label, getter, unit, per-reference): the printed table and the rati
     ("decode none", lambda r: r["decode"]["decode_none_tok_s"], "tok/s", False),
     ("decode memory cold / none", lambda r: r["decode"]["decode_memory_cold_cache_vs_none"], "ratio", False),
     ("decode memory warm / none", lambda r: r["decode"]["decode_memory_warm_cache_vs_none"], "ratio", False),
+    *[
+        (f"decode memory warm: {k} s per run", (lambda r, k=k: r["decode"]["retrieval_s_per_warm_run"][k]), "s", False)
+        for k in ("embed", "search", "filter", "fetch")
+    ],
+    ("decode memory warm: wall s per run", lambda r: r["decode"]["decode_memory_warm_s"], "s", False),
+    (
+        "compact: bytes after / before",
+        lambda r: r["compact"]["bytes_after"] / r["compact"]["bytes_before"],
+        "ratio",
+        False,
+    ),
     *[
         (f"sql {k}", (lambda r, k=k: r["sql"][k]), "s", False)
         for k in (

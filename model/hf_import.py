@@ -147,7 +147,7 @@ def import_hf(
         t = t.to(dtype)
         if cfg.vocab_size > t.shape[0]:
             t = torch.cat([t, t.new_zeros(cfg.vocab_size - t.shape[0], t.shape[1])])
-        mean = t[:tok_len].float().mean(0).to(dtype)
+        mean = t[:tok_len].mean(0, dtype=torch.float32).to(dtype)  # no float copy of the matrix
         for a in added:
             ref_copy = which == "embed" and a["token"] == REF_TOKEN and hf_bos is not None and hf_bos < tok_len
             t[a["id"]] = t[hf_bos] if ref_copy else mean
@@ -177,9 +177,10 @@ def import_hf(
             h.update(t.reshape(-1).view(torch.uint8).numpy())
             writer.write(name, t)
             del t
-    finally:
-        if writer.i != len(specs):
-            writer.f.close()
+    except BaseException:  # a half-written checkpoint is never left where it could be loaded
+        writer.f.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     writer.close({"model_hash": h.hexdigest()})
     (tmp / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
     (tmp / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False), encoding="utf-8")

@@ -2,8 +2,9 @@
 
     1. the one named (encode.checkpoint, infer.checkpoint, --checkpoint), which must hold a model;
     2. the bank's newest trained model, where the trainer exported it (`Bank.trained_model`:
-       <bank>/training/<stage>/model, or under train.run_dir): for encoding, continual else
-       warmup (after training, the bank is re-encoded by the weights that will read it); for
+       <bank>/training/<stage>/model, or under train.run_dir): for encoding, continual, else
+       train.warmup_checkpoint (a pretrained model `m3 import-model` wrote), else warmup
+       (after training, the bank is re-encoded by the weights that will read it); for
        serving, continual only (a warmup model never learned to read memories);
     3. else, encoding starts from an untrained model, created once and reproducibly in
        <bank>/models/, and serving takes the model the memories were encoded with (their
@@ -56,10 +57,17 @@ def newest_trained(bank: Bank, stages: tuple[str, ...] = ("continual", "warmup")
     return None
 
 
+def _start_model(cfg) -> Path | None:
+    """train.warmup_checkpoint, where it holds a model: the weights the continual stage will start
+    from (a pretrained model `m3 import-model` wrote), which encode before any continual model."""
+    path = cfg.train.warmup_checkpoint
+    return Path(path) if path and (Path(path) / WEIGHTS_FILE).exists() else None
+
+
 def model_for_encoding(cfg, bank: Bank) -> Path:
     if cfg.encode.checkpoint:
         return _named(cfg.encode.checkpoint, "encode.checkpoint")
-    trained = newest_trained(bank)
+    trained = newest_trained(bank, ("continual",)) or _start_model(cfg) or newest_trained(bank, ("warmup",))
     if trained is not None:
         return trained
     try:

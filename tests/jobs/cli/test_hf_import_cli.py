@@ -39,6 +39,10 @@ def test_import_model_reports_rows_and_writes_config(tmp_path, capsys):
     from storage.bank import Bank
 
     line = start_lines(cfg, Bank.of(cfg), {})[-1]
+    # before any training, the bank is encoded by the imported weights, not a fresh init
+    from jobs.models import model_for_encoding
+
+    assert model_for_encoding(cfg, Bank.of(cfg)) == out.resolve()
     assert f"start from `{out.resolve()}`" in line and f"imported from `{(tmp_path / 'hf').resolve()}`" in line
 
     exported = tmp_path / "export"

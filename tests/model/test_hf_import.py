@@ -122,3 +122,23 @@ def test_missing_config_and_tokenizer_one_line(tmp_path):
     (tmp_path / "hf" / "tokenizer.json").unlink()
     with pytest.raises(HFModelError, match="tokenizer.json: missing"):
         import_hf(tmp_path / "hf", tmp_path / "out")
+
+
+def test_sharded_bfloat16_checkpoint(tmp_path):
+    """A model saved in shards (model.safetensors.index.json) and in bfloat16, as large ones are:
+    kept in bfloat16 by default, or widened to float32 and then equal to transformers' float32."""
+    import shutil
+
+    hf = make_hf_model(tmp_path / "src", "llama-bias").to(torch.bfloat16)
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="20KB")
+    shutil.copy(tmp_path / "src" / "tokenizer.json", tmp_path / "hf")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
+    assert import_hf(tmp_path / "hf", tmp_path / "bf16")["dtype"] == "bfloat16"
+    assert load_model(tmp_path / "bf16").tok_emb.weight.dtype == torch.bfloat16
+    import_hf(tmp_path / "hf", tmp_path / "fp32", dtype=torch.float32)
+    model = load_model(tmp_path / "fp32")
+    # the reference loaded afresh: hf.float() would keep RoPE's inv_freq buffer rounded to bfloat16
+    want = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    tokens = _tokens(80)
+    with torch.no_grad():
+        assert (model(tokens)[..., :80] - want(tokens).logits).abs().max().item() < 1e-4

@@ -476,6 +476,7 @@ def plot(results: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for s in ("ingest", "embed", "encode", "pair", "compact"):
         ax.plot(xs, [r["stages"][s]["wall_s"] / r["references"] * 1e3 for r in results], "o-", label=s)
+    ax.plot(xs, [r["index"]["seconds"] / r["references"] * 1e3 for r in results], "o:", label="index build (in embed)")
     ax.plot(xs, [r["rebuild"]["incremental_s"] / r["references"] * 1e3 for r in results], "o--", label="rebuild 1 %")
     ax.set_xscale("log")
     ax.set_xlabel("references in the bank")
@@ -494,7 +495,13 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3, help="decode repeats")
     ap.add_argument("--out", default=None, help="results JSON (default bench/results/scale-<date>.json)")
     ap.add_argument("--no-warmup", action="store_true")
+    ap.add_argument("--replot", default=None, help="a results JSON: print its table, redraw its PNG, build nothing")
     a = ap.parse_args()
+    if a.replot:
+        results = json.loads(Path(a.replot).read_text())["results"]
+        print(table(results))
+        plot(results, Path(a.replot).with_suffix(".png"))
+        return 0
 
     from jobs.config import load_config
     from jobs.runtime import init_ray, quiet_ray_data

@@ -178,6 +178,8 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}/v1/completions"
     try:
         body = {"model": args.model, "prompt": prompts[0], "max_tokens": args.max_tokens}
+        with urllib.request.urlopen(url.replace("/v1/completions", "/health"), timeout=30) as r:
+            torch.set_num_threads(json.loads(r.read())["threads"])  # the engine as the replica runs it
         o = inf.generate([prompts[0]], max_new_tokens=args.max_tokens)[0]  # warm, both
         post(url, body)
         engine, server = [], []

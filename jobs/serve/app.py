@@ -29,6 +29,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
@@ -71,8 +72,6 @@ def _cores() -> int:
 @serve.ingress(api)
 class M3Server:
     def __init__(self, cfg, token):
-        import torch
-
         sc = cfg.serve
         # Ray gives a worker OMP_NUM_THREADS = its CPUs (often 1); a decode as fast as `m3
         # generate`'s needs torch's threads for this machine unless serve.threads says otherwise
@@ -99,6 +98,7 @@ class M3Server:
             "failed_builds": self.live.failed,
             "requests": self.served,
             "largest_batch": self.largest_batch,
+            "threads": torch.get_num_threads(),
         }
 
     @api.get("/v1/models")

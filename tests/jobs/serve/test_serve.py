@@ -150,6 +150,46 @@ def test_requests_arriving_together_are_decoded_together(client, server, engine)
         assert json.loads(r.read())["largest_batch"] > 1
 
 
+def test_a_token_is_asked_for_when_one_is_set(server):
+    """The same application with a token (what a non-loopback host requires), beside the first."""
+    from ray import serve
+
+    from jobs.serve.app import application
+
+    serve.run(application(server.cfg, "s3cret"), name="m3-token", route_prefix="/token", blocking=False)
+    try:
+        base = f"{server.url}/token/v1"
+        wrong = openai.OpenAI(base_url=base, api_key="guess", max_retries=0, timeout=60)
+        with pytest.raises(openai.AuthenticationError) as e:
+            wrong.completions.create(model=server.model, prompt="a", max_tokens=2)
+        assert "a valid token is required" in e.value.body["message"]
+        right = openai.OpenAI(base_url=base, api_key="s3cret", max_retries=0, timeout=60)
+        assert right.completions.create(model=server.model, prompt="a", max_tokens=2).choices[0].text is not None
+        assert [m.id for m in right.models.list().data] == [server.model]
+    finally:
+        serve.delete("m3-token")
+
+
+def test_one_log_line_per_request(client, server):
+    import glob
+    import os
+    import time
+
+    import ray
+
+    client.completions.create(model=server.model, prompt="Shyzer", max_tokens=3)
+    post(f"{server.url}/v1/completions", b'{"model": "nope", "prompt": "a"}')
+    logs = os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs", "serve")
+    deadline = time.monotonic() + 20
+    while True:
+        text = "".join(open(f, errors="replace").read() for f in glob.glob(f"{logs}/replica_m3_m3_*.log"))
+        ok = "route=completions status=200 build=2 new_tokens=" in text and "status=404 build=None" in text
+        if ok or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert ok, text[-2000:]
+
+
 # last in this module: it publishes a new live build into the served bank
 def test_a_publish_during_a_burst_drops_no_request_and_mixes_no_builds(client, server):
     """6 clients send requests back to back; build 1's tables are published again as the live

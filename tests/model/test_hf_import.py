@@ -142,3 +142,46 @@ def test_sharded_bfloat16_checkpoint(tmp_path):
     tokens = _tokens(80)
     with torch.no_grad():
         assert (model(tokens)[..., :80] - want(tokens).logits).abs().max().item() < 1e-4
+
+
+LLAMA = dict(
+    architectures=["LlamaForCausalLM"],
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=48,
+    vocab_size=64,
+)
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (dict(rope_parameters=dict(rope_type="yarn", factor=4.0)), "rope_type 'yarn' is not supported"),
+        (dict(mlp_bias=True), "mlp_bias true is not supported"),
+        (dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
+        (dict(head_dim=16), "head_dim*num_attention_heads = 16*4 != hidden_size 32"),
+        (dict(architectures=["Qwen2ForCausalLM"], use_sliding_window=True), "use_sliding_window true"),
+        (dict(architectures=["GemmaForCausalLM"]), "'GemmaForCausalLM' is not supported"),
+        (dict(hidden_size="32"), "hidden_size expected an integer, got '32'"),
+    ],
+)
+def test_config_refused_naming_the_field(change, expected):
+    from model.hf_config import from_hf
+
+    with pytest.raises(HFModelError, match=expected.replace("(", r"\(").replace("*", r"\*")):
+        from_hf({**LLAMA, **change}, "config.json")
+
+
+def test_transformers4_spelling_of_rope_is_read():
+    from model.hf_config import from_hf
+
+    scaling = dict(
+        type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64
+    )
+    fields, _ = from_hf({**LLAMA, "rope_theta": 500000.0, "rope_scaling": scaling}, "config.json")
+    assert (
+        fields["rope_theta"] == 500000.0
+        and fields["rope_scaling"] == "llama3"
+        and fields["rope_original_max_len"] == 64
+    )

@@ -93,11 +93,28 @@ def export_hf(
     tok = Path(tokenizer) if tokenizer else checkpoint / "tokenizer.json"
     if tok.exists():
         shutil.copyfile(tok, tmp / "tokenizer.json")
+        _tokenizer_config(tmp, cfg, json.loads(tok.read_text(encoding="utf-8")))
     elif tokenizer:
         raise HFModelError(f"{tokenizer}: no such tokenizer file")
+    ids = {"bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id, "pad_token_id": cfg.pad_id}
+    (tmp / "generation_config.json").write_text(json.dumps(ids, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return hf
+
+
+def _tokenizer_config(out: Path, cfg: ModelConfig, tok: dict) -> None:
+    """tokenizer_config.json naming the special tokens by their text, so AutoTokenizer knows
+    which ids are bos, eos and pad (tokenizer.json alone does not say)."""
+    names = {i: t for t, i in (tok.get("model") or {}).get("vocab", {}).items()}
+    names.update({a["id"]: a["content"] for a in tok.get("added_tokens") or []})
+    config = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    for key, i in (("bos_token", cfg.bos_id), ("eos_token", cfg.eos_id), ("pad_token", cfg.pad_id)):
+        if i in names:
+            config[key] = names[i]
+    if cfg.ref_bos_id in names:
+        config["additional_special_tokens"] = [names[cfg.ref_bos_id]]
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def _shape_of(name: str, cfg: ModelConfig) -> tuple[int, ...]:

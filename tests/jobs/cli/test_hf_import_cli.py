@@ -52,6 +52,9 @@ def test_import_model_reports_rows_and_writes_config(tmp_path, capsys):
     import transformers
 
     back = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(exported)  # knows the special tokens by name
+    assert (tok.eos_token_id, tok.pad_token_id) == (model.config.eos_id, model.config.pad_id)
+    assert tok.convert_tokens_to_ids("<ref>") == model.config.ref_bos_id
     tokens = torch.randint(3, 96, (1, 30))
     with torch.no_grad():
         assert (back(tokens).logits - model(tokens)).abs().max().item() < 1e-4

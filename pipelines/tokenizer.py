@@ -77,6 +77,19 @@ def check_model_ids(tok: Tokenizer, model, where: str) -> Tokenizer:
     return tok
 
 
+def check_bank_tokenizer(tok: Tokenizer, model, where: str) -> Tokenizer:
+    """A model may read a bank only if the bank was cut with the model's tokenizer: an imported
+    model's ids on the project's own tokenizer (an `m3 ingest` forgotten after `m3 import-model`)
+    would train on the wrong tokens without an error."""
+    ids = (model.pad_id, model.bos_id, model.eos_id, model.ref_bos_id)
+    if own_layout(tok) and ids != (PAD_ID, BOS_ID, EOS_ID, REF_BOS_ID):
+        raise TokenizerError(
+            f"{where}: the bank was cut with the project's own tokenizer (special ids 0-3), the model "
+            f"uses pad/bos/eos/<ref> = {ids}: run `m3 ingest` with the config `m3 import-model` wrote"
+        )
+    return check_model_ids(tok, model, where)
+
+
 def load(path) -> Tokenizer:
     """A tokenizer.json at a local path or a bank URI."""
     from storage.layout import upath

@@ -61,6 +61,7 @@ def check_stage(cfg, bank: Bank, tc: TrainConfig, stage: str) -> None:
                 f"{WEIGHTS_FILE}: run `m3 train --stage warmup` first"
             )
         _check_resume_start(bank, tc, src, stage)
+        _check_tokenizer(bank, src)
     if tc.with_memory(stage):
         bank.require("neighbors")
         memory_codec(cfg, tc)  # refuses a codec training cannot pass memories through
@@ -72,6 +73,21 @@ def check_stage(cfg, bank: Bank, tc: TrainConfig, stage: str) -> None:
             )
     if tc.max_tokens is not None and tc.max_tokens > cfg.model.max_seq_len:
         raise ConfigError(f"train.max_tokens={tc.max_tokens} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+
+
+def _check_tokenizer(bank: Bank, src: Path) -> None:
+    """The model a stage starts from was made for the tokenizer the bank was cut with (a
+    pretrained import and its own tokenizer, pipelines/tokenizer.py's check_bank_tokenizer)."""
+    from model.config import ModelConfig
+    from model.files import CONFIG_FILE
+    from pipelines.tokenizer import check_bank_tokenizer
+    from pipelines.tokenizer import load as load_tokenizer
+
+    tok_rel = bank.metadata("refs").get("tokenizer_path") if bank.has("refs") else None
+    if not tok_rel:  # sequences written without ingest (tests): no tokenizer to hold the model to
+        return
+    model = ModelConfig.from_dict(json.loads((src / CONFIG_FILE).read_text()))
+    check_bank_tokenizer(load_tokenizer(bank.layout.path(tok_rel)), model, f"the model in {src}")
 
 
 def absolute_paths(cfg, tc: TrainConfig):

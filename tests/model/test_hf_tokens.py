@@ -32,3 +32,23 @@ def test_tokenizer_without_ref_or_own_ids_is_refused(tmp_path):
     make_hf_model(tmp_path / "hf", "mistral")
     with pytest.raises(TokenizerError, match="special token '<pad>' must have id 0"):
         load(tmp_path / "hf" / "tokenizer.json")
+
+
+def test_bank_cut_with_another_tokenizer_is_refused(tmp_path):
+    """An imported model on a bank cut with the project's own tokenizer (`m3 ingest` forgotten)
+    and the project's model on a bank cut with an imported tokenizer: both refused, naming it."""
+    from tokenizers import Tokenizer
+
+    from pipelines.tokenizer import check_bank_tokenizer, train_bpe
+
+    make_hf_model(tmp_path / "hf", "qwen2")
+    import_hf(tmp_path / "hf", tmp_path / "m3")
+    imported = load_model(tmp_path / "m3").config
+    own = train_bpe(["a compiler is a program"] * 50, vocab_size=300)
+    with pytest.raises(TokenizerError, match=r"project's own tokenizer .* run `m3 ingest`"):
+        check_bank_tokenizer(own, imported, "m")
+    theirs = Tokenizer.from_file(str(tmp_path / "m3" / "tokenizer.json"))
+    assert check_bank_tokenizer(theirs, imported, "m") is theirs
+    project = dataclasses.replace(imported, pad_id=0, bos_id=1, eos_id=2, ref_bos_id=3)
+    with pytest.raises(TokenizerError, match="<ref> token has id 92, model.ref_bos_id is 3"):
+        check_bank_tokenizer(theirs, project, "m")

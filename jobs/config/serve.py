@@ -44,10 +44,11 @@ class ServeConfig:
     # torch threads of a replica's decode; null = torch's default for this machine (what
     # `m3 generate` uses), so one request is as fast as `m3 generate`.
     threads: int | None = field(default=None, metadata={"ge": 1})
-    # Requests that arrive together are decoded as one batch: at most this many, waiting at
-    # most batch_wait_s for the batch to fill once the first has arrived.
+    # Requests that arrive together are decoded as one batch of at most max_batch_size, closed
+    # when the decoder is free; it waits at most batch_wait_s for as many requests as were active
+    # around the last batch (one client alone never waits: jobs/serve/batcher.py).
     max_batch_size: int = field(default=8, metadata={"ge": 1})
-    batch_wait_s: float = field(default=0.01, metadata={"ge": 0})
+    batch_wait_s: float = field(default=0.1, metadata={"ge": 0})
     # How often (at most) a replica reads the live manifest between batches to see whether
     # a new build was published; it loads the new build beside the old one and switches
     # between two batches.

@@ -7,12 +7,12 @@ live build of its bank.
     POST /v1/chat/completions    OpenAI chat completions (stream or not)
 
 Requests are validated here (jobs/serve/protocol.py; a 4xx naming the field for anything the
-client got wrong), then queued to `_decode`, which Ray Serve's batching calls with the requests
-that arrived together (at most serve.max_batch_size, waiting at most serve.batch_wait_s); the
-batch is decoded in one thread by the replica's engine for the build it serves
-(jobs/serve/builds.py), so the memory store, its RAM cache and the retriever are shared by every
-request of the replica. Streaming sends the text token by token once the batch's decode ends: the
-engine returns whole generations (tokens are not streamed as they are decoded).
+client got wrong), then queued to the replica's batcher (jobs/serve/batcher.py), which hands
+`_decode` the requests that arrived together (at most serve.max_batch_size); the batch is decoded
+in one thread by the replica's engine for the build it serves (jobs/serve/builds.py), so the
+memory store, its RAM cache and the retriever are shared by every request of the replica.
+Streaming sends the text token by token once the batch's decode ends: the engine returns whole
+generations (tokens are not streamed as they are decoded).
 
 Each request logs one line (the replica's log, `ray.serve` logger): route, build, tokens,
 batch size, latency. Metrics, exported by Ray's metrics agent (Prometheus) with the deployment's
@@ -22,12 +22,10 @@ m3_serve_memory_cache_hit_rate, m3_serve_build, m3_serve_requests (by status).
 
 # no `from __future__ import annotations`: FastAPI reads the routes' annotations (Request) as
 # objects, and Ray ships this class by value, without the module globals a string would name
-import asyncio
 import hmac
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from fastapi import FastAPI, Request
@@ -36,6 +34,7 @@ from ray import serve
 from ray.serve.metrics import Counter, Gauge, Histogram
 
 from jobs.serve.batch import run_batch
+from jobs.serve.batcher import Batcher
 from jobs.serve.builds import LiveBuild
 from jobs.serve.protocol import RequestError, check_model, completion, parse_body, parse_job, stream_events
 
@@ -78,11 +77,9 @@ class M3Server:
         torch.set_num_threads(sc.threads or _cores())
         self.cfg, self.token, self.model = cfg, token, sc.model_name or cfg.name
         self.live = LiveBuild(cfg, sc.build_poll_s)
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="m3-decode")  # one decode at a time
+        self.batcher = Batcher(self._decode, sc.max_batch_size, sc.batch_wait_s)  # one decode at a time
         self.metrics = _metrics()
         self.metrics["build"].set(self.live.current.build or 0)
-        self._decode.set_max_batch_size(sc.max_batch_size)
-        self._decode.set_batch_wait_timeout_s(sc.batch_wait_s)
         self.served = self.largest_batch = 0
 
     # -- routes
@@ -138,7 +135,7 @@ class M3Server:
             check_model(body, self.model)
             header = request.headers.get("x-m3-memories", "").lower() in ("1", "true", "yes")
             job = parse_job(body, self.cfg.infer, self._max_seq_len(), chat, header)
-            result, batch = await self._decode(job)
+            result, batch = await self.batcher.submit(job)
             if isinstance(result, RequestError):
                 raise result
         except RequestError as e:
@@ -152,13 +149,12 @@ class M3Server:
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
         return JSONResponse(completion(job, d, self.model), headers=headers)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _decode(self, jobs: list) -> list:
-        """The requests that arrived together, decoded by one build in one engine call."""
+    def _decode(self, jobs: list) -> list:
+        """The requests that arrived together, decoded by one build in one engine call (in the
+        batcher's thread)."""
         served = self.live.serving()
-        loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
-        results = await loop.run_in_executor(self.pool, run_batch, served.inference, served.build, jobs)
+        results = run_batch(served.inference, served.build, jobs)
         seconds = time.perf_counter() - t0
         new = sum(len(r.token_ids) for r in results if not isinstance(r, RequestError))
         self.metrics["batch"].observe(len(jobs))

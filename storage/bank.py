@@ -36,6 +36,27 @@ META_KEY = b"m3"
 LATEST = "latest"  # Bank.dataset's version: the newest, whatever the bank is pinned to
 
 
+# Lance scans 8,192 rows per batch and buffers up to 2 GiB of reads by default: with a memory per
+# row (131 KB at bench/scale.py's shape, 39 KB at the paper's) one batch is a gigabyte, and a scan
+# holds several (measured: `m3 bank stats` and the slab write of `m3 encode` peaked at 2.6-2.9 GB
+# on an 877 MB memories table). Every dataset the bank opens scans in batches of about
+# SCAN_BATCH_BYTES of its files with at most SCAN_IO_BUFFER read ahead; DuckDB's scans go through
+# the same dataset (storage/sql.py).
+SCAN_BATCH_BYTES = 16 << 20
+SCAN_IO_BUFFER = 64 << 20
+LANCE_BATCH_ROWS = 8192
+
+
+def batch_rows(ds) -> int:
+    """Rows per scanned batch of `ds` that keep a batch near SCAN_BATCH_BYTES of its files (from
+    the sizes the manifest records: nothing is read), at most Lance's default."""
+    rows = nbytes = 0
+    for frag in ds.get_fragments():
+        rows += frag.metadata.physical_rows or 0
+        nbytes += sum(f.file_size_bytes or 0 for f in frag.metadata.files)
+    return int(max(16, min(LANCE_BATCH_ROWS, SCAN_BATCH_BYTES * max(rows, 1) // max(nbytes, 1))))
+
+
 class BankError(M3Error, RuntimeError):
     pass
 
@@ -169,10 +190,18 @@ class Bank:
         return ds
 
     def _open(self, name: str, version: int | None):
-        """The Lance dataset at `version`, None the latest, whatever the pins say."""
+        """The Lance dataset at `version`, None the latest, whatever the pins say, its scans
+        bounded in memory (`batch_rows`)."""
         import lance
 
-        return lance.dataset(self.layout.table(name), version=version)
+        uri = self.layout.table(name)
+        ds = lance.dataset(uri, version=version, default_scan_options={"io_buffer_size": SCAN_IO_BUFFER})
+        rows = batch_rows(ds)
+        if rows == LANCE_BATCH_ROWS:  # narrow rows: Lance's batch is small enough
+            return ds
+        return lance.dataset(
+            uri, version=ds.version, default_scan_options={"io_buffer_size": SCAN_IO_BUFFER, "batch_size": rows}
+        )
 
     def _check_files(self, name: str, version: int, dataset) -> None:
         """BankError naming the first file of this table version that is missing or not the size

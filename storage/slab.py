@@ -52,6 +52,7 @@ import numpy as np
 import pyarrow as pa
 
 from model.errors import M3Error
+from storage.bank import batch_rows
 from storage.layout import LayoutError
 from storage.staging import open_atomic, write_bytes_atomic, write_text_atomic
 
@@ -60,7 +61,7 @@ if TYPE_CHECKING:
 
 FORMAT = 2  # 2: per-row crc32 (the .crc file); a format-1 slab is written again, never read
 TABLE = "memories"
-_SCAN_ROWS = 4096  # rows per scanned batch while writing: bounded memory whatever the table
+_KEY_ROWS = 16384  # rows per batch of a scan of the key columns alone (ref_id, content_hash)
 _PROBES = 8  # rows of a batch probed for the page cache before reading it (SlabReader)
 _GAP = 16384  # bytes between two rows below which one WILLNEED covers both
 _CAN_ANNOUNCE = hasattr(os, "posix_fadvise") and hasattr(os, "RWF_NOWAIT")  # Linux
@@ -148,7 +149,7 @@ def write_slab(bank: Bank, ds, codec, shape, meta: dict) -> dict | None:
     digest, pdigest, rows = hashlib.blake2b(digest_size=16), hashlib.blake2b(digest_size=16), 0
     crcs = []
     with open_atomic(payload_path, durable=True) as f:
-        for batch in ds.to_batches(columns=["ref_id", "content_hash", "payload"], batch_size=_SCAN_ROWS):
+        for batch in ds.to_batches(columns=["ref_id", "content_hash", "payload"], batch_size=batch_rows(ds)):
             ids = batch.column("ref_id").to_pylist()
             row_digest(ids, batch.column("content_hash").to_pylist(), digest)
             block = _fixed_rows(batch.column("payload"), nbytes, ids)
@@ -202,7 +203,7 @@ def ensure_slab(bank: Bank, version: int) -> dict | None:
 
 def _rows_digest(ds) -> str:
     h = hashlib.blake2b(digest_size=16)
-    for batch in ds.to_batches(columns=["ref_id", "content_hash"], batch_size=_SCAN_ROWS * 4):
+    for batch in ds.to_batches(columns=["ref_id", "content_hash"], batch_size=_KEY_ROWS):
         row_digest(batch.column("ref_id").to_pylist(), batch.column("content_hash").to_pylist(), h)
     return h.hexdigest()
 

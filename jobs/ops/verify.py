@@ -46,10 +46,8 @@ import pyarrow.compute as pc
 
 from model.errors import M3Error
 from storage import slab as slabs
-from storage.bank import Bank, _decode, damaged_files, unreadable
+from storage.bank import Bank, _decode, batch_rows, damaged_files, unreadable
 from storage.live import read_manifest
-
-_BATCH_BYTES = 16 << 20  # bytes per scanned batch (rows of the table's average size): bounded memory
 
 
 class VerifyError(M3Error, RuntimeError):
@@ -239,7 +237,7 @@ def _scan(bank: Bank, name: str, ds, header: dict | None):
         else None,
     }.get(name)
     try:
-        for batch in ds.to_batches(batch_size=_batch_rows(ds)):
+        for batch in ds.to_batches(batch_size=batch_rows(ds)):
             n = batch.num_rows
             if name == "refs":
                 ids.append(batch.column("ref_id"))
@@ -288,13 +286,6 @@ def _scan(bank: Bank, name: str, ds, header: dict | None):
     if digest is not None and digest.hexdigest() != header["digest"]:
         return False, "(ref_id, content_hash) of the rows differ from the slab header's digest"
     return True, f"{rows:,} rows read" + (f"; {what}" if what else ""), got
-
-
-def _batch_rows(ds) -> int:
-    """Rows per scanned batch: ~16 MB of the table's files (a memories row is ~50 KB: bigger
-    batches cost page faults and memory, and read no faster)."""
-    size = sum(f.file_size_bytes or 0 for fr in ds.get_fragments() for f in fr.metadata.files)
-    return int(max(64, min(8192, _BATCH_BYTES * max(ds.count_rows(), 1) // max(size, 1))))
 
 
 def _subset(emb, ref_ids):

@@ -18,6 +18,7 @@ ROPE_SCALINGS = ("none", "llama3")
 OPTIONAL_FIELDS = (
     "qkv_bias",
     "out_bias",
+    "qk_norm",
     "rope_scaling",
     "rope_factor",
     "rope_low_freq_factor",
@@ -68,6 +69,7 @@ class ModelConfig:
     # these out while it holds its default, so every other model's config JSON and hash are unchanged
     qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2, Llama attention_bias)
     out_bias: bool = False  # a bias on the attention output projection (Llama attention_bias)
+    qk_norm: bool = False  # RMSNorm of each head's q and k before RoPE (Qwen3)
     # "llama3": Llama 3.1's frequency-dependent stretch of the RoPE wavelengths (model/rope.py)
     rope_scaling: str = field(default="none", metadata={"choices": ROPE_SCALINGS})
     rope_factor: float = field(default=8.0, metadata={"gt": 0})

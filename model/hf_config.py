@@ -1,11 +1,12 @@
 """A Hugging Face config.json <-> ModelConfig, for the architectures whose forward ours computes.
 
 Supported: LlamaForCausalLM (Llama 2/3, with Llama 3.1's RoPE scaling; SmolLM is one),
-Qwen2ForCausalLM (Qwen2 and 2.5: q/k/v biases) and MistralForCausalLM (its sliding window bounds
-max_seq_len, below which attention is the full causal one). Each is the same decoder as ours:
-pre-norm RMSNorm, rotate-half RoPE, GQA, SwiGLU; tied or untied embeddings. Anything else is
-refused by name before a tensor is read (Qwen3's q/k norms, Gemma's scaled embeddings, ...
-would need layers this model does not have).
+Qwen2ForCausalLM (Qwen2 and 2.5: q/k/v biases), Qwen3ForCausalLM (q/k norms, where head_dim *
+heads = hidden_size) and MistralForCausalLM (its sliding window bounds max_seq_len, below which
+attention is the full causal one). Each is the same decoder as ours: pre-norm RMSNorm,
+rotate-half RoPE, GQA, SwiGLU; tied or untied embeddings. Anything else is refused by name before
+a tensor is read (Gemma's scaled embeddings, Phi's partial RoPE, ... would need layers this model
+does not have).
 
 Both transformers 4 (`rope_theta` + `rope_scaling`) and 5 (`rope_parameters`) spellings are read.
 A key missing from config.json takes the default of transformers' class for that architecture
@@ -21,12 +22,18 @@ from typing import Any
 from .config import ModelConfig
 from .errors import M3Error
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "MistralForCausalLM": "mistral",
+}
 
 # transformers 5's class defaults for the keys read here (LlamaConfig, Qwen2Config, MistralConfig)
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": dict(max_position_embeddings=2048, rope_theta=10000.0, attention_bias=False, mlp_bias=False),
     "qwen2": dict(max_position_embeddings=32768, rope_theta=10000.0, use_sliding_window=False),
+    "qwen3": dict(max_position_embeddings=32768, rope_theta=10000.0, use_sliding_window=False, attention_bias=False),
     "mistral": dict(max_position_embeddings=131072, rope_theta=10000.0, sliding_window=4096),
 }
 _COMMON = dict(rms_norm_eps=1e-6, tie_word_embeddings=False, hidden_act="silu", pretraining_tp=1)
@@ -106,7 +113,7 @@ def from_hf(hf: dict[str, Any], where: str, memory: dict[str, Any] | None = None
         raise HFModelError(f"{where}: hidden_act {get('hidden_act')!r} is not supported (SwiGLU needs silu)")
     if get("mlp_bias"):
         raise HFModelError(f"{where}: mlp_bias true is not supported (the MLP has no biases)")
-    if family == "qwen2" and get("use_sliding_window"):
+    if family in ("qwen2", "qwen3") and get("use_sliding_window"):
         raise HFModelError(f"{where}: use_sliding_window true is not supported (attention is full causal)")
     heads = hf["num_attention_heads"]
     kv_heads = get("num_key_value_heads") or heads
@@ -119,7 +126,8 @@ def from_hf(hf: dict[str, Any], where: str, memory: dict[str, Any] | None = None
     max_len = int(get("max_position_embeddings"))
     if family == "mistral" and get("sliding_window"):
         max_len = min(max_len, int(get("sliding_window")))  # within the window attention is full causal
-    attn_bias = bool(get("attention_bias")) if family == "llama" else family == "qwen2"
+    # Llama and Qwen3: attention_bias puts a bias on all of q, k, v, o; Qwen2: on q, k, v always
+    attn_bias = bool(get("attention_bias")) if family in ("llama", "qwen3") else family == "qwen2"
     fields: dict[str, Any] = dict(
         vocab_size=hf["vocab_size"],
         n_layers=hf["num_hidden_layers"],
@@ -132,7 +140,8 @@ def from_hf(hf: dict[str, Any], where: str, memory: dict[str, Any] | None = None
         norm_eps=float(get("rms_norm_eps")),
         tie_embeddings=bool(get("tie_word_embeddings")),
         qkv_bias=attn_bias,
-        out_bias=attn_bias and family == "llama",
+        out_bias=attn_bias and family in ("llama", "qwen3"),
+        qk_norm=family == "qwen3",
         **_rope(hf, family, where),
     )
     memory = dict(memory or {})
@@ -161,11 +170,14 @@ def to_hf(cfg: ModelConfig, arch: str | None = None) -> dict[str, Any]:
     """
     if arch is None:
         arch = "Qwen2ForCausalLM" if cfg.qkv_bias and not cfg.out_bias else "LlamaForCausalLM"
+        arch = "Qwen3ForCausalLM" if cfg.qk_norm else arch
     if arch not in ARCHITECTURES:
         raise HFModelError(f"export: architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
     family = ARCHITECTURES[arch]
     if family == "qwen2" and (cfg.out_bias or not cfg.qkv_bias):
         raise HFModelError("export: Qwen2ForCausalLM needs q/k/v biases and no output bias (qkv_bias, out_bias)")
+    if cfg.qk_norm != (family == "qwen3"):
+        raise HFModelError(f"export: {arch} {'has no' if cfg.qk_norm else 'needs'} q/k norms (qk_norm)")
     if family != "qwen2" and cfg.qkv_bias != cfg.out_bias:
         raise HFModelError(f"export: {arch} has biases on all of q, k, v, o or none (qkv_bias, out_bias)")
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
@@ -201,9 +213,9 @@ def to_hf(cfg: ModelConfig, arch: str | None = None) -> dict[str, Any]:
     )
     if cfg.rope_scaling == "llama3":
         out["rope_scaling"] = rope
-    if family == "llama":
+    if family in ("llama", "qwen3"):
         out.update(attention_bias=cfg.qkv_bias, mlp_bias=False)
-    if family == "qwen2":
+    if family in ("qwen2", "qwen3"):
         out.update(use_sliding_window=False, sliding_window=None)
     if family == "mistral":
         out["sliding_window"] = None

@@ -56,6 +56,9 @@ def export_hf(
                 )
         if cfg.out_bias:
             plan.append((n["o"] + "bias", lambda b=b: src.read(b + "attn.wo.bias")))
+        if cfg.qk_norm:
+            plan.append((n["q_norm"], lambda b=b: src.read(b + "attn.q_norm.weight")))
+            plan.append((n["k_norm"], lambda b=b: src.read(b + "attn.k_norm.weight")))
     plan.sort(key=lambda p: p[0])
     dtype = src.dtype("tok_emb.weight")
     hf["torch_dtype"] = hf["dtype"] = str(dtype).removeprefix("torch.")
@@ -125,6 +128,8 @@ def _shape_of(name: str, cfg: ModelConfig) -> tuple[int, ...]:
     for proj, r in rows.items():
         if proj in name:
             return (r, D) if name.endswith("weight") else (r,)
+    if "q_norm" in name or "k_norm" in name:
+        return (hd,)
     if "o_proj" in name:
         return (D, cfg.n_heads * hd) if name.endswith("weight") else (D,)
     if "gate_proj" in name or "up_proj" in name:

@@ -47,6 +47,8 @@ def hf_names(i: int) -> dict[str, str]:
         "k": p + "self_attn.k_proj.",
         "v": p + "self_attn.v_proj.",
         "o": p + "self_attn.o_proj.",
+        "q_norm": p + "self_attn.q_norm.weight",
+        "k_norm": p + "self_attn.k_norm.weight",
         "attn_norm": p + "input_layernorm.weight",
         "mlp_norm": p + "post_attention_layernorm.weight",
         "w_gate": p + "mlp.gate_proj.weight",
@@ -75,6 +77,9 @@ def _producers(cfg: ModelConfig, src: TensorIndex, rows: Callable) -> dict[str, 
             out[b + "attn.wqkv.bias"] = lambda n=n: torch.cat([src.read(n[x] + "bias") for x in "qkv"])
         if cfg.out_bias:
             out[b + "attn.wo.bias"] = lambda n=n: src.read(n["o"] + "bias")
+        if cfg.qk_norm:
+            out[b + "attn.q_norm.weight"] = lambda n=n: src.read(n["q_norm"])
+            out[b + "attn.k_norm.weight"] = lambda n=n: src.read(n["k_norm"])
     return out
 
 
@@ -106,6 +111,8 @@ def _check_sources(cfg: ModelConfig, src: TensorIndex, hf_vocab: int, where: str
             )
         if cfg.out_bias:
             want[n["o"] + "bias"] = (D,)
+        if cfg.qk_norm:
+            want.update({n["q_norm"]: (hd,), n["k_norm"]: (hd,)})
     for name, shape in want.items():
         if name not in src:
             raise HFModelError(f"{where}: tensor {name} is missing from the weights")

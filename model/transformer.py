@@ -61,6 +61,9 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.wqkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.out_bias)
+        # Qwen3: each head's q and k normalised before RoPE (and so before a memory's score)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
     def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(B, T, d_model) -> q (B, Hq, T, D), k and v (B, Hkv, T, D); no positions yet."""
@@ -69,6 +72,8 @@ class Attention(nn.Module):
             [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1
         )
         heads = lambda t: t.view(B, T, -1, self.head_dim).transpose(1, 2)  # noqa: E731
+        if self.q_norm is not None:
+            return self.q_norm(heads(q)), self.k_norm(heads(k)), heads(v)
         return heads(q), heads(k), heads(v)
 
     def kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -79,7 +84,7 @@ class Attention(nn.Module):
         bias = None if self.wqkv.bias is None else self.wqkv.bias[q_rows:]
         k, v = F.linear(x, self.wqkv.weight[q_rows:], bias).split([self.n_kv_heads * self.head_dim] * 2, dim=-1)
         heads = lambda t: t.view(B, T, -1, self.head_dim).transpose(1, 2)  # noqa: E731
-        return heads(k), heads(v)
+        return (heads(k) if self.k_norm is None else self.k_norm(heads(k))), heads(v)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """Output projection of softmax(q k^T / sqrt(D)) v.

@@ -24,7 +24,7 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     imp = sub.add_parser(
         "import-model",
         parents=[common],
-        help="a local Hugging Face model directory (Llama, Qwen2, Mistral) -> this project's checkpoint",
+        help="a local Hugging Face model directory (Llama, Qwen2, Qwen3, Mistral) -> this project's checkpoint",
     )
     imp.add_argument("source", metavar="DIR", help="config.json, *.safetensors and tokenizer.json")
     imp.add_argument("--out", help="checkpoint directory (default <bank>/models/hf-<DIR's name>)")
@@ -35,7 +35,9 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     exp.add_argument("out", metavar="OUT")
     exp.add_argument("--checkpoint", help="the model to export (default <bank>/training/continual/model)")
     exp.add_argument(
-        "--arch", choices=("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"), help="default: by the biases"
+        "--arch",
+        choices=("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM"),
+        help="default: by the biases",
     )
 
 

@@ -54,6 +54,12 @@ CASES = {
         ),
         90,
     ),
+    # Qwen3: q/k norms, untied, explicit head_dim (= hidden / heads: the one layout this model has)
+    "qwen3": (
+        ("Qwen3Config", "Qwen3ForCausalLM"),
+        dict(num_key_value_heads=2, head_dim=8, vocab_size=88, bos_token_id=1, eos_token_id=2),
+        None,
+    ),
     # Mistral: GQA 4, untied, a sliding window longer than the contexts tested
     "mistral": (
         ("MistralConfig", "MistralForCausalLM"),

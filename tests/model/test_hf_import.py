@@ -100,8 +100,8 @@ def test_round_trip_import_export_transformers(imported, tmp_path):
 
 
 def test_unsupported_architecture_refused_by_name(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen3ForCausalLM"], "hidden_size": 8}))
-    with pytest.raises(HFModelError, match="'Qwen3ForCausalLM' is not supported") as e:
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Gemma2ForCausalLM"], "hidden_size": 8}))
+    with pytest.raises(HFModelError, match="'Gemma2ForCausalLM' is not supported") as e:
         import_hf(tmp_path, tmp_path / "out")
     assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
 

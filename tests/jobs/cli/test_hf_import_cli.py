@@ -63,7 +63,7 @@ def test_import_model_reports_rows_and_writes_config(tmp_path, capsys):
 @pytest.mark.parametrize(
     "setup, expected",
     [
-        ("qwen3", "architecture 'Qwen3ForCausalLM' is not supported (supported: LlamaForCausalLM"),
+        ("gemma2", "architecture 'Gemma2ForCausalLM' is not supported (supported: LlamaForCausalLM"),
         ("nothing", "config.json: missing"),
         ("truncated", "model.safetensors: not a safetensors file"),
     ],
@@ -71,8 +71,8 @@ def test_import_model_reports_rows_and_writes_config(tmp_path, capsys):
 def test_unimportable_directory_is_one_line(tmp_path, capsys, setup, expected):
     src = tmp_path / "hf"
     src.mkdir()
-    if setup == "qwen3":
-        (src / "config.json").write_text(json.dumps({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}))
+    if setup == "gemma2":
+        (src / "config.json").write_text(json.dumps({"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2"}))
     elif setup == "truncated":
         make_hf_model(src, "qwen2")
         (src / "model.safetensors").write_bytes(b"\x10\x00")

@@ -190,6 +190,30 @@ def test_one_log_line_per_request(client, server):
     assert ok, text[-2000:]
 
 
+def test_metrics_reach_ray_s_prometheus_export(client, server):
+    """Latency, tokens/s, batch size, memory-cache hit rate and build, as Ray's metrics agent
+    exports them (Prometheus text, names prefixed `ray_`)."""
+    import time
+
+    import ray
+
+    client.completions.create(model=server.model, prompt=PROMPTS[0], max_tokens=4)
+    port = ray._private.worker._global_node.metrics_export_port
+    want = ["request_latency_s_count", "tokens_per_s", "batch_size_count", "memory_cache_hit_rate", "build"]
+    deadline, found = time.monotonic() + 60, {}
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        lines = [line for line in text.splitlines() if 'application="m3"' in line]  # not m3-token's
+        found = {w: line for w in want for line in lines if line.startswith(f"ray_m3_serve_{w}{{")}
+        if len(found) == len(want) and found["build"].endswith(" 2.0"):
+            break
+        time.sleep(1)
+    assert sorted(found) == sorted(want), sorted(found)
+    assert found["build"].endswith(" 2.0")
+    assert float(found["request_latency_s_count"].rsplit(" ", 1)[1]) >= 1
+
+
 # last in this module: it publishes a new live build into the served bank
 def test_a_publish_during_a_burst_drops_no_request_and_mixes_no_builds(client, server):
     """6 clients send requests back to back; build 1's tables are published again as the live

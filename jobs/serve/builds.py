@@ -1,13 +1,13 @@
 """Which build a replica serves, and the switch to a newly published one between two batches.
 
-The live manifest (storage/live.py) names the build readers must see. A replica reads it at most
-every `serve.build_poll_s`, before a batch; when it names another build, the replica loads that
-build in a thread beside the one it serves (an `Inference` pinned to it: its tables, the model
-its memories name, the memory store whose lineage check refuses another model's memories) and
-warms it with one short decode. The batch that finds it ready switches; every batch is decoded by
-exactly one build, so no request mixes two, and no request waits for a load. A build that fails
-to load (another model's memories, a damaged table) is logged once and not retried: the replica
-keeps serving the build it has, and `/health` says which it failed to load and why.
+The live manifest (storage/live.py) names the build readers must see. A replica reads it every
+`serve.build_poll_s` in a thread of its own (an idle replica is on the new build before its next
+request); when it names another build, that thread loads the build beside the one served (an
+`Inference` pinned to it: its tables, the model its memories name, the memory store whose lineage
+check refuses another model's memories) and warms it with one short decode. The next batch
+switches; every batch is decoded by exactly one build, so no request mixes two, and no request
+waits for a load. A build that fails to load (another model's memories, a damaged table) is
+logged once and not retried: the replica keeps serving the build it has, and `/health` says which it failed to load and why.
 """
 
 from __future__ import annotations

@@ -24,7 +24,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable
 
-import lancedb
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -84,6 +83,8 @@ class Bank:
     def db(self):
         # on first use: a Bank is cheap to make and to ship to a worker (connecting to an object
         # store already asks it for the bucket's region)
+        import lancedb  # here, not at the top: its import is ~1.3 s of every command's start
+
         return lancedb.connect(self.uri)
 
     @classmethod
@@ -133,7 +134,12 @@ class Bank:
         return self.training(stage) / "model"
 
     def tables(self) -> list[str]:
-        return sorted(self.db.list_tables().tables)
+        if self.layout.on_object_store():
+            return sorted(self.db.list_tables().tables)
+        # a local bank lists its directory as LanceDB does (every <name>.lance directory), so a
+        # command that only reads through Lance (m3 sql) never imports LanceDB
+        root = self.layout.local()
+        return sorted(p.name[: -len(".lance")] for p in root.glob("*.lance") if p.is_dir()) if root.is_dir() else []
 
     def has(self, name: str) -> bool:
         return name in self.tables()
@@ -243,7 +249,7 @@ class Bank:
             tags.create(tag, version)
 
     def tags(self, name: str) -> dict[str, int]:
-        return {t: info["version"] for t, info in self.db.open_table(name).tags.list().items()}
+        return {t: info["version"] for t, info in sorted(self._open(name, None).tags.list().items())}
 
 
 def _reopen(uri: str, live: bool, run_dir: str | None, pins: dict[str, int]) -> Bank:

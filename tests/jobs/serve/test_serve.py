@@ -280,3 +280,27 @@ def _wait(condition, timeout_s: float) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
+
+
+# after the burst: the live build is 3
+def test_a_build_that_cannot_be_served_leaves_the_served_one_in_place(client, server):
+    """A published build naming a memories version that does not exist (retention deleted it, say):
+    the replica logs it, keeps serving build 3 and says so in /health; no request fails."""
+    from storage.bank import Bank
+    from storage.live import publish, read_manifest
+
+    bank = Bank.of(server.cfg)
+    versions = dict(read_manifest(bank)["versions"])
+    with pytest.raises(RuntimeError, match="version main:999 does not exist"):  # moving the tag, after
+        publish(bank, {**versions, "memories": 999}, {"by": "tests/jobs/serve: broken"})
+    assert read_manifest(bank)["build"] == 4  # the manifest, the commit point, names the broken build
+
+    def health():
+        with urllib.request.urlopen(f"{server.url}/health", timeout=10) as r:
+            return json.loads(r.read())
+
+    _wait(lambda: "4" in health()["failed_builds"], 60)
+    h = health()
+    assert h["build"] == 3 and "999" in h["failed_builds"]["4"], h
+    r = client.completions.create(model=server.model, prompt=PROMPTS[0], max_tokens=4)
+    assert r.model_extra["build"] == 3

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import yaml
 
 from model.checked import FieldError
+from model.config import ModelConfig
 from model.errors import M3Error
 
 EXTENDS = "extends"
@@ -231,6 +232,8 @@ def build(cls: type, data: Any, prefix: str, where: _Where, parent: Any = None, 
 
 def to_dict(obj: Any) -> Any:
     """A plain, JSON-ready form of a config (tuples become lists)."""
+    if isinstance(obj, ModelConfig):  # without the optional fields at their defaults (model/config.py):
+        return to_dict(obj.to_dict())  # the hashes that key existing banks' stages stay what they were
     if dataclasses.is_dataclass(obj):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, dict):

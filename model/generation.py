@@ -85,6 +85,7 @@ def generate_with_memory(
     prefetch: bool = False,
     sink: bool = False,
     static: StaticDecoder | bool = False,
+    on_token: Callable[[Tensor], None] | None = None,
 ) -> Generated:
     """Continue prompt (B, T0) by up to max_new_tokens (all rows stop early once every row has
     produced eos_id). Without retrieve: decoding with no memories, behind the ref_bos sink when
@@ -92,7 +93,10 @@ def generate_with_memory(
 
     static: decode steps of fixed shapes (model/static_decode.py; a CUDA graph on a GPU), True
     for a fresh StaticDecoder, or one to reuse (its cache is reset; its graph is kept). Same
-    schedule and memories; logits equal to rounding."""
+    schedule and memories; logits equal to rounding.
+
+    on_token: called with each step's sampled tokens (B, 1) as soon as they are sampled, before
+    the next step is decoded (`m3 serve` streams them); it changes nothing in the decode."""
     cfg = model.config
     cs = cfg.mem_chunk_size
     B, T0 = prompt.shape
@@ -124,6 +128,8 @@ def generate_with_memory(
         for step in range(max_new_tokens):
             token = sample(logits[:, -1], temperature, top_p, generators)
             out.append(token)
+            if on_token is not None:
+                on_token(token)
             if eos_id is not None:
                 done |= token[:, 0] == eos_id
             if step == max_new_tokens - 1 or bool(done.all()):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -260,9 +261,14 @@ class Inference:
         batch_size: int | None = None,
         stop_at_eos: bool = True,
         prefetch: bool | None = None,
+        on_token: Callable[[int, int], None] | None = None,
     ) -> list[Output]:
         """Generate for every prompt; seeds default to infer.seed + the prompt's index, so a
-        prompt samples the same tokens whatever batch it lands in."""
+        prompt samples the same tokens whatever batch it lands in.
+
+        on_token(prompt_index, token_id): called for every token of every prompt as soon as its
+        decode step has sampled it (in the calling thread), EOS and the tokens a row samples after
+        it included (a row decodes on until every row of its batch has stopped): the caller cuts."""
         ic = self.ic
         mode = mode or ic.mode
         if mode not in MODES:
@@ -293,6 +299,13 @@ class Inference:
         for g in groups:
             batch = self._batch([contexts[i] for i in g], n_new)
             gens = row_generators([seeds[i] for i in g], device=self.device)
+            step_cb = None
+            if on_token is not None:
+
+                def step_cb(token: torch.Tensor, g=g) -> None:
+                    for row, t in enumerate(token[:, 0].tolist()):
+                        on_token(g[row], t)
+
             out = generate_with_memory(
                 self.model,
                 batch,
@@ -300,6 +313,7 @@ class Inference:
                 retrieve,
                 generators=gens,
                 sink=bool(self.memory_reading.get("reads_memory")),
+                on_token=step_cb,
                 **opts,
             )
             T0 = batch.shape[1]

@@ -11,8 +11,10 @@ client got wrong), then queued to the replica's batcher (jobs/serve/batcher.py),
 `_decode` the requests that arrived together (at most serve.max_batch_size); the batch is decoded
 in one thread by the replica's engine for the build it serves (jobs/serve/builds.py), so the
 memory store, its RAM cache and the retriever are shared by every request of the replica.
-Streaming sends the text token by token once the batch's decode ends: the engine returns whole
-generations (tokens are not streamed as they are decoded).
+Streaming sends each token's text as soon as the decode step that sampled it ends (the engine's
+`on_token`, jobs/serve/stream.py), cut where the non-streamed answer is (EOS, the request's own
+max_tokens); a request the batch refuses (its prompt too long) is answered with its 4xx before
+any event.
 
 Each request logs one line (the replica's log, `ray.serve` logger): route, build, tokens,
 batch size, latency. Metrics, exported by Ray's metrics agent (Prometheus) with the deployment's
@@ -22,6 +24,7 @@ m3_serve_memory_cache_hit_rate, m3_serve_build, m3_serve_requests (by status).
 
 # no `from __future__ import annotations`: FastAPI reads the routes' annotations (Request) as
 # objects, and Ray ships this class by value, without the module globals a string would name
+import asyncio
 import hmac
 import logging
 import os
@@ -37,6 +40,7 @@ from jobs.serve.batch import run_batch
 from jobs.serve.batcher import Batcher
 from jobs.serve.builds import LiveBuild
 from jobs.serve.protocol import RequestError, check_model, completion, parse_body, parse_job, stream_events
+from jobs.serve.stream import TokenStream
 
 log = logging.getLogger("ray.serve")
 api = FastAPI(title="m3 serve")
@@ -135,19 +139,37 @@ class M3Server:
             check_model(body, self.model)
             header = request.headers.get("x-m3-memories", "").lower() in ("1", "true", "yes")
             job = parse_job(body, self.cfg.infer, self._max_seq_len(), chat, header)
+            if job.stream:
+                return await self._stream(job, route, t0)
             result, batch = await self.batcher.submit(job)
             if isinstance(result, RequestError):
                 raise result
         except RequestError as e:
             self._done(route, e.status, t0, None, 0, 0, e.message)
             return JSONResponse(e.body(), status_code=e.status)
-        d = result.as_dict()
         headers = {"X-M3-Build": str(result.build)}
         self._done(route, 200, t0, result.build, len(result.token_ids), batch, None)
-        if job.stream:
-            events = stream_events(job, d, self.model, result.pieces or [])
-            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-        return JSONResponse(completion(job, d, self.model), headers=headers)
+        return JSONResponse(completion(job, result.as_dict(), self.model), headers=headers)
+
+    async def _stream(self, job, route: str, t0: float):
+        """The events of a streamed job, each token's text as its decode step ends; its
+        RequestError (raised) when the batch refuses it, before any event."""
+        stream = job.stream_to = TokenStream(job.max_tokens)
+        task = asyncio.ensure_future(self.batcher.submit(job))
+        task.add_done_callback(stream.close)
+        if not await stream.started():  # decoded without a token: an error, or an empty answer
+            result, _ = task.result()
+            if isinstance(result, RequestError):
+                raise result
+
+        def final() -> dict:
+            result, batch = task.result()
+            self._done(route, 200, t0, result.build, len(result.token_ids), batch, None)
+            return result.as_dict()
+
+        deltas = stream.deltas(lambda: task.result()[0].text)
+        events = stream_events(job, self.model, stream.build, deltas, final)
+        return StreamingResponse(events, media_type="text/event-stream", headers={"X-M3-Build": str(stream.build)})
 
     def _decode(self, jobs: list) -> list:
         """The requests that arrived together, decoded by one build in one engine call (in the

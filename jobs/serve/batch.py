@@ -8,6 +8,9 @@ the steps before (a KV cache sized for more tokens holds the same values), so a 
 tokens `m3 generate --max-new-tokens N` gives it alone. The engine decodes rows of equal context
 length together (the model takes no padding mask): prompts of other lengths are decoded one
 length after another inside the same call.
+
+A streamed request (its Job's `stream_to`, jobs/serve/stream.py) gets each token of its row as
+soon as the decode step that sampled it ends, cut as its Result is (at EOS, at its max_tokens).
 """
 
 from __future__ import annotations
@@ -26,25 +29,9 @@ class Result:
     finish_reason: str  # "stop" (EOS) or "length"
     build: int | None
     memories: list[dict] | None = None
-    pieces: list[str] | None = None  # streaming: the text split at token boundaries
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
-
-
-def _pieces(tokenizer, tokens: list[int], text: str) -> list[str]:
-    """The text cut where tokens end, concatenating to `text` exactly: a piece ends only where the
-    decoded prefix is whole (a byte-level BPE token can end inside a UTF-8 character)."""
-    out, done = [], ""
-    for i in range(1, len(tokens) + 1):
-        prefix = tokenizer.decode(tokens[:i])
-        if prefix.startswith(done) and not prefix.endswith("\ufffd") and text.startswith(prefix):
-            if len(prefix) > len(done):
-                out.append(prefix[len(done) :])
-            done = prefix
-    if len(text) > len(done):
-        out.append(text[len(done) :])
-    return out
 
 
 def _clip(out, keep: int, eos_id: int):
@@ -89,8 +76,17 @@ def run_batch(inference, build: int | None, jobs: list[Job]) -> list[Result | Re
             continue
         groups.setdefault((job.mode, job.temperature, job.top_p), []).append((i, ids))
     eos = inference.model.config.eos_id
+    for i, job in enumerate(jobs):
+        if job.stream_to is not None and results[i] is None:
+            job.stream_to.open(build, inference.tokenizer, eos)
     for (mode, temperature, top_p), rows in groups.items():
         n = max(jobs[i].max_tokens for i, _ in rows)
+        streams = {p: jobs[i].stream_to for p, (i, _) in enumerate(rows) if jobs[i].stream_to is not None}
+
+        def on_token(p: int, token: int, streams=streams) -> None:
+            if p in streams:
+                streams[p].push(token)
+
         outs = inference.generate_tokens(
             [ids for _, ids in rows],
             mode,
@@ -99,6 +95,7 @@ def run_batch(inference, build: int | None, jobs: list[Job]) -> list[Result | Re
             top_p=top_p,
             seeds=[jobs[i].seed for i, _ in rows],
             batch_size=len(rows),
+            on_token=on_token if streams else None,
         )
         for (i, ids), out in zip(rows, outs):
             job = jobs[i]
@@ -112,6 +109,5 @@ def run_batch(inference, build: int | None, jobs: list[Job]) -> list[Result | Re
                 finish_reason="stop" if stopped else "length",
                 build=build,
                 memories=describe(inference, out)["chunks"] if job.memories else None,
-                pieces=_pieces(inference.tokenizer, out.tokens, text) if job.stream else None,
             )
     return results

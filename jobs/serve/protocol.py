@@ -19,6 +19,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import AsyncIterator
 
 from jobs.config.infer import MODES
 from model.errors import M3Error
@@ -57,6 +58,8 @@ class Job:
     chat: bool = False
     stream: bool = False
     received: float = field(default_factory=time.perf_counter)
+    # a streamed request's jobs/serve/stream.py TokenStream: the decode pushes its tokens there
+    stream_to: object = field(default=None, repr=False, compare=False)
 
 
 def parse_body(raw: bytes) -> dict:
@@ -166,21 +169,22 @@ def usage(result: dict) -> dict:
     return {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}
 
 
-def stream_events(job: Job, result: dict, model: str, pieces: list[str]):
-    """Server-sent events of a finished job: one event per text piece (a token, or several
-    where one character spans tokens), the last with finish_reason, usage and, when asked,
-    the memories; then [DONE]."""
+async def stream_events(job: Job, model: str, build: int | None, deltas: AsyncIterator[str], result):
+    """Server-sent events of a streamed job: one event per text delta as `deltas` yields it (a
+    token's text, as its decode step ends), then, once the job is decoded (`result()`: its
+    jobs/serve/batch.py `Result.as_dict`), one with finish_reason, usage and, when asked, the
+    memories; then [DONE]."""
     rid = ("chatcmpl-" if job.chat else "cmpl-") + uuid.uuid4().hex[:24]
     head = {
         "id": rid,
         "object": "chat.completion.chunk" if job.chat else "text_completion",
         "created": int(time.time()),
         "model": model,
-        "system_fingerprint": f"build-{result['build']}",
-        "build": result["build"],
+        "system_fingerprint": f"build-{build}",
+        "build": build,
     }
 
-    def event(text: str | None, finish: str | None, first: bool = False, last: bool = False) -> str:
+    def event(text: str | None, finish: str | None, first: bool = False, last: dict | None = None) -> str:
         if job.chat:
             delta = {"role": "assistant"} if first else {}
             if text is not None:
@@ -188,16 +192,17 @@ def stream_events(job: Job, result: dict, model: str, pieces: list[str]):
             choice = {"index": 0, "delta": delta, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-        if last and job.memories:
-            choice["memories"] = result["memories"]
+        if last is not None and job.memories:
+            choice["memories"] = last["memories"]
         chunk = {**head, "choices": [choice]}
-        if last:
-            chunk["usage"] = usage(result)
+        if last is not None:
+            chunk["usage"] = usage(last)
         return f"data: {json.dumps(chunk)}\n\n"
 
     if job.chat:
         yield event(None, None, first=True)
-    for piece in pieces:
-        yield event(piece, None)
-    yield event(None if job.chat else "", result["finish_reason"], last=True)
+    async for text in deltas:
+        yield event(text, None)
+    done = result()
+    yield event(None if job.chat else "", done["finish_reason"], last=done)
     yield "data: [DONE]\n\n"

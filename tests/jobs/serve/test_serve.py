@@ -81,6 +81,83 @@ def test_streaming_sends_the_same_text_piece_by_piece(client, server, engine):
     assert "".join(c.choices[0].delta.content or "" for c in chat) == want.text
 
 
+def test_a_stream_sends_each_token_s_text_as_it_comes(client, server):
+    """One content event per token (a token ending inside a character adds its text to the next),
+    concatenating to the non-streamed greedy answer, completions and chat alike."""
+    for prompt in PROMPTS:
+        whole = client.completions.create(model=server.model, prompt=prompt, max_tokens=24, temperature=0)
+        n, text = len(whole.choices[0].model_extra["token_ids"]), whole.choices[0].text
+        assert n > 1, prompt
+        chunks = list(
+            client.completions.create(model=server.model, prompt=prompt, max_tokens=24, temperature=0, stream=True)
+        )
+        deltas = [c.choices[0].text for c in chunks if c.choices[0].text]
+        assert "".join(deltas) == text and len(deltas) >= n / 2, (prompt, deltas)
+        assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+        assert chunks[-1].usage.completion_tokens == n
+        chat = list(
+            client.chat.completions.create(
+                model=server.model,
+                messages=[{"role": "user", "content": prompt}],
+                max_tokens=24,
+                temperature=0,
+                stream=True,
+            )
+        )
+        deltas = [c.choices[0].delta.content for c in chat if c.choices[0].delta.content]
+        assert "".join(deltas) == text and len(deltas) >= n / 2, (prompt, deltas)
+        assert chat[0].choices[0].delta.role == "assistant" and chat[-1].choices[0].finish_reason is not None
+
+
+def test_a_stream_gets_its_tokens_while_its_batch_still_decodes(server, engine):
+    """The replica's path (batcher, run_batch, TokenStream) with the model held at its first
+    decode step (the forward after the prefill) until the streamed request has its first token:
+    a stream sent once the decode ended would never release it. The streamed row asks fewer
+    tokens than the other row of its batch: its stream ends at its own max_tokens, as its
+    non-streamed answer does."""
+    import asyncio
+
+    from jobs.serve.batch import run_batch
+    from jobs.serve.batcher import Batcher
+    from jobs.serve.protocol import Job
+    from jobs.serve.stream import TokenStream
+
+    prompt, ic = PROMPTS[1], server.cfg.infer
+    short, long = (engine.generate([prompt], max_new_tokens=n, temperature=0.0)[0] for n in (5, 24))
+    assert len(short.tokens) == 5 and len(long.tokens) > 5  # the test needs both cuts
+    released, held, calls = threading.Event(), [], []
+
+    def hold(module, args):
+        calls.append(1)
+        if len(calls) == 2:  # the prefill sampled the first tokens; this forward decodes the next
+            held.append(released.wait(30))  # False: the first token never reached the request
+
+    async def main():
+        batcher = Batcher(lambda jobs: run_batch(engine, 2, jobs), max_size=8, wait_s=0.5)
+
+        async def request(max_tokens: int):
+            job = Job(prompt, max_tokens, 0.0, 1.0, ic.seed, ic.mode, stream=True)
+            job.stream_to = TokenStream(max_tokens)
+            task = asyncio.ensure_future(batcher.submit(job))
+            task.add_done_callback(job.stream_to.close)
+            assert await job.stream_to.started()
+            released.set()
+            deltas = [d async for d in job.stream_to.deltas(lambda: task.result().text)]
+            return deltas, await task
+
+        got = await asyncio.gather(request(5), request(24))
+        return got, batcher.sizes
+
+    handle = engine.model.register_forward_pre_hook(hold)
+    try:
+        ((deltas5, result5), (deltas24, result24)), sizes = asyncio.run(main())
+    finally:
+        handle.remove()
+    assert held == [True] and sizes == [2]
+    assert "".join(deltas5) == short.text and result5.token_ids == short.tokens and result5.finish_reason == "length"
+    assert "".join(deltas24) == long.text and result24.token_ids == long.tokens and len(deltas5) < len(deltas24)
+
+
 def test_chat_completion_continues_the_messages(client, server, engine):
     messages = [{"role": "system", "content": "Facts."}, {"role": "user", "content": PROMPTS[0]}]
     want = engine.generate(["Facts.\n" + PROMPTS[0]], max_new_tokens=12)[0]

@@ -200,3 +200,78 @@ def s3():
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="m3-test")
         yield "s3://m3-test", env
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def edited_facts_bank(tmp_path_factory, ray_local):
+    """(Here, not in tests/jobs/inference/conftest.py: the inference and serve tests share one
+    build of it per session.) A slice of the facts corpus (tests/conftest.py facts_subset, plus the descriptions of the
+    entities data/facts/edits.jsonl edits) published as build 1 by `m3 rebuild`, encoded by a
+    tiny reader model saved as training saves one (encode.checkpoint; infer.checkpoint unset, so
+    serving finds it through the memories' lineage); then the edits applied to a copy of the bank
+    file (scripts/make_facts.py apply_edits) and an incremental rebuild published as build 2.
+    Returns a namespace: cfg (build 1's corpus), cfg2 (the edited corpus) and sets2 (its --set
+    overrides), ckpt, edits (those of the slice), rebuilds (their summaries), root, settings(bank
+    file, *extra) and config(bank file, *extra)."""
+    import dataclasses
+    import importlib.util
+    import types
+
+    import torch
+
+    from jobs.config import load_config
+    from jobs.ops.rebuild import run_rebuild
+    from model import Memory3, save_model
+    from tests.jobs.inference.conftest import FACTS_TINY, write_export
+
+    spec = importlib.util.spec_from_file_location("make_facts", ROOT / "scripts" / "make_facts.py")
+    make_facts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_facts)
+    root = tmp_path_factory.mktemp("edits")
+    bank_file, train_file, _ = facts_subset(root)
+    edits = make_facts.read_jsonl(FACTS / "edits.jsonl")
+    ids = {e["id"] for e in edits}
+    rows = make_facts.read_jsonl(bank_file) + [
+        r for r in make_facts.read_jsonl(FACTS / "bank.jsonl.gz") if r["id"] in ids
+    ]
+    with gzip.open(bank_file, "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+    def settings(bank: Path, *extra: str) -> list[str]:  # --set overrides of configs/facts.yaml
+        return [
+            f"corpus.paths=[{bank}, {train_file}]",
+            f"corpus.roles={{{bank}: bank, {train_file}: training}}",
+            f"bank.uri={root / 'bank'}",
+            "tokenizer.vocab_size=600",
+            "model.vocab_size=600",
+            "ray.num_cpus=2",
+            "corpus.records_per_shard=100",
+            "retrieval.refs_per_shard=64",
+            "retrieval.threads_per_actor=1",
+            *FACTS_TINY,
+            *extra,
+        ]
+
+    def config(bank: Path, *extra: str):
+        return load_config("configs/facts.yaml", settings(bank, *extra))
+
+    torch.manual_seed(0)
+    ckpt = save_model(Memory3(dataclasses.replace(config(bank_file).model, init_std=0.2)), root / "reader")
+    write_export(config(bank_file), ckpt)
+    cfg = config(bank_file, f"encode.checkpoint={ckpt}")
+    first = run_rebuild(cfg)
+    edited, n = make_facts.apply_edits(edits, bank_file, root / "edited")
+    assert n == len(edits)
+    cfg2 = config(edited, f"encode.checkpoint={ckpt}")
+    second = run_rebuild(cfg2)
+    return types.SimpleNamespace(
+        cfg=cfg,
+        cfg2=cfg2,
+        sets2=settings(edited, f"encode.checkpoint={ckpt}"),
+        ckpt=Path(ckpt),
+        edits=edits,
+        rebuilds=(first, second),
+        root=root,
+        settings=settings,
+        config=config,
+    )

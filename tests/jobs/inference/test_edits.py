@@ -2,7 +2,7 @@
 edited in the bank's source reaches, after an incremental `m3 rebuild`, the reference a QA probe
 item reads (its text, its tokens, its memory), and the build before it, pinned (`--build -1`),
 still serves the old one, with the same model. Real facts-corpus slice, LanceDB, Ray stages and
-retrieval (tests/jobs/inference/conftest.py edited_facts_bank).
+retrieval (tests/conftest.py edited_facts_bank).
 
 What this cannot show: the model's greedy answers following the edit. That needs a model that
 reads its memories, which the tiny random-weight model here does not and which cannot be trained

@@ -273,7 +273,7 @@ def test_rag_batched_equals_each_prompt_alone(bank, inf):
 def test_cli_build_generates_from_the_pinned_build(edited_facts_bank, tmp_path):
     """`m3 generate --build -1` reads the build before live: where an edited entity's
     description is read, live gives the edited text and --build -1 the text before the edit
-    (tests/jobs/inference/conftest.py edited_facts_bank: build 2 edits build 1's facts)."""
+    (tests/conftest.py edited_facts_bank: build 2 edits build 1's facts)."""
     from tests.conftest import FACTS
 
     def holds(text: str, value: str) -> bool:

@@ -1,5 +1,5 @@
 """One real server for the `m3 serve` tests: Ray Serve on loopback (a free port), in the session's
-embedded Ray, serving a copy of the edited facts bank (tests/jobs/inference/conftest.py: build 1,
+embedded Ray, serving a copy of the edited facts bank (tests/conftest.py: build 1,
 then build 2 with edited descriptions, encoded by a tiny reader model): the tests may publish
 into the copy without touching the bank other tests read."""
 
@@ -10,11 +10,9 @@ import types
 
 import pytest
 
-from tests.jobs.inference.conftest import edited_facts_bank  # noqa: F401 (the fixture, shared)
-
 
 @pytest.fixture(scope="module")
-def server(edited_facts_bank, tmp_path_factory):  # noqa: F811
+def server(edited_facts_bank, tmp_path_factory):
     from jobs.config import load_config
     from jobs.serve import server as srv
 

@@ -154,12 +154,15 @@ def generate_with_memory(
             pool.shutdown(wait=True)
     tokens = torch.cat(out, dim=1)
     n = tokens.shape[1]
-    for row in reads:  # clip the last chunk to what was generated
-        while row and row[-1].start >= n:
-            row.pop()
-        if row:
-            row[-1].end = min(row[-1].end, n)
-    return Generated(tokens, reads)
+    return Generated(tokens, [clip_reads(row, n) for row in reads])
+
+
+def clip_reads(row: list[ChunkRead], end: int) -> list[ChunkRead]:
+    """A row's reads as a decode whose last token fed is `end` - 1 has them: chunks that start at
+    or after `end` dropped, the last one cut to it."""
+    return [
+        ChunkRead(c.start, min(c.end, end), c.query_start, c.query_end, list(c.ref_ids)) for c in row if c.start < end
+    ]
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from jobs.inference.generate import describe
 from jobs.serve.protocol import Job, RequestError
+from model.generation import clip_reads
 
 
 @dataclass
@@ -40,12 +41,7 @@ def _clip(out, keep: int, eos_id: int):
     stopped = len(out.tokens) < keep  # EOS came first
     tokens = out.tokens[:keep]
     end = len(out.prompt_tokens) + (len(tokens) + 1 if stopped else keep)
-    reads = []
-    for c in out.reads:
-        if c.start >= end:
-            break
-        reads.append(type(c)(c.start, min(c.end, end), c.query_start, c.query_end, list(c.ref_ids)))
-    return type(out)(out.prompt_tokens, tokens, out.text, out.mode, reads, out.rag_refs), stopped
+    return type(out)(out.prompt_tokens, tokens, out.text, out.mode, clip_reads(out.reads, end), out.rag_refs), stopped
 
 
 def prompt_tokens(inference, job: Job) -> list[int]:

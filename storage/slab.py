@@ -52,7 +52,6 @@ import numpy as np
 import pyarrow as pa
 
 from model.errors import M3Error
-from storage.bank import batch_rows
 from storage.layout import LayoutError
 from storage.staging import open_atomic, write_bytes_atomic, write_text_atomic
 
@@ -149,7 +148,8 @@ def write_slab(bank: Bank, ds, codec, shape, meta: dict) -> dict | None:
     digest, pdigest, rows = hashlib.blake2b(digest_size=16), hashlib.blake2b(digest_size=16), 0
     crcs = []
     with open_atomic(payload_path, durable=True) as f:
-        for batch in ds.to_batches(columns=["ref_id", "content_hash", "payload"], batch_size=batch_rows(ds)):
+        # the Bank's dataset: batches bounded by row width (storage/bank.py batch_rows)
+        for batch in ds.to_batches(columns=["ref_id", "content_hash", "payload"]):
             ids = batch.column("ref_id").to_pylist()
             row_digest(ids, batch.column("content_hash").to_pylist(), digest)
             block = _fixed_rows(batch.column("payload"), nbytes, ids)

@@ -46,7 +46,7 @@ import pyarrow.compute as pc
 
 from model.errors import M3Error
 from storage import slab as slabs
-from storage.bank import Bank, _decode, batch_rows, damaged_files, unreadable
+from storage.bank import Bank, _decode, damaged_files, unreadable
 from storage.live import read_manifest
 
 
@@ -237,7 +237,7 @@ def _scan(bank: Bank, name: str, ds, header: dict | None):
         else None,
     }.get(name)
     try:
-        for batch in ds.to_batches(batch_size=batch_rows(ds)):
+        for batch in ds.to_batches():  # batches bounded by row width (storage/bank.py batch_rows)
             n = batch.num_rows
             if name == "refs":
                 ids.append(batch.column("ref_id"))

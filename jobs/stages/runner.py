@@ -48,7 +48,7 @@ from jobs.runtime import init_ray, quiet_ray_data, row_shards, run_actor_shards
 from model.errors import M3Error
 from pipelines.delta import Delta, keep_filter, plan_delta, ref_key
 from pipelines.shard_actor import staged_path
-from storage.bank import Bank, batch_rows
+from storage.bank import Bank
 from storage.layout import upath
 from storage.staging import iter_batches, remove, write_text_atomic
 
@@ -357,7 +357,7 @@ def _old_batches(old: lance.LanceDataset, reuse: Reuse) -> Iterator[pa.RecordBat
     """The old table's rows in order, a batch at a time, each through `reuse.check` if any."""
     check = reuse.check(old) if reuse.check is not None else None
     start = 0
-    for batch in old.to_batches(batch_size=batch_rows(old)):
+    for batch in old.to_batches():  # the Bank's dataset: batches bounded by row width
         yield batch if check is None else check(batch, start)
         start += batch.num_rows
 

@@ -136,6 +136,23 @@ def facts_subset(root: Path, n_faq: int = 48, n_other: int = 48) -> tuple[Path, 
     return paths[0], paths[1], names
 
 
+def facts_settings(bank_file: Path, train_file: Path, bank: Path, *extra: str) -> list[str]:
+    """--set overrides that make configs/facts.yaml small for tests: a facts_subset corpus (its
+    bank file and training file, each with its role) into the bank at `bank`."""
+    return [
+        f"corpus.paths=[{bank_file}, {train_file}]",
+        f"corpus.roles={{{bank_file}: bank, {train_file}: training}}",
+        f"bank.uri={bank}",
+        "tokenizer.vocab_size=600",
+        "model.vocab_size=600",
+        "ray.num_cpus=2",
+        "corpus.records_per_shard=100",
+        "retrieval.refs_per_shard=64",
+        "retrieval.threads_per_actor=1",
+        *extra,
+    ]
+
+
 def small_facts_bank(root: Path, *extra: str, embed: bool = True):
     """A facts-corpus bank of ~100 descriptions and ~10 training sequences (configs/facts.yaml,
     smaller), ingested and, with `embed`, embedded. Returns (config, overrides, entity names).
@@ -146,20 +163,9 @@ def small_facts_bank(root: Path, *extra: str, embed: bool = True):
     from jobs.stages.ingest import run_ingest
 
     bank_file, train_file, names = facts_subset(root)
-    overrides = [
-        f"corpus.paths=[{bank_file}, {train_file}]",
-        f"corpus.roles={{{bank_file}: bank, {train_file}: training}}",
-        f"bank.uri={root / 'bank'}",
-        "tokenizer.vocab_size=600",
-        "model.vocab_size=600",
-        "ray.num_cpus=2",
-        "corpus.records_per_shard=100",
-        "retrieval.refs_per_shard=64",
-        "retrieval.threads_per_actor=1",
-        "pair.seqs_per_shard=4",
-        "retrieval.method=vector",
-        *extra,
-    ]
+    overrides = facts_settings(
+        bank_file, train_file, root / "bank", "pair.seqs_per_shard=4", "retrieval.method=vector", *extra
+    )
     cfg = load_config("configs/facts.yaml", overrides)
     run_ingest(cfg)
     if embed:
@@ -238,19 +244,7 @@ def edited_facts_bank(tmp_path_factory, ray_local):
         f.writelines(json.dumps(r) + "\n" for r in rows)
 
     def settings(bank: Path, *extra: str) -> list[str]:  # --set overrides of configs/facts.yaml
-        return [
-            f"corpus.paths=[{bank}, {train_file}]",
-            f"corpus.roles={{{bank}: bank, {train_file}: training}}",
-            f"bank.uri={root / 'bank'}",
-            "tokenizer.vocab_size=600",
-            "model.vocab_size=600",
-            "ray.num_cpus=2",
-            "corpus.records_per_shard=100",
-            "retrieval.refs_per_shard=64",
-            "retrieval.threads_per_actor=1",
-            *FACTS_TINY,
-            *extra,
-        ]
+        return facts_settings(bank, train_file, root / "bank", *FACTS_TINY, *extra)
 
     def config(bank: Path, *extra: str):
         return load_config("configs/facts.yaml", settings(bank, *extra))

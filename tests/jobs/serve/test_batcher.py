@@ -16,14 +16,14 @@ def decode(jobs: list) -> list:
 
 def test_one_client_never_waits_for_a_batch():
     async def main():
-        b = Batcher(decode, max_size=8, wait_s=1.0)
-        t0 = time.perf_counter()
+        # a batch that waited for a second request would wait an hour: wait_for's bound is then
+        # what fails, whatever this machine's speed (no timing is asserted)
+        b = Batcher(decode, max_size=8, wait_s=3600.0)
         for i in range(5):
-            assert await b.submit(i) == i * 10
-        return time.perf_counter() - t0, b.sizes
+            assert await asyncio.wait_for(b.submit(i), 60) == i * 10
+        return b.sizes
 
-    seconds, sizes = asyncio.run(main())
-    assert sizes == [1] * 5 and seconds < 5 * 0.05 + 0.5  # no 1 s waits
+    assert asyncio.run(main()) == [1] * 5
 
 
 def test_clients_coming_back_are_decoded_as_one_batch():

@@ -264,7 +264,6 @@ def test_unknown_job_and_unreachable_cluster_are_one_line_errors(head):
         out = m3(head, cmd, "m3-no-such-job", ok=False)
         assert out.returncode == 2 and "no job 'm3-no-such-job'" in out.stderr and "Traceback" not in out.stderr
     port = free_ports(1)[0]
-    t0 = time.monotonic()
     out = subprocess.run(
         [sys.executable, "-m", "jobs", "jobs", "--address", f"http://127.0.0.1:{port}", "--timeout", "3"],
         cwd=ROOT,
@@ -275,7 +274,10 @@ def test_unknown_job_and_unreachable_cluster_are_one_line_errors(head):
     )
     assert out.returncode == 2 and "no Ray Jobs API at" in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and "--timeout" in out.stderr
-    assert time.monotonic() - t0 > 3  # it retried a refused connection until its deadline
+    # it retried the refused connection until its deadline (jobs/ops/submit.py retrying: said only
+    # once the next backoff would pass the deadline; was a wall-clock bound, flaky and 0.3 s off
+    # by design, since the last wait that would overshoot is not taken)
+    assert "still failing after 3 s" in out.stderr
 
 
 def test_submit_to_a_head_started_a_moment_ago(head, tmp_path_factory):

@@ -275,8 +275,11 @@ def command(overrides: list[str], *args: str) -> float:
     return round(time.perf_counter() - w, 3)
 
 
-def build(n: int, work: Path, tree: Tree, corpus: Corpus, repeats: int, quick: bool = False) -> dict:
-    """Every measurement of one size (quick: the stages only, for the warm-up)."""
+def build(
+    n: int, work: Path, tree: Tree, corpus: Corpus, repeats: int, quick: bool = False, rebuild: bool = True
+) -> dict:
+    """Every measurement of one size (quick: the stages only, for the warm-up; rebuild=False: no
+    1 % rebuild and no compaction, for a size where the rebuild's whole index would take hours)."""
     import random
 
     from jobs.config import load_config
@@ -355,6 +358,8 @@ def build(n: int, work: Path, tree: Tree, corpus: Corpus, repeats: int, quick: b
         r["sql"][f"{k}_command_s"] = command(overrides, "sql", q)
     _, m = measured(tree, bank_stats, bank)
     r["sql"]["stats_in_process_s"], r["sql"]["stats_command_s"] = m["wall_s"], command(overrides, "bank", "stats")
+    if not rebuild:
+        return r
 
     # the 1 % edit: every 100th document gets a sentence
     corpus.write(d / "corpus", n_docs, edit_every=100)
@@ -384,6 +389,12 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3, help="decode repeats")
     ap.add_argument("--out", default=None, help="results JSON (default bench/results/scale-<date>.json)")
     ap.add_argument("--no-warmup", action="store_true")
+    ap.add_argument(
+        "--no-rebuild-at",
+        type=int,
+        default=None,
+        help="sizes at or above this skip the 1 %% rebuild and compaction (the rebuild rebuilds the whole index)",
+    )
     ap.add_argument("--replot", default=None, help="a results JSON: print its table, redraw its PNG, build nothing")
     a = ap.parse_args()
     if a.replot:
@@ -411,7 +422,7 @@ def main() -> int:
     results = []
     for n in a.sizes:
         load0, w = os.getloadavg(), time.perf_counter()
-        r = build(n, work, tree, corpus, a.repeats)
+        r = build(n, work, tree, corpus, a.repeats, rebuild=a.no_rebuild_at is None or n < a.no_rebuild_at)
         r["seconds"], r["load"] = round(time.perf_counter() - w, 1), [load0, os.getloadavg()]
         results.append(r)
         out.write_text(json.dumps({**meta, "results": results}, indent=1, default=str))

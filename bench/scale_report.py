@@ -109,12 +109,17 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    xs = [r["references"] for r in results]
     fig, ax = plt.subplots(figsize=(7, 4.5))
+
+    def line(get, style, label):  # sizes without the measurement (a size run with no rebuild) are left out
+        pts = [(r["references"], get(r) / r["references"] * 1e3) for r in results if _has(get, r)]
+        if pts:
+            ax.plot(*zip(*pts), style, label=label)
+
     for s in ("ingest", "embed", "encode", "pair", "compact"):
-        ax.plot(xs, [r["stages"][s]["wall_s"] / r["references"] * 1e3 for r in results], "o-", label=s)
-    ax.plot(xs, [r["index"]["seconds"] / r["references"] * 1e3 for r in results], "o:", label="index build (in embed)")
-    ax.plot(xs, [r["rebuild"]["incremental_s"] / r["references"] * 1e3 for r in results], "o--", label="rebuild 1 %")
+        line(lambda r, s=s: r["stages"][s]["wall_s"], "o-", s)
+    line(lambda r: r["index"]["seconds"], "o:", "index build (in embed)")
+    line(lambda r: r["rebuild"]["incremental_s"], "o--", "rebuild 1 %")
     ax.set_xscale("log")
     ax.set_xlabel("references in the bank")
     ax.set_ylabel("wall seconds per 1k references")
@@ -123,3 +128,11 @@ def plot(results: list[dict], path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def _has(get, r: dict) -> bool:
+    try:
+        get(r)
+    except (KeyError, TypeError):
+        return False
+    return True

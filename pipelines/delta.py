@@ -57,13 +57,3 @@ def plan_delta(refs: pa.Table, old: pa.Table | None, producer_ok: pa.Array | Non
     added = int(pc.sum(pc.invert(existed)).as_py() or 0)
     removed = int(pc.sum(pc.invert(pc.is_in(old_ids, value_set=ref_ids))).as_py() or 0)
     return Delta(compute, pc.filter(ref_ids, reusable), added, len(compute) - added, removed)
-
-
-def keep_filter(
-    batch: pa.RecordBatch, keep_ids: pa.Array, producer: str | None = None, producer_column: str | None = None
-) -> pa.RecordBatch:
-    """The rows of an old derived table's batch that the rebuild copies."""
-    mask = pc.is_in(batch.column("ref_id"), value_set=keep_ids)
-    if producer_column is not None:
-        mask = pc.and_(mask, pc.equal(batch.column(producer_column), producer))
-    return batch.filter(mask)

@@ -227,8 +227,7 @@ class Bank:
 
         Streaming: the batches are consumed one at a time, never materialized together.
         """
-        meta = {"schema_version": SCHEMA_VERSION, "table": name, "written_at": time.time(), **lineage}
-        schema = schema.with_metadata({META_KEY: json.dumps(meta, sort_keys=True, default=str).encode()})
+        schema = with_lineage(name, schema, lineage)
 
         def cast():
             for batch in batches:
@@ -240,6 +239,34 @@ class Bank:
         tbl = self.db.create_table(name, data=reader, schema=schema, mode=mode)
         return tbl.version
 
+    def update(
+        self, name: str, schema: pa.Schema, read_version: int, deleted, batches: Iterable[pa.RecordBatch], lineage: dict
+    ) -> int:
+        """A new version of the table made from `read_version`: the rows at row addresses
+        `deleted` gone, `batches` appended, unchanged files shared (storage/table_delta.py)."""
+        from storage.table_delta import commit_update
+
+        schema = with_lineage(name, schema, lineage)
+        return commit_update(self.layout.table(name), read_version, deleted, schema, batches, _commit_key(lineage))
+
+    def replace_rows(self, name: str, schema: pa.Schema, batches, identity: list[str], lineage: dict) -> int:
+        """`write`, as an update of the latest version that keeps the rows already there (the
+        same `identity` columns) in their files (storage/table_delta.py `diff_update`);
+        `batches` is called twice."""
+        from storage.table_delta import diff_update
+
+        schema = with_lineage(name, schema, lineage)
+        version = self.dataset(name, LATEST, check=False).version
+        return diff_update(self.layout.table(name), version, schema, batches, identity, _commit_key(lineage))
+
+    def finish_update(self, name: str, schema: pa.Schema, lineage: dict) -> int | None:
+        """The version of an update of `lineage`'s commit killed before its metadata was
+        written, with the metadata written now; None if there is none."""
+        from storage.table_delta import finish
+
+        schema = with_lineage(name, schema, lineage)
+        return finish(self.layout.table(name), _commit_key(lineage), schema)
+
     def tag(self, name: str, tag: str, version: int) -> None:
         """Name a version; an existing tag of that name moves to it."""
         tags = self.db.open_table(name).tags
@@ -250,6 +277,17 @@ class Bank:
 
     def tags(self, name: str) -> dict[str, int]:
         return {t: info["version"] for t, info in sorted(self._open(name, None).tags.list().items())}
+
+
+def with_lineage(name: str, schema: pa.Schema, lineage: dict) -> pa.Schema:
+    """`schema` carrying the table's lineage under META_KEY (the module docstring)."""
+    meta = {"schema_version": SCHEMA_VERSION, "table": name, "written_at": time.time(), **lineage}
+    return schema.with_metadata({META_KEY: json.dumps(meta, sort_keys=True, default=str).encode()})
+
+
+def _commit_key(lineage: dict) -> str:
+    """What names one commit of a stage: its key fields (the stage's *_key) and the table it read."""
+    return json.dumps({k: v for k, v in sorted(lineage.items()) if k.endswith("_key")}, default=str)
 
 
 def _reopen(uri: str, live: bool, run_dir: str | None, pins: dict[str, int]) -> Bank:

@@ -15,9 +15,12 @@ rebuild), tags on deleted versions go first: the stage runner tags each write, a
 version's files forever. A reader pinned to a deleted version (an older build than the kept ones)
 fails on its next read with Lance's "version not found"/missing-file error; it must reopen.
 
-`compact` merges small fragments into large ones (Lance compact_files). Our writes replace a
-whole table in one streaming write, so fragments rarely pile up; compaction matters for tables
-written in pieces, and is cheap when there is nothing to do.
+`compact` merges small fragments into large ones (Lance compact_files). A full build writes a
+table in one streaming write; an incremental rebuild adds a fragment to each derived table and
+shares the rest with the builds before (storage/table_delta.py), so fragments pile up one per
+rebuild: the rebuild merges memories' once there are more than jobs/ops/rebuild.py MAX_FRAGMENTS,
+and `m3 bank compact` merges every table's. A merge rewrites what it merges, so the builds
+before it no longer share those files.
 """
 
 from __future__ import annotations

@@ -79,3 +79,12 @@ TABLES = {
     "train_sequences": TRAIN_SEQUENCES,
     "memories": MEMORIES,
 }
+
+# The columns that say a row of a table is the row an earlier version holds: a rebuild keeps such
+# rows in the files the builds before share, and writes the rest (storage/table_delta.py). Every
+# column but the large one whose content hash is among them (a document's text, a reference's
+# token ids).
+IDENTITY = {
+    "documents": [f.name for f in DOCUMENTS if f.name != "text"],
+    "refs": [f.name for f in REFS if f.name != "token_ids"],
+}

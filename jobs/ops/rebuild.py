@@ -49,6 +49,8 @@ from storage.bank import Bank
 from storage.live import TAG, live_versions, manifest_state
 from storage.retention import compact
 
+MAX_FRAGMENTS = 16  # memories fragments a rebuild leaves before it merges them (one rewrite per ~16 rebuilds)
+
 
 def pin_tokenizer(cfg: Config) -> Config:
     """The config to ingest with: unchanged if it is up to date as it stands (so a rebuild of an
@@ -102,8 +104,10 @@ def run_rebuild(cfg: Config, allow_shrink: bool = False) -> dict:
         if embeddings and isinstance(embeddings.get("index"), dict):
             embeddings["index"] = embeddings["index"].get("index")
         lap("embeddings")
-        # merges fragments if memories were written in pieces; a no-op for our one-write tables
-        if (v := compact(bank.dataset("memories").uri)) is not None:
+        # an incremental rebuild adds a fragment to memories and shares the others with the
+        # builds before (storage/table_delta.py); merging them rewrites the table, so they are
+        # merged only once they pile up (a take touches every fragment it reads from)
+        if (v := compact(bank.dataset("memories").uri, min_fragments=MAX_FRAGMENTS + 1)) is not None:
             memories["version"] = v
             memories["slab"] = memories_slab(bank, v, note)  # the served version's, not the one before
         # exactly what the stages wrote or found up to date, never the latest (jobs/ops/publish.py)

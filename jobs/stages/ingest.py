@@ -46,7 +46,7 @@ from pipelines.tokenizer import check_model_ids, check_special_tokens, from_json
 from pipelines.tokenizer import load as load_tokenizer
 from storage.bank import Bank
 from storage.lock import writes_bank
-from storage.schemas import DOCUMENTS, REFS, SCHEMA_VERSION, TRAIN_SEQUENCES
+from storage.schemas import DOCUMENTS, IDENTITY, REFS, SCHEMA_VERSION, TRAIN_SEQUENCES
 from storage.staging import iter_batches, remove, write_text_atomic
 
 TABLES = ("documents", "rejects", "refs", "train_sequences")
@@ -199,7 +199,7 @@ def commit(bank: Bank, stage_dir: UPath, shard_ids: list[str], dedup, lineage: d
             "refs": (REFS, lambda: iter_batches(assemble.staged(stage_dir, "refs", shard_ids))),
             "train_sequences": (TRAIN_SEQUENCES, lambda: iter_batches(assemble.staged(stage_dir, "seqs", shard_ids))),
         }
-        return commit_tables(bank, streams, lineage, "ingest_key", crash="commit")
+        return commit_tables(bank, streams, lineage, "ingest_key", crash="commit", identity=IDENTITY)
 
 
 @writes_bank("ingest")  # the bank's write lock (storage/lock.py), reentrant under m3 run / rebuild

@@ -14,12 +14,15 @@ A full build is an incremental build against an empty table. A stage derived fro
 still has the same content hash and whose producer (model; embedder) is the current one are
 copied, the rest computed (pipelines/delta.py). Against no table every row is computed, read
 straight from the input; against an old table the rows to compute are first written as a small
-Lance dataset of their own (the "delta"), which the same actors read by row range.
+Lance dataset of their own (the "delta"), which the same actors read by row range, and the new
+version is one update of the old one (`_commit_shared`, storage/table_delta.py): the rows that
+go get deletion vectors, the computed rows are appended, and every unchanged file is shared with
+the builds before, so kept builds cost the rows they changed, not a copy each.
 
 Reused rows may be checked on their way into the new version (`Reuse.check`): the encode stage
-checks each memory it copies against the crc32 the old version's payload slab holds for it
+checks each memory it keeps against the crc32 the old version's payload slab holds for it
 (jobs/stages/encode.py `checked_copy`), so a payload damaged on disk is not carried into a new
-build under fresh checksums.
+build under fresh checksums (a repaired row is rewritten, its damaged copy deleted).
 
 Rows made outside the stage may be reused the same way (`ShardedStage.extra`: the memories a
 server encoded for cold references and wrote back, storage/warm.py), and a stage may compute
@@ -46,9 +49,9 @@ from jobs.faults import maybe_crash, maybe_pause
 from jobs.progress import Progress
 from jobs.runtime import init_ray, quiet_ray_data, row_shards, run_actor_shards
 from model.errors import M3Error
-from pipelines.delta import Delta, keep_filter, plan_delta, ref_key
+from pipelines.delta import Delta, plan_delta, ref_key
 from pipelines.shard_actor import staged_path
-from storage.bank import Bank
+from storage.bank import LATEST, Bank
 from storage.layout import upath
 from storage.staging import iter_batches, remove, write_text_atomic
 
@@ -155,16 +158,24 @@ def commit(
     lineage: dict,
     key_field: str,
     crash: str | None = None,
+    identity: dict[str, list[str]] | None = None,
 ) -> dict[str, int]:
     """One new version of each table, its rows streamed from `tables[name]` = (schema, batches);
     a table already committed with this key (`lineage[key_field]`) is kept, so a crash between
     two tables' commits neither loses nor doubles rows. Returns each table's version, written or
     found. An M3Error the rows raise is raised as itself: Lance's writer passes it on inside its
-    own error, with a traceback in its text. `crash`: the crash point after each write."""
+    own error, with a traceback in its text. `crash`: the crash point after each write.
+
+    A table named in `identity` (its columns that say two rows are the same row) that exists with
+    the same columns is updated, not rewritten: its rows already there stay in the files the
+    builds before share (storage/table_delta.py); `batches` is then called twice."""
     versions = {}
     for name, (schema, batches) in tables.items():
         if bank.has(name) and bank.metadata(name).get(key_field) == lineage[key_field]:
             versions[name] = bank.table(name).version
+            continue
+        if bank.has(name) and (done := bank.finish_update(name, schema, lineage)) is not None:
+            versions[name] = done  # killed between an update and its metadata
             continue
         refused: list[M3Error] = []
 
@@ -175,8 +186,15 @@ def commit(
                 refused.append(e)
                 raise
 
+        cols = (identity or {}).get(name)
+        shared = cols and bank.has(name) and _same_columns(bank.dataset(name, LATEST, check=False).schema, schema)
         try:
-            versions[name] = bank.write(name, schema, rows(), lineage)
+            if shared:
+                versions[name] = bank.replace_rows(
+                    name, schema, lambda batches=batches, refused=refused: rows(batches, refused), cols, lineage
+                )
+            else:
+                versions[name] = bank.write(name, schema, rows(), lineage)
         except Exception:
             if refused:  # the one line the rows raised (nothing was committed)
                 raise refused[0] from None
@@ -243,12 +261,16 @@ def run_stage(stage: ShardedStage, bank: Bank, ray: RayConfig, note: Callable[[s
     if not stage.compute:
         lineage["cold_rows"] = cold
 
-    def rows() -> Iterator[pa.RecordBatch]:
-        if prior:
-            yield from _copied(old, extra, delta, stage.reuse, stage.schema, stage.input_uri)
-        yield from iter_batches(files, columns=stage.schema.names)
+    if old is not None and stage.reuse.table_ok and delta.unchanged and _same_columns(old.schema, stage.schema):
+        version = _commit_shared(bank, stage, old, extra, delta, files, lineage)
+    else:
 
-    version = commit(bank, {stage.table: (stage.schema, rows)}, lineage, stage.key_field)[stage.table]
+        def rows() -> Iterator[pa.RecordBatch]:
+            if prior:
+                yield from _copied(old, extra, delta, stage.reuse, stage.schema, stage.input_uri)
+            yield from iter_batches(files, columns=stage.schema.names)
+
+        version = commit(bank, {stage.table: (stage.schema, rows)}, lineage, stage.key_field)[stage.table]
     if stage.tag:
         bank.tag(stage.table, f"{stage.name}-{stage.key}", version)
     remove(stage_dir)
@@ -313,44 +335,56 @@ def _without_compute(delta: Delta) -> Delta:
     return Delta(np.array([], dtype=np.int64), delta.keep_ids, delta.added, delta.changed, delta.removed)
 
 
+class _Kept:
+    """Which rows of the old table (and of rows made elsewhere, `extra`) a new version keeps:
+    one row per reference whose current content hash and producer they carry, the first source
+    first (two sources may both hold a row of a reference, one of them stale)."""
+
+    def __init__(self, delta: Delta, reuse: Reuse, refs_uri: str, extra: bool):
+        import pyarrow.compute as pc
+
+        self.reuse, self.seen = reuse, set()  # seen: with two sources only
+        self.keep, self.want = delta.keep_ids, None
+        if extra:  # keep_ids name the references; their current content hash picks the row
+            refs = lance.dataset(refs_uri).to_table(columns=["ref_id", "content_hash"])
+            refs = refs.filter(pc.is_in(refs.column("ref_id"), value_set=self.keep))
+            self.want = ref_key(refs.column("ref_id"), refs.column("content_hash"))
+
+    def mask(self, batch: pa.RecordBatch) -> np.ndarray:
+        import pyarrow.compute as pc
+
+        if self.want is None:
+            m = pc.is_in(batch.column("ref_id"), value_set=self.keep)
+        else:
+            m = pc.is_in(ref_key(batch.column("ref_id"), batch.column("content_hash")), value_set=self.want)
+        m = pc.and_(m, pc.equal(batch.column(self.reuse.producer_column), self.reuse.producer))
+        m = np.asarray(m.to_numpy(zero_copy_only=False), dtype=bool)
+        if self.want is None:  # one source: a table holds one row per reference
+            return m
+        rows = np.flatnonzero(m)
+        for i, rid in zip(rows.tolist(), batch.column("ref_id").take(pa.array(rows)).to_pylist()):
+            if rid in self.seen:
+                m[i] = False
+            else:
+                self.seen.add(rid)
+        return m
+
+
 def _copied(
     old: lance.LanceDataset | None, extra: pa.Table | None, delta: Delta, reuse: Reuse, schema: pa.Schema, refs_uri: str
 ) -> Iterator[pa.RecordBatch]:
     """The old rows that are kept, a batch at a time (the bulk of the table is never in memory),
     then the kept rows made elsewhere (`extra`) for references the old table did not give; one
-    row per reference."""
+    row per reference. (A full write; `_commit_shared` keeps the old rows in place instead.)"""
     if delta.unchanged == 0:
         return
-    keep = delta.keep_ids
-    if extra is None:
+    kept = _Kept(delta, reuse, refs_uri, extra is not None)
+    if old is not None and reuse.table_ok:
         for batch in _old_batches(old, reuse):
-            kept = keep_filter(batch, keep, reuse.producer, reuse.producer_column)
-            if kept.num_rows:
-                yield kept
-        return
-    import pyarrow.compute as pc
-
-    # two sources may both hold a row of a reference, one of them stale: rows are kept by ref_id
-    # and content hash (the references' current ones), the first source first
-    refs = lance.dataset(refs_uri).to_table(columns=["ref_id", "content_hash"])
-    refs = refs.filter(pc.is_in(refs.column("ref_id"), value_set=keep))
-    want = ref_key(refs.column("ref_id"), refs.column("content_hash"))
-    seen: set[str] = set()
-    sources = ([_old_batches(old, reuse)] if old is not None and reuse.table_ok else []) + [
-        extra.to_batches(max_chunksize=4096)
-    ]
-    for batches in sources:
-        for batch in batches:
-            batch = batch.select(schema.names)
-            mask = pc.and_(
-                pc.is_in(ref_key(batch.column("ref_id"), batch.column("content_hash")), value_set=want),
-                pc.equal(batch.column(reuse.producer_column), reuse.producer),
-            )
-            kept = batch.filter(mask)
-            ids = kept.column("ref_id").to_pylist()
-            fresh = [i for i, r in enumerate(ids) if r not in seen and not seen.add(r)]
-            if fresh:
-                yield kept.take(pa.array(fresh, pa.int64()))
+            yield batch.filter(kept.mask(batch))
+    if extra is not None:
+        for batch in extra.select(schema.names).to_batches(max_chunksize=4096):
+            yield batch.filter(kept.mask(batch))
 
 
 def _old_batches(old: lance.LanceDataset, reuse: Reuse) -> Iterator[pa.RecordBatch]:
@@ -360,6 +394,74 @@ def _old_batches(old: lance.LanceDataset, reuse: Reuse) -> Iterator[pa.RecordBat
     for batch in old.to_batches():  # the Bank's dataset: batches bounded by row width
         yield batch if check is None else check(batch, start)
         start += batch.num_rows
+
+
+def _commit_shared(
+    bank: Bank,
+    stage: ShardedStage,
+    old: lance.LanceDataset,
+    extra: pa.Table | None,
+    delta: Delta,
+    files: list[UPath],
+    lineage: dict,
+) -> int:
+    """The new version as one update of the old one (storage/table_delta.py): the old rows that
+    are not kept get deletion vectors, the computed rows, the kept rows made elsewhere and any
+    old row `reuse.check` repaired are appended; every other file is shared with the old
+    version. The repaired rows are the only old rows read whole (without a check, only the key
+    columns are scanned)."""
+    done = bank.finish_update(stage.table, stage.schema, lineage)  # killed between its two commits
+    if done is not None:
+        return done
+    reuse = stage.reuse
+    check = reuse.check(old) if reuse.check is not None else None
+    columns = stage.schema.names if check is not None else ["ref_id", "content_hash", reuse.producer_column]
+    kept = _Kept(delta, reuse, stage.input_uri, extra is not None)
+    deleted, repaired, start = [], [], 0
+    for batch in old.to_batches(columns=columns, with_row_address=True):
+        addr = batch.column("_rowaddr").to_numpy()
+        batch = batch.drop_columns(["_rowaddr"]) if hasattr(batch, "drop_columns") else batch.select(columns)
+        mask = kept.mask(batch)
+        if check is not None:
+            fixed = check(batch, start)
+            if fixed is not batch:  # rows the check replaced: rewritten, their old copies deleted
+                redo = mask & _changed_rows(batch, fixed)
+                repaired.append(fixed.filter(redo))
+                mask &= ~redo
+        deleted.append(addr[~mask])
+        start += batch.num_rows
+
+    def appended() -> Iterator[pa.RecordBatch]:
+        yield from repaired
+        if extra is not None:
+            for batch in extra.select(stage.schema.names).to_batches(max_chunksize=4096):
+                yield batch.filter(kept.mask(batch))
+        yield from iter_batches(files, columns=stage.schema.names)
+
+    gone = np.concatenate(deleted) if deleted else np.zeros(0, np.uint64)
+    return bank.update(stage.table, stage.schema, old.version, gone, appended(), lineage)
+
+
+def _same_columns(a: pa.Schema, b: pa.Schema) -> bool:
+    """Whether a new version with schema `b` can share the files of one with schema `a` (the
+    columns, not the metadata: a column added or dropped is a full write)."""
+    return [(f.name, f.type) for f in a] == [(f.name, f.type) for f in b]
+
+
+def _changed_rows(a: pa.RecordBatch, b: pa.RecordBatch) -> np.ndarray:
+    """Rows of two batches of the same rows that differ in any column."""
+    import pyarrow.compute as pc
+
+    out = np.zeros(a.num_rows, bool)
+    for name in a.schema.names:
+        x, y = a.column(name), b.column(name)
+        if x.equals(y):
+            continue
+        try:
+            out |= np.asarray(pc.not_equal(x, y).to_numpy(zero_copy_only=False), bool)
+        except (pa.ArrowNotImplementedError, pa.ArrowInvalid):  # a type without comparison: all rewritten
+            out[:] = True
+    return out
 
 
 def _run_shards(

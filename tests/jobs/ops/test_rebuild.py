@@ -104,6 +104,48 @@ def test_second_rebuild_encodes_only_new_and_changed_references(built):
     live_consistent(bank)
 
 
+def data_files(bank: Path, table: str, version: int) -> dict[str, int]:
+    """The data files a table version reads: {path: rows it keeps of the file}."""
+    ds = lance.dataset(str(bank / f"{table}.lance"), version=version)
+    return {f.data_files()[0].path: f.count_rows() for f in ds.get_fragments()}
+
+
+@pytest.mark.parametrize("table", ["memories", "embeddings"])
+def test_an_incremental_rebuild_shares_the_files_of_the_build_before(built, table):
+    """The second build's version keeps the first build's data files (their rows that changed or
+    went away get deletion vectors) and adds files holding only the rows it computed."""
+    root, corpus, bank, overrides, first, second, v1, old = built
+    before = data_files(bank, table, v1[table])
+    after = data_files(bank, table, live_versions(Bank(str(bank)))[table])
+    counts = second[table]
+    shared, new = set(after) & set(before), set(after) - set(before)
+    assert shared == set(before), (before, after)  # every file of the first build is still read
+    assert sum(after[f] for f in new) == counts["added"] + counts["changed"], (after, counts)
+    assert sum(before.values()) - sum(after[f] for f in shared) == counts["changed"] + counts["removed"]
+
+
+@pytest.mark.parametrize("table", ["refs", "documents"])
+def test_an_incremental_ingest_shares_files_and_equals_a_fresh_one(built, tmp_path, table):
+    """Ingest's tables are updated too: the rows already there stay in the first build's files,
+    and the table holds exactly the rows a fresh ingest of the same corpus writes."""
+    from jobs.stages.ingest import run_ingest
+
+    root, corpus, bank, overrides, first, second, v1, old = built
+    live = live_versions(Bank(str(bank)))[table]
+    before, after = data_files(bank, table, v1[table]), data_files(bank, table, live)
+    assert set(before) <= set(after) and sum(after[f] for f in before) > 0, (before, after)
+    fresh = tmp_path / "fresh"
+    tokenizer = bank / Bank(str(bank), live=True).metadata("refs")["tokenizer_path"]  # the rebuild's pinned BPE
+    run_ingest(load_config("configs/demo.yaml", tiny_settings(corpus, fresh, f"tokenizer.path={tokenizer}")))
+    columns = [c for c in lance.dataset(str(fresh / f"{table}.lance")).schema.names]
+
+    def rows(path: Path, version: int | None = None) -> list:
+        t = lance.dataset(str(path / f"{table}.lance"), version=version).to_table(columns=columns)
+        return sorted(map(repr, t.to_pylist()))
+
+    assert rows(bank, live) == rows(fresh)
+
+
 def test_incremental_bank_equals_a_full_encode(built, tmp_path):
     root, corpus, bank, overrides, *_ = built
     full = tmp_path / "full"
@@ -175,22 +217,31 @@ def test_reader_never_sees_a_killed_rebuild(built, tmp_path):
     assert set(seen) == {old_live["memories"], live_versions(Bank(str(b2)))["memories"]}
 
 
-def test_retention_keeps_the_bank_from_growing(built, tmp_path):
+def test_retention_keeps_the_bank_from_growing(built, tmp_path, monkeypatch):
+    """Retention removes old versions; the fragments an incremental rebuild adds to memories
+    (shared with the builds before) are merged once there are more than MAX_FRAGMENTS (2 here,
+    16 by default), so the table's files stop growing."""
+    import jobs.ops.rebuild as rebuild_mod
+
+    monkeypatch.setattr(rebuild_mod, "MAX_FRAGMENTS", 2)
     root, corpus, bank, overrides, *_ = built
     b3 = tmp_path / "bank"
     shutil.copytree(bank, b3)
     c3 = tmp_path / "c.jsonl.gz"
-    files = []
-    for gen in range(2, 5):
+    files, fragments = [], []
+    for gen in range(2, 6):
         write_corpus(c3, edited(RECORDS, gen))
         run_rebuild(
             load_config("configs/demo.yaml", tiny_settings(c3, b3, "rebuild.keep_builds=2", "rebuild.embeddings=false"))
         )
         files.append({t: table_files(Bank(str(b3)), t) for t in ("refs", "memories", "documents")})
+        fragments.append(len(Bank(str(b3), live=True).dataset("memories").get_fragments()))
+    assert max(fragments) <= 2 and fragments != [1] * len(fragments), fragments  # rebuilds added, then merged
     for table in ("refs", "memories", "documents"):
         versions = [v["version"] for v in lance.dataset(str(b3 / f"{table}.lance")).versions()]
         assert len(versions) == 2, (table, versions)  # the two newest builds, nothing older
-    assert files[-1] == files[-2], files  # steady state: a rebuild adds as many files as it removes
+    # steady state: a rebuild adds as many files as it removes (memories: over a merge cycle)
+    assert files[-1] == files[-3], files
     live_consistent_no_embeddings = Bank(str(b3), live=True)
     assert (
         live_consistent_no_embeddings.dataset("memories").count_rows()

@@ -41,7 +41,7 @@ from pipelines.embedder import load_embedder
 from storage.bank import Bank
 from storage.lexical import FTS_PARAMS, TEXT_COLUMN, build_fts_index, fts_info, retrieve, uses_text
 from storage.lock import writes_bank
-from storage.vectors import AnnParams, build_index
+from storage.vectors import AnnParams, build_index, index_info, update_index
 
 
 def embed_key(cfg: Config, bank: Bank, embedder) -> str:
@@ -124,12 +124,25 @@ def run_embed(cfg: Config, label: str = "embed", note: Callable[[str], None] = p
     out = {**run_stage(stage, bank, cfg.ray, note), "refs_version": refs_version}
     text = uses_text(r.method)
     if out["status"] == "up_to_date":
+        table = bank.table("embeddings")
+        if stage.n_rows >= r.index_threshold and (index_info(table) or {}).get("unindexed_rows", 1):
+            # killed between the data commit and the index's: the index brought up to date now
+            # (a kept index gets its delta, a lost one is built), the version after it published
+            out["index"] = build_reproducible_index(
+                bank, "embeddings", stage.n_rows, r.index_threshold, r.index_type, incremental=True
+            )
+            out["version"] = bank.table("embeddings").version
+            note(f"embed: index brought up to date on embeddings version {out['version']} ({out['index']['update']})")
         if text and fts_info(bank.table("embeddings")) is None:  # killed between the data and index commits
             out.update(fulltext=build_fts_index(bank.table("embeddings")), version=bank.table("embeddings").version)
             note(f"embed: full-text index built on embeddings version {out['version']} (it had none)")
         return out
-    # the index is a commit of its own (the version a publish names is the one after it)
-    index = build_reproducible_index(bank, "embeddings", stage.n_rows, r.index_threshold, r.index_type)
+    # the index is a commit of its own (the version a publish names is the one after it); a commit
+    # that kept the previous index (an incremental rebuild's Update) gets a delta index over its
+    # new rows where storage.vectors.update_plan allows, else the index is built whole
+    index = build_reproducible_index(
+        bank, "embeddings", stage.n_rows, r.index_threshold, r.index_type, incremental=True
+    )
     out.update(index=index, references=stage.n_rows)
     if index.get("index"):  # the index's commit (ours: we hold the bank's write lock) is the version to publish
         out["version"] = bank.table("embeddings").version
@@ -138,7 +151,7 @@ def run_embed(cfg: Config, label: str = "embed", note: Callable[[str], None] = p
     note(
         f"embed: {stage.n_rows:,} vectors ({embedder.id}, dim {embedder.dim}), {out['computed']:,} computed, "
         f"as embeddings version {out['version']} in {out['seconds']:.1f} s "
-        f"({out['computed'] / max(out['compute_seconds'], 1e-9):,.1f} refs/s); index: {index.get('index') or index.get('reason')}"
+        f"({out['computed'] / max(out['compute_seconds'], 1e-9):,.1f} refs/s); index: {_index_note(index)}"
         + (f"; full-text index (BM25) on {out['fulltext']['rows']:,} texts" if text else "")
     )
     return out
@@ -154,12 +167,20 @@ def run_embed(cfg: Config, label: str = "embed", note: Callable[[str], None] = p
 # Only one-partition IVF_HNSW_SQ indexes (< 1M rows) are made reproducible: k-means (IVF_PQ, or
 # HNSW partitions) draws its initial centroids unseeded, one thread or not (measured: two
 # one-thread IVF_PQ builds answered 1,298 of the 4,424 queries differently).
+# The incremental update (storage.vectors.update_index: a delta index over the new fragments) runs
+# in the same child: its graph is built over the new vectors alone, with the same seeded one-thread
+# insertion, and the rows are assigned to the old index's centroids and SQ bounds (no k-means), so
+# the same previous index and the same new vectors give the same index (measured:
+# tests/storage/test_vectors_update.py). It is not the index a whole build over the same table
+# would give (that is one graph, this the old graph plus a delta): "reproducible" then means a
+# function of the previous index and the commit, which the report's "update" says.
 _BUILD = """import json, sys
 from storage.bank import Bank
-from storage.vectors import build_index
+from storage.vectors import build_index, update_index
 a = json.loads(sys.argv[1])
-print(json.dumps(build_index(Bank(a["uri"]).table(a["table"]), a["n_rows"], threshold=a["threshold"],
-                             index_type=a["index_type"])))
+build = update_index if a.get("incremental") else build_index
+print(json.dumps(build(Bank(a["uri"]).table(a["table"]), a["n_rows"], threshold=a["threshold"],
+                       index_type=a["index_type"])))
 """
 
 
@@ -171,12 +192,17 @@ def reproducible(n_rows: int, threshold: int, index_type: str) -> bool:
     )
 
 
-def build_reproducible_index(bank: Bank, table: str, n_rows: int, threshold: int, index_type: str) -> dict:
+def build_reproducible_index(
+    bank: Bank, table: str, n_rows: int, threshold: int, index_type: str, incremental: bool = False
+) -> dict:
     """`storage.vectors.build_index` on a bank's table, in a one-thread child process where
     that makes the index a function of the table's vectors; the report says which
-    ("reproducible")."""
+    ("reproducible"). incremental: `storage.vectors.update_index` instead, which extends an index
+    the last commit kept by a delta where its policy allows (the report's "update" says which
+    ran, "indexed_rows" how many rows it indexed)."""
+    build = update_index if incremental else build_index
     if n_rows < threshold or not reproducible(n_rows, threshold, index_type):
-        out = build_index(bank.table(table), n_rows, threshold=threshold, index_type=index_type)
+        out = build(bank.table(table), n_rows, threshold=threshold, index_type=index_type)
         return {**out, "reproducible": reproducible(n_rows, threshold, index_type)}
     root = str(Path(__file__).resolve().parents[2])  # the project, importable in the child as here
     env = {
@@ -185,14 +211,32 @@ def build_reproducible_index(bank: Bank, table: str, n_rows: int, threshold: int
         "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
     }
     args = json.dumps(
-        {"uri": bank.uri, "table": table, "n_rows": int(n_rows), "threshold": int(threshold), "index_type": index_type}
+        {
+            "uri": bank.uri,
+            "table": table,
+            "n_rows": int(n_rows),
+            "threshold": int(threshold),
+            "index_type": index_type,
+            **({"incremental": True} if incremental else {}),
+        }
     )
     done = subprocess.run([sys.executable, "-c", _BUILD, args], env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(
             f"building the {index_type} index of {table} failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}"
         )
-    return {**json.loads(done.stdout.strip().splitlines()[-1]), "reproducible": True}
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    if out.get("update") == "incremental":  # a function of the index before and the commit (above _BUILD)
+        out["reproducible_from"] = "the previous index and the new rows"
+    return {**out, "reproducible": True}
+
+
+def _index_note(index: dict) -> str:
+    if not index.get("index"):
+        return str(index.get("reason"))
+    if "update" not in index:
+        return index["index"]
+    return f"{index['index']}, {index['update']} ({index['indexed_rows']:,} rows indexed: {index['reason']})"
 
 
 def search_text(cfg: Config, text: str, k: int = 5, exact: bool = False, bank: Bank | None = None) -> list[dict]:

@@ -112,6 +112,42 @@ def test_the_index_is_the_same_for_the_same_vectors(tmp_path):
     assert answers[0] == answers[1]
 
 
+def test_the_incremental_index_is_the_same_for_the_same_commit(tmp_path):
+    # the delta index (storage.vectors.update_index) built twice, in the one-thread child, from
+    # the same previous index and the same commit (Lance's delete + append, as the stage's Update)
+    import shutil
+
+    import lance
+
+    uri = str(tmp_path / "bank")
+    queries = _random_embeddings(uri, 3000, 32)
+    assert build_reproducible_index(Bank(uri), "embeddings", 3000, 1000, "IVF_HNSW_SQ")["index"] == "IVF_HNSW_SQ"
+    ds_uri = Bank(uri).dataset("embeddings").uri
+    lance.dataset(ds_uri).delete("ref_id IN (" + ", ".join(f"'r{i}'" for i in range(0, 2500, 5)) + ")")
+    rng = np.random.default_rng(7)
+    v = rng.standard_normal((700, 32)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    new = pa.table(
+        {
+            "ref_id": [f"n{i}" for i in range(700)],
+            "embedder": ["e"] * 700,
+            "content_hash": ["h"] * 700,
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1), pa.float32()), 32),
+        },
+        schema=lance.dataset(ds_uri).schema,
+    )
+    lance.write_dataset(new, ds_uri, mode="append")
+    shutil.copytree(uri, tmp_path / "copy")
+    answers = []
+    for u in (uri, str(tmp_path / "copy")):
+        report = build_reproducible_index(Bank(u), "embeddings", 3200, 1000, "IVF_HNSW_SQ", incremental=True)
+        assert report["update"] == "incremental" and report["indexed_rows"] == 700 and report["reproducible"]
+        table = Bank(u).table("embeddings")
+        assert index_info(table)["unindexed_rows"] == 0
+        answers.append([[rid for rid, _ in hits] for hits in search(table, np.concatenate([queries, v[:100]]), k=8)])
+    assert answers[0] == answers[1]
+
+
 def test_what_cannot_be_reproduced_says_so(tmp_path):
     uri = str(tmp_path / "bank")
     _random_embeddings(uri, 300, 16)

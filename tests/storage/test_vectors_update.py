@@ -175,3 +175,21 @@ def test_below_the_threshold_the_index_goes(bank):
     commit(bank, [f"r{i}" for i in range(2500)], unit(0, 1))
     report = update_index(bank.table("embeddings"), threshold=THRESHOLD)
     assert report["index"] is None and index_info(bank.table("embeddings")) is None
+
+
+def test_the_stages_update_commit_keeps_the_index_for_a_delta(bank):
+    # the commit a rebuild makes (storage/table_delta.py: one Update, then the lineage's commit)
+    from storage.table_delta import commit_update
+
+    ds, lineage = bank.dataset("embeddings"), bank.metadata("embeddings")
+    gone = ds.to_table(columns=["ref_id"], with_row_address=True, filter="ref_id IN ('r5', 'r6', 'r7')")
+    new = rows(unit(40, 3), "u")
+    commit_update(ds.uri, ds.version, gone.column("_rowaddr").to_numpy(), ds.schema, new.to_batches(), key="k")
+    table = bank.table("embeddings")
+    assert index_info(table)["unindexed_rows"] == 40 and bank.metadata("embeddings") == lineage
+    report = update_index(table, threshold=THRESHOLD)
+    assert report["update"] == "incremental" and report["indexed_rows"] == 40
+    table = bank.table("embeddings")
+    assert index_info(table)["unindexed_rows"] == 0 and index_info(table)["indexed_rows"] == N - 3 + 40
+    assert bank.metadata("embeddings") == lineage  # the lineage kept by the index's commit
+    assert [h[0][0] for h in search(table, unit(40, 3), k=1)] == [f"u{i}" for i in range(40)]

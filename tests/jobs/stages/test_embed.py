@@ -71,6 +71,36 @@ def test_rerun_is_a_noop_and_cli_search_prints_hits(embedded, capsys):
     assert out.count("\n") >= 3 and out.lstrip().startswith("1. [")
 
 
+def test_an_edit_of_a_few_references_indexes_only_their_vectors(embedded, tmp_path):
+    # the stage's commit keeps the index (an Update: jobs/stages/runner.py), so the index gets a
+    # delta over the recomputed vectors (storage.vectors.update_index), the old segment shared
+    import shutil
+
+    import lance
+
+    from storage.vectors import index_segments
+
+    cfg, _, _ = embedded
+    shutil.copytree(cfg.bank.uri, tmp_path / "bank")
+    cfg = dataclasses.replace(cfg, bank=dataclasses.replace(cfg.bank, uri=str(tmp_path / "bank")))
+    bank = Bank(cfg.bank.uri)
+    n, before = bank.table("embeddings").count_rows(), index_segments(bank.table("embeddings"))
+    refs = bank.dataset("refs")
+    quoted = ", ".join(f"'{r}'" for r in refs.to_table(columns=["ref_id"]).column("ref_id").to_pylist()[:3])
+    lance.dataset(refs.uri).update(
+        {"text": "'an edited reference about compilers'", "content_hash": "'edited-' || content_hash"},
+        where=f"ref_id IN ({quoted})",
+    )
+    out = run_embed(cfg)
+    assert out["status"] == "built" and out["computed"] == 3
+    assert out["index"]["update"] == "incremental" and out["index"]["indexed_rows"] == 3, out["index"]
+    table = bank.table("embeddings")
+    assert out["version"] == table.version and table.count_rows() == n
+    assert index_info(table)["unindexed_rows"] == 0 and index_info(table)["indexed_rows"] == n
+    segments = index_segments(table)
+    assert [s["uuid"] for s in segments[:-1]] == [s["uuid"] for s in before] and segments[-1]["rows"] == 3
+
+
 def test_search_needs_embeddings(tmp_path):
     cfg = load_config("configs/demo.yaml", [f"bank.uri={tmp_path}"])
     with pytest.raises(BankError, match="no embeddings table: run `m3 embed` first"):

@@ -102,7 +102,10 @@ def run_rebuild(cfg: Config, allow_shrink: bool = False) -> dict:
         lap("memories")
         embeddings = run_embed(cfg, label="rebuild", note=note) if cfg.rebuild.embeddings else None
         if embeddings and isinstance(embeddings.get("index"), dict):
-            embeddings["index"] = embeddings["index"].get("index")
+            index = embeddings["index"]
+            embeddings["index"] = index.get("index")
+            if index.get("update"):  # incremental (a delta over the new rows) or full
+                embeddings["index_update"] = {k: index.get(k) for k in ("update", "indexed_rows", "reason")}
         lap("embeddings")
         # an incremental rebuild adds a fragment to memories and shares the others with the
         # builds before (storage/table_delta.py); merging them rewrites the table, so they are

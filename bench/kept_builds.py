@@ -34,16 +34,26 @@ def main() -> int:
     ap.add_argument("--refs", type=int, default=10_000)
     ap.add_argument("--dir", default="/tmp/m3-kept")
     ap.add_argument("--rebuilds", type=int, default=3)
+    ap.add_argument(
+        "--existing",
+        default=None,
+        help="a bench/scale.py size directory (DIR/corpus, DIR/bank): rebuild that bank, built no more here",
+    )
+    ap.add_argument("--full-s", type=float, default=None, help="with --existing: its full build's seconds")
     a = ap.parse_args()
 
     from jobs.config import load_config
     from jobs.ops.rebuild import run_rebuild
     from jobs.runtime import init_ray, quiet_ray_data
 
-    work = Path(a.dir)
-    shutil.rmtree(work, ignore_errors=True)
+    work = Path(a.existing or a.dir)
+    if not a.existing:
+        shutil.rmtree(work, ignore_errors=True)
     corpus, n_docs = Corpus(), math.ceil(a.refs / REFS_PER_DOC * MARGIN)
-    both, only_bank = corpus.write(work / "corpus", n_docs)
+    if a.existing:  # the corpus as bench/scale.py wrote it (its two files), not written again
+        both, only_bank = work / "corpus" / "train.jsonl.gz", work / "corpus" / "bank.jsonl.gz"
+    else:
+        both, only_bank = corpus.write(work / "corpus", n_docs)
     bank = work / "bank"
     overrides = [
         f"corpus.paths=[{both}, {only_bank}]",
@@ -60,7 +70,10 @@ def main() -> int:
         out = run_rebuild(load_config(ROOT / "configs" / "demo.yaml", overrides))
         return time.perf_counter() - w, out
 
-    full_s, first = rebuild()
+    if a.existing:  # published by bench/scale.py's unchanged rebuild; its full build timed there
+        full_s, first = a.full_s, {}
+    else:
+        full_s, first = rebuild()
     one = disk(bank)
     rounds = []
     for r in range(1, a.rebuilds + 1):
@@ -87,7 +100,7 @@ def main() -> int:
     print(f"{'total':<40} {t1:>12,} {t3:>12,} {t3 / t1:>7.2f}")
     for i, r in enumerate(rounds, 1):
         print(f"rebuild {i}: {r['seconds']} s ({r['vs_full']:.3f} of full); stages {r['timings']}")
-    out = work / "kept_builds.json"
+    out = work / f"kept_builds{'-existing' if a.existing else ''}.json"
     out.write_text(json.dumps({"refs": refs, "full_s": full_s, "one": one, "kept": kept, "rounds": rounds}, indent=1))
     print(out)
     import ray

@@ -72,7 +72,7 @@ def with_text_as_now(refs: lance.LanceDataset, text: bool):
             ids = batch.column("ref_id").to_pylist()
             t = refs.to_table(columns=["ref_id", TEXT_COLUMN], filter=pc.field("ref_id").isin(ids))
             by_id = dict(zip(t.column("ref_id").to_pylist(), t.column(TEXT_COLUMN).to_pylist()))
-            # a reference no longer in refs has no text; its row is not kept (the runner's _Kept)
+            # a reference no longer in refs has no text; its row is not kept (jobs/stages/kept_rows.py Kept)
             return batch.append_column(TEXT_COLUMN, pa.array([by_id.get(r, "") for r in ids], pa.string()))
 
         return add

@@ -15,7 +15,7 @@ still has the same content hash and whose producer (model; embedder) is the curr
 copied, the rest computed (pipelines/delta.py). Against no table every row is computed, read
 straight from the input; against an old table the rows to compute are first written as a small
 Lance dataset of their own (the "delta"), which the same actors read by row range, and the new
-version is one update of the old one (`_commit_shared`, storage/table_delta.py): the rows that
+version is one update of the old one (`commit_shared`, storage/table_delta.py): the rows that
 go get deletion vectors, the computed rows are appended, and every unchanged file is shared with
 the builds before, so kept builds cost the rows they changed, not a copy each.
 
@@ -48,25 +48,13 @@ from jobs.config import RayConfig
 from jobs.faults import maybe_crash, maybe_pause
 from jobs.progress import Progress
 from jobs.runtime import init_ray, quiet_ray_data, row_shards, run_actor_shards
+from jobs.stages.kept_rows import Reuse, commit_shared, copied, same_columns
 from model.errors import M3Error
-from pipelines.delta import Delta, plan_delta, ref_key
+from pipelines.delta import Delta, plan_delta
 from pipelines.shard_actor import staged_path
 from storage.bank import LATEST, Bank
 from storage.layout import upath
 from storage.staging import iter_batches, remove, write_text_atomic
-
-
-@dataclass(frozen=True)
-class Reuse:
-    """How the old rows of a table derived from `refs` are kept (see the module docstring)."""
-
-    producer_column: str  # "model_hash", "embedder": who made a row
-    producer: str  # the current producer; rows of another are recomputed
-    table_ok: bool = True  # table-level settings (codec, quantizer, sparsity) unchanged
-    # given the old table: None, or a function (batch of old rows, its first row) -> the batch to
-    # copy, which checks the rows before they are copied into the new version (encode: against
-    # the checksums of the old version's payload slab); None: rows are copied as read
-    check: Callable[[lance.LanceDataset], Callable[[pa.RecordBatch, int], pa.RecordBatch] | None] | None = None
 
 
 @dataclass
@@ -187,7 +175,7 @@ def commit(
                 raise
 
         cols = (identity or {}).get(name)
-        shared = cols and bank.has(name) and _same_columns(bank.dataset(name, LATEST, check=False).schema, schema)
+        shared = cols and bank.has(name) and same_columns(bank.dataset(name, LATEST, check=False).schema, schema)
         try:
             if shared:
                 versions[name] = bank.replace_rows(
@@ -261,13 +249,15 @@ def run_stage(stage: ShardedStage, bank: Bank, ray: RayConfig, note: Callable[[s
     if not stage.compute:
         lineage["cold_rows"] = cold
 
-    if old is not None and stage.reuse.table_ok and delta.unchanged and _same_columns(old.schema, stage.schema):
-        version = _commit_shared(bank, stage, old, extra, delta, files, lineage)
+    if old is not None and stage.reuse.table_ok and delta.unchanged and same_columns(old.schema, stage.schema):
+        version = commit_shared(
+            bank, (stage.table, stage.schema, stage.reuse, stage.input_uri), old, extra, delta, files, lineage
+        )
     else:
 
         def rows() -> Iterator[pa.RecordBatch]:
             if prior:
-                yield from _copied(old, extra, delta, stage.reuse, stage.schema, stage.input_uri)
+                yield from copied(old, extra, delta, stage.reuse, stage.schema, stage.input_uri)
             yield from iter_batches(files, columns=stage.schema.names)
 
         version = commit(bank, {stage.table: (stage.schema, rows)}, lineage, stage.key_field)[stage.table]
@@ -333,135 +323,6 @@ def _delta_input(refs: lance.LanceDataset, rows, columns: list[str], path: UPath
 def _without_compute(delta: Delta) -> Delta:
     """The same plan with nothing computed: the rows it would compute stay without a row."""
     return Delta(np.array([], dtype=np.int64), delta.keep_ids, delta.added, delta.changed, delta.removed)
-
-
-class _Kept:
-    """Which rows of the old table (and of rows made elsewhere, `extra`) a new version keeps:
-    one row per reference whose current content hash and producer they carry, the first source
-    first (two sources may both hold a row of a reference, one of them stale)."""
-
-    def __init__(self, delta: Delta, reuse: Reuse, refs_uri: str, extra: bool):
-        import pyarrow.compute as pc
-
-        self.reuse, self.seen = reuse, set()  # seen: with two sources only
-        self.keep, self.want = delta.keep_ids, None
-        if extra:  # keep_ids name the references; their current content hash picks the row
-            refs = lance.dataset(refs_uri).to_table(columns=["ref_id", "content_hash"])
-            refs = refs.filter(pc.is_in(refs.column("ref_id"), value_set=self.keep))
-            self.want = ref_key(refs.column("ref_id"), refs.column("content_hash"))
-
-    def mask(self, batch: pa.RecordBatch) -> np.ndarray:
-        import pyarrow.compute as pc
-
-        if self.want is None:
-            m = pc.is_in(batch.column("ref_id"), value_set=self.keep)
-        else:
-            m = pc.is_in(ref_key(batch.column("ref_id"), batch.column("content_hash")), value_set=self.want)
-        m = pc.and_(m, pc.equal(batch.column(self.reuse.producer_column), self.reuse.producer))
-        m = np.asarray(m.to_numpy(zero_copy_only=False), dtype=bool)
-        if self.want is None:  # one source: a table holds one row per reference
-            return m
-        rows = np.flatnonzero(m)
-        for i, rid in zip(rows.tolist(), batch.column("ref_id").take(pa.array(rows)).to_pylist()):
-            if rid in self.seen:
-                m[i] = False
-            else:
-                self.seen.add(rid)
-        return m
-
-
-def _copied(
-    old: lance.LanceDataset | None, extra: pa.Table | None, delta: Delta, reuse: Reuse, schema: pa.Schema, refs_uri: str
-) -> Iterator[pa.RecordBatch]:
-    """The old rows that are kept, a batch at a time (the bulk of the table is never in memory),
-    then the kept rows made elsewhere (`extra`) for references the old table did not give; one
-    row per reference. (A full write; `_commit_shared` keeps the old rows in place instead.)"""
-    if delta.unchanged == 0:
-        return
-    kept = _Kept(delta, reuse, refs_uri, extra is not None)
-    if old is not None and reuse.table_ok:
-        for batch in _old_batches(old, reuse):
-            yield batch.filter(kept.mask(batch))
-    if extra is not None:
-        for batch in extra.select(schema.names).to_batches(max_chunksize=4096):
-            yield batch.filter(kept.mask(batch))
-
-
-def _old_batches(old: lance.LanceDataset, reuse: Reuse) -> Iterator[pa.RecordBatch]:
-    """The old table's rows in order, a batch at a time, each through `reuse.check` if any."""
-    check = reuse.check(old) if reuse.check is not None else None
-    start = 0
-    for batch in old.to_batches():  # the Bank's dataset: batches bounded by row width
-        yield batch if check is None else check(batch, start)
-        start += batch.num_rows
-
-
-def _commit_shared(
-    bank: Bank,
-    stage: ShardedStage,
-    old: lance.LanceDataset,
-    extra: pa.Table | None,
-    delta: Delta,
-    files: list[UPath],
-    lineage: dict,
-) -> int:
-    """The new version as one update of the old one (storage/table_delta.py): the old rows that
-    are not kept get deletion vectors, the computed rows, the kept rows made elsewhere and any
-    old row `reuse.check` repaired are appended; every other file is shared with the old
-    version. The repaired rows are the only old rows read whole (without a check, only the key
-    columns are scanned)."""
-    done = bank.finish_update(stage.table, stage.schema, lineage)  # killed between its two commits
-    if done is not None:
-        return done
-    reuse = stage.reuse
-    check = reuse.check(old) if reuse.check is not None else None
-    columns = stage.schema.names if check is not None else ["ref_id", "content_hash", reuse.producer_column]
-    kept = _Kept(delta, reuse, stage.input_uri, extra is not None)
-    deleted, repaired, start = [], [], 0
-    for batch in old.to_batches(columns=columns, with_row_address=True):
-        addr = batch.column("_rowaddr").to_numpy()
-        batch = batch.drop_columns(["_rowaddr"]) if hasattr(batch, "drop_columns") else batch.select(columns)
-        mask = kept.mask(batch)
-        if check is not None:
-            fixed = check(batch, start)
-            if fixed is not batch:  # rows the check replaced: rewritten, their old copies deleted
-                redo = mask & _changed_rows(batch, fixed)
-                repaired.append(fixed.filter(redo))
-                mask &= ~redo
-        deleted.append(addr[~mask])
-        start += batch.num_rows
-
-    def appended() -> Iterator[pa.RecordBatch]:
-        yield from repaired
-        if extra is not None:
-            for batch in extra.select(stage.schema.names).to_batches(max_chunksize=4096):
-                yield batch.filter(kept.mask(batch))
-        yield from iter_batches(files, columns=stage.schema.names)
-
-    gone = np.concatenate(deleted) if deleted else np.zeros(0, np.uint64)
-    return bank.update(stage.table, stage.schema, old.version, gone, appended(), lineage)
-
-
-def _same_columns(a: pa.Schema, b: pa.Schema) -> bool:
-    """Whether a new version with schema `b` can share the files of one with schema `a` (the
-    columns, not the metadata: a column added or dropped is a full write)."""
-    return [(f.name, f.type) for f in a] == [(f.name, f.type) for f in b]
-
-
-def _changed_rows(a: pa.RecordBatch, b: pa.RecordBatch) -> np.ndarray:
-    """Rows of two batches of the same rows that differ in any column."""
-    import pyarrow.compute as pc
-
-    out = np.zeros(a.num_rows, bool)
-    for name in a.schema.names:
-        x, y = a.column(name), b.column(name)
-        if x.equals(y):
-            continue
-        try:
-            out |= np.asarray(pc.not_equal(x, y).to_numpy(zero_copy_only=False), bool)
-        except (pa.ArrowNotImplementedError, pa.ArrowInvalid):  # a type without comparison: all rewritten
-            out[:] = True
-    return out
 
 
 def _run_shards(

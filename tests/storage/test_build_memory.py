@@ -22,7 +22,7 @@ table is larger still). The driver lives through every stage and keeps the RSS a
 to, so a later stage's driver inherits an earlier one's excess (the report prints what each
 stage grew the driver by, for that). What a
 stage is allowed beside the narrow build's peak is a few scanned batches (storage/bank.py:
-SCAN_BATCH_BYTES + SCAN_IO_BUFFER = 80 MiB) and one shard's memories (encode.refs_per_shard = 16
+batches of SCAN_BATCH_BYTES, at least 16 rows, and WIDE_SCAN's read-ahead) and one shard's memories (encode.refs_per_shard = 16
 x 512 KiB); a stage that holds the table whole (`to_table()`, a scan that buffers every page)
 adds at least the table, twice the bound.
 """
@@ -59,14 +59,6 @@ def _mib(n: int) -> str:
 
 @pytest.mark.slow
 @pytest.mark.long  # two whole builds of ~900 references in parallel: a minute or more
-@pytest.mark.xfail(
-    strict=True,  # passing means the driver streams now: remove this mark
-    reason="the encode stage's driver peaks ~480 MiB above the narrow build's on a 325 MiB (456 MiB decoded) "
-    "memories table: memories_slab -> storage/slab.py write_slab scans the table through the Bank's bounded "
-    "scan, which held about the whole table here (alone, in a fresh process: +402 MiB for a scan of a 375 MiB "
-    "table of 512 KiB rows, +602 MiB for ensure_slab), and runner.commit's write from the staged shards "
-    "(+240 MiB); the later stages' driver inherits that RSS",
-)
 def test_a_build_holds_no_process_a_whole_memories_table(tmp_path):
     with ThreadPoolExecutor(2) as pool:  # two processes: neither's peaks are the other's
         wide, narrow = pool.map(lambda w: _build(tmp_path, w), ["wide", "narrow"])

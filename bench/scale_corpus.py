@@ -58,15 +58,16 @@ class Corpus:
     def write(self, directory: Path, n_docs: int, edit_every: int = 0, revision: int = 0) -> tuple[Path, Path]:
         """(training-and-bank file, bank-only file) of the first n_docs documents; edit_every > 0
         appends EDIT to every edit_every-th document (the 1 % edit of the incremental rebuild);
-        revision r > 0 edits the documents r places further on, and says which revision it is
-        (successive 1 % edits of other documents)."""
+        revision r > 0 edits the first r of every edit_every documents, each the same way in
+        every revision, so revision r changes 1 % more than r - 1 and leaves its edits as they
+        were (successive 1 % edits)."""
         directory.mkdir(parents=True, exist_ok=True)
         both, bank = directory / "train.jsonl.gz", directory / "bank.jsonl.gz"
         # compresslevel 1: the corpus is rewritten for the edit; gzip's default level is most of that time
         with gzip.open(both, "wt", compresslevel=1) as fb, gzip.open(bank, "wt", compresslevel=1) as fk:
             for i in range(n_docs):
                 doc = self.document(i)
-                if edit_every and i % edit_every == revision % edit_every:
-                    doc["text"] += EDIT + (f" (revision {revision})" if revision else "")
+                if edit_every and (i % edit_every < revision if revision else i % edit_every == 0):
+                    doc["text"] += EDIT + (f" (revision {i % edit_every + 1})" if revision else "")
                 (fb if i % TRAIN_EVERY == 0 else fk).write(json.dumps(doc) + "\n")
         return both, bank

@@ -95,6 +95,10 @@ def run_rebuild(cfg: Config, allow_shrink: bool = False) -> dict:
             note(f"tokenizer: {cfg.tokenizer.path}")
         lap("lock")
         ingest = run_ingest(cfg)
+        if ingest.get("status") != "up_to_date":  # ingest's tables gain a fragment a rebuild too
+            for table in ("documents", "refs"):
+                if (v := compact(bank.dataset(table).uri, min_fragments=MAX_FRAGMENTS + 1)) is not None:
+                    ingest["versions"][table] = v
         lap("ingest")
         # the same stages as `m3 encode` / `m3 embed`: against the previous table they compute
         # only new and changed references and copy the rest
@@ -107,9 +111,10 @@ def run_rebuild(cfg: Config, allow_shrink: bool = False) -> dict:
             if index.get("update"):  # incremental (a delta over the new rows) or full
                 embeddings["index_update"] = {k: index.get(k) for k in ("update", "indexed_rows", "reason")}
         lap("embeddings")
-        # an incremental rebuild adds a fragment to memories and shares the others with the
-        # builds before (storage/table_delta.py); merging them rewrites the table, so they are
-        # merged only once they pile up (a take touches every fragment it reads from)
+        # an incremental rebuild adds a fragment to memories (and to documents and refs, above)
+        # and shares the others with the builds before (storage/table_delta.py); merging them
+        # rewrites the table, so they are merged only once they pile up (a take touches every
+        # fragment it reads from); embeddings' are merged by `m3 bank compact`
         if (v := compact(bank.dataset("memories").uri, min_fragments=MAX_FRAGMENTS + 1)) is not None:
             memories["version"] = v
             memories["slab"] = memories_slab(bank, v, note)  # the served version's, not the one before

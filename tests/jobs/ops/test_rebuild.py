@@ -240,9 +240,9 @@ def test_reader_never_sees_a_killed_rebuild(built, tmp_path):
 
 
 def test_retention_keeps_the_bank_from_growing(built, tmp_path, monkeypatch):
-    """Retention removes old versions; the fragments an incremental rebuild adds to memories
-    (shared with the builds before) are merged once there are more than MAX_FRAGMENTS (2 here,
-    16 by default), so the table's files stop growing."""
+    """Retention removes old versions; the fragments an incremental rebuild adds to memories,
+    refs and documents (shared with the builds before) are merged once there are more than
+    MAX_FRAGMENTS (2 here, 16 by default), so the tables' files stop growing."""
     import jobs.ops.rebuild as rebuild_mod
 
     monkeypatch.setattr(rebuild_mod, "MAX_FRAGMENTS", 2)
@@ -257,8 +257,11 @@ def test_retention_keeps_the_bank_from_growing(built, tmp_path, monkeypatch):
             load_config("configs/demo.yaml", tiny_settings(c3, b3, "rebuild.keep_builds=2", "rebuild.embeddings=false"))
         )
         files.append({t: table_files(Bank(str(b3)), t) for t in ("refs", "memories", "documents")})
-        fragments.append(len(Bank(str(b3), live=True).dataset("memories").get_fragments()))
-    assert max(fragments) <= 2 and fragments != [1] * len(fragments), fragments  # rebuilds added, then merged
+        live = Bank(str(b3), live=True)
+        fragments.append({t: len(live.dataset(t).get_fragments()) for t in ("refs", "memories", "documents")})
+    for table in ("refs", "memories", "documents"):  # rebuilds added fragments, then they were merged
+        counts = [f[table] for f in fragments]
+        assert max(counts) <= 2 and counts != [1] * len(counts), (table, fragments)
     for table in ("refs", "memories", "documents"):
         versions = [v["version"] for v in lance.dataset(str(b3 / f"{table}.lance")).versions()]
         assert len(versions) == 2, (table, versions)  # the two newest builds, nothing older

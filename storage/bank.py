@@ -233,17 +233,13 @@ class Bank:
 
         Streaming: the batches are consumed one at a time, never materialized together.
         """
-        schema = with_lineage(name, schema, lineage)
-        return_freed_memory()  # the writer's buffers too (storage/freed_memory.py)
-
-        def cast():
-            for batch in batches:
-                # staged parquet may differ in string widths or metadata; the table's schema wins
-                yield batch if batch.schema == schema else batch.cast(schema)
-
         import lance
 
-        reader = pa.RecordBatchReader.from_batches(schema, cast())
+        from storage.table_delta import as_schema
+
+        schema = with_lineage(name, schema, lineage)
+        return_freed_memory()  # the writer's buffers too (storage/freed_memory.py)
+        reader = pa.RecordBatchReader.from_batches(schema, as_schema(schema, batches))
         mode = "overwrite" if self.has(name) else "create"
         # Lance's writer, not LanceDB's create_table (the same dataset): through LanceDB a 456 MB
         # table of 512 KiB memories peaked 230 MiB above the process's start, through Lance 108
@@ -257,7 +253,6 @@ class Bank:
         from storage.table_delta import commit_update
 
         schema = with_lineage(name, schema, lineage)
-        return_freed_memory()
         return commit_update(self.layout.table(name), read_version, deleted, schema, batches, _commit_key(lineage))
 
     def replace_rows(self, name: str, schema: pa.Schema, batches, identity: list[str], lineage: dict) -> int:
@@ -297,7 +292,8 @@ def with_lineage(name: str, schema: pa.Schema, lineage: dict) -> pa.Schema:
 
 
 def _commit_key(lineage: dict) -> str:
-    """What names one commit of a stage: its key fields (the stage's *_key) and the table it read."""
+    """What names one commit of a stage: the key fields of its lineage (the stage's *_key and the
+    keys of what it was built from)."""
     return json.dumps({k: v for k, v in sorted(lineage.items()) if k.endswith("_key")}, default=str)
 
 

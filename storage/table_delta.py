@@ -18,7 +18,7 @@ scan `with_row_address=True` gives them.
 from __future__ import annotations
 
 import json
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import lance
 import numpy as np
@@ -26,6 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from lance import LanceOperation, Transaction
 from lance.fragment import write_fragments
+
+from storage.freed_memory import return_freed_memory
 
 PROPERTY = "m3.commit"  # the Update transaction's property: the key of the commit it belongs to
 META = "m3"  # the schema metadata key the lineage lives under (storage/bank.py META_KEY)
@@ -45,19 +47,15 @@ def commit_update(
     """One version of the table at `uri` made from version `read_version`: the rows at
     `deleted` (row addresses) gone, the rows of `batches` (cast to `schema`) appended, then the
     schema metadata of `schema` (the lineage); returns the version after both commits."""
+    return_freed_memory()  # the writer's buffers leave the process (storage/freed_memory.py)
     ds = lance.dataset(uri, version=read_version)
     updated, removed = [], []
     for fid, offsets in by_fragment(deleted).items():
         frag = ds.get_fragment(fid).delete_rows(offsets)
         (removed.append(fid) if frag is None else updated.append(frag))
 
-    def cast():
-        for batch in batches:
-            if batch.num_rows:
-                yield batch if batch.schema == schema else batch.cast(schema)
-
     new = write_fragments(
-        pa.RecordBatchReader.from_batches(schema, cast()),
+        pa.RecordBatchReader.from_batches(schema, as_schema(schema, batches)),
         uri,
         schema=schema,
         data_storage_version=ds.data_storage_version,
@@ -67,6 +65,14 @@ def commit_update(
         uri, Transaction(read_version, op, transaction_properties={PROPERTY: key}), read_version=read_version
     )
     return _set_metadata(uri, done.version, schema)
+
+
+def as_schema(schema: pa.Schema, batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """The non-empty batches, each cast to the table's schema (staged parquet may differ in
+    string widths or metadata; the table's schema wins)."""
+    for batch in batches:
+        if batch.num_rows:
+            yield batch if batch.schema == schema else batch.cast(schema)
 
 
 def finish(uri: str, key: str, schema: pa.Schema) -> int | None:

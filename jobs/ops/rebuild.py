@@ -49,7 +49,16 @@ from storage.bank import Bank
 from storage.live import TAG, live_versions, manifest_state
 from storage.retention import compact
 
-MAX_FRAGMENTS = 16  # memories fragments a rebuild leaves before it merges them (one rewrite per ~16 rebuilds)
+# fragments of a table a rebuild leaves before it merges them (one rewrite per ~16 rebuilds): an
+# incremental rebuild adds one to each table it updates and shares the others with the builds
+# before (storage/table_delta.py); merging rewrites them, so they are merged only once they pile
+# up (a take touches every fragment it reads from); embeddings' are merged by `m3 bank compact`
+MAX_FRAGMENTS = 16
+
+
+def merge_piled(bank: Bank, table: str) -> int | None:
+    """The version merging `table`'s fragments made, if more than MAX_FRAGMENTS had piled up."""
+    return compact(bank.dataset(table).uri, min_fragments=MAX_FRAGMENTS + 1)
 
 
 def pin_tokenizer(cfg: Config) -> Config:
@@ -97,7 +106,7 @@ def run_rebuild(cfg: Config, allow_shrink: bool = False) -> dict:
         ingest = run_ingest(cfg)
         if ingest.get("status") != "up_to_date":  # ingest's tables gain a fragment a rebuild too
             for table in ("documents", "refs"):
-                if (v := compact(bank.dataset(table).uri, min_fragments=MAX_FRAGMENTS + 1)) is not None:
+                if (v := merge_piled(bank, table)) is not None:
                     ingest["versions"][table] = v
         lap("ingest")
         # the same stages as `m3 encode` / `m3 embed`: against the previous table they compute
@@ -111,11 +120,7 @@ def run_rebuild(cfg: Config, allow_shrink: bool = False) -> dict:
             if index.get("update"):  # incremental (a delta over the new rows) or full
                 embeddings["index_update"] = {k: index.get(k) for k in ("update", "indexed_rows", "reason")}
         lap("embeddings")
-        # an incremental rebuild adds a fragment to memories (and to documents and refs, above)
-        # and shares the others with the builds before (storage/table_delta.py); merging them
-        # rewrites the table, so they are merged only once they pile up (a take touches every
-        # fragment it reads from); embeddings' are merged by `m3 bank compact`
-        if (v := compact(bank.dataset("memories").uri, min_fragments=MAX_FRAGMENTS + 1)) is not None:
+        if (v := merge_piled(bank, "memories")) is not None:
             memories["version"] = v
             memories["slab"] = memories_slab(bank, v, note)  # the served version's, not the one before
         # exactly what the stages wrote or found up to date, never the latest (jobs/ops/publish.py)

@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 import lance
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from upath import UPath
 
 from pipelines.delta import Delta, ref_key
@@ -42,8 +43,6 @@ class Kept:
     first (two sources may both hold a row of a reference, one of them stale)."""
 
     def __init__(self, delta: Delta, reuse: Reuse, refs_uri: str, extra: bool):
-        import pyarrow.compute as pc
-
         self.reuse, self.seen = reuse, set()  # seen: with two sources only
         self.keep, self.want = delta.keep_ids, None
         if extra:  # keep_ids name the references; their current content hash picks the row
@@ -52,8 +51,6 @@ class Kept:
             self.want = ref_key(refs.column("ref_id"), refs.column("content_hash"))
 
     def mask(self, batch: pa.RecordBatch) -> np.ndarray:
-        import pyarrow.compute as pc
-
         if self.want is None:
             m = pc.is_in(batch.column("ref_id"), value_set=self.keep)
         else:
@@ -121,7 +118,7 @@ def commit_shared(
     deleted, repaired, start = [], [], 0
     for batch in old.to_batches(columns=columns, with_row_address=True):
         addr = batch.column("_rowaddr").to_numpy()
-        batch = batch.drop_columns(["_rowaddr"]) if hasattr(batch, "drop_columns") else batch.select(columns)
+        batch = batch.select(columns)
         mask = kept.mask(batch)
         if check is not None:
             fixed = check(batch, start)
@@ -151,8 +148,6 @@ def same_columns(a: pa.Schema, b: pa.Schema) -> bool:
 
 def changed_rows(a: pa.RecordBatch, b: pa.RecordBatch) -> np.ndarray:
     """Rows of two batches of the same rows that differ in any column."""
-    import pyarrow.compute as pc
-
     out = np.zeros(a.num_rows, bool)
     for name in a.schema.names:
         x, y = a.column(name), b.column(name)
